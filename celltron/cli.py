@@ -1,0 +1,138 @@
+"""`celltron <verb>`: parses arguments and calls library functions, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from celltron.corpus.genes import GeneMappingError
+from celltron.corpus.readers import InputError
+from celltron.corpus.schema import CorpusFormatError
+
+USER_ERRORS = (InputError, GeneMappingError, CorpusFormatError, FileExistsError, ValueError)
+
+
+def _key_values(pairs: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{what} expects KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _corpus_build(args) -> int:
+    from celltron.corpus.build import BuildOptions, build_corpus
+
+    options = BuildOptions(
+        seed=args.seed, val_fraction=args.val_fraction, layer=args.layer, species=args.species,
+        gene_column=args.gene_column, obs_keys=tuple(args.obs_keys or ()), min_genes=args.min_genes,
+        min_counts=args.min_counts, max_mito_fraction=args.max_mito_fraction,
+        weights={k: float(v) for k, v in _key_values(args.weight, "--weight").items()},
+        shard_size_mb=args.shard_size_mb, chunk_nnz=args.chunk_nnz, compression=args.compression,
+        progress=not args.no_progress,
+    )
+    manifest = build_corpus(args.inputs, args.out, options, overwrite=args.overwrite)
+    print(f"built {args.out}: {manifest['n_cells']} cells, {len(manifest['genes']['ensembl_id'])} genes")
+    for source in manifest["sources"]:
+        print(
+            f"  {source['path']}: {source['n_cells_kept']}/{source['n_cells_in']} cells kept "
+            f"({source['n_empty_dropped']} empty, {source['n_qc_dropped']} failed QC); "
+            f"{source['n_genes_unmapped']} genes unmapped holding {source['unmapped_counts']} counts"
+        )
+    return 0
+
+
+def _open(args):
+    from celltron.corpus.store import Corpus
+
+    return Corpus(args.corpus, _key_values(args.storage_option, "--storage-option"))
+
+
+def _corpus_info(args) -> int:
+    summary = _open(args).summary()
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"corpus {summary['location']} (schema v{summary['schema_version']}, built {summary['created']})")
+    print(f"  cells: {summary['n_cells']}  " + "  ".join(f"{k}: {v['n_cells']} in {v['n_shards']} shards" for k, v in summary["splits"].items()))
+    print(f"  genes: {summary['n_genes']} " + str(summary["genes_per_species"]) + f"; medians: {summary['gene_median']['method']}")
+    print(f"  obs columns: {summary['obs_columns']}")
+    for source in summary["sources"]:
+        print(f"  source {source['path']} ({source['species']}): {source['n_cells_kept']}/{source['n_cells_in']} cells, weight {source['weight']}")
+    return 0
+
+
+def _corpus_validate(args) -> int:
+    problems = _open(args).validate()
+    for problem in problems:
+        print(f"invalid shard {problem}", file=sys.stderr)
+    if not problems:
+        print(f"{args.corpus}: valid")
+    return 1 if problems else 0
+
+
+def _demo(args) -> int:
+    from celltron.corpus.demo import build_demo_corpus, stream_one_epoch
+
+    corpus = build_demo_corpus(Path(args.out) / "corpus")
+    print(f"demo corpus at {corpus.location}: {corpus.manifest['n_cells']} cells")
+    cells, seconds = stream_one_epoch(corpus, num_workers=args.workers)
+    print(f"streamed one epoch: {cells} cells in {seconds:.2f} s = {cells / seconds:,.0f} cells/s ({args.workers} workers)")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="celltron", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    corpus = verbs.add_parser("corpus", help="build, inspect and validate corpora").add_subparsers(dest="action", required=True)
+
+    build = corpus.add_parser("build", help="convert raw-count inputs into a sharded Zarr corpus")
+    build.add_argument("inputs", nargs="+", help=".h5ad files, 10x .h5 files, 10x mtx directories")
+    build.add_argument("--out", required=True, help="corpus directory to create")
+    build.add_argument("--species", choices=["human", "mouse"], help="default: inferred per input")
+    build.add_argument("--layer", default="X", help="h5ad counts: X, raw, or a layer name")
+    build.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols (default: var index)")
+    build.add_argument("--obs-keys", nargs="*", help="input obs columns to keep (labels)")
+    build.add_argument("--min-genes", type=int, default=0)
+    build.add_argument("--min-counts", type=int, default=0)
+    build.add_argument("--max-mito-fraction", type=float)
+    build.add_argument("--weight", action="append", help="NAME=W sampling weight of an input, recorded in the manifest")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--val-fraction", type=float, default=0.01)
+    build.add_argument("--shard-size-mb", type=float, default=256.0, help="uncompressed size of one corpus shard")
+    build.add_argument("--chunk-nnz", type=int, default=65_536, help="non-zeros per inner zarr chunk")
+    build.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing corpus once the new one is complete")
+    build.add_argument("--no-progress", action="store_true")
+    build.set_defaults(run=_corpus_build)
+
+    for name, run, text in (("info", _corpus_info, "summarise a corpus"), ("validate", _corpus_validate, "re-check checksums and schema")):
+        sub = corpus.add_parser(name, help=text)
+        sub.add_argument("corpus", help="corpus directory or URL (s3://, gs://, file://)")
+        sub.add_argument("--storage-option", action="append", help="KEY=VALUE for remote stores (e.g. endpoint_url=...)")
+        if name == "info":
+            sub.add_argument("--json", action="store_true")
+        sub.set_defaults(run=run)
+
+    demo = verbs.add_parser("demo", help="build the bundled PBMC demo corpus and stream one epoch")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--workers", type=int, default=0)
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"celltron: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Raw-count inputs -> sharded Zarr v3 corpus -> streamed cells."""
+
+from celltron.corpus.build import BuildOptions, build_corpus
+from celltron.corpus.store import Corpus
+from celltron.corpus.stream import CorpusStream
+
+__all__ = ["BuildOptions", "Corpus", "CorpusStream", "build_corpus"]

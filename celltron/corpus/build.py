@@ -1,0 +1,476 @@
+"""`celltron corpus build`: raw-count inputs -> a shuffled, sharded Zarr v3 corpus.
+
+The build runs in three steps, none of which needs the whole corpus in memory:
+
+1. stage: read each input in row blocks, check that it holds raw counts, map its genes onto
+   the corpus gene table (Ensembl IDs, duplicates summed), apply QC filters, drop empty cells,
+   gather gene statistics, and spill the kept cells to staging files;
+2. scatter: draw one seeded permutation of all kept cells (the first `val_fraction` of it is
+   the validation split) and move each staged cell to the bucket of its output shard;
+3. write: turn each bucket into an AnnData-Zarr shard, then write manifest.json.
+
+Everything is written under a temporary directory next to `out` and renamed at the end, so an
+interrupted or failed build never leaves a directory that looks like a corpus.
+
+Rebuild semantics: a corpus is immutable. Adding data means building again from all inputs
+(cells are shuffled across inputs and gene statistics are corpus-wide); `--overwrite`
+replaces an existing corpus only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from celltron import __version__
+from celltron.corpus.genes import ensembl_to_symbol, infer_species, is_mitochondrial, map_genes
+from celltron.corpus.readers import InputError, Source, check_raw_counts, open_source
+from celltron.corpus.schema import (
+    FORMAT_NAME,
+    MANIFEST,
+    SCHEMA_VERSION,
+    checksum_files,
+    dump_manifest,
+    sha256_file,
+    shard_name,
+    write_shard,
+)
+from celltron.corpus.stats import GeneStatistics
+
+log = logging.getLogger(__name__)
+BYTES_PER_NONZERO = 8  # int32 count + int32 gene index, uncompressed
+
+
+@dataclass
+class BuildOptions:
+    """How a corpus is built.
+
+    Attributes:
+        seed: seeds the cross-input shuffle and the validation split.
+        val_fraction: fraction of cells (chosen at random) written as the validation split.
+        layer: where the counts are in .h5ad inputs: 'X', 'raw' or a layer name.
+        species: 'human' or 'mouse' for every input; None infers it per input.
+        gene_column: var column holding gene IDs/symbols in .h5ad inputs (default: var index).
+        obs_keys: input obs columns copied to the corpus (e.g. cell-type labels).
+        min_genes: drop cells with fewer expressed (mapped) genes.
+        min_counts: drop cells with fewer total counts.
+        max_mito_fraction: drop cells whose mitochondrial share of counts is higher.
+        weights: per-input sampling weight (input file name -> weight), recorded in the manifest.
+        shard_size_mb: target uncompressed size of one corpus shard (AnnData-Zarr store).
+        chunk_nnz: non-zeros per inner zarr chunk (tens of cells per chunk).
+        compression: 'zstd' or 'none' for X.
+        read_block_cells: cells read from an input per block.
+        exact_median_limit: non-zeros kept in memory for exact gene medians before switching
+            to the streaming sketch.
+        progress: show progress bars.
+    """
+
+    seed: int = 0
+    val_fraction: float = 0.01
+    layer: str = "X"
+    species: str | None = None
+    gene_column: str | None = None
+    obs_keys: tuple[str, ...] = ()
+    min_genes: int = 0
+    min_counts: int = 0
+    max_mito_fraction: float | None = None
+    weights: dict[str, float] = field(default_factory=dict)
+    shard_size_mb: float = 256.0
+    chunk_nnz: int = 65_536
+    compression: str = "zstd"
+    read_block_cells: int = 8_192
+    exact_median_limit: int = 200_000_000
+    progress: bool = True
+
+
+@dataclass
+class _Input:
+    """An opened input with its gene mapping and what staging found in it."""
+
+    source: Source
+    species: str
+    column_map: np.ndarray  # input gene -> corpus gene index, -1 when unmapped
+    report: dict
+
+
+@dataclass
+class _Staged:
+    """Per kept cell metadata, in staging order, plus the staging files."""
+
+    names: list = field(default_factory=list)
+    n_counts: list = field(default_factory=list)
+    nnz: list = field(default_factory=list)
+    input_index: list = field(default_factory=list)
+    labels: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)  # (path, first staged cell, n cells)
+    dataset_of_input: list = field(default_factory=list)
+    species_of_input: list = field(default_factory=list)
+
+
+def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bool = False) -> dict:
+    """Build a corpus at `out` from raw-count inputs; returns the manifest.
+
+    Args:
+        inputs: .h5ad files, 10x .h5 files and/or 10x mtx directories.
+        out: the corpus directory to create.
+        options: build options (defaults: seed 0, 1% validation, counts in X).
+        overwrite: replace an existing corpus at `out` once the new one is complete.
+    """
+    options = options or BuildOptions()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
+    if not 0 <= options.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    work.mkdir()
+    try:
+        manifest = _build_into(list(map(Path, inputs)), work, options)
+        _replace(work, out)
+        return manifest
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _replace(work: Path, out: Path) -> None:
+    shutil.rmtree(work / "_staging", ignore_errors=True)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, out)
+
+
+def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
+    if not paths:
+        raise InputError("no inputs given")
+    opened = _open_inputs(paths, options)
+    try:
+        gene_ids, species_of_gene = _gene_table(opened)
+        for item in opened:
+            item.column_map = _column_map(item, gene_ids)
+        stats = GeneStatistics(len(gene_ids), exact_limit=options.exact_median_limit)
+        staging = work / "_staging"
+        staging.mkdir()
+        mito = np.zeros(len(gene_ids), dtype=bool)
+        for species in set(species_of_gene):
+            members = species_of_gene == species
+            mito[members] = is_mitochondrial(gene_ids[members], species)
+        staged = _stage(opened, len(gene_ids), mito, stats, staging, options)
+    finally:
+        for item in opened:
+            item.source.close()
+    n_cells = len(staged.names)
+    if n_cells == 0:
+        raise InputError("no cells left after dropping empty cells and QC filters; check the inputs and filters")
+    names = _unique_cell_names(staged, opened)
+    order = np.random.default_rng(options.seed).permutation(n_cells)
+    n_val = int(round(n_cells * options.val_fraction))
+    cells_per_shard = _cells_per_shard(np.asarray(staged.nnz), options.shard_size_mb)
+    plan = {
+        "train": _split_into_shards(order[n_val:], cells_per_shard),
+        "val": _split_into_shards(order[:n_val], cells_per_shard),
+    }
+    categories = _obs_categories(staged, opened)
+    var = _var_table(gene_ids, species_of_gene)
+    splits = _write_splits(plan, staged, names, categories, var, work, options)
+    genes = _gene_records(gene_ids, species_of_gene, stats)
+    manifest = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "celltron_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "build": _build_record(options),
+        "sources": [item.report for item in opened],
+        "n_cells": n_cells,
+        "splits": splits,
+        "obs_categories": categories,
+        "gene_median": stats.describe_median(),
+        "genes": genes,
+    }
+    (work / MANIFEST).write_bytes(dump_manifest(manifest))
+    return manifest
+
+
+# ---------------------------------------------------------------- inputs and genes
+
+
+def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
+    opened = []
+    for path in paths:
+        source = open_source(path, layer=options.layer, gene_column=options.gene_column)
+        missing = [key for key in options.obs_keys if key not in source.obs.columns]
+        if missing and source.path.suffix == ".h5ad":
+            log.warning("%s: obs has no column(s) %s; they are left empty for its cells", path, missing)
+        species = options.species or infer_species(source.gene_names, str(path))
+        mapping = map_genes(source.gene_names, species, str(path))
+        weight = float(options.weights.get(path.name, options.weights.get(source.name, 1.0)))
+        report = {
+            "path": path.name,
+            "dataset": source.name,
+            "sha256": _input_checksum(path),
+            "species": species,
+            "layer": source.layer,
+            "weight": weight,
+            "n_cells_in": source.n_cells,
+            "n_genes_in": len(source.gene_names),
+            "n_genes_unmapped": mapping.n_unmapped,
+        }
+        item = _Input(source=source, species=species, column_map=np.empty(0), report=report)
+        item.report["_ensembl_ids"] = mapping.ensembl_ids  # removed once the table is built
+        opened.append(item)
+    return opened
+
+
+def _input_checksum(path: Path) -> str:
+    if path.is_file():
+        return sha256_file(path)
+    return checksum_files(fsspec.filesystem("file"), str(path.resolve()))
+
+
+def _gene_table(opened: list[_Input]) -> tuple[np.ndarray, np.ndarray]:
+    """The union of mapped Ensembl IDs over all inputs, sorted, with each gene's species."""
+    species_of = {}
+    for item in opened:
+        for gene in item.report["_ensembl_ids"]:
+            if gene:
+                species_of[gene] = item.species
+    gene_ids = np.array(sorted(species_of), dtype=object).astype(str)
+    return gene_ids, np.array([species_of[g] for g in gene_ids], dtype=object).astype(str)
+
+
+def _column_map(item: _Input, gene_ids: np.ndarray) -> np.ndarray:
+    ensembl = item.report.pop("_ensembl_ids")
+    position = {gene: i for i, gene in enumerate(gene_ids)}
+    return np.array([position.get(gene, -1) for gene in ensembl], dtype=np.int64)
+
+
+def _var_table(gene_ids: np.ndarray, species_of_gene: np.ndarray) -> pd.DataFrame:
+    symbols = {species: ensembl_to_symbol(species) for species in set(species_of_gene)}
+    return pd.DataFrame(
+        {
+            "gene_symbol": [symbols[s].get(g, "") for g, s in zip(gene_ids, species_of_gene)],
+            "species": pd.Categorical(species_of_gene),
+        },
+        index=pd.Index(gene_ids, name="ensembl_id"),
+    )
+
+
+# ---------------------------------------------------------------- staging
+
+
+def to_corpus_genes(block: sp.csr_matrix, column_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates."""
+    columns = column_map[block.indices]
+    keep = columns >= 0
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    counts = np.rint(block.data[keep]).astype(np.int64)
+    remapped = sp.csr_matrix((counts, (rows[keep], columns[keep])), shape=(block.shape[0], n_genes))
+    remapped.sum_duplicates()
+    remapped.eliminate_zeros()
+    return remapped
+
+
+def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -> _Staged:
+    staged = _Staged(labels={key: [] for key in options.obs_keys})
+    staged.dataset_of_input = [item.source.name for item in opened]
+    staged.species_of_input = [item.species for item in opened]
+    total = sum(item.source.n_cells for item in opened)
+    bar = tqdm(total=total, unit="cells", desc="reading inputs", disable=not options.progress)
+    for index, item in enumerate(opened):
+        report = item.report
+        report.update(n_empty_dropped=0, n_qc_dropped=0, unmapped_counts=0)
+        for start in range(0, item.source.n_cells, options.read_block_cells):
+            stop = min(start + options.read_block_cells, item.source.n_cells)
+            block = item.source.read_rows(start, stop).tocsr()
+            check_raw_counts(block, item.source, start)
+            kept_rows, kept = _filter_block(block, item, n_genes, mito, options)
+            _spill(kept, staging, staged)
+            stats.add(kept, np.asarray(block.sum(axis=1)).ravel()[kept_rows])
+            _record_cells(staged, item, index, block, kept, kept_rows, start)
+            bar.update(stop - start)
+        report["n_cells_kept"] = report["n_cells_in"] - report["n_empty_dropped"] - report["n_qc_dropped"]
+    bar.close()
+    return staged
+
+
+def _filter_block(block, item: _Input, n_genes, mito, options: BuildOptions):
+    """Map genes, then drop empty cells and cells failing QC; returns kept row numbers + block."""
+    totals = np.asarray(block.sum(axis=1)).ravel()
+    mapped = to_corpus_genes(block, item.column_map, n_genes)
+    item.report["unmapped_counts"] += int(round(totals.sum() - mapped.sum()))
+    mapped_totals = np.asarray(mapped.sum(axis=1)).ravel()
+    empty = mapped_totals == 0
+    passes = (np.diff(mapped.indptr) >= options.min_genes) & (totals >= options.min_counts)
+    if options.max_mito_fraction is not None:
+        mito_counts = np.asarray(mapped[:, np.flatnonzero(mito)].sum(axis=1)).ravel()
+        passes &= mito_counts <= options.max_mito_fraction * np.maximum(totals, 1)
+    item.report["n_empty_dropped"] += int(empty.sum())
+    item.report["n_qc_dropped"] += int((~empty & ~passes).sum())
+    kept_rows = np.flatnonzero(~empty & passes)
+    return kept_rows, mapped[kept_rows]
+
+
+def _spill(kept: sp.csr_matrix, staging: Path, staged: _Staged) -> None:
+    path = staging / f"block-{len(staged.files):06d}.npz"
+    np.savez(path, indptr=kept.indptr.astype(np.int64), indices=kept.indices.astype(np.int32), data=kept.data.astype(np.int32))
+    staged.files.append((path, len(staged.names), kept.shape[0]))
+
+
+def _record_cells(staged: _Staged, item: _Input, index: int, block, kept, kept_rows, start: int) -> None:
+    totals = np.asarray(block.sum(axis=1)).ravel()
+    staged.names.extend(item.source.cell_names[start + kept_rows])
+    staged.n_counts.extend(np.rint(totals[kept_rows]).astype(np.int64))
+    staged.nnz.extend(np.diff(kept.indptr))
+    staged.input_index.extend([index] * len(kept_rows))
+    obs = item.source.obs
+    for key in staged.labels:
+        column = obs[key].iloc[start + kept_rows] if key in obs.columns else None
+        values = [None] * len(kept_rows) if column is None else [None if pd.isna(v) else str(v) for v in column]
+        staged.labels[key].extend(values)
+
+
+def _unique_cell_names(staged: _Staged, opened: list[_Input]) -> np.ndarray:
+    """Original cell names; a name shared by several cells gets its dataset name appended."""
+    names = pd.Series(staged.names, dtype=object)
+    datasets = pd.Series([opened[i].source.name for i in staged.input_index], dtype=object)
+    clashing = names.duplicated(keep=False)
+    names[clashing] = names[clashing] + "-" + datasets[clashing]
+    still = names.duplicated(keep=False)  # duplicates inside one input
+    names[still] = names[still] + "-" + names[still].groupby(names[still]).cumcount().astype(str)
+    return names.to_numpy().astype(str)
+
+
+# ---------------------------------------------------------------- shuffle and write
+
+
+def _cells_per_shard(nnz: np.ndarray, shard_size_mb: float) -> int:
+    bytes_per_cell = max(float(nnz.mean()), 1.0) * BYTES_PER_NONZERO
+    return max(1, int(shard_size_mb * 1e6 // bytes_per_cell))
+
+
+def _split_into_shards(cells: np.ndarray, cells_per_shard: int) -> list[np.ndarray]:
+    """Near-equal shards of at most `cells_per_shard` cells (no tiny last shard)."""
+    if len(cells) == 0:
+        return []
+    return np.array_split(cells, -(-len(cells) // cells_per_shard))
+
+
+def _obs_categories(staged: _Staged, opened: list[_Input]) -> dict[str, list[str]]:
+    """One category list per obs column for the whole corpus, so codes agree across shards."""
+    categories = {"dataset": sorted(set(staged.dataset_of_input)), "species": sorted(set(staged.species_of_input))}
+    for key, values in staged.labels.items():
+        categories[key] = sorted({v for v in values if v is not None})
+    return categories
+
+
+def _write_splits(plan, staged: _Staged, names, categories, var, work: Path, options: BuildOptions) -> dict:
+    destinations = _scatter(plan, staged, work / "_staging", len(var))
+    fs = fsspec.filesystem("file")
+    splits = {}
+    total = sum(len(cells) for shards in plan.values() for cells in shards)
+    bar = tqdm(total=total, unit="cells", desc="writing shards", disable=not options.progress)
+    for split, shards in plan.items():
+        records = []
+        for number, cells in enumerate(shards):
+            counts = _gather_bucket(destinations[(split, number)], len(cells), len(var))
+            obs = _obs_table(cells, staged, names, categories)
+            path = work / shard_name(split, number)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_shard(path, counts, obs, var, options.chunk_nnz, options.compression)
+            records.append(
+                {"path": shard_name(split, number), "n_cells": len(cells), "nnz": int(counts.nnz), "sha256": checksum_files(fs, str(path))}
+            )
+            bar.update(len(cells))
+        splits[split] = {"n_cells": int(sum(len(c) for c in shards)), "shards": records}
+    bar.close()
+    return splits
+
+
+def _scatter(plan, staged: _Staged, staging: Path, n_genes: int) -> dict:
+    """Move every staged cell into the bucket of its output shard; returns bucket file lists."""
+    n_cells = len(staged.names)
+    shard_of = np.empty(n_cells, dtype=np.int64)
+    row_in_shard = np.empty(n_cells, dtype=np.int64)
+    keys = []
+    for split, shards in plan.items():
+        for number, cells in enumerate(shards):
+            shard_of[cells] = len(keys)
+            row_in_shard[cells] = np.arange(len(cells))
+            keys.append((split, number))
+    buckets = {key: [] for key in keys}
+    for path, first, count in staged.files:
+        if count == 0:
+            continue
+        with np.load(path) as staged_block:
+            block = sp.csr_matrix((staged_block["data"], staged_block["indices"], staged_block["indptr"]), shape=(count, n_genes))
+        cells = np.arange(first, first + count)
+        for shard in np.unique(shard_of[cells]):
+            rows = np.flatnonzero(shard_of[cells] == shard)
+            piece = block[rows]
+            target = staging / f"bucket-{shard:05d}-{len(buckets[keys[shard]]):06d}.npz"
+            np.savez(target, rows=row_in_shard[cells[rows]], indptr=piece.indptr, indices=piece.indices, data=piece.data)
+            buckets[keys[shard]].append(target)
+        path.unlink()
+    return buckets
+
+
+def _gather_bucket(files: list[Path], n_rows: int, n_genes: int) -> sp.csr_matrix:
+    """Assemble one shard's cells, in shuffled order, from its bucket files."""
+    pieces, rows = [], []
+    for path in files:
+        with np.load(path) as piece:
+            pieces.append(sp.csr_matrix((piece["data"], piece["indices"], piece["indptr"]), shape=(len(piece["rows"]), n_genes)))
+            rows.append(piece["rows"])
+        path.unlink()
+    stacked = sp.vstack(pieces, format="csr")
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    assert len(order) == n_rows
+    return stacked[order]
+
+
+def _obs_table(cells, staged: _Staged, names, categories) -> pd.DataFrame:
+    input_index = np.asarray(staged.input_index)[cells]
+    obs = pd.DataFrame(index=pd.Index(names[cells], name="cell"))
+    for column, per_input in (("dataset", staged.dataset_of_input), ("species", staged.species_of_input)):
+        values = np.asarray(per_input, dtype=object)[input_index]
+        obs[column] = pd.Categorical(values, categories=categories[column])
+    obs["n_counts"] = np.asarray(staged.n_counts, dtype=np.int64)[cells]
+    for key, values in staged.labels.items():
+        obs[key] = pd.Categorical(np.asarray(values, dtype=object)[cells], categories=categories[key])
+    return obs
+
+
+def _gene_records(gene_ids, species_of_gene, stats: GeneStatistics) -> dict:
+    medians = stats.nonzero_medians()
+    symbols = {species: ensembl_to_symbol(species) for species in set(species_of_gene)}
+    return {
+        "ensembl_id": gene_ids.tolist(),
+        "symbol": [symbols[s].get(g, "") for g, s in zip(gene_ids, species_of_gene)],
+        "species": species_of_gene.tolist(),
+        "cells_expressing": stats.cells_expressing.tolist(),
+        "count_sum": stats.count_sum.tolist(),
+        "nonzero_median": [None if np.isnan(m) else float(m) for m in medians],
+    }
+
+
+def _build_record(options: BuildOptions) -> dict:
+    record = asdict(options)
+    record.pop("progress")
+    record["obs_keys"] = list(options.obs_keys)
+    return record

@@ -1,0 +1,241 @@
+"""Readers for raw-count inputs: AnnData .h5ad, 10x Genomics .h5 and 10x mtx directories.
+
+Every reader exposes the same small surface (`Source`): cell names, gene names, the obs table,
+and `read_rows(start, stop)` returning a CSR block of cells x genes. Rows are read in blocks so
+that an input larger than memory can still be converted.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.io
+import scipy.sparse as sp
+
+
+class InputError(ValueError):
+    """An input file cannot be used as it is; the message names the file, the field and the fix."""
+
+
+@dataclass
+class Source:
+    """One input dataset, opened for block reads.
+
+    Attributes:
+        path: the file or directory it was read from.
+        name: short dataset name (file stem), stored in the corpus `obs['dataset']`.
+        layer: which matrix holds the counts ('X', 'raw' or a layer name).
+        gene_names: per gene, its Ensembl ID or symbol as found in the file.
+        cell_names: per cell, its barcode / obs name.
+        obs: the input's cell annotations (may be empty).
+        read_rows: function (start, stop) -> CSR block of those cells.
+    """
+
+    path: Path
+    name: str
+    layer: str
+    gene_names: np.ndarray
+    cell_names: np.ndarray
+    obs: pd.DataFrame
+    read_rows: Callable[[int, int], sp.csr_matrix]
+    close: Callable[[], None] = field(default=lambda: None)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.cell_names)
+
+
+def open_source(path: str | Path, layer: str = "X", gene_column: str | None = None) -> Source:
+    """Open an input for block reads, choosing the reader by what the path is."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _open_mtx_dir(path, gene_column)
+    if path.suffix == ".h5ad":
+        return _open_h5ad(path, layer, gene_column)
+    if path.suffix == ".h5":
+        return _open_10x_h5(path)
+    raise InputError(
+        f"{path}: unknown input format; expected a .h5ad file, a 10x .h5 file, or a 10x mtx "
+        "directory (matrix.mtx[.gz], features.tsv[.gz] or genes.tsv[.gz], barcodes.tsv[.gz])"
+    )
+
+
+def _decode(values) -> np.ndarray:
+    return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values], dtype=object).astype(str)
+
+
+# ---------------------------------------------------------------- h5ad
+
+
+def _h5ad_matrix_path(handle: h5py.File, path: Path, layer: str) -> tuple[str, str]:
+    """Where the counts matrix and its var table live for `layer`."""
+    if layer == "X":
+        where, var = "X", "var"
+    elif layer == "raw":
+        where, var = "raw/X", "raw/var"
+    else:
+        where, var = f"layers/{layer}", "var"
+    if where not in handle:
+        raise InputError(
+            f"{path}: no matrix for --layer {layer} (looked for '{where}'); available: "
+            f"{', '.join(h5ad_layers(handle)) or 'none'}"
+        )
+    return where, var
+
+
+def h5ad_layers(handle: h5py.File) -> list[str]:
+    """Names that --layer accepts for this file."""
+    names = ["X"] if "X" in handle else []
+    names += [f"{name}" for name in handle.get("layers", {}).keys()]
+    if "raw/X" in handle:
+        names.append("raw")
+    return names
+
+
+def _open_h5ad(path: Path, layer: str, gene_column: str | None) -> Source:
+    from anndata.io import read_elem, sparse_dataset
+
+    handle = h5py.File(path, "r")
+    where, var_where = _h5ad_matrix_path(handle, path, layer)
+    var = read_elem(handle[var_where])
+    if gene_column is not None and gene_column not in var.columns:
+        handle.close()
+        raise InputError(
+            f"{path}: --gene-column {gene_column!r} is not a column of {var_where} "
+            f"(columns: {', '.join(map(str, var.columns)) or 'none'})"
+        )
+    genes = var.index.to_numpy() if gene_column is None else var[gene_column].to_numpy()
+    obs = read_elem(handle["obs"])
+    element = handle[where]
+    encoding = element.attrs.get("encoding-type", "array")
+    if encoding == "csr_matrix":
+        matrix = sparse_dataset(element)
+        read_rows = lambda start, stop: matrix[start:stop]  # noqa: E731
+    elif encoding == "csc_matrix":
+        # Row blocks of a CSC matrix touch every column: convert once instead.
+        whole = read_elem(element).tocsr()
+        read_rows = lambda start, stop: whole[start:stop]  # noqa: E731
+    else:
+        read_rows = lambda start, stop: sp.csr_matrix(element[start:stop])  # noqa: E731
+    return Source(path, path.stem, layer, _decode(genes), _decode(obs.index), obs, read_rows, handle.close)
+
+
+# ---------------------------------------------------------------- 10x h5
+
+
+def _open_10x_h5(path: Path) -> Source:
+    handle = h5py.File(path, "r")
+    if "matrix" in handle:  # Cell Ranger 3+: one matrix group with a features table
+        group = handle["matrix"]
+        features = group["features"]
+        gene_ids = _decode(features["id"][:])
+        keep = np.ones(len(gene_ids), dtype=bool)
+        if "feature_type" in features:
+            keep = _decode(features["feature_type"][:]) == "Gene Expression"
+    else:  # Cell Ranger 2: one group per genome with a genes table
+        genomes = [key for key in handle.keys() if isinstance(handle[key], h5py.Group)]
+        if len(genomes) != 1 or "genes" not in handle[genomes[0]]:
+            handle.close()
+            raise InputError(f"{path}: not a 10x Genomics h5 matrix (no 'matrix' group or single genome group)")
+        group = handle[genomes[0]]
+        gene_ids = _decode(group["genes"][:])
+        keep = np.ones(len(gene_ids), dtype=bool)
+    indptr = group["indptr"][:]
+    n_genes = int(group["shape"][0])
+    columns = np.flatnonzero(keep)
+
+    def read_rows(start: int, stop: int) -> sp.csr_matrix:
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        block = sp.csr_matrix(
+            (group["data"][lo:hi], group["indices"][lo:hi], indptr[start : stop + 1] - lo),
+            shape=(stop - start, n_genes),
+        )
+        return block if keep.all() else block[:, columns]
+
+    barcodes = _decode(group["barcodes"][:])
+    obs = pd.DataFrame(index=pd.Index(barcodes))
+    name = path.name.removesuffix(".h5")
+    return Source(path, name, "X", gene_ids[keep], barcodes, obs, read_rows, handle.close)
+
+
+# ---------------------------------------------------------------- 10x mtx
+
+
+def _first_existing(directory: Path, names: list[str]) -> Path | None:
+    for name in names:
+        if (directory / name).exists():
+            return directory / name
+    return None
+
+
+def _read_tsv(path: Path) -> pd.DataFrame:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        return pd.read_csv(handle, sep="\t", header=None, dtype=str)
+
+
+def _open_mtx_dir(directory: Path, gene_column: str | None) -> Source:
+    matrix_file = _first_existing(directory, ["matrix.mtx.gz", "matrix.mtx"])
+    genes_file = _first_existing(directory, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"])
+    barcodes_file = _first_existing(directory, ["barcodes.tsv.gz", "barcodes.tsv"])
+    missing = [n for n, f in [("matrix.mtx", matrix_file), ("features.tsv", genes_file), ("barcodes.tsv", barcodes_file)] if f is None]
+    if missing:
+        raise InputError(f"{directory}: not a 10x mtx directory, missing {', '.join(missing)} (optionally .gz)")
+    genes = _read_tsv(genes_file)
+    barcodes = _read_tsv(barcodes_file)[0].to_numpy().astype(str)
+    matrix = scipy.io.mmread(matrix_file).tocsc()  # genes x cells on disk
+    if matrix.shape != (len(genes), len(barcodes)):
+        raise InputError(
+            f"{matrix_file}: shape {matrix.shape} does not match {len(genes)} genes in "
+            f"{genes_file.name} x {len(barcodes)} cells in {barcodes_file.name}"
+        )
+    keep = np.ones(len(genes), dtype=bool)
+    if genes.shape[1] >= 3:
+        keep = genes[2].to_numpy() == "Gene Expression"
+    column = 1 if gene_column in ("name", "symbol", "gene_symbols") else 0
+    cells_by_genes = matrix.T.tocsr()[:, np.flatnonzero(keep)]
+    obs = pd.DataFrame(index=pd.Index(barcodes))
+    read_rows = lambda start, stop: cells_by_genes[start:stop]  # noqa: E731
+    return Source(directory, directory.name, "X", genes[column].to_numpy().astype(str)[keep], barcodes, obs, read_rows)
+
+
+# ---------------------------------------------------------------- count checks
+
+
+def check_raw_counts(block: sp.csr_matrix, source: Source, first_row: int) -> None:
+    """Refuse anything that is not raw non-negative integer counts, naming what to pass instead."""
+    data = block.data
+    bad = None
+    if not np.isfinite(data).all():
+        bad = ("NaN or infinite values", np.flatnonzero(~np.isfinite(data))[0])
+    elif (data < 0).any():
+        bad = ("negative values (scaled or centred data?)", np.flatnonzero(data < 0)[0])
+    elif np.issubdtype(data.dtype, np.floating) and (data != np.round(data)).any():
+        bad = ("non-integer values (normalised or log-transformed data?)", np.flatnonzero(data != np.round(data))[0])
+    if bad is None:
+        return
+    what, position = bad
+    row = int(np.searchsorted(block.indptr, position, side="right") - 1)
+    cell = source.cell_names[first_row + row]
+    gene = source.gene_names[block.indices[position]]
+    raise InputError(
+        f"{source.path}: --layer {source.layer} holds {what}, e.g. {data[position]!r} at cell "
+        f"{cell!r}, gene {gene!r}. celltron needs raw integer UMI/read counts: pass --layer with "
+        f"the layer that holds them{_layer_hint(source)}, or the un-normalised file."
+    )
+
+
+def _layer_hint(source: Source) -> str:
+    if source.path.suffix != ".h5ad":
+        return ""
+    with h5py.File(source.path, "r") as handle:
+        others = [name for name in h5ad_layers(handle) if name != source.layer]
+    return f" (this file also has: {', '.join(others)})" if others else " (this file has no other layers)"

@@ -1,0 +1,107 @@
+"""The on-disk corpus: manifest.json plus AnnData-Zarr (format 3) shard stores.
+
+Layout of a corpus directory (or object-store prefix):
+
+    manifest.json                 schema version, sources, shards, gene table, gene statistics
+    train/shard-00000.zarr        AnnData-Zarr store: X (CSR of raw counts), obs, var
+    val/shard-00000.zarr          the validation split, same format
+
+`X/data` and `X/indices` use zarr's sharding codec: inner chunks of `chunk_nnz` non-zeros
+(tens of cells) packed into a few storage objects, so block reads touch few objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "celltron-corpus"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+# Inner chunks per zarr storage object (zarr shard) of X/data and X/indices.
+CHUNKS_PER_ZARR_SHARD = 64
+
+
+class CorpusFormatError(ValueError):
+    """A corpus directory is missing, incomplete or corrupted."""
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}/shard-{index:05d}.zarr"
+
+
+def _compressors(compression: str):
+    if compression == "none":
+        return None
+    if compression == "zstd":
+        return zarr.codecs.ZstdCodec(level=1)
+    raise ValueError(f"unknown compression {compression!r}; use 'zstd' or 'none'")
+
+
+def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame, chunk_nnz: int, compression: str) -> None:
+    """Write one AnnData-Zarr (format 3) store with X as sharded CSR of int32 counts."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
+        warnings.simplefilter("ignore", UserWarning)  # anndata's note on future autosharding
+        ad.io.write_elem(root, "obs", obs)
+        ad.io.write_elem(root, "var", var)
+    x = root.create_group("X")
+    x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(counts.shape)})
+    nnz = max(counts.nnz, 1)
+    chunk = min(chunk_nnz, nnz)
+    storage_object = min(chunk * CHUNKS_PER_ZARR_SHARD, -(-nnz // chunk) * chunk)
+    for name, values in (("data", counts.data.astype(np.int32)), ("indices", counts.indices.astype(np.int32))):
+        array = x.create_array(
+            name, shape=values.shape, dtype=values.dtype, chunks=(chunk,), shards=(storage_object,),
+            compressors=_compressors(compression),
+        )
+        array[:] = values
+    x.create_array("indptr", data=counts.indptr.astype(np.int64))
+    root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+
+
+def checksum_files(fs, root: str) -> str:
+    """sha256 over every file below `root` (relative path, size and bytes), in sorted order."""
+    digest = hashlib.sha256()
+    root = root.rstrip("/")
+    for path in sorted(fs.find(root)):
+        relative = path[len(root):].lstrip("/")
+        data = fs.cat_file(path)
+        digest.update(f"{relative}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dump_manifest(manifest: dict) -> bytes:
+    return json.dumps(manifest, indent=1, allow_nan=True).encode()
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """Raise CorpusFormatError unless `manifest` is a celltron corpus manifest we can read."""
+    if manifest.get("format") != FORMAT_NAME:
+        raise CorpusFormatError(f"{where}: not a celltron corpus manifest (format={manifest.get('format')!r})")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CorpusFormatError(
+            f"{where}: corpus schema version {version}, this celltron reads version {SCHEMA_VERSION}; "
+            "rebuild the corpus with `celltron corpus build`"
+        )
+    for key in ("sources", "genes", "splits", "obs_categories"):
+        if key not in manifest:
+            raise CorpusFormatError(f"{where}: manifest has no '{key}' field")

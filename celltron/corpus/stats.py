@@ -1,0 +1,128 @@
+"""Per-gene statistics gathered while a corpus is built.
+
+For every gene: the number of cells expressing it, the sum of its counts, and the non-zero
+median of `count / n_counts * 10_000` (Geneformer's normalised expression, which the
+rank-value tokenizer divides by). The median is exact while the non-zeros seen so far fit in
+memory (`exact_limit` values); past that the values move into a log-bucket sketch whose
+answer is within a relative error `SKETCH_RELATIVE_ERROR` of the exact median.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.sparse as sp
+
+NORMALISED_TOTAL = 10_000.0
+SKETCH_RELATIVE_ERROR = 0.005
+# Normalised values below this land in the sketch's lowest bucket. A count of 1 in a cell of
+# ten million counts is 1e-3, so real values stay above it.
+SKETCH_MIN_VALUE = 1e-4
+SKETCH_MAX_VALUE = NORMALISED_TOTAL
+
+
+class LogBucketSketch:
+    """Per-gene histogram over logarithmic buckets (DDSketch's mapping).
+
+    A value x falls in bucket ceil(log_gamma(x)) with gamma = (1 + a) / (1 - a); answering a
+    quantile with the bucket's centre 2 gamma^i / (gamma + 1) is within relative error a of
+    the exact value of that rank.
+    """
+
+    def __init__(self, n_genes: int, relative_error: float = SKETCH_RELATIVE_ERROR):
+        self.gamma = (1 + relative_error) / (1 - relative_error)
+        self.log_gamma = math.log(self.gamma)
+        self.offset = math.ceil(math.log(SKETCH_MIN_VALUE) / self.log_gamma)
+        n_buckets = math.ceil(math.log(SKETCH_MAX_VALUE) / self.log_gamma) - self.offset + 1
+        self.counts = np.zeros((n_genes, n_buckets), dtype=np.uint32)
+
+    def add(self, genes: np.ndarray, values: np.ndarray) -> None:
+        buckets = np.ceil(np.log(np.maximum(values, SKETCH_MIN_VALUE)) / self.log_gamma) - self.offset
+        buckets = np.clip(buckets.astype(np.int64), 0, self.counts.shape[1] - 1)
+        flat, repeats = np.unique(genes.astype(np.int64) * self.counts.shape[1] + buckets, return_counts=True)
+        self.counts.reshape(-1)[flat] += repeats.astype(np.uint32)
+
+    def medians(self) -> np.ndarray:
+        """Median per gene (mean of the two middle ranks, as numpy does); NaN where empty."""
+        cumulative = np.cumsum(self.counts, axis=1, dtype=np.int64)
+        totals = cumulative[:, -1]
+        centres = 2 * self.gamma ** (np.arange(self.counts.shape[1]) + self.offset) / (self.gamma + 1)
+        out = np.full(len(totals), np.nan)
+        has = totals > 0
+        rows = np.flatnonzero(has)
+        lower = [np.searchsorted(cumulative[r], (totals[r] - 1) // 2, side="right") for r in rows]
+        upper = [np.searchsorted(cumulative[r], totals[r] // 2, side="right") for r in rows]
+        out[has] = (centres[lower] + centres[upper]) / 2
+        return out
+
+
+class GeneStatistics:
+    """Accumulates per-gene statistics over CSR blocks of raw counts.
+
+    Args:
+        n_genes: number of genes (columns) in the corpus gene table.
+        exact_limit: keep at most this many non-zero values for exact medians, then switch
+            to the sketch.
+    """
+
+    def __init__(self, n_genes: int, exact_limit: int = 200_000_000):
+        self.n_genes = n_genes
+        self.exact_limit = exact_limit
+        self.cells_expressing = np.zeros(n_genes, dtype=np.int64)
+        self.count_sum = np.zeros(n_genes, dtype=np.int64)
+        self._genes: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._held = 0
+        self.sketch: LogBucketSketch | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.sketch is None
+
+    def add(self, block: sp.csr_matrix, n_counts: np.ndarray) -> None:
+        """Add a block of cells (CSR over corpus genes) with their total counts."""
+        genes = block.indices
+        self.cells_expressing += np.bincount(genes, minlength=self.n_genes)
+        self.count_sum += np.bincount(genes, weights=block.data, minlength=self.n_genes).astype(np.int64)
+        per_cell_total = np.repeat(np.asarray(n_counts, dtype=np.float64), np.diff(block.indptr))
+        values = block.data.astype(np.float64) / per_cell_total * NORMALISED_TOTAL
+        if self.sketch is not None:
+            self.sketch.add(genes, values)
+            return
+        self._genes.append(genes.astype(np.int32))
+        self._values.append(values)
+        self._held += len(values)
+        if self._held > self.exact_limit:
+            self._switch_to_sketch()
+
+    def _switch_to_sketch(self) -> None:
+        self.sketch = LogBucketSketch(self.n_genes)
+        for genes, values in zip(self._genes, self._values):
+            self.sketch.add(genes, values)
+        self._genes, self._values, self._held = [], [], 0
+
+    def nonzero_medians(self) -> np.ndarray:
+        """Per-gene non-zero median of normalised expression; NaN for genes never seen."""
+        if self.sketch is not None:
+            return self.sketch.medians()
+        if not self._genes:
+            return np.full(self.n_genes, np.nan)
+        genes = np.concatenate(self._genes)
+        values = np.concatenate(self._values)
+        order = np.lexsort((values, genes))
+        values = values[order]
+        starts = np.concatenate([[0], np.cumsum(self.cells_expressing)[:-1]])
+        counts = self.cells_expressing
+        out = np.full(self.n_genes, np.nan)
+        has = counts > 0
+        lower = starts[has] + (counts[has] - 1) // 2
+        upper = starts[has] + counts[has] // 2
+        out[has] = (values[lower] + values[upper]) / 2
+        return out
+
+    def describe_median(self) -> dict:
+        """How the medians were computed, for the manifest."""
+        if self.exact:
+            return {"method": "exact"}
+        return {"method": "log_bucket_sketch", "relative_error": SKETCH_RELATIVE_ERROR}

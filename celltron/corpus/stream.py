@@ -1,0 +1,304 @@
+"""`CorpusStream`: cells of a corpus as a torch IterableDataset, sharded and exactly resumable.
+
+One plan for every rank. For (seed, epoch) the shards' blocks (`block_size` contiguous cells)
+are put in a random order; that sequence of cells is cut into `world_size` equal ranges (the
+few cells past the last whole range are dropped from this epoch and counted), and each rank's
+range into near-equal ranges per DataLoader worker. A worker reads its range window by window
+(`buffer_size` cells, as contiguous block reads) and yields each window's cells in a seeded
+random order. Because every step is a function of (seed, epoch, rank, worker), a position is
+two numbers per worker, (epoch, cells yielded in that epoch), and resuming skips to it
+without reading what came before.
+
+In training (`infinite=True`) the stream runs epoch after epoch, so no rank runs out while
+another waits in a collective; runs are sized in steps.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from celltron.corpus.store import CellBlock, Corpus, ShardReader
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Cells [start, stop) of one shard."""
+
+    shard: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def block_order(shard_sizes: list[int], block_size: int, seed: int, epoch: int) -> list[Segment]:
+    """All blocks of the split in the random order of (seed, epoch)."""
+    blocks = [Segment(s, a, min(a + block_size, n)) for s, n in enumerate(shard_sizes) for a in range(0, n, block_size)]
+    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(blocks))
+    return [blocks[i] for i in order]
+
+
+def cut(blocks: list[Segment], lo: int, hi: int) -> list[Segment]:
+    """The segments covering cells [lo, hi) of the concatenated block sequence."""
+    out, offset = [], 0
+    for block in blocks:
+        end = offset + len(block)
+        if end > lo and offset < hi:
+            a, b = max(lo, offset) - offset, min(hi, end) - offset
+            out.append(Segment(block.shard, block.start + a, block.start + b))
+        offset = end
+        if offset >= hi:
+            break
+    return out
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one (rank, worker) reads in one epoch, and what the epoch drops."""
+
+    segments: list[Segment]
+    n_cells: int
+    cells_per_rank: int
+    dropped: int
+
+
+class CorpusStream(IterableDataset):
+    """Stream cells of a corpus split.
+
+    Each item is a dict: `genes` (int32 corpus gene indices), `counts` (int32 raw counts),
+    `n_counts`, `cell_index` (position of the cell in the split), and one int code per obs
+    column (`dataset`, `species`, labels; -1 = missing; categories in
+    `corpus.manifest['obs_categories']`), passed through `transform` when one is given.
+
+    Args:
+        corpus: a `Corpus` or its location (path or URL).
+        split: 'train' or 'val'.
+        seed: seeds block order and window shuffles.
+        block_size: cells per block (the unit of the cross-shard shuffle and of reads).
+        buffer_size: cells per shuffle window.
+        infinite: run epoch after epoch (training); otherwise stop after one epoch.
+        shuffle: shuffle blocks and windows; False streams cells in corpus order.
+        rank, world_size: this process's place among data-parallel ranks; default from
+            torch.distributed, then the RANK / WORLD_SIZE environment variables.
+        transform: function applied to each cell dict (tokenizers plug in here).
+        storage_options: fsspec options for remote corpora.
+        prefetch: read the next window in a background thread while this one is yielded.
+    """
+
+    def __init__(
+        self,
+        corpus: Corpus | str,
+        split: str = "train",
+        seed: int = 0,
+        block_size: int = 1024,
+        buffer_size: int = 8192,
+        infinite: bool | None = None,
+        shuffle: bool = True,
+        rank: int | None = None,
+        world_size: int | None = None,
+        transform: Callable[[dict], Any] | None = None,
+        storage_options: dict | None = None,
+        prefetch: bool = True,
+    ):
+        super().__init__()
+        self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus, storage_options)
+        self.split = split
+        self.seed = seed
+        self.block_size = block_size
+        self.buffer_size = buffer_size
+        self.infinite = split == "train" if infinite is None else infinite
+        self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
+        self.transform = transform
+        self.prefetch = prefetch
+        self.epoch = 0
+        self.shard_sizes = [record["n_cells"] for record in self.corpus.shards(split)]
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
+        self._positions: dict[int, tuple[int, int]] = {}
+        self._num_workers: int | None = None
+
+    # ------------------------------------------------------------ placement
+
+    def _placement(self) -> tuple[int, int]:
+        if self.rank is not None and self.world_size is not None:
+            return self.rank, self.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def __getstate__(self) -> dict:
+        # Fix rank/world in the main process: spawned workers have no process group.
+        state = self.__dict__.copy()
+        state["rank"], state["world_size"] = self._placement()
+        return state
+
+    @staticmethod
+    def _worker() -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at `epoch` (and forget resume positions)."""
+        self.epoch = epoch
+        self._positions = {}
+
+    # ------------------------------------------------------------ plan
+
+    def plan(self, epoch: int, rank: int | None = None, world_size: int | None = None, worker: int = 0, num_workers: int = 1) -> EpochPlan:
+        """The cells (rank, worker) reads in `epoch`; a pure function, no data is read."""
+        if rank is None or world_size is None:
+            rank, world_size = self._placement()
+        if self.shuffle:
+            blocks = block_order(self.shard_sizes, self.block_size, self.seed, epoch)
+        else:
+            blocks = [Segment(s, 0, n) for s, n in enumerate(self.shard_sizes)]
+        total = int(sum(self.shard_sizes))
+        per_rank = total // world_size
+        lo = rank * per_rank + worker * per_rank // num_workers
+        hi = rank * per_rank + (worker + 1) * per_rank // num_workers
+        return EpochPlan(cut(blocks, lo, hi), hi - lo, per_rank, total - per_rank * world_size)
+
+    def dropped_cells(self, epoch: int) -> int:
+        """Cells left out of `epoch` so that every rank gets the same number."""
+        return self.plan(epoch, 0, self._placement()[1]).dropped
+
+    def cells_per_epoch(self) -> int:
+        """Cells one rank sees per epoch."""
+        return self.plan(self.epoch).cells_per_rank
+
+    # ------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Any]:
+        rank, world_size = self._placement()
+        worker, num_workers = self._worker()
+        if self._num_workers is not None and self._num_workers != num_workers:
+            raise ValueError(
+                f"resume state was saved with {self._num_workers} DataLoader workers, now {num_workers}; "
+                "resume with the same num_workers (the data order depends on it)"
+            )
+        self._num_workers = num_workers
+        epoch, offset = self._positions.get(worker, (self.epoch, 0))
+        shards: dict[int, ShardReader] = {}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            while True:
+                plan = self.plan(epoch, rank, world_size, worker, num_workers)
+                if plan.n_cells == 0 and self.infinite:
+                    raise ValueError(
+                        f"rank {rank} worker {worker} gets no cells per epoch ({sum(self.shard_sizes)} cells "
+                        f"over {world_size} ranks x {num_workers} workers); use fewer workers or ranks"
+                    )
+                for cell in self._epoch_cells(plan, epoch, offset, (rank, worker), shards, pool):
+                    offset += 1
+                    self._positions[worker] = (epoch, offset)
+                    yield cell if self.transform is None else self.transform(cell)
+                epoch, offset = epoch + 1, 0
+                self._positions[worker] = (epoch, 0)
+                if not self.infinite:
+                    return
+
+    def _epoch_cells(self, plan: EpochPlan, epoch: int, offset: int, who: tuple[int, int], shards, pool) -> Iterator[dict]:
+        windows = range(offset // self.buffer_size * self.buffer_size, plan.n_cells, self.buffer_size)
+        pending = None
+        for lo in windows:
+            hi = min(lo + self.buffer_size, plan.n_cells)
+            current = pending.result() if pending is not None else self._read_window(plan, lo, hi, shards, pool)
+            pending = None
+            if self.prefetch and hi < plan.n_cells:
+                nxt = min(hi + self.buffer_size, plan.n_cells)
+                pending = pool.submit(self._read_window, plan, hi, nxt, shards, pool)
+            order = self._window_order(epoch, who, lo, hi - lo)
+            skip = max(offset - lo, 0)
+            yield from self._cells(current, order[skip:])
+
+    def _window_order(self, epoch: int, who: tuple[int, int], lo: int, n: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch, who[0], who[1], lo]).permutation(n)
+
+    def _read_window(self, plan: EpochPlan, lo: int, hi: int, shards: dict, pool) -> list[CellBlock]:
+        segments = cut(plan.segments, lo, hi)
+        for segment in segments:
+            if segment.shard not in shards:
+                shards[segment.shard] = ShardReader(self.corpus, self.corpus.shards(self.split)[segment.shard])
+        reads = [
+            pool.submit(shards[s.shard].read, s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))
+            for s in segments
+        ] if len(segments) > 1 else None
+        if reads is None:
+            s = segments[0]
+            return [shards[s.shard].read(s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))]
+        return [r.result() for r in reads]
+
+    @staticmethod
+    def _cells(blocks: list[CellBlock], order: np.ndarray) -> Iterator[dict]:
+        sizes = np.array([len(b) for b in blocks])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        which = np.searchsorted(starts, order, side="right") - 1
+        for position, b in zip(order.tolist(), which.tolist()):
+            block = blocks[b]
+            row = position - starts[b]
+            lo, hi = block.indptr[row], block.indptr[row + 1]
+            cell = {"genes": block.genes[lo:hi], "counts": block.counts[lo:hi], "cell_index": block.first_index + row}
+            for key, values in block.obs.items():
+                cell[key] = values[row]
+            yield cell
+
+    # ------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        """Where this stream (or, inside a DataLoader worker, this worker) stands."""
+        rank, world_size = self._placement()
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "buffer_size": self.buffer_size,
+            "n_cells": int(sum(self.shard_sizes)),
+            "rank": rank,
+            "world_size": world_size,
+            "num_workers": self._num_workers,
+            "epoch": self.epoch,
+            "positions": {int(w): list(p) for w, p in self._positions.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume where `state` (from `state_dict` or `state_after_batches`) left off."""
+        mine = self.state_dict()
+        for key in ("version", "split", "seed", "block_size", "buffer_size", "n_cells", "world_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"cannot resume CorpusStream: state has {key}={state.get(key)!r}, this stream has "
+                    f"{key}={mine[key]!r}; resume with the same corpus and stream settings"
+                )
+        self.epoch = state["epoch"]
+        self._num_workers = state["num_workers"]
+        self._positions.update({int(w): tuple(p) for w, p in state["positions"].items()})
+
+    def state_after_batches(self, batches: int, batch_size: int, num_workers: int) -> dict:
+        """The state after a plain DataLoader (in-order, round-robin over workers) has handed
+        out `batches` batches of `batch_size` cells in training mode."""
+        if not self.infinite:
+            raise ValueError("state_after_batches needs an infinite (training) stream")
+        rank, world_size = self._placement()
+        state = self.state_dict()
+        state["num_workers"] = num_workers
+        state["positions"] = {}
+        for worker in range(num_workers):
+            cells = len(range(worker, batches, num_workers)) * batch_size
+            epoch = self.epoch
+            while cells >= (length := self.plan(epoch, rank, world_size, worker, num_workers).n_cells):
+                cells -= length
+                epoch += 1
+            state["positions"][worker] = [epoch, cells]
+        return state

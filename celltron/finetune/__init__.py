@@ -1,0 +1,1 @@
+"""celltron.finetune: see ../shared/DESIGN.md; filled in by its issue."""

@@ -1,0 +1,1 @@
+"""celltron.launch: see ../shared/DESIGN.md; filled in by its issue."""

@@ -1,0 +1,1 @@
+"""celltron.pretrain: see ../shared/DESIGN.md; filled in by its issue."""

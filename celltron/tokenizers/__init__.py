@@ -1,0 +1,1 @@
+"""celltron.tokenizers: see ../shared/DESIGN.md; filled in by its issue."""

@@ -1,0 +1,50 @@
+"""Regenerate the gene tables bundled in celltron/data/genes from ../shared/data/reference.
+
+Run once when the upstream references change:  python tools/bundle_reference_data.py
+The package itself never reads pickles or the BioMart exports at run time.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from celltron._safe_pickle import load_restricted_pickle  # noqa: E402
+
+REFERENCE = ROOT.parent / "shared" / "data" / "reference"
+OUT = ROOT / "celltron" / "data" / "genes"
+
+
+def write_json_gz(obj, path: Path) -> None:
+    with gzip.GzipFile(path, "wb", mtime=0) as handle:
+        handle.write(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
+
+
+def biomart_genes(csv_path: Path) -> dict[str, str]:
+    """Ensembl gene ID -> gene name (first non-empty name seen) from a BioMart export."""
+    genes: dict[str, str] = {}
+    with open(csv_path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            gene_id, name = row["Gene stable ID"], row["Gene name"]
+            if gene_id not in genes or (not genes[gene_id] and name):
+                genes[gene_id] = name
+    return genes
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    mapping = load_restricted_pickle(REFERENCE / "geneformer" / "V2" / "ensembl_mapping_dict_gc104M.pkl")
+    write_json_gz({str(k): str(v) for k, v in mapping.items()}, OUT / "human_symbol_to_ensembl.json.gz")
+    orthologs = REFERENCE / "orthologs"
+    write_json_gz(biomart_genes(orthologs / "ensembl_biomart_human_to_mouse.csv"), OUT / "human_ensembl_to_symbol.json.gz")
+    write_json_gz(biomart_genes(orthologs / "ensembl_biomart_mouse_to_human.csv"), OUT / "mouse_ensembl_to_symbol.json.gz")
+    print(f"wrote gene tables to {OUT}")
+
+
+if __name__ == "__main__":
+    main()
