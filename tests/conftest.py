@@ -1,0 +1,48 @@
+"""Shared fixtures: where the shared real data lives, and corpora built once per test run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared/data, or skip the test saying what is missing."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared real data; present in CI)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pbmc3k() -> Path:
+    return shared_file("scrna/human/10x_pbmc3k_2700cells_raw.h5ad")
+
+
+@pytest.fixture(scope="session")
+def pbmc4k() -> Path:
+    return shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
+
+
+@pytest.fixture(scope="session")
+def mouse_pancreas() -> Path:
+    return shared_file("scrna/mouse/pancreas_50obs.h5ad")
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, pbmc3k, pbmc4k, mouse_pancreas) -> Path:
+    """Two human PBMC sets and a mouse set, several small shards, labels kept."""
+    from celltron.corpus import BuildOptions, build_corpus
+
+    out = tmp_path_factory.mktemp("corpus") / "pbmc_mouse"
+    options = BuildOptions(seed=3, val_fraction=0.02, obs_keys=("Annotation",), shard_size_mb=1.5, chunk_nnz=4096, progress=False)
+    build_corpus([pbmc3k, pbmc4k, mouse_pancreas], out, options)
+    return out

@@ -1,0 +1,284 @@
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from celltron.corpus import BuildOptions, Corpus, build_corpus
+from celltron.corpus.genes import GeneMappingError
+from celltron.corpus.readers import InputError
+from celltron.corpus.schema import CorpusFormatError
+from celltron.corpus.stats import GeneStatistics
+
+from .helpers import expected_counts, human_table, read_corpus, write_10x_h5, write_mtx_dir
+
+QUIET = dict(progress=False)
+
+
+@pytest.fixture(scope="module")
+def pbmc_small(pbmc3k):
+    """400 real PBMC cells, all genes, as an in-memory AnnData."""
+    adata = ad.read_h5ad(pbmc3k)[:400].copy()
+    adata.X = sp.csr_matrix(adata.X)
+    return adata
+
+
+def _ensembl_of(adata) -> list[str]:
+    table = human_table()
+    return [table.get(g.upper(), "") for g in adata.var["gene_symbol_original"]]
+
+
+def _assert_round_trip(corpus_dir, adata, ensembl_of_gene):
+    corpus = read_corpus(corpus_dir)
+    expected = expected_counts(adata, ensembl_of_gene)
+    got = pd.DataFrame(corpus.X.toarray(), index=corpus.obs_names, columns=corpus.var_names)
+    assert sorted(got.index) == sorted(expected.index)
+    got = got.loc[expected.index]
+    assert set(expected.columns) <= set(got.columns)
+    assert (got.loc[:, expected.columns].to_numpy() == expected.to_numpy()).all()
+    assert got.drop(columns=expected.columns).to_numpy().sum() == 0
+
+
+def test_round_trip_every_count_of_every_cell(tmp_path, pbmc_small):
+    path = tmp_path / "pbmc.h5ad"
+    # map on the original symbols, as users with made-unique names would pass --gene-column
+    pbmc_small.write_h5ad(path)
+    build_corpus([path], tmp_path / "c", BuildOptions(gene_column="gene_symbol_original", shard_size_mb=0.5, **QUIET))
+    _assert_round_trip(tmp_path / "c", pbmc_small, _ensembl_of(pbmc_small))
+
+
+def test_duplicate_symbols_are_summed(tmp_path, pbmc_small):
+    adata = pbmc_small[:, :2000].copy()
+    symbols = adata.var["gene_symbol_original"].to_numpy().copy()
+    symbols[1] = symbols[0]  # two columns now name the same gene
+    adata.var["gene_symbol_original"] = symbols
+    adata.write_h5ad(tmp_path / "dup.h5ad")
+    build_corpus([tmp_path / "dup.h5ad"], tmp_path / "c", BuildOptions(gene_column="gene_symbol_original", val_fraction=0, **QUIET))
+    _assert_round_trip(tmp_path / "c", adata, _ensembl_of(adata))
+
+
+def test_10x_h5_mtx_and_h5ad_give_the_same_corpus(tmp_path, pbmc_small):
+    ids = np.array(_ensembl_of(pbmc_small), dtype=object)
+    keep = ids != ""
+    adata = pbmc_small[:, keep].copy()
+    ids = ids[keep].astype(str)
+    write_10x_h5(adata, tmp_path / "filtered_feature_bc_matrix.h5", ids)
+    write_mtx_dir(adata, tmp_path / "mtx", ids)
+    by_id = ad.AnnData(X=adata.X, obs=pd.DataFrame(index=adata.obs_names), var=pd.DataFrame(index=ids))
+    by_id.write_h5ad(tmp_path / "by_id.h5ad")
+    sources = {"h5": "filtered_feature_bc_matrix.h5", "mtx": "mtx", "h5ad": "by_id.h5ad"}
+    for name, source in sources.items():
+        build_corpus([tmp_path / source], tmp_path / f"corpus-{name}", BuildOptions(val_fraction=0, **QUIET))
+        _assert_round_trip_ids(read_corpus(tmp_path / f"corpus-{name}"), adata, ids)
+
+
+def _assert_round_trip_ids(corpus, adata, ids):
+    expected = expected_counts(adata, list(ids))
+    got = pd.DataFrame(corpus.X.toarray(), index=corpus.obs_names, columns=corpus.var_names).loc[expected.index]
+    assert (got.loc[:, expected.columns].to_numpy() == expected.to_numpy()).all()
+
+
+@pytest.mark.parametrize("where", ["layer", "raw"])
+def test_counts_from_a_layer_or_raw(tmp_path, pbmc_small, where):
+    adata = pbmc_small[:, :3000].copy()
+    counts = adata.X.copy()
+    normalised = sp.csr_matrix(np.log1p(counts.multiply(1e4 / counts.sum(axis=1)).tocsr()))
+    if where == "layer":
+        adata.layers["counts"] = counts
+        adata.X = normalised
+        layer = "counts"
+    else:
+        adata.raw = adata
+        adata.X = normalised
+        layer = "raw"
+    adata.write_h5ad(tmp_path / "in.h5ad")
+    with pytest.raises(InputError, match=f"--layer X holds non-integer.*{layer}"):
+        build_corpus([tmp_path / "in.h5ad"], tmp_path / "bad", BuildOptions(gene_column="gene_symbol_original", **QUIET))
+    build_corpus([tmp_path / "in.h5ad"], tmp_path / "c", BuildOptions(layer=layer, gene_column="gene_symbol_original", val_fraction=0, **QUIET))
+    reference = pbmc_small[:, :3000].copy()
+    _assert_round_trip(tmp_path / "c", reference, _ensembl_of(reference))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda x: x.multiply(0.5).tocsr(), "non-integer"),
+        (lambda x: sp.csr_matrix(np.log1p(x.toarray())), "non-integer"),
+        (lambda x: -x, "negative"),
+        (lambda x: _with_value(x, np.nan), "NaN"),
+    ],
+)
+def test_non_count_input_is_refused_naming_file_and_layer(tmp_path, pbmc_small, corrupt, message):
+    adata = pbmc_small[:50, :2000].copy()
+    adata.X = corrupt(sp.csr_matrix(adata.X, dtype=np.float32))
+    adata.write_h5ad(tmp_path / "bad.h5ad")
+    with pytest.raises(InputError, match=message) as error:
+        build_corpus([tmp_path / "bad.h5ad"], tmp_path / "c", BuildOptions(**QUIET))
+    assert "bad.h5ad" in str(error.value) and "--layer" in str(error.value)
+    assert not (tmp_path / "c").exists()
+    assert not list(tmp_path.glob(".c.partial-*"))
+
+
+def _with_value(x, value):
+    x = x.copy()
+    x.data[3] = value
+    return x
+
+
+def test_unknown_layer_lists_available_ones(tmp_path, pbmc_small):
+    pbmc_small[:20].write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(InputError, match="no matrix for --layer counts.*available: X"):
+        build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(layer="counts", **QUIET))
+
+
+def test_unclear_species_and_unknown_format_are_refused(tmp_path, pbmc_small):
+    adata = pbmc_small[:20, :200].copy()
+    adata.var_names = [n.capitalize() if i % 2 else n for i, n in enumerate(adata.var_names)]
+    adata.write_h5ad(tmp_path / "mixed.h5ad")
+    with pytest.raises(GeneMappingError, match="mixed.h5ad.*--species"):
+        build_corpus([tmp_path / "mixed.h5ad"], tmp_path / "c", BuildOptions(**QUIET))
+    (tmp_path / "cells.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match="cells.csv: unknown input format"):
+        build_corpus([tmp_path / "cells.csv"], tmp_path / "c", BuildOptions(**QUIET))
+
+
+def test_empty_cells_are_dropped_and_counted_and_qc_is_recorded(tmp_path, pbmc_small):
+    adata = pbmc_small[:100].copy()
+    x = adata.X.tolil()
+    x[:5, :] = 0
+    adata.X = x.tocsr()
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    options = BuildOptions(min_genes=500, max_mito_fraction=0.05, weights={"a.h5ad": 2.0}, val_fraction=0, **QUIET)
+    manifest = build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", options)
+    source = manifest["sources"][0]
+    genes_per_cell = np.diff(adata.X.indptr)
+    assert source["n_empty_dropped"] == 5
+    kept = read_corpus(tmp_path / "c")
+    assert source["n_cells_kept"] == kept.n_obs == 100 - 5 - source["n_qc_dropped"]
+    assert source["n_qc_dropped"] >= int(((genes_per_cell > 0) & (genes_per_cell < 500)).sum())
+    assert (np.diff(kept.X.indptr) >= 1).all()
+    mito = kept.var["gene_symbol"].str.upper().str.startswith("MT-").to_numpy()
+    assert (np.asarray(kept.X[:, mito].sum(axis=1)).ravel() <= 0.05 * kept.obs["n_counts"].to_numpy()).all()
+    assert manifest["build"]["min_genes"] == 500 and manifest["build"]["max_mito_fraction"] == 0.05
+    assert source["weight"] == 2.0
+
+
+def test_shards_open_with_anndata_and_cells_mix_across_inputs(small_corpus):
+    manifest = json.loads((small_corpus / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    for record in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        shard = ad.read_zarr(small_corpus / record["path"])
+        assert shard.n_obs == record["n_cells"] and shard.X.nnz == record["nnz"]
+        assert shard.var_names.str.match(r"^ENS(MUS)?G\d{11}$").all()
+        assert {"dataset", "species", "n_counts", "Annotation"} <= set(shard.obs.columns)
+    first = ad.read_zarr(small_corpus / manifest["splits"]["train"]["shards"][0]["path"])
+    assert first.obs["dataset"].nunique() >= 2  # neighbouring cells come from different inputs
+    assert set(manifest["obs_categories"]["species"]) == {"human", "mouse"}
+
+
+def test_validation_split_and_cell_names_are_unique(small_corpus):
+    train, val = read_corpus(small_corpus, "train"), read_corpus(small_corpus, "val")
+    total = train.n_obs + val.n_obs
+    assert val.n_obs == round(total * 0.02)
+    names = list(train.obs_names) + list(val.obs_names)
+    assert len(set(names)) == len(names)
+
+
+def test_clashing_cell_names_get_the_source_name(tmp_path, pbmc_small):
+    pbmc_small[:30].write_h5ad(tmp_path / "a.h5ad")
+    pbmc_small[:30].write_h5ad(tmp_path / "b.h5ad")
+    build_corpus([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "c", BuildOptions(val_fraction=0, **QUIET))
+    names = read_corpus(tmp_path / "c").obs_names
+    first = pbmc_small.obs_names[0]
+    assert {f"{first}-a", f"{first}-b"} <= set(names) and len(set(names)) == 60
+
+
+def test_shuffle_is_seeded(tmp_path, pbmc_small):
+    pbmc_small[:200].write_h5ad(tmp_path / "a.h5ad")
+    orders = []
+    for name, seed in (("s1", 1), ("s1b", 1), ("s2", 2)):
+        build_corpus([tmp_path / "a.h5ad"], tmp_path / name, BuildOptions(seed=seed, val_fraction=0, **QUIET))
+        orders.append(list(read_corpus(tmp_path / name).obs_names))
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+
+
+def test_gene_statistics_match_a_direct_computation(small_corpus):
+    corpus = read_corpus(small_corpus)
+    genes = Corpus(small_corpus).manifest["genes"]
+    x = corpus.X.tocsc().astype(np.float64)
+    n_counts = corpus.obs["n_counts"].to_numpy().astype(np.float64)
+    for column in np.random.default_rng(0).choice(corpus.n_vars, 300, replace=False):
+        gene = corpus.var_names[column]
+        index = genes["ensembl_id"].index(gene)
+        values = x[:, column]
+        rows = values.indices
+        assert genes["cells_expressing"][index] == len(rows)
+        assert genes["count_sum"][index] == values.data.sum()
+        normalised = values.data / n_counts[rows] * 10_000
+        if len(rows) == 0:
+            assert genes["nonzero_median"][index] is None
+        else:
+            assert genes["nonzero_median"][index] == pytest.approx(np.median(normalised), rel=1e-12)
+
+
+def test_sketch_medians_are_within_the_stated_bound(pbmc3k):
+    adata = ad.read_h5ad(pbmc3k)
+    x = sp.csr_matrix(adata.X).astype(np.int64)
+    n_counts = np.asarray(x.sum(axis=1)).ravel()
+    exact, sketched = GeneStatistics(x.shape[1]), GeneStatistics(x.shape[1], exact_limit=100_000)
+    for start in range(0, x.shape[0], 500):
+        block = x[start : start + 500]
+        exact.add(block, n_counts[start : start + 500])
+        sketched.add(block, n_counts[start : start + 500])
+    assert exact.exact and not sketched.exact
+    a, b = exact.nonzero_medians(), sketched.nonzero_medians()
+    seen = ~np.isnan(a)
+    assert np.array_equal(seen, ~np.isnan(b))
+    assert np.max(np.abs(b[seen] - a[seen]) / a[seen]) <= 0.005 + 1e-9
+
+
+def test_failed_build_leaves_nothing_and_existing_corpus_is_kept(tmp_path, pbmc_small, monkeypatch):
+    pbmc_small[:100].write_h5ad(tmp_path / "a.h5ad")
+    build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(**QUIET))
+    before = (tmp_path / "c" / "manifest.json").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(**QUIET))
+
+    import celltron.corpus.build as build_module
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(build_module, "write_shard", explode)
+    with pytest.raises(RuntimeError):
+        build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(seed=9, **QUIET), overwrite=True)
+    with pytest.raises(RuntimeError):
+        build_corpus([tmp_path / "a.h5ad"], tmp_path / "new", BuildOptions(**QUIET))
+    assert (tmp_path / "c" / "manifest.json").read_bytes() == before
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "c"]
+
+
+def test_validate_names_a_corrupted_shard(tmp_path, pbmc_small):
+    pbmc_small[:300].write_h5ad(tmp_path / "a.h5ad")
+    build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(shard_size_mb=0.5, **QUIET))
+    corpus = Corpus(tmp_path / "c")
+    assert corpus.validate() == []
+    victim = corpus.shards("train")[1]["path"]
+    chunk = sorted((tmp_path / "c" / victim / "X" / "data").rglob("c/*"))[0]
+    payload = bytearray(chunk.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(payload))
+    problems = corpus.validate()
+    assert len(problems) == 1 and victim in problems[0] and "checksum" in problems[0]
+
+
+def test_not_a_corpus(tmp_path):
+    with pytest.raises(CorpusFormatError, match="no manifest.json"):
+        Corpus(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "celltron-corpus", "schema_version": 99}))
+    with pytest.raises(CorpusFormatError, match="schema version 99"):
+        Corpus(tmp_path)

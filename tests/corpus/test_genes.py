@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from celltron.corpus.genes import GeneMappingError, infer_species, is_mitochondrial, map_genes
+
+
+def test_species_from_ensembl_prefix():
+    assert infer_species(["ENSG00000141510", "ENSG00000075624"], "x") == "human"
+    assert infer_species(["ENSMUSG00000059552", "ENSMUSG00000029580"], "x") == "mouse"
+
+
+def test_species_from_symbol_case():
+    assert infer_species(["TP53", "ACTB", "CD3E", "RP11-34P13.7"], "x") == "human"
+    assert infer_species(["Trp53", "Actb", "Cd3e", "Gm37381"], "x") == "mouse"
+
+
+def test_species_refuses_to_guess_when_unclear():
+    with pytest.raises(GeneMappingError, match="--species"):
+        infer_species(["TP53", "ACTB", "Trp53", "Actb"], "mixed.h5ad")
+
+
+def test_human_symbols_map_through_geneformer_table_and_ids_lose_versions():
+    mapping = map_genes(["TP53", "tp53", "ENSG00000075624.17", "NOT_A_GENE"], "human", "x")
+    assert mapping.ensembl_ids.tolist() == ["ENSG00000141510", "ENSG00000141510", "ENSG00000075624", ""]
+    assert mapping.n_unmapped == 1
+
+
+def test_mouse_symbols_never_go_through_the_human_table():
+    mapping = map_genes(["Trp53", "Actb", "TP53"], "mouse", "x")
+    assert mapping.ensembl_ids[0] == "ENSMUSG00000059552"
+    assert mapping.ensembl_ids[1] == "ENSMUSG00000029580"
+    # an upper-case human symbol is not a mouse gene name; it must stay unmapped
+    assert mapping.ensembl_ids[2] == ""
+
+
+def test_other_species_ids_stay_unmapped():
+    mapping = map_genes(["ENSMUSG00000059552", "ENSG00000141510"], "human", "x")
+    assert mapping.ensembl_ids.tolist() == ["", "ENSG00000141510"]
+
+
+def test_nothing_maps_is_an_error_that_names_the_fix():
+    with pytest.raises(GeneMappingError, match="--gene-column"):
+        map_genes(["foo", "bar"], "human", "lab.h5ad")
+
+
+def test_mitochondrial_genes():
+    flags = is_mitochondrial(["ENSG00000198712", "ENSG00000141510"], "human")
+    assert flags.tolist() == [True, False]
+    assert is_mitochondrial(["ENSMUSG00000064354"], "mouse").all()  # mt-Co2
