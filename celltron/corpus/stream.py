@@ -126,6 +126,9 @@ class CorpusStream(IterableDataset):
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._positions: dict[int, tuple[int, int]] = {}
         self._num_workers: int | None = None
+        # A plain DataLoader always asks worker 0 first. After k batches the next batch is due
+        # from stream (k mod workers), so on resume worker w continues stream (w + rotation).
+        self._rotation = 0
 
     # ------------------------------------------------------------ placement
 
@@ -187,6 +190,7 @@ class CorpusStream(IterableDataset):
                 "resume with the same num_workers (the data order depends on it)"
             )
         self._num_workers = num_workers
+        worker = (worker + self._rotation) % num_workers
         epoch, offset = self._positions.get(worker, (self.epoch, 0))
         shards: dict[int, ShardReader] = {}
         with ThreadPoolExecutor(max_workers=4) as pool:
@@ -270,6 +274,7 @@ class CorpusStream(IterableDataset):
             "num_workers": self._num_workers,
             "epoch": self.epoch,
             "positions": {int(w): list(p) for w, p in self._positions.items()},
+            "worker_rotation": self._rotation,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -284,6 +289,7 @@ class CorpusStream(IterableDataset):
         self.epoch = state["epoch"]
         self._num_workers = state["num_workers"]
         self._positions.update({int(w): tuple(p) for w, p in state["positions"].items()})
+        self._rotation = state.get("worker_rotation", 0)
 
     def state_after_batches(self, batches: int, batch_size: int, num_workers: int) -> dict:
         """The state after a plain DataLoader (in-order, round-robin over workers) has handed
@@ -293,6 +299,7 @@ class CorpusStream(IterableDataset):
         rank, world_size = self._placement()
         state = self.state_dict()
         state["num_workers"] = num_workers
+        state["worker_rotation"] = batches % num_workers
         state["positions"] = {}
         for worker in range(num_workers):
             cells = len(range(worker, batches, num_workers)) * batch_size
