@@ -100,8 +100,9 @@ class _Input:
 
     source: Source
     species: str
-    column_map: np.ndarray  # input gene -> corpus gene index, -1 when unmapped
+    ensembl_ids: np.ndarray  # per input gene, its Ensembl ID or '' when unmapped
     report: dict
+    column_map: np.ndarray | None = None  # input gene -> corpus gene index, -1 when unmapped
 
 
 @dataclass
@@ -186,7 +187,7 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
         "train": _split_into_shards(order[n_val:], cells_per_shard),
         "val": _split_into_shards(order[:n_val], cells_per_shard),
     }
-    categories = _obs_categories(staged, opened)
+    categories = _obs_categories(staged)
     var = _var_table(gene_ids, species_of_gene)
     splits = _write_splits(plan, staged, names, categories, var, work, options)
     genes = _gene_records(gene_ids, species_of_gene, stats)
@@ -231,9 +232,7 @@ def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
             "n_genes_in": len(source.gene_names),
             "n_genes_unmapped": mapping.n_unmapped,
         }
-        item = _Input(source=source, species=species, column_map=np.empty(0), report=report)
-        item.report["_ensembl_ids"] = mapping.ensembl_ids  # removed once the table is built
-        opened.append(item)
+        opened.append(_Input(source=source, species=species, ensembl_ids=mapping.ensembl_ids, report=report))
     return opened
 
 
@@ -247,7 +246,7 @@ def _gene_table(opened: list[_Input]) -> tuple[np.ndarray, np.ndarray]:
     """The union of mapped Ensembl IDs over all inputs, sorted, with each gene's species."""
     species_of = {}
     for item in opened:
-        for gene in item.report["_ensembl_ids"]:
+        for gene in item.ensembl_ids:
             if gene:
                 species_of[gene] = item.species
     gene_ids = np.array(sorted(species_of), dtype=object).astype(str)
@@ -255,9 +254,8 @@ def _gene_table(opened: list[_Input]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _column_map(item: _Input, gene_ids: np.ndarray) -> np.ndarray:
-    ensembl = item.report.pop("_ensembl_ids")
     position = {gene: i for i, gene in enumerate(gene_ids)}
-    return np.array([position.get(gene, -1) for gene in ensembl], dtype=np.int64)
+    return np.array([position.get(gene, -1) for gene in item.ensembl_ids], dtype=np.int64)
 
 
 def _var_table(gene_ids: np.ndarray, species_of_gene: np.ndarray) -> pd.DataFrame:
@@ -299,19 +297,20 @@ def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -
             stop = min(start + options.read_block_cells, item.source.n_cells)
             block = item.source.read_rows(start, stop).tocsr()
             check_raw_counts(block, item.source, start)
-            kept_rows, kept = _filter_block(block, item, n_genes, mito, options)
+            # n_counts is the cell's total over all input genes, mapped or not (Geneformer's n_counts)
+            totals = np.asarray(block.sum(axis=1)).ravel()
+            kept_rows, kept = _filter_block(block, totals, item, n_genes, mito, options)
             _spill(kept, staging, staged)
-            stats.add(kept, np.asarray(block.sum(axis=1)).ravel()[kept_rows])
-            _record_cells(staged, item, index, block, kept, kept_rows, start)
+            stats.add(kept, totals[kept_rows])
+            _record_cells(staged, item, index, totals, kept, kept_rows, start)
             bar.update(stop - start)
         report["n_cells_kept"] = report["n_cells_in"] - report["n_empty_dropped"] - report["n_qc_dropped"]
     bar.close()
     return staged
 
 
-def _filter_block(block, item: _Input, n_genes, mito, options: BuildOptions):
+def _filter_block(block, totals, item: _Input, n_genes, mito, options: BuildOptions):
     """Map genes, then drop empty cells and cells failing QC; returns kept row numbers + block."""
-    totals = np.asarray(block.sum(axis=1)).ravel()
     mapped = to_corpus_genes(block, item.column_map, n_genes)
     item.report["unmapped_counts"] += int(round(totals.sum() - mapped.sum()))
     mapped_totals = np.asarray(mapped.sum(axis=1)).ravel()
@@ -332,8 +331,7 @@ def _spill(kept: sp.csr_matrix, staging: Path, staged: _Staged) -> None:
     staged.files.append((path, len(staged.names), kept.shape[0]))
 
 
-def _record_cells(staged: _Staged, item: _Input, index: int, block, kept, kept_rows, start: int) -> None:
-    totals = np.asarray(block.sum(axis=1)).ravel()
+def _record_cells(staged: _Staged, item: _Input, index: int, totals, kept, kept_rows, start: int) -> None:
     staged.names.extend(item.source.cell_names[start + kept_rows])
     staged.n_counts.extend(np.rint(totals[kept_rows]).astype(np.int64))
     staged.nnz.extend(np.diff(kept.indptr))
@@ -371,7 +369,7 @@ def _split_into_shards(cells: np.ndarray, cells_per_shard: int) -> list[np.ndarr
     return np.array_split(cells, -(-len(cells) // cells_per_shard))
 
 
-def _obs_categories(staged: _Staged, opened: list[_Input]) -> dict[str, list[str]]:
+def _obs_categories(staged: _Staged) -> dict[str, list[str]]:
     """One category list per obs column for the whole corpus, so codes agree across shards."""
     categories = {"dataset": sorted(set(staged.dataset_of_input)), "species": sorted(set(staged.species_of_input))}
     for key, values in staged.labels.items():

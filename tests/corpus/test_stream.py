@@ -135,3 +135,10 @@ def test_validation_split_streams_once(small_corpus):
     cells = [int(c["cell_index"]) for c in stream]
     assert not stream.infinite
     assert sorted(cells) == list(range(Corpus(small_corpus).manifest["splits"]["val"]["n_cells"]))
+
+
+def test_file_url_reads_like_a_path(small_corpus):
+    by_url = CorpusStream(f"file://{small_corpus}", infinite=False, shuffle=False, **SMALL)
+    by_path = CorpusStream(small_corpus, infinite=False, shuffle=False, **SMALL)
+    for a, b in zip(by_url, by_path, strict=True):
+        assert a["genes"].tolist() == b["genes"].tolist()
