@@ -8,12 +8,11 @@ STAMP := $(VENV)/.celltron-installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# CPU torch first: pyproject asks for torch>=2.4, which this then satisfies (no CUDA download).
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,s3,fast]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,s3,fast]"
 	touch $(STAMP)
 
 install: $(STAMP)
