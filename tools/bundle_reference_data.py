@@ -43,7 +43,23 @@ def main() -> None:
     orthologs = REFERENCE / "orthologs"
     write_json_gz(biomart_genes(orthologs / "ensembl_biomart_human_to_mouse.csv"), OUT / "human_ensembl_to_symbol.json.gz")
     write_json_gz(biomart_genes(orthologs / "ensembl_biomart_mouse_to_human.csv"), OUT / "mouse_ensembl_to_symbol.json.gz")
-    print(f"wrote gene tables to {OUT}")
+    bundle_vocabularies(OUT.parent / "vocab")
+    print(f"wrote gene tables to {OUT} and vocabularies to {OUT.parent / 'vocab'}")
+
+
+def bundle_vocabularies(out: Path) -> None:
+    """Geneformer token + median dictionaries and the scGPT whole-human vocab, as JSON."""
+    out.mkdir(parents=True, exist_ok=True)
+    geneformer = REFERENCE / "geneformer"
+    for version, suffix in (("v1", "V1/{}_gc30M.pkl"), ("v2", "V2/{}_gc104M.pkl")):
+        tokens = load_restricted_pickle(geneformer / suffix.format("token_dictionary"))
+        medians = load_restricted_pickle(geneformer / suffix.format("gene_median_dictionary"))
+        write_json_gz(
+            {"tokens": {str(k): int(v) for k, v in tokens.items()}, "medians": {str(k): float(v) for k, v in medians.items()}},
+            out / f"geneformer_{version}.json.gz",
+        )
+    scgpt = json.loads((REFERENCE / "scgpt" / "scGPT_human_vocab.json").read_text())
+    write_json_gz({str(k): int(v) for k, v in scgpt.items()}, out / "scgpt_human.json.gz")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Geneformer's rank-value encoding, vectorised over blocks of cells.
+
+For each cell: value = count / n_counts * 10,000 / (gene's non-zero median); genes with a zero
+count or without a token are dropped; the rest are ranked by value, highest first, and the
+token ids of the first `max_len` genes form the cell's sequence. V1 (gc30M): 2,048 tokens, no
+special tokens. V2 (gc104M): `<cls>`, the first 4,094 genes, `<eos>` (4,096 tokens).
+
+Ties: genes with exactly equal values are ordered by their position in the input (corpus gene
+order, or the file's var order). Geneformer sorts with numpy's default (unstable) quicksort,
+so on exact ties it may order genes differently; every other position is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from celltron.tokenizers.vocab import GeneVocab, bundled_vocab_json
+
+NORMALISED_TOTAL = 10_000.0
+GENEFORMER_SETTINGS = {"v1": {"max_len": 2048, "specials": False}, "v2": {"max_len": 4096, "specials": True}}
+
+
+@dataclass
+class RaggedTokens:
+    """Token sequences of a block of cells: cell i is `input_ids[offsets[i]:offsets[i + 1]]`."""
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.input_ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class RankValueTokenizer:
+    """Rank-value tokenizer over a given gene table (corpus genes or a file's genes).
+
+    Args:
+        vocab: the gene vocabulary (Geneformer's, usually).
+        medians: Ensembl ID -> non-zero median of normalised expression.
+        gene_ids: Ensembl IDs of the input's genes, in input order (gene index i = gene_ids[i]).
+        max_len: tokens per cell, special tokens included.
+        add_specials: wrap each cell in `<cls>` ... `<eos>`.
+    """
+
+    def __init__(self, vocab: GeneVocab, medians: dict[str, float], gene_ids, max_len: int, add_specials: bool):
+        self.vocab, self.max_len, self.add_specials = vocab, max_len, add_specials
+        gene_ids = np.asarray(gene_ids, dtype=str)
+        median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
+        token = vocab.lookup_genes(gene_ids)
+        usable = (token >= 0) & np.isfinite(median) & (median > 0)
+        self.token_of_gene = np.where(usable, token, -1)
+        self.inverse_median = np.where(usable, 1.0 / np.where(usable, median, 1.0), 0.0)
+        if add_specials:
+            self.cls_id, self.eos_id = vocab.special_id("cls"), vocab.special_id("eos")
+
+    @classmethod
+    def geneformer(cls, version: str, gene_ids, medians: dict[str, float] | None = None) -> "RankValueTokenizer":
+        """Geneformer V1 or V2 with its bundled dictionaries (or a corpus's own medians)."""
+        settings = GENEFORMER_SETTINGS[version]
+        medians = medians if medians is not None else bundled_vocab_json(f"geneformer_{version}")["medians"]
+        return cls(GeneVocab.from_geneformer(version), medians, gene_ids, settings["max_len"], settings["specials"])
+
+    def encode_block(self, indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts=None) -> RaggedTokens:
+        """Tokenise a CSR block of cells (gene indices into `gene_ids`, raw counts).
+
+        Args:
+            indptr, genes, counts: CSR arrays of the block.
+            n_counts: per-cell total counts; default the row sums.
+        """
+        n_cells = len(indptr) - 1
+        cell = np.repeat(np.arange(n_cells), np.diff(indptr))
+        genes, counts = _sorted_within_cells(cell, genes, counts)
+        if n_counts is None:
+            n_counts = np.bincount(cell, weights=counts, minlength=n_cells)
+        tokens = self.token_of_gene[genes]
+        keep = (tokens >= 0) & (counts > 0)
+        cell, genes, tokens = cell[keep], genes[keep], tokens[keep]
+        # negated so that an ascending stable sort ranks the highest value first
+        negated = counts[keep] / np.asarray(n_counts, dtype=np.float64)[cell] * -NORMALISED_TOTAL * self.inverse_median[genes]
+        kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
+        limit = self.max_len - 2 if self.add_specials else self.max_len
+        lengths = np.minimum(np.diff(kept_indptr), limit)
+        extra = 2 if self.add_specials else 0
+        offsets = np.concatenate([[0], np.cumsum(lengths + extra)])
+        out = np.empty(offsets[-1], dtype=np.int64)
+        first = 1 if self.add_specials else 0
+        # One small stable sort per cell is faster than a global sort of the block, and keeps
+        # ties in input order.
+        for i in range(n_cells):
+            lo, hi = kept_indptr[i], kept_indptr[i + 1]
+            ranked = np.argsort(negated[lo:hi], kind="stable")[: lengths[i]]
+            out[offsets[i] + first : offsets[i] + first + lengths[i]] = tokens[lo:hi][ranked]
+        if self.add_specials:
+            out[offsets[:-1]] = self.cls_id
+            out[offsets[1:] - 1] = self.eos_id
+        return RaggedTokens(out, offsets)
+
+    def __call__(self, cell: dict) -> dict:
+        """Tokenise one cell dict from CorpusStream (the `transform` hook)."""
+        indptr = np.array([0, len(cell["genes"])])
+        n_counts = [cell["n_counts"]] if "n_counts" in cell else None
+        ids = self.encode_block(indptr, cell["genes"], cell["counts"], n_counts).input_ids
+        return {"input_ids": ids, "length": len(ids)}
+
+
+def _sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray):
+    """Genes in input order within each cell (CSR from a corpus already is), for tie-breaking."""
+    descending = np.diff(genes) < 0
+    if not (descending & (np.diff(cell) == 0)).any():
+        return genes, counts
+    order = np.lexsort((genes, cell))
+    return genes[order], counts[order]
