@@ -1,0 +1,146 @@
+"""scGPT's expression-binned tokens, over blocks of cells.
+
+Per cell, as scGPT's Preprocessor and tokenizer do: counts of genes in the vocabulary are
+normalised to a fixed total (`normalize_total`, 1e4) and log1p-transformed; the non-zero values
+are binned into `n_bins` (51) by quantile edges of that cell's own non-zero values (bin 0 is
+kept for zero); a value that sits exactly on several equal edges is spread uniformly over them
+with a random draw, here from an explicit seeded generator. The sequence is `<cls>` (value 0)
+followed by the expressed genes in gene order (or all genes with `include_zero_gene`), and a
+cell longer than `max_len` keeps `<cls>` plus `max_len - 1` genes drawn without replacement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from celltron.tokenizers.vocab import GeneVocab
+
+VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
+
+
+@dataclass
+class RaggedTokenValues:
+    """Token ids and values of a block: cell i is `[offsets[i]:offsets[i + 1]]` of both."""
+
+    input_ids: np.ndarray
+    values: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.offsets[i], self.offsets[i + 1]
+        return self.input_ids[lo:hi], self.values[lo:hi]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def bin_values(values: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
+    """scGPT's per-cell binning of positive values: quantile edges at linspace(0, 1, n_bins - 1),
+    digitised from both sides; `uniform` (one draw per value in [0, 1)) breaks ties on
+    repeated edges."""
+    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(values, edges)
+    right = np.digitize(values, edges, right=True)
+    return np.ceil(uniform * (right - left) + left).astype(np.int64)
+
+
+class BinnedTokenizer:
+    """scGPT tokens and values for cells whose genes index `gene_ids`.
+
+    Args:
+        vocab: scGPT's vocabulary (ids kept exactly), or any GeneVocab with `<cls>` and `<pad>`.
+        gene_ids: Ensembl IDs of the input's genes (gene index i = gene_ids[i]).
+        n_bins: number of bins including the zero bin.
+        value_style: 'binned' (default), 'log1p', 'normalized' or 'counts' (continuous values).
+        normalize_total: target total per cell before log1p; None skips normalisation.
+        log1p: apply log1p after normalising.
+        max_len: tokens per cell including `<cls>`.
+        include_zero_gene: keep every gene of the vocabulary-covered table, zeros included.
+        append_cls: start every cell with `<cls>` (value 0).
+        genes_subset: optional Ensembl IDs to keep (e.g. highly variable genes).
+        seed: seeds the per-cell generator of the `transform` hook (`__call__`).
+    """
+
+    def __init__(
+        self, vocab: GeneVocab, gene_ids, n_bins: int = 51, value_style: str = "binned",
+        normalize_total: float | None = 1e4, log1p: bool = True, max_len: int = 1200,
+        include_zero_gene: bool = False, append_cls: bool = True, genes_subset=None, seed: int = 0,
+    ):
+        if value_style not in VALUE_STYLES:
+            raise ValueError(f"value_style must be one of {VALUE_STYLES}, got {value_style!r}")
+        self.vocab, self.n_bins, self.value_style = vocab, n_bins, value_style
+        self.normalize_total, self.log1p, self.max_len = normalize_total, log1p, max_len
+        self.include_zero_gene, self.append_cls = include_zero_gene, append_cls
+        gene_ids = np.asarray(gene_ids, dtype=str)
+        token = vocab.lookup_genes(gene_ids)
+        if genes_subset is not None:
+            token = np.where(np.isin(gene_ids, list(genes_subset)), token, -1)
+        self.token_of_gene = token
+        self.covered_genes = np.flatnonzero(token >= 0)
+        self.cls_id = vocab.special_id("cls")
+        self.seed = seed
+
+    def values_of_block(self, indptr, genes, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keep covered genes, then normalise and log1p as the Preprocessor does (vectorised)."""
+        n_cells = len(indptr) - 1
+        cell = np.repeat(np.arange(n_cells), np.diff(indptr))
+        keep = (self.token_of_gene[genes] >= 0) & (counts > 0)
+        cell, genes = cell[keep], genes[keep]
+        values = counts[keep].astype(np.float64)
+        if self.value_style != "counts":
+            if self.normalize_total is not None:
+                totals = np.bincount(cell, weights=values, minlength=n_cells)
+                values = values / totals[cell] * self.normalize_total
+            if self.log1p:
+                values = np.log1p(values)
+        kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
+        return kept_indptr, genes, values
+
+    def encode_block(self, indptr, genes, counts, rng: np.random.Generator) -> RaggedTokenValues:
+        """Tokenise a CSR block of raw counts; `rng` drives tie-spreading and length sampling."""
+        kept_indptr, genes, values = self.values_of_block(np.asarray(indptr), np.asarray(genes), np.asarray(counts))
+        ids_out, values_out, lengths = [], [], []
+        for i in range(len(kept_indptr) - 1):
+            lo, hi = kept_indptr[i], kept_indptr[i + 1]
+            cell_genes, cell_values = genes[lo:hi], values[lo:hi]
+            if self.value_style == "binned" and hi > lo:
+                cell_values = bin_values(cell_values, self.n_bins, rng.random(hi - lo))
+            ids, vals = self._sequence(cell_genes, cell_values, rng)
+            ids_out.append(ids)
+            values_out.append(vals)
+            lengths.append(len(ids))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        value_dtype = np.int64 if self.value_style == "binned" else np.float32
+        return RaggedTokenValues(
+            np.concatenate(ids_out).astype(np.int64) if ids_out else np.empty(0, np.int64),
+            np.concatenate(values_out).astype(value_dtype) if values_out else np.empty(0, value_dtype),
+            offsets,
+        )
+
+    def _sequence(self, genes, values, rng) -> tuple[np.ndarray, np.ndarray]:
+        if self.include_zero_gene:
+            dense = np.zeros(len(self.token_of_gene), dtype=np.float64)
+            dense[genes] = values
+            genes, values = self.covered_genes, dense[self.covered_genes]
+        ids = self.token_of_gene[genes]
+        if self.append_cls:
+            ids, values = np.concatenate([[self.cls_id], ids]), np.concatenate([[0.0], values])
+        if len(ids) > self.max_len:
+            start = 1 if self.append_cls else 0
+            chosen = rng.choice(len(ids) - start, self.max_len - start, replace=False) + start
+            keep = np.concatenate([np.arange(start), chosen])
+            ids, values = ids[keep], values[keep]
+        return ids, values
+
+    def __call__(self, cell: dict) -> dict:
+        """Tokenise one CorpusStream cell (the `transform` hook). Its random draws come from a
+        generator seeded by (seed, cell_index), so a resumed stream tokenises identically."""
+        rng = np.random.default_rng([self.seed, int(cell.get("cell_index", 0))])
+        block = self.encode_block(np.array([0, len(cell["genes"])]), cell["genes"], cell["counts"], rng)
+        return {"input_ids": block.input_ids, "values": block.values, "length": len(block.input_ids)}
