@@ -43,8 +43,19 @@ def main() -> None:
     orthologs = REFERENCE / "orthologs"
     write_json_gz(biomart_genes(orthologs / "ensembl_biomart_human_to_mouse.csv"), OUT / "human_ensembl_to_symbol.json.gz")
     write_json_gz(biomart_genes(orthologs / "ensembl_biomart_mouse_to_human.csv"), OUT / "mouse_ensembl_to_symbol.json.gz")
+    bundle_orthologs(orthologs / "human_mouse_one2one_orthologs.tsv", OUT / "orthologs_human_mouse.tsv.gz")
     bundle_vocabularies(OUT.parent / "vocab")
     print(f"wrote gene tables to {OUT} and vocabularies to {OUT.parent / 'vocab'}")
+
+
+def bundle_orthologs(source: Path, out: Path) -> None:
+    """One-to-one orthologs: anchor (human) gene, other species' gene, orthology confidence."""
+    lines = ["human\tmouse\tconfidence"]
+    with open(source, newline="") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            lines.append(f"{row['human_ensembl_gene_id']}\t{row['mouse_ensembl_gene_id']}\t{row['orthology_confidence']}")
+    with gzip.GzipFile(out, "wb", mtime=0) as handle:
+        handle.write(("\n".join(lines) + "\n").encode())
 
 
 def bundle_vocabularies(out: Path) -> None:

@@ -11,33 +11,12 @@ cell longer than `max_len` keeps `<cls>` plus `max_len - 1` genes drawn without 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.vocab import GeneVocab
 
 VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
-
-
-@dataclass
-class RaggedTokenValues:
-    """Token ids and values of a block: cell i is `[offsets[i]:offsets[i + 1]]` of both."""
-
-    input_ids: np.ndarray
-    values: np.ndarray
-    offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def cell(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.offsets[i], self.offsets[i + 1]
-        return self.input_ids[lo:hi], self.values[lo:hi]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 def bin_values(values: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
@@ -102,7 +81,7 @@ class BinnedTokenizer:
         kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
         return kept_indptr, genes, values
 
-    def encode_block(self, indptr, genes, counts, rng: np.random.Generator) -> RaggedTokenValues:
+    def encode_block(self, indptr, genes, counts, rng: np.random.Generator) -> RaggedTokens:
         """Tokenise a CSR block of raw counts; `rng` drives tie-spreading and length sampling."""
         kept_indptr, genes, values = self.values_of_block(np.asarray(indptr), np.asarray(genes), np.asarray(counts))
         ids_out, values_out, lengths = [], [], []
@@ -117,10 +96,10 @@ class BinnedTokenizer:
             lengths.append(len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         value_dtype = np.int64 if self.value_style == "binned" else np.float32
-        return RaggedTokenValues(
+        return RaggedTokens(
             np.concatenate(ids_out).astype(np.int64) if ids_out else np.empty(0, np.int64),
-            np.concatenate(values_out).astype(value_dtype) if values_out else np.empty(0, value_dtype),
             offsets,
+            np.concatenate(values_out).astype(value_dtype) if values_out else np.empty(0, value_dtype),
         )
 
     def _sequence(self, genes, values, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -12,32 +12,12 @@ so on exact ties it may order genes differently; every other position is the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from celltron.tokenizers.ragged import RaggedTokens, rank_cells
 from celltron.tokenizers.vocab import GeneVocab, bundled_vocab_json
 
-NORMALISED_TOTAL = 10_000.0
 GENEFORMER_SETTINGS = {"v1": {"max_len": 2048, "specials": False}, "v2": {"max_len": 4096, "specials": True}}
-
-
-@dataclass
-class RaggedTokens:
-    """Token sequences of a block of cells: cell i is `input_ids[offsets[i]:offsets[i + 1]]`."""
-
-    input_ids: np.ndarray
-    offsets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.input_ids[self.offsets[i] : self.offsets[i + 1]]
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 class RankValueTokenizer:
@@ -58,7 +38,7 @@ class RankValueTokenizer:
         token = vocab.lookup_genes(gene_ids)
         usable = (token >= 0) & np.isfinite(median) & (median > 0)
         self.token_of_gene = np.where(usable, token, -1)
-        self.inverse_median = np.where(usable, 1.0 / np.where(usable, median, 1.0), 0.0)
+        self.median = np.where(usable, median, 1.0)
         if add_specials:
             self.cls_id, self.eos_id = vocab.special_id("cls"), vocab.special_id("eos")
 
@@ -76,29 +56,9 @@ class RankValueTokenizer:
             indptr, genes, counts: CSR arrays of the block.
             n_counts: per-cell total counts; default the row sums.
         """
-        n_cells = len(indptr) - 1
-        cell = np.repeat(np.arange(n_cells), np.diff(indptr))
-        genes, counts = _sorted_within_cells(cell, genes, counts)
-        if n_counts is None:
-            n_counts = np.bincount(cell, weights=counts, minlength=n_cells)
-        tokens = self.token_of_gene[genes]
-        keep = (tokens >= 0) & (counts > 0)
-        cell, genes, tokens = cell[keep], genes[keep], tokens[keep]
-        # negated so that an ascending stable sort ranks the highest value first
-        negated = counts[keep] / np.asarray(n_counts, dtype=np.float64)[cell] * -NORMALISED_TOTAL * self.inverse_median[genes]
-        kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
-        limit = self.max_len - 2 if self.add_specials else self.max_len
-        lengths = np.minimum(np.diff(kept_indptr), limit)
-        extra = 2 if self.add_specials else 0
-        offsets = np.concatenate([[0], np.cumsum(lengths + extra)])
-        out = np.empty(offsets[-1], dtype=np.int64)
-        first = 1 if self.add_specials else 0
-        # One small stable sort per cell is faster than a global sort of the block, and keeps
-        # ties in input order.
-        for i in range(n_cells):
-            lo, hi = kept_indptr[i], kept_indptr[i + 1]
-            ranked = np.argsort(negated[lo:hi], kind="stable")[: lengths[i]]
-            out[offsets[i] + first : offsets[i] + first + lengths[i]] = tokens[lo:hi][ranked]
+        first, last = (1, 1) if self.add_specials else (0, 0)
+        limit = self.max_len - first - last
+        offsets, out, _ = rank_cells(indptr, genes, counts, n_counts, self.token_of_gene, self.median, limit, first, last)
         if self.add_specials:
             out[offsets[:-1]] = self.cls_id
             out[offsets[1:] - 1] = self.eos_id
@@ -111,11 +71,3 @@ class RankValueTokenizer:
         ids = self.encode_block(indptr, cell["genes"], cell["counts"], n_counts).input_ids
         return {"input_ids": ids, "length": len(ids)}
 
-
-def _sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray):
-    """Genes in input order within each cell (CSR from a corpus already is), for tie-breaking."""
-    descending = np.diff(genes) < 0
-    if not (descending & (np.diff(cell) == 0)).any():
-        return genes, counts
-    order = np.lexsort((genes, cell))
-    return genes[order], counts[order]

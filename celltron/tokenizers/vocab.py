@@ -43,12 +43,15 @@ class GeneVocab:
             upstream symbols that do not map).
         specials: role -> token string ('pad', 'mask', 'cls', 'eos', 'human', 'mouse', ...).
         name: where the vocabulary came from.
+        aliases: further Ensembl IDs that share another gene's token (cross-species
+            orthologs): gene ID -> token string.
     """
 
     tokens: list[str]
     ensembl_ids: list[str]
     specials: dict[str, str] = field(default_factory=dict)
     name: str = "custom"
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         self._index = {token: i for i, token in enumerate(self.tokens)}
@@ -58,6 +61,8 @@ class GeneVocab:
         for i, gene in enumerate(self.ensembl_ids):
             if gene:
                 self._gene_index.setdefault(gene, i)  # several upstream symbols for one gene: first id wins
+        for gene, token in self.aliases.items():
+            self._gene_index.setdefault(gene, self._index[token])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -123,7 +128,10 @@ class GeneVocab:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / VOCAB_FILE
-        payload = {"name": self.name, "specials": self.specials, "tokens": self.tokens, "ensembl_ids": self.ensembl_ids}
+        payload = {
+            "name": self.name, "specials": self.specials, "tokens": self.tokens,
+            "ensembl_ids": self.ensembl_ids, "aliases": self.aliases,
+        }
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload))
         tmp.replace(path)
@@ -135,7 +143,7 @@ class GeneVocab:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no {VOCAB_FILE}; save one with GeneVocab.save_pretrained")
         payload = json.loads(path.read_text())
-        return cls(payload["tokens"], payload["ensembl_ids"], payload["specials"], payload.get("name", "custom"))
+        return cls(payload["tokens"], payload["ensembl_ids"], payload["specials"], payload.get("name", "custom"), payload.get("aliases", {}))
 
 
 def _by_id(mapping: dict[str, int]) -> list[str]:

@@ -54,7 +54,7 @@ def test_binning_equals_scgpt_with_the_same_draws(pbmc):
         np.random.rand = original_rand
     for i, row in enumerate(expected):
         expressed = np.flatnonzero(row)
-        _, values = ours.cell(i)
+        values = ours.cell_values(i)
         assert values[0] == 0  # <cls>
         assert values[1:].tolist() == row[expressed].astype(np.int64).tolist()
         assert values.max() <= 50
@@ -69,7 +69,7 @@ def test_tokens_and_padding_equal_scgpt_when_nothing_is_sampled(pbmc):
     stoi = {t: i for i, t in enumerate(vocab.tokens)}
     expected = reference_tokenize_and_pad()(dense, tokens, max_len=100_000, vocab=stoi, pad_token="<pad>", pad_value=-2)
     for i in range(len(ours)):
-        ids_i, values_i = ours.cell(i)
+        ids_i, values_i = ours[i], ours.cell_values(i)
         n = len(ids_i)
         assert expected["genes"][i, :n].tolist() == ids_i.tolist()
         assert torch.allclose(expected["values"][i, :n], torch.from_numpy(values_i), rtol=1e-6)
@@ -85,7 +85,7 @@ def test_long_cells_keep_cls_and_sample_without_replacement(pbmc):
     b = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(1))
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.values, b.values)
     for i in range(len(a)):
-        cell_ids, _ = a.cell(i)
+        cell_ids = a[i]
         assert len(cell_ids) == min(64, np.diff(x.indptr)[i] + 1)
         assert cell_ids[0] == vocab["<cls>"] and len(set(cell_ids.tolist())) == len(cell_ids)
 
@@ -99,7 +99,7 @@ def test_include_zero_gene_and_mouse_cells(mouse_pancreas):
     block = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
     assert (block.lengths == 4).all()  # <cls> + the 3 vocabulary genes, expressed or not
     present = vocab.lookup_genes(ids)
-    assert block.cell(0)[0][1:].tolist() == present[present >= 0].tolist()  # input gene order
+    assert block[0][1:].tolist() == present[present >= 0].tolist()  # input gene order
 
 
 def test_transform_is_deterministic_per_cell():

@@ -1,0 +1,128 @@
+"""GeneCompass-style cross-species tokens: one vocabulary for human and mouse.
+
+One-to-one orthologs (Ensembl BioMart) share a single token, anchored on the human gene; every
+other gene keeps a token of its own; a species token (`<human>`, `<mouse>`) starts each cell.
+Values follow GeneCompass: x = count / n_counts x 10,000 / gene median, value = log2(1 + x);
+genes are ranked by value (highest first, ties in input gene order) and the top `max_len`
+are kept, each with its value.
+
+A further species needs only its one-to-one table against human, bundled as
+`celltron/data/genes/orthologs_human_<species>.tsv.gz` (columns human, <species>, confidence).
+"""
+
+from __future__ import annotations
+
+import gzip
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from celltron.tokenizers.ragged import RaggedTokens, rank_cells
+from celltron.tokenizers.vocab import CLS, EOS, MASK, PAD, GeneVocab, species_token
+
+ANCHOR = "human"
+
+
+@lru_cache(maxsize=None)
+def ortholog_table(species: str, min_confidence: int = 0) -> dict[str, str]:
+    """One-to-one orthologs of `species` -> human Ensembl ID, from the bundled table."""
+    name = f"orthologs_{ANCHOR}_{species}.tsv.gz"
+    resource = resources.files("celltron.data.genes").joinpath(name)
+    if not resource.is_file():
+        raise FileNotFoundError(f"no bundled ortholog table {name} for species {species!r}")
+    rows = gzip.decompress(resource.read_bytes()).decode().splitlines()
+    header = rows[0].split("\t")
+    anchor_col, species_col, confidence_col = header.index(ANCHOR), header.index(species), header.index("confidence")
+    table = {}
+    for line in rows[1:]:
+        fields = line.split("\t")
+        if int(fields[confidence_col]) >= min_confidence:
+            table[fields[species_col]] = fields[anchor_col]
+    return table
+
+
+def ortholog_vocab(genes_by_species: dict[str, list[str]], min_confidence: int = 0) -> GeneVocab:
+    """A vocabulary over the given genes of each species, orthologs sharing the human token.
+
+    Args:
+        genes_by_species: species -> Ensembl IDs to cover (e.g. a corpus's gene table).
+        min_confidence: keep only orthologs with at least this BioMart confidence (0 or 1).
+    """
+    specials = {"pad": PAD, "mask": MASK, "cls": CLS, "eos": EOS}
+    specials.update({s: species_token(s) for s in sorted(genes_by_species)})
+    anchors = set(genes_by_species.get(ANCHOR, []))
+    aliases: dict[str, str] = {}
+    own: dict[str, set[str]] = {}
+    for species, genes in sorted(genes_by_species.items()):
+        if species == ANCHOR:
+            continue
+        table = ortholog_table(species, min_confidence)
+        own[species] = set()
+        for gene in genes:
+            if gene in table:
+                aliases[gene] = table[gene]
+                anchors.add(table[gene])
+            else:
+                own[species].add(gene)
+    tokens = list(specials.values()) + sorted(anchors)
+    for species in sorted(own):
+        tokens += sorted(own[species])
+    ensembl = [""] * len(specials) + tokens[len(specials):]
+    return GeneVocab(tokens, ensembl, specials, name="ortholog-" + "-".join(sorted(genes_by_species)), aliases=aliases)
+
+
+class OrthologTokenizer:
+    """Species token + top `max_len` genes by GeneCompass value, with values.
+
+    Args:
+        vocab: a vocabulary from `ortholog_vocab`.
+        gene_ids: Ensembl IDs of the input's genes (gene index i = gene_ids[i]).
+        medians: Ensembl ID -> non-zero median of normalised expression (a corpus's own).
+        max_len: genes per cell, after the species token.
+    """
+
+    def __init__(self, vocab: GeneVocab, gene_ids, medians: dict[str, float], max_len: int = 2048):
+        self.vocab, self.max_len = vocab, max_len
+        gene_ids = np.asarray(gene_ids, dtype=str)
+        median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
+        token = vocab.lookup_genes(gene_ids)
+        usable = (token >= 0) & np.isfinite(median) & (median > 0)
+        self.token_of_gene = np.where(usable, token, -1)
+        self.median = np.where(usable, median, 1.0)
+
+    def encode_block(self, indptr, genes, counts, species, n_counts=None) -> RaggedTokens:
+        """Tokenise a CSR block; `species` is one name per cell (or one for the whole block)."""
+        offsets, out, values = rank_cells(indptr, genes, counts, n_counts, self.token_of_gene, self.median, self.max_len, 1, 0)
+        n_cells = len(offsets) - 1
+        names = [species] * n_cells if isinstance(species, str) else list(species)
+        out[offsets[:-1]] = [self.vocab.special_id(name) for name in names]
+        return RaggedTokens(out, offsets, np.log2(1.0 + values).astype(np.float32))
+
+    def __call__(self, cell: dict, species_names: list[str]) -> dict:
+        """Tokenise one CorpusStream cell; `species_names` are the corpus's species categories."""
+        block = self.encode_block(
+            np.array([0, len(cell["genes"])]), cell["genes"], cell["counts"], species_names[int(cell["species"])], [cell["n_counts"]]
+        )
+        return {"input_ids": block.input_ids, "values": block.values, "length": len(block.input_ids)}
+
+
+def coverage(gene_ids, gene_species, count_sum, vocab: GeneVocab) -> dict[str, dict[str, float]]:
+    """Per species: the fraction of genes, and of counts, that land on tokens shared across species."""
+    gene_ids = np.asarray(gene_ids, dtype=str)
+    gene_species = np.asarray(gene_species, dtype=str)
+    count_sum = np.asarray(count_sum, dtype=np.float64)
+    tokens = vocab.lookup_genes(gene_ids)
+    shared_tokens = {vocab[t] for t in vocab.aliases.values()}
+    shared = np.array([t in shared_tokens for t in tokens])
+    report = {}
+    for species in sorted(set(gene_species)):
+        mine = gene_species == species
+        report[species] = {
+            "genes": int(mine.sum()),
+            "genes_with_token": float((tokens[mine] >= 0).mean()),
+            "genes_shared": float(shared[mine].mean()),
+            "counts_shared": float(count_sum[mine & shared].sum() / max(count_sum[mine].sum(), 1.0)),
+        }
+    return report

@@ -1,0 +1,76 @@
+"""Ragged token sequences of a block of cells, and the ranking shared by rank-based schemes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NORMALISED_TOTAL = 10_000.0
+
+
+@dataclass
+class RaggedTokens:
+    """Token ids (and values, for schemes that have them) of a block of cells: cell i is
+    `[offsets[i]:offsets[i + 1]]` of each array."""
+
+    input_ids: np.ndarray
+    offsets: np.ndarray
+    values: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.input_ids[self.offsets[i] : self.offsets[i + 1]]
+
+    def cell_values(self, i: int) -> np.ndarray:
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray):
+    """Genes in input order within each cell (CSR from a corpus already is), for tie-breaking."""
+    descending = np.diff(genes) < 0
+    if not (descending & (np.diff(cell) == 0)).any():
+        return genes, counts
+    order = np.lexsort((genes, cell))
+    return genes[order], counts[order]
+
+
+def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int):
+    """Rank each cell's expressed, tokenised genes by count / n_counts x 10,000 / median,
+    highest first (ties in input gene order), keep the first `limit`, and lay them out with
+    room for `prefix` and `suffix` special tokens per cell.
+
+    Returns:
+        offsets of the laid-out cells, the output array of token ids (specials still to be
+        written), the normalised value of every placed token (0 at special positions).
+    """
+    n_cells = len(indptr) - 1
+    cell = np.repeat(np.arange(n_cells), np.diff(indptr))
+    genes, counts = sorted_within_cells(cell, genes, counts)
+    if n_counts is None:
+        n_counts = np.bincount(cell, weights=counts, minlength=n_cells)
+    tokens = token_of_gene[genes]
+    keep = (tokens >= 0) & (counts > 0)
+    cell, genes, tokens = cell[keep], genes[keep], tokens[keep]
+    # Same operations in the same order as Geneformer (count / n_counts * 10,000 / median), so
+    # near-ties round alike; negated so that an ascending stable sort ranks the highest first.
+    negated = -(counts[keep] / np.asarray(n_counts, dtype=np.float64)[cell] * NORMALISED_TOTAL / median[genes])
+    kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
+    lengths = np.minimum(np.diff(kept_indptr), limit)
+    offsets = np.concatenate([[0], np.cumsum(lengths + prefix + suffix)])
+    out = np.empty(offsets[-1], dtype=np.int64)
+    values = np.zeros(offsets[-1], dtype=np.float64)
+    # One small stable sort per cell is faster than a global sort of the block.
+    for i in range(n_cells):
+        lo, hi = kept_indptr[i], kept_indptr[i + 1]
+        ranked = np.argsort(negated[lo:hi], kind="stable")[: lengths[i]]
+        start = offsets[i] + prefix
+        out[start : start + lengths[i]] = tokens[lo:hi][ranked]
+        values[start : start + lengths[i]] = -negated[lo:hi][ranked]
+    return offsets, out, values
