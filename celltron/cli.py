@@ -75,6 +75,42 @@ def _corpus_validate(args) -> int:
     return 1 if problems else 0
 
 
+def _tokenize(args) -> int:
+    from celltron.tokenizers.dataset import tokenize_to_dataset
+
+    if args.coverage:
+        _print_coverage(args)
+    if args.out is None:
+        if not args.coverage:
+            raise ValueError("--out is required (or pass --coverage to only report shared-token coverage)")
+        return 0
+    summary = tokenize_to_dataset(
+        args.input, args.scheme, args.out, obs_keys=tuple(args.obs_keys or ()), split=args.split,
+        max_len=args.max_len, seed=args.seed, layer=args.layer, gene_column=args.gene_column, species=args.species,
+        storage_options=_key_values(args.storage_option, "--storage-option"), progress=not args.no_progress,
+    )
+    print(f"tokenized {summary['cells']} cells ({summary['tokens']} tokens) into {args.out} "
+          f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s")
+    return 0
+
+
+def _print_coverage(args) -> None:
+    from celltron.corpus.store import Corpus
+    from celltron.tokenizers.ortholog import coverage, ortholog_vocab
+
+    if args.scheme != "ortholog":
+        raise ValueError("--coverage reports shared cross-species tokens: use it with --scheme ortholog")
+    corpus = Corpus(args.input, _key_values(args.storage_option, "--storage-option"))
+    genes = corpus.manifest["genes"]
+    by_species: dict[str, list[str]] = {}
+    for gene, species in zip(genes["ensembl_id"], genes["species"]):
+        by_species.setdefault(species, []).append(gene)
+    report = coverage(genes["ensembl_id"], genes["species"], genes["count_sum"], ortholog_vocab(by_species))
+    for species, row in report.items():
+        print(f"{species}: {row['genes']} genes, {row['genes_shared']:.1%} on shared tokens "
+              f"holding {row['counts_shared']:.1%} of counts")
+
+
 def _demo(args) -> int:
     from celltron.corpus.demo import build_demo_corpus, stream_one_epoch
 
@@ -117,6 +153,22 @@ def _parser() -> argparse.ArgumentParser:
         if name == "info":
             sub.add_argument("--json", action="store_true")
         sub.set_defaults(run=run)
+
+    tokenize = verbs.add_parser("tokenize", help="tokenize a corpus or .h5ad into a Hugging Face datasets dataset")
+    tokenize.add_argument("input", help="corpus directory/URL or .h5ad file")
+    tokenize.add_argument("--scheme", required=True, choices=["geneformer-v1", "geneformer-v2", "scgpt", "ortholog"])
+    tokenize.add_argument("--out", help="dataset directory to create (datasets.save_to_disk layout)")
+    tokenize.add_argument("--obs-keys", nargs="*", help="obs columns to carry into the dataset")
+    tokenize.add_argument("--split", default="train", choices=["train", "val"], help="corpus split to tokenize")
+    tokenize.add_argument("--max-len", type=int, help="tokens per cell (default: the scheme's)")
+    tokenize.add_argument("--seed", type=int, default=0, help="seeds scGPT's tie spreading and sampling")
+    tokenize.add_argument("--layer", default="X", help="h5ad counts: X, raw, or a layer name")
+    tokenize.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols")
+    tokenize.add_argument("--species", choices=["human", "mouse"])
+    tokenize.add_argument("--coverage", action="store_true", help="report shared-token coverage of a corpus (ortholog scheme)")
+    tokenize.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
+    tokenize.add_argument("--no-progress", action="store_true")
+    tokenize.set_defaults(run=_tokenize)
 
     demo = verbs.add_parser("demo", help="build the bundled PBMC demo corpus and stream one epoch")
     demo.add_argument("--out", default="runs/demo")

@@ -126,3 +126,35 @@ def coverage(gene_ids, gene_species, count_sum, vocab: GeneVocab) -> dict[str, d
             "counts_shared": float(count_sum[mine & shared].sum() / max(count_sum[mine].sum(), 1.0)),
         }
     return report
+
+
+def align_prior_knowledge(matrix: np.ndarray, gene_ids, vocab: GeneVocab) -> tuple[np.ndarray, np.ndarray]:
+    """Align a gene x d prior-knowledge matrix (promoter, co-expression, gene family, GRN
+    embeddings) to the vocabulary's token ids.
+
+    Rows of genes that share a token (orthologs from several species) are averaged; tokens
+    without any row get zeros. Returns the (len(vocab), d) float32 matrix and a boolean mask of
+    the tokens that have a prior.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tokens = vocab.lookup_genes(gene_ids)
+    known = tokens >= 0
+    sums = np.zeros((len(vocab), matrix.shape[1]))
+    np.add.at(sums, tokens[known], matrix[known])
+    counts = np.bincount(tokens[known], minlength=len(vocab))
+    has = counts > 0
+    sums[has] /= counts[has, None]
+    return sums.astype(np.float32), has
+
+
+def save_prior_knowledge(path, priors: dict[str, np.ndarray]) -> None:
+    """Write aligned prior matrices (name -> tokens x d) as safetensors."""
+    from safetensors.numpy import save_file
+
+    save_file({name: np.ascontiguousarray(m, dtype=np.float32) for name, m in priors.items()}, str(path))
+
+
+def load_prior_knowledge(path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))

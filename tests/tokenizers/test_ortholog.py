@@ -112,3 +112,18 @@ def test_vocab_with_aliases_round_trips(corpus_and_vocab, tmp_path):
     vocab.save_pretrained(tmp_path)
     again = GeneVocab.from_pretrained(tmp_path)
     assert again.aliases == vocab.aliases and again.lookup_genes([TRP53])[0] == vocab[TP53]
+
+
+def test_prior_knowledge_aligns_to_tokens_and_round_trips(corpus_and_vocab, tmp_path):
+    from celltron.tokenizers.ortholog import align_prior_knowledge, load_prior_knowledge, save_prior_knowledge
+
+    _, vocab = corpus_and_vocab
+    genes = [TP53, TRP53, "ENSG00000075624", "ENSG99999999999"]
+    matrix = np.array([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [9.0, 9.0]])
+    aligned, has = align_prior_knowledge(matrix, genes, vocab)
+    assert aligned.shape == (len(vocab), 2)
+    assert aligned[vocab[TP53]].tolist() == [2.0, 1.0]  # human and mouse rows share the token: averaged
+    assert aligned[vocab["ENSG00000075624"]].tolist() == [5.0, 5.0]
+    assert has.sum() == 2 and not aligned[vocab["<pad>"]].any()
+    save_prior_knowledge(tmp_path / "priors.safetensors", {"promoter": aligned})
+    assert np.array_equal(load_prior_knowledge(tmp_path / "priors.safetensors")["promoter"], aligned)

@@ -1,0 +1,52 @@
+"""`celltron tokenize`: corpus or .h5ad in, a `datasets` dataset out, same tokens as the library."""
+
+import anndata as ad
+import datasets
+import numpy as np
+import scipy.sparse as sp
+
+from celltron.cli import main
+from celltron.corpus import Corpus
+from celltron.corpus.genes import map_genes
+from celltron.tokenizers.rank_value import RankValueTokenizer
+from celltron.tokenizers.vocab import GeneVocab
+
+
+def test_h5ad_to_geneformer_dataset(tmp_path, pbmc4k, capsys):
+    adata = ad.read_h5ad(pbmc4k)[:200].copy()
+    adata.write_h5ad(tmp_path / "lab.h5ad")
+    out = tmp_path / "tokens"
+    assert main(["tokenize", str(tmp_path / "lab.h5ad"), "--scheme", "geneformer-v2", "--out", str(out),
+                 "--obs-keys", "Annotation", "--gene-column", "gene_symbol_original", "--no-progress"]) == 0
+    assert "cells/s" in capsys.readouterr().out
+    dataset = datasets.load_from_disk(str(out))
+    assert dataset.num_rows == 200 and set(dataset.column_names) == {"input_ids", "length", "Annotation"}
+    assert dataset["Annotation"][:5] == adata.obs["Annotation"].astype(str).tolist()[:5]
+    ids = map_genes(adata.var["gene_symbol_original"], "human", "x").ensembl_ids
+    unique = list(dict.fromkeys(g for g in ids if g))
+    column = {g: i for i, g in enumerate(unique)}
+    x = sp.csr_matrix(adata.X)
+    merge = sp.csr_matrix((np.ones(sum(g in column for g in ids)), ([i for i, g in enumerate(ids) if g in column], [column[g] for g in ids if g in column])), shape=(len(ids), len(unique)))
+    merged = (x @ merge).tocsr()
+    merged.sort_indices()
+    expected = RankValueTokenizer.geneformer("v2", unique).encode_block(merged.indptr, merged.indices, merged.data, np.asarray(x.sum(axis=1)).ravel())
+    for i in (0, 57, 199):
+        assert dataset[i]["input_ids"] == expected[i].tolist() and dataset[i]["length"] == len(expected[i])
+    assert GeneVocab.from_pretrained(out).name == "geneformer-v2"
+
+
+def test_corpus_to_scgpt_and_ortholog_datasets_and_coverage(tmp_path, small_corpus, capsys):
+    corpus = Corpus(small_corpus)
+    for scheme in ("scgpt", "ortholog"):
+        out = tmp_path / scheme
+        assert main(["tokenize", str(small_corpus), "--scheme", scheme, "--out", str(out), "--split", "val",
+                     "--obs-keys", "species", "--no-progress"]) == 0
+        dataset = datasets.load_from_disk(str(out))
+        assert dataset.num_rows == corpus.manifest["splits"]["val"]["n_cells"]
+        assert {"input_ids", "values", "length", "species"} <= set(dataset.column_names)
+        row = dataset[0]
+        assert len(row["input_ids"]) == len(row["values"]) == row["length"]
+    assert main(["tokenize", str(small_corpus), "--scheme", "ortholog", "--coverage"]) == 0
+    printed = capsys.readouterr().out
+    assert "mouse:" in printed and "shared tokens" in printed
+    assert main(["tokenize", str(small_corpus), "--scheme", "scgpt", "--coverage"]) == 2
