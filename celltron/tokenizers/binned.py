@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from celltron.tokenizers.ragged import RaggedTokens
+from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
 VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
@@ -46,6 +47,8 @@ class BinnedTokenizer:
         seed: seeds the per-cell generator of the `transform` hook (`__call__`).
     """
 
+    SCHEME = "binned"
+
     def __init__(
         self, vocab: GeneVocab, gene_ids, n_bins: int = 51, value_style: str = "binned",
         normalize_total: float | None = 1e4, log1p: bool = True, max_len: int = 1200,
@@ -53,6 +56,7 @@ class BinnedTokenizer:
     ):
         if value_style not in VALUE_STYLES:
             raise ValueError(f"value_style must be one of {VALUE_STYLES}, got {value_style!r}")
+        self.genes_subset = None if genes_subset is None else sorted(genes_subset)
         self.vocab, self.n_bins, self.value_style = vocab, n_bins, value_style
         self.normalize_total, self.log1p, self.max_len = normalize_total, log1p, max_len
         self.include_zero_gene, self.append_cls = include_zero_gene, append_cls
@@ -64,6 +68,16 @@ class BinnedTokenizer:
         self.covered_genes = np.flatnonzero(token >= 0)
         self.cls_id = vocab.special_id("cls")
         self.seed = seed
+
+    def settings(self) -> dict:
+        return {
+            "n_bins": self.n_bins, "value_style": self.value_style, "normalize_total": self.normalize_total,
+            "log1p": self.log1p, "max_len": self.max_len, "include_zero_gene": self.include_zero_gene,
+            "append_cls": self.append_cls, "genes_subset": self.genes_subset, "seed": self.seed,
+        }
+
+    def save_pretrained(self, directory):
+        return save_tokenizer(self, directory)
 
     def values_of_block(self, indptr, genes, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keep covered genes, then normalise and log1p as the Preprocessor does (vectorised)."""

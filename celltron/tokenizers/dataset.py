@@ -176,9 +176,9 @@ def tokenize_to_dataset(
         dataset.save_to_disk(str(work / "dataset"))
         del dataset
         (work / "tokens.arrow").unlink()
-        vocab.save_pretrained(work / "dataset")
-        config = {"scheme": scheme, "max_len": getattr(tokenizer, "max_len", None), "seed": seed, "source": str(source), **summary}
-        (work / "dataset" / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        tokenizer.save_pretrained(work / "dataset")
+        record = {"scheme": scheme, "source": str(source), "split": split, "seed": seed, **summary}
+        (work / "dataset" / "tokenize_summary.json").write_text(json.dumps(record, indent=1))
         (work / "dataset").rename(out)
         return summary
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from celltron.tokenizers.ragged import RaggedTokens, rank_cells
+from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import CLS, EOS, MASK, PAD, GeneVocab, species_token
 
 ANCHOR = "human"
@@ -83,14 +84,23 @@ class OrthologTokenizer:
         max_len: genes per cell, after the species token.
     """
 
+    SCHEME = "ortholog"
+
     def __init__(self, vocab: GeneVocab, gene_ids, medians: dict[str, float], max_len: int = 2048):
         self.vocab, self.max_len = vocab, max_len
+        self.medians = dict(medians)
         gene_ids = np.asarray(gene_ids, dtype=str)
         median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
         token = vocab.lookup_genes(gene_ids)
         usable = (token >= 0) & np.isfinite(median) & (median > 0)
         self.token_of_gene = np.where(usable, token, -1)
         self.median = np.where(usable, median, 1.0)
+
+    def settings(self) -> dict:
+        return {"max_len": self.max_len}
+
+    def save_pretrained(self, directory):
+        return save_tokenizer(self, directory)
 
     def encode_block(self, indptr, genes, counts, species, n_counts=None) -> RaggedTokens:
         """Tokenise a CSR block; `species` is one name per cell (or one for the whole block)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from celltron.tokenizers.ragged import RaggedTokens, rank_cells
+from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab, bundled_vocab_json
 
 GENEFORMER_SETTINGS = {"v1": {"max_len": 2048, "specials": False}, "v2": {"max_len": 4096, "specials": True}}
@@ -31,8 +32,11 @@ class RankValueTokenizer:
         add_specials: wrap each cell in `<cls>` ... `<eos>`.
     """
 
+    SCHEME = "rank_value"
+
     def __init__(self, vocab: GeneVocab, medians: dict[str, float], gene_ids, max_len: int, add_specials: bool):
         self.vocab, self.max_len, self.add_specials = vocab, max_len, add_specials
+        self.medians = dict(medians)
         gene_ids = np.asarray(gene_ids, dtype=str)
         median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
         token = vocab.lookup_genes(gene_ids)
@@ -63,6 +67,12 @@ class RankValueTokenizer:
             out[offsets[:-1]] = self.cls_id
             out[offsets[1:] - 1] = self.eos_id
         return RaggedTokens(out, offsets)
+
+    def settings(self) -> dict:
+        return {"max_len": self.max_len, "add_specials": self.add_specials}
+
+    def save_pretrained(self, directory):
+        return save_tokenizer(self, directory)
 
     def __call__(self, cell: dict) -> dict:
         """Tokenise one cell dict from CorpusStream (the `transform` hook)."""

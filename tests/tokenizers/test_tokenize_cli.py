@@ -50,3 +50,26 @@ def test_corpus_to_scgpt_and_ortholog_datasets_and_coverage(tmp_path, small_corp
     printed = capsys.readouterr().out
     assert "mouse:" in printed and "shared tokens" in printed
     assert main(["tokenize", str(small_corpus), "--scheme", "scgpt", "--coverage"]) == 2
+
+
+def test_every_tokenizer_saves_and_loads_next_to_a_model(tmp_path, small_corpus):
+    from celltron.tokenizers.dataset import _corpus_input, make_tokenizer
+    from celltron.tokenizers.saving import load_tokenizer
+
+    corpus = Corpus(small_corpus)
+    shard = ad.read_zarr(small_corpus / corpus.shards("val")[0]["path"])
+    x = shard.X.tocsr()
+    species = [corpus.manifest["obs_categories"]["species"][c] for c in shard.obs["species"].cat.codes]
+    for scheme in ("geneformer-v1", "geneformer-v2", "scgpt", "ortholog"):
+        tokenizer, _ = make_tokenizer(scheme, _corpus_input(corpus, "val", (), 256), None, seed=4)
+        tokenizer.save_pretrained(tmp_path / scheme)
+        again = load_tokenizer(tmp_path / scheme, corpus.gene_ids)
+        assert type(again) is type(tokenizer) and again.settings() == tokenizer.settings()
+        if scheme == "scgpt":
+            a = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+            b = again.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+        elif scheme == "ortholog":
+            a, b = (t.encode_block(x.indptr, x.indices, x.data, species, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
+        else:
+            a, b = (t.encode_block(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.offsets, b.offsets)
