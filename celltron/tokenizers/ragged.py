@@ -66,10 +66,15 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     offsets = np.concatenate([[0], np.cumsum(lengths + prefix + suffix)])
     out = np.empty(offsets[-1], dtype=np.int64)
     values = np.zeros(offsets[-1], dtype=np.float64)
-    # One small stable sort per cell is faster than a global sort of the block.
+    # One small sort per cell is faster than a global sort of the block. Quicksort, then the
+    # stable sort only for cells with exact ties, which must keep input gene order.
     for i in range(n_cells):
         lo, hi = kept_indptr[i], kept_indptr[i + 1]
-        ranked = np.argsort(negated[lo:hi], kind="stable")[: lengths[i]]
+        segment = negated[lo:hi]
+        ranked = np.argsort(segment)
+        if (np.diff(segment[ranked]) == 0).any():
+            ranked = np.argsort(segment, kind="stable")
+        ranked = ranked[: lengths[i]]
         start = offsets[i] + prefix
         out[start : start + lengths[i]] = tokens[lo:hi][ranked]
         values[start : start + lengths[i]] = -negated[lo:hi][ranked]

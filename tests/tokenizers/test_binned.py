@@ -10,7 +10,7 @@ from celltron.corpus.genes import map_genes
 from celltron.tokenizers.binned import BinnedTokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
-from .scgpt_reference import reference_binning, reference_tokenize_and_pad
+from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,139 @@
+"""Tokenizer throughput: celltron's block tokenizers vs the per-cell loops of the reference projects.
+
+Builds (or reuses) a corpus of the five 10x PBMC sets in ../shared/data/scrna/human, reads every
+training cell into memory once, then times each scheme twice on the same cells:
+  celltron   encode_block over blocks of 2,048 cells
+  reference  the straightforward per-cell loop the reference projects use:
+             Geneformer  normalise a chunk, then per cell argsort the row (tokenize_anndata / rank_genes)
+             scGPT       dense rows: scgpt.preprocess.binning per row, then tokenize_and_pad_batch
+             GeneCompass per cell: normalise, divide by medians, log2(1 + x), argsort, top 2,048
+
+    python -m benchmarks.tokenize [--workdir /tmp/celltron-bench] [--cells N]
+
+(run as a module: as a script its name would shadow the standard library's `tokenize`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from celltron.corpus import BuildOptions, Corpus, build_corpus
+from celltron.corpus.store import ShardReader
+from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
+from celltron.tokenizers.dataset import _Input, make_tokenizer
+
+PBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "scrna" / "human"
+
+
+def load_cells(workdir: Path, limit: int):
+    """All training cells of the PBMC corpus as one CSR matrix, with n_counts and species."""
+    corpus_dir = workdir / "pbmc5.tokenize.corpus"
+    if not (corpus_dir / "manifest.json").exists():
+        build_corpus(sorted(PBMC.glob("*.h5ad")), corpus_dir, BuildOptions(progress=False))
+    corpus = Corpus(corpus_dir)
+    parts, totals, species = [], [], []
+    names = corpus.manifest["obs_categories"]["species"]
+    for record in corpus.shards("train"):
+        block = ShardReader(corpus, record).read(0, record["n_cells"])
+        parts.append(sp.csr_matrix((block.counts, block.genes, block.indptr), shape=(len(block), corpus.n_genes)))
+        totals.append(block.obs["n_counts"])
+        species += [names[c] for c in block.obs["species"]]
+    x = sp.vstack(parts, format="csr")[:limit]
+    return corpus, x, np.concatenate(totals)[:limit].astype(np.float64), species[:limit]
+
+
+def celltron_rate(tokenizer, scheme: str, x, totals, species) -> float:
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for lo in range(0, x.shape[0], 2048):
+        block = x[lo : lo + 2048]
+        if scheme == "scgpt":
+            tokenizer.encode_block(block.indptr, block.indices, block.data, rng)
+        elif scheme == "ortholog":
+            tokenizer.encode_block(block.indptr, block.indices, block.data, species[lo : lo + 2048], totals[lo : lo + 2048])
+        else:
+            tokenizer.encode_block(block.indptr, block.indices, block.data, totals[lo : lo + 2048])
+    return x.shape[0] / (time.perf_counter() - start)
+
+
+def geneformer_loop(tokenizer, x, totals) -> float:
+    """Geneformer's tokenize_anndata: normalise 512-cell chunks, then rank each row."""
+    medians = tokenizer.median
+    tokens = tokenizer.token_of_gene
+    covered = np.flatnonzero(tokens >= 0)
+    start = time.perf_counter()
+    for lo in range(0, x.shape[0], 512):
+        chunk = x[lo : lo + 512][:, covered]
+        normed = sp.csr_matrix(chunk / totals[lo : lo + 512, None] * 10_000 / medians[covered])
+        gene_tokens = tokens[covered]
+        for i in range(normed.shape[0]):
+            # as Geneformer's rank_genes(X_norm[i].data, tokens[X_norm[i].indices]) does
+            ranked = gene_tokens[normed[i].indices][np.argsort(-normed[i].data)]
+            ranked = np.concatenate([[2], ranked[:4094], [3]])
+    return x.shape[0] / (time.perf_counter() - start)
+
+
+def scgpt_loop(tokenizer, x, limit: int = 400) -> float:
+    """scGPT: dense in-vocabulary rows, normalise + log1p, binning per row, tokenize_and_pad_batch."""
+    binning, tokenize_and_pad = reference_binning(), reference_tokenize_and_pad()
+    covered = tokenizer.covered_genes
+    ids = tokenizer.token_of_gene[covered]
+    stoi = {t: i for i, t in enumerate(tokenizer.vocab.tokens)}
+    cells = x[:limit][:, covered]
+    start = time.perf_counter()
+    dense = cells.toarray().astype(np.float64)
+    dense = np.log1p(dense / dense.sum(axis=1, keepdims=True) * 1e4)
+    binned = np.stack([binning(row, 51) for row in dense])
+    tokenize_and_pad(binned, ids, max_len=1200, vocab=stoi, pad_token="<pad>", pad_value=-2)
+    return cells.shape[0] / (time.perf_counter() - start)
+
+
+def genecompass_loop(tokenizer, x, totals, species) -> float:
+    """Per cell with Python lookups: normalise, divide by medians, log2(1 + x), argsort, top 2,048."""
+    start = time.perf_counter()
+    for i in range(x.shape[0]):
+        row = x[i]
+        keep = tokenizer.token_of_gene[row.indices] >= 0
+        genes, counts = row.indices[keep], row.data[keep]
+        values = np.log2(1 + counts / totals[i] * 10_000 / tokenizer.median[genes])
+        order = np.argsort(-values, kind="stable")[:2048]
+        ids = [tokenizer.vocab.special_id(species[i])] + tokenizer.token_of_gene[genes[order]].tolist()
+        vals = [0.0] + values[order].tolist()
+    return x.shape[0] / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/celltron-bench"))
+    parser.add_argument("--cells", type=int, default=100_000, help="at most this many cells")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    corpus, x, totals, species = load_cells(args.workdir, args.cells)
+    genes = corpus.manifest["genes"]
+    data = _Input(corpus.gene_ids, np.asarray(genes["species"]), {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}, x.shape[0], iter(()))
+    print(f"# tokenizer throughput, {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
+    print(f"# {x.shape[0]} PBMC cells, {x.nnz / x.shape[0]:.0f} non-zeros per cell, one process\n")
+    print("| scheme | celltron cells/s | reference loop cells/s | ratio |")
+    print("|---|---|---|---|")
+    for scheme in ("geneformer-v2", "scgpt", "ortholog"):
+        tokenizer, _ = make_tokenizer(scheme, data, None, seed=0)
+        ours = celltron_rate(tokenizer, scheme, x, totals, species)
+        if scheme == "geneformer-v2":
+            theirs = geneformer_loop(tokenizer, x, totals)
+        elif scheme == "scgpt":
+            theirs = scgpt_loop(tokenizer, x)
+        else:
+            theirs = genecompass_loop(tokenizer, x, totals, species)
+        print(f"| {scheme} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

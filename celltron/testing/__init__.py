@@ -1,0 +1,1 @@
+"""Helpers for equivalence tests and benchmarks: access to reference implementations."""
