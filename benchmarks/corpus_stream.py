@@ -20,29 +20,36 @@ reads come from the page cache. Each dataset's cells are also written as an unco
 is the five files concatenated, i.e. the corpus's cells. Ratios are against anndata-backed
 random batches of 64 on the uncompressed file, the faster of the two for anndata.
 
-    python benchmarks/corpus_stream.py                 # full run (~200k cells)
-    python benchmarks/corpus_stream.py --quick         # 20k synthetic cells, shorter timings
+    python -m benchmarks.corpus_stream            # full run (200k synthetic cells), ~8 min the first time
+    python -m benchmarks.corpus_stream --quick    # 20k synthetic cells, 3 s per method
+    (python benchmarks/corpus_stream.py works too)
 """
 
 from __future__ import annotations
 
-import argparse
+import os
+import sys
+
+# Run as a script, this file's directory comes first on sys.path, and benchmarks/tokenize.py
+# would then shadow the standard library's `tokenize` (imported by inspect, dataclasses, ...).
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+
+import argparse  # noqa: E402  (after the sys.path fix above, as are the imports below)
 import contextlib
 import cProfile
 import datetime
 import glob
 import io
 import json
-import os
 import pickle
 import platform
 import pstats
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
 from importlib import metadata
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -587,7 +594,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="20k synthetic cells, 3 s per method, 2 s profiles")
     args = parser.parse_args(argv)
     if args.quick:
-        args.cells, args.seconds, args.profile_seconds = min(args.cells, 20_000), 3.0, min(args.profile_seconds, 2.0)
+        args.cells, args.seconds, args.profile_seconds = min(args.cells, 20_000), min(args.seconds, 3.0), min(args.profile_seconds, 2.0)
     return args
 
 
@@ -624,7 +631,7 @@ def main(argv=None) -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print("\n".join(machine_lines()))
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print(f"command: {' '.join(sys.orig_argv)}")
     print(f"settings: batch {BATCH}, CorpusStream defaults (block_size 1024, buffer_size 8192, prefetch), "
           f"{args.seconds:g} s per method after its first batch, all files in page cache\n")
     results, corpus, with_zarrs = synthetic_part(args)

@@ -1,1 +1,1 @@
-"""celltron.model_zoo: see ../shared/DESIGN.md; filled in by its issue."""
+"""Model families as Hugging Face PreTrainedModels: geneformer so far (issue 4 adds scgpt, genecompass)."""
