@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from celltron.tokenizers.ragged import RaggedTokens, rank_cells
+from celltron.tokenizers.ragged import RaggedTokens, bind_genes, rank_cells
 from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import CLS, EOS, MASK, PAD, GeneVocab, species_token
 
@@ -89,12 +89,7 @@ class OrthologTokenizer:
     def __init__(self, vocab: GeneVocab, gene_ids, medians: dict[str, float], max_len: int = 2048):
         self.vocab, self.max_len = vocab, max_len
         self.medians = dict(medians)
-        gene_ids = np.asarray(gene_ids, dtype=str)
-        median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
-        token = vocab.lookup_genes(gene_ids)
-        usable = (token >= 0) & np.isfinite(median) & (median > 0)
-        self.token_of_gene = np.where(usable, token, -1)
-        self.median = np.where(usable, median, 1.0)
+        self.token_of_gene, self.median = bind_genes(vocab, gene_ids, medians)
 
     def settings(self) -> dict:
         return {"max_len": self.max_len}

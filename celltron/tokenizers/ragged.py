@@ -32,6 +32,16 @@ class RaggedTokens:
         return np.diff(self.offsets)
 
 
+def bind_genes(vocab, gene_ids, medians: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Per input gene: its token id and median; genes without a token or a positive median get
+    token -1 (dropped) and a harmless median of 1."""
+    gene_ids = np.asarray(gene_ids, dtype=str)
+    median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
+    token = vocab.lookup_genes(gene_ids)
+    usable = (token >= 0) & np.isfinite(median) & (median > 0)
+    return np.where(usable, token, -1), np.where(usable, median, 1.0)
+
+
 def sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray):
     """Genes in input order within each cell (CSR from a corpus already is), for tie-breaking."""
     descending = np.diff(genes) < 0

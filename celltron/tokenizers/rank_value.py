@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from celltron.tokenizers.ragged import RaggedTokens, rank_cells
+from celltron.tokenizers.ragged import RaggedTokens, bind_genes, rank_cells
 from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab, bundled_vocab_json
 
@@ -37,12 +37,7 @@ class RankValueTokenizer:
     def __init__(self, vocab: GeneVocab, medians: dict[str, float], gene_ids, max_len: int, add_specials: bool):
         self.vocab, self.max_len, self.add_specials = vocab, max_len, add_specials
         self.medians = dict(medians)
-        gene_ids = np.asarray(gene_ids, dtype=str)
-        median = np.array([medians.get(g, np.nan) for g in gene_ids], dtype=np.float64)
-        token = vocab.lookup_genes(gene_ids)
-        usable = (token >= 0) & np.isfinite(median) & (median > 0)
-        self.token_of_gene = np.where(usable, token, -1)
-        self.median = np.where(usable, median, 1.0)
+        self.token_of_gene, self.median = bind_genes(vocab, gene_ids, medians)
         if add_specials:
             self.cls_id, self.eos_id = vocab.special_id("cls"), vocab.special_id("eos")
 
