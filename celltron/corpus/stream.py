@@ -22,11 +22,21 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from celltron.corpus.store import CellBlock, Corpus, ShardReader
 
 STATE_VERSION = 1
+
+
+def use_zarrs_pipeline() -> None:
+    """Switch this process's zarr decoding to the zarrs codec pipeline."""
+    try:
+        import zarrs  # noqa: F401
+    except ImportError as error:
+        raise ImportError("CorpusStream(zarrs=True) needs the zarrs package: pip install 'celltron[fast]'") from error
+    zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,10 @@ class CorpusStream(IterableDataset):
         transform: function applied to each cell dict (tokenizers plug in here).
         storage_options: fsspec options for remote corpora.
         prefetch: read the next window in a background thread while this one is yielded.
+        zarrs: decode with the Rust `zarrs` codec pipeline (the `fast` extra), about 2x faster
+            reads. It sets zarr's codec pipeline for the whole process, and a process that has
+            decoded with zarrs must not fork DataLoader workers that use it (they hang): use
+            `multiprocessing_context="spawn"` for such loaders.
     """
 
     def __init__(
@@ -109,6 +123,7 @@ class CorpusStream(IterableDataset):
         transform: Callable[[dict], Any] | None = None,
         storage_options: dict | None = None,
         prefetch: bool = True,
+        zarrs: bool = False,
     ):
         super().__init__()
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus, storage_options)
@@ -121,6 +136,7 @@ class CorpusStream(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.transform = transform
         self.prefetch = prefetch
+        self.zarrs = zarrs
         self.epoch = 0
         self.shard_sizes = [record["n_cells"] for record in self.corpus.shards(split)]
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
@@ -190,6 +206,8 @@ class CorpusStream(IterableDataset):
                 "resume with the same num_workers (the data order depends on it)"
             )
         self._num_workers = num_workers
+        if self.zarrs:
+            use_zarrs_pipeline()
         worker = (worker + self._rotation) % num_workers
         epoch, offset = self._positions.get(worker, (self.epoch, 0))
         shards: dict[int, ShardReader] = {}

@@ -142,3 +142,19 @@ def test_file_url_reads_like_a_path(small_corpus):
     by_path = CorpusStream(small_corpus, infinite=False, shuffle=False, **SMALL)
     for a, b in zip(by_url, by_path, strict=True):
         assert a["genes"].tolist() == b["genes"].tolist()
+
+
+def test_zarrs_pipeline_reads_the_same_cells(small_corpus):
+    import subprocess
+    import sys
+
+    pytest.importorskip("zarrs")
+    # in a child process: the zarrs pipeline is process-wide and must not leak into forked tests
+    code = (
+        "import sys; from celltron.corpus import CorpusStream\n"
+        f"a = [c['counts'].tolist() for c in CorpusStream({str(small_corpus)!r}, infinite=False, block_size=64, buffer_size=256)]\n"
+        f"b = [c['counts'].tolist() for c in CorpusStream({str(small_corpus)!r}, infinite=False, block_size=64, buffer_size=256, zarrs=True)]\n"
+        "import zarr; assert zarr.config.get('codec_pipeline.path') == 'zarrs.ZarrsCodecPipeline'\n"
+        "sys.exit(0 if a == b and len(a) > 0 else 1)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
