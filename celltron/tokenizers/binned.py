@@ -20,13 +20,29 @@ from celltron.tokenizers.vocab import GeneVocab
 VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
 
 
+def quantile_edges(values: np.ndarray, n_bins: int) -> np.ndarray:
+    """np.quantile(values, np.linspace(0, 1, n_bins - 1)) with numpy's 'linear' method, step by
+    step (same operations, same rounding) without its per-call overhead."""
+    ordered = np.sort(values)
+    n = len(ordered)
+    virtual = (n - 1) * np.linspace(0, 1, n_bins - 1)
+    previous = np.floor(virtual)
+    gamma = virtual - previous
+    previous = previous.astype(np.intp)
+    following = np.minimum(previous + 1, n - 1)
+    a, b = ordered[previous], ordered[following]
+    difference = b - a
+    # numpy's _lerp: a + (b - a) * t, or b - (b - a) * (1 - t) from t = 0.5 on
+    return np.where(gamma >= 0.5, b - difference * (1 - gamma), a + difference * gamma)
+
+
 def bin_values(values: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarray:
     """scGPT's per-cell binning of positive values: quantile edges at linspace(0, 1, n_bins - 1),
     digitised from both sides; `uniform` (one draw per value in [0, 1)) breaks ties on
     repeated edges."""
-    edges = np.quantile(values, np.linspace(0, 1, n_bins - 1))
-    left = np.digitize(values, edges)
-    right = np.digitize(values, edges, right=True)
+    edges = quantile_edges(values, n_bins)
+    left = np.searchsorted(edges, values, side="right")  # np.digitize(values, edges)
+    right = np.searchsorted(edges, values, side="left")  # np.digitize(values, edges, right=True)
     return np.ceil(uniform * (right - left) + left).astype(np.int64)
 
 

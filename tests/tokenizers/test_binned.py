@@ -107,3 +107,14 @@ def test_transform_is_deterministic_per_cell():
     tokenizer = BinnedTokenizer(vocab, [f"ENSG{i:011d}" for i in range(100)], max_len=10, seed=3)
     cell = {"genes": np.arange(0, 100, 2), "counts": np.arange(1, 51), "cell_index": 12}
     assert np.array_equal(tokenizer(cell)["input_ids"], tokenizer(cell)["input_ids"])
+
+
+def test_quantile_edges_equal_numpy_bit_for_bit(pbmc):
+    from celltron.tokenizers.binned import quantile_edges
+
+    dense = _normalised_log1p(pbmc.X[:200])
+    for row in dense:
+        values = row[row > 0]
+        assert np.array_equal(quantile_edges(values, 51), np.quantile(values, np.linspace(0, 1, 50)))
+    for values in (np.array([3.0]), np.array([1.0, 1.0, 2.0]), np.arange(1, 8, dtype=float)):
+        assert np.array_equal(quantile_edges(values, 51), np.quantile(values, np.linspace(0, 1, 50)))
