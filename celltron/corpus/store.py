@@ -104,7 +104,9 @@ class Corpus:
     def zarr_store(self, record: dict):
         path = self.shard_url(record)
         if _is_local(self.fs):
-            return MappedLocalStore(path)
+            # zarrs reads local files itself, but only through zarr's own LocalStore
+            zarrs = zarr.config.get("codec_pipeline.path", "").startswith("zarrs")
+            return zarr.storage.LocalStore(path, read_only=True) if zarrs else MappedLocalStore(path)
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return zarr.storage.FsspecStore.from_url(f"{protocol}://{path}", storage_options=self.storage_options, read_only=True)
 
