@@ -130,8 +130,7 @@ def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bo
     """
     options = options or BuildOptions()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
+    _check_output(out, [Path(p) for p in inputs], overwrite)
     if not 0 <= options.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,15 +145,33 @@ def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bo
             shutil.rmtree(work, ignore_errors=True)
 
 
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Only ever replace a celltron corpus, and never one that holds an input."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
+    manifest = out / MANIFEST
+    if not manifest.is_file() or f'"{FORMAT_NAME}"' not in manifest.read_text()[:4096]:
+        raise FileExistsError(f"{out} exists and is not a celltron corpus (no {MANIFEST}); --overwrite only replaces corpora")
+    for path in inputs:
+        if out.resolve() in path.resolve().parents:
+            raise ValueError(f"input {path} lies inside --out {out}; the rebuild would delete it")
+
+
 def _replace(work: Path, out: Path) -> None:
     shutil.rmtree(work / "_staging", ignore_errors=True)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
+    if not out.exists():
         os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
         os.rename(work, out)
+    except OSError:
+        os.rename(old, out)  # put the previous corpus back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:

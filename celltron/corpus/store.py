@@ -37,6 +37,14 @@ class MappedLocalStore(zarr.storage.LocalStore):
                 self._maps[key] = b"" if empty else mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[key]
 
+    def close(self) -> None:
+        """Unmap every file (each mapping holds a file descriptor)."""
+        for mapped in self._maps.values():
+            if isinstance(mapped, mmap.mmap):
+                mapped.close()
+        self._maps.clear()
+        super().close()
+
     async def get(self, key, prototype, byte_range=None):
         if not self._is_open:
             await self._open()
@@ -183,13 +191,18 @@ class ShardReader:
     """Reads contiguous row ranges of one shard; `indptr` and obs codes are cached on open."""
 
     def __init__(self, corpus: Corpus, record: dict):
-        group = zarr.open_group(corpus.zarr_store(record), mode="r")
+        self.store = corpus.zarr_store(record)
+        group = zarr.open_group(self.store, mode="r")
         self.data = group["X/data"]
         self.indices = group["X/indices"]
         self.indptr = group["X/indptr"][:]
         self.obs = {"n_counts": group["obs/n_counts"][:]}
         for column in corpus.manifest["obs_categories"]:
             self.obs[column] = group[f"obs/{column}/codes"][:].astype(np.int32)
+
+    def close(self) -> None:
+        """Release the store's open files (mapped shards)."""
+        self.store.close()
 
     def read(self, start: int, stop: int, first_index: int = 0) -> CellBlock:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])

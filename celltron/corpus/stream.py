@@ -16,7 +16,9 @@ another waits in a collective; runs are sized in steps.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -28,6 +30,17 @@ from torch.utils.data import IterableDataset, get_worker_info
 from celltron.corpus.store import CellBlock, Corpus, ShardReader
 
 STATE_VERSION = 1
+OPEN_SHARDS = 8  # shard readers a worker keeps open
+
+
+@contextmanager
+def _closing(shards: OrderedDict):
+    try:
+        yield
+    finally:
+        for reader in shards.values():
+            reader.close()
+        shards.clear()
 
 
 def use_zarrs_pipeline() -> None:
@@ -141,7 +154,9 @@ class CorpusStream(IterableDataset):
         self.shard_sizes = [record["n_cells"] for record in self.corpus.shards(split)]
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
         self._positions: dict[int, tuple[int, int]] = {}
-        self._num_workers: int | None = None
+        self._num_workers: int | None = None  # seen while iterating, reported by state_dict
+        self._resume_workers: int | None = None  # required by a loaded state
+        self._loaded = False
         # A plain DataLoader always asks worker 0 first. After k batches the next batch is due
         # from stream (k mod workers), so on resume worker w continues stream (w + rotation).
         self._rotation = 0
@@ -167,9 +182,13 @@ class CorpusStream(IterableDataset):
         return (0, 1) if info is None else (info.id, info.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at `epoch` (and forget resume positions)."""
+        """Start the next iteration at `epoch`. A state just loaded for this same epoch is kept
+        (trainers call set_epoch at the start of the resumed epoch too); otherwise resume
+        positions are forgotten."""
+        if self._loaded and epoch == self.epoch:
+            return
         self.epoch = epoch
-        self._positions = {}
+        self._positions, self._rotation, self._resume_workers, self._loaded = {}, 0, None, False
 
     # ------------------------------------------------------------ plan
 
@@ -200,9 +219,9 @@ class CorpusStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         rank, world_size = self._placement()
         worker, num_workers = self._worker()
-        if self._num_workers is not None and self._num_workers != num_workers:
+        if self._resume_workers is not None and self._resume_workers != num_workers:
             raise ValueError(
-                f"resume state was saved with {self._num_workers} DataLoader workers, now {num_workers}; "
+                f"resume state was saved with {self._resume_workers} DataLoader workers, now {num_workers}; "
                 "resume with the same num_workers (the data order depends on it)"
             )
         self._num_workers = num_workers
@@ -210,8 +229,9 @@ class CorpusStream(IterableDataset):
             use_zarrs_pipeline()
         worker = (worker + self._rotation) % num_workers
         epoch, offset = self._positions.get(worker, (self.epoch, 0))
-        shards: dict[int, ShardReader] = {}
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        shards: OrderedDict[int, ShardReader] = OrderedDict()
+        # the pool exits first (waiting for a prefetch in flight), then the readers close
+        with _closing(shards), ThreadPoolExecutor(max_workers=4) as pool:
             while True:
                 plan = self.plan(epoch, rank, world_size, worker, num_workers)
                 if plan.n_cells == 0 and self.infinite:
@@ -247,11 +267,9 @@ class CorpusStream(IterableDataset):
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch, who[0], who[1], lo]).permutation(n)
 
-    def _read_window(self, plan: EpochPlan, lo: int, hi: int, shards: dict, pool) -> list[CellBlock]:
+    def _read_window(self, plan: EpochPlan, lo: int, hi: int, shards: OrderedDict, pool) -> list[CellBlock]:
         segments = cut(plan.segments, lo, hi)
-        for segment in segments:
-            if segment.shard not in shards:
-                shards[segment.shard] = ShardReader(self.corpus, self.corpus.shards(self.split)[segment.shard])
+        self._open_readers({s.shard for s in segments}, shards)
         reads = [
             pool.submit(shards[s.shard].read, s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))
             for s in segments
@@ -260,6 +278,20 @@ class CorpusStream(IterableDataset):
             s = segments[0]
             return [shards[s.shard].read(s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))]
         return [r.result() for r in reads]
+
+    def _open_readers(self, needed: set[int], shards: OrderedDict) -> None:
+        """Keep readers for the shards this window needs, closing the least recently used
+        others beyond OPEN_SHARDS (each open shard holds file descriptors and its indptr)."""
+        for shard in sorted(needed):
+            if shard in shards:
+                shards.move_to_end(shard)
+            else:
+                shards[shard] = ShardReader(self.corpus, self.corpus.shards(self.split)[shard])
+        while len(shards) > max(OPEN_SHARDS, len(needed)):
+            oldest = next(iter(shards))
+            if oldest in needed:
+                break
+            shards.pop(oldest).close()
 
     @staticmethod
     def _cells(blocks: list[CellBlock], order: np.ndarray) -> Iterator[dict]:
@@ -305,15 +337,18 @@ class CorpusStream(IterableDataset):
                     f"{key}={mine[key]!r}; resume with the same corpus and stream settings"
                 )
         self.epoch = state["epoch"]
-        self._num_workers = state["num_workers"]
-        self._positions.update({int(w): tuple(p) for w, p in state["positions"].items()})
+        self._num_workers = self._resume_workers = state["num_workers"]
+        self._positions = {int(w): tuple(p) for w, p in state["positions"].items()}
         self._rotation = state.get("worker_rotation", 0)
+        self._loaded = True
 
     def state_after_batches(self, batches: int, batch_size: int, num_workers: int) -> dict:
         """The state after a plain DataLoader (in-order, round-robin over workers) has handed
-        out `batches` batches of `batch_size` cells in training mode."""
+        out `batches` batches of `batch_size` cells in training mode (`num_workers` as passed
+        to the DataLoader; 0 means the main process)."""
         if not self.infinite:
             raise ValueError("state_after_batches needs an infinite (training) stream")
+        num_workers = max(num_workers, 1)
         rank, world_size = self._placement()
         state = self.state_dict()
         state["num_workers"] = num_workers
@@ -321,9 +356,10 @@ class CorpusStream(IterableDataset):
         state["positions"] = {}
         for worker in range(num_workers):
             cells = len(range(worker, batches, num_workers)) * batch_size
-            epoch = self.epoch
-            while cells >= (length := self.plan(epoch, rank, world_size, worker, num_workers).n_cells):
-                cells -= length
-                epoch += 1
-            state["positions"][worker] = [epoch, cells]
+            # a worker's share of an epoch has the same size every epoch
+            length = self.plan(self.epoch, rank, world_size, worker, num_workers).n_cells
+            if length == 0:
+                raise ValueError(f"rank {rank} worker {worker} gets no cells per epoch; use fewer workers or ranks")
+            epochs, offset = divmod(cells, length)
+            state["positions"][worker] = [self.epoch + epochs, offset]
         return state

@@ -262,6 +262,20 @@ def test_failed_build_leaves_nothing_and_existing_corpus_is_kept(tmp_path, pbmc_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5ad", "c"]
 
 
+def test_overwrite_only_replaces_a_corpus(tmp_path, pbmc_small):
+    data = tmp_path / "data"
+    data.mkdir()
+    pbmc_small[:50].write_h5ad(data / "a.h5ad")
+    with pytest.raises(FileExistsError, match="not a celltron corpus"):
+        build_corpus([data / "a.h5ad"], data, BuildOptions(**QUIET), overwrite=True)
+    assert (data / "a.h5ad").exists()
+    build_corpus([data / "a.h5ad"], tmp_path / "c", BuildOptions(**QUIET))
+    (tmp_path / "c" / "lab.h5ad").write_bytes((data / "a.h5ad").read_bytes())
+    with pytest.raises(ValueError, match="inside --out"):
+        build_corpus([tmp_path / "c" / "lab.h5ad"], tmp_path / "c", BuildOptions(**QUIET), overwrite=True)
+    assert (tmp_path / "c" / "lab.h5ad").exists()
+
+
 def test_validate_names_a_corrupted_shard(tmp_path, pbmc_small):
     pbmc_small[:300].write_h5ad(tmp_path / "a.h5ad")
     build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(shard_size_mb=0.5, **QUIET))

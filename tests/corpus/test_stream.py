@@ -158,3 +158,25 @@ def test_zarrs_pipeline_reads_the_same_cells(small_corpus):
         "sys.exit(0 if a == b and len(a) > 0 else 1)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_set_epoch_keeps_a_just_loaded_state_and_resets_otherwise(small_corpus):
+    make = lambda: CorpusStream(small_corpus, seed=2, **SMALL)  # noqa: E731
+    uninterrupted = _take(DataLoader(make(), batch_size=16, num_workers=2, collate_fn=list), 12)
+    resumed = make()
+    resumed.load_state_dict(make().state_after_batches(7, 16, 2))
+    resumed.set_epoch(0)  # what trainers do at the start of the resumed epoch
+    assert _take(DataLoader(resumed, batch_size=16, num_workers=2, collate_fn=list), 5) == uninterrupted[7:]
+    resumed.set_epoch(1)  # a new epoch: plain epoch 1, no leftover rotation
+    fresh = make()
+    fresh.set_epoch(1)
+    loader = lambda s: DataLoader(s, batch_size=16, num_workers=2, collate_fn=list)  # noqa: E731
+    assert _take(loader(resumed), 4) == _take(loader(fresh), 4)
+
+
+def test_iterating_in_the_main_process_does_not_pin_the_worker_count(small_corpus):
+    stream = CorpusStream(small_corpus, infinite=False, **SMALL)
+    next(iter(stream))
+    stream.set_epoch(0)
+    cells = [i for batch in DataLoader(stream, batch_size=64, num_workers=2, collate_fn=list) for i in _indices(batch)]
+    assert sorted(cells) == list(range(stream.cells_per_epoch()))
