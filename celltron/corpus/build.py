@@ -250,7 +250,23 @@ def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
             "n_genes_unmapped": mapping.n_unmapped,
         }
         opened.append(_Input(source=source, species=species, ensembl_ids=mapping.ensembl_ids, report=report))
+    _unique_dataset_names(opened)
     return opened
+
+
+def _unique_dataset_names(opened: list[_Input]) -> None:
+    """Cell Ranger names every sample's output the same (filtered_feature_bc_matrix): prefix
+    clashing names with their folder, then number any that still clash."""
+    names = [item.source.name for item in opened]
+    for i, item in enumerate(opened):
+        if names.count(item.source.name) > 1:
+            item.source.name = f"{item.source.path.parent.name}_{item.source.name}"
+    seen: dict[str, int] = {}
+    for item in opened:
+        seen[item.source.name] = seen.get(item.source.name, 0) + 1
+        if seen[item.source.name] > 1:
+            item.source.name = f"{item.source.name}-{seen[item.source.name]}"
+        item.report["dataset"] = item.source.name
 
 
 def _input_checksum(path: Path) -> str:

@@ -78,6 +78,9 @@ class BinnedTokenizer:
         self.include_zero_gene, self.append_cls = include_zero_gene, append_cls
         gene_ids = np.asarray(gene_ids, dtype=str)
         token = vocab.lookup_genes(gene_ids)
+        # totals are taken over every gene the vocabulary covers, before any subset (scGPT
+        # normalises and log-transforms first, then selects highly variable genes)
+        self.in_vocab = token >= 0
         if genes_subset is not None:
             token = np.where(np.isin(gene_ids, list(genes_subset)), token, -1)
         self.token_of_gene = token
@@ -99,12 +102,12 @@ class BinnedTokenizer:
         """Keep covered genes, then normalise and log1p as the Preprocessor does (vectorised)."""
         n_cells = len(indptr) - 1
         cell = np.repeat(np.arange(n_cells), np.diff(indptr))
+        totals = np.bincount(cell, weights=np.where(self.in_vocab[genes], counts, 0), minlength=n_cells)
         keep = (self.token_of_gene[genes] >= 0) & (counts > 0)
         cell, genes = cell[keep], genes[keep]
         values = counts[keep].astype(np.float64)
         if self.value_style != "counts":
             if self.normalize_total is not None:
-                totals = np.bincount(cell, weights=values, minlength=n_cells)
                 values = values / totals[cell] * self.normalize_total
             if self.log1p:
                 values = np.log1p(values)

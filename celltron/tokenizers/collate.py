@@ -171,7 +171,8 @@ class PackingCollator:
         tail = self.max_tokens - sum(lengths)
         input_ids = torch.cat(ids + [torch.full((tail,), self.pad_id, dtype=torch.long)])
         label_row = torch.cat(labels + [torch.full((tail,), IGNORE_INDEX, dtype=torch.long)])
-        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.arange(tail)])
+        # padding positions stay 0: a long tail must not index past the position table
+        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(tail, dtype=torch.long)])
         seq_lengths = lengths + ([tail] if tail else [])
         cu_seqlens = torch.tensor([0] + np.cumsum(seq_lengths).tolist(), dtype=torch.int32)
         attention = torch.cat([torch.ones(sum(lengths), dtype=torch.long), torch.zeros(tail, dtype=torch.long)])

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from tqdm.auto import tqdm
 
@@ -104,7 +105,7 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
         for start in range(0, source.n_cells, block_cells):
             stop = min(start + block_cells, source.n_cells)
             mapped, totals = read(start, stop)
-            obs = {k: [None if v != v else v for v in source.obs[k].iloc[start:stop].tolist()] for k in obs_keys}
+            obs = {k: source.obs[k].iloc[start:stop].tolist() for k in obs_keys}
             yield Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * (stop - start), obs)
 
     return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks())
@@ -137,6 +138,10 @@ def _encode(tokenizer, block: Block, rng) -> RaggedTokens:
     return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.species, block.n_counts)
 
 
+def _missing(value) -> bool:
+    return value is None or (not isinstance(value, str) and bool(pd.isna(value)))
+
+
 def _arrow_table(tokens: RaggedTokens, block: Block) -> pa.Table:
     offsets = pa.array(tokens.offsets.astype(np.int32))
     columns = {"input_ids": pa.ListArray.from_arrays(offsets, pa.array(tokens.input_ids.astype(np.int32)))}
@@ -144,7 +149,8 @@ def _arrow_table(tokens: RaggedTokens, block: Block) -> pa.Table:
         columns["values"] = pa.ListArray.from_arrays(offsets, pa.array(tokens.values.astype(np.float32)))
     columns["length"] = pa.array(tokens.lengths.astype(np.int32))
     for key, values in block.obs.items():
-        columns[key] = pa.array(values)
+        # labels as strings with nulls, one fixed type, so every block has the same schema
+        columns[key] = pa.array([None if _missing(v) else str(v) for v in values], type=pa.string())
     return pa.table(columns)
 
 

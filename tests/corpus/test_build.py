@@ -296,3 +296,16 @@ def test_not_a_corpus(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "celltron-corpus", "schema_version": 99}))
     with pytest.raises(CorpusFormatError, match="schema version 99"):
         Corpus(tmp_path)
+
+
+def test_cell_ranger_outputs_of_several_samples_get_distinct_dataset_names(tmp_path, pbmc_small):
+    ids = np.array(_ensembl_of(pbmc_small), dtype=object)
+    keep = ids != ""
+    adata = pbmc_small[:40, keep].copy()
+    for sample in ("sampleA", "sampleB"):
+        (tmp_path / sample).mkdir()
+        write_10x_h5(adata, tmp_path / sample / "filtered_feature_bc_matrix.h5", ids[keep].astype(str))
+    inputs = [tmp_path / s / "filtered_feature_bc_matrix.h5" for s in ("sampleA", "sampleB")]
+    manifest = build_corpus(inputs, tmp_path / "c", BuildOptions(val_fraction=0, **QUIET))
+    assert manifest["obs_categories"]["dataset"] == ["sampleA_filtered_feature_bc_matrix", "sampleB_filtered_feature_bc_matrix"]
+    assert read_corpus(tmp_path / "c").obs["dataset"].value_counts().tolist() == [40, 40]

@@ -118,3 +118,18 @@ def test_quantile_edges_equal_numpy_bit_for_bit(pbmc):
         assert np.array_equal(quantile_edges(values, 51), np.quantile(values, np.linspace(0, 1, 50)))
     for values in (np.array([3.0]), np.array([1.0, 1.0, 2.0]), np.arange(1, 8, dtype=float)):
         assert np.array_equal(quantile_edges(values, 51), np.quantile(values, np.linspace(0, 1, 50)))
+
+
+def test_gene_subset_normalises_over_all_vocabulary_genes(pbmc):
+    vocab = GeneVocab.from_scgpt()
+    adata, ids, _ = _in_vocab(pbmc, vocab)
+    x = adata.X.tocsr()[:30]
+    subset = ids[:2000]
+    full = BinnedTokenizer(vocab, ids, value_style="normalized", log1p=False, max_len=100_000)
+    part = BinnedTokenizer(vocab, ids, value_style="normalized", log1p=False, max_len=100_000, genes_subset=subset)
+    a = full.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+    b = part.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+    for i in range(len(a)):
+        kept = {t: v for t, v in zip(a[i].tolist(), a.cell_values(i).tolist())}
+        for token, value in zip(b[i].tolist()[1:], b.cell_values(i).tolist()[1:]):
+            assert value == pytest.approx(kept[token])  # same normalisation as without the subset

@@ -106,3 +106,10 @@ def test_packing_with_mlm_and_too_long_cells():
     assert (batch["labels"] != IGNORE_INDEX).any()
     with pytest.raises(ValueError, match="does not fit"):
         list(pack_stream(iter(_cells(1, low=300, high=301)), 128))
+
+
+def test_packing_padding_positions_stay_in_range():
+    cells = _cells(1, low=3, high=4)
+    batch = PackingCollator(500, VOCAB["<pad>"])([cells])
+    n = len(cells[0]["input_ids"])
+    assert batch["position_ids"][0, :n].tolist() == list(range(n)) and (batch["position_ids"][0, n:] == 0).all()

@@ -73,3 +73,17 @@ def test_every_tokenizer_saves_and_loads_next_to_a_model(tmp_path, small_corpus)
         else:
             a, b = (t.encode_block(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.offsets, b.offsets)
+
+
+def test_labels_missing_in_early_blocks(tmp_path, pbmc4k):
+    from celltron.tokenizers.dataset import tokenize_to_dataset
+
+    adata = ad.read_h5ad(pbmc4k)[:120].copy()
+    labels = adata.obs["Annotation"].astype(object)
+    labels.iloc[:60] = None  # the first blocks carry no label at all
+    adata.obs["Annotation"] = labels
+    adata.write_h5ad(tmp_path / "lab.h5ad")
+    tokenize_to_dataset(tmp_path / "lab.h5ad", "geneformer-v2", tmp_path / "out", obs_keys=("Annotation",),
+                        gene_column="gene_symbol_original", block_cells=50, progress=False)
+    column = datasets.load_from_disk(str(tmp_path / "out"))["Annotation"]
+    assert column[:60] == [None] * 60 and column[60:] == adata.obs["Annotation"].iloc[60:].tolist()
