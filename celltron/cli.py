@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,14 +28,16 @@ def _key_values(pairs: list[str], what: str) -> dict[str, str]:
 def _corpus_build(args) -> int:
     from celltron.corpus.build import BuildOptions, build_corpus
 
-    options = BuildOptions(
-        seed=args.seed, val_fraction=args.val_fraction, layer=args.layer, species=args.species,
-        gene_column=args.gene_column, obs_keys=tuple(args.obs_keys or ()), min_genes=args.min_genes,
-        min_counts=args.min_counts, max_mito_fraction=args.max_mito_fraction,
-        weights={k: float(v) for k, v in _key_values(args.weight, "--weight").items()},
-        shard_size_mb=args.shard_size_mb, chunk_nnz=args.chunk_nnz, compression=args.compression,
-        progress=not args.no_progress,
-    )
+    given = {
+        "seed": args.seed, "val_fraction": args.val_fraction, "layer": args.layer, "species": args.species,
+        "gene_column": args.gene_column, "obs_keys": tuple(args.obs_keys) if args.obs_keys is not None else None,
+        "min_genes": args.min_genes, "min_counts": args.min_counts, "max_mito_fraction": args.max_mito_fraction,
+        "weights": {k: float(v) for k, v in _key_values(args.weight, "--weight").items()} or None,
+        "shard_size_mb": args.shard_size_mb, "chunk_nnz": args.chunk_nnz, "compression": args.compression,
+    }
+    # flags given on the command line override the config file, which overrides the defaults
+    base = BuildOptions.from_yaml(args.config) if args.config else BuildOptions()
+    options = dataclasses.replace(base, progress=not args.no_progress, **{k: v for k, v in given.items() if v is not None})
     manifest = build_corpus(args.inputs, args.out, options, overwrite=args.overwrite)
     print(f"built {args.out}: {manifest['n_cells']} cells, {len(manifest['genes']['ensembl_id'])} genes")
     for source in manifest["sources"]:
@@ -129,19 +132,20 @@ def _parser() -> argparse.ArgumentParser:
     build = corpus.add_parser("build", help="convert raw-count inputs into a sharded Zarr corpus")
     build.add_argument("inputs", nargs="+", help=".h5ad files, 10x .h5 files, 10x mtx directories")
     build.add_argument("--out", required=True, help="corpus directory to create")
+    build.add_argument("--config", help="YAML file of build options (configs/corpus/*.yaml); flags override it")
     build.add_argument("--species", choices=["human", "mouse"], help="default: inferred per input")
-    build.add_argument("--layer", default="X", help="h5ad counts: X, raw, or a layer name")
+    build.add_argument("--layer", help="h5ad counts: X (default), raw, or a layer name")
     build.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols (default: var index)")
     build.add_argument("--obs-keys", nargs="*", help="input obs columns to keep (labels)")
-    build.add_argument("--min-genes", type=int, default=0)
-    build.add_argument("--min-counts", type=int, default=0)
+    build.add_argument("--min-genes", type=int)
+    build.add_argument("--min-counts", type=int)
     build.add_argument("--max-mito-fraction", type=float)
     build.add_argument("--weight", action="append", help="NAME=W sampling weight of an input, recorded in the manifest")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--val-fraction", type=float, default=0.01)
-    build.add_argument("--shard-size-mb", type=float, default=256.0, help="uncompressed size of one corpus shard")
-    build.add_argument("--chunk-nnz", type=int, default=65_536, help="non-zeros per inner zarr chunk")
-    build.add_argument("--compression", choices=["zstd", "none"], default="zstd")
+    build.add_argument("--seed", type=int, help="default 0")
+    build.add_argument("--val-fraction", type=float, help="default 0.01")
+    build.add_argument("--shard-size-mb", type=float, help="uncompressed size of one corpus shard (default 256)")
+    build.add_argument("--chunk-nnz", type=int, help="non-zeros per inner zarr chunk (default 65,536)")
+    build.add_argument("--compression", choices=["zstd", "none"], help="default zstd")
     build.add_argument("--overwrite", action="store_true", help="replace an existing corpus once the new one is complete")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(run=_corpus_build)

@@ -50,3 +50,14 @@ def test_console_script_is_installed():
     script = Path(sys.executable).parent / "celltron"
     result = subprocess.run([str(script), "corpus", "build", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--val-fraction" in result.stdout
+
+
+def test_build_with_a_config_file_and_overriding_flags(tmp_path, pbmc4k, capsys):
+    config = Path(__file__).resolve().parents[1] / "configs" / "corpus" / "pbmc.yaml"
+    out = tmp_path / "c"
+    assert main(["corpus", "build", str(pbmc4k), "--out", str(out), "--config", str(config), "--seed", "5", "--no-progress"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["build"]["seed"] == 5 and manifest["build"]["min_genes"] == 200
+    assert manifest["build"]["obs_keys"] == ["Annotation"] and "Annotation" in manifest["obs_categories"]
+    assert main(["corpus", "build", str(pbmc4k), "--out", str(tmp_path / "d"), "--obs-keys", "dataset", "--no-progress"]) == 2
+    assert "writes these columns itself" in capsys.readouterr().err

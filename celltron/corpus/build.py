@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import fsspec
@@ -50,6 +50,7 @@ from celltron.corpus.stats import GeneStatistics
 
 log = logging.getLogger(__name__)
 BYTES_PER_NONZERO = 8  # int32 count + int32 gene index, uncompressed
+RESERVED_OBS = ("dataset", "species", "n_counts")
 
 
 @dataclass
@@ -93,6 +94,22 @@ class BuildOptions:
     exact_median_limit: int = 200_000_000
     progress: bool = True
 
+    @classmethod
+    def from_yaml(cls, path) -> "BuildOptions":
+        """Options from a YAML mapping of field names; unknown fields are an error."""
+        import yaml
+
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of build options, got {type(values).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown build option(s) {unknown}; known: {sorted(known)}")
+        if "obs_keys" in values:
+            values["obs_keys"] = tuple(values["obs_keys"] or ())
+        return cls(**values)
+
 
 @dataclass
 class _Input:
@@ -133,6 +150,9 @@ def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bo
     _check_output(out, [Path(p) for p in inputs], overwrite)
     if not 0 <= options.val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
+    reserved = sorted(set(options.obs_keys) & set(RESERVED_OBS))
+    if reserved:
+        raise ValueError(f"--obs-keys {reserved}: the corpus writes these columns itself ({', '.join(RESERVED_OBS)}); rename them in the input")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     work.mkdir()
