@@ -4,7 +4,8 @@ Builds (once, cached under --workdir) a synthetic corpus of 200k cells x 20k gen
 non-zeros per cell, and a corpus of the five PBMC files in the shared data directory, then
 prints cells/s for:
 
-- CorpusStream through a DataLoader (batch 64, collate_fn=list) with 0, 1 and 2 workers,
+- CorpusStream through a DataLoader (batch 64, collate_fn=list) with 0, 1 and 2 workers, and
+  with `collate_cells` (flat arrays per batch) in 1 and 2 workers,
   and (synthetic corpus) the same with zarr's Rust codec pipeline (zarrs);
 - anndata backed mode, random batches of 64 cells (`adata.X[sorted idx]`, `adata[idx].X`),
   which is how most people feed a model from an .h5ad today;
@@ -62,7 +63,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus
+from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus, collate_cells
 from celltron.corpus.genes import symbol_to_ensembl
 from celltron.corpus.store import ShardReader
 
@@ -296,18 +297,20 @@ def _use_zarrs_in_worker(_worker_id: int) -> None:
     zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE})
 
 
-def stream_batches(corpus: Corpus, num_workers: int, use_zarrs: bool = False) -> Iterator[int]:
-    """CorpusStream (training mode, epoch after epoch) through a plain DataLoader."""
+def stream_batches(corpus: Corpus, num_workers: int, use_zarrs: bool = False, flat: bool = False) -> Iterator[int]:
+    """CorpusStream (training mode, epoch after epoch) through a plain DataLoader; `flat`
+    collates in the worker with `collate_cells` (a few arrays per batch cross processes)."""
     stream = CorpusStream(corpus, split="train", infinite=True)
     options = {}
     if use_zarrs and num_workers:
         # zarrs' Rust thread pool does not survive fork: once the main process has decoded
         # with zarrs, forked workers that use zarrs wait forever. Spawned workers start clean.
         options = {"worker_init_fn": _use_zarrs_in_worker, "multiprocessing_context": "spawn"}
-    loader = DataLoader(stream, batch_size=BATCH, num_workers=num_workers, collate_fn=list, **options)
+    collate = collate_cells if flat else list
+    loader = DataLoader(stream, batch_size=BATCH, num_workers=num_workers, collate_fn=collate, **options)
     with zarr_pipeline(use_zarrs):
         for batch in loader:
-            yield len(batch)
+            yield len(batch["offsets"]) - 1 if flat else len(batch)
 
 
 def anndata_random_batches(path: Path, view: bool = False, seed: int = 0) -> Iterator[int]:
@@ -420,6 +423,7 @@ BASELINE = "anndata backed X[sorted random 64]" + PLAIN  # the ratio column's de
 
 def stream_methods(corpus: Corpus, with_zarrs: bool) -> list[tuple[str, Callable[[], Iterator[int]]]]:
     methods = [(f"CorpusStream, DataLoader num_workers={w}", lambda w=w: stream_batches(corpus, w)) for w in (0, 1, 2)]
+    methods += [(f"CorpusStream, collate_cells, num_workers={w}", lambda w=w: stream_batches(corpus, w, flat=True)) for w in (1, 2)]
     if with_zarrs:
         methods += [(f"CorpusStream + zarrs pipeline, num_workers={w}{' (spawn)' if w else ''}", lambda w=w: stream_batches(corpus, w, True))
                     for w in (0, 1, 2)]

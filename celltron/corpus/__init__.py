@@ -2,6 +2,6 @@
 
 from celltron.corpus.build import BuildOptions, build_corpus
 from celltron.corpus.store import Corpus
-from celltron.corpus.stream import CorpusStream
+from celltron.corpus.stream import CorpusStream, collate_cells
 
-__all__ = ["BuildOptions", "Corpus", "CorpusStream", "build_corpus"]
+__all__ = ["BuildOptions", "Corpus", "CorpusStream", "build_corpus", "collate_cells"]

@@ -363,3 +363,20 @@ class CorpusStream(IterableDataset):
             epochs, offset = divmod(cells, length)
             state["positions"][worker] = [self.epoch + epochs, offset]
         return state
+
+
+def collate_cells(cells: list[dict]) -> dict[str, torch.Tensor]:
+    """Batch raw cells as flat tensors: `genes` and `counts` concatenated, `offsets` (cell i is
+    `[offsets[i]:offsets[i + 1]]`), and one tensor per scalar field (n_counts, cell_index, obs
+    codes). As a DataLoader `collate_fn` it runs in the worker, so a batch crosses to the main
+    process as a few arrays instead of one pickled dict per cell."""
+    lengths = [len(cell["genes"]) for cell in cells]
+    batch = {
+        "genes": torch.from_numpy(np.concatenate([cell["genes"] for cell in cells]).astype(np.int32, copy=False)),
+        "counts": torch.from_numpy(np.concatenate([cell["counts"] for cell in cells]).astype(np.int32, copy=False)),
+        "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+    }
+    for key in cells[0]:
+        if key not in ("genes", "counts"):
+            batch[key] = torch.as_tensor(np.array([cell[key] for cell in cells]))
+    return batch

@@ -180,3 +180,22 @@ def test_iterating_in_the_main_process_does_not_pin_the_worker_count(small_corpu
     stream.set_epoch(0)
     cells = [i for batch in DataLoader(stream, batch_size=64, num_workers=2, collate_fn=list) for i in _indices(batch)]
     assert sorted(cells) == list(range(stream.cells_per_epoch()))
+
+
+def test_collate_cells_flattens_a_batch_in_the_workers(small_corpus):
+    from celltron.corpus import collate_cells
+
+    stream = CorpusStream(small_corpus, infinite=False, shuffle=False, **SMALL)
+    cells = list(CorpusStream(small_corpus, infinite=False, shuffle=False, **SMALL))
+    batches = list(DataLoader(stream, batch_size=32, num_workers=2, collate_fn=collate_cells))
+    by_index = {int(c["cell_index"]): c for c in cells}
+    seen = 0
+    for batch in batches:
+        assert set(batch) >= {"genes", "counts", "offsets", "n_counts", "cell_index", "dataset", "species"}
+        for i, index in enumerate(batch["cell_index"].tolist()):
+            lo, hi = int(batch["offsets"][i]), int(batch["offsets"][i + 1])
+            assert batch["genes"][lo:hi].tolist() == by_index[index]["genes"].tolist()
+            assert batch["counts"][lo:hi].tolist() == by_index[index]["counts"].tolist()
+            assert int(batch["n_counts"][i]) == int(by_index[index]["n_counts"])
+            seen += 1
+    assert seen == len(cells)
