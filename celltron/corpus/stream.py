@@ -365,18 +365,19 @@ class CorpusStream(IterableDataset):
         return state
 
 
-def collate_cells(cells: list[dict]) -> dict[str, torch.Tensor]:
-    """Batch raw cells as flat tensors: `genes` and `counts` concatenated, `offsets` (cell i is
-    `[offsets[i]:offsets[i + 1]]`), and one tensor per scalar field (n_counts, cell_index, obs
-    codes). As a DataLoader `collate_fn` it runs in the worker, so a batch crosses to the main
-    process as a few arrays instead of one pickled dict per cell."""
+def collate_cells(cells: list[dict]) -> dict[str, np.ndarray]:
+    """Batch raw cells as flat numpy arrays: `genes` and `counts` concatenated, `offsets` (cell
+    i is `[offsets[i]:offsets[i + 1]]`), and one array per scalar field (n_counts, cell_index,
+    obs codes). As a DataLoader `collate_fn` it runs in the worker, so a batch crosses to the
+    main process as a few pickled arrays instead of one dict per cell. (numpy, not torch: torch
+    tensors from workers go through shared memory, which costs more for batches this small.)"""
     lengths = [len(cell["genes"]) for cell in cells]
     batch = {
-        "genes": torch.from_numpy(np.concatenate([cell["genes"] for cell in cells]).astype(np.int32, copy=False)),
-        "counts": torch.from_numpy(np.concatenate([cell["counts"] for cell in cells]).astype(np.int32, copy=False)),
-        "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+        "genes": np.concatenate([cell["genes"] for cell in cells]),
+        "counts": np.concatenate([cell["counts"] for cell in cells]),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
     }
     for key in cells[0]:
         if key not in ("genes", "counts"):
-            batch[key] = torch.as_tensor(np.array([cell[key] for cell in cells]))
+            batch[key] = np.array([cell[key] for cell in cells])
     return batch
