@@ -118,7 +118,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     corpus, x, totals, species = load_cells(args.workdir, args.cells)
     genes = corpus.manifest["genes"]
-    data = _Input(corpus.gene_ids, np.asarray(genes["species"]), {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}, x.shape[0], iter(()))
+    data = _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), x.shape[0], iter(()))
     print(f"# tokenizer throughput, {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     print(f"# {x.shape[0]} PBMC cells, {x.nnz / x.shape[0]:.0f} non-zeros per cell, one process\n")
     print("| scheme | celltron cells/s | reference loop cells/s | ratio |")

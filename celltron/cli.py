@@ -99,16 +99,14 @@ def _tokenize(args) -> int:
 
 def _print_coverage(args) -> None:
     from celltron.corpus.store import Corpus
-    from celltron.tokenizers.ortholog import coverage, ortholog_vocab
+    from celltron.tokenizers.ortholog import coverage, group_by_species, ortholog_vocab
 
     if args.scheme != "ortholog":
         raise ValueError("--coverage reports shared cross-species tokens: use it with --scheme ortholog")
     corpus = Corpus(args.input, _key_values(args.storage_option, "--storage-option"))
     genes = corpus.manifest["genes"]
-    by_species: dict[str, list[str]] = {}
-    for gene, species in zip(genes["ensembl_id"], genes["species"]):
-        by_species.setdefault(species, []).append(gene)
-    report = coverage(genes["ensembl_id"], genes["species"], genes["count_sum"], ortholog_vocab(by_species))
+    vocab = ortholog_vocab(group_by_species(genes["ensembl_id"], genes["species"]))
+    report = coverage(genes["ensembl_id"], genes["species"], genes["count_sum"], vocab)
     for species, row in report.items():
         print(f"{species}: {row['genes']} genes, {row['genes_shared']:.1%} on shared tokens "
               f"holding {row['counts_shared']:.1%} of counts")

@@ -20,6 +20,7 @@ replaces an existing corpus only once the new one is complete.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import shutil
@@ -172,7 +173,7 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     if not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
     manifest = out / MANIFEST
-    if not manifest.is_file() or f'"{FORMAT_NAME}"' not in manifest.read_text()[:4096]:
+    if not manifest.is_file() or json.loads(manifest.read_text()).get("format") != FORMAT_NAME:
         raise FileExistsError(f"{out} exists and is not a celltron corpus (no {MANIFEST}); --overwrite only replaces corpora")
     for path in inputs:
         if out.resolve() in path.resolve().parents:
@@ -225,9 +226,10 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
         "val": _split_into_shards(order[:n_val], cells_per_shard),
     }
     categories = _obs_categories(staged)
-    var = _var_table(gene_ids, species_of_gene)
+    symbols = _gene_symbols(gene_ids, species_of_gene)
+    var = _var_table(gene_ids, symbols, species_of_gene)
     splits = _write_splits(plan, staged, names, categories, var, work, options)
-    genes = _gene_records(gene_ids, species_of_gene, stats)
+    genes = _gene_records(gene_ids, symbols, species_of_gene, stats)
     manifest = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
@@ -311,11 +313,15 @@ def _column_map(item: _Input, gene_ids: np.ndarray) -> np.ndarray:
     return np.array([position.get(gene, -1) for gene in item.ensembl_ids], dtype=np.int64)
 
 
-def _var_table(gene_ids: np.ndarray, species_of_gene: np.ndarray) -> pd.DataFrame:
-    symbols = {species: ensembl_to_symbol(species) for species in set(species_of_gene)}
+def _gene_symbols(gene_ids: np.ndarray, species_of_gene: np.ndarray) -> list[str]:
+    tables = {species: ensembl_to_symbol(species) for species in set(species_of_gene)}
+    return [tables[s].get(g, "") for g, s in zip(gene_ids, species_of_gene)]
+
+
+def _var_table(gene_ids: np.ndarray, symbols: list[str], species_of_gene: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame(
         {
-            "gene_symbol": [symbols[s].get(g, "") for g, s in zip(gene_ids, species_of_gene)],
+            "gene_symbol": symbols,
             "species": pd.Categorical(species_of_gene),
         },
         index=pd.Index(gene_ids, name="ensembl_id"),
@@ -507,12 +513,11 @@ def _obs_table(cells, staged: _Staged, names, categories) -> pd.DataFrame:
     return obs
 
 
-def _gene_records(gene_ids, species_of_gene, stats: GeneStatistics) -> dict:
+def _gene_records(gene_ids, symbols: list[str], species_of_gene, stats: GeneStatistics) -> dict:
     medians = stats.nonzero_medians()
-    symbols = {species: ensembl_to_symbol(species) for species in set(species_of_gene)}
     return {
         "ensembl_id": gene_ids.tolist(),
-        "symbol": [symbols[s].get(g, "") for g, s in zip(gene_ids, species_of_gene)],
+        "symbol": symbols,
         "species": species_of_gene.tolist(),
         "cells_expressing": stats.cells_expressing.tolist(),
         "count_sum": stats.count_sum.tolist(),

@@ -98,6 +98,11 @@ class Corpus:
     def gene_ids(self) -> np.ndarray:
         return np.asarray(self.manifest["genes"]["ensembl_id"], dtype=str)
 
+    def gene_medians(self) -> dict[str, float]:
+        """Ensembl ID -> non-zero median of normalised expression, for genes seen in the corpus."""
+        genes = self.manifest["genes"]
+        return {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}
+
     def shards(self, split: str) -> list[dict]:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")

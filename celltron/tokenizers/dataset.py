@@ -26,7 +26,7 @@ from celltron.corpus.readers import check_raw_counts, open_source
 from celltron.corpus.stats import GeneStatistics
 from celltron.corpus.store import Corpus, ShardReader
 from celltron.tokenizers.binned import BinnedTokenizer
-from celltron.tokenizers.ortholog import OrthologTokenizer, ortholog_vocab
+from celltron.tokenizers.ortholog import OrthologTokenizer, group_by_species, ortholog_vocab
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.rank_value import RankValueTokenizer
 from celltron.tokenizers.vocab import GeneVocab
@@ -71,8 +71,7 @@ def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _In
                 decode = lambda key: [categories[key][c] if c >= 0 else None for c in b.obs[key]]  # noqa: E731
                 yield Block(b.indptr, b.genes, b.counts, b.obs["n_counts"], decode("species"), {k: decode(k) for k in obs_keys})
 
-    medians = {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}
-    return _Input(corpus.gene_ids, np.asarray(genes["species"]), medians, sum(r["n_cells"] for r in records), blocks())
+    return _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), sum(r["n_cells"] for r in records), blocks())
 
 
 def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column, species) -> _Input:
@@ -122,10 +121,7 @@ def make_tokenizer(scheme: str, data: _Input, max_len: int | None, seed: int):
         vocab = GeneVocab.from_scgpt()
         return BinnedTokenizer(vocab, data.gene_ids, max_len=max_len or 1200, seed=seed), vocab
     if scheme == "ortholog":
-        by_species: dict[str, list[str]] = {}
-        for gene, species in zip(data.gene_ids, data.gene_species):
-            by_species.setdefault(str(species), []).append(str(gene))
-        vocab = ortholog_vocab(by_species)
+        vocab = ortholog_vocab(group_by_species(data.gene_ids, data.gene_species))
         return OrthologTokenizer(vocab, data.gene_ids, data.medians, max_len=max_len or 2048), vocab
     raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
 

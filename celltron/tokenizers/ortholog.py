@@ -44,6 +44,14 @@ def ortholog_table(species: str, min_confidence: int = 0) -> dict[str, str]:
     return table
 
 
+def group_by_species(gene_ids, gene_species) -> dict[str, list[str]]:
+    """species -> its Ensembl IDs, from parallel arrays (a corpus's gene table)."""
+    grouped: dict[str, list[str]] = {}
+    for gene, species in zip(gene_ids, gene_species):
+        grouped.setdefault(str(species), []).append(str(gene))
+    return grouped
+
+
 def ortholog_vocab(genes_by_species: dict[str, list[str]], min_confidence: int = 0) -> GeneVocab:
     """A vocabulary over the given genes of each species, orthologs sharing the human token.
 

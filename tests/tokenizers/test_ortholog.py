@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from celltron.corpus import Corpus
-from celltron.tokenizers.ortholog import OrthologTokenizer, coverage, ortholog_vocab
+from celltron.tokenizers.ortholog import OrthologTokenizer, coverage, group_by_species, ortholog_vocab
 from celltron.tokenizers.vocab import GeneVocab
 
 from ..conftest import shared_file
@@ -19,10 +19,7 @@ TP53, TRP53 = "ENSG00000141510", "ENSMUSG00000059552"
 def corpus_and_vocab(small_corpus):
     corpus = Corpus(small_corpus)
     genes = corpus.manifest["genes"]
-    by_species = {}
-    for gene, species in zip(genes["ensembl_id"], genes["species"]):
-        by_species.setdefault(species, []).append(gene)
-    return corpus, ortholog_vocab(by_species)
+    return corpus, ortholog_vocab(group_by_species(genes["ensembl_id"], genes["species"]))
 
 
 def _shared_one2one():
@@ -70,8 +67,7 @@ def reference(shard, medians, vocab, species_names, max_len=2048):
 
 def test_tokens_and_values_match_the_reference(corpus_and_vocab, small_corpus):
     corpus, vocab = corpus_and_vocab
-    genes = corpus.manifest["genes"]
-    medians = {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}
+    medians = corpus.gene_medians()
     tokenizer = OrthologTokenizer(vocab, corpus.gene_ids, medians, max_len=2048)
     species_names = corpus.manifest["obs_categories"]["species"]
     for record in corpus.shards("train")[:2]:
@@ -88,8 +84,7 @@ def test_tokens_and_values_match_the_reference(corpus_and_vocab, small_corpus):
 
 def test_truncation_to_max_len(corpus_and_vocab, small_corpus):
     corpus, vocab = corpus_and_vocab
-    genes = corpus.manifest["genes"]
-    medians = {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}
+    medians = corpus.gene_medians()
     shard = ad.read_zarr(small_corpus / corpus.shards("train")[0]["path"])
     x = shard.X.tocsr()
     block = OrthologTokenizer(vocab, corpus.gene_ids, medians, max_len=100).encode_block(x.indptr, x.indices, x.data, "human")

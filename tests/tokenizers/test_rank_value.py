@@ -96,8 +96,7 @@ def test_ties_follow_input_gene_order_and_unknown_genes_and_zeros_drop():
 def test_corpus_medians_and_the_stream_transform(pbmc_corpus):
     _, corpus_dir = pbmc_corpus
     corpus = Corpus(corpus_dir)
-    genes = corpus.manifest["genes"]
-    own = {g: m for g, m in zip(genes["ensembl_id"], genes["nonzero_median"]) if m is not None}
+    own = corpus.gene_medians()
     tokenizer = RankValueTokenizer.geneformer("v2", corpus.gene_ids, medians=own)
     stream = CorpusStream(corpus, infinite=False, transform=tokenizer)
     first = next(iter(stream))
