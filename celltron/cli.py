@@ -12,7 +12,7 @@ from celltron.corpus.genes import GeneMappingError
 from celltron.corpus.readers import InputError
 from celltron.corpus.schema import CorpusFormatError
 
-USER_ERRORS = (InputError, GeneMappingError, CorpusFormatError, FileExistsError, ValueError)
+USER_ERRORS = (InputError, GeneMappingError, CorpusFormatError, FileExistsError, FileNotFoundError, ValueError)
 
 
 def _key_values(pairs: list[str], what: str) -> dict[str, str]:
@@ -122,6 +122,31 @@ def _demo(args) -> int:
     return 0
 
 
+def _models(args) -> int:
+    from celltron.model_zoo import list_models
+
+    rows = list_models()
+    print(f"{'family':<12}{'size':<13}{'layers':>7}{'hidden':>8}{'heads':>7}{'ffn':>7}{'vocab':>8}{'parameters':>15}")
+    for row in rows:
+        print(f"{row['family']:<12}{row['size']:<13}{row['layers']:>7}{row['hidden']:>8}{row['heads']:>7}"
+              f"{row['intermediate']:>7}{row['vocab']:>8}{row['parameters']:>15,}")
+    print("parameters counted with the vocabulary shown; genecompass vocabularies are built per corpus (50,000 assumed)")
+    return 0
+
+
+def _convert(args) -> int:
+    if args.family == "geneformer":
+        from celltron.model_zoo.geneformer.convert import convert_geneformer
+
+        out = convert_geneformer(args.source, args.out, dictionary=args.dictionary)
+    else:
+        from celltron.model_zoo.scgpt.convert import convert_scgpt
+
+        out = convert_scgpt(args.source, args.out)
+    print(f"converted {args.family} checkpoint {args.source} -> {out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="celltron", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -171,6 +196,16 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
     tokenize.add_argument("--no-progress", action="store_true")
     tokenize.set_defaults(run=_tokenize)
+
+    models = verbs.add_parser("models", help="list model families and named sizes with parameter counts")
+    models.set_defaults(run=_models)
+
+    convert = verbs.add_parser("convert", help="convert an official Geneformer or scGPT checkpoint into a celltron folder")
+    convert.add_argument("family", choices=["geneformer", "scgpt"])
+    convert.add_argument("source", help="checkpoint folder (or scGPT best_model.pt)")
+    convert.add_argument("--out", required=True, help="model folder to create")
+    convert.add_argument("--dictionary", choices=["v1", "v2"], help="geneformer token dictionary (default: from the vocabulary size)")
+    convert.set_defaults(run=_convert)
 
     demo = verbs.add_parser("demo", help="build the bundled PBMC demo corpus and stream one epoch")
     demo.add_argument("--out", default="runs/demo")

@@ -37,17 +37,21 @@ class MLMCollator:
         vocab_size: number of token ids.
         probability: share of tokens to predict.
         generator: source of randomness.
-        values_key: also pad this per-token value array (e.g. 'values'), if the cells have it.
+        values_key: also carry this per-token value array (e.g. GeneCompass's 'values'), if the
+            cells have it: the true values come back as `target_values`, and the input values
+            of every chosen token are hidden (set to `mask_value`), so that neither the gene
+            nor its value leaks into the prediction of the other.
+        mask_value: the hidden value.
     """
 
     def __init__(self, pad_id: int, mask_id: int, special_ids, vocab_size: int, probability: float = 0.15,
-                 generator: torch.Generator | None = None, values_key: str | None = None):
+                 generator: torch.Generator | None = None, values_key: str | None = None, mask_value: float = 0.0):
         self.pad_id, self.mask_id, self.vocab_size, self.probability = pad_id, mask_id, vocab_size, probability
         self.special = torch.zeros(vocab_size, dtype=torch.bool)
         self.special[torch.as_tensor(list(special_ids), dtype=torch.long)] = True
         self.gene_ids = torch.nonzero(~self.special).flatten()
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.values_key = values_key
+        self.values_key, self.mask_value = values_key, mask_value
 
     def __call__(self, cells: list[dict]) -> dict[str, torch.Tensor]:
         input_ids = pad_sequences(cells, "input_ids", self.pad_id, torch.long)
@@ -65,7 +69,9 @@ class MLMCollator:
         input_ids[randomised] = self.gene_ids[picks]
         batch = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "labels": labels}
         if self.values_key and self.values_key in cells[0]:
-            batch[self.values_key] = pad_sequences(cells, self.values_key, 0.0, torch.float32)
+            target = pad_sequences(cells, self.values_key, 0.0, torch.float32)
+            batch["target_values"] = target
+            batch[self.values_key] = target.masked_fill(chosen, self.mask_value)
         return batch
 
 
@@ -144,37 +150,55 @@ class PackingCollator:
     """Concatenate a pack of cells into one row of exactly `max_tokens` tokens for varlen
     attention: `cu_seqlens` (int32, cumulative sequence starts, the padding tail counted as
     one more sequence so that every token belongs to one), `position_ids` restarting per cell,
-    `max_seqlen`, and MLM masking from `mlm` applied cell by cell.
+    `max_seqlen`.
+
+    Args:
+        max_tokens: row length.
+        pad_id: token id of the padding tail.
+        masker: a padded collator (MLMCollator, ValueMaskingCollator) applied to the pack's
+            cells; every per-token tensor it returns is packed the same way. Without one the
+            cells' `input_ids` (and `values`, if present) are packed and labels are all -100.
+        fill: value of the padding tail per key (defaults: `pad_id` for input_ids, -100 for
+            labels, the masker's `pad_value` or 0 for values).
     """
 
-    def __init__(self, max_tokens: int, pad_id: int, mlm: MLMCollator | None = None):
-        self.max_tokens, self.pad_id, self.mlm = max_tokens, pad_id, mlm
+    def __init__(self, max_tokens: int, pad_id: int, mlm=None, fill: dict | None = None):
+        self.max_tokens, self.pad_id, self.masker = max_tokens, pad_id, mlm
+        pad_value = getattr(mlm, "pad_value", 0.0)
+        self.fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "values": pad_value, "target_values": pad_value, **(fill or {})}
 
     def __call__(self, packs: list[list[dict]]) -> dict[str, torch.Tensor]:
         rows = [self._pack(pack) for pack in packs]
-        out = {key: torch.stack([row[key] for row in rows]) for key in ("input_ids", "position_ids", "labels", "attention_mask")}
+        out = {key: torch.stack([row[key] for row in rows]) for key in rows[0] if key not in ("cu_seqlens", "max_seqlen")}
         out["cu_seqlens"] = [row["cu_seqlens"] for row in rows]
         out["max_seqlen"] = max(int(row["max_seqlen"]) for row in rows)
         return out
+
+    def _padded(self, pack: list[dict], lengths: list[int]) -> dict[str, torch.Tensor]:
+        if self.masker is not None:
+            return self.masker(pack)
+        batch = {"input_ids": pad_sequences(pack, "input_ids", self.pad_id, torch.long)}
+        batch["labels"] = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+        if "values" in pack[0]:
+            batch["values"] = pad_sequences(pack, "values", self.fill["values"], torch.float32)
+        return batch
 
     def _pack(self, pack: list[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(cell["input_ids"]) for cell in pack]
         if sum(lengths) > self.max_tokens:
             raise ValueError(f"pack of {sum(lengths)} tokens exceeds max_tokens={self.max_tokens}")
-        if self.mlm is not None:
-            batch = self.mlm(pack)
-            ids = [batch["input_ids"][i, :n] for i, n in enumerate(lengths)]
-            labels = [batch["labels"][i, :n] for i, n in enumerate(lengths)]
-        else:
-            ids = [_as_tensor(cell["input_ids"], torch.long) for cell in pack]
-            labels = [torch.full((n,), IGNORE_INDEX) for n in lengths]
+        batch = self._padded(pack, lengths)
         tail = self.max_tokens - sum(lengths)
-        input_ids = torch.cat(ids + [torch.full((tail,), self.pad_id, dtype=torch.long)])
-        label_row = torch.cat(labels + [torch.full((tail,), IGNORE_INDEX, dtype=torch.long)])
+        row = {}
+        for key, padded in batch.items():
+            if key == "attention_mask" or padded.dim() != 2:
+                continue
+            tail_part = torch.full((tail,), self.fill.get(key, 0), dtype=padded.dtype)
+            row[key] = torch.cat([padded[i, :n] for i, n in enumerate(lengths)] + [tail_part])
         # padding positions stay 0: a long tail must not index past the position table
-        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(tail, dtype=torch.long)])
+        row["position_ids"] = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(tail, dtype=torch.long)])
         seq_lengths = lengths + ([tail] if tail else [])
-        cu_seqlens = torch.tensor([0] + np.cumsum(seq_lengths).tolist(), dtype=torch.int32)
-        attention = torch.cat([torch.ones(sum(lengths), dtype=torch.long), torch.zeros(tail, dtype=torch.long)])
-        return {"input_ids": input_ids, "position_ids": positions, "labels": label_row, "attention_mask": attention,
-                "cu_seqlens": cu_seqlens, "max_seqlen": torch.tensor(max(seq_lengths))}
+        row["cu_seqlens"] = torch.tensor([0] + np.cumsum(seq_lengths).tolist(), dtype=torch.int32)
+        row["attention_mask"] = torch.cat([torch.ones(sum(lengths), dtype=torch.long), torch.zeros(tail, dtype=torch.long)])
+        row["max_seqlen"] = torch.tensor(max(seq_lengths))
+        return row

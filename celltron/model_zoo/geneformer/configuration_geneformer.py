@@ -5,10 +5,23 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
-# Named sizes. Only the test size so far: the published shapes (10M / 104M / 316M) are added
-# with the size registry once checked against the released config.json files.
+from celltron.model_zoo.common import config_from_size
+
+# Named sizes. Shapes of the released checkpoints (ctheodoris/Geneformer config.json files;
+# the V2 shapes as listed by CZI's model page and Helical, whose parameter counts they give).
+# Every Geneformer release uses ReLU and 0.02 dropout. `vocab_size` is the release's token
+# dictionary; `1b` is a preset for scale with no released weights.
+_GENEFORMER = dict(hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02, layer_norm_eps=1e-12)
 SIZES = {
     "debug": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=4096),
+    "10M": dict(_GENEFORMER, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
+                max_position_embeddings=2048, vocab_size=25426),
+    "104M": dict(_GENEFORMER, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 max_position_embeddings=4096, vocab_size=20275),
+    "316M": dict(_GENEFORMER, hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
+                 max_position_embeddings=4096, vocab_size=20275),
+    "1b": dict(_GENEFORMER, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16, intermediate_size=8192,
+               max_position_embeddings=4096, vocab_size=20275),
 }
 
 
@@ -18,18 +31,20 @@ class GeneformerConfig(BertConfig):
     Args:
         cell_embedding: 'cls' (first token; V2 vocabularies start cells with <cls>) or 'mean'
             (mean of the non-padding tokens), as Geneformer's embedding extractor offers.
+        attention_backend: 'auto' (varlen kernels for packed batches on CUDA, SDPA otherwise),
+            'sdpa', 'varlen' (PyTorch's) or 'flash_attn' (the optional flash-attn package).
         kwargs: BertConfig fields (vocab_size, hidden_size, num_hidden_layers, ...).
     """
 
-    def __init__(self, cell_embedding: str = "mean", **kwargs):
+    def __init__(self, cell_embedding: str = "mean", attention_backend: str = "auto", **kwargs):
         kwargs.setdefault("architectures", ["BertForMaskedLM"])
         super().__init__(**kwargs)
         if cell_embedding not in ("cls", "mean"):
             raise ValueError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
         self.cell_embedding = cell_embedding
+        self.attention_backend = attention_backend
 
     @classmethod
-    def from_size(cls, size: str, vocab_size: int, **overrides) -> "GeneformerConfig":
-        if size not in SIZES:
-            raise ValueError(f"unknown geneformer size {size!r}; known: {', '.join(SIZES)}")
-        return cls(vocab_size=vocab_size, **{**SIZES[size], **overrides})
+    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> "GeneformerConfig":
+        """A named size (SIZES); `vocab_size` overrides the size's own (debug sizes need one)."""
+        return config_from_size(cls, SIZES, "geneformer", size, vocab_size, overrides)

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from celltron.model_zoo.common import CellModelOutput, attention_bias, multi_head_attention, segment_ids
+from celltron.model_zoo.common import BertEncoder, CellModelOutput, cell_layout, plan_attention, pool_cells
 from celltron.model_zoo.geneformer.configuration_geneformer import GeneformerConfig
 
 
@@ -32,85 +32,13 @@ class Embeddings(nn.Module):
         return self.dropout(self.LayerNorm(hidden))
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, config: GeneformerConfig):
-        super().__init__()
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-
-
-class AttentionOutput(nn.Module):
-    def __init__(self, config: GeneformerConfig, width: int):
-        super().__init__()
-        self.dense = nn.Linear(width, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
-class Attention(nn.Module):
-    def __init__(self, config: GeneformerConfig):
-        super().__init__()
-        self.self = SelfAttention(config)
-        self.output = AttentionOutput(config, config.hidden_size)
-        self.n_heads = config.num_attention_heads
-        self.dropout = config.attention_probs_dropout_prob
-
-    def forward(self, hidden: torch.Tensor, mask) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        attended = multi_head_attention(self.self.query(hidden), self.self.key(hidden), self.self.value(hidden), self.n_heads, mask, p)
-        return self.output(attended, hidden)
-
-
-class Intermediate(nn.Module):
-    def __init__(self, config: GeneformerConfig):
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = ACT2FN[config.hidden_act]
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.act(self.dense(hidden))
-
-
-class Layer(nn.Module):
-    """Post-LayerNorm BERT layer: attention, then feed-forward, each with a residual."""
-
-    def __init__(self, config: GeneformerConfig):
-        super().__init__()
-        self.attention = Attention(config)
-        self.intermediate = Intermediate(config)
-        self.output = AttentionOutput(config, config.intermediate_size)
-
-    def forward(self, hidden: torch.Tensor, mask) -> torch.Tensor:
-        attended = self.attention(hidden, mask)
-        return self.output(self.intermediate(attended), attended)
-
-
-class Encoder(nn.Module):
-    def __init__(self, config: GeneformerConfig):
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
-        self.gradient_checkpointing = False
-
-    def forward(self, hidden: torch.Tensor, mask) -> torch.Tensor:
-        for layer in self.layer:
-            if self.gradient_checkpointing and self.training:
-                hidden = torch.utils.checkpoint.checkpoint(layer, hidden, mask, use_reentrant=False)
-            else:
-                hidden = layer(hidden, mask)
-        return hidden
-
-
 class Backbone(nn.Module):
     """Embeddings + encoder (the `bert.` prefix of BertForMaskedLM)."""
 
     def __init__(self, config: GeneformerConfig):
         super().__init__()
         self.embeddings = Embeddings(config)
-        self.encoder = Encoder(config)
+        self.encoder = BertEncoder(config)
 
 
 class PredictionTransform(nn.Module):
@@ -193,28 +121,12 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None, **unused) -> CellModelOutput:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        mask = attention_bias(attention_mask, cu_seqlens, input_ids.shape[1])
-        hidden = self.bert.encoder(self.bert.embeddings(input_ids, position_ids), mask)
+        layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
+        plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
+        hidden = self.bert.encoder(self.bert.embeddings(input_ids, position_ids), plan)
         logits = self.cls(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        return CellModelOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=self._pool(hidden, attention_mask, cu_seqlens))
-
-    def _pool(self, hidden: torch.Tensor, attention_mask, cu_seqlens) -> torch.Tensor:
-        """One vector per cell: its first token ('cls') or the mean of its tokens ('mean')."""
-        if cu_seqlens is not None:
-            rows = cu_seqlens if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens]
-            cells = []
-            for row_hidden, row, row_mask in zip(hidden, rows, attention_mask if attention_mask is not None else [None] * len(rows)):
-                row = torch.as_tensor(row)
-                n_cells = len(row) - 1 if row_mask is None or bool(row_mask[-1]) else len(row) - 2  # padding tail
-                segment = segment_ids(row, hidden.shape[1])
-                for c in range(n_cells):
-                    tokens = row_hidden[segment == c]
-                    cells.append(tokens[0] if self.config.cell_embedding == "cls" else tokens.mean(0))
-            return torch.stack(cells)
-        if self.config.cell_embedding == "cls":
-            return hidden[:, 0]
-        weights = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask.to(hidden.dtype)
-        return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+        cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
+        return CellModelOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells)

@@ -1,0 +1,92 @@
+"""One registry of model families and their named sizes: build a model by (family, size), list
+them with parameter counts, and register them with transformers' Auto classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+
+from celltron.model_zoo.genecompass import GeneCompassConfig, GeneCompassForPretraining
+from celltron.model_zoo.genecompass.configuration_genecompass import SIZES as GENECOMPASS_SIZES
+from celltron.model_zoo.geneformer import GeneformerConfig, GeneformerForMaskedLM
+from celltron.model_zoo.geneformer.configuration_geneformer import SIZES as GENEFORMER_SIZES
+from celltron.model_zoo.scgpt import ScGPTConfig, ScGPTModel
+from celltron.model_zoo.scgpt.configuration_scgpt import SIZES as SCGPT_SIZES
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family: its config and model classes, named sizes, and the vocabulary size used
+    to count parameters when a size does not fix one (debug sizes, GeneCompass's corpus-built
+    vocabularies)."""
+
+    name: str
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    sizes: dict
+    counting_vocab: int
+
+
+FAMILIES = {
+    "geneformer": Family("geneformer", GeneformerConfig, GeneformerForMaskedLM, GENEFORMER_SIZES, 20275),
+    "scgpt": Family("scgpt", ScGPTConfig, ScGPTModel, SCGPT_SIZES, 60697),
+    # GeneCompass's vocabulary is built from its corpus (human + mouse genes); 50,000 is an
+    # assumed round figure for listing only.
+    "genecompass": Family("genecompass", GeneCompassConfig, GeneCompassForPretraining, GENECOMPASS_SIZES, 50000),
+}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def build_config(family_name: str, size: str, vocab_size: int | None = None, **overrides) -> PretrainedConfig:
+    """The config of a named size; `vocab_size` (the tokenizer's) wins over the size's own."""
+    spec = family(family_name)
+    if vocab_size is None and "vocab_size" not in spec.sizes.get(size, {}):
+        vocab_size = spec.counting_vocab
+    return spec.config_class.from_size(size, vocab_size=vocab_size, **overrides)
+
+
+def build_model(family_name: str, size: str, vocab_size: int | None = None, **overrides) -> PreTrainedModel:
+    return family(family_name).model_class(build_config(family_name, size, vocab_size, **overrides))
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def list_models() -> list[dict]:
+    """Every (family, size) with its shape and parameter count (built on the meta device)."""
+    rows = []
+    for spec in FAMILIES.values():
+        for size in spec.sizes:
+            config = build_config(spec.name, size)
+            with torch.device("meta"):
+                model = spec.model_class(config)
+            rows.append({
+                "family": spec.name, "size": size, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
+                "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
+                "vocab": config.vocab_size, "parameters": count_parameters(model),
+            })
+    return rows
+
+
+def register_auto_classes() -> None:
+    """Let `AutoConfig` / `AutoModel` load celltron folders. Geneformer folders are plain BERT
+    checkpoints (`model_type: bert`) and need nothing."""
+    for config_class, model_class in ((ScGPTConfig, ScGPTModel), (GeneCompassConfig, GeneCompassForPretraining)):
+        try:
+            AutoConfig.register(config_class.model_type, config_class)
+        except ValueError:  # already registered (module reloaded)
+            pass
+        for auto in (AutoModel, AutoModelForMaskedLM) if model_class is GeneCompassForPretraining else (AutoModel,):
+            try:
+                auto.register(config_class, model_class)
+            except ValueError:
+                pass
