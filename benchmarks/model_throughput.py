@@ -20,9 +20,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from celltron.model_zoo import build_config, build_model
-from celltron.model_zoo.common import encoder_flops_per_token
-from celltron.model_zoo.genecompass.modeling_genecompass import genecompass_flops_per_token
-from celltron.model_zoo.scgpt.modeling_scgpt import scgpt_flops_per_token
+from celltron.model_zoo.registry import flops_per_token
 from celltron.tokenizers.collate import MLMCollator, PackingCollator, ValueMaskingCollator, pack_stream
 
 # dense bf16 peak, FLOP/s (NVIDIA data sheets, SXM parts)
@@ -45,14 +43,6 @@ def _collator(family: str, vocab: int):
         return ValueMaskingCollator(0, mask_ratio=0.4, generator=generator)
     return MLMCollator(0, 1, [0, 1, 2, 3], vocab, probability=0.15, generator=generator,
                        values_key="values" if family == "genecompass" else None)
-
-
-def _flops_per_token(family: str, config, seq_len: int) -> float:
-    if family == "scgpt":
-        return scgpt_flops_per_token(config, seq_len)
-    if family == "genecompass":
-        return genecompass_flops_per_token(config, seq_len)
-    return encoder_flops_per_token(config.num_hidden_layers, config.hidden_size, config.intermediate_size, seq_len, config.vocab_size)
 
 
 def _to(batch: dict, device) -> dict:
@@ -122,7 +112,7 @@ def cuda_rows(families, sizes, seq_len: int, batch_size: int, steps: int, peak: 
             per_row = max(1, len(packs) // len(padded))
             packer = PackingCollator(seq_len, 0, _collator(family, vocab))
             packed = [_to(packer(packs[i : i + per_row]), device) for i in range(0, len(packs), per_row)]
-            flops = _flops_per_token(family, model.config, seq_len)
+            flops = flops_per_token(model.config, seq_len)
             for layout, batches in (("padded", padded), ("packed", packed)):
                 real = np.mean([int(b["attention_mask"].sum()) for b in batches])
                 seconds = _time_steps(model, batches, device, torch.bfloat16, steps)

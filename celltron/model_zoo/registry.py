@@ -90,3 +90,18 @@ def register_auto_classes() -> None:
                 auto.register(config_class, model_class)
             except ValueError:
                 pass
+
+
+def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token of any celltron model (see each family's formula), for MFU."""
+    from celltron.model_zoo.common import encoder_flops_per_token
+    from celltron.model_zoo.genecompass.modeling_genecompass import genecompass_flops_per_token
+    from celltron.model_zoo.scgpt.modeling_scgpt import scgpt_flops_per_token
+
+    if isinstance(config, ScGPTConfig):
+        return scgpt_flops_per_token(config, seq_len)
+    if isinstance(config, GeneCompassConfig):
+        return genecompass_flops_per_token(config, seq_len)
+    # geneformer: the encoder, its vocabulary projection and the head's hidden x hidden transform
+    h = config.hidden_size
+    return encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * h * h

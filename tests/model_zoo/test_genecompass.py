@@ -69,7 +69,7 @@ def test_dual_loss_uses_the_configured_weights():
     with torch.no_grad():
         out = model(**batch)
     id_loss = F.cross_entropy(out.logits[chosen], batch["labels"][chosen])
-    value_loss = F.mse_loss(out.values[chosen], batch["target_values"][chosen])
+    value_loss = F.mse_loss(out.predicted_values[chosen], batch["target_values"][chosen])
     assert torch.allclose(out.loss, 0.3 * id_loss + 0.7 * value_loss, atol=1e-5)
 
 
@@ -87,7 +87,7 @@ def test_padded_and_packed_give_the_same_cells(pooling):
     spans = [(r, int(cu[k]), int(cu[k + 1])) for r, cu in enumerate(packed["cu_seqlens"]) for k in range(len(packs[r]))]
     for i, (r, lo, hi) in enumerate(spans):
         assert torch.allclose(a.logits[i, : hi - lo], b.logits[r, lo:hi], atol=1e-5)
-        assert torch.allclose(a.values[i, : hi - lo], b.values[r, lo:hi], atol=1e-5)
+        assert torch.allclose(a.predicted_values[i, : hi - lo], b.predicted_values[r, lo:hi], atol=1e-5)
 
 
 def test_one_step_lowers_the_loss():

@@ -115,3 +115,22 @@ def test_models_lists_every_family(capsys):
     out = capsys.readouterr().out
     for name in ("geneformer", "scgpt", "genecompass", "316M", "whole-human", "316,354,867"):
         assert name in out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flop_formula_matches_torch_flop_counter(family):
+    """A third of the training formula (forward only) against torch's own count of a forward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from celltron.model_zoo.registry import flops_per_token
+
+    torch.manual_seed(0)
+    model = build_model(family, "debug", vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_attention_heads=4).eval()
+    tokens = 128
+    batch = {"input_ids": torch.randint(4, VOCAB, (2, tokens)), "values": torch.rand(2, tokens)}
+    # the math SDPA backend runs attention as matmuls, which the counter sees
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**batch)
+    counted = counter.get_total_flops() / (2 * tokens)
+    assert flops_per_token(model.config, tokens) / 3 == pytest.approx(counted, rel=0.1)

@@ -25,9 +25,9 @@ from celltron.model_zoo.genecompass.configuration_genecompass import GeneCompass
 
 @dataclass
 class GeneCompassOutput(CellModelOutput):
-    """CellModelOutput plus the predicted value of every token (batch, tokens)."""
+    """CellModelOutput plus `predicted_values`, the value predicted for every token (batch, tokens)."""
 
-    values: torch.Tensor | None = None
+    predicted_values: torch.Tensor | None = None
 
 
 class KnowledgeEmbeddings(nn.Module):
@@ -137,7 +137,7 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         if labels is not None:
             loss = self._loss(logits, predicted_values, labels, target_values)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
-        return GeneCompassOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells, values=predicted_values)
+        return GeneCompassOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells, predicted_values=predicted_values)
 
     def _loss(self, logits, predicted_values, labels, target_values) -> torch.Tensor:
         """id_loss_weight x cross-entropy of the masked ids + value_loss_weight x MSE of their values."""
