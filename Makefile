@@ -1,5 +1,5 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11:
-#   make demo   build the bundled PBMC demo corpus and stream one epoch of it
+#   make demo   build the bundled PBMC corpus and pretrain the debug Geneformer on it (CPU)
 #   make test   run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# CPU torch first: pyproject asks for torch>=2.4, which this then satisfies (no CUDA download).
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,s3,fast]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,s3,fast,deepspeed]"
 	# scGPT's own code is the reference in equivalence tests; its dependencies (scanpy,
 	# torchtext) do not install beside current torch, so only the package itself.
 	$(BIN)/python -m pip install --quiet --no-deps scgpt==0.2.4
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/celltron demo --out runs/demo
+	$(BIN)/celltron demo --out runs/demo --config configs/pretrain/geneformer_debug.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

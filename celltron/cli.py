@@ -113,12 +113,9 @@ def _print_coverage(args) -> None:
 
 
 def _demo(args) -> int:
-    from celltron.corpus.demo import build_demo_corpus, stream_one_epoch
+    from celltron.pretrain.demo import run_demo
 
-    corpus = build_demo_corpus(Path(args.out) / "corpus")
-    print(f"demo corpus at {corpus.location}: {corpus.manifest['n_cells']} cells")
-    cells, seconds = stream_one_epoch(corpus, num_workers=args.workers)
-    print(f"streamed one epoch: {cells} cells in {seconds:.2f} s = {cells / seconds:,.0f} cells/s ({args.workers} workers)")
+    run_demo(args.out, args.config, args.max_steps, progress=not args.no_progress)
     return 0
 
 
@@ -144,6 +141,43 @@ def _convert(args) -> int:
 
         out = convert_scgpt(args.source, args.out)
     print(f"converted {args.family} checkpoint {args.source} -> {out}")
+    return 0
+
+
+def _pretrain_config(args):
+    from celltron.pretrain.config import load_config, replace
+
+    config = load_config(args.config, args.set)
+    changes = {"data": {}, "trainer": {}}
+    if args.corpus:
+        changes["data"]["corpus"] = args.corpus
+    for flag, field in (("max_steps", "max_steps"), ("num_nodes", "num_nodes"), ("strategy", "strategy"), ("precision", "precision")):
+        if getattr(args, flag) is not None:
+            changes["trainer"][field] = getattr(args, flag)
+    if args.devices is not None:
+        changes["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
+    return replace(config, **{k: v for k, v in changes.items() if v})
+
+
+def _pretrain(args) -> int:
+    from celltron.pretrain.run import pretrain
+
+    result = pretrain(_pretrain_config(args), args.out, resume=args.resume, init_from=args.init_from)
+    if result.interrupted:
+        print(f"stopped by a signal at step {result.steps}; checkpoint {result.checkpoint}; continue with --resume auto")
+        return 0
+    print(f"pretrained {result.steps} steps; run directory {result.out}")
+    print(f"  metrics:    {result.out / 'metrics.csv'}")
+    print(f"  loss curve: {result.loss_curve}")
+    print(f"  checkpoint: {result.checkpoint}")
+    print(f"  model:      {result.export}  (transformers.AutoModel.from_pretrained after `import celltron`)")
+    return 0
+
+
+def _export(args) -> int:
+    from celltron.pretrain.run import export_checkpoint
+
+    print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.out, args.run_dir)}")
     return 0
 
 
@@ -197,6 +231,27 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--no-progress", action="store_true")
     tokenize.set_defaults(run=_tokenize)
 
+    pretrain = verbs.add_parser("pretrain", help="pretrain a model on a corpus (Lightning; DDP, FSDP or DeepSpeed)")
+    pretrain.add_argument("config", help="run config (configs/pretrain/*.yaml)")
+    pretrain.add_argument("--corpus", help="corpus directory or URL (overrides data.corpus)")
+    pretrain.add_argument("--out", default="runs/pretrain", help="run directory")
+    pretrain.add_argument("--max-steps", type=int)
+    pretrain.add_argument("--devices", help="devices per node (a number or 'auto')")
+    pretrain.add_argument("--num-nodes", type=int)
+    pretrain.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
+                                                 "deepspeed_stage_3_offload", "auto"])
+    pretrain.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
+    pretrain.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint path")
+    pretrain.add_argument("--init-from", help="model folder (exported or converted) to continue pretraining from")
+    pretrain.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
+    pretrain.set_defaults(run=_pretrain)
+
+    export = verbs.add_parser("export", help="export a pretraining checkpoint to a Hugging Face folder")
+    export.add_argument("checkpoint", help="step=N.ckpt file or DeepSpeed checkpoint folder")
+    export.add_argument("--out", required=True)
+    export.add_argument("--run-dir", help="the run directory (default: the checkpoint's grandparent)")
+    export.set_defaults(run=_export)
+
     models = verbs.add_parser("models", help="list model families and named sizes with parameter counts")
     models.set_defaults(run=_models)
 
@@ -207,9 +262,11 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--dictionary", choices=["v1", "v2"], help="geneformer token dictionary (default: from the vocabulary size)")
     convert.set_defaults(run=_convert)
 
-    demo = verbs.add_parser("demo", help="build the bundled PBMC demo corpus and stream one epoch")
+    demo = verbs.add_parser("demo", help="build the bundled PBMC corpus and pretrain the debug Geneformer on it (CPU, ~1 min)")
     demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--workers", type=int, default=0)
+    demo.add_argument("--config", default="configs/pretrain/geneformer_debug.yaml")
+    demo.add_argument("--max-steps", type=int)
+    demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
     return parser
 

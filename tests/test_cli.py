@@ -12,13 +12,6 @@ import scipy.sparse as sp
 from celltron.cli import main
 
 
-def test_demo_builds_the_bundled_corpus_and_streams_an_epoch(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "2700 cells" in out and "cells/s" in out
-    assert (tmp_path / "corpus" / "manifest.json").exists()
-
-
 def test_build_info_validate(tmp_path, pbmc3k, capsys):
     out = tmp_path / "c"
     assert main(["corpus", "build", str(pbmc3k), "--out", str(out), "--no-progress", "--min-genes", "200",

@@ -110,8 +110,9 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
     return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks())
 
 
-def make_tokenizer(scheme: str, data: _Input, max_len: int | None, seed: int):
-    """The tokenizer of `scheme` bound to the input's genes, and its vocabulary."""
+def make_tokenizer(scheme: str, data, max_len: int | None, seed: int):
+    """The tokenizer of `scheme` bound to the data's genes (anything with `gene_ids`,
+    `gene_species` and `medians`: an input here, or a corpus's gene table), and its vocabulary."""
     if scheme in ("geneformer-v1", "geneformer-v2"):
         tokenizer = RankValueTokenizer.geneformer(scheme.split("-")[1], data.gene_ids)
         if max_len:
@@ -126,7 +127,8 @@ def make_tokenizer(scheme: str, data: _Input, max_len: int | None, seed: int):
     raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
 
 
-def _encode(tokenizer, block: Block, rng) -> RaggedTokens:
+def encode(tokenizer, block: Block, rng) -> RaggedTokens:
+    """Tokenise a Block with any tokenizer (each scheme takes different per-cell inputs)."""
     if isinstance(tokenizer, RankValueTokenizer):
         return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.n_counts)
     if isinstance(tokenizer, BinnedTokenizer):
@@ -193,7 +195,7 @@ def _write(tokenizer, data: _Input, work: Path, rng, progress: bool) -> dict:
     writer = None
     bar = tqdm(total=data.n_cells, unit="cells", desc="tokenizing", disable=not progress)
     for block in data.blocks:
-        table = _arrow_table(_encode(tokenizer, block, rng), block)
+        table = _arrow_table(encode(tokenizer, block, rng), block)
         if writer is None:
             writer = pa.ipc.new_stream(str(work / "tokens.arrow"), table.schema)
         writer.write_table(table)

@@ -126,21 +126,30 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         buffer.copy_(matrix)
 
     def forward(self, input_ids, values, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
-                target_values=None, **unused) -> GeneCompassOutput:
+                target_values=None, masked_logits_only: bool = False, **unused) -> GeneCompassOutput:
+        """`masked_logits_only` (with labels): id logits and predicted values of the masked
+        tokens only, (masked tokens, ...) in the order of `labels != -100`."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
         hidden = self.encoder(self.embeddings(input_ids, values, position_ids), plan)
-        logits, predicted_values = self.heads(hidden)
+        cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
         loss = None
+        if masked_logits_only and labels is not None:
+            chosen = labels != -100
+            logits, predicted_values = self.heads(hidden[chosen])
+            labels, target_values = labels[chosen], target_values[chosen] if target_values is not None else None
+        else:
+            logits, predicted_values = self.heads(hidden)
         if labels is not None:
             loss = self._loss(logits, predicted_values, labels, target_values)
-        cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
         return GeneCompassOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells, predicted_values=predicted_values)
 
     def _loss(self, logits, predicted_values, labels, target_values) -> torch.Tensor:
         """id_loss_weight x cross-entropy of the masked ids + value_loss_weight x MSE of their values."""
+        if not (labels != -100).any():
+            return logits.sum() * 0
         id_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
         if target_values is None:
             return id_loss

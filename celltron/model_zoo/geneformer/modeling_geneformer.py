@@ -118,15 +118,24 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.cls.predictions.decoder = embeddings
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None, **unused) -> CellModelOutput:
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
+                masked_logits_only: bool = False, **unused) -> CellModelOutput:
+        """`masked_logits_only` (with labels): project only the masked tokens onto the vocabulary,
+        and return logits of shape (masked tokens, vocab) in the order of `labels != -100` (the
+        vocabulary projection of every token dominates a small model's cost)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
         hidden = self.bert.encoder(self.bert.embeddings(input_ids, position_ids), plan)
+        cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
+        if masked_logits_only and labels is not None:
+            chosen = labels != -100
+            logits = self.cls(hidden[chosen])
+            loss = F.cross_entropy(logits.float(), labels[chosen]) if logits.shape[0] else logits.sum() * 0
+            return CellModelOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells)
         logits = self.cls(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
-        cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
         return CellModelOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells)

@@ -1,0 +1,215 @@
+"""From a corpus to training batches: CorpusStream -> tokenizer -> masking collator, padded
+(grouped by length) or packed, exactly resumable.
+
+Cells are handled in rounds of `round_cells`: a round is tokenised as one block, masked with a
+generator seeded by where the round starts in the stream, and cut into batches. Every batch
+carries its round's start and its index in the round; the data module records those of the
+batches the model actually trained on, so a resumed run restarts each worker's stream at its
+round and skips the batches already used: the same batches, masks included, in the same order,
+whatever the packing, the length grouping or the number of workers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from celltron.corpus.store import Corpus
+from celltron.corpus.stream import CorpusStream, collate_cells
+from celltron.pretrain.config import DataSection
+from celltron.tokenizers.collate import MLMCollator, PackingCollator, ValueMaskingCollator, length_grouped, pack_stream
+from celltron.tokenizers.dataset import Block, encode, make_tokenizer
+
+POSITION_KEY = "stream_position"  # (stream worker, epoch, offset of the round, batches of the round used)
+
+
+@dataclass
+class CorpusGenes:
+    """A corpus's gene table in the shape `make_tokenizer` takes."""
+
+    gene_ids: np.ndarray
+    gene_species: np.ndarray
+    medians: dict
+
+
+def corpus_tokenizer(corpus: Corpus, scheme: str, max_len: int | None, seed: int):
+    genes = CorpusGenes(np.asarray(corpus.gene_ids), np.asarray(corpus.manifest["genes"]["species"]), corpus.gene_medians())
+    tokenizer, _ = make_tokenizer(scheme, genes, max_len, seed)
+    return tokenizer
+
+
+class Masker:
+    """The family's padded masking collator, built per round around that round's generator."""
+
+    def __init__(self, family: str, vocab, section: DataSection):
+        self.family, self.section = family, section
+        self.pad_id = vocab.special_id("pad")
+        self.mask_id = vocab.special_id("mask") if "mask" in vocab.specials else None
+        self.special_ids = [int(i) for i in vocab.special_ids()]
+        self.vocab_size = len(vocab)
+
+    def __call__(self, generator: torch.Generator):
+        if self.family == "scgpt":
+            collator = ValueMaskingCollator(self.pad_id, mask_ratio=self.section.mask_ratio, generator=generator)
+            return _Generative(collator) if self.section.generative else collator
+        values_key = "values" if self.family == "genecompass" else None
+        return MLMCollator(self.pad_id, self.mask_id, self.special_ids, self.vocab_size, self.section.mask_probability,
+                           generator=generator, values_key=values_key)
+
+
+class _Generative:
+    """scGPT's generative mode: the hidden values are the genes to generate."""
+
+    def __init__(self, collator: ValueMaskingCollator):
+        self.collator, self.pad_value = collator, collator.pad_value
+
+    def __call__(self, cells):
+        batch = self.collator(cells)
+        batch["gen_mask"] = (batch["values"] == self.collator.mask_value) & batch["attention_mask"].bool()
+        return batch
+
+
+class TokenBatches(IterableDataset):
+    """Batches of one corpus split, in rounds (see the module docstring).
+
+    Args:
+        stream: the split's CorpusStream (its rank/world are fixed when iteration starts).
+        tokenizer: bound to the corpus's genes.
+        masker: a Masker.
+        section: batch size, packing, round size.
+        seed: seeds every round's generator together with the round's position.
+        resume: {stream worker: (epoch, offset, batches used)} and the worker rotation.
+    """
+
+    def __init__(self, stream: CorpusStream, tokenizer, masker: Masker, section: DataSection, seed: int,
+                 resume: dict | None = None, rotation: int = 0):
+        super().__init__()
+        self.stream, self.tokenizer, self.masker, self.section, self.seed = stream, tokenizer, masker, section, seed
+        self.resume, self.rotation = dict(resume or {}), rotation
+        categories = stream.corpus.manifest["obs_categories"]
+        self.species_names = list(categories.get("species", []))
+
+    def __iter__(self):
+        worker, num_workers = (0, 1) if get_worker_info() is None else (get_worker_info().id, get_worker_info().num_workers)
+        stream_worker = (worker + self.rotation) % num_workers
+        rank = self.stream._placement()[0]
+        start = tuple(self.resume[stream_worker][:2]) if stream_worker in self.resume else (self.stream.epoch, 0)
+        skip = self.resume[stream_worker][2] if stream_worker in self.resume else 0
+        # the stream resumes at the round's start; its own rotation matches ours
+        self.stream._positions = {stream_worker: start}
+        self.stream._rotation, self.stream._resume_workers = self.rotation, None
+        cells = iter(self.stream)
+        while True:
+            raw = list(itertools.islice(cells, self.section.round_cells))
+            if not raw:
+                return
+            generator = torch.Generator().manual_seed(_round_seed(self.seed, rank, stream_worker, start))
+            for index, batch in enumerate(self._round_batches(raw, generator)):
+                if index < skip:
+                    continue
+                batch[POSITION_KEY] = torch.tensor([stream_worker, start[0], start[1], index + 1])
+                yield batch
+            skip = 0
+            start = tuple(self.stream._positions[stream_worker])
+
+    def _round_batches(self, raw: list[dict], generator: torch.Generator):
+        flat = collate_cells(raw)
+        species = [self.species_names[c] if c >= 0 else None for c in flat.get("species", np.full(len(raw), -1))]
+        block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {})
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+        tokens = encode(self.tokenizer, block, rng)
+        cells = [{"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}
+                 for i in range(len(tokens))]
+        masker = self.masker(generator)
+        if self.section.packing:
+            packer = PackingCollator(self.section.max_tokens, self.masker.pad_id, masker)
+            packs = list(pack_stream(iter(cells), self.section.max_tokens))
+            for lo in range(0, len(packs), self.section.batch_size):
+                group = packs[lo : lo + self.section.batch_size]
+                yield _counted(packer(group), sum(len(p) for p in group))
+        else:
+            groups = length_grouped(cells, self.section.batch_size, math.ceil(len(cells) / self.section.batch_size), generator)
+            for group in groups:
+                yield _counted(masker(group), len(group))
+
+
+def _counted(batch: dict, n_cells: int) -> dict:
+    batch["n_cells"] = torch.tensor(n_cells)
+    batch["n_tokens"] = batch["attention_mask"].sum()
+    return batch
+
+
+def _round_seed(seed: int, rank: int, worker: int, start: tuple[int, int]) -> int:
+    return int(np.random.SeedSequence([seed, rank, worker, int(start[0]), int(start[1])]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class PretrainDataModule(pl.LightningDataModule):
+    """Training and validation batches of a corpus for one model family; its state (saved in
+    every checkpoint) is where each rank's workers stand, from the batches actually trained on."""
+
+    def __init__(self, corpus: Corpus, family: str, tokenizer, section: DataSection, seed: int):
+        super().__init__()
+        self.corpus, self.family, self.tokenizer, self.section, self.seed = corpus, family, tokenizer, section, seed
+        self.masker = Masker(family, tokenizer.vocab, section)
+        self._resume: dict = {}
+        self._rotation = 0
+        self._used: dict[int, tuple[int, int, int]] = {}
+        self._batches_used = 0
+
+    def _stream(self, split: str, infinite: bool) -> CorpusStream:
+        return CorpusStream(self.corpus, split=split, seed=self.seed, block_size=self.section.block_size,
+                            buffer_size=self.section.buffer_size, infinite=infinite, shuffle=infinite)
+
+    def _loader(self, dataset: IterableDataset, workers: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
+                          multiprocessing_context="fork" if workers else None)
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = TokenBatches(self._stream("train", True), self.tokenizer, self.masker, self.section, self.seed,
+                               self._resume, self._rotation)
+        return self._loader(dataset, self.section.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.corpus.shards("val"):
+            return []
+        return self._loader(TokenBatches(self._stream("val", False), self.tokenizer, self.masker, self.section, self.seed + 1), 0)
+
+    # ------------------------------------------------------------ resume
+
+    def record(self, position: torch.Tensor) -> None:
+        """Note a batch the model trained on (called once per training batch)."""
+        worker, epoch, offset, used = (int(v) for v in position.tolist())
+        self._used[worker] = (epoch, offset, used)
+        self._batches_used += 1
+
+    def _my_state(self) -> dict:
+        workers = max(self.section.num_workers, 1)
+        resume = {**self._resume, **self._used}
+        return {"workers": {int(w): list(p) for w, p in resume.items()},
+                "rotation": (self._rotation + self._batches_used) % workers, "num_workers": workers}
+
+    def state_dict(self) -> dict:
+        mine = self._my_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            every = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, mine)
+            return {"ranks": every}
+        return {"ranks": [mine]}
+
+    def load_state_dict(self, state: dict) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        ranks = state["ranks"]
+        if rank >= len(ranks):
+            raise ValueError(f"checkpoint holds the data positions of {len(ranks)} ranks; resume with the same number of ranks")
+        mine = ranks[rank]
+        if mine["num_workers"] != max(self.section.num_workers, 1):
+            raise ValueError(f"checkpoint was taken with data.num_workers={mine['num_workers']}; resume with the same (the batch order depends on it)")
+        self._resume = {int(w): tuple(p) for w, p in mine["workers"].items()}
+        self._rotation = mine["rotation"]
+        self._used, self._batches_used = {}, 0

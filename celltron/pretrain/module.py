@@ -1,0 +1,110 @@
+"""The LightningModule of pretraining: one for every family, since each model computes its own
+objective (masked genes for geneformer; masked expression + MVC, optionally generative, for
+scgpt; masked ids + values for genecompass) from the collator's batch."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from celltron.pretrain.config import OptimSection
+from celltron.pretrain.data import POSITION_KEY
+
+BATCH_COUNTS = ("n_cells", "n_tokens")
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class PretrainModule(pl.LightningModule):
+    """Wraps a celltron model; logs loss, learning rate, gradient norm and masked accuracy."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimSection, max_steps: int):
+        super().__init__()
+        self.model, self.optim, self.max_steps = model, optim, max_steps
+        self.last_batch: dict = {}  # counts of the latest training batch, for throughput
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def _split(self, batch: dict) -> tuple[dict, dict]:
+        extras = {key: batch.pop(key) for key in (POSITION_KEY, *BATCH_COUNTS) if key in batch}
+        batch.pop("max_seqlen", None)
+        if "labels" in batch:  # vocabulary logits of the masked tokens only
+            batch["masked_logits_only"] = True
+        return batch, extras
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        batch, extras = self._split(batch)
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=int(extras.get("n_cells", 1)))
+        self.last_batch = {**{k: float(v) for k, v in extras.items() if k in BATCH_COUNTS}, "row_length": batch["input_ids"].shape[1]}
+        if POSITION_KEY in extras:
+            self.trainer.datamodule.record(extras[POSITION_KEY])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        batch, extras = self._split(batch)
+        out = self.model(**batch)
+        n = int(extras.get("n_cells", 1))
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=n)
+        labels = batch.get("labels")
+        if labels is not None and out.logits is not None:
+            targets = labels[labels != -100]
+            if len(targets):
+                accuracy = (out.logits.argmax(-1) == targets).float().mean()
+                self.log("val/masked_accuracy", accuracy, sync_dist=True, batch_size=len(targets))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), on_step=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, parameter in self.model.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # RNG states travel with the checkpoint, so dropout after a resume draws what it would have.
+    # They are put back when training starts, after everything that set-up may draw.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        name, keys, position, has_gauss, gauss = np.random.get_state()
+        # tensors and plain numbers only, so that checkpoints load with torch.load(weights_only=True)
+        numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._restored_rng = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        rng, self._restored_rng = getattr(self, "_restored_rng", None), None
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        state = rng["numpy"]
+        np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]))
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])

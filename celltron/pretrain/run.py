@@ -1,0 +1,233 @@
+"""A pretraining run from a config: corpus -> tokenizer -> model -> Lightning Trainer, then the
+final checkpoint, a Hugging Face export and a loss curve.
+
+The run directory (`out`) holds:
+    config.yaml       the resolved config
+    model/            the model's config.json and the tokenizer files (what export needs)
+    metrics.csv       one row per logged step (and per validation)
+    checkpoints/      step=N.ckpt (files, or folders for DeepSpeed), complete or absent
+    export/           the Hugging Face folder written at the end
+    loss.png          the loss curve
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from celltron.pretrain.config import PretrainConfig
+
+MODEL_DIR, CHECKPOINT_DIR, EXPORT_DIR = "model", "checkpoints", "export"
+
+
+@dataclasses.dataclass
+class RunResult:
+    out: Path
+    steps: int
+    interrupted: bool
+    checkpoint: Path | None
+    export: Path | None
+    loss_curve: Path | None
+
+
+def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = None):
+    """The run's model: a named size sized to the tokenizer's vocabulary, or `init_from` (an
+    exported or converted folder) whose vocabulary must be the tokenizer's."""
+    from celltron.model_zoo import FAMILIES, build_model
+
+    vocab = tokenizer.vocab
+    if init_from:
+        model = FAMILIES[config.model.family].model_class.from_pretrained(init_from)
+        if model.config.vocab_size != len(vocab):
+            raise ValueError(f"{init_from}: model vocabulary has {model.config.vocab_size} tokens, the tokenizer "
+                             f"{len(vocab)}; continue pretraining with the tokenizer saved in that folder")
+        return model
+    overrides = dict(config.model.overrides)
+    overrides.setdefault("pad_token_id", vocab.special_id("pad"))
+    if config.model.family == "genecompass":
+        species = sorted(role for role in vocab.specials if role not in ("pad", "mask", "cls", "eos"))
+        overrides.setdefault("species_token_ids", [vocab.special_id(s) for s in species])
+    if config.model.family != "scgpt":
+        longest = getattr(tokenizer, "max_len", 2048) + 2
+        size_positions = FAMILIES[config.model.family].sizes[config.model.size].get("max_position_embeddings", 512)
+        overrides.setdefault("max_position_embeddings", max(size_positions, longest))
+    return build_model(config.model.family, config.model.size, vocab_size=len(vocab), **overrides)
+
+
+def _strategy(config: PretrainConfig):
+    name = config.trainer.strategy
+    if not name.startswith("deepspeed"):
+        return name
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if config.trainer.deepspeed_config:
+        settings = json.loads(Path(config.trainer.deepspeed_config).read_text())
+        zero = settings.get("zero_optimization", {})
+        wanted, offload = int(name.split("_")[2]), name.endswith("offload")
+        if zero.get("stage") != wanted or ("offload_optimizer" in zero) != offload:
+            raise ValueError(f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
+                             f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{wanted}"
+                             f"{'_offload' if offload else ''}.json")
+        return DeepSpeedStrategy(config=settings)
+    return name
+
+
+def _loggers(config: PretrainConfig, out: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(out, name="lightning_logs")]
+    if config.logging.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
+        loggers.append(WandbLogger(project=config.logging.project, name=config.logging.name, save_dir=str(out), offline=offline))
+    return loggers
+
+
+def resolve_resume(resume: str | None, out: Path) -> Path | None:
+    from celltron.pretrain.checkpoints import latest_checkpoint
+
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(out / CHECKPOINT_DIR)
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: str | None = None,
+             callbacks: list | None = None) -> RunResult:
+    """Run (or continue, with resume='auto' or a checkpoint path) the pretraining `config`
+    describes, writing everything under `out`. `callbacks`: extra Lightning callbacks, run
+    before celltron's own."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from celltron.corpus.store import Corpus
+    from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
+    from celltron.pretrain.checkpoints import AtomicCheckpointIO
+    from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
+    from celltron.pretrain.module import PretrainModule
+
+    out = Path(out)
+    if not config.data.corpus:
+        raise ValueError("no corpus: set data.corpus in the config or pass --corpus DIR_OR_URL")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
+
+    corpus = Corpus(config.data.corpus, config.data.storage_options or None)
+    tokenizer = corpus_tokenizer(corpus, config.tokenizer.scheme, config.tokenizer.max_len, config.trainer.seed)
+    model = build_model_for(config, tokenizer, init_from)
+    if config.trainer.activation_checkpointing:
+        model.activation_checkpointing_enable()
+    model.config.save_pretrained(out / MODEL_DIR)
+    tokenizer.save_pretrained(out / MODEL_DIR)
+
+    data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
+    module = PretrainModule(model, config.optim, config.trainer.max_steps)
+    checkpoints = out / CHECKPOINT_DIR
+    signals = StopOnSignal(checkpoints)
+    every = ModelCheckpoint(dirpath=checkpoints, filename="step={step}", auto_insert_metric_name=False,
+                            every_n_train_steps=config.trainer.checkpoint_every, save_top_k=-1, save_last=False)
+    strategy = _strategy(config)
+    deepspeed = config.trainer.strategy.startswith("deepspeed")
+    trainer = pl.Trainer(
+        max_steps=config.trainer.max_steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes, strategy=strategy, precision=config.trainer.precision,
+        deterministic=config.trainer.deterministic, val_check_interval=config.trainer.val_every,
+        check_val_every_n_epoch=None, limit_val_batches=config.data.val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=config.trainer.log_every, gradient_clip_val=config.optim.grad_clip or None,
+        accumulate_grad_batches=config.optim.accumulate, default_root_dir=out, use_distributed_sampler=False,
+        callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals],
+        plugins=None if deepspeed else [AtomicCheckpointIO()], logger=_loggers(config, out),
+        enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
+    )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=resolve_resume(resume, out))
+    except SIGTERMException:
+        # Lightning's own SIGTERM handling ends fit with this exception; ours has already
+        # saved a checkpoint at the end of the step, which makes it a clean stop
+        if not signals.interrupted:
+            raise
+
+    final = checkpoints / f"step={trainer.global_step}.ckpt"
+    if not signals.interrupted and not final.exists():
+        trainer.save_checkpoint(final)
+    export = loss_curve = None
+    if not signals.interrupted and trainer.is_global_zero:
+        export = export_checkpoint(final, out / EXPORT_DIR, run_dir=out)
+        loss_curve = plot_loss(out / "metrics.csv", out / "loss.png")
+    return RunResult(out, trainer.global_step, signals.interrupted, final if final.exists() else None, export, loss_curve)
+
+
+def export_checkpoint(checkpoint, out, run_dir=None) -> Path:
+    """A pretraining checkpoint (Lightning file or DeepSpeed folder, any ZeRO stage) -> a
+    Hugging Face folder: config.json, model.safetensors, tokenizer files."""
+    from transformers import AutoConfig
+
+    import celltron  # noqa: F401  (Auto-class registration)
+    from celltron.model_zoo import FAMILIES
+    from celltron.model_zoo.common import write_folder_atomically
+    from celltron.pretrain.checkpoints import model_state_from_checkpoint
+
+    checkpoint = Path(checkpoint)
+    run_dir = Path(run_dir) if run_dir else checkpoint.parent.parent
+    model_dir = run_dir / MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)")
+    model_config = AutoConfig.from_pretrained(model_dir)
+    family = next((f for f in FAMILIES.values() if isinstance(model_config, f.config_class)), FAMILIES["geneformer"])
+    if family.name == "geneformer":
+        model_config = family.config_class.from_pretrained(model_dir)
+    model = family.model_class(model_config)
+    state = model_state_from_checkpoint(checkpoint)
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{checkpoint}: weights do not fit {model_dir}/config.json; missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+    def fill(folder: Path) -> None:
+        model.save_pretrained(folder)
+        for item in model_dir.iterdir():
+            if item.name != "config.json":
+                shutil.copy2(item, folder / item.name)
+
+    return write_folder_atomically(out, fill)
+
+
+def plot_loss(metrics_csv, png) -> Path | None:
+    """Training (and validation) loss against step, from metrics.csv."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(Path(metrics_csv).open()))
+    train = [(int(r["step"]), float(r["loss"])) for r in rows if r.get("loss")]
+    val = [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
+    if not train:
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(*zip(*train), label="train loss")
+    if val:
+        axis.plot(*zip(*val), "o-", label="validation loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png, dpi=100)
+    plt.close(figure)
+    return Path(png)
