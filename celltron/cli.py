@@ -163,8 +163,10 @@ def _pretrain(args) -> int:
     from celltron.pretrain.run import pretrain
 
     result = pretrain(_pretrain_config(args), args.out, resume=args.resume, init_from=args.init_from)
+    if not result.is_global_zero:
+        return 0
     if result.interrupted:
-        print(f"stopped by a signal at step {result.steps}; checkpoint {result.checkpoint}; continue with --resume auto")
+        print(f"stopped at step {result.steps} (signal or trainer.stop_at_step); checkpoint {result.checkpoint}; continue with --resume auto")
         return 0
     print(f"pretrained {result.steps} steps; run directory {result.out}")
     print(f"  metrics:    {result.out / 'metrics.csv'}")

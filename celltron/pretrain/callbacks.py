@@ -16,7 +16,8 @@ from celltron.model_zoo.registry import flops_per_token
 
 # dense bf16 peak of one device, FLOP/s, for model FLOP utilisation (NVIDIA data sheets)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "cells_per_s", "tokens_per_s", "mfu", "val_loss", "val_masked_accuracy"]
+METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "cells_per_s", "tokens_per_s", "mfu", "data_wait", "val_loss",
+                  "val_masked_accuracy"]
 
 
 def device_peak_flops() -> float | None:
@@ -28,14 +29,16 @@ def device_peak_flops() -> float | None:
 
 class ThroughputAndMetrics(pl.Callback):
     """Every `log_every` steps: cells/s and tokens/s (non-padding, all ranks), MFU on a known
-    GPU, logged to Lightning's loggers and appended (rank 0) to `metrics.csv` with the step's
-    loss, learning rate and gradient norm. Validation results get rows of their own."""
+    GPU, and `data_wait`, the share of the interval the training loop spent between batches
+    (fetching the next one), logged to Lightning's loggers and appended (rank 0) to
+    `metrics.csv` with the step's loss, learning rate and gradient norm. Validation results get
+    rows of their own."""
 
     def __init__(self, path, log_every: int):
         self.path, self.log_every = Path(path), log_every
         self.peak = device_peak_flops()
-        self._cells = self._tokens = 0.0
-        self._since = None
+        self._cells = self._tokens = self._waited = 0.0
+        self._since = self._batch_end = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._since = time.perf_counter()
@@ -44,7 +47,12 @@ class ThroughputAndMetrics(pl.Callback):
             with self.path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(METRICS_FIELDS)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._batch_end is not None:
+            self._waited += time.perf_counter() - self._batch_end
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batch_end = time.perf_counter()
         counts = pl_module.last_batch
         self._cells += counts.get("n_cells", 0.0)
         self._tokens += counts.get("n_tokens", 0.0)
@@ -54,18 +62,20 @@ class ThroughputAndMetrics(pl.Callback):
         totals = trainer.strategy.reduce(torch.tensor([self._cells, self._tokens], device=pl_module.device), reduce_op="sum")
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         cells_per_s, tokens_per_s = float(totals[0]) / elapsed, float(totals[1]) / elapsed
-        self._cells = self._tokens = 0.0
-        self._since = time.perf_counter()
         row = {"step": step, "loss": float(outputs["loss"]), "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "cells_per_s": cells_per_s, "tokens_per_s": tokens_per_s}
+               "cells_per_s": cells_per_s, "tokens_per_s": tokens_per_s, "data_wait": self._waited / elapsed}
+        self._cells = self._tokens = self._waited = 0.0
+        self._since = time.perf_counter()
         grad_norm = trainer.callback_metrics.get("train/grad_norm")
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         if self.peak:
             per_device = tokens_per_s / trainer.world_size
             row["mfu"] = flops_per_token(pl_module.model.config, int(counts.get("row_length", 1))) * per_device / self.peak
-        pl_module.log_dict({f"train/{k}": v for k, v in row.items() if k in ("lr", "cells_per_s", "tokens_per_s", "mfu")},
-                           on_step=True, rank_zero_only=True)
+        for key in ("lr", "cells_per_s", "tokens_per_s", "mfu", "data_wait"):
+            if key in row:
+                pl_module.log(f"train/{key}", row[key], on_step=True, rank_zero_only=True,
+                              prog_bar=key in ("cells_per_s", "tokens_per_s", "mfu"))
         self._append(trainer, row)
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -87,13 +97,15 @@ class ThroughputAndMetrics(pl.Callback):
 
 
 class StopOnSignal(pl.Callback):
-    """On SIGTERM or SIGUSR1 (any rank), save a checkpoint after the current step and stop.
-    Pretraining knows nothing of schedulers; launch scripts rely on this to requeue."""
+    """On SIGTERM or SIGUSR1 (any rank), or at `stop_at_step`, save a checkpoint after the
+    current step and stop. Pretraining knows nothing of schedulers; launch scripts rely on this
+    to requeue."""
 
     SIGNALS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self, checkpoint_dir):
+    def __init__(self, checkpoint_dir, stop_at_step: int | None = None):
         self.checkpoint_dir = Path(checkpoint_dir)
+        self.stop_at_step = stop_at_step
         self.received: str | None = None
         self.interrupted = False
         self._previous = {}
@@ -112,7 +124,8 @@ class StopOnSignal(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.fit_loop._should_accumulate():
             return
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        due = self.stop_at_step is not None and trainer.global_step >= self.stop_at_step
+        if trainer.strategy.reduce_boolean_decision(self.received is not None or due, all=False):
             trainer.save_checkpoint(self.checkpoint_dir / f"step={trainer.global_step}.ckpt")
             self.interrupted = True
             trainer.should_stop = True

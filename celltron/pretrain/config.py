@@ -88,7 +88,9 @@ class TrainerSection:
     CPU). deterministic: deterministic algorithms (exact resume on CPU). seed: everything.
     activation_checkpointing: recompute layer activations in the backward pass.
     deepspeed_config: a DeepSpeed JSON (configs/deepspeed/) used with the deepspeed strategies;
-        its ZeRO stage must be the strategy's."""
+        its ZeRO stage must be the strategy's.
+    stop_at_step: end this invocation at that step with a checkpoint, the schedule still
+        running to max_steps (a long run in fixed-length jobs; continue with --resume auto)."""
 
     max_steps: int = 300
     val_every: int = 100
@@ -103,6 +105,7 @@ class TrainerSection:
     seed: int = 0
     activation_checkpointing: bool = False
     deepspeed_config: str | None = None
+    stop_at_step: int | None = None
 
 
 @dataclass

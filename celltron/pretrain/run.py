@@ -33,6 +33,7 @@ class RunResult:
     checkpoint: Path | None
     export: Path | None
     loss_curve: Path | None
+    is_global_zero: bool = True
 
 
 def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = None):
@@ -59,22 +60,40 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
     return build_model(config.model.family, config.model.size, vocab_size=len(vocab), **overrides)
 
 
+def _deepspeed_class(config: PretrainConfig):
+    """Lightning's DeepSpeedStrategy; on CPU only the test subclass, and only when asked for."""
+    import torch
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if not on_cpu:
+        return DeepSpeedStrategy
+    from celltron.testing.deepspeed_cpu import SWITCH, CPUDeepSpeedStrategy
+
+    if os.environ.get(SWITCH) != "1":
+        raise ValueError(f"trainer.strategy {config.trainer.strategy}: DeepSpeed needs CUDA GPUs; use ddp on CPU "
+                         f"(tests can run DeepSpeed on CPU with {SWITCH}=1)")
+    return CPUDeepSpeedStrategy
+
+
 def _strategy(config: PretrainConfig):
     name = config.trainer.strategy
     if not name.startswith("deepspeed"):
         return name
-    from lightning.pytorch.strategies import DeepSpeedStrategy
-
+    DeepSpeedStrategy = _deepspeed_class(config)
+    stage, offload = int(name.split("_")[2]), name.endswith("offload")
     if config.trainer.deepspeed_config:
         settings = json.loads(Path(config.trainer.deepspeed_config).read_text())
         zero = settings.get("zero_optimization", {})
-        wanted, offload = int(name.split("_")[2]), name.endswith("offload")
-        if zero.get("stage") != wanted or ("offload_optimizer" in zero) != offload:
+        if zero.get("stage") != stage or ("offload_optimizer" in zero) != offload:
             raise ValueError(f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
-                             f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{wanted}"
+                             f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{stage}"
                              f"{'_offload' if offload else ''}.json")
+        # batches come from an iterable dataset; DeepSpeed only logs this figure
+        settings.setdefault("train_micro_batch_size_per_gpu", config.data.batch_size)
         return DeepSpeedStrategy(config=settings)
-    return name
+    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload,
+                             logging_batch_size_per_gpu=config.data.batch_size)
 
 
 def _loggers(config: PretrainConfig, out: Path) -> list:
@@ -118,11 +137,16 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
     from celltron.pretrain.module import PretrainModule
 
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
     out = Path(out)
     if not config.data.corpus:
         raise ValueError("no corpus: set data.corpus in the config or pass --corpus DIR_OR_URL")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    # every process builds the same run; the first (rank from the launcher's environment) writes it
+    writer = rank_zero_only.rank == 0
+    if writer:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     corpus = Corpus(config.data.corpus, config.data.storage_options or None)
@@ -130,13 +154,14 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     model = build_model_for(config, tokenizer, init_from)
     if config.trainer.activation_checkpointing:
         model.activation_checkpointing_enable()
-    model.config.save_pretrained(out / MODEL_DIR)
-    tokenizer.save_pretrained(out / MODEL_DIR)
+    if writer:
+        model.config.save_pretrained(out / MODEL_DIR)
+        tokenizer.save_pretrained(out / MODEL_DIR)
 
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
     module = PretrainModule(model, config.optim, config.trainer.max_steps)
     checkpoints = out / CHECKPOINT_DIR
-    signals = StopOnSignal(checkpoints)
+    signals = StopOnSignal(checkpoints, config.trainer.stop_at_step)
     every = ModelCheckpoint(dirpath=checkpoints, filename="step={step}", auto_insert_metric_name=False,
                             every_n_train_steps=config.trainer.checkpoint_every, save_top_k=-1, save_last=False)
     strategy = _strategy(config)
@@ -167,7 +192,8 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     if not signals.interrupted and trainer.is_global_zero:
         export = export_checkpoint(final, out / EXPORT_DIR, run_dir=out)
         loss_curve = plot_loss(out / "metrics.csv", out / "loss.png")
-    return RunResult(out, trainer.global_step, signals.interrupted, final if final.exists() else None, export, loss_curve)
+    return RunResult(out, trainer.global_step, signals.interrupted, final if final.exists() else None, export, loss_curve,
+                     trainer.is_global_zero)
 
 
 def export_checkpoint(checkpoint, out, run_dir=None) -> Path:

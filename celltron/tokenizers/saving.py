@@ -7,6 +7,7 @@ schemes that divide by gene medians, `gene_medians.json`. All JSON: nothing exec
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from celltron.tokenizers.vocab import GeneVocab
@@ -15,8 +16,11 @@ CONFIG_FILE = "tokenizer_config.json"
 MEDIANS_FILE = "gene_medians.json"
 
 
-def _write_json(path: Path, payload) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+def write_json_atomically(path: Path, payload) -> None:
+    """Write JSON under a temporary name unique to this process, then rename: readers (and
+    other processes writing the same file) never see a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(payload))
     tmp.replace(path)
 
@@ -26,9 +30,9 @@ def save_tokenizer(tokenizer, directory) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.vocab.save_pretrained(directory)
-    _write_json(directory / CONFIG_FILE, {"scheme": tokenizer.SCHEME, "settings": tokenizer.settings()})
+    write_json_atomically(directory / CONFIG_FILE, {"scheme": tokenizer.SCHEME, "settings": tokenizer.settings()})
     if getattr(tokenizer, "medians", None) is not None:
-        _write_json(directory / MEDIANS_FILE, tokenizer.medians)
+        write_json_atomically(directory / MEDIANS_FILE, tokenizer.medians)
     return directory
 
 

@@ -132,9 +132,9 @@ class GeneVocab:
             "name": self.name, "specials": self.specials, "tokens": self.tokens,
             "ensembl_ids": self.ensembl_ids, "aliases": self.aliases,
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
+        from celltron.tokenizers.saving import write_json_atomically
+
+        write_json_atomically(path, payload)
         return path
 
     @classmethod

@@ -94,3 +94,22 @@ def test_config_errors_name_the_field(tmp_path):
 def test_pretrain_without_a_corpus_says_how(tmp_path, capsys):
     assert main(["pretrain", str(CONFIGS / "pretrain" / "geneformer_debug.yaml"), "--out", str(tmp_path)]) == 2
     assert "--corpus" in capsys.readouterr().err
+
+
+def test_init_from_an_exported_model_continues_where_it_ended(demo_corpus, tmp_path):
+    config = _quick("genecompass_debug.yaml", demo_corpus, trainer={"max_steps": 30, "log_every": 10, "val_every": 100,
+                                                                   "checkpoint_every": 100})
+    first = pretrain(config, tmp_path / "first")
+    again = pretrain(replace(config, trainer={"max_steps": 10, "log_every": 10}), tmp_path / "again", init_from=str(first.export))
+    scratch = pretrain(replace(config, trainer={"max_steps": 10, "log_every": 10}), tmp_path / "scratch")
+    assert dict(_losses(tmp_path / "again"))[10] < dict(_losses(tmp_path / "scratch"))[10]
+    assert again.export is not None and scratch.export is not None
+
+
+def test_wandb_logs_offline_without_a_key(demo_corpus, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    config = _quick("scgpt_debug.yaml", demo_corpus, logging={"wandb": True, "name": "offline-test"},
+                    trainer={"max_steps": 4, "log_every": 2, "val_every": 100, "checkpoint_every": 100})
+    pretrain(config, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
