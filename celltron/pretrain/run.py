@@ -76,8 +76,21 @@ def _deepspeed_class(config: PretrainConfig):
     return CPUDeepSpeedStrategy
 
 
+def _fsdp_strategy():
+    """FSDP sharding each Transformer layer (the unit of all-gather), saving full checkpoints
+    (one consolidated file, exportable like any other)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from celltron.model_zoo.common import Layer as BertLayer
+    from celltron.model_zoo.scgpt.modeling_scgpt import EncoderLayer as ScGPTLayer
+
+    return FSDPStrategy(auto_wrap_policy={BertLayer, ScGPTLayer}, state_dict_type="full")
+
+
 def _strategy(config: PretrainConfig):
     name = config.trainer.strategy
+    if name == "fsdp":
+        return _fsdp_strategy()
     if not name.startswith("deepspeed"):
         return name
     DeepSpeedStrategy = _deepspeed_class(config)
