@@ -183,6 +183,22 @@ def _export(args) -> int:
     return 0
 
 
+def _launch(args) -> int:
+    from celltron.launch import launch, load_cluster
+
+    spec = load_cluster(args.cluster, backend=args.backend, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        hosts=args.hosts.split(",") if args.hosts else None, port=args.port, job_name=args.job_name,
+                        partition=args.partition, account=args.account, qos=args.qos, time=args.time)
+    written = launch(spec, args.config, args.out, args.pretrain_args, dry_run=args.dry_run, node_rank=args.node_rank)
+    for path in written["files"]:
+        print(f"wrote {path}")
+    for command in written["commands"]:
+        print(command)
+    if written["job_id"]:
+        print(f"submitted SLURM job {written['job_id']}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="celltron", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -254,6 +270,24 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--run-dir", help="the run directory (default: the checkpoint's grandparent)")
     export.set_defaults(run=_export)
 
+    launch = verbs.add_parser("launch", help="write (and submit) the commands of a multi-node pretraining run")
+    launch.add_argument("config", help="run config (configs/pretrain/*.yaml)")
+    launch.add_argument("--cluster", help="cluster spec (configs/launch/*.yaml); flags override it")
+    launch.add_argument("--backend", choices=["torchrun", "slurm", "deepspeed"])
+    launch.add_argument("--nodes", type=int)
+    launch.add_argument("--gpus-per-node", type=int)
+    launch.add_argument("--hosts", help="comma-separated node host names (first: rendezvous / master)")
+    launch.add_argument("--port", type=int)
+    launch.add_argument("--job-name")
+    launch.add_argument("--partition")
+    launch.add_argument("--account")
+    launch.add_argument("--qos")
+    launch.add_argument("--time", help="HH:MM:SS")
+    launch.add_argument("--out", default="runs/pretrain", help="shared run directory (checkpoints, logs, export)")
+    launch.add_argument("--node-rank", type=int, help="torchrun: run this node's command here")
+    launch.add_argument("--dry-run", action="store_true", help="write and print, submit nothing")
+    launch.set_defaults(run=_launch, pretrain_args=[])  # after `--`: more `celltron pretrain` arguments
+
     models = verbs.add_parser("models", help="list model families and named sizes with parameter counts")
     models.set_defaults(run=_models)
 
@@ -274,7 +308,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed_on = []
+    if "--" in argv:  # `celltron launch ... -- --corpus s3://...`: arguments for every pretrain process
+        cut = argv.index("--")
+        argv, passed_on = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
+    if passed_on:
+        if args.verb != "launch":
+            raise SystemExit(f"celltron {args.verb}: unexpected arguments after --: {passed_on}")
+        args.pretrain_args = passed_on
     try:
         return args.run(args)
     except USER_ERRORS as error:

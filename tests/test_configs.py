@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from celltron.corpus import BuildOptions
+from celltron.launch import load_cluster
 from celltron.pretrain.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -19,7 +20,7 @@ def _pretrain(path):
     return config
 
 
-LOADERS = {"corpus": BuildOptions.from_yaml, "pretrain": _pretrain}
+LOADERS = {"corpus": BuildOptions.from_yaml, "pretrain": _pretrain, "launch": load_cluster}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))

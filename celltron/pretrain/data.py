@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -203,13 +204,22 @@ class PretrainDataModule(pl.LightningDataModule):
         return {"ranks": [mine]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume each worker at its round. A checkpoint of another job shape (ranks or
+        workers) cannot place this rank's workers exactly: the data then continues at the start
+        of the epoch after the furthest any worker had reached (a warning says so)."""
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
         ranks = state["ranks"]
-        if rank >= len(ranks):
-            raise ValueError(f"checkpoint holds the data positions of {len(ranks)} ranks; resume with the same number of ranks")
-        mine = ranks[rank]
-        if mine["num_workers"] != max(self.section.num_workers, 1):
-            raise ValueError(f"checkpoint was taken with data.num_workers={mine['num_workers']}; resume with the same (the batch order depends on it)")
-        self._resume = {int(w): tuple(p) for w, p in mine["workers"].items()}
-        self._rotation = mine["rotation"]
+        workers = max(self.section.num_workers, 1)
         self._used, self._batches_used = {}, 0
+        if len(ranks) == world and ranks[rank]["num_workers"] == workers:
+            mine = ranks[rank]
+            self._resume = {int(w): tuple(p) for w, p in mine["workers"].items()}
+            self._rotation = mine["rotation"]
+            return
+        furthest = max((p[0] for saved in ranks for p in saved["workers"].values()), default=-1)
+        warnings.warn(f"checkpoint holds the data positions of {len(ranks)} ranks x {ranks[0]['num_workers']} workers, this job "
+                      f"has {world} x {workers}: data continues at the start of epoch {furthest + 1} (exact batch-for-batch "
+                      "resume needs the same shape)", stacklevel=2)
+        self._resume = {w: (furthest + 1, 0, 0) for w in range(workers)}
+        self._rotation = 0

@@ -148,6 +148,7 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
     from celltron.pretrain.checkpoints import AtomicCheckpointIO
     from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
+    from celltron.pretrain.environment import check_slurm_shape
     from celltron.pretrain.module import PretrainModule
 
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -155,6 +156,7 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     out = Path(out)
     if not config.data.corpus:
         raise ValueError("no corpus: set data.corpus in the config or pass --corpus DIR_OR_URL")
+    check_slurm_shape(config.trainer.num_nodes, config.trainer.devices)
     out.mkdir(parents=True, exist_ok=True)
     # every process builds the same run; the first (rank from the launcher's environment) writes it
     writer = rank_zero_only.rank == 0
@@ -179,6 +181,12 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
                             every_n_train_steps=config.trainer.checkpoint_every, save_top_k=-1, save_last=False)
     strategy = _strategy(config)
     deepspeed = config.trainer.strategy.startswith("deepspeed")
+    plugins = [] if deepspeed else [AtomicCheckpointIO()]
+    if "SLURM_JOB_ID" in os.environ:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # requeueing is the sbatch script's job (celltron launch); Lightning's own would race it
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
         max_steps=config.trainer.max_steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes, strategy=strategy, precision=config.trainer.precision,
@@ -187,7 +195,7 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
         log_every_n_steps=config.trainer.log_every, gradient_clip_val=config.optim.grad_clip or None,
         accumulate_grad_batches=config.optim.accumulate, default_root_dir=out, use_distributed_sampler=False,
         callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals],
-        plugins=None if deepspeed else [AtomicCheckpointIO()], logger=_loggers(config, out),
+        plugins=plugins or None, logger=_loggers(config, out),
         enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
     )
     try:

@@ -71,3 +71,51 @@ def test_deepspeed_zero_stops_resumes_and_exports(stage, demo_corpus, ddp_run, t
     ids = torch.randint(4, ours.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-4)
+
+
+def test_two_processes_resume_on_one(demo_corpus, tmp_path):
+    """A DDP checkpoint of 2 processes continues in 1: the model, optimiser and schedule from the
+    checkpoint, the data from the next epoch (with a warning)."""
+    from celltron.pretrain.config import load_config, replace
+    from celltron.pretrain.run import pretrain
+
+    _torchrun(demo_corpus, tmp_path, "ddp", f"trainer.stop_at_step={STEPS // 2}")
+    config = load_config(CONFIGS / "pretrain" / "geneformer_debug.yaml")
+    config = replace(config, data={"corpus": str(demo_corpus.location)}, logging={"progress_bar": False},
+                     trainer={"max_steps": STEPS, "log_every": 1, "val_every": 100, "checkpoint_every": 100, "accelerator": "cpu"},
+                     model={"overrides": {"hidden_dropout_prob": 0.0}})
+    with pytest.warns(UserWarning, match="data continues at the start of epoch 1"):
+        result = pretrain(config, tmp_path, resume="auto")
+    assert result.steps == STEPS and (tmp_path / "export" / "model.safetensors").exists()
+    assert [step for step, _ in _losses(tmp_path)] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_stage_2"])
+def test_two_nodes_on_one_machine_train_as_one_job(strategy, demo_corpus, ddp_run, tmp_path):
+    """The two torchrun commands `celltron launch` writes for 2 nodes x 1 process, run side by
+    side with a 127.0.0.1 rendezvous, form one job: the losses of a 2-process DDP run on one node."""
+    import socket
+
+    from celltron.launch import ClusterSpec
+    from celltron.launch.commands import torchrun_command
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    spec = ClusterSpec(backend="torchrun", nodes=2, gpus_per_node=1, hosts=["127.0.0.1", "127.0.0.1"], port=port,
+                       job_name="two-nodes", python=sys.executable).check()
+    extra = ["--corpus", str(demo_corpus.location), "--strategy", strategy, "--max-steps", str(STEPS),
+             "--set", "trainer.accelerator=cpu", "--set", "trainer.log_every=1", "--set", "trainer.val_every=100",
+             "--set", "trainer.checkpoint_every=100", "--set", "logging.progress_bar=false",
+             "--set", "model.overrides.hidden_dropout_prob=0.0"]
+    if strategy.startswith("deepspeed"):
+        extra += ["--set", f"trainer.deepspeed_config={CONFIGS.parent / 'configs' / 'deepspeed' / 'zero2.json'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CELLTRON_DEEPSPEED_CPU": "1"}
+    nodes = [subprocess.Popen(torchrun_command(spec, CONFIGS / "pretrain" / "geneformer_debug.yaml", tmp_path, rank, extra),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    got, expected = _losses(tmp_path), _losses(ddp_run)
+    assert [step for step, _ in got] == list(range(1, STEPS + 1))
+    assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    assert (tmp_path / "export" / "model.safetensors").exists()

@@ -1,0 +1,43 @@
+"""`celltron launch`: write a backend's files into the run directory, then print, run or submit."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from celltron.launch.cluster import ClusterSpec, quote
+from celltron.launch.commands import deepspeed_command, hostfile, sbatch_script, torchrun_command, torchrun_commands
+
+
+def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node_rank: int | None = None) -> dict:
+    """Returns what was written and run: {'files': [...], 'commands': [...], 'job_id': ...}."""
+    out = Path(out)
+    folder = out / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict = {"files": [], "commands": [], "job_id": None}
+    if spec.backend == "torchrun":
+        written["commands"] = torchrun_commands(spec, config, out, extra)
+        script = folder / "torchrun.sh"
+        script.write_text("# run line i on node i (node 0 first; it hosts the rendezvous)\n" + "\n".join(written["commands"]) + "\n")
+        written["files"].append(script)
+        if node_rank is not None and not dry_run:
+            subprocess.run(torchrun_command(spec, config, out, node_rank, extra), check=True)
+    elif spec.backend == "slurm":
+        script = folder / "job.sbatch"
+        script.write_text(sbatch_script(spec, config, out, extra))
+        written["files"].append(script)
+        written["commands"] = [quote(["sbatch", str(script)])]
+        if not dry_run:
+            done = subprocess.run(["sbatch", str(script)], check=True, capture_output=True, text=True)
+            match = re.search(r"(\d+)", done.stdout)
+            written["job_id"] = match.group(1) if match else done.stdout.strip()
+    else:
+        hosts = folder / "hostfile"
+        hosts.write_text(hostfile(spec))
+        command = deepspeed_command(spec, config, out, hosts, extra)
+        written["files"].append(hosts)
+        written["commands"] = [quote(command)]
+        if not dry_run:
+            subprocess.run(command, check=True)
+    return written

@@ -1,0 +1,35 @@
+"""Checks of the launch environment, made before anything starts: a job whose shape disagrees
+with the run's (SLURM tasks vs devices) fails at once with the fix, instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import re
+
+
+def _tasks_per_node(value: str) -> int:
+    """SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE look like '4' or '4(x2)'."""
+    match = re.match(r"(\d+)", value)
+    return int(match.group(1)) if match else -1
+
+
+def check_slurm_shape(num_nodes: int, devices, environ=None) -> None:
+    """Inside a SLURM job step, the nodes and tasks per node must be the run's nodes and
+    devices (Lightning waits forever for processes that never come otherwise)."""
+    environ = os.environ if environ is None else environ
+    if "SLURM_JOB_ID" not in environ or "SLURM_NTASKS" not in environ or environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return
+    nodes = int(environ.get("SLURM_NNODES", environ.get("SLURM_JOB_NUM_NODES", "1")))
+    per_node_raw = environ.get("SLURM_NTASKS_PER_NODE", environ.get("SLURM_TASKS_PER_NODE", ""))
+    per_node = _tasks_per_node(per_node_raw) if per_node_raw else int(environ["SLURM_NTASKS"]) // max(nodes, 1)
+    problems = []
+    if nodes != num_nodes:
+        problems.append(f"SLURM_NNODES={nodes} but --num-nodes {num_nodes}")
+    if isinstance(devices, int) and per_node != devices:
+        problems.append(f"SLURM_NTASKS_PER_NODE={per_node_raw or per_node} but --devices {devices}")
+    if isinstance(devices, int) and int(environ["SLURM_NTASKS"]) != num_nodes * devices:
+        problems.append(f"SLURM_NTASKS={environ['SLURM_NTASKS']} but {num_nodes} nodes x {devices} devices = {num_nodes * devices}")
+    if problems:
+        raise ValueError("this SLURM job does not have the run's shape: " + "; ".join(problems)
+                         + ". Submit with --nodes=N --ntasks-per-node=G --gpus-per-node=G and run pretrain with "
+                         "--num-nodes N --devices G (celltron launch --backend slurm writes such a script)")
