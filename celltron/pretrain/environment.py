@@ -33,3 +33,45 @@ def check_slurm_shape(num_nodes: int, devices, environ=None) -> None:
         raise ValueError("this SLURM job does not have the run's shape: " + "; ".join(problems)
                          + ". Submit with --nodes=N --ntasks-per-node=G --gpus-per-node=G and run pretrain with "
                          "--num-nodes N --devices G (celltron launch --backend slurm writes such a script)")
+
+
+LOST_WAIT_SECONDS = 3.0
+
+
+def lost_ranks(wait: float = LOST_WAIT_SECONDS) -> list[int] | None:
+    """After a collective failed: the ranks that did not answer a roll call in the job's
+    rendezvous store within `wait` seconds (each surviving rank answers). None when there is no
+    process group or store to ask."""
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=wait))
+        store.set(f"celltron/alive/{dist.get_rank()}", "1")
+        time.sleep(wait)
+        return [rank for rank in range(dist.get_world_size()) if not store.check([f"celltron/alive/{rank}"])]
+    except Exception:  # the store itself may be gone with the lost node
+        return None
+
+
+def explain_lost_peer(error: BaseException, step: int) -> RuntimeError | None:
+    """A clear error when a collective failed because another process died: which ranks are
+    gone, and how to continue. None when `error` is something else."""
+    text = str(error)
+    signs = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe",
+             "ProcessGroupNCCL", "Timed out", "DistNetworkError", "DistBackendError")
+    if not any(sign in text or sign in type(error).__name__ for sign in signs):
+        return None
+    import torch.distributed as dist
+
+    me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    lost = lost_ranks()
+    who = f"lost rank(s) {lost}" if lost else "lost another process of the job"
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return RuntimeError(f"rank {me}: {who} at step {step}; the job cannot continue ({first_line[:300]}). "
+                        "Relaunch the job: --resume auto continues from the newest checkpoint.")

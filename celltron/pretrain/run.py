@@ -148,7 +148,7 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
     from celltron.pretrain.checkpoints import AtomicCheckpointIO
     from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
-    from celltron.pretrain.environment import check_slurm_shape
+    from celltron.pretrain.environment import check_slurm_shape, explain_lost_peer
     from celltron.pretrain.module import PretrainModule
 
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -205,6 +205,11 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
         # saved a checkpoint at the end of the step, which makes it a clean stop
         if not signals.interrupted:
             raise
+    except Exception as error:  # a peer died: say which, instead of a transport error
+        clearer = explain_lost_peer(error, trainer.global_step)
+        if clearer is None:
+            raise
+        raise clearer from error
 
     final = checkpoints / f"step={trainer.global_step}.ckpt"
     if not signals.interrupted and not final.exists():

@@ -119,3 +119,57 @@ def test_two_nodes_on_one_machine_train_as_one_job(strategy, demo_corpus, ddp_ru
     assert [step for step, _ in got] == list(range(1, STEPS + 1))
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_a_lost_rank_stops_the_job_fast_and_a_relaunch_resumes(demo_corpus, tmp_path):
+    """Kill one node's process mid-run: the other exits within seconds naming the lost rank;
+    launching both nodes again resumes from the last checkpoint and ends with the parameters
+    of an undisturbed run."""
+    import signal
+    import socket
+    import time
+
+    from celltron.launch import ClusterSpec
+    from celltron.launch.commands import torchrun_command
+
+    steps = 30
+    extra = ["--corpus", str(demo_corpus.location), "--strategy", "ddp", "--max-steps", str(steps),
+             "--set", "trainer.accelerator=cpu", "--set", "trainer.log_every=1", "--set", "trainer.val_every=1000",
+             "--set", "trainer.checkpoint_every=3", "--set", "logging.progress_bar=false",
+             "--set", "model.overrides.hidden_dropout_prob=0.0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = CONFIGS / "pretrain" / "geneformer_debug.yaml"
+
+    def start_nodes(out):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        spec = ClusterSpec(backend="torchrun", nodes=2, gpus_per_node=1, hosts=["127.0.0.1"] * 2, port=port,
+                           job_name=f"fault-{port}", python=sys.executable).check()
+        return [subprocess.Popen(torchrun_command(spec, config, out, rank, extra), env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+
+    undisturbed = start_nodes(tmp_path / "undisturbed")
+    assert [n.wait(timeout=600) for n in undisturbed] == [0, 0]
+
+    nodes = start_nodes(tmp_path / "run")
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoints" / "step=6.ckpt").exists():
+        assert time.time() < deadline and nodes[0].poll() is None, "the run never reached its second checkpoint"
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(nodes[1].pid)], capture_output=True, text=True).stdout.split()
+    killed_at = time.time()
+    for pid in workers:
+        os.kill(int(pid), signal.SIGKILL)
+    survivor_log = nodes[0].communicate(timeout=120)[0]
+    nodes[1].communicate(timeout=120)
+    assert time.time() - killed_at < 60
+    assert nodes[0].returncode != 0 and "lost rank(s) [1]" in survivor_log, survivor_log[-3000:]
+
+    relaunched = start_nodes(tmp_path / "run")
+    logs = [n.communicate(timeout=600)[0] for n in relaunched]
+    assert [n.returncode for n in relaunched] == [0, 0], logs[0][-3000:]
+    a = GeneformerForMaskedLM.from_pretrained(tmp_path / "run" / "export")
+    b = GeneformerForMaskedLM.from_pretrained(tmp_path / "undisturbed" / "export")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=1e-6), name
