@@ -28,9 +28,11 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
 class PretrainModule(pl.LightningModule):
     """Wraps a celltron model; logs loss, learning rate, gradient norm and masked accuracy."""
 
-    def __init__(self, model: torch.nn.Module, optim: OptimSection, max_steps: int):
+    def __init__(self, model: torch.nn.Module, optim: OptimSection, max_steps: int, offload_optimizer: bool = False):
         super().__init__()
         self.model, self.optim, self.max_steps = model, optim, max_steps
+        # ZeRO-Offload keeps optimiser states in CPU memory and steps them with DeepSpeed's CPU Adam
+        self.offload_optimizer = offload_optimizer
         self.last_batch: dict = {}  # counts of the latest training batch, for throughput
 
     def forward(self, **batch):
@@ -75,10 +77,13 @@ class PretrainModule(pl.LightningModule):
             if not parameter.requires_grad:
                 continue
             (no_decay if parameter.ndim < 2 or "norm" in name.lower() else decay).append(parameter)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps,
-        )
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, self.optim.warmup_steps, self.max_steps, self.optim.min_lr_ratio)
         )

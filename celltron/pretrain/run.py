@@ -174,7 +174,7 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
         tokenizer.save_pretrained(out / MODEL_DIR)
 
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
-    module = PretrainModule(model, config.optim, config.trainer.max_steps)
+    module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
     checkpoints = out / CHECKPOINT_DIR
     signals = StopOnSignal(checkpoints, config.trainer.stop_at_step)
     every = ModelCheckpoint(dirpath=checkpoints, filename="step={step}", auto_insert_metric_name=False,

@@ -1,4 +1,4 @@
-"""Two processes on CPU (torchrun, gloo): DDP and DeepSpeed ZeRO-2 / ZeRO-3 runs finish,
+"""Two processes on CPU (torchrun, gloo): DDP and DeepSpeed ZeRO-1 / 2 / 3 runs finish,
 checkpoint, resume where they stopped with the uninterrupted losses, and export."""
 
 import csv
@@ -52,7 +52,7 @@ def test_ddp_stops_resumes_and_exports(demo_corpus, ddp_run, tmp_path):
     assert (tmp_path / "export" / "model.safetensors").exists()
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_stops_resumes_and_exports(stage, demo_corpus, ddp_run, tmp_path):
     strategy = f"deepspeed_stage_{stage}"
     config = f"trainer.deepspeed_config={CONFIGS.parent / 'configs' / 'deepspeed' / f'zero{stage}.json'}"
