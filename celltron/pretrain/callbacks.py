@@ -67,6 +67,9 @@ class ThroughputAndMetrics(pl.Callback):
         self._cells = self._tokens = self._waited = 0.0
         self._since = time.perf_counter()
         grad_norm = trainer.callback_metrics.get("train/grad_norm")
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:  # ZeRO partitions the gradients; the engine knows their global norm
+            grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
         if self.peak:

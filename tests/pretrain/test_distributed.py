@@ -64,6 +64,8 @@ def test_deepspeed_zero_stops_resumes_and_exports(stage, demo_corpus, ddp_run, t
     assert [step for step, _ in got] == list(range(1, STEPS + 1))
     # the same optimisation as DDP, up to the order of floating-point reductions
     assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+    rows = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r["loss"]]
+    assert all(float(r["grad_norm"]) > 0 for r in rows)
 
     # ZeRO shards consolidated into the same weights the DDP run exported
     ours = GeneformerForMaskedLM.from_pretrained(tmp_path / "export").eval()
