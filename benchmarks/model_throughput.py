@@ -74,14 +74,19 @@ def _bert_like(config) -> BertForMaskedLM:
     return BertForMaskedLM(shape)
 
 
+def _model(family: str, size: str, **overrides):
+    """A freshly seeded model of (family, size) and its vocabulary size (2,000 at debug size)."""
+    torch.manual_seed(0)
+    vocab = build_config(family, size).vocab_size if size != "debug" else 2000
+    return build_model(family, size, vocab_size=vocab, **overrides), vocab
+
+
 def cpu_rows(families, sizes, batch_size: int, min_len: int, max_len: int, steps: int) -> list[dict]:
     device = torch.device("cpu")
     rows = []
     for family in families:
         for size in sizes(family):
-            torch.manual_seed(0)
-            vocab = build_config(family, size).vocab_size if size != "debug" else 2000
-            model = build_model(family, size, vocab_size=vocab, attention_backend="sdpa")
+            model, vocab = _model(family, size, attention_backend="sdpa")
             cells = _cells(batch_size * 4, min_len, max_len, vocab, seed=1)
             collate = _collator(family, vocab)
             batches = [collate(cells[i : i + batch_size]) for i in range(0, len(cells), batch_size)]
@@ -101,10 +106,10 @@ def cuda_rows(families, sizes, seq_len: int, batch_size: int, steps: int, peak: 
     rows = []
     for family in families:
         for size in sizes(family):
-            torch.manual_seed(0)
-            vocab = build_config(family, size).vocab_size if size != "debug" else 2000
-            model = build_model(family, size, vocab_size=vocab, max_position_embeddings=max(seq_len, 2048)).to(device) \
-                if family != "scgpt" else build_model(family, size, vocab_size=vocab).to(device)
+            # scGPT has no position table; the BERT-style families need one as long as a pack
+            positions = {} if family == "scgpt" else {"max_position_embeddings": max(seq_len, 2048)}
+            model, vocab = _model(family, size, **positions)
+            model = model.to(device)
             cells = _cells(batch_size * 8, seq_len // 8, seq_len, vocab, seed=1)
             collate = _collator(family, vocab)
             padded = [_to(collate(cells[i : i + batch_size]), device) for i in range(0, len(cells), batch_size)]
