@@ -49,6 +49,8 @@ class CellLayout:
             last cell, so per-cell values can be broadcast to tokens without a gap).
         cu_seqlens: flat int32 cumulative offsets of every segment over rows * tokens, and the
             longest segment: what varlen attention kernels take (None for padded batches).
+        segments: (rows, tokens) index of each token's segment within its row (packed only),
+            from which SDPA's block-diagonal mask is built.
     """
 
     starts: torch.Tensor
@@ -56,7 +58,7 @@ class CellLayout:
     token_cell: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
-    row_cu_seqlens: list[torch.Tensor] | None = None
+    segments: torch.Tensor | None = None
 
     @property
     def n_cells(self) -> int:
@@ -82,7 +84,7 @@ def cell_layout(attention_mask: torch.Tensor | None, cu_seqlens, shape: tuple[in
         starts = torch.arange(n_rows, device=device) * n_tokens
         token_cell = torch.arange(n_rows, device=device)[:, None].expand(n_rows, n_tokens)
         return CellLayout(starts, lengths.to(device), token_cell)
-    starts, lengths, token_cell, flat_offsets = [], [], [], []
+    starts, lengths, token_cell, flat_offsets, segments = [], [], [], [], []
     n_cells = 0
     rows = [row.to(device) for row in _rows(cu_seqlens)]
     for r, row in enumerate(rows):
@@ -92,6 +94,7 @@ def cell_layout(attention_mask: torch.Tensor | None, cu_seqlens, shape: tuple[in
             real &= attention_mask[r, seg_starts.clamp(max=n_tokens - 1)].bool()
         n_real = int(real.sum())
         segment = segment_ids(row, n_tokens)
+        segments.append(segment)
         token_cell.append(n_cells + segment.clamp(max=max(n_real - 1, 0)))
         starts.append(seg_starts[real] + r * n_tokens)
         lengths.append(seg_lengths[real])
@@ -99,7 +102,8 @@ def cell_layout(attention_mask: torch.Tensor | None, cu_seqlens, shape: tuple[in
         n_cells += n_real
     flat_cu = torch.cat(flat_offsets + [torch.tensor([n_rows * n_tokens], device=device)]).to(torch.int32)
     all_lengths = torch.diff(flat_cu)
-    return CellLayout(torch.cat(starts), torch.cat(lengths), torch.stack(token_cell), flat_cu, int(all_lengths.max()), rows)
+    return CellLayout(torch.cat(starts), torch.cat(lengths), torch.stack(token_cell), flat_cu, int(all_lengths.max()),
+                      torch.stack(segments))
 
 
 def pool_cells(hidden: torch.Tensor, layout: CellLayout, style: str, token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,8 +159,7 @@ def plan_attention(attention_mask, layout: CellLayout, n_tokens: int, device, ba
         return AttentionPlan(backend, layout=layout)
     mask = None
     if packed:
-        segment = torch.stack([segment_ids(row, n_tokens) for row in layout.row_cu_seqlens])
-        mask = (segment[:, :, None] == segment[:, None, :])[:, None]
+        mask = (layout.segments[:, :, None] == layout.segments[:, None, :])[:, None]
     elif attention_mask is not None and not bool(attention_mask.all()):
         mask = attention_mask.bool()[:, None, None, :]
     if allowed is not None:

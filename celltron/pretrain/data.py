@@ -28,6 +28,13 @@ from celltron.tokenizers.collate import MLMCollator, PackingCollator, ValueMaski
 from celltron.tokenizers.dataset import Block, encode, make_tokenizer
 
 POSITION_KEY = "stream_position"  # (stream worker, epoch, offset of the round, batches of the round used)
+BOOKKEEPING = (POSITION_KEY, "n_cells", "n_tokens", "max_seqlen")  # batch keys that are not model inputs
+
+
+def split_batch(batch: dict) -> tuple[dict, dict]:
+    """A batch's model inputs, and its bookkeeping (stream position, cell and token counts)."""
+    inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING}
+    return inputs, {k: v for k, v in batch.items() if k in BOOKKEEPING}
 
 
 @dataclass

@@ -7,7 +7,7 @@ from itertools import islice
 
 import torch
 
-from celltron.pretrain.data import PretrainDataModule
+from celltron.pretrain.data import PretrainDataModule, split_batch
 
 
 def _labels(batch: dict) -> torch.Tensor:
@@ -30,7 +30,7 @@ def masked_accuracy(model, data: PretrainDataModule, baseline_token: int | None 
     right = baseline_right = total = 0
     for batch in data.val_dataloader():
         labels = _labels(batch)
-        inputs = {k: v for k, v in batch.items() if k not in ("stream_position", "n_cells", "n_tokens", "max_seqlen")}
+        inputs, _ = split_batch(batch)
         logits = model(**inputs, masked_logits_only=True).logits
         right += int((logits.argmax(-1) == labels).sum())
         if baseline_token is not None:

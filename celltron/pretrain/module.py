@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from celltron.pretrain.config import OptimSection
-from celltron.pretrain.data import POSITION_KEY
+from celltron.pretrain.data import POSITION_KEY, split_batch
 
 BATCH_COUNTS = ("n_cells", "n_tokens")
 
@@ -39,8 +39,7 @@ class PretrainModule(pl.LightningModule):
         return self.model(**batch)
 
     def _split(self, batch: dict) -> tuple[dict, dict]:
-        extras = {key: batch.pop(key) for key in (POSITION_KEY, *BATCH_COUNTS) if key in batch}
-        batch.pop("max_seqlen", None)
+        batch, extras = split_batch(batch)
         if "labels" in batch:  # vocabulary logits of the masked tokens only
             batch["masked_logits_only"] = True
         return batch, extras
