@@ -176,6 +176,46 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _finetune_config(args):
+    from celltron.finetune.config import load_finetune_config
+    from celltron.pretrain.config import replace
+
+    from pathlib import Path
+
+    from celltron.finetune.config import FinetuneConfig
+    from celltron.pretrain.config import apply_overrides, from_dict
+
+    default = Path(f"configs/finetune/{args.task}.yaml")
+    if args.config or default.exists():
+        config = load_finetune_config(args.config or default, args.set)
+    else:  # outside the repository: the typed defaults
+        config = from_dict(apply_overrides({}, args.set), "defaults", FinetuneConfig)
+    changes = {"data": {}, "trainer": {}, "model": {}, args.task: {}}
+    for flag, section, field in (("data", "data", "path"), ("layer", "data", "layer"), ("gene_column", "data", "gene_column"),
+                                 ("species", "data", "species"), ("max_steps", "trainer", "max_steps"),
+                                 ("strategy", "trainer", "strategy"), ("precision", "trainer", "precision"),
+                                 ("freeze", "model", "freeze_layers"), ("lora", "model", "lora_rank"),
+                                 ("perturbation_key", "perturbation", "perturbation_key"), ("control", "perturbation", "control"),
+                                 ("split", "perturbation", "split"), ("test_fraction", "perturbation", "test_fraction")):
+        if getattr(args, flag, None) is not None:
+            changes[section][field] = getattr(args, flag)
+    if args.seeds:
+        changes["perturbation"]["seeds"] = tuple(args.seeds)
+    if args.devices is not None:
+        changes["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
+    return replace(config, **{k: v for k, v in changes.items() if v})
+
+
+def _finetune(args) -> int:
+    from celltron.finetune.perturbation import run_perturbation
+
+    config = _finetune_config(args)
+    metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
+    if metrics is not None:
+        print(f"wrote {args.out}/metrics.json, predictions.h5ad and plots")
+    return 0
+
+
 def _export(args) -> int:
     from celltron.pretrain.run import export_checkpoint
 
@@ -263,6 +303,32 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--init-from", help="model folder (exported or converted) to continue pretraining from")
     pretrain.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
     pretrain.set_defaults(run=_pretrain)
+
+    finetune = verbs.add_parser("finetune", help="fine-tune a pretrained model on a lab's AnnData, beside the baselines")
+    finetune.add_argument("task", choices=["perturbation"])
+    finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
+    finetune.add_argument("--data", help="the lab's .h5ad of raw counts (overrides data.path)")
+    finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
+    finetune.add_argument("--config", help="run config (default configs/finetune/TASK.yaml)")
+    adapt = finetune.add_mutually_exclusive_group()
+    adapt.add_argument("--freeze", type=int, metavar="N_LAYERS", help="keep embeddings and the first N layers fixed")
+    adapt.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank (peft)")
+    finetune.add_argument("--baselines-only", action="store_true", help="compute and report only the baselines")
+    finetune.add_argument("--layer", help="matrix with raw counts ('X', 'raw' or a layer)")
+    finetune.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
+    finetune.add_argument("--species", choices=["human", "mouse"])
+    finetune.add_argument("--perturbation-key", help="obs column of perturbations (A or A+B)")
+    finetune.add_argument("--control", help="label of control cells in that column")
+    finetune.add_argument("--split", choices=["heldout", "simulation"])
+    finetune.add_argument("--test-fraction", type=float)
+    finetune.add_argument("--seeds", type=int, nargs="+", help="one split and run per seed")
+    finetune.add_argument("--max-steps", type=int)
+    finetune.add_argument("--devices", help="devices per node (a number or 'auto')")
+    finetune.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "auto"])
+    finetune.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
+    finetune.add_argument("--resume", help="'auto': continue each seed's run from its newest checkpoint")
+    finetune.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
+    finetune.set_defaults(run=_finetune)
 
     export = verbs.add_parser("export", help="export a pretraining checkpoint to a Hugging Face folder")
     export.add_argument("checkpoint", help="step=N.ckpt file or DeepSpeed checkpoint folder")

@@ -60,3 +60,24 @@ def small_corpus(tmp_path_factory, pbmc3k, pbmc4k, mouse_pancreas) -> Path:
     options = BuildOptions(seed=3, val_fraction=0.02, obs_keys=("Annotation",), shard_size_mb=1.5, chunk_nnz=4096, progress=False)
     build_corpus([pbmc3k, pbmc4k, mouse_pancreas], out, options)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The bundled PBMC 3k demo corpus, built once."""
+    from celltron.corpus.demo import build_demo_corpus
+
+    return build_demo_corpus(tmp_path_factory.mktemp("demo") / "corpus", progress=False)
+
+
+@pytest.fixture(scope="session")
+def pretrained_geneformer(tmp_path_factory, demo_corpus) -> Path:
+    """The one shared pretrained model: the debug Geneformer, a few dozen steps on the demo
+    corpus, exported as a Hugging Face folder with its tokenizer."""
+    from celltron.pretrain.config import load_config, replace
+    from celltron.pretrain.run import pretrain
+
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "geneformer_debug.yaml")
+    config = replace(config, data={"corpus": demo_corpus.location}, trainer={"max_steps": 40, "val_every": 1000, "checkpoint_every": 1000},
+                     logging={"progress_bar": False, "wandb": False})
+    return pretrain(config, tmp_path_factory.mktemp("pretrained") / "run").export

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from celltron.corpus import BuildOptions
+from celltron.finetune.config import load_finetune_config
 from celltron.launch import load_cluster
 from celltron.pretrain.config import load_config
 
@@ -20,7 +21,7 @@ def _pretrain(path):
     return config
 
 
-LOADERS = {"corpus": BuildOptions.from_yaml, "pretrain": _pretrain, "launch": load_cluster}
+LOADERS = {"corpus": BuildOptions.from_yaml, "pretrain": _pretrain, "launch": load_cluster, "finetune": load_finetune_config}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))

@@ -56,6 +56,24 @@ def build_model(family_name: str, size: str, vocab_size: int | None = None, **ov
     return family(family_name).model_class(build_config(family_name, size, vocab_size, **overrides))
 
 
+def family_of(config: PretrainedConfig) -> Family:
+    """The family of a loaded config; plain BERT configs (official Geneformer folders) are geneformer."""
+    return next((f for f in FAMILIES.values() if isinstance(config, f.config_class)), FAMILIES["geneformer"])
+
+
+def load_pretrained(folder) -> PreTrainedModel:
+    """A celltron, exported or converted model folder (config.json + weights), in its family's class."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json; pass a folder written by `celltron export`, "
+                                "`celltron convert` or a pretraining run's export/ folder")
+    register_auto_classes()
+    spec = family_of(AutoConfig.from_pretrained(folder))
+    return spec.model_class.from_pretrained(folder)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -138,16 +138,20 @@ class PretrainConfig:
             raise ValueError(f"{where}: model.size {self.model.size!r} is not a {self.model.family} size; known: {sorted(FAMILIES[self.model.family].sizes)}")
         if self.tokenizer.scheme not in FAMILY_SCHEMES[self.model.family]:
             raise ValueError(f"{where}: tokenizer.scheme {self.tokenizer.scheme!r} does not feed {self.model.family}; use {FAMILY_SCHEMES[self.model.family]}")
-        if self.trainer.strategy not in STRATEGIES:
-            raise ValueError(f"{where}: trainer.strategy {self.trainer.strategy!r} is not one of {STRATEGIES}")
-        if str(self.trainer.precision) not in PRECISIONS:
-            raise ValueError(f"{where}: trainer.precision {self.trainer.precision!r} is not one of {PRECISIONS}")
+        check_trainer(self.trainer, where)
         if self.data.generative and self.model.family != "scgpt":
             raise ValueError(f"{where}: data.generative is scGPT's mode; set it only with model.family: scgpt")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_trainer(trainer: TrainerSection, where: str) -> None:
+    if trainer.strategy not in STRATEGIES:
+        raise ValueError(f"{where}: trainer.strategy {trainer.strategy!r} is not one of {STRATEGIES}")
+    if str(trainer.precision) not in PRECISIONS:
+        raise ValueError(f"{where}: trainer.precision {trainer.precision!r} is not one of {PRECISIONS}")
 
 
 def _coerce(value, annotation: str, where: str):
@@ -190,25 +194,32 @@ def _section(section_class, values: dict, where: str):
     return section_class(**{name: _coerce(value, declared[name], f"{where} {name}") for name, value in values.items()})
 
 
-def from_dict(values: dict, where: str = "config") -> PretrainConfig:
-    sections = {f.name: f.type for f in fields(PretrainConfig)}
-    unknown = sorted(set(values) - set(sections))
+def from_dict(values: dict, where: str = "config", config_class=None):
+    """A config of `config_class` (default PretrainConfig) from a mapping of sections."""
+    import typing
+
+    config_class = config_class or PretrainConfig
+    classes = typing.get_type_hints(config_class)
+    unknown = sorted(set(values) - set(classes))
     if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; known: {sorted(sections)}")
-    classes = {"model": ModelSection, "tokenizer": TokenizerSection, "data": DataSection, "optim": OptimSection,
-               "trainer": TrainerSection, "logging": LoggingSection}
+        raise ValueError(f"{where}: unknown section(s) {unknown}; known: {sorted(classes)}")
     built = {name: _section(classes[name], dict(values.get(name) or {}), f"{where} [{name}]") for name in classes}
-    return PretrainConfig(**built).check(where)
+    return config_class(**built).check(where)
 
 
-def load_config(path, overrides: list[str] | None = None) -> PretrainConfig:
+def load_config(path, overrides: list[str] | None = None, config_class=None):
     """A config from YAML, with `section.field=value` overrides (values parsed as YAML)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such config file; see configs/pretrain/")
+        raise FileNotFoundError(f"{path}: no such config file; see configs/")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
+    return from_dict(apply_overrides(values, overrides), str(path), config_class)
+
+
+def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
+    """`section.field=value` items (values parsed as YAML) set into a mapping of sections."""
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
@@ -220,7 +231,7 @@ def load_config(path, overrides: list[str] | None = None) -> PretrainConfig:
         for parent in parents:  # e.g. model.overrides.hidden_size=64
             target = target.setdefault(parent, {})
         target[leaf] = yaml.safe_load(raw)
-    return from_dict(values, str(path))
+    return values
 
 
 def replace(config: PretrainConfig, **sections) -> PretrainConfig:

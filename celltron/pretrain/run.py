@@ -43,7 +43,7 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
 
     vocab = tokenizer.vocab
     if init_from:
-        model = FAMILIES[config.model.family].model_class.from_pretrained(init_from)
+        model = FAMILIES[config.model.family].model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
         if model.config.vocab_size != len(vocab):
             raise ValueError(f"{init_from}: model vocabulary has {model.config.vocab_size} tokens, the tokenizer "
                              f"{len(vocab)}; continue pretraining with the tokenizer saved in that folder")
@@ -134,21 +134,79 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
     return path
 
 
+def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batches: int | float,
+                  use_distributed_sampler: bool = False):
+    """The Lightning Trainer of a run, pretraining or fine-tuning (any config with `trainer`,
+    `optim`, `logging` and `data.batch_size` sections): strategy and precision, a checkpoint every
+    `checkpoint_every` steps written atomically, stop on signals, metrics.csv and the loggers.
+    `callbacks`: extra Lightning callbacks, run before celltron's own. Returns the trainer and
+    its StopOnSignal callback."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
+    from celltron.pretrain.checkpoints import AtomicCheckpointIO
+
+    checkpoints = out / CHECKPOINT_DIR
+    signals = StopOnSignal(checkpoints, config.trainer.stop_at_step)
+    every = ModelCheckpoint(dirpath=checkpoints, filename="step={step}", auto_insert_metric_name=False,
+                            every_n_train_steps=config.trainer.checkpoint_every, save_top_k=-1, save_last=False)
+    plugins = [] if config.trainer.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
+    if "SLURM_JOB_ID" in os.environ:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # requeueing is the sbatch script's job (celltron launch); Lightning's own would race it
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    trainer = pl.Trainer(
+        max_steps=config.trainer.max_steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes, strategy=_strategy(config), precision=config.trainer.precision,
+        deterministic=config.trainer.deterministic, val_check_interval=config.trainer.val_every,
+        check_val_every_n_epoch=None, limit_val_batches=val_batches, num_sanity_val_steps=0,
+        log_every_n_steps=config.trainer.log_every, gradient_clip_val=config.optim.grad_clip or None,
+        accumulate_grad_batches=config.optim.accumulate, default_root_dir=out,
+        use_distributed_sampler=use_distributed_sampler,
+        callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals],
+        plugins=plugins or None, logger=_loggers(config, out),
+        enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
+    )
+    return trainer, signals
+
+
+def fit(trainer, module, data, signals, ckpt_path: Path | None, checkpoints: Path) -> Path:
+    """trainer.fit, turning a signal stop into a clean return and a lost peer into a clear error;
+    saves the final checkpoint (unless stopped) and returns its path."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from celltron.pretrain.environment import explain_lost_peer
+
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        # Lightning's own SIGTERM handling ends fit with this exception; ours has already
+        # saved a checkpoint at the end of the step, which makes it a clean stop
+        if not signals.interrupted:
+            raise
+    except Exception as error:  # a peer died: say which, instead of a transport error
+        clearer = explain_lost_peer(error, trainer.global_step)
+        if clearer is None:
+            raise
+        raise clearer from error
+    final = checkpoints / f"step={trainer.global_step}.ckpt"
+    if not signals.interrupted and not final.exists():
+        trainer.save_checkpoint(final)
+    return final
+
+
 def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: str | None = None,
              callbacks: list | None = None) -> RunResult:
     """Run (or continue, with resume='auto' or a checkpoint path) the pretraining `config`
     describes, writing everything under `out`. `callbacks`: extra Lightning callbacks, run
     before celltron's own."""
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from celltron.corpus.store import Corpus
-    from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
-    from celltron.pretrain.checkpoints import AtomicCheckpointIO
     from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
-    from celltron.pretrain.environment import check_slurm_shape, explain_lost_peer
+    from celltron.pretrain.environment import check_slurm_shape
     from celltron.pretrain.module import PretrainModule
 
     from lightning.fabric.utilities.rank_zero import rank_zero_only
@@ -175,45 +233,8 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
 
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
     module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
-    checkpoints = out / CHECKPOINT_DIR
-    signals = StopOnSignal(checkpoints, config.trainer.stop_at_step)
-    every = ModelCheckpoint(dirpath=checkpoints, filename="step={step}", auto_insert_metric_name=False,
-                            every_n_train_steps=config.trainer.checkpoint_every, save_top_k=-1, save_last=False)
-    strategy = _strategy(config)
-    deepspeed = config.trainer.strategy.startswith("deepspeed")
-    plugins = [] if deepspeed else [AtomicCheckpointIO()]
-    if "SLURM_JOB_ID" in os.environ:
-        from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-        # requeueing is the sbatch script's job (celltron launch); Lightning's own would race it
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    trainer = pl.Trainer(
-        max_steps=config.trainer.max_steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
-        num_nodes=config.trainer.num_nodes, strategy=strategy, precision=config.trainer.precision,
-        deterministic=config.trainer.deterministic, val_check_interval=config.trainer.val_every,
-        check_val_every_n_epoch=None, limit_val_batches=config.data.val_batches, num_sanity_val_steps=0,
-        log_every_n_steps=config.trainer.log_every, gradient_clip_val=config.optim.grad_clip or None,
-        accumulate_grad_batches=config.optim.accumulate, default_root_dir=out, use_distributed_sampler=False,
-        callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals],
-        plugins=plugins or None, logger=_loggers(config, out),
-        enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
-    )
-    try:
-        trainer.fit(module, datamodule=data, ckpt_path=resolve_resume(resume, out))
-    except SIGTERMException:
-        # Lightning's own SIGTERM handling ends fit with this exception; ours has already
-        # saved a checkpoint at the end of the step, which makes it a clean stop
-        if not signals.interrupted:
-            raise
-    except Exception as error:  # a peer died: say which, instead of a transport error
-        clearer = explain_lost_peer(error, trainer.global_step)
-        if clearer is None:
-            raise
-        raise clearer from error
-
-    final = checkpoints / f"step={trainer.global_step}.ckpt"
-    if not signals.interrupted and not final.exists():
-        trainer.save_checkpoint(final)
+    trainer, signals = build_trainer(config, out, callbacks, val_batches=config.data.val_batches)
+    final = fit(trainer, module, data, signals, resolve_resume(resume, out), out / CHECKPOINT_DIR)
     export = loss_curve = None
     if not signals.interrupted and trainer.is_global_zero:
         export = export_checkpoint(final, out / EXPORT_DIR, run_dir=out)
@@ -228,8 +249,8 @@ def export_checkpoint(checkpoint, out, run_dir=None) -> Path:
     from transformers import AutoConfig
 
     import celltron  # noqa: F401  (Auto-class registration)
-    from celltron.model_zoo import FAMILIES
     from celltron.model_zoo.common import write_folder_atomically
+    from celltron.model_zoo.registry import family_of
     from celltron.pretrain.checkpoints import model_state_from_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -238,7 +259,7 @@ def export_checkpoint(checkpoint, out, run_dir=None) -> Path:
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)")
     model_config = AutoConfig.from_pretrained(model_dir)
-    family = next((f for f in FAMILIES.values() if isinstance(model_config, f.config_class)), FAMILIES["geneformer"])
+    family = family_of(model_config)
     if family.name == "geneformer":
         model_config = family.config_class.from_pretrained(model_dir)
     model = family.model_class(model_config)

@@ -126,15 +126,18 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         buffer.copy_(matrix)
 
     def forward(self, input_ids, values, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
-                target_values=None, masked_logits_only: bool = False, **unused) -> GeneCompassOutput:
+                target_values=None, masked_logits_only: bool = False, heads: bool = True, **unused) -> GeneCompassOutput:
         """`masked_logits_only` (with labels): id logits and predicted values of the masked
-        tokens only, (masked tokens, ...) in the order of `labels != -100`."""
+        tokens only, (masked tokens, ...) in the order of `labels != -100`. `heads=False`: hidden
+        states and cell embeddings only (fine-tuning heads sit on them)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
         hidden = self.encoder(self.embeddings(input_ids, values, position_ids), plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
+        if not heads:
+            return GeneCompassOutput(last_hidden_state=hidden, cell_embedding=cells)
         loss = None
         if masked_logits_only and labels is not None:
             chosen = labels != -100

@@ -119,16 +119,19 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
         self.cls.predictions.decoder = embeddings
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
-                masked_logits_only: bool = False, **unused) -> CellModelOutput:
+                masked_logits_only: bool = False, heads: bool = True, **unused) -> CellModelOutput:
         """`masked_logits_only` (with labels): project only the masked tokens onto the vocabulary,
         and return logits of shape (masked tokens, vocab) in the order of `labels != -100` (the
-        vocabulary projection of every token dominates a small model's cost)."""
+        vocabulary projection of every token dominates a small model's cost). `heads=False`:
+        hidden states and cell embeddings only (fine-tuning heads sit on them)."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
         hidden = self.bert.encoder(self.bert.embeddings(input_ids, position_ids), plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
+        if not heads:
+            return CellModelOutput(last_hidden_state=hidden, cell_embedding=cells)
         if masked_logits_only and labels is not None:
             chosen = labels != -100
             logits = self.cls(hidden[chosen])

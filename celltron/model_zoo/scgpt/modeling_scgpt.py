@@ -248,7 +248,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
 
     def forward(self, input_ids, values, attention_mask=None, cu_seqlens=None, batch_labels=None, condition_ids=None,
                 gen_mask=None, target_values=None, loss_mask=None, cell_labels=None, classify: bool = False,
-                **unused) -> ScGPTOutput:
+                heads: bool = True, **unused) -> ScGPTOutput:
         """
         Args:
             input_ids, values: (batch, tokens) gene tokens and their (masked) values.
@@ -261,6 +261,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
                 (default: tokens to generate, or tokens whose value equals mask_value).
             cell_labels: (cells,) class of each cell, adds the cell-class cross-entropy.
             classify: return class_logits without a loss.
+            heads: False returns hidden states and cell embeddings only (for fine-tuning heads).
         """
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         allowed = None
@@ -272,6 +273,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
         total, gene_embs = self._embed(input_ids, values, condition_ids, gen_mask)
         hidden = self.transformer_encoder(total, plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
+        if not heads:
+            return ScGPTOutput(last_hidden_state=hidden, cell_embedding=cells)
 
         head_input, cell_input = hidden, cells
         if self.config.use_batch_labels:

@@ -1,0 +1,195 @@
+"""The perturbation head and the `celltron finetune perturbation` run: inputs with flagged
+targets, a head that starts at the training-mean baseline and learns, every family, LoRA and
+frozen layers, the output layout, simulated double perturbations, and clear errors on bad lab
+data."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from celltron.cli import main
+from celltron.finetune.adapt import load_encoder
+from celltron.finetune.config import AdaptSection
+from celltron.finetune.data import load_model_tokenizer, read_lab_data, tokenize_cells
+from celltron.finetune.perturbation import (
+    PerturbationModel, PerturbationPairs, collate_pairs, flag_targets, specials_of, target_tokens,
+)
+from celltron.finetune.perturbation_eval import METRICS, additive_baseline, evaluate, pseudobulk, simulation_split, train_mean_baseline
+from celltron.finetune.simulate import simulate_screen
+from tests.conftest import shared_file
+
+EOS, CLS = 9, 8
+
+
+def test_flag_targets_flags_present_genes_and_adds_absent_ones_before_eos():
+    ids, values, flags = flag_targets(np.array([CLS, 5, 6, 7, EOS]), np.array([0, 3.0, 2.0, 1.0, 0]), np.array([6, 42]), {CLS, EOS}, None)
+    assert ids.tolist() == [CLS, 5, 6, 7, 42, EOS]
+    assert flags.tolist() == [0, 0, 1, 0, 1, 0]
+    assert values.tolist() == [0, 3.0, 2.0, 1.0, 0.0, 0]
+
+
+def test_flag_targets_drops_lowest_ranked_genes_to_fit():
+    ids, _, flags = flag_targets(np.array([CLS, 5, 6, 7, EOS]), None, np.array([41, 42]), {CLS, EOS}, max_tokens=5)
+    assert ids.tolist() == [CLS, 5, 41, 42, EOS]
+    assert flags.sum() == 2
+
+
+def _batch(folder, screen_file, perturbations, n_cells=6):
+    lab = read_lab_data(screen_file, ["perturbation"])
+    tokenizer = load_model_tokenizer(folder, lab)
+    control = np.flatnonzero(lab.obs["perturbation"].astype(str).to_numpy() == "control")[:n_cells]
+    tokens = tokenize_cells(lab, tokenizer, control)
+    targets = target_tokens(perturbations, tokenizer.vocab, lab.species, "screen")
+    screen = pseudobulk(ad.AnnData(X=lab.counts, obs=lab.obs), "perturbation", "control")
+    means = np.stack([screen.means[p] for p in perturbations]).astype(np.float32)
+    de = np.zeros(means.shape, dtype=bool)
+    for row, p in enumerate(perturbations):
+        de[row, screen.de_genes[p]] = True
+    pairs = np.stack([np.arange(n_cells), np.arange(n_cells) % len(perturbations)], axis=1)
+    dataset = PerturbationPairs(tokens, pairs, [targets[p] for p in perturbations], means, de, specials_of(tokenizer.vocab), None)
+    batch = collate_pairs([dataset[i] for i in range(n_cells)], tokenizer.vocab.special_id("pad"))
+    batch.pop("n_cells"), batch.pop("n_tokens")
+    return lab, tokenizer, screen, batch
+
+
+@pytest.mark.parametrize("family", ["geneformer", "scgpt", "genecompass"])
+def test_heads_start_at_the_training_mean_and_learn_for_every_family(family, family_folders, screen_file):
+    perturbations = ["TSPAN6", "TNMD+DPM1", "SCYL3", "FIRRM"]
+    lab, tokenizer, screen, batch = _batch(family_folders[family], screen_file, perturbations, n_cells=8)
+    assert batch["flags"].sum(1).tolist() == [1, 2, 1, 1] * 2  # every target flagged, added if absent
+    assert batch["perturbation"].tolist() == [0, 1, 2, 3] * 2
+    gene_tokens = tokenizer.vocab.lookup_genes(lab.gene_ids)
+    # two pairs of perturbations with the same effect: leave-one-out retrieval can learn to
+    # find the partner, the bilinear head to score genes
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, lab.counts.shape[1]), rng.normal(0, 1, lab.counts.shape[1])
+    shifts = np.stack([a, a, b, b])
+    batch["target"] = torch.as_tensor(screen.control_mean + shifts[batch["perturbation"].numpy()], dtype=torch.float32)
+    targets = list(target_tokens(perturbations, tokenizer.vocab, lab.species, "screen").values())
+    for head in ("retrieval", "bilinear"):
+        torch.manual_seed(0)
+        model = PerturbationModel(load_encoder(family_folders[family], AdaptSection()), gene_tokens, screen.control_mean,
+                                  shifts, targets, head=head)
+        with torch.no_grad():  # an unseen perturbation, before training: the training mean
+            unseen = model(**{**batch, "perturbation": torch.full((8,), -1)})
+            start = model(**batch)
+        np.testing.assert_allclose(unseen.predicted.numpy(), np.tile(screen.control_mean + shifts.mean(0), (8, 1)), atol=1e-5)
+        if head == "retrieval":  # a training example sees the mean of the other training perturbations
+            np.testing.assert_allclose(start.predicted[0].numpy(), screen.control_mean + shifts[1:].mean(0), atol=1e-5)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        for _ in range(40):
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+        assert loss.item() < 0.5 * start.loss.item(), head
+
+
+def test_lora_trains_adapters_and_the_head_only_and_freeze_fixes_the_first_layers(family_folders):
+    folder = family_folders["geneformer"]
+    lora = load_encoder(folder, AdaptSection(lora_rank=4))
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any("query" in n for n in trainable) and any("intermediate" in n for n in trainable)
+    frozen = load_encoder(folder, AdaptSection(freeze_layers=1))
+    grads = {n: p.requires_grad for n, p in frozen.named_parameters()}
+    assert not grads["bert.embeddings.word_embeddings.weight"]
+    assert not any(v for n, v in grads.items() if n.startswith("bert.encoder.layer.0."))
+    assert all(v for n, v in grads.items() if n.startswith("bert.encoder.layer.1."))
+    assert not any(v for n, v in grads.items() if n.startswith("cls."))  # pretraining head unused
+
+
+def test_lora_on_scgpt_adapts_its_linear_layers(family_folders):
+    lora = load_encoder(family_folders["scgpt"], AdaptSection(lora_rank=2))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, p in lora.named_parameters() if p.requires_grad}
+    assert adapted == {"out_proj", "linear1", "linear2"}
+
+
+def _finetune(*args) -> int:
+    return main(["finetune", "perturbation", *args, "--set", "logging.progress_bar=false"])
+
+
+def test_finetune_writes_the_metrics_predictions_and_plots(pretrained_geneformer, screen_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = _finetune("--model", str(pretrained_geneformer), "--data", str(screen_file), "--out", str(out), "--max-steps", "12",
+                     "--seeds", "0", "1", "--split", "simulation", "--lora", "4")
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["baselines"]) == {"control_mean", "train_mean", "additive", "linear"}
+    assert metrics["seeds"] == [0, 1] and set(metrics["split"]["per_seed"]) == {"0", "1"}
+    for result in [metrics["model"], *metrics["baselines"].values()]:
+        assert set(METRICS) <= set(result) and set(result["per_perturbation"]) == {"0", "1"}
+    test = metrics["split"]["per_seed"]["0"]["test"]
+    assert set(metrics["model"]["per_perturbation"]["0"]) == set(test)
+    assert {"unseen_single", "combo_seen2"} <= set(metrics["groups"])
+    predictions = ad.read_h5ad(out / "predictions.h5ad")
+    assert predictions.n_obs == len(test) + len(metrics["split"]["per_seed"]["1"]["test"])
+    assert {"truth", "control_mean", "train_mean", "additive", "linear"} <= set(predictions.layers)
+    assert (out / "pearson_delta_de20.png").stat().st_size > 0 and (out / "delta_scatter.png").stat().st_size > 0
+    assert (out / "seed0" / "metrics.csv").exists() and list((out / "seed0" / "checkpoints").glob("step=12.ckpt"))
+    table = capsys.readouterr().out
+    assert "model" in table and "linear" in table and "pearson_delta_de20" in table
+
+
+def test_baselines_only_needs_no_model_and_recovers_additive_double_perturbations(tmp_path):
+    path = tmp_path / "additive.h5ad"
+    screen = simulate_screen(n_genes=80, n_targets=10, n_combos=15, cells_per_perturbation=200, n_control=400, interaction=0.0, seed=1)
+    screen.adata.write_h5ad(path)
+    assert _finetune("--baselines-only", "--data", str(path), "--out", str(tmp_path / "b"), "--split", "simulation", "--seeds", "0", "1", "2") == 0
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["model"] is None
+    seen2 = metrics["groups"]["combo_seen2"]
+    # exactly additive in log space: the sum of single shifts is right, the training mean is not
+    assert seen2["additive"]["pearson_delta_de20"] > 0.98 > seen2["train_mean"]["pearson_delta_de20"]
+    assert seen2["additive"]["mse_de20"] < 0.1 * seen2["train_mean"]["mse_de20"]
+
+
+def test_simulated_interactions_break_the_additive_baseline():
+    scores = {}
+    for interaction in (0.0, 2.0):
+        screen = simulate_screen(n_genes=80, n_targets=10, n_combos=15, cells_per_perturbation=200, n_control=400,
+                                 interaction=interaction, seed=2)
+        data = pseudobulk(screen.adata, "perturbation", "control")
+        split = simulation_split(data.perturbations, 0.2, seed=0)
+        combos = split["combo_seen2"]
+        truth = {p: data.control_mean + screen.shifts[p] for p in combos}
+        assert np.corrcoef(data.means[combos[0]] - data.control_mean, truth[combos[0]] - data.control_mean)[0, 1] > 0.8
+        scores[interaction] = evaluate(additive_baseline(data, split["train"], combos), data, combos)["mse"]
+        assert evaluate(train_mean_baseline(data, split["train"], combos), data, combos)["mse"] > scores[interaction]
+    assert scores[2.0] > 3 * scores[0.0]
+
+
+def test_lab_data_errors_name_the_file_field_and_fix(tmp_path, screen_file, pretrained_geneformer, capsys):
+    args = ["--model", str(pretrained_geneformer), "--out", str(tmp_path / "x")]
+    assert _finetune(*args, "--data", str(screen_file), "--perturbation-key", "guide") == 2
+    assert "obs has no column(s) ['guide']" in capsys.readouterr().err
+    assert _finetune(*args, "--data", str(screen_file), "--control", "NT") == 2
+    assert "no control cells labelled 'NT'" in capsys.readouterr().err
+    adata = ad.read_h5ad(screen_file)
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    assert _finetune(*args, "--data", str(tmp_path / "normalised.h5ad")) == 2
+    assert "raw integer" in capsys.readouterr().err
+    adata = ad.read_h5ad(screen_file)
+    adata.var_names = [f"gene{i}" for i in range(adata.n_vars)]
+    adata.write_h5ad(tmp_path / "unknown_genes.h5ad")
+    assert _finetune(*args, "--data", str(tmp_path / "unknown_genes.h5ad"), "--species", "human") == 2
+    assert "--gene-column" in capsys.readouterr().err
+    assert _finetune("--data", str(screen_file), "--out", str(tmp_path / "y")) == 2
+    assert "--baselines-only" in capsys.readouterr().err
+
+
+def test_papalexi_baselines_fall_back_where_targets_are_not_measured(tmp_path):
+    path = shared_file("perturbation/papalexi2021_thp1_lowmoi_sceptredata.h5ad")
+    assert _finetune("--baselines-only", "--data", str(path), "--out", str(tmp_path), "--seeds", "0") == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    measured = set(ad.read_h5ad(path, backed="r").var_names)
+    test = metrics["split"]["per_seed"]["0"]["test"]
+    assert set(metrics["baselines"]["linear"]["fell_back_to_train_mean"]["0"]) == {p for p in test if p not in measured}
+    assert len(test) == round(25 * 0.25)
