@@ -208,9 +208,14 @@ def _finetune_config(args):
 
 def _finetune(args) -> int:
     from celltron.finetune.perturbation import run_perturbation
+    from celltron.finetune.train import RunStopped
 
     config = _finetune_config(args)
-    metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
+    try:
+        metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
+    except RunStopped as stop:
+        print(stop)
+        return 0
     if metrics is not None:
         print(f"wrote {args.out}/metrics.json, predictions.h5ad and plots")
     return 0

@@ -3,15 +3,11 @@ targeted genes (their token added when the cell does not express them), predict 
 post-perturbation expression of every measured gene; works with all three families.
 
 The head reads the flagged tokens' final hidden states (what the encoder makes of the
-perturbed genes in this cell) and the cell embedding, and scores each measured gene against
-its pretrained gene embedding:
-
-    prediction = control mean + mean training shift + q([h_targets, h_cell]) . K e_gene + b_gene
-
-so an untrained head predicts the training-mean baseline, and a perturbation never seen in
-training is placed by what pretraining learned about its genes. Targets are pseudobulk means
-(the metrics score pseudobulk means); a perturbation's prediction averages the predictions
-from many control cells.
+perturbed genes in this cell) and the cell embedding, and either mixes the training
+perturbations' shifts by attention (retrieval) or scores each measured gene against its
+pretrained gene embedding (bilinear); see PerturbationModel. An untrained head predicts the
+training-mean baseline. Targets are pseudobulk means (the metrics score pseudobulk means); a
+perturbation's prediction averages the predictions from many control cells.
 """
 
 from __future__ import annotations
@@ -54,8 +50,9 @@ class PerturbationModel(nn.Module):
       the cell, the keys from the pretrained embeddings of each training perturbation's
       targets. A training example never attends to its own perturbation (leave-one-out), so
       the head learns what carries over to unseen perturbations instead of memorising.
-    - bilinear: the training-mean shift plus q([h_targets, h_cell]) . K e_gene per measured
-      gene, from its pretrained gene embedding (free to memorise each training perturbation).
+    - bilinear: the training-mean shift plus q([h_targets, h_cell]) . K e_gene + b_gene per
+      measured gene, from its pretrained gene embedding (free to memorise each training
+      perturbation).
 
     Args:
         encoder: the pretrained model (any family, possibly wrapped by peft).
@@ -80,7 +77,7 @@ class PerturbationModel(nn.Module):
         nn.init.zeros_(self.query[2].weight)  # uniform attention / no correction: the training mean
         nn.init.zeros_(self.query[2].bias)
         self.keys = nn.Linear(hidden, hidden, bias=False)
-        self.gene_bias = nn.Parameter(torch.zeros(len(gene_tokens)))
+        self.gene_bias = nn.Parameter(torch.zeros(len(gene_tokens))) if head == "bilinear" else None
         width = max(len(t) for t in train_targets)
         padded = np.full((len(train_targets), width), -1, dtype=np.int64)
         for row, tokens in enumerate(train_targets):
@@ -106,7 +103,7 @@ class PerturbationModel(nn.Module):
         scale = math.sqrt(query.shape[-1])
         if self.head == "bilinear":
             gene_keys = self.keys(self._embed_tokens(self.gene_tokens))
-            return self.train_shifts.mean(0) + (query @ gene_keys.T).float() / scale
+            return self.train_shifts.mean(0) + (query @ gene_keys.T).float() / scale + self.gene_bias
         scores = (query @ self.keys(self._embed_tokens(self.train_targets)).T).float() / scale
         if perturbation is not None and len(self.train_shifts) > 1:
             own = perturbation.unsqueeze(-1) == torch.arange(len(self.train_shifts), device=scores.device)
@@ -129,7 +126,7 @@ class PerturbationModel(nn.Module):
         flagged = flags.unsqueeze(-1).to(hidden.dtype)
         targets = (hidden * flagged).sum(1) / flagged.sum(1).clamp(min=1)
         query = self.query(torch.cat([targets, out.cell_embedding], dim=-1))
-        predicted = self.control_mean + self._shift(query, perturbation) + self.gene_bias
+        predicted = self.control_mean + self._shift(query, perturbation)
         loss = None
         if target is not None:
             error = (predicted - target.float()) ** 2

@@ -9,23 +9,55 @@ from typing import Callable
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from celltron.pretrain.module import PretrainModule
 from celltron.pretrain.run import CHECKPOINT_DIR, build_trainer, fit, resolve_resume
 
 
+class RunStopped(Exception):
+    """A signal (or trainer.stop_at_step) stopped fine-tuning after a checkpoint; --resume auto continues."""
+
+
+class ExampleOrder(Sampler):
+    """Examples for one rank, epoch after epoch without end (runs are sized in steps): each
+    epoch a permutation seeded by (seed, epoch), dealt to ranks in equal shares. Starting
+    `skip` examples in continues a stopped run with the very batches it would have had."""
+
+    def __init__(self, n: int, seed: int, rank: int, world: int, skip: int = 0):
+        self.n, self.seed, self.rank, self.world, self.skip = n, seed, rank, world, skip
+
+    def __iter__(self):
+        share = self.n // self.world
+        epoch, skip = divmod(self.skip, share)
+        while True:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            yield from order[self.rank :: self.world][:share][skip:].tolist()
+            epoch, skip = epoch + 1, 0
+
+
 class ExamplesDataModule(pl.LightningDataModule):
-    """Shuffled batches of a task's examples; Lightning deals them to ranks under DDP."""
+    """Shuffled batches of a task's examples, dealt to ranks; its state (examples consumed per
+    rank) travels in checkpoints so that a resumed run continues the same order."""
 
     def __init__(self, train: Dataset, collate: Callable, batch_size: int, num_workers: int, seed: int):
         super().__init__()
         self.train, self.collate, self.batch_size, self.num_workers, self.seed = train, collate, batch_size, num_workers, seed
+        self.start = 0
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=len(self.train) > self.batch_size,
-                          collate_fn=self.collate, num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        if len(self.train) < self.trainer.world_size:
+            raise ValueError(f"{len(self.train)} training examples cannot feed {self.trainer.world_size} processes")
+        order = ExampleOrder(len(self.train), self.seed, self.trainer.global_rank, self.trainer.world_size, self.start)
+        return DataLoader(self.train, batch_size=self.batch_size, sampler=order, collate_fn=self.collate,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict:
+        # every rank consumes one batch per micro-step, so the trainer's step count says where we are
+        return {"examples": self.trainer.global_step * self.trainer.accumulate_grad_batches * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = int(state["examples"])
 
 
 def train_task_model(config, model: torch.nn.Module, train: Dataset, collate: Callable, out: Path, seed: int,
@@ -37,8 +69,8 @@ def train_task_model(config, model: torch.nn.Module, train: Dataset, collate: Ca
     model.train()  # from_pretrained leaves models in eval mode (no dropout)
     module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
     data = ExamplesDataModule(train, collate, config.data.batch_size, config.data.num_workers, seed)
-    trainer, signals = build_trainer(config, out, val_batches=0, use_distributed_sampler=True)
+    trainer, signals = build_trainer(config, out, val_batches=0)
     fit(trainer, module, data, signals, resolve_resume(resume, out), out / CHECKPOINT_DIR)
     if signals.interrupted:
-        raise KeyboardInterrupt(f"{out}: stopped by a signal at step {trainer.global_step}; continue with --resume auto")
+        raise RunStopped(f"{out}: stopped by a signal at step {trainer.global_step}; continue with --resume auto")
     return module.model.cpu(), trainer.is_global_zero

@@ -193,3 +193,36 @@ def test_papalexi_baselines_fall_back_where_targets_are_not_measured(tmp_path):
     test = metrics["split"]["per_seed"]["0"]["test"]
     assert set(metrics["baselines"]["linear"]["fell_back_to_train_mean"]["0"]) == {p for p in test if p not in measured}
     assert len(test) == round(25 * 0.25)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_fine_tuning_writes_one_result(family_folders, screen_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "celltron.cli",
+               "finetune", "perturbation", "--model", str(family_folders["geneformer"]), "--data", str(screen_file),
+               "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--max-steps", "6", "--seeds", "0", "1",
+               "--set", "trainer.accelerator=cpu", "--set", "logging.progress_bar=false"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert done.stdout.count("wrote ") == 1  # only the first process evaluates and writes
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["model"]["per_seed"]) == {"0", "1"}
+    assert (tmp_path / "seed1" / "checkpoints" / "step=6.ckpt").exists()
+
+
+def test_a_stopped_fine_tuning_resumes_to_the_same_weights(family_folders, screen_file, tmp_path, capsys):
+    args = ["--model", str(family_folders["geneformer"]), "--data", str(screen_file), "--max-steps", "8", "--seeds", "0",
+            "--set", "trainer.checkpoint_every=100", "--set", "model.lora_dropout=0.0"]
+    assert _finetune(*args, "--out", str(tmp_path / "whole")) == 0
+    assert _finetune(*args, "--out", str(tmp_path / "split"), "--set", "trainer.stop_at_step=4") == 0
+    assert "continue with --resume auto" in capsys.readouterr().out
+    assert not (tmp_path / "split" / "metrics.json").exists()
+    assert _finetune(*args, "--out", str(tmp_path / "split"), "--resume", "auto") == 0
+    whole = torch.load(tmp_path / "whole" / "seed0" / "checkpoints" / "step=8.ckpt", weights_only=False)["state_dict"]
+    split = torch.load(tmp_path / "split" / "seed0" / "checkpoints" / "step=8.ckpt", weights_only=False)["state_dict"]
+    for name in whole:
+        torch.testing.assert_close(whole[name], split[name], msg=name)
