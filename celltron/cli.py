@@ -221,6 +221,18 @@ def _finetune(args) -> int:
     return 0
 
 
+def _grn(args) -> int:
+    from celltron.finetune.grn import run_grn
+
+    if args.model is None and args.truth is None:
+        raise ValueError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
+    result = run_grn(args.model, args.data, args.out, args.method, args.tfs, args.truth, args.layer, args.gene_column,
+                     args.species, args.max_cells, args.top_genes, args.seed)
+    print(f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
+          + (f" and {args.out}/metrics.json" if args.truth else ""))
+    return 0
+
+
 def _export(args) -> int:
     from celltron.pretrain.run import export_checkpoint
 
@@ -334,6 +346,21 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--resume", help="'auto': continue each seed's run from its newest checkpoint")
     finetune.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
     finetune.set_defaults(run=_finetune)
+
+    grn = verbs.add_parser("grn", help="infer a TF -> target network from a pretrained model; score it against a truth")
+    grn.add_argument("--model", help="pretrained model folder or Hub id (without: baselines only)")
+    grn.add_argument("--data", required=True, help="the lab's .h5ad of raw counts")
+    grn.add_argument("--out", default="runs/grn")
+    grn.add_argument("--method", default="embedding", choices=["embedding"])
+    grn.add_argument("--tfs", help="TF list, one symbol per line (default: TRRUST's TFs of the species)")
+    grn.add_argument("--truth", help="TRRUST-format TSV (TF, target, ...) to score the edges against")
+    grn.add_argument("--layer", default="X")
+    grn.add_argument("--gene-column")
+    grn.add_argument("--species", choices=["human", "mouse"])
+    grn.add_argument("--max-cells", type=int, default=1000, help="cells sampled (seeded)")
+    grn.add_argument("--top-genes", type=int, default=2000, help="targets: the most variable genes")
+    grn.add_argument("--seed", type=int, default=0)
+    grn.set_defaults(run=_grn)
 
     export = verbs.add_parser("export", help="export a pretraining checkpoint to a Hugging Face folder")
     export.add_argument("checkpoint", help="step=N.ckpt file or DeepSpeed checkpoint folder")

@@ -1,0 +1,150 @@
+"""`celltron grn`: a ranked TF -> target edge list from a pretrained model, and, with a
+ground truth, its scores beside the co-expression baselines.
+
+Methods so far:
+- embedding: cosine similarity of the model's contextual gene embeddings (each gene's final
+  hidden state averaged over the cells that express it), scGPT's gene-program approach.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth
+
+log = logging.getLogger(__name__)
+METHODS = ("embedding",)
+BASELINES = ("coexpression_pearson", "coexpression_spearman")
+
+
+def bundled_tfs(species: str) -> list[str]:
+    """The TF list shipped for `species` (TRRUST v2's TFs; see celltron/data/grn/PROVENANCE.md)."""
+    text = resources.files("celltron.data.grn").joinpath(f"tfs_{species}.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_tfs(path) -> list[str]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--tfs {path}: no such file (one TF symbol per line)")
+    return [line.split("\t")[0].strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _pad(tokens, rows: np.ndarray, pad_id: int) -> dict:
+    longest = max(len(tokens[r]) for r in rows)
+    batch = {"input_ids": torch.full((len(rows), longest), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long)}
+    if tokens.values is not None:
+        batch["values"] = torch.zeros((len(rows), longest), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        n = len(tokens[r])
+        batch["input_ids"][i, :n] = torch.as_tensor(tokens[r], dtype=torch.long)
+        batch["attention_mask"][i, :n] = 1
+        if tokens.values is not None:
+            batch["values"][i, :n] = torch.as_tensor(tokens.cell_values(r), dtype=torch.float32)
+    return batch
+
+
+@torch.no_grad()
+def contextual_gene_embeddings(model, tokens, vocab_size: int, pad_id: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's final hidden state summed over the cells it appears in; returns the mean per
+    token (vocab, hidden) and how many cells each token appeared in."""
+    model.eval()
+    hidden_size = model.config.hidden_size
+    sums = torch.zeros(vocab_size, hidden_size, dtype=torch.float64)
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for start in range(0, len(tokens), batch_size):
+        batch = _pad(tokens, np.arange(start, min(start + batch_size, len(tokens))), pad_id)
+        hidden = model(**batch, heads=False).last_hidden_state
+        real = batch["attention_mask"].bool()
+        ids = batch["input_ids"][real]
+        sums.index_add_(0, ids, hidden[real].double())
+        counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+    means = sums / counts.clamp(min=1).unsqueeze(-1)
+    return means.numpy(), counts.numpy()
+
+
+def embedding_scores(means: np.ndarray, counts: np.ndarray, token_of: dict[str, int], tfs, targets) -> pd.DataFrame:
+    """Cosine similarity of TF and target embeddings; genes the model never saw rank last."""
+    edges = candidate_edges(tfs, targets)
+    unit = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    tf_tokens = np.array([token_of.get(g, -1) for g in edges.tf])
+    target_tokens = np.array([token_of.get(g, -1) for g in edges.target])
+    seen = (tf_tokens >= 0) & (target_tokens >= 0)
+    seen[seen] &= (counts[tf_tokens[seen]] > 0) & (counts[target_tokens[seen]] > 0)
+    score = np.full(len(edges), -2.0)  # below any cosine
+    score[seen] = np.einsum("ij,ij->i", unit[tf_tokens[seen]], unit[target_tokens[seen]])
+    edges["score"] = score
+    edges["method"] = "embedding"
+    return edges
+
+
+def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
+    """Log-normalised expression of a seeded sample of cells, and the highly variable genes."""
+    from celltron.finetune.perturbation_eval import log_normalise
+
+    rng = np.random.default_rng(seed)
+    cells = np.sort(rng.choice(lab.n_cells, min(max_cells, lab.n_cells), replace=False))
+    expression = log_normalise(lab.counts[cells])
+    names = lab.gene_names.astype(str)
+    unique = ~pd.Index(names).duplicated()
+    variable = np.argsort(-np.where(unique, expression.var(0), -1), kind="stable")[:top_genes]
+    return cells, expression[:, unique], names[unique], sorted(set(names[variable]))
+
+
+def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=None, truth_path=None, layer: str = "X",
+            gene_column: str | None = None, species: str | None = None, max_cells: int = 1000, top_genes: int = 2000,
+            seed: int = 0, batch_size: int = 32) -> dict:
+    """Infer edges with `method` (and the baselines), write edges.tsv and, with a truth,
+    metrics.json under `out`; returns the metrics (or the edge counts without a truth)."""
+    from celltron.finetune.adapt import load_encoder, resolve_model_folder
+    from celltron.finetune.config import AdaptSection
+    from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+    from celltron.finetune.report import results_table, write_metrics
+
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: available methods are {METHODS}")
+    out = Path(out)
+    lab = read_lab_data(data, (), layer, gene_column, species)
+    cells, expression, names, targets = _expression_view(lab, max_cells, top_genes, seed)
+    tf_list = read_tfs(tfs_path) if tfs_path else bundled_tfs(lab.species)
+    tfs = sorted(set(tf_list) & set(names))
+    if not tfs:
+        raise ValueError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
+    runs = {name: coexpression_scores(expression, names, tfs, targets, name.split("_")[1]) for name in BASELINES}
+    if model is not None:
+        folder = resolve_model_folder(model)
+        tokenizer = load_model_tokenizer(folder, lab)
+        check_vocabulary_coverage(lab, tokenizer.vocab)
+        encoder = load_encoder(folder, AdaptSection())
+        tokens = tokenize_cells(lab, tokenizer, cells, seed)
+        means, counts = contextual_gene_embeddings(encoder, tokens, len(tokenizer.vocab), tokenizer.vocab.special_id("pad"), batch_size)
+        token_ids = tokenizer.vocab.lookup_genes(lab.gene_ids)
+        token_of = {n: int(t) for n, t in zip(lab.gene_names.astype(str), token_ids) if t >= 0}
+        runs["model"] = embedding_scores(means, counts, token_of, tfs, targets)
+    out.mkdir(parents=True, exist_ok=True)
+    primary = runs.get("model", runs[BASELINES[0]])
+    _write_edges(out / "edges.tsv", primary.assign(group="all"))
+    result = {"method": method if model is not None else None, "n_tfs": len(tfs), "n_targets": len(targets), "n_cells": len(cells)}
+    if truth_path is None:
+        return result
+    truth = read_truth(truth_path)
+    result["model"] = evaluate_edges(runs["model"], truth) if "model" in runs else None
+    result["baselines"] = {name: evaluate_edges(runs[name], truth) for name in BASELINES}
+    result["split"] = {"cells": len(cells), "seed": seed, "targets": f"top {top_genes} variable genes", "tfs": len(tfs)}
+    write_metrics(out / "metrics.json", result)
+    print(results_table({**result, "model": result["model"]}, ("auprc", "auprc_ratio", "epr")))
+    return result
+
+
+def _write_edges(path: Path, edges: pd.DataFrame) -> None:
+    ranked = edges.sort_values("score", ascending=False, kind="stable")[list(EDGE_COLUMNS)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    ranked.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    tmp.replace(path)

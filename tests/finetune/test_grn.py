@@ -1,0 +1,91 @@
+"""GRN: edge scoring against a truth (AUPRC, its ratio over random, EPR), the co-expression
+baselines on a network with known edges, and `celltron grn` on real PBMCs with TRRUST."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from celltron.cli import main
+from celltron.finetune.grn import bundled_tfs
+from celltron.finetune.grn_eval import candidate_edges, coexpression_scores, evaluate_edges, read_truth
+from tests.conftest import shared_file
+
+TFS, TARGETS = ["T1", "T2", "T3"], [f"G{i}" for i in range(20)]
+TRUTH = pd.DataFrame({"tf": ["T1", "T1", "T2", "T3"], "target": ["G0", "G1", "G5", "G9"]})
+
+
+def _scored(score_of) -> pd.DataFrame:
+    edges = candidate_edges(TFS, TARGETS)
+    edges["score"] = [score_of(tf, target) for tf, target in zip(edges.tf, edges.target)]
+    return edges
+
+
+def test_a_perfect_ranking_scores_one_and_its_reverse_scores_low():
+    truth = set(zip(TRUTH.tf, TRUTH.target))
+    perfect = evaluate_edges(_scored(lambda tf, t: float((tf, t) in truth)), TRUTH)
+    density = 4 / (3 * 20)
+    assert perfect["auprc"] == 1 and perfect["auprc_ratio"] == pytest.approx(1 / density) and perfect["epr"] == pytest.approx(1 / density)
+    assert perfect["n_true_edges"] == 4 and perfect["n_scored_edges"] == 60
+    reverse = evaluate_edges(_scored(lambda tf, t: -float((tf, t) in truth)), TRUTH)
+    assert reverse["epr"] == 0 and reverse["auprc_ratio"] < 1
+
+
+def test_random_scores_have_a_ratio_near_one():
+    rng = np.random.default_rng(0)
+    tfs, targets = [f"T{i}" for i in range(30)], [f"G{i}" for i in range(300)]
+    truth = pd.DataFrame({"tf": rng.choice(tfs, 400), "target": rng.choice(targets, 400)}).drop_duplicates()
+    ratios = []
+    for seed in range(5):
+        edges = candidate_edges(tfs, targets)
+        edges["score"] = np.random.default_rng(seed).random(len(edges))
+        ratios.append(evaluate_edges(edges, truth)["auprc_ratio"])
+    assert 0.8 < np.mean(ratios) < 1.25
+
+
+def test_coexpression_finds_targets_driven_by_their_tfs():
+    rng = np.random.default_rng(1)
+    cells = 400
+    tf_levels = rng.normal(size=(cells, 3))
+    expression = rng.normal(size=(cells, 20))
+    for tf, target in zip(TRUTH.tf, TRUTH.target):
+        expression[:, TARGETS.index(target)] += 2 * tf_levels[:, TFS.index(tf)]
+    matrix = np.concatenate([tf_levels, expression], axis=1)
+    for method in ("pearson", "spearman"):
+        edges = coexpression_scores(matrix, TFS + TARGETS, TFS, TARGETS, method)
+        assert evaluate_edges(edges, TRUTH)["auprc"] == pytest.approx(1)
+
+
+def test_truth_tables_read_with_or_without_a_header(tmp_path):
+    (tmp_path / "a.tsv").write_text("TF\tTarget\nT1\tG0\nT1\tG0\nT2\tG5\n")
+    (tmp_path / "b.tsv").write_text("T1\tG0\tActivation\t123\n")
+    assert read_truth(tmp_path / "a.tsv").values.tolist() == [["T1", "G0"], ["T2", "G5"]]
+    assert read_truth(tmp_path / "b.tsv").values.tolist() == [["T1", "G0"]]
+    with pytest.raises(FileNotFoundError, match="--truth"):
+        read_truth(tmp_path / "missing.tsv")
+
+
+def test_bundled_tf_lists_hold_known_regulators():
+    assert {"STAT1", "IRF1", "SPI1", "TP53"} <= set(bundled_tfs("human"))
+    assert {"Stat1", "Irf1", "Spi1", "Trp53"} <= set(bundled_tfs("mouse"))
+
+
+def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_geneformer, tmp_path):
+    data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
+    truth = shared_file("grn/trrust_rawdata.human.tsv")
+    code = main(["grn", "--model", str(pretrained_geneformer), "--data", str(data), "--gene-column", "gene_symbol_original",
+                 "--truth", str(truth), "--out", str(tmp_path), "--max-cells", "150", "--top-genes", "300"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "embedding" and set(metrics["baselines"]) == {"coexpression_pearson", "coexpression_spearman"}
+    for result in [metrics["model"], *metrics["baselines"].values()]:
+        assert {"auprc", "auprc_ratio", "epr", "n_true_edges", "n_scored_edges"} <= set(result)
+        assert result["n_true_edges"] > 20
+    # co-expression recovers TRRUST edges far above random on real PBMCs
+    assert metrics["baselines"]["coexpression_pearson"]["auprc_ratio"] > 1.5
+    edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
+    assert list(edges.columns) == ["tf", "target", "score", "method", "group"]
+    assert edges.score.is_monotonic_decreasing and set(edges.tf) <= set(bundled_tfs("human"))
