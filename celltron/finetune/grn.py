@@ -16,11 +16,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth
+from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth, tree_scores
 
 log = logging.getLogger(__name__)
 METHODS = ("embedding",)
-BASELINES = ("coexpression_pearson", "coexpression_spearman")
+BASELINES = ("coexpression_pearson", "coexpression_spearman", "genie3_extra_trees")
 
 
 def bundled_tfs(species: str) -> list[str]:
@@ -117,7 +117,11 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     tfs = sorted(set(tf_list) & set(names))
     if not tfs:
         raise ValueError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
-    runs = {name: coexpression_scores(expression, names, tfs, targets, name.split("_")[1]) for name in BASELINES}
+    runs = {name: coexpression_scores(expression, names, tfs, targets, name.split("_")[1]) for name in BASELINES[:2]}
+    # GENIE3 over the TFs the sampled cells express (an unexpressed TF explains nothing)
+    expressed = [t for t in tfs if expression[:, list(names).index(t)].any()]
+    trees = tree_scores(expression, names, expressed, targets, seed=seed)
+    runs["genie3_extra_trees"] = _complete(trees, tfs, targets)
     if model is not None:
         folder = resolve_model_folder(model)
         tokenizer = load_model_tokenizer(folder, lab)
@@ -141,6 +145,12 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     write_metrics(out / "metrics.json", result)
     print(results_table({**result, "model": result["model"]}, ("auprc", "auprc_ratio", "epr")))
     return result
+
+
+def _complete(edges: pd.DataFrame, tfs, targets) -> pd.DataFrame:
+    """`edges` over the full TF x target candidate set, the unscored pairs at score 0."""
+    full = candidate_edges(tfs, targets).merge(edges, on=["tf", "target"], how="left")
+    return full.assign(score=full.score.fillna(0.0), method=edges.method.iloc[0] if len(edges) else "")
 
 
 def _write_edges(path: Path, edges: pd.DataFrame) -> None:

@@ -80,7 +80,8 @@ def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_gene
                  "--truth", str(truth), "--out", str(tmp_path), "--max-cells", "150", "--top-genes", "300"])
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["method"] == "embedding" and set(metrics["baselines"]) == {"coexpression_pearson", "coexpression_spearman"}
+    assert metrics["method"] == "embedding"
+    assert set(metrics["baselines"]) == {"coexpression_pearson", "coexpression_spearman", "genie3_extra_trees"}
     for result in [metrics["model"], *metrics["baselines"].values()]:
         assert {"auprc", "auprc_ratio", "epr", "n_true_edges", "n_scored_edges"} <= set(result)
         assert result["n_true_edges"] > 20
@@ -89,3 +90,17 @@ def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_gene
     edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
     assert list(edges.columns) == ["tf", "target", "score", "method", "group"]
     assert edges.score.is_monotonic_decreasing and set(edges.tf) <= set(bundled_tfs("human"))
+
+
+def test_tree_baseline_finds_nonlinear_regulation():
+    from celltron.finetune.grn_eval import tree_scores
+
+    rng = np.random.default_rng(2)
+    tf_levels = rng.normal(size=(500, 3))
+    expression = rng.normal(size=(500, 20)) * 0.3
+    for tf, target in zip(TRUTH.tf, TRUTH.target):
+        expression[:, TARGETS.index(target)] += np.abs(tf_levels[:, TFS.index(tf)])  # no linear correlation
+    matrix = np.concatenate([tf_levels, expression], axis=1)
+    trees = evaluate_edges(tree_scores(matrix, TFS + TARGETS, TFS, TARGETS, n_jobs=1), TRUTH)
+    linear = evaluate_edges(coexpression_scores(matrix, TFS + TARGETS, TFS, TARGETS, "pearson"), TRUTH)
+    assert trees["auprc"] > 0.9 > linear["auprc"]
