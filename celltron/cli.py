@@ -351,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--model", help="pretrained model folder or Hub id (without: baselines only)")
     grn.add_argument("--data", required=True, help="the lab's .h5ad of raw counts")
     grn.add_argument("--out", default="runs/grn")
-    grn.add_argument("--method", default="embedding", choices=["embedding"])
+    grn.add_argument("--method", default="embedding", choices=["embedding", "attention", "in-silico"])
     grn.add_argument("--tfs", help="TF list, one symbol per line (default: TRRUST's TFs of the species)")
     grn.add_argument("--truth", help="TRRUST-format TSV (TF, target, ...) to score the edges against")
     grn.add_argument("--layer", default="X")

@@ -4,6 +4,11 @@ ground truth, its scores beside the co-expression baselines.
 Methods so far:
 - embedding: cosine similarity of the model's contextual gene embeddings (each gene's final
   hidden state averaged over the cells that express it), scGPT's gene-program approach.
+- attention: how much a target's token attends to a TF's token, averaged over heads, layers
+  and the cells where both appear (the scGPT and Geneformer attention analyses).
+- in-silico: delete a TF's token from a cell and measure how far each target's contextual
+  embedding moves (1 - cosine), averaged over cells (Geneformer's in-silico deletion); every
+  TF of a cell is deleted in one batch of variants.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth, tree_scores
 
 log = logging.getLogger(__name__)
-METHODS = ("embedding",)
+METHODS = ("embedding", "attention", "in-silico")
 BASELINES = ("coexpression_pearson", "coexpression_spearman", "genie3_extra_trees")
 
 
@@ -85,6 +90,90 @@ def embedding_scores(means: np.ndarray, counts: np.ndarray, token_of: dict[str, 
     return edges
 
 
+@torch.no_grad()
+def attention_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, batch_size: int = 32) -> pd.DataFrame:
+    """Attention of each target (query) on each TF (key), averaged over heads, layers and the
+    cells holding both; pairs never seen together rank last."""
+    from celltron.model_zoo.common import recording_attention
+
+    model.eval()
+    tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
+    target_column = {token_of[g]: j for j, g in enumerate(targets) if g in token_of}
+    sums, counts = np.zeros((len(tfs), len(targets))), np.zeros((len(tfs), len(targets)))
+    for start in range(0, len(tokens), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(tokens)))
+        batch = _pad(tokens, rows, pad_id)
+        with recording_attention([]) as records:
+            model(**batch, heads=False)
+        attention = torch.stack(records).mean(0).double().numpy()  # (cells, queries, keys)
+        for i, row in enumerate(rows):
+            ids = tokens[row]
+            tf_at = [(p, tf_row[t]) for p, t in enumerate(ids) if t in tf_row]
+            target_at = [(p, target_column[t]) for p, t in enumerate(ids) if t in target_column]
+            if not tf_at or not target_at:
+                continue
+            (tf_pos, tf_idx), (target_pos, target_idx) = zip(*tf_at), zip(*target_at)
+            block = np.ix_(list(tf_idx), list(target_idx))
+            sums[block] += attention[i][np.ix_(list(target_pos), list(tf_pos))].T
+            counts[block] += 1
+    score = np.where(counts > 0, sums / np.maximum(counts, 1), -1.0)
+    edges = candidate_edges(tfs, targets)
+    edges["score"] = score[pd.Index(tfs).get_indexer(edges.tf), pd.Index(targets).get_indexer(edges.target)]
+    edges["method"] = "attention"
+    return edges
+
+
+def _cell_batch(ids: np.ndarray, values, deleted: list[int], pad_id: int) -> dict:
+    """The cell itself (row 0) and one row per deleted position, padded."""
+    rows = [np.arange(len(ids))] + [np.delete(np.arange(len(ids)), p) for p in deleted]
+    batch = {"input_ids": torch.full((len(rows), len(ids)), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), len(ids)), dtype=torch.long)}
+    if values is not None:
+        batch["values"] = torch.zeros((len(rows), len(ids)), dtype=torch.float32)
+    for i, keep in enumerate(rows):
+        batch["input_ids"][i, : len(keep)] = torch.as_tensor(ids[keep], dtype=torch.long)
+        batch["attention_mask"][i, : len(keep)] = 1
+        if values is not None:
+            batch["values"][i, : len(keep)] = torch.as_tensor(values[keep], dtype=torch.float32)
+    return batch
+
+
+@torch.no_grad()
+def in_silico_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets) -> tuple[pd.DataFrame, float]:
+    """Shift (1 - cosine) of each target's embedding when a TF is deleted from the cell, averaged
+    over the cells holding both. Returns the edges and the (cell, TF) deletions per second."""
+    import time
+
+    model.eval()
+    tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
+    target_column = {token_of[g]: j for j, g in enumerate(targets) if g in token_of}
+    sums, counts = np.zeros((len(tfs), len(targets))), np.zeros((len(tfs), len(targets)))
+    deletions, start = 0, time.perf_counter()
+    for row in range(len(tokens)):
+        ids = np.asarray(tokens[row])
+        tf_at = [p for p, t in enumerate(ids) if t in tf_row]
+        target_at = np.array([p for p, t in enumerate(ids) if t in target_column])
+        if not tf_at or not len(target_at):
+            continue
+        values = tokens.cell_values(row) if tokens.values is not None else None
+        hidden = model(**_cell_batch(ids, values, tf_at, pad_id), heads=False).last_hidden_state.double()
+        unit = hidden / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        for k, p in enumerate(tf_at, start=1):
+            kept = target_at[target_at != p]
+            moved = kept - (kept > p)  # positions after the deleted token shift left by one
+            shift = 1 - (unit[0, kept] * unit[k, moved]).sum(-1).numpy()
+            block = (tf_row[ids[p]], [target_column[t] for t in ids[kept]])
+            sums[block] += shift
+            counts[block] += 1
+        deletions += len(tf_at)
+    rate = deletions / max(time.perf_counter() - start, 1e-9)
+    score = np.where(counts > 0, sums / np.maximum(counts, 1), -1.0)
+    edges = candidate_edges(tfs, targets)
+    edges["score"] = score[pd.Index(tfs).get_indexer(edges.tf), pd.Index(targets).get_indexer(edges.target)]
+    edges["method"] = "in-silico"
+    return edges, rate
+
+
 def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
     """Log-normalised expression of a seeded sample of cells, and the highly variable genes."""
     from celltron.finetune.perturbation_eval import log_normalise
@@ -117,6 +206,7 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     tfs = sorted(set(tf_list) & set(names))
     if not tfs:
         raise ValueError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
+    speed = {}
     runs = {name: coexpression_scores(expression, names, tfs, targets, name.split("_")[1]) for name in BASELINES[:2]}
     # GENIE3 over the TFs the sampled cells express (an unexpressed TF explains nothing)
     expressed = [t for t in tfs if expression[:, list(names).index(t)].any()]
@@ -128,14 +218,23 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
         check_vocabulary_coverage(lab, tokenizer.vocab)
         encoder = load_encoder(folder, AdaptSection())
         tokens = tokenize_cells(lab, tokenizer, cells, seed)
-        means, counts = contextual_gene_embeddings(encoder, tokens, len(tokenizer.vocab), tokenizer.vocab.special_id("pad"), batch_size)
+        pad = tokenizer.vocab.special_id("pad")
         token_ids = tokenizer.vocab.lookup_genes(lab.gene_ids)
         token_of = {n: int(t) for n, t in zip(lab.gene_names.astype(str), token_ids) if t >= 0}
-        runs["model"] = embedding_scores(means, counts, token_of, tfs, targets)
+        if method == "attention":
+            runs["model"] = attention_scores(encoder, tokens, pad, token_of, tfs, targets, batch_size)
+        elif method == "in-silico":
+            runs["model"], rate = in_silico_scores(encoder, tokens, pad, token_of, tfs, targets)
+            log.warning("in-silico deletion: %.1f cells x TFs per second", rate)
+            speed = {"cells_x_tfs_per_second": round(rate, 1)}
+        else:
+            means, counts = contextual_gene_embeddings(encoder, tokens, len(tokenizer.vocab), pad, batch_size)
+            runs["model"] = embedding_scores(means, counts, token_of, tfs, targets)
     out.mkdir(parents=True, exist_ok=True)
     primary = runs.get("model", runs[BASELINES[0]])
     _write_edges(out / "edges.tsv", primary.assign(group="all"))
-    result = {"method": method if model is not None else None, "n_tfs": len(tfs), "n_targets": len(targets), "n_cells": len(cells)}
+    result = {"method": method if model is not None else None, "n_tfs": len(tfs), "n_targets": len(targets), "n_cells": len(cells),
+              **speed}
     if truth_path is None:
         return result
     truth = read_truth(truth_path)

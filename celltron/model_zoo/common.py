@@ -4,8 +4,10 @@ packed cells (SDPA, or varlen kernels on CUDA), pooling, outputs, FLOPs."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -167,12 +169,37 @@ def plan_attention(attention_mask, layout: CellLayout, n_tokens: int, device, ba
     return AttentionPlan("sdpa", mask=mask)
 
 
+_attention_records: list | None = None
+
+
+@contextmanager
+def recording_attention(records: list):
+    """Within the block, every attention layer also appends its attention probabilities,
+    averaged over heads, (batch, queries, keys), to `records`, in layer order: for analyses
+    (GRN inference from attention), on the SDPA path only, at the cost of materialising them."""
+    global _attention_records
+    previous, _attention_records = _attention_records, records
+    try:
+        yield records
+    finally:
+        _attention_records = previous
+
+
+def _record_attention(query: torch.Tensor, key: torch.Tensor, mask) -> None:
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    _attention_records.append(torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).mean(1))
+
+
 def multi_head_attention(query, key, value, n_heads: int, plan: AttentionPlan, dropout: float) -> torch.Tensor:
     """(batch, tokens, hidden) projections -> attended (batch, tokens, hidden)."""
     batch, tokens, hidden = query.shape
     head_dim = hidden // n_heads
     if plan.backend == "sdpa":
         split = lambda x: x.view(batch, tokens, n_heads, head_dim).transpose(1, 2)  # noqa: E731
+        if _attention_records is not None:
+            _record_attention(split(query), split(key), plan.mask)
         attended = F.scaled_dot_product_attention(split(query), split(key), split(value), attn_mask=plan.mask, dropout_p=dropout)
         return attended.transpose(1, 2).reshape(batch, tokens, hidden)
     flat = lambda x: x.reshape(batch * tokens, n_heads, head_dim)  # noqa: E731

@@ -104,3 +104,28 @@ def test_tree_baseline_finds_nonlinear_regulation():
     trees = evaluate_edges(tree_scores(matrix, TFS + TARGETS, TFS, TARGETS, n_jobs=1), TRUTH)
     linear = evaluate_edges(coexpression_scores(matrix, TFS + TARGETS, TFS, TARGETS, "pearson"), TRUTH)
     assert trees["auprc"] > 0.9 > linear["auprc"]
+
+
+def test_attention_method_scores_pairs_the_cells_hold(pretrained_geneformer, tmp_path):
+    data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
+    code = main(["grn", "--model", str(pretrained_geneformer), "--data", str(data), "--gene-column", "gene_symbol_original",
+                 "--method", "attention", "--out", str(tmp_path), "--max-cells", "40", "--top-genes", "200"])
+    assert code == 0
+    edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
+    assert set(edges.method) == {"attention"}
+    seen = edges[edges.score >= 0]
+    assert len(seen) > 100 and seen.score.max() <= 1  # attention probabilities; unseen pairs rank last at -1
+    assert (edges.score[: len(seen)] >= 0).all()
+
+
+def test_in_silico_deletion_scores_embedding_shifts_and_reports_its_speed(pretrained_geneformer, tmp_path):
+    data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
+    truth = shared_file("grn/trrust_rawdata.human.tsv")
+    code = main(["grn", "--model", str(pretrained_geneformer), "--data", str(data), "--gene-column", "gene_symbol_original",
+                 "--method", "in-silico", "--truth", str(truth), "--out", str(tmp_path), "--max-cells", "20", "--top-genes", "150"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["method"] == "in-silico" and metrics["cells_x_tfs_per_second"] > 0
+    edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
+    seen = edges[edges.score >= 0]
+    assert len(seen) > 50 and seen.score.max() <= 2  # 1 - cosine

@@ -47,3 +47,25 @@ def test_varlen_backend_refuses_padded_batches():
     model = build_model("geneformer", "debug", vocab_size=VOCAB, attention_backend="varlen")
     with pytest.raises(ValueError, match="packed"):
         model(input_ids=torch.randint(4, VOCAB, (2, 8)))
+
+
+@pytest.mark.parametrize("family", ["geneformer", "scgpt", "genecompass"])
+def test_recorded_attention_is_each_layers_probabilities_over_real_keys(family):
+    from celltron.model_zoo.common import recording_attention
+
+    torch.manual_seed(0)
+    model = build_model(family, "debug", vocab_size=VOCAB).eval()
+    ids = torch.randint(4, VOCAB, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "values": torch.rand(2, 9)}
+    with torch.no_grad():
+        plain = model(**batch).last_hidden_state
+        with recording_attention([]) as records:
+            recorded = model(**batch).last_hidden_state
+    torch.testing.assert_close(plain, recorded)  # recording changes nothing
+    assert len(records) == model.config.num_hidden_layers
+    for probabilities in records:
+        assert probabilities.shape == (2, 9, 9)
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, 9))
+        assert probabilities[1, :, 6:].abs().max() == 0  # padding receives no attention
