@@ -176,48 +176,56 @@ def _pretrain(args) -> int:
     return 0
 
 
-def _finetune_config(args):
-    from celltron.finetune.config import load_finetune_config
-    from celltron.pretrain.config import replace
+TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug"}
 
+
+def _finetune_config(args):
     from pathlib import Path
 
-    from celltron.finetune.config import FinetuneConfig
-    from celltron.pretrain.config import apply_overrides, from_dict
+    from celltron.finetune.config import FinetuneConfig, load_finetune_config
+    from celltron.pretrain.config import apply_overrides, from_dict, replace
 
-    default = Path(f"configs/finetune/{args.task}.yaml")
+    default = Path(f"configs/finetune/{args.task.replace('-', '_')}.yaml")
     if args.config or default.exists():
         config = load_finetune_config(args.config or default, args.set)
     else:  # outside the repository: the typed defaults
         config = from_dict(apply_overrides({}, args.set), "defaults", FinetuneConfig)
-    changes = {"data": {}, "trainer": {}, "model": {}, args.task: {}}
+    task = TASK_SECTIONS[args.task]
+    changes = {"data": {}, "trainer": {}, "model": {}, task: {}}
     for flag, section, field in (("data", "data", "path"), ("layer", "data", "layer"), ("gene_column", "data", "gene_column"),
                                  ("species", "data", "species"), ("max_steps", "trainer", "max_steps"),
                                  ("strategy", "trainer", "strategy"), ("precision", "trainer", "precision"),
                                  ("freeze", "model", "freeze_layers"), ("lora", "model", "lora_rank"),
                                  ("perturbation_key", "perturbation", "perturbation_key"), ("control", "perturbation", "control"),
-                                 ("split", "perturbation", "split"), ("test_fraction", "perturbation", "test_fraction")):
+                                 ("split", task, "split"), ("test_fraction", task, "test_fraction"),
+                                 ("mode", "drug", "mode"), ("drug_list", "drug", "drug_list"), ("smiles", "drug", "smiles")):
         if getattr(args, flag, None) is not None:
-            changes[section][field] = getattr(args, flag)
+            changes.setdefault(section, {})[field] = getattr(args, flag)
     if args.seeds:
-        changes["perturbation"]["seeds"] = tuple(args.seeds)
+        changes[task]["seeds"] = tuple(args.seeds)
     if args.devices is not None:
         changes["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
     return replace(config, **{k: v for k, v in changes.items() if v})
 
 
 def _finetune(args) -> int:
-    from celltron.finetune.perturbation import run_perturbation
     from celltron.finetune.train import RunStopped
 
     config = _finetune_config(args)
     try:
-        metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
+        if args.task == "drug-response":
+            from celltron.finetune.drug_response import run_drug_response
+
+            metrics = run_drug_response(config, args.out, baselines_only=args.baselines_only)
+        else:
+            from celltron.finetune.perturbation import run_perturbation
+
+            metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
     except RunStopped as stop:
         print(stop)
         return 0
     if metrics is not None:
-        print(f"wrote {args.out}/metrics.json, predictions.h5ad and plots")
+        print(f"wrote {args.out}/metrics.json, predictions and plots")
     return 0
 
 
@@ -322,7 +330,7 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=_pretrain)
 
     finetune = verbs.add_parser("finetune", help="fine-tune a pretrained model on a lab's AnnData, beside the baselines")
-    finetune.add_argument("task", choices=["perturbation"])
+    finetune.add_argument("task", choices=["perturbation", "drug-response"])
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
     finetune.add_argument("--data", help="the lab's .h5ad of raw counts (overrides data.path)")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
@@ -336,7 +344,11 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--species", choices=["human", "mouse"])
     finetune.add_argument("--perturbation-key", help="obs column of perturbations (A or A+B)")
     finetune.add_argument("--control", help="label of control cells in that column")
-    finetune.add_argument("--split", choices=["heldout", "simulation"])
+    finetune.add_argument("--split", choices=["heldout", "simulation", "random", "cell_line", "drug"],
+                          help="perturbation: heldout | simulation; drug-response: random | cell_line | drug")
+    finetune.add_argument("--mode", choices=["ic50"], help="drug-response mode")
+    finetune.add_argument("--drug-list", help="drug-response: GDSC drug list CSV (drug_id, ..., PubCHEM)")
+    finetune.add_argument("--smiles", help="drug-response: PubChem CID<TAB>SMILES file")
     finetune.add_argument("--test-fraction", type=float)
     finetune.add_argument("--seeds", type=int, nargs="+", help="one split and run per seed")
     finetune.add_argument("--max-steps", type=int)

@@ -78,10 +78,33 @@ class PerturbationSection:
 
 
 @dataclass
+class DrugSection:
+    """The drug-response task.
+
+    mode: ic50 (ln(IC50) of cell line x drug pairs).
+    split: random (pairs), cell_line (whole cell lines held out) or drug (whole drugs held out).
+    test_fraction: share of pairs / cell lines / drugs held out.
+    seeds: one split and one run per seed.
+    drug_list: the GDSC drug list (drug_id, ..., PubCHEM) joining drug ids to PubChem CIDs.
+    smiles: `PubChem CID<TAB>SMILES` lines.
+    hidden: width of the model's embeddings and MLPs.
+    """
+
+    mode: str = "ic50"
+    split: str = "random"
+    test_fraction: float = 0.2
+    seeds: tuple = (0,)
+    drug_list: str = ""
+    smiles: str = ""
+    hidden: int = 128
+
+
+@dataclass
 class FinetuneConfig:
     model: AdaptSection = field(default_factory=AdaptSection)
     data: LabDataSection = field(default_factory=LabDataSection)
     perturbation: PerturbationSection = field(default_factory=PerturbationSection)
+    drug: DrugSection = field(default_factory=DrugSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -100,6 +123,10 @@ class FinetuneConfig:
             raise ValueError(f"{where}: perturbation.test_fraction must lie between 0 and 1")
         if not self.perturbation.seeds:
             raise ValueError(f"{where}: perturbation.seeds is empty; give at least one seed")
+        if self.drug.mode != "ic50":
+            raise ValueError(f"{where}: drug.mode {self.drug.mode!r}: only ic50 is built so far")
+        if self.drug.split not in ("random", "cell_line", "drug"):
+            raise ValueError(f"{where}: drug.split {self.drug.split!r} is not random, cell_line or drug")
         check_trainer(self.trainer, where)
         return self
 

@@ -72,7 +72,7 @@ class ThroughputAndMetrics(pl.Callback):
             grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
-        if self.peak:
+        if self.peak and hasattr(pl_module.model, "config"):  # task models without a Transformer config: no MFU
             per_device = tokens_per_s / trainer.world_size
             row["mfu"] = flops_per_token(pl_module.model.config, int(counts.get("row_length", 1))) * per_device / self.peak
         for key in ("lr", "cells_per_s", "tokens_per_s", "mfu", "data_wait"):

@@ -48,7 +48,7 @@ class PretrainModule(pl.LightningModule):
         batch, extras = self._split(batch)
         loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=int(extras.get("n_cells", 1)))
-        self.last_batch = {**{k: float(v) for k, v in extras.items() if k in BATCH_COUNTS}, "row_length": batch["input_ids"].shape[1]}
+        self.last_batch = {**{k: float(v) for k, v in extras.items() if k in BATCH_COUNTS}, "row_length": batch["input_ids"].shape[1] if "input_ids" in batch else 1}
         if POSITION_KEY in extras:
             self.trainer.datamodule.record(extras[POSITION_KEY])
         return loss
