@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth, tree_scores
+from celltron.finetune.inference import autocast, pad_cells, to_device
 
 log = logging.getLogger(__name__)
 METHODS = ("embedding", "attention", "in-silico")
@@ -41,32 +42,19 @@ def read_tfs(path) -> list[str]:
     return [line.split("\t")[0].strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _pad(tokens, rows: np.ndarray, pad_id: int) -> dict:
-    longest = max(len(tokens[r]) for r in rows)
-    batch = {"input_ids": torch.full((len(rows), longest), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long)}
-    if tokens.values is not None:
-        batch["values"] = torch.zeros((len(rows), longest), dtype=torch.float32)
-    for i, r in enumerate(rows):
-        n = len(tokens[r])
-        batch["input_ids"][i, :n] = torch.as_tensor(tokens[r], dtype=torch.long)
-        batch["attention_mask"][i, :n] = 1
-        if tokens.values is not None:
-            batch["values"][i, :n] = torch.as_tensor(tokens.cell_values(r), dtype=torch.float32)
-    return batch
-
-
 @torch.no_grad()
-def contextual_gene_embeddings(model, tokens, vocab_size: int, pad_id: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def contextual_gene_embeddings(model, tokens, vocab_size: int, pad_id: int, batch_size: int = 32, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
     """Each token's final hidden state summed over the cells it appears in; returns the mean per
-    token (vocab, hidden) and how many cells each token appeared in."""
+    token (vocab, hidden) and how many cells each token appeared in. Runs where `model` is."""
     model.eval()
+    device = next(model.parameters()).device
     hidden_size = model.config.hidden_size
     sums = torch.zeros(vocab_size, hidden_size, dtype=torch.float64)
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     for start in range(0, len(tokens), batch_size):
-        batch = _pad(tokens, np.arange(start, min(start + batch_size, len(tokens))), pad_id)
-        hidden = model(**batch, heads=False).last_hidden_state
+        batch = pad_cells(tokens, np.arange(start, min(start + batch_size, len(tokens))), pad_id)
+        with autocast(device, precision):
+            hidden = model(**to_device(batch, device), heads=False).last_hidden_state.float().cpu()
         real = batch["attention_mask"].bool()
         ids = batch["input_ids"][real]
         sums.index_add_(0, ids, hidden[real].double())
@@ -91,21 +79,23 @@ def embedding_scores(means: np.ndarray, counts: np.ndarray, token_of: dict[str, 
 
 
 @torch.no_grad()
-def attention_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, batch_size: int = 32) -> pd.DataFrame:
+def attention_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, batch_size: int = 32,
+                     precision: str = "auto") -> pd.DataFrame:
     """Attention of each target (query) on each TF (key), averaged over heads, layers and the
     cells holding both; pairs never seen together rank last."""
     from celltron.model_zoo.common import recording_attention
 
     model.eval()
+    device = next(model.parameters()).device
     tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
     target_column = {token_of[g]: j for j, g in enumerate(targets) if g in token_of}
     sums, counts = np.zeros((len(tfs), len(targets))), np.zeros((len(tfs), len(targets)))
     for start in range(0, len(tokens), batch_size):
         rows = np.arange(start, min(start + batch_size, len(tokens)))
-        batch = _pad(tokens, rows, pad_id)
-        with recording_attention([]) as records:
-            model(**batch, heads=False)
-        attention = torch.stack(records).mean(0).double().numpy()  # (cells, queries, keys)
+        batch = pad_cells(tokens, rows, pad_id)
+        with recording_attention([]) as records, autocast(device, precision):
+            model(**to_device(batch, device), heads=False)
+        attention = torch.stack(records).float().mean(0).cpu().double().numpy()  # (cells, queries, keys)
         for i, row in enumerate(rows):
             ids = tokens[row]
             tf_at = [(p, tf_row[t]) for p, t in enumerate(ids) if t in tf_row]
@@ -138,13 +128,29 @@ def _cell_batch(ids: np.ndarray, values, deleted: list[int], pad_id: int) -> dic
     return batch
 
 
+def _deletion_shifts(hidden: torch.Tensor, tf_at: list[int], target_at: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(TFs, targets) shifts 1 - cosine of each target's embedding between the cell (row 0 of
+    `hidden`) and the variant without the k-th TF (row k + 1), and which pairs are real (a TF
+    is not its own target). Computed where `hidden` is, in fp32."""
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    targets = torch.as_tensor(target_at, device=hidden.device)
+    deleted = torch.as_tensor(tf_at, device=hidden.device)
+    # positions after the deleted token shift left by one in its variant
+    moved = targets[None, :] - (targets[None, :] > deleted[:, None]).long()
+    after = unit[1:].gather(1, moved[..., None].expand(-1, -1, unit.shape[-1]))
+    shift = 1 - (after * unit[0, targets][None]).sum(-1)
+    real = targets[None, :] != deleted[:, None]
+    return shift.cpu().double().numpy(), real.cpu().numpy()
+
+
 @torch.no_grad()
-def in_silico_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets) -> tuple[pd.DataFrame, float]:
+def in_silico_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, precision: str = "auto") -> tuple[pd.DataFrame, float]:
     """Shift (1 - cosine) of each target's embedding when a TF is deleted from the cell, averaged
     over the cells holding both. Returns the edges and the (cell, TF) deletions per second."""
     import time
 
     model.eval()
+    device = next(model.parameters()).device
     tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
     target_column = {token_of[g]: j for j, g in enumerate(targets) if g in token_of}
     sums, counts = np.zeros((len(tfs), len(targets))), np.zeros((len(tfs), len(targets)))
@@ -156,15 +162,12 @@ def in_silico_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, 
         if not tf_at or not len(target_at):
             continue
         values = tokens.cell_values(row) if tokens.values is not None else None
-        hidden = model(**_cell_batch(ids, values, tf_at, pad_id), heads=False).last_hidden_state.double()
-        unit = hidden / hidden.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-        for k, p in enumerate(tf_at, start=1):
-            kept = target_at[target_at != p]
-            moved = kept - (kept > p)  # positions after the deleted token shift left by one
-            shift = 1 - (unit[0, kept] * unit[k, moved]).sum(-1).numpy()
-            block = (tf_row[ids[p]], [target_column[t] for t in ids[kept]])
-            sums[block] += shift
-            counts[block] += 1
+        with autocast(device, precision):
+            hidden = model(**to_device(_cell_batch(ids, values, tf_at, pad_id), device), heads=False).last_hidden_state
+        shift, real = _deletion_shifts(hidden, tf_at, target_at)
+        block = np.ix_([tf_row[ids[p]] for p in tf_at], [target_column[t] for t in ids[target_at]])
+        sums[block] += np.where(real, shift, 0.0)
+        counts[block] += real
         deletions += len(tf_at)
     rate = deletions / max(time.perf_counter() - start, 1e-9)
     score = np.where(counts > 0, sums / np.maximum(counts, 1), -1.0)
@@ -189,12 +192,14 @@ def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
 
 def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=None, truth_path=None, layer: str = "X",
             gene_column: str | None = None, species: str | None = None, max_cells: int = 1000, top_genes: int = 2000,
-            seed: int = 0, batch_size: int = 32) -> dict:
+            seed: int = 0, batch_size: int = 32, device: str = "auto", precision: str = "auto") -> dict:
     """Infer edges with `method` (and the baselines), write edges.tsv and, with a truth,
-    metrics.json under `out`; returns the metrics (or the edge counts without a truth)."""
+    metrics.json under `out`; returns the metrics (or the edge counts without a truth). The model
+    runs on `device` (`auto`: CUDA when present) in `precision` (`auto`: bf16 on CUDA, else fp32)."""
     from celltron.finetune.adapt import load_encoder, resolve_model_folder
     from celltron.finetune.config import AdaptSection
     from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+    from celltron.finetune.inference import pick_device
     from celltron.finetune.report import results_table, write_metrics
 
     if method not in METHODS:
@@ -216,19 +221,19 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
         folder = resolve_model_folder(model)
         tokenizer = load_model_tokenizer(folder, lab)
         check_vocabulary_coverage(lab, tokenizer.vocab)
-        encoder = load_encoder(folder, AdaptSection())
+        encoder = load_encoder(folder, AdaptSection()).to(pick_device(device))
         tokens = tokenize_cells(lab, tokenizer, cells, seed)
         pad = tokenizer.vocab.special_id("pad")
         token_ids = tokenizer.vocab.lookup_genes(lab.gene_ids)
         token_of = {n: int(t) for n, t in zip(lab.gene_names.astype(str), token_ids) if t >= 0}
         if method == "attention":
-            runs["model"] = attention_scores(encoder, tokens, pad, token_of, tfs, targets, batch_size)
+            runs["model"] = attention_scores(encoder, tokens, pad, token_of, tfs, targets, batch_size, precision)
         elif method == "in-silico":
-            runs["model"], rate = in_silico_scores(encoder, tokens, pad, token_of, tfs, targets)
+            runs["model"], rate = in_silico_scores(encoder, tokens, pad, token_of, tfs, targets, precision)
             log.warning("in-silico deletion: %.1f cells x TFs per second", rate)
-            speed = {"cells_x_tfs_per_second": round(rate, 1)}
+            speed = {"cells_x_tfs_per_second": round(rate, 1), "device": _device_name(encoder)}
         else:
-            means, counts = contextual_gene_embeddings(encoder, tokens, len(tokenizer.vocab), pad, batch_size)
+            means, counts = contextual_gene_embeddings(encoder, tokens, len(tokenizer.vocab), pad, batch_size, precision)
             runs["model"] = embedding_scores(means, counts, token_of, tfs, targets)
     out.mkdir(parents=True, exist_ok=True)
     primary = runs.get("model", runs[BASELINES[0]])
@@ -244,6 +249,11 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     write_metrics(out / "metrics.json", result)
     print(results_table({**result, "model": result["model"]}, ("auprc", "auprc_ratio", "epr")))
     return result
+
+
+def _device_name(model) -> str:
+    device = next(model.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _complete(edges: pd.DataFrame, tfs, targets) -> pd.DataFrame:

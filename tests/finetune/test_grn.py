@@ -129,3 +129,27 @@ def test_in_silico_deletion_scores_embedding_shifts_and_reports_its_speed(pretra
     edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
     seen = edges[edges.score >= 0]
     assert len(seen) > 50 and seen.score.max() <= 2  # 1 - cosine
+
+
+def test_each_deletion_shift_equals_running_the_cell_without_that_tf(pretrained_geneformer):
+    """The batched shifts equal, pair by pair, 1 - cosine between a target's embedding in the
+    cell and in the cell run again on its own without the TF (positions after it move left)."""
+    import torch
+
+    from celltron.finetune.grn import _cell_batch, _deletion_shifts
+    from celltron.model_zoo.registry import load_pretrained
+
+    model = load_pretrained(pretrained_geneformer).eval()
+    ids = np.array([2, 40, 41, 42, 43, 44, 45, 46])
+    tf_at, target_at = [2, 5], np.array([1, 3, 5, 7])
+    with torch.no_grad():
+        hidden = model(**_cell_batch(ids, None, tf_at, model.config.pad_token_id), heads=False).last_hidden_state
+        shift, real = _deletion_shifts(hidden, tf_at, target_at)
+        for k, p in enumerate(tf_at):
+            kept = torch.as_tensor(np.delete(ids, p))[None]
+            alone = model(input_ids=kept, attention_mask=torch.ones_like(kept), heads=False).last_hidden_state[0]
+            for j, q in enumerate(target_at):
+                assert real[k, j] == (q != p)
+                if q != p:
+                    expected = 1 - torch.cosine_similarity(hidden[0, q], alone[q - int(q > p)], dim=0)
+                    assert shift[k, j] == pytest.approx(float(expected), abs=1e-5)
