@@ -35,6 +35,7 @@ class LabData:
         counts: (cells, file genes) raw counts, CSR, in the file's column order.
         gene_ids: Ensembl ID of each file gene ('' where it does not map).
         species: the cells' species.
+        cell_names: the file's cell names (obs names), in its row order.
     """
 
     path: Path
@@ -43,6 +44,7 @@ class LabData:
     counts: sp.csr_matrix
     gene_ids: np.ndarray
     species: str
+    cell_names: np.ndarray | None = None
 
     @property
     def n_cells(self) -> int:
@@ -50,26 +52,42 @@ class LabData:
 
     def mapped_genes(self) -> tuple[np.ndarray, np.ndarray]:
         """Unique mapped Ensembl IDs (first-seen order) and, per file column, its index among them (-1: unmapped)."""
-        mapped = self.gene_ids[self.gene_ids != ""]
-        _, first = np.unique(mapped, return_index=True)
-        unique = mapped[np.sort(first)]
-        position = {g: i for i, g in enumerate(unique)}
-        return unique, np.array([position.get(g, -1) for g in self.gene_ids], dtype=np.int64)
+        return mapped_genes(self.gene_ids)
+
+
+def mapped_genes(gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique mapped Ensembl IDs (first-seen order) and, per file column, its index among them (-1: unmapped)."""
+    mapped = gene_ids[gene_ids != ""]
+    _, first = np.unique(mapped, return_index=True)
+    unique = mapped[np.sort(first)]
+    position = {g: i for i, g in enumerate(unique)}
+    return unique, np.array([position.get(g, -1) for g in gene_ids], dtype=np.int64)
+
+
+def open_lab_source(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None):
+    """A lab file opened for block reads, its obs checked for `obs_keys`; returns the source,
+    each file gene's Ensembl ID ('' where it does not map) and the species."""
+    source = open_source(Path(path), layer=layer, gene_column=gene_column)
+    missing = [k for k in obs_keys if k not in source.obs.columns]
+    if missing:
+        source.close()
+        raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
+                         "Name the right column with the task's --*-key option")
+    species = species or infer_species(source.gene_names, str(path))
+    gene_ids = map_genes(source.gene_names, species, str(path)).ensembl_ids
+    return source, gene_ids, species
 
 
 def read_lab_data(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None) -> LabData:
     """Read an .h5ad (or 10x h5 / mtx folder) of raw counts with the obs columns a task needs."""
-    source = open_source(Path(path), layer=layer, gene_column=gene_column)
-    missing = [k for k in obs_keys if k not in source.obs.columns]
-    if missing:
-        raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
-                         "Name the right column with the task's --*-key option")
-    counts = source.read_rows(0, source.n_cells).tocsr()
-    check_raw_counts(counts, source, 0)
-    species = species or infer_species(source.gene_names, str(path))
-    gene_ids = map_genes(source.gene_names, species, str(path)).ensembl_ids
-    source.close()
-    return LabData(Path(path), source.obs.reset_index(drop=True), np.asarray(source.gene_names), counts, gene_ids, species)
+    source, gene_ids, species = open_lab_source(path, obs_keys, layer, gene_column, species)
+    try:
+        counts = source.read_rows(0, source.n_cells).tocsr()
+        check_raw_counts(counts, source, 0)
+    finally:
+        source.close()
+    return LabData(Path(path), source.obs.reset_index(drop=True), np.asarray(source.gene_names), counts, gene_ids, species,
+                   np.asarray(source.cell_names))
 
 
 def check_vocabulary_coverage(data: LabData, vocab, minimum: float = 0.5) -> float:
@@ -93,10 +111,16 @@ def tokenize_cells(data: LabData, tokenizer, cells: np.ndarray | None = None, se
     """Tokenise `cells` (default: all) with the model's tokenizer, bound to the data's genes."""
     unique, column_map = data.mapped_genes()
     rows = data.counts if cells is None else data.counts[cells]
-    mapped = to_corpus_genes(rows, column_map, len(unique))
+    return tokenize_counts(rows, column_map, len(unique), data.species, tokenizer, np.random.default_rng(seed))
+
+
+def tokenize_counts(rows: sp.csr_matrix, column_map: np.ndarray, n_mapped: int, species: str, tokenizer, rng) -> RaggedTokens:
+    """Tokenise a CSR block of a file's raw counts; `column_map` sends each file column to its
+    mapped gene (see `mapped_genes`). Totals count every gene, mapped or not, as Geneformer does."""
+    mapped = to_corpus_genes(rows, column_map, n_mapped)
     totals = np.asarray(rows.sum(axis=1)).ravel()
-    block = Block(mapped.indptr, mapped.indices, mapped.data, totals, [data.species] * mapped.shape[0], {})
-    return encode(tokenizer, block, np.random.default_rng(seed))
+    block = Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * mapped.shape[0], {})
+    return encode(tokenizer, block, rng)
 
 
 def load_model_tokenizer(model_dir, data: LabData):
