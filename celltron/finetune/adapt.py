@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from celltron.finetune.config import AdaptSection
-from celltron.model_zoo.registry import family_of, load_pretrained
+from celltron.model_zoo.registry import family_of, load_pretrained, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,8 @@ PARTS = {
 
 
 def resolve_model_folder(model: str) -> Path:
-    """A local folder, or a Hub repository id fetched into the local cache."""
-    path = Path(model)
-    if path.exists():
-        return path
-    if "/" not in model or model.startswith((".", "/")):
-        raise FileNotFoundError(f"--model {model}: no such folder (nor a Hub id of the form owner/name)")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model))
-    except Exception as error:  # offline, unknown repository, no access
-        raise FileNotFoundError(f"--model {model}: not a local folder, and the Hub could not provide it ({error})") from error
+    """A local folder, or a Hub repository id (`owner/name[@revision]`) fetched into the local cache."""
+    return model_folder(model)
 
 
 def parts_of(model: nn.Module) -> EncoderParts:

@@ -3,7 +3,9 @@ them with parameter counts, and register them with transformers' Auto classes.""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
@@ -61,11 +63,42 @@ def family_of(config: PretrainedConfig) -> Family:
     return next((f for f in FAMILIES.values() if isinstance(config, f.config_class)), FAMILIES["geneformer"])
 
 
-def load_pretrained(folder) -> PreTrainedModel:
-    """A celltron, exported or converted model folder (config.json + weights), in its family's class."""
-    from pathlib import Path
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
 
-    folder = Path(folder)
+
+def model_folder(model) -> Path:
+    """A local model folder as is, or a Hub repository id (`owner/name`, or `owner/name@revision`
+    for a branch, tag or commit) fetched into the Hugging Face cache (`snapshot_download`; from
+    the cache alone under HF_HUB_OFFLINE=1 once fetched).
+
+    Args:
+        model: folder path, or Hub repository id.
+    """
+    path = Path(model)
+    if path.exists():
+        return path
+    text = str(model)
+    if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{text}: no such model folder (nor a Hub id of the form owner/name)")
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = text.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None))
+    except Exception as error:  # offline and not cached, unknown repository, no access
+        raise FileNotFoundError(f"{text}: not a local folder, and the Hub could not provide it ({type(error).__name__}: "
+                                f"{error}); check the id, log in (`hf auth login` or HF_TOKEN) for private models, "
+                                "or unset HF_HUB_OFFLINE") from error
+
+
+def load_pretrained(folder) -> PreTrainedModel:
+    """A celltron, exported or converted model, in its family's class.
+
+    Args:
+        folder: the model folder (config.json + weights), or a Hub repository id (`owner/name`,
+            `owner/name@revision`), fetched through the Hugging Face cache.
+    """
+    folder = model_folder(folder)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json; pass a folder written by `celltron export`, "
                                 "`celltron convert` or a pretraining run's export/ folder")

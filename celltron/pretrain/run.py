@@ -220,6 +220,8 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     writer = rank_zero_only.rank == 0
     if writer:
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        if init_from:  # the model card names it as the base model when it is a Hub id
+            (out / "init_from.txt").write_text(f"{init_from}\n")
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     corpus = Corpus(config.data.corpus, config.data.storage_options or None)
