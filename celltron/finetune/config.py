@@ -10,6 +10,7 @@ from celltron.pretrain.config import LoggingSection, OptimSection, TrainerSectio
 
 SPLITS = ("heldout", "simulation")
 HEADS = ("retrieval", "bilinear")
+DRUG_SPLITS = {"ic50": ("random", "cell_line", "drug"), "expression": ("heldout_combination", "heldout_drug")}
 
 
 @dataclass
@@ -81,22 +82,77 @@ class PerturbationSection:
 class DrugSection:
     """The drug-response task.
 
-    mode: ic50 (ln(IC50) of cell line x drug pairs).
-    split: random (pairs), cell_line (whole cell lines held out) or drug (whole drugs held out).
-    test_fraction: share of pairs / cell lines / drugs held out.
+    mode: ic50 (ln(IC50) of cell line x drug pairs, GDSC) or expression (chemCPA style: the mean
+        expression of cells treated with a drug at a dose, from the control cells, the drug's
+        fingerprint and the dose).
+    split: ic50: random (pairs), cell_line (whole cell lines held out) or drug (whole drugs held
+        out); expression: heldout_combination (drug x dose combinations held out, each drug
+        keeping a dose in training) or heldout_drug (whole drugs, every dose). '' takes the
+        mode's first (random, heldout_combination).
+    test_fraction: share of pairs / cell lines / drugs / combinations held out.
     seeds: one split and one run per seed.
-    drug_list: the GDSC drug list (drug_id, ..., PubCHEM) joining drug ids to PubChem CIDs.
-    smiles: `PubChem CID<TAB>SMILES` lines.
+    drug_list: ic50: the GDSC drug list (drug_id, ..., PubCHEM) joining drug ids to PubChem CIDs.
+    smiles: ic50: `PubChem CID<TAB>SMILES` lines; expression: `DRUG<TAB>SMILES` lines, DRUG as
+        labelled in the screen's drug column.
     hidden: width of the model's embeddings and MLPs.
+    expression: ic50: an .h5ad of raw counts with one row per cell line. The model then sees a
+        cell line through its expression (the pretrained model's mean-pooled embedding with
+        --model, else its PCA) instead of a learned per-line embedding, so unseen cell lines
+        are predicted from their profile; the ridge baseline gets the PCA too. IC50 cell lines
+        without a row are dropped with a warning and counted in metrics.json.
+    cell_line_key: obs column of that file holding the IC50 table's cell-line ids ('': obs names).
+    pca_components: principal components of the cell lines' log-normalised expression, fitted
+        on the training cell lines of each split.
+    drug_key: expression: obs column of each cell's drug.
+    dose_key: expression: obs column of its dose (a number, any unit; treated cells > 0).
+    cell_type_key: expression: obs column of its cell type ('': all cells are one type).
+    control: expression: drug label of control (vehicle) cells; cells at dose 0 are controls too.
+    n_genes: expression: the most variable genes (log-normalised) that are predicted; 0: all.
+    control_cells: expression with --model: control cells per cell type the pretrained model
+        embeds; their mean embedding is the cell type's basal state.
     """
 
     mode: str = "ic50"
-    split: str = "random"
+    split: str = ""
     test_fraction: float = 0.2
     seeds: tuple = (0,)
     drug_list: str = ""
     smiles: str = ""
     hidden: int = 128
+    expression: str = ""
+    cell_line_key: str = ""
+    pca_components: int = 20
+    drug_key: str = "drug"
+    dose_key: str = "dose"
+    cell_type_key: str = "cell_type"
+    control: str = "control"
+    n_genes: int = 2000
+    control_cells: int = 256
+
+    def split_kind(self) -> str:
+        """The split to make: `split`, or the mode's default when it is ''."""
+        return self.split or DRUG_SPLITS.get(self.mode, ("",))[0]
+
+
+@dataclass
+class AnnotateSection:
+    """The cell-type annotation task.
+
+    label_key: obs column of cell-type labels.
+    test_fraction: share of cells held out (stratified by label).
+    seeds: one split and one fine-tuning run per seed; metrics are aggregated over them.
+    balanced: weight each class's loss by n / (classes x its count), and the same in the
+        baseline's logistic regression (macro-F1 counts every class alike).
+    dropout: dropout on the cell embedding before the classification layer.
+    pca_components: principal components the baseline's logistic regression uses.
+    """
+
+    label_key: str = "cell_type"
+    test_fraction: float = 0.2
+    seeds: tuple = (0,)
+    balanced: bool = True
+    dropout: float = 0.1
+    pca_components: int = 50
 
 
 @dataclass
@@ -105,6 +161,7 @@ class FinetuneConfig:
     data: LabDataSection = field(default_factory=LabDataSection)
     perturbation: PerturbationSection = field(default_factory=PerturbationSection)
     drug: DrugSection = field(default_factory=DrugSection)
+    annotate: AnnotateSection = field(default_factory=AnnotateSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -123,12 +180,28 @@ class FinetuneConfig:
             raise ValueError(f"{where}: perturbation.test_fraction must lie between 0 and 1")
         if not self.perturbation.seeds:
             raise ValueError(f"{where}: perturbation.seeds is empty; give at least one seed")
-        if self.drug.mode != "ic50":
-            raise ValueError(f"{where}: drug.mode {self.drug.mode!r}: only ic50 is built so far")
-        if self.drug.split not in ("random", "cell_line", "drug"):
-            raise ValueError(f"{where}: drug.split {self.drug.split!r} is not random, cell_line or drug")
+        self._check_drug(where)
+        if not 0 < self.annotate.test_fraction < 1:
+            raise ValueError(f"{where}: annotate.test_fraction must lie between 0 and 1")
         check_trainer(self.trainer, where)
         return self
+
+    def _check_drug(self, where: str) -> None:
+        drug = self.drug
+        if drug.mode not in DRUG_SPLITS:
+            raise ValueError(f"{where}: drug.mode {drug.mode!r} is not ic50 or expression (--mode)")
+        if drug.split_kind() not in DRUG_SPLITS[drug.mode]:
+            raise ValueError(f"{where}: drug.split {drug.split!r} does not apply to mode {drug.mode}; "
+                             f"use one of {DRUG_SPLITS[drug.mode]} (--split)")
+        if not 0 < drug.test_fraction < 1:
+            raise ValueError(f"{where}: drug.test_fraction must lie between 0 and 1")
+        if not drug.seeds:
+            raise ValueError(f"{where}: drug.seeds is empty; give at least one seed")
+        if drug.mode == "expression" and drug.expression:
+            raise ValueError(f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "
+                             "expression mode reads the screen from --data")
+        if drug.pca_components < 1 or drug.control_cells < 1 or drug.n_genes < 0:
+            raise ValueError(f"{where}: drug.pca_components and drug.control_cells must be >= 1, drug.n_genes >= 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

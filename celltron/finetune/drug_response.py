@@ -1,11 +1,16 @@
 """Drug response, `ic50` mode (DeepCDR / scFoundation style): predict ln(IC50) of (cell line,
-drug) pairs. Drugs are RDKit Morgan fingerprints of their SMILES plus a learned embedding; cell
-lines are learned embeddings (matrix completion: no cell-line expression is available offline).
+drug) pairs. Drugs are RDKit Morgan fingerprints of their SMILES plus a learned embedding. Cell
+lines are learned embeddings (matrix completion), or, given their expression profiles
+(`--expression`), the pretrained model's frozen embedding of each profile (its PCA without
+`--model`) through an MLP, so that cell lines never seen in training are predicted too.
 
 Splits: random pairs, leave-cell-line-out, leave-drug-out. Metrics: Pearson and Spearman overall
 and per drug (the honest figure: a drug-mean predictor already scores high overall), RMSE.
 Baselines: drug mean, cell-line mean, their additive combination, ridge on fingerprints and
-cell-line indicators, and (for unseen drugs) the nearest training drug by Tanimoto similarity.
+cell-line indicators (plus the expression PCA when profiles are given), and (for unseen drugs)
+the nearest training drug by Tanimoto similarity.
+
+The `expression` mode (chemCPA style) lives in celltron.finetune.drug_expression.
 """
 
 from __future__ import annotations
@@ -91,6 +96,89 @@ def split_pairs(pairs: pd.DataFrame, kind: str, test_fraction: float, seed: int)
     return pairs[column].isin(held).to_numpy()
 
 
+# ---------------------------------------------------------------- cell-line expression
+
+
+@dataclass
+class CellLineExpression:
+    """Expression profiles of cell lines, one row per cell line.
+
+    Attributes:
+        path: the file read.
+        names: the cell-line id of each row.
+        log_expression: (lines, genes) counts normalised to 10,000 per line, log1p'd.
+        embeddings: (lines, hidden) the pretrained model's mean-pooled embedding of each
+            profile; None without a model.
+    """
+
+    path: Path
+    names: np.ndarray
+    log_expression: np.ndarray
+    embeddings: np.ndarray | None = None
+
+    def usable(self) -> np.ndarray:
+        """Cell lines the model can use (with a model: those with a gene it knows)."""
+        if self.embeddings is None:
+            return self.names
+        return self.names[np.isfinite(self.embeddings).all(1)]
+
+    def pca(self, train_lines, components: int) -> dict[str, np.ndarray]:
+        """Every cell line's coordinates on the top principal components of the training lines
+        (fitted on them alone, so held-out lines do not shape the features)."""
+        rows = np.flatnonzero(np.isin(self.names, list(train_lines)))
+        centre = self.log_expression[rows].mean(0)
+        _, _, axes = np.linalg.svd(self.log_expression[rows] - centre, full_matrices=False)
+        coordinates = (self.log_expression - centre) @ axes[:components].T
+        return dict(zip(self.names, coordinates.astype(np.float32)))
+
+    def features(self, train_lines, components: int) -> dict[str, np.ndarray]:
+        """What the model sees of each cell line: its embedding, or its PCA without a model."""
+        if self.embeddings is None:
+            return self.pca(train_lines, components)
+        keep = np.isfinite(self.embeddings).all(1)
+        return dict(zip(self.names[keep], self.embeddings[keep]))
+
+
+def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
+    """The `--expression` file (raw counts, one row per cell line, ids in obs names or the
+    `--cell-line-key` column), embedded by `model` (mean pooling) when one is given."""
+    from celltron.finetune.data import read_lab_data
+    from celltron.finetune.perturbation_eval import log_normalise
+
+    section, data = config.drug, config.data
+    key = section.cell_line_key
+    lab = read_lab_data(section.expression, [key] if key else [], data.layer, data.gene_column, data.species)
+    names = (lab.obs[key] if key else pd.Series(lab.cell_names)).astype(str).to_numpy()
+    repeated = sorted(set(names[pd.Series(names).duplicated().to_numpy()]))
+    if repeated:
+        where = f"obs[{key!r}]" if key else "obs names"
+        raise ValueError(f"{lab.path}: {len(repeated)} cell line(s) have more than one row in {where} (e.g. {repeated[:3]}); "
+                         "give one profile per cell line (sum or average the replicates first)")
+    embeddings = None
+    if model:
+        from celltron.finetune.embed import embed
+
+        embeddings = embed(model, lab.path, pool="mean", input_layer=data.layer, gene_column=data.gene_column, species=data.species)
+    return CellLineExpression(lab.path, names, log_normalise(lab.counts).astype(np.float32), embeddings)
+
+
+def keep_profiled(pairs: pd.DataFrame, expression: CellLineExpression, key: str) -> tuple[pd.DataFrame, list[str]]:
+    """The pairs whose cell line has a usable profile, and the cell lines left out. Missing
+    profiles are common (expression and drug screens cover different lines), so they are
+    dropped with a warning; none at all matching means the ids are of another kind."""
+    lines = np.array(sorted(pairs.cell_line.astype(str).unique()))
+    missing = sorted(set(lines) - set(expression.usable()))
+    if len(missing) == len(lines):
+        where = f"obs[{key!r}]" if key else "obs names"
+        raise ValueError(f"{expression.path}: none of the IC50 table's {len(lines)} cell lines has a profile in its {where} "
+                         f"(table: {list(lines[:3])}; file: {list(expression.names[:3])}). Name the obs column that holds "
+                         "the table's cell-line ids with --cell-line-key")
+    if missing:
+        log.warning("%s: %d of %d cell lines of the IC50 table have no usable expression profile (e.g. %s); their pairs "
+                    "are left out and listed in metrics.json", expression.path, len(missing), len(lines), ", ".join(missing[:5]))
+    return pairs[~pairs.cell_line.isin(missing)].reset_index(drop=True), missing
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -119,9 +207,11 @@ def _means(train: pd.DataFrame, column: str) -> dict:
     return train.groupby(column)["ln_ic50"].mean().to_dict()
 
 
-def baseline_predictions(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float = 10.0) -> dict:
+def baseline_predictions(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float = 10.0,
+                         profiles: dict[str, np.ndarray] | None = None) -> dict:
     """Every baseline's predictions of the test pairs; unseen drugs or cell lines fall back to
-    the training mean of the other side (or the global mean)."""
+    the training mean of the other side (or the global mean). `profiles` (cell line -> its
+    expression PCA) are extra ridge features."""
     overall = float(train.ln_ic50.mean())
     drug_mean, cell_mean = _means(train, "drug"), _means(train, "cell_line")
     d = test.drug.map(drug_mean).to_numpy(dtype=float)
@@ -131,13 +221,13 @@ def baseline_predictions(train: pd.DataFrame, test: pd.DataFrame, prints: dict[s
         "cell_line_mean": np.where(np.isnan(c), np.where(np.isnan(d), overall, d), c),
     }
     out["additive"] = np.nan_to_num(d, nan=overall) + np.nan_to_num(c, nan=overall) - overall
-    out["ridge"] = _ridge(train, test, prints, ridge)
+    out["ridge"] = _ridge(train, test, prints, ridge, profiles)
     out["nearest_drug"] = _nearest_drug(train, test, prints, out["cell_line_mean"])
     return out
 
 
-def _ridge(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float) -> np.ndarray:
-    """Ridge regression on [drug fingerprint, cell-line indicator] (dual form, sparse-friendly sizes)."""
+def _ridge(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float, profiles: dict | None = None) -> np.ndarray:
+    """Ridge regression on [drug fingerprint, cell-line indicator (, cell-line expression PCA)]."""
     lines = {c: i for i, c in enumerate(sorted(train.cell_line.unique()))}
 
     def features(frame):
@@ -146,7 +236,9 @@ def _ridge(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray
         known = frame.cell_line.map(lines)
         rows = np.flatnonzero(known.notna().to_numpy())
         onehot[rows, known.iloc[rows].astype(int).to_numpy()] = 1
-        return np.concatenate([fp, onehot], axis=1)
+        if profiles is None:
+            return np.concatenate([fp, onehot], axis=1)
+        return np.concatenate([fp, onehot, np.stack([profiles[c] for c in frame.cell_line])], axis=1)
 
     X, y = torch.as_tensor(features(train)), torch.as_tensor(train.ln_ic50.to_numpy(dtype=np.float32))
     centre = y.mean()
@@ -185,33 +277,48 @@ class DrugResponseOutput(ModelOutput):
 
 
 class DrugResponseModel(nn.Module):
-    """ln(IC50) from a cell-line embedding and a drug representation (fingerprint MLP plus a
-    learned embedding), through an MLP, plus drug and cell-line biases initialised at their
-    training means. Unseen drugs or cell lines use index 0, a learned 'unknown' row.
+    """ln(IC50) from a cell-line representation and a drug representation (fingerprint MLP plus
+    a learned embedding), through an MLP, plus drug biases initialised at their training means.
+    A cell line is a learned embedding with a bias at its training mean, or, given
+    `cell_features`, its (frozen) feature row through an MLP, with no per-line parameters, so
+    that seen and unseen lines are treated alike. Unseen drugs or cell lines use index 0, a
+    learned 'unknown' row.
 
     Args:
         fingerprints: (drugs + 1, bits) fingerprint of each drug index (row 0: unknown, zeros).
-        n_cell_lines: cell lines seen in training (+1 for unknown).
+        n_cell_lines: cell lines with an index (+1 for unknown).
         hidden: width of the embeddings and the MLP.
+        cell_features: (n_cell_lines, features) each cell line's expression features (row 0:
+            unknown), or None for learned cell-line embeddings.
     """
 
     def __init__(self, fingerprints: np.ndarray, n_cell_lines: int, hidden: int = 128, dropout: float = 0.1,
-                 drug_bias=None, cell_bias=None):
+                 drug_bias=None, cell_bias=None, cell_features: np.ndarray | None = None):
         super().__init__()
         self.register_buffer("fingerprints", torch.as_tensor(fingerprints, dtype=torch.float32))
-        self.cell_lines = nn.Embedding(n_cell_lines, hidden)
         self.drugs = nn.Embedding(len(fingerprints), hidden)
         self.chemistry = nn.Sequential(nn.Linear(fingerprints.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
         self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
         self.drug_bias = nn.Parameter(torch.as_tensor(drug_bias if drug_bias is not None else np.zeros(len(fingerprints)), dtype=torch.float32))
-        self.cell_bias = nn.Parameter(torch.as_tensor(cell_bias if cell_bias is not None else np.zeros(n_cell_lines), dtype=torch.float32))
-        for embedding in (self.cell_lines, self.drugs):
-            nn.init.normal_(embedding.weight, std=0.02)
+        nn.init.normal_(self.drugs.weight, std=0.02)
+        if cell_features is None:
+            self.cell_features = None
+            self.cell_lines = nn.Embedding(n_cell_lines, hidden)
+            nn.init.normal_(self.cell_lines.weight, std=0.02)
+            self.cell_bias = nn.Parameter(torch.as_tensor(cell_bias if cell_bias is not None else np.zeros(n_cell_lines), dtype=torch.float32))
+        else:
+            self.register_buffer("cell_features", torch.as_tensor(cell_features, dtype=torch.float32))
+            self.cell_lines = nn.Sequential(nn.Linear(cell_features.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+            self.cell_bias = None
 
     def forward(self, drug, cell_line, target=None, **unused) -> DrugResponseOutput:
         drug_vector = self.chemistry(self.fingerprints[drug]) + self.drugs(drug)
-        joint = torch.cat([drug_vector, self.cell_lines(cell_line)], dim=-1)
-        predicted = self.head(joint).squeeze(-1) + self.drug_bias[drug] + self.cell_bias[cell_line]
+        if self.cell_features is None:
+            cell_vector, cell_bias = self.cell_lines(cell_line), self.cell_bias[cell_line]
+        else:
+            cell_vector, cell_bias = self.cell_lines(self.cell_features[cell_line]), 0.0
+        joint = torch.cat([drug_vector, cell_vector], dim=-1)
+        predicted = self.head(joint).squeeze(-1) + self.drug_bias[drug] + cell_bias
         loss = torch.mean((predicted - target) ** 2) if target is not None else None
         return DrugResponseOutput(loss=loss, predicted=predicted)
 
@@ -248,7 +355,22 @@ def _indices(train: pd.DataFrame, drugs: list[str]):
     return drug_index, cell_index
 
 
-def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int):
+def _feature_matrix(features: dict[str, np.ndarray], train_lines) -> tuple[dict, np.ndarray]:
+    """Cell-line index over every line with features (0: none) and the (lines + 1, features)
+    matrix, each column standardised on the training lines: frozen embeddings of different
+    lines differ by small amounts along many directions, which an MLP sees better at unit scale."""
+    lines = sorted(features)
+    matrix = np.stack([features[c] for c in lines]).astype(np.float64)
+    trained = matrix[np.isin(lines, list(train_lines))]
+    spread = trained.std(0)
+    matrix = (matrix - trained.mean(0)) / np.maximum(spread, 1e-3 * spread.max() + 1e-12)
+    return {c: i + 1 for i, c in enumerate(lines)}, np.concatenate([np.zeros((1, matrix.shape[1])), matrix]).astype(np.float32)
+
+
+def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, features: dict | None = None):
+    """Train the model on the training pairs; `features` (cell line -> expression features)
+    replace the learned cell-line embeddings. Returns (model, drug index, cell index) on the
+    first process, None on the others."""
     import lightning.pytorch as pl
 
     from celltron.finetune.train import train_task_model
@@ -261,8 +383,12 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int):
     matrix[1:] = np.stack([prints[d] for d in drugs])
     drug_bias = np.array([overall] + [drug_mean.get(d, overall) for d in drugs])
     cell_bias = np.array([0.0] + [cell_mean[c] - overall for c in sorted(cell_index, key=cell_index.get)])
+    cell_matrix = None
+    if features is not None:
+        cell_index, cell_matrix = _feature_matrix(features, cell_index)
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
-    model = DrugResponseModel(matrix, len(cell_index) + 1, config.drug.hidden, drug_bias=drug_bias, cell_bias=cell_bias)
+    model = DrugResponseModel(matrix, len(cell_index) + 1, config.drug.hidden, drug_bias=drug_bias, cell_bias=cell_bias,
+                              cell_features=cell_matrix)
     dataset = Pairs(train.drug.map(drug_index).to_numpy(), train.cell_line.map(cell_index).to_numpy(), train.ln_ic50.to_numpy())
     model, first = train_task_model(config, model, dataset, collate_pairs, out, seed)
     return (model, drug_index, cell_index) if first else None
@@ -277,32 +403,62 @@ def _predict(fitted, test: pd.DataFrame) -> np.ndarray:
     return torch.cat([model(drug=d, cell_line=c).predicted for d, c in zip(drug.split(4096), cell.split(4096))]).numpy()
 
 
-def run_drug_response(config, out, baselines_only: bool = False) -> dict | None:
-    """ic50 mode end to end: splits per seed, baselines, the model, metrics.json, predictions.csv,
-    a printed table and a plot under `out`."""
-    from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
-
-    section, out = config.drug, Path(out)
+def _read_inputs(config, model: str | None):
+    """The IC50 pairs of drugs with fingerprints (and cell lines with profiles), the
+    fingerprints, the cell-line expression (or None) and what was left out."""
+    section = config.drug
     for name in ("drug_list", "smiles"):
         if not getattr(section, name):
             raise ValueError(f"drug.{name} is not set: pass --drug-list and --smiles (the GDSC drug list and a CID<TAB>SMILES file)")
     pairs = read_ic50(config.data.path)
     prints = fingerprints(read_smiles(section.drug_list, section.smiles))
-    unknown = sorted(set(pairs.drug) - set(prints))
-    if unknown:
-        log.warning("%d of %d drugs have no parsable SMILES and are left out", len(unknown), pairs.drug.nunique())
+    left_out = {"drugs_without_smiles": sorted(set(pairs.drug) - set(prints))}
+    if left_out["drugs_without_smiles"]:
+        log.warning("%d of %d drugs have no parsable SMILES and are left out", len(left_out["drugs_without_smiles"]), pairs.drug.nunique())
     pairs = pairs[pairs.drug.isin(prints)].reset_index(drop=True)
+    expression = read_cell_line_expression(config, model) if section.expression else None
+    if expression is not None:
+        before = len(pairs)
+        pairs, missing = keep_profiled(pairs, expression, section.cell_line_key)
+        left_out["cell_lines_without_expression"] = {"count": len(missing), "pairs": before - len(pairs), "cell_lines": missing}
+    return pairs, prints, expression, left_out
+
+
+def _method(expression: CellLineExpression | None) -> str:
+    if expression is None:
+        return "matrix_completion"
+    return "expression_embedding" if expression.embeddings is not None else "expression_pca"
+
+
+def run_drug_response(config, out, baselines_only: bool = False, model: str | None = None) -> dict | None:
+    """The drug-response task end to end; `mode: expression` goes to
+    celltron.finetune.drug_expression. ic50 mode: splits per seed, baselines, the model,
+    metrics.json, predictions.csv, a printed table and a plot under `out`. With
+    `drug.expression`, cell lines are their profiles (embedded by `model` when given)."""
+    from celltron.finetune.report import aggregate
+
+    if config.drug.mode == "expression":
+        from celltron.finetune.drug_expression import run_drug_expression
+
+        return run_drug_expression(config, model, out, baselines_only)
+    section, out = config.drug, Path(out)
+    if model and not section.expression:
+        log.warning("--model %s is not used: in ic50 mode the model embeds cell-line profiles, given with --expression", model)
+    pairs, prints, expression, left_out = _read_inputs(config, None if baselines_only else model)
     model_runs, baseline_runs, splits, rows, first = {}, {n: {} for n in BASELINES}, {}, [], True
     for seed in section.seeds:
-        test_mask = split_pairs(pairs, section.split, section.test_fraction, seed)
+        test_mask = split_pairs(pairs, section.split_kind(), section.test_fraction, seed)
         train, test = pairs[~test_mask], pairs[test_mask]
         splits[str(seed)] = {"train_pairs": int(len(train)), "test_pairs": int(len(test)),
                              "test_drugs": int(test.drug.nunique()), "test_cell_lines": int(test.cell_line.nunique())}
-        predictions = baseline_predictions(train, test, prints)
+        lines = train.cell_line.unique()
+        profiles = expression.pca(lines, section.pca_components) if expression is not None else None
+        predictions = baseline_predictions(train, test, prints, profiles=profiles)
         for name in BASELINES:
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
-            fitted = _fit_model(config, train, prints, out / f"seed{seed}", seed)
+            features = expression.features(lines, section.pca_components) if expression is not None else None
+            fitted = _fit_model(config, train, prints, out / f"seed{seed}", seed, features)
             if fitted is None:
                 first = False
                 continue
@@ -313,18 +469,29 @@ def run_drug_response(config, out, baselines_only: bool = False) -> dict | None:
         return None
     metrics = {
         "task": "drug_response", "mode": section.mode, "data": str(config.data.path),
-        "method": None if baselines_only else "matrix_completion",
+        "expression": str(expression.path) if expression is not None else None,
+        "method": None if baselines_only else _method(expression),
         "model": aggregate(model_runs, DRUG_METRICS, "per_drug") if model_runs else None,
         "baselines": {name: aggregate(baseline_runs[name], DRUG_METRICS, "per_drug") for name in BASELINES},
-        "split": {"kind": section.split, "test_fraction": section.test_fraction, "per_seed": splits},
-        "seeds": list(section.seeds), "drugs_without_smiles": unknown,
+        "split": {"kind": section.split_kind(), "test_fraction": section.test_fraction, "per_seed": splits},
+        "seeds": list(section.seeds), **left_out,
     }
+    if expression is not None:
+        metrics["notes"] = {"ridge": f"features: fingerprint, cell-line indicator and the top {section.pca_components} principal "
+                                     "components of the cell lines' log-normalised expression, fitted on each split's training lines"}
+    return _write_results(out, metrics, pd.concat(rows))
+
+
+def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
+    """metrics.json, predictions.csv (held-out pairs with every predictor's value), the plot and the table."""
+    from celltron.finetune.report import plot_bars, results_table, write_metrics
+
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
-    table = pd.concat(rows)
     tmp = out / ".predictions.csv.tmp"
     table.to_csv(tmp, index=False)
     tmp.replace(out / "predictions.csv")
-    plot_bars(metrics, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({section.split} split)")
-    print(results_table(metrics, DRUG_METRICS))
+    split = metrics["split"]["kind"]
+    plot_bars(metrics, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({split} split)")
+    print(results_table(metrics, DRUG_METRICS, metrics.get("notes")))
     return metrics

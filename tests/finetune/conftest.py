@@ -15,6 +15,17 @@ FAMILY_CONFIGS = {"geneformer": ("geneformer-v2", "geneformer_debug"), "scgpt": 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+@pytest.fixture
+def one_thread():
+    """For tiny models one thread is fastest, and immune to other work on the machine's cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def screen_file(tmp_path_factory) -> Path:
     """A simulated screen: 10 single knockouts and 12 double ones, raw counts."""

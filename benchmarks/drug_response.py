@@ -1,0 +1,55 @@
+"""Drug response (ic50 mode) on GDSC: the matrix-completion model beside its baselines, for the
+random-pair, leave-cell-line-out and leave-drug-out splits, several seeds.
+
+    python -m benchmarks.drug_response --out runs/bench/drug_response
+
+Prints one markdown table per split (mean ± spread over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from celltron.cli import main as celltron
+
+DRUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "drug"
+COLUMNS = ("pearson_per_drug", "pearson", "spearman", "rmse")
+
+
+def run(out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
+    results = {}
+    for split in ("random", "cell_line", "drug"):
+        folder = out / split
+        if not (folder / "metrics.json").exists():
+            assert celltron(["finetune", "drug-response", "--mode", "ic50", "--data", str(DRUG / "GDSC_IC50_deepcdr_scfoundation.csv"),
+                             "--drug-list", str(DRUG / "GDSC_drug_list_2019-06-24.csv"),
+                             "--smiles", str(DRUG / "DeepCDR_223drugs_pubchem_smiles.txt"), "--split", split,
+                             "--seeds", *map(str, seeds), "--max-steps", str(steps), "--out", str(folder)]) == 0
+        results[split] = json.loads((folder / "metrics.json").read_text())
+    return results
+
+
+def table(metrics: dict) -> str:
+    rows = [("model: matrix completion", metrics["model"])] + [(f"baseline: {n}", m) for n, m in metrics["baselines"].items()]
+    lines = ["| predictor | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, result in rows:
+        cells = ["n/a" if result.get(c) is None else f"{result[c]:.3f} ± {(result.get('std') or {}).get(c) or 0:.3f}" for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/drug_response"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1500)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split, metrics in run(args.out, args.seeds, args.steps).items():
+        print(f"\n### split: {split}\n\n{table(metrics)}")
+
+
+if __name__ == "__main__":
+    main()
