@@ -176,7 +176,7 @@ def _pretrain(args) -> int:
     return 0
 
 
-TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug"}
+TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annotate": "annotate"}
 
 
 def _finetune_config(args):
@@ -196,9 +196,14 @@ def _finetune_config(args):
                                  ("species", "data", "species"), ("max_steps", "trainer", "max_steps"),
                                  ("strategy", "trainer", "strategy"), ("precision", "trainer", "precision"),
                                  ("freeze", "model", "freeze_layers"), ("lora", "model", "lora_rank"),
-                                 ("perturbation_key", "perturbation", "perturbation_key"), ("control", "perturbation", "control"),
+                                 ("perturbation_key", "perturbation", "perturbation_key"),
+                                 ("control", "drug" if task == "drug" else "perturbation", "control"),
                                  ("split", task, "split"), ("test_fraction", task, "test_fraction"),
-                                 ("mode", "drug", "mode"), ("drug_list", "drug", "drug_list"), ("smiles", "drug", "smiles")):
+                                 ("mode", "drug", "mode"), ("drug_list", "drug", "drug_list"), ("smiles", "drug", "smiles"),
+                                 ("expression", "drug", "expression"), ("cell_line_key", "drug", "cell_line_key"),
+                                 ("drug_key", "drug", "drug_key"), ("dose_key", "drug", "dose_key"),
+                                 ("cell_type_key", "drug", "cell_type_key"),
+                                 ("label_key", "annotate", "label_key")):
         if getattr(args, flag, None) is not None:
             changes.setdefault(section, {})[field] = getattr(args, flag)
     if args.seeds:
@@ -216,7 +221,11 @@ def _finetune(args) -> int:
         if args.task == "drug-response":
             from celltron.finetune.drug_response import run_drug_response
 
-            metrics = run_drug_response(config, args.out, baselines_only=args.baselines_only)
+            metrics = run_drug_response(config, args.out, baselines_only=args.baselines_only, model=args.model)
+        elif args.task == "annotate":
+            from celltron.finetune.annotate import run_annotate
+
+            metrics = run_annotate(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
         else:
             from celltron.finetune.perturbation import run_perturbation
 
@@ -235,9 +244,33 @@ def _grn(args) -> int:
     if args.model is None and args.truth is None:
         raise ValueError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
     result = run_grn(args.model, args.data, args.out, args.method, args.tfs, args.truth, args.layer, args.gene_column,
-                     args.species, args.max_cells, args.top_genes, args.seed)
+                     args.species, args.max_cells, args.top_genes, args.seed, device=args.device, precision=args.precision)
     print(f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
           + (f" and {args.out}/metrics.json" if args.truth else ""))
+    return 0
+
+
+def _embed(args) -> int:
+    from celltron.finetune.embed import EmbedOptions, embed_file
+
+    options = EmbedOptions(key=args.key, pool=args.pool, layer=args.layer, batch_size=args.batch_size, block_cells=args.block_cells,
+                           gene_embeddings=args.gene_embeddings, device=args.device, precision=args.precision, devices=args.devices,
+                           input_layer=args.input_layer, gene_column=args.gene_column, species=args.species, seed=args.seed,
+                           progress=not args.no_progress)
+    summary = embed_file(args.model, args.data, args.out, options)
+    print(f"wrote {args.out}: obsm[{args.key!r}] for {summary['cells']} cells"
+          + (f", varm[{args.key!r}] gene embeddings" if summary["gene_embeddings"] else "")
+          + (f" ({summary['empty_cells']} cells with no known gene are NaN)" if summary["empty_cells"] else ""))
+    return 0
+
+
+def _evaluate_embedding(args) -> int:
+    from celltron.finetune.embedding_eval import BATCH_METRICS, run_embedding_evaluation
+
+    run_embedding_evaluation(args.data, args.key, args.label_key, args.out, args.batch_key, umap=not args.no_umap, folds=args.folds,
+                             seed=args.seed, neighbors=args.neighbors, layer=args.layer, max_cells=args.max_cells,
+                             batch_metrics=tuple(args.batch_metrics or BATCH_METRICS))
+    print(f"wrote {args.out}/metrics.json" + ("" if args.no_umap else f" and {args.out}/umap.png"))
     return 0
 
 
@@ -245,6 +278,16 @@ def _export(args) -> int:
     from celltron.pretrain.run import export_checkpoint
 
     print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.out, args.run_dir)}")
+    return 0
+
+
+def _publish(args) -> int:
+    from celltron.pretrain.publish import describe, publish
+
+    result = publish(args.source, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+                     force=args.force, dry_run=args.dry_run, token_env=args.token_env, out=args.out, run_dir=args.run_dir,
+                     base_model=args.base_model, license=args.license, metrics=args.metrics)
+    print(describe(result))
     return 0
 
 
@@ -330,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     pretrain.set_defaults(run=_pretrain)
 
     finetune = verbs.add_parser("finetune", help="fine-tune a pretrained model on a lab's AnnData, beside the baselines")
-    finetune.add_argument("task", choices=["perturbation", "drug-response"])
+    finetune.add_argument("task", choices=["perturbation", "drug-response", "annotate"])
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
     finetune.add_argument("--data", help="the lab's .h5ad of raw counts (overrides data.path)")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
@@ -343,12 +386,19 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
     finetune.add_argument("--species", choices=["human", "mouse"])
     finetune.add_argument("--perturbation-key", help="obs column of perturbations (A or A+B)")
-    finetune.add_argument("--control", help="label of control cells in that column")
-    finetune.add_argument("--split", choices=["heldout", "simulation", "random", "cell_line", "drug"],
-                          help="perturbation: heldout | simulation; drug-response: random | cell_line | drug")
-    finetune.add_argument("--mode", choices=["ic50"], help="drug-response mode")
+    finetune.add_argument("--control", help="label of control cells in that column (drug-response expression: in the drug column)")
+    finetune.add_argument("--label-key", help="annotate: obs column of cell-type labels")
+    finetune.add_argument("--split", choices=["heldout", "simulation", "random", "cell_line", "drug", "heldout_combination", "heldout_drug"],
+                          help="perturbation: heldout | simulation; drug-response ic50: random | cell_line | drug, "
+                               "expression: heldout_combination | heldout_drug")
+    finetune.add_argument("--mode", choices=["ic50", "expression"], help="drug-response mode")
     finetune.add_argument("--drug-list", help="drug-response: GDSC drug list CSV (drug_id, ..., PubCHEM)")
-    finetune.add_argument("--smiles", help="drug-response: PubChem CID<TAB>SMILES file")
+    finetune.add_argument("--smiles", help="drug-response: CID<TAB>SMILES (ic50) or DRUG<TAB>SMILES (expression) file")
+    finetune.add_argument("--expression", help="drug-response ic50: .h5ad of raw counts, one row per cell line")
+    finetune.add_argument("--cell-line-key", help="drug-response ic50: obs column of --expression with the cell-line ids")
+    finetune.add_argument("--drug-key", help="drug-response expression: obs column of drugs")
+    finetune.add_argument("--dose-key", help="drug-response expression: obs column of doses")
+    finetune.add_argument("--cell-type-key", help="drug-response expression: obs column of cell types ('' for one)")
     finetune.add_argument("--test-fraction", type=float)
     finetune.add_argument("--seeds", type=int, nargs="+", help="one split and run per seed")
     finetune.add_argument("--max-steps", type=int)
@@ -372,13 +422,68 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--max-cells", type=int, default=1000, help="cells sampled (seeded)")
     grn.add_argument("--top-genes", type=int, default=2000, help="targets: the most variable genes")
     grn.add_argument("--seed", type=int, default=0)
+    grn.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     grn.set_defaults(run=_grn)
+
+    embedding = verbs.add_parser("evaluate-embedding", help="zero-shot scores of cell embeddings in an .h5ad beside a PCA baseline")
+    embedding.add_argument("--data", required=True, help=".h5ad with the embedding in obsm and raw counts (for the baseline)")
+    embedding.add_argument("--key", required=True, help="obsm entry of the embedding, e.g. X_celltron")
+    embedding.add_argument("--label-key", required=True, help="obs column of cell labels, e.g. cell_type")
+    embedding.add_argument("--batch-key", help="obs column of batches: adds scib-metrics' batch-integration metrics")
+    embedding.add_argument("--out", default="runs/embedding", help="output directory (metrics.json, umap.png)")
+    embedding.add_argument("--folds", type=int, default=5, help="stratified k-fold cross-validation of the kNN classifier")
+    embedding.add_argument("--seed", type=int, default=0)
+    embedding.add_argument("--neighbors", type=int, default=15, help="k of the kNN classifier, graph connectivity and UMAP")
+    embedding.add_argument("--layer", default="X", help="raw counts for the PCA baseline: X, raw, or a layer name")
+    embedding.add_argument("--max-cells", type=int, help="evaluate a seeded sample of this many cells")
+    embedding.add_argument("--batch-metrics", nargs="+", help="scib-metrics to compute (default all: silhouette_label clisi "
+                           "silhouette_batch ilisi kbet graph_connectivity; kbet is the slowest)")
+    embedding.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
+    embedding.set_defaults(run=_evaluate_embedding)
+
+    embed = verbs.add_parser("embed", help="cell (and gene) embeddings of a lab's .h5ad, written into a copy of it")
+    embed.add_argument("--model", required=True, help="pretrained model folder or Hub id")
+    embed.add_argument("--data", required=True, help="the lab's .h5ad of raw counts (read in blocks: larger than memory is fine)")
+    embed.add_argument("--out", required=True, help="the .h5ad to write (a copy of --data with obsm[KEY]; may be --data itself)")
+    embed.add_argument("--key", default="X_celltron", help="obsm / varm key")
+    embed.add_argument("--pool", choices=["cls", "mean"], help="cell embedding: first token, or mean of gene tokens (default: the model's)")
+    embed.add_argument("--layer", type=int, default=-1, help="Transformer layer (-1: last; -2: Geneformer's usual choice)")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--block-cells", type=int, default=2048, help="cells read and tokenised at a time")
+    embed.add_argument("--gene-embeddings", action="store_true", help="also write contextual gene embeddings to varm[KEY]")
+    embed.add_argument("--devices", type=int, default=1, help="processes, one per GPU (or CPU share); cells split and reassembled in order")
+    embed.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    embed.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    embed.add_argument("--input-layer", default="X", help="matrix with raw counts ('X', 'raw' or a layer)")
+    embed.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
+    embed.add_argument("--species", choices=["human", "mouse"])
+    embed.add_argument("--seed", type=int, default=0)
+    embed.add_argument("--no-progress", action="store_true")
+    embed.set_defaults(run=_embed)
 
     export = verbs.add_parser("export", help="export a pretraining checkpoint to a Hugging Face folder")
     export.add_argument("checkpoint", help="step=N.ckpt file or DeepSpeed checkpoint folder")
     export.add_argument("--out", required=True)
     export.add_argument("--run-dir", help="the run directory (default: the checkpoint's grandparent)")
     export.set_defaults(run=_export)
+
+    publish = verbs.add_parser("publish", help="write a model card and upload a model folder (or checkpoint) to the Hugging Face Hub")
+    publish.add_argument("source", help="exported model folder, step=N.ckpt file or DeepSpeed checkpoint folder")
+    publish.add_argument("--repo-id", required=True, help="Hub repository ORG/NAME (created if missing)")
+    publish.add_argument("--revision", help="branch to publish to (default main; created if missing)")
+    publish.add_argument("--private", action="store_true", help="create the repository private")
+    publish.add_argument("--commit-message")
+    publish.add_argument("--force", action="store_true", help="replace a revision that already holds files")
+    publish.add_argument("--dry-run", action="store_true", help="write README.md, print the files and the card, upload nothing")
+    publish.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding the write token "
+                         "(default HF_TOKEN, else the `hf auth login` token); the token is never printed")
+    publish.add_argument("--out", help="Hub-ready folder to write (default: the model folder itself; RUN/hub for a checkpoint)")
+    publish.add_argument("--run-dir", help="the pretraining run folder (default: found beside the source)")
+    publish.add_argument("--base-model", help="Hub id of the model this one was initialised from (card front matter)")
+    publish.add_argument("--license", default="apache-2.0", help="licence id for the card (default apache-2.0)")
+    publish.add_argument("--metrics", action="append", default=[], help="a fine-tuning metrics.json to report on the card (repeatable)")
+    publish.set_defaults(run=_publish)
 
     launch = verbs.add_parser("launch", help="write (and submit) the commands of a multi-node pretraining run")
     launch.add_argument("config", help="run config (configs/pretrain/*.yaml)")

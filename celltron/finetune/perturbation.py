@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 from celltron.corpus.genes import map_genes
 from celltron.finetune.adapt import InputFlags, base_of
 from celltron.finetune.config import HEADS
-from celltron.finetune.report import aggregate
+from celltron.finetune.report import aggregate, save_figure, write_h5ad_atomically
 from celltron.tokenizers.ragged import RaggedTokens
 
 log = logging.getLogger(__name__)
@@ -481,9 +481,7 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> N
     adata = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame(obs, index=[f"{o['seed']}:{o['perturbation']}" for o in obs]),
                        var=pd.DataFrame(index=pd.Index(screen.genes.astype(str))), layers={k: v.astype(np.float32) for k, v in layers.items()})
     adata.uns["X"] = "model prediction" if has_model else "truth (baselines only)"
-    tmp = path.with_name(f".{path.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
+    write_h5ad_atomically(adata, path)
 
 
 def _plot_delta_scatter(png: Path, screen, splits: dict, predictions: dict) -> None:
@@ -506,7 +504,4 @@ def _plot_delta_scatter(png: Path, screen, splits: dict, predictions: dict) -> N
     if len(splits[seed]["test"]) <= 10:
         axes.legend(fontsize=6)
     figure.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(png)
+    save_figure(figure, png)

@@ -80,8 +80,23 @@ def plot_bars(metrics: dict, metric: str, png: Path, title: str) -> Path:
     axes.set_ylabel(metric)
     axes.set_title(title)
     figure.tight_layout()
+    return save_figure(figure, png)
+
+
+def save_figure(figure, png: Path) -> Path:
+    """Write a matplotlib figure to `png` under a temporary name, then rename; closes it."""
+    import matplotlib.pyplot as plt
+
     tmp = png.with_name(f".{png.name}.tmp.png")
     figure.savefig(tmp, dpi=120)
     plt.close(figure)
     tmp.replace(png)
     return png
+
+
+def write_h5ad_atomically(adata, path: Path) -> Path:
+    """Write an AnnData to `path` under a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
+    return path
