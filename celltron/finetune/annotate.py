@@ -39,8 +39,9 @@ class AnnotationOutput(ModelOutput):
 
 
 class AnnotationModel(nn.Module):
-    """A pretrained encoder's cell embedding (the family's pooling) through dropout and a linear
-    layer onto the cell types.
+    """A pretrained encoder's cell embedding (the family's pooling) through LayerNorm, dropout and
+    a linear layer onto the cell types. The LayerNorm puts embeddings of any scale on one footing,
+    so that a head on a frozen encoder learns at the learning rate full fine-tuning uses.
 
     Args:
         encoder: the pretrained model (any family, possibly wrapped by peft).
@@ -52,7 +53,8 @@ class AnnotationModel(nn.Module):
     def __init__(self, encoder: nn.Module, n_classes: int, class_weights: np.ndarray | None = None, dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.config.hidden_size, n_classes))
+        hidden = self.config.hidden_size
+        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
         weights = torch.ones(n_classes) if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         self.register_buffer("class_weights", weights)
 
