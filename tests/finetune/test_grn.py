@@ -153,3 +153,13 @@ def test_each_deletion_shift_equals_running_the_cell_without_that_tf(pretrained_
                 if q != p:
                     expected = 1 - torch.cosine_similarity(hidden[0, q], alone[q - int(q > p)], dim=0)
                     assert shift[k, j] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_mouse_cells_use_the_mouse_tf_list_and_trrust_mouse(tmp_path):
+    data = shared_file("scrna/mouse/dentategyrus_100obs.h5ad")
+    truth = shared_file("grn/trrust_rawdata.mouse.tsv")
+    assert main(["grn", "--data", str(data), "--truth", str(truth), "--out", str(tmp_path), "--top-genes", "300"]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
+    assert set(edges.tf) <= set(bundled_tfs("mouse")) and edges.tf.str.match(r"^[A-Z][a-z0-9]").all()  # mouse symbols
+    assert metrics["baselines"]["coexpression_pearson"]["n_true_edges"] > 20
