@@ -14,9 +14,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
+    """Tests marked `jax` run last: JAX starts threads, and a process that forks after that (the
+    DataLoader workers of later tests) risks a deadlock. Tests marked `gpu` need CUDA: skipped,
+    saying so, where there is none."""
     import torch
 
+    items.sort(key=lambda item: "jax" in item.keywords)  # stable: the order is otherwise kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -74,6 +74,7 @@ def _two_batches(path, n_per_group: int = 60, seed: int = 0):
 FAST_BATCH_METRICS = tuple(m for m in BATCH_METRICS if m != "kbet")  # kBET compiles pynndescent first (~30 s)
 
 
+@pytest.mark.jax
 def test_a_batch_shifted_embedding_mixes_batches_worse_than_a_corrected_one(tmp_path):
     path = _two_batches(tmp_path / "two_batches.h5ad")
     shifted = evaluate_embedding(path, "X_shifted", "cell_type", batch_key="batch", batch_metrics=FAST_BATCH_METRICS)
@@ -89,6 +90,7 @@ def test_a_batch_shifted_embedding_mixes_batches_worse_than_a_corrected_one(tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.jax
 def test_kbet_through_the_command_line_rejects_the_batch_shift(tmp_path, capsys):
     path = _two_batches(tmp_path / "two_batches.h5ad", n_per_group=40)
     kbet = {}
