@@ -5,6 +5,16 @@
 #
 #   bash benchmarks/gpu_checks.sh [OUT]        # default runs/gpu_checks
 #
+# On a machine whose Python has torch, lightning and huggingface_hub but not the rest (the lent
+# H200 image: Python 3.12, transformers 5.17), bring wheels built for it and put them first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#       -d .whl zarr==3.1.6 anndata==0.12.19 numcodecs==0.16.6 donfig==0.8.1.post1 array-api-compat==1.16.0 \
+#       legacy-api-wrap==1.5 natsort==8.4.0 scverse-misc==0.0.3 session-info2==0.4.1 google-crc32c==1.9.0 \
+#       transformers==5.24.0 torchdata==0.11.0 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 \
+#       annotated-types==0.8.0 typing-inspection==0.4.5
+#   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+#   (there) pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#
 # Steps: the GPU-marked tests (varlen attention, bf16 embeddings); forward+backward throughput
 # and MFU of each family, padded vs packed (benchmarks/model_throughput.py); pretraining the
 # 104M Geneformer on the demo corpus in bf16 with packed batches (metrics.csv has MFU), also under
