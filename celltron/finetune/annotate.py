@@ -72,10 +72,10 @@ class AnnotationModel(nn.Module):
 
 
 class LabelledCells(Dataset):
-    """Tokenised cells and their class indices."""
+    """The training cells' row numbers; `_Collate` turns a batch of them into tokens and labels."""
 
-    def __init__(self, tokens: RaggedTokens, rows: np.ndarray, labels: np.ndarray):
-        self.tokens, self.rows, self.labels = tokens, rows, labels
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -181,7 +181,7 @@ def _fine_tune(config, folder: Path, tokens: RaggedTokens, labels: np.ndarray, t
     model = AnnotationModel(load_encoder(folder, config.model), n_classes, weights, config.annotate.dropout)
     trainable, total = count_trainable(model)
     log.info("fine-tuning %d of %d parameters", trainable, total)
-    dataset = LabelledCells(tokens, train, labels)
+    dataset = LabelledCells(train)
     model, first = train_task_model(config, model, dataset, _Collate(tokens, labels, pad_id), out, seed, resume)
     return model if first else None
 

@@ -88,11 +88,13 @@ class LayerOutput:
 
 
 class GeneSums:
-    """Per token: the sum of its contextual embeddings and the number of cells it appeared in."""
+    """Per token: the sum of its contextual embeddings and the number of cells it appeared in;
+    `file_tokens` is the token of each file gene (-1: none), to map them back."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, device: torch.device):
+    def __init__(self, vocab_size: int, hidden_size: int, device: torch.device, file_tokens: np.ndarray):
         self.sums = torch.zeros(vocab_size, hidden_size, dtype=torch.float64, device=device)
         self.counts = torch.zeros(vocab_size, dtype=torch.float64, device=device)
+        self.file_tokens = file_tokens
 
     def add(self, hidden: torch.Tensor, genes: torch.Tensor, ids: torch.Tensor) -> None:
         self.sums.index_add_(0, ids[genes], hidden[genes].double())
@@ -173,48 +175,48 @@ def _lab_view(path, options: EmbedOptions):
     return source, lab
 
 
-def _embed_range(folder: Path, path, start: int, stop: int, options: EmbedOptions, device: torch.device, sink, progress) -> GeneSums | None:
-    """Embed cells [start, stop) of `path`; `sink(first_row, block)` receives each block's rows."""
+def _embed_range(folder: Path, source, lab, start: int, stop: int, options: EmbedOptions, device: torch.device, sink,
+                 progress) -> GeneSums | None:
+    """Embed cells [start, stop) of the opened `source`; `sink(first_row, block)` receives each block's rows."""
     from celltron.corpus.readers import check_raw_counts
     from celltron.finetune.data import tokenize_counts
 
-    source, lab = _lab_view(path, options)
-    try:
-        loaded = _load(folder, lab, options, device)
-        _, column_map = lab.mapped_genes()
-        n_mapped = int(column_map.max()) + 1 if len(column_map) else 0
-        sums = GeneSums(len(loaded.tokenizer.vocab), loaded.model.config.hidden_size, device) if options.gene_embeddings else None
+    loaded = _load(folder, lab, options, device)
+    _, column_map = lab.mapped_genes()
+    n_mapped = int(column_map.max()) + 1 if len(column_map) else 0
+    sums = None
+    if options.gene_embeddings:
+        sums = GeneSums(len(loaded.tokenizer.vocab), loaded.model.config.hidden_size, device,
+                        loaded.tokenizer.vocab.lookup_genes(lab.gene_ids))
 
-        def tokenised(first: int):
-            rows = source.read_rows(first, min(first + options.block_cells, stop)).tocsr()
-            check_raw_counts(rows, source, first)
-            rng = np.random.default_rng([options.seed, first])  # the same tokens however the cells are split
-            return first, tokenize_counts(rows, column_map, n_mapped, lab.species, loaded.tokenizer, rng)
+    def tokenised(first: int):
+        rows = source.read_rows(first, min(first + options.block_cells, stop)).tocsr()
+        check_raw_counts(rows, source, first)
+        rng = np.random.default_rng([options.seed, first])  # the same tokens however the cells are split
+        return first, tokenize_counts(rows, column_map, n_mapped, lab.species, loaded.tokenizer, rng)
 
-        firsts = list(range(start, stop, options.block_cells))
-        with ThreadPoolExecutor(1) as reader:
-            pending = reader.submit(tokenised, firsts[0]) if firsts else None
-            for i in range(len(firsts)):
-                first, tokens = pending.result()
-                pending = reader.submit(tokenised, firsts[i + 1]) if i + 1 < len(firsts) else None
-                if loaded.style == "cls":
-                    _check_cls(tokens, loaded.special_ids, path)
-                sink(first, embed_tokens(loaded.model, tokens, loaded.special_ids, loaded.pad_id, loaded.capture, options,
-                                         loaded.style, sums))
-                progress(len(tokens))
-        loaded.capture.close()
-        return sums
-    finally:
-        source.close()
+    firsts = list(range(start, stop, options.block_cells))
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(tokenised, firsts[0]) if firsts else None
+        for i in range(len(firsts)):
+            first, tokens = pending.result()
+            pending = reader.submit(tokenised, firsts[i + 1]) if i + 1 < len(firsts) else None
+            if loaded.style == "cls":
+                _check_cls(tokens, loaded.special_ids, lab.path)
+            sink(first, embed_tokens(loaded.model, tokens, loaded.special_ids, loaded.pad_id, loaded.capture, options,
+                                     loaded.style, sums))
+            progress(len(tokens))
+    loaded.capture.close()
+    return sums
 
 
-def _gene_means(sums: GeneSums, tokenizer, gene_ids: np.ndarray) -> np.ndarray:
+def _gene_means(sums: GeneSums) -> np.ndarray:
     """(file genes, hidden) mean contextual embedding per file gene; NaN where never a token."""
-    token = tokenizer.vocab.lookup_genes(gene_ids)
+    token = sums.file_tokens
     counts = sums.counts.cpu().numpy()
     means = (sums.sums.cpu() / sums.counts.cpu().clamp(min=1)[:, None]).numpy().astype(np.float32)
     seen = (token >= 0) & (counts[np.maximum(token, 0)] > 0)
-    out = np.full((len(gene_ids), means.shape[1]), np.nan, dtype=np.float32)
+    out = np.full((len(token), means.shape[1]), np.nan, dtype=np.float32)
     out[seen] = means[token[seen]]
     return out
 
@@ -246,12 +248,16 @@ def _worker(rank: int, folder: Path, path, ranges, options: EmbedOptions, work: 
         part[first - start : first - start + len(block)] = block
 
     bar = _progress(stop - start, options.progress and rank == 0, f"embedding (rank 0 of {options.devices})")
-    sums = _embed_range(folder, path, start, stop, options, device, sink, bar.update)
+    source, lab = _lab_view(path, options)
+    try:
+        sums = _embed_range(folder, source, lab, start, stop, options, device, sink, bar.update)
+    finally:
+        source.close()
     bar.close()
     if part is not None:
         part.flush()
     if sums is not None:
-        torch.save({"sums": sums.sums.cpu(), "counts": sums.counts.cpu()}, work / f"genes-{rank}.pt")
+        torch.save({"sums": sums.sums.cpu(), "counts": sums.counts.cpu(), "file_tokens": sums.file_tokens}, work / f"genes-{rank}.pt")
 
 
 def _progress(total: int, enabled: bool, description: str = "embedding"):
@@ -265,16 +271,19 @@ def _run(folder: Path, path, options: EmbedOptions, sink) -> np.ndarray | None:
     returns the gene means when asked for."""
     source, lab = _lab_view(path, options)
     n_cells = source.n_cells
-    source.close()
-    if options.devices == 1:
-        bar = _progress(n_cells, options.progress)
-        sums = _embed_range(folder, path, 0, n_cells, options, pick_device(options.device), sink, bar.update)
-        bar.close()
-        return _gene_means(sums, _tokenizer(folder, lab), lab.gene_ids) if sums is not None else None
-    return _run_parallel(folder, path, n_cells, lab, options, sink)
+    if options.devices > 1:
+        source.close()  # each process opens its own
+        return _run_parallel(folder, path, n_cells, options, sink)
+    bar = _progress(n_cells, options.progress)
+    try:
+        sums = _embed_range(folder, source, lab, 0, n_cells, options, pick_device(options.device), sink, bar.update)
+    finally:
+        source.close()
+    bar.close()
+    return _gene_means(sums) if sums is not None else None
 
 
-def _run_parallel(folder: Path, path, n_cells: int, lab, options: EmbedOptions, sink) -> np.ndarray | None:
+def _run_parallel(folder: Path, path, n_cells: int, options: EmbedOptions, sink) -> np.ndarray | None:
     device = pick_device(options.device)
     if device.type == "cuda" and options.devices > torch.cuda.device_count():
         raise ValueError(f"--devices {options.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
@@ -289,16 +298,11 @@ def _run_parallel(folder: Path, path, n_cells: int, lab, options: EmbedOptions, 
                     sink(start + offset, np.asarray(part[offset : offset + options.block_cells]))
         if not options.gene_embeddings:
             return None
-        parts = [torch.load(work / f"genes-{rank}.pt") for rank in range(options.devices) if (work / f"genes-{rank}.pt").exists()]
-        sums = GeneSums(0, 0, torch.device("cpu"))
+        parts = [torch.load(work / f"genes-{rank}.pt", weights_only=False) for rank in range(options.devices)
+                 if (work / f"genes-{rank}.pt").exists()]
+        sums = GeneSums(0, 0, torch.device("cpu"), parts[0]["file_tokens"])
         sums.sums, sums.counts = sum(p["sums"] for p in parts), sum(p["counts"] for p in parts)
-        return _gene_means(sums, _tokenizer(folder, lab), lab.gene_ids)
-
-
-def _tokenizer(folder: Path, lab):
-    from celltron.finetune.data import load_model_tokenizer
-
-    return load_model_tokenizer(folder, lab)
+        return _gene_means(sums)
 
 
 def embed(model, data, **options) -> np.ndarray:

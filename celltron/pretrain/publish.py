@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from celltron.pretrain.model_card import MARKER, gather_facts, render_card
+from celltron.tokenizers.saving import write_text_atomically
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 CARD = "README.md"
@@ -118,14 +119,6 @@ def _copy_folder(source: Path, out: Path) -> None:
     from celltron.model_zoo.common import write_folder_atomically
 
     write_folder_atomically(out, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write under a temporary name in the same folder, then rename: readers see the old file
-    or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def folder_files(folder: Path) -> list[tuple[str, int]]:

@@ -16,13 +16,17 @@ CONFIG_FILE = "tokenizer_config.json"
 MEDIANS_FILE = "gene_medians.json"
 
 
-def write_json_atomically(path: Path, payload) -> None:
-    """Write JSON under a temporary name unique to this process, then rename: readers (and
-    other processes writing the same file) never see a partial file."""
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write under a temporary name unique to this process, then rename: readers (and other
+    processes writing the same file) never see a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload))
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json_atomically(path: Path, payload) -> None:
+    write_text_atomically(path, json.dumps(payload))
 
 
 def save_tokenizer(tokenizer, directory) -> Path:
