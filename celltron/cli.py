@@ -83,6 +83,8 @@ def _tokenize(args) -> int:
 
     if args.coverage:
         _print_coverage(args)
+    if args.hvg is None and (args.hvg_flavor or args.hvg_batch_key):
+        raise ValueError("--hvg-flavor and --hvg-batch-key go with --hvg N")
     if args.out is None:
         if not args.coverage:
             raise ValueError("--out is required (or pass --coverage to only report shared-token coverage)")
@@ -91,6 +93,7 @@ def _tokenize(args) -> int:
         args.input, args.scheme, args.out, obs_keys=tuple(args.obs_keys or ()), split=args.split,
         max_len=args.max_len, seed=args.seed, layer=args.layer, gene_column=args.gene_column, species=args.species,
         storage_options=_key_values(args.storage_option, "--storage-option"), progress=not args.no_progress,
+        hvg=args.hvg, hvg_flavor=args.hvg_flavor or "seurat_v3", hvg_batch_key=args.hvg_batch_key, hvg_span=args.hvg_span,
     )
     print(f"tokenized {summary['cells']} cells ({summary['tokens']} tokens) into {args.out} "
           f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s")
@@ -352,6 +355,15 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--layer", default="X", help="h5ad counts: X, raw, or a layer name")
     tokenize.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols")
     tokenize.add_argument("--species", choices=["human", "mouse"])
+    tokenize.add_argument("--hvg", type=int, metavar="N",
+                          help="scgpt only: keep the N highly variable genes, as scGPT's Preprocessor (scanpy's "
+                               "highly_variable_genes) selects them among the genes its vocabulary covers; chosen over "
+                               "the .h5ad's cells or a corpus's training split (also for --split val)")
+    tokenize.add_argument("--hvg-flavor", choices=["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"],
+                          help="HVG flavor (default seurat_v3, on raw counts; seurat and cell_ranger on log1p counts per 10,000)")
+    tokenize.add_argument("--hvg-batch-key", metavar="OBS_COLUMN",
+                          help="select HVGs per batch of this obs column and merge them, as scanpy's batch_key")
+    tokenize.add_argument("--hvg-span", type=float, default=0.3, help="loess span of seurat_v3 (larger for very few cells)")
     tokenize.add_argument("--coverage", action="store_true", help="report shared-token coverage of a corpus (ortholog scheme)")
     tokenize.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
     tokenize.add_argument("--no-progress", action="store_true")

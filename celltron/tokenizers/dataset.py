@@ -3,6 +3,11 @@
 Columns: `input_ids`, `values` (scGPT and ortholog schemes), `length`, and requested obs
 columns — the format Geneformer users already feed to their models. The tokenizer's
 vocabulary is saved beside it (`vocab.json`) with a `tokenizer_config.json`.
+
+For the scgpt scheme, `hvg=N` first selects N highly variable genes as scGPT's Preprocessor
+does (`select_hvg`: scanpy's flavors, two streaming passes over the cells, over the .h5ad or a
+corpus's training split) and the tokenizer keeps only those (`genes_subset`, recorded in its
+config).
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from celltron.corpus.build import to_corpus_genes
@@ -26,6 +32,7 @@ from celltron.corpus.readers import check_raw_counts, open_source
 from celltron.corpus.stats import GeneStatistics
 from celltron.corpus.store import Corpus, ShardReader
 from celltron.tokenizers.binned import BinnedTokenizer
+from celltron.tokenizers.hvg import DISPERSION_FLAVORS, highly_variable_genes, log_normalize
 from celltron.tokenizers.ortholog import OrthologTokenizer, group_by_species, ortholog_vocab
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.rank_value import RankValueTokenizer
@@ -53,17 +60,24 @@ class _Input:
     medians: dict[str, float]
     n_cells: int
     blocks: Iterator[Block]
+    # another pass over the same cells, carrying the given obs columns (HVG selection reads twice)
+    read: Callable[[tuple], Iterator[Block]] | None = None
 
 
 def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _Input:
     genes = corpus.manifest["genes"]
     categories = corpus.manifest["obs_categories"]
-    missing = [k for k in obs_keys if k not in categories]
-    if missing:
-        raise ValueError(f"{corpus.location}: corpus has no obs column(s) {missing}; it has {sorted(categories)}")
+
+    def check(keys):
+        missing = [k for k in keys if k not in categories]
+        if missing:
+            raise ValueError(f"{corpus.location}: corpus has no obs column(s) {missing}; it has {sorted(categories)}")
+
+    check(obs_keys)
     records = corpus.shards(split)
 
-    def blocks():
+    def blocks(obs_keys=obs_keys):
+        check(obs_keys)
         for record in records:
             reader = ShardReader(corpus, record)
             for start in range(0, record["n_cells"], block_cells):
@@ -71,14 +85,19 @@ def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _In
                 decode = lambda key: [categories[key][c] if c >= 0 else None for c in b.obs[key]]  # noqa: E731
                 yield Block(b.indptr, b.genes, b.counts, b.obs["n_counts"], decode("species"), {k: decode(k) for k in obs_keys})
 
-    return _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), sum(r["n_cells"] for r in records), blocks())
+    n_cells = sum(r["n_cells"] for r in records)
+    return _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), n_cells, blocks(), blocks)
 
 
 def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column, species) -> _Input:
     source = open_source(path, layer=layer, gene_column=gene_column)
-    missing = [k for k in obs_keys if k not in source.obs.columns]
-    if missing:
-        raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}")
+
+    def check(keys):
+        missing = [k for k in keys if k not in source.obs.columns]
+        if missing:
+            raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}")
+
+    check(obs_keys)
     species = species or infer_species(source.gene_names, str(path))
     ensembl = map_genes(source.gene_names, species, str(path)).ensembl_ids
     # unique Ensembl IDs in first-seen order, so ties keep the file's gene order
@@ -100,19 +119,23 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
         stats.add(*read(start, min(start + block_cells, source.n_cells)))
     medians = {g: float(m) for g, m in zip(gene_ids, stats.nonzero_medians()) if np.isfinite(m)}
 
-    def blocks():
+    def blocks(obs_keys=obs_keys):
+        check(obs_keys)
         for start in range(0, source.n_cells, block_cells):
             stop = min(start + block_cells, source.n_cells)
             mapped, totals = read(start, stop)
             obs = {k: source.obs[k].iloc[start:stop].tolist() for k in obs_keys}
             yield Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * (stop - start), obs)
 
-    return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks())
+    return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks(), blocks)
 
 
-def make_tokenizer(scheme: str, data, max_len: int | None, seed: int):
+def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subset=None):
     """The tokenizer of `scheme` bound to the data's genes (anything with `gene_ids`,
-    `gene_species` and `medians`: an input here, or a corpus's gene table), and its vocabulary."""
+    `gene_species` and `medians`: an input here, or a corpus's gene table), and its vocabulary.
+    `genes_subset` (Ensembl IDs, e.g. highly variable genes) is for the scgpt scheme only."""
+    if genes_subset is not None and scheme != "scgpt":
+        raise ValueError(f"a gene subset (highly variable genes, --hvg) is scGPT's step; scheme {scheme!r} takes none")
     if scheme in ("geneformer-v1", "geneformer-v2"):
         tokenizer = RankValueTokenizer.geneformer(scheme.split("-")[1], data.gene_ids)
         if max_len:
@@ -120,11 +143,32 @@ def make_tokenizer(scheme: str, data, max_len: int | None, seed: int):
         return tokenizer, tokenizer.vocab
     if scheme == "scgpt":
         vocab = GeneVocab.from_scgpt()
-        return BinnedTokenizer(vocab, data.gene_ids, max_len=max_len or 1200, seed=seed), vocab
+        tokenizer = BinnedTokenizer(vocab, data.gene_ids, max_len=max_len or 1200, genes_subset=genes_subset, seed=seed)
+        return tokenizer, vocab
     if scheme == "ortholog":
         vocab = ortholog_vocab(group_by_species(data.gene_ids, data.gene_species))
         return OrthologTokenizer(vocab, data.gene_ids, data.medians, max_len=max_len or 2048), vocab
     raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+
+
+def select_hvg(data: _Input, n_top_genes: int, flavor: str = "seurat_v3", batch_key: str | None = None,
+               span: float = 0.3) -> list[str]:
+    """Ensembl IDs of the `n_top_genes` highly variable genes over `data`'s cells, as scGPT's
+    Preprocessor selects them (scanpy's `highly_variable_genes`), among the genes scGPT's
+    vocabulary covers (scGPT's tutorials drop the others first) and these cells express.
+    seurat_v3 reads raw counts; seurat and cell_ranger read log1p(counts per 10,000)."""
+    columns = np.flatnonzero(GeneVocab.from_scgpt().lookup_genes(data.gene_ids) >= 0)
+    keys = (batch_key,) if batch_key else ()
+    n_genes = len(data.gene_ids)
+
+    def blocks():
+        for block in data.read(keys):
+            x = sp.csr_matrix((block.counts, block.genes, block.indptr), shape=(len(block.indptr) - 1, n_genes))[:, columns]
+            yield (log_normalize(x) if flavor in DISPERSION_FLAVORS else x), (block.obs[batch_key] if batch_key else None)
+
+    candidates = data.gene_ids[columns]
+    result = highly_variable_genes(blocks, n_top_genes, flavor=flavor, span=span, expressed_only=True, gene_names=candidates)
+    return candidates[result.selected].tolist()
 
 
 def encode(tokenizer, block: Block, rng) -> RaggedTokens:
@@ -155,23 +199,33 @@ def _arrow_table(tokens: RaggedTokens, block: Block) -> pa.Table:
 def tokenize_to_dataset(
     source, scheme: str, out, obs_keys=(), split: str = "train", max_len: int | None = None, seed: int = 0,
     layer: str = "X", gene_column: str | None = None, species: str | None = None, block_cells: int = 2048,
-    storage_options: dict | None = None, progress: bool = True,
+    storage_options: dict | None = None, progress: bool = True, hvg: int | None = None, hvg_flavor: str = "seurat_v3",
+    hvg_batch_key: str | None = None, hvg_span: float = 0.3,
 ) -> dict:
     """Tokenise every cell of a corpus split or an .h5ad file into a `datasets` dataset at `out`.
 
-    Returns a summary: cells, tokens, seconds, cells_per_second.
+    `hvg` (scgpt scheme only) keeps the `hvg` highly variable genes (`select_hvg`), chosen over
+    the .h5ad's cells or a corpus's training split (whichever split is tokenised, so that train
+    and val get the same genes). Returns a summary: cells, tokens, seconds, cells_per_second.
     """
     import datasets
 
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out or remove it")
+    if hvg is not None and scheme != "scgpt":
+        raise ValueError(f"--hvg selects highly variable genes as scGPT's Preprocessor does; scheme {scheme!r} "
+                         "has no such step (use --scheme scgpt)")
     path = Path(str(source))
     if path.suffix == ".h5ad":
-        data = _h5ad_input(path, obs_keys, block_cells, layer, gene_column, species)
+        data = selection = _h5ad_input(path, obs_keys, block_cells, layer, gene_column, species)
     else:
-        data = _corpus_input(Corpus(source, storage_options), split, obs_keys, block_cells)
-    tokenizer, vocab = make_tokenizer(scheme, data, max_len, seed)
+        corpus = Corpus(source, storage_options)
+        data = selection = _corpus_input(corpus, split, obs_keys, block_cells)
+        if split != "train":
+            selection = _corpus_input(corpus, "train", (), block_cells)
+    genes_subset = None if hvg is None else select_hvg(selection, hvg, hvg_flavor, hvg_batch_key, hvg_span)
+    tokenizer, vocab = make_tokenizer(scheme, data, max_len, seed, genes_subset)
     work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
     try:
@@ -182,6 +236,8 @@ def tokenize_to_dataset(
         (work / "tokens.arrow").unlink()
         tokenizer.save_pretrained(work / "dataset")
         record = {"scheme": scheme, "source": str(source), "split": split, "seed": seed, **summary}
+        if hvg is not None:
+            record["hvg"] = {"n_top_genes": hvg, "flavor": hvg_flavor, "batch_key": hvg_batch_key, "span": hvg_span}
         (work / "dataset" / "tokenize_summary.json").write_text(json.dumps(record, indent=1))
         (work / "dataset").rename(out)
         return summary
