@@ -12,6 +12,7 @@ import numpy as np
 import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
+from celltron.corpus.sharded import ShardedArray, open_direct
 from celltron.corpus.schema import MANIFEST, SPLITS, CorpusFormatError, check_manifest, checksum_files
 
 
@@ -178,6 +179,15 @@ def _schema_problems(corpus: Corpus, record: dict) -> list[str]:
     return problems
 
 
+def _direct_arrays(store) -> tuple[ShardedArray, ShardedArray] | None:
+    """`X/data` and `X/indices` read directly from mapped local files (see `sharded.py`);
+    None for remote stores and for the zarrs pipeline (which then does the decoding)."""
+    if not isinstance(store, MappedLocalStore):
+        return None
+    data, indices = open_direct(store.root / "X" / "data"), open_direct(store.root / "X" / "indices")
+    return (data, indices) if data is not None and indices is not None else None
+
+
 @dataclass
 class CellBlock:
     """Contiguous cells of one shard: CSR arrays plus per-cell obs codes."""
@@ -198,8 +208,7 @@ class ShardReader:
     def __init__(self, corpus: Corpus, record: dict):
         self.store = corpus.zarr_store(record)
         group = zarr.open_group(self.store, mode="r")
-        self.data = group["X/data"]
-        self.indices = group["X/indices"]
+        self.data, self.indices = _direct_arrays(self.store) or (group["X/data"], group["X/indices"])
         self.indptr = group["X/indptr"][:]
         self.obs = {"n_counts": group["obs/n_counts"][:]}
         for column in corpus.manifest["obs_categories"]:
@@ -207,6 +216,9 @@ class ShardReader:
 
     def close(self) -> None:
         """Release the store's open files (mapped shards)."""
+        for array in (self.data, self.indices):
+            if isinstance(array, ShardedArray):
+                array.close()
         self.store.close()
 
     def read(self, start: int, stop: int, first_index: int = 0) -> CellBlock:

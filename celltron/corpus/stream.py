@@ -116,10 +116,11 @@ class CorpusStream(IterableDataset):
         transform: function applied to each cell dict (tokenizers plug in here).
         storage_options: fsspec options for remote corpora.
         prefetch: read the next window in a background thread while this one is yielded.
-        zarrs: decode with the Rust `zarrs` codec pipeline (the `fast` extra), about 2x faster
-            reads. It sets zarr's codec pipeline for the whole process, and a process that has
-            decoded with zarrs must not fork DataLoader workers that use it (they hang): use
-            `multiprocessing_context="spawn"` for such loaders.
+        zarrs: decode with the Rust `zarrs` codec pipeline (the `fast` extra) instead of
+            celltron's own reader of local shards (`corpus.sharded`, which is as fast or faster
+            and fork-safe). It sets zarr's codec pipeline for the whole process, and a process
+            that has decoded with zarrs must not fork DataLoader workers that use it (they
+            hang): use `multiprocessing_context="spawn"` for such loaders.
     """
 
     def __init__(
