@@ -240,18 +240,20 @@ def _write_atomically(adata: ad.AnnData, path: Path, **options) -> None:
     partial.rename(path)  # only a complete file gets the name that is reused
 
 
-def ensure_corpus(inputs: list[Path], out: Path) -> tuple[Corpus, str]:
-    """Build `out` from `inputs` unless a complete corpus is already there; returns it and a
-    note with its build time (kept in a side file, as the corpus itself is immutable)."""
+def ensure_corpus(inputs: list[Path], out: Path, compression: str = BuildOptions.compression) -> tuple[Corpus, str]:
+    """Build `out` from `inputs` unless a complete corpus with this codec is already there;
+    returns it and a note with its build time (kept in a side file, as the corpus itself is
+    immutable)."""
     record = out.with_name(out.name + ".build.json")
     if (out / "manifest.json").exists() and record.exists():
         saved = json.loads(record.read_text())
-        return Corpus(out), f"cached (built in {saved['seconds']:.1f} s on {saved['date']})"
+        if saved.get("compression") == compression:
+            return Corpus(out), f"cached (built in {saved['seconds']:.1f} s on {saved['date']}, {compression})"
     start = time.perf_counter()
-    build_corpus(inputs, out, BuildOptions(progress=False, val_fraction=0.01), overwrite=True)
+    build_corpus(inputs, out, BuildOptions(progress=False, val_fraction=0.01, compression=compression), overwrite=True)
     seconds = time.perf_counter() - start
-    record.write_text(json.dumps({"seconds": seconds, "date": datetime.date.today().isoformat()}))
-    return Corpus(out), f"built in {seconds:.1f} s"
+    record.write_text(json.dumps({"seconds": seconds, "date": datetime.date.today().isoformat(), "compression": compression}))
+    return Corpus(out), f"built in {seconds:.1f} s ({compression})"
 
 
 def corpus_summary(corpus: Corpus) -> str:
@@ -493,9 +495,9 @@ def profile_stream(corpus: Corpus, seconds: float, prefetch: bool, top: int = 10
 def time_stages(corpus: Corpus, seconds: float, with_zarrs: bool) -> None:
     """Cells/s of each stage of the stream on its own, in one process."""
     records = corpus.shards("train")
-    rows = [("zarr block reads (ShardReader.read, 1024 cells), default pipeline", _rate_reads(corpus, records, seconds, False))]
+    rows = [("block reads (ShardReader.read, 1024 cells), celltron direct reader", _rate_reads(corpus, records, seconds, False))]
     if with_zarrs:
-        rows.append(("zarr block reads (ShardReader.read, 1024 cells), zarrs pipeline", _rate_reads(corpus, records, seconds, True)))
+        rows.append(("block reads (ShardReader.read, 1024 cells), zarrs pipeline", _rate_reads(corpus, records, seconds, True)))
     window = _one_window(corpus, records[0])
     order = np.random.default_rng(0).permutation(sum(len(b) for b in window))
     cells = list(CorpusStream._cells(window, order))
@@ -609,9 +611,14 @@ def synthetic_part(args) -> tuple[list[Result], Corpus, bool]:
     print(f"synthetic h5ad, gzip copy: {note}; {h5ad_summary(gzipped)}")
     corpus, note = ensure_corpus([plain], args.workdir / plain.name.replace(".h5ad", ".corpus"))
     print(f"synthetic corpus: {note}; {corpus_summary(corpus)}")
-    print(f"page cache: read {warm_page_cache([plain, gzipped, Path(corpus.root)]):.2f} GiB")
+    # the codec of corpora built before lz4 became the default, for comparison
+    zstd_corpus, note = ensure_corpus([plain], args.workdir / plain.name.replace(".h5ad", ".zstd.corpus"), "zstd")
+    print(f"synthetic corpus, zstd: {note}; {corpus_summary(zstd_corpus)}")
+    print(f"page cache: read {warm_page_cache([plain, gzipped, Path(corpus.root), Path(zstd_corpus.root)]):.2f} GiB")
     with_zarrs = check_zarrs(corpus)
-    methods = stream_methods(corpus, with_zarrs) + h5ad_methods(plain, gzipped)
+    methods = stream_methods(corpus, with_zarrs)
+    methods.insert(1, ("CorpusStream, zstd corpus, num_workers=0", lambda: stream_batches(zstd_corpus, 0)))
+    methods += h5ad_methods(plain, gzipped)
     return run_methods(f"synthetic {args.cells // 1000}k", methods, args.seconds), corpus, with_zarrs
 
 

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-NORMALISED_TOTAL = 10_000.0
+from celltron.tokenizers import _rank_kernel
+
+NORMALISED_TOTAL = _rank_kernel.NORMALISED_TOTAL
 
 
 @dataclass
@@ -51,7 +53,8 @@ def sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray)
     return genes[order], counts[order]
 
 
-def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int):
+def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
+               want_values: bool = True):
     """Rank each cell's expressed, tokenised genes by count / n_counts x 10,000 / median,
     highest first (ties in input gene order), keep the first `limit`, and lay them out with
     room for `prefix` and `suffix` special tokens per cell.
@@ -60,6 +63,8 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
         offsets of the laid-out cells, the output array of token ids (specials still to be
         written), the normalised value of every placed token (0 at special positions).
     """
+    if _rank_kernel.available() and _rank_kernel.ascending_within_cells(indptr, genes):
+        return _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values)
     n_cells = len(indptr) - 1
     cell = np.repeat(np.arange(n_cells), np.diff(indptr))
     genes, counts = sorted_within_cells(cell, genes, counts)
@@ -74,7 +79,7 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
     lengths = np.minimum(np.diff(kept_indptr), limit)
     offsets = np.concatenate([[0], np.cumsum(lengths + prefix + suffix)])
-    out = np.empty(offsets[-1], dtype=np.int64)
+    out = np.zeros(offsets[-1], dtype=np.int64)  # special positions stay 0 until the caller fills them
     values = np.zeros(offsets[-1], dtype=np.float64)
     # One small sort per cell is faster than a global sort of the block. Quicksort, then the
     # stable sort only for cells with exact ties, which must keep input gene order; once ties

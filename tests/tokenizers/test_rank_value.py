@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus
+from celltron.tokenizers.ragged import rank_cells
 from celltron.tokenizers.rank_value import RankValueTokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
@@ -58,8 +59,17 @@ def pbmc_corpus(tmp_path_factory, pbmc3k):
     return adata, out
 
 
+@pytest.fixture(params=["numpy", "compiled"])
+def ranking(request, monkeypatch):
+    """Run a test with the numpy per-cell loop and with the compiled kernel (numba)."""
+    if request.param == "compiled":
+        pytest.importorskip("numba")
+    monkeypatch.setenv("CELLTRON_NUMBA", "1" if request.param == "compiled" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_same_tokens_as_the_reference_on_real_pbmc(pbmc_corpus, version):
+def test_same_tokens_as_the_reference_on_real_pbmc(pbmc_corpus, version, ranking):
     adata, corpus_dir = pbmc_corpus
     expected = reference_geneformer(adata, version)
     corpus = Corpus(corpus_dir)
@@ -72,7 +82,7 @@ def test_same_tokens_as_the_reference_on_real_pbmc(pbmc_corpus, version):
         assert ragged[i].tolist() == expected[name], name
 
 
-def test_truncation_and_specials():
+def test_truncation_and_specials(ranking):
     vocab = GeneVocab.from_geneformer("v2")
     genes = [t for t in vocab.tokens if t.startswith("ENSG")][:5000]
     medians = {g: 1.0 for g in genes}
@@ -84,7 +94,7 @@ def test_truncation_and_specials():
     assert v1.encode_block(np.array([0, 5000]), np.arange(5000), counts).lengths.tolist() == [2048]
 
 
-def test_ties_follow_input_gene_order_and_unknown_genes_and_zeros_drop():
+def test_ties_follow_input_gene_order_and_unknown_genes_and_zeros_drop(ranking):
     vocab = GeneVocab.from_geneformer("v1")
     genes = [t for t in vocab.tokens if t.startswith("ENSG")][:4] + ["ENSG99999999999"]
     tokenizer = RankValueTokenizer(vocab, {g: 1.0 for g in genes}, genes, max_len=2048, add_specials=False)
@@ -112,3 +122,21 @@ def test_vocab_round_trip(tmp_path):
     scgpt = GeneVocab.from_scgpt()
     assert len(scgpt) == 60697 and scgpt["<pad>"] == 60694 and scgpt.special_id("eos") == 60696
     assert scgpt.lookup_genes(["ENSG00000141510"])[0] == scgpt["TP53"]
+
+
+def test_compiled_ranking_equals_the_numpy_loop_with_many_ties(pbmc_corpus, monkeypatch):
+    """Coarse medians make exact and near ties common: every token and value must agree."""
+    pytest.importorskip("numba")
+    _, corpus_dir = pbmc_corpus
+    corpus = Corpus(corpus_dir)
+    x = ad.read_zarr(corpus_dir / corpus.shards("train")[0]["path"]).X.tocsr()
+    rng = np.random.default_rng(0)
+    for medians in ({g: float(rng.choice([0.5, 1.0, 2.0, 3.0])) for g in corpus.gene_ids}, corpus.gene_medians()):
+        for max_len, specials in ((4096, True), (37, False)):
+            tokenizer = RankValueTokenizer(GeneVocab.from_geneformer("v2"), medians, corpus.gene_ids, max_len, specials)
+            ranked = {}
+            for backend in ("0", "1"):
+                monkeypatch.setenv("CELLTRON_NUMBA", backend)
+                ranked[backend] = rank_cells(x.indptr, x.indices, x.data, None, tokenizer.token_of_gene, tokenizer.median, max_len - 2, 1, 1)
+            for numpy_loop, compiled in zip(ranked["0"], ranked["1"]):  # offsets, token ids, values
+                assert np.array_equal(numpy_loop, compiled)

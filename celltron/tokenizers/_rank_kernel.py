@@ -1,0 +1,149 @@
+"""Compiled per-cell ranking for the rank-value schemes (optional: needs numba, `celltron[fast]`).
+
+Same result as `ragged.rank_cells`' numpy loop, token for token and value for value: within a
+cell, genes ordered by value descending, exact ties in input gene order. The numpy loop pays
+one comparison argsort per cell plus Python overhead; here each cell is ordered by a two-pass
+byte radix sort (O(n)) on the top 16 varying bits of the value's IEEE pattern, which orders
+every pair of values that differ in those bits, then an insertion sort settles the small
+groups that share them by the full float64 value (stable, so ties stay in input order).
+Positive doubles order like their bit patterns, so no value is ever compared approximately.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # numba is optional: without it (or with CELLTRON_NUMBA=0) the numpy loop runs
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+NORMALISED_TOTAL = 10_000.0
+
+
+def available() -> bool:
+    return numba is not None and os.environ.get("CELLTRON_NUMBA", "1") != "0"
+
+
+def _order_cell(values, bits, lo, m, order, keys, scratch, histogram):
+    """Fill order[:m] with 0..m-1 sorted by values[lo:lo + m] descending, ties by index.
+    `bits` is `values` viewed as uint64: for positive doubles, a larger value has a larger
+    pattern."""
+    if m == 0:
+        return
+    low, high = bits[lo], bits[lo]
+    for k in range(lo + 1, lo + m):
+        low = min(low, bits[k])
+        high = max(high, bits[k])
+    shift = np.uint64(0)
+    while (high - low) >> shift > np.uint64(0xFFFF):
+        shift += np.uint64(1)
+    for k in range(m):
+        order[k] = k
+        keys[k] = np.int64((high - bits[lo + k]) >> shift)  # 16 bits; the largest value gets 0
+    # two stable byte passes: low byte, then high byte
+    source, target = order, scratch
+    for byte_shift in (0, 8):
+        histogram[:] = 0
+        for k in range(m):
+            histogram[((keys[source[k]] >> byte_shift) & 0xFF) + 1] += 1
+        for d in range(256):
+            histogram[d + 1] += histogram[d]
+        for k in range(m):
+            digit = (keys[source[k]] >> byte_shift) & 0xFF
+            target[histogram[digit]] = source[k]
+            histogram[digit] += 1
+        source, target = target, source
+    # after two passes the result is back in `order`; groups sharing a key are in index
+    # order, and a stable insertion sort by the full value finishes them
+    for k in range(1, m):
+        current = order[k]
+        value = values[lo + current]
+        p = k - 1
+        while p >= 0 and values[lo + order[p]] < value:
+            order[p + 1] = order[p]
+            p -= 1
+        order[p + 1] = current
+
+
+def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values):
+    n_cells = len(indptr) - 1
+    # pass 1: sizes only. Large scratch arrays are avoided on purpose: first touches of fresh
+    # memory cost more than the arithmetic here, so per-cell work stays in small buffers.
+    offsets = np.zeros(n_cells + 1, np.int64)
+    longest = 0
+    for i in range(n_cells):
+        kept = 0
+        for j in range(indptr[i], indptr[i + 1]):
+            if counts[j] > 0 and token_of_gene[genes[j]] >= 0:
+                kept += 1
+        longest = max(longest, kept)
+        offsets[i + 1] = offsets[i] + min(kept, limit) + prefix + suffix
+    out = np.zeros(offsets[-1], np.int64)  # special positions stay 0 until the caller fills them
+    out_values = np.zeros(offsets[-1] if want_values else 0, np.float64)
+    counts_of, medians_of = np.empty(longest, np.float64), np.empty(longest, np.float64)
+    values, tokens = np.empty(longest, np.float64), np.empty(longest, np.int64)
+    order, keys, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64), np.empty(longest, np.int64)
+    histogram = np.empty(257, np.int64)
+    bits = values.view(np.uint64)
+    # pass 2: per cell, gather, compute values (a branch-free loop the compiler vectorises),
+    # order, lay out the first `limit`
+    for i in range(n_cells):
+        m = 0
+        for j in range(indptr[i], indptr[i + 1]):
+            token = token_of_gene[genes[j]]
+            if counts[j] > 0 and token >= 0:
+                counts_of[m] = counts[j]
+                medians_of[m] = median[genes[j]]
+                tokens[m] = token
+                m += 1
+        total = n_counts[i]
+        for k in range(m):
+            # the reference's operations in its order: count / n_counts * 10,000 / median
+            values[k] = counts_of[k] / total * NORMALISED_TOTAL / medians_of[k]
+        _order_cell(values, bits, 0, m, order, keys, scratch, histogram)
+        start = offsets[i] + prefix
+        for k in range(min(m, limit)):
+            out[start + k] = tokens[order[k]]
+        if want_values:
+            for k in range(min(m, limit)):
+                out_values[start + k] = values[order[k]]
+    return offsets, out, out_values
+
+
+def _row_sums(indptr, counts):
+    sums = np.zeros(len(indptr) - 1, np.float64)
+    for i in range(len(indptr) - 1):
+        for j in range(indptr[i], indptr[i + 1]):
+            sums[i] += counts[j]
+    return sums
+
+
+def _ascending_within_cells(indptr, genes):
+    for i in range(len(indptr) - 1):
+        for j in range(indptr[i] + 1, indptr[i + 1]):
+            if genes[j] < genes[j - 1]:
+                return False
+    return True
+
+
+if numba is not None:
+    _order_cell = numba.njit(cache=True, nogil=True)(_order_cell)
+    _rank = numba.njit(cache=True, nogil=True)(_rank)
+    _ascending_within_cells = numba.njit(cache=True, nogil=True)(_ascending_within_cells)
+    _row_sums = numba.njit(cache=True, nogil=True)(_row_sums)
+
+
+def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
+                        want_values: bool = True):
+    """`ragged.rank_cells` for genes in input order within each cell (`ascending_within_cells`),
+    compiled; without `want_values` the values array comes back empty."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    n_counts = _row_sums(indptr, counts) if n_counts is None else np.ascontiguousarray(n_counts, dtype=np.float64)
+    return _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), bool(want_values))
+
+
+def ascending_within_cells(indptr, genes) -> bool:
+    return bool(_ascending_within_cells(np.ascontiguousarray(indptr, dtype=np.int64), genes))
