@@ -129,8 +129,47 @@ def _ascending_within_cells(indptr, genes):
     return True
 
 
+def _bin_cell(values, levels, uniform, keys, order, scratch, histogram, bins):
+    """scGPT's binning of one cell's positive values (see `binned.bin_values`), compiled: the
+    values sorted (by `_order_cell`: descending, read back to front), numpy's 'linear'
+    quantile at `levels` with its exact operations, then both-sided digitising by binary
+    search and the tie spread from `uniform`."""
+    n = len(values)
+    bits = values.view(np.uint64)
+    _order_cell(values, bits, 0, n, order, keys, scratch, histogram)
+    edges = np.empty(len(levels), np.float64)
+    for q in range(len(levels)):
+        virtual = (n - 1) * levels[q]
+        previous = np.floor(virtual)
+        gamma = virtual - previous
+        below = int(previous)
+        above = min(below + 1, n - 1)
+        a, b = values[order[n - 1 - below]], values[order[n - 1 - above]]  # ascending ranks
+        difference = b - a
+        edges[q] = b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma
+    for k in range(n):
+        value = values[k]
+        lo, hi = 0, len(edges)  # first edge > value (np.searchsorted side='right')
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if edges[mid] <= value:
+                lo = mid + 1
+            else:
+                hi = mid
+        left = lo
+        lo, hi = 0, len(edges)  # first edge >= value (side='left')
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if edges[mid] < value:
+                lo = mid + 1
+            else:
+                hi = mid
+        bins[k] = np.int64(np.ceil(uniform[k] * (lo - left) + left))
+
+
 if numba is not None:
     _order_cell = numba.njit(cache=True, nogil=True)(_order_cell)
+    _bin_cell = numba.njit(cache=True, nogil=True)(_bin_cell)
     _rank = numba.njit(cache=True, nogil=True)(_rank)
     _ascending_within_cells = numba.njit(cache=True, nogil=True)(_ascending_within_cells)
     _row_sums = numba.njit(cache=True, nogil=True)(_row_sums)
@@ -147,3 +186,12 @@ def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, 
 
 def ascending_within_cells(indptr, genes) -> bool:
     return bool(_ascending_within_cells(np.ascontiguousarray(indptr, dtype=np.int64), genes))
+
+
+def bin_cell_compiled(values: np.ndarray, levels: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """`binned.bin_values` for one cell's positive float64 values, compiled."""
+    n = len(values)
+    work = np.empty((3, n), np.int64)
+    bins = np.empty(n, np.int64)
+    _bin_cell(np.ascontiguousarray(values, dtype=np.float64), levels, uniform, work[0], work[1], work[2], np.empty(257, np.int64), bins)
+    return bins

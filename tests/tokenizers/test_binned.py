@@ -37,7 +37,7 @@ def _normalised_log1p(x):
     return np.log1p(sp.diags(1e4 / totals) @ x).toarray()
 
 
-def test_binning_equals_scgpt_with_the_same_draws(pbmc):
+def test_binning_equals_scgpt_with_the_same_draws(pbmc, ranking):
     vocab = GeneVocab.from_scgpt()
     adata, ids, _ = _in_vocab(pbmc, vocab)
     tokenizer = BinnedTokenizer(vocab, ids, max_len=100_000)
@@ -60,7 +60,7 @@ def test_binning_equals_scgpt_with_the_same_draws(pbmc):
         assert values.max() <= 50
 
 
-def test_tokens_and_padding_equal_scgpt_when_nothing_is_sampled(pbmc):
+def test_tokens_and_padding_equal_scgpt_when_nothing_is_sampled(pbmc, ranking):
     vocab = GeneVocab.from_scgpt()
     adata, ids, tokens = _in_vocab(pbmc, vocab)
     x = adata.X.tocsr()
@@ -90,7 +90,7 @@ def test_long_cells_keep_cls_and_sample_without_replacement(pbmc):
         assert cell_ids[0] == vocab["<cls>"] and len(set(cell_ids.tolist())) == len(cell_ids)
 
 
-def test_include_zero_gene_and_mouse_cells(mouse_pancreas):
+def test_include_zero_gene_and_mouse_cells(mouse_pancreas, ranking):
     vocab = GeneVocab.from_genes(["ENSMUSG00000059552", "ENSMUSG00000029580", "ENSMUSG00000051951"], species=["mouse"])
     adata = ad.read_h5ad(mouse_pancreas)
     ids = map_genes(adata.var_names, "mouse", "pancreas").ensembl_ids

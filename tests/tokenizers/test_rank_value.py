@@ -59,15 +59,6 @@ def pbmc_corpus(tmp_path_factory, pbmc3k):
     return adata, out
 
 
-@pytest.fixture(params=["numpy", "compiled"])
-def ranking(request, monkeypatch):
-    """Run a test with the numpy per-cell loop and with the compiled kernel (numba)."""
-    if request.param == "compiled":
-        pytest.importorskip("numba")
-    monkeypatch.setenv("CELLTRON_NUMBA", "1" if request.param == "compiled" else "0")
-    return request.param
-
-
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_same_tokens_as_the_reference_on_real_pbmc(pbmc_corpus, version, ranking):
     adata, corpus_dir = pbmc_corpus
