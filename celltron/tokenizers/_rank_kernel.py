@@ -68,49 +68,59 @@ def _order_cell(values, bits, lo, m, order, keys, scratch, histogram):
         order[p + 1] = current
 
 
+SMALL_COUNTS = 64  # counts below this take count / n_counts * 10,000 from a per-cell table
+
+
 def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values):
     n_cells = len(indptr) - 1
-    # pass 1: sizes only. Large scratch arrays are avoided on purpose: first touches of fresh
-    # memory cost more than the arithmetic here, so per-cell work stays in small buffers.
-    offsets = np.zeros(n_cells + 1, np.int64)
     longest = 0
     for i in range(n_cells):
-        kept = 0
-        for j in range(indptr[i], indptr[i + 1]):
-            if counts[j] > 0 and token_of_gene[genes[j]] >= 0:
-                kept += 1
-        longest = max(longest, kept)
-        offsets[i + 1] = offsets[i] + min(kept, limit) + prefix + suffix
-    out = np.zeros(offsets[-1], np.int64)  # special positions stay 0 until the caller fills them
-    out_values = np.zeros(offsets[-1] if want_values else 0, np.float64)
-    counts_of, medians_of = np.empty(longest, np.float64), np.empty(longest, np.float64)
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    # One pass, cell by cell, into outputs sized for the most the cells can hold (returned as
+    # views of their filled part): large scratch arrays cost more in first touches of fresh
+    # memory than the arithmetic here, so per-cell work stays in small buffers.
+    capacity = len(genes) + n_cells * (prefix + suffix)
+    out = np.empty(capacity, np.int64)
+    out_values = np.empty(capacity if want_values else 0, np.float64)
+    offsets = np.zeros(n_cells + 1, np.int64)
     values, tokens = np.empty(longest, np.float64), np.empty(longest, np.int64)
     order, keys, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64), np.empty(longest, np.int64)
     histogram = np.empty(257, np.int64)
+    scaled = np.empty(SMALL_COUNTS, np.float64)
     bits = values.view(np.uint64)
-    # pass 2: per cell, gather, compute values (a branch-free loop the compiler vectorises),
-    # order, lay out the first `limit`
     for i in range(n_cells):
+        total = n_counts[i]
+        for c in range(1, SMALL_COUNTS):
+            scaled[c] = c / total * NORMALISED_TOTAL  # the same operations as for each gene
         m = 0
         for j in range(indptr[i], indptr[i + 1]):
+            count = counts[j]
             token = token_of_gene[genes[j]]
-            if counts[j] > 0 and token >= 0:
-                counts_of[m] = counts[j]
-                medians_of[m] = median[genes[j]]
+            if count > 0 and token >= 0:
+                # the reference's operations in its order: count / n_counts * 10,000 / median
+                numerator = scaled[count] if count < SMALL_COUNTS else count / total * NORMALISED_TOTAL
+                values[m] = numerator / median[genes[j]]
                 tokens[m] = token
                 m += 1
-        total = n_counts[i]
-        for k in range(m):
-            # the reference's operations in its order: count / n_counts * 10,000 / median
-            values[k] = counts_of[k] / total * NORMALISED_TOTAL / medians_of[k]
         _order_cell(values, bits, 0, m, order, keys, scratch, histogram)
-        start = offsets[i] + prefix
-        for k in range(min(m, limit)):
-            out[start + k] = tokens[order[k]]
+        kept = min(m, limit)
+        start = offsets[i]
+        offsets[i + 1] = start + kept + prefix + suffix
+        for k in range(prefix):
+            out[start + k] = 0  # special positions stay 0 until the caller fills them
+        for k in range(suffix):
+            out[start + prefix + kept + k] = 0
+        for k in range(kept):
+            out[start + prefix + k] = tokens[order[k]]
         if want_values:
-            for k in range(min(m, limit)):
-                out_values[start + k] = values[order[k]]
-    return offsets, out, out_values
+            for k in range(prefix):
+                out_values[start + k] = 0.0
+            for k in range(suffix):
+                out_values[start + prefix + kept + k] = 0.0
+            for k in range(kept):
+                out_values[start + prefix + k] = values[order[k]]
+    end = offsets[n_cells]
+    return offsets, out[:end], out_values[:end] if want_values else out_values
 
 
 def _row_sums(indptr, counts):

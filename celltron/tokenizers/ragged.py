@@ -63,7 +63,9 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
         offsets of the laid-out cells, the output array of token ids (specials still to be
         written), the normalised value of every placed token (0 at special positions).
     """
-    if _rank_kernel.available() and _rank_kernel.ascending_within_cells(indptr, genes):
+    counts = np.asarray(counts)
+    integral = np.issubdtype(counts.dtype, np.integer)  # the kernel takes raw counts
+    if _rank_kernel.available() and integral and _rank_kernel.ascending_within_cells(indptr, genes):
         return _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values)
     n_cells = len(indptr) - 1
     cell = np.repeat(np.arange(n_cells), np.diff(indptr))
