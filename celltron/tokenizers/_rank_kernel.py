@@ -27,10 +27,10 @@ def available() -> bool:
     return numba is not None and os.environ.get("CELLTRON_NUMBA", "1") != "0"
 
 
-def _order_cell(values, bits, lo, m, order, keys, scratch, histogram):
+def _order_cell(values, bits, lo, m, order, scratch, histogram):
     """Fill order[:m] with 0..m-1 sorted by values[lo:lo + m] descending, ties by index.
     `bits` is `values` viewed as uint64: for positive doubles, a larger value has a larger
-    pattern."""
+    pattern. `histogram` holds 2 x 257 counters."""
     if m == 0:
         return
     low, high = bits[lo], bits[lo]
@@ -40,24 +40,27 @@ def _order_cell(values, bits, lo, m, order, keys, scratch, histogram):
     shift = np.uint64(0)
     while (high - low) >> shift > np.uint64(0xFFFF):
         shift += np.uint64(1)
+    # each entry packs its 16-bit key (the largest value gets 0) above its index, so the radix
+    # passes move one integer per gene; both bytes are counted in one pass
+    histogram[:] = 0
     for k in range(m):
-        order[k] = k
-        keys[k] = np.int64((high - bits[lo + k]) >> shift)  # 16 bits; the largest value gets 0
-    # two stable byte passes: low byte, then high byte
-    source, target = order, scratch
-    for byte_shift in (0, 8):
-        histogram[:] = 0
-        for k in range(m):
-            histogram[((keys[source[k]] >> byte_shift) & 0xFF) + 1] += 1
-        for d in range(256):
-            histogram[d + 1] += histogram[d]
-        for k in range(m):
-            digit = (keys[source[k]] >> byte_shift) & 0xFF
-            target[histogram[digit]] = source[k]
-            histogram[digit] += 1
-        source, target = target, source
-    # after two passes the result is back in `order`; groups sharing a key are in index
-    # order, and a stable insertion sort by the full value finishes them
+        key = np.int64((high - bits[lo + k]) >> shift)
+        order[k] = (key << 32) | k
+        histogram[(key & 0xFF) + 1] += 1
+        histogram[257 + (key >> 8) + 1] += 1
+    for d in range(256):
+        histogram[d + 1] += histogram[d]
+        histogram[257 + d + 1] += histogram[257 + d]
+    for k in range(m):  # stable pass on the low byte
+        digit = (order[k] >> 32) & 0xFF
+        scratch[histogram[digit]] = order[k]
+        histogram[digit] += 1
+    for k in range(m):  # then on the high byte
+        digit = 257 + (scratch[k] >> 40)
+        order[histogram[digit]] = scratch[k] & 0xFFFFFFFF
+        histogram[digit] += 1
+    # groups sharing a key are in index order; a stable insertion sort by the full value
+    # finishes them
     for k in range(1, m):
         current = order[k]
         value = values[lo + current]
@@ -84,8 +87,8 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
     out_values = np.empty(capacity if want_values else 0, np.float64)
     offsets = np.zeros(n_cells + 1, np.int64)
     values, tokens = np.empty(longest, np.float64), np.empty(longest, np.int64)
-    order, keys, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64), np.empty(longest, np.int64)
-    histogram = np.empty(257, np.int64)
+    order, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
+    histogram = np.empty(514, np.int64)
     scaled = np.empty(SMALL_COUNTS, np.float64)
     bits = values.view(np.uint64)
     for i in range(n_cells):
@@ -93,7 +96,11 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
         for c in range(1, SMALL_COUNTS):
             scaled[c] = c / total * NORMALISED_TOTAL  # the same operations as for each gene
         m = 0
+        previous = -1
         for j in range(indptr[i], indptr[i + 1]):
+            if genes[j] < previous:  # ties need genes in input order: the numpy loop sorts them
+                return offsets, out[:0], out_values[:0], False
+            previous = genes[j]
             count = counts[j]
             token = token_of_gene[genes[j]]
             if count > 0 and token >= 0:
@@ -102,7 +109,7 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
                 values[m] = numerator / median[genes[j]]
                 tokens[m] = token
                 m += 1
-        _order_cell(values, bits, 0, m, order, keys, scratch, histogram)
+        _order_cell(values, bits, 0, m, order, scratch, histogram)
         kept = min(m, limit)
         start = offsets[i]
         offsets[i + 1] = start + kept + prefix + suffix
@@ -120,7 +127,7 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
             for k in range(kept):
                 out_values[start + prefix + k] = values[order[k]]
     end = offsets[n_cells]
-    return offsets, out[:end], out_values[:end] if want_values else out_values
+    return offsets, out[:end], out_values[:end] if want_values else out_values, True
 
 
 def _row_sums(indptr, counts):
@@ -131,77 +138,144 @@ def _row_sums(indptr, counts):
     return sums
 
 
-def _ascending_within_cells(indptr, genes):
-    for i in range(len(indptr) - 1):
-        for j in range(indptr[i] + 1, indptr[i + 1]):
-            if genes[j] < genes[j - 1]:
-                return False
-    return True
-
-
-def _bin_cell(values, levels, uniform, keys, order, scratch, histogram, bins):
-    """scGPT's binning of one cell's positive values (see `binned.bin_values`), compiled: the
-    values sorted (by `_order_cell`: descending, read back to front), numpy's 'linear'
-    quantile at `levels` with its exact operations, then both-sided digitising by binary
-    search and the tie spread from `uniform`."""
-    n = len(values)
-    bits = values.view(np.uint64)
-    _order_cell(values, bits, 0, n, order, keys, scratch, histogram)
-    edges = np.empty(len(levels), np.float64)
+def _bin_cell(values, bits, first, n, levels, uniform, order, scratch, histogram, edges, bins):
+    """scGPT's binning of one cell's positive values values[first:first + n] (see
+    `binned.bin_values`), compiled: the values sorted (by `_order_cell`: descending, read back
+    to front), numpy's 'linear' quantile at `levels` with its exact operations, then
+    both-sided digitising by binary search and the tie spread from `uniform`."""
+    _order_cell(values, bits, first, n, order, scratch, histogram)
     for q in range(len(levels)):
         virtual = (n - 1) * levels[q]
         previous = np.floor(virtual)
         gamma = virtual - previous
         below = int(previous)
         above = min(below + 1, n - 1)
-        a, b = values[order[n - 1 - below]], values[order[n - 1 - above]]  # ascending ranks
+        a, b = values[first + order[n - 1 - below]], values[first + order[n - 1 - above]]  # ascending ranks
         difference = b - a
         edges[q] = b - difference * (1 - gamma) if gamma >= 0.5 else a + difference * gamma
-    for k in range(n):
+    # digitise from both sides by walking the values in ascending order beside the edges
+    # (np.searchsorted side='right' and side='left'), then spread ties with `uniform`
+    at_or_below, below_value = 0, 0
+    for r in range(n - 1, -1, -1):
+        k = first + order[r]
         value = values[k]
-        lo, hi = 0, len(edges)  # first edge > value (np.searchsorted side='right')
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if edges[mid] <= value:
-                lo = mid + 1
+        while at_or_below < len(edges) and edges[at_or_below] <= value:
+            at_or_below += 1
+        while below_value < len(edges) and edges[below_value] < value:
+            below_value += 1
+        bins[k] = np.int64(np.ceil(uniform[k] * (below_value - at_or_below) + at_or_below))
+
+
+def _bin_cells(indptr, values, levels, uniform):
+    """`_bin_cell` for every cell of a block (CSR `indptr` over `values`)."""
+    longest = 0
+    for i in range(len(indptr) - 1):
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    order, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
+    histogram, edges = np.empty(514, np.int64), np.empty(len(levels), np.float64)
+    bins = np.zeros(len(values), np.int64)
+    bits = values.view(np.uint64)
+    for i in range(len(indptr) - 1):
+        if indptr[i + 1] > indptr[i]:
+            _bin_cell(values, bits, indptr[i], indptr[i + 1] - indptr[i], levels, uniform, order, scratch, histogram, edges, bins)
+    return bins
+
+
+def _sample_positions(lengths, first, max_len, uniform):
+    """For each cell longer than `max_len`: its first `first` positions, then `max_len - first`
+    of the others, a uniformly random subset in random order (partial Fisher-Yates, one
+    uniform per pick, read in order from `uniform`). Returns the positions, cell after cell."""
+    total = 0
+    for length in lengths:
+        total += max_len
+    picked = np.empty(total, np.int64)
+    pool = np.empty(max(lengths.max() if len(lengths) else 0, 1), np.int64)
+    at, draw = 0, 0
+    for length in lengths:
+        for k in range(first):
+            picked[at + k] = k
+        others = length - first
+        for k in range(others):
+            pool[k] = first + k
+        for k in range(max_len - first):
+            swap = k + int(uniform[draw] * (others - k))
+            draw += 1
+            pool[k], pool[swap] = pool[swap], pool[k]
+            picked[at + first + k] = pool[k]
+        at += max_len
+    return picked
+
+
+def _expressed_values(indptr, genes, counts, in_vocab, token_of_gene, target_sum):
+    """scGPT's Preprocessor values of a block, before log1p: each cell's expressed genes that
+    have a token, with count / (cell's total over vocabulary genes) * target_sum (target_sum
+    <= 0: the raw counts)."""
+    n_cells = len(indptr) - 1
+    kept_indptr = np.zeros(n_cells + 1, np.int64)
+    kept_genes = np.empty(len(genes), genes.dtype)
+    values = np.empty(len(genes), np.float64)
+    m = 0
+    for i in range(n_cells):
+        total = 0.0
+        for j in range(indptr[i], indptr[i + 1]):
+            if in_vocab[genes[j]]:
+                total += counts[j]
+        for j in range(indptr[i], indptr[i + 1]):
+            if counts[j] > 0 and token_of_gene[genes[j]] >= 0:
+                kept_genes[m] = genes[j]
+                values[m] = counts[j] / total * target_sum if target_sum > 0 else counts[j]
+                m += 1
+        kept_indptr[i + 1] = m
+    return kept_indptr, kept_genes[:m], values[:m]
+
+
+def _lay_out(kept_indptr, tokens, values, first, cls_id, max_len, positions):
+    """Each cell's `<cls>` (when `first`) and tokens with their values; cells longer than
+    `max_len` take their `positions` (max_len per long cell, in cell order)."""
+    n_cells = len(kept_indptr) - 1
+    offsets = np.zeros(n_cells + 1, np.int64)
+    for i in range(n_cells):
+        offsets[i + 1] = offsets[i] + min(kept_indptr[i + 1] - kept_indptr[i] + first, max_len)
+    ids = np.empty(offsets[-1], np.int64)
+    out_values = np.empty(offsets[-1], np.float64)
+    sampled = 0
+    for i in range(n_cells):
+        lo, at = kept_indptr[i], offsets[i]
+        length = kept_indptr[i + 1] - lo + first
+        for k in range(min(length, max_len)):
+            p = k if length <= max_len else positions[sampled + k]
+            if p < first:
+                ids[at + k], out_values[at + k] = cls_id, 0.0
             else:
-                hi = mid
-        left = lo
-        lo, hi = 0, len(edges)  # first edge >= value (side='left')
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if edges[mid] < value:
-                lo = mid + 1
-            else:
-                hi = mid
-        bins[k] = np.int64(np.ceil(uniform[k] * (lo - left) + left))
+                ids[at + k], out_values[at + k] = tokens[lo + p - first], values[lo + p - first]
+        if length > max_len:
+            sampled += max_len
+    return offsets, ids, out_values
 
 
 if numba is not None:
+    _expressed_values = numba.njit(cache=True, nogil=True)(_expressed_values)
+    _lay_out = numba.njit(cache=True, nogil=True)(_lay_out)
+    _sample_positions = numba.njit(cache=True, nogil=True)(_sample_positions)
     _order_cell = numba.njit(cache=True, nogil=True)(_order_cell)
     _bin_cell = numba.njit(cache=True, nogil=True)(_bin_cell)
+    _bin_cells = numba.njit(cache=True, nogil=True)(_bin_cells)
     _rank = numba.njit(cache=True, nogil=True)(_rank)
-    _ascending_within_cells = numba.njit(cache=True, nogil=True)(_ascending_within_cells)
     _row_sums = numba.njit(cache=True, nogil=True)(_row_sums)
 
 
 def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
                         want_values: bool = True):
-    """`ragged.rank_cells` for genes in input order within each cell (`ascending_within_cells`),
-    compiled; without `want_values` the values array comes back empty."""
+    """`ragged.rank_cells`, compiled, for integer counts; without `want_values` the values
+    array comes back empty. None when some cell's genes are not in ascending order (the numpy
+    loop sorts them first)."""
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     n_counts = _row_sums(indptr, counts) if n_counts is None else np.ascontiguousarray(n_counts, dtype=np.float64)
-    return _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), bool(want_values))
+    *ranked, in_order = _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), bool(want_values))
+    return tuple(ranked) if in_order else None
 
 
-def ascending_within_cells(indptr, genes) -> bool:
-    return bool(_ascending_within_cells(np.ascontiguousarray(indptr, dtype=np.int64), genes))
-
-
-def bin_cell_compiled(values: np.ndarray, levels: np.ndarray, uniform: np.ndarray) -> np.ndarray:
-    """`binned.bin_values` for one cell's positive float64 values, compiled."""
-    n = len(values)
-    work = np.empty((3, n), np.int64)
-    bins = np.empty(n, np.int64)
-    _bin_cell(np.ascontiguousarray(values, dtype=np.float64), levels, uniform, work[0], work[1], work[2], np.empty(257, np.int64), bins)
-    return bins
+def bin_cells_compiled(indptr, values: np.ndarray, levels: np.ndarray, uniform: np.ndarray) -> np.ndarray:
+    """`binned.bin_values` of every cell of a block (positive float64 values), compiled."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    return _bin_cells(indptr, np.ascontiguousarray(values, dtype=np.float64), levels, np.ascontiguousarray(uniform))

@@ -24,6 +24,24 @@ VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
 _CLS_VALUE = np.zeros(1)  # <cls> carries value 0 (float64, as scGPT's)
 
 
+def sample_positions(lengths, first: int, max_len: int, uniform: np.ndarray) -> np.ndarray:
+    """Positions kept of cells longer than `max_len`, cell after cell: the first `first`
+    (`<cls>`), then a uniformly random subset of the others in random order, by a partial
+    Fisher-Yates shuffle taking one of `uniform` per pick (compiled when numba is there)."""
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    if _rank_kernel.available():
+        return _rank_kernel._sample_positions(lengths, first, max_len, uniform)
+    picked = []
+    draws = iter(uniform.tolist())
+    for length in lengths.tolist():
+        pool = list(range(first, length))
+        for k in range(max_len - first):
+            swap = k + int(next(draws) * (len(pool) - k))
+            pool[k], pool[swap] = pool[swap], pool[k]
+        picked.append(np.concatenate([np.arange(first), pool[: max_len - first]]))
+    return np.concatenate(picked).astype(np.int64)
+
+
 @functools.lru_cache(maxsize=8)
 def _quantile_levels(n_bins: int) -> np.ndarray:
     """np.linspace(0, 1, n_bins - 1), made once per bin count (it costs as much as a cell's sort)."""
@@ -52,8 +70,6 @@ def bin_values(values: np.ndarray, n_bins: int, uniform: np.ndarray) -> np.ndarr
     """scGPT's per-cell binning of positive values: quantile edges at linspace(0, 1, n_bins - 1),
     digitised from both sides; `uniform` (one draw per value in [0, 1)) breaks ties on
     repeated edges."""
-    if _rank_kernel.available() and values.dtype == np.float64 and values.min() > 0:
-        return _rank_kernel.bin_cell_compiled(values, _quantile_levels(n_bins), uniform)
     edges = quantile_edges(values, n_bins)
     left = np.searchsorted(edges, values, side="right")  # np.digitize(values, edges)
     right = np.searchsorted(edges, values, side="left")  # np.digitize(values, edges, right=True)
@@ -115,6 +131,16 @@ class BinnedTokenizer:
 
     def values_of_block(self, indptr, genes, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keep covered genes, then normalise and log1p as the Preprocessor does (vectorised)."""
+        counts = np.asarray(counts)
+        if _rank_kernel.available() and np.issubdtype(counts.dtype, np.integer):
+            normalise = self.value_style != "counts" and self.normalize_total is not None
+            kept_indptr, genes, values = _rank_kernel._expressed_values(
+                np.ascontiguousarray(indptr, dtype=np.int64), genes, counts, self.in_vocab, self.token_of_gene,
+                float(self.normalize_total) if normalise else 0.0,
+            )
+            if self.value_style != "counts" and self.log1p:
+                values = np.log1p(values)  # numpy's log1p, as the Preprocessor's
+            return kept_indptr, genes, values
         n_cells = len(indptr) - 1
         cell = np.repeat(np.arange(n_cells), np.diff(indptr))
         totals = np.bincount(cell, weights=np.where(self.in_vocab[genes], counts, 0), minlength=n_cells)
@@ -130,25 +156,81 @@ class BinnedTokenizer:
         return kept_indptr, genes, values
 
     def encode_block(self, indptr, genes, counts, rng: np.random.Generator) -> RaggedTokens:
-        """Tokenise a CSR block of raw counts; `rng` drives tie-spreading and length sampling."""
+        """Tokenise a CSR block of raw counts; `rng` drives tie-spreading and length sampling.
+
+        Draws, in order: one uniform per expressed gene of the block, cell after cell (the
+        binning's tie spread, as scGPT's `binning` draws per cell), then the length sampling
+        of each cell longer than `max_len`."""
         kept_indptr, genes, values = self.values_of_block(np.asarray(indptr), np.asarray(genes), np.asarray(counts))
+        if self.value_style == "binned":
+            values = self._bin_block(kept_indptr, values, rng.random(len(values)))
+        value_dtype = np.int64 if self.value_style == "binned" else np.float32
+        if not self.include_zero_gene:
+            return self._sequences(kept_indptr, genes, values, rng, value_dtype)
         ids_out, values_out, lengths = [], [], []
         for i in range(len(kept_indptr) - 1):
             lo, hi = kept_indptr[i], kept_indptr[i + 1]
-            cell_genes, cell_values = genes[lo:hi], values[lo:hi]
-            if self.value_style == "binned" and hi > lo:
-                cell_values = bin_values(cell_values, self.n_bins, rng.random(hi - lo))
-            ids, vals = self._sequence(cell_genes, cell_values, rng)
+            ids, vals = self._sequence(genes[lo:hi], values[lo:hi], rng)
             ids_out.append(ids)
             values_out.append(vals)
             lengths.append(len(ids))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        value_dtype = np.int64 if self.value_style == "binned" else np.float32
         return RaggedTokens(
             np.concatenate(ids_out).astype(np.int64) if ids_out else np.empty(0, np.int64),
             offsets,
             np.concatenate(values_out).astype(value_dtype) if values_out else np.empty(0, value_dtype),
         )
+
+    def _bin_block(self, kept_indptr, values, uniform) -> np.ndarray:
+        """Each cell's values binned with its run of `uniform`."""
+        if _rank_kernel.available() and len(values) and values.min() > 0:
+            return _rank_kernel.bin_cells_compiled(kept_indptr, values, _quantile_levels(self.n_bins), uniform)
+        bins = np.zeros(len(values), np.int64)
+        for lo, hi in zip(kept_indptr[:-1].tolist(), kept_indptr[1:].tolist()):
+            if hi > lo:
+                bins[lo:hi] = bin_values(values[lo:hi], self.n_bins, uniform[lo:hi])
+        return bins
+
+    def _sequences(self, kept_indptr, genes, values, rng, value_dtype) -> RaggedTokens:
+        """Every cell's `<cls>` + expressed genes, laid out at once; cells longer than
+        `max_len` keep `<cls>` and a random subset (`sample_positions`)."""
+        first = 1 if self.append_cls else 0
+        if _rank_kernel.available():
+            lengths = np.diff(kept_indptr) + first
+            long_cells = lengths > self.max_len
+            uniform = rng.random(int(long_cells.sum()) * (self.max_len - first))
+            positions = sample_positions(lengths[long_cells], first, self.max_len, uniform)
+            offsets, ids, out_values = _rank_kernel._lay_out(
+                np.ascontiguousarray(kept_indptr, dtype=np.int64), self.token_of_gene[genes], np.asarray(values, dtype=np.float64),
+                first, self.cls_id, self.max_len, positions,
+            )
+            return RaggedTokens(ids, offsets, out_values.astype(value_dtype))
+        n_cells = len(kept_indptr) - 1
+        full_offsets = kept_indptr + first * np.arange(n_cells + 1)
+        full_ids = np.empty(full_offsets[-1], np.int64)
+        full_values = np.zeros(full_offsets[-1], np.float64)
+        gene_positions = np.ones(full_offsets[-1], bool)
+        gene_positions[full_offsets[:-1][np.diff(full_offsets) > 0] if first else []] = False
+        if first:
+            full_ids[~gene_positions] = self.cls_id
+        full_ids[gene_positions] = self.token_of_gene[genes]
+        full_values[gene_positions] = values
+        lengths = np.diff(full_offsets)
+        out_lengths = np.minimum(lengths, self.max_len)
+        offsets = np.concatenate([[0], np.cumsum(out_lengths)]).astype(np.int64)
+        whole = lengths == out_lengths
+        ids, out_values = np.empty(offsets[-1], np.int64), np.empty(offsets[-1], np.float64)
+        ids[np.repeat(whole, out_lengths)] = full_ids[np.repeat(whole, lengths)]
+        out_values[np.repeat(whole, out_lengths)] = full_values[np.repeat(whole, lengths)]
+        long_cells = np.flatnonzero(~whole)
+        if len(long_cells):
+            # scGPT samples max_len genes of a longer cell without replacement (`<cls>` kept)
+            uniform = rng.random(len(long_cells) * (self.max_len - first))
+            positions = sample_positions(lengths[long_cells], first, self.max_len, uniform)
+            keep = np.repeat(full_offsets[long_cells], self.max_len) + positions
+            ids[np.repeat(~whole, out_lengths)] = full_ids[keep]
+            out_values[np.repeat(~whole, out_lengths)] = full_values[keep]
+        return RaggedTokens(ids, offsets, out_values.astype(value_dtype))
 
     def _sequence(self, genes, values, rng) -> tuple[np.ndarray, np.ndarray]:
         if self.include_zero_gene:
@@ -160,8 +242,7 @@ class BinnedTokenizer:
             ids, values = np.concatenate((self._cls, ids)), np.concatenate((_CLS_VALUE, values))
         if len(ids) > self.max_len:
             start = 1 if self.append_cls else 0
-            chosen = rng.choice(len(ids) - start, self.max_len - start, replace=False) + start
-            keep = np.concatenate([np.arange(start), chosen])
+            keep = sample_positions([len(ids)], start, self.max_len, rng.random(self.max_len - start))
             ids, values = ids[keep], values[keep]
         return ids, values
 

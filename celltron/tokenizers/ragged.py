@@ -65,8 +65,10 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     """
     counts = np.asarray(counts)
     integral = np.issubdtype(counts.dtype, np.integer)  # the kernel takes raw counts
-    if _rank_kernel.available() and integral and _rank_kernel.ascending_within_cells(indptr, genes):
-        return _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values)
+    if _rank_kernel.available() and integral:
+        ranked = _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values)
+        if ranked is not None:
+            return ranked
     n_cells = len(indptr) - 1
     cell = np.repeat(np.arange(n_cells), np.diff(indptr))
     genes, counts = sorted_within_cells(cell, genes, counts)

@@ -133,3 +133,47 @@ def test_gene_subset_normalises_over_all_vocabulary_genes(pbmc):
         kept = {t: v for t, v in zip(a[i].tolist(), a.cell_values(i).tolist())}
         for token, value in zip(b[i].tolist()[1:], b.cell_values(i).tolist()[1:]):
             assert value == pytest.approx(kept[token])  # same normalisation as without the subset
+
+
+def test_compiled_binning_equals_the_numpy_path(pbmc):
+    pytest.importorskip("numba")
+    from celltron.tokenizers import _rank_kernel
+    from celltron.tokenizers.binned import _quantile_levels, bin_values
+
+    x = sp.csr_matrix(np.log1p(sp.diags(1e4 / np.asarray(pbmc.X.sum(axis=1)).ravel()) @ sp.csr_matrix(pbmc.X, dtype=np.float64)))
+    uniform = np.random.default_rng(3).random(x.nnz)
+    compiled = _rank_kernel.bin_cells_compiled(x.indptr, x.data, _quantile_levels(51), uniform)
+    for lo, hi in zip(x.indptr[:-1], x.indptr[1:]):
+        assert np.array_equal(compiled[lo:hi], bin_values(x.data[lo:hi], 51, uniform[lo:hi]))
+
+
+def test_length_sampling_is_uniform_and_the_same_with_and_without_numba(monkeypatch):
+    from celltron.tokenizers.binned import sample_positions
+
+    pytest.importorskip("numba")
+    uniform = np.random.default_rng(0).random(6)
+    compiled = sample_positions([7, 5], 1, 4, uniform[:6])
+    monkeypatch.setenv("CELLTRON_NUMBA", "0")
+    assert np.array_equal(compiled, sample_positions([7, 5], 1, 4, uniform[:6]))
+    assert compiled[0] == 0 and compiled[4] == 0  # <cls> first in each cell
+    # every non-<cls> position is picked equally often (3 of 6 each): a uniform subset
+    picks = sample_positions([7] * 4000, 1, 4, np.random.default_rng(1).random(4000 * 3)).reshape(4000, 4)
+    assert (picks[:, 0] == 0).all() and all(len(set(row)) == 4 for row in picks[:50])
+    frequency = np.bincount(picks[:, 1:].ravel(), minlength=7)[1:] / 4000
+    assert np.allclose(frequency, 0.5, atol=0.03)
+
+
+@pytest.mark.parametrize("include_zero_gene", [False, True])
+def test_compiled_and_numpy_tokenizers_give_the_same_block(pbmc, monkeypatch, include_zero_gene):
+    pytest.importorskip("numba")
+    vocab = GeneVocab.from_scgpt()
+    adata, ids, _ = _in_vocab(pbmc[:60], vocab)
+    tokenizer = BinnedTokenizer(vocab, ids, max_len=300, include_zero_gene=include_zero_gene)
+    x = adata.X.tocsr()
+    blocks = {}
+    for backend in ("0", "1"):
+        monkeypatch.setenv("CELLTRON_NUMBA", backend)
+        blocks[backend] = tokenizer.encode_block(x.indptr, x.indices, x.data.astype(np.int32), np.random.default_rng(5))
+    assert (blocks["1"].lengths == 300).any()  # some cells were sampled down to max_len
+    for name in ("offsets", "input_ids", "values"):
+        assert np.array_equal(getattr(blocks["0"], name), getattr(blocks["1"], name)), name

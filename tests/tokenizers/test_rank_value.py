@@ -11,6 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus
+from celltron.tokenizers import _rank_kernel
 from celltron.tokenizers.ragged import rank_cells
 from celltron.tokenizers.rank_value import RankValueTokenizer
 from celltron.tokenizers.vocab import GeneVocab
@@ -125,9 +126,13 @@ def test_compiled_ranking_equals_the_numpy_loop_with_many_ties(pbmc_corpus, monk
     for medians in ({g: float(rng.choice([0.5, 1.0, 2.0, 3.0])) for g in corpus.gene_ids}, corpus.gene_medians()):
         for max_len, specials in ((4096, True), (37, False)):
             tokenizer = RankValueTokenizer(GeneVocab.from_geneformer("v2"), medians, corpus.gene_ids, max_len, specials)
-            ranked = {}
-            for backend in ("0", "1"):
-                monkeypatch.setenv("CELLTRON_NUMBA", backend)
-                ranked[backend] = rank_cells(x.indptr, x.indices, x.data, None, tokenizer.token_of_gene, tokenizer.median, max_len - 2, 1, 1)
-            for numpy_loop, compiled in zip(ranked["0"], ranked["1"]):  # offsets, token ids, values
-                assert np.array_equal(numpy_loop, compiled)
+            args = (x.indptr, x.indices, x.data, None, tokenizer.token_of_gene, tokenizer.median, max_len - 2, 1, 1)
+            monkeypatch.setenv("CELLTRON_NUMBA", "0")
+            numpy_loop = rank_cells(*args)
+            compiled = _rank_kernel.rank_cells_compiled(*args)
+            assert compiled is not None  # corpus genes are in order: the kernel ran
+            for ours, theirs in zip(numpy_loop, compiled):  # offsets, token ids, values
+                assert np.array_equal(ours, theirs)
+    shuffled = x.indices.copy()
+    shuffled[x.indptr[5] : x.indptr[6]] = shuffled[x.indptr[5] : x.indptr[6]][::-1]
+    assert _rank_kernel.rank_cells_compiled(x.indptr, shuffled, x.data, None, tokenizer.token_of_gene, tokenizer.median, 10, 1, 1) is None
