@@ -31,15 +31,19 @@ def sample_positions(lengths, first: int, max_len: int, uniform: np.ndarray) -> 
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
     if _rank_kernel.available():
         return _rank_kernel._sample_positions(lengths, first, max_len, uniform)
-    picked = []
-    draws = iter(uniform.tolist())
-    for length in lengths.tolist():
-        pool = list(range(first, length))
-        for k in range(max_len - first):
-            swap = k + int(next(draws) * (len(pool) - k))
-            pool[k], pool[swap] = pool[swap], pool[k]
-        picked.append(np.concatenate([np.arange(first), pool[: max_len - first]]))
-    return np.concatenate(picked).astype(np.int64)
+    # the same shuffle, step by step over all cells at once
+    picks = max_len - first
+    others = lengths - first
+    pool = np.tile(np.arange(first, first + (others.max() if len(others) else 0)), (len(lengths), 1))
+    draws = np.asarray(uniform).reshape(len(lengths), picks)
+    rows = np.arange(len(lengths))
+    for k in range(picks):
+        swap = k + (draws[:, k] * (others - k)).astype(np.int64)
+        chosen = pool[rows, swap]
+        pool[rows, swap] = pool[rows, k]
+        pool[rows, k] = chosen
+    specials = np.tile(np.arange(first), (len(lengths), 1))
+    return np.concatenate([specials, pool[:, :picks]], axis=1).ravel().astype(np.int64)
 
 
 @functools.lru_cache(maxsize=8)
