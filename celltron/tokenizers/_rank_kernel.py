@@ -74,7 +74,10 @@ def _order_cell(values, bits, lo, m, order, scratch, histogram):
 SMALL_COUNTS = 64  # counts below this take count / n_counts * 10,000 from a per-cell table
 
 
-def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values):
+VALUES_NONE, VALUES_RAW, VALUES_LOG2P1 = 0, 1, 2  # what `_rank` returns beside the tokens
+
+
+def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind):
     n_cells = len(indptr) - 1
     longest = 0
     for i in range(n_cells):
@@ -84,7 +87,9 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
     # memory than the arithmetic here, so per-cell work stays in small buffers.
     capacity = len(genes) + n_cells * (prefix + suffix)
     out = np.empty(capacity, np.int64)
-    out_values = np.empty(capacity if want_values else 0, np.float64)
+    # raw values (float64), or log2(1 + value) as float32 (GeneCompass's), or none
+    out_values = np.empty(capacity if values_kind == VALUES_RAW else 0, np.float64)
+    out_log = np.empty(capacity if values_kind == VALUES_LOG2P1 else 0, np.float32)
     offsets = np.zeros(n_cells + 1, np.int64)
     values, tokens = np.empty(longest, np.float64), np.empty(longest, np.int64)
     order, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
@@ -99,7 +104,7 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
         previous = -1
         for j in range(indptr[i], indptr[i + 1]):
             if genes[j] < previous:  # ties need genes in input order: the numpy loop sorts them
-                return offsets, out[:0], out_values[:0], False
+                return offsets, out[:0], out_values[:0], out_log[:0], False
             previous = genes[j]
             count = counts[j]
             token = token_of_gene[genes[j]]
@@ -119,15 +124,22 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
             out[start + prefix + kept + k] = 0
         for k in range(kept):
             out[start + prefix + k] = tokens[order[k]]
-        if want_values:
+        if values_kind == VALUES_RAW:
             for k in range(prefix):
                 out_values[start + k] = 0.0
             for k in range(suffix):
                 out_values[start + prefix + kept + k] = 0.0
             for k in range(kept):
                 out_values[start + prefix + k] = values[order[k]]
+        elif values_kind == VALUES_LOG2P1:
+            for k in range(prefix):
+                out_log[start + k] = 0.0
+            for k in range(suffix):
+                out_log[start + prefix + kept + k] = 0.0
+            for k in range(kept):
+                out_log[start + prefix + k] = np.float32(np.log2(1.0 + values[order[k]]))
     end = offsets[n_cells]
-    return offsets, out[:end], out_values[:end] if want_values else out_values, True
+    return offsets, out[:end], out_values[: end if values_kind == VALUES_RAW else 0], out_log[: end if values_kind == VALUES_LOG2P1 else 0], True
 
 
 def _row_sums(indptr, counts):
@@ -265,14 +277,16 @@ if numba is not None:
 
 
 def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-                        want_values: bool = True):
-    """`ragged.rank_cells`, compiled, for integer counts; without `want_values` the values
-    array comes back empty. None when some cell's genes are not in ascending order (the numpy
-    loop sorts them first)."""
+                        values: str = "raw"):
+    """`ragged.rank_cells`, compiled, for integer counts. None when some cell's genes are not in
+    ascending order (the numpy loop sorts them first)."""
+    kind = {"none": VALUES_NONE, "raw": VALUES_RAW, "log2p1": VALUES_LOG2P1}[values]
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     n_counts = _row_sums(indptr, counts) if n_counts is None else np.ascontiguousarray(n_counts, dtype=np.float64)
-    *ranked, in_order = _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), bool(want_values))
-    return tuple(ranked) if in_order else None
+    offsets, out, raw, log2p1, in_order = _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), kind)
+    if not in_order:
+        return None
+    return offsets, out, log2p1 if kind == VALUES_LOG2P1 else raw
 
 
 def bin_cells_compiled(indptr, values: np.ndarray, levels: np.ndarray, uniform: np.ndarray) -> np.ndarray:

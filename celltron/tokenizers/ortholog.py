@@ -107,11 +107,15 @@ class OrthologTokenizer:
 
     def encode_block(self, indptr, genes, counts, species, n_counts=None) -> RaggedTokens:
         """Tokenise a CSR block; `species` is one name per cell (or one for the whole block)."""
-        offsets, out, values = rank_cells(indptr, genes, counts, n_counts, self.token_of_gene, self.median, self.max_len, 1, 0)
-        n_cells = len(offsets) - 1
-        names = [species] * n_cells if isinstance(species, str) else list(species)
-        out[offsets[:-1]] = [self.vocab.special_id(name) for name in names]
-        return RaggedTokens(out, offsets, np.log2(1.0 + values).astype(np.float32))
+        offsets, out, values = rank_cells(
+            indptr, genes, counts, n_counts, self.token_of_gene, self.median, self.max_len, 1, 0, values_kind="log2p1"
+        )
+        if isinstance(species, str):
+            out[offsets[:-1]] = self.vocab.special_id(species)
+        else:
+            ids = {name: self.vocab.special_id(name) for name in set(species)}
+            out[offsets[:-1]] = [ids[name] for name in species]
+        return RaggedTokens(out, offsets, values)
 
     def __call__(self, cell: dict, species_names: list[str]) -> dict:
         """Tokenise one CorpusStream cell; `species_names` are the corpus's species categories."""

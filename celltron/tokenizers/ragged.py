@@ -54,19 +54,21 @@ def sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray)
 
 
 def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-               want_values: bool = True):
+               values_kind: str = "raw"):
     """Rank each cell's expressed, tokenised genes by count / n_counts x 10,000 / median,
     highest first (ties in input gene order), keep the first `limit`, and lay them out with
     room for `prefix` and `suffix` special tokens per cell.
 
     Returns:
         offsets of the laid-out cells, the output array of token ids (specials still to be
-        written), the normalised value of every placed token (0 at special positions).
+        written), and by `values_kind`: 'raw' the normalised value of every placed token
+        (float64), 'log2p1' log2(1 + that value) (float32, GeneCompass's), 'none' nothing
+        (an empty array); 0 at special positions.
     """
     counts = np.asarray(counts)
     integral = np.issubdtype(counts.dtype, np.integer)  # the kernel takes raw counts
     if _rank_kernel.available() and integral:
-        ranked = _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, want_values)
+        ranked = _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind)
         if ranked is not None:
             return ranked
     n_cells = len(indptr) - 1
@@ -103,4 +105,6 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
         start = offsets[i] + prefix
         out[start : start + lengths[i]] = tokens[lo:hi][ranked]
         values[start : start + lengths[i]] = -negated[lo:hi][ranked]
-    return offsets, out, values
+    if values_kind == "log2p1":
+        return offsets, out, np.log2(1.0 + values).astype(np.float32)
+    return offsets, out, values if values_kind == "raw" else values[:0]

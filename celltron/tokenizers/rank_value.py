@@ -57,7 +57,7 @@ class RankValueTokenizer:
         """
         first, last = (1, 1) if self.add_specials else (0, 0)
         limit = self.max_len - first - last
-        offsets, out, _ = rank_cells(indptr, genes, counts, n_counts, self.token_of_gene, self.median, limit, first, last, want_values=False)
+        offsets, out, _ = rank_cells(indptr, genes, counts, n_counts, self.token_of_gene, self.median, limit, first, last, values_kind="none")
         if self.add_specials:
             out[offsets[:-1]] = self.cls_id
             out[offsets[1:] - 1] = self.eos_id

@@ -65,7 +65,7 @@ def reference(shard, medians, vocab, species_names, max_len=2048):
     return out
 
 
-def test_tokens_and_values_match_the_reference(corpus_and_vocab, small_corpus):
+def test_tokens_and_values_match_the_reference(corpus_and_vocab, small_corpus, ranking):
     corpus, vocab = corpus_and_vocab
     medians = corpus.gene_medians()
     tokenizer = OrthologTokenizer(vocab, corpus.gene_ids, medians, max_len=2048)
@@ -82,7 +82,7 @@ def test_tokens_and_values_match_the_reference(corpus_and_vocab, small_corpus):
             np.testing.assert_allclose(block.cell_values(i), values, rtol=1e-6)
 
 
-def test_truncation_to_max_len(corpus_and_vocab, small_corpus):
+def test_truncation_to_max_len(corpus_and_vocab, small_corpus, ranking):
     corpus, vocab = corpus_and_vocab
     medians = corpus.gene_medians()
     shard = ad.read_zarr(small_corpus / corpus.shards("train")[0]["path"])
