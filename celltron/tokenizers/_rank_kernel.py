@@ -74,6 +74,14 @@ def _order_cell(values, bits, lo, m, order, scratch, histogram):
 SMALL_COUNTS = 64  # counts below this take count / n_counts * 10,000 from a per-cell table
 
 
+def _zero_specials(array, start, prefix, kept, suffix):
+    """Zero a laid-out cell's `prefix` leading and `suffix` trailing positions."""
+    for k in range(prefix):
+        array[start + k] = 0
+    for k in range(suffix):
+        array[start + prefix + kept + k] = 0
+
+
 VALUES_NONE, VALUES_RAW, VALUES_LOG2P1 = 0, 1, 2  # what `_rank` returns beside the tokens
 
 
@@ -118,24 +126,16 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
         kept = min(m, limit)
         start = offsets[i]
         offsets[i + 1] = start + kept + prefix + suffix
-        for k in range(prefix):
-            out[start + k] = 0  # special positions stay 0 until the caller fills them
-        for k in range(suffix):
-            out[start + prefix + kept + k] = 0
+        # special positions stay 0 (the caller writes the special tokens)
+        _zero_specials(out, start, prefix, kept, suffix)
         for k in range(kept):
             out[start + prefix + k] = tokens[order[k]]
         if values_kind == VALUES_RAW:
-            for k in range(prefix):
-                out_values[start + k] = 0.0
-            for k in range(suffix):
-                out_values[start + prefix + kept + k] = 0.0
+            _zero_specials(out_values, start, prefix, kept, suffix)
             for k in range(kept):
                 out_values[start + prefix + k] = values[order[k]]
         elif values_kind == VALUES_LOG2P1:
-            for k in range(prefix):
-                out_log[start + k] = 0.0
-            for k in range(suffix):
-                out_log[start + prefix + kept + k] = 0.0
+            _zero_specials(out_log, start, prefix, kept, suffix)
             for k in range(kept):
                 out_log[start + prefix + k] = np.float32(np.log2(1.0 + values[order[k]]))
     end = offsets[n_cells]
@@ -266,6 +266,7 @@ def _lay_out(kept_indptr, tokens, values, first, cls_id, max_len, positions):
 
 
 if numba is not None:
+    _zero_specials = numba.njit(cache=True, nogil=True)(_zero_specials)
     _expressed_values = numba.njit(cache=True, nogil=True)(_expressed_values)
     _lay_out = numba.njit(cache=True, nogil=True)(_lay_out)
     _sample_positions = numba.njit(cache=True, nogil=True)(_sample_positions)
