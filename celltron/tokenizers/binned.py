@@ -15,13 +15,12 @@ import functools
 
 import numpy as np
 
-from celltron.tokenizers import _rank_kernel
+from celltron.tokenizers import _kernels
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
 VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
-_CLS_VALUE = np.zeros(1)  # <cls> carries value 0 (float64, as scGPT's)
 
 
 def sample_positions(lengths, first: int, max_len: int, uniform: np.ndarray) -> np.ndarray:
@@ -29,12 +28,14 @@ def sample_positions(lengths, first: int, max_len: int, uniform: np.ndarray) -> 
     (`<cls>`), then a uniformly random subset of the others in random order, by a partial
     Fisher-Yates shuffle taking one of `uniform` per pick (compiled when numba is there)."""
     lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    if _rank_kernel.available():
-        return _rank_kernel._sample_positions(lengths, first, max_len, uniform)
+    if _kernels.available():
+        return _kernels.sample_positions(lengths, first, max_len, uniform)
+    if len(lengths) == 0:
+        return np.empty(0, np.int64)
     # the same shuffle, step by step over all cells at once
     picks = max_len - first
     others = lengths - first
-    pool = np.tile(np.arange(first, first + (others.max() if len(others) else 0)), (len(lengths), 1))
+    pool = np.tile(np.arange(first, first + others.max()), (len(lengths), 1))
     draws = np.asarray(uniform).reshape(len(lengths), picks)
     rows = np.arange(len(lengths))
     for k in range(picks):
@@ -120,7 +121,6 @@ class BinnedTokenizer:
         self.token_of_gene = token
         self.covered_genes = np.flatnonzero(token >= 0)
         self.cls_id = vocab.special_id("cls")
-        self._cls = np.array([self.cls_id], dtype=np.int64)
         self.seed = seed
 
     def settings(self) -> dict:
@@ -136,9 +136,9 @@ class BinnedTokenizer:
     def values_of_block(self, indptr, genes, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keep covered genes, then normalise and log1p as the Preprocessor does (vectorised)."""
         counts = np.asarray(counts)
-        if _rank_kernel.available() and np.issubdtype(counts.dtype, np.integer):
+        if _kernels.available() and np.issubdtype(counts.dtype, np.integer):
             normalise = self.value_style != "counts" and self.normalize_total is not None
-            kept_indptr, genes, values = _rank_kernel._expressed_values(
+            kept_indptr, genes, values = _kernels.expressed_values(
                 np.ascontiguousarray(indptr, dtype=np.int64), genes, counts, self.in_vocab, self.token_of_gene,
                 float(self.normalize_total) if normalise else 0.0,
             )
@@ -187,8 +187,8 @@ class BinnedTokenizer:
 
     def _bin_block(self, kept_indptr, values, uniform) -> np.ndarray:
         """Each cell's values binned with its run of `uniform`."""
-        if _rank_kernel.available() and len(values) and values.min() > 0:
-            return _rank_kernel.bin_cells_compiled(kept_indptr, values, _quantile_levels(self.n_bins), uniform)
+        if _kernels.available() and len(values) and values.min() > 0:
+            return _kernels.bin_cells_compiled(kept_indptr, values, _quantile_levels(self.n_bins), uniform)
         bins = np.zeros(len(values), np.int64)
         for lo, hi in zip(kept_indptr[:-1].tolist(), kept_indptr[1:].tolist()):
             if hi > lo:
@@ -199,41 +199,34 @@ class BinnedTokenizer:
         """Every cell's `<cls>` + expressed genes, laid out at once; cells longer than
         `max_len` keep `<cls>` and a random subset (`sample_positions`)."""
         first = 1 if self.append_cls else 0
-        if _rank_kernel.available():
-            lengths = np.diff(kept_indptr) + first
-            long_cells = lengths > self.max_len
-            uniform = rng.random(int(long_cells.sum()) * (self.max_len - first))
-            positions = sample_positions(lengths[long_cells], first, self.max_len, uniform)
-            offsets, ids, out_values = _rank_kernel._lay_out(
+        lengths = np.diff(kept_indptr) + first
+        long_cells = lengths > self.max_len
+        uniform = rng.random(int(long_cells.sum()) * (self.max_len - first))
+        positions = sample_positions(lengths[long_cells], first, self.max_len, uniform)
+        if _kernels.available():
+            offsets, ids, out_values = _kernels.lay_out(
                 np.ascontiguousarray(kept_indptr, dtype=np.int64), self.token_of_gene[genes], np.asarray(values, dtype=np.float64),
                 first, self.cls_id, self.max_len, positions,
             )
             return RaggedTokens(ids, offsets, out_values.astype(value_dtype))
-        n_cells = len(kept_indptr) - 1
-        full_offsets = kept_indptr + first * np.arange(n_cells + 1)
+        full_offsets = kept_indptr + first * np.arange(len(kept_indptr))
         full_ids = np.empty(full_offsets[-1], np.int64)
         full_values = np.zeros(full_offsets[-1], np.float64)
         gene_positions = np.ones(full_offsets[-1], bool)
-        gene_positions[full_offsets[:-1][np.diff(full_offsets) > 0] if first else []] = False
+        gene_positions[full_offsets[:-1][lengths > 0] if first else []] = False
         if first:
             full_ids[~gene_positions] = self.cls_id
         full_ids[gene_positions] = self.token_of_gene[genes]
         full_values[gene_positions] = values
-        lengths = np.diff(full_offsets)
         out_lengths = np.minimum(lengths, self.max_len)
         offsets = np.concatenate([[0], np.cumsum(out_lengths)]).astype(np.int64)
-        whole = lengths == out_lengths
         ids, out_values = np.empty(offsets[-1], np.int64), np.empty(offsets[-1], np.float64)
-        ids[np.repeat(whole, out_lengths)] = full_ids[np.repeat(whole, lengths)]
-        out_values[np.repeat(whole, out_lengths)] = full_values[np.repeat(whole, lengths)]
-        long_cells = np.flatnonzero(~whole)
-        if len(long_cells):
-            # scGPT samples max_len genes of a longer cell without replacement (`<cls>` kept)
-            uniform = rng.random(len(long_cells) * (self.max_len - first))
-            positions = sample_positions(lengths[long_cells], first, self.max_len, uniform)
-            keep = np.repeat(full_offsets[long_cells], self.max_len) + positions
-            ids[np.repeat(~whole, out_lengths)] = full_ids[keep]
-            out_values[np.repeat(~whole, out_lengths)] = full_values[keep]
+        ids[np.repeat(~long_cells, out_lengths)] = full_ids[np.repeat(~long_cells, lengths)]
+        out_values[np.repeat(~long_cells, out_lengths)] = full_values[np.repeat(~long_cells, lengths)]
+        # a long cell keeps `<cls>` and a random subset, as scGPT samples without replacement
+        keep = np.repeat(full_offsets[:-1][long_cells], self.max_len) + positions
+        ids[np.repeat(long_cells, out_lengths)] = full_ids[keep]
+        out_values[np.repeat(long_cells, out_lengths)] = full_values[keep]
         return RaggedTokens(ids, offsets, out_values.astype(value_dtype))
 
     def _sequence(self, genes, values, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -243,7 +236,7 @@ class BinnedTokenizer:
             genes, values = self.covered_genes, dense[self.covered_genes]
         ids = self.token_of_gene[genes]
         if self.append_cls:
-            ids, values = np.concatenate((self._cls, ids)), np.concatenate((_CLS_VALUE, values))
+            ids, values = np.concatenate([[self.cls_id], ids]), np.concatenate([[0.0], values])
         if len(ids) > self.max_len:
             start = 1 if self.append_cls else 0
             keep = sample_positions([len(ids)], start, self.max_len, rng.random(self.max_len - start))

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from celltron.tokenizers import _rank_kernel
+from celltron.tokenizers import _kernels
 
-NORMALISED_TOTAL = _rank_kernel.NORMALISED_TOTAL
+NORMALISED_TOTAL = _kernels.NORMALISED_TOTAL
 
 
 @dataclass
@@ -67,8 +67,8 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     """
     counts = np.asarray(counts)
     integral = np.issubdtype(counts.dtype, np.integer)  # the kernel takes raw counts
-    if _rank_kernel.available() and integral:
-        ranked = _rank_kernel.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind)
+    if _kernels.available() and integral:
+        ranked = _kernels.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind)
         if ranked is not None:
             return ranked
     n_cells = len(indptr) - 1

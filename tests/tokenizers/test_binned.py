@@ -137,12 +137,12 @@ def test_gene_subset_normalises_over_all_vocabulary_genes(pbmc):
 
 def test_compiled_binning_equals_the_numpy_path(pbmc):
     pytest.importorskip("numba")
-    from celltron.tokenizers import _rank_kernel
+    from celltron.tokenizers import _kernels
     from celltron.tokenizers.binned import _quantile_levels, bin_values
 
     x = sp.csr_matrix(np.log1p(sp.diags(1e4 / np.asarray(pbmc.X.sum(axis=1)).ravel()) @ sp.csr_matrix(pbmc.X, dtype=np.float64)))
     uniform = np.random.default_rng(3).random(x.nnz)
-    compiled = _rank_kernel.bin_cells_compiled(x.indptr, x.data, _quantile_levels(51), uniform)
+    compiled = _kernels.bin_cells_compiled(x.indptr, x.data, _quantile_levels(51), uniform)
     for lo, hi in zip(x.indptr[:-1], x.indptr[1:]):
         assert np.array_equal(compiled[lo:hi], bin_values(x.data[lo:hi], 51, uniform[lo:hi]))
 

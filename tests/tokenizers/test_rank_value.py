@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus
-from celltron.tokenizers import _rank_kernel
+from celltron.tokenizers import _kernels
 from celltron.tokenizers.ragged import rank_cells
 from celltron.tokenizers.rank_value import RankValueTokenizer
 from celltron.tokenizers.vocab import GeneVocab
@@ -129,10 +129,10 @@ def test_compiled_ranking_equals_the_numpy_loop_with_many_ties(pbmc_corpus, monk
             args = (x.indptr, x.indices, x.data, None, tokenizer.token_of_gene, tokenizer.median, max_len - 2, 1, 1)
             monkeypatch.setenv("CELLTRON_NUMBA", "0")
             numpy_loop = rank_cells(*args)
-            compiled = _rank_kernel.rank_cells_compiled(*args)
+            compiled = _kernels.rank_cells_compiled(*args)
             assert compiled is not None  # corpus genes are in order: the kernel ran
             for ours, theirs in zip(numpy_loop, compiled):  # offsets, token ids, values
                 assert np.array_equal(ours, theirs)
     shuffled = x.indices.copy()
     shuffled[x.indptr[5] : x.indptr[6]] = shuffled[x.indptr[5] : x.indptr[6]][::-1]
-    assert _rank_kernel.rank_cells_compiled(x.indptr, shuffled, x.data, None, tokenizer.token_of_gene, tokenizer.median, 10, 1, 1) is None
+    assert _kernels.rank_cells_compiled(x.indptr, shuffled, x.data, None, tokenizer.token_of_gene, tokenizer.median, 10, 1, 1) is None

@@ -1,12 +1,16 @@
-"""Compiled per-cell ranking for the rank-value schemes (optional: needs numba, `celltron[fast]`).
+"""Compiled tokenizer kernels (optional: need numba, `celltron[fast]`).
 
-Same result as `ragged.rank_cells`' numpy loop, token for token and value for value: within a
-cell, genes ordered by value descending, exact ties in input gene order. The numpy loop pays
-one comparison argsort per cell plus Python overhead; here each cell is ordered by a two-pass
-byte radix sort (O(n)) on the top 16 varying bits of the value's IEEE pattern, which orders
-every pair of values that differ in those bits, then an insertion sort settles the small
-groups that share them by the full float64 value (stable, so ties stay in input order).
-Positive doubles order like their bit patterns, so no value is ever compared approximately.
+Each gives the same result as the numpy code it stands in for, token for token and value for
+value (tests run both):
+- `rank_cells_compiled` (`ragged.rank_cells`, Geneformer and ortholog schemes): within a cell,
+  genes by value descending, exact ties in input gene order. Each cell is ordered by a
+  two-pass byte radix sort (O(n)) on the top 16 varying bits of the value's IEEE pattern,
+  which orders every pair of values that differ in those bits; an insertion sort then settles
+  the small groups that share them by the full float64 value (stable, so ties stay in input
+  order). Positive doubles order like their bit patterns, so no value is compared
+  approximately. The numpy loop pays a comparison argsort per cell plus Python overhead.
+- scGPT's block (`binned.BinnedTokenizer`): `expressed_values` (the Preprocessor's values),
+  `bin_cells_compiled` (`binned.bin_values` per cell), `sample_positions` and `lay_out`.
 """
 
 from __future__ import annotations
@@ -71,6 +75,13 @@ def _order_cell(values, bits, lo, m, order, scratch, histogram):
         order[p + 1] = current
 
 
+def _longest_cell(indptr):
+    longest = 0
+    for i in range(len(indptr) - 1):
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    return longest
+
+
 SMALL_COUNTS = 64  # counts below this take count / n_counts * 10,000 from a per-cell table
 
 
@@ -87,9 +98,7 @@ VALUES_NONE, VALUES_RAW, VALUES_LOG2P1 = 0, 1, 2  # what `_rank` returns beside 
 
 def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind):
     n_cells = len(indptr) - 1
-    longest = 0
-    for i in range(n_cells):
-        longest = max(longest, indptr[i + 1] - indptr[i])
+    longest = _longest_cell(indptr)
     # One pass, cell by cell, into outputs sized for the most the cells can hold (returned as
     # views of their filled part): large scratch arrays cost more in first touches of fresh
     # memory than the arithmetic here, so per-cell work stays in small buffers.
@@ -154,7 +163,7 @@ def _bin_cell(values, bits, first, n, levels, uniform, order, scratch, histogram
     """scGPT's binning of one cell's positive values values[first:first + n] (see
     `binned.bin_values`), compiled: the values sorted (by `_order_cell`: descending, read back
     to front), numpy's 'linear' quantile at `levels` with its exact operations, then
-    both-sided digitising by binary search and the tie spread from `uniform`."""
+    both-sided digitising by one walk beside the edges and the tie spread from `uniform`."""
     _order_cell(values, bits, first, n, order, scratch, histogram)
     for q in range(len(levels)):
         virtual = (n - 1) * levels[q]
@@ -180,9 +189,7 @@ def _bin_cell(values, bits, first, n, levels, uniform, order, scratch, histogram
 
 def _bin_cells(indptr, values, levels, uniform):
     """`_bin_cell` for every cell of a block (CSR `indptr` over `values`)."""
-    longest = 0
-    for i in range(len(indptr) - 1):
-        longest = max(longest, indptr[i + 1] - indptr[i])
+    longest = _longest_cell(indptr)
     order, scratch = np.empty(longest, np.int64), np.empty(longest, np.int64)
     histogram, edges = np.empty(514, np.int64), np.empty(len(levels), np.float64)
     bins = np.zeros(len(values), np.int64)
@@ -193,14 +200,11 @@ def _bin_cells(indptr, values, levels, uniform):
     return bins
 
 
-def _sample_positions(lengths, first, max_len, uniform):
+def sample_positions(lengths, first, max_len, uniform):
     """For each cell longer than `max_len`: its first `first` positions, then `max_len - first`
     of the others, a uniformly random subset in random order (partial Fisher-Yates, one
     uniform per pick, read in order from `uniform`). Returns the positions, cell after cell."""
-    total = 0
-    for length in lengths:
-        total += max_len
-    picked = np.empty(total, np.int64)
+    picked = np.empty(len(lengths) * max_len, np.int64)
     pool = np.empty(max(lengths.max() if len(lengths) else 0, 1), np.int64)
     at, draw = 0, 0
     for length in lengths:
@@ -218,7 +222,7 @@ def _sample_positions(lengths, first, max_len, uniform):
     return picked
 
 
-def _expressed_values(indptr, genes, counts, in_vocab, token_of_gene, target_sum):
+def expressed_values(indptr, genes, counts, in_vocab, token_of_gene, target_sum):
     """scGPT's Preprocessor values of a block, before log1p: each cell's expressed genes that
     have a token, with count / (cell's total over vocabulary genes) * target_sum (target_sum
     <= 0: the raw counts)."""
@@ -241,7 +245,7 @@ def _expressed_values(indptr, genes, counts, in_vocab, token_of_gene, target_sum
     return kept_indptr, kept_genes[:m], values[:m]
 
 
-def _lay_out(kept_indptr, tokens, values, first, cls_id, max_len, positions):
+def lay_out(kept_indptr, tokens, values, first, cls_id, max_len, positions):
     """Each cell's `<cls>` (when `first`) and tokens with their values; cells longer than
     `max_len` take their `positions` (max_len per long cell, in cell order)."""
     n_cells = len(kept_indptr) - 1
@@ -266,10 +270,11 @@ def _lay_out(kept_indptr, tokens, values, first, cls_id, max_len, positions):
 
 
 if numba is not None:
+    _longest_cell = numba.njit(cache=True, nogil=True)(_longest_cell)
     _zero_specials = numba.njit(cache=True, nogil=True)(_zero_specials)
-    _expressed_values = numba.njit(cache=True, nogil=True)(_expressed_values)
-    _lay_out = numba.njit(cache=True, nogil=True)(_lay_out)
-    _sample_positions = numba.njit(cache=True, nogil=True)(_sample_positions)
+    expressed_values = numba.njit(cache=True, nogil=True)(expressed_values)
+    lay_out = numba.njit(cache=True, nogil=True)(lay_out)
+    sample_positions = numba.njit(cache=True, nogil=True)(sample_positions)
     _order_cell = numba.njit(cache=True, nogil=True)(_order_cell)
     _bin_cell = numba.njit(cache=True, nogil=True)(_bin_cell)
     _bin_cells = numba.njit(cache=True, nogil=True)(_bin_cells)
@@ -278,10 +283,10 @@ if numba is not None:
 
 
 def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-                        values: str = "raw"):
+                        values_kind: str = "raw"):
     """`ragged.rank_cells`, compiled, for integer counts. None when some cell's genes are not in
     ascending order (the numpy loop sorts them first)."""
-    kind = {"none": VALUES_NONE, "raw": VALUES_RAW, "log2p1": VALUES_LOG2P1}[values]
+    kind = {"none": VALUES_NONE, "raw": VALUES_RAW, "log2p1": VALUES_LOG2P1}[values_kind]
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     n_counts = _row_sums(indptr, counts) if n_counts is None else np.ascontiguousarray(n_counts, dtype=np.float64)
     offsets, out, raw, log2p1, in_order = _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), kind)
