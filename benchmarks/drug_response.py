@@ -12,6 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
 DRUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "drug"
@@ -33,11 +34,7 @@ def run(out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
 
 def table(metrics: dict) -> str:
     rows = [("model: matrix completion", metrics["model"])] + [(f"baseline: {n}", m) for n, m in metrics["baselines"].items()]
-    lines = ["| predictor | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, result in rows:
-        cells = ["n/a" if result.get(c) is None else f"{result[c]:.3f} ± {(result.get('std') or {}).get(c) or 0:.3f}" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return mean_std_table(rows, COLUMNS)
 
 
 def main() -> None:

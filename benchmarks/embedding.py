@@ -17,6 +17,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -53,11 +54,7 @@ def annotation(model: Path, data: Path, out: Path, seeds: list[int], steps: int,
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| predictor | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, result in rows:
-        cells = [f"{result[c]:.3f} ± {(result.get('std') or {}).get(c) or 0:.3f}" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return mean_std_table(rows, COLUMNS)
 
 
 def main() -> None:

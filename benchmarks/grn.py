@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -44,15 +45,14 @@ def run(model: Path, out: Path, seeds: list[int], cells: int, genes: int) -> dic
 
 
 def table(results: dict) -> str:
-    lines = ["| predictor | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, runs in results.items():
-        if name == "speed":
-            continue
-        cells = [f"{np.mean([r[c] for r in runs]):.3f} ± {np.std([r[c] for r in runs]):.3f}" for c in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = [
+        (name, {**{c: np.mean([r[c] for r in runs]) for c in COLUMNS}, "std": {c: np.std([r[c] for r in runs]) for c in COLUMNS}})
+        for name, runs in results.items() if name != "speed"
+    ]
+    text = mean_std_table(rows, COLUMNS)
     if "speed" in results:
-        lines.append(f"\nin-silico deletion: {np.mean(results['speed']):.1f} cells x TFs per second")
-    return "\n".join(lines)
+        text += f"\n\nin-silico deletion: {np.mean(results['speed']):.1f} cells x TFs per second"
+    return text
 
 
 def main() -> None:

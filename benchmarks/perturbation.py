@@ -18,6 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
+from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "perturbation" / "papalexi2021_thp1_lowmoi_sceptredata.h5ad"
@@ -64,14 +65,7 @@ def table(results: dict[str, dict]) -> str:
     first = next(iter(results.values()))
     rows = [(f"model: {name}", metrics["model"]) for name, metrics in results.items()]
     rows += [(f"baseline: {name}", metrics) for name, metrics in first["baselines"].items()]
-    lines = ["| predictor | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for name, metrics in rows:
-        cells = []
-        for column in COLUMNS:
-            mean, spread = metrics.get(column), (metrics.get("std") or {}).get(column)
-            cells.append("n/a" if mean is None else f"{mean:.3f} ± {spread or 0:.3f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return mean_std_table(rows, COLUMNS)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from celltron.corpus.genes import GeneMappingError
 from celltron.corpus.readers import InputError
-from celltron.corpus.schema import CorpusFormatError
+from celltron.corpus.schema import COMPRESSIONS, CorpusFormatError
 
 USER_ERRORS = (InputError, GeneMappingError, CorpusFormatError, FileExistsError, FileNotFoundError, ValueError)
 
@@ -331,7 +331,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--val-fraction", type=float, help="default 0.01")
     build.add_argument("--shard-size-mb", type=float, help="uncompressed size of one corpus shard (default 256)")
     build.add_argument("--chunk-nnz", type=int, help="non-zeros per inner zarr chunk (default 65,536)")
-    build.add_argument("--compression", choices=["zstd", "lz4", "none"], help="X's inner-chunk codec: lz4 (default; blosc byte shuffle + LZ4), zstd (about 10%% larger on count data, 4-5x slower to decode), none")
+    build.add_argument("--compression", choices=COMPRESSIONS, help="X's inner-chunk codec: lz4 (default; blosc byte shuffle + LZ4), zstd (about 10%% larger on count data, 4-5x slower to decode), none")
     build.add_argument("--overwrite", action="store_true", help="replace an existing corpus once the new one is complete")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(run=_corpus_build)

@@ -1,17 +1,16 @@
 """Direct reads of the 1-D sharded arrays a corpus shard keeps its CSR non-zeros in.
 
 `X/data` and `X/indices` are zarr v3 arrays with the sharding codec: each storage object
-(`c/<k>`) holds a run of inner chunks, each `bytes` (+ `zstd`) encoded, followed by an index
+(`c/<k>`) holds a run of inner chunks, each `bytes` (+ `blosc` or `zstd`) encoded, followed by an index
 of (offset, length) pairs and its crc32c (the layout of the zarr v3 sharding specification).
 A block of cells is a contiguous range of such an array, so reading it is: look up the inner
 chunks that cover the range, decompress them straight into the output. zarr-python does the
 same through its asyncio codec pipeline, with per-chunk overhead that dominates at the sizes
-we read; here a block read is a loop over mapped memory, and zstd releases the GIL, so the
-stream's reader threads decode in parallel (about 2.5x zarr-python's block reads from page
-cache on 2 cores).
+we read; here a block read is a loop over mapped memory, and the decoders release the GIL,
+so the stream's reader threads decode in parallel.
 
 Only the layout celltron writes is read this way (local files, one dimension, sharding with
-`bytes` [+ `zstd`] inside and `bytes` + `crc32c` index at the end); anything else is read
+`bytes` [+ `blosc` | `zstd`] inside and `bytes` + `crc32c` index at the end); anything else is read
 through zarr (`open_direct` returns None).
 """
 
