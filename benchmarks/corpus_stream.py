@@ -14,6 +14,12 @@ prints cells/s for:
 - then (--profile-seconds) a cProfile of CorpusStream in one process and each of its stages
   on its own: block reads, per-cell dicts, DataLoader batching, the worker hand-off.
 
+With --integrity it only measures what the checks on every read cost (crc32c of each inner
+chunk, indptr on open; value checks for corpora without inner checksums): CorpusStream
+(num_workers=0) and 1,024-cell block reads, checks on and off (the benchmark-only switch
+CELLTRON_BENCHMARK_NO_READ_CHECKS=1), alternating rounds, on the synthetic corpus and on a copy
+rewritten without inner checksums (the format of corpora built before them).
+
 Every method is timed for --seconds after its first batch (file opening, worker start-up and
 the first window are start-up, not throughput), with every file read once beforehand so all
 reads come from the page cache. Each dataset's cells are also written as an uncompressed
@@ -23,6 +29,7 @@ random batches of 64 on the uncompressed file, the faster of the two for anndata
 
     python -m benchmarks.corpus_stream            # full run (200k synthetic cells), ~8 min the first time
     python -m benchmarks.corpus_stream --quick    # 20k synthetic cells, 3 s per method
+    python -m benchmarks.corpus_stream --quick --integrity   # cost of the read checks only, ~2 min
     (python benchmarks/corpus_stream.py works too)
 """
 
@@ -46,6 +53,7 @@ import json
 import pickle
 import platform
 import pstats
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -55,6 +63,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import anndata as ad
+import fsspec
 import h5py
 import numpy as np
 import pandas as pd
@@ -65,7 +74,8 @@ from torch.utils.data import DataLoader
 
 from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus, collate_cells
 from celltron.corpus.genes import symbol_to_ensembl
-from celltron.corpus.store import ShardReader
+from celltron.corpus.schema import CHECKSUM_VERSION, checksum_files
+from celltron.corpus.store import NO_READ_CHECKS_ENV, ShardReader
 
 PBMC_DIR = "/work/shared/data/scrna/human"
 BATCH = 64
@@ -247,7 +257,8 @@ def ensure_corpus(inputs: list[Path], out: Path, compression: str = BuildOptions
     record = out.with_name(out.name + ".build.json")
     if (out / "manifest.json").exists() and record.exists():
         saved = json.loads(record.read_text())
-        if saved.get("compression") == compression:
+        current = json.loads((out / "manifest.json").read_text()).get("checksum_version") == CHECKSUM_VERSION
+        if saved.get("compression") == compression and current:  # else built before inner checksums: rebuild
             return Corpus(out), f"cached (built in {saved['seconds']:.1f} s on {saved['date']}, {compression})"
     start = time.perf_counter()
     build_corpus(inputs, out, BuildOptions(progress=False, val_fraction=0.01, compression=compression), overwrite=True)
@@ -588,6 +599,91 @@ def print_goals(results: list[Result]) -> None:
               f"best CorpusStream row: {best[1]} {best[0]:,.0f} cells/s")
 
 
+# ---------------------------------------------------------------- cost of the read checks
+
+
+@contextlib.contextmanager
+def read_checks(enabled: bool):
+    """Readers opened inside run with the integrity checks on (the default) or off."""
+    before = os.environ.pop(NO_READ_CHECKS_ENV, None)
+    if not enabled:
+        os.environ[NO_READ_CHECKS_ENV] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(NO_READ_CHECKS_ENV, None)
+        if before is not None:
+            os.environ[NO_READ_CHECKS_ENV] = before
+
+
+def block_reads(corpus: Corpus, seed: int = 0) -> Iterator[int]:
+    """1,024-cell blocks of the training split in random order (`ShardReader.read` alone)."""
+    records = corpus.shards("train")
+    readers = [ShardReader(corpus, r) for r in records]
+    blocks = [(s, a, min(a + BLOCK, r["n_cells"])) for s, r in enumerate(records) for a in range(0, r["n_cells"], BLOCK)]
+    rng = np.random.default_rng(seed)
+    try:
+        while True:
+            for i in rng.permutation(len(blocks)).tolist():
+                shard, start, stop = blocks[i]
+                yield len(readers[shard].read(start, stop))
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def without_inner_checksums(corpus: Corpus, out: Path) -> tuple[Corpus, str]:
+    """A copy of `corpus` whose X/data and X/indices carry no inner crc32c and whose manifest
+    has no checksum_version: the format of corpora built before them (read with value checks)."""
+    if (out / "manifest.json").exists():
+        return Corpus(out), "cached"
+    start, partial = time.perf_counter(), out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # ours: left by an interrupted earlier run
+    shutil.copytree(corpus.root, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    fs = fsspec.filesystem("file")
+    for split in ("train", "val"):
+        for record in manifest["splits"][split]["shards"]:
+            x = zarr.open_group(str(partial / record["path"] / "X"), mode="r+")
+            for name in ("data", "indices"):
+                values, chunks, shards = x[name][:], x[name].chunks, x[name].shards
+                compressor = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
+                x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, shards=shards,
+                               compressors=compressor, overwrite=True)[:] = values
+            record["sha256"] = checksum_files(fs, str(partial / record["path"]))
+    manifest.pop("checksum_version")
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    partial.rename(out)
+    return Corpus(out), f"rewritten in {time.perf_counter() - start:.1f} s"
+
+
+def integrity_part(args) -> None:
+    """Cells/s with the read checks on and off, alternating (`args.rounds` each), medians."""
+    plain, note = ensure_synthetic(args.workdir, args.cells, args.genes, args.nnz)
+    print(f"synthetic h5ad: {note}; {h5ad_summary(plain)}")
+    corpus, note = ensure_corpus([plain], args.workdir / plain.name.replace(".h5ad", ".corpus"))
+    print(f"synthetic corpus: {note}; {corpus_summary(corpus)}")
+    old, note = without_inner_checksums(corpus, args.workdir / plain.name.replace(".h5ad", ".nocrc.corpus"))
+    print(f"the same without inner checksums: {note}; {corpus_summary(old)}")
+    print(f"page cache: read {warm_page_cache([Path(corpus.root), Path(old.root)]):.2f} GiB\n")
+    rows = []
+    for label, data in (("corpus with inner crc32c", corpus), ("corpus without (older format, value checks)", old)):
+        for method, run in (("CorpusStream, num_workers=0", lambda data=data: stream_batches(data, 0)),
+                            ("block reads (ShardReader.read, 1024 cells)", lambda data=data: block_reads(data))):
+            rates = {True: [], False: []}
+            for _ in range(args.rounds):  # alternating, so drift on a shared machine hits both settings
+                for enabled in (True, False):
+                    with read_checks(enabled):
+                        result = measure(label, f"{method}, checks {'on' if enabled else 'off'}", run(), args.seconds)
+                    rates[enabled].append(result.rate)
+            on, off = float(np.median(rates[True])), float(np.median(rates[False]))
+            rows.append((label, method, on, off))
+    print(f"\nread checks, median of {args.rounds} alternating rounds of {args.seconds:g} s:")
+    print("| corpus | method | checks on, cells/s | checks off, cells/s | cost |\n|---|---|---:|---:|---:|")
+    for label, method, on, off in rows:
+        print(f"| {label} | {method} | {on:,.0f} | {off:,.0f} | {1 - on / off:+.1%} |")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/celltron-bench"), help="cache of generated files and corpora")
@@ -598,6 +694,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile-seconds", type=float, default=5.0, help="cProfile/stage timing seconds; 0 skips (default 5)")
     parser.add_argument("--pbmc-dir", type=Path, default=Path(PBMC_DIR), help="directory with the PBMC .h5ad files")
     parser.add_argument("--quick", action="store_true", help="20k synthetic cells, 3 s per method, 2 s profiles")
+    parser.add_argument("--integrity", action="store_true", help="only the cost of the read checks (on vs off)")
+    parser.add_argument("--rounds", type=int, default=3, help="--integrity: alternating rounds per setting (default 3)")
     args = parser.parse_args(argv)
     if args.quick:
         args.cells, args.seconds, args.profile_seconds = min(args.cells, 20_000), min(args.seconds, 3.0), min(args.profile_seconds, 2.0)
@@ -645,6 +743,10 @@ def main(argv=None) -> None:
     print(f"command: {' '.join(sys.orig_argv)}")
     print(f"settings: batch {BATCH}, CorpusStream defaults (block_size 1024, buffer_size 8192, prefetch), "
           f"{args.seconds:g} s per method after its first batch, all files in page cache\n")
+    if args.integrity:
+        integrity_part(args)
+        print(f"\ntotal time: {time.perf_counter() - started:.0f} s")
+        return
     results, corpus, with_zarrs = synthetic_part(args)
     results += pbmc_part(args)
     print_table(results)

@@ -8,11 +8,31 @@ import json
 import sys
 from pathlib import Path
 
-from celltron.corpus.genes import GeneMappingError
+from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMappingError
 from celltron.corpus.readers import InputError
 from celltron.corpus.schema import COMPRESSIONS, CorpusFormatError
+from celltron.errors import UserError
+from celltron.ranges import devices, name_weight, number
 
-USER_ERRORS = (InputError, GeneMappingError, CorpusFormatError, FileExistsError, FileNotFoundError, ValueError)
+USER_ERRORS = (UserError, InputError, GeneMappingError, CorpusFormatError, FileExistsError, FileNotFoundError, ValueError)
+
+# exit codes: a scheduler tells a finished run (0) from one a signal stopped early (75, EX_TEMPFAIL:
+# "try again", i.e. --resume auto). trainer.stop_at_step is a stop the config asked for (fixed-length
+# jobs), so it exits 0; whether the whole run finished is told by its export/ folder.
+EXIT_USER_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 75, 130
+OVERWRITE_HELP = ("replace an existing {what} that celltron did not write (one it wrote holds a .celltron-folder marker and "
+                  "is replaced without this flag); never the current directory, the source or its run directory")
+EXIT_CODES = """exit codes:
+  0    done (pretrain / finetune: also a run that ended at trainer.stop_at_step, as its config asked;
+       the run is complete once RUN/export/ exists)
+  1    corpus validate found invalid shards; or an unexpected error (with its traceback)
+  2    a user error, printed in one line naming the file or option and the fix
+  75   pretrain / finetune stopped early by SIGTERM or SIGUSR1 after saving a checkpoint; continue with --resume auto
+  130  interrupted with Ctrl-C; nothing half-written was left"""
+
+
+MAPPED_HELP = ("refuse an input unless this share of its counts is on genes that map to Ensembl IDs (and, where "
+               "cells are tokenised, have a token in the vocabulary); default %(default)s")
 
 
 def _key_values(pairs: list[str], what: str) -> dict[str, str]:
@@ -32,8 +52,9 @@ def _corpus_build(args) -> int:
         "seed": args.seed, "val_fraction": args.val_fraction, "layer": args.layer, "species": args.species,
         "gene_column": args.gene_column, "obs_keys": tuple(args.obs_keys) if args.obs_keys is not None else None,
         "min_genes": args.min_genes, "min_counts": args.min_counts, "max_mito_fraction": args.max_mito_fraction,
-        "weights": {k: float(v) for k, v in _key_values(args.weight, "--weight").items()} or None,
+        "weights": dict(args.weight or []) or None,
         "shard_size_mb": args.shard_size_mb, "chunk_nnz": args.chunk_nnz, "compression": args.compression,
+        "min_mapped_fraction": args.min_mapped_fraction,
     }
     # flags given on the command line override the config file, which overrides the defaults
     base = BuildOptions.from_yaml(args.config) if args.config else BuildOptions()
@@ -70,7 +91,11 @@ def _corpus_info(args) -> int:
 
 
 def _corpus_validate(args) -> int:
-    problems = _open(args).validate()
+    corpus = _open(args)
+    if args.rekey:  # validates first, and refuses a corpus with any other problem
+        print(f"{args.corpus}: valid; re-recorded the checksums of {corpus.rekey_checksums()} shard(s)")
+        return 0
+    problems = corpus.validate()
     for problem in problems:
         print(f"invalid shard {problem}", file=sys.stderr)
     if not problems:
@@ -94,6 +119,7 @@ def _tokenize(args) -> int:
         max_len=args.max_len, seed=args.seed, layer=args.layer, gene_column=args.gene_column, species=args.species,
         storage_options=_key_values(args.storage_option, "--storage-option"), progress=not args.no_progress,
         hvg=args.hvg, hvg_flavor=args.hvg_flavor or "seurat_v3", hvg_batch_key=args.hvg_batch_key, hvg_span=args.hvg_span,
+        min_mapped_fraction=args.min_mapped_fraction,
     )
     print(f"tokenized {summary['cells']} cells ({summary['tokens']} tokens) into {args.out} "
           f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s")
@@ -138,11 +164,11 @@ def _convert(args) -> int:
     if args.family == "geneformer":
         from celltron.model_zoo.geneformer.convert import convert_geneformer
 
-        out = convert_geneformer(args.source, args.out, dictionary=args.dictionary)
+        out = convert_geneformer(args.source, args.out, dictionary=args.dictionary, overwrite=args.overwrite)
     else:
         from celltron.model_zoo.scgpt.convert import convert_scgpt
 
-        out = convert_scgpt(args.source, args.out)
+        out = convert_scgpt(args.source, args.out, overwrite=args.overwrite)
     print(f"converted {args.family} checkpoint {args.source} -> {out}")
     return 0
 
@@ -166,11 +192,13 @@ def _pretrain(args) -> int:
     from celltron.pretrain.run import pretrain
 
     result = pretrain(_pretrain_config(args), args.out, resume=args.resume, init_from=args.init_from)
+    code = EXIT_STOPPED if result.stopped_by == "signal" else 0  # every rank: srun and torchrun see one answer
     if not result.is_global_zero:
-        return 0
+        return code
     if result.interrupted:
-        print(f"stopped at step {result.steps} (signal or trainer.stop_at_step); checkpoint {result.checkpoint}; continue with --resume auto")
-        return 0
+        why = "by a signal" if result.stopped_by == "signal" else "(trainer.stop_at_step)"
+        print(f"stopped at step {result.steps} {why}; checkpoint {result.checkpoint}; continue with --resume auto")
+        return code
     print(f"pretrained {result.steps} steps; run directory {result.out}")
     print(f"  metrics:    {result.out / 'metrics.csv'}")
     print(f"  loss curve: {result.loss_curve}")
@@ -183,7 +211,6 @@ TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annot
 
 
 def _finetune_config(args):
-    from pathlib import Path
 
     from celltron.finetune.config import FinetuneConfig, load_finetune_config
     from celltron.pretrain.config import apply_overrides, from_dict, replace
@@ -196,7 +223,8 @@ def _finetune_config(args):
     task = TASK_SECTIONS[args.task]
     changes = {"data": {}, "trainer": {}, "model": {}, task: {}}
     for flag, section, field in (("data", "data", "path"), ("layer", "data", "layer"), ("gene_column", "data", "gene_column"),
-                                 ("species", "data", "species"), ("max_steps", "trainer", "max_steps"),
+                                 ("species", "data", "species"), ("min_mapped_fraction", "data", "min_mapped_fraction"),
+                                 ("max_steps", "trainer", "max_steps"),
                                  ("strategy", "trainer", "strategy"), ("precision", "trainer", "precision"),
                                  ("freeze", "model", "freeze_layers"), ("lora", "model", "lora_rank"),
                                  ("perturbation_key", "perturbation", "perturbation_key"),
@@ -235,7 +263,7 @@ def _finetune(args) -> int:
             metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
     except RunStopped as stop:
         print(stop)
-        return 0
+        return EXIT_STOPPED if stop.stopped_by == "signal" else 0
     if metrics is not None:
         print(f"wrote {args.out}/metrics.json, predictions and plots")
     return 0
@@ -247,7 +275,8 @@ def _grn(args) -> int:
     if args.model is None and args.truth is None:
         raise ValueError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
     result = run_grn(args.model, args.data, args.out, args.method, args.tfs, args.truth, args.layer, args.gene_column,
-                     args.species, args.max_cells, args.top_genes, args.seed, device=args.device, precision=args.precision)
+                     args.species, args.max_cells, args.top_genes, args.seed, device=args.device, precision=args.precision,
+                     min_mapped_fraction=args.min_mapped_fraction)
     print(f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
           + (f" and {args.out}/metrics.json" if args.truth else ""))
     return 0
@@ -259,7 +288,7 @@ def _embed(args) -> int:
     options = EmbedOptions(key=args.key, pool=args.pool, layer=args.layer, batch_size=args.batch_size, block_cells=args.block_cells,
                            gene_embeddings=args.gene_embeddings, device=args.device, precision=args.precision, devices=args.devices,
                            input_layer=args.input_layer, gene_column=args.gene_column, species=args.species, seed=args.seed,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, min_mapped_fraction=args.min_mapped_fraction)
     summary = embed_file(args.model, args.data, args.out, options)
     print(f"wrote {args.out}: obsm[{args.key!r}] for {summary['cells']} cells"
           + (f", varm[{args.key!r}] gene embeddings" if summary["gene_embeddings"] else "")
@@ -280,7 +309,7 @@ def _evaluate_embedding(args) -> int:
 def _export(args) -> int:
     from celltron.pretrain.run import export_checkpoint
 
-    print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.out, args.run_dir)}")
+    print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.out, args.run_dir, overwrite=args.overwrite)}")
     return 0
 
 
@@ -289,7 +318,7 @@ def _publish(args) -> int:
 
     result = publish(args.source, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
                      force=args.force, dry_run=args.dry_run, token_env=args.token_env, out=args.out, run_dir=args.run_dir,
-                     base_model=args.base_model, license=args.license, metrics=args.metrics)
+                     base_model=args.base_model, license=args.license, metrics=args.metrics, overwrite=args.overwrite)
     print(describe(result))
     return 0
 
@@ -311,7 +340,8 @@ def _launch(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celltron", description=__doc__)
+    parser = argparse.ArgumentParser(prog="celltron", description=__doc__, epilog=EXIT_CODES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
     corpus = verbs.add_parser("corpus", help="build, inspect and validate corpora").add_subparsers(dest="action", required=True)
 
@@ -322,15 +352,17 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--species", choices=["human", "mouse"], help="default: inferred per input")
     build.add_argument("--layer", help="h5ad counts: X (default), raw, or a layer name")
     build.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols (default: var index)")
+    build.add_argument("--min-mapped-fraction", type=float, metavar="SHARE",
+                       help=MAPPED_HELP.replace("%(default)s", str(MIN_MAPPED_FRACTION)))
     build.add_argument("--obs-keys", nargs="*", help="input obs columns to keep (labels)")
-    build.add_argument("--min-genes", type=int)
-    build.add_argument("--min-counts", type=int)
-    build.add_argument("--max-mito-fraction", type=float)
-    build.add_argument("--weight", action="append", help="NAME=W sampling weight of an input, recorded in the manifest")
-    build.add_argument("--seed", type=int, help="default 0")
-    build.add_argument("--val-fraction", type=float, help="default 0.01")
-    build.add_argument("--shard-size-mb", type=float, help="uncompressed size of one corpus shard (default 256)")
-    build.add_argument("--chunk-nnz", type=int, help="non-zeros per inner zarr chunk (default 65,536)")
+    build.add_argument("--min-genes", type=number(int, ">= 0"))
+    build.add_argument("--min-counts", type=number(int, ">= 0"))
+    build.add_argument("--max-mito-fraction", type=number(float, "[0, 1]"))
+    build.add_argument("--weight", action="append", type=name_weight, help="NAME=W sampling weight of an input, recorded in the manifest")
+    build.add_argument("--seed", type=number(int, ">= 0"), help="default 0")
+    build.add_argument("--val-fraction", type=number(float, "[0, 1)"), help="default 0.01")
+    build.add_argument("--shard-size-mb", type=number(float, "> 0"), help="uncompressed size of one corpus shard (default 256)")
+    build.add_argument("--chunk-nnz", type=number(int, ">= 1"), help="non-zeros per inner zarr chunk (default 65,536)")
     build.add_argument("--compression", choices=COMPRESSIONS, help="X's inner-chunk codec: lz4 (default; blosc byte shuffle + LZ4), zstd (about 10%% larger on count data, 4-5x slower to decode), none")
     build.add_argument("--overwrite", action="store_true", help="replace an existing corpus once the new one is complete")
     build.add_argument("--no-progress", action="store_true")
@@ -342,6 +374,9 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--storage-option", action="append", help="KEY=VALUE for remote stores (e.g. endpoint_url=...)")
         if name == "info":
             sub.add_argument("--json", action="store_true")
+        else:
+            sub.add_argument("--rekey", action="store_true", help="re-record the checksums of a corpus built before they "
+                             "were independent of how a relative --out was spelled (validate says when)")
         sub.set_defaults(run=run)
 
     tokenize = verbs.add_parser("tokenize", help="tokenize a corpus or .h5ad into a Hugging Face datasets dataset")
@@ -350,12 +385,13 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--out", help="dataset directory to create (datasets.save_to_disk layout)")
     tokenize.add_argument("--obs-keys", nargs="*", help="obs columns to carry into the dataset")
     tokenize.add_argument("--split", default="train", choices=["train", "val"], help="corpus split to tokenize")
-    tokenize.add_argument("--max-len", type=int, help="tokens per cell (default: the scheme's)")
-    tokenize.add_argument("--seed", type=int, default=0, help="seeds scGPT's tie spreading and sampling")
+    tokenize.add_argument("--max-len", type=number(int, ">= 1"), help="tokens per cell (default: the scheme's)")
+    tokenize.add_argument("--seed", type=number(int, ">= 0"), default=0, help="seeds scGPT's tie spreading and sampling")
     tokenize.add_argument("--layer", default="X", help="h5ad counts: X, raw, or a layer name")
     tokenize.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols")
     tokenize.add_argument("--species", choices=["human", "mouse"])
-    tokenize.add_argument("--hvg", type=int, metavar="N",
+    tokenize.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
+    tokenize.add_argument("--hvg", type=number(int, ">= 1"), metavar="N",
                           help="scgpt only: keep the N highly variable genes, as scGPT's Preprocessor (scanpy's "
                                "highly_variable_genes) selects them among the genes its vocabulary covers; chosen over "
                                "the .h5ad's cells or a corpus's training split (also for --split val)")
@@ -363,40 +399,45 @@ def _parser() -> argparse.ArgumentParser:
                           help="HVG flavor (default seurat_v3, on raw counts; seurat and cell_ranger on log1p counts per 10,000)")
     tokenize.add_argument("--hvg-batch-key", metavar="OBS_COLUMN",
                           help="select HVGs per batch of this obs column and merge them, as scanpy's batch_key")
-    tokenize.add_argument("--hvg-span", type=float, default=0.3, help="loess span of seurat_v3 (larger for very few cells)")
+    tokenize.add_argument("--hvg-span", type=number(float, "> 0"), default=0.3, help="loess span of seurat_v3 (larger for very few cells)")
     tokenize.add_argument("--coverage", action="store_true", help="report shared-token coverage of a corpus (ortholog scheme)")
     tokenize.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
     tokenize.add_argument("--no-progress", action="store_true")
     tokenize.set_defaults(run=_tokenize)
 
-    pretrain = verbs.add_parser("pretrain", help="pretrain a model on a corpus (Lightning; DDP, FSDP or DeepSpeed)")
+    pretrain = verbs.add_parser("pretrain", help="pretrain a model on a corpus (Lightning; DDP, FSDP or DeepSpeed)", epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     pretrain.add_argument("config", help="run config (configs/pretrain/*.yaml)")
     pretrain.add_argument("--corpus", help="corpus directory or URL (overrides data.corpus)")
     pretrain.add_argument("--out", default="runs/pretrain", help="run directory")
-    pretrain.add_argument("--max-steps", type=int)
-    pretrain.add_argument("--devices", help="devices per node (a number or 'auto')")
-    pretrain.add_argument("--num-nodes", type=int)
+    pretrain.add_argument("--max-steps", type=number(int, ">= 1"))
+    pretrain.add_argument("--devices", type=devices, help="devices per node (a number or 'auto')")
+    pretrain.add_argument("--num-nodes", type=number(int, ">= 1"))
     pretrain.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
                                                  "deepspeed_stage_3_offload", "auto"])
     pretrain.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
-    pretrain.add_argument("--resume", help="'auto' (newest complete checkpoint in --out) or a checkpoint path")
+    pretrain.add_argument("--resume", help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped, named in a "
+                          "warning) or a checkpoint path (refused if damaged)")
     pretrain.add_argument("--init-from", help="model folder (exported or converted) to continue pretraining from")
     pretrain.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
     pretrain.set_defaults(run=_pretrain)
 
-    finetune = verbs.add_parser("finetune", help="fine-tune a pretrained model on a lab's AnnData, beside the baselines")
+    finetune = verbs.add_parser("finetune", help="fine-tune a pretrained model on a lab's AnnData, beside the baselines", epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     finetune.add_argument("task", choices=["perturbation", "drug-response", "annotate"])
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
     finetune.add_argument("--data", help="the lab's .h5ad of raw counts (overrides data.path)")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
     finetune.add_argument("--config", help="run config (default configs/finetune/TASK.yaml)")
     adapt = finetune.add_mutually_exclusive_group()
-    adapt.add_argument("--freeze", type=int, metavar="N_LAYERS", help="keep embeddings and the first N layers fixed")
-    adapt.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank (peft)")
+    adapt.add_argument("--freeze", type=number(int, ">= 0"), metavar="N_LAYERS", help="keep embeddings and the first N layers fixed")
+    adapt.add_argument("--lora", type=number(int, ">= 0"), metavar="RANK", help="train LoRA adapters of this rank (peft)")
     finetune.add_argument("--baselines-only", action="store_true", help="compute and report only the baselines")
     finetune.add_argument("--layer", help="matrix with raw counts ('X', 'raw' or a layer)")
     finetune.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
     finetune.add_argument("--species", choices=["human", "mouse"])
+    finetune.add_argument("--min-mapped-fraction", type=float, metavar="SHARE",
+                          help=MAPPED_HELP.replace("%(default)s", "data.min_mapped_fraction, 0.5"))
     finetune.add_argument("--perturbation-key", help="obs column of perturbations (A or A+B)")
     finetune.add_argument("--control", help="label of control cells in that column (drug-response expression: in the drug column)")
     finetune.add_argument("--label-key", help="annotate: obs column of cell-type labels")
@@ -411,10 +452,10 @@ def _parser() -> argparse.ArgumentParser:
     finetune.add_argument("--drug-key", help="drug-response expression: obs column of drugs")
     finetune.add_argument("--dose-key", help="drug-response expression: obs column of doses")
     finetune.add_argument("--cell-type-key", help="drug-response expression: obs column of cell types ('' for one)")
-    finetune.add_argument("--test-fraction", type=float)
-    finetune.add_argument("--seeds", type=int, nargs="+", help="one split and run per seed")
-    finetune.add_argument("--max-steps", type=int)
-    finetune.add_argument("--devices", help="devices per node (a number or 'auto')")
+    finetune.add_argument("--test-fraction", type=number(float, "(0, 1)"))
+    finetune.add_argument("--seeds", type=number(int, ">= 0"), nargs="+", help="one split and run per seed")
+    finetune.add_argument("--max-steps", type=number(int, ">= 1"))
+    finetune.add_argument("--devices", type=devices, help="devices per node (a number or 'auto')")
     finetune.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "auto"])
     finetune.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
     finetune.add_argument("--resume", help="'auto': continue each seed's run from its newest checkpoint")
@@ -431,9 +472,10 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--layer", default="X")
     grn.add_argument("--gene-column")
     grn.add_argument("--species", choices=["human", "mouse"])
-    grn.add_argument("--max-cells", type=int, default=1000, help="cells sampled (seeded)")
-    grn.add_argument("--top-genes", type=int, default=2000, help="targets: the most variable genes")
-    grn.add_argument("--seed", type=int, default=0)
+    grn.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
+    grn.add_argument("--max-cells", type=number(int, ">= 1"), default=1000, help="cells sampled (seeded)")
+    grn.add_argument("--top-genes", type=number(int, ">= 1"), default=2000, help="targets: the most variable genes")
+    grn.add_argument("--seed", type=number(int, ">= 0"), default=0)
     grn.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     grn.set_defaults(run=_grn)
@@ -444,11 +486,11 @@ def _parser() -> argparse.ArgumentParser:
     embedding.add_argument("--label-key", required=True, help="obs column of cell labels, e.g. cell_type")
     embedding.add_argument("--batch-key", help="obs column of batches: adds scib-metrics' batch-integration metrics")
     embedding.add_argument("--out", default="runs/embedding", help="output directory (metrics.json, umap.png)")
-    embedding.add_argument("--folds", type=int, default=5, help="stratified k-fold cross-validation of the kNN classifier")
-    embedding.add_argument("--seed", type=int, default=0)
-    embedding.add_argument("--neighbors", type=int, default=15, help="k of the kNN classifier, graph connectivity and UMAP")
+    embedding.add_argument("--folds", type=number(int, ">= 2"), default=5, help="stratified k-fold cross-validation of the kNN classifier")
+    embedding.add_argument("--seed", type=number(int, ">= 0"), default=0)
+    embedding.add_argument("--neighbors", type=number(int, ">= 1"), default=15, help="k of the kNN classifier, graph connectivity and UMAP")
     embedding.add_argument("--layer", default="X", help="raw counts for the PCA baseline: X, raw, or a layer name")
-    embedding.add_argument("--max-cells", type=int, help="evaluate a seeded sample of this many cells")
+    embedding.add_argument("--max-cells", type=number(int, ">= 1"), help="evaluate a seeded sample of this many cells")
     embedding.add_argument("--batch-metrics", nargs="+", help="scib-metrics to compute (default all: silhouette_label clisi "
                            "silhouette_batch ilisi kbet graph_connectivity; kbet is the slowest)")
     embedding.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
@@ -461,16 +503,17 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--key", default="X_celltron", help="obsm / varm key")
     embed.add_argument("--pool", choices=["cls", "mean"], help="cell embedding: first token, or mean of gene tokens (default: the model's)")
     embed.add_argument("--layer", type=int, default=-1, help="Transformer layer (-1: last; -2: Geneformer's usual choice)")
-    embed.add_argument("--batch-size", type=int, default=32)
-    embed.add_argument("--block-cells", type=int, default=2048, help="cells read and tokenised at a time")
+    embed.add_argument("--batch-size", type=number(int, ">= 1"), default=32)
+    embed.add_argument("--block-cells", type=number(int, ">= 1"), default=2048, help="cells read and tokenised at a time")
     embed.add_argument("--gene-embeddings", action="store_true", help="also write contextual gene embeddings to varm[KEY]")
-    embed.add_argument("--devices", type=int, default=1, help="processes, one per GPU (or CPU share); cells split and reassembled in order")
+    embed.add_argument("--devices", type=number(int, ">= 1"), default=1, help="processes, one per GPU (or CPU share); cells split and reassembled in order")
     embed.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     embed.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     embed.add_argument("--input-layer", default="X", help="matrix with raw counts ('X', 'raw' or a layer)")
     embed.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
     embed.add_argument("--species", choices=["human", "mouse"])
-    embed.add_argument("--seed", type=int, default=0)
+    embed.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
+    embed.add_argument("--seed", type=number(int, ">= 0"), default=0)
     embed.add_argument("--no-progress", action="store_true")
     embed.set_defaults(run=_embed)
 
@@ -478,6 +521,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="step=N.ckpt file or DeepSpeed checkpoint folder")
     export.add_argument("--out", required=True)
     export.add_argument("--run-dir", help="the run directory (default: the checkpoint's grandparent)")
+    export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(what="--out folder"))
     export.set_defaults(run=_export)
 
     publish = verbs.add_parser("publish", help="write a model card and upload a model folder (or checkpoint) to the Hugging Face Hub")
@@ -492,6 +536,7 @@ def _parser() -> argparse.ArgumentParser:
                          "(default HF_TOKEN, else the `hf auth login` token); the token is never printed")
     publish.add_argument("--out", help="Hub-ready folder to write (default: the model folder itself; RUN/hub for a checkpoint)")
     publish.add_argument("--run-dir", help="the pretraining run folder (default: found beside the source)")
+    publish.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(what="--out (or RUN/hub) folder"))
     publish.add_argument("--base-model", help="Hub id of the model this one was initialised from (card front matter)")
     publish.add_argument("--license", default="apache-2.0", help="licence id for the card (default apache-2.0)")
     publish.add_argument("--metrics", action="append", default=[], help="a fine-tuning metrics.json to report on the card (repeatable)")
@@ -501,17 +546,17 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("config", help="run config (configs/pretrain/*.yaml)")
     launch.add_argument("--cluster", help="cluster spec (configs/launch/*.yaml); flags override it")
     launch.add_argument("--backend", choices=["torchrun", "slurm", "deepspeed"])
-    launch.add_argument("--nodes", type=int)
-    launch.add_argument("--gpus-per-node", type=int)
+    launch.add_argument("--nodes", type=number(int, ">= 1"))
+    launch.add_argument("--gpus-per-node", type=number(int, ">= 1"))
     launch.add_argument("--hosts", help="comma-separated node host names (first: rendezvous / master)")
-    launch.add_argument("--port", type=int)
+    launch.add_argument("--port", type=number(int, "[1, 65535]"))
     launch.add_argument("--job-name")
     launch.add_argument("--partition")
     launch.add_argument("--account")
     launch.add_argument("--qos")
     launch.add_argument("--time", help="HH:MM:SS")
     launch.add_argument("--out", default="runs/pretrain", help="shared run directory (checkpoints, logs, export)")
-    launch.add_argument("--node-rank", type=int, help="torchrun: run this node's command here")
+    launch.add_argument("--node-rank", type=number(int, ">= 0"), help="torchrun: run this node's command here")
     launch.add_argument("--dry-run", action="store_true", help="write and print, submit nothing")
     launch.set_defaults(run=_launch, pretrain_args=[])  # after `--`: more `celltron pretrain` arguments
 
@@ -523,15 +568,28 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="checkpoint folder (or scGPT best_model.pt)")
     convert.add_argument("--out", required=True, help="model folder to create")
     convert.add_argument("--dictionary", choices=["v1", "v2"], help="geneformer token dictionary (default: from the vocabulary size)")
+    convert.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(what="--out folder"))
     convert.set_defaults(run=_convert)
 
     demo = verbs.add_parser("demo", help="build the bundled PBMC corpus and pretrain the debug Geneformer on it (CPU, ~1 min)")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--config", default="configs/pretrain/geneformer_debug.yaml")
-    demo.add_argument("--max-steps", type=int)
+    demo.add_argument("--max-steps", type=number(int, ">= 1"))
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _one_line(error: Exception) -> str:
+    """The error's own message. A DataLoader worker re-raises a worker's error as the same class
+    whose message is "Caught X in DataLoader worker process N. Original Traceback ...": the
+    user's message is the traceback's last line, after the class name."""
+    text = str(error)
+    if "\n" not in text or not text.startswith("Caught "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.split(".")[-1] == type(error).__name__ else last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -548,8 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except USER_ERRORS as error:
-        print(f"celltron: error: {error}", file=sys.stderr)
-        return 2
+        print(f"celltron: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        # every writer renames complete files into place and removes its temporary ones on the way out
+        print("celltron: interrupted; nothing half-written was left", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

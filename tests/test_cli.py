@@ -54,3 +54,27 @@ def test_build_with_a_config_file_and_overriding_flags(tmp_path, pbmc4k, capsys)
     assert manifest["build"]["obs_keys"] == ["Annotation"] and "Annotation" in manifest["obs_categories"]
     assert main(["corpus", "build", str(pbmc4k), "--out", str(tmp_path / "d"), "--obs-keys", "dataset", "--no-progress"]) == 2
     assert "writes these columns itself" in capsys.readouterr().err
+
+
+def test_a_user_error_raised_in_a_dataloader_worker_prints_one_line(tmp_path, monkeypatch, capsys):
+    """DataLoader workers re-raise their error with the worker's traceback in the message; the CLI
+    still prints only the user's one line."""
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from celltron import cli
+    from celltron.errors import DataIntegrityError
+
+    class Damaged(IterableDataset):
+        def __iter__(self):
+            raise DataIntegrityError("shard-00000.zarr: block of cells 0-65 is damaged; run `celltron corpus validate`")
+            yield torch.zeros(1)
+
+    def read_all(args):
+        for _ in DataLoader(Damaged(), num_workers=1, batch_size=None):
+            pass
+
+    monkeypatch.setattr(cli, "_models", read_all)
+    assert cli.main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err == "celltron: error: shard-00000.zarr: block of cells 0-65 is damaged; run `celltron corpus validate`\n"

@@ -10,7 +10,8 @@ The build runs in three steps, none of which needs the whole corpus in memory:
 3. write: turn each bucket into an AnnData-Zarr shard, then write manifest.json.
 
 Everything is written under a temporary directory next to `out` and renamed at the end, so an
-interrupted or failed build never leaves a directory that looks like a corpus.
+interrupted or failed build never leaves a directory that looks like a corpus; the one a killed
+build leaves (`.NAME.partial-*`) is removed by the next build of the same `out`.
 
 Rebuild semantics: a corpus is immutable. Adding data means building again from all inputs
 (cells are shuffled across inputs and gene statistics are corpus-wide); `--overwrite`
@@ -20,7 +21,6 @@ replaces an existing corpus only once the new one is complete.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import shutil
@@ -35,9 +35,10 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from celltron import __version__
-from celltron.corpus.genes import ensembl_to_symbol, infer_species, is_mitochondrial, map_genes
-from celltron.corpus.readers import InputError, Source, check_raw_counts, open_source
+from celltron.corpus.genes import MIN_MAPPED_FRACTION, ensembl_to_symbol, is_mitochondrial
+from celltron.corpus.readers import InputError, Source, check_raw_counts, map_source_genes, open_source
 from celltron.corpus.schema import (
+    CHECKSUM_VERSION,
     FORMAT_NAME,
     MANIFEST,
     SCHEMA_VERSION,
@@ -48,6 +49,10 @@ from celltron.corpus.schema import (
     write_shard,
 )
 from celltron.corpus.stats import GeneStatistics
+from celltron.errors import OutputExistsError
+from celltron.inputs import read_json
+from celltron.io import never_replaced_reason, new_partial_dir, release_partial_dir
+from celltron.ranges import check_ranges, ranged
 
 log = logging.getLogger(__name__)
 BYTES_PER_NONZERO = 8  # int32 count + int32 gene index, uncompressed
@@ -77,39 +82,48 @@ class BuildOptions:
         exact_median_limit: non-zeros kept in memory for exact gene medians before switching
             to the streaming sketch.
         progress: show progress bars.
+        min_mapped_fraction: refuse an input unless this share of its counts (over a sample of
+            cells) is on genes that map to Ensembl IDs.
     """
 
-    seed: int = 0
-    val_fraction: float = 0.01
+    seed: int = ranged(0, ">= 0")
+    val_fraction: float = ranged(0.01, "[0, 1)")
     layer: str = "X"
     species: str | None = None
     gene_column: str | None = None
     obs_keys: tuple[str, ...] = ()
-    min_genes: int = 0
-    min_counts: int = 0
-    max_mito_fraction: float | None = None
-    weights: dict[str, float] = field(default_factory=dict)
-    shard_size_mb: float = 256.0
-    chunk_nnz: int = 65_536
+    min_genes: int = ranged(0, ">= 0")
+    min_counts: int = ranged(0, ">= 0")
+    max_mito_fraction: float | None = ranged(None, "[0, 1]")
+    weights: dict[str, float] = ranged(allowed="> 0", default_factory=dict)
+    shard_size_mb: float = ranged(256.0, "> 0")
+    chunk_nnz: int = ranged(65_536, ">= 1")
     compression: str = "lz4"
-    read_block_cells: int = 8_192
-    exact_median_limit: int = 200_000_000
+    read_block_cells: int = ranged(8_192, ">= 1")
+    exact_median_limit: int = ranged(200_000_000, ">= 0")
     progress: bool = True
+    min_mapped_fraction: float = ranged(MIN_MAPPED_FRACTION, "[0, 1]")
+
+    def __post_init__(self):
+        # every way options are made (YAML, flags through dataclasses.replace, library calls) is checked
+        check_ranges(self, "build option")
 
     @classmethod
     def from_yaml(cls, path) -> "BuildOptions":
         """Options from a YAML mapping of field names; unknown fields are an error."""
-        import yaml
+        from celltron.errors import ConfigError
+        from celltron.inputs import read_yaml
 
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = read_yaml(path, "build options file (see configs/corpus/)") or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of build options, got {type(values).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of build options, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown build option(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"{path}: unknown build option(s) {unknown}; known: {sorted(known)}")
         if "obs_keys" in values:
             values["obs_keys"] = tuple(values["obs_keys"] or ())
+        check_ranges(cls, str(path), values)  # before building: the error names the file
         return cls(**values)
 
 
@@ -156,8 +170,7 @@ def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bo
     if reserved:
         raise ValueError(f"--obs-keys {reserved}: the corpus writes these columns itself ({', '.join(RESERVED_OBS)}); rename them in the input")
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    work.mkdir()
+    work = new_partial_dir(out)
     try:
         manifest = _build_into(list(map(Path, inputs)), work, options)
         _replace(work, out)
@@ -173,8 +186,11 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
+    why = never_replaced_reason(out.resolve(), ())  # inputs inside `out` are refused below, by name
+    if why:
+        raise OutputExistsError(f"--out {out}: {why}; celltron never replaces it, even with --overwrite; choose another --out")
     manifest = out / MANIFEST
-    if not manifest.is_file() or json.loads(manifest.read_text()).get("format") != FORMAT_NAME:
+    if not manifest.is_file() or read_json(manifest, "corpus manifest").get("format") != FORMAT_NAME:
         raise FileExistsError(f"{out} exists and is not a celltron corpus (no {MANIFEST}); --overwrite only replaces corpora")
     for path in inputs:
         if out.resolve() in path.resolve().parents:
@@ -183,6 +199,7 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 
 def _replace(work: Path, out: Path) -> None:
     shutil.rmtree(work / "_staging", ignore_errors=True)
+    release_partial_dir(work)
     if not out.exists():
         os.rename(work, out)
         return
@@ -234,6 +251,7 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
     manifest = {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
+        "checksum_version": CHECKSUM_VERSION,
         "celltron_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "build": _build_record(options),
@@ -258,8 +276,8 @@ def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
         missing = [key for key in options.obs_keys if key not in source.obs.columns]
         if missing and source.path.suffix == ".h5ad":
             log.warning("%s: obs has no column(s) %s; they are left empty for its cells", path, missing)
-        species = options.species or infer_species(source.gene_names, str(path))
-        mapping = map_genes(source.gene_names, species, str(path))
+        mapping = map_source_genes(source, options.species, options.min_mapped_fraction)
+        species = mapping.species
         weight = float(options.weights.get(path.name, options.weights.get(source.name, 1.0)))
         report = {
             "path": path.name,
@@ -357,6 +375,7 @@ def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -
             stop = min(start + options.read_block_cells, item.source.n_cells)
             block = item.source.read_rows(start, stop).tocsr()
             check_raw_counts(block, item.source, start)
+            report["dtype"] = str(block.dtype)  # Geneformer's arithmetic follows it (tokenizers.rank_value)
             # n_counts is the cell's total over all input genes, mapped or not (Geneformer's n_counts)
             # summed in float64: float32 inputs would round block totals above 2**24 counts
             totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()

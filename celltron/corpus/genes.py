@@ -4,6 +4,11 @@ Input files name genes by Ensembl ID or by symbol. Symbols are mapped through bu
 human symbols through Geneformer V2's `ensembl_mapping_dict` (upper-cased keys), mouse symbols
 through the Ensembl BioMart mouse gene table. A mouse symbol is never looked up in the human
 table: `Actb` and `ACTB` are different genes in different genomes.
+
+Every verb that reads a user's matrix maps its genes through `map_input_genes`, one rule for all:
+the species given must not contradict the gene names, and at least `min_fraction` of the counts
+(of the genes, where no counts are at hand) must map; `check_token_coverage` applies the same
+rule to the genes a tokenizer's vocabulary covers. Nothing is guessed silently.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from importlib import resources
 
 import numpy as np
 
+from celltron.errors import ConfigError, UserError
+
 SPECIES = ("human", "mouse")
 _ENSEMBL_PREFIX = {"human": "ENSG", "mouse": "ENSMUSG"}
 _ENSEMBL_ID = re.compile(r"^(ENSG|ENSMUSG)\d{11}(\.\d+)?$")
+MIN_MAPPED_FRACTION = 0.5  # default share of counts that must map (and reach tokens) before a verb goes on
 
 
-class GeneMappingError(ValueError):
+class GeneMappingError(UserError):
     """Genes of an input cannot be given Ensembl IDs (unknown species, nothing maps)."""
 
 
@@ -55,6 +63,32 @@ def _is_ensembl(names: np.ndarray) -> np.ndarray:
     return np.array([bool(_ENSEMBL_ID.match(str(n))) for n in names], dtype=bool)
 
 
+@dataclass
+class _SpeciesEvidence:
+    """What gene names say about the species: per species, the share of names (Ensembl IDs or
+    symbols, whichever most names are) that look like it, with a few examples."""
+
+    kind: str
+    share: dict[str, float]
+    examples: dict[str, list[str]]
+
+
+def _species_evidence(names: np.ndarray) -> _SpeciesEvidence:
+    ensembl = _is_ensembl(names)
+    if len(names) and ensembl.mean() > 0.5:
+        kind, pool = "Ensembl IDs", names[ensembl]
+        looks = {"human": np.char.startswith(pool, "ENSG"), "mouse": np.char.startswith(pool, "ENSMUSG")}
+    else:
+        # human symbols are upper-case (CD3E), mouse symbols capitalised (Cd3e)
+        kind = "symbols"
+        pool = np.array([n for n in names[~ensembl] if any(c.isalpha() for c in n)], dtype=str)
+        looks = {"human": np.array([n == n.upper() for n in pool], dtype=bool),
+                 "mouse": np.array([n[:1].isupper() and n[1:] != n[1:].upper() for n in pool], dtype=bool)}
+    total = max(len(pool), 1)
+    return _SpeciesEvidence(kind, {s: float(v.sum() / total) for s, v in looks.items()},
+                            {s: pool[v][:3].tolist() for s, v in looks.items()})
+
+
 def infer_species(names: np.ndarray, source: str) -> str:
     """Guess the species from gene names, or raise when the names do not say clearly.
 
@@ -62,17 +96,7 @@ def infer_species(names: np.ndarray, source: str) -> str:
     symbols are upper-case (CD3E), mouse symbols capitalised (Cd3e). At least 80% of the
     names must agree, otherwise we refuse to guess.
     """
-    names = np.asarray(names, dtype=str)
-    ensembl = _is_ensembl(names)
-    if ensembl.mean() > 0.5:
-        human = np.char.startswith(names[ensembl], "ENSG").mean()
-        votes = {"human": human, "mouse": 1.0 - human}
-    else:
-        lettered = [n for n in names[~ensembl] if any(c.isalpha() for c in n)]
-        upper = sum(n == n.upper() for n in lettered)
-        capitalised = sum(n[:1].isupper() and n[1:] != n[1:].upper() for n in lettered)
-        total = max(len(lettered), 1)
-        votes = {"human": upper / total, "mouse": capitalised / total}
+    votes = _species_evidence(np.asarray(names, dtype=str)).share
     species, share = max(votes.items(), key=lambda item: item[1])
     if share < 0.8:
         raise GeneMappingError(
@@ -82,6 +106,30 @@ def infer_species(names: np.ndarray, source: str) -> str:
     return species
 
 
+def check_species(names, species: str, source: str) -> None:
+    """Refuse a --species that most gene names contradict: mapping mouse symbols as human would
+    upper-case them onto human genes (Actb -> ACTB), and human symbols as mouse maps almost none.
+    A few names of the other style (human C1orf112, upper-case mouse genes) do not count: only a
+    majority that looks like the other species does."""
+    if species not in SPECIES:
+        raise GeneMappingError(f"{source}: unknown species {species!r}; use one of {SPECIES}")
+    evidence = _species_evidence(np.asarray(names, dtype=str))
+    other = next(s for s in SPECIES if s != species)
+    if evidence.share[other] > 0.5 and evidence.share[other] > evidence.share[species]:
+        raise GeneMappingError(_contradiction(source, species, other, evidence))
+
+
+def _contradiction(source: str, species: str, other: str, evidence: _SpeciesEvidence) -> str:
+    symbols = evidence.kind == "symbols"
+    style = f"{other}-style" if symbols else f"{other} Ensembl IDs"
+    retyped = ""
+    if symbols and species == "human":  # the one legitimate case: human genes written Mouse-style by some tool
+        retyped = "; if they are human genes written Mouse-style, upper-case the var names first"
+    return (f"{source}: --species {species} contradicts the gene names: {evidence.share[other]:.0%} of {evidence.kind} are "
+            f"{style} ({', '.join(evidence.examples[other])}, ...); pass --species {other}, or leave --species out to infer it "
+            f"from the names{retyped}")
+
+
 @dataclass
 class GeneMapping:
     """How the genes of one input map onto Ensembl IDs.
@@ -89,10 +137,14 @@ class GeneMapping:
     Attributes:
         species: 'human' or 'mouse'.
         ensembl_ids: per input gene, its Ensembl ID, or '' when it does not map.
+        names: per input gene, its name as found in the input.
+        gene_counts: per input gene, its counts (over a sample of cells), when known.
     """
 
     species: str
     ensembl_ids: np.ndarray
+    names: np.ndarray | None = None
+    gene_counts: np.ndarray | None = None
 
     @property
     def mapped(self) -> np.ndarray:
@@ -124,7 +176,7 @@ def map_genes(names, species: str, source: str) -> GeneMapping:
         else:
             key = name.upper() if species == "human" else name
             ids.append(table.get(key, ""))
-    mapping = GeneMapping(species=species, ensembl_ids=np.asarray(ids, dtype=object).astype(str))
+    mapping = GeneMapping(species=species, ensembl_ids=np.asarray(ids, dtype=object).astype(str), names=names)
     if not mapping.mapped.any():
         raise GeneMappingError(
             f"{source}: none of the {len(names)} gene names maps to a {species} Ensembl ID "
@@ -132,6 +184,66 @@ def map_genes(names, species: str, source: str) -> GeneMapping:
             "the var column that holds gene symbols or Ensembl IDs"
         )
     return mapping
+
+
+def map_input_genes(names, species: str | None, source: str, gene_counts=None,
+                    min_fraction: float = MIN_MAPPED_FRACTION) -> GeneMapping:
+    """Map one input's genes the way every verb does: the species inferred from the names, or the
+    one given checked against them; then refuse unless `min_fraction` of the counts map
+    (`gene_counts`: per input gene; without them, of the genes)."""
+    names = np.asarray(names, dtype=str)
+    if species is None:
+        species = infer_species(names, source)
+    else:
+        check_species(names, species, source)
+    mapping = map_genes(names, species, source)
+    mapping.gene_counts = None if gene_counts is None else np.asarray(gene_counts, dtype=np.float64)
+    check_mapping(mapping, source, min_fraction)
+    return mapping
+
+
+def check_mapping(mapping: GeneMapping, source: str, min_fraction: float = MIN_MAPPED_FRACTION) -> float:
+    """Refuse an input whose mapped share of counts (of genes, without counts) is below
+    `min_fraction`; returns that share."""
+    return require_share(
+        mapping.mapped, mapping.names, mapping.gene_counts, min_fraction, source, f"map to {mapping.species} Ensembl IDs",
+        "pass --gene-column naming the var column that holds gene symbols or Ensembl IDs, or check --species",
+    )
+
+
+def check_token_coverage(ensembl_ids, names, gene_counts, vocab, source: str, fix: str,
+                         min_fraction: float = MIN_MAPPED_FRACTION) -> float:
+    """Refuse an input whose share of counts (of genes, without counts) on genes with a token in
+    `vocab` (anything with `lookup_genes` and `name`) is below `min_fraction`: its cells would be
+    tokenised to (nearly) nothing. Returns that share."""
+    in_vocab = vocab.lookup_genes(np.asarray(ensembl_ids, dtype=str)) >= 0
+    return require_share(in_vocab, names, gene_counts, min_fraction, source, f"have a token in the {vocab.name} vocabulary", fix)
+
+
+def require_share(kept, names, gene_counts, min_fraction: float, source: str, what: str, fix: str) -> float:
+    """The one rule behind every gene check: the share of counts on `kept` genes (of the genes
+    when there are no counts, or none in the sample) must reach `min_fraction`."""
+    if not 0 <= min_fraction <= 1:
+        raise ConfigError(f"--min-mapped-fraction {min_fraction:g}: give a share between 0 and 1 (0.5: half of the counts)")
+    kept = np.asarray(kept, dtype=bool)
+    gene_share = float(kept.mean()) if len(kept) else 0.0
+    counts = None if gene_counts is None else np.nan_to_num(np.abs(np.asarray(gene_counts, dtype=np.float64)))
+    count_share = float(counts[kept].sum() / counts.sum()) if counts is not None and counts.sum() > 0 else None
+    share = gene_share if count_share is None else count_share
+    if share >= min_fraction:
+        return share
+    names = np.asarray(names if names is not None else np.arange(len(kept)), dtype=str)
+    holding = "" if count_share is None else f" holding {_percent(count_share)} of counts"
+    measure = "genes" if count_share is None else "counts"
+    raise GeneMappingError(
+        f"{source}: only {int(kept.sum()):,} of {len(kept):,} genes ({_percent(gene_share)}){holding} {what} "
+        f"({', '.join(names[~kept][:3])}, ... do not); at least {_percent(min_fraction)} of {measure} must. To fix: {fix}, "
+        f"or lower --min-mapped-fraction (now {min_fraction:g}) if so few are expected"
+    )
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.3g}%"
 
 
 def is_mitochondrial(ensembl_ids, species: str) -> np.ndarray:

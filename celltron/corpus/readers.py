@@ -18,9 +18,9 @@ import pandas as pd
 import scipy.io
 import scipy.sparse as sp
 
-
-class InputError(ValueError):
-    """An input file cannot be used as it is; the message names the file, the field and the fix."""
+from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMapping, map_input_genes
+from celltron.errors import InputError
+from celltron.inputs import open_h5
 
 
 @dataclass
@@ -103,7 +103,7 @@ def h5ad_layers(handle: h5py.File) -> list[str]:
 def _open_h5ad(path: Path, layer: str, gene_column: str | None) -> Source:
     from anndata.io import read_elem, sparse_dataset
 
-    handle = h5py.File(path, "r")
+    handle = open_h5(path, require=("obs", "var"))
     where, var_where = _h5ad_matrix_path(handle, path, layer)
     var = read_elem(handle[var_where])
     if gene_column is not None and gene_column not in var.columns:
@@ -132,7 +132,7 @@ def _open_h5ad(path: Path, layer: str, gene_column: str | None) -> Source:
 
 
 def _open_10x_h5(path: Path) -> Source:
-    handle = h5py.File(path, "r")
+    handle = open_h5(path)
     if "matrix" in handle:  # Cell Ranger 3+: one matrix group with a features table
         group = handle["matrix"]
         features = group["features"]
@@ -207,6 +207,37 @@ def _open_mtx_dir(directory: Path, gene_column: str | None) -> Source:
     return Source(directory, directory.name, "X", genes[column].to_numpy().astype(str)[keep], barcodes, obs, read_rows)
 
 
+# ---------------------------------------------------------------- gene mapping
+
+SAMPLE_CELLS = 2_000  # cells whose counts decide whether enough of an input's genes map
+SAMPLE_WINDOW = 250
+
+
+def gene_count_sample(source: Source, max_cells: int = SAMPLE_CELLS, seed: int = 0) -> np.ndarray:
+    """Counts per gene over at most `max_cells` cells: every cell of a small input, else windows of
+    consecutive cells at seeded random starts (row blocks are cheap to read from compressed files;
+    windows spread over the file see more than the first cell type of a sorted one). Magnitudes
+    are summed, so a normalised or scaled matrix still gives a share; check_raw_counts judges it."""
+    n_cells = source.n_cells
+    if n_cells <= max_cells:
+        starts = range(0, n_cells, SAMPLE_WINDOW)
+    else:
+        windows = max(max_cells // SAMPLE_WINDOW, 1)
+        grid = np.random.default_rng(seed).choice(n_cells // SAMPLE_WINDOW, windows, replace=False)
+        starts = sorted(int(g) * SAMPLE_WINDOW for g in grid)
+    sums = np.zeros(len(source.gene_names), dtype=np.float64)
+    for start in starts:
+        block = abs(source.read_rows(start, min(start + SAMPLE_WINDOW, n_cells)))
+        sums += np.nan_to_num(np.asarray(block.sum(axis=0, dtype=np.float64)).ravel())
+    return sums
+
+
+def map_source_genes(source: Source, species: str | None = None, min_fraction: float = MIN_MAPPED_FRACTION) -> GeneMapping:
+    """Map an opened input's genes to Ensembl IDs by the one rule every verb applies
+    (`genes.map_input_genes`), judged on the counts of a sample of its cells."""
+    return map_input_genes(source.gene_names, species, str(source.path), gene_count_sample(source), min_fraction)
+
+
 # ---------------------------------------------------------------- count checks
 
 
@@ -236,6 +267,6 @@ def check_raw_counts(block: sp.csr_matrix, source: Source, first_row: int) -> No
 def _layer_hint(source: Source) -> str:
     if source.path.suffix != ".h5ad":
         return ""
-    with h5py.File(source.path, "r") as handle:
+    with open_h5(source.path) as handle:
         others = [name for name in h5ad_layers(handle) if name != source.layer]
     return f" (this file also has: {', '.join(others)})" if others else " (this file has no other layers)"

@@ -8,6 +8,10 @@ Layout of a corpus directory (or object-store prefix):
 
 `X/data` and `X/indices` use zarr's sharding codec: inner chunks of `chunk_nnz` non-zeros
 (tens of cells) packed into a few storage objects, so block reads touch few objects.
+
+Integrity: every chunk of every array (X, obs, var) ends in its crc32c (zarr's `crc32c` codec),
+checked on every read, so one flipped byte stops a run instead of changing a count. The
+manifest keeps a sha256 per shard (`checksum_files`) that `celltron corpus validate` re-checks.
 """
 
 from __future__ import annotations
@@ -22,16 +26,39 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from celltron.errors import DataIntegrityError, UserError
+
 SCHEMA_VERSION = 1
 FORMAT_NAME = "celltron-corpus"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 # Inner chunks per zarr storage object (zarr shard) of X/data and X/indices.
 CHUNKS_PER_ZARR_SHARD = 64
+# manifest["checksum_version"]: 2 = shard sha256 keyed by paths relative to the shard. Manifests
+# without it were written when the keys depended on how --out was spelled (see `checksum_files`).
+CHECKSUM_VERSION = 2
 
 
-class CorpusFormatError(ValueError):
+class CorpusFormatError(UserError):
     """A corpus directory is missing, incomplete or corrupted."""
+
+
+class CorpusDamagedError(CorpusFormatError, DataIntegrityError):
+    """Stored corpus data fails a checksum or a structural check. `detail` says what, without
+    the file or the advice (readers add the cells it concerns)."""
+
+    detail: str = ""
+
+
+def damaged(where: str, detail: str, location: str | None = None) -> CorpusDamagedError:
+    """The one-line error for damaged data at `where`: what is wrong and what to do."""
+    target = f" {location}" if location else ""
+    error = CorpusDamagedError(
+        f"{where}: {detail}; the corpus is damaged: run `celltron corpus validate{target}` to list the damaged "
+        "shards, then rebuild the corpus from its inputs (`celltron corpus build ... --overwrite`)"
+    )
+    error.detail = detail
+    return error
 
 
 def shard_name(split: str, index: int) -> str:
@@ -41,25 +68,32 @@ def shard_name(split: str, index: int) -> str:
 COMPRESSIONS = ("zstd", "lz4", "none")
 
 
-def _compressors(compression: str):
+def _compressors(compression: str) -> list:
+    """X's inner-chunk codecs after `bytes`: the compressor, then crc32c of the compressed chunk."""
     if compression == "none":
-        return None
+        return [zarr.codecs.Crc32cCodec()]
     if compression == "zstd":
-        return zarr.codecs.ZstdCodec(level=1)
+        return [zarr.codecs.ZstdCodec(level=1), zarr.codecs.Crc32cCodec()]
     if compression == "lz4":
         # Byte shuffle groups the zero high bytes of int32 gene indices and counts, so LZ4
         # then packs count data about 10% smaller than zstd alone and decodes 4-5x faster.
-        return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
+        return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4), zarr.codecs.Crc32cCodec()]
     raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
+
+
+def _checked_default_compressors() -> list:
+    # zarr's default for v3 arrays (zstd level 0), plus the crc32c that zarr checks on every read
+    return [zarr.codecs.ZstdCodec(level=0), zarr.codecs.Crc32cCodec()]
 
 
 def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame, chunk_nnz: int, compression: str) -> None:
     """Write one AnnData-Zarr (format 3) store with X as sharded CSR of int32 counts."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    checked = {"compressors": _checked_default_compressors()}
     with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
         warnings.simplefilter("ignore", UserWarning)  # anndata's note on future autosharding
-        ad.io.write_elem(root, "obs", obs)
-        ad.io.write_elem(root, "var", var)
+        ad.io.write_elem(root, "obs", obs, dataset_kwargs=checked)
+        ad.io.write_elem(root, "var", var, dataset_kwargs=checked)
     x = root.create_group("X")
     x.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0", "shape": list(counts.shape)})
     nnz = max(counts.nnz, 1)
@@ -71,16 +105,20 @@ def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFram
             compressors=_compressors(compression),
         )
         array[:] = values
-    x.create_array("indptr", data=counts.indptr.astype(np.int64))
+    x.create_array("indptr", data=counts.indptr.astype(np.int64), **checked)
     root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 
 def checksum_files(fs, root: str) -> str:
-    """sha256 over every file below `root` (relative path, size and bytes), in sorted order."""
+    """sha256 over every file below `root` (path relative to `root`, size and bytes), in sorted
+    order. The same however `root` is spelled: `fs.find` answers with normalised paths (absolute
+    ones for local files), so they are cut at `root` as the filesystem normalises it."""
     digest = hashlib.sha256()
-    root = root.rstrip("/")
+    base = fs._strip_protocol(root).rstrip("/") + "/"
     for path in sorted(fs.find(root)):
-        relative = path[len(root):].lstrip("/")
+        if not path.startswith(base):
+            raise RuntimeError(f"{root}: the filesystem listed {path}, outside {base}; cannot key its checksum")
+        relative = path[len(base):]
         data = fs.cat_file(path)
         digest.update(f"{relative}\0{len(data)}\0".encode())
         digest.update(data)

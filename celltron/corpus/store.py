@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import mmap
+import os
+import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -13,7 +15,29 @@ import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
 from celltron.corpus.sharded import ShardedArray, open_direct
-from celltron.corpus.schema import MANIFEST, SPLITS, CorpusFormatError, check_manifest, checksum_files
+from celltron.corpus.schema import (
+    CHECKSUM_VERSION,
+    MANIFEST,
+    SPLITS,
+    CorpusDamagedError,
+    CorpusFormatError,
+    check_manifest,
+    checksum_files,
+    damaged,
+    dump_manifest,
+)
+from celltron.inputs import parse_json
+
+log = logging.getLogger(__name__)
+# Set to 1 only to measure what the checks on every read cost (benchmarks/corpus_stream.py).
+NO_READ_CHECKS_ENV = "CELLTRON_BENCHMARK_NO_READ_CHECKS"
+# What validate says of a shard whose stored sha256 may have been keyed by a relative --out.
+SPELLING_KEYED = "its stored sha256 may depend on how a relative --out was spelled"
+
+
+def read_checks_enabled() -> bool:
+    """Whether reads check checksums and structure: always, unless a benchmark turns them off."""
+    return os.environ.get(NO_READ_CHECKS_ENV) != "1"
 
 
 class MappedLocalStore(zarr.storage.LocalStore):
@@ -88,7 +112,8 @@ class Corpus:
             raise CorpusFormatError(
                 f"{self.location}: no {MANIFEST}; not a celltron corpus (build one with `celltron corpus build`)"
             )
-        self.manifest = json.loads(self.fs.cat_file(manifest_path))
+        self.manifest = parse_json(self.fs.cat_file(manifest_path), f"{self.location}/{MANIFEST}", "corpus manifest",
+                                   "copy the corpus again, or rebuild it with `celltron corpus build --overwrite`")
         check_manifest(self.manifest, self.location)
 
     @property
@@ -125,19 +150,83 @@ class Corpus:
         return zarr.storage.FsspecStore.from_url(f"{protocol}://{path}", storage_options=self.storage_options, read_only=True)
 
     def validate(self) -> list[str]:
-        """Re-check every shard's checksum and schema; returns the problems found (empty = valid)."""
-        problems = []
+        """Re-check every shard's checksum and schema; returns the problems found (empty = valid).
+        A shard whose checksum does not match is read block by block with every check, to name
+        the damaged cells."""
+        problems, mismatched, present = [], [], 0
         for split in SPLITS:
             for record in self.shards(split):
                 url = self.shard_url(record)
                 if not self.fs.exists(url):
                     problems.append(f"{record['path']}: missing")
                     continue
+                present += 1
                 if checksum_files(self.fs, url) != record["sha256"]:
-                    problems.append(f"{record['path']}: checksum mismatch (corrupted or modified)")
+                    mismatched.append(record)
                     continue
                 problems.extend(_schema_problems(self, record))
+        return problems + self._mismatch_problems(mismatched, every_shard=len(mismatched) == present)
+
+    def _spelling_keyed_checksums(self) -> bool:
+        """Whether the manifest predates checksums keyed independently of the --out spelling."""
+        return self.manifest.get("checksum_version", 1) < CHECKSUM_VERSION
+
+    def _mismatch_problems(self, mismatched: list[dict], every_shard: bool) -> list[str]:
+        # Builds before checksum_version 2 keyed a relative --out's checksums by its spelling, which
+        # is lost (it named a temporary directory): then every shard mismatches, while every block
+        # still passes the checks. One damaged shard among intact ones is damage, not spelling.
+        spelling = self._spelling_keyed_checksums() and every_shard
+        problems = []
+        for record in mismatched:
+            found = scan_shard(self, record)
+            if found:
+                problems.append(f"{record['path']}: checksum mismatch; damaged: {'; '.join(found)}")
+            elif spelling:
+                problems.append(
+                    f"{record['path']}: checksum mismatch, yet every block passes the structural checks: {SPELLING_KEYED} "
+                    f"(corpora built before checksum_version {CHECKSUM_VERSION}); if it was built with a relative --out, "
+                    f"re-record the checksums with `celltron corpus validate {self.location} --rekey`, otherwise rebuild it"
+                )
+            else:
+                problems.append(f"{record['path']}: checksum mismatch (corrupted or modified)")
         return problems
+
+    def rekey_checksums(self) -> int:
+        """Re-record the shard checksums of a corpus built before checksum_version 2 (whose
+        checksums depended on how a relative --out was spelled), once every shard passes every
+        other check; returns how many shards got a new checksum. Refused for newer corpora,
+        where a mismatch can only mean the shard changed."""
+        if not self._spelling_keyed_checksums():
+            raise CorpusFormatError(
+                f"{self.location}: checksums are already independent of the --out spelling (checksum_version "
+                f"{self.manifest['checksum_version']}), so a mismatch means a shard changed: rebuild the corpus"
+            )
+        problems = self.validate()
+        damage = [p for p in problems if SPELLING_KEYED not in p]
+        if damage:
+            raise CorpusDamagedError(
+                f"{self.location}: not re-keyed, {len(damage)} shard(s) fail other checks, e.g. {damage[0]}; rebuild the corpus"
+            )
+        changed = 0
+        for split in SPLITS:
+            for record in self.shards(split):
+                digest = checksum_files(self.fs, self.shard_url(record))
+                changed += digest != record["sha256"]
+                record["sha256"] = digest
+        self.manifest["checksum_version"] = CHECKSUM_VERSION
+        self._write_manifest()
+        return changed
+
+    def _write_manifest(self) -> None:
+        """Replace manifest.json whole: a renamed temporary file locally, one PUT on object stores."""
+        path, data = f"{self.root}/{MANIFEST}", dump_manifest(self.manifest)
+        if not _is_local(self.fs):
+            self.fs.pipe_file(path, data)
+            return
+        partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
+        with open(partial, "wb") as handle:
+            handle.write(data)
+        os.replace(partial, path)
 
     def summary(self) -> dict:
         """A short description of the corpus (what `celltron corpus info` prints)."""
@@ -179,13 +268,118 @@ def _schema_problems(corpus: Corpus, record: dict) -> list[str]:
     return problems
 
 
-def _direct_arrays(store) -> tuple[ShardedArray, ShardedArray] | None:
+def scan_shard(corpus: Corpus, record: dict, block_cells: int = 4096, limit: int = 5) -> list[str]:
+    """Read every block of a shard with every check (`ShardReader(full_checks=True)`); what is
+    damaged (at most `limit` blocks), or [] when every block passes."""
+    try:
+        reader = ShardReader(corpus, record, full_checks=True)
+    except CorpusDamagedError as error:
+        return [error.detail]
+    except Exception as error:  # any unreadable piece makes the shard invalid
+        return [f"unreadable ({type(error).__name__}: {error})"]
+    found = []
+    try:
+        for start in range(0, record["n_cells"], block_cells):
+            try:
+                reader.read(start, min(start + block_cells, record["n_cells"]))
+            except CorpusDamagedError as error:
+                found.append(error.detail)
+                if len(found) == limit:
+                    break
+    finally:
+        reader.close()
+    return found
+
+
+def _direct_arrays(store, verify: bool) -> tuple[ShardedArray, ShardedArray] | None:
     """`X/data` and `X/indices` read directly from mapped local files (see `sharded.py`);
     None for remote stores and for the zarrs pipeline (which then does the decoding)."""
     if not isinstance(store, MappedLocalStore):
         return None
-    data, indices = open_direct(store.root / "X" / "data"), open_direct(store.root / "X" / "indices")
+    data, indices = open_direct(store.root / "X" / "data", verify), open_direct(store.root / "X" / "indices", verify)
     return (data, indices) if data is not None and indices is not None else None
+
+
+_NOTED: set[str] = set()
+
+
+def _note_no_inner_checksums(location: str) -> None:
+    """Say once per corpus and process that its chunks carry no crc32c (built by an older celltron)."""
+    if location not in _NOTED:
+        _NOTED.add(location)
+        log.warning("%s: built before chunks carried crc32c checksums; every block's values are checked instead "
+                    "(slower, and a damaged count within the checked bounds can pass): rebuild the corpus with "
+                    "`celltron corpus build --overwrite` for full checks", location)
+
+
+def _why(error: Exception) -> str:
+    """A reader's error in a few words (zarr's crc32c codec says 'Stored and computed checksum ...')."""
+    if "computed checksum" in str(error):
+        return "a chunk fails its crc32c checksum"
+    return f"{type(error).__name__}: {error}"
+
+
+def _zarrs_decodes(array) -> bool:
+    """Whether zarrs decodes this X array: it reads inner chunks with partial decoders that skip
+    their crc32c, so its blocks get the value checks instead."""
+    return not isinstance(array, ShardedArray) and zarr.config.get("codec_pipeline.path", "").startswith("zarrs")
+
+
+def _inner_checksummed(array) -> bool:
+    """Whether the inner chunks of a (sharded) X array end in a crc32c (corpora built since)."""
+    if isinstance(array, ShardedArray):
+        return array.checksummed
+    codecs = array.metadata.to_dict().get("codecs", ())
+    if codecs and codecs[0]["name"] == "sharding_indexed":
+        codecs = codecs[0]["configuration"]["codecs"]
+    return any(codec["name"] == "crc32c" for codec in codecs)
+
+
+def indptr_problem(indptr: np.ndarray, n_cells: int, nnz: int) -> str | None:
+    """What is wrong with a shard's CSR row pointers, or None: one entry per cell plus one,
+    starting at 0, never decreasing, ending at the number of stored non-zeros."""
+    if len(indptr) != n_cells + 1:
+        return f"X/indptr has {len(indptr)} entries for {n_cells} cells"
+    if indptr[0] != 0:
+        return f"X/indptr starts at {indptr[0]}, not 0 (cell 0)"
+    down = np.flatnonzero(np.diff(indptr) < 0)
+    if len(down):
+        return f"X/indptr decreases after cell {down[0]} (cells {down[0]}-{down[0] + 1})"
+    if indptr[-1] != nnz:
+        return f"X/indptr ends at {indptr[-1]}, X holds {nnz} non-zeros"
+    return None
+
+
+def values_problem(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts: np.ndarray, n_genes: int,
+                   first_cell: int = 0) -> str | None:
+    """What is wrong with a block's non-zeros, or None; cells are numbered from `first_cell`.
+
+    Gene indices in [0, n_genes) and strictly increasing within each cell (the builder writes
+    them sorted, without duplicates); counts non-negative, and per cell no more than its obs
+    n_counts (the total over every input gene, mapped or not), which catches most flipped
+    bytes in counts of corpora without inner checksums. Each check is one cheap reduction;
+    positions are looked up only once one fails."""
+    if len(genes) == 0:
+        return None
+    row = lambda position: first_cell + int(np.searchsorted(indptr, position, side="right") - 1)  # noqa: E731
+    if genes.min() < 0 or genes.max() >= n_genes:
+        at = int(np.flatnonzero((genes < 0) | (genes >= n_genes))[0])
+        return f"cell {row(at)} has gene index {genes[at]}, the corpus has {n_genes} genes"
+    steps = np.diff(genes)  # in range, so no overflow
+    starts = indptr[1:-1]
+    steps[starts[(starts > 0) & (starts < len(genes))] - 1] = 1  # a new cell may start lower
+    if len(steps) and steps.min() <= 0:
+        return f"cell {row(int(np.flatnonzero(steps <= 0)[0]) + 1)} lists gene indices out of order or twice"
+    if counts.min() < 0:
+        at = int(np.flatnonzero(counts < 0)[0])
+        return f"cell {row(at)} has a negative count {counts[at]}"
+    nonempty = indptr[:-1] < indptr[1:]
+    sums = np.zeros(len(indptr) - 1, dtype=np.int64)
+    sums[nonempty] = np.add.reduceat(counts, indptr[:-1][nonempty], dtype=np.int64)  # int64: a damaged count cannot wrap
+    over = np.flatnonzero(sums > n_counts)
+    if len(over):
+        return f"cell {first_cell + over[0]} holds {sums[over[0]]} counts, more than its n_counts {n_counts[over[0]]}"
+    return None
 
 
 @dataclass
@@ -203,16 +397,48 @@ class CellBlock:
 
 
 class ShardReader:
-    """Reads contiguous row ranges of one shard; `indptr` and obs codes are cached on open."""
+    """Reads contiguous row ranges of one shard; `indptr` and obs codes are cached on open.
 
-    def __init__(self, corpus: Corpus, record: dict):
+    Every read is checked, so damaged data stops a run instead of feeding it: each inner chunk's
+    crc32c (corpora built since chunks carry one; the direct reader and zarr both check it),
+    `indptr` on open (`indptr_problem`), and the values of every block (`values_problem`) for
+    corpora whose chunks carry no crc32c, under the zarrs pipeline (which skips them), or with
+    `full_checks` (`celltron corpus validate`).
+    Damage raises CorpusDamagedError naming the shard, the cells and `celltron corpus validate`.
+    """
+
+    def __init__(self, corpus: Corpus, record: dict, full_checks: bool = False):
+        self.where, self.location, self.n_genes = corpus.shard_url(record), corpus.location, corpus.n_genes
+        verify = full_checks or read_checks_enabled()
         self.store = corpus.zarr_store(record)
-        group = zarr.open_group(self.store, mode="r")
-        self.data, self.indices = _direct_arrays(self.store) or (group["X/data"], group["X/indices"])
-        self.indptr = group["X/indptr"][:]
-        self.obs = {"n_counts": group["obs/n_counts"][:]}
-        for column in corpus.manifest["obs_categories"]:
-            self.obs[column] = group[f"obs/{column}/codes"][:].astype(np.int32)
+        try:
+            group = self._read(None, "")
+            self.data, self.indices = _direct_arrays(self.store, verify) or (group["X/data"], group["X/indices"])
+            self.indptr = self._read(group, "X/indptr")
+            self.obs = {"n_counts": self._read(group, "obs/n_counts")}
+            for column in corpus.manifest["obs_categories"]:
+                self.obs[column] = self._read(group, f"obs/{column}/codes").astype(np.int32)
+        except BaseException:
+            self.store.close()
+            raise
+        checksummed = _inner_checksummed(self.data)
+        self.check_values = verify and (full_checks or not checksummed or _zarrs_decodes(self.data))
+        if not checksummed:
+            _note_no_inner_checksums(corpus.location)
+        problem = indptr_problem(self.indptr, record["n_cells"], self.data.shape[0]) if verify else None
+        if problem is None and verify and len(self.obs["n_counts"]) != record["n_cells"]:
+            problem = f"obs holds {len(self.obs['n_counts'])} cells, the manifest says {record['n_cells']}"
+        if problem:
+            self.close()
+            raise damaged(self.where, problem, self.location)
+
+    def _read(self, group, key: str):
+        """The whole array `key` of `group` (the shard's group itself when `group` is None), with
+        zarr's checksum and decoder errors turned into one naming the shard and the array."""
+        try:
+            return zarr.open_group(self.store, mode="r") if group is None else group[key][:]
+        except (ValueError, RuntimeError) as error:  # a failed crc32c, bytes no decoder accepts, broken metadata
+            raise damaged(self.where, f"{key or 'zarr.json'} cannot be read ({_why(error)})", self.location) from error
 
     def close(self) -> None:
         """Release the store's open files (mapped shards)."""
@@ -221,12 +447,27 @@ class ShardReader:
                 array.close()
         self.store.close()
 
+    def _nonzeros(self, array, name: str, lo: int, hi: int, cells: tuple[int, int]) -> np.ndarray:
+        """array[lo:hi], with a failed crc32c or bytes no decoder accepts reported as damage of `cells`."""
+        try:
+            return array[lo:hi]
+        except (ValueError, RuntimeError) as error:
+            detail = getattr(error, "detail", "") or f"{name} cannot be read ({_why(error)})"
+            raise damaged(self.where, f"block of cells {cells[0]}-{cells[1] - 1}: {detail}", self.location) from error
+
     def read(self, start: int, stop: int, first_index: int = 0) -> CellBlock:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        genes = self._nonzeros(self.indices, "X/indices", lo, hi, (start, stop))
+        counts = self._nonzeros(self.data, "X/data", lo, hi, (start, stop))
+        indptr = self.indptr[start : stop + 1] - lo
+        if self.check_values:
+            problem = values_problem(indptr, genes, counts, self.obs["n_counts"][start:stop], self.n_genes, start)
+            if problem:
+                raise damaged(self.where, f"block of cells {start}-{stop - 1}: {problem}", self.location)
         return CellBlock(
-            indptr=self.indptr[start : stop + 1] - lo,
-            genes=self.indices[lo:hi],
-            counts=self.data[lo:hi],
+            indptr=indptr,
+            genes=genes,
+            counts=counts,
             obs={key: values[start:stop] for key, values in self.obs.items()},
             first_index=first_index,
         )

@@ -102,6 +102,8 @@ class CorpusStream(IterableDataset):
     `n_counts`, `cell_index` (position of the cell in the split), and one int code per obs
     column (`dataset`, `species`, labels; -1 = missing; categories in
     `corpus.manifest['obs_categories']`), passed through `transform` when one is given.
+    Every block is checked as it is read (`ShardReader`): damaged data raises
+    `CorpusDamagedError` (a `DataIntegrityError`) naming the shard and the cells.
 
     Args:
         corpus: a `Corpus` or its location (path or URL).

@@ -9,11 +9,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from celltron.finetune.config import AdaptSection
-from celltron.model_zoo.registry import family_of, load_pretrained, model_folder
+from celltron.model_zoo.registry import check_vocabulary, family_of, load_pretrained, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,11 @@ PARTS = {
 
 
 def resolve_model_folder(model: str) -> Path:
-    """A local folder, or a Hub repository id (`owner/name[@revision]`) fetched into the local cache."""
-    return model_folder(model)
+    """A local folder, or a Hub repository id (`owner/name[@revision]`) fetched into the local cache;
+    a model whose vocabulary is not its tokenizer's is refused here, before any work."""
+    folder = model_folder(model)
+    check_vocabulary(folder)
+    return folder
 
 
 def parts_of(model: nn.Module) -> EncoderParts:

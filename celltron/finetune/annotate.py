@@ -199,19 +199,20 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         raise ValueError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ValueError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baseline alone")
-    lab = read_lab_data(config.data.path, [section.label_key], config.data.layer, config.data.gene_column, config.data.species)
+    lab = read_lab_data(config.data.path, [section.label_key], config.data.layer, config.data.gene_column, config.data.species,
+                        config.data.min_mapped_fraction)
     names = lab.obs[section.label_key]
     if names.isna().any():
         raise ValueError(f"{lab.path}: obs[{section.label_key!r}] has {int(names.isna().sum())} cells without a label; "
                          "drop them or give them a label first")
     classes, labels = np.unique(names.astype(str).to_numpy(), return_inverse=True)
     classes = [str(c) for c in classes]
-    out.mkdir(parents=True, exist_ok=True)
     folder = None if baselines_only else resolve_model_folder(model)
     if folder is not None:
         tokenizer = load_model_tokenizer(folder, lab)
         check_vocabulary_coverage(lab, tokenizer.vocab)
         tokens, pad_id = tokenize_cells(lab, tokenizer, seed=config.trainer.seed), tokenizer.vocab.special_id("pad")
+    out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     runs, baseline_runs, splits, first_probabilities = {}, {}, {}, None
     for seed in section.seeds:
         train, test = stratified_split(labels, section.test_fraction, seed, f"{lab.path}: obs[{section.label_key!r}]", classes)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from celltron.pretrain.config import LoggingSection, OptimSection, TrainerSection, check_trainer, load_config
+from celltron.errors import ConfigError
+from celltron.pretrain.config import LoggingSection, OptimSection, TrainerSection, check_sections, check_trainer, load_config
+from celltron.ranges import ranged
 
 SPLITS = ("heldout", "simulation")
 HEADS = ("retrieval", "bilinear")
@@ -24,10 +26,10 @@ class AdaptSection:
     lora_dropout: dropout on the LoRA path.
     """
 
-    freeze_layers: int = 0
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.05
+    freeze_layers: int = ranged(0, ">= 0")
+    lora_rank: int = ranged(0, ">= 0")
+    lora_alpha: float | None = ranged(None, "> 0")
+    lora_dropout: float = ranged(0.05, "[0, 1)")
 
 
 @dataclass
@@ -38,6 +40,7 @@ class LabDataSection:
     layer: which matrix holds raw counts ('X', 'raw' or a layer name).
     gene_column: var column of gene symbols or Ensembl IDs (default: var_names).
     species: human or mouse (default: inferred from the gene names).
+    min_mapped_fraction: share of counts that must map to Ensembl IDs (and reach the model's tokens).
     batch_size: examples per batch. num_workers: DataLoader worker processes.
     """
 
@@ -45,8 +48,9 @@ class LabDataSection:
     layer: str = "X"
     gene_column: str | None = None
     species: str | None = None
-    batch_size: int = 32
-    num_workers: int = 0
+    min_mapped_fraction: float = ranged(0.5, "[0, 1]")
+    batch_size: int = ranged(32, ">= 1")
+    num_workers: int = ranged(0, ">= 0")
 
 
 @dataclass
@@ -70,11 +74,11 @@ class PerturbationSection:
     perturbation_key: str = "perturbation"
     control: str = "control"
     split: str = "heldout"
-    test_fraction: float = 0.25
-    seeds: tuple = (0,)
-    eval_cells: int = 256
-    de_genes: int = 20
-    de_weight: float = 1.0
+    test_fraction: float = ranged(0.25, "(0, 1)")
+    seeds: tuple = ranged((0,), ">= 0")
+    eval_cells: int = ranged(256, ">= 1")
+    de_genes: int = ranged(20, ">= 1")
+    de_weight: float = ranged(1.0, ">= 0")
     head: str = "retrieval"
 
 
@@ -114,20 +118,20 @@ class DrugSection:
 
     mode: str = "ic50"
     split: str = ""
-    test_fraction: float = 0.2
-    seeds: tuple = (0,)
+    test_fraction: float = ranged(0.2, "(0, 1)")
+    seeds: tuple = ranged((0,), ">= 0")
     drug_list: str = ""
     smiles: str = ""
-    hidden: int = 128
+    hidden: int = ranged(128, ">= 1")
     expression: str = ""
     cell_line_key: str = ""
-    pca_components: int = 20
+    pca_components: int = ranged(20, ">= 1")
     drug_key: str = "drug"
     dose_key: str = "dose"
     cell_type_key: str = "cell_type"
     control: str = "control"
-    n_genes: int = 2000
-    control_cells: int = 256
+    n_genes: int = ranged(2000, ">= 0")  # 0: all genes
+    control_cells: int = ranged(256, ">= 1")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""
@@ -148,11 +152,11 @@ class AnnotateSection:
     """
 
     label_key: str = "cell_type"
-    test_fraction: float = 0.2
-    seeds: tuple = (0,)
+    test_fraction: float = ranged(0.2, "(0, 1)")
+    seeds: tuple = ranged((0,), ">= 0")
     balanced: bool = True
-    dropout: float = 0.1
-    pca_components: int = 50
+    dropout: float = ranged(0.1, "[0, 1)")
+    pca_components: int = ranged(50, ">= 1")
 
 
 @dataclass
@@ -168,40 +172,31 @@ class FinetuneConfig:
 
     def check(self, where: str = "config") -> "FinetuneConfig":
         """Refuse inconsistent settings, naming the field and the fix."""
-        if self.model.freeze_layers < 0 or self.model.lora_rank < 0:
-            raise ValueError(f"{where}: model.freeze_layers and model.lora_rank must be >= 0")
+        check_sections(self, where)
         if self.model.freeze_layers and self.model.lora_rank:
-            raise ValueError(f"{where}: choose model.freeze_layers (--freeze) or model.lora_rank (--lora), not both")
+            raise ConfigError(f"{where}: choose model.freeze_layers (--freeze) or model.lora_rank (--lora), not both")
         if self.perturbation.split not in SPLITS:
-            raise ValueError(f"{where}: perturbation.split {self.perturbation.split!r} is not one of {SPLITS}")
+            raise ConfigError(f"{where}: perturbation.split {self.perturbation.split!r} is not one of {SPLITS}")
         if self.perturbation.head not in HEADS:
-            raise ValueError(f"{where}: perturbation.head {self.perturbation.head!r} is not retrieval or bilinear")
-        if not 0 < self.perturbation.test_fraction < 1:
-            raise ValueError(f"{where}: perturbation.test_fraction must lie between 0 and 1")
+            raise ConfigError(f"{where}: perturbation.head {self.perturbation.head!r} is not retrieval or bilinear")
         if not self.perturbation.seeds:
-            raise ValueError(f"{where}: perturbation.seeds is empty; give at least one seed")
+            raise ConfigError(f"{where}: perturbation.seeds is empty; give at least one seed")
         self._check_drug(where)
-        if not 0 < self.annotate.test_fraction < 1:
-            raise ValueError(f"{where}: annotate.test_fraction must lie between 0 and 1")
         check_trainer(self.trainer, where)
         return self
 
     def _check_drug(self, where: str) -> None:
         drug = self.drug
         if drug.mode not in DRUG_SPLITS:
-            raise ValueError(f"{where}: drug.mode {drug.mode!r} is not ic50 or expression (--mode)")
+            raise ConfigError(f"{where}: drug.mode {drug.mode!r} is not ic50 or expression (--mode)")
         if drug.split_kind() not in DRUG_SPLITS[drug.mode]:
-            raise ValueError(f"{where}: drug.split {drug.split!r} does not apply to mode {drug.mode}; "
-                             f"use one of {DRUG_SPLITS[drug.mode]} (--split)")
-        if not 0 < drug.test_fraction < 1:
-            raise ValueError(f"{where}: drug.test_fraction must lie between 0 and 1")
+            raise ConfigError(f"{where}: drug.split {drug.split!r} does not apply to mode {drug.mode}; "
+                              f"use one of {DRUG_SPLITS[drug.mode]} (--split)")
         if not drug.seeds:
-            raise ValueError(f"{where}: drug.seeds is empty; give at least one seed")
+            raise ConfigError(f"{where}: drug.seeds is empty; give at least one seed")
         if drug.mode == "expression" and drug.expression:
-            raise ValueError(f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "
-                             "expression mode reads the screen from --data")
-        if drug.pca_components < 1 or drug.control_cells < 1 or drug.n_genes < 0:
-            raise ValueError(f"{where}: drug.pca_components and drug.control_cells must be >= 1, drug.n_genes >= 0")
+            raise ConfigError(f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "
+                              "expression mode reads the screen from --data")
 
     def to_dict(self) -> dict:
         return asdict(self)

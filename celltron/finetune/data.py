@@ -16,10 +16,11 @@ import pandas as pd
 import scipy.sparse as sp
 
 from celltron.corpus.build import to_corpus_genes
-from celltron.corpus.genes import infer_species, map_genes
-from celltron.corpus.readers import check_raw_counts, open_source
+from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMapping, check_token_coverage
+from celltron.corpus.readers import Source, check_raw_counts, map_source_genes, open_source
 from celltron.tokenizers.dataset import Block, encode
 from celltron.tokenizers.ragged import RaggedTokens
+from celltron.tokenizers.rank_value import is_float32
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class LabData:
         gene_ids: Ensembl ID of each file gene ('' where it does not map).
         species: the cells' species.
         cell_names: the file's cell names (obs names), in its row order.
+        gene_counts: counts per file gene (all cells, or the sample the mapping was judged on).
+        min_mapped_fraction: the share of counts that must map, and reach the model's tokens.
     """
 
     path: Path
@@ -45,6 +48,8 @@ class LabData:
     gene_ids: np.ndarray
     species: str
     cell_names: np.ndarray | None = None
+    gene_counts: np.ndarray | None = None
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION
 
     @property
     def n_cells(self) -> int:
@@ -64,44 +69,49 @@ def mapped_genes(gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, np.array([position.get(g, -1) for g in gene_ids], dtype=np.int64)
 
 
-def open_lab_source(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None):
-    """A lab file opened for block reads, its obs checked for `obs_keys`; returns the source,
-    each file gene's Ensembl ID ('' where it does not map) and the species."""
+def open_lab_source(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None,
+                    min_mapped_fraction: float = MIN_MAPPED_FRACTION) -> tuple[Source, GeneMapping]:
+    """A lab file opened for block reads, its obs checked for `obs_keys`; returns the source and
+    its gene mapping (species, each file gene's Ensembl ID or '', counts over a sample of cells),
+    refused unless `min_mapped_fraction` of the counts map."""
     source = open_source(Path(path), layer=layer, gene_column=gene_column)
-    missing = [k for k in obs_keys if k not in source.obs.columns]
-    if missing:
+    try:
+        missing = [k for k in obs_keys if k not in source.obs.columns]
+        if missing:
+            raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
+                             "Name the right column with the task's --*-key option")
+        return source, map_source_genes(source, species, min_mapped_fraction)
+    except BaseException:
         source.close()
-        raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
-                         "Name the right column with the task's --*-key option")
-    species = species or infer_species(source.gene_names, str(path))
-    gene_ids = map_genes(source.gene_names, species, str(path)).ensembl_ids
-    return source, gene_ids, species
+        raise
 
 
-def read_lab_data(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None) -> LabData:
+def read_lab_data(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None,
+                  min_mapped_fraction: float = MIN_MAPPED_FRACTION) -> LabData:
     """Read an .h5ad (or 10x h5 / mtx folder) of raw counts with the obs columns a task needs."""
-    source, gene_ids, species = open_lab_source(path, obs_keys, layer, gene_column, species)
+    source, mapping = open_lab_source(path, obs_keys, layer, gene_column, species, min_mapped_fraction)
     try:
         counts = source.read_rows(0, source.n_cells).tocsr()
         check_raw_counts(counts, source, 0)
     finally:
         source.close()
-    return LabData(Path(path), source.obs.reset_index(drop=True), np.asarray(source.gene_names), counts, gene_ids, species,
-                   np.asarray(source.cell_names))
+    gene_counts = np.asarray(counts.sum(axis=0, dtype=np.float64)).ravel()  # every cell is at hand: no sample needed
+    return LabData(Path(path), source.obs.reset_index(drop=True), np.asarray(source.gene_names), counts, mapping.ensembl_ids,
+                   mapping.species, np.asarray(source.cell_names), gene_counts, min_mapped_fraction)
 
 
-def check_vocabulary_coverage(data: LabData, vocab, minimum: float = 0.5) -> float:
-    """Share of the file's genes the model has tokens for; refuses data that mostly falls outside."""
+def check_vocabulary_coverage(data: LabData, vocab, minimum: float | None = None) -> float:
+    """Share of the file's counts (of its genes, without counts) on genes the model has tokens
+    for; refuses data below `minimum` (default: the data's min_mapped_fraction)."""
+    minimum = data.min_mapped_fraction if minimum is None else minimum
+    fix = "pass --gene-column with the var column of gene symbols or Ensembl IDs, or --species if the genes are not human"
+    genes = [*vocab.ensembl_ids, *getattr(vocab, "aliases", {})]
+    if data.species == "mouse" and not any(str(g).startswith("ENSMUSG") for g in genes):
+        fix = ("the model's vocabulary has no mouse genes: use a model pretrained on mouse data or with the ortholog "
+               "scheme (GeneCompass)")
+    share = check_token_coverage(data.gene_ids, data.gene_names, data.gene_counts, vocab, str(data.path), fix, minimum)
     in_vocab = vocab.lookup_genes(data.gene_ids) >= 0
-    share = float(in_vocab.mean()) if len(in_vocab) else 0.0
-    if share < minimum:
-        examples = ", ".join(data.gene_names[~in_vocab][:5])
-        raise ValueError(
-            f"{data.path}: only {in_vocab.sum()} of {len(in_vocab)} genes ({share:.0%}) have a token in the model's "
-            f"vocabulary (e.g. {examples} do not). Pass --gene-column with the var column of gene symbols or "
-            "Ensembl IDs, or --species if the genes are not human"
-        )
-    if share < 1:
+    if not in_vocab.all():
         log.warning("%s: %d of %d genes have no token in the model's vocabulary and are left out of its inputs",
                     data.path, (~in_vocab).sum(), len(in_vocab))
     return share
@@ -119,14 +129,16 @@ def tokenize_counts(rows: sp.csr_matrix, column_map: np.ndarray, n_mapped: int, 
     mapped gene (see `mapped_genes`). Totals count every gene, mapped or not, as Geneformer does."""
     mapped = to_corpus_genes(rows, column_map, n_mapped)
     totals = np.asarray(rows.sum(axis=1)).ravel()
-    block = Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * mapped.shape[0], {})
+    block = Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * mapped.shape[0], {}, is_float32(rows.dtype))
     return encode(tokenizer, block, rng)
 
 
 def load_model_tokenizer(model_dir, data: LabData):
     """The tokenizer saved in the model's folder, bound to the lab data's mapped genes."""
+    from celltron.model_zoo.registry import check_vocabulary
     from celltron.tokenizers.saving import load_tokenizer
 
+    check_vocabulary(model_dir)
     unique, _ = data.mapped_genes()
     return load_tokenizer(model_dir, unique)
 

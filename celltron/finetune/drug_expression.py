@@ -152,7 +152,7 @@ def read_screen(config):
     if not section.smiles:
         raise ValueError("drug.smiles is not set: pass --smiles with DRUG<TAB>SMILES lines for the screen's drugs")
     keys = [section.drug_key, section.dose_key] + ([section.cell_type_key] if section.cell_type_key else [])
-    lab = read_lab_data(data.path, keys, data.layer, data.gene_column, data.species)
+    lab = read_lab_data(data.path, keys, data.layer, data.gene_column, data.species, data.min_mapped_fraction)
     labels = cell_labels(lab, section)
     treated_drugs = sorted(labels.drug[~labels.control].unique())
     prints = fingerprints(read_drug_smiles(section.smiles, treated_drugs))
@@ -342,7 +342,7 @@ def _embed_rows(lab, rows: np.ndarray, model: str) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="celltron-drug-") as work:
         path = Path(work) / "controls.h5ad"
         ad.AnnData(X=lab.counts[rows], var=pd.DataFrame(index=pd.Index(np.asarray(lab.gene_names).astype(str)))).write_h5ad(path)
-        return embed(model, path, pool="mean", species=lab.species)
+        return embed(model, path, pool="mean", species=lab.species, min_mapped_fraction=lab.min_mapped_fraction)
 
 
 def _standardised(matrix: np.ndarray) -> np.ndarray:

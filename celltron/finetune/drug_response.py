@@ -147,7 +147,7 @@ def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
 
     section, data = config.drug, config.data
     key = section.cell_line_key
-    lab = read_lab_data(section.expression, [key] if key else [], data.layer, data.gene_column, data.species)
+    lab = read_lab_data(section.expression, [key] if key else [], data.layer, data.gene_column, data.species, data.min_mapped_fraction)
     names = (lab.obs[key] if key else pd.Series(lab.cell_names)).astype(str).to_numpy()
     repeated = sorted(set(names[pd.Series(names).duplicated().to_numpy()]))
     if repeated:
@@ -158,7 +158,8 @@ def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
     if model:
         from celltron.finetune.embed import embed
 
-        embeddings = embed(model, lab.path, pool="mean", input_layer=data.layer, gene_column=data.gene_column, species=data.species)
+        embeddings = embed(model, lab.path, pool="mean", input_layer=data.layer, gene_column=data.gene_column, species=data.species,
+                           min_mapped_fraction=data.min_mapped_fraction)
     return CellLineExpression(lab.path, names, log_normalise(lab.counts).astype(np.float32), embeddings)
 
 

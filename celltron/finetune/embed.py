@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import torch
 
+from celltron.corpus.genes import MIN_MAPPED_FRACTION
 from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class EmbedOptions:
         input_layer: the counts: 'X', 'raw' or a layer name.
         gene_column: var column holding gene symbols or Ensembl IDs (default: var names).
         species: 'human' or 'mouse' (default: inferred from the genes).
+        min_mapped_fraction: refuse the input unless this share of its counts maps to Ensembl IDs
+            and has tokens in the model's vocabulary.
         seed: seeds the tokenizer's sampling (scGPT's max_len sampling).
         progress: show a progress bar.
     """
@@ -63,6 +66,7 @@ class EmbedOptions:
     input_layer: str = "X"
     gene_column: str | None = None
     species: str | None = None
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION
     seed: int = 0
     progress: bool = True
 
@@ -170,8 +174,10 @@ def _lab_view(path, options: EmbedOptions):
     """The lab file opened for block reads, as the fine-tuning data helpers expect it."""
     from celltron.finetune.data import LabData, open_lab_source
 
-    source, gene_ids, species = open_lab_source(path, (), options.input_layer, options.gene_column, options.species)
-    lab = LabData(Path(path), source.obs, np.asarray(source.gene_names), None, gene_ids, species)
+    source, mapping = open_lab_source(path, (), options.input_layer, options.gene_column, options.species,
+                                      options.min_mapped_fraction)
+    lab = LabData(Path(path), source.obs, np.asarray(source.gene_names), None, mapping.ensembl_ids, mapping.species,
+                  gene_counts=mapping.gene_counts, min_mapped_fraction=options.min_mapped_fraction)
     return source, lab
 
 
@@ -345,7 +351,9 @@ def embed_file(model, data, out, options: EmbedOptions = EmbedOptions()) -> dict
 
 
 def _write_embeddings(folder: Path, data: Path, target: Path, options: EmbedOptions) -> dict:
-    with h5py.File(target, "r+") as handle:
+    from celltron.inputs import open_h5
+
+    with open_h5(target, "r+", shown_as=data, require=("obs",)) as handle:
         n_cells = _n_obs(handle, data)
         written = {"rows": 0, "dataset": None}
 

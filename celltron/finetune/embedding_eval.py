@@ -114,12 +114,12 @@ def read_embedding_data(path, key: str, label_key: str, batch_key: str | None = 
         batch_key: obs column of batches, for the batch-integration metrics.
         layer: raw counts for the baseline: X, raw, or a layer name.
     """
-    import anndata
+    from celltron.inputs import read_h5ad
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")
-    adata = anndata.read_h5ad(path)
+    adata = read_h5ad(path)
     if key not in adata.obsm:
         raise ValueError(f"{path}: obsm has no {key!r}; it has {list(adata.obsm.keys())}. Pass --key with one of them, "
                          "or store the model's cell embeddings there first (adata.obsm[KEY] = embeddings)")

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from celltron.corpus.genes import MIN_MAPPED_FRACTION
+from celltron.errors import InputError
 from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth, tree_scores
 from celltron.finetune.inference import autocast, pad_cells, to_device
 
@@ -36,10 +38,41 @@ def bundled_tfs(species: str) -> list[str]:
 
 
 def read_tfs(path) -> list[str]:
+    """A TF list: one symbol per line (a first tab-separated column; '#' lines are comments)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--tfs {path}: no such file (one TF symbol per line)")
-    return [line.split("\t")[0].strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise InputError(f"--tfs {path}: not a text file; expected one TF symbol per line") from None
+    tfs = [line.split("\t")[0].strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not tfs:
+        raise InputError(f"--tfs {path}: holds no TF symbols; expected one TF symbol per line")
+    return tfs
+
+
+def read_truth_table(path) -> pd.DataFrame:
+    """`read_truth`, refusing in one line naming the file a table that does not parse or holds no pairs."""
+    try:
+        truth = read_truth(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise InputError(f"--truth {path}: cannot be read as a tab-separated table ({reason}); expected TRRUST format, "
+                         "one 'TF<TAB>target' pair per line") from None
+    if truth.empty:
+        raise InputError(f"--truth {path}: holds no TF-target pairs; expected TRRUST format, one 'TF<TAB>target' pair per line")
+    return truth
+
+
+def _check_truth_is_scorable(truth: pd.DataFrame, tfs, targets, truth_path, data) -> None:
+    """A truth none of whose edges is among the scored pairs would give NaN scores: refuse it
+    before any model work (another species, or another gene naming, than the data)."""
+    tf_set, target_set = set(tfs), set(targets)
+    if not any(tf in tf_set and target in target_set for tf, target in zip(truth.tf, truth.target)):
+        raise InputError(f"--truth {truth_path}: none of its {len(truth)} edges links a TF found in {data} ({len(tfs)}) to one of "
+                         f"the {len(targets)} target genes scored; check that it is for the data's species and uses gene "
+                         "symbols, or raise --top-genes")
 
 
 @torch.no_grad()
@@ -192,10 +225,13 @@ def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
 
 def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=None, truth_path=None, layer: str = "X",
             gene_column: str | None = None, species: str | None = None, max_cells: int = 1000, top_genes: int = 2000,
-            seed: int = 0, batch_size: int = 32, device: str = "auto", precision: str = "auto") -> dict:
+            seed: int = 0, batch_size: int = 32, device: str = "auto", precision: str = "auto",
+            min_mapped_fraction: float = MIN_MAPPED_FRACTION) -> dict:
     """Infer edges with `method` (and the baselines), write edges.tsv and, with a truth,
     metrics.json under `out`; returns the metrics (or the edge counts without a truth). The model
-    runs on `device` (`auto`: CUDA when present) in `precision` (`auto`: bf16 on CUDA, else fp32)."""
+    runs on `device` (`auto`: CUDA when present) in `precision` (`auto`: bf16 on CUDA, else fp32).
+    Refuses data of which less than `min_mapped_fraction` of the counts map to Ensembl IDs (or,
+    with a model, have tokens in its vocabulary)."""
     from celltron.finetune.adapt import load_encoder, resolve_model_folder
     from celltron.finetune.config import AdaptSection
     from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
@@ -205,22 +241,28 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     if method not in METHODS:
         raise ValueError(f"--method {method!r}: available methods are {METHODS}")
     out = Path(out)
-    lab = read_lab_data(data, (), layer, gene_column, species)
+    # every input is read and checked before any baseline or model work, and before `out` is written
+    truth = read_truth_table(truth_path) if truth_path is not None else None
+    given_tfs = read_tfs(tfs_path) if tfs_path else None
+    folder = resolve_model_folder(model) if model is not None else None
+    lab = read_lab_data(data, (), layer, gene_column, species, min_mapped_fraction)
     cells, expression, names, targets = _expression_view(lab, max_cells, top_genes, seed)
-    tf_list = read_tfs(tfs_path) if tfs_path else bundled_tfs(lab.species)
+    tf_list = given_tfs or bundled_tfs(lab.species)
     tfs = sorted(set(tf_list) & set(names))
     if not tfs:
         raise ValueError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
+    if truth is not None:
+        _check_truth_is_scorable(truth, tfs, targets, truth_path, data)
+    if folder is not None:
+        tokenizer = load_model_tokenizer(folder, lab)
+        check_vocabulary_coverage(lab, tokenizer.vocab)
     speed = {}
     runs = {name: coexpression_scores(expression, names, tfs, targets, name.split("_")[1]) for name in BASELINES[:2]}
     # GENIE3 over the TFs the sampled cells express (an unexpressed TF explains nothing)
     expressed = [t for t in tfs if expression[:, list(names).index(t)].any()]
     trees = tree_scores(expression, names, expressed, targets, seed=seed)
     runs["genie3_extra_trees"] = _complete(trees, tfs, targets)
-    if model is not None:
-        folder = resolve_model_folder(model)
-        tokenizer = load_model_tokenizer(folder, lab)
-        check_vocabulary_coverage(lab, tokenizer.vocab)
+    if folder is not None:
         encoder = load_encoder(folder, AdaptSection()).to(pick_device(device))
         tokens = tokenize_cells(lab, tokenizer, cells, seed)
         pad = tokenizer.vocab.special_id("pad")
@@ -240,9 +282,8 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     _write_edges(out / "edges.tsv", primary.assign(group="all"))
     result = {"method": method if model is not None else None, "n_tfs": len(tfs), "n_targets": len(targets), "n_cells": len(cells),
               **speed}
-    if truth_path is None:
+    if truth is None:
         return result
-    truth = read_truth(truth_path)
     result["model"] = evaluate_edges(runs["model"], truth) if "model" in runs else None
     result["baselines"] = {name: evaluate_edges(runs[name], truth) for name in BASELINES}
     result["split"] = {"cells": len(cells), "seed": seed, "targets": f"top {top_genes} variable genes", "tfs": len(tfs)}

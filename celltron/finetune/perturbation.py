@@ -355,6 +355,18 @@ def _model_predictions(config, prepared: _Prepared, model, test: list[str], seed
     return dict(zip(test, predicted))
 
 
+def _write_config(config, out: Path) -> None:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from celltron.io import write_text_atomically
+
+    out.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:
+        import yaml
+
+        write_text_atomically(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
 def run_perturbation(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:
     """The perturbation task end to end: splits per seed, baselines, fine-tuning and
     evaluation, then metrics.json, predictions.h5ad, a printed table and plots under `out`.
@@ -369,14 +381,8 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         raise ValueError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ValueError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baselines alone")
-    out.mkdir(parents=True, exist_ok=True)
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank == 0:
-        import yaml
-
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    lab = read_lab_data(config.data.path, [section.perturbation_key], config.data.layer, config.data.gene_column, config.data.species)
+    lab = read_lab_data(config.data.path, [section.perturbation_key], config.data.layer, config.data.gene_column, config.data.species,
+                        config.data.min_mapped_fraction)
     screen = _screen(lab, section)
     prepared = None if baselines_only else _Prepared(config, resolve_model_folder(model), lab, screen)
     usable = sorted(prepared.targets) if prepared else screen.perturbations
@@ -384,6 +390,7 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
     if len(usable) < 3:
         raise ValueError(f"{lab.path}: {len(usable)} usable perturbation(s) in obs[{section.perturbation_key!r}]; "
                          "a split needs at least 3 besides the control")
+    _write_config(config, out)  # only now: a run refused for its inputs leaves no --out behind
 
     splits, model_runs, baseline_runs, predictions, fell_back = {}, {}, {n: {} for n in BASELINES}, {}, {}
     first = True

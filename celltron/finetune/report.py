@@ -4,12 +4,12 @@ its baselines, and a PNG of the main result."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 
+from celltron.inputs import read_json
 from celltron.tokenizers.saving import write_json_atomically
 
 
@@ -45,7 +45,7 @@ def write_metrics(path: Path, metrics: dict) -> Path:
 
 
 def read_metrics(path) -> dict:
-    return json.loads(Path(path).read_text())
+    return read_json(path, "metrics file", "pass a metrics.json written by `celltron finetune` or `celltron grn`")
 
 
 def results_table(metrics: dict, columns: tuple[str, ...], notes: dict[str, str] | None = None) -> str:

@@ -12,11 +12,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from celltron.pretrain.module import PretrainModule
-from celltron.pretrain.run import CHECKPOINT_DIR, build_trainer, fit, resolve_resume
+from celltron.pretrain.run import CHECKPOINT_DIR, build_trainer, fit, resolve_resume, stop_reason
 
 
 class RunStopped(Exception):
-    """A signal (or trainer.stop_at_step) stopped fine-tuning after a checkpoint; --resume auto continues."""
+    """A signal (or trainer.stop_at_step) stopped fine-tuning after a checkpoint; --resume auto
+    continues. `stopped_by`: 'signal' or 'stop_at_step' (see `celltron.pretrain.run.stop_reason`)."""
+
+    def __init__(self, message: str, stopped_by: str = "signal"):
+        super().__init__(message)
+        self.stopped_by = stopped_by
 
 
 class ExampleOrder(Sampler):
@@ -65,12 +70,16 @@ def train_task_model(config, model: torch.nn.Module, train: Dataset, collate: Ca
     """Fine-tune `model` (whose forward returns `.loss`) on `train` as `config` says, writing the
     run (checkpoints, metrics.csv, logs) under `out`. Returns the trained model and whether
     this process is the first (the one that evaluates and writes results)."""
+    ckpt_path = resolve_resume(resume, out)  # a damaged checkpoint is refused before `out` is written
     out.mkdir(parents=True, exist_ok=True)
     model.train()  # from_pretrained leaves models in eval mode (no dropout)
     module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
     data = ExamplesDataModule(train, collate, config.data.batch_size, config.data.num_workers, seed)
     trainer, signals = build_trainer(config, out, val_batches=0)
-    fit(trainer, module, data, signals, resolve_resume(resume, out), out / CHECKPOINT_DIR)
-    if signals.interrupted:
-        raise RunStopped(f"{out}: stopped by a signal at step {trainer.global_step}; continue with --resume auto")
+    fit(trainer, module, data, signals, ckpt_path, out / CHECKPOINT_DIR)
+    stopped_by = stop_reason(signals, trainer)
+    if stopped_by == "signal":
+        raise RunStopped(f"{out}: stopped by a signal at step {trainer.global_step}; continue with --resume auto", stopped_by)
+    if stopped_by:
+        raise RunStopped(f"{out}: stopped at step {trainer.global_step} (trainer.stop_at_step); continue with --resume auto", stopped_by)
     return module.model.cpu(), trainer.is_global_zero

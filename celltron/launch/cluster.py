@@ -4,13 +4,16 @@ environment checks and the signal handling."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 
-import yaml
+from celltron.errors import ConfigError
+from celltron.inputs import read_yaml
+from celltron.ranges import check_ranges, ranged
 
 BACKENDS = ("torchrun", "slurm", "deepspeed")
+SLURM_TIME = re.compile(r"^(\d+-)?\d+:[0-5]\d:[0-5]\d$")  # [D-]HH:MM:SS
 
 
 @dataclass
@@ -31,32 +34,33 @@ class ClusterSpec:
     """
 
     backend: str = "torchrun"
-    nodes: int = 1
-    gpus_per_node: int = 1
+    nodes: int = ranged(1, ">= 1")
+    gpus_per_node: int = ranged(1, ">= 1")
     hosts: list = field(default_factory=list)
-    port: int = 29500
+    port: int = ranged(29500, "[1, 65535]")
     job_name: str = "celltron"
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     time: str | None = None
     constraint: str | None = None
-    cpus_per_task: int = 8
-    signal_seconds: int = 300
+    cpus_per_task: int = ranged(8, ">= 1")
+    signal_seconds: int = ranged(300, ">= 0")
     requeue: bool = True
     setup: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
     python: str = "python"
 
-    def check(self) -> "ClusterSpec":
+    def check(self, where: str = "cluster spec") -> "ClusterSpec":
+        """Refuse a spec no backend can run, naming `where` (the file, or flags), the field and the fix."""
         if self.backend not in BACKENDS:
-            raise ValueError(f"launch backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.nodes < 1 or self.gpus_per_node < 1:
-            raise ValueError(f"nodes ({self.nodes}) and gpus_per_node ({self.gpus_per_node}) must be at least 1")
+            raise ConfigError(f"{where} backend: {self.backend!r} is not one of {BACKENDS}")
+        check_ranges(self, where)
         if self.hosts and len(self.hosts) != self.nodes:
-            raise ValueError(f"{len(self.hosts)} hosts given for {self.nodes} nodes; list one host per node")
-        if self.time is not None and len(str(self.time).split(":")) != 3:
-            raise ValueError(f"time {self.time!r}: use HH:MM:SS (SLURM also takes D-HH:MM:SS)")
+            raise ConfigError(f"{where} hosts: {len(self.hosts)} hosts given for {self.nodes} nodes; list one host per node")
+        if self.time is not None and not SLURM_TIME.match(str(self.time)):
+            raise ConfigError(f"{where} time: {self.time!r} is not a time limit; use 'HH:MM:SS', quoted in YAML "
+                              "(SLURM also takes D-HH:MM:SS)")
         return self
 
     @property
@@ -68,13 +72,24 @@ def load_cluster(path, **overrides) -> ClusterSpec:
     """A ClusterSpec from YAML; `overrides` (flags) that are not None win."""
     values = {}
     if path:
-        values = yaml.safe_load(Path(path).read_text()) or {}
+        values = read_yaml(path, "cluster spec (see configs/launch/)") or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of cluster fields, got {type(values).__name__}")
         known = {f.name for f in fields(ClusterSpec)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return ClusterSpec(**values).check()
+            raise ConfigError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    return ClusterSpec(**values).check(_where(path, given))
+
+
+def _where(path, flags: dict) -> str:
+    """What an error names: the spec file and the flags that changed it."""
+    given = ", ".join(f"--{name.replace('_', '-')}" for name in flags)
+    if not path:
+        return f"launch flags ({given})" if given else "default cluster spec"
+    return f"{path} (with {given})" if given else str(path)
 
 
 def pretrain_arguments(config, spec: ClusterSpec, out, extra: list[str] = ()) -> list[str]:

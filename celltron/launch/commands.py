@@ -33,8 +33,9 @@ def torchrun_commands(spec: ClusterSpec, config, out, extra=()) -> list[str]:
 
 def sbatch_script(spec: ClusterSpec, config, out, extra=()) -> str:
     """An sbatch script: one task per GPU, SIGUSR1 `signal_seconds` before the time limit (the
-    run checkpoints and stops cleanly), then a requeue if it stopped cleanly without finishing
-    (no export yet). A run that failed is not requeued: its error is in the log."""
+    run checkpoints and stops cleanly, exit code 75), then a requeue if it stopped cleanly
+    without finishing (exit 0 or 75, no export yet). A run that failed is not requeued: its
+    error is in the log."""
     lines = ["#!/bin/bash", f"#SBATCH --job-name={spec.job_name}", f"#SBATCH --nodes={spec.nodes}",
              f"#SBATCH --ntasks-per-node={spec.gpus_per_node}", f"#SBATCH --gpus-per-node={spec.gpus_per_node}",
              f"#SBATCH --cpus-per-task={spec.cpus_per_task}", f"#SBATCH --output={out}/slurm-%j.out"]
@@ -52,7 +53,7 @@ def sbatch_script(spec: ClusterSpec, config, out, extra=()) -> str:
     srun = ["srun", "--kill-on-bad-exit=1", spec.python, *pretrain_arguments(config, spec, out, extra)]
     lines.append(quote(srun) + " && status=0 || status=$?")
     if spec.requeue:
-        lines += [f'if [ "$status" -eq 0 ] && [ ! -f {quote([f"{out}/export/config.json"])} ]; then',
+        lines += [f'if {{ [ "$status" -eq 0 ] || [ "$status" -eq 75 ]; }} && [ ! -f {quote([f"{out}/export/config.json"])} ]; then',
                   '  echo "stopped before the end (time limit): requeueing job $SLURM_JOB_ID"',
                   '  scontrol requeue "$SLURM_JOB_ID"', "fi"]
     lines.append('exit "$status"')

@@ -11,7 +11,9 @@ from celltron.launch.commands import deepspeed_command, hostfile, sbatch_script,
 
 
 def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node_rank: int | None = None) -> dict:
-    """Returns what was written and run: {'files': [...], 'commands': [...], 'job_id': ...}."""
+    """Returns what was written and run: {'files': [...], 'commands': [...], 'job_id': ...}.
+    The pretraining config is loaded and checked first: a missing or broken one writes nothing."""
+    check_run_config(config, extra)
     out = Path(out)
     folder = out / "launch"
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,3 +43,19 @@ def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node
         if not dry_run:
             subprocess.run(command, check=True)
     return written
+
+
+def check_run_config(config, extra=()) -> None:
+    """Load `config` as every process of the job will (with the `--set` items passed on after
+    `--`), so that a config that is missing, does not parse or is out of range is refused here,
+    in one line, rather than by every node after the job was queued."""
+    from celltron.pretrain.config import load_config
+
+    load_config(config, set_items(extra))
+
+
+def set_items(extra) -> list[str]:
+    """The `--set section.field=value` items among `celltron pretrain` arguments."""
+    extra = list(extra)
+    items = [value for flag, value in zip(extra, extra[1:]) if flag == "--set"]
+    return items + [word.removeprefix("--set=") for word in extra if word.startswith("--set=")]

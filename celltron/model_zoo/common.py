@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +14,8 @@ from torch import nn
 from transformers import BertConfig
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
+
+from celltron.io import write_folder_atomically  # noqa: F401  (its former home; imports of it from here keep working)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash_attn")
 
@@ -318,20 +316,3 @@ def config_from_size(config_class, sizes: dict, family: str, size: str, vocab_si
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
     return config_class(**fields)
-
-
-def write_folder_atomically(out, fill: Callable[[Path], None]) -> Path:
-    """Let `fill` write a folder under a temporary name beside `out`, then swap it in: `out` is
-    either the previous folder or the complete new one, never half written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        fill(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out

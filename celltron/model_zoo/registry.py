@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
+from celltron.errors import InputError
+from celltron.inputs import MODEL_FIX, check_model_files, first_line, read_json
 from celltron.model_zoo.genecompass import GeneCompassConfig, GeneCompassForPretraining
 from celltron.model_zoo.genecompass.configuration_genecompass import SIZES as GENECOMPASS_SIZES
 from celltron.model_zoo.geneformer import GeneformerConfig, GeneformerForMaskedLM
@@ -102,9 +104,53 @@ def load_pretrained(folder) -> PreTrainedModel:
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json; pass a folder written by `celltron export`, "
                                 "`celltron convert` or a pretraining run's export/ folder")
+    check_model_files(folder)  # a damaged config.json or weights file: named here, not deep in transformers
     register_auto_classes()
-    spec = family_of(AutoConfig.from_pretrained(folder))
-    return spec.model_class.from_pretrained(folder)
+    try:
+        spec = family_of(AutoConfig.from_pretrained(folder))
+        return spec.model_class.from_pretrained(folder)
+    except OSError as error:  # transformers' word for missing or unreadable weights
+        raise InputError(f"{folder}: the model cannot be loaded ({first_line(error)}); {MODEL_FIX}") from error
+
+
+def check_vocabulary(folder, tokenizer_size: int | None = None, tokenizer_name: str = "", fix: str = "") -> None:
+    """Refuse, before any work, a model whose vocabulary is not the tokenizer's: ids past the
+    model's embedding rows would fail deep inside it (an IndexError), and a shorter tokenizer
+    would feed genes to rows trained for other genes.
+
+    Args:
+        folder: the model folder (config.json's vocab_size is the model's vocabulary).
+        tokenizer_size: tokens of the tokenizer given to the model; None: the tokenizer saved
+            in `folder` (nothing to check when there is none).
+        tokenizer_name: how the message names that tokenizer. fix: what the user should do.
+    """
+    folder = Path(folder)
+    model_size = read_json(folder / "config.json", "model config", MODEL_FIX).get("vocab_size")
+    if tokenizer_size is None:
+        saved = _saved_tokenizer(folder)
+        if saved is None:
+            return  # no celltron tokenizer beside the model: whoever loads one says so
+        tokenizer_size, tokenizer_name = saved
+        fix = fix or ("put back the tokenizer the model was trained with (the vocab.json, tokenizer_config.json and "
+                      "gene_medians.json its export wrote), or export the model again")
+    if model_size is not None and model_size != tokenizer_size:
+        fix = fix or "use the tokenizer the model was trained with"
+        raise InputError(f"{folder}: the model's vocabulary has {model_size} tokens (config.json vocab_size) but "
+                         f"{tokenizer_name or 'its tokenizer'} has {tokenizer_size}; {fix}")
+
+
+def _saved_tokenizer(folder: Path) -> tuple[int, str] | None:
+    """(tokens, description) of the celltron tokenizer saved in a model folder, or None."""
+    from celltron.tokenizers.saving import CONFIG_FILE
+    from celltron.tokenizers.vocab import VOCAB_FILE
+
+    if not (folder / VOCAB_FILE).exists():
+        return None
+    vocab = read_json(folder / VOCAB_FILE, "tokenizer vocabulary", MODEL_FIX)
+    if not isinstance(vocab, dict) or "tokens" not in vocab:
+        return None
+    settings = read_json(folder / CONFIG_FILE, "tokenizer config", MODEL_FIX) if (folder / CONFIG_FILE).exists() else {}
+    return len(vocab["tokens"]), f"the {settings.get('scheme', 'celltron')} tokenizer saved beside it ({VOCAB_FILE})"
 
 
 def count_parameters(model: torch.nn.Module) -> int:

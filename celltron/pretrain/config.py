@@ -7,7 +7,9 @@ import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import yaml
+from celltron.errors import ConfigError
+from celltron.inputs import parse_yaml, read_yaml
+from celltron.ranges import check_ranges, ranged
 
 FAMILY_SCHEMES = {"geneformer": ("geneformer-v1", "geneformer-v2"), "scgpt": ("scgpt",), "genecompass": ("ortholog",)}
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_stage_3_offload")
@@ -30,7 +32,7 @@ class TokenizerSection:
     max_len: tokens per cell (default: the scheme's own)."""
 
     scheme: str = "geneformer-v2"
-    max_len: int | None = None
+    max_len: int | None = ranged(None, ">= 1")
 
 
 @dataclass
@@ -54,31 +56,31 @@ class DataSection:
 
     corpus: str = ""
     storage_options: dict = field(default_factory=dict)
-    batch_size: int = 8
+    batch_size: int = ranged(8, ">= 1")
     packing: bool = False
-    max_tokens: int = 4096
-    round_cells: int = 512
-    num_workers: int = 0
-    block_size: int = 256
-    buffer_size: int = 2048
-    mask_probability: float = 0.15
-    mask_ratio: float = 0.4
+    max_tokens: int = ranged(4096, ">= 1")
+    round_cells: int = ranged(512, ">= 1")
+    num_workers: int = ranged(0, ">= 0")
+    block_size: int = ranged(256, ">= 1")
+    buffer_size: int = ranged(2048, ">= 1")
+    mask_probability: float = ranged(0.15, "(0, 1)")
+    mask_ratio: float = ranged(0.4, "(0, 1)")
     generative: bool = False
-    val_batches: int = 8
+    val_batches: int = ranged(8, ">= 0")
 
 
 @dataclass
 class OptimSection:
     """AdamW with linear warmup then cosine decay to `min_lr_ratio` x lr at max_steps."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
-    accumulate: int = 1
+    lr: float = ranged(1e-3, "> 0")
+    weight_decay: float = ranged(0.01, ">= 0")
+    betas: tuple = ranged((0.9, 0.999), "[0, 1)")
+    eps: float = ranged(1e-8, "> 0")
+    warmup_steps: int = ranged(100, ">= 0")
+    min_lr_ratio: float = ranged(0.1, "[0, 1]")
+    grad_clip: float = ranged(1.0, ">= 0")  # 0: no clipping
+    accumulate: int = ranged(1, ">= 1")
 
 
 @dataclass
@@ -92,20 +94,20 @@ class TrainerSection:
     stop_at_step: end this invocation at that step with a checkpoint, the schedule still
         running to max_steps (a long run in fixed-length jobs; continue with --resume auto)."""
 
-    max_steps: int = 300
-    val_every: int = 100
-    log_every: int = 10
-    checkpoint_every: int = 100
+    max_steps: int = ranged(300, ">= 1")
+    val_every: int = ranged(100, ">= 1")
+    log_every: int = ranged(10, ">= 1")
+    checkpoint_every: int = ranged(100, ">= 1")
     strategy: str = "auto"
     precision: str = "32"
-    devices: int | str = "auto"
-    num_nodes: int = 1
+    devices: int | str = ranged("auto", ">= 1")
+    num_nodes: int = ranged(1, ">= 1")
     accelerator: str = "auto"
     deterministic: bool = True
-    seed: int = 0
+    seed: int = ranged(0, ">= 0")
     activation_checkpointing: bool = False
     deepspeed_config: str | None = None
-    stop_at_step: int | None = None
+    stop_at_step: int | None = ranged(None, ">= 1")
 
 
 @dataclass
@@ -132,26 +134,33 @@ class PretrainConfig:
         """Refuse inconsistent settings, naming the field and the fix."""
         from celltron.model_zoo import FAMILIES
 
+        check_sections(self, where)
         if self.model.family not in FAMILIES:
-            raise ValueError(f"{where}: model.family {self.model.family!r} is not one of {sorted(FAMILIES)}")
+            raise ConfigError(f"{where}: model.family {self.model.family!r} is not one of {sorted(FAMILIES)}")
         if self.model.size not in FAMILIES[self.model.family].sizes:
-            raise ValueError(f"{where}: model.size {self.model.size!r} is not a {self.model.family} size; known: {sorted(FAMILIES[self.model.family].sizes)}")
+            raise ConfigError(f"{where}: model.size {self.model.size!r} is not a {self.model.family} size; known: {sorted(FAMILIES[self.model.family].sizes)}")
         if self.tokenizer.scheme not in FAMILY_SCHEMES[self.model.family]:
-            raise ValueError(f"{where}: tokenizer.scheme {self.tokenizer.scheme!r} does not feed {self.model.family}; use {FAMILY_SCHEMES[self.model.family]}")
+            raise ConfigError(f"{where}: tokenizer.scheme {self.tokenizer.scheme!r} does not feed {self.model.family}; use {FAMILY_SCHEMES[self.model.family]}")
         check_trainer(self.trainer, where)
         if self.data.generative and self.model.family != "scgpt":
-            raise ValueError(f"{where}: data.generative is scGPT's mode; set it only with model.family: scgpt")
+            raise ConfigError(f"{where}: data.generative is scGPT's mode; set it only with model.family: scgpt")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def check_sections(config, where: str) -> None:
+    """Every numeric field of every section in its allowed range (`ranged` beside the field)."""
+    for spec in fields(config):
+        check_ranges(getattr(config, spec.name), f"{where} [{spec.name}]")
+
+
 def check_trainer(trainer: TrainerSection, where: str) -> None:
     if trainer.strategy not in STRATEGIES:
-        raise ValueError(f"{where}: trainer.strategy {trainer.strategy!r} is not one of {STRATEGIES}")
+        raise ConfigError(f"{where}: trainer.strategy {trainer.strategy!r} is not one of {STRATEGIES}")
     if str(trainer.precision) not in PRECISIONS:
-        raise ValueError(f"{where}: trainer.precision {trainer.precision!r} is not one of {PRECISIONS}")
+        raise ConfigError(f"{where}: trainer.precision {trainer.precision!r} is not one of {PRECISIONS}")
 
 
 def _coerce(value, annotation: str, where: str):
@@ -183,14 +192,14 @@ def _coerce(value, annotation: str, where: str):
         return tuple(value)
     if "dict" in kinds and isinstance(value, dict):
         return value
-    raise ValueError(f"{where}: {value!r} is not a valid {annotation}")
+    raise ConfigError(f"{where}: {value!r} is not a valid {annotation}")
 
 
 def _section(section_class, values: dict, where: str):
     declared = {f.name: str(f.type) for f in fields(section_class)}
     unknown = sorted(set(values) - set(declared))
     if unknown:
-        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(declared)}")
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known: {sorted(declared)}")
     return section_class(**{name: _coerce(value, declared[name], f"{where} {name}") for name, value in values.items()})
 
 
@@ -202,7 +211,10 @@ def from_dict(values: dict, where: str = "config", config_class=None):
     classes = typing.get_type_hints(config_class)
     unknown = sorted(set(values) - set(classes))
     if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; known: {sorted(classes)}")
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(classes)}")
+    for name, section in values.items():
+        if section is not None and not isinstance(section, dict):
+            raise ConfigError(f"{where} [{name}]: expected a mapping of fields, got {type(section).__name__} {section!r}")
     built = {name: _section(classes[name], dict(values.get(name) or {}), f"{where} [{name}]") for name in classes}
     return config_class(**built).check(where)
 
@@ -210,11 +222,9 @@ def from_dict(values: dict, where: str = "config", config_class=None):
 def load_config(path, overrides: list[str] | None = None, config_class=None):
     """A config from YAML, with `section.field=value` overrides (values parsed as YAML)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such config file; see configs/")
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml(path, "config file (see configs/)") or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(values).__name__}")
     return from_dict(apply_overrides(values, overrides), str(path), config_class)
 
 
@@ -223,14 +233,17 @@ def apply_overrides(values: dict, overrides: list[str] | None) -> dict:
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or "." not in key:
-            raise ValueError(f"--set {item!r}: expected section.field=value (e.g. optim.lr=3e-4)")
+            raise ConfigError(f"--set {item!r}: expected section.field=value (e.g. optim.lr=3e-4)")
         section, _, name = key.partition(".")
-        values.setdefault(section, {})
+        if values.get(section) is None:  # absent, or an empty `section:` line in the YAML
+            values[section] = {}
         target = values[section]
+        if not isinstance(target, dict):
+            raise ConfigError(f"--set {item!r}: [{section}] is {target!r} in the config, not a mapping of fields")
         *parents, leaf = name.split(".")
         for parent in parents:  # e.g. model.overrides.hidden_size=64
             target = target.setdefault(parent, {})
-        target[leaf] = yaml.safe_load(raw)
+        target[leaf] = parse_yaml(raw, f"--set {item}")
     return values
 
 

@@ -26,6 +26,7 @@ from celltron.corpus.stream import CorpusStream, collate_cells
 from celltron.pretrain.config import DataSection
 from celltron.tokenizers.collate import MLMCollator, PackingCollator, ValueMaskingCollator, length_grouped, pack_stream
 from celltron.tokenizers.dataset import Block, encode, make_tokenizer
+from celltron.tokenizers.rank_value import float32_datasets
 
 POSITION_KEY = "stream_position"  # (stream worker, epoch, offset of the round, batches of the round used)
 BOOKKEEPING = (POSITION_KEY, "n_cells", "n_tokens", "max_seqlen")  # batch keys that are not model inputs
@@ -102,6 +103,7 @@ class TokenBatches(IterableDataset):
         self.resume, self.rotation = dict(resume or {}), rotation
         categories = stream.corpus.manifest["obs_categories"]
         self.species_names = list(categories.get("species", []))
+        self.float32_of_dataset = float32_datasets(stream.corpus.manifest)
 
     def __iter__(self):
         worker, num_workers = (0, 1) if get_worker_info() is None else (get_worker_info().id, get_worker_info().num_workers)
@@ -129,7 +131,8 @@ class TokenBatches(IterableDataset):
     def _round_batches(self, raw: list[dict], generator: torch.Generator):
         flat = collate_cells(raw)
         species = [self.species_names[c] if c >= 0 else None for c in flat.get("species", np.full(len(raw), -1))]
-        block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {})
+        float32 = self.float32_of_dataset[flat["dataset"]] if "dataset" in flat else None
+        block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {}, float32)
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
         tokens = encode(self.tokenizer, block, rng)
         cells = [{"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}

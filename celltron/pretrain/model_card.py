@@ -68,12 +68,12 @@ def model_family(config: dict) -> str:
 
 def count_parameters(folder: Path) -> int | None:
     """Weights stored in the folder's safetensors files, read from their headers only."""
-    from safetensors import safe_open
+    from celltron.inputs import open_safetensors
 
     total = 0
     files = sorted(folder.glob("*.safetensors"))
     for path in files:
-        with safe_open(path, framework="pt") as handle:
+        with open_safetensors(path) as handle:
             for key in handle.keys():
                 total += math.prod(handle.get_slice(key).get_shape())
     return total if files else None

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from celltron.errors import UserError
+from celltron.io import check_output_folder, write_folder_atomically
 from celltron.pretrain.model_card import MARKER, gather_facts, render_card
 from celltron.tokenizers.saving import write_text_atomically
 
@@ -24,7 +26,7 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 CARD = "README.md"
 
 
-class PublishError(ValueError):
+class PublishError(UserError):
     """The Hub refused a step; the message names the repository and the fix."""
 
 
@@ -72,9 +74,9 @@ def check_source(source: Path) -> None:
 
 
 def staging_folder(source: Path, run_dir: Path | None, out=None) -> Path:
-    """Where the Hub-ready folder goes: the model folder itself, or for a checkpoint `out`
-    (default: `hub/` in the run folder)."""
-    if out:
+    """Where the Hub-ready folder goes: the model folder itself (also when `out` names it), or
+    `out` (for a checkpoint, default: `hub/` in the run folder)."""
+    if out and not (Path(out).exists() and Path(out).resolve() == source.resolve() and not is_checkpoint(source)):
         return Path(out)
     if not is_checkpoint(source):
         return source
@@ -82,7 +84,17 @@ def staging_folder(source: Path, run_dir: Path | None, out=None) -> Path:
     return base / "hub"
 
 
-def prepare_folder(source, out=None, run_dir=None, base_model=None, license="apache-2.0", metrics=(), repo_id=None):
+def check_out_folder(source: Path, folder: Path, run: Path | None, out=None, overwrite: bool = False) -> None:
+    """Refuse, before any export, copy or upload, a Hub-ready folder that would replace a folder
+    celltron did not write (without `overwrite`), or the source, its run or the current directory."""
+    if folder == source:  # the card goes into the model folder itself: nothing is replaced
+        return
+    check_output_folder(folder, overwrite=overwrite, protected=_read_by_publish(source, run), flag="--out" if out else "",
+                        fix=None if out else "pass --overwrite to replace it, or choose a folder with --out")
+
+
+def prepare_folder(source, out=None, run_dir=None, base_model=None, license="apache-2.0", metrics=(), repo_id=None,
+                   overwrite: bool = False):
     """Make a Hub-ready folder with its model card; returns (folder, card text, card kept, evaluations).
 
     Args:
@@ -94,17 +106,20 @@ def prepare_folder(source, out=None, run_dir=None, base_model=None, license="apa
         license: licence id for the card.
         metrics: extra fine-tuning metrics.json files to report.
         repo_id: the Hub id, for the card's title and loading examples.
+        overwrite: replace an existing `out` that celltron did not write (never the source,
+            its run directory or the current directory).
     """
     source = Path(source)
     check_source(source)
     run = run_dir_of(source, run_dir)
     folder = staging_folder(source, run, out)
+    check_out_folder(source, folder, run, out, overwrite)
     if is_checkpoint(source):
         from celltron.pretrain.run import export_checkpoint
 
-        export_checkpoint(source, folder, run)
+        export_checkpoint(source, folder, run, overwrite=overwrite)
     elif folder != source:
-        _copy_folder(source, folder)
+        _copy_folder(source, folder, run, overwrite)
     facts = gather_facts(folder, run, metrics, base_model, license, repo_id)
     card_path = folder / CARD
     if card_path.exists() and MARKER not in card_path.read_text(errors="replace"):
@@ -115,10 +130,14 @@ def prepare_folder(source, out=None, run_dir=None, base_model=None, license="apa
     return folder, card, False, facts.evaluations
 
 
-def _copy_folder(source: Path, out: Path) -> None:
-    from celltron.model_zoo.common import write_folder_atomically
+def _read_by_publish(source: Path, run: Path | None) -> list[tuple[str, Path]]:
+    """What the Hub-ready folder may never replace nor hold."""
+    return [("the model being published", source)] + ([("the run directory", run)] if run else [])
 
-    write_folder_atomically(out, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+
+def _copy_folder(source: Path, out: Path, run: Path | None, overwrite: bool) -> None:
+    write_folder_atomically(out, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True), overwrite=overwrite,
+                            protected=_read_by_publish(source, run), written_by="celltron publish")
 
 
 def folder_files(folder: Path) -> list[tuple[str, int]]:
@@ -235,7 +254,7 @@ def _first_line(error: Exception) -> str:
 
 def publish(source, repo_id: str, *, private: bool = False, revision: str | None = None, commit_message: str | None = None,
             force: bool = False, dry_run: bool = False, token_env: str = "HF_TOKEN", out=None, run_dir=None,
-            base_model: str | None = None, license: str = "apache-2.0", metrics=()) -> PublishResult:
+            base_model: str | None = None, license: str = "apache-2.0", metrics=(), overwrite: bool = False) -> PublishResult:
     """Write the model card into a Hub-ready folder, then (unless `dry_run`) upload it.
 
     Args:
@@ -247,19 +266,22 @@ def publish(source, repo_id: str, *, private: bool = False, revision: str | None
         force: replace a revision that already holds files.
         dry_run: write the card, upload nothing, need no token.
         token_env: environment variable holding the token (default HF_TOKEN, then the local login).
-        out, run_dir, base_model, license, metrics: as `prepare_folder`.
+        out, run_dir, base_model, license, metrics, overwrite: as `prepare_folder`.
     """
     check_repo_id(repo_id)
-    check_source(Path(source))
+    source_path = Path(source)
+    check_source(source_path)
     if base_model is not None:
         check_repo_id(base_model, "--base-model")
+    run = run_dir_of(source_path, run_dir)
+    check_out_folder(source_path, staging_folder(source_path, run, out), run, out, overwrite)
     revision = revision or "main"
     api = replace = None
     if not dry_run:
         # the token and the target are checked before any export or card: a refusal costs nothing
         api = hub_api(resolve_token(token_env))
         replace = open_target(api, repo_id, revision, private=private, force=force)
-    folder, card, kept, evaluations = prepare_folder(source, out, run_dir, base_model, license, metrics, repo_id)
+    folder, card, kept, evaluations = prepare_folder(source, out, run_dir, base_model, license, metrics, repo_id, overwrite)
     result = PublishResult(folder, repo_id, revision, folder_files(folder), card, dry_run, kept, evaluations=evaluations)
     if not dry_run:
         message = commit_message or f"Publish celltron model from {Path(source).name} with `celltron publish`"

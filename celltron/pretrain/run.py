@@ -5,21 +5,27 @@ The run directory (`out`) holds:
     config.yaml       the resolved config
     model/            the model's config.json and the tokenizer files (what export needs)
     metrics.csv       one row per logged step (and per validation)
-    checkpoints/      step=N.ckpt (files, or folders for DeepSpeed), complete or absent
+    checkpoints/      step=N.ckpt (files, or folders for DeepSpeed), complete or absent; each
+                      file with step=N.ckpt.integrity.json (its size and CRC-32)
     export/           the Hugging Face folder written at the end
     loss.png          the loss curve
+
+Nothing is written there before the config, the corpus, the tokenizer, the model and the
+checkpoint to resume from have been checked: a run refused for its inputs leaves no folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import yaml
 
+from celltron.inputs import read_json
+from celltron.io import check_output_folder, write_folder_atomically, write_text_atomically
 from celltron.pretrain.config import PretrainConfig
 
 MODEL_DIR, CHECKPOINT_DIR, EXPORT_DIR = "model", "checkpoints", "export"
@@ -27,6 +33,9 @@ MODEL_DIR, CHECKPOINT_DIR, EXPORT_DIR = "model", "checkpoints", "export"
 
 @dataclasses.dataclass
 class RunResult:
+    """stopped_by: why the run ended before max_steps ('signal': SIGTERM / SIGUSR1;
+    'stop_at_step': trainer.stop_at_step), None when it ran to the end."""
+
     out: Path
     steps: int
     interrupted: bool
@@ -34,20 +43,20 @@ class RunResult:
     export: Path | None
     loss_curve: Path | None
     is_global_zero: bool = True
+    stopped_by: str | None = None
 
 
 def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = None):
     """The run's model: a named size sized to the tokenizer's vocabulary, or `init_from` (an
     exported or converted folder) whose vocabulary must be the tokenizer's."""
     from celltron.model_zoo import FAMILIES, build_model
+    from celltron.model_zoo.registry import check_vocabulary, model_folder
 
     vocab = tokenizer.vocab
     if init_from:
-        model = FAMILIES[config.model.family].model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
-        if model.config.vocab_size != len(vocab):
-            raise ValueError(f"{init_from}: model vocabulary has {model.config.vocab_size} tokens, the tokenizer "
-                             f"{len(vocab)}; continue pretraining with the tokenizer saved in that folder")
-        return model
+        check_vocabulary(model_folder(init_from), len(vocab), f"this run's {config.tokenizer.scheme} tokenizer of the corpus",
+                         "continue pretraining with the tokenizer scheme (tokenizer.scheme) and gene set the model was trained with")
+        return FAMILIES[config.model.family].model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
     overrides = dict(config.model.overrides)
     overrides.setdefault("pad_token_id", vocab.special_id("pad"))
     if config.model.family == "genecompass":
@@ -96,7 +105,7 @@ def _strategy(config: PretrainConfig):
     DeepSpeedStrategy = _deepspeed_class(config)
     stage, offload = int(name.split("_")[2]), name.endswith("offload")
     if config.trainer.deepspeed_config:
-        settings = json.loads(Path(config.trainer.deepspeed_config).read_text())
+        settings = read_json(config.trainer.deepspeed_config, "DeepSpeed config (trainer.deepspeed_config)", "see configs/deepspeed/")
         zero = settings.get("zero_optimization", {})
         if zero.get("stage") != stage or ("offload_optimizer" in zero) != offload:
             raise ValueError(f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
@@ -122,7 +131,10 @@ def _loggers(config: PretrainConfig, out: Path) -> list:
 
 
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
-    from celltron.pretrain.checkpoints import latest_checkpoint
+    """The checkpoint to continue from: none, the newest intact one in `out` ('auto'; damaged
+    ones skipped with a warning), or the one given, which must be intact (CheckpointError)."""
+    from celltron.errors import CheckpointError
+    from celltron.pretrain.checkpoints import check_checkpoint, latest_checkpoint
 
     if resume in (None, "", "none"):
         return None
@@ -130,8 +142,9 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
         return latest_checkpoint(out / CHECKPOINT_DIR)
     path = Path(resume)
     if not path.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    return path
+        raise CheckpointError(f"--resume {resume}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder, "
+                              "or 'auto'")
+    return check_checkpoint(path)
 
 
 def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batches: int | float,
@@ -172,20 +185,38 @@ def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batch
     return trainer, signals
 
 
+def stop_reason(signals, trainer) -> str | None:
+    """Why fit ended early: 'stop_at_step' (asked for by the config; the same on every rank),
+    'signal' (SIGTERM / SIGUSR1 on some rank), or None when it ran to the end."""
+    if not signals.interrupted:
+        return None
+    if signals.stop_at_step is not None and trainer.global_step >= signals.stop_at_step:
+        return "stop_at_step"
+    return "signal"
+
+
 def fit(trainer, module, data, signals, ckpt_path: Path | None, checkpoints: Path) -> Path:
-    """trainer.fit, turning a signal stop into a clean return and a lost peer into a clear error;
-    saves the final checkpoint (unless stopped) and returns its path."""
+    """trainer.fit, turning a signal stop into a clean return, Ctrl-C back into a
+    KeyboardInterrupt and a lost peer into a clear error; saves the final checkpoint (unless
+    stopped) and returns its path."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from celltron.pretrain.environment import explain_lost_peer
 
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    except SIGTERMException:
+    except SIGTERMException:  # a SystemExit: caught before the Ctrl-C case below
         # Lightning's own SIGTERM handling ends fit with this exception; ours has already
         # saved a checkpoint at the end of the step, which makes it a clean stop
         if not signals.interrupted:
             raise
+    except SystemExit:
+        # Lightning answers Ctrl-C with its own shutdown and sys.exit(1); hand the CLI the
+        # KeyboardInterrupt back so that it says so in one line and exits 130
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning ignored Ctrl-C for its shutdown
+        raise KeyboardInterrupt from None
     except Exception as error:  # a peer died: say which, instead of a transport error
         clearer = explain_lost_peer(error, trainer.global_step)
         if clearer is None:
@@ -215,13 +246,11 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     if not config.data.corpus:
         raise ValueError("no corpus: set data.corpus in the config or pass --corpus DIR_OR_URL")
     check_slurm_shape(config.trainer.num_nodes, config.trainer.devices)
-    out.mkdir(parents=True, exist_ok=True)
-    # every process builds the same run; the first (rank from the launcher's environment) writes it
-    writer = rank_zero_only.rank == 0
-    if writer:
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        if init_from:  # the model card names it as the base model when it is a Hub id
-            (out / "init_from.txt").write_text(f"{init_from}\n")
+    # the checkpoint to resume from and the export folder to replace are checked, and the
+    # corpus, tokenizer and model built, before the run directory gets anything
+    ckpt_path = resolve_resume(resume, out)
+    check_output_folder(out / EXPORT_DIR, protected=[("the run directory", out)], flag="",
+                        fix="move it away or delete it (the run writes its export there), or choose another --out")
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     corpus = Corpus(config.data.corpus, config.data.storage_options or None)
@@ -229,37 +258,53 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     model = build_model_for(config, tokenizer, init_from)
     if config.trainer.activation_checkpointing:
         model.activation_checkpointing_enable()
-    if writer:
-        model.config.save_pretrained(out / MODEL_DIR)
-        tokenizer.save_pretrained(out / MODEL_DIR)
+    # every process builds the same run; the first (rank from the launcher's environment) writes it
+    if rank_zero_only.rank == 0:
+        _write_run_files(out, config, init_from, model, tokenizer)
 
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
     module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
     trainer, signals = build_trainer(config, out, callbacks, val_batches=config.data.val_batches)
-    final = fit(trainer, module, data, signals, resolve_resume(resume, out), out / CHECKPOINT_DIR)
+    final = fit(trainer, module, data, signals, ckpt_path, out / CHECKPOINT_DIR)
     export = loss_curve = None
     if not signals.interrupted and trainer.is_global_zero:
         export = export_checkpoint(final, out / EXPORT_DIR, run_dir=out)
         loss_curve = plot_loss(out / "metrics.csv", out / "loss.png")
     return RunResult(out, trainer.global_step, signals.interrupted, final if final.exists() else None, export, loss_curve,
-                     trainer.is_global_zero)
+                     trainer.is_global_zero, stop_reason(signals, trainer))
 
 
-def export_checkpoint(checkpoint, out, run_dir=None) -> Path:
+def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, model, tokenizer) -> None:
+    """config.yaml, init_from.txt and model/ (the model's config and tokenizer, what export needs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if init_from:  # the model card names it as the base model when it is a Hub id
+        write_text_atomically(out / "init_from.txt", f"{init_from}\n")
+    model.config.save_pretrained(out / MODEL_DIR)
+    tokenizer.save_pretrained(out / MODEL_DIR)
+
+
+def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) -> Path:
     """A pretraining checkpoint (Lightning file or DeepSpeed folder, any ZeRO stage) -> a
-    Hugging Face folder: config.json, model.safetensors, tokenizer files."""
+    Hugging Face folder: config.json, model.safetensors, tokenizer files. An existing `out` is
+    replaced only when celltron wrote it, or with `overwrite`; never when it is (or holds) the
+    checkpoint, the run directory or its model folder."""
     from transformers import AutoConfig
 
     import celltron  # noqa: F401  (Auto-class registration)
-    from celltron.model_zoo.common import write_folder_atomically
     from celltron.model_zoo.registry import family_of
-    from celltron.pretrain.checkpoints import model_state_from_checkpoint
+    from celltron.pretrain.checkpoints import check_checkpoint, model_state_from_checkpoint
 
     checkpoint = Path(checkpoint)
     run_dir = Path(run_dir) if run_dir else checkpoint.parent.parent
     model_dir = run_dir / MODEL_DIR
+    protected = [("the checkpoint", checkpoint), ("the run directory", run_dir), ("the run's model folder", model_dir)]
+    check_output_folder(out, overwrite=overwrite, protected=protected)  # before any loading: a refusal costs nothing
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder")
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)")
+    check_checkpoint(checkpoint, checksum=True)  # a model published from damaged weights would fail far from here
     model_config = AutoConfig.from_pretrained(model_dir)
     family = family_of(model_config)
     if family.name == "geneformer":
@@ -278,7 +323,7 @@ def export_checkpoint(checkpoint, out, run_dir=None) -> Path:
             if item.name != "config.json":
                 shutil.copy2(item, folder / item.name)
 
-    return write_folder_atomically(out, fill)
+    return write_folder_atomically(out, fill, overwrite=overwrite, protected=protected, written_by="celltron export")
 
 
 def plot_loss(metrics_csv, png) -> Path | None:

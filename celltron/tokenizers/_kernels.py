@@ -3,7 +3,8 @@
 Each gives the same result as the numpy code it stands in for, token for token and value for
 value (tests run both):
 - `rank_cells_compiled` (`ragged.rank_cells`, Geneformer and ortholog schemes): within a cell,
-  genes by value descending, exact ties in input gene order. Each cell is ordered by a
+  genes by value descending, exact ties in input gene order, values as `geneformer_values`
+  computes them (float32 steps for cells of float32 sources). Each cell is ordered by a
   two-pass byte radix sort (O(n)) on the top 16 varying bits of the value's IEEE pattern,
   which orders every pair of values that differ in those bits; an insertion sort then settles
   the small groups that share them by the full float64 value (stable, so ties stay in input
@@ -25,6 +26,29 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 NORMALISED_TOTAL = 10_000.0
+
+
+def geneformer_values(counts, n_counts, medians, float32_cells=None) -> np.ndarray:
+    """Geneformer's normalised value of each count (float64): count / n_counts * 10,000 / median.
+
+    Geneformer evaluates `X / n_counts * target_sum / medians` on the scipy sparse matrix of
+    its input, and scipy divides a sparse matrix by a dense array by multiplying with the
+    reciprocal, in the operands' dtype. For a float32 matrix (and its float32 n_counts) the
+    first two steps stay float32: float32(count * float32(1 / n_counts)) * 10,000 in float32;
+    the float64 medians then promote: value = float64(that) * (1 / median). Near-ties round
+    differently in float64, so cells of float32 sources (`float32_cells`, one flag per value)
+    take those steps. Other cells keep float64 division: scipy's float64 products with
+    reciprocals may differ from it in the last bit, which changed no ranking of real (PBMC 3k)
+    integer or float64 counts.
+    """
+    counts = np.asarray(counts)
+    values = counts / n_counts * NORMALISED_TOTAL / medians
+    mine = None if float32_cells is None else np.asarray(float32_cells, dtype=bool)
+    if mine is not None and mine.any():
+        reciprocal = np.float32(1) / np.asarray(n_counts, dtype=np.float32)[mine]
+        scaled = counts[mine].astype(np.float32) * reciprocal * np.float32(NORMALISED_TOTAL)
+        values[mine] = scaled.astype(np.float64) * (1.0 / np.asarray(medians)[mine])
+    return values
 
 
 def available() -> bool:
@@ -96,7 +120,36 @@ def _zero_specials(array, start, prefix, kept, suffix):
 VALUES_NONE, VALUES_RAW, VALUES_LOG2P1 = 0, 1, 2  # what `_rank` returns beside the tokens
 
 
-def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind):
+def _scale_small_counts(scaled, total, single):
+    """scaled[c] = c / total * 10,000 for c < SMALL_COUNTS, with `geneformer_values`'s
+    operations: float64 division, or (`single`, a float32 source) its float32 steps. Those are
+    computed in float64 and rounded once to float32, which gives the float32 operation's own
+    result: the product of two float32 values is exact in float64, and a float64 quotient
+    (53 >= 2 x 24 + 2 bits) rounds to float32 as the float32 division does."""
+    if single:
+        reciprocal = np.float32(1.0 / np.float64(np.float32(total)))
+        for c in range(1, len(scaled)):
+            product = np.float32(np.float64(np.float32(c)) * np.float64(reciprocal))
+            scaled[c] = np.float64(np.float32(np.float64(product) * NORMALISED_TOTAL))
+        return np.float64(reciprocal)
+    for c in range(1, len(scaled)):
+        scaled[c] = c / total * NORMALISED_TOTAL
+    return 0.0
+
+
+def _value(count, total, single, reciprocal, scaled, median):
+    """`geneformer_values` of one count (see `_scale_small_counts` for the float32 steps)."""
+    if count < SMALL_COUNTS:
+        numerator = scaled[count]
+    elif single:
+        product = np.float32(np.float64(np.float32(count)) * reciprocal)
+        numerator = np.float64(np.float32(np.float64(product) * NORMALISED_TOTAL))
+    else:
+        numerator = count / total * NORMALISED_TOTAL
+    return numerator * (1.0 / median) if single else numerator / median
+
+
+def _rank(indptr, genes, counts, n_counts, float32_cells, token_of_gene, median, limit, prefix, suffix, values_kind):
     n_cells = len(indptr) - 1
     longest = _longest_cell(indptr)
     # One pass, cell by cell, into outputs sized for the most the cells can hold (returned as
@@ -114,9 +167,8 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
     scaled = np.empty(SMALL_COUNTS, np.float64)
     bits = values.view(np.uint64)
     for i in range(n_cells):
-        total = n_counts[i]
-        for c in range(1, SMALL_COUNTS):
-            scaled[c] = c / total * NORMALISED_TOTAL  # the same operations as for each gene
+        total, single = n_counts[i], float32_cells[i]
+        reciprocal = _scale_small_counts(scaled, total, single)
         m = 0
         previous = -1
         for j in range(indptr[i], indptr[i + 1]):
@@ -126,9 +178,7 @@ def _rank(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix,
             count = counts[j]
             token = token_of_gene[genes[j]]
             if count > 0 and token >= 0:
-                # the reference's operations in its order: count / n_counts * 10,000 / median
-                numerator = scaled[count] if count < SMALL_COUNTS else count / total * NORMALISED_TOTAL
-                values[m] = numerator / median[genes[j]]
+                values[m] = _value(count, total, single, reciprocal, scaled, median[genes[j]])
                 tokens[m] = token
                 m += 1
         _order_cell(values, bits, 0, m, order, scratch, histogram)
@@ -278,18 +328,22 @@ if numba is not None:
     _order_cell = numba.njit(cache=True, nogil=True)(_order_cell)
     _bin_cell = numba.njit(cache=True, nogil=True)(_bin_cell)
     _bin_cells = numba.njit(cache=True, nogil=True)(_bin_cells)
+    _scale_small_counts = numba.njit(cache=True, nogil=True)(_scale_small_counts)
+    _value = numba.njit(cache=True, nogil=True)(_value)
     _rank = numba.njit(cache=True, nogil=True)(_rank)
     _row_sums = numba.njit(cache=True, nogil=True)(_row_sums)
 
 
 def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-                        values_kind: str = "raw"):
+                        values_kind: str = "raw", float32_cells=None):
     """`ragged.rank_cells`, compiled, for integer counts. None when some cell's genes are not in
     ascending order (the numpy loop sorts them first)."""
     kind = {"none": VALUES_NONE, "raw": VALUES_RAW, "log2p1": VALUES_LOG2P1}[values_kind]
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     n_counts = _row_sums(indptr, counts) if n_counts is None else np.ascontiguousarray(n_counts, dtype=np.float64)
-    offsets, out, raw, log2p1, in_order = _rank(indptr, genes, counts, n_counts, token_of_gene, median, int(limit), int(prefix), int(suffix), kind)
+    single = np.zeros(len(indptr) - 1, bool) if float32_cells is None else np.ascontiguousarray(float32_cells, dtype=bool)
+    offsets, out, raw, log2p1, in_order = _rank(indptr, genes, counts, n_counts, single, token_of_gene, median, int(limit),
+                                                int(prefix), int(suffix), kind)
     if not in_order:
         return None
     return offsets, out, log2p1 if kind == VALUES_LOG2P1 else raw

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,15 +26,16 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from celltron.corpus.build import to_corpus_genes
-from celltron.corpus.genes import infer_species, map_genes
-from celltron.corpus.readers import check_raw_counts, open_source
+from celltron.corpus.genes import MIN_MAPPED_FRACTION, check_token_coverage
+from celltron.corpus.readers import check_raw_counts, map_source_genes, open_source
 from celltron.corpus.stats import GeneStatistics
+from celltron.io import new_partial_dir
 from celltron.corpus.store import Corpus, ShardReader
 from celltron.tokenizers.binned import BinnedTokenizer
 from celltron.tokenizers.hvg import DISPERSION_FLAVORS, highly_variable_genes, log_normalize
 from celltron.tokenizers.ortholog import OrthologTokenizer, group_by_species, ortholog_vocab
 from celltron.tokenizers.ragged import RaggedTokens
-from celltron.tokenizers.rank_value import RankValueTokenizer
+from celltron.tokenizers.rank_value import RankValueTokenizer, float32_datasets, is_float32
 from celltron.tokenizers.vocab import GeneVocab
 
 SCHEMES = ("geneformer-v1", "geneformer-v2", "scgpt", "ortholog")
@@ -51,6 +51,9 @@ class Block:
     n_counts: np.ndarray
     species: list[str]
     obs: dict[str, list]
+    # whether each cell's source matrix was float32 (one flag per cell, or one for the block):
+    # Geneformer's normalisation then runs in float32 (rank_value)
+    float32: np.ndarray | bool | None = None
 
 
 @dataclass
@@ -62,6 +65,9 @@ class _Input:
     blocks: Iterator[Block]
     # another pass over the same cells, carrying the given obs columns (HVG selection reads twice)
     read: Callable[[tuple], Iterator[Block]] | None = None
+    # per gene of the source (an .h5ad's own genes, mapped or not; a corpus's genes): its Ensembl
+    # ID ('' unmapped), name and counts, to tell how much of the data a vocabulary covers
+    source_genes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _Input:
@@ -75,6 +81,7 @@ def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _In
 
     check(obs_keys)
     records = corpus.shards(split)
+    float32_of_dataset = float32_datasets(corpus.manifest)
 
     def blocks(obs_keys=obs_keys):
         check(obs_keys)
@@ -83,13 +90,17 @@ def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _In
             for start in range(0, record["n_cells"], block_cells):
                 b = reader.read(start, min(start + block_cells, record["n_cells"]))
                 decode = lambda key: [categories[key][c] if c >= 0 else None for c in b.obs[key]]  # noqa: E731
-                yield Block(b.indptr, b.genes, b.counts, b.obs["n_counts"], decode("species"), {k: decode(k) for k in obs_keys})
+                yield Block(b.indptr, b.genes, b.counts, b.obs["n_counts"], decode("species"), {k: decode(k) for k in obs_keys},
+                            float32_of_dataset[b.obs["dataset"]])
 
     n_cells = sum(r["n_cells"] for r in records)
-    return _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), n_cells, blocks(), blocks)
+    source_genes = (corpus.gene_ids, corpus.gene_ids, np.asarray(genes["count_sum"], dtype=np.float64))
+    return _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), n_cells, blocks(), blocks,
+                  source_genes=source_genes)
 
 
-def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column, species) -> _Input:
+def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column, species,
+                min_mapped_fraction: float = MIN_MAPPED_FRACTION, scheme: str | None = None) -> _Input:
     source = open_source(path, layer=layer, gene_column=gene_column)
 
     def check(keys):
@@ -98,14 +109,17 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
             raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}")
 
     check(obs_keys)
-    species = species or infer_species(source.gene_names, str(path))
-    ensembl = map_genes(source.gene_names, species, str(path)).ensembl_ids
+    mapping = map_source_genes(source, species, min_mapped_fraction)
+    species, ensembl = mapping.species, mapping.ensembl_ids
+    if scheme is not None:  # before the pass over every cell below
+        check_scheme_coverage(scheme, (ensembl, mapping.names, mapping.gene_counts), {species}, path, min_mapped_fraction)
     # unique Ensembl IDs in first-seen order, so ties keep the file's gene order
     _, first = np.unique(ensembl[ensembl != ""], return_index=True)
     gene_ids = ensembl[ensembl != ""][np.sort(first)]
     position = {g: i for i, g in enumerate(gene_ids)}
     column_map = np.array([position.get(g, -1) for g in ensembl], dtype=np.int64)
     has_totals = "n_counts" in source.obs.columns
+    float32 = is_float32(source.read_rows(0, min(1, source.n_cells)).dtype)  # the matrix's dtype, from its first row
 
     def read(start, stop):
         raw = source.read_rows(start, stop).tocsr()
@@ -125,9 +139,25 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
             stop = min(start + block_cells, source.n_cells)
             mapped, totals = read(start, stop)
             obs = {k: source.obs[k].iloc[start:stop].tolist() for k in obs_keys}
-            yield Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * (stop - start), obs)
+            yield Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * (stop - start), obs, float32)
 
-    return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks(), blocks)
+    return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks(), blocks,
+                  source_genes=(ensembl, mapping.names, mapping.gene_counts))
+
+
+def check_scheme_coverage(scheme: str, source_genes, species: set[str], source,
+                          min_fraction: float = MIN_MAPPED_FRACTION) -> None:
+    """Refuse data whose counts mostly fall on genes `scheme`'s fixed vocabulary has no token for
+    (mouse genes and the human-only Geneformer or scGPT vocabularies): its cells would come out
+    with no gene tokens. `source_genes`: Ensembl IDs, names and counts per gene of the source.
+    The ortholog vocabulary is built from the data's own genes, so it always covers them."""
+    if scheme not in ("geneformer-v1", "geneformer-v2", "scgpt") or source_genes is None:
+        return
+    vocab = GeneVocab.from_scgpt() if scheme == "scgpt" else GeneVocab.from_geneformer(scheme.split("-")[1])
+    other = sorted(species - {"human"})
+    hint = f"the {vocab.name} vocabulary holds human genes and these are {'/'.join(other)}: " if other else ""
+    check_token_coverage(*source_genes, vocab, str(source), f"{hint}use --scheme ortholog, whose vocabulary is built from the "
+                         "data's own human and mouse genes", min_fraction)
 
 
 def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subset=None):
@@ -174,7 +204,7 @@ def select_hvg(data: _Input, n_top_genes: int, flavor: str = "seurat_v3", batch_
 def encode(tokenizer, block: Block, rng) -> RaggedTokens:
     """Tokenise a Block with any tokenizer (each scheme takes different per-cell inputs)."""
     if isinstance(tokenizer, RankValueTokenizer):
-        return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.n_counts)
+        return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.n_counts, block.float32)
     if isinstance(tokenizer, BinnedTokenizer):
         return tokenizer.encode_block(block.indptr, block.genes, block.counts, rng)
     return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.species, block.n_counts)
@@ -200,13 +230,15 @@ def tokenize_to_dataset(
     source, scheme: str, out, obs_keys=(), split: str = "train", max_len: int | None = None, seed: int = 0,
     layer: str = "X", gene_column: str | None = None, species: str | None = None, block_cells: int = 2048,
     storage_options: dict | None = None, progress: bool = True, hvg: int | None = None, hvg_flavor: str = "seurat_v3",
-    hvg_batch_key: str | None = None, hvg_span: float = 0.3,
+    hvg_batch_key: str | None = None, hvg_span: float = 0.3, min_mapped_fraction: float = MIN_MAPPED_FRACTION,
 ) -> dict:
     """Tokenise every cell of a corpus split or an .h5ad file into a `datasets` dataset at `out`.
 
     `hvg` (scgpt scheme only) keeps the `hvg` highly variable genes (`select_hvg`), chosen over
     the .h5ad's cells or a corpus's training split (whichever split is tokenised, so that train
-    and val get the same genes). Returns a summary: cells, tokens, seconds, cells_per_second.
+    and val get the same genes). Refuses data of which less than `min_mapped_fraction` of the
+    counts map to Ensembl IDs, or reach the scheme's vocabulary. Returns a summary: cells,
+    tokens, seconds, cells_per_second.
     """
     import datasets
 
@@ -218,16 +250,16 @@ def tokenize_to_dataset(
                          "has no such step (use --scheme scgpt)")
     path = Path(str(source))
     if path.suffix == ".h5ad":
-        data = selection = _h5ad_input(path, obs_keys, block_cells, layer, gene_column, species)
+        data = selection = _h5ad_input(path, obs_keys, block_cells, layer, gene_column, species, min_mapped_fraction, scheme)
     else:
         corpus = Corpus(source, storage_options)
         data = selection = _corpus_input(corpus, split, obs_keys, block_cells)
+        check_scheme_coverage(scheme, data.source_genes, set(data.gene_species), corpus.location, min_mapped_fraction)
         if split != "train":
             selection = _corpus_input(corpus, "train", (), block_cells)
     genes_subset = None if hvg is None else select_hvg(selection, hvg, hvg_flavor, hvg_batch_key, hvg_span)
     tokenizer, vocab = make_tokenizer(scheme, data, max_len, seed, genes_subset)
-    work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
+    work = new_partial_dir(out)  # removes stale partial directories of `out` left by killed runs
     try:
         summary = _write(tokenizer, data, work, np.random.default_rng(seed), progress)
         dataset = datasets.Dataset.from_file(str(work / "tokens.arrow"))

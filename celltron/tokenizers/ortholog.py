@@ -15,7 +15,6 @@ from __future__ import annotations
 import gzip
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 

@@ -54,10 +54,12 @@ def sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray)
 
 
 def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-               values_kind: str = "raw"):
+               values_kind: str = "raw", float32_cells=None):
     """Rank each cell's expressed, tokenised genes by count / n_counts x 10,000 / median,
     highest first (ties in input gene order), keep the first `limit`, and lay them out with
-    room for `prefix` and `suffix` special tokens per cell.
+    room for `prefix` and `suffix` special tokens per cell. `float32_cells` (a flag per cell)
+    marks cells of float32 sources, whose values take Geneformer's float32 steps
+    (`_kernels.geneformer_values`).
 
     Returns:
         offsets of the laid-out cells, the output array of token ids (specials still to be
@@ -68,7 +70,8 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     counts = np.asarray(counts)
     integral = np.issubdtype(counts.dtype, np.integer)  # the kernel takes raw counts
     if _kernels.available() and integral:
-        ranked = _kernels.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind)
+        ranked = _kernels.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix,
+                                              values_kind, float32_cells)
         if ranked is not None:
             return ranked
     n_cells = len(indptr) - 1
@@ -81,7 +84,8 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     cell, genes, tokens = cell[keep], genes[keep], tokens[keep]
     # Same operations in the same order as Geneformer (count / n_counts * 10,000 / median), so
     # near-ties round alike; negated so that an ascending stable sort ranks the highest first.
-    negated = -(counts[keep] / np.asarray(n_counts, dtype=np.float64)[cell] * NORMALISED_TOTAL / median[genes])
+    single = None if float32_cells is None else np.asarray(float32_cells, dtype=bool)[cell]
+    negated = -_kernels.geneformer_values(counts[keep], np.asarray(n_counts, dtype=np.float64)[cell], median[genes], single)
     kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
     lengths = np.minimum(np.diff(kept_indptr), limit)
     offsets = np.concatenate([[0], np.cumsum(lengths + prefix + suffix)])

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from celltron.inputs import MODEL_FIX, read_json
 from celltron.tokenizers.vocab import GeneVocab
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -50,11 +51,11 @@ def load_tokenizer(directory, gene_ids):
     config_path = directory / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path}: no tokenizer config; save one with tokenizer.save_pretrained")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "tokenizer config", MODEL_FIX)
     vocab = GeneVocab.from_pretrained(directory)
     settings = config["settings"]
     medians_path = directory / MEDIANS_FILE
-    medians = json.loads(medians_path.read_text()) if medians_path.exists() else None
+    medians = read_json(medians_path, "gene medians", MODEL_FIX) if medians_path.exists() else None
     if config["scheme"] == RankValueTokenizer.SCHEME:
         return RankValueTokenizer(vocab, medians, gene_ids, **settings)
     if config["scheme"] == OrthologTokenizer.SCHEME:

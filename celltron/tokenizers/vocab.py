@@ -106,7 +106,9 @@ class GeneVocab:
         if vocab is None:
             vocab = bundled_vocab_json("scgpt_human")
         elif not isinstance(vocab, dict):
-            vocab = json.loads(Path(vocab).read_text())
+            from celltron.inputs import read_json
+
+            vocab = read_json(vocab, "scGPT vocabulary")
         tokens = _by_id(vocab)
         table = symbol_to_ensembl("human")
         ensembl = ["" if t.startswith("<") else table.get(t.upper(), "") for t in tokens]
@@ -142,7 +144,9 @@ class GeneVocab:
         path = Path(directory) / VOCAB_FILE
         if not path.exists():
             raise FileNotFoundError(f"{path}: no {VOCAB_FILE}; save one with GeneVocab.save_pretrained")
-        payload = json.loads(path.read_text())
+        from celltron.inputs import MODEL_FIX, read_json
+
+        payload = read_json(path, "tokenizer vocabulary", MODEL_FIX)
         return cls(payload["tokens"], payload["ensembl_ids"], payload["specials"], payload.get("name", "custom"), payload.get("aliases", {}))
 
 

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from celltron.corpus.genes import GeneMappingError, infer_species, is_mitochondrial, map_genes

@@ -41,7 +41,7 @@ def test_launch_submits_with_sbatch(tmp_path, slurm_bin, capsys):
     assert f"sbatch {tmp_path}/run/launch/job.sbatch" in slurm_bin.read_text()
 
 
-@pytest.mark.parametrize("srun_exit, finished, requeued", [(0, False, True), (0, True, False), (1, False, False)])
+@pytest.mark.parametrize("srun_exit, finished, requeued", [(0, False, True), (75, False, True), (0, True, False), (1, False, False)])
 def test_script_requeues_only_a_clean_unfinished_stop(tmp_path, slurm_bin, srun_exit, finished, requeued):
     out = tmp_path / "run"
     (out / "export").mkdir(parents=True)

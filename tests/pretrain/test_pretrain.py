@@ -59,7 +59,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(demo_corpus, tmp_pat
                     model={"overrides": {"hidden_dropout_prob": 0.1}})
     whole = pretrain(config, tmp_path / "whole")
     stopped = pretrain(config, tmp_path / "stopped", callbacks=[_SendSigterm(at_step=4)])
-    assert stopped.interrupted and stopped.steps == 4 and stopped.export is None
+    assert stopped.interrupted and stopped.stopped_by == "signal" and stopped.steps == 4 and stopped.export is None
     assert (tmp_path / "stopped" / "checkpoints" / "step=4.ckpt").exists()
     resumed = pretrain(config, tmp_path / "stopped", resume="auto")
     assert resumed.steps == 10

@@ -7,20 +7,26 @@ from transformers import BertConfig
 
 from celltron.model_zoo.common import config_from_size
 
-# Named sizes. Shapes of the released checkpoints (ctheodoris/Geneformer config.json files;
-# the V2 shapes as listed by CZI's model page and Helical, whose parameter counts they give).
-# Every Geneformer release uses ReLU and 0.02 dropout. `vocab_size` is the release's token
-# dictionary; `1b` is a preset for scale with no released weights.
-_GENEFORMER = dict(hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02, layer_norm_eps=1e-12)
+# Named sizes, each as its release's config.json (ctheodoris/Geneformer on the Hugging Face Hub):
+# - 10M: Geneformer-V1-10M, first released as the 6-layer gf-6L-30M-i2048 (config.json of
+#   commit c45a71b): ReLU, hidden and attention dropout 0.02, layer norm eps 1e-12, 2,048 positions.
+# - 104M, 316M: Geneformer-V2-104M and Geneformer-V2-316M: ReLU, layer norm eps 1e-12, 4,096
+#   positions, hidden and attention dropout 0.1, not V1's 0.02 (their config.json files, as
+#   issue 15 quotes them); shapes as listed by CZI's model page and Helical, whose parameter
+#   counts they give.
+# `vocab_size` is the release's token dictionary; `1b` is a preset for scale with no released
+# weights (V2's shape family, V1's dropout).
+_V1 = dict(hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_prob=0.02, layer_norm_eps=1e-12)
+_V2 = dict(_V1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 SIZES = {
     "debug": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=4096),
-    "10M": dict(_GENEFORMER, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
+    "10M": dict(_V1, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
                 max_position_embeddings=2048, vocab_size=25426),
-    "104M": dict(_GENEFORMER, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    "104M": dict(_V2, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                  max_position_embeddings=4096, vocab_size=20275),
-    "316M": dict(_GENEFORMER, hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
+    "316M": dict(_V2, hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
                  max_position_embeddings=4096, vocab_size=20275),
-    "1b": dict(_GENEFORMER, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16, intermediate_size=8192,
+    "1b": dict(_V1, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16, intermediate_size=8192,
                max_position_embeddings=4096, vocab_size=20275),
 }
 

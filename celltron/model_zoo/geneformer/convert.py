@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from celltron.model_zoo.common import write_folder_atomically
-
+from celltron.inputs import check_model_files
+from celltron.io import check_output_folder, write_folder_atomically
 from celltron.model_zoo.geneformer.configuration_geneformer import GeneformerConfig
 from celltron.model_zoo.geneformer.modeling_geneformer import GeneformerForMaskedLM
 
@@ -26,14 +26,18 @@ def _dictionary_version(config: GeneformerConfig, source: Path, dictionary: str 
     return DICTIONARY_OF_VOCAB_SIZE[config.vocab_size]
 
 
-def convert_geneformer(source, out, dictionary: str | None = None, cell_embedding: str = "mean") -> Path:
-    """Convert a Geneformer checkpoint folder into a celltron model folder, written atomically."""
+def convert_geneformer(source, out, dictionary: str | None = None, cell_embedding: str = "mean", overwrite: bool = False) -> Path:
+    """Convert a Geneformer checkpoint folder into a celltron model folder, written atomically;
+    an existing `out` is replaced only when celltron wrote it, or with `overwrite`."""
     from celltron.tokenizers.rank_value import RankValueTokenizer
     from celltron.tokenizers.vocab import GeneVocab
 
     source, out = Path(source), Path(out)
     if not (source / "config.json").exists():
         raise FileNotFoundError(f"{source / 'config.json'}: missing; a Geneformer checkpoint is a folder with config.json and weights")
+    protected = [("the checkpoint being converted", source)]
+    check_output_folder(out, overwrite=overwrite, protected=protected)  # before the (slow) load: a refusal costs nothing
+    check_model_files(source, "Geneformer")  # damaged config.json or weights: named before transformers reads them
     config = GeneformerConfig.from_pretrained(source, cell_embedding=cell_embedding)
     version = _dictionary_version(config, source, dictionary)
     model = GeneformerForMaskedLM.from_pretrained(source, config=config)
@@ -44,4 +48,4 @@ def convert_geneformer(source, out, dictionary: str | None = None, cell_embeddin
         RankValueTokenizer.geneformer(version, [e for e in vocab.ensembl_ids if e]).save_pretrained(folder)
         (folder / "conversion.json").write_text(json.dumps({"source": str(source), "family": "geneformer", "dictionary": version}, indent=1))
 
-    return write_folder_atomically(out, fill)
+    return write_folder_atomically(out, fill, overwrite=overwrite, protected=protected, written_by="celltron convert geneformer")

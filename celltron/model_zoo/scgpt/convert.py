@@ -10,9 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from celltron.model_zoo.common import write_folder_atomically
+from celltron.inputs import load_torch_checkpoint, read_json
+from celltron.io import check_output_folder, write_folder_atomically
 
 from celltron.model_zoo.scgpt.configuration_scgpt import ScGPTConfig
 from celltron.model_zoo.scgpt.modeling_scgpt import ScGPTModel
@@ -81,13 +80,16 @@ def _save_tokenizer(vocab_path: Path, args: dict, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def convert_scgpt(source, out) -> Path:
+def convert_scgpt(source, out, overwrite: bool = False) -> Path:
     """Convert an scGPT checkpoint folder (or its best_model.pt) into a celltron model folder
-    (config.json, model.safetensors, tokenizer files), written atomically."""
+    (config.json, model.safetensors, tokenizer files), written atomically; an existing `out` is
+    replaced only when celltron wrote it, or with `overwrite`."""
     source, out = Path(source), Path(out)
+    protected = [("the checkpoint being converted", source)]
+    check_output_folder(out, overwrite=overwrite, protected=protected)  # before the (slow) load: a refusal costs nothing
     weights, args_path, vocab_path = _checkpoint_files(source)
-    args, vocab = json.loads(args_path.read_text()), json.loads(vocab_path.read_text())
-    state = rename_flash_keys(torch.load(weights, map_location="cpu", weights_only=True))
+    args, vocab = read_json(args_path, "scGPT args"), read_json(vocab_path, "scGPT vocabulary")
+    state = rename_flash_keys(load_torch_checkpoint(weights, "pass scGPT's best_model.pt, downloaded completely", weights_only=True))
     for prefix, what in UNSUPPORTED_PREFIXES.items():
         if any(k.startswith(prefix) for k in state):
             raise ValueError(f"{weights}: uses {what} ({prefix}* weights), which celltron's scGPT does not implement")
@@ -102,4 +104,4 @@ def convert_scgpt(source, out) -> Path:
         _save_tokenizer(vocab_path, args, folder)
         (folder / "conversion.json").write_text(json.dumps({"source": str(source), "family": "scgpt", "args": args}, indent=1))
 
-    return write_folder_atomically(out, fill)
+    return write_folder_atomically(out, fill, overwrite=overwrite, protected=protected, written_by="celltron convert scgpt")
