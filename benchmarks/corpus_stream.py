@@ -77,7 +77,8 @@ from celltron.corpus.genes import symbol_to_ensembl
 from celltron.corpus.schema import CHECKSUM_VERSION, checksum_files
 from celltron.corpus.store import NO_READ_CHECKS_ENV, ShardReader
 
-PBMC_DIR = "/work/shared/data/scrna/human"
+# the five PBMC sets: scrna/human/ of the project's shared data ($CELLTRON_SHARED_DATA, else shared/data beside the repository)
+PBMC_DIR = Path(os.environ.get("CELLTRON_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "scrna" / "human"
 BATCH = 64
 BLOCK = 1024
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
@@ -692,7 +693,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nnz", type=int, default=2_000, help="synthetic non-zeros per cell (default 2000)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per method (default 10)")
     parser.add_argument("--profile-seconds", type=float, default=5.0, help="cProfile/stage timing seconds; 0 skips (default 5)")
-    parser.add_argument("--pbmc-dir", type=Path, default=Path(PBMC_DIR), help="directory with the PBMC .h5ad files")
+    parser.add_argument("--pbmc-dir", type=Path, default=PBMC_DIR, help="directory with the PBMC .h5ad files (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="20k synthetic cells, 3 s per method, 2 s profiles")
     parser.add_argument("--integrity", action="store_true", help="only the cost of the read checks (on vs off)")
     parser.add_argument("--rounds", type=int, default=3, help="--integrity: alternating rounds per setting (default 3)")
@@ -723,7 +724,8 @@ def synthetic_part(args) -> tuple[list[Result], Corpus, bool]:
 def pbmc_part(args) -> list[Result]:
     inputs = sorted(Path(p) for p in glob.glob(str(args.pbmc_dir / "*.h5ad")))
     if len(inputs) < 5:
-        print(f"\nPBMC: skipped: expected the five PBMC .h5ad files in {args.pbmc_dir}, found {len(inputs)}")
+        print(f"\nPBMC: skipped: expected the five PBMC .h5ad files in {args.pbmc_dir}, found {len(inputs)} "
+              "(fetch scrna/human/ of the project's shared data; pass --pbmc-dir or set CELLTRON_SHARED_DATA)")
         return []
     corpus, note = ensure_corpus(inputs, args.workdir / "pbmc5.corpus")
     print(f"\nPBMC corpus ({len(inputs)} files): {note}; {corpus_summary(corpus)}")

@@ -12,21 +12,23 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks._data import add_shared_data_option, shared_paths
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
-DRUG = Path(__file__).resolve().parents[2] / "shared" / "data" / "drug"
+FILES = ("drug/GDSC_IC50_deepcdr_scfoundation.csv", "drug/GDSC_drug_list_2019-06-24.csv", "drug/DeepCDR_223drugs_pubchem_smiles.txt")
 COLUMNS = ("pearson_per_drug", "pearson", "spearman", "rmse")
 
 
-def run(out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
+def run(shared_data: Path, out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
+    ic50, drug_list, smiles = shared_paths(shared_data, *FILES)
     results = {}
     for split in ("random", "cell_line", "drug"):
         folder = out / split
         if not (folder / "metrics.json").exists():
-            assert celltron(["finetune", "drug-response", "--mode", "ic50", "--data", str(DRUG / "GDSC_IC50_deepcdr_scfoundation.csv"),
-                             "--drug-list", str(DRUG / "GDSC_drug_list_2019-06-24.csv"),
-                             "--smiles", str(DRUG / "DeepCDR_223drugs_pubchem_smiles.txt"), "--split", split,
+            assert celltron(["finetune", "drug-response", "--mode", "ic50", "--data", str(ic50),
+                             "--drug-list", str(drug_list),
+                             "--smiles", str(smiles), "--split", split,
                              "--seeds", *map(str, seeds), "--max-steps", str(steps), "--out", str(folder)]) == 0
         results[split] = json.loads((folder / "metrics.json").read_text())
     return results
@@ -42,9 +44,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/drug_response"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
+    add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for split, metrics in run(args.out, args.seeds, args.steps).items():
+    for split, metrics in run(args.shared_data, args.out, args.seeds, args.steps).items():
         print(f"\n### split: {split}\n\n{table(metrics)}")
 
 

@@ -17,19 +17,19 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
+from benchmarks._data import add_shared_data_option, shared_paths
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATA = SHARED / "scrna" / "human" / "10x_pbmc4k_soupx_2170cells_raw.h5ad"
+DATA = "scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad"  # in the shared data
 LABEL = "Annotation"
 COLUMNS = ("accuracy", "macro_f1")
 
 
-def labelled_copy(out: Path) -> Path:
+def labelled_copy(shared_data: Path, out: Path) -> Path:
     path = out / "pbmc4k_labelled.h5ad"
     if not path.exists():
-        adata = ad.read_h5ad(DATA)
+        adata = ad.read_h5ad(*shared_paths(shared_data, DATA))
         adata[adata.obs[LABEL].astype(str) != "?"].copy().write_h5ad(path)
     return path
 
@@ -63,9 +63,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/embedding"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    data = labelled_copy(args.out)
+    data = labelled_copy(args.shared_data, args.out)
     shot, cells_per_second = zero_shot(args.model, data, args.out)
     print(f"\n### zero-shot kNN ({shot['split'].get('folds')}-fold, {shot['split'].get('n_cells')} cells)\n")
     print(table([("model embedding (kNN)", shot["model"]), ("baseline: PCA (kNN)", shot["baselines"]["pca_knn"])]))

@@ -15,24 +15,24 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._data import add_shared_data_option, shared_paths
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATA = SHARED / "scrna" / "human" / "10x_pbmc4k_soupx_2170cells_raw.h5ad"
-TRUTH = SHARED / "grn" / "trrust_rawdata.human.tsv"
+FILES = ("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad", "grn/trrust_rawdata.human.tsv")  # data, truth: in the shared data
 METHODS = ("embedding", "attention", "in-silico")
 COLUMNS = ("auprc_ratio", "epr")
 
 
-def run(model: Path, out: Path, seeds: list[int], cells: int, genes: int) -> dict:
+def run(shared_data: Path, model: Path, out: Path, seeds: list[int], cells: int, genes: int) -> dict:
+    data, truth = shared_paths(shared_data, *FILES)
     results: dict = {}
     for method in METHODS:
         for seed in seeds:
             folder = out / f"{method}_seed{seed}"
             if not (folder / "metrics.json").exists():
-                assert celltron(["grn", "--model", str(model), "--data", str(DATA), "--gene-column", "gene_symbol_original",
-                                 "--truth", str(TRUTH), "--method", method, "--out", str(folder), "--seed", str(seed),
+                assert celltron(["grn", "--model", str(model), "--data", str(data), "--gene-column", "gene_symbol_original",
+                                 "--truth", str(truth), "--method", method, "--out", str(folder), "--seed", str(seed),
                                  "--max-cells", str(cells), "--top-genes", str(genes)]) == 0
             metrics = json.loads((folder / "metrics.json").read_text())
             results.setdefault(f"model: {method}", []).append(metrics["model"])
@@ -62,9 +62,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--genes", type=int, default=1000, help="targets: the most variable genes")
+    add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(table(run(args.model, args.out, args.seeds, args.cells, args.genes)))
+    print(table(run(args.shared_data, args.model, args.out, args.seeds, args.cells, args.genes)))
 
 
 if __name__ == "__main__":

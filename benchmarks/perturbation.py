@@ -18,10 +18,11 @@ import json
 import shutil
 from pathlib import Path
 
+from benchmarks._data import add_shared_data_option, shared_paths
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "perturbation" / "papalexi2021_thp1_lowmoi_sceptredata.h5ad"
+DATA = "perturbation/papalexi2021_thp1_lowmoi_sceptredata.h5ad"  # in the shared data
 COLUMNS = ("pearson_delta_de20", "direction_de20", "mse_de20", "pearson_delta", "mse")
 
 
@@ -43,8 +44,9 @@ def random_init_copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def run(model: Path, out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
-    common = ["--data", str(DATA), "--seeds", *map(str, seeds), "--max-steps", str(steps)]
+def run(shared_data: Path, model: Path, out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
+    (data,) = shared_paths(shared_data, DATA)
+    common = ["--data", str(data), "--seeds", *map(str, seeds), "--max-steps", str(steps)]
     random = str(random_init_copy(model, out / "random_init_model"))
     variants = {
         "retrieval head, full fine-tuning": ["--model", str(model), "--set", "perturbation.head=retrieval"],
@@ -74,9 +76,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/perturbation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(table(run(args.model, args.out, args.seeds, args.steps)))
+    print(table(run(args.shared_data, args.model, args.out, args.seeds, args.steps)))
 
 
 if __name__ == "__main__":

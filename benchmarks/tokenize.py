@@ -1,6 +1,6 @@
 """Tokenizer throughput: celltron's block tokenizers vs the per-cell loops of the reference projects.
 
-Builds (or reuses) a corpus of the five 10x PBMC sets in ../shared/data/scrna/human, reads every
+Builds (or reuses) a corpus of the five 10x PBMC sets in scrna/human/ of the shared data, reads every
 training cell into memory once, then times each scheme twice on the same cells:
   celltron   encode_block over blocks of 2,048 cells, given as the corpus reader gives them
              (CSR arrays of the block)
@@ -9,7 +9,7 @@ training cell into memory once, then times each scheme twice on the same cells:
              scGPT       dense rows: scgpt.preprocess.binning per row, then tokenize_and_pad_batch
              GeneCompass per cell: normalise, divide by medians, log2(1 + x), argsort, top 2,048
 
-    python -m benchmarks.tokenize [--workdir /tmp/celltron-bench] [--cells N]
+    python -m benchmarks.tokenize [--workdir /tmp/celltron-bench] [--cells N] [--shared-data DIR]
 
 (run as a module: as a script its name would shadow the standard library's `tokenize`)
 """
@@ -26,19 +26,21 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from benchmarks._data import add_shared_data_option, shared_paths
 from celltron.corpus import BuildOptions, Corpus, build_corpus
 from celltron.corpus.store import ShardReader
 from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
 from celltron.tokenizers.dataset import _Input, make_tokenizer
 
-PBMC = Path(__file__).resolve().parents[2] / "shared" / "data" / "scrna" / "human"
+PBMC = "scrna/human/"  # in the shared data
 
 
-def load_cells(workdir: Path, limit: int):
+def load_cells(shared_data: Path, workdir: Path, limit: int):
     """All training cells of the PBMC corpus as one CSR matrix, with n_counts and species."""
     corpus_dir = workdir / "pbmc5.tokenize.corpus"
     if not (corpus_dir / "manifest.json").exists():
-        build_corpus(sorted(PBMC.glob("*.h5ad")), corpus_dir, BuildOptions(progress=False))
+        (pbmc,) = shared_paths(shared_data, PBMC)
+        build_corpus(sorted(pbmc.glob("*.h5ad")), corpus_dir, BuildOptions(progress=False))
     corpus = Corpus(corpus_dir)
     parts, totals, species = [], [], []
     names = corpus.manifest["obs_categories"]["species"]
@@ -122,9 +124,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/celltron-bench"))
     parser.add_argument("--cells", type=int, default=100_000, help="at most this many cells")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side; the best is reported (default 3)")
+    add_shared_data_option(parser)
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    corpus, x, totals, species = load_cells(args.workdir, args.cells)
+    corpus, x, totals, species = load_cells(args.shared_data, args.workdir, args.cells)
     genes = corpus.manifest["genes"]
     data = _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), x.shape[0], iter(()))
     print(f"# tokenizer throughput, {datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")

@@ -8,13 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMappingError
-from celltron.corpus.readers import InputError
-from celltron.corpus.schema import COMPRESSIONS, CorpusFormatError
-from celltron.errors import UserError
+from celltron.corpus.constants import COMPRESSIONS, MIN_MAPPED_FRACTION
+from celltron.errors import ConfigError, UserError
 from celltron.ranges import devices, name_weight, number
 
-USER_ERRORS = (UserError, InputError, GeneMappingError, CorpusFormatError, FileExistsError, FileNotFoundError, ValueError)
+# celltron's own classes only (MissingInputError and OutputExistsError are UserErrors): any other exception is a bug and
+# keeps its traceback
+USER_ERRORS = (UserError,)
 
 # exit codes: a scheduler tells a finished run (0) from one a signal stopped early (75, EX_TEMPFAIL:
 # "try again", i.e. --resume auto). trainer.stop_at_step is a stop the config asked for (fixed-length
@@ -40,7 +40,7 @@ def _key_values(pairs: list[str], what: str) -> dict[str, str]:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"{what} expects KEY=VALUE, got {pair!r}")
+            raise ConfigError(f"{what} expects KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
 
@@ -109,10 +109,10 @@ def _tokenize(args) -> int:
     if args.coverage:
         _print_coverage(args)
     if args.hvg is None and (args.hvg_flavor or args.hvg_batch_key):
-        raise ValueError("--hvg-flavor and --hvg-batch-key go with --hvg N")
+        raise ConfigError("--hvg-flavor and --hvg-batch-key go with --hvg N")
     if args.out is None:
         if not args.coverage:
-            raise ValueError("--out is required (or pass --coverage to only report shared-token coverage)")
+            raise ConfigError("--out is required (or pass --coverage to only report shared-token coverage)")
         return 0
     summary = tokenize_to_dataset(
         args.input, args.scheme, args.out, obs_keys=tuple(args.obs_keys or ()), split=args.split,
@@ -131,7 +131,7 @@ def _print_coverage(args) -> None:
     from celltron.tokenizers.ortholog import coverage, group_by_species, ortholog_vocab
 
     if args.scheme != "ortholog":
-        raise ValueError("--coverage reports shared cross-species tokens: use it with --scheme ortholog")
+        raise ConfigError("--coverage reports shared cross-species tokens: use it with --scheme ortholog")
     corpus = Corpus(args.input, _key_values(args.storage_option, "--storage-option"))
     genes = corpus.manifest["genes"]
     vocab = ortholog_vocab(group_by_species(genes["ensembl_id"], genes["species"]))
@@ -273,7 +273,7 @@ def _grn(args) -> int:
     from celltron.finetune.grn import run_grn
 
     if args.model is None and args.truth is None:
-        raise ValueError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
+        raise ConfigError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
     result = run_grn(args.model, args.data, args.out, args.method, args.tfs, args.truth, args.layer, args.gene_column,
                      args.species, args.max_cells, args.top_genes, args.seed, device=args.device, precision=args.precision,
                      min_mapped_fraction=args.min_mapped_fraction)

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
+from celltron import __version__
 from celltron.errors import OutputExistsError
 
 FOLDER_MARKER = ".celltron-folder"
@@ -102,8 +103,6 @@ def check_output_folder(out, *, overwrite: bool = False, protected: Iterable[tup
 
 
 def _write_marker(folder: Path, written_by: str) -> None:
-    from celltron import __version__
-
     written_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     record = {"written_by": written_by, "celltron_version": __version__, "written_at": written_at}
     (folder / FOLDER_MARKER).write_text(json.dumps(record, indent=1) + "\n")

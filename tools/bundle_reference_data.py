@@ -1,4 +1,5 @@
-"""Regenerate the gene tables bundled in celltron/data/genes from ../shared/data/reference.
+"""Regenerate the gene tables bundled in celltron/data/genes from reference/ of the project's shared
+data ($CELLTRON_SHARED_DATA, else the folder shared/data beside the repository).
 
 Run once when the upstream references change:  python tools/bundle_reference_data.py
 The package itself never reads pickles or the BioMart exports at run time.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from celltron._safe_pickle import load_restricted_pickle  # noqa: E402
 
-REFERENCE = ROOT.parent / "shared" / "data" / "reference"
+REFERENCE = Path(os.environ.get("CELLTRON_SHARED_DATA") or ROOT.parent / "shared" / "data") / "reference"
 OUT = ROOT / "celltron" / "data" / "genes"
 
 

@@ -49,8 +49,8 @@ from celltron.corpus.schema import (
     write_shard,
 )
 from celltron.corpus.stats import GeneStatistics
-from celltron.errors import OutputExistsError
-from celltron.inputs import read_json
+from celltron.errors import ConfigError, OutputExistsError
+from celltron.inputs import read_json, read_yaml
 from celltron.io import never_replaced_reason, new_partial_dir, release_partial_dir
 from celltron.ranges import check_ranges, ranged
 
@@ -111,9 +111,6 @@ class BuildOptions:
     @classmethod
     def from_yaml(cls, path) -> "BuildOptions":
         """Options from a YAML mapping of field names; unknown fields are an error."""
-        from celltron.errors import ConfigError
-        from celltron.inputs import read_yaml
-
         values = read_yaml(path, "build options file (see configs/corpus/)") or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of build options, got {type(values).__name__}")
@@ -165,10 +162,10 @@ def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bo
     out = Path(out)
     _check_output(out, [Path(p) for p in inputs], overwrite)
     if not 0 <= options.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
+        raise ConfigError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
     reserved = sorted(set(options.obs_keys) & set(RESERVED_OBS))
     if reserved:
-        raise ValueError(f"--obs-keys {reserved}: the corpus writes these columns itself ({', '.join(RESERVED_OBS)}); rename them in the input")
+        raise ConfigError(f"--obs-keys {reserved}: the corpus writes these columns itself ({', '.join(RESERVED_OBS)}); rename them in the input")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = new_partial_dir(out)
     try:
@@ -185,16 +182,16 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     if not out.exists():
         return
     if not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to rebuild it, or choose another --out")
     why = never_replaced_reason(out.resolve(), ())  # inputs inside `out` are refused below, by name
     if why:
         raise OutputExistsError(f"--out {out}: {why}; celltron never replaces it, even with --overwrite; choose another --out")
     manifest = out / MANIFEST
     if not manifest.is_file() or read_json(manifest, "corpus manifest").get("format") != FORMAT_NAME:
-        raise FileExistsError(f"{out} exists and is not a celltron corpus (no {MANIFEST}); --overwrite only replaces corpora")
+        raise OutputExistsError(f"{out} exists and is not a celltron corpus (no {MANIFEST}); --overwrite only replaces corpora")
     for path in inputs:
         if out.resolve() in path.resolve().parents:
-            raise ValueError(f"input {path} lies inside --out {out}; the rebuild would delete it")
+            raise InputError(f"input {path} lies inside --out {out}; the rebuild would delete it")
 
 
 def _replace(work: Path, out: Path) -> None:

@@ -22,12 +22,12 @@ from importlib import resources
 
 import numpy as np
 
+from celltron.corpus.constants import MIN_MAPPED_FRACTION
 from celltron.errors import ConfigError, UserError
 
 SPECIES = ("human", "mouse")
 _ENSEMBL_PREFIX = {"human": "ENSG", "mouse": "ENSMUSG"}
 _ENSEMBL_ID = re.compile(r"^(ENSG|ENSMUSG)\d{11}(\.\d+)?$")
-MIN_MAPPED_FRACTION = 0.5  # default share of counts that must map (and reach tokens) before a verb goes on
 
 
 class GeneMappingError(UserError):

@@ -26,7 +26,8 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
-from celltron.errors import DataIntegrityError, UserError
+from celltron.corpus.constants import COMPRESSIONS
+from celltron.errors import ConfigError, DataIntegrityError, UserError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "celltron-corpus"
@@ -65,8 +66,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:05d}.zarr"
 
 
-COMPRESSIONS = ("zstd", "lz4", "none")
-
 
 def _compressors(compression: str) -> list:
     """X's inner-chunk codecs after `bytes`: the compressor, then crc32c of the compressed chunk."""
@@ -78,7 +77,7 @@ def _compressors(compression: str) -> list:
         # Byte shuffle groups the zero high bytes of int32 gene indices and counts, so LZ4
         # then packs count data about 10% smaller than zstd alone and decodes 4-5x faster.
         return [zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4), zarr.codecs.Crc32cCodec()]
-    raise ValueError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
+    raise ConfigError(f"unknown compression {compression!r}; use one of {COMPRESSIONS}")
 
 
 def _checked_default_compressors() -> list:

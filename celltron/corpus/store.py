@@ -14,7 +14,6 @@ import numpy as np
 import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
-from celltron.corpus.sharded import ShardedArray, open_direct
 from celltron.corpus.schema import (
     CHECKSUM_VERSION,
     MANIFEST,
@@ -26,6 +25,8 @@ from celltron.corpus.schema import (
     damaged,
     dump_manifest,
 )
+from celltron.corpus.sharded import ShardedArray, open_direct
+from celltron.errors import ConfigError
 from celltron.inputs import parse_json
 
 log = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class Corpus:
 
     def shards(self, split: str) -> list[dict]:
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+            raise ConfigError(f"unknown split {split!r}; use one of {SPLITS}")
         return self.manifest["splits"][split]["shards"]
 
     def open_shard(self, split: str, index: int) -> "ShardReader":

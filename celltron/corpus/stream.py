@@ -28,6 +28,7 @@ import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
 from celltron.corpus.store import CellBlock, Corpus, ShardReader
+from celltron.errors import ConfigError
 
 STATE_VERSION = 1
 OPEN_SHARDS = 8  # shard readers a worker keeps open
@@ -223,7 +224,7 @@ class CorpusStream(IterableDataset):
         rank, world_size = self._placement()
         worker, num_workers = self._worker()
         if self._resume_workers is not None and self._resume_workers != num_workers:
-            raise ValueError(
+            raise ConfigError(
                 f"resume state was saved with {self._resume_workers} DataLoader workers, now {num_workers}; "
                 "resume with the same num_workers (the data order depends on it)"
             )
@@ -238,7 +239,7 @@ class CorpusStream(IterableDataset):
             while True:
                 plan = self.plan(epoch, rank, world_size, worker, num_workers)
                 if plan.n_cells == 0 and self.infinite:
-                    raise ValueError(
+                    raise ConfigError(
                         f"rank {rank} worker {worker} gets no cells per epoch ({sum(self.shard_sizes)} cells "
                         f"over {world_size} ranks x {num_workers} workers); use fewer workers or ranks"
                     )
@@ -335,7 +336,7 @@ class CorpusStream(IterableDataset):
         mine = self.state_dict()
         for key in ("version", "split", "seed", "block_size", "buffer_size", "n_cells", "world_size"):
             if state.get(key) != mine[key]:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume CorpusStream: state has {key}={state.get(key)!r}, this stream has "
                     f"{key}={mine[key]!r}; resume with the same corpus and stream settings"
                 )
@@ -362,7 +363,7 @@ class CorpusStream(IterableDataset):
             # a worker's share of an epoch has the same size every epoch
             length = self.plan(self.epoch, rank, world_size, worker, num_workers).n_cells
             if length == 0:
-                raise ValueError(f"rank {rank} worker {worker} gets no cells per epoch; use fewer workers or ranks")
+                raise ConfigError(f"rank {rank} worker {worker} gets no cells per epoch; use fewer workers or ranks")
             epochs, offset = divmod(cells, length)
             state["positions"][worker] = [self.epoch + epochs, offset]
         return state

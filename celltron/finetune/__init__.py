@@ -1,1 +1,1 @@
-"""celltron.finetune: see ../shared/DESIGN.md; filled in by its issue."""
+"""celltron.finetune: tasks on a pretrained model (annotation, embedding, perturbation, GRN, drug response), each beside its baselines."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
+from celltron.errors import ConfigError
 from celltron.finetune.config import AdaptSection
 from celltron.model_zoo.registry import check_vocabulary, family_of, load_pretrained, model_folder
 
@@ -82,7 +83,7 @@ def load_encoder(folder, adapt: AdaptSection) -> nn.Module:
 def freeze_layers(model: nn.Module, parts: EncoderParts, n: int) -> None:
     layers = _attribute(model, parts.layers)
     if n > len(layers):
-        raise ValueError(f"--freeze {n}: the model has only {len(layers)} layers")
+        raise ConfigError(f"--freeze {n}: the model has only {len(layers)} layers")
     for name, parameter in model.named_parameters():
         if name.startswith(parts.embeddings):
             parameter.requires_grad_(False)

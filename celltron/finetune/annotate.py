@@ -21,9 +21,13 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
-from celltron.finetune.adapt import base_of
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.adapt import base_of, count_trainable, load_encoder, resolve_model_folder
+from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+from celltron.finetune.embedding_eval import PCA_TOP_GENES, fit_pca, log_normalised, variable_genes
 from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
-from celltron.finetune.report import save_figure, write_h5ad_atomically
+from celltron.finetune.report import aggregate, results_table, save_figure, write_h5ad_atomically, write_metrics
+from celltron.finetune.train import train_task_model
 from celltron.tokenizers.ragged import RaggedTokens
 
 log = logging.getLogger(__name__)
@@ -128,7 +132,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int, source
     classes, counts = np.unique(labels, return_counts=True)
     rare = [str(names[c]) if names is not None else str(c) for c in classes[counts < 2]]
     if rare:
-        raise ValueError(f"{source}: class(es) {rare} have fewer than 2 cells, too few to appear in both training and "
+        raise InputError(f"{source}: class(es) {rare} have fewer than 2 cells, too few to appear in both training and "
                          "test cells; drop them or merge them into another label")
     return train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels)
 
@@ -152,8 +156,6 @@ def pca_logreg(counts, labels: np.ndarray, train: np.ndarray, test: np.ndarray, 
     predicted class indices."""
     from sklearn.linear_model import LogisticRegression
 
-    from celltron.finetune.embedding_eval import PCA_TOP_GENES, fit_pca, log_normalised, variable_genes
-
     normalised = log_normalised(counts)
     genes = variable_genes(normalised[train], PCA_TOP_GENES)
     pca = fit_pca(normalised[train][:, genes], components, seed)
@@ -173,9 +175,6 @@ def _fine_tune(config, folder: Path, tokens: RaggedTokens, labels: np.ndarray, t
     """Train one seed's model; returns it on the first process, None on the others."""
     import lightning.pytorch as pl
 
-    from celltron.finetune.adapt import count_trainable, load_encoder
-    from celltron.finetune.train import train_task_model
-
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
     weights = balanced_weights(labels[train], n_classes) if config.annotate.balanced else None
     model = AnnotationModel(load_encoder(folder, config.model), n_classes, weights, config.annotate.dropout)
@@ -191,19 +190,16 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
     regression baseline, fine-tuning and evaluation on the held-out cells, then metrics.json,
     predictions.h5ad, the confusion matrix PNG and the printed table under `out`. Returns the
     metrics (None on processes other than the first)."""
-    from celltron.finetune.adapt import resolve_model_folder
-    from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
-
     section, out = config.annotate, Path(out)
     if not config.data.path:
-        raise ValueError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
+        raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
-        raise ValueError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baseline alone")
+        raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baseline alone")
     lab = read_lab_data(config.data.path, [section.label_key], config.data.layer, config.data.gene_column, config.data.species,
                         config.data.min_mapped_fraction)
     names = lab.obs[section.label_key]
     if names.isna().any():
-        raise ValueError(f"{lab.path}: obs[{section.label_key!r}] has {int(names.isna().sum())} cells without a label; "
+        raise InputError(f"{lab.path}: obs[{section.label_key!r}] has {int(names.isna().sum())} cells without a label; "
                          "drop them or give them a label first")
     classes, labels = np.unique(names.astype(str).to_numpy(), return_inverse=True)
     classes = [str(c) for c in classes]
@@ -247,16 +243,12 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
 def _aggregate(per_seed: dict) -> dict:
     """Mean and spread of accuracy and macro-F1 over seeds; per-class reports and summed
     confusion matrices beside them."""
-    from celltron.finetune.report import aggregate
-
     summary = aggregate({s: {**m, "reports": {"per_class": m["per_class"]}} for s, m in per_seed.items()}, METRICS, "reports")
     summary["confusion_matrix"] = np.sum([m["confusion_matrix"] for m in per_seed.values()], axis=0).tolist()
     return summary
 
 
 def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[str], probabilities, test) -> dict:
-    from celltron.finetune.report import results_table, write_metrics
-
     write_metrics(out / "metrics.json", metrics)
     if probabilities is not None:
         _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test)

@@ -18,9 +18,12 @@ import scipy.sparse as sp
 from celltron.corpus.build import to_corpus_genes
 from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMapping, check_token_coverage
 from celltron.corpus.readers import Source, check_raw_counts, map_source_genes, open_source
+from celltron.errors import InputError
+from celltron.model_zoo.registry import check_vocabulary
 from celltron.tokenizers.dataset import Block, encode
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.rank_value import is_float32
+from celltron.tokenizers.saving import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ def open_lab_source(path, obs_keys=(), layer: str = "X", gene_column: str | None
     try:
         missing = [k for k in obs_keys if k not in source.obs.columns]
         if missing:
-            raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
+            raise InputError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
                              "Name the right column with the task's --*-key option")
         return source, map_source_genes(source, species, min_mapped_fraction)
     except BaseException:
@@ -135,9 +138,6 @@ def tokenize_counts(rows: sp.csr_matrix, column_map: np.ndarray, n_mapped: int, 
 
 def load_model_tokenizer(model_dir, data: LabData):
     """The tokenizer saved in the model's folder, bound to the lab data's mapped genes."""
-    from celltron.model_zoo.registry import check_vocabulary
-    from celltron.tokenizers.saving import load_tokenizer
-
     check_vocabulary(model_dir)
     unique, _ = data.mapped_genes()
     return load_tokenizer(model_dir, unique)

@@ -29,7 +29,14 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
-from celltron.finetune.report import write_h5ad_atomically
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.data import read_lab_data
+from celltron.finetune.drug_features import fingerprints
+from celltron.finetune.embed import embed
+from celltron.finetune.perturbation_eval import _top_de
+from celltron.finetune.report import aggregate, plot_bars, results_table, write_h5ad_atomically, write_metrics
+from celltron.finetune.train import train_task_model
+from celltron.inputs import MissingInputError
 
 log = logging.getLogger(__name__)
 SPLITS = ("heldout_combination", "heldout_drug")
@@ -88,24 +95,22 @@ def cell_labels(lab, section) -> pd.DataFrame:
     dose = pd.to_numeric(pd.Series(np.asarray(obs[section.dose_key], dtype=object)), errors="coerce")  # categorical columns too
     if dose.isna().any():
         bad = obs[section.dose_key].astype(str)[dose.isna().to_numpy()].unique()[:3]
-        raise ValueError(f"{lab.path}: obs[{section.dose_key!r}] has non-numeric doses (e.g. {list(bad)}); give doses as "
+        raise InputError(f"{lab.path}: obs[{section.dose_key!r}] has non-numeric doses (e.g. {list(bad)}); give doses as "
                          "numbers (any unit, 0 for controls), or name the dose column with --dose-key")
     cell_type = obs[section.cell_type_key].astype(str) if section.cell_type_key else pd.Series("all", index=obs.index)
     labels = pd.DataFrame({"drug": obs[section.drug_key].astype(str).to_numpy(), "dose": dose.to_numpy(dtype=float),
                            "cell_type": cell_type.to_numpy()})
     labels["control"] = (labels.drug == section.control) | (labels.dose == 0)
     if not labels.control.any():
-        raise ValueError(f"{lab.path}: no control cells: none labelled {section.control!r} in obs[{section.drug_key!r}] "
+        raise InputError(f"{lab.path}: no control cells: none labelled {section.control!r} in obs[{section.drug_key!r}] "
                          f"(labels include {sorted(labels.drug.unique())[:8]}) and none at dose 0; name the label with --control")
     if (labels.dose[~labels.control] < 0).any():
-        raise ValueError(f"{lab.path}: obs[{section.dose_key!r}] has negative doses; give doses >= 0")
+        raise InputError(f"{lab.path}: obs[{section.dose_key!r}] has negative doses; give doses >= 0")
     return labels
 
 
 def pseudobulk(lab, labels: pd.DataFrame, n_genes: int) -> DrugScreen:
     """Per-condition means and DE genes of treated cells; per-cell-type control means."""
-    from celltron.finetune.perturbation_eval import _top_de
-
     expression = log_normalised(lab.counts)
     columns = variable_genes(expression, n_genes)
     expression = expression[:, columns].tocsr()
@@ -115,7 +120,7 @@ def pseudobulk(lab, labels: pd.DataFrame, n_genes: int) -> DrugScreen:
     groups = treated.groupby(["drug", "dose", "cell_type"], sort=True).row
     lacking = sorted(set(treated.cell_type) - set(control_cells))
     if lacking:
-        raise ValueError(f"{lab.path}: cell type(s) {lacking} have treated cells but no controls; every cell type needs "
+        raise InputError(f"{lab.path}: cell type(s) {lacking} have treated cells but no controls; every cell type needs "
                          "control cells (or pass --cell-type-key '' to pool them)")
     rows, means, de = [], [], []
     for (drug, dose, cell_type), members in groups:
@@ -131,11 +136,11 @@ def read_drug_smiles(path, drugs) -> dict[str, str]:
     """`DRUG<TAB>SMILES` lines, DRUG as labelled in the screen; other lines are ignored."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--smiles {path}: no such file (DRUG<TAB>SMILES lines, DRUG as in the drug column)")
+        raise MissingInputError(f"--smiles {path}: no such file (DRUG<TAB>SMILES lines, DRUG as in the drug column)")
     table = dict(line.split("\t")[:2] for line in path.read_text().splitlines() if "\t" in line)
     found = {d: table[d].strip() for d in drugs if d in table}
     if not found:
-        raise ValueError(f"{path}: no line names a drug of the screen (e.g. {sorted(drugs)[:3]}); expected DRUG<TAB>SMILES "
+        raise InputError(f"{path}: no line names a drug of the screen (e.g. {sorted(drugs)[:3]}); expected DRUG<TAB>SMILES "
                          "with DRUG exactly as in the --drug-key column")
     return found
 
@@ -143,14 +148,11 @@ def read_drug_smiles(path, drugs) -> dict[str, str]:
 def read_screen(config):
     """The screen as pseudobulk, the drugs' fingerprints, and the drugs left out for want of
     a parsable SMILES (their cells are dropped)."""
-    from celltron.finetune.data import read_lab_data
-    from celltron.finetune.drug_response import fingerprints
-
     section, data = config.drug, config.data
     if not data.path:
-        raise ValueError("no screen: pass --data SCREEN.h5ad (or set data.path in the config)")
+        raise ConfigError("no screen: pass --data SCREEN.h5ad (or set data.path in the config)")
     if not section.smiles:
-        raise ValueError("drug.smiles is not set: pass --smiles with DRUG<TAB>SMILES lines for the screen's drugs")
+        raise ConfigError("drug.smiles is not set: pass --smiles with DRUG<TAB>SMILES lines for the screen's drugs")
     keys = [section.drug_key, section.dose_key] + ([section.cell_type_key] if section.cell_type_key else [])
     lab = read_lab_data(data.path, keys, data.layer, data.gene_column, data.species, data.min_mapped_fraction)
     labels = cell_labels(lab, section)
@@ -165,7 +167,7 @@ def read_screen(config):
         labels = labels[keep].reset_index(drop=True)
     screen = pseudobulk(lab, labels, section.n_genes)
     if screen.conditions.drug.nunique() < 2:
-        raise ValueError(f"{lab.path}: {screen.conditions.drug.nunique()} drug(s) with a fingerprint; a split needs at least 2")
+        raise InputError(f"{lab.path}: {screen.conditions.drug.nunique()} drug(s) with a fingerprint; a split needs at least 2")
     return lab, screen, prints, missing
 
 
@@ -176,7 +178,7 @@ def split_conditions(conditions: pd.DataFrame, kind: str, test_fraction: float, 
     """Boolean test mask over conditions: whole drugs held out, or drug x dose combinations
     (every cell type of a combination together), each drug keeping at least one training dose."""
     if kind not in SPLITS:
-        raise ValueError(f"--split {kind!r}: use one of {SPLITS} in expression mode")
+        raise ConfigError(f"--split {kind!r}: use one of {SPLITS} in expression mode")
     rng = np.random.default_rng(seed)
     drugs = np.array(sorted(conditions.drug.unique()))
     if kind == "heldout_drug":
@@ -191,8 +193,8 @@ def split_conditions(conditions: pd.DataFrame, kind: str, test_fraction: float, 
             held.add((drug, dose))
             doses_left[drug] -= 1
     if not held:
-        raise ValueError("--split heldout_combination: every drug was given at a single dose, so no combination can be held "
-                         "out while its drug stays in training; use --split heldout_drug")
+        raise ConfigError("--split heldout_combination: every drug was given at a single dose, so no combination can be held "
+                          "out while its drug stays in training; use --split heldout_drug")
     return np.array([(d, x) in held for d, x in zip(conditions.drug, conditions.dose)])
 
 
@@ -337,8 +339,6 @@ def _embed_rows(lab, rows: np.ndarray, model: str) -> np.ndarray:
 
     import anndata as ad
 
-    from celltron.finetune.embed import embed
-
     with tempfile.TemporaryDirectory(prefix="celltron-drug-") as work:
         path = Path(work) / "controls.h5ad"
         ad.AnnData(X=lab.counts[rows], var=pd.DataFrame(index=pd.Index(np.asarray(lab.gene_names).astype(str)))).write_h5ad(path)
@@ -354,8 +354,6 @@ def _fit_model(config, screen: DrugScreen, prints: dict, basal: np.ndarray, trai
     """Train on the training conditions' means; returns (model, drug index) on the first
     process, None on the others."""
     import lightning.pytorch as pl
-
-    from celltron.finetune.train import train_task_model
 
     drugs, types = sorted(prints), sorted(screen.control)
     drug_index, type_index = {d: i for i, d in enumerate(drugs)}, {t: i for i, t in enumerate(types)}
@@ -383,8 +381,6 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
     """Expression mode end to end: splits per seed, baselines, the model, then metrics.json,
     predictions.h5ad, a printed table and a plot under `out`. Returns the metrics (None on
     processes other than the first)."""
-    from celltron.finetune.report import aggregate
-
     section, out = config.drug, Path(out)
     lab, screen, prints, missing = read_screen(config)
     kind = section.split_kind()
@@ -423,8 +419,6 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
 
 def write_results(out: Path, metrics: dict, screen: DrugScreen, predictions: dict) -> dict:
     """metrics.json, predictions.h5ad, the R² (DE genes) bar plot and the printed table."""
-    from celltron.finetune.report import plot_bars, results_table, write_metrics
-
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.h5ad", screen, predictions)

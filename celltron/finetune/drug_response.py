@@ -26,6 +26,16 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.data import read_lab_data
+from celltron.finetune.drug_expression import run_drug_expression
+from celltron.finetune.drug_features import fingerprints
+from celltron.finetune.embed import embed
+from celltron.finetune.perturbation_eval import log_normalise
+from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
+from celltron.finetune.train import train_task_model
+from celltron.inputs import MissingInputError, existing
+
 log = logging.getLogger(__name__)
 SPLITS = ("random", "cell_line", "drug")
 DRUG_METRICS = ("pearson", "spearman", "rmse", "pearson_per_drug")
@@ -41,23 +51,24 @@ def read_ic50(path) -> pd.DataFrame:
     as long (drug, cell_line, ln_ic50) rows."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file (a drugs x cell lines CSV of ln(IC50))")
+        raise MissingInputError(f"--data {path}: no such file (a drugs x cell lines CSV of ln(IC50))")
     wide = pd.read_csv(path, index_col=0)
     long = wide.stack().rename("ln_ic50").reset_index()
     long.columns = ["drug", "cell_line", "ln_ic50"]
     if long.empty:
-        raise ValueError(f"{path}: no ln(IC50) values (expected drugs as rows, cell lines as columns)")
+        raise InputError(f"{path}: no ln(IC50) values (expected drugs as rows, cell lines as columns)")
     return long
 
 
 def read_smiles(drug_list, smiles_file) -> dict[str, str]:
     """`GDSC:<drug_id>` -> SMILES, joining the GDSC drug list (drug_id, PubCHEM) with a
     `PubChem CID<TAB>SMILES` file."""
-    drugs = pd.read_csv(drug_list, dtype=str)
+    drugs = pd.read_csv(existing(drug_list, "GDSC drug list (--drug-list)"), dtype=str)
     for column in ("drug_id", "PubCHEM"):
         if column not in drugs.columns:
-            raise ValueError(f"{drug_list}: no column {column!r}; expected the GDSC drug list (drug_id, Name, ..., PubCHEM)")
-    smiles = dict(line.split("\t")[:2] for line in Path(smiles_file).read_text().splitlines() if "\t" in line)
+            raise InputError(f"{drug_list}: no column {column!r}; expected the GDSC drug list (drug_id, Name, ..., PubCHEM)")
+    smiles_text = existing(smiles_file, "CID<TAB>SMILES file (--smiles)").read_text()
+    smiles = dict(line.split("\t")[:2] for line in smiles_text.splitlines() if "\t" in line)
     out = {}
     for drug_id, cids in zip(drugs.drug_id, drugs.PubCHEM.fillna("")):
         found = next((smiles[c.strip()] for c in cids.split(",") if c.strip() in smiles), None)
@@ -66,27 +77,10 @@ def read_smiles(drug_list, smiles_file) -> dict[str, str]:
     return out
 
 
-def fingerprints(smiles: dict[str, str], bits: int = 1024, radius: int = 2) -> dict[str, np.ndarray]:
-    """Morgan (ECFP-like) bit vectors; drugs whose SMILES RDKit cannot parse are left out."""
-    try:
-        from rdkit import Chem, RDLogger
-        from rdkit.Chem import rdFingerprintGenerator
-    except ImportError as error:
-        raise ImportError("drug fingerprints need RDKit: pip install 'celltron[chem]'") from error
-    RDLogger.DisableLog("rdApp.*")
-    generator = rdFingerprintGenerator.GetMorganGenerator(radius=radius, fpSize=bits)
-    out = {}
-    for drug, text in smiles.items():
-        molecule = Chem.MolFromSmiles(text)
-        if molecule is not None:
-            out[drug] = generator.GetFingerprintAsNumPy(molecule).astype(np.float32)
-    return out
-
-
 def split_pairs(pairs: pd.DataFrame, kind: str, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean test mask: random pairs, or whole cell lines / drugs held out."""
     if kind not in SPLITS:
-        raise ValueError(f"--split {kind!r}: use one of {SPLITS}")
+        raise ConfigError(f"--split {kind!r}: use one of {SPLITS}")
     rng = np.random.default_rng(seed)
     if kind == "random":
         return rng.random(len(pairs)) < test_fraction
@@ -142,9 +136,6 @@ class CellLineExpression:
 def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
     """The `--expression` file (raw counts, one row per cell line, ids in obs names or the
     `--cell-line-key` column), embedded by `model` (mean pooling) when one is given."""
-    from celltron.finetune.data import read_lab_data
-    from celltron.finetune.perturbation_eval import log_normalise
-
     section, data = config.drug, config.data
     key = section.cell_line_key
     lab = read_lab_data(section.expression, [key] if key else [], data.layer, data.gene_column, data.species, data.min_mapped_fraction)
@@ -152,12 +143,10 @@ def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
     repeated = sorted(set(names[pd.Series(names).duplicated().to_numpy()]))
     if repeated:
         where = f"obs[{key!r}]" if key else "obs names"
-        raise ValueError(f"{lab.path}: {len(repeated)} cell line(s) have more than one row in {where} (e.g. {repeated[:3]}); "
+        raise InputError(f"{lab.path}: {len(repeated)} cell line(s) have more than one row in {where} (e.g. {repeated[:3]}); "
                          "give one profile per cell line (sum or average the replicates first)")
     embeddings = None
     if model:
-        from celltron.finetune.embed import embed
-
         embeddings = embed(model, lab.path, pool="mean", input_layer=data.layer, gene_column=data.gene_column, species=data.species,
                            min_mapped_fraction=data.min_mapped_fraction)
     return CellLineExpression(lab.path, names, log_normalise(lab.counts).astype(np.float32), embeddings)
@@ -171,7 +160,7 @@ def keep_profiled(pairs: pd.DataFrame, expression: CellLineExpression, key: str)
     missing = sorted(set(lines) - set(expression.usable()))
     if len(missing) == len(lines):
         where = f"obs[{key!r}]" if key else "obs names"
-        raise ValueError(f"{expression.path}: none of the IC50 table's {len(lines)} cell lines has a profile in its {where} "
+        raise InputError(f"{expression.path}: none of the IC50 table's {len(lines)} cell lines has a profile in its {where} "
                          f"(table: {list(lines[:3])}; file: {list(expression.names[:3])}). Name the obs column that holds "
                          "the table's cell-line ids with --cell-line-key")
     if missing:
@@ -374,8 +363,6 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, 
     first process, None on the others."""
     import lightning.pytorch as pl
 
-    from celltron.finetune.train import train_task_model
-
     drugs = sorted(prints)
     drug_index, cell_index = _indices(train, drugs)
     overall = float(train.ln_ic50.mean())
@@ -410,7 +397,7 @@ def _read_inputs(config, model: str | None):
     section = config.drug
     for name in ("drug_list", "smiles"):
         if not getattr(section, name):
-            raise ValueError(f"drug.{name} is not set: pass --drug-list and --smiles (the GDSC drug list and a CID<TAB>SMILES file)")
+            raise ConfigError(f"drug.{name} is not set: pass --drug-list and --smiles (the GDSC drug list and a CID<TAB>SMILES file)")
     pairs = read_ic50(config.data.path)
     prints = fingerprints(read_smiles(section.drug_list, section.smiles))
     left_out = {"drugs_without_smiles": sorted(set(pairs.drug) - set(prints))}
@@ -436,11 +423,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     celltron.finetune.drug_expression. ic50 mode: splits per seed, baselines, the model,
     metrics.json, predictions.csv, a printed table and a plot under `out`. With
     `drug.expression`, cell lines are their profiles (embedded by `model` when given)."""
-    from celltron.finetune.report import aggregate
-
     if config.drug.mode == "expression":
-        from celltron.finetune.drug_expression import run_drug_expression
-
         return run_drug_expression(config, model, out, baselines_only)
     section, out = config.drug, Path(out)
     if model and not section.expression:
@@ -485,8 +468,6 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
 
 def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
     """metrics.json, predictions.csv (held-out pairs with every predictor's value), the plot and the table."""
-    from celltron.finetune.report import plot_bars, results_table, write_metrics
-
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     tmp = out / ".predictions.csv.tmp"

@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from celltron.corpus.genes import MIN_MAPPED_FRACTION
+from celltron.corpus.readers import check_raw_counts
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.adapt import _attribute, base_of, parts_of, resolve_model_folder
+from celltron.finetune.data import LabData, check_vocabulary_coverage, load_model_tokenizer, open_lab_source, tokenize_counts
 from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
+from celltron.inputs import open_h5
+from celltron.model_zoo.registry import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +82,9 @@ class LayerOutput:
     family, and for the last layer gives the model's last_hidden_state)."""
 
     def __init__(self, model: torch.nn.Module, layer: int):
-        from celltron.finetune.adapt import _attribute, base_of, parts_of
-
         layers = _attribute(base_of(model), parts_of(base_of(model)).layers)
         if not -len(layers) <= layer < len(layers):
-            raise ValueError(f"--layer {layer}: the model has {len(layers)} layers; use -1 (the last) down to -{len(layers)}")
+            raise ConfigError(f"--layer {layer}: the model has {len(layers)} layers; use -1 (the last) down to -{len(layers)}")
         self.hidden = None
         self.handle = layers[layer].register_forward_hook(self._keep)
 
@@ -150,15 +154,12 @@ class _Model:
 
 
 def _load(folder: Path, lab, options: EmbedOptions, device: torch.device) -> _Model:
-    from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer
-    from celltron.model_zoo.registry import load_pretrained
-
     tokenizer = load_model_tokenizer(folder, lab)
     check_vocabulary_coverage(lab, tokenizer.vocab)
     model = load_pretrained(folder).to(device).eval()
     style = options.pool or getattr(model.config, "cell_embedding", "mean")
     if style not in ("cls", "mean"):
-        raise ValueError(f"--pool {style!r}: use 'cls' or 'mean'")
+        raise ConfigError(f"--pool {style!r}: use 'cls' or 'mean'")
     special = torch.as_tensor(tokenizer.vocab.special_ids(), device=device)
     return _Model(model, tokenizer, special, tokenizer.vocab.special_id("pad"), style, LayerOutput(model, options.layer))
 
@@ -166,14 +167,12 @@ def _load(folder: Path, lab, options: EmbedOptions, device: torch.device) -> _Mo
 def _check_cls(tokens, special_ids: torch.Tensor, path) -> None:
     starts = tokens.input_ids[tokens.offsets[:-1][tokens.lengths > 0]]
     if not np.isin(starts, special_ids.cpu().numpy()).all():
-        raise ValueError(f"{path}: --pool cls needs cells that start with a <cls> (or species) token, and this model's "
-                         "tokenizer starts them with a gene (Geneformer V1); use --pool mean")
+        raise ConfigError(f"{path}: --pool cls needs cells that start with a <cls> (or species) token, and this model's "
+                          "tokenizer starts them with a gene (Geneformer V1); use --pool mean")
 
 
 def _lab_view(path, options: EmbedOptions):
     """The lab file opened for block reads, as the fine-tuning data helpers expect it."""
-    from celltron.finetune.data import LabData, open_lab_source
-
     source, mapping = open_lab_source(path, (), options.input_layer, options.gene_column, options.species,
                                       options.min_mapped_fraction)
     lab = LabData(Path(path), source.obs, np.asarray(source.gene_names), None, mapping.ensembl_ids, mapping.species,
@@ -184,9 +183,6 @@ def _lab_view(path, options: EmbedOptions):
 def _embed_range(folder: Path, source, lab, start: int, stop: int, options: EmbedOptions, device: torch.device, sink,
                  progress) -> GeneSums | None:
     """Embed cells [start, stop) of the opened `source`; `sink(first_row, block)` receives each block's rows."""
-    from celltron.corpus.readers import check_raw_counts
-    from celltron.finetune.data import tokenize_counts
-
     loaded = _load(folder, lab, options, device)
     _, column_map = lab.mapped_genes()
     n_mapped = int(column_map.max()) + 1 if len(column_map) else 0
@@ -292,7 +288,7 @@ def _run(folder: Path, path, options: EmbedOptions, sink) -> np.ndarray | None:
 def _run_parallel(folder: Path, path, n_cells: int, options: EmbedOptions, sink) -> np.ndarray | None:
     device = pick_device(options.device)
     if device.type == "cuda" and options.devices > torch.cuda.device_count():
-        raise ValueError(f"--devices {options.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise ConfigError(f"--devices {options.devices}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     ranges = _ranges(n_cells, options.devices)
     with tempfile.TemporaryDirectory(prefix="celltron-embed-") as work:
         work = Path(work)
@@ -315,8 +311,6 @@ def embed(model, data, **options) -> np.ndarray:
     """Cell embeddings of every cell in `data` (.h5ad, 10x .h5 or mtx folder of raw counts) as a
     (cells, hidden) float32 array, from the model folder or Hub id `model`. Keyword options are
     the fields of `EmbedOptions`."""
-    from celltron.finetune.adapt import resolve_model_folder
-
     settings = EmbedOptions(**{"progress": False, **options})
     folder = resolve_model_folder(str(model))
     blocks: dict[int, np.ndarray] = {}
@@ -330,11 +324,9 @@ def embed_file(model, data, out, options: EmbedOptions = EmbedOptions()) -> dict
     """Write a copy of the .h5ad `data` to `out` with the cell embeddings in `obsm[options.key]`
     (and gene embeddings in `varm[options.key]`). The copy is written under a temporary name and
     renamed when complete, so `out` is never half written (it may be `data` itself)."""
-    from celltron.finetune.adapt import resolve_model_folder
-
     data, out = Path(data), Path(out)
     if data.suffix != ".h5ad":
-        raise ValueError(f"--data {data}: `celltron embed` writes a copy of an .h5ad with the embeddings added; convert "
+        raise InputError(f"--data {data}: `celltron embed` writes a copy of an .h5ad with the embeddings added; convert "
                          "10x .h5 / mtx inputs first (anndata / scanpy: read_10x_h5(...).write_h5ad(...)), or use "
                          "celltron.finetune.embed.embed() for an array")
     folder = resolve_model_folder(str(model))
@@ -351,8 +343,6 @@ def embed_file(model, data, out, options: EmbedOptions = EmbedOptions()) -> dict
 
 
 def _write_embeddings(folder: Path, data: Path, target: Path, options: EmbedOptions) -> dict:
-    from celltron.inputs import open_h5
-
     with open_h5(target, "r+", shown_as=data, require=("obs",)) as handle:
         n_cells = _n_obs(handle, data)
         written = {"rows": 0, "dataset": None}

@@ -18,7 +18,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from celltron.finetune.report import save_figure
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.report import results_table, save_figure, write_metrics
+from celltron.inputs import MissingInputError, read_h5ad
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +76,9 @@ def _counts(adata, path: Path, layer: str) -> sp.csr_matrix:
     elif layer in adata.layers:
         matrix = adata.layers[layer]
     else:
-        raise ValueError(f"{path}: no layer {layer!r}; it has {_available_layers(adata)}. Pass --layer with one of them")
+        raise InputError(f"{path}: no layer {layer!r}; it has {_available_layers(adata)}. Pass --layer with one of them")
     if matrix is None:
-        raise ValueError(f"{path}: X is empty; pass --layer with the layer of raw counts (it has {_available_layers(adata)})")
+        raise InputError(f"{path}: X is empty; pass --layer with the layer of raw counts (it has {_available_layers(adata)})")
     return sp.csr_matrix(matrix, dtype=np.float32)
 
 
@@ -92,7 +94,7 @@ def require_raw_counts(counts: sp.csr_matrix, path: Path, layer: str, available:
                else "negative values (scaled or centred data?)" if (values < 0).any()
                else "non-integer values (normalised or log-transformed data?)" if (values != np.round(values)).any() else None)
     if problem:
-        raise ValueError(
+        raise InputError(
             f"{path}: --layer {layer} is not raw counts: it holds {problem}. The PCA baseline normalises raw counts "
             f"(normalize_total 1e4 + log1p); pass --layer with the layer of raw UMI/read counts (this file has: {available})"
         )
@@ -101,7 +103,7 @@ def require_raw_counts(counts: sp.csr_matrix, path: Path, layer: str, available:
 def _column(adata, path: Path, key: str, flag: str) -> np.ndarray:
     """An obs column as strings (missing values as None)."""
     if key not in adata.obs.columns:
-        raise ValueError(f"{path}: obs has no column {key!r}; it has {list(adata.obs.columns)}. Pass {flag} with one of them")
+        raise InputError(f"{path}: obs has no column {key!r}; it has {list(adata.obs.columns)}. Pass {flag} with one of them")
     return np.array([None if pd.isna(v) else str(v) for v in adata.obs[key].astype(object)], dtype=object)
 
 
@@ -114,18 +116,16 @@ def read_embedding_data(path, key: str, label_key: str, batch_key: str | None = 
         batch_key: obs column of batches, for the batch-integration metrics.
         layer: raw counts for the baseline: X, raw, or a layer name.
     """
-    from celltron.inputs import read_h5ad
-
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file")
+        raise MissingInputError(f"--data {path}: no such file")
     adata = read_h5ad(path)
     if key not in adata.obsm:
-        raise ValueError(f"{path}: obsm has no {key!r}; it has {list(adata.obsm.keys())}. Pass --key with one of them, "
+        raise InputError(f"{path}: obsm has no {key!r}; it has {list(adata.obsm.keys())}. Pass --key with one of them, "
                          "or store the model's cell embeddings there first (adata.obsm[KEY] = embeddings)")
     embedding = np.asarray(adata.obsm[key].toarray() if sp.issparse(adata.obsm[key]) else adata.obsm[key], dtype=np.float32)
     if embedding.ndim != 2:
-        raise ValueError(f"{path}: obsm[{key!r}] must be a (cells, dims) matrix; it has shape {embedding.shape}")
+        raise InputError(f"{path}: obsm[{key!r}] must be a (cells, dims) matrix; it has shape {embedding.shape}")
     labels = _column(adata, path, label_key, "--label-key")
     batches = _column(adata, path, batch_key, "--batch-key") if batch_key else None
     counts = _counts(adata, path, layer)
@@ -147,7 +147,7 @@ def usable_cells(data: EmbeddingData, folds: int) -> np.ndarray:
         log.warning("%s: %d cells left out (NaN embedding, no label or batch, or labels with fewer than %d cells: %s)",
                     data.path, (~keep).sum(), folds, small)
     if len(np.unique(data.labels[keep])) < 2:
-        raise ValueError(f"{data.path}: fewer than two labels with at least {folds} cells each; check --label-key or lower --folds")
+        raise InputError(f"{data.path}: fewer than two labels with at least {folds} cells each; check --label-key or lower --folds")
     return np.flatnonzero(keep)
 
 
@@ -229,7 +229,7 @@ def neighbor_graph(embedding: np.ndarray, n_neighbors: int, seed: int = 0):
 def check_batch_metrics(metrics) -> tuple[str, ...]:
     unknown = sorted(set(metrics) - set(BATCH_METRICS))
     if unknown:
-        raise ValueError(f"--batch-metrics: unknown {unknown}; available: {list(BATCH_METRICS)}")
+        raise ConfigError(f"--batch-metrics: unknown {unknown}; available: {list(BATCH_METRICS)}")
     return tuple(metrics)
 
 
@@ -288,7 +288,7 @@ def evaluate_embedding(data, key: str, label_key: str, batch_key: str | None = N
         {"model": {...}, "baselines": {"pca_knn": {...}}, "split": {...}} (and the embeddings and labels).
     """
     if folds < 2:
-        raise ValueError(f"--folds {folds}: cross-validation needs at least 2 folds")
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
     if batch_key:
         require_eval_extra("scib_metrics")
         batch_metrics = check_batch_metrics(batch_metrics)
@@ -341,8 +341,6 @@ def run_embedding_evaluation(data, key: str, label_key: str, out, batch_key: str
                              **options) -> dict:
     """`celltron evaluate-embedding`: evaluate, write OUT/metrics.json (and OUT/umap.png), print
     the tables; returns the metrics (see evaluate_embedding for the other arguments)."""
-    from celltron.finetune.report import results_table, write_metrics
-
     if umap:
         require_eval_extra("umap")
     metrics, embeddings, labels = evaluate_embedding(data, key, label_key, batch_key, return_embeddings=True, **options)

@@ -22,9 +22,16 @@ import pandas as pd
 import torch
 
 from celltron.corpus.genes import MIN_MAPPED_FRACTION
-from celltron.errors import InputError
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.adapt import load_encoder, resolve_model_folder
+from celltron.finetune.config import AdaptSection
+from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
 from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth, tree_scores
-from celltron.finetune.inference import autocast, pad_cells, to_device
+from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
+from celltron.finetune.perturbation_eval import log_normalise
+from celltron.finetune.report import results_table, write_metrics
+from celltron.inputs import MissingInputError
+from celltron.model_zoo.common import recording_attention
 
 log = logging.getLogger(__name__)
 METHODS = ("embedding", "attention", "in-silico")
@@ -41,7 +48,7 @@ def read_tfs(path) -> list[str]:
     """A TF list: one symbol per line (a first tab-separated column; '#' lines are comments)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--tfs {path}: no such file (one TF symbol per line)")
+        raise MissingInputError(f"--tfs {path}: no such file (one TF symbol per line)")
     try:
         lines = path.read_text().splitlines()
     except UnicodeDecodeError:
@@ -116,8 +123,6 @@ def attention_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, 
                      precision: str = "auto") -> pd.DataFrame:
     """Attention of each target (query) on each TF (key), averaged over heads, layers and the
     cells holding both; pairs never seen together rank last."""
-    from celltron.model_zoo.common import recording_attention
-
     model.eval()
     device = next(model.parameters()).device
     tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
@@ -212,8 +217,6 @@ def in_silico_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, 
 
 def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
     """Log-normalised expression of a seeded sample of cells, and the highly variable genes."""
-    from celltron.finetune.perturbation_eval import log_normalise
-
     rng = np.random.default_rng(seed)
     cells = np.sort(rng.choice(lab.n_cells, min(max_cells, lab.n_cells), replace=False))
     expression = log_normalise(lab.counts[cells])
@@ -232,14 +235,8 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     runs on `device` (`auto`: CUDA when present) in `precision` (`auto`: bf16 on CUDA, else fp32).
     Refuses data of which less than `min_mapped_fraction` of the counts map to Ensembl IDs (or,
     with a model, have tokens in its vocabulary)."""
-    from celltron.finetune.adapt import load_encoder, resolve_model_folder
-    from celltron.finetune.config import AdaptSection
-    from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
-    from celltron.finetune.inference import pick_device
-    from celltron.finetune.report import results_table, write_metrics
-
     if method not in METHODS:
-        raise ValueError(f"--method {method!r}: available methods are {METHODS}")
+        raise ConfigError(f"--method {method!r}: available methods are {METHODS}")
     out = Path(out)
     # every input is read and checked before any baseline or model work, and before `out` is written
     truth = read_truth_table(truth_path) if truth_path is not None else None
@@ -250,7 +247,7 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     tf_list = given_tfs or bundled_tfs(lab.species)
     tfs = sorted(set(tf_list) & set(names))
     if not tfs:
-        raise ValueError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
+        raise InputError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
     if truth is not None:
         _check_truth_is_scorable(truth, tfs, targets, truth_path, data)
     if folder is not None:

@@ -14,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from celltron.errors import ConfigError, InputError
+from celltron.inputs import MissingInputError
+
 EDGE_COLUMNS = ("tf", "target", "score", "method", "group")
 GRN_METRICS = ("auprc", "auprc_ratio", "epr", "n_true_edges", "n_scored_edges")
 
@@ -23,10 +26,10 @@ def read_truth(path) -> pd.DataFrame:
     unique directed (tf, target) pairs."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--truth {path}: no such file")
+        raise MissingInputError(f"--truth {path}: no such file")
     table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
     if table.shape[1] < 2:
-        raise ValueError(f"--truth {path}: expected tab-separated columns TF, target (TRRUST format); got {table.shape[1]} column(s)")
+        raise InputError(f"--truth {path}: expected tab-separated columns TF, target (TRRUST format); got {table.shape[1]} column(s)")
     table = table.iloc[:, :2].set_axis(["tf", "target"], axis=1).dropna()
     if table.iloc[0].str.lower().tolist() in (["tf", "target"], ["tf", "gene"]):
         table = table.iloc[1:]
@@ -70,7 +73,7 @@ def coexpression_scores(expression: np.ndarray, genes, tfs, targets, method: str
         method: pearson or spearman.
     """
     if method not in ("pearson", "spearman"):
-        raise ValueError(f"unknown co-expression method {method!r}; use pearson or spearman")
+        raise ConfigError(f"unknown co-expression method {method!r}; use pearson or spearman")
     index = {g: i for i, g in enumerate(genes)}
     values = _ranks(expression) if method == "spearman" else np.asarray(expression, dtype=np.float64)
     centred = values - values.mean(0)

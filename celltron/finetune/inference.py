@@ -8,6 +8,8 @@ import contextlib
 import numpy as np
 import torch
 
+from celltron.errors import ConfigError
+
 PRECISIONS = ("auto", "32", "bf16")
 
 
@@ -17,14 +19,14 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: this machine has no CUDA device; pass --device cpu (or auto)")
+        raise ConfigError(f"--device {name}: this machine has no CUDA device; pass --device cpu (or auto)")
     return device
 
 
 def autocast(device: torch.device, precision: str = "auto"):
     """bf16 autocast on CUDA (`auto` or `bf16`), fp32 otherwise; a context manager."""
     if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: choose one of {PRECISIONS}")
+        raise ConfigError(f"--precision {precision!r}: choose one of {PRECISIONS}")
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not bf16:
         return contextlib.nullcontext()

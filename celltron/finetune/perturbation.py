@@ -24,10 +24,17 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.utils import ModelOutput
 
 from celltron.corpus.genes import map_genes
-from celltron.finetune.adapt import InputFlags, base_of
+from celltron.errors import ConfigError, InputError
+from celltron.finetune import perturbation_eval as pe
+from celltron.finetune.adapt import InputFlags, base_of, count_trainable, load_encoder, resolve_model_folder
 from celltron.finetune.config import HEADS
-from celltron.finetune.report import aggregate, save_figure, write_h5ad_atomically
+from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+from celltron.finetune.perturbation_eval import METRICS, baseline_report, evaluate, heldout_split, pseudobulk, simulation_split
+from celltron.finetune.report import aggregate, plot_bars, results_table, save_figure, write_h5ad_atomically, write_metrics
+from celltron.finetune.train import train_task_model
+from celltron.io import write_text_atomically
 from celltron.tokenizers.ragged import RaggedTokens
+from celltron.tokenizers.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,7 @@ class PerturbationModel(nn.Module):
                  de_weight: float = 1.0):
         super().__init__()
         if head not in HEADS:
-            raise ValueError(f"perturbation.head {head!r} is not one of {HEADS}")
+            raise ConfigError(f"perturbation.head {head!r} is not one of {HEADS}")
         self.encoder, self.head, self.de_weight = encoder, head, de_weight
         hidden = self.config.hidden_size
         self.flag_embedding = nn.Embedding(2, hidden)
@@ -267,8 +274,6 @@ def specials_of(vocab) -> set:
 
 
 def model_folder_vocab(folder: Path):
-    from celltron.tokenizers.vocab import GeneVocab
-
     return GeneVocab.from_pretrained(folder)
 
 
@@ -279,8 +284,6 @@ BASELINES = ("control_mean", "train_mean", "additive", "linear")
 
 
 def make_split(config, perturbations: list[str], seed: int) -> dict:
-    from celltron.finetune.perturbation_eval import heldout_split, simulation_split
-
     section = config.perturbation
     choose = simulation_split if section.split == "simulation" else heldout_split
     return choose(perturbations, section.test_fraction, seed)
@@ -291,8 +294,6 @@ def _screen(lab, section):
     import anndata as ad
     import pandas as pd
 
-    from celltron.finetune.perturbation_eval import pseudobulk
-
     view = ad.AnnData(X=lab.counts, obs=lab.obs[[section.perturbation_key]].astype(str),
                       var=pd.DataFrame(index=pd.Index(lab.gene_names.astype(str)).astype(object)))
     return pseudobulk(view, section.perturbation_key, section.control, section.de_genes, str(lab.path))
@@ -302,8 +303,6 @@ class _Prepared:
     """Everything of one model and one lab dataset that every seed's run shares."""
 
     def __init__(self, config, folder: Path, lab, screen):
-        from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, tokenize_cells
-
         section = config.perturbation
         self.folder = folder
         self.tokenizer = load_model_tokenizer(folder, lab)
@@ -320,9 +319,6 @@ class _Prepared:
 
 def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out: Path, resume: str | None):
     """Train one seed's model; returns the model on the first process, None on the others."""
-    from celltron.finetune.adapt import count_trainable, load_encoder
-    from celltron.finetune.train import train_task_model
-
     import lightning.pytorch as pl
 
     section = config.perturbation
@@ -358,8 +354,6 @@ def _model_predictions(config, prepared: _Prepared, model, test: list[str], seed
 def _write_config(config, out: Path) -> None:
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from celltron.io import write_text_atomically
-
     out.mkdir(parents=True, exist_ok=True)
     if rank_zero_only.rank == 0:
         import yaml
@@ -371,16 +365,12 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
     """The perturbation task end to end: splits per seed, baselines, fine-tuning and
     evaluation, then metrics.json, predictions.h5ad, a printed table and plots under `out`.
     Returns the metrics (None on processes other than the first)."""
-    from celltron.finetune.adapt import resolve_model_folder
-    from celltron.finetune.data import read_lab_data
-    from celltron.finetune.perturbation_eval import METRICS, baseline_report, evaluate
-
     out = Path(out)
     section = config.perturbation
     if not config.data.path:
-        raise ValueError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
+        raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
-        raise ValueError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baselines alone")
+        raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baselines alone")
     lab = read_lab_data(config.data.path, [section.perturbation_key], config.data.layer, config.data.gene_column, config.data.species,
                         config.data.min_mapped_fraction)
     screen = _screen(lab, section)
@@ -388,7 +378,7 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
     usable = sorted(prepared.targets) if prepared else screen.perturbations
     excluded = sorted(set(screen.perturbations) - set(usable))
     if len(usable) < 3:
-        raise ValueError(f"{lab.path}: {len(usable)} usable perturbation(s) in obs[{section.perturbation_key!r}]; "
+        raise InputError(f"{lab.path}: {len(usable)} usable perturbation(s) in obs[{section.perturbation_key!r}]; "
                          "a split needs at least 3 besides the control")
     _write_config(config, out)  # only now: a run refused for its inputs leaves no --out behind
 
@@ -432,8 +422,6 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
 
 
 def _baseline_predictions(name: str, screen, split: dict) -> dict[str, np.ndarray]:
-    from celltron.finetune import perturbation_eval as pe
-
     train, test = split["train"], split["test"]
     if name == "linear":
         return pe.linear_baseline(screen, train, test)[0]
@@ -442,8 +430,6 @@ def _baseline_predictions(name: str, screen, split: dict) -> dict[str, np.ndarra
 
 def _group_metrics(screen, splits: dict, predictions: dict) -> dict:
     """Simulation split: each predictor's metrics per group (unseen_single, combo_seen0/1/2), over seeds."""
-    from celltron.finetune.perturbation_eval import METRICS, evaluate
-
     groups = {}
     for group in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2"):
         for name in ("model", *BASELINES):
@@ -457,9 +443,6 @@ def _group_metrics(screen, splits: dict, predictions: dict) -> dict:
 def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: dict) -> dict:
     """metrics.json, predictions.h5ad (one row per seed and held-out perturbation: the model's
     prediction in X, truth, control and each baseline as layers), the table and the plots."""
-    from celltron.finetune.perturbation_eval import METRICS
-    from celltron.finetune.report import plot_bars, results_table, write_metrics
-
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.h5ad", screen, splits, predictions)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from celltron.errors import InputError
+
 METRICS = ("mse", "pearson", "pearson_delta", "mse_de20", "pearson_de20", "pearson_delta_de20", "direction_de20")
 
 
@@ -48,10 +50,10 @@ def log_normalise(counts) -> np.ndarray:
 def pseudobulk(adata, perturbation_key: str, control: str, n_de: int = 20, source: str = "data") -> PerturbationData:
     """Means per perturbation and their top `n_de` DE genes, from an AnnData of raw counts."""
     if perturbation_key not in adata.obs:
-        raise ValueError(f"{source}: obs has no column {perturbation_key!r} (--perturbation-key); it has {list(adata.obs.columns)}")
+        raise InputError(f"{source}: obs has no column {perturbation_key!r} (--perturbation-key); it has {list(adata.obs.columns)}")
     labels = adata.obs[perturbation_key].astype(str).to_numpy()
     if control not in set(labels):
-        raise ValueError(f"{source}: no control cells labelled {control!r} in obs[{perturbation_key!r}] (--control); "
+        raise InputError(f"{source}: no control cells labelled {control!r} in obs[{perturbation_key!r}] (--control); "
                          f"labels include {sorted(set(labels))[:10]}")
     expression = log_normalise(adata.X)
     is_control = labels == control

@@ -16,6 +16,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from celltron.corpus.genes import ensembl_to_symbol
+from celltron.errors import ConfigError
+from celltron.finetune.drug_features import fingerprints
+from celltron.tokenizers.vocab import GeneVocab
+
 
 @dataclass
 class SimulatedScreen:
@@ -28,9 +33,6 @@ class SimulatedScreen:
 def human_gene_symbols(n: int) -> list[str]:
     """`n` human gene symbols that map to Ensembl IDs with Geneformer tokens (so any celltron
     model can tokenise the simulated cells)."""
-    from celltron.corpus.genes import ensembl_to_symbol
-    from celltron.tokenizers.vocab import GeneVocab
-
     symbols = ensembl_to_symbol("human")
     vocab = GeneVocab.from_geneformer("v1")
     chosen, seen = [], set()
@@ -41,7 +43,7 @@ def human_gene_symbols(n: int) -> list[str]:
             seen.add(symbol)
         if len(chosen) == n:
             return chosen
-    raise ValueError(f"only {len(chosen)} usable human gene symbols, asked for {n}")
+    raise ConfigError(f"only {len(chosen)} usable human gene symbols, asked for {n}")
 
 
 def simulate_screen(n_genes: int = 120, n_targets: int = 12, n_combos: int = 16, cells_per_perturbation: int = 60,
@@ -94,8 +96,6 @@ def simulate_drug_screen(smiles: dict[str, str], genes: list[str] | None = None,
 
     Returns the AnnData and the shifts, keyed `drug|dose|cell_type`.
     """
-    from celltron.finetune.drug_response import fingerprints
-
     rng = np.random.default_rng(seed)
     genes = list(genes) if genes is not None else human_gene_symbols(n_genes)
     prints = fingerprints(smiles)

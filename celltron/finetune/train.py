@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from celltron.errors import InputError
 from celltron.pretrain.module import PretrainModule
 from celltron.pretrain.run import CHECKPOINT_DIR, build_trainer, fit, resolve_resume, stop_reason
 
@@ -52,7 +53,7 @@ class ExamplesDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train) < self.trainer.world_size:
-            raise ValueError(f"{len(self.train)} training examples cannot feed {self.trainer.world_size} processes")
+            raise InputError(f"{len(self.train)} training examples cannot feed {self.trainer.world_size} processes")
         order = ExampleOrder(len(self.train), self.seed, self.trainer.global_rank, self.trainer.world_size, self.start)
         return DataLoader(self.train, batch_size=self.batch_size, sampler=order, collate_fn=self.collate,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)

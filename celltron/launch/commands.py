@@ -3,6 +3,7 @@ DeepSpeed hostfile with its launcher line."""
 
 from __future__ import annotations
 
+from celltron.errors import ConfigError
 from celltron.launch.cluster import ClusterSpec, pretrain_arguments, quote
 
 # NCCL reports a lost peer as an error instead of waiting forever (a known way jobs hang)
@@ -15,7 +16,7 @@ def _host(spec: ClusterSpec) -> str:
         return spec.hosts[0]
     if spec.nodes == 1:
         return "127.0.0.1"
-    raise ValueError(f"a {spec.nodes}-node {spec.backend} launch needs the node host names: --hosts h1,h2,... (the first hosts the rendezvous)")
+    raise ConfigError(f"a {spec.nodes}-node {spec.backend} launch needs the node host names: --hosts h1,h2,... (the first hosts the rendezvous)")
 
 
 def torchrun_command(spec: ClusterSpec, config, out, node_rank: int, extra=()) -> list[str]:
@@ -62,7 +63,7 @@ def sbatch_script(spec: ClusterSpec, config, out, extra=()) -> str:
 
 def hostfile(spec: ClusterSpec) -> str:
     if not spec.hosts:
-        raise ValueError("the deepspeed backend needs the node host names: --hosts h1,h2,... (or hosts: in the cluster spec)")
+        raise ConfigError("the deepspeed backend needs the node host names: --hosts h1,h2,... (or hosts: in the cluster spec)")
     return "".join(f"{host} slots={spec.gpus_per_node}\n" for host in spec.hosts)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from celltron.launch.cluster import ClusterSpec, quote
 from celltron.launch.commands import deepspeed_command, hostfile, sbatch_script, torchrun_command, torchrun_commands
+from celltron.pretrain.config import load_config
 
 
 def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node_rank: int | None = None) -> dict:
@@ -49,8 +50,6 @@ def check_run_config(config, extra=()) -> None:
     """Load `config` as every process of the job will (with the `--set` items passed on after
     `--`), so that a config that is missing, does not parse or is out of range is refused here,
     in one line, rather than by every node after the job was queued."""
-    from celltron.pretrain.config import load_config
-
     load_config(config, set_items(extra))
 
 

@@ -15,6 +15,7 @@ from transformers import BertConfig
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from celltron.errors import ConfigError
 from celltron.io import write_folder_atomically  # noqa: F401  (its former home; imports of it from here keep working)
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "varlen", "flash_attn")
@@ -112,7 +113,7 @@ def pool_cells(hidden: torch.Tensor, layout: CellLayout, style: str, token_weigh
     if style == "cls":
         return flat[layout.starts]
     if style != "mean":
-        raise ValueError(f"unknown cell embedding style {style!r}; use 'cls' or 'mean'")
+        raise ConfigError(f"unknown cell embedding style {style!r}; use 'cls' or 'mean'")
     weights = torch.ones(hidden.shape[:2], device=hidden.device) if token_weights is None else token_weights
     weights = weights.to(hidden.dtype)
     if layout.cu_seqlens is None:  # one cell per row: a masked mean, no scatter
@@ -147,7 +148,7 @@ def plan_attention(attention_mask, layout: CellLayout, n_tokens: int, device, ba
     padding keys hidden, packed cells block-diagonal.
     """
     if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+        raise ConfigError(f"attention backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
     packed = layout.cu_seqlens is not None
     if backend == "auto":
         backend = "sdpa"
@@ -155,7 +156,7 @@ def plan_attention(attention_mask, layout: CellLayout, n_tokens: int, device, ba
             backend = "flash_attn" if _flash_attn_installed() else "varlen"
     if backend != "sdpa":
         if not packed or allowed is not None:
-            raise ValueError(f"the {backend} attention backend needs packed batches (cu_seqlens) and no extra mask")
+            raise ConfigError(f"the {backend} attention backend needs packed batches (cu_seqlens) and no extra mask")
         return AttentionPlan(backend, layout=layout)
     mask = None
     if packed:
@@ -311,7 +312,7 @@ def encoder_flops_per_token(n_layers: int, hidden: int, intermediate: int, seq_l
 def config_from_size(config_class, sizes: dict, family: str, size: str, vocab_size: int | None, overrides: dict):
     """A family's named size as a config; `vocab_size` (the tokenizer's) wins over the size's own."""
     if size not in sizes:
-        raise ValueError(f"unknown {family} size {size!r}; known: {', '.join(sizes)}")
+        raise ConfigError(f"unknown {family} size {size!r}; known: {', '.join(sizes)}")
     fields = {**sizes[size], **overrides}
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size

@@ -10,14 +10,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
 
-from celltron.errors import InputError
-from celltron.inputs import MODEL_FIX, check_model_files, first_line, read_json
+from celltron.errors import ConfigError, InputError
+from celltron.inputs import MODEL_FIX, MissingInputError, check_model_files, first_line, read_json
+from celltron.model_zoo.common import encoder_flops_per_token
 from celltron.model_zoo.genecompass import GeneCompassConfig, GeneCompassForPretraining
 from celltron.model_zoo.genecompass.configuration_genecompass import SIZES as GENECOMPASS_SIZES
+from celltron.model_zoo.genecompass.modeling_genecompass import genecompass_flops_per_token
 from celltron.model_zoo.geneformer import GeneformerConfig, GeneformerForMaskedLM
 from celltron.model_zoo.geneformer.configuration_geneformer import SIZES as GENEFORMER_SIZES
 from celltron.model_zoo.scgpt import ScGPTConfig, ScGPTModel
 from celltron.model_zoo.scgpt.configuration_scgpt import SIZES as SCGPT_SIZES
+from celltron.model_zoo.scgpt.modeling_scgpt import scgpt_flops_per_token
+from celltron.tokenizers.saving import CONFIG_FILE
+from celltron.tokenizers.vocab import VOCAB_FILE
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ FAMILIES = {
 
 def family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
+        raise ConfigError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -81,14 +86,14 @@ def model_folder(model) -> Path:
         return path
     text = str(model)
     if not HUB_ID.match(text) or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{text}: no such model folder (nor a Hub id of the form owner/name)")
+        raise MissingInputError(f"{text}: no such model folder (nor a Hub id of the form owner/name)")
     from huggingface_hub import snapshot_download
 
     repo_id, _, revision = text.partition("@")
     try:
         return Path(snapshot_download(repo_id, revision=revision or None))
     except Exception as error:  # offline and not cached, unknown repository, no access
-        raise FileNotFoundError(f"{text}: not a local folder, and the Hub could not provide it ({type(error).__name__}: "
+        raise MissingInputError(f"{text}: not a local folder, and the Hub could not provide it ({type(error).__name__}: "
                                 f"{error}); check the id, log in (`hf auth login` or HF_TOKEN) for private models, "
                                 "or unset HF_HUB_OFFLINE") from error
 
@@ -102,7 +107,7 @@ def load_pretrained(folder) -> PreTrainedModel:
     """
     folder = model_folder(folder)
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder}: no config.json; pass a folder written by `celltron export`, "
+        raise MissingInputError(f"{folder}: no config.json; pass a folder written by `celltron export`, "
                                 "`celltron convert` or a pretraining run's export/ folder")
     check_model_files(folder)  # a damaged config.json or weights file: named here, not deep in transformers
     register_auto_classes()
@@ -141,9 +146,6 @@ def check_vocabulary(folder, tokenizer_size: int | None = None, tokenizer_name: 
 
 def _saved_tokenizer(folder: Path) -> tuple[int, str] | None:
     """(tokens, description) of the celltron tokenizer saved in a model folder, or None."""
-    from celltron.tokenizers.saving import CONFIG_FILE
-    from celltron.tokenizers.vocab import VOCAB_FILE
-
     if not (folder / VOCAB_FILE).exists():
         return None
     vocab = read_json(folder / VOCAB_FILE, "tokenizer vocabulary", MODEL_FIX)
@@ -191,10 +193,6 @@ def register_auto_classes() -> None:
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     """Training FLOPs per token of any celltron model (see each family's formula), for MFU."""
-    from celltron.model_zoo.common import encoder_flops_per_token
-    from celltron.model_zoo.genecompass.modeling_genecompass import genecompass_flops_per_token
-    from celltron.model_zoo.scgpt.modeling_scgpt import scgpt_flops_per_token
-
     if isinstance(config, ScGPTConfig):
         return scgpt_flops_per_token(config, seq_len)
     if isinstance(config, GeneCompassConfig):
@@ -202,3 +200,9 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     # geneformer: the encoder, its vocabulary projection and the head's hidden x hidden transform
     h = config.hidden_size
     return encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * h * h
+
+
+# Loading celltron's model code registers it, so AutoConfig / AutoModel know the families however
+# that code was reached (celltron/__init__.py relies on this when transformers is first imported
+# from inside this module).
+register_auto_classes()

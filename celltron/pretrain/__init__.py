@@ -1,1 +1,1 @@
-"""celltron.pretrain: see ../shared/DESIGN.md; filled in by its issue."""
+"""celltron.pretrain: Lightning pretraining of a model family on a corpus, from a config; checkpoints, export and Hub publishing."""

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from celltron.errors import CheckpointError
+from celltron.inputs import load_torch_checkpoint
 from celltron.io import write_text_atomically
 
 log = logging.getLogger(__name__)
@@ -202,8 +203,6 @@ def model_state_from_checkpoint(path) -> dict:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(path))
     else:
-        from celltron.inputs import load_torch_checkpoint
-
         state = load_torch_checkpoint(path, weights_only=False)["state_dict"]
     # Lightning's DeepSpeed engine wraps the module as `_forward_module`; the model is `model.`
     weights = {}
@@ -212,5 +211,6 @@ def model_state_from_checkpoint(path) -> dict:
         if key.startswith("model."):
             weights[key.removeprefix("model.")] = value
     if not weights:
-        raise ValueError(f"{path}: holds no celltron model weights (no 'model.*' keys); is it a celltron pretraining checkpoint?")
+        raise CheckpointError(f"{path}: holds no celltron model weights (no 'model.*' keys); "
+                              "is it a celltron pretraining checkpoint?")
     return weights

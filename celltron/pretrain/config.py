@@ -132,7 +132,7 @@ class PretrainConfig:
 
     def check(self, where: str = "config") -> "PretrainConfig":
         """Refuse inconsistent settings, naming the field and the fix."""
-        from celltron.model_zoo import FAMILIES
+        from celltron.model_zoo import FAMILIES  # here: loading a config (launch, login nodes) must not need torch
 
         check_sections(self, where)
         if self.model.family not in FAMILIES:

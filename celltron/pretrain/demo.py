@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from celltron.corpus.demo import build_demo_corpus, stream_one_epoch
+from celltron.model_zoo import FAMILIES
 from celltron.pretrain.config import load_config, replace
+from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
+from celltron.pretrain.evaluate import masked_accuracy, most_frequent_token
+from celltron.pretrain.run import pretrain
 
 
 def run_demo(out, config_path, max_steps: int | None = None, progress: bool = True) -> dict:
-    from celltron.corpus.demo import build_demo_corpus, stream_one_epoch
-    from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
-    from celltron.pretrain.evaluate import masked_accuracy, most_frequent_token
-    from celltron.pretrain.run import pretrain
-
     out = Path(out)
     corpus = build_demo_corpus(out / "corpus", progress=progress)
     cells, seconds = stream_one_epoch(corpus)
@@ -26,7 +26,6 @@ def run_demo(out, config_path, max_steps: int | None = None, progress: bool = Tr
     result = pretrain(config, out / "pretrain", resume="auto")
     tokenizer = corpus_tokenizer(corpus, config.tokenizer.scheme, config.tokenizer.max_len, config.trainer.seed)
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
-    from celltron.model_zoo import FAMILIES
 
     model = FAMILIES[config.model.family].model_class.from_pretrained(result.export)
     scores = masked_accuracy(model, data, most_frequent_token(data))

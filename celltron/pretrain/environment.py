@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 
+from celltron.errors import ConfigError
+
 
 def _tasks_per_node(value: str) -> int:
     """SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE look like '4' or '4(x2)'."""
@@ -30,9 +32,9 @@ def check_slurm_shape(num_nodes: int, devices, environ=None) -> None:
     if isinstance(devices, int) and int(environ["SLURM_NTASKS"]) != num_nodes * devices:
         problems.append(f"SLURM_NTASKS={environ['SLURM_NTASKS']} but {num_nodes} nodes x {devices} devices = {num_nodes * devices}")
     if problems:
-        raise ValueError("this SLURM job does not have the run's shape: " + "; ".join(problems)
-                         + ". Submit with --nodes=N --ntasks-per-node=G --gpus-per-node=G and run pretrain with "
-                         "--num-nodes N --devices G (celltron launch --backend slurm writes such a script)")
+        raise ConfigError("this SLURM job does not have the run's shape: " + "; ".join(problems)
+                          + ". Submit with --nodes=N --ntasks-per-node=G --gpus-per-node=G and run pretrain with "
+                          "--num-nodes N --devices G (celltron launch --backend slurm writes such a script)")
 
 
 LOST_WAIT_SECONDS = 3.0

@@ -17,9 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from celltron.errors import UserError
+import celltron
+from celltron.errors import ConfigError, OutputExistsError, UserError
+from celltron.inputs import MissingInputError
 from celltron.io import check_output_folder, write_folder_atomically
 from celltron.pretrain.model_card import MARKER, gather_facts, render_card
+from celltron.pretrain.run import export_checkpoint
 from celltron.tokenizers.saving import write_text_atomically
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -66,10 +69,10 @@ def run_dir_of(source: Path, run_dir=None) -> Path | None:
 
 def check_source(source: Path) -> None:
     if not source.exists():
-        raise FileNotFoundError(f"{source}: no such folder or checkpoint; pass an exported model folder "
+        raise MissingInputError(f"{source}: no such folder or checkpoint; pass an exported model folder "
                                 "(config.json + model.safetensors) or a step=N.ckpt / DeepSpeed checkpoint")
     if not is_checkpoint(source) and not (source / "config.json").exists():
-        raise FileNotFoundError(f"{source}: neither a model folder (no config.json) nor a checkpoint; "
+        raise MissingInputError(f"{source}: neither a model folder (no config.json) nor a checkpoint; "
                                 "pass a `celltron export` folder, a run's export/ folder, or a checkpoint")
 
 
@@ -115,8 +118,6 @@ def prepare_folder(source, out=None, run_dir=None, base_model=None, license="apa
     folder = staging_folder(source, run, out)
     check_out_folder(source, folder, run, out, overwrite)
     if is_checkpoint(source):
-        from celltron.pretrain.run import export_checkpoint
-
         export_checkpoint(source, folder, run, overwrite=overwrite)
     elif folder != source:
         _copy_folder(source, folder, run, overwrite)
@@ -161,20 +162,20 @@ def resolve_token(token_env: str = "HF_TOKEN") -> str:
     if value:
         return value
     if token_env != "HF_TOKEN":
-        raise ValueError(f"--token-env {token_env}: that environment variable is empty or unset; export a Hugging Face "
-                         "write token in it, or leave --token-env out to use HF_TOKEN or `hf auth login`")
+        raise ConfigError(f"--token-env {token_env}: that environment variable is empty or unset; export a Hugging Face "
+                          "write token in it, or leave --token-env out to use HF_TOKEN or `hf auth login`")
     from huggingface_hub import get_token
 
     token = get_token()
     if not token:
-        raise ValueError("no Hugging Face token: set HF_TOKEN to a write token (huggingface.co/settings/tokens) or run "
-                         "`hf auth login`; --dry-run needs none")
+        raise ConfigError("no Hugging Face token: set HF_TOKEN to a write token (huggingface.co/settings/tokens) or run "
+                          "`hf auth login`; --dry-run needs none")
     return token
 
 
 def check_repo_id(repo_id: str, flag: str = "--repo-id") -> None:
     if not REPO_ID.match(repo_id or ""):
-        raise ValueError(f"{flag} {repo_id!r}: expected ORG/NAME (letters, digits, '-', '_', '.'), e.g. my-lab/geneformer-pbmc")
+        raise ConfigError(f"{flag} {repo_id!r}: expected ORG/NAME (letters, digits, '-', '_', '.'), e.g. my-lab/geneformer-pbmc")
 
 
 def remote_files(api, repo_id: str, revision: str) -> list[str] | None:
@@ -189,8 +190,6 @@ def remote_files(api, repo_id: str, revision: str) -> list[str] | None:
 
 def hub_api(token: str):
     from huggingface_hub import HfApi
-
-    import celltron
 
     return HfApi(token=token, library_name="celltron", library_version=celltron.__version__)
 
@@ -224,8 +223,8 @@ def open_target(api, repo_id: str, revision: str, *, private: bool = False, forc
         existing = remote_files(api, repo_id, revision)
         held = [f for f in existing or [] if f != ".gitattributes"]  # a new repository holds only .gitattributes
         if held and not force:
-            raise FileExistsError(f"{repo_id}@{revision} already holds {len(held)} files ({', '.join(held[:4])}"
-                                  f"{', ...' if len(held) > 4 else ''}); pass --force to replace them, or publish to another --revision")
+            raise OutputExistsError(f"{repo_id}@{revision} already holds {len(held)} files ({', '.join(held[:4])}"
+                                    f"{', ...' if len(held) > 4 else ''}); pass --force to replace them, or publish to another --revision")
         if existing is None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
     return existing is None or bool(held)

@@ -24,9 +24,21 @@ from pathlib import Path
 
 import yaml
 
-from celltron.inputs import read_json
+import celltron  # noqa: F401  (Auto-class registration)
+from celltron.corpus.store import Corpus
+from celltron.errors import CheckpointError, ConfigError
+from celltron.inputs import MissingInputError, read_json
 from celltron.io import check_output_folder, write_folder_atomically, write_text_atomically
+from celltron.model_zoo import FAMILIES, build_model
+from celltron.model_zoo.common import Layer as BertLayer
+from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
+from celltron.model_zoo.scgpt.modeling_scgpt import EncoderLayer as ScGPTLayer
+from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
+from celltron.pretrain.checkpoints import AtomicCheckpointIO, check_checkpoint, latest_checkpoint, model_state_from_checkpoint
 from celltron.pretrain.config import PretrainConfig
+from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
+from celltron.pretrain.environment import check_slurm_shape, explain_lost_peer
+from celltron.pretrain.module import PretrainModule
 
 MODEL_DIR, CHECKPOINT_DIR, EXPORT_DIR = "model", "checkpoints", "export"
 
@@ -49,9 +61,6 @@ class RunResult:
 def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = None):
     """The run's model: a named size sized to the tokenizer's vocabulary, or `init_from` (an
     exported or converted folder) whose vocabulary must be the tokenizer's."""
-    from celltron.model_zoo import FAMILIES, build_model
-    from celltron.model_zoo.registry import check_vocabulary, model_folder
-
     vocab = tokenizer.vocab
     if init_from:
         check_vocabulary(model_folder(init_from), len(vocab), f"this run's {config.tokenizer.scheme} tokenizer of the corpus",
@@ -77,11 +86,11 @@ def _deepspeed_class(config: PretrainConfig):
     on_cpu = config.trainer.accelerator == "cpu" or (config.trainer.accelerator == "auto" and not torch.cuda.is_available())
     if not on_cpu:
         return DeepSpeedStrategy
-    from celltron.testing.deepspeed_cpu import SWITCH, CPUDeepSpeedStrategy
+    from celltron.testing.deepspeed_cpu import SWITCH, CPUDeepSpeedStrategy  # imports deepspeed, an optional package
 
     if os.environ.get(SWITCH) != "1":
-        raise ValueError(f"trainer.strategy {config.trainer.strategy}: DeepSpeed needs CUDA GPUs; use ddp on CPU "
-                         f"(tests can run DeepSpeed on CPU with {SWITCH}=1)")
+        raise ConfigError(f"trainer.strategy {config.trainer.strategy}: DeepSpeed needs CUDA GPUs; use ddp on CPU "
+                          f"(tests can run DeepSpeed on CPU with {SWITCH}=1)")
     return CPUDeepSpeedStrategy
 
 
@@ -89,9 +98,6 @@ def _fsdp_strategy():
     """FSDP sharding each Transformer layer (the unit of all-gather), saving full checkpoints
     (one consolidated file, exportable like any other)."""
     from lightning.pytorch.strategies import FSDPStrategy
-
-    from celltron.model_zoo.common import Layer as BertLayer
-    from celltron.model_zoo.scgpt.modeling_scgpt import EncoderLayer as ScGPTLayer
 
     return FSDPStrategy(auto_wrap_policy={BertLayer, ScGPTLayer}, state_dict_type="full")
 
@@ -108,9 +114,9 @@ def _strategy(config: PretrainConfig):
         settings = read_json(config.trainer.deepspeed_config, "DeepSpeed config (trainer.deepspeed_config)", "see configs/deepspeed/")
         zero = settings.get("zero_optimization", {})
         if zero.get("stage") != stage or ("offload_optimizer" in zero) != offload:
-            raise ValueError(f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
-                             f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{stage}"
-                             f"{'_offload' if offload else ''}.json")
+            raise ConfigError(f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
+                              f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{stage}"
+                              f"{'_offload' if offload else ''}.json")
         # batches come from an iterable dataset; DeepSpeed only logs this figure
         settings.setdefault("train_micro_batch_size_per_gpu", config.data.batch_size)
         return DeepSpeedStrategy(config=settings)
@@ -133,9 +139,6 @@ def _loggers(config: PretrainConfig, out: Path) -> list:
 def resolve_resume(resume: str | None, out: Path) -> Path | None:
     """The checkpoint to continue from: none, the newest intact one in `out` ('auto'; damaged
     ones skipped with a warning), or the one given, which must be intact (CheckpointError)."""
-    from celltron.errors import CheckpointError
-    from celltron.pretrain.checkpoints import check_checkpoint, latest_checkpoint
-
     if resume in (None, "", "none"):
         return None
     if resume == "auto":
@@ -156,9 +159,6 @@ def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batch
     its StopOnSignal callback."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from celltron.pretrain.callbacks import StopOnSignal, ThroughputAndMetrics
-    from celltron.pretrain.checkpoints import AtomicCheckpointIO
 
     checkpoints = out / CHECKPOINT_DIR
     signals = StopOnSignal(checkpoints, config.trainer.stop_at_step)
@@ -201,8 +201,6 @@ def fit(trainer, module, data, signals, ckpt_path: Path | None, checkpoints: Pat
     stopped) and returns its path."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from celltron.pretrain.environment import explain_lost_peer
-
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     except SIGTERMException:  # a SystemExit: caught before the Ctrl-C case below
@@ -234,17 +232,11 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     describes, writing everything under `out`. `callbacks`: extra Lightning callbacks, run
     before celltron's own."""
     import lightning.pytorch as pl
-
-    from celltron.corpus.store import Corpus
-    from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
-    from celltron.pretrain.environment import check_slurm_shape
-    from celltron.pretrain.module import PretrainModule
-
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     out = Path(out)
     if not config.data.corpus:
-        raise ValueError("no corpus: set data.corpus in the config or pass --corpus DIR_OR_URL")
+        raise ConfigError("no corpus: set data.corpus in the config or pass --corpus DIR_OR_URL")
     check_slurm_shape(config.trainer.num_nodes, config.trainer.devices)
     # the checkpoint to resume from and the export folder to replace are checked, and the
     # corpus, tokenizer and model built, before the run directory gets anything
@@ -291,19 +283,15 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
     checkpoint, the run directory or its model folder."""
     from transformers import AutoConfig
 
-    import celltron  # noqa: F401  (Auto-class registration)
-    from celltron.model_zoo.registry import family_of
-    from celltron.pretrain.checkpoints import check_checkpoint, model_state_from_checkpoint
-
     checkpoint = Path(checkpoint)
     run_dir = Path(run_dir) if run_dir else checkpoint.parent.parent
     model_dir = run_dir / MODEL_DIR
     protected = [("the checkpoint", checkpoint), ("the run directory", run_dir), ("the run's model folder", model_dir)]
     check_output_folder(out, overwrite=overwrite, protected=protected)  # before any loading: a refusal costs nothing
     if not checkpoint.exists():
-        raise FileNotFoundError(f"{checkpoint}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder")
+        raise MissingInputError(f"{checkpoint}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder")
     if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)")
+        raise MissingInputError(f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)")
     check_checkpoint(checkpoint, checksum=True)  # a model published from damaged weights would fail far from here
     model_config = AutoConfig.from_pretrained(model_dir)
     family = family_of(model_config)
@@ -315,7 +303,7 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{checkpoint}: weights do not fit {model_dir}/config.json; missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(f"{checkpoint}: weights do not fit {model_dir}/config.json; missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)

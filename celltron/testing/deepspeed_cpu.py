@@ -2,9 +2,9 @@
 
 Lightning's DeepSpeedStrategy refuses a CPU accelerator, checks CUDA device indices, and hands
 DeepSpeed `device_rank=None` on CPU. This subclass skips the first two and passes the local rank,
-which lets ZeRO 1/2/3 train, checkpoint, resume and export over gloo on CPU (see
-../shared/TOOLCHAIN.md). It also skips compiling DeepSpeed's shared-memory communication op
-(~100 s per fresh machine; gloo does the communication). It relies on Lightning internals, so
+which lets ZeRO 1/2/3 train, checkpoint, resume and export over gloo on CPU (as
+tests/pretrain/test_distributed.py does). It also skips compiling DeepSpeed's shared-memory
+communication op (~100 s per fresh machine; gloo does the communication). It relies on Lightning internals, so
 it lives here, behind an explicit switch, and never on the GPU path.
 """
 

@@ -15,9 +15,10 @@ import functools
 
 import numpy as np
 
+from celltron.errors import ConfigError
 from celltron.tokenizers import _kernels
+from celltron.tokenizers.files import save_tokenizer
 from celltron.tokenizers.ragged import RaggedTokens
-from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
 VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
@@ -106,7 +107,7 @@ class BinnedTokenizer:
         include_zero_gene: bool = False, append_cls: bool = True, genes_subset=None, seed: int = 0,
     ):
         if value_style not in VALUE_STYLES:
-            raise ValueError(f"value_style must be one of {VALUE_STYLES}, got {value_style!r}")
+            raise ConfigError(f"value_style must be one of {VALUE_STYLES}, got {value_style!r}")
         self.genes_subset = None if genes_subset is None else sorted(genes_subset)
         self.vocab, self.n_bins, self.value_style = vocab, n_bins, value_style
         self.normalize_total, self.log1p, self.max_len = normalize_total, log1p, max_len

@@ -11,6 +11,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from celltron.errors import ConfigError
+
 IGNORE_INDEX = -100
 
 
@@ -136,7 +138,7 @@ def pack_stream(cells: Iterable[dict], max_tokens: int) -> Iterator[list[dict]]:
     for cell in cells:
         length = len(cell["input_ids"])
         if length > max_tokens:
-            raise ValueError(f"a cell of {length} tokens does not fit a pack of {max_tokens}; lower the tokenizer's max_len")
+            raise ConfigError(f"a cell of {length} tokens does not fit a pack of {max_tokens}; lower the tokenizer's max_len")
         if used + length > max_tokens:
             yield pack
             pack, used = [], 0

@@ -29,8 +29,9 @@ from celltron.corpus.build import to_corpus_genes
 from celltron.corpus.genes import MIN_MAPPED_FRACTION, check_token_coverage
 from celltron.corpus.readers import check_raw_counts, map_source_genes, open_source
 from celltron.corpus.stats import GeneStatistics
-from celltron.io import new_partial_dir
 from celltron.corpus.store import Corpus, ShardReader
+from celltron.errors import ConfigError, InputError, OutputExistsError
+from celltron.io import new_partial_dir
 from celltron.tokenizers.binned import BinnedTokenizer
 from celltron.tokenizers.hvg import DISPERSION_FLAVORS, highly_variable_genes, log_normalize
 from celltron.tokenizers.ortholog import OrthologTokenizer, group_by_species, ortholog_vocab
@@ -77,7 +78,7 @@ def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _In
     def check(keys):
         missing = [k for k in keys if k not in categories]
         if missing:
-            raise ValueError(f"{corpus.location}: corpus has no obs column(s) {missing}; it has {sorted(categories)}")
+            raise InputError(f"{corpus.location}: corpus has no obs column(s) {missing}; it has {sorted(categories)}")
 
     check(obs_keys)
     records = corpus.shards(split)
@@ -106,7 +107,7 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
     def check(keys):
         missing = [k for k in keys if k not in source.obs.columns]
         if missing:
-            raise ValueError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}")
+            raise InputError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}")
 
     check(obs_keys)
     mapping = map_source_genes(source, species, min_mapped_fraction)
@@ -165,7 +166,7 @@ def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subs
     `gene_species` and `medians`: an input here, or a corpus's gene table), and its vocabulary.
     `genes_subset` (Ensembl IDs, e.g. highly variable genes) is for the scgpt scheme only."""
     if genes_subset is not None and scheme != "scgpt":
-        raise ValueError(f"a gene subset (highly variable genes, --hvg) is scGPT's step; scheme {scheme!r} takes none")
+        raise ConfigError(f"a gene subset (highly variable genes, --hvg) is scGPT's step; scheme {scheme!r} takes none")
     if scheme in ("geneformer-v1", "geneformer-v2"):
         tokenizer = RankValueTokenizer.geneformer(scheme.split("-")[1], data.gene_ids)
         if max_len:
@@ -178,7 +179,7 @@ def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subs
     if scheme == "ortholog":
         vocab = ortholog_vocab(group_by_species(data.gene_ids, data.gene_species))
         return OrthologTokenizer(vocab, data.gene_ids, data.medians, max_len=max_len or 2048), vocab
-    raise ValueError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
+    raise ConfigError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
 
 
 def select_hvg(data: _Input, n_top_genes: int, flavor: str = "seurat_v3", batch_key: str | None = None,
@@ -244,10 +245,10 @@ def tokenize_to_dataset(
 
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another --out or remove it")
+        raise OutputExistsError(f"{out} already exists; choose another --out or remove it")
     if hvg is not None and scheme != "scgpt":
-        raise ValueError(f"--hvg selects highly variable genes as scGPT's Preprocessor does; scheme {scheme!r} "
-                         "has no such step (use --scheme scgpt)")
+        raise ConfigError(f"--hvg selects highly variable genes as scGPT's Preprocessor does; scheme {scheme!r} "
+                          "has no such step (use --scheme scgpt)")
     path = Path(str(source))
     if path.suffix == ".h5ad":
         data = selection = _h5ad_input(path, obs_keys, block_cells, layer, gene_column, species, min_mapped_fraction, scheme)
@@ -292,7 +293,7 @@ def _write(tokenizer, data: _Input, work: Path, rng, progress: bool) -> dict:
         bar.update(table.num_rows)
     bar.close()
     if writer is None:
-        raise ValueError("no cells to tokenize")
+        raise InputError("no cells to tokenize")
     writer.close()
     seconds = time.perf_counter() - start
     return {"cells": cells, "tokens": tokens, "seconds": round(seconds, 3), "cells_per_second": round(cells / seconds, 1)}

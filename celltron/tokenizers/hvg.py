@@ -36,6 +36,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from celltron.errors import ConfigError, InputError
+
 COUNT_FLAVORS = ("seurat_v3", "seurat_v3_paper")
 DISPERSION_FLAVORS = ("seurat", "cell_ranger")
 FLAVORS = COUNT_FLAVORS + DISPERSION_FLAVORS
@@ -86,9 +88,9 @@ def highly_variable_genes(
             orders genes by name there); gene order otherwise.
     """
     if flavor not in FLAVORS:
-        raise ValueError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
+        raise ConfigError(f"flavor must be one of {FLAVORS}, got {flavor!r}")
     if not isinstance(n_top_genes, (int, np.integer)) or n_top_genes < 1:
-        raise ValueError(f"n_top_genes must be a positive integer, got {n_top_genes!r}")
+        raise ConfigError(f"n_top_genes must be a positive integer, got {n_top_genes!r}")
     if flavor in COUNT_FLAVORS:
         _loess()  # fail before reading any data
     blocks = _block_source(data, batch)
@@ -100,7 +102,7 @@ def highly_variable_genes(
     candidates = np.flatnonzero(expressed) if expressed_only else np.arange(moments.n_genes)
     if n_top_genes > len(candidates):
         among = "genes with a positive value in these cells" if expressed_only else "genes"
-        raise ValueError(f"n_top_genes={n_top_genes} is more than the {len(candidates)} {among}")
+        raise ConfigError(f"n_top_genes={n_top_genes} is more than the {len(candidates)} {among}")
     if flavor in COUNT_FLAVORS:
         return _seurat_v3(blocks, batches, moments, n_top_genes, flavor, span, candidates)
     if batches.labels == [None]:
@@ -151,14 +153,14 @@ def _block_source(data, batch) -> Callable[[], Iterator[tuple[sp.csr_matrix, np.
 
 def _check_raw_counts(values: np.ndarray) -> None:
     if values.size and (values.min() < 0 or not np.array_equal(values, np.round(values))):
-        raise ValueError("seurat_v3 expects raw counts (non-negative integers) but found negative or non-integer "
+        raise InputError("seurat_v3 expects raw counts (non-negative integers) but found negative or non-integer "
                          "values: pass the counts layer (e.g. --layer counts, or adata.layers['counts']), "
                          "not normalised or log-transformed data")
 
 
 def _check_non_negative(values: np.ndarray) -> None:
     if values.size and values.min() < 0:
-        raise ValueError("seurat and cell_ranger expect log1p-normalised (non-negative) values, found negative ones")
+        raise InputError("seurat and cell_ranger expect log1p-normalised (non-negative) values, found negative ones")
 
 
 class _Batches:
@@ -176,7 +178,7 @@ class _Batches:
         if len(labels) != x.shape[0]:
             raise ValueError(f"{len(labels)} batch labels for a block of {x.shape[0]} cells")
         if pd.isna(labels).any():
-            raise ValueError("some cells have no batch label")
+            raise InputError("some cells have no batch label")
         uniques, inverse = np.unique(labels, return_inverse=True)
         for i, label in enumerate(uniques):
             yield self._code(label, grow), x if len(uniques) == 1 else x[inverse == i]
@@ -255,7 +257,7 @@ def _first_pass(blocks, check, transform) -> tuple[_Batches, _Moments]:
         for code, rows in batches.split(x, labels):
             moments.add(code, rows)
     if moments is None or sum(moments.cells) == 0:
-        raise ValueError("no cells to select highly variable genes from")
+        raise InputError("no cells to select highly variable genes from")
     return batches, moments
 
 
@@ -272,13 +274,13 @@ def _regularised_std(mean: np.ndarray, var: np.ndarray, span: float, where: str)
     """sqrt of the loess fit of log10 variance on log10 mean (genes of zero variance: 1)."""
     varies = var > 0
     if not varies.any():
-        raise ValueError(f"seurat_v3: no gene varies among {where}, so there is no trend to fit; leave these cells out")
+        raise InputError(f"seurat_v3: no gene varies among {where}, so there is no trend to fit; leave these cells out")
     fitted = np.zeros(len(mean))
     model = _loess()(np.log10(mean[varies]), np.log10(var[varies]), span=span, degree=2)
     try:
         model.fit()
     except ValueError as error:  # scikit-misc's near-singular fits; scanpy fails the same way
-        raise ValueError(f"seurat_v3's loess fit failed on {where} ({error}); with few cells, "
+        raise InputError(f"seurat_v3's loess fit failed on {where} ({error}); with few cells, "
                          f"a larger span than {span} (e.g. 0.5) usually fits") from error
     fitted[varies] = model.outputs.fitted_values
     return np.sqrt(10**fitted)
@@ -307,7 +309,7 @@ def _seurat_v3(blocks, batches, moments, n_top, flavor, span, candidates) -> Hig
         label, n = batches.labels[code], moments.cells[code]
         where = f"{n} cells" if label is None else f"batch '{label}' ({n} cells)"
         if n < 2:
-            raise ValueError(f"seurat_v3 needs at least 2 cells per batch; {where}")
+            raise InputError(f"seurat_v3 needs at least 2 cells per batch; {where}")
         mean, var = moments.mean_var(code)
         reg_std = _regularised_std(mean, var, span, where)
         fits[code] = mean, reg_std, reg_std * np.sqrt(moments.cells[code]) + mean
@@ -358,7 +360,7 @@ def _mean_bins(means: np.ndarray, flavor: str, n_bins: int) -> np.ndarray:
     else:
         edges = np.r_[-np.inf, np.percentile(means, np.arange(10, 105, 5)), np.inf]
         if len(np.unique(edges)) < len(edges):
-            raise ValueError("cell_ranger bins genes by 5% quantiles of their means, and these are not distinct here "
+            raise InputError("cell_ranger bins genes by 5% quantiles of their means, and these are not distinct here "
                              "(many genes share a mean, e.g. unexpressed genes): select among expressed genes "
                              "(expressed_only=True; scanpy raises here too)")
     return np.searchsorted(edges, means, side="left") - 1

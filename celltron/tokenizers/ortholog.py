@@ -18,8 +18,9 @@ from importlib import resources
 
 import numpy as np
 
+from celltron.inputs import MissingInputError
+from celltron.tokenizers.files import save_tokenizer
 from celltron.tokenizers.ragged import RaggedTokens, bind_genes, rank_cells
-from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import CLS, EOS, MASK, PAD, GeneVocab, species_token
 
 ANCHOR = "human"
@@ -31,7 +32,7 @@ def ortholog_table(species: str, min_confidence: int = 0) -> dict[str, str]:
     name = f"orthologs_{ANCHOR}_{species}.tsv.gz"
     resource = resources.files("celltron.data.genes").joinpath(name)
     if not resource.is_file():
-        raise FileNotFoundError(f"no bundled ortholog table {name} for species {species!r}")
+        raise MissingInputError(f"no bundled ortholog table {name} for species {species!r}")
     rows = gzip.decompress(resource.read_bytes()).decode().splitlines()
     header = rows[0].split("\t")
     anchor_col, species_col, confidence_col = header.index(ANCHOR), header.index(species), header.index("confidence")

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from celltron.tokenizers.files import save_tokenizer
 from celltron.tokenizers.ragged import RaggedTokens, bind_genes, rank_cells
-from celltron.tokenizers.saving import save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab, bundled_vocab_json
 
 GENEFORMER_SETTINGS = {"v1": {"max_len": 2048, "specials": False}, "v2": {"max_len": 4096, "specials": True}}

@@ -17,6 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from celltron.corpus.genes import symbol_to_ensembl
+from celltron.errors import InputError
+from celltron.inputs import MODEL_FIX, MissingInputError, read_json
+from celltron.tokenizers.files import write_json_atomically
 
 VOCAB_FILE = "vocab.json"
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"
@@ -56,7 +59,7 @@ class GeneVocab:
     def __post_init__(self):
         self._index = {token: i for i, token in enumerate(self.tokens)}
         if len(self._index) != len(self.tokens):
-            raise ValueError(f"vocabulary {self.name!r} has duplicate tokens")
+            raise InputError(f"vocabulary {self.name!r} has duplicate tokens")
         self._gene_index: dict[str, int] = {}
         for i, gene in enumerate(self.ensembl_ids):
             if gene:
@@ -106,8 +109,6 @@ class GeneVocab:
         if vocab is None:
             vocab = bundled_vocab_json("scgpt_human")
         elif not isinstance(vocab, dict):
-            from celltron.inputs import read_json
-
             vocab = read_json(vocab, "scGPT vocabulary")
         tokens = _by_id(vocab)
         table = symbol_to_ensembl("human")
@@ -134,8 +135,6 @@ class GeneVocab:
             "name": self.name, "specials": self.specials, "tokens": self.tokens,
             "ensembl_ids": self.ensembl_ids, "aliases": self.aliases,
         }
-        from celltron.tokenizers.saving import write_json_atomically
-
         write_json_atomically(path, payload)
         return path
 
@@ -143,9 +142,7 @@ class GeneVocab:
     def from_pretrained(cls, directory: str | Path) -> "GeneVocab":
         path = Path(directory) / VOCAB_FILE
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no {VOCAB_FILE}; save one with GeneVocab.save_pretrained")
-        from celltron.inputs import MODEL_FIX, read_json
-
+            raise MissingInputError(f"{path}: no {VOCAB_FILE}; save one with GeneVocab.save_pretrained")
         payload = read_json(path, "tokenizer vocabulary", MODEL_FIX)
         return cls(payload["tokens"], payload["ensembl_ids"], payload["specials"], payload.get("name", "custom"), payload.get("aliases", {}))
 
@@ -155,6 +152,6 @@ def _by_id(mapping: dict[str, int]) -> list[str]:
     tokens = [""] * len(mapping)
     for token, index in mapping.items():
         if not 0 <= index < len(tokens) or tokens[index]:
-            raise ValueError(f"token ids are not contiguous 0..{len(tokens) - 1} (at {token!r} -> {index})")
+            raise InputError(f"token ids are not contiguous 0..{len(tokens) - 1} (at {token!r} -> {index})")
         tokens[index] = token
     return tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
+from celltron.errors import ConfigError
 from celltron.model_zoo.common import config_from_size
 
 SIZES = {
@@ -41,7 +42,7 @@ class GeneCompassConfig(BertConfig):
         kwargs.setdefault("attention_probs_dropout_prob", 0.02)
         super().__init__(**kwargs)
         if cell_embedding not in ("cls", "mean"):
-            raise ValueError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
+            raise ConfigError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
         self.prior_dims = dict(prior_dims or {})
         self.species_token_ids = [int(t) for t in (species_token_ids or [])]
         self.id_loss_weight, self.value_loss_weight = id_loss_weight, value_loss_weight

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from transformers import BertConfig
 
+from celltron.errors import ConfigError
 from celltron.model_zoo.common import config_from_size
 
 # Named sizes, each as its release's config.json (ctheodoris/Geneformer on the Hugging Face Hub):
@@ -46,7 +47,7 @@ class GeneformerConfig(BertConfig):
         kwargs.setdefault("architectures", ["BertForMaskedLM"])
         super().__init__(**kwargs)
         if cell_embedding not in ("cls", "mean"):
-            raise ValueError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
+            raise ConfigError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
         self.cell_embedding = cell_embedding
         self.attention_backend = attention_backend
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from celltron.errors import ConfigError
 from celltron.model_zoo.common import config_from_size
 
 SIZES = {
@@ -55,15 +56,15 @@ class ScGPTConfig(PretrainedConfig):
                  initializer_range: float = 0.02, **kwargs):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         if input_emb_style not in ("continuous", "category", "scaling"):
-            raise ValueError(f"input_emb_style must be continuous, category or scaling, got {input_emb_style!r}")
+            raise ConfigError(f"input_emb_style must be continuous, category or scaling, got {input_emb_style!r}")
         if norm_scheme not in ("pre", "post"):
-            raise ValueError(f"norm_scheme must be 'pre' or 'post', got {norm_scheme!r}")
+            raise ConfigError(f"norm_scheme must be 'pre' or 'post', got {norm_scheme!r}")
         if mvc_decoder_style != "inner product":
-            raise ValueError(f"only the 'inner product' MVC decoder is supported, got {mvc_decoder_style!r}")
+            raise ConfigError(f"only the 'inner product' MVC decoder is supported, got {mvc_decoder_style!r}")
         if cell_embedding not in ("cls", "mean"):
-            raise ValueError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
+            raise ConfigError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
         if use_batch_labels and num_batch_labels < 1:
-            raise ValueError("use_batch_labels needs num_batch_labels >= 1")
+            raise ConfigError("use_batch_labels needs num_batch_labels >= 1")
         self.vocab_size, self.hidden_size, self.num_hidden_layers = vocab_size, hidden_size, num_hidden_layers
         self.num_attention_heads, self.intermediate_size, self.dropout = num_attention_heads, intermediate_size, dropout
         self.layer_norm_eps, self.norm_scheme, self.input_emb_style = layer_norm_eps, norm_scheme, input_emb_style

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from celltron.inputs import load_torch_checkpoint, read_json
+from celltron.errors import CheckpointError
+from celltron.inputs import MissingInputError, load_torch_checkpoint, read_json
 from celltron.io import check_output_folder, write_folder_atomically
-
 from celltron.model_zoo.scgpt.configuration_scgpt import ScGPTConfig
 from celltron.model_zoo.scgpt.modeling_scgpt import ScGPTModel
+from celltron.tokenizers.binned import BinnedTokenizer
+from celltron.tokenizers.vocab import GeneVocab
 
 # heads used only while scGPT trains (adversarial batch discriminator) and carry no output
 TRAINING_ONLY_PREFIXES = ("grad_reverse_discriminator.",)
@@ -27,7 +29,7 @@ def _checkpoint_files(source: Path) -> tuple[Path, Path, Path]:
     weights = source if source.is_file() else folder / "best_model.pt"
     for path, what in ((weights, "weights (best_model.pt)"), (folder / "args.json", "args.json"), (folder / "vocab.json", "vocab.json")):
         if not path.exists():
-            raise FileNotFoundError(f"{path}: missing scGPT {what}; an scGPT checkpoint folder holds best_model.pt, args.json and vocab.json")
+            raise MissingInputError(f"{path}: missing scGPT {what}; an scGPT checkpoint folder holds best_model.pt, args.json and vocab.json")
     return weights, folder / "args.json", folder / "vocab.json"
 
 
@@ -69,9 +71,6 @@ def config_from_checkpoint(args: dict, state: dict, vocab: dict) -> ScGPTConfig:
 
 
 def _save_tokenizer(vocab_path: Path, args: dict, out: Path) -> None:
-    from celltron.tokenizers.binned import BinnedTokenizer
-    from celltron.tokenizers.vocab import GeneVocab
-
     vocab = GeneVocab.from_scgpt(vocab_path)
     tokenizer = BinnedTokenizer(
         vocab, [e for e in vocab.ensembl_ids if e], n_bins=int(args.get("n_bins", 51)),
@@ -92,12 +91,12 @@ def convert_scgpt(source, out, overwrite: bool = False) -> Path:
     state = rename_flash_keys(load_torch_checkpoint(weights, "pass scGPT's best_model.pt, downloaded completely", weights_only=True))
     for prefix, what in UNSUPPORTED_PREFIXES.items():
         if any(k.startswith(prefix) for k in state):
-            raise ValueError(f"{weights}: uses {what} ({prefix}* weights), which celltron's scGPT does not implement")
+            raise CheckpointError(f"{weights}: uses {what} ({prefix}* weights), which celltron's scGPT does not implement")
     state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
     model = ScGPTModel(config_from_checkpoint(args, state, vocab))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or result.missing_keys:
-        raise ValueError(f"{weights}: weights do not match the scGPT architecture; unexpected {result.unexpected_keys[:5]}, missing {result.missing_keys[:5]}")
+        raise CheckpointError(f"{weights}: weights do not match the scGPT architecture; unexpected {result.unexpected_keys[:5]}, missing {result.missing_keys[:5]}")
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)
