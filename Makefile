@@ -1,6 +1,6 @@
 # Two entry points, both self-contained on a fresh machine with Python 3.11:
 #   make demo   build the bundled PBMC corpus and pretrain the debug Geneformer on it (CPU)
-#   make test   run the test suite
+#   make test   check format and lint (ruff), then run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -24,6 +24,8 @@ demo: $(STAMP)
 	$(BIN)/celltron demo --out runs/demo --config configs/pretrain/geneformer_debug.yaml
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

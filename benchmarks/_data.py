@@ -16,8 +16,12 @@ def default_shared_data() -> Path:
 
 
 def add_shared_data_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shared-data", type=Path, default=default_shared_data(),
-                        help=f"the project's shared data folder (default: ${ENV}, else shared/data beside the repository: %(default)s)")
+    parser.add_argument(
+        "--shared-data",
+        type=Path,
+        default=default_shared_data(),
+        help=f"the project's shared data folder (default: ${ENV}, else shared/data beside the repository: %(default)s)",
+    )
 
 
 def shared_paths(root: Path, *relative: str) -> list[Path]:
@@ -26,6 +30,8 @@ def shared_paths(root: Path, *relative: str) -> list[Path]:
     missing = [name for name, path in zip(relative, paths) if not path.exists()]
     if missing:
         folders = sorted({name.rsplit("/", 1)[0] + "/" for name in missing})
-        raise SystemExit(f"missing in {root}: {', '.join(missing)}. Fetch the folder(s) {', '.join(folders)} of the project's "
-                         f"shared data and pass --shared-data DIR or set {ENV}=DIR.")
+        raise SystemExit(
+            f"missing in {root}: {', '.join(missing)}. Fetch the folder(s) {', '.join(folders)} of the project's "
+            f"shared data and pass --shared-data DIR or set {ENV}=DIR."
+        )
     return paths

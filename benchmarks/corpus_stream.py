@@ -56,11 +56,11 @@ import pstats
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
-from typing import Callable, Iterator
 
 import anndata as ad
 import fsspec
@@ -78,7 +78,9 @@ from celltron.corpus.schema import CHECKSUM_VERSION, checksum_files
 from celltron.corpus.store import NO_READ_CHECKS_ENV, ShardReader
 
 # the five PBMC sets: scrna/human/ of the project's shared data ($CELLTRON_SHARED_DATA, else shared/data beside the repository)
-PBMC_DIR = Path(os.environ.get("CELLTRON_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "scrna" / "human"
+PBMC_DIR = (
+    Path(os.environ.get("CELLTRON_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "scrna" / "human"
+)
 BATCH = 64
 BLOCK = 1024
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
@@ -89,7 +91,10 @@ ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 def machine_lines() -> list[str]:
     """Where and with what the numbers were taken."""
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = next((line.split()[1] for line in _read_lines("/proc/meminfo") if line.startswith("MemTotal")), "0")
     versions = {name: _version(name) for name in ("torch", "zarr", "anndata", "numpy", "h5py", "zarrs")}
     return [
@@ -126,7 +131,9 @@ def _zarrs_importable() -> bool:
 def _git_commit() -> str:
     # rev-parse only reads the repository; it never touches the index or the work tree.
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -239,7 +246,9 @@ def ensure_concatenation(inputs: list[Path], path: Path) -> tuple[Path, str]:
     if path.exists():
         return path, "cached"
     start = time.perf_counter()
-    joined = ad.concat([ad.read_h5ad(p) for p in inputs], join="outer", label="source", keys=[p.stem for p in inputs], index_unique="-")
+    joined = ad.concat(
+        [ad.read_h5ad(p) for p in inputs], join="outer", label="source", keys=[p.stem for p in inputs], index_unique="-"
+    )
     joined.X = sp.csr_matrix(joined.X, dtype=np.float32)
     _write_atomically(joined, path)
     return path, f"written in {time.perf_counter() - start:.1f} s"
@@ -273,16 +282,20 @@ def corpus_summary(corpus: Corpus) -> str:
     train = m["splits"]["train"]
     nnz = sum(s["nnz"] for s in train["shards"])
     size = sum(f.stat().st_size for f in Path(corpus.root).rglob("*") if f.is_file())
-    return (f"{m['n_cells']} cells, {corpus.n_genes} genes, train {train['n_cells']} cells in {len(train['shards'])} shards, "
-            f"{nnz / max(train['n_cells'], 1):.0f} non-zeros/cell, {size / 2**20:.0f} MiB on disk")
+    return (
+        f"{m['n_cells']} cells, {corpus.n_genes} genes, train {train['n_cells']} cells in {len(train['shards'])} shards, "
+        f"{nnz / max(train['n_cells'], 1):.0f} non-zeros/cell, {size / 2**20:.0f} MiB on disk"
+    )
 
 
 def h5ad_summary(path: Path) -> str:
     with h5py.File(path, "r") as handle:
         data = handle["X/data"]
         n_cells = len(handle["X/indptr"]) - 1
-        return (f"{path.name}: {n_cells} cells, {data.shape[0] / n_cells:.0f} non-zeros/cell, {data.dtype}, "
-                f"compression={data.compression or 'none'}, chunks={data.chunks}, {path.stat().st_size / 2**20:.0f} MiB")
+        return (
+            f"{path.name}: {n_cells} cells, {data.shape[0] / n_cells:.0f} non-zeros/cell, {data.dtype}, "
+            f"compression={data.compression or 'none'}, chunks={data.chunks}, {path.stat().st_size / 2**20:.0f} MiB"
+        )
 
 
 def warm_page_cache(paths: list[Path]) -> float:
@@ -370,7 +383,9 @@ class H5CSR:
 
     def rows(self, start: int, stop: int) -> sp.csr_matrix:
         lo, hi = self.indptr[start], self.indptr[stop]
-        return sp.csr_matrix((self.data[lo:hi], self.indices[lo:hi], self.indptr[start : stop + 1] - lo), shape=(stop - start, self.n_genes))
+        return sp.csr_matrix(
+            (self.data[lo:hi], self.indices[lo:hi], self.indptr[start : stop + 1] - lo), shape=(stop - start, self.n_genes)
+        )
 
     def close(self) -> None:
         self.handle.close()
@@ -427,7 +442,10 @@ def measure(dataset: str, method: str, batches: Iterator[int], seconds: float) -
     finally:
         batches.close()  # runs the generators' cleanup: closes files, stops DataLoader workers
     result = Result(dataset, method, cells, elapsed, startup)
-    print(f"  {method:<58} {result.rate:>10,.0f} cells/s  ({cells:,} cells in {elapsed:.1f} s; start-up {startup:.2f} s)", flush=True)
+    print(
+        f"  {method:<58} {result.rate:>10,.0f} cells/s  ({cells:,} cells in {elapsed:.1f} s; start-up {startup:.2f} s)",
+        flush=True,
+    )
     return result
 
 
@@ -437,10 +455,17 @@ BASELINE = "anndata backed X[sorted random 64]" + PLAIN  # the ratio column's de
 
 def stream_methods(corpus: Corpus, with_zarrs: bool) -> list[tuple[str, Callable[[], Iterator[int]]]]:
     methods = [(f"CorpusStream, DataLoader num_workers={w}", lambda w=w: stream_batches(corpus, w)) for w in (0, 1, 2)]
-    methods += [(f"CorpusStream, collate_cells, num_workers={w}", lambda w=w: stream_batches(corpus, w, flat=True)) for w in (1, 2)]
+    methods += [
+        (f"CorpusStream, collate_cells, num_workers={w}", lambda w=w: stream_batches(corpus, w, flat=True)) for w in (1, 2)
+    ]
     if with_zarrs:
-        methods += [(f"CorpusStream + zarrs pipeline, num_workers={w}{' (spawn)' if w else ''}", lambda w=w: stream_batches(corpus, w, True))
-                    for w in (0, 1, 2)]
+        methods += [
+            (
+                f"CorpusStream + zarrs pipeline, num_workers={w}{' (spawn)' if w else ''}",
+                lambda w=w: stream_batches(corpus, w, True),
+            )
+            for w in (0, 1, 2)
+        ]
     return methods
 
 
@@ -493,8 +518,10 @@ def profile_stream(corpus: Corpus, seconds: float, prefetch: bool, top: int = 10
         cells += len(next(loader))
     profiler.disable()
     elapsed = time.perf_counter() - start
-    print(f"\ncProfile, CorpusStream num_workers=0, prefetch={prefetch}: {cells / elapsed:,.0f} cells/s under the profiler; "
-          f"top {top} by cumulative time (main thread)")
+    print(
+        f"\ncProfile, CorpusStream num_workers=0, prefetch={prefetch}: {cells / elapsed:,.0f} cells/s under the profiler; "
+        f"top {top} by cumulative time (main thread)"
+    )
     print(f"| {'ncalls':>9} | {'tottime s':>9} | {'cumtime s':>9} | function |")
     print(f"|{'-' * 11}|{'-' * 11}|{'-' * 11}|----------|")
     stats = pstats.Stats(profiler).stats
@@ -516,10 +543,19 @@ def time_stages(corpus: Corpus, seconds: float, with_zarrs: bool) -> None:
     batches = [cells[a : a + BATCH] for a in range(0, len(cells), BATCH)]
     rows += [
         # CorpusStream._cells is the per-cell loop the stream runs over every window it reads.
-        ("per-cell dicts from an in-memory window (CorpusStream._cells)", _rate(lambda: sum(1 for _ in CorpusStream._cells(window, order)), seconds)),
-        ("DataLoader batching of ready dicts (num_workers=0, collate list)", _rate(lambda: _replay_through_loader(cells), seconds)),
+        (
+            "per-cell dicts from an in-memory window (CorpusStream._cells)",
+            _rate(lambda: sum(1 for _ in CorpusStream._cells(window, order)), seconds),
+        ),
+        (
+            "DataLoader batching of ready dicts (num_workers=0, collate list)",
+            _rate(lambda: _replay_through_loader(cells), seconds),
+        ),
         # A DataLoader worker hands every batch to the main process as a pickled queue message.
-        ("worker -> main hand-off: pickle + unpickle of 64-cell batches", _rate(lambda: sum(len(_round_trip(b)) for b in batches), seconds)),
+        (
+            "worker -> main hand-off: pickle + unpickle of 64-cell batches",
+            _rate(lambda: sum(len(_round_trip(b)) for b in batches), seconds),
+        ),
     ]
     print("\nstages of CorpusStream on their own (synthetic corpus, one process):")
     print("| stage | cells/s |\n|---|---:|")
@@ -593,11 +629,13 @@ def print_goals(results: list[Result]) -> None:
         single = rate["CorpusStream, DataLoader num_workers=0"]
         plain, gzipped = single / rate[BASELINE], single / rate[f"anndata backed X[sorted random 64]{GZIP}"]
         best = max((v, k) for k, v in rate.items() if k.startswith("CorpusStream"))
-        print(f"goal, {dataset}: CorpusStream num_workers=0 = {single:,.0f} cells/s "
-              f"[>= 20,000: {'met' if single >= 20_000 else 'NOT met'}]; "
-              f"{plain:.1f}x anndata random 64 on the uncompressed h5ad [>= 10x: {'met' if plain >= 10 else 'NOT met'}], "
-              f"{gzipped:.1f}x on the gzip h5ad [>= 10x: {'met' if gzipped >= 10 else 'NOT met'}]; "
-              f"best CorpusStream row: {best[1]} {best[0]:,.0f} cells/s")
+        print(
+            f"goal, {dataset}: CorpusStream num_workers=0 = {single:,.0f} cells/s "
+            f"[>= 20,000: {'met' if single >= 20_000 else 'NOT met'}]; "
+            f"{plain:.1f}x anndata random 64 on the uncompressed h5ad [>= 10x: {'met' if plain >= 10 else 'NOT met'}], "
+            f"{gzipped:.1f}x on the gzip h5ad [>= 10x: {'met' if gzipped >= 10 else 'NOT met'}]; "
+            f"best CorpusStream row: {best[1]} {best[0]:,.0f} cells/s"
+        )
 
 
 # ---------------------------------------------------------------- cost of the read checks
@@ -649,8 +687,15 @@ def without_inner_checksums(corpus: Corpus, out: Path) -> tuple[Corpus, str]:
             for name in ("data", "indices"):
                 values, chunks, shards = x[name][:], x[name].chunks, x[name].shards
                 compressor = zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle", typesize=4)
-                x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, shards=shards,
-                               compressors=compressor, overwrite=True)[:] = values
+                x.create_array(
+                    name,
+                    shape=values.shape,
+                    dtype=values.dtype,
+                    chunks=chunks,
+                    shards=shards,
+                    compressors=compressor,
+                    overwrite=True,
+                )[:] = values
             record["sha256"] = checksum_files(fs, str(partial / record["path"]))
     manifest.pop("checksum_version")
     (partial / "manifest.json").write_text(json.dumps(manifest))
@@ -669,8 +714,10 @@ def integrity_part(args) -> None:
     print(f"page cache: read {warm_page_cache([Path(corpus.root), Path(old.root)]):.2f} GiB\n")
     rows = []
     for label, data in (("corpus with inner crc32c", corpus), ("corpus without (older format, value checks)", old)):
-        for method, run in (("CorpusStream, num_workers=0", lambda data=data: stream_batches(data, 0)),
-                            ("block reads (ShardReader.read, 1024 cells)", lambda data=data: block_reads(data))):
+        for method, run in (
+            ("CorpusStream, num_workers=0", lambda data=data: stream_batches(data, 0)),
+            ("block reads (ShardReader.read, 1024 cells)", lambda data=data: block_reads(data)),
+        ):
             rates = {True: [], False: []}
             for _ in range(args.rounds):  # alternating, so drift on a shared machine hits both settings
                 for enabled in (True, False):
@@ -693,13 +740,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--nnz", type=int, default=2_000, help="synthetic non-zeros per cell (default 2000)")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per method (default 10)")
     parser.add_argument("--profile-seconds", type=float, default=5.0, help="cProfile/stage timing seconds; 0 skips (default 5)")
-    parser.add_argument("--pbmc-dir", type=Path, default=PBMC_DIR, help="directory with the PBMC .h5ad files (default: %(default)s)")
+    parser.add_argument(
+        "--pbmc-dir", type=Path, default=PBMC_DIR, help="directory with the PBMC .h5ad files (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="20k synthetic cells, 3 s per method, 2 s profiles")
     parser.add_argument("--integrity", action="store_true", help="only the cost of the read checks (on vs off)")
     parser.add_argument("--rounds", type=int, default=3, help="--integrity: alternating rounds per setting (default 3)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.cells, args.seconds, args.profile_seconds = min(args.cells, 20_000), min(args.seconds, 3.0), min(args.profile_seconds, 2.0)
+        args.cells, args.seconds, args.profile_seconds = (
+            min(args.cells, 20_000),
+            min(args.seconds, 3.0),
+            min(args.profile_seconds, 2.0),
+        )
     return args
 
 
@@ -724,8 +777,10 @@ def synthetic_part(args) -> tuple[list[Result], Corpus, bool]:
 def pbmc_part(args) -> list[Result]:
     inputs = sorted(Path(p) for p in glob.glob(str(args.pbmc_dir / "*.h5ad")))
     if len(inputs) < 5:
-        print(f"\nPBMC: skipped: expected the five PBMC .h5ad files in {args.pbmc_dir}, found {len(inputs)} "
-              "(fetch scrna/human/ of the project's shared data; pass --pbmc-dir or set CELLTRON_SHARED_DATA)")
+        print(
+            f"\nPBMC: skipped: expected the five PBMC .h5ad files in {args.pbmc_dir}, found {len(inputs)} "
+            "(fetch scrna/human/ of the project's shared data; pass --pbmc-dir or set CELLTRON_SHARED_DATA)"
+        )
         return []
     corpus, note = ensure_corpus(inputs, args.workdir / "pbmc5.corpus")
     print(f"\nPBMC corpus ({len(inputs)} files): {note}; {corpus_summary(corpus)}")
@@ -743,8 +798,10 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     print("\n".join(machine_lines()))
     print(f"command: {' '.join(sys.orig_argv)}")
-    print(f"settings: batch {BATCH}, CorpusStream defaults (block_size 1024, buffer_size 8192, prefetch), "
-          f"{args.seconds:g} s per method after its first batch, all files in page cache\n")
+    print(
+        f"settings: batch {BATCH}, CorpusStream defaults (block_size 1024, buffer_size 8192, prefetch), "
+        f"{args.seconds:g} s per method after its first batch, all files in page cache\n"
+    )
     if args.integrity:
         integrity_part(args)
         print(f"\ntotal time: {time.perf_counter() - started:.0f} s")

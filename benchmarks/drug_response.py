@@ -16,7 +16,11 @@ from benchmarks._data import add_shared_data_option, shared_paths
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
-FILES = ("drug/GDSC_IC50_deepcdr_scfoundation.csv", "drug/GDSC_drug_list_2019-06-24.csv", "drug/DeepCDR_223drugs_pubchem_smiles.txt")
+FILES = (
+    "drug/GDSC_IC50_deepcdr_scfoundation.csv",
+    "drug/GDSC_drug_list_2019-06-24.csv",
+    "drug/DeepCDR_223drugs_pubchem_smiles.txt",
+)
 COLUMNS = ("pearson_per_drug", "pearson", "spearman", "rmse")
 
 
@@ -26,10 +30,31 @@ def run(shared_data: Path, out: Path, seeds: list[int], steps: int) -> dict[str,
     for split in ("random", "cell_line", "drug"):
         folder = out / split
         if not (folder / "metrics.json").exists():
-            assert celltron(["finetune", "drug-response", "--mode", "ic50", "--data", str(ic50),
-                             "--drug-list", str(drug_list),
-                             "--smiles", str(smiles), "--split", split,
-                             "--seeds", *map(str, seeds), "--max-steps", str(steps), "--out", str(folder)]) == 0
+            assert (
+                celltron(
+                    [
+                        "finetune",
+                        "drug-response",
+                        "--mode",
+                        "ic50",
+                        "--data",
+                        str(ic50),
+                        "--drug-list",
+                        str(drug_list),
+                        "--smiles",
+                        str(smiles),
+                        "--split",
+                        split,
+                        "--seeds",
+                        *map(str, seeds),
+                        "--max-steps",
+                        str(steps),
+                        "--out",
+                        str(folder),
+                    ]
+                )
+                == 0
+            )
         results[split] = json.loads((folder / "metrics.json").read_text())
     return results
 

@@ -40,16 +40,40 @@ def zero_shot(model: Path, data: Path, out: Path) -> tuple[dict, float]:
     assert celltron(["embed", "--model", str(model), "--data", str(data), "--out", str(embedded), "--no-progress"]) == 0
     seconds = time.perf_counter() - start
     folder = out / "zero_shot"
-    assert celltron(["evaluate-embedding", "--data", str(embedded), "--key", "X_celltron", "--label-key", LABEL,
-                     "--out", str(folder)]) == 0
+    assert (
+        celltron(
+            ["evaluate-embedding", "--data", str(embedded), "--key", "X_celltron", "--label-key", LABEL, "--out", str(folder)]
+        )
+        == 0
+    )
     return json.loads((folder / "metrics.json").read_text()), ad.read_h5ad(embedded, backed="r").n_obs / seconds
 
 
 def annotation(model: Path, data: Path, out: Path, seeds: list[int], steps: int, extra: list[str]) -> dict:
     folder = out / ("annotate" + "".join(extra).replace("-", "_"))
     if not (folder / "metrics.json").exists():
-        assert celltron(["finetune", "annotate", "--model", str(model), "--data", str(data), "--label-key", LABEL,
-                         "--out", str(folder), "--seeds", *map(str, seeds), "--max-steps", str(steps), *extra]) == 0
+        assert (
+            celltron(
+                [
+                    "finetune",
+                    "annotate",
+                    "--model",
+                    str(model),
+                    "--data",
+                    str(data),
+                    "--label-key",
+                    LABEL,
+                    "--out",
+                    str(folder),
+                    "--seeds",
+                    *map(str, seeds),
+                    "--max-steps",
+                    str(steps),
+                    *extra,
+                ]
+            )
+            == 0
+        )
     return json.loads((folder / "metrics.json").read_text())
 
 
@@ -79,8 +103,15 @@ def main() -> None:
     rows.append(("baseline: PCA + logistic regression", metrics["baselines"]["pca_logreg"]))
     print(f"\n### annotation (held-out 20% of cells, seeds {', '.join(map(str, args.seeds))})\n")
     print(table(rows))
-    print("\nper class F1 (model, full fine-tuning, seed", args.seeds[0], "):",
-          {c: round(r["f1-score"], 3) for c, r in metrics_of(args.out)["model"]["reports"][str(args.seeds[0])]["per_class"].items()})
+    print(
+        "\nper class F1 (model, full fine-tuning, seed",
+        args.seeds[0],
+        "):",
+        {
+            c: round(r["f1-score"], 3)
+            for c, r in metrics_of(args.out)["model"]["reports"][str(args.seeds[0])]["per_class"].items()
+        },
+    )
 
 
 def metrics_of(out: Path) -> dict:

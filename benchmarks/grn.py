@@ -31,9 +31,32 @@ def run(shared_data: Path, model: Path, out: Path, seeds: list[int], cells: int,
         for seed in seeds:
             folder = out / f"{method}_seed{seed}"
             if not (folder / "metrics.json").exists():
-                assert celltron(["grn", "--model", str(model), "--data", str(data), "--gene-column", "gene_symbol_original",
-                                 "--truth", str(truth), "--method", method, "--out", str(folder), "--seed", str(seed),
-                                 "--max-cells", str(cells), "--top-genes", str(genes)]) == 0
+                assert (
+                    celltron(
+                        [
+                            "grn",
+                            "--model",
+                            str(model),
+                            "--data",
+                            str(data),
+                            "--gene-column",
+                            "gene_symbol_original",
+                            "--truth",
+                            str(truth),
+                            "--method",
+                            method,
+                            "--out",
+                            str(folder),
+                            "--seed",
+                            str(seed),
+                            "--max-cells",
+                            str(cells),
+                            "--top-genes",
+                            str(genes),
+                        ]
+                    )
+                    == 0
+                )
             metrics = json.loads((folder / "metrics.json").read_text())
             results.setdefault(f"model: {method}", []).append(metrics["model"])
             if method == METHODS[0]:
@@ -47,7 +70,8 @@ def run(shared_data: Path, model: Path, out: Path, seeds: list[int], cells: int,
 def table(results: dict) -> str:
     rows = [
         (name, {**{c: np.mean([r[c] for r in runs]) for c in COLUMNS}, "std": {c: np.std([r[c] for r in runs]) for c in COLUMNS}})
-        for name, runs in results.items() if name != "speed"
+        for name, runs in results.items()
+        if name != "speed"
     ]
     text = mean_std_table(rows, COLUMNS)
     if "speed" in results:

@@ -41,12 +41,16 @@ def _collator(family: str, vocab: int):
     generator = torch.Generator().manual_seed(0)
     if family == "scgpt":
         return ValueMaskingCollator(0, mask_ratio=0.4, generator=generator)
-    return MLMCollator(0, 1, [0, 1, 2, 3], vocab, probability=0.15, generator=generator,
-                       values_key="values" if family == "genecompass" else None)
+    return MLMCollator(
+        0, 1, [0, 1, 2, 3], vocab, probability=0.15, generator=generator, values_key="values" if family == "genecompass" else None
+    )
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v)
+        for k, v in batch.items()
+    }
 
 
 def _time_steps(model, batches: list[dict], device, autocast_dtype, steps: int, warmup: int = 2) -> float:
@@ -68,9 +72,16 @@ def _time_steps(model, batches: list[dict], device, autocast_dtype, steps: int, 
 
 
 def _bert_like(config) -> BertForMaskedLM:
-    shape = BertConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
-                       num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
-                       max_position_embeddings=4096, hidden_act="relu", attn_implementation="sdpa")
+    shape = BertConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=4096,
+        hidden_act="relu",
+        attn_implementation="sdpa",
+    )
     return BertForMaskedLM(shape)
 
 
@@ -93,10 +104,18 @@ def cpu_rows(families, sizes, batch_size: int, min_len: int, max_len: int, steps
             real = np.mean([int(b["attention_mask"].sum()) for b in batches])
             ours = _time_steps(model, batches, device, None, steps)
             bert = _bert_like(model.config)
-            bert_batches = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
-                             "labels": b.get("labels", torch.where(b["attention_mask"].bool(), b["input_ids"], -100))} for b in batches]
+            bert_batches = [
+                {
+                    "input_ids": b["input_ids"],
+                    "attention_mask": b["attention_mask"],
+                    "labels": b.get("labels", torch.where(b["attention_mask"].bool(), b["input_ids"], -100)),
+                }
+                for b in batches
+            ]
             theirs = _time_steps(bert, bert_batches, device, None, steps)
-            rows.append({"family": family, "size": size, "tokens/s": real / ours, "bert tokens/s": real / theirs, "ratio": theirs / ours})
+            rows.append(
+                {"family": family, "size": size, "tokens/s": real / ours, "bert tokens/s": real / theirs, "ratio": theirs / ours}
+            )
             del model, bert
     return rows
 
@@ -132,7 +151,12 @@ def _print(rows: list[dict]) -> None:
     keys = list(rows[0])
     print(" | ".join(f"{k:>14}" for k in keys))
     for row in rows:
-        print(" | ".join(f"{v:>14,.2f}" if isinstance(v, float) and v < 10 else f"{v:>14,.0f}" if isinstance(v, float) else f"{v:>14}" for v in row.values()))
+        print(
+            " | ".join(
+                f"{v:>14,.2f}" if isinstance(v, float) and v < 10 else f"{v:>14,.0f}" if isinstance(v, float) else f"{v:>14}"
+                for v in row.values()
+            )
+        )
 
 
 def main() -> None:
@@ -140,7 +164,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--families", nargs="*", default=["geneformer", "scgpt", "genecompass"])
     parser.add_argument("--sizes", nargs="*", default=None, help="default: debug and the ~100M size of each family")
-    parser.add_argument("--seq-len", type=int, default=None, help="CPU: longest cell (default 256); CUDA: pack length (default 2048)")
+    parser.add_argument(
+        "--seq-len", type=int, default=None, help="CPU: longest cell (default 256); CUDA: pack length (default 2048)"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()

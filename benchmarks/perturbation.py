@@ -28,9 +28,10 @@ COLUMNS = ("pearson_delta_de20", "direction_de20", "mse_de20", "pearson_delta", 
 
 def random_init_copy(folder: Path, out: Path) -> Path:
     """The model's architecture and tokenizer with fresh random weights."""
+    from transformers import AutoConfig
+
     import celltron  # noqa: F401  (Auto classes)
     from celltron.model_zoo.registry import family_of
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder)
     spec = family_of(config)

@@ -39,8 +39,11 @@ def run_in_process(corpus: str, family: str, steps: int, sets: dict) -> dict:
     from celltron.pretrain.run import pretrain
 
     config = load_config(CONFIGS / DEBUG[family])
-    changes = {"data": {"corpus": corpus}, "logging": {"progress_bar": False, "wandb": False},
-               "trainer": {"max_steps": steps, "log_every": max(steps // 10, 1), "val_every": 10**9, "checkpoint_every": 10**9}}
+    changes = {
+        "data": {"corpus": corpus},
+        "logging": {"progress_bar": False, "wandb": False},
+        "trainer": {"max_steps": steps, "log_every": max(steps // 10, 1), "val_every": 10**9, "checkpoint_every": 10**9},
+    }
     for key, value in sets.items():
         section, field = key.split(".")
         changes.setdefault(section, {})[field] = value
@@ -51,11 +54,35 @@ def run_in_process(corpus: str, family: str, steps: int, sets: dict) -> dict:
 
 def run_torchrun(corpus: str, family: str, steps: int, processes: int, strategy: str, sets: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-                   "-m", "celltron.cli", "pretrain", str(CONFIGS / DEBUG[family]), "--corpus", corpus, "--out", out,
-                   "--devices", str(processes), "--strategy", strategy, "--max-steps", str(steps),
-                   "--set", f"trainer.log_every={max(steps // 10, 1)}", "--set", "trainer.val_every=1000000000",
-                   "--set", "trainer.checkpoint_every=1000000000", "--set", "logging.progress_bar=false"]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            "-m",
+            "celltron.cli",
+            "pretrain",
+            str(CONFIGS / DEBUG[family]),
+            "--corpus",
+            corpus,
+            "--out",
+            out,
+            "--devices",
+            str(processes),
+            "--strategy",
+            strategy,
+            "--max-steps",
+            str(steps),
+            "--set",
+            f"trainer.log_every={max(steps // 10, 1)}",
+            "--set",
+            "trainer.val_every=1000000000",
+            "--set",
+            "trainer.checkpoint_every=1000000000",
+            "--set",
+            "logging.progress_bar=false",
+        ]
         for key, value in sets.items():
             command += ["--set", f"{key}={value}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))}
@@ -90,15 +117,32 @@ def hf_trainer_baseline(corpus: str, steps: int, batch_size: int, max_len: int) 
             tokens["n"] += int(batch["attention_mask"].sum())
             return batch
 
-        args = TrainingArguments(output_dir=work, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=5e-3,
-                                 warmup_steps=steps // 10, logging_steps=10**9, save_strategy="no", report_to=[],
-                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, train_sampling_strategy="group_by_length",
-                                 length_column_name="length", remove_unused_columns=False, disable_tqdm=True)
+        args = TrainingArguments(
+            output_dir=work,
+            per_device_train_batch_size=batch_size,
+            max_steps=steps,
+            learning_rate=5e-3,
+            warmup_steps=steps // 10,
+            logging_steps=10**9,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length",
+            length_column_name="length",
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
         trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=data_collator)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-        return {"cells/s": steps * batch_size / seconds, "tokens/s": tokens["n"] / seconds, "data wait": float("nan"), "MFU": float("nan")}
+        return {
+            "cells/s": steps * batch_size / seconds,
+            "tokens/s": tokens["n"] / seconds,
+            "data wait": float("nan"),
+            "MFU": float("nan"),
+        }
 
 
 def main() -> None:
@@ -122,18 +166,30 @@ def main() -> None:
         if args.device == "cpu":
             rows.append(("geneformer", "2 processes, DDP", run_torchrun(corpus, "geneformer", args.steps, 2, "ddp", accel)))
         else:
-            for label, sets in (("bf16 padded", {"trainer.precision": "bf16-mixed"}),
-                                ("bf16 packed", {"trainer.precision": "bf16-mixed", "data.packing": True, "data.max_tokens": 2048, "data.batch_size": 4})):
+            for label, sets in (
+                ("bf16 padded", {"trainer.precision": "bf16-mixed"}),
+                (
+                    "bf16 packed",
+                    {"trainer.precision": "bf16-mixed", "data.packing": True, "data.max_tokens": 2048, "data.batch_size": 4},
+                ),
+            ):
                 rows.append(("geneformer", label, run_in_process(corpus, "geneformer", args.steps, {**accel, **sets})))
             n = torch.cuda.device_count()
             if n > 1:
                 for strategy in ("ddp", "deepspeed_stage_2"):
-                    rows.append(("geneformer", f"{n} GPUs {strategy}", run_torchrun(corpus, "geneformer", args.steps, n, strategy,
-                                                                                   {"trainer.precision": "bf16-mixed"})))
+                    rows.append(
+                        (
+                            "geneformer",
+                            f"{n} GPUs {strategy}",
+                            run_torchrun(corpus, "geneformer", args.steps, n, strategy, {"trainer.precision": "bf16-mixed"}),
+                        )
+                    )
     print(f"{'family':<12}{'run':<24}{'cells/s':>10}{'tokens/s':>11}{'data wait':>11}{'MFU':>8}{'vs Trainer':>12}")
     for family, label, r in rows:
         ratio = r["tokens/s"] / baseline["tokens/s"] if family == "geneformer" else float("nan")
-        print(f"{family:<12}{label:<24}{r['cells/s']:>10,.0f}{r['tokens/s']:>11,.0f}{r['data wait']:>11.1%}{r['MFU']:>8.1%}{ratio:>12.2f}")
+        print(
+            f"{family:<12}{label:<24}{r['cells/s']:>10,.0f}{r['tokens/s']:>11,.0f}{r['data wait']:>11.1%}{r['MFU']:>8.1%}{ratio:>12.2f}"
+        )
 
 
 if __name__ == "__main__":

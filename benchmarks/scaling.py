@@ -29,14 +29,14 @@ import math
 from celltron.model_zoo import build_config
 from celltron.model_zoo.registry import flops_per_token
 
-PEAK_BF16 = 989e12        # H100 SXM dense bf16, FLOP/s
-MFU = 0.45                # the goal for the packed ~100M geneformer
-NVLINK_BUS = 350e9        # achievable NCCL bus bandwidth inside an H100 node (NVLink 4, 450 GB/s per direction)
-RAIL = 40e9               # achievable per-GPU InfiniBand NDR bandwidth (400 Gb/s = 50 GB/s raw, ~80%)
+PEAK_BF16 = 989e12  # H100 SXM dense bf16, FLOP/s
+MFU = 0.45  # the goal for the packed ~100M geneformer
+NVLINK_BUS = 350e9  # achievable NCCL bus bandwidth inside an H100 node (NVLink 4, 450 GB/s per direction)
+RAIL = 40e9  # achievable per-GPU InfiniBand NDR bandwidth (400 Gb/s = 50 GB/s raw, ~80%)
 GPUS_PER_NODE = 8
-BUCKET = 50e6             # bytes per gradient bucket (bf16; 25 M elements)
-ALPHA_NVLINK = 10e-6      # seconds per NVLink hop
-ALPHA_IB = 20e-6          # seconds per InfiniBand hop
+BUCKET = 50e6  # bytes per gradient bucket (bf16; 25 M elements)
+ALPHA_NVLINK = 10e-6  # seconds per NVLink hop
+ALPHA_IB = 20e-6  # seconds per InfiniBand hop
 SEQ = 4096
 TOKENS_PER_GPU = 4 * SEQ  # 4 packed rows of 4,096 tokens per GPU per step
 
@@ -61,7 +61,7 @@ def step_times(size: str, nodes: int, zero: int) -> dict:
     if zero == 3:  # parameters gathered in the forward and again in the backward
         communication = reduce_scatter + 2 * all_gather
         exposed = last_bucket + 2 * all_gather / 3
-    else:          # ZeRO-2 (DDP moves the same bytes as an all-reduce, overlapped)
+    else:  # ZeRO-2 (DDP moves the same bytes as an all-reduce, overlapped)
         communication = reduce_scatter + all_gather
         exposed = max(reduce_scatter - 2 / 3 * compute, last_bucket) + all_gather
     return {"compute": compute, "communication": communication, "exposed": exposed, "step": compute + exposed}
@@ -84,8 +84,10 @@ def main() -> None:
         print(f"{'nodes':>6}{'GPUs':>6}{'compute ms':>12}{'comm ms':>10}{'exposed ms':>12}{'step ms':>10}{'efficiency':>12}")
         for nodes in (1, 2, 4, 8, 16, 32, 64):
             t = step_times(size, nodes, zero)
-            print(f"{nodes:>6}{nodes * GPUS_PER_NODE:>6}{t['compute'] * 1e3:>12.1f}{t['communication'] * 1e3:>10.2f}"
-                  f"{t['exposed'] * 1e3:>12.2f}{t['step'] * 1e3:>10.1f}{base / t['step']:>12.1%}")
+            print(
+                f"{nodes:>6}{nodes * GPUS_PER_NODE:>6}{t['compute'] * 1e3:>12.1f}{t['communication'] * 1e3:>10.2f}"
+                f"{t['exposed'] * 1e3:>12.2f}{t['step'] * 1e3:>10.1f}{base / t['step']:>12.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,10 @@ class _RegisteringLoader(importlib.abc.Loader):
         try:
             _register_models()
         except Exception as error:  # a broken celltron model must not make `import transformers` fail for the user
-            warnings.warn(f"celltron could not register its models with transformers' Auto classes: "
-                          f"{type(error).__name__}: {error}", stacklevel=2)
+            warnings.warn(
+                f"celltron could not register its models with transformers' Auto classes: {type(error).__name__}: {error}",
+                stacklevel=2,
+            )
 
 
 if "transformers" in sys.modules:

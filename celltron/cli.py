@@ -20,8 +20,10 @@ USER_ERRORS = (UserError,)
 # "try again", i.e. --resume auto). trainer.stop_at_step is a stop the config asked for (fixed-length
 # jobs), so it exits 0; whether the whole run finished is told by its export/ folder.
 EXIT_USER_ERROR, EXIT_STOPPED, EXIT_INTERRUPTED = 2, 75, 130
-OVERWRITE_HELP = ("replace an existing {what} that celltron did not write (one it wrote holds a .celltron-folder marker and "
-                  "is replaced without this flag); never the current directory, the source or its run directory")
+OVERWRITE_HELP = (
+    "replace an existing {what} that celltron did not write (one it wrote holds a .celltron-folder marker and "
+    "is replaced without this flag); never the current directory, the source or its run directory"
+)
 EXIT_CODES = """exit codes:
   0    done (pretrain / finetune: also a run that ended at trainer.stop_at_step, as its config asked;
        the run is complete once RUN/export/ exists)
@@ -31,8 +33,10 @@ EXIT_CODES = """exit codes:
   130  interrupted with Ctrl-C; nothing half-written was left"""
 
 
-MAPPED_HELP = ("refuse an input unless this share of its counts is on genes that map to Ensembl IDs (and, where "
-               "cells are tokenised, have a token in the vocabulary); default %(default)s")
+MAPPED_HELP = (
+    "refuse an input unless this share of its counts is on genes that map to Ensembl IDs (and, where "
+    "cells are tokenised, have a token in the vocabulary); default %(default)s"
+)
 
 
 def _key_values(pairs: list[str], what: str) -> dict[str, str]:
@@ -49,11 +53,19 @@ def _corpus_build(args) -> int:
     from celltron.corpus.build import BuildOptions, build_corpus
 
     given = {
-        "seed": args.seed, "val_fraction": args.val_fraction, "layer": args.layer, "species": args.species,
-        "gene_column": args.gene_column, "obs_keys": tuple(args.obs_keys) if args.obs_keys is not None else None,
-        "min_genes": args.min_genes, "min_counts": args.min_counts, "max_mito_fraction": args.max_mito_fraction,
+        "seed": args.seed,
+        "val_fraction": args.val_fraction,
+        "layer": args.layer,
+        "species": args.species,
+        "gene_column": args.gene_column,
+        "obs_keys": tuple(args.obs_keys) if args.obs_keys is not None else None,
+        "min_genes": args.min_genes,
+        "min_counts": args.min_counts,
+        "max_mito_fraction": args.max_mito_fraction,
         "weights": dict(args.weight or []) or None,
-        "shard_size_mb": args.shard_size_mb, "chunk_nnz": args.chunk_nnz, "compression": args.compression,
+        "shard_size_mb": args.shard_size_mb,
+        "chunk_nnz": args.chunk_nnz,
+        "compression": args.compression,
         "min_mapped_fraction": args.min_mapped_fraction,
     }
     # flags given on the command line override the config file, which overrides the defaults
@@ -82,11 +94,18 @@ def _corpus_info(args) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     print(f"corpus {summary['location']} (schema v{summary['schema_version']}, built {summary['created']})")
-    print(f"  cells: {summary['n_cells']}  " + "  ".join(f"{k}: {v['n_cells']} in {v['n_shards']} shards" for k, v in summary["splits"].items()))
-    print(f"  genes: {summary['n_genes']} " + str(summary["genes_per_species"]) + f"; medians: {summary['gene_median']['method']}")
+    print(
+        f"  cells: {summary['n_cells']}  "
+        + "  ".join(f"{k}: {v['n_cells']} in {v['n_shards']} shards" for k, v in summary["splits"].items())
+    )
+    print(
+        f"  genes: {summary['n_genes']} " + str(summary["genes_per_species"]) + f"; medians: {summary['gene_median']['method']}"
+    )
     print(f"  obs columns: {summary['obs_columns']}")
     for source in summary["sources"]:
-        print(f"  source {source['path']} ({source['species']}): {source['n_cells_kept']}/{source['n_cells_in']} cells, weight {source['weight']}")
+        print(
+            f"  source {source['path']} ({source['species']}): {source['n_cells_kept']}/{source['n_cells_in']} cells, weight {source['weight']}"
+        )
     return 0
 
 
@@ -115,14 +134,28 @@ def _tokenize(args) -> int:
             raise ConfigError("--out is required (or pass --coverage to only report shared-token coverage)")
         return 0
     summary = tokenize_to_dataset(
-        args.input, args.scheme, args.out, obs_keys=tuple(args.obs_keys or ()), split=args.split,
-        max_len=args.max_len, seed=args.seed, layer=args.layer, gene_column=args.gene_column, species=args.species,
-        storage_options=_key_values(args.storage_option, "--storage-option"), progress=not args.no_progress,
-        hvg=args.hvg, hvg_flavor=args.hvg_flavor or "seurat_v3", hvg_batch_key=args.hvg_batch_key, hvg_span=args.hvg_span,
+        args.input,
+        args.scheme,
+        args.out,
+        obs_keys=tuple(args.obs_keys or ()),
+        split=args.split,
+        max_len=args.max_len,
+        seed=args.seed,
+        layer=args.layer,
+        gene_column=args.gene_column,
+        species=args.species,
+        storage_options=_key_values(args.storage_option, "--storage-option"),
+        progress=not args.no_progress,
+        hvg=args.hvg,
+        hvg_flavor=args.hvg_flavor or "seurat_v3",
+        hvg_batch_key=args.hvg_batch_key,
+        hvg_span=args.hvg_span,
         min_mapped_fraction=args.min_mapped_fraction,
     )
-    print(f"tokenized {summary['cells']} cells ({summary['tokens']} tokens) into {args.out} "
-          f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s")
+    print(
+        f"tokenized {summary['cells']} cells ({summary['tokens']} tokens) into {args.out} "
+        f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s"
+    )
     return 0
 
 
@@ -137,8 +170,10 @@ def _print_coverage(args) -> None:
     vocab = ortholog_vocab(group_by_species(genes["ensembl_id"], genes["species"]))
     report = coverage(genes["ensembl_id"], genes["species"], genes["count_sum"], vocab)
     for species, row in report.items():
-        print(f"{species}: {row['genes']} genes, {row['genes_shared']:.1%} on shared tokens "
-              f"holding {row['counts_shared']:.1%} of counts")
+        print(
+            f"{species}: {row['genes']} genes, {row['genes_shared']:.1%} on shared tokens "
+            f"holding {row['counts_shared']:.1%} of counts"
+        )
 
 
 def _demo(args) -> int:
@@ -154,8 +189,10 @@ def _models(args) -> int:
     rows = list_models()
     print(f"{'family':<12}{'size':<13}{'layers':>7}{'hidden':>8}{'heads':>7}{'ffn':>7}{'vocab':>8}{'parameters':>15}")
     for row in rows:
-        print(f"{row['family']:<12}{row['size']:<13}{row['layers']:>7}{row['hidden']:>8}{row['heads']:>7}"
-              f"{row['intermediate']:>7}{row['vocab']:>8}{row['parameters']:>15,}")
+        print(
+            f"{row['family']:<12}{row['size']:<13}{row['layers']:>7}{row['hidden']:>8}{row['heads']:>7}"
+            f"{row['intermediate']:>7}{row['vocab']:>8}{row['parameters']:>15,}"
+        )
     print("parameters counted with the vocabulary shown; genecompass vocabularies are built per corpus (50,000 assumed)")
     return 0
 
@@ -180,7 +217,12 @@ def _pretrain_config(args):
     changes = {"data": {}, "trainer": {}}
     if args.corpus:
         changes["data"]["corpus"] = args.corpus
-    for flag, field in (("max_steps", "max_steps"), ("num_nodes", "num_nodes"), ("strategy", "strategy"), ("precision", "precision")):
+    for flag, field in (
+        ("max_steps", "max_steps"),
+        ("num_nodes", "num_nodes"),
+        ("strategy", "strategy"),
+        ("precision", "precision"),
+    ):
         if getattr(args, flag) is not None:
             changes["trainer"][field] = getattr(args, flag)
     if args.devices is not None:
@@ -222,19 +264,31 @@ def _finetune_config(args):
         config = from_dict(apply_overrides({}, args.set), "defaults", FinetuneConfig)
     task = TASK_SECTIONS[args.task]
     changes = {"data": {}, "trainer": {}, "model": {}, task: {}}
-    for flag, section, field in (("data", "data", "path"), ("layer", "data", "layer"), ("gene_column", "data", "gene_column"),
-                                 ("species", "data", "species"), ("min_mapped_fraction", "data", "min_mapped_fraction"),
-                                 ("max_steps", "trainer", "max_steps"),
-                                 ("strategy", "trainer", "strategy"), ("precision", "trainer", "precision"),
-                                 ("freeze", "model", "freeze_layers"), ("lora", "model", "lora_rank"),
-                                 ("perturbation_key", "perturbation", "perturbation_key"),
-                                 ("control", "drug" if task == "drug" else "perturbation", "control"),
-                                 ("split", task, "split"), ("test_fraction", task, "test_fraction"),
-                                 ("mode", "drug", "mode"), ("drug_list", "drug", "drug_list"), ("smiles", "drug", "smiles"),
-                                 ("expression", "drug", "expression"), ("cell_line_key", "drug", "cell_line_key"),
-                                 ("drug_key", "drug", "drug_key"), ("dose_key", "drug", "dose_key"),
-                                 ("cell_type_key", "drug", "cell_type_key"),
-                                 ("label_key", "annotate", "label_key")):
+    for flag, section, field in (
+        ("data", "data", "path"),
+        ("layer", "data", "layer"),
+        ("gene_column", "data", "gene_column"),
+        ("species", "data", "species"),
+        ("min_mapped_fraction", "data", "min_mapped_fraction"),
+        ("max_steps", "trainer", "max_steps"),
+        ("strategy", "trainer", "strategy"),
+        ("precision", "trainer", "precision"),
+        ("freeze", "model", "freeze_layers"),
+        ("lora", "model", "lora_rank"),
+        ("perturbation_key", "perturbation", "perturbation_key"),
+        ("control", "drug" if task == "drug" else "perturbation", "control"),
+        ("split", task, "split"),
+        ("test_fraction", task, "test_fraction"),
+        ("mode", "drug", "mode"),
+        ("drug_list", "drug", "drug_list"),
+        ("smiles", "drug", "smiles"),
+        ("expression", "drug", "expression"),
+        ("cell_line_key", "drug", "cell_line_key"),
+        ("drug_key", "drug", "drug_key"),
+        ("dose_key", "drug", "dose_key"),
+        ("cell_type_key", "drug", "cell_type_key"),
+        ("label_key", "annotate", "label_key"),
+    ):
         if getattr(args, flag, None) is not None:
             changes.setdefault(section, {})[field] = getattr(args, flag)
     if args.seeds:
@@ -274,34 +328,76 @@ def _grn(args) -> int:
 
     if args.model is None and args.truth is None:
         raise ConfigError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
-    result = run_grn(args.model, args.data, args.out, args.method, args.tfs, args.truth, args.layer, args.gene_column,
-                     args.species, args.max_cells, args.top_genes, args.seed, device=args.device, precision=args.precision,
-                     min_mapped_fraction=args.min_mapped_fraction)
-    print(f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
-          + (f" and {args.out}/metrics.json" if args.truth else ""))
+    result = run_grn(
+        args.model,
+        args.data,
+        args.out,
+        args.method,
+        args.tfs,
+        args.truth,
+        args.layer,
+        args.gene_column,
+        args.species,
+        args.max_cells,
+        args.top_genes,
+        args.seed,
+        device=args.device,
+        precision=args.precision,
+        min_mapped_fraction=args.min_mapped_fraction,
+    )
+    print(
+        f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
+        + (f" and {args.out}/metrics.json" if args.truth else "")
+    )
     return 0
 
 
 def _embed(args) -> int:
     from celltron.finetune.embed import EmbedOptions, embed_file
 
-    options = EmbedOptions(key=args.key, pool=args.pool, layer=args.layer, batch_size=args.batch_size, block_cells=args.block_cells,
-                           gene_embeddings=args.gene_embeddings, device=args.device, precision=args.precision, devices=args.devices,
-                           input_layer=args.input_layer, gene_column=args.gene_column, species=args.species, seed=args.seed,
-                           progress=not args.no_progress, min_mapped_fraction=args.min_mapped_fraction)
+    options = EmbedOptions(
+        key=args.key,
+        pool=args.pool,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        block_cells=args.block_cells,
+        gene_embeddings=args.gene_embeddings,
+        device=args.device,
+        precision=args.precision,
+        devices=args.devices,
+        input_layer=args.input_layer,
+        gene_column=args.gene_column,
+        species=args.species,
+        seed=args.seed,
+        progress=not args.no_progress,
+        min_mapped_fraction=args.min_mapped_fraction,
+    )
     summary = embed_file(args.model, args.data, args.out, options)
-    print(f"wrote {args.out}: obsm[{args.key!r}] for {summary['cells']} cells"
-          + (f", varm[{args.key!r}] gene embeddings" if summary["gene_embeddings"] else "")
-          + (f" ({summary['empty_cells']} cells with no known gene are NaN)" if summary["empty_cells"] else ""))
+    print(
+        f"wrote {args.out}: obsm[{args.key!r}] for {summary['cells']} cells"
+        + (f", varm[{args.key!r}] gene embeddings" if summary["gene_embeddings"] else "")
+        + (f" ({summary['empty_cells']} cells with no known gene are NaN)" if summary["empty_cells"] else "")
+    )
     return 0
 
 
 def _evaluate_embedding(args) -> int:
     from celltron.finetune.embedding_eval import BATCH_METRICS, run_embedding_evaluation
 
-    run_embedding_evaluation(args.data, args.key, args.label_key, args.out, args.batch_key, umap=not args.no_umap, folds=args.folds,
-                             seed=args.seed, neighbors=args.neighbors, layer=args.layer, max_cells=args.max_cells,
-                             batch_metrics=tuple(args.batch_metrics or BATCH_METRICS))
+    run_embedding_evaluation(
+        args.data,
+        args.key,
+        args.label_key,
+        args.out,
+        args.batch_key,
+        umap=not args.no_umap,
+        folds=args.folds,
+        seed=args.seed,
+        neighbors=args.neighbors,
+        layer=args.layer,
+        max_cells=args.max_cells,
+        batch_metrics=tuple(args.batch_metrics or BATCH_METRICS),
+    )
     print(f"wrote {args.out}/metrics.json" + ("" if args.no_umap else f" and {args.out}/umap.png"))
     return 0
 
@@ -316,9 +412,22 @@ def _export(args) -> int:
 def _publish(args) -> int:
     from celltron.pretrain.publish import describe, publish
 
-    result = publish(args.source, args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
-                     force=args.force, dry_run=args.dry_run, token_env=args.token_env, out=args.out, run_dir=args.run_dir,
-                     base_model=args.base_model, license=args.license, metrics=args.metrics, overwrite=args.overwrite)
+    result = publish(
+        args.source,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        force=args.force,
+        dry_run=args.dry_run,
+        token_env=args.token_env,
+        out=args.out,
+        run_dir=args.run_dir,
+        base_model=args.base_model,
+        license=args.license,
+        metrics=args.metrics,
+        overwrite=args.overwrite,
+    )
     print(describe(result))
     return 0
 
@@ -326,9 +435,19 @@ def _publish(args) -> int:
 def _launch(args) -> int:
     from celltron.launch import launch, load_cluster
 
-    spec = load_cluster(args.cluster, backend=args.backend, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                        hosts=args.hosts.split(",") if args.hosts else None, port=args.port, job_name=args.job_name,
-                        partition=args.partition, account=args.account, qos=args.qos, time=args.time)
+    spec = load_cluster(
+        args.cluster,
+        backend=args.backend,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        hosts=args.hosts.split(",") if args.hosts else None,
+        port=args.port,
+        job_name=args.job_name,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        time=args.time,
+    )
     written = launch(spec, args.config, args.out, args.pretrain_args, dry_run=args.dry_run, node_rank=args.node_rank)
     for path in written["files"]:
         print(f"wrote {path}")
@@ -340,8 +459,9 @@ def _launch(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="celltron", description=__doc__, epilog=EXIT_CODES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="celltron", description=__doc__, epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
     corpus = verbs.add_parser("corpus", help="build, inspect and validate corpora").add_subparsers(dest="action", required=True)
 
@@ -352,31 +472,45 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--species", choices=["human", "mouse"], help="default: inferred per input")
     build.add_argument("--layer", help="h5ad counts: X (default), raw, or a layer name")
     build.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols (default: var index)")
-    build.add_argument("--min-mapped-fraction", type=float, metavar="SHARE",
-                       help=MAPPED_HELP.replace("%(default)s", str(MIN_MAPPED_FRACTION)))
+    build.add_argument(
+        "--min-mapped-fraction", type=float, metavar="SHARE", help=MAPPED_HELP.replace("%(default)s", str(MIN_MAPPED_FRACTION))
+    )
     build.add_argument("--obs-keys", nargs="*", help="input obs columns to keep (labels)")
     build.add_argument("--min-genes", type=number(int, ">= 0"))
     build.add_argument("--min-counts", type=number(int, ">= 0"))
     build.add_argument("--max-mito-fraction", type=number(float, "[0, 1]"))
-    build.add_argument("--weight", action="append", type=name_weight, help="NAME=W sampling weight of an input, recorded in the manifest")
+    build.add_argument(
+        "--weight", action="append", type=name_weight, help="NAME=W sampling weight of an input, recorded in the manifest"
+    )
     build.add_argument("--seed", type=number(int, ">= 0"), help="default 0")
     build.add_argument("--val-fraction", type=number(float, "[0, 1)"), help="default 0.01")
     build.add_argument("--shard-size-mb", type=number(float, "> 0"), help="uncompressed size of one corpus shard (default 256)")
     build.add_argument("--chunk-nnz", type=number(int, ">= 1"), help="non-zeros per inner zarr chunk (default 65,536)")
-    build.add_argument("--compression", choices=COMPRESSIONS, help="X's inner-chunk codec: lz4 (default; blosc byte shuffle + LZ4), zstd (about 10%% larger on count data, 4-5x slower to decode), none")
+    build.add_argument(
+        "--compression",
+        choices=COMPRESSIONS,
+        help="X's inner-chunk codec: lz4 (default; blosc byte shuffle + LZ4), zstd (about 10%% larger on count data, 4-5x slower to decode), none",
+    )
     build.add_argument("--overwrite", action="store_true", help="replace an existing corpus once the new one is complete")
     build.add_argument("--no-progress", action="store_true")
     build.set_defaults(run=_corpus_build)
 
-    for name, run, text in (("info", _corpus_info, "summarise a corpus"), ("validate", _corpus_validate, "re-check checksums and schema")):
+    for name, run, text in (
+        ("info", _corpus_info, "summarise a corpus"),
+        ("validate", _corpus_validate, "re-check checksums and schema"),
+    ):
         sub = corpus.add_parser(name, help=text)
         sub.add_argument("corpus", help="corpus directory or URL (s3://, gs://, file://)")
         sub.add_argument("--storage-option", action="append", help="KEY=VALUE for remote stores (e.g. endpoint_url=...)")
         if name == "info":
             sub.add_argument("--json", action="store_true")
         else:
-            sub.add_argument("--rekey", action="store_true", help="re-record the checksums of a corpus built before they "
-                             "were independent of how a relative --out was spelled (validate says when)")
+            sub.add_argument(
+                "--rekey",
+                action="store_true",
+                help="re-record the checksums of a corpus built before they "
+                "were independent of how a relative --out was spelled (validate says when)",
+            )
         sub.set_defaults(run=run)
 
     tokenize = verbs.add_parser("tokenize", help="tokenize a corpus or .h5ad into a Hugging Face datasets dataset")
@@ -391,59 +525,103 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols")
     tokenize.add_argument("--species", choices=["human", "mouse"])
     tokenize.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
-    tokenize.add_argument("--hvg", type=number(int, ">= 1"), metavar="N",
-                          help="scgpt only: keep the N highly variable genes, as scGPT's Preprocessor (scanpy's "
-                               "highly_variable_genes) selects them among the genes its vocabulary covers; chosen over "
-                               "the .h5ad's cells or a corpus's training split (also for --split val)")
-    tokenize.add_argument("--hvg-flavor", choices=["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"],
-                          help="HVG flavor (default seurat_v3, on raw counts; seurat and cell_ranger on log1p counts per 10,000)")
-    tokenize.add_argument("--hvg-batch-key", metavar="OBS_COLUMN",
-                          help="select HVGs per batch of this obs column and merge them, as scanpy's batch_key")
-    tokenize.add_argument("--hvg-span", type=number(float, "> 0"), default=0.3, help="loess span of seurat_v3 (larger for very few cells)")
+    tokenize.add_argument(
+        "--hvg",
+        type=number(int, ">= 1"),
+        metavar="N",
+        help="scgpt only: keep the N highly variable genes, as scGPT's Preprocessor (scanpy's "
+        "highly_variable_genes) selects them among the genes its vocabulary covers; chosen over "
+        "the .h5ad's cells or a corpus's training split (also for --split val)",
+    )
+    tokenize.add_argument(
+        "--hvg-flavor",
+        choices=["seurat_v3", "seurat_v3_paper", "seurat", "cell_ranger"],
+        help="HVG flavor (default seurat_v3, on raw counts; seurat and cell_ranger on log1p counts per 10,000)",
+    )
+    tokenize.add_argument(
+        "--hvg-batch-key",
+        metavar="OBS_COLUMN",
+        help="select HVGs per batch of this obs column and merge them, as scanpy's batch_key",
+    )
+    tokenize.add_argument(
+        "--hvg-span", type=number(float, "> 0"), default=0.3, help="loess span of seurat_v3 (larger for very few cells)"
+    )
     tokenize.add_argument("--coverage", action="store_true", help="report shared-token coverage of a corpus (ortholog scheme)")
     tokenize.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
     tokenize.add_argument("--no-progress", action="store_true")
     tokenize.set_defaults(run=_tokenize)
 
-    pretrain = verbs.add_parser("pretrain", help="pretrain a model on a corpus (Lightning; DDP, FSDP or DeepSpeed)", epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    pretrain = verbs.add_parser(
+        "pretrain",
+        help="pretrain a model on a corpus (Lightning; DDP, FSDP or DeepSpeed)",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pretrain.add_argument("config", help="run config (configs/pretrain/*.yaml)")
     pretrain.add_argument("--corpus", help="corpus directory or URL (overrides data.corpus)")
     pretrain.add_argument("--out", default="runs/pretrain", help="run directory")
     pretrain.add_argument("--max-steps", type=number(int, ">= 1"))
     pretrain.add_argument("--devices", type=devices, help="devices per node (a number or 'auto')")
     pretrain.add_argument("--num-nodes", type=number(int, ">= 1"))
-    pretrain.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3",
-                                                 "deepspeed_stage_3_offload", "auto"])
+    pretrain.add_argument(
+        "--strategy",
+        choices=[
+            "ddp",
+            "fsdp",
+            "deepspeed_stage_1",
+            "deepspeed_stage_2",
+            "deepspeed_stage_3",
+            "deepspeed_stage_3_offload",
+            "auto",
+        ],
+    )
     pretrain.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
-    pretrain.add_argument("--resume", help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped, named in a "
-                          "warning) or a checkpoint path (refused if damaged)")
+    pretrain.add_argument(
+        "--resume",
+        help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped, named in a "
+        "warning) or a checkpoint path (refused if damaged)",
+    )
     pretrain.add_argument("--init-from", help="model folder (exported or converted) to continue pretraining from")
     pretrain.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
     pretrain.set_defaults(run=_pretrain)
 
-    finetune = verbs.add_parser("finetune", help="fine-tune a pretrained model on a lab's AnnData, beside the baselines", epilog=EXIT_CODES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune = verbs.add_parser(
+        "finetune",
+        help="fine-tune a pretrained model on a lab's AnnData, beside the baselines",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     finetune.add_argument("task", choices=["perturbation", "drug-response", "annotate"])
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
     finetune.add_argument("--data", help="the lab's .h5ad of raw counts (overrides data.path)")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
     finetune.add_argument("--config", help="run config (default configs/finetune/TASK.yaml)")
     adapt = finetune.add_mutually_exclusive_group()
-    adapt.add_argument("--freeze", type=number(int, ">= 0"), metavar="N_LAYERS", help="keep embeddings and the first N layers fixed")
+    adapt.add_argument(
+        "--freeze", type=number(int, ">= 0"), metavar="N_LAYERS", help="keep embeddings and the first N layers fixed"
+    )
     adapt.add_argument("--lora", type=number(int, ">= 0"), metavar="RANK", help="train LoRA adapters of this rank (peft)")
     finetune.add_argument("--baselines-only", action="store_true", help="compute and report only the baselines")
     finetune.add_argument("--layer", help="matrix with raw counts ('X', 'raw' or a layer)")
     finetune.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
     finetune.add_argument("--species", choices=["human", "mouse"])
-    finetune.add_argument("--min-mapped-fraction", type=float, metavar="SHARE",
-                          help=MAPPED_HELP.replace("%(default)s", "data.min_mapped_fraction, 0.5"))
+    finetune.add_argument(
+        "--min-mapped-fraction",
+        type=float,
+        metavar="SHARE",
+        help=MAPPED_HELP.replace("%(default)s", "data.min_mapped_fraction, 0.5"),
+    )
     finetune.add_argument("--perturbation-key", help="obs column of perturbations (A or A+B)")
-    finetune.add_argument("--control", help="label of control cells in that column (drug-response expression: in the drug column)")
+    finetune.add_argument(
+        "--control", help="label of control cells in that column (drug-response expression: in the drug column)"
+    )
     finetune.add_argument("--label-key", help="annotate: obs column of cell-type labels")
-    finetune.add_argument("--split", choices=["heldout", "simulation", "random", "cell_line", "drug", "heldout_combination", "heldout_drug"],
-                          help="perturbation: heldout | simulation; drug-response ic50: random | cell_line | drug, "
-                               "expression: heldout_combination | heldout_drug")
+    finetune.add_argument(
+        "--split",
+        choices=["heldout", "simulation", "random", "cell_line", "drug", "heldout_combination", "heldout_drug"],
+        help="perturbation: heldout | simulation; drug-response ic50: random | cell_line | drug, "
+        "expression: heldout_combination | heldout_drug",
+    )
     finetune.add_argument("--mode", choices=["ic50", "expression"], help="drug-response mode")
     finetune.add_argument("--drug-list", help="drug-response: GDSC drug list CSV (drug_id, ..., PubCHEM)")
     finetune.add_argument("--smiles", help="drug-response: CID<TAB>SMILES (ic50) or DRUG<TAB>SMILES (expression) file")
@@ -480,19 +658,29 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     grn.set_defaults(run=_grn)
 
-    embedding = verbs.add_parser("evaluate-embedding", help="zero-shot scores of cell embeddings in an .h5ad beside a PCA baseline")
+    embedding = verbs.add_parser(
+        "evaluate-embedding", help="zero-shot scores of cell embeddings in an .h5ad beside a PCA baseline"
+    )
     embedding.add_argument("--data", required=True, help=".h5ad with the embedding in obsm and raw counts (for the baseline)")
     embedding.add_argument("--key", required=True, help="obsm entry of the embedding, e.g. X_celltron")
     embedding.add_argument("--label-key", required=True, help="obs column of cell labels, e.g. cell_type")
     embedding.add_argument("--batch-key", help="obs column of batches: adds scib-metrics' batch-integration metrics")
     embedding.add_argument("--out", default="runs/embedding", help="output directory (metrics.json, umap.png)")
-    embedding.add_argument("--folds", type=number(int, ">= 2"), default=5, help="stratified k-fold cross-validation of the kNN classifier")
+    embedding.add_argument(
+        "--folds", type=number(int, ">= 2"), default=5, help="stratified k-fold cross-validation of the kNN classifier"
+    )
     embedding.add_argument("--seed", type=number(int, ">= 0"), default=0)
-    embedding.add_argument("--neighbors", type=number(int, ">= 1"), default=15, help="k of the kNN classifier, graph connectivity and UMAP")
+    embedding.add_argument(
+        "--neighbors", type=number(int, ">= 1"), default=15, help="k of the kNN classifier, graph connectivity and UMAP"
+    )
     embedding.add_argument("--layer", default="X", help="raw counts for the PCA baseline: X, raw, or a layer name")
     embedding.add_argument("--max-cells", type=number(int, ">= 1"), help="evaluate a seeded sample of this many cells")
-    embedding.add_argument("--batch-metrics", nargs="+", help="scib-metrics to compute (default all: silhouette_label clisi "
-                           "silhouette_batch ilisi kbet graph_connectivity; kbet is the slowest)")
+    embedding.add_argument(
+        "--batch-metrics",
+        nargs="+",
+        help="scib-metrics to compute (default all: silhouette_label clisi "
+        "silhouette_batch ilisi kbet graph_connectivity; kbet is the slowest)",
+    )
     embedding.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
     embedding.set_defaults(run=_evaluate_embedding)
 
@@ -501,12 +689,19 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--data", required=True, help="the lab's .h5ad of raw counts (read in blocks: larger than memory is fine)")
     embed.add_argument("--out", required=True, help="the .h5ad to write (a copy of --data with obsm[KEY]; may be --data itself)")
     embed.add_argument("--key", default="X_celltron", help="obsm / varm key")
-    embed.add_argument("--pool", choices=["cls", "mean"], help="cell embedding: first token, or mean of gene tokens (default: the model's)")
+    embed.add_argument(
+        "--pool", choices=["cls", "mean"], help="cell embedding: first token, or mean of gene tokens (default: the model's)"
+    )
     embed.add_argument("--layer", type=int, default=-1, help="Transformer layer (-1: last; -2: Geneformer's usual choice)")
     embed.add_argument("--batch-size", type=number(int, ">= 1"), default=32)
     embed.add_argument("--block-cells", type=number(int, ">= 1"), default=2048, help="cells read and tokenised at a time")
     embed.add_argument("--gene-embeddings", action="store_true", help="also write contextual gene embeddings to varm[KEY]")
-    embed.add_argument("--devices", type=number(int, ">= 1"), default=1, help="processes, one per GPU (or CPU share); cells split and reassembled in order")
+    embed.add_argument(
+        "--devices",
+        type=number(int, ">= 1"),
+        default=1,
+        help="processes, one per GPU (or CPU share); cells split and reassembled in order",
+    )
     embed.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     embed.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     embed.add_argument("--input-layer", default="X", help="matrix with raw counts ('X', 'raw' or a layer)")
@@ -524,7 +719,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(what="--out folder"))
     export.set_defaults(run=_export)
 
-    publish = verbs.add_parser("publish", help="write a model card and upload a model folder (or checkpoint) to the Hugging Face Hub")
+    publish = verbs.add_parser(
+        "publish", help="write a model card and upload a model folder (or checkpoint) to the Hugging Face Hub"
+    )
     publish.add_argument("source", help="exported model folder, step=N.ckpt file or DeepSpeed checkpoint folder")
     publish.add_argument("--repo-id", required=True, help="Hub repository ORG/NAME (created if missing)")
     publish.add_argument("--revision", help="branch to publish to (default main; created if missing)")
@@ -532,14 +729,20 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("--commit-message")
     publish.add_argument("--force", action="store_true", help="replace a revision that already holds files")
     publish.add_argument("--dry-run", action="store_true", help="write README.md, print the files and the card, upload nothing")
-    publish.add_argument("--token-env", default="HF_TOKEN", help="environment variable holding the write token "
-                         "(default HF_TOKEN, else the `hf auth login` token); the token is never printed")
+    publish.add_argument(
+        "--token-env",
+        default="HF_TOKEN",
+        help="environment variable holding the write token "
+        "(default HF_TOKEN, else the `hf auth login` token); the token is never printed",
+    )
     publish.add_argument("--out", help="Hub-ready folder to write (default: the model folder itself; RUN/hub for a checkpoint)")
     publish.add_argument("--run-dir", help="the pretraining run folder (default: found beside the source)")
     publish.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(what="--out (or RUN/hub) folder"))
     publish.add_argument("--base-model", help="Hub id of the model this one was initialised from (card front matter)")
     publish.add_argument("--license", default="apache-2.0", help="licence id for the card (default apache-2.0)")
-    publish.add_argument("--metrics", action="append", default=[], help="a fine-tuning metrics.json to report on the card (repeatable)")
+    publish.add_argument(
+        "--metrics", action="append", default=[], help="a fine-tuning metrics.json to report on the card (repeatable)"
+    )
     publish.set_defaults(run=_publish)
 
     launch = verbs.add_parser("launch", help="write (and submit) the commands of a multi-node pretraining run")
@@ -567,7 +770,9 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("family", choices=["geneformer", "scgpt"])
     convert.add_argument("source", help="checkpoint folder (or scGPT best_model.pt)")
     convert.add_argument("--out", required=True, help="model folder to create")
-    convert.add_argument("--dictionary", choices=["v1", "v2"], help="geneformer token dictionary (default: from the vocabulary size)")
+    convert.add_argument(
+        "--dictionary", choices=["v1", "v2"], help="geneformer token dictionary (default: from the vocabulary size)"
+    )
     convert.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP.format(what="--out folder"))
     convert.set_defaults(run=_convert)
 

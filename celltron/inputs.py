@@ -71,8 +71,9 @@ def open_h5(path, mode: str = "r", shown_as=None, require: tuple[str, ...] = ())
     if missing:
         handle.close()
         groups = ", ".join(repr(name) for name in missing)
-        raise InputError(f"{shown}: not {_hdf5_kind(shown)} (an HDF5 file without {groups}); "
-                         "pass a file written by anndata's write_h5ad")
+        raise InputError(
+            f"{shown}: not {_hdf5_kind(shown)} (an HDF5 file without {groups}); pass a file written by anndata's write_h5ad"
+        )
     return handle
 
 
@@ -85,8 +86,9 @@ def read_h5ad(path, backed=None):
     try:
         return anndata.read_h5ad(path, backed=backed)
     except (OSError, KeyError) as error:
-        raise InputError(f"{path}: not a readable AnnData file ({first_line(error)}); write it with anndata's "
-                         f"write_h5ad, or {RECOPY}") from error
+        raise InputError(
+            f"{path}: not a readable AnnData file ({first_line(error)}); write it with anndata's write_h5ad, or {RECOPY}"
+        ) from error
 
 
 # ---------------------------------------------------------------- JSON / YAML
@@ -122,8 +124,9 @@ def parse_yaml(text: str, source):
         mark = error.problem_mark or error.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = " ".join(str(error.problem or error.context or "").split())
-        raise ConfigError(f"{source}: YAML syntax error{where}: {problem}; "
-                          "fix it there (quote values that hold ': ' or '#')") from error
+        raise ConfigError(
+            f"{source}: YAML syntax error{where}: {problem}; fix it there (quote values that hold ': ' or '#')"
+        ) from error
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: not valid YAML ({first_line(error)})") from error
 
@@ -194,7 +197,14 @@ def load_torch_checkpoint(path, fix: str = RESUME_FIX, **kwargs):
         raise CheckpointError(f"{path}: no such checkpoint file; check the path")
     try:
         return torch.load(path, map_location="cpu", **kwargs)
-    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as error:  # torch's words for a bad file
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+    ) as error:  # torch's words for a bad file
         # torch's own words, to their first sentence (miniz adds a paragraph); a bare KeyError is the unpickler's
         detail = "not a PyTorch checkpoint" if isinstance(error, KeyError) else first_line(error).split(". ")[0]
         detail = "it ends early" if isinstance(error, EOFError) else detail

@@ -19,9 +19,9 @@ import socket
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Iterable
 
 from celltron import __version__
 from celltron.errors import OutputExistsError
@@ -73,8 +73,9 @@ def never_replaced_reason(target: Path, protected: Iterable[tuple[str, Path]]) -
     return None
 
 
-def check_output_folder(out, *, overwrite: bool = False, protected: Iterable[tuple[str, object]] = (), flag: str = "--out",
-                        fix: str | None = None) -> None:
+def check_output_folder(
+    out, *, overwrite: bool = False, protected: Iterable[tuple[str, object]] = (), flag: str = "--out", fix: str | None = None
+) -> None:
     """Refuse, with an OutputExistsError naming the folder and the way out, to write a folder at
     `out` that would replace something celltron may not delete.
 
@@ -93,17 +94,21 @@ def check_output_folder(out, *, overwrite: bool = False, protected: Iterable[tup
     named = f"{flag} {out}" if flag else str(out)
     why = never_replaced_reason(out.resolve(), [(what, Path(path)) for what, path in protected])
     if why:
-        raise OutputExistsError(f"{named}: {why}; celltron never replaces it, even with --overwrite; choose another folder"
-                                + (f" for {flag}" if flag else ""))
+        raise OutputExistsError(
+            f"{named}: {why}; celltron never replaces it, even with --overwrite; choose another folder"
+            + (f" for {flag}" if flag else "")
+        )
     if overwrite or _is_empty_folder(out) or (out.is_dir() and not out.is_symlink() and holds_marker(out)):
         return
     kind = "is a file" if out.is_file() else "is a link" if out.is_symlink() else "exists"
     fix = fix or f"pass --overwrite to replace it, or choose another {flag or 'folder'}"
-    raise OutputExistsError(f"{named}: {kind} and was not written by celltron (no {FOLDER_MARKER} marker), so it is left alone; {fix}")
+    raise OutputExistsError(
+        f"{named}: {kind} and was not written by celltron (no {FOLDER_MARKER} marker), so it is left alone; {fix}"
+    )
 
 
 def _write_marker(folder: Path, written_by: str) -> None:
-    written_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    written_at = datetime.now(UTC).isoformat(timespec="seconds")
     record = {"written_by": written_by, "celltron_version": __version__, "written_at": written_at}
     (folder / FOLDER_MARKER).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -132,8 +137,15 @@ def _swap_in(staging: Path, out: Path) -> None:
     _remove(aside)
 
 
-def write_folder_atomically(out, fill: Callable[[Path], None], *, overwrite: bool = False,
-                            protected: Iterable[tuple[str, object]] = (), written_by: str = "celltron", flag: str = "--out") -> Path:
+def write_folder_atomically(
+    out,
+    fill: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    protected: Iterable[tuple[str, object]] = (),
+    written_by: str = "celltron",
+    flag: str = "--out",
+) -> Path:
     """Let `fill` write a folder under a temporary name beside `out`, mark it as celltron's,
     then swap it in: `out` is either the previous folder or the complete new one.
 

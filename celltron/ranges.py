@@ -31,7 +31,7 @@ class Range:
     high_open: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Range":
+    def parse(cls, text: str) -> Range:
         bound = _BOUND.match(text)
         if bound:
             return cls(text, low=float(bound.group(2)), low_open=bound.group(1) == ">")

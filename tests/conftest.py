@@ -12,7 +12,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked `jax` run last: JAX starts threads, and a process that forks after that (the
     DataLoader workers of later tests) risks a deadlock. Tests marked `gpu` need CUDA: skipped,
@@ -41,8 +40,10 @@ def shared_file(relative: str) -> Path:
         if (root / relative).exists():
             return root / relative
     folder = relative.rsplit("/", 1)[0]
-    pytest.skip(f"needs {relative}: fetch the folder {folder}/ of the project's shared data and point "
-                f"CELLTRON_SHARED_DATA at the data folder holding it (looked in {TEST_DATA} and {SHARED_DATA})")
+    pytest.skip(
+        f"needs {relative}: fetch the folder {folder}/ of the project's shared data and point "
+        f"CELLTRON_SHARED_DATA at the data folder holding it (looked in {TEST_DATA} and {SHARED_DATA})"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -90,6 +91,10 @@ def pretrained_geneformer(tmp_path_factory, demo_corpus) -> Path:
     from celltron.pretrain.run import pretrain
 
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "geneformer_debug.yaml")
-    config = replace(config, data={"corpus": demo_corpus.location}, trainer={"max_steps": 40, "val_every": 1000, "checkpoint_every": 1000},
-                     logging={"progress_bar": False, "wandb": False})
+    config = replace(
+        config,
+        data={"corpus": demo_corpus.location},
+        trainer={"max_steps": 40, "val_every": 1000, "checkpoint_every": 1000},
+        logging={"progress_bar": False, "wandb": False},
+    )
     return pretrain(config, tmp_path_factory.mktemp("pretrained") / "run").export

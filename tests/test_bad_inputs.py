@@ -94,12 +94,47 @@ def damaged_h5ad(kind: str, lab_file: Path, folder: Path) -> Path:
 H5AD_PROBLEMS = {"truncated": "truncated, only", "text": "not an HDF5 file", "hdf5_not_anndata": "not an AnnData .h5ad file"}
 H5AD_VERBS = {
     "corpus build": lambda data, out, model: ["corpus", "build", data, "--out", out / "corpus", "--no-progress"],
-    "tokenize": lambda data, out, model: ["tokenize", data, "--scheme", "geneformer-v2", "--out", out / "tokens", "--no-progress"],
-    "evaluate-embedding": lambda data, out, model: ["evaluate-embedding", "--data", data, "--key", "X_pca", "--label-key", "cell_type",
-                                                    "--out", out / "eval"],
-    "embed": lambda data, out, model: ["embed", "--model", model, "--data", data, "--out", out / "embedded.h5ad", "--no-progress"],
-    "finetune annotate": lambda data, out, model: ["finetune", "annotate", "--data", data, "--label-key", "perturbation",
-                                                   "--baselines-only", "--out", out / "annotate"],
+    "tokenize": lambda data, out, model: [
+        "tokenize",
+        data,
+        "--scheme",
+        "geneformer-v2",
+        "--out",
+        out / "tokens",
+        "--no-progress",
+    ],
+    "evaluate-embedding": lambda data, out, model: [
+        "evaluate-embedding",
+        "--data",
+        data,
+        "--key",
+        "X_pca",
+        "--label-key",
+        "cell_type",
+        "--out",
+        out / "eval",
+    ],
+    "embed": lambda data, out, model: [
+        "embed",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        out / "embedded.h5ad",
+        "--no-progress",
+    ],
+    "finetune annotate": lambda data, out, model: [
+        "finetune",
+        "annotate",
+        "--data",
+        data,
+        "--label-key",
+        "perturbation",
+        "--baselines-only",
+        "--out",
+        out / "annotate",
+    ],
 }
 
 
@@ -116,8 +151,9 @@ def test_a_damaged_h5ad_is_named_in_one_line(kind, verb, lab_file, model_folder,
 # ---------------------------------------------------------------- corpus manifest
 
 
-@pytest.mark.parametrize("damage, problem", [("truncate", "corpus manifest is truncated"),
-                                             ("garble", "corpus manifest is not valid JSON (")])
+@pytest.mark.parametrize(
+    "damage, problem", [("truncate", "corpus manifest is truncated"), ("garble", "corpus manifest is not valid JSON (")]
+)
 @pytest.mark.parametrize("verb", [["corpus", "info"], ["corpus", "validate"], ["tokenize"]])
 def test_a_damaged_manifest_is_named_in_one_line(verb, damage, problem, corpus, tmp_path, capsys):
     copy = Path(shutil.copytree(corpus, tmp_path / "corpus"))
@@ -133,8 +169,19 @@ def test_a_damaged_manifest_is_named_in_one_line(verb, damage, problem, corpus, 
 
 YAML_VERBS = {
     "pretrain": lambda bad, out, lab: ["pretrain", bad, "--out", out],
-    "finetune": lambda bad, out, lab: ["finetune", "annotate", "--config", bad, "--data", lab, "--label-key", "perturbation",
-                                       "--baselines-only", "--out", out],
+    "finetune": lambda bad, out, lab: [
+        "finetune",
+        "annotate",
+        "--config",
+        bad,
+        "--data",
+        lab,
+        "--label-key",
+        "perturbation",
+        "--baselines-only",
+        "--out",
+        out,
+    ],
     "corpus build": lambda bad, out, lab: ["corpus", "build", lab, "--config", bad, "--out", out, "--no-progress"],
     "launch config": lambda bad, out, lab: ["launch", bad, "--out", out, "--dry-run"],
     "launch cluster": lambda bad, out, lab: ["launch", DEBUG_CONFIG, "--cluster", bad, "--out", out, "--dry-run"],
@@ -156,10 +203,37 @@ def test_a_yaml_syntax_error_names_the_file_and_line(verb, lab_file, tmp_path, c
 
 MODEL_VERBS = {
     "embed": lambda model, lab, out: ["embed", "--model", model, "--data", lab, "--out", out / "embedded.h5ad", "--no-progress"],
-    "grn": lambda model, lab, out: ["grn", "--model", model, "--data", lab, "--tfs", lab.with_suffix(".tfs"), "--out", out,
-                                    "--max-cells", "40", "--top-genes", "20", "--device", "cpu"],
-    "finetune": lambda model, lab, out: ["finetune", "annotate", "--model", model, "--data", lab, "--label-key", "perturbation",
-                                         "--max-steps", "1", "--out", out],
+    "grn": lambda model, lab, out: [
+        "grn",
+        "--model",
+        model,
+        "--data",
+        lab,
+        "--tfs",
+        lab.with_suffix(".tfs"),
+        "--out",
+        out,
+        "--max-cells",
+        "40",
+        "--top-genes",
+        "20",
+        "--device",
+        "cpu",
+    ],
+    "finetune": lambda model, lab, out: [
+        "finetune",
+        "annotate",
+        "--model",
+        model,
+        "--data",
+        lab,
+        "--label-key",
+        "perturbation",
+        "--max-steps",
+        "1",
+        "--out",
+        out,
+    ],
 }
 
 
@@ -197,7 +271,9 @@ def swapped_tokenizer(model_folder: Path, lab_file: Path, out: Path) -> Path:
 
 
 @pytest.mark.parametrize("verb", list(MODEL_VERBS))
-def test_a_model_with_another_schemes_tokenizer_is_refused_before_any_work(verb, model_folder, lab_file, tfs_file, tmp_path, capsys):
+def test_a_model_with_another_schemes_tokenizer_is_refused_before_any_work(
+    verb, model_folder, lab_file, tfs_file, tmp_path, capsys
+):
     folder = swapped_tokenizer(model_folder, lab_file, tmp_path / "swapped")
     model_tokens = json.loads((folder / "config.json").read_text())["vocab_size"]
     tokenizer_tokens = len(json.loads((folder / "vocab.json").read_text())["tokens"])
@@ -211,8 +287,23 @@ def test_a_model_with_another_schemes_tokenizer_is_refused_before_any_work(verb,
 
 def test_pretraining_from_a_model_of_another_vocabulary_is_refused(model_folder, corpus, tmp_path, capsys):
     # the model knows Geneformer V2's genes; the run would tokenise with V1's larger vocabulary
-    line = refused_in_one_line(["pretrain", DEBUG_CONFIG, "--corpus", corpus, "--out", tmp_path / "run", "--init-from", model_folder,
-                                "--set", "tokenizer.scheme=geneformer-v1", "--set", "logging.progress_bar=false"], capsys)
+    line = refused_in_one_line(
+        [
+            "pretrain",
+            DEBUG_CONFIG,
+            "--corpus",
+            corpus,
+            "--out",
+            tmp_path / "run",
+            "--init-from",
+            model_folder,
+            "--set",
+            "tokenizer.scheme=geneformer-v1",
+            "--set",
+            "logging.progress_bar=false",
+        ],
+        capsys,
+    )
     assert str(model_folder) in line and "geneformer-v1 tokenizer" in line and "tokenizer.scheme" in line
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -256,28 +347,58 @@ FINETUNE_SET_CASES = [
 @pytest.mark.parametrize("item, message", FINETUNE_SET_CASES, ids=[item for item, _ in FINETUNE_SET_CASES])
 def test_out_of_range_finetune_set_is_refused(item, message, lab_file, tmp_path, capsys):
     config = REPO / "configs" / "finetune" / "annotate.yaml"
-    line = refused_in_one_line(["finetune", "annotate", "--config", config, "--data", lab_file, "--label-key", "perturbation",
-                                "--baselines-only", "--out", tmp_path / "out", "--set", item], capsys)
+    line = refused_in_one_line(
+        [
+            "finetune",
+            "annotate",
+            "--config",
+            config,
+            "--data",
+            lab_file,
+            "--label-key",
+            "perturbation",
+            "--baselines-only",
+            "--out",
+            tmp_path / "out",
+            "--set",
+            item,
+        ],
+        capsys,
+    )
     assert f"{config} {message}" in line
 
 
 YAML_RANGE_CASES = {
-    "pretrain": ("optim:\n  lr: -0.5\n", lambda bad, out, lab: ["pretrain", bad, "--out", out], "[optim] lr: -0.5 is out of range"),
-    "finetune": ("drug:\n  test_fraction: 0\n", lambda bad, out, lab: ["finetune", "drug-response", "--config", bad, "--data", lab,
-                                                                        "--baselines-only", "--out", out],
-                 "[drug] test_fraction: 0.0 is out of range; allowed: (0, 1)"),
-    "corpus build": ("max_mito_fraction: 1.5\n",
-                     lambda bad, out, lab: ["corpus", "build", lab, "--config", bad, "--out", out, "--no-progress"],
-                     "max_mito_fraction: 1.5 is out of range; allowed: [0, 1]"),
-    "corpus weights": ("weights: {lab.h5ad: .inf}\n",
-                       lambda bad, out, lab: ["corpus", "build", lab, "--config", bad, "--out", out, "--no-progress"],
-                       "weights['lab.h5ad']: inf is not a finite number; allowed: > 0"),
-    "launch cluster": ("backend: slurm\nport: 70000\n",
-                       lambda bad, out, lab: ["launch", DEBUG_CONFIG, "--cluster", bad, "--out", out, "--dry-run"],
-                       "port: 70000 is out of range; allowed: [1, 65535]"),
-    "launch time": ("backend: slurm\ntime: 48:00:00\n",  # unquoted, YAML reads a number of seconds
-                    lambda bad, out, lab: ["launch", DEBUG_CONFIG, "--cluster", bad, "--out", out, "--dry-run"],
-                    "time: 172800 is not a time limit; use 'HH:MM:SS', quoted in YAML"),
+    "pretrain": (
+        "optim:\n  lr: -0.5\n",
+        lambda bad, out, lab: ["pretrain", bad, "--out", out],
+        "[optim] lr: -0.5 is out of range",
+    ),
+    "finetune": (
+        "drug:\n  test_fraction: 0\n",
+        lambda bad, out, lab: ["finetune", "drug-response", "--config", bad, "--data", lab, "--baselines-only", "--out", out],
+        "[drug] test_fraction: 0.0 is out of range; allowed: (0, 1)",
+    ),
+    "corpus build": (
+        "max_mito_fraction: 1.5\n",
+        lambda bad, out, lab: ["corpus", "build", lab, "--config", bad, "--out", out, "--no-progress"],
+        "max_mito_fraction: 1.5 is out of range; allowed: [0, 1]",
+    ),
+    "corpus weights": (
+        "weights: {lab.h5ad: .inf}\n",
+        lambda bad, out, lab: ["corpus", "build", lab, "--config", bad, "--out", out, "--no-progress"],
+        "weights['lab.h5ad']: inf is not a finite number; allowed: > 0",
+    ),
+    "launch cluster": (
+        "backend: slurm\nport: 70000\n",
+        lambda bad, out, lab: ["launch", DEBUG_CONFIG, "--cluster", bad, "--out", out, "--dry-run"],
+        "port: 70000 is out of range; allowed: [1, 65535]",
+    ),
+    "launch time": (
+        "backend: slurm\ntime: 48:00:00\n",  # unquoted, YAML reads a number of seconds
+        lambda bad, out, lab: ["launch", DEBUG_CONFIG, "--cluster", bad, "--out", out, "--dry-run"],
+        "time: 172800 is not a time limit; use 'HH:MM:SS', quoted in YAML",
+    ),
 }
 
 
@@ -292,30 +413,60 @@ def test_out_of_range_yaml_value_is_refused_naming_file_and_field(case, lab_file
 
 
 FLAG_CASES = [
-    (["corpus", "build", "{lab}", "--out", "{out}", "--val-fraction", "1"], "--val-fraction: 1.0 is out of range; allowed: [0, 1)"),
+    (
+        ["corpus", "build", "{lab}", "--out", "{out}", "--val-fraction", "1"],
+        "--val-fraction: 1.0 is out of range; allowed: [0, 1)",
+    ),
     (["corpus", "build", "{lab}", "--out", "{out}", "--min-genes", "-1"], "--min-genes: -1 is out of range; allowed: >= 0"),
-    (["corpus", "build", "{lab}", "--out", "{out}", "--max-mito-fraction", "nan"], "--max-mito-fraction: nan is not a finite number"),
-    (["corpus", "build", "{lab}", "--out", "{out}", "--shard-size-mb", "0"], "--shard-size-mb: 0.0 is out of range; allowed: > 0"),
+    (
+        ["corpus", "build", "{lab}", "--out", "{out}", "--max-mito-fraction", "nan"],
+        "--max-mito-fraction: nan is not a finite number",
+    ),
+    (
+        ["corpus", "build", "{lab}", "--out", "{out}", "--shard-size-mb", "0"],
+        "--shard-size-mb: 0.0 is out of range; allowed: > 0",
+    ),
     (["corpus", "build", "{lab}", "--out", "{out}", "--chunk-nnz", "0"], "--chunk-nnz: 0 is out of range; allowed: >= 1"),
-    (["corpus", "build", "{lab}", "--out", "{out}", "--weight", "lab.h5ad=-2"], "--weight: lab.h5ad=-2: -2.0 is out of range; allowed: > 0"),
+    (
+        ["corpus", "build", "{lab}", "--out", "{out}", "--weight", "lab.h5ad=-2"],
+        "--weight: lab.h5ad=-2: -2.0 is out of range; allowed: > 0",
+    ),
     (["corpus", "build", "{lab}", "--out", "{out}", "--weight", "lab.h5ad"], "--weight: 'lab.h5ad': expected NAME=W"),
-    (["tokenize", "{lab}", "--scheme", "scgpt", "--out", "{out}", "--max-len", "0"], "--max-len: 0 is out of range; allowed: >= 1"),
+    (
+        ["tokenize", "{lab}", "--scheme", "scgpt", "--out", "{out}", "--max-len", "0"],
+        "--max-len: 0 is out of range; allowed: >= 1",
+    ),
     (["tokenize", "{lab}", "--scheme", "scgpt", "--out", "{out}", "--hvg", "0"], "--hvg: 0 is out of range; allowed: >= 1"),
     (["tokenize", "{lab}", "--scheme", "scgpt", "--out", "{out}", "--hvg-span", "-0.3"], "--hvg-span: -0.3 is out of range"),
     (["pretrain", str(DEBUG_CONFIG), "--out", "{out}", "--max-steps", "-5"], "--max-steps: -5 is out of range; allowed: >= 1"),
     (["pretrain", str(DEBUG_CONFIG), "--out", "{out}", "--devices", "0"], "--devices: 0 is out of range; allowed: >= 1"),
     (["pretrain", str(DEBUG_CONFIG), "--out", "{out}", "--num-nodes", "two"], "--num-nodes: 'two' is not an integer"),
-    (["finetune", "annotate", "--data", "{lab}", "--out", "{out}", "--test-fraction", "1"], "--test-fraction: 1.0 is out of range"),
-    (["finetune", "annotate", "--data", "{lab}", "--out", "{out}", "--freeze", "-1"], "--freeze: -1 is out of range; allowed: >= 0"),
+    (
+        ["finetune", "annotate", "--data", "{lab}", "--out", "{out}", "--test-fraction", "1"],
+        "--test-fraction: 1.0 is out of range",
+    ),
+    (
+        ["finetune", "annotate", "--data", "{lab}", "--out", "{out}", "--freeze", "-1"],
+        "--freeze: -1 is out of range; allowed: >= 0",
+    ),
     (["grn", "--data", "{lab}", "--out", "{out}", "--max-cells", "0"], "--max-cells: 0 is out of range; allowed: >= 1"),
     (["grn", "--data", "{lab}", "--out", "{out}", "--top-genes", "-10"], "--top-genes: -10 is out of range; allowed: >= 1"),
     (["embed", "--model", "m", "--data", "{lab}", "--out", "{out}", "--batch-size", "0"], "--batch-size: 0 is out of range"),
     (["embed", "--model", "m", "--data", "{lab}", "--out", "{out}", "--block-cells", "0"], "--block-cells: 0 is out of range"),
     (["embed", "--model", "m", "--data", "{lab}", "--out", "{out}", "--devices", "0"], "--devices: 0 is out of range"),
-    (["evaluate-embedding", "--data", "{lab}", "--key", "k", "--label-key", "l", "--folds", "1"], "--folds: 1 is out of range; allowed: >= 2"),
-    (["evaluate-embedding", "--data", "{lab}", "--key", "k", "--label-key", "l", "--neighbors", "0"], "--neighbors: 0 is out of range"),
+    (
+        ["evaluate-embedding", "--data", "{lab}", "--key", "k", "--label-key", "l", "--folds", "1"],
+        "--folds: 1 is out of range; allowed: >= 2",
+    ),
+    (
+        ["evaluate-embedding", "--data", "{lab}", "--key", "k", "--label-key", "l", "--neighbors", "0"],
+        "--neighbors: 0 is out of range",
+    ),
     (["launch", str(DEBUG_CONFIG), "--out", "{out}", "--nodes", "0"], "--nodes: 0 is out of range; allowed: >= 1"),
-    (["launch", str(DEBUG_CONFIG), "--out", "{out}", "--gpus-per-node", "0"], "--gpus-per-node: 0 is out of range; allowed: >= 1"),
+    (
+        ["launch", str(DEBUG_CONFIG), "--out", "{out}", "--gpus-per-node", "0"],
+        "--gpus-per-node: 0 is out of range; allowed: >= 1",
+    ),
     (["launch", str(DEBUG_CONFIG), "--out", "{out}", "--port", "70000"], "--port: 70000 is out of range; allowed: [1, 65535]"),
 ]
 
@@ -329,7 +480,9 @@ def test_out_of_range_flag_is_refused_naming_flag_and_range(argv, message, lab_f
 
 
 def test_launch_time_flag_must_be_a_time_limit(tmp_path, capsys):
-    line = refused_in_one_line(["launch", DEBUG_CONFIG, "--backend", "slurm", "--time", "90", "--out", tmp_path, "--dry-run"], capsys)
+    line = refused_in_one_line(
+        ["launch", DEBUG_CONFIG, "--backend", "slurm", "--time", "90", "--out", tmp_path, "--dry-run"], capsys
+    )
     assert "launch flags (--backend, --time) time: '90' is not a time limit" in line
 
 
@@ -365,8 +518,23 @@ def test_launch_checks_the_set_items_passed_on_to_pretrain(tmp_path, capsys):
 
 
 def test_launch_writes_scripts_for_a_good_config(tmp_path, capsys):
-    assert main(["launch", str(DEBUG_CONFIG), "--backend", "slurm", "--out", str(tmp_path), "--dry-run", "--",
-                 "--set", "optim.lr=0.01"]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                str(DEBUG_CONFIG),
+                "--backend",
+                "slurm",
+                "--out",
+                str(tmp_path),
+                "--dry-run",
+                "--",
+                "--set",
+                "optim.lr=0.01",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "launch" / "job.sbatch").exists()
 
 
@@ -387,14 +555,17 @@ def test_library_calls_check_ranges_too():
         ClusterSpec(gpus_per_node=0).check()
 
 
-@pytest.mark.parametrize("allowed, inside, outside", [
-    ("> 0", [1e-12, 5], [0, -1]),
-    (">= 1", [1, 10**9], [0, 0.999]),
-    ("[0, 1)", [0, 0.5], [1, -1e-9]),
-    ("(0, 1)", [1e-9, 0.999], [0, 1]),
-    ("[0, 1]", [0, 1], [1.0001, -0.1]),
-    ("[1, 65535]", [1, 65535], [0, 65536]),
-])
+@pytest.mark.parametrize(
+    "allowed, inside, outside",
+    [
+        ("> 0", [1e-12, 5], [0, -1]),
+        (">= 1", [1, 10**9], [0, 0.999]),
+        ("[0, 1)", [0, 0.5], [1, -1e-9]),
+        ("(0, 1)", [1e-9, 0.999], [0, 1]),
+        ("[0, 1]", [0, 1], [1.0001, -0.1]),
+        ("[1, 65535]", [1, 65535], [0, 65536]),
+    ],
+)
 def test_a_range_allows_exactly_its_interval(allowed, inside, outside):
     from celltron.errors import ConfigError
     from celltron.ranges import Range, check_number
@@ -424,7 +595,9 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_naming_it(damage, tmp_path):
         truncate(path)
     else:
         path.write_text("" if damage == "empty" else "not a checkpoint")
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: damaged or truncated checkpoint \(.+\); .*--resume auto"):
+    with pytest.raises(
+        CheckpointError, match=rf"^{re.escape(str(path))}: damaged or truncated checkpoint \(.+\); .*--resume auto"
+    ):
         load_torch_checkpoint(path, weights_only=True)
     with pytest.raises(CheckpointError, match=re.escape(str(path))):  # what export and publish read checkpoints with
         model_state_from_checkpoint(path)
@@ -436,5 +609,7 @@ def test_the_tokenizer_files_of_a_model_folder_are_checked(model_folder, tmp_pat
 
     folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
     truncate(folder / "tokenizer_config.json", 0.6)
-    with pytest.raises(InputError, match=r"tokenizer_config.json: tokenizer config is truncated; copy or download the model folder"):
+    with pytest.raises(
+        InputError, match=r"tokenizer_config.json: tokenizer config is truncated; copy or download the model folder"
+    ):
         load_tokenizer(folder, [])

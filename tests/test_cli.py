@@ -15,8 +15,25 @@ from celltron.cli import main
 
 def test_build_info_validate(tmp_path, pbmc3k, capsys):
     out = tmp_path / "c"
-    assert main(["corpus", "build", str(pbmc3k), "--out", str(out), "--no-progress", "--min-genes", "200",
-                 "--weight", f"{pbmc3k.name}=0.5", "--shard-size-mb", "4"]) == 0
+    assert (
+        main(
+            [
+                "corpus",
+                "build",
+                str(pbmc3k),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--min-genes",
+                "200",
+                "--weight",
+                f"{pbmc3k.name}=0.5",
+                "--shard-size-mb",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "cells kept" in capsys.readouterr().out
     assert main(["corpus", "info", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -85,15 +102,30 @@ def test_a_config_error_prints_one_line_and_exits_2(tmp_path, capsys):
     """`celltron grn` without --model or --truth is the user's mistake (a ConfigError): one line naming both flags."""
     assert main(["grn", "--data", str(tmp_path / "lab.h5ad"), "--out", str(tmp_path / "grn")]) == 2
     err = capsys.readouterr().err
-    assert err == ("celltron: error: celltron grn: give --model (to infer edges) and/or --truth "
-                   "(to score them beside the baselines)\n")
+    assert err == (
+        "celltron: error: celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)\n"
+    )
 
 
 def test_a_missing_input_prints_one_line_and_exits_2(tmp_path, capsys):
     """A path that does not exist is a MissingInputError (also a FileNotFoundError): one line, no traceback."""
     missing = tmp_path / "no-such.tsv"
-    assert main(["evaluate-embedding", "--data", str(missing), "--key", "X_celltron", "--label-key", "cell_type",
-                 "--out", str(tmp_path / "eval")]) == 2
+    assert (
+        main(
+            [
+                "evaluate-embedding",
+                "--data",
+                str(missing),
+                "--key",
+                "X_celltron",
+                "--label-key",
+                "cell_type",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err == f"celltron: error: --data {missing}: no such file\n"
 
@@ -101,6 +133,7 @@ def test_a_missing_input_prints_one_line_and_exits_2(tmp_path, capsys):
 def _raising(error: BaseException):
     def list_models():
         raise error
+
     return list_models
 
 
@@ -111,8 +144,18 @@ def _celltron_errors():
     from celltron.inputs import MissingInputError
     from celltron.pretrain.publish import PublishError
 
-    return [UserError, ConfigError, InputError, DataIntegrityError, CheckpointError, OutputExistsError, MissingInputError,
-            CorpusFormatError, GeneMappingError, PublishError]
+    return [
+        UserError,
+        ConfigError,
+        InputError,
+        DataIntegrityError,
+        CheckpointError,
+        OutputExistsError,
+        MissingInputError,
+        CorpusFormatError,
+        GeneMappingError,
+        PublishError,
+    ]
 
 
 def test_every_celltron_error_class_is_a_one_line_user_error(monkeypatch, capsys):
@@ -129,9 +172,13 @@ def test_a_bug_is_not_caught_so_its_traceback_shows(monkeypatch, capsys):
     mistake: main() lets it propagate (Python prints its traceback, exit code 1) instead of a one-line 'error:'."""
     import celltron.model_zoo
 
-    bugs = [ValueError("could not broadcast input array from shape (3,) into shape (4,)"), KeyError("n_counts"),
-            FileNotFoundError(2, "No such file or directory", "/internal/cache.json"), FileExistsError("/tmp/partial"),
-            TypeError("unsupported operand type(s)")]
+    bugs = [
+        ValueError("could not broadcast input array from shape (3,) into shape (4,)"),
+        KeyError("n_counts"),
+        FileNotFoundError(2, "No such file or directory", "/internal/cache.json"),
+        FileExistsError("/tmp/partial"),
+        TypeError("unsupported operand type(s)"),
+    ]
     for bug in bugs:
         monkeypatch.setattr(celltron.model_zoo, "list_models", _raising(bug))
         with pytest.raises(type(bug)) as caught:
@@ -143,9 +190,11 @@ def test_a_bug_is_not_caught_so_its_traceback_shows(monkeypatch, capsys):
 def test_a_bug_in_a_verb_shows_its_traceback_from_the_console_script(tmp_path):
     """End to end: the installed script exits 1 with Python's traceback for a bug, not a one-line user error."""
     script = tmp_path / "bug.py"
-    script.write_text("import sys\nimport celltron.model_zoo\nfrom celltron.cli import main\n\n"
-                      "def list_models():\n    raise ValueError('internal state went wrong')\n\n"
-                      "celltron.model_zoo.list_models = list_models\nsys.exit(main(['models']))\n")
+    script.write_text(
+        "import sys\nimport celltron.model_zoo\nfrom celltron.cli import main\n\n"
+        "def list_models():\n    raise ValueError('internal state went wrong')\n\n"
+        "celltron.model_zoo.list_models = list_models\nsys.exit(main(['models']))\n"
+    )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr and "ValueError: internal state went wrong" in result.stderr
@@ -161,8 +210,21 @@ def test_a_missing_file_a_library_would_open_is_a_one_line_user_error(tmp_path, 
     (tmp_path / "smiles.txt").write_text("100\tCC(=O)Oc1ccccc1C(=O)O\n")
     files = {"--drug-list": tmp_path / "drugs.csv", "--smiles": tmp_path / "smiles.txt"}
     files[missing] = tmp_path / "absent.txt"
-    args = ["finetune", "drug-response", "--mode", "ic50", "--data", str(tmp_path / "ic50.csv"), "--out", str(tmp_path / "d"),
-            "--baselines-only", "--drug-list", str(files["--drug-list"]), "--smiles", str(files["--smiles"])]
+    args = [
+        "finetune",
+        "drug-response",
+        "--mode",
+        "ic50",
+        "--data",
+        str(tmp_path / "ic50.csv"),
+        "--out",
+        str(tmp_path / "d"),
+        "--baselines-only",
+        "--drug-list",
+        str(files["--drug-list"]),
+        "--smiles",
+        str(files["--smiles"]),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"celltron: error: {tmp_path / 'absent.txt'}: no such ") and f"({missing}); check the path" in err

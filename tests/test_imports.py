@@ -15,20 +15,24 @@ HEAVY = ("torch", "transformers", "celltron.model_zoo")
 
 def _run(code: str) -> str:
     # -W error::UserWarning: a registration that failed and only warned fails the test
-    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], check=False, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", code], check=False, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
 
-@pytest.mark.parametrize("modules", [
-    "celltron.corpus",
-    "celltron.corpus.build, celltron.corpus.store, celltron.corpus.readers, celltron.corpus.sharded",
-    "celltron.tokenizers",
-    "celltron.tokenizers.dataset, celltron.tokenizers.saving",
-    "celltron.cli",
-    "celltron.launch, celltron.pretrain.config, celltron.finetune.config",  # launch writes commands on a login node
-])
+@pytest.mark.parametrize(
+    "modules",
+    [
+        "celltron.corpus",
+        "celltron.corpus.build, celltron.corpus.store, celltron.corpus.readers, celltron.corpus.sharded",
+        "celltron.tokenizers",
+        "celltron.tokenizers.dataset, celltron.tokenizers.saving",
+        "celltron.cli",
+        "celltron.launch, celltron.pretrain.config, celltron.finetune.config",  # launch writes commands on a login node
+    ],
+)
 def test_corpus_tokenizers_and_cli_load_without_torch(modules):
     loaded = _run(f"import sys; import {modules}; print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     assert loaded == "[]"
@@ -36,14 +40,21 @@ def test_corpus_tokenizers_and_cli_load_without_torch(modules):
 
 def test_cli_help_loads_no_numeric_stack():
     # `celltron --help` stays well under a second: the verbs import their library code themselves
-    code = ("import sys\nfrom celltron.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('numpy', 'pandas', 'zarr', 'h5py', 'anndata', 'torch') if m in sys.modules))")
+    code = (
+        "import sys\nfrom celltron.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('numpy', 'pandas', 'zarr', 'h5py', 'anndata', 'torch') if m in sys.modules))"
+    )
     assert _run(code).splitlines()[-1] == "[]"
 
 
 def test_corpus_stream_still_importable_from_the_package():
-    assert _run("from celltron.corpus import CorpusStream, Corpus; import torch.utils.data as d; "
-                "print(issubclass(CorpusStream, d.IterableDataset), Corpus.__name__)") == "True Corpus"
+    assert (
+        _run(
+            "from celltron.corpus import CorpusStream, Corpus; import torch.utils.data as d; "
+            "print(issubclass(CorpusStream, d.IterableDataset), Corpus.__name__)"
+        )
+        == "True Corpus"
+    )
 
 
 REGISTERED = (
@@ -59,11 +70,17 @@ REGISTERED = (
 )
 
 
-@pytest.mark.parametrize("first", ["import celltron\nimport transformers\n", "import transformers\nimport celltron\n",
-                                   "import celltron\nimport transformers.models.auto\n",
-                                   # transformers first imported from inside celltron's own model code
-                                   "from celltron.model_zoo.scgpt import ScGPTModel\n",
-                                   "import celltron.finetune.drug_response\n"])
+@pytest.mark.parametrize(
+    "first",
+    [
+        "import celltron\nimport transformers\n",
+        "import transformers\nimport celltron\n",
+        "import celltron\nimport transformers.models.auto\n",
+        # transformers first imported from inside celltron's own model code
+        "from celltron.model_zoo.scgpt import ScGPTModel\n",
+        "import celltron.finetune.drug_response\n",
+    ],
+)
 def test_import_celltron_registers_the_auto_classes_in_either_order(first):
     assert _run(first + REGISTERED) == "ok"
 

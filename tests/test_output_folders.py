@@ -190,17 +190,37 @@ def _gene_names(path) -> list[str]:
     return [str(g) for g in anndata.read_h5ad(path, backed="r").var_names]
 
 
-@pytest.mark.parametrize("truth_text, message", [("", "cannot be read as a tab-separated table"),
-                                                 ("TF\tTarget\n", "holds no TF-target pairs"),
-                                                 ("just-one-column\n", "expected tab-separated columns"),
-                                                 ("Stat1\tIrf1\n", "none of its 1 edges links a TF")])
+@pytest.mark.parametrize(
+    "truth_text, message",
+    [
+        ("", "cannot be read as a tab-separated table"),
+        ("TF\tTarget\n", "holds no TF-target pairs"),
+        ("just-one-column\n", "expected tab-separated columns"),
+        ("Stat1\tIrf1\n", "none of its 1 edges links a TF"),
+    ],
+)
 def test_grn_checks_the_truth_before_any_work_and_writes_nothing(lab_file, tmp_path, truth_text, message, capsys):
     genes = _gene_names(lab_file)
     (tmp_path / "tfs.txt").write_text("\n".join(genes[:3]) + "\n")
     (tmp_path / "truth.tsv").write_text(truth_text)
     out = tmp_path / "grn"
-    code = main(["grn", "--data", str(lab_file), "--tfs", str(tmp_path / "tfs.txt"), "--truth", str(tmp_path / "truth.tsv"),
-                 "--out", str(out), "--top-genes", "30", "--max-cells", "50"])
+    code = main(
+        [
+            "grn",
+            "--data",
+            str(lab_file),
+            "--tfs",
+            str(tmp_path / "tfs.txt"),
+            "--truth",
+            str(tmp_path / "truth.tsv"),
+            "--out",
+            str(out),
+            "--top-genes",
+            "30",
+            "--max-cells",
+            "50",
+        ]
+    )
     assert code == 2
     err = _one_line_error(capsys)
     assert message in err and "--truth" in err
@@ -211,8 +231,22 @@ def test_grn_refuses_an_empty_tf_list_and_writes_nothing(lab_file, tmp_path, cap
     (tmp_path / "tfs.txt").write_text("# no TFs yet\n")
     (tmp_path / "truth.tsv").write_text("TF1\tGENE1\n")
     out = tmp_path / "grn"
-    assert main(["grn", "--data", str(lab_file), "--tfs", str(tmp_path / "tfs.txt"), "--truth", str(tmp_path / "truth.tsv"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "grn",
+                "--data",
+                str(lab_file),
+                "--tfs",
+                str(tmp_path / "tfs.txt"),
+                "--truth",
+                str(tmp_path / "truth.tsv"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "holds no TF symbols" in _one_line_error(capsys) and not out.exists()
 
 
@@ -223,8 +257,23 @@ def test_finetune_refused_for_its_inputs_leaves_no_out(lab_file, tmp_path, capsy
     assert main(["finetune", "perturbation", "--data", str(bad), "--baselines-only", "--out", str(out)]) == 2
     assert not out.exists()
     out = tmp_path / "annotate"
-    assert main(["finetune", "annotate", "--data", str(lab_file), "--label-key", "perturbation", "--model", str(tmp_path / "no-model"),
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "annotate",
+                "--data",
+                str(lab_file),
+                "--label-key",
+                "perturbation",
+                "--model",
+                str(tmp_path / "no-model"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert not out.exists()
 
 
@@ -268,27 +317,37 @@ def test_ctrl_c_during_training_reaches_the_cli_as_an_interrupt(demo_corpus, tmp
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             raise KeyboardInterrupt
 
-    config = replace(load_config(CONFIGS / "pretrain" / "geneformer_debug.yaml"), data={"corpus": str(demo_corpus.location)},
-                     logging={"progress_bar": False, "wandb": False},
-                     trainer={"max_steps": 3, "val_every": 100, "checkpoint_every": 100})
+    config = replace(
+        load_config(CONFIGS / "pretrain" / "geneformer_debug.yaml"),
+        data={"corpus": str(demo_corpus.location)},
+        logging={"progress_bar": False, "wandb": False},
+        trainer={"max_steps": 3, "val_every": 100, "checkpoint_every": 100},
+    )
     with pytest.raises(KeyboardInterrupt):
         pretrain(config, tmp_path / "run", callbacks=[CtrlC()])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert not (tmp_path / "run" / "export").exists() and not list((tmp_path / "run").rglob("*.partial"))
 
 
-@pytest.mark.parametrize("stopped_by, code, said", [("signal", 75, "by a signal"), ("stop_at_step", 0, "(trainer.stop_at_step)"),
-                                                     (None, 0, "pretrained 8 steps")])
-def test_pretrain_exit_code_tells_a_signal_stop_from_a_finished_or_planned_one(monkeypatch, tmp_path, capsys, stopped_by, code, said):
+@pytest.mark.parametrize(
+    "stopped_by, code, said",
+    [("signal", 75, "by a signal"), ("stop_at_step", 0, "(trainer.stop_at_step)"), (None, 0, "pretrained 8 steps")],
+)
+def test_pretrain_exit_code_tells_a_signal_stop_from_a_finished_or_planned_one(
+    monkeypatch, tmp_path, capsys, stopped_by, code, said
+):
     import celltron.pretrain.run
     from tests.pretrain.conftest import CONFIGS
 
     def fake_pretrain(config, out, resume=None, init_from=None):
-        return celltron.pretrain.run.RunResult(tmp_path, 8, stopped_by is not None, tmp_path / "step=8.ckpt", None, None,
-                                               True, stopped_by)
+        return celltron.pretrain.run.RunResult(
+            tmp_path, 8, stopped_by is not None, tmp_path / "step=8.ckpt", None, None, True, stopped_by
+        )
 
     monkeypatch.setattr(celltron.pretrain.run, "pretrain", fake_pretrain)
-    assert main(["pretrain", str(CONFIGS / "pretrain" / "geneformer_debug.yaml"), "--corpus", "x", "--out", str(tmp_path)]) == code
+    assert (
+        main(["pretrain", str(CONFIGS / "pretrain" / "geneformer_debug.yaml"), "--corpus", "x", "--out", str(tmp_path)]) == code
+    )
     assert said in capsys.readouterr().out
 
 

@@ -8,8 +8,11 @@ import importlib
 # celltron.corpus.constants (the CLI's --help) must not load numpy, zarr and anndata, and
 # CorpusStream is a torch IterableDataset that building or reading a corpus must not pay for.
 _EXPORTS = {
-    "BuildOptions": "celltron.corpus.build", "build_corpus": "celltron.corpus.build", "Corpus": "celltron.corpus.store",
-    "CorpusStream": "celltron.corpus.stream", "collate_cells": "celltron.corpus.stream",
+    "BuildOptions": "celltron.corpus.build",
+    "build_corpus": "celltron.corpus.build",
+    "Corpus": "celltron.corpus.store",
+    "CorpusStream": "celltron.corpus.stream",
+    "collate_cells": "celltron.corpus.stream",
 }
 
 __all__ = ["BuildOptions", "Corpus", "CorpusStream", "build_corpus", "collate_cells"]

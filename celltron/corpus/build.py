@@ -109,7 +109,7 @@ class BuildOptions:
         check_ranges(self, "build option")
 
     @classmethod
-    def from_yaml(cls, path) -> "BuildOptions":
+    def from_yaml(cls, path) -> BuildOptions:
         """Options from a YAML mapping of field names; unknown fields are an error."""
         values = read_yaml(path, "build options file (see configs/corpus/)") or {}
         if not isinstance(values, dict):
@@ -165,7 +165,9 @@ def build_corpus(inputs, out, options: BuildOptions | None = None, overwrite: bo
         raise ConfigError(f"--val-fraction must be in [0, 1), got {options.val_fraction}")
     reserved = sorted(set(options.obs_keys) & set(RESERVED_OBS))
     if reserved:
-        raise ConfigError(f"--obs-keys {reserved}: the corpus writes these columns itself ({', '.join(RESERVED_OBS)}); rename them in the input")
+        raise ConfigError(
+            f"--obs-keys {reserved}: the corpus writes these columns itself ({', '.join(RESERVED_OBS)}); rename them in the input"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     work = new_partial_dir(out)
     try:
@@ -250,7 +252,7 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
         "schema_version": SCHEMA_VERSION,
         "checksum_version": CHECKSUM_VERSION,
         "celltron_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "build": _build_record(options),
         "sources": [item.report for item in opened],
         "n_cells": n_cells,
@@ -469,7 +471,12 @@ def _write_splits(plan, staged: _Staged, names, categories, var, work: Path, opt
             path.parent.mkdir(parents=True, exist_ok=True)
             write_shard(path, counts, obs, var, options.chunk_nnz, options.compression)
             records.append(
-                {"path": shard_name(split, number), "n_cells": len(cells), "nnz": int(counts.nnz), "sha256": checksum_files(fs, str(path))}
+                {
+                    "path": shard_name(split, number),
+                    "n_cells": len(cells),
+                    "nnz": int(counts.nnz),
+                    "sha256": checksum_files(fs, str(path)),
+                }
             )
             bar.update(len(cells))
         splits[split] = {"n_cells": int(sum(len(c) for c in shards)), "shards": records}

@@ -17,7 +17,7 @@ import gzip
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import numpy as np
@@ -34,7 +34,7 @@ class GeneMappingError(UserError):
     """Genes of an input cannot be given Ensembl IDs (unknown species, nothing maps)."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bundled_json(name: str) -> dict[str, str]:
     with resources.files("celltron.data.genes").joinpath(name).open("rb") as raw:
         return json.loads(gzip.decompress(raw.read()))
@@ -45,7 +45,7 @@ def ensembl_to_symbol(species: str) -> dict[str, str]:
     return _bundled_json(f"{species}_ensembl_to_symbol.json.gz")
 
 
-@lru_cache(maxsize=None)
+@cache
 def symbol_to_ensembl(species: str) -> dict[str, str]:
     """Symbol -> Ensembl ID. Human keys are upper-case (Geneformer's convention); mouse keys
     are the symbols as Ensembl spells them. A mouse symbol shared by several IDs maps to the
@@ -82,11 +82,14 @@ def _species_evidence(names: np.ndarray) -> _SpeciesEvidence:
         # human symbols are upper-case (CD3E), mouse symbols capitalised (Cd3e)
         kind = "symbols"
         pool = np.array([n for n in names[~ensembl] if any(c.isalpha() for c in n)], dtype=str)
-        looks = {"human": np.array([n == n.upper() for n in pool], dtype=bool),
-                 "mouse": np.array([n[:1].isupper() and n[1:] != n[1:].upper() for n in pool], dtype=bool)}
+        looks = {
+            "human": np.array([n == n.upper() for n in pool], dtype=bool),
+            "mouse": np.array([n[:1].isupper() and n[1:] != n[1:].upper() for n in pool], dtype=bool),
+        }
     total = max(len(pool), 1)
-    return _SpeciesEvidence(kind, {s: float(v.sum() / total) for s, v in looks.items()},
-                            {s: pool[v][:3].tolist() for s, v in looks.items()})
+    return _SpeciesEvidence(
+        kind, {s: float(v.sum() / total) for s, v in looks.items()}, {s: pool[v][:3].tolist() for s, v in looks.items()}
+    )
 
 
 def infer_species(names: np.ndarray, source: str) -> str:
@@ -125,9 +128,11 @@ def _contradiction(source: str, species: str, other: str, evidence: _SpeciesEvid
     retyped = ""
     if symbols and species == "human":  # the one legitimate case: human genes written Mouse-style by some tool
         retyped = "; if they are human genes written Mouse-style, upper-case the var names first"
-    return (f"{source}: --species {species} contradicts the gene names: {evidence.share[other]:.0%} of {evidence.kind} are "
-            f"{style} ({', '.join(evidence.examples[other])}, ...); pass --species {other}, or leave --species out to infer it "
-            f"from the names{retyped}")
+    return (
+        f"{source}: --species {species} contradicts the gene names: {evidence.share[other]:.0%} of {evidence.kind} are "
+        f"{style} ({', '.join(evidence.examples[other])}, ...); pass --species {other}, or leave --species out to infer it "
+        f"from the names{retyped}"
+    )
 
 
 @dataclass
@@ -186,8 +191,9 @@ def map_genes(names, species: str, source: str) -> GeneMapping:
     return mapping
 
 
-def map_input_genes(names, species: str | None, source: str, gene_counts=None,
-                    min_fraction: float = MIN_MAPPED_FRACTION) -> GeneMapping:
+def map_input_genes(
+    names, species: str | None, source: str, gene_counts=None, min_fraction: float = MIN_MAPPED_FRACTION
+) -> GeneMapping:
     """Map one input's genes the way every verb does: the species inferred from the names, or the
     one given checked against them; then refuse unless `min_fraction` of the counts map
     (`gene_counts`: per input gene; without them, of the genes)."""
@@ -206,13 +212,19 @@ def check_mapping(mapping: GeneMapping, source: str, min_fraction: float = MIN_M
     """Refuse an input whose mapped share of counts (of genes, without counts) is below
     `min_fraction`; returns that share."""
     return require_share(
-        mapping.mapped, mapping.names, mapping.gene_counts, min_fraction, source, f"map to {mapping.species} Ensembl IDs",
+        mapping.mapped,
+        mapping.names,
+        mapping.gene_counts,
+        min_fraction,
+        source,
+        f"map to {mapping.species} Ensembl IDs",
         "pass --gene-column naming the var column that holds gene symbols or Ensembl IDs, or check --species",
     )
 
 
-def check_token_coverage(ensembl_ids, names, gene_counts, vocab, source: str, fix: str,
-                         min_fraction: float = MIN_MAPPED_FRACTION) -> float:
+def check_token_coverage(
+    ensembl_ids, names, gene_counts, vocab, source: str, fix: str, min_fraction: float = MIN_MAPPED_FRACTION
+) -> float:
     """Refuse an input whose share of counts (of genes, without counts) on genes with a token in
     `vocab` (anything with `lookup_genes` and `name`) is below `min_fraction`: its cells would be
     tokenised to (nearly) nothing. Returns that share."""

@@ -8,9 +8,9 @@ that an input larger than memory can still be converted.
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
@@ -85,8 +85,7 @@ def _h5ad_matrix_path(handle: h5py.File, path: Path, layer: str) -> tuple[str, s
         where, var = f"layers/{layer}", "var"
     if where not in handle:
         raise InputError(
-            f"{path}: no matrix for --layer {layer} (looked for '{where}'); available: "
-            f"{', '.join(h5ad_layers(handle)) or 'none'}"
+            f"{path}: no matrix for --layer {layer} (looked for '{where}'); available: {', '.join(h5ad_layers(handle)) or 'none'}"
         )
     return where, var
 
@@ -186,7 +185,9 @@ def _open_mtx_dir(directory: Path, gene_column: str | None) -> Source:
     matrix_file = _first_existing(directory, ["matrix.mtx.gz", "matrix.mtx"])
     genes_file = _first_existing(directory, ["features.tsv.gz", "features.tsv", "genes.tsv.gz", "genes.tsv"])
     barcodes_file = _first_existing(directory, ["barcodes.tsv.gz", "barcodes.tsv"])
-    missing = [n for n, f in [("matrix.mtx", matrix_file), ("features.tsv", genes_file), ("barcodes.tsv", barcodes_file)] if f is None]
+    missing = [
+        n for n, f in [("matrix.mtx", matrix_file), ("features.tsv", genes_file), ("barcodes.tsv", barcodes_file)] if f is None
+    ]
     if missing:
         raise InputError(f"{directory}: not a 10x mtx directory, missing {', '.join(missing)} (optionally .gz)")
     genes = _read_tsv(genes_file)

@@ -66,7 +66,6 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/shard-{index:05d}.zarr"
 
 
-
 def _compressors(compression: str) -> list:
     """X's inner-chunk codecs after `bytes`: the compressor, then crc32c of the compressed chunk."""
     if compression == "none":
@@ -100,7 +99,11 @@ def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFram
     storage_object = min(chunk * CHUNKS_PER_ZARR_SHARD, -(-nnz // chunk) * chunk)
     for name, values in (("data", counts.data.astype(np.int32)), ("indices", counts.indices.astype(np.int32))):
         array = x.create_array(
-            name, shape=values.shape, dtype=values.dtype, chunks=(chunk,), shards=(storage_object,),
+            name,
+            shape=values.shape,
+            dtype=values.dtype,
+            chunks=(chunk,),
+            shards=(storage_object,),
             compressors=_compressors(compression),
         )
         array[:] = values
@@ -117,7 +120,7 @@ def checksum_files(fs, root: str) -> str:
     for path in sorted(fs.find(root)):
         if not path.startswith(base):
             raise RuntimeError(f"{root}: the filesystem listed {path}, outside {base}; cannot key its checksum")
-        relative = path[len(base):]
+        relative = path[len(base) :]
         data = fs.cat_file(path)
         digest.update(f"{relative}\0{len(data)}\0".encode())
         digest.update(data)

@@ -51,7 +51,9 @@ def _supported_codecs(meta: dict) -> dict | None:
         return None
     if config.get("index_location", "end") != "end":
         return None
-    little = all(c.get("configuration", {}).get("endian", "little") == "little" for c in config["codecs"] + config["index_codecs"])
+    little = all(
+        c.get("configuration", {}).get("endian", "little") == "little" for c in config["codecs"] + config["index_codecs"]
+    )
     return config if little else None
 
 

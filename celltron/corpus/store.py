@@ -113,8 +113,12 @@ class Corpus:
             raise CorpusFormatError(
                 f"{self.location}: no {MANIFEST}; not a celltron corpus (build one with `celltron corpus build`)"
             )
-        self.manifest = parse_json(self.fs.cat_file(manifest_path), f"{self.location}/{MANIFEST}", "corpus manifest",
-                                   "copy the corpus again, or rebuild it with `celltron corpus build --overwrite`")
+        self.manifest = parse_json(
+            self.fs.cat_file(manifest_path),
+            f"{self.location}/{MANIFEST}",
+            "corpus manifest",
+            "copy the corpus again, or rebuild it with `celltron corpus build --overwrite`",
+        )
         check_manifest(self.manifest, self.location)
 
     @property
@@ -135,7 +139,7 @@ class Corpus:
             raise ConfigError(f"unknown split {split!r}; use one of {SPLITS}")
         return self.manifest["splits"][split]["shards"]
 
-    def open_shard(self, split: str, index: int) -> "ShardReader":
+    def open_shard(self, split: str, index: int) -> ShardReader:
         return ShardReader(self, self.shards(split)[index])
 
     def shard_url(self, record: dict) -> str:
@@ -245,7 +249,20 @@ class Corpus:
             "gene_median": m["gene_median"],
             "obs_columns": {k: len(v) for k, v in m["obs_categories"].items()},
             "sources": [
-                {k: src[k] for k in ("path", "species", "n_cells_in", "n_cells_kept", "n_empty_dropped", "n_qc_dropped", "n_genes_unmapped", "unmapped_counts", "weight")}
+                {
+                    k: src[k]
+                    for k in (
+                        "path",
+                        "species",
+                        "n_cells_in",
+                        "n_cells_kept",
+                        "n_empty_dropped",
+                        "n_qc_dropped",
+                        "n_genes_unmapped",
+                        "unmapped_counts",
+                        "weight",
+                    )
+                }
                 for src in m["sources"]
             ],
         }
@@ -308,9 +325,12 @@ def _note_no_inner_checksums(location: str) -> None:
     """Say once per corpus and process that its chunks carry no crc32c (built by an older celltron)."""
     if location not in _NOTED:
         _NOTED.add(location)
-        log.warning("%s: built before chunks carried crc32c checksums; every block's values are checked instead "
-                    "(slower, and a damaged count within the checked bounds can pass): rebuild the corpus with "
-                    "`celltron corpus build --overwrite` for full checks", location)
+        log.warning(
+            "%s: built before chunks carried crc32c checksums; every block's values are checked instead "
+            "(slower, and a damaged count within the checked bounds can pass): rebuild the corpus with "
+            "`celltron corpus build --overwrite` for full checks",
+            location,
+        )
 
 
 def _why(error: Exception) -> str:
@@ -351,8 +371,9 @@ def indptr_problem(indptr: np.ndarray, n_cells: int, nnz: int) -> str | None:
     return None
 
 
-def values_problem(indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts: np.ndarray, n_genes: int,
-                   first_cell: int = 0) -> str | None:
+def values_problem(
+    indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts: np.ndarray, n_genes: int, first_cell: int = 0
+) -> str | None:
     """What is wrong with a block's non-zeros, or None; cells are numbered from `first_cell`.
 
     Gene indices in [0, n_genes) and strictly increasing within each cell (the builder writes

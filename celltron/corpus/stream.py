@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -196,7 +197,9 @@ class CorpusStream(IterableDataset):
 
     # ------------------------------------------------------------ plan
 
-    def plan(self, epoch: int, rank: int | None = None, world_size: int | None = None, worker: int = 0, num_workers: int = 1) -> EpochPlan:
+    def plan(
+        self, epoch: int, rank: int | None = None, world_size: int | None = None, worker: int = 0, num_workers: int = 1
+    ) -> EpochPlan:
         """The cells (rank, worker) reads in `epoch`; a pure function, no data is read."""
         if rank is None or world_size is None:
             rank, world_size = self._placement()
@@ -274,10 +277,11 @@ class CorpusStream(IterableDataset):
     def _read_window(self, plan: EpochPlan, lo: int, hi: int, shards: OrderedDict, pool) -> list[CellBlock]:
         segments = cut(plan.segments, lo, hi)
         self._open_readers({s.shard for s in segments}, shards)
-        reads = [
-            pool.submit(shards[s.shard].read, s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))
-            for s in segments
-        ] if len(segments) > 1 else None
+        reads = (
+            [pool.submit(shards[s.shard].read, s.start, s.stop, int(self.shard_offsets[s.shard] + s.start)) for s in segments]
+            if len(segments) > 1
+            else None
+        )
         if reads is None:
             s = segments[0]
             return [shards[s.shard].read(s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))]

@@ -35,13 +35,15 @@ class EncoderParts:
 
 
 PARTS = {
-    "geneformer": EncoderParts("bert.encoder", ("bert.embeddings.",), "bert.encoder.layer",
-                               ("query", "key", "value", "intermediate.dense")),
+    "geneformer": EncoderParts(
+        "bert.encoder", ("bert.embeddings.",), "bert.encoder.layer", ("query", "key", "value", "intermediate.dense")
+    ),
     "genecompass": EncoderParts("encoder", ("embeddings.",), "encoder.layer", ("query", "key", "value", "intermediate.dense")),
     # scGPT's q/k/v projection is one packed Parameter (PyTorch's layout), so LoRA adapts the
     # attention output and feed-forward Linears
-    "scgpt": EncoderParts("transformer_encoder", ("encoder.", "value_encoder."), "transformer_encoder.layers",
-                          ("out_proj", "linear1", "linear2")),
+    "scgpt": EncoderParts(
+        "transformer_encoder", ("encoder.", "value_encoder."), "transformer_encoder.layers", ("out_proj", "linear1", "linear2")
+    ),
 }
 
 

@@ -121,7 +121,9 @@ def predict_probabilities(model: AnnotationModel, tokens: RaggedTokens, pad_id: 
     return out
 
 
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int, source: str, names=None) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, test_fraction: float, seed: int, source: str, names=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Train and test cell indices with every class in both, seeded.
 
     Args:
@@ -132,8 +134,10 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int, source
     classes, counts = np.unique(labels, return_counts=True)
     rare = [str(names[c]) if names is not None else str(c) for c in classes[counts < 2]]
     if rare:
-        raise InputError(f"{source}: class(es) {rare} have fewer than 2 cells, too few to appear in both training and "
-                         "test cells; drop them or merge them into another label")
+        raise InputError(
+            f"{source}: class(es) {rare} have fewer than 2 cells, too few to appear in both training and "
+            "test cells; drop them or merge them into another label"
+        )
     return train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels)
 
 
@@ -143,14 +147,17 @@ def classification_metrics(truth: np.ndarray, predicted: np.ndarray, classes: li
 
     indices = list(range(len(classes)))
     report = classification_report(truth, predicted, labels=indices, target_names=classes, output_dict=True, zero_division=0)
-    return {"accuracy": float(accuracy_score(truth, predicted)),
-            "macro_f1": float(f1_score(truth, predicted, labels=indices, average="macro", zero_division=0)),
-            "per_class": {c: report[c] for c in classes},
-            "confusion_matrix": confusion_matrix(truth, predicted, labels=indices).tolist()}
+    return {
+        "accuracy": float(accuracy_score(truth, predicted)),
+        "macro_f1": float(f1_score(truth, predicted, labels=indices, average="macro", zero_division=0)),
+        "per_class": {c: report[c] for c in classes},
+        "confusion_matrix": confusion_matrix(truth, predicted, labels=indices).tolist(),
+    }
 
 
-def pca_logreg(counts, labels: np.ndarray, train: np.ndarray, test: np.ndarray, components: int, seed: int,
-               balanced: bool) -> np.ndarray:
+def pca_logreg(
+    counts, labels: np.ndarray, train: np.ndarray, test: np.ndarray, components: int, seed: int, balanced: bool
+) -> np.ndarray:
     """The baseline: logistic regression on PCA of log-normalised expression over the 2,000 most
     variable genes (genes and PCA chosen on the training cells alone); returns the test cells'
     predicted class indices."""
@@ -170,8 +177,18 @@ def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return len(labels) / (n_classes * np.maximum(counts, 1))
 
 
-def _fine_tune(config, folder: Path, tokens: RaggedTokens, labels: np.ndarray, train: np.ndarray, n_classes: int, pad_id: int,
-               seed: int, out: Path, resume: str | None):
+def _fine_tune(
+    config,
+    folder: Path,
+    tokens: RaggedTokens,
+    labels: np.ndarray,
+    train: np.ndarray,
+    n_classes: int,
+    pad_id: int,
+    seed: int,
+    out: Path,
+    resume: str | None,
+):
     """Train one seed's model; returns it on the first process, None on the others."""
     import lightning.pytorch as pl
 
@@ -195,12 +212,20 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baseline alone")
-    lab = read_lab_data(config.data.path, [section.label_key], config.data.layer, config.data.gene_column, config.data.species,
-                        config.data.min_mapped_fraction)
+    lab = read_lab_data(
+        config.data.path,
+        [section.label_key],
+        config.data.layer,
+        config.data.gene_column,
+        config.data.species,
+        config.data.min_mapped_fraction,
+    )
     names = lab.obs[section.label_key]
     if names.isna().any():
-        raise InputError(f"{lab.path}: obs[{section.label_key!r}] has {int(names.isna().sum())} cells without a label; "
-                         "drop them or give them a label first")
+        raise InputError(
+            f"{lab.path}: obs[{section.label_key!r}] has {int(names.isna().sum())} cells without a label; "
+            "drop them or give them a label first"
+        )
     classes, labels = np.unique(names.astype(str).to_numpy(), return_inverse=True)
     classes = [str(c) for c in classes]
     folder = None if baselines_only else resolve_model_folder(model)
@@ -231,11 +256,17 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         "classes": classes,
         "model": _aggregate(runs) if runs else None,
         "baselines": {"pca_logreg": _aggregate(baseline_runs)},
-        "split": {"kind": "stratified by label", "test_fraction": section.test_fraction, "per_seed": {str(s): v for s, v in splits.items()}},
+        "split": {
+            "kind": "stratified by label",
+            "test_fraction": section.test_fraction,
+            "per_seed": {str(s): v for s, v in splits.items()},
+        },
         "seeds": list(section.seeds),
-        "notes": {"pca_logreg": f"logistic regression on {section.pca_components} principal components of log-normalised "
-                                "expression, 2,000 most variable genes (genes and PCA from the training cells)"
-                                f"{', balanced class weights' if section.balanced else ''}"},
+        "notes": {
+            "pca_logreg": f"logistic regression on {section.pca_components} principal components of log-normalised "
+            "expression, 2,000 most variable genes (genes and PCA from the training cells)"
+            f"{', balanced class weights' if section.balanced else ''}"
+        },
     }
     return _write_results(out, metrics, lab, section.label_key, classes, first_probabilities, first_test if runs else None)
 

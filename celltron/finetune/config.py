@@ -170,7 +170,7 @@ class FinetuneConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
-    def check(self, where: str = "config") -> "FinetuneConfig":
+    def check(self, where: str = "config") -> FinetuneConfig:
         """Refuse inconsistent settings, naming the field and the fix."""
         check_sections(self, where)
         if self.model.freeze_layers and self.model.lora_rank:
@@ -190,13 +190,17 @@ class FinetuneConfig:
         if drug.mode not in DRUG_SPLITS:
             raise ConfigError(f"{where}: drug.mode {drug.mode!r} is not ic50 or expression (--mode)")
         if drug.split_kind() not in DRUG_SPLITS[drug.mode]:
-            raise ConfigError(f"{where}: drug.split {drug.split!r} does not apply to mode {drug.mode}; "
-                              f"use one of {DRUG_SPLITS[drug.mode]} (--split)")
+            raise ConfigError(
+                f"{where}: drug.split {drug.split!r} does not apply to mode {drug.mode}; "
+                f"use one of {DRUG_SPLITS[drug.mode]} (--split)"
+            )
         if not drug.seeds:
             raise ConfigError(f"{where}: drug.seeds is empty; give at least one seed")
         if drug.mode == "expression" and drug.expression:
-            raise ConfigError(f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "
-                              "expression mode reads the screen from --data")
+            raise ConfigError(
+                f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "
+                "expression mode reads the screen from --data"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -204,4 +208,3 @@ class FinetuneConfig:
 
 def load_finetune_config(path, overrides: list[str] | None = None) -> FinetuneConfig:
     return load_config(path, overrides, FinetuneConfig)
-

@@ -72,8 +72,14 @@ def mapped_genes(gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return unique, np.array([position.get(g, -1) for g in gene_ids], dtype=np.int64)
 
 
-def open_lab_source(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None,
-                    min_mapped_fraction: float = MIN_MAPPED_FRACTION) -> tuple[Source, GeneMapping]:
+def open_lab_source(
+    path,
+    obs_keys=(),
+    layer: str = "X",
+    gene_column: str | None = None,
+    species: str | None = None,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+) -> tuple[Source, GeneMapping]:
     """A lab file opened for block reads, its obs checked for `obs_keys`; returns the source and
     its gene mapping (species, each file gene's Ensembl ID or '', counts over a sample of cells),
     refused unless `min_mapped_fraction` of the counts map."""
@@ -81,16 +87,24 @@ def open_lab_source(path, obs_keys=(), layer: str = "X", gene_column: str | None
     try:
         missing = [k for k in obs_keys if k not in source.obs.columns]
         if missing:
-            raise InputError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
-                             "Name the right column with the task's --*-key option")
+            raise InputError(
+                f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
+                "Name the right column with the task's --*-key option"
+            )
         return source, map_source_genes(source, species, min_mapped_fraction)
     except BaseException:
         source.close()
         raise
 
 
-def read_lab_data(path, obs_keys=(), layer: str = "X", gene_column: str | None = None, species: str | None = None,
-                  min_mapped_fraction: float = MIN_MAPPED_FRACTION) -> LabData:
+def read_lab_data(
+    path,
+    obs_keys=(),
+    layer: str = "X",
+    gene_column: str | None = None,
+    species: str | None = None,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+) -> LabData:
     """Read an .h5ad (or 10x h5 / mtx folder) of raw counts with the obs columns a task needs."""
     source, mapping = open_lab_source(path, obs_keys, layer, gene_column, species, min_mapped_fraction)
     try:
@@ -99,8 +113,17 @@ def read_lab_data(path, obs_keys=(), layer: str = "X", gene_column: str | None =
     finally:
         source.close()
     gene_counts = np.asarray(counts.sum(axis=0, dtype=np.float64)).ravel()  # every cell is at hand: no sample needed
-    return LabData(Path(path), source.obs.reset_index(drop=True), np.asarray(source.gene_names), counts, mapping.ensembl_ids,
-                   mapping.species, np.asarray(source.cell_names), gene_counts, min_mapped_fraction)
+    return LabData(
+        Path(path),
+        source.obs.reset_index(drop=True),
+        np.asarray(source.gene_names),
+        counts,
+        mapping.ensembl_ids,
+        mapping.species,
+        np.asarray(source.cell_names),
+        gene_counts,
+        min_mapped_fraction,
+    )
 
 
 def check_vocabulary_coverage(data: LabData, vocab, minimum: float | None = None) -> float:
@@ -110,13 +133,19 @@ def check_vocabulary_coverage(data: LabData, vocab, minimum: float | None = None
     fix = "pass --gene-column with the var column of gene symbols or Ensembl IDs, or --species if the genes are not human"
     genes = [*vocab.ensembl_ids, *getattr(vocab, "aliases", {})]
     if data.species == "mouse" and not any(str(g).startswith("ENSMUSG") for g in genes):
-        fix = ("the model's vocabulary has no mouse genes: use a model pretrained on mouse data or with the ortholog "
-               "scheme (GeneCompass)")
+        fix = (
+            "the model's vocabulary has no mouse genes: use a model pretrained on mouse data or with the ortholog "
+            "scheme (GeneCompass)"
+        )
     share = check_token_coverage(data.gene_ids, data.gene_names, data.gene_counts, vocab, str(data.path), fix, minimum)
     in_vocab = vocab.lookup_genes(data.gene_ids) >= 0
     if not in_vocab.all():
-        log.warning("%s: %d of %d genes have no token in the model's vocabulary and are left out of its inputs",
-                    data.path, (~in_vocab).sum(), len(in_vocab))
+        log.warning(
+            "%s: %d of %d genes have no token in the model's vocabulary and are left out of its inputs",
+            data.path,
+            (~in_vocab).sum(),
+            len(in_vocab),
+        )
     return share
 
 
@@ -141,4 +170,3 @@ def load_model_tokenizer(model_dir, data: LabData):
     check_vocabulary(model_dir)
     unique, _ = data.mapped_genes()
     return load_tokenizer(model_dir, unique)
-

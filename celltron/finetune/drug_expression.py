@@ -43,8 +43,10 @@ SPLITS = ("heldout_combination", "heldout_drug")
 METRICS = ("r2", "r2_de20")
 BASELINES = ("control_mean", "other_dose")
 N_DE = 20
-NOTES = {"other_dose": "the same drug's mean at its nearest training dose (same cell type); for a held-out drug, "
-                       "the mean over the training drugs at that dose"}
+NOTES = {
+    "other_dose": "the same drug's mean at its nearest training dose (same cell type); for a held-out drug, "
+    "the mean over the training drugs at that dose"
+}
 
 
 # ---------------------------------------------------------------- data
@@ -95,15 +97,24 @@ def cell_labels(lab, section) -> pd.DataFrame:
     dose = pd.to_numeric(pd.Series(np.asarray(obs[section.dose_key], dtype=object)), errors="coerce")  # categorical columns too
     if dose.isna().any():
         bad = obs[section.dose_key].astype(str)[dose.isna().to_numpy()].unique()[:3]
-        raise InputError(f"{lab.path}: obs[{section.dose_key!r}] has non-numeric doses (e.g. {list(bad)}); give doses as "
-                         "numbers (any unit, 0 for controls), or name the dose column with --dose-key")
+        raise InputError(
+            f"{lab.path}: obs[{section.dose_key!r}] has non-numeric doses (e.g. {list(bad)}); give doses as "
+            "numbers (any unit, 0 for controls), or name the dose column with --dose-key"
+        )
     cell_type = obs[section.cell_type_key].astype(str) if section.cell_type_key else pd.Series("all", index=obs.index)
-    labels = pd.DataFrame({"drug": obs[section.drug_key].astype(str).to_numpy(), "dose": dose.to_numpy(dtype=float),
-                           "cell_type": cell_type.to_numpy()})
+    labels = pd.DataFrame(
+        {
+            "drug": obs[section.drug_key].astype(str).to_numpy(),
+            "dose": dose.to_numpy(dtype=float),
+            "cell_type": cell_type.to_numpy(),
+        }
+    )
     labels["control"] = (labels.drug == section.control) | (labels.dose == 0)
     if not labels.control.any():
-        raise InputError(f"{lab.path}: no control cells: none labelled {section.control!r} in obs[{section.drug_key!r}] "
-                         f"(labels include {sorted(labels.drug.unique())[:8]}) and none at dose 0; name the label with --control")
+        raise InputError(
+            f"{lab.path}: no control cells: none labelled {section.control!r} in obs[{section.drug_key!r}] "
+            f"(labels include {sorted(labels.drug.unique())[:8]}) and none at dose 0; name the label with --control"
+        )
     if (labels.dose[~labels.control] < 0).any():
         raise InputError(f"{lab.path}: obs[{section.dose_key!r}] has negative doses; give doses >= 0")
     return labels
@@ -120,16 +131,24 @@ def pseudobulk(lab, labels: pd.DataFrame, n_genes: int) -> DrugScreen:
     groups = treated.groupby(["drug", "dose", "cell_type"], sort=True).row
     lacking = sorted(set(treated.cell_type) - set(control_cells))
     if lacking:
-        raise InputError(f"{lab.path}: cell type(s) {lacking} have treated cells but no controls; every cell type needs "
-                         "control cells (or pass --cell-type-key '' to pool them)")
+        raise InputError(
+            f"{lab.path}: cell type(s) {lacking} have treated cells but no controls; every cell type needs "
+            "control cells (or pass --cell-type-key '' to pool them)"
+        )
     rows, means, de = [], [], []
     for (drug, dose, cell_type), members in groups:
         cells = expression[members.to_numpy()].toarray()
         rows.append({"drug": drug, "dose": dose, "cell_type": cell_type, "n_cells": len(cells)})
         means.append(cells.mean(0))
         de.append(_top_de(cells, control_cells[cell_type], N_DE))
-    return DrugScreen(np.asarray(lab.gene_names)[columns], pd.DataFrame(rows), np.stack(means), np.stack(de),
-                      {t: c.mean(0) for t, c in control_cells.items()}, control_rows)
+    return DrugScreen(
+        np.asarray(lab.gene_names)[columns],
+        pd.DataFrame(rows),
+        np.stack(means),
+        np.stack(de),
+        {t: c.mean(0) for t, c in control_cells.items()},
+        control_rows,
+    )
 
 
 def read_drug_smiles(path, drugs) -> dict[str, str]:
@@ -140,8 +159,10 @@ def read_drug_smiles(path, drugs) -> dict[str, str]:
     table = dict(line.split("\t")[:2] for line in path.read_text().splitlines() if "\t" in line)
     found = {d: table[d].strip() for d in drugs if d in table}
     if not found:
-        raise InputError(f"{path}: no line names a drug of the screen (e.g. {sorted(drugs)[:3]}); expected DRUG<TAB>SMILES "
-                         "with DRUG exactly as in the --drug-key column")
+        raise InputError(
+            f"{path}: no line names a drug of the screen (e.g. {sorted(drugs)[:3]}); expected DRUG<TAB>SMILES "
+            "with DRUG exactly as in the --drug-key column"
+        )
     return found
 
 
@@ -160,8 +181,14 @@ def read_screen(config):
     prints = fingerprints(read_drug_smiles(section.smiles, treated_drugs))
     missing = sorted(set(treated_drugs) - set(prints))
     if missing:
-        log.warning("%s: %d of %d drugs have no parsable SMILES in %s and are left out (e.g. %s)", lab.path, len(missing),
-                    len(treated_drugs), section.smiles, ", ".join(missing[:5]))
+        log.warning(
+            "%s: %d of %d drugs have no parsable SMILES in %s and are left out (e.g. %s)",
+            lab.path,
+            len(missing),
+            len(treated_drugs),
+            section.smiles,
+            ", ".join(missing[:5]),
+        )
         keep = (labels.control | labels.drug.isin(prints)).to_numpy()
         lab = replace(lab, counts=lab.counts[keep], obs=lab.obs[keep].reset_index(drop=True), cell_names=lab.cell_names[keep])
         labels = labels[keep].reset_index(drop=True)
@@ -193,8 +220,10 @@ def split_conditions(conditions: pd.DataFrame, kind: str, test_fraction: float, 
             held.add((drug, dose))
             doses_left[drug] -= 1
     if not held:
-        raise ConfigError("--split heldout_combination: every drug was given at a single dose, so no combination can be held "
-                          "out while its drug stays in training; use --split heldout_drug")
+        raise ConfigError(
+            "--split heldout_combination: every drug was given at a single dose, so no combination can be held "
+            "out while its drug stays in training; use --split heldout_drug"
+        )
     return np.array([(d, x) in held for d, x in zip(conditions.drug, conditions.dose)])
 
 
@@ -213,7 +242,10 @@ def evaluate(predicted: np.ndarray, screen: DrugScreen, test: np.ndarray) -> dic
     for row, index in zip(predicted, np.flatnonzero(test)):
         condition = screen.conditions.iloc[index]
         truth, de = screen.means[index], screen.de[index]
-        per[f"{condition.drug}|{condition.dose:g}|{condition.cell_type}"] = {"r2": r2(row, truth), "r2_de20": r2(row[de], truth[de])}
+        per[f"{condition.drug}|{condition.dose:g}|{condition.cell_type}"] = {
+            "r2": r2(row, truth),
+            "r2_de20": r2(row[de], truth[de]),
+        }
     means = {m: float(np.nanmean([v[m] for v in per.values()])) for m in METRICS}
     return {**means, "per_condition": per}
 
@@ -269,8 +301,15 @@ class DrugExpressionModel(nn.Module):
         hidden: width of the latent space and the MLPs.
     """
 
-    def __init__(self, fingerprints: np.ndarray, basal: np.ndarray, control: np.ndarray, log_dose_centre: float,
-                 hidden: int = 128, dropout: float = 0.1):
+    def __init__(
+        self,
+        fingerprints: np.ndarray,
+        basal: np.ndarray,
+        control: np.ndarray,
+        log_dose_centre: float,
+        hidden: int = 128,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         for name, value in (("fingerprints", fingerprints), ("basal", basal), ("control", control)):
             self.register_buffer(name, torch.as_tensor(value, dtype=torch.float32))
@@ -311,9 +350,13 @@ class CollateConditions:
 
     def __call__(self, rows: list[int]) -> dict:
         d = self.data
-        return {"drug": torch.as_tensor(d.drug[rows]), "dose": torch.as_tensor(d.dose[rows], dtype=torch.float32),
-                "cell_type": torch.as_tensor(d.cell_type[rows]), "target": torch.as_tensor(d.target[rows], dtype=torch.float32),
-                "n_cells": torch.tensor(len(rows))}
+        return {
+            "drug": torch.as_tensor(d.drug[rows]),
+            "dose": torch.as_tensor(d.dose[rows], dtype=torch.float32),
+            "cell_type": torch.as_tensor(d.cell_type[rows]),
+            "target": torch.as_tensor(d.target[rows], dtype=torch.float32),
+            "n_cells": torch.tensor(len(rows)),
+        }
 
 
 # ---------------------------------------------------------------- the task
@@ -360,10 +403,16 @@ def _fit_model(config, screen: DrugScreen, prints: dict, basal: np.ndarray, trai
     conditions = screen.conditions[train]
     dose = conditions.dose.to_numpy()
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
-    model = DrugExpressionModel(np.stack([prints[d] for d in drugs]), _standardised(basal), np.stack([screen.control[t] for t in types]),
-                                float(np.log10(dose).mean()), config.drug.hidden)
-    dataset = Conditions(conditions.drug.map(drug_index).to_numpy(), dose, conditions.cell_type.map(type_index).to_numpy(),
-                         screen.means[train])
+    model = DrugExpressionModel(
+        np.stack([prints[d] for d in drugs]),
+        _standardised(basal),
+        np.stack([screen.control[t] for t in types]),
+        float(np.log10(dose).mean()),
+        config.drug.hidden,
+    )
+    dataset = Conditions(
+        conditions.drug.map(drug_index).to_numpy(), dose, conditions.cell_type.map(type_index).to_numpy(), screen.means[train]
+    )
     model, first = train_task_model(config, model, dataset, CollateConditions(dataset), out, seed)
     return (model, drug_index, type_index) if first else None
 
@@ -372,9 +421,11 @@ def _fit_model(config, screen: DrugScreen, prints: dict, basal: np.ndarray, trai
 def _predict(fitted, conditions: pd.DataFrame) -> np.ndarray:
     model, drug_index, type_index = fitted
     model.eval()
-    return model(drug=torch.as_tensor(conditions.drug.map(drug_index).to_numpy()),
-                 dose=torch.as_tensor(conditions.dose.to_numpy(), dtype=torch.float32),
-                 cell_type=torch.as_tensor(conditions.cell_type.map(type_index).to_numpy())).predicted.numpy()
+    return model(
+        drug=torch.as_tensor(conditions.drug.map(drug_index).to_numpy()),
+        dose=torch.as_tensor(conditions.dose.to_numpy(), dtype=torch.float32),
+        cell_type=torch.as_tensor(conditions.cell_type.map(type_index).to_numpy()),
+    ).predicted.numpy()
 
 
 def run_drug_expression(config, model: str | None, out, baselines_only: bool = False) -> dict | None:
@@ -390,9 +441,13 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
         test = split_conditions(screen.conditions, kind, section.test_fraction, seed)
         predicted, fell_back = baseline_predictions(screen, test)
         held = screen.conditions[test]
-        splits[str(seed)] = {"train_conditions": int((~test).sum()), "test_conditions": int(test.sum()),
-                             "test_drugs": sorted(held.drug.unique()), "test_combinations": int(len(held[["drug", "dose"]].drop_duplicates())),
-                             "other_dose_fell_back": fell_back}
+        splits[str(seed)] = {
+            "train_conditions": int((~test).sum()),
+            "test_conditions": int(test.sum()),
+            "test_drugs": sorted(held.drug.unique()),
+            "test_combinations": int(len(held[["drug", "dose"]].drop_duplicates())),
+            "other_dose_fell_back": fell_back,
+        }
         for name in BASELINES:
             baseline_runs[name][seed] = evaluate(predicted[name], screen, test)
         if not baselines_only:
@@ -406,13 +461,20 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
     if not first:
         return None
     metrics = {
-        "task": "drug_response", "mode": "expression", "data": str(lab.path), "model_folder": model,
-        "method": None if baselines_only else "fingerprint_doser_mlp", "basal": basal_kind,
+        "task": "drug_response",
+        "mode": "expression",
+        "data": str(lab.path),
+        "model_folder": model,
+        "method": None if baselines_only else "fingerprint_doser_mlp",
+        "basal": basal_kind,
         "model": aggregate(model_runs, METRICS, "per_condition") if model_runs else None,
         "baselines": {name: aggregate(baseline_runs[name], METRICS, "per_condition") for name in BASELINES},
         "split": {"kind": kind, "test_fraction": section.test_fraction, "per_seed": splits},
-        "seeds": list(section.seeds), "genes": int(len(screen.genes)), "conditions": int(len(screen.conditions)),
-        "drugs_without_smiles": missing, "notes": NOTES,
+        "seeds": list(section.seeds),
+        "genes": int(len(screen.genes)),
+        "conditions": int(len(screen.conditions)),
+        "drugs_without_smiles": missing,
+        "notes": NOTES,
     }
     return write_results(out, metrics, screen, predictions)
 

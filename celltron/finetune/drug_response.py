@@ -138,17 +138,28 @@ def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
     `--cell-line-key` column), embedded by `model` (mean pooling) when one is given."""
     section, data = config.drug, config.data
     key = section.cell_line_key
-    lab = read_lab_data(section.expression, [key] if key else [], data.layer, data.gene_column, data.species, data.min_mapped_fraction)
+    lab = read_lab_data(
+        section.expression, [key] if key else [], data.layer, data.gene_column, data.species, data.min_mapped_fraction
+    )
     names = (lab.obs[key] if key else pd.Series(lab.cell_names)).astype(str).to_numpy()
     repeated = sorted(set(names[pd.Series(names).duplicated().to_numpy()]))
     if repeated:
         where = f"obs[{key!r}]" if key else "obs names"
-        raise InputError(f"{lab.path}: {len(repeated)} cell line(s) have more than one row in {where} (e.g. {repeated[:3]}); "
-                         "give one profile per cell line (sum or average the replicates first)")
+        raise InputError(
+            f"{lab.path}: {len(repeated)} cell line(s) have more than one row in {where} (e.g. {repeated[:3]}); "
+            "give one profile per cell line (sum or average the replicates first)"
+        )
     embeddings = None
     if model:
-        embeddings = embed(model, lab.path, pool="mean", input_layer=data.layer, gene_column=data.gene_column, species=data.species,
-                           min_mapped_fraction=data.min_mapped_fraction)
+        embeddings = embed(
+            model,
+            lab.path,
+            pool="mean",
+            input_layer=data.layer,
+            gene_column=data.gene_column,
+            species=data.species,
+            min_mapped_fraction=data.min_mapped_fraction,
+        )
     return CellLineExpression(lab.path, names, log_normalise(lab.counts).astype(np.float32), embeddings)
 
 
@@ -160,12 +171,20 @@ def keep_profiled(pairs: pd.DataFrame, expression: CellLineExpression, key: str)
     missing = sorted(set(lines) - set(expression.usable()))
     if len(missing) == len(lines):
         where = f"obs[{key!r}]" if key else "obs names"
-        raise InputError(f"{expression.path}: none of the IC50 table's {len(lines)} cell lines has a profile in its {where} "
-                         f"(table: {list(lines[:3])}; file: {list(expression.names[:3])}). Name the obs column that holds "
-                         "the table's cell-line ids with --cell-line-key")
+        raise InputError(
+            f"{expression.path}: none of the IC50 table's {len(lines)} cell lines has a profile in its {where} "
+            f"(table: {list(lines[:3])}; file: {list(expression.names[:3])}). Name the obs column that holds "
+            "the table's cell-line ids with --cell-line-key"
+        )
     if missing:
-        log.warning("%s: %d of %d cell lines of the IC50 table have no usable expression profile (e.g. %s); their pairs "
-                    "are left out and listed in metrics.json", expression.path, len(missing), len(lines), ", ".join(missing[:5]))
+        log.warning(
+            "%s: %d of %d cell lines of the IC50 table have no usable expression profile (e.g. %s); their pairs "
+            "are left out and listed in metrics.json",
+            expression.path,
+            len(missing),
+            len(lines),
+            ", ".join(missing[:5]),
+        )
     return pairs[~pairs.cell_line.isin(missing)].reset_index(drop=True), missing
 
 
@@ -186,8 +205,13 @@ def drug_response_metrics(predicted: np.ndarray, truth: np.ndarray, drugs: np.nd
             per_drug[str(drug)] = _pearson(predicted[chosen], truth[chosen])
     finite = [v for v in per_drug.values() if np.isfinite(v)]
     spearman = _pearson(pd.Series(predicted).rank().to_numpy(), pd.Series(truth).rank().to_numpy())
-    return {"pearson": _pearson(predicted, truth), "spearman": spearman, "rmse": float(np.sqrt(np.mean((predicted - truth) ** 2))),
-            "pearson_per_drug": float(np.mean(finite)) if finite else float("nan"), "per_drug": per_drug}
+    return {
+        "pearson": _pearson(predicted, truth),
+        "spearman": spearman,
+        "rmse": float(np.sqrt(np.mean((predicted - truth) ** 2))),
+        "pearson_per_drug": float(np.mean(finite)) if finite else float("nan"),
+        "per_drug": per_drug,
+    }
 
 
 # ---------------------------------------------------------------- baselines
@@ -197,8 +221,13 @@ def _means(train: pd.DataFrame, column: str) -> dict:
     return train.groupby(column)["ln_ic50"].mean().to_dict()
 
 
-def baseline_predictions(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float = 10.0,
-                         profiles: dict[str, np.ndarray] | None = None) -> dict:
+def baseline_predictions(
+    train: pd.DataFrame,
+    test: pd.DataFrame,
+    prints: dict[str, np.ndarray],
+    ridge: float = 10.0,
+    profiles: dict[str, np.ndarray] | None = None,
+) -> dict:
     """Every baseline's predictions of the test pairs; unseen drugs or cell lines fall back to
     the training mean of the other side (or the global mean). `profiles` (cell line -> its
     expression PCA) are extra ridge features."""
@@ -216,7 +245,9 @@ def baseline_predictions(train: pd.DataFrame, test: pd.DataFrame, prints: dict[s
     return out
 
 
-def _ridge(train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float, profiles: dict | None = None) -> np.ndarray:
+def _ridge(
+    train: pd.DataFrame, test: pd.DataFrame, prints: dict[str, np.ndarray], ridge: float, profiles: dict | None = None
+) -> np.ndarray:
     """Ridge regression on [drug fingerprint, cell-line indicator (, cell-line expression PCA)]."""
     lines = {c: i for i, c in enumerate(sorted(train.cell_line.unique()))}
 
@@ -282,23 +313,39 @@ class DrugResponseModel(nn.Module):
             unknown), or None for learned cell-line embeddings.
     """
 
-    def __init__(self, fingerprints: np.ndarray, n_cell_lines: int, hidden: int = 128, dropout: float = 0.1,
-                 drug_bias=None, cell_bias=None, cell_features: np.ndarray | None = None):
+    def __init__(
+        self,
+        fingerprints: np.ndarray,
+        n_cell_lines: int,
+        hidden: int = 128,
+        dropout: float = 0.1,
+        drug_bias=None,
+        cell_bias=None,
+        cell_features: np.ndarray | None = None,
+    ):
         super().__init__()
         self.register_buffer("fingerprints", torch.as_tensor(fingerprints, dtype=torch.float32))
         self.drugs = nn.Embedding(len(fingerprints), hidden)
-        self.chemistry = nn.Sequential(nn.Linear(fingerprints.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+        self.chemistry = nn.Sequential(
+            nn.Linear(fingerprints.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+        )
         self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-        self.drug_bias = nn.Parameter(torch.as_tensor(drug_bias if drug_bias is not None else np.zeros(len(fingerprints)), dtype=torch.float32))
+        self.drug_bias = nn.Parameter(
+            torch.as_tensor(drug_bias if drug_bias is not None else np.zeros(len(fingerprints)), dtype=torch.float32)
+        )
         nn.init.normal_(self.drugs.weight, std=0.02)
         if cell_features is None:
             self.cell_features = None
             self.cell_lines = nn.Embedding(n_cell_lines, hidden)
             nn.init.normal_(self.cell_lines.weight, std=0.02)
-            self.cell_bias = nn.Parameter(torch.as_tensor(cell_bias if cell_bias is not None else np.zeros(n_cell_lines), dtype=torch.float32))
+            self.cell_bias = nn.Parameter(
+                torch.as_tensor(cell_bias if cell_bias is not None else np.zeros(n_cell_lines), dtype=torch.float32)
+            )
         else:
             self.register_buffer("cell_features", torch.as_tensor(cell_features, dtype=torch.float32))
-            self.cell_lines = nn.Sequential(nn.Linear(cell_features.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden))
+            self.cell_lines = nn.Sequential(
+                nn.Linear(cell_features.shape[1], hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, hidden)
+            )
             self.cell_bias = None
 
     def forward(self, drug, cell_line, target=None, **unused) -> DrugResponseOutput:
@@ -375,8 +422,9 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, 
     if features is not None:
         cell_index, cell_matrix = _feature_matrix(features, cell_index)
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
-    model = DrugResponseModel(matrix, len(cell_index) + 1, config.drug.hidden, drug_bias=drug_bias, cell_bias=cell_bias,
-                              cell_features=cell_matrix)
+    model = DrugResponseModel(
+        matrix, len(cell_index) + 1, config.drug.hidden, drug_bias=drug_bias, cell_bias=cell_bias, cell_features=cell_matrix
+    )
     dataset = Pairs(train.drug.map(drug_index).to_numpy(), train.cell_line.map(cell_index).to_numpy(), train.ln_ic50.to_numpy())
     model, first = train_task_model(config, model, dataset, collate_pairs, out, seed)
     return (model, drug_index, cell_index) if first else None
@@ -397,12 +445,16 @@ def _read_inputs(config, model: str | None):
     section = config.drug
     for name in ("drug_list", "smiles"):
         if not getattr(section, name):
-            raise ConfigError(f"drug.{name} is not set: pass --drug-list and --smiles (the GDSC drug list and a CID<TAB>SMILES file)")
+            raise ConfigError(
+                f"drug.{name} is not set: pass --drug-list and --smiles (the GDSC drug list and a CID<TAB>SMILES file)"
+            )
     pairs = read_ic50(config.data.path)
     prints = fingerprints(read_smiles(section.drug_list, section.smiles))
     left_out = {"drugs_without_smiles": sorted(set(pairs.drug) - set(prints))}
     if left_out["drugs_without_smiles"]:
-        log.warning("%d of %d drugs have no parsable SMILES and are left out", len(left_out["drugs_without_smiles"]), pairs.drug.nunique())
+        log.warning(
+            "%d of %d drugs have no parsable SMILES and are left out", len(left_out["drugs_without_smiles"]), pairs.drug.nunique()
+        )
     pairs = pairs[pairs.drug.isin(prints)].reset_index(drop=True)
     expression = read_cell_line_expression(config, model) if section.expression else None
     if expression is not None:
@@ -433,8 +485,12 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     for seed in section.seeds:
         test_mask = split_pairs(pairs, section.split_kind(), section.test_fraction, seed)
         train, test = pairs[~test_mask], pairs[test_mask]
-        splits[str(seed)] = {"train_pairs": int(len(train)), "test_pairs": int(len(test)),
-                             "test_drugs": int(test.drug.nunique()), "test_cell_lines": int(test.cell_line.nunique())}
+        splits[str(seed)] = {
+            "train_pairs": int(len(train)),
+            "test_pairs": int(len(test)),
+            "test_drugs": int(test.drug.nunique()),
+            "test_cell_lines": int(test.cell_line.nunique()),
+        }
         lines = train.cell_line.unique()
         profiles = expression.pca(lines, section.pca_components) if expression is not None else None
         predictions = baseline_predictions(train, test, prints, profiles=profiles)
@@ -452,17 +508,22 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     if not first:
         return None
     metrics = {
-        "task": "drug_response", "mode": section.mode, "data": str(config.data.path),
+        "task": "drug_response",
+        "mode": section.mode,
+        "data": str(config.data.path),
         "expression": str(expression.path) if expression is not None else None,
         "method": None if baselines_only else _method(expression),
         "model": aggregate(model_runs, DRUG_METRICS, "per_drug") if model_runs else None,
         "baselines": {name: aggregate(baseline_runs[name], DRUG_METRICS, "per_drug") for name in BASELINES},
         "split": {"kind": section.split_kind(), "test_fraction": section.test_fraction, "per_seed": splits},
-        "seeds": list(section.seeds), **left_out,
+        "seeds": list(section.seeds),
+        **left_out,
     }
     if expression is not None:
-        metrics["notes"] = {"ridge": f"features: fingerprint, cell-line indicator and the top {section.pca_components} principal "
-                                     "components of the cell lines' log-normalised expression, fitted on each split's training lines"}
+        metrics["notes"] = {
+            "ridge": f"features: fingerprint, cell-line indicator and the top {section.pca_components} principal "
+            "components of the cell lines' log-normalised expression, fitted on each split's training lines"
+        }
     return _write_results(out, metrics, pd.concat(rows))
 
 

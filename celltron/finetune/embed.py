@@ -118,8 +118,16 @@ def pool_hidden(hidden: torch.Tensor, genes: torch.Tensor, style: str) -> torch.
 
 
 @torch.no_grad()
-def embed_tokens(model, tokens, special_ids: torch.Tensor, pad_id: int, capture: LayerOutput, options: EmbedOptions,
-                 style: str, gene_sums: GeneSums | None = None) -> np.ndarray:
+def embed_tokens(
+    model,
+    tokens,
+    special_ids: torch.Tensor,
+    pad_id: int,
+    capture: LayerOutput,
+    options: EmbedOptions,
+    style: str,
+    gene_sums: GeneSums | None = None,
+) -> np.ndarray:
     """(cells, hidden) float32 embeddings of ragged `tokens`; rows of cells with no gene token are NaN."""
     device = next(model.parameters()).device
     lengths = tokens.lengths
@@ -167,29 +175,45 @@ def _load(folder: Path, lab, options: EmbedOptions, device: torch.device) -> _Mo
 def _check_cls(tokens, special_ids: torch.Tensor, path) -> None:
     starts = tokens.input_ids[tokens.offsets[:-1][tokens.lengths > 0]]
     if not np.isin(starts, special_ids.cpu().numpy()).all():
-        raise ConfigError(f"{path}: --pool cls needs cells that start with a <cls> (or species) token, and this model's "
-                          "tokenizer starts them with a gene (Geneformer V1); use --pool mean")
+        raise ConfigError(
+            f"{path}: --pool cls needs cells that start with a <cls> (or species) token, and this model's "
+            "tokenizer starts them with a gene (Geneformer V1); use --pool mean"
+        )
 
 
 def _lab_view(path, options: EmbedOptions):
     """The lab file opened for block reads, as the fine-tuning data helpers expect it."""
-    source, mapping = open_lab_source(path, (), options.input_layer, options.gene_column, options.species,
-                                      options.min_mapped_fraction)
-    lab = LabData(Path(path), source.obs, np.asarray(source.gene_names), None, mapping.ensembl_ids, mapping.species,
-                  gene_counts=mapping.gene_counts, min_mapped_fraction=options.min_mapped_fraction)
+    source, mapping = open_lab_source(
+        path, (), options.input_layer, options.gene_column, options.species, options.min_mapped_fraction
+    )
+    lab = LabData(
+        Path(path),
+        source.obs,
+        np.asarray(source.gene_names),
+        None,
+        mapping.ensembl_ids,
+        mapping.species,
+        gene_counts=mapping.gene_counts,
+        min_mapped_fraction=options.min_mapped_fraction,
+    )
     return source, lab
 
 
-def _embed_range(folder: Path, source, lab, start: int, stop: int, options: EmbedOptions, device: torch.device, sink,
-                 progress) -> GeneSums | None:
+def _embed_range(
+    folder: Path, source, lab, start: int, stop: int, options: EmbedOptions, device: torch.device, sink, progress
+) -> GeneSums | None:
     """Embed cells [start, stop) of the opened `source`; `sink(first_row, block)` receives each block's rows."""
     loaded = _load(folder, lab, options, device)
     _, column_map = lab.mapped_genes()
     n_mapped = int(column_map.max()) + 1 if len(column_map) else 0
     sums = None
     if options.gene_embeddings:
-        sums = GeneSums(len(loaded.tokenizer.vocab), loaded.model.config.hidden_size, device,
-                        loaded.tokenizer.vocab.lookup_genes(lab.gene_ids))
+        sums = GeneSums(
+            len(loaded.tokenizer.vocab),
+            loaded.model.config.hidden_size,
+            device,
+            loaded.tokenizer.vocab.lookup_genes(lab.gene_ids),
+        )
 
     def tokenised(first: int):
         rows = source.read_rows(first, min(first + options.block_cells, stop)).tocsr()
@@ -205,8 +229,12 @@ def _embed_range(folder: Path, source, lab, start: int, stop: int, options: Embe
             pending = reader.submit(tokenised, firsts[i + 1]) if i + 1 < len(firsts) else None
             if loaded.style == "cls":
                 _check_cls(tokens, loaded.special_ids, lab.path)
-            sink(first, embed_tokens(loaded.model, tokens, loaded.special_ids, loaded.pad_id, loaded.capture, options,
-                                     loaded.style, sums))
+            sink(
+                first,
+                embed_tokens(
+                    loaded.model, tokens, loaded.special_ids, loaded.pad_id, loaded.capture, options, loaded.style, sums
+                ),
+            )
             progress(len(tokens))
     loaded.capture.close()
     return sums
@@ -259,7 +287,9 @@ def _worker(rank: int, folder: Path, path, ranges, options: EmbedOptions, work: 
     if part is not None:
         part.flush()
     if sums is not None:
-        torch.save({"sums": sums.sums.cpu(), "counts": sums.counts.cpu(), "file_tokens": sums.file_tokens}, work / f"genes-{rank}.pt")
+        torch.save(
+            {"sums": sums.sums.cpu(), "counts": sums.counts.cpu(), "file_tokens": sums.file_tokens}, work / f"genes-{rank}.pt"
+        )
 
 
 def _progress(total: int, enabled: bool, description: str = "embedding"):
@@ -300,8 +330,11 @@ def _run_parallel(folder: Path, path, n_cells: int, options: EmbedOptions, sink)
                     sink(start + offset, np.asarray(part[offset : offset + options.block_cells]))
         if not options.gene_embeddings:
             return None
-        parts = [torch.load(work / f"genes-{rank}.pt", weights_only=False) for rank in range(options.devices)
-                 if (work / f"genes-{rank}.pt").exists()]
+        parts = [
+            torch.load(work / f"genes-{rank}.pt", weights_only=False)
+            for rank in range(options.devices)
+            if (work / f"genes-{rank}.pt").exists()
+        ]
         sums = GeneSums(0, 0, torch.device("cpu"), parts[0]["file_tokens"])
         sums.sums, sums.counts = sum(p["sums"] for p in parts), sum(p["counts"] for p in parts)
         return _gene_means(sums)
@@ -326,9 +359,11 @@ def embed_file(model, data, out, options: EmbedOptions = EmbedOptions()) -> dict
     renamed when complete, so `out` is never half written (it may be `data` itself)."""
     data, out = Path(data), Path(out)
     if data.suffix != ".h5ad":
-        raise InputError(f"--data {data}: `celltron embed` writes a copy of an .h5ad with the embeddings added; convert "
-                         "10x .h5 / mtx inputs first (anndata / scanpy: read_10x_h5(...).write_h5ad(...)), or use "
-                         "celltron.finetune.embed.embed() for an array")
+        raise InputError(
+            f"--data {data}: `celltron embed` writes a copy of an .h5ad with the embeddings added; convert "
+            "10x .h5 / mtx inputs first (anndata / scanpy: read_10x_h5(...).write_h5ad(...)), or use "
+            "celltron.finetune.embed.embed() for an array"
+        )
     folder = resolve_model_folder(str(model))
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")

@@ -49,7 +49,7 @@ class EmbeddingData:
     batches: np.ndarray | None
     counts: sp.csr_matrix
 
-    def subset(self, cells: np.ndarray) -> "EmbeddingData":
+    def subset(self, cells: np.ndarray) -> EmbeddingData:
         batches = None if self.batches is None else self.batches[cells]
         return EmbeddingData(self.path, self.embedding[cells], self.labels[cells], batches, self.counts[cells])
 
@@ -90,9 +90,15 @@ def require_raw_counts(counts: sp.csr_matrix, path: Path, layer: str, available:
         available: the file's layers, named in the message.
     """
     values = counts.data
-    problem = ("NaN or infinite values" if not np.isfinite(values).all()
-               else "negative values (scaled or centred data?)" if (values < 0).any()
-               else "non-integer values (normalised or log-transformed data?)" if (values != np.round(values)).any() else None)
+    problem = (
+        "NaN or infinite values"
+        if not np.isfinite(values).all()
+        else "negative values (scaled or centred data?)"
+        if (values < 0).any()
+        else "non-integer values (normalised or log-transformed data?)"
+        if (values != np.round(values)).any()
+        else None
+    )
     if problem:
         raise InputError(
             f"{path}: --layer {layer} is not raw counts: it holds {problem}. The PCA baseline normalises raw counts "
@@ -121,8 +127,10 @@ def read_embedding_data(path, key: str, label_key: str, batch_key: str | None = 
         raise MissingInputError(f"--data {path}: no such file")
     adata = read_h5ad(path)
     if key not in adata.obsm:
-        raise InputError(f"{path}: obsm has no {key!r}; it has {list(adata.obsm.keys())}. Pass --key with one of them, "
-                         "or store the model's cell embeddings there first (adata.obsm[KEY] = embeddings)")
+        raise InputError(
+            f"{path}: obsm has no {key!r}; it has {list(adata.obsm.keys())}. Pass --key with one of them, "
+            "or store the model's cell embeddings there first (adata.obsm[KEY] = embeddings)"
+        )
     embedding = np.asarray(adata.obsm[key].toarray() if sp.issparse(adata.obsm[key]) else adata.obsm[key], dtype=np.float32)
     if embedding.ndim != 2:
         raise InputError(f"{path}: obsm[{key!r}] must be a (cells, dims) matrix; it has shape {embedding.shape}")
@@ -144,10 +152,17 @@ def usable_cells(data: EmbeddingData, folds: int) -> np.ndarray:
     small = sizes.index[sizes < folds].tolist()
     keep &= ~np.isin(data.labels, small)
     if (~keep).any():
-        log.warning("%s: %d cells left out (NaN embedding, no label or batch, or labels with fewer than %d cells: %s)",
-                    data.path, (~keep).sum(), folds, small)
+        log.warning(
+            "%s: %d cells left out (NaN embedding, no label or batch, or labels with fewer than %d cells: %s)",
+            data.path,
+            (~keep).sum(),
+            folds,
+            small,
+        )
     if len(np.unique(data.labels[keep])) < 2:
-        raise InputError(f"{data.path}: fewer than two labels with at least {folds} cells each; check --label-key or lower --folds")
+        raise InputError(
+            f"{data.path}: fewer than two labels with at least {folds} cells each; check --label-key or lower --folds"
+        )
     return np.flatnonzero(keep)
 
 
@@ -163,7 +178,7 @@ def log_normalised(counts: sp.csr_matrix) -> sp.csr_matrix:
 def variable_genes(normalised: sp.csr_matrix, top_genes: int) -> np.ndarray:
     """Columns of the `top_genes` highest variances (fewer when fewer genes vary)."""
     mean = np.asarray(normalised.mean(axis=0)).ravel()
-    variance = np.asarray(normalised.multiply(normalised).mean(axis=0)).ravel() - mean ** 2
+    variance = np.asarray(normalised.multiply(normalised).mean(axis=0)).ravel() - mean**2
     return np.argsort(-variance, kind="stable")[: min(top_genes, int((variance > 0).sum()))]
 
 
@@ -176,7 +191,9 @@ def fit_pca(normalised: sp.csr_matrix, n_components: int, seed: int):
     return PCA(components, svd_solver="arpack", random_state=seed).fit(normalised)
 
 
-def pca_baseline(counts: sp.csr_matrix, n_components: int = PCA_COMPONENTS, top_genes: int = PCA_TOP_GENES, seed: int = 0) -> np.ndarray:
+def pca_baseline(
+    counts: sp.csr_matrix, n_components: int = PCA_COMPONENTS, top_genes: int = PCA_TOP_GENES, seed: int = 0
+) -> np.ndarray:
     """PCA of log-normalised expression (normalize_total to 1e4, log1p) over the most variable genes.
 
     Args:
@@ -205,8 +222,12 @@ def knn_scores(embedding: np.ndarray, labels: np.ndarray, folds: int = 5, seed: 
     for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(embedding, labels):
         classifier = KNeighborsClassifier(min(neighbors, len(train))).fit(embedding[train], labels[train])
         predicted = classifier.predict(embedding[test])
-        per_fold.append({"accuracy": float(accuracy_score(labels[test], predicted)),
-                         "macro_f1": float(f1_score(labels[test], predicted, average="macro", zero_division=0))})
+        per_fold.append(
+            {
+                "accuracy": float(accuracy_score(labels[test], predicted)),
+                "macro_f1": float(f1_score(labels[test], predicted, average="macro", zero_division=0)),
+            }
+        )
     out = {m: float(np.mean([f[m] for f in per_fold])) for m in CLASSIFICATION_METRICS}
     out["std"] = {m: float(np.std([f[m] for f in per_fold])) for m in CLASSIFICATION_METRICS}
     out["per_fold"] = per_fold
@@ -233,8 +254,14 @@ def check_batch_metrics(metrics) -> tuple[str, ...]:
     return tuple(metrics)
 
 
-def batch_scores(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray, neighbors: int = 15, seed: int = 0,
-                 metrics: tuple[str, ...] = BATCH_METRICS) -> dict:
+def batch_scores(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    batches: np.ndarray,
+    neighbors: int = 15,
+    seed: int = 0,
+    metrics: tuple[str, ...] = BATCH_METRICS,
+) -> dict:
     """scib-metrics' bio-conservation (silhouette_label, clisi) and batch-correction (silhouette_batch,
     ilisi, kbet, graph_connectivity) metrics; all in [0, 1], higher is better.
 
@@ -260,8 +287,15 @@ def batch_scores(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray,
     return {name: float(compute[name]()) for name in check_batch_metrics(metrics)}
 
 
-def score_embedding(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray | None = None, folds: int = 5,
-                    seed: int = 0, neighbors: int = 15, batch_metrics: tuple[str, ...] = BATCH_METRICS) -> dict:
+def score_embedding(
+    embedding: np.ndarray,
+    labels: np.ndarray,
+    batches: np.ndarray | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    neighbors: int = 15,
+    batch_metrics: tuple[str, ...] = BATCH_METRICS,
+) -> dict:
     """kNN classification metrics and, given batches, the batch-integration metrics of one embedding."""
     scores = knn_scores(embedding, labels, folds, seed, neighbors)
     if batches is not None:
@@ -269,9 +303,20 @@ def score_embedding(embedding: np.ndarray, labels: np.ndarray, batches: np.ndarr
     return scores
 
 
-def evaluate_embedding(data, key: str, label_key: str, batch_key: str | None = None, *, folds: int = 5, seed: int = 0,
-                       neighbors: int = 15, layer: str = "X", max_cells: int | None = None,
-                       batch_metrics: tuple[str, ...] = BATCH_METRICS, return_embeddings: bool = False):
+def evaluate_embedding(
+    data,
+    key: str,
+    label_key: str,
+    batch_key: str | None = None,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    neighbors: int = 15,
+    layer: str = "X",
+    max_cells: int | None = None,
+    batch_metrics: tuple[str, ...] = BATCH_METRICS,
+    return_embeddings: bool = False,
+):
     """Score `obsm[key]` of an .h5ad beside the PCA baseline of the same file's expression.
 
     Args:
@@ -300,13 +345,28 @@ def evaluate_embedding(data, key: str, label_key: str, batch_key: str | None = N
     cells = usable_cells(sampled, folds)
     subset = sampled.subset(cells)
     embeddings = {"model": subset.embedding, "pca": pca_baseline(subset.counts, seed=seed)}
-    model, pca = (score_embedding(e, subset.labels, subset.batches, folds, seed, neighbors, batch_metrics) for e in embeddings.values())
+    model, pca = (
+        score_embedding(e, subset.labels, subset.batches, folds, seed, neighbors, batch_metrics) for e in embeddings.values()
+    )
     majority = pd.Series(subset.labels).value_counts(normalize=True).iloc[0]
-    metrics = {"model": model, "baselines": {"pca_knn": pca},
-               "split": {"folds": folds, "seed": seed, "n_cells": len(cells), "n_cells_in_file": len(full.labels),
-                         "n_labels": int(len(np.unique(subset.labels))), "majority_label_fraction": float(majority),
-                         "neighbors": neighbors, "embedding_key": key, "embedding_dims": int(subset.embedding.shape[1]),
-                         "pca_components": int(embeddings["pca"].shape[1]), "label_key": label_key, "batch_key": batch_key}}
+    metrics = {
+        "model": model,
+        "baselines": {"pca_knn": pca},
+        "split": {
+            "folds": folds,
+            "seed": seed,
+            "n_cells": len(cells),
+            "n_cells_in_file": len(full.labels),
+            "n_labels": int(len(np.unique(subset.labels))),
+            "majority_label_fraction": float(majority),
+            "neighbors": neighbors,
+            "embedding_key": key,
+            "embedding_dims": int(subset.embedding.shape[1]),
+            "pca_components": int(embeddings["pca"].shape[1]),
+            "label_key": label_key,
+            "batch_key": batch_key,
+        },
+    }
     return (metrics, embeddings, subset.labels) if return_embeddings else metrics
 
 
@@ -337,8 +397,9 @@ def plot_umaps(embeddings: dict[str, np.ndarray], labels: np.ndarray, png: Path,
     return png
 
 
-def run_embedding_evaluation(data, key: str, label_key: str, out, batch_key: str | None = None, *, umap: bool = True,
-                             **options) -> dict:
+def run_embedding_evaluation(
+    data, key: str, label_key: str, out, batch_key: str | None = None, *, umap: bool = True, **options
+) -> dict:
     """`celltron evaluate-embedding`: evaluate, write OUT/metrics.json (and OUT/umap.png), print
     the tables; returns the metrics (see evaluate_embedding for the other arguments)."""
     if umap:
@@ -349,13 +410,23 @@ def run_embedding_evaluation(data, key: str, label_key: str, out, batch_key: str
     write_metrics(out / "metrics.json", metrics)
     split = metrics["split"]
     if umap:
-        panels = {f"embedding obsm[{key!r}]": embeddings["model"], f"baseline: PCA ({split['pca_components']} components)": embeddings["pca"]}
+        panels = {
+            f"embedding obsm[{key!r}]": embeddings["model"],
+            f"baseline: PCA ({split['pca_components']} components)": embeddings["pca"],
+        }
         plot_umaps(panels, labels, out / "umap.png", split["neighbors"], split["seed"])
-    print(f"kNN classification of {label_key!r} ({split['folds']}-fold, k={split['neighbors']}, {split['n_cells']} cells; "
-          f"always guessing the most frequent label: accuracy {split['majority_label_fraction']:.3f})")
+    print(
+        f"kNN classification of {label_key!r} ({split['folds']}-fold, k={split['neighbors']}, {split['n_cells']} cells; "
+        f"always guessing the most frequent label: accuracy {split['majority_label_fraction']:.3f})"
+    )
     print(results_table(metrics, CLASSIFICATION_METRICS))
     if batch_key:
         print(f"batch integration over {batch_key!r} (scib-metrics; higher is better)")
-        print(results_table(metrics, tuple(m for m in BATCH_METRICS if m in metrics["model"]),
-                            {"note": "each batch metric is one value over all cells (no spread)"}))
+        print(
+            results_table(
+                metrics,
+                tuple(m for m in BATCH_METRICS if m in metrics["model"]),
+                {"note": "each batch metric is one value over all cells (no spread)"},
+            )
+        )
     return metrics

@@ -65,8 +65,10 @@ def read_truth_table(path) -> pd.DataFrame:
         truth = read_truth(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
         reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise InputError(f"--truth {path}: cannot be read as a tab-separated table ({reason}); expected TRRUST format, "
-                         "one 'TF<TAB>target' pair per line") from None
+        raise InputError(
+            f"--truth {path}: cannot be read as a tab-separated table ({reason}); expected TRRUST format, "
+            "one 'TF<TAB>target' pair per line"
+        ) from None
     if truth.empty:
         raise InputError(f"--truth {path}: holds no TF-target pairs; expected TRRUST format, one 'TF<TAB>target' pair per line")
     return truth
@@ -77,13 +79,17 @@ def _check_truth_is_scorable(truth: pd.DataFrame, tfs, targets, truth_path, data
     before any model work (another species, or another gene naming, than the data)."""
     tf_set, target_set = set(tfs), set(targets)
     if not any(tf in tf_set and target in target_set for tf, target in zip(truth.tf, truth.target)):
-        raise InputError(f"--truth {truth_path}: none of its {len(truth)} edges links a TF found in {data} ({len(tfs)}) to one of "
-                         f"the {len(targets)} target genes scored; check that it is for the data's species and uses gene "
-                         "symbols, or raise --top-genes")
+        raise InputError(
+            f"--truth {truth_path}: none of its {len(truth)} edges links a TF found in {data} ({len(tfs)}) to one of "
+            f"the {len(targets)} target genes scored; check that it is for the data's species and uses gene "
+            "symbols, or raise --top-genes"
+        )
 
 
 @torch.no_grad()
-def contextual_gene_embeddings(model, tokens, vocab_size: int, pad_id: int, batch_size: int = 32, precision: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+def contextual_gene_embeddings(
+    model, tokens, vocab_size: int, pad_id: int, batch_size: int = 32, precision: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
     """Each token's final hidden state summed over the cells it appears in; returns the mean per
     token (vocab, hidden) and how many cells each token appeared in. Runs where `model` is."""
     model.eval()
@@ -119,8 +125,9 @@ def embedding_scores(means: np.ndarray, counts: np.ndarray, token_of: dict[str, 
 
 
 @torch.no_grad()
-def attention_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, batch_size: int = 32,
-                     precision: str = "auto") -> pd.DataFrame:
+def attention_scores(
+    model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, batch_size: int = 32, precision: str = "auto"
+) -> pd.DataFrame:
     """Attention of each target (query) on each TF (key), averaged over heads, layers and the
     cells holding both; pairs never seen together rank last."""
     model.eval()
@@ -154,8 +161,10 @@ def attention_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, 
 def _cell_batch(ids: np.ndarray, values, deleted: list[int], pad_id: int) -> dict:
     """The cell itself (row 0) and one row per deleted position, padded."""
     rows = [np.arange(len(ids))] + [np.delete(np.arange(len(ids)), p) for p in deleted]
-    batch = {"input_ids": torch.full((len(rows), len(ids)), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(rows), len(ids)), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(rows), len(ids)), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), len(ids)), dtype=torch.long),
+    }
     if values is not None:
         batch["values"] = torch.zeros((len(rows), len(ids)), dtype=torch.float32)
     for i, keep in enumerate(rows):
@@ -182,7 +191,9 @@ def _deletion_shifts(hidden: torch.Tensor, tf_at: list[int], target_at: np.ndarr
 
 
 @torch.no_grad()
-def in_silico_scores(model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, precision: str = "auto") -> tuple[pd.DataFrame, float]:
+def in_silico_scores(
+    model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, precision: str = "auto"
+) -> tuple[pd.DataFrame, float]:
     """Shift (1 - cosine) of each target's embedding when a TF is deleted from the cell, averaged
     over the cells holding both. Returns the edges and the (cell, TF) deletions per second."""
     import time
@@ -226,10 +237,24 @@ def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
     return cells, expression[:, unique], names[unique], sorted(set(names[variable]))
 
 
-def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=None, truth_path=None, layer: str = "X",
-            gene_column: str | None = None, species: str | None = None, max_cells: int = 1000, top_genes: int = 2000,
-            seed: int = 0, batch_size: int = 32, device: str = "auto", precision: str = "auto",
-            min_mapped_fraction: float = MIN_MAPPED_FRACTION) -> dict:
+def run_grn(
+    model: str | None,
+    data,
+    out,
+    method: str = "embedding",
+    tfs_path=None,
+    truth_path=None,
+    layer: str = "X",
+    gene_column: str | None = None,
+    species: str | None = None,
+    max_cells: int = 1000,
+    top_genes: int = 2000,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+) -> dict:
     """Infer edges with `method` (and the baselines), write edges.tsv and, with a truth,
     metrics.json under `out`; returns the metrics (or the edge counts without a truth). The model
     runs on `device` (`auto`: CUDA when present) in `precision` (`auto`: bf16 on CUDA, else fp32).
@@ -277,8 +302,13 @@ def run_grn(model: str | None, data, out, method: str = "embedding", tfs_path=No
     out.mkdir(parents=True, exist_ok=True)
     primary = runs.get("model", runs[BASELINES[0]])
     _write_edges(out / "edges.tsv", primary.assign(group="all"))
-    result = {"method": method if model is not None else None, "n_tfs": len(tfs), "n_targets": len(targets), "n_cells": len(cells),
-              **speed}
+    result = {
+        "method": method if model is not None else None,
+        "n_tfs": len(tfs),
+        "n_targets": len(targets),
+        "n_cells": len(cells),
+        **speed,
+    }
     if truth is None:
         return result
     result["model"] = evaluate_edges(runs["model"], truth) if "model" in runs else None

@@ -29,7 +29,9 @@ def read_truth(path) -> pd.DataFrame:
         raise MissingInputError(f"--truth {path}: no such file")
     table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
     if table.shape[1] < 2:
-        raise InputError(f"--truth {path}: expected tab-separated columns TF, target (TRRUST format); got {table.shape[1]} column(s)")
+        raise InputError(
+            f"--truth {path}: expected tab-separated columns TF, target (TRRUST format); got {table.shape[1]} column(s)"
+        )
     table = table.iloc[:, :2].set_axis(["tf", "target"], axis=1).dropna()
     if table.iloc[0].str.lower().tolist() in (["tf", "target"], ["tf", "gene"]):
         table = table.iloc[1:]
@@ -49,7 +51,9 @@ def evaluate_edges(edges: pd.DataFrame, truth: pd.DataFrame) -> dict:
     k = true edges among the scored, over the density). Truth is restricted to scored edges."""
     true_pairs = set(zip(truth.tf, truth.target))
     ranked = edges.sort_values("score", ascending=False, kind="stable")
-    hits = np.fromiter(((tf, target) in true_pairs for tf, target in zip(ranked.tf, ranked.target)), dtype=bool, count=len(ranked))
+    hits = np.fromiter(
+        ((tf, target) in true_pairs for tf, target in zip(ranked.tf, ranked.target)), dtype=bool, count=len(ranked)
+    )
     n_true, n = int(hits.sum()), len(hits)
     if n_true == 0:
         return {"auprc": float("nan"), "auprc_ratio": float("nan"), "epr": float("nan"), "n_true_edges": 0, "n_scored_edges": n}
@@ -77,7 +81,7 @@ def coexpression_scores(expression: np.ndarray, genes, tfs, targets, method: str
     index = {g: i for i, g in enumerate(genes)}
     values = _ranks(expression) if method == "spearman" else np.asarray(expression, dtype=np.float64)
     centred = values - values.mean(0)
-    norms = np.sqrt((centred ** 2).sum(0))
+    norms = np.sqrt((centred**2).sum(0))
     norms[norms == 0] = np.inf  # constant genes correlate with nothing
     unit = centred / norms
     correlation = unit[:, [index[t] for t in tfs]].T @ unit[:, [index[t] for t in targets]]
@@ -103,7 +107,9 @@ def tree_scores(expression: np.ndarray, genes, tfs, targets, n_trees: int = 50, 
         if y.std() == 0:
             continue
         keep = np.array([t != target for t in tfs])
-        forest = ExtraTreesRegressor(n_estimators=n_trees, max_features="sqrt", min_samples_leaf=5, random_state=seed, n_jobs=n_jobs)
+        forest = ExtraTreesRegressor(
+            n_estimators=n_trees, max_features="sqrt", min_samples_leaf=5, random_state=seed, n_jobs=n_jobs
+        )
         forest.fit(tf_matrix[:, keep], y)
         scores[keep, column] = forest.feature_importances_
     edges = candidate_edges(tfs, targets)

@@ -42,8 +42,10 @@ def pad_cells(tokens, rows: np.ndarray, pad_id: int) -> dict:
     """A padded batch (input_ids, attention_mask, and values for schemes that have them) of the
     cells `rows` of ragged `tokens`."""
     longest = max(len(tokens[r]) for r in rows)
-    batch = {"input_ids": torch.full((len(rows), longest), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(rows), longest), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), longest), dtype=torch.long),
+    }
     if tokens.values is not None:
         batch["values"] = torch.zeros((len(rows), longest), dtype=torch.float32)
     for i, r in enumerate(rows):

@@ -71,8 +71,16 @@ class PerturbationModel(nn.Module):
         de_weight: loss weight of the DE genes' MSE beside the all-gene MSE.
     """
 
-    def __init__(self, encoder: nn.Module, gene_tokens, control_mean, train_shifts, train_targets, head: str = "retrieval",
-                 de_weight: float = 1.0):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        gene_tokens,
+        control_mean,
+        train_shifts,
+        train_targets,
+        head: str = "retrieval",
+        de_weight: float = 1.0,
+    ):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"perturbation.head {head!r} is not one of {HEADS}")
@@ -117,8 +125,9 @@ class PerturbationModel(nn.Module):
             scores = scores.masked_fill(own, float("-inf"))
         return torch.softmax(scores, dim=-1) @ self.train_shifts
 
-    def forward(self, input_ids, attention_mask, flags, values=None, perturbation=None, target=None, de_mask=None,
-                **unused) -> PerturbationOutput:
+    def forward(
+        self, input_ids, attention_mask, flags, values=None, perturbation=None, target=None, de_mask=None, **unused
+    ) -> PerturbationOutput:
         """`perturbation`: index of each example's perturbation among the training ones (-1:
         not a training perturbation), so the retrieval head leaves it out."""
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "heads": False}
@@ -160,13 +169,18 @@ def target_tokens(perturbations: list[str], vocab, species: str, source: str) ->
         else:
             out[perturbation] = tokens
     if missing:
-        log.warning("%s: %d perturbation(s) target genes without a token in the model's vocabulary and are left out: %s",
-                    source, len(missing), ", ".join(missing[:10]))
+        log.warning(
+            "%s: %d perturbation(s) target genes without a token in the model's vocabulary and are left out: %s",
+            source,
+            len(missing),
+            ", ".join(missing[:10]),
+        )
     return out
 
 
-def flag_targets(ids: np.ndarray, values: np.ndarray | None, targets: np.ndarray, specials: set,
-                 max_tokens: int | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def flag_targets(
+    ids: np.ndarray, values: np.ndarray | None, targets: np.ndarray, specials: set, max_tokens: int | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """A cell's tokens with the perturbed genes flagged; a target the cell does not express is
     added (value 0) after its last gene token, dropping its lowest-ranked genes to stay within
     `max_tokens`."""
@@ -191,8 +205,16 @@ class PerturbationPairs(Dataset):
     """(control cell, perturbation) examples: the control cell's tokens with the perturbation's
     targets flagged, and the perturbation's pseudobulk mean and DE genes as the target."""
 
-    def __init__(self, control_tokens: RaggedTokens, pairs: np.ndarray, targets: list[np.ndarray], means: np.ndarray | None,
-                 de_masks: np.ndarray | None, specials: set, max_tokens: int | None):
+    def __init__(
+        self,
+        control_tokens: RaggedTokens,
+        pairs: np.ndarray,
+        targets: list[np.ndarray],
+        means: np.ndarray | None,
+        de_masks: np.ndarray | None,
+        specials: set,
+        max_tokens: int | None,
+    ):
         self.tokens, self.pairs, self.targets = control_tokens, pairs, targets
         self.means, self.de_masks, self.specials, self.max_tokens = means, de_masks, specials, max_tokens
 
@@ -216,9 +238,11 @@ class PerturbationPairs(Dataset):
 def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     """Pad to the longest example; counts for throughput logging."""
     longest = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), longest), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(examples), longest), dtype=torch.long),
-             "flags": torch.zeros((len(examples), longest), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(examples), longest), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(examples), longest), dtype=torch.long),
+        "flags": torch.zeros((len(examples), longest), dtype=torch.long),
+    }
     if "values" in examples[0]:
         batch["values"] = torch.zeros((len(examples), longest), dtype=torch.float32)
     for row, example in enumerate(examples):
@@ -246,8 +270,16 @@ def training_pairs(labels: np.ndarray, perturbations: list[str], n_controls: int
 
 
 @torch.no_grad()
-def predict_means(model: PerturbationModel, control_tokens: RaggedTokens, cells: np.ndarray, targets: list[np.ndarray],
-                  specials: set, max_tokens: int | None, pad_id: int, batch_size: int) -> np.ndarray:
+def predict_means(
+    model: PerturbationModel,
+    control_tokens: RaggedTokens,
+    cells: np.ndarray,
+    targets: list[np.ndarray],
+    specials: set,
+    max_tokens: int | None,
+    pad_id: int,
+    batch_size: int,
+) -> np.ndarray:
     """(perturbations, genes): each perturbation's prediction averaged over `cells` (control rows)."""
     model.eval()
     device = next(model.parameters()).device
@@ -294,8 +326,11 @@ def _screen(lab, section):
     import anndata as ad
     import pandas as pd
 
-    view = ad.AnnData(X=lab.counts, obs=lab.obs[[section.perturbation_key]].astype(str),
-                      var=pd.DataFrame(index=pd.Index(lab.gene_names.astype(str)).astype(object)))
+    view = ad.AnnData(
+        X=lab.counts,
+        obs=lab.obs[[section.perturbation_key]].astype(str),
+        var=pd.DataFrame(index=pd.Index(lab.gene_names.astype(str)).astype(object)),
+    )
     return pseudobulk(view, section.perturbation_key, section.control, section.de_genes, str(lab.path))
 
 
@@ -326,8 +361,15 @@ def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out:
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
     encoder = load_encoder(prepared.folder, config.model)
     shifts = np.stack([screen.means[p] - screen.control_mean for p in train])
-    model = PerturbationModel(encoder, prepared.gene_tokens, screen.control_mean, shifts, [prepared.targets[p] for p in train],
-                              section.head, section.de_weight)
+    model = PerturbationModel(
+        encoder,
+        prepared.gene_tokens,
+        screen.control_mean,
+        shifts,
+        [prepared.targets[p] for p in train],
+        section.head,
+        section.de_weight,
+    )
     trainable, total = count_trainable(model)
     log.info("fine-tuning %d of %d parameters", trainable, total)
     means = np.stack([screen.means[p] for p in train]).astype(np.float32)
@@ -335,8 +377,15 @@ def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out:
     for row, p in enumerate(train):
         de_masks[row, screen.de_genes[p]] = True
     pairs = training_pairs(prepared.labels, train, len(prepared.control_rows), seed)
-    dataset = PerturbationPairs(prepared.control_tokens, pairs, [prepared.targets[p] for p in train], means, de_masks,
-                                prepared.specials, max_tokens_of(model.config))
+    dataset = PerturbationPairs(
+        prepared.control_tokens,
+        pairs,
+        [prepared.targets[p] for p in train],
+        means,
+        de_masks,
+        prepared.specials,
+        max_tokens_of(model.config),
+    )
     pad_id = prepared.pad_id
     model, first = train_task_model(config, model, dataset, lambda e: collate_pairs(e, pad_id), out, seed, resume)
     return model if first else None
@@ -346,8 +395,16 @@ def _model_predictions(config, prepared: _Prepared, model, test: list[str], seed
     rng = np.random.default_rng(seed)
     n = min(config.perturbation.eval_cells, len(prepared.control_rows))
     cells = np.sort(rng.choice(len(prepared.control_rows), n, replace=False))
-    predicted = predict_means(model, prepared.control_tokens, cells, [prepared.targets[p] for p in test], prepared.specials,
-                              max_tokens_of(model.config), prepared.pad_id, config.data.batch_size)
+    predicted = predict_means(
+        model,
+        prepared.control_tokens,
+        cells,
+        [prepared.targets[p] for p in test],
+        prepared.specials,
+        max_tokens_of(model.config),
+        prepared.pad_id,
+        config.data.batch_size,
+    )
     return dict(zip(test, predicted))
 
 
@@ -371,15 +428,23 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baselines alone")
-    lab = read_lab_data(config.data.path, [section.perturbation_key], config.data.layer, config.data.gene_column, config.data.species,
-                        config.data.min_mapped_fraction)
+    lab = read_lab_data(
+        config.data.path,
+        [section.perturbation_key],
+        config.data.layer,
+        config.data.gene_column,
+        config.data.species,
+        config.data.min_mapped_fraction,
+    )
     screen = _screen(lab, section)
     prepared = None if baselines_only else _Prepared(config, resolve_model_folder(model), lab, screen)
     usable = sorted(prepared.targets) if prepared else screen.perturbations
     excluded = sorted(set(screen.perturbations) - set(usable))
     if len(usable) < 3:
-        raise InputError(f"{lab.path}: {len(usable)} usable perturbation(s) in obs[{section.perturbation_key!r}]; "
-                         "a split needs at least 3 besides the control")
+        raise InputError(
+            f"{lab.path}: {len(usable)} usable perturbation(s) in obs[{section.perturbation_key!r}]; "
+            "a split needs at least 3 besides the control"
+        )
     _write_config(config, out)  # only now: a run refused for its inputs leaves no --out behind
 
     splits, model_runs, baseline_runs, predictions, fell_back = {}, {}, {n: {} for n in BASELINES}, {}, {}
@@ -409,11 +474,17 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         "model_folder": str(prepared.folder) if prepared else None,
         "model": aggregate(model_runs, METRICS, "per_perturbation") if model_runs else None,
         "baselines": {name: aggregate(baseline_runs[name], METRICS, "per_perturbation") for name in BASELINES},
-        "split": {"kind": section.split, "test_fraction": section.test_fraction, "per_seed": {str(s): v for s, v in splits.items()}},
+        "split": {
+            "kind": section.split,
+            "test_fraction": section.test_fraction,
+            "per_seed": {str(s): v for s, v in splits.items()},
+        },
         "seeds": list(section.seeds),
         "excluded_perturbations": excluded,
-        "notes": {"linear": "perturbations whose targets are not measured genes have no expression-derived embedding; "
-                            "the linear baseline predicts the training mean for them (fell_back_to_train_mean)"},
+        "notes": {
+            "linear": "perturbations whose targets are not measured genes have no expression-derived embedding; "
+            "the linear baseline predicts the training mean for them (fell_back_to_train_mean)"
+        },
     }
     metrics["baselines"]["linear"]["fell_back_to_train_mean"] = fell_back
     if section.split == "simulation":
@@ -425,7 +496,9 @@ def _baseline_predictions(name: str, screen, split: dict) -> dict[str, np.ndarra
     train, test = split["train"], split["test"]
     if name == "linear":
         return pe.linear_baseline(screen, train, test)[0]
-    return {"control_mean": pe.control_mean_baseline, "train_mean": pe.train_mean_baseline, "additive": pe.additive_baseline}[name](screen, train, test)
+    return {"control_mean": pe.control_mean_baseline, "train_mean": pe.train_mean_baseline, "additive": pe.additive_baseline}[
+        name
+    ](screen, train, test)
 
 
 def _group_metrics(screen, splits: dict, predictions: dict) -> dict:
@@ -433,8 +506,11 @@ def _group_metrics(screen, splits: dict, predictions: dict) -> dict:
     groups = {}
     for group in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2"):
         for name in ("model", *BASELINES):
-            runs = {s: evaluate(predictions[s][name], screen, splits[s][group]) for s in splits
-                    if splits[s][group] and name in predictions[s]}
+            runs = {
+                s: evaluate(predictions[s][name], screen, splits[s][group])
+                for s in splits
+                if splits[s][group] and name in predictions[s]
+            }
             if runs:
                 groups.setdefault(group, {})[name] = aggregate(runs, METRICS, "per_perturbation")
     return groups
@@ -446,7 +522,9 @@ def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: d
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.h5ad", screen, splits, predictions)
-    plot_bars(metrics, "pearson_delta_de20", out / "pearson_delta_de20.png", "Pearson delta, top-20 DE genes (held-out perturbations)")
+    plot_bars(
+        metrics, "pearson_delta_de20", out / "pearson_delta_de20.png", "Pearson delta, top-20 DE genes (held-out perturbations)"
+    )
     if metrics.get("model"):
         _plot_delta_scatter(out / "delta_scatter.png", screen, splits, predictions)
     print(results_table(metrics, METRICS, {"linear": "falls back to the training mean where no target is a measured gene"}))
@@ -460,7 +538,9 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> N
     rows, obs = [], []
     for seed, split in splits.items():
         for p in split["test"]:
-            group = next((g for g in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2") if p in split.get(g, [])), "test")
+            group = next(
+                (g for g in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2") if p in split.get(g, [])), "test"
+            )
             rows.append(p)
             obs.append({"perturbation": p, "seed": int(seed), "group": group})
     layers = {"truth": np.stack([screen.means[p] for p in rows]), "control_mean": np.tile(screen.control_mean, (len(rows), 1))}
@@ -468,8 +548,12 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> N
         layers[name] = np.stack([predictions[o["seed"]][name][o["perturbation"]] for o in obs])
     has_model = all("model" in predictions[s] for s in splits)
     X = np.stack([predictions[o["seed"]]["model"][o["perturbation"]] for o in obs]) if has_model else layers["truth"]
-    adata = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame(obs, index=[f"{o['seed']}:{o['perturbation']}" for o in obs]),
-                       var=pd.DataFrame(index=pd.Index(screen.genes.astype(str))), layers={k: v.astype(np.float32) for k, v in layers.items()})
+    adata = ad.AnnData(
+        X=X.astype(np.float32),
+        obs=pd.DataFrame(obs, index=[f"{o['seed']}:{o['perturbation']}" for o in obs]),
+        var=pd.DataFrame(index=pd.Index(screen.genes.astype(str))),
+        layers={k: v.astype(np.float32) for k, v in layers.items()},
+    )
     adata.uns["X"] = "model prediction" if has_model else "truth (baselines only)"
     write_h5ad_atomically(adata, path)
 
@@ -485,7 +569,12 @@ def _plot_delta_scatter(png: Path, screen, splits: dict, predictions: dict) -> N
     figure, axes = plt.subplots(figsize=(4.5, 4.5))
     for p in splits[seed]["test"]:
         de = screen.de_genes[p]
-        axes.scatter(screen.means[p][de] - screen.control_mean[de], predictions[seed]["model"][p][de] - screen.control_mean[de], s=10, label=p)
+        axes.scatter(
+            screen.means[p][de] - screen.control_mean[de],
+            predictions[seed]["model"][p][de] - screen.control_mean[de],
+            s=10,
+            label=p,
+        )
     axes.axhline(0, color="#999", lw=0.5)
     axes.axvline(0, color="#999", lw=0.5)
     axes.set_xlabel("true change from control (DE genes)")

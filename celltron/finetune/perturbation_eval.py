@@ -50,11 +50,15 @@ def log_normalise(counts) -> np.ndarray:
 def pseudobulk(adata, perturbation_key: str, control: str, n_de: int = 20, source: str = "data") -> PerturbationData:
     """Means per perturbation and their top `n_de` DE genes, from an AnnData of raw counts."""
     if perturbation_key not in adata.obs:
-        raise InputError(f"{source}: obs has no column {perturbation_key!r} (--perturbation-key); it has {list(adata.obs.columns)}")
+        raise InputError(
+            f"{source}: obs has no column {perturbation_key!r} (--perturbation-key); it has {list(adata.obs.columns)}"
+        )
     labels = adata.obs[perturbation_key].astype(str).to_numpy()
     if control not in set(labels):
-        raise InputError(f"{source}: no control cells labelled {control!r} in obs[{perturbation_key!r}] (--control); "
-                         f"labels include {sorted(set(labels))[:10]}")
+        raise InputError(
+            f"{source}: no control cells labelled {control!r} in obs[{perturbation_key!r}] (--control); "
+            f"labels include {sorted(set(labels))[:10]}"
+        )
     expression = log_normalise(adata.X)
     is_control = labels == control
     control_cells = expression[is_control]
@@ -167,7 +171,9 @@ def additive_baseline(data: PerturbationData, train: list[str], test: list[str])
     return out
 
 
-def linear_baseline(data: PerturbationData, train: list[str], test: list[str], rank: int = 10, ridge: float = 0.1) -> tuple[dict, list[str]]:
+def linear_baseline(
+    data: PerturbationData, train: list[str], test: list[str], rank: int = 10, ridge: float = 0.1
+) -> tuple[dict, list[str]]:
     """Ahlmann-Eltze et al.'s linear model: Y (genes x training perturbations, centred on their mean)
     ~ G W P^T, with G the top `rank` principal components of Y over genes, and P the rows of G of
     each perturbation's target genes (summed for combinations); W by ridge regression. A
@@ -199,7 +205,7 @@ def linear_baseline(data: PerturbationData, train: list[str], test: list[str], r
             out[p] = fallback[p]
             fell_back.append(p)
         else:
-            out[p] = (centre[:, 0] + G @ W @ e)
+            out[p] = centre[:, 0] + G @ W @ e
     return out, fell_back
 
 

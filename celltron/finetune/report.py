@@ -57,7 +57,9 @@ def results_table(metrics: dict, columns: tuple[str, ...], notes: dict[str, str]
         cells = []
         for column in columns:
             mean, spread = result.get(column), (result.get("std") or {}).get(column)
-            cells.append("n/a".rjust(22) if mean is None or not np.isfinite(mean) else f"{mean:.3f} ± {spread or 0:.3f}".rjust(22))
+            cells.append(
+                "n/a".rjust(22) if mean is None or not np.isfinite(mean) else f"{mean:.3f} ± {spread or 0:.3f}".rjust(22)
+            )
         lines.append(name.ljust(width) + "".join(cells))
     for name, note in (notes or {}).items():
         lines.append(f"{name}: {note}")

@@ -46,8 +46,16 @@ def human_gene_symbols(n: int) -> list[str]:
     raise ConfigError(f"only {len(chosen)} usable human gene symbols, asked for {n}")
 
 
-def simulate_screen(n_genes: int = 120, n_targets: int = 12, n_combos: int = 16, cells_per_perturbation: int = 60,
-                    n_control: int = 300, interaction: float = 0.5, depth: float = 2000.0, seed: int = 0) -> SimulatedScreen:
+def simulate_screen(
+    n_genes: int = 120,
+    n_targets: int = 12,
+    n_combos: int = 16,
+    cells_per_perturbation: int = 60,
+    n_control: int = 300,
+    interaction: float = 0.5,
+    depth: float = 2000.0,
+    seed: int = 0,
+) -> SimulatedScreen:
     """A screen over `n_genes` measured genes whose first `n_targets` are the knocked-out genes.
 
     Args:
@@ -65,7 +73,7 @@ def simulate_screen(n_genes: int = 120, n_targets: int = 12, n_combos: int = 16,
         effect = np.where(rng.random(n_genes) < 0.15, rng.normal(0, 0.8, n_genes), 0.0)
         effect[i] = -2.0  # the knocked-out gene itself goes down
         shifts[gene] = effect
-    pairs = [(a, b) for j, a in enumerate(targets) for b in targets[j + 1:]]
+    pairs = [(a, b) for j, a in enumerate(targets) for b in targets[j + 1 :]]
     for index in rng.choice(len(pairs), min(n_combos, len(pairs)), replace=False):
         a, b = pairs[index]
         extra = np.where(rng.random(n_genes) < 0.15, rng.normal(0, 0.8, n_genes), 0.0) * interaction
@@ -79,9 +87,18 @@ def simulate_screen(n_genes: int = 120, n_targets: int = 12, n_combos: int = 16,
     return SimulatedScreen(adata, shifts)
 
 
-def simulate_drug_screen(smiles: dict[str, str], genes: list[str] | None = None, n_genes: int = 200, n_cell_types: int = 3,
-                         doses: tuple = (10.0, 100.0, 1000.0, 10000.0), cells_per_condition: int = 20, n_control: int = 80,
-                         responsive: float = 0.3, depth: float = 2000.0, seed: int = 0) -> SimulatedScreen:
+def simulate_drug_screen(
+    smiles: dict[str, str],
+    genes: list[str] | None = None,
+    n_genes: int = 200,
+    n_cell_types: int = 3,
+    doses: tuple = (10.0, 100.0, 1000.0, 10000.0),
+    cells_per_condition: int = 20,
+    n_control: int = 80,
+    responsive: float = 0.3,
+    depth: float = 2000.0,
+    seed: int = 0,
+) -> SimulatedScreen:
     """A sciplex-style drug screen (obs `drug`, `dose`, `cell_type`; controls are `control` at
     dose 0) whose truth is known: drug d at dose x shifts the log means of cell type c by
     sensitivity_c x hill_d(x) x program_d, where hill_d(x) = x^h / (x^h + EC50_d^h) and program_d
@@ -121,7 +138,13 @@ def simulate_drug_screen(smiles: dict[str, str], genes: list[str] | None = None,
     log_means = np.stack([bases[t] + s for _, _, t, s in rows])
     log_means += np.log(depth) - np.log(np.exp(log_means).sum(1, keepdims=True))
     counts = rng.poisson(np.exp(log_means) * rng.lognormal(0.0, 0.2, (len(rows), 1)))
-    obs = pd.DataFrame({"drug": pd.Categorical([r[0] for r in rows]), "dose": [r[1] for r in rows],
-                        "cell_type": pd.Categorical([r[2] for r in rows])}, index=[f"cell_{i}" for i in range(len(rows))])
+    obs = pd.DataFrame(
+        {
+            "drug": pd.Categorical([r[0] for r in rows]),
+            "dose": [r[1] for r in rows],
+            "cell_type": pd.Categorical([r[2] for r in rows]),
+        },
+        index=[f"cell_{i}" for i in range(len(rows))],
+    )
     adata = ad.AnnData(X=sp.csr_matrix(counts.astype(np.float32)), obs=obs, var=pd.DataFrame(index=genes))
     return SimulatedScreen(adata, shifts)

@@ -4,8 +4,8 @@ dataset of examples."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning.pytorch as pl
 import torch
@@ -55,8 +55,14 @@ class ExamplesDataModule(pl.LightningDataModule):
         if len(self.train) < self.trainer.world_size:
             raise InputError(f"{len(self.train)} training examples cannot feed {self.trainer.world_size} processes")
         order = ExampleOrder(len(self.train), self.seed, self.trainer.global_rank, self.trainer.world_size, self.start)
-        return DataLoader(self.train, batch_size=self.batch_size, sampler=order, collate_fn=self.collate,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.train,
+            batch_size=self.batch_size,
+            sampler=order,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def state_dict(self) -> dict:
         # every rank consumes one batch per micro-step, so the trainer's step count says where we are
@@ -66,15 +72,18 @@ class ExamplesDataModule(pl.LightningDataModule):
         self.start = int(state["examples"])
 
 
-def train_task_model(config, model: torch.nn.Module, train: Dataset, collate: Callable, out: Path, seed: int,
-                     resume: str | None = None) -> tuple[torch.nn.Module, bool]:
+def train_task_model(
+    config, model: torch.nn.Module, train: Dataset, collate: Callable, out: Path, seed: int, resume: str | None = None
+) -> tuple[torch.nn.Module, bool]:
     """Fine-tune `model` (whose forward returns `.loss`) on `train` as `config` says, writing the
     run (checkpoints, metrics.csv, logs) under `out`. Returns the trained model and whether
     this process is the first (the one that evaluates and writes results)."""
     ckpt_path = resolve_resume(resume, out)  # a damaged checkpoint is refused before `out` is written
     out.mkdir(parents=True, exist_ok=True)
     model.train()  # from_pretrained leaves models in eval mode (no dropout)
-    module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
+    module = PretrainModule(
+        model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload")
+    )
     data = ExamplesDataModule(train, collate, config.data.batch_size, config.data.num_workers, seed)
     trainer, signals = build_trainer(config, out, val_batches=0)
     fit(trainer, module, data, signals, ckpt_path, out / CHECKPOINT_DIR)
@@ -82,5 +91,7 @@ def train_task_model(config, model: torch.nn.Module, train: Dataset, collate: Ca
     if stopped_by == "signal":
         raise RunStopped(f"{out}: stopped by a signal at step {trainer.global_step}; continue with --resume auto", stopped_by)
     if stopped_by:
-        raise RunStopped(f"{out}: stopped at step {trainer.global_step} (trainer.stop_at_step); continue with --resume auto", stopped_by)
+        raise RunStopped(
+            f"{out}: stopped at step {trainer.global_step} (trainer.stop_at_step); continue with --resume auto", stopped_by
+        )
     return module.model.cpu(), trainer.is_global_zero

@@ -51,7 +51,7 @@ class ClusterSpec:
     env: dict = field(default_factory=dict)
     python: str = "python"
 
-    def check(self, where: str = "cluster spec") -> "ClusterSpec":
+    def check(self, where: str = "cluster spec") -> ClusterSpec:
         """Refuse a spec no backend can run, naming `where` (the file, or flags), the field and the fix."""
         if self.backend not in BACKENDS:
             raise ConfigError(f"{where} backend: {self.backend!r} is not one of {BACKENDS}")
@@ -59,8 +59,9 @@ class ClusterSpec:
         if self.hosts and len(self.hosts) != self.nodes:
             raise ConfigError(f"{where} hosts: {len(self.hosts)} hosts given for {self.nodes} nodes; list one host per node")
         if self.time is not None and not SLURM_TIME.match(str(self.time)):
-            raise ConfigError(f"{where} time: {self.time!r} is not a time limit; use 'HH:MM:SS', quoted in YAML "
-                              "(SLURM also takes D-HH:MM:SS)")
+            raise ConfigError(
+                f"{where} time: {self.time!r} is not a time limit; use 'HH:MM:SS', quoted in YAML (SLURM also takes D-HH:MM:SS)"
+            )
         return self
 
     @property
@@ -95,8 +96,20 @@ def _where(path, flags: dict) -> str:
 def pretrain_arguments(config, spec: ClusterSpec, out, extra: list[str] = ()) -> list[str]:
     """`celltron pretrain` arguments for every process of the job: its shape, and resume from
     the newest checkpoint in the shared run directory (a requeued or relaunched job continues)."""
-    args = ["-m", "celltron.cli", "pretrain", str(config), "--out", str(out), "--num-nodes", str(spec.nodes),
-            "--devices", str(spec.gpus_per_node), "--resume", "auto"]
+    args = [
+        "-m",
+        "celltron.cli",
+        "pretrain",
+        str(config),
+        "--out",
+        str(out),
+        "--num-nodes",
+        str(spec.nodes),
+        "--devices",
+        str(spec.gpus_per_node),
+        "--resume",
+        "auto",
+    ]
     return args + list(extra)
 
 

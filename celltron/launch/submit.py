@@ -22,7 +22,9 @@ def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node
     if spec.backend == "torchrun":
         written["commands"] = torchrun_commands(spec, config, out, extra)
         script = folder / "torchrun.sh"
-        script.write_text("# run line i on node i (node 0 first; it hosts the rendezvous)\n" + "\n".join(written["commands"]) + "\n")
+        script.write_text(
+            "# run line i on node i (node 0 first; it hosts the rendezvous)\n" + "\n".join(written["commands"]) + "\n"
+        )
         written["files"].append(script)
         if node_rank is not None and not dry_run:
             subprocess.run(torchrun_command(spec, config, out, node_rank, extra), check=True)

@@ -103,8 +103,9 @@ def cell_layout(attention_mask: torch.Tensor | None, cu_seqlens, shape: tuple[in
         n_cells += n_real
     flat_cu = torch.cat(flat_offsets + [torch.tensor([n_rows * n_tokens], device=device)]).to(torch.int32)
     all_lengths = torch.diff(flat_cu)
-    return CellLayout(torch.cat(starts), torch.cat(lengths), torch.stack(token_cell), flat_cu, int(all_lengths.max()),
-                      torch.stack(segments))
+    return CellLayout(
+        torch.cat(starts), torch.cat(lengths), torch.stack(token_cell), flat_cu, int(all_lengths.max()), torch.stack(segments)
+    )
 
 
 def pool_cells(hidden: torch.Tensor, layout: CellLayout, style: str, token_weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,7 +122,9 @@ def pool_cells(hidden: torch.Tensor, layout: CellLayout, style: str, token_weigh
     weights = weights.reshape(-1)
     sums = torch.zeros(layout.n_cells, hidden.shape[-1], device=hidden.device, dtype=hidden.dtype)
     sums.index_add_(0, layout.token_cell.reshape(-1), flat * weights[:, None])
-    counts = torch.zeros(layout.n_cells, device=hidden.device, dtype=hidden.dtype).index_add_(0, layout.token_cell.reshape(-1), weights)
+    counts = torch.zeros(layout.n_cells, device=hidden.device, dtype=hidden.dtype).index_add_(
+        0, layout.token_cell.reshape(-1), weights
+    )
     return sums / counts.clamp(min=1)[:, None]
 
 
@@ -138,8 +141,9 @@ def _flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def plan_attention(attention_mask, layout: CellLayout, n_tokens: int, device, backend: str = "auto",
-                   allowed: torch.Tensor | None = None) -> AttentionPlan:
+def plan_attention(
+    attention_mask, layout: CellLayout, n_tokens: int, device, backend: str = "auto", allowed: torch.Tensor | None = None
+) -> AttentionPlan:
     """Choose the attention path once per forward.
 
     Packed batches on CUDA use a variable-length kernel (flash-attn's when installed, else
@@ -249,7 +253,9 @@ class Attention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, plan) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        attended = multi_head_attention(self.self.query(hidden), self.self.key(hidden), self.self.value(hidden), self.n_heads, plan, p)
+        attended = multi_head_attention(
+            self.self.query(hidden), self.self.key(hidden), self.self.value(hidden), self.n_heads, plan, p
+        )
         return self.output(attended, hidden)
 
 

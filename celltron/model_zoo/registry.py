@@ -93,9 +93,11 @@ def model_folder(model) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision or None))
     except Exception as error:  # offline and not cached, unknown repository, no access
-        raise MissingInputError(f"{text}: not a local folder, and the Hub could not provide it ({type(error).__name__}: "
-                                f"{error}); check the id, log in (`hf auth login` or HF_TOKEN) for private models, "
-                                "or unset HF_HUB_OFFLINE") from error
+        raise MissingInputError(
+            f"{text}: not a local folder, and the Hub could not provide it ({type(error).__name__}: "
+            f"{error}); check the id, log in (`hf auth login` or HF_TOKEN) for private models, "
+            "or unset HF_HUB_OFFLINE"
+        ) from error
 
 
 def load_pretrained(folder) -> PreTrainedModel:
@@ -107,8 +109,10 @@ def load_pretrained(folder) -> PreTrainedModel:
     """
     folder = model_folder(folder)
     if not (folder / "config.json").exists():
-        raise MissingInputError(f"{folder}: no config.json; pass a folder written by `celltron export`, "
-                                "`celltron convert` or a pretraining run's export/ folder")
+        raise MissingInputError(
+            f"{folder}: no config.json; pass a folder written by `celltron export`, "
+            "`celltron convert` or a pretraining run's export/ folder"
+        )
     check_model_files(folder)  # a damaged config.json or weights file: named here, not deep in transformers
     register_auto_classes()
     try:
@@ -136,12 +140,16 @@ def check_vocabulary(folder, tokenizer_size: int | None = None, tokenizer_name: 
         if saved is None:
             return  # no celltron tokenizer beside the model: whoever loads one says so
         tokenizer_size, tokenizer_name = saved
-        fix = fix or ("put back the tokenizer the model was trained with (the vocab.json, tokenizer_config.json and "
-                      "gene_medians.json its export wrote), or export the model again")
+        fix = fix or (
+            "put back the tokenizer the model was trained with (the vocab.json, tokenizer_config.json and "
+            "gene_medians.json its export wrote), or export the model again"
+        )
     if model_size is not None and model_size != tokenizer_size:
         fix = fix or "use the tokenizer the model was trained with"
-        raise InputError(f"{folder}: the model's vocabulary has {model_size} tokens (config.json vocab_size) but "
-                         f"{tokenizer_name or 'its tokenizer'} has {tokenizer_size}; {fix}")
+        raise InputError(
+            f"{folder}: the model's vocabulary has {model_size} tokens (config.json vocab_size) but "
+            f"{tokenizer_name or 'its tokenizer'} has {tokenizer_size}; {fix}"
+        )
 
 
 def _saved_tokenizer(folder: Path) -> tuple[int, str] | None:
@@ -168,11 +176,18 @@ def list_models() -> list[dict]:
             config = build_config(spec.name, size)
             with torch.device("meta"):
                 model = spec.model_class(config)
-            rows.append({
-                "family": spec.name, "size": size, "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-                "heads": config.num_attention_heads, "intermediate": config.intermediate_size,
-                "vocab": config.vocab_size, "parameters": count_parameters(model),
-            })
+            rows.append(
+                {
+                    "family": spec.name,
+                    "size": size,
+                    "layers": config.num_hidden_layers,
+                    "hidden": config.hidden_size,
+                    "heads": config.num_attention_heads,
+                    "intermediate": config.intermediate_size,
+                    "vocab": config.vocab_size,
+                    "parameters": count_parameters(model),
+                }
+            )
     return rows
 
 
@@ -199,7 +214,9 @@ def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
         return genecompass_flops_per_token(config, seq_len)
     # geneformer: the encoder, its vocabulary projection and the head's hidden x hidden transform
     h = config.hidden_size
-    return encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * h * h
+    return (
+        encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * h * h
+    )
 
 
 # Loading celltron's model code registers it, so AutoConfig / AutoModel know the families however

@@ -16,8 +16,18 @@ from celltron.model_zoo.registry import flops_per_token
 
 # dense bf16 peak of one device, FLOP/s, for model FLOP utilisation (NVIDIA data sheets)
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
-METRICS_FIELDS = ["step", "loss", "lr", "grad_norm", "cells_per_s", "tokens_per_s", "mfu", "data_wait", "val_loss",
-                  "val_masked_accuracy"]
+METRICS_FIELDS = [
+    "step",
+    "loss",
+    "lr",
+    "grad_norm",
+    "cells_per_s",
+    "tokens_per_s",
+    "mfu",
+    "data_wait",
+    "val_loss",
+    "val_masked_accuracy",
+]
 
 
 def device_peak_flops() -> float | None:
@@ -62,8 +72,14 @@ class ThroughputAndMetrics(pl.Callback):
         totals = trainer.strategy.reduce(torch.tensor([self._cells, self._tokens], device=pl_module.device), reduce_op="sum")
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         cells_per_s, tokens_per_s = float(totals[0]) / elapsed, float(totals[1]) / elapsed
-        row = {"step": step, "loss": float(outputs["loss"]), "lr": trainer.optimizers[0].param_groups[0]["lr"],
-               "cells_per_s": cells_per_s, "tokens_per_s": tokens_per_s, "data_wait": self._waited / elapsed}
+        row = {
+            "step": step,
+            "loss": float(outputs["loss"]),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "cells_per_s": cells_per_s,
+            "tokens_per_s": tokens_per_s,
+            "data_wait": self._waited / elapsed,
+        }
         self._cells = self._tokens = self._waited = 0.0
         self._since = time.perf_counter()
         grad_norm = trainer.callback_metrics.get("train/grad_norm")
@@ -77,8 +93,13 @@ class ThroughputAndMetrics(pl.Callback):
             row["mfu"] = flops_per_token(pl_module.model.config, int(counts.get("row_length", 1))) * per_device / self.peak
         for key in ("lr", "cells_per_s", "tokens_per_s", "mfu", "data_wait"):
             if key in row:
-                pl_module.log(f"train/{key}", row[key], on_step=True, rank_zero_only=True,
-                              prog_bar=key in ("cells_per_s", "tokens_per_s", "mfu"))
+                pl_module.log(
+                    f"train/{key}",
+                    row[key],
+                    on_step=True,
+                    rank_zero_only=True,
+                    prog_bar=key in ("cells_per_s", "tokens_per_s", "mfu"),
+                )
         self._append(trainer, row)
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -162,8 +162,10 @@ def check_checkpoint(path, checksum: bool = False) -> Path:
     """`path` if it is an intact checkpoint; else a CheckpointError naming it and what is wrong."""
     problem = checkpoint_problem(path, checksum)
     if problem:
-        raise CheckpointError(f"{path}: damaged checkpoint: {problem}; resume from an earlier one (--resume auto picks the newest "
-                              "intact checkpoint) or delete it")
+        raise CheckpointError(
+            f"{path}: damaged checkpoint: {problem}; resume from an earlier one (--resume auto picks the newest "
+            "intact checkpoint) or delete it"
+        )
     return Path(path)
 
 
@@ -189,8 +191,10 @@ def latest_checkpoint(directory) -> Path | None:
         log.warning("%s: damaged checkpoint skipped by --resume auto: %s", path, problem)
         damaged.append(path.name)
     if damaged:
-        raise CheckpointError(f"{directory}: every checkpoint is damaged ({', '.join(damaged)}); delete them to start the run "
-                              "afresh, or resume from a copy with --resume PATH")
+        raise CheckpointError(
+            f"{directory}: every checkpoint is damaged ({', '.join(damaged)}); delete them to start the run "
+            "afresh, or resume from a copy with --resume PATH"
+        )
     return None
 
 
@@ -211,6 +215,7 @@ def model_state_from_checkpoint(path) -> dict:
         if key.startswith("model."):
             weights[key.removeprefix("model.")] = value
     if not weights:
-        raise CheckpointError(f"{path}: holds no celltron model weights (no 'model.*' keys); "
-                              "is it a celltron pretraining checkpoint?")
+        raise CheckpointError(
+            f"{path}: holds no celltron model weights (no 'model.*' keys); is it a celltron pretraining checkpoint?"
+        )
     return weights

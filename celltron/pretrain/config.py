@@ -130,7 +130,7 @@ class PretrainConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
 
-    def check(self, where: str = "config") -> "PretrainConfig":
+    def check(self, where: str = "config") -> PretrainConfig:
         """Refuse inconsistent settings, naming the field and the fix."""
         from celltron.model_zoo import FAMILIES  # here: loading a config (launch, login nodes) must not need torch
 
@@ -138,9 +138,13 @@ class PretrainConfig:
         if self.model.family not in FAMILIES:
             raise ConfigError(f"{where}: model.family {self.model.family!r} is not one of {sorted(FAMILIES)}")
         if self.model.size not in FAMILIES[self.model.family].sizes:
-            raise ConfigError(f"{where}: model.size {self.model.size!r} is not a {self.model.family} size; known: {sorted(FAMILIES[self.model.family].sizes)}")
+            raise ConfigError(
+                f"{where}: model.size {self.model.size!r} is not a {self.model.family} size; known: {sorted(FAMILIES[self.model.family].sizes)}"
+            )
         if self.tokenizer.scheme not in FAMILY_SCHEMES[self.model.family]:
-            raise ConfigError(f"{where}: tokenizer.scheme {self.tokenizer.scheme!r} does not feed {self.model.family}; use {FAMILY_SCHEMES[self.model.family]}")
+            raise ConfigError(
+                f"{where}: tokenizer.scheme {self.tokenizer.scheme!r} does not feed {self.model.family}; use {FAMILY_SCHEMES[self.model.family]}"
+            )
         check_trainer(self.trainer, where)
         if self.data.generative and self.model.family != "scgpt":
             raise ConfigError(f"{where}: data.generative is scGPT's mode; set it only with model.family: scgpt")

@@ -68,8 +68,15 @@ class Masker:
             collator = ValueMaskingCollator(self.pad_id, mask_ratio=self.section.mask_ratio, generator=generator)
             return _Generative(collator) if self.section.generative else collator
         values_key = "values" if self.family == "genecompass" else None
-        return MLMCollator(self.pad_id, self.mask_id, self.special_ids, self.vocab_size, self.section.mask_probability,
-                           generator=generator, values_key=values_key)
+        return MLMCollator(
+            self.pad_id,
+            self.mask_id,
+            self.special_ids,
+            self.vocab_size,
+            self.section.mask_probability,
+            generator=generator,
+            values_key=values_key,
+        )
 
 
 class _Generative:
@@ -96,8 +103,16 @@ class TokenBatches(IterableDataset):
         resume: {stream worker: (epoch, offset, batches used)} and the worker rotation.
     """
 
-    def __init__(self, stream: CorpusStream, tokenizer, masker: Masker, section: DataSection, seed: int,
-                 resume: dict | None = None, rotation: int = 0):
+    def __init__(
+        self,
+        stream: CorpusStream,
+        tokenizer,
+        masker: Masker,
+        section: DataSection,
+        seed: int,
+        resume: dict | None = None,
+        rotation: int = 0,
+    ):
         super().__init__()
         self.stream, self.tokenizer, self.masker, self.section, self.seed = stream, tokenizer, masker, section, seed
         self.resume, self.rotation = dict(resume or {}), rotation
@@ -135,8 +150,10 @@ class TokenBatches(IterableDataset):
         block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {}, float32)
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
         tokens = encode(self.tokenizer, block, rng)
-        cells = [{"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}
-                 for i in range(len(tokens))]
+        cells = [
+            {"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}
+            for i in range(len(tokens))
+        ]
         masker = self.masker(generator)
         if self.section.packing:
             packer = PackingCollator(self.section.max_tokens, self.masker.pad_id, masker)
@@ -174,16 +191,29 @@ class PretrainDataModule(pl.LightningDataModule):
         self._batches_used = 0
 
     def _stream(self, split: str, infinite: bool) -> CorpusStream:
-        return CorpusStream(self.corpus, split=split, seed=self.seed, block_size=self.section.block_size,
-                            buffer_size=self.section.buffer_size, infinite=infinite, shuffle=infinite)
+        return CorpusStream(
+            self.corpus,
+            split=split,
+            seed=self.seed,
+            block_size=self.section.block_size,
+            buffer_size=self.section.buffer_size,
+            infinite=infinite,
+            shuffle=infinite,
+        )
 
     def _loader(self, dataset: IterableDataset, workers: int) -> DataLoader:
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=False,
-                          multiprocessing_context="fork" if workers else None)
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=False,
+            multiprocessing_context="fork" if workers else None,
+        )
 
     def train_dataloader(self) -> DataLoader:
-        dataset = TokenBatches(self._stream("train", True), self.tokenizer, self.masker, self.section, self.seed,
-                               self._resume, self._rotation)
+        dataset = TokenBatches(
+            self._stream("train", True), self.tokenizer, self.masker, self.section, self.seed, self._resume, self._rotation
+        )
         return self._loader(dataset, self.section.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -202,8 +232,11 @@ class PretrainDataModule(pl.LightningDataModule):
     def _my_state(self) -> dict:
         workers = max(self.section.num_workers, 1)
         resume = {**self._resume, **self._used}
-        return {"workers": {int(w): list(p) for w, p in resume.items()},
-                "rotation": (self._rotation + self._batches_used) % workers, "num_workers": workers}
+        return {
+            "workers": {int(w): list(p) for w, p in resume.items()},
+            "rotation": (self._rotation + self._batches_used) % workers,
+            "num_workers": workers,
+        }
 
     def state_dict(self) -> dict:
         mine = self._my_state()
@@ -218,7 +251,9 @@ class PretrainDataModule(pl.LightningDataModule):
         workers) cannot place this rank's workers exactly: the data then continues at the start
         of the epoch after the furthest any worker had reached (a warning says so)."""
         rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        world = (
+            torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        )
         ranks = state["ranks"]
         workers = max(self.section.num_workers, 1)
         self._used, self._batches_used = {}, 0
@@ -228,8 +263,11 @@ class PretrainDataModule(pl.LightningDataModule):
             self._rotation = mine["rotation"]
             return
         furthest = max((p[0] for saved in ranks for p in saved["workers"].values()), default=-1)
-        warnings.warn(f"checkpoint holds the data positions of {len(ranks)} ranks x {ranks[0]['num_workers']} workers, this job "
-                      f"has {world} x {workers}: data continues at the start of epoch {furthest + 1} (exact batch-for-batch "
-                      "resume needs the same shape)", stacklevel=2)
+        warnings.warn(
+            f"checkpoint holds the data positions of {len(ranks)} ranks x {ranks[0]['num_workers']} workers, this job "
+            f"has {world} x {workers}: data continues at the start of epoch {furthest + 1} (exact batch-for-batch "
+            "resume needs the same shape)",
+            stacklevel=2,
+        )
         self._resume = {w: (furthest + 1, 0, 0) for w in range(workers)}
         self._rotation = 0

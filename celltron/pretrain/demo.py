@@ -30,8 +30,10 @@ def run_demo(out, config_path, max_steps: int | None = None, progress: bool = Tr
     model = FAMILIES[config.model.family].model_class.from_pretrained(result.export)
     scores = masked_accuracy(model, data, most_frequent_token(data))
     print(f"\npretrained {result.steps} steps of {config.model.family} ({config.model.size}) on CPU")
-    print(f"  masked-gene accuracy on the validation split: {scores['accuracy']:.2%} "
-          f"(always guessing the most frequent gene: {scores['baseline_accuracy']:.2%}; {scores['masked_tokens']} masked genes)")
+    print(
+        f"  masked-gene accuracy on the validation split: {scores['accuracy']:.2%} "
+        f"(always guessing the most frequent gene: {scores['baseline_accuracy']:.2%}; {scores['masked_tokens']} masked genes)"
+    )
     print(f"  metrics:    {result.out / 'metrics.csv'}")
     print(f"  loss curve: {result.loss_curve}")
     print(f"  checkpoint: {result.checkpoint}")

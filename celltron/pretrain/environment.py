@@ -30,11 +30,16 @@ def check_slurm_shape(num_nodes: int, devices, environ=None) -> None:
     if isinstance(devices, int) and per_node != devices:
         problems.append(f"SLURM_NTASKS_PER_NODE={per_node_raw or per_node} but --devices {devices}")
     if isinstance(devices, int) and int(environ["SLURM_NTASKS"]) != num_nodes * devices:
-        problems.append(f"SLURM_NTASKS={environ['SLURM_NTASKS']} but {num_nodes} nodes x {devices} devices = {num_nodes * devices}")
+        problems.append(
+            f"SLURM_NTASKS={environ['SLURM_NTASKS']} but {num_nodes} nodes x {devices} devices = {num_nodes * devices}"
+        )
     if problems:
-        raise ConfigError("this SLURM job does not have the run's shape: " + "; ".join(problems)
-                          + ". Submit with --nodes=N --ntasks-per-node=G --gpus-per-node=G and run pretrain with "
-                          "--num-nodes N --devices G (celltron launch --backend slurm writes such a script)")
+        raise ConfigError(
+            "this SLURM job does not have the run's shape: "
+            + "; ".join(problems)
+            + ". Submit with --nodes=N --ntasks-per-node=G --gpus-per-node=G and run pretrain with "
+            "--num-nodes N --devices G (celltron launch --backend slurm writes such a script)"
+        )
 
 
 LOST_WAIT_SECONDS = 3.0
@@ -65,8 +70,16 @@ def explain_lost_peer(error: BaseException, step: int) -> RuntimeError | None:
     """A clear error when a collective failed because another process died: which ranks are
     gone, and how to continue. None when `error` is something else."""
     text = str(error)
-    signs = ("Connection closed by peer", "Connection reset by peer", "NCCL communicator was aborted", "Broken pipe",
-             "ProcessGroupNCCL", "Timed out", "DistNetworkError", "DistBackendError")
+    signs = (
+        "Connection closed by peer",
+        "Connection reset by peer",
+        "NCCL communicator was aborted",
+        "Broken pipe",
+        "ProcessGroupNCCL",
+        "Timed out",
+        "DistNetworkError",
+        "DistBackendError",
+    )
     if not any(sign in text or sign in type(error).__name__ for sign in signs):
         return None
     import torch.distributed as dist
@@ -75,5 +88,7 @@ def explain_lost_peer(error: BaseException, step: int) -> RuntimeError | None:
     lost = lost_ranks()
     who = f"lost rank(s) {lost}" if lost else "lost another process of the job"
     first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return RuntimeError(f"rank {me}: {who} at step {step}; the job cannot continue ({first_line[:300]}). "
-                        "Relaunch the job: --resume auto continues from the newest checkpoint.")
+    return RuntimeError(
+        f"rank {me}: {who} at step {step}; the job cannot continue ({first_line[:300]}). "
+        "Relaunch the job: --resume auto continues from the newest checkpoint."
+    )

@@ -48,7 +48,10 @@ class PretrainModule(pl.LightningModule):
         batch, extras = self._split(batch)
         loss = self.model(**batch).loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=int(extras.get("n_cells", 1)))
-        self.last_batch = {**{k: float(v) for k, v in extras.items() if k in BATCH_COUNTS}, "row_length": batch["input_ids"].shape[1] if "input_ids" in batch else 1}
+        self.last_batch = {
+            **{k: float(v) for k, v in extras.items() if k in BATCH_COUNTS},
+            "row_length": batch["input_ids"].shape[1] if "input_ids" in batch else 1,
+        }
         if POSITION_KEY in extras:
             self.trainer.datamodule.record(extras[POSITION_KEY])
         return loss
@@ -80,7 +83,9 @@ class PretrainModule(pl.LightningModule):
         if self.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            optimizer = DeepSpeedCPUAdam(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, adamw_mode=True)
+            optimizer = DeepSpeedCPUAdam(
+                groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps, adamw_mode=True
+            )
         else:
             optimizer = torch.optim.AdamW(groups, lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -93,8 +98,13 @@ class PretrainModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         name, keys, position, has_gauss, gauss = np.random.get_state()
         # tensors and plain numbers only, so that checkpoints load with torch.load(weights_only=True)
-        numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        numpy_state = {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        }
         checkpoint["rng"] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -108,7 +118,9 @@ class PretrainModule(pl.LightningModule):
             return
         torch.set_rng_state(rng["torch"])
         state = rng["numpy"]
-        np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"]))
+        np.random.set_state(
+            (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"], state["gauss"])
+        )
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

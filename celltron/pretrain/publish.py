@@ -69,11 +69,15 @@ def run_dir_of(source: Path, run_dir=None) -> Path | None:
 
 def check_source(source: Path) -> None:
     if not source.exists():
-        raise MissingInputError(f"{source}: no such folder or checkpoint; pass an exported model folder "
-                                "(config.json + model.safetensors) or a step=N.ckpt / DeepSpeed checkpoint")
+        raise MissingInputError(
+            f"{source}: no such folder or checkpoint; pass an exported model folder "
+            "(config.json + model.safetensors) or a step=N.ckpt / DeepSpeed checkpoint"
+        )
     if not is_checkpoint(source) and not (source / "config.json").exists():
-        raise MissingInputError(f"{source}: neither a model folder (no config.json) nor a checkpoint; "
-                                "pass a `celltron export` folder, a run's export/ folder, or a checkpoint")
+        raise MissingInputError(
+            f"{source}: neither a model folder (no config.json) nor a checkpoint; "
+            "pass a `celltron export` folder, a run's export/ folder, or a checkpoint"
+        )
 
 
 def staging_folder(source: Path, run_dir: Path | None, out=None) -> Path:
@@ -92,12 +96,18 @@ def check_out_folder(source: Path, folder: Path, run: Path | None, out=None, ove
     celltron did not write (without `overwrite`), or the source, its run or the current directory."""
     if folder == source:  # the card goes into the model folder itself: nothing is replaced
         return
-    check_output_folder(folder, overwrite=overwrite, protected=_read_by_publish(source, run), flag="--out" if out else "",
-                        fix=None if out else "pass --overwrite to replace it, or choose a folder with --out")
+    check_output_folder(
+        folder,
+        overwrite=overwrite,
+        protected=_read_by_publish(source, run),
+        flag="--out" if out else "",
+        fix=None if out else "pass --overwrite to replace it, or choose a folder with --out",
+    )
 
 
-def prepare_folder(source, out=None, run_dir=None, base_model=None, license="apache-2.0", metrics=(), repo_id=None,
-                   overwrite: bool = False):
+def prepare_folder(
+    source, out=None, run_dir=None, base_model=None, license="apache-2.0", metrics=(), repo_id=None, overwrite: bool = False
+):
     """Make a Hub-ready folder with its model card; returns (folder, card text, card kept, evaluations).
 
     Args:
@@ -137,8 +147,13 @@ def _read_by_publish(source: Path, run: Path | None) -> list[tuple[str, Path]]:
 
 
 def _copy_folder(source: Path, out: Path, run: Path | None, overwrite: bool) -> None:
-    write_folder_atomically(out, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True), overwrite=overwrite,
-                            protected=_read_by_publish(source, run), written_by="celltron publish")
+    write_folder_atomically(
+        out,
+        lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True),
+        overwrite=overwrite,
+        protected=_read_by_publish(source, run),
+        written_by="celltron publish",
+    )
 
 
 def folder_files(folder: Path) -> list[tuple[str, int]]:
@@ -162,14 +177,18 @@ def resolve_token(token_env: str = "HF_TOKEN") -> str:
     if value:
         return value
     if token_env != "HF_TOKEN":
-        raise ConfigError(f"--token-env {token_env}: that environment variable is empty or unset; export a Hugging Face "
-                          "write token in it, or leave --token-env out to use HF_TOKEN or `hf auth login`")
+        raise ConfigError(
+            f"--token-env {token_env}: that environment variable is empty or unset; export a Hugging Face "
+            "write token in it, or leave --token-env out to use HF_TOKEN or `hf auth login`"
+        )
     from huggingface_hub import get_token
 
     token = get_token()
     if not token:
-        raise ConfigError("no Hugging Face token: set HF_TOKEN to a write token (huggingface.co/settings/tokens) or run "
-                          "`hf auth login`; --dry-run needs none")
+        raise ConfigError(
+            "no Hugging Face token: set HF_TOKEN to a write token (huggingface.co/settings/tokens) or run "
+            "`hf auth login`; --dry-run needs none"
+        )
     return token
 
 
@@ -202,8 +221,10 @@ def hub_step(repo_id: str, revision: str):
     try:
         yield
     except HfHubHTTPError as error:
-        raise PublishError(f"{repo_id}@{revision}: the Hub refused ({_first_line(error)}); check that the token has "
-                           "write access to that namespace and that the id is right") from None
+        raise PublishError(
+            f"{repo_id}@{revision}: the Hub refused ({_first_line(error)}); check that the token has "
+            "write access to that namespace and that the id is right"
+        ) from None
 
 
 def open_target(api, repo_id: str, revision: str, *, private: bool = False, force: bool = False) -> bool:
@@ -223,8 +244,10 @@ def open_target(api, repo_id: str, revision: str, *, private: bool = False, forc
         existing = remote_files(api, repo_id, revision)
         held = [f for f in existing or [] if f != ".gitattributes"]  # a new repository holds only .gitattributes
         if held and not force:
-            raise OutputExistsError(f"{repo_id}@{revision} already holds {len(held)} files ({', '.join(held[:4])}"
-                                    f"{', ...' if len(held) > 4 else ''}); pass --force to replace them, or publish to another --revision")
+            raise OutputExistsError(
+                f"{repo_id}@{revision} already holds {len(held)} files ({', '.join(held[:4])}"
+                f"{', ...' if len(held) > 4 else ''}); pass --force to replace them, or publish to another --revision"
+            )
         if existing is None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
     return existing is None or bool(held)
@@ -242,8 +265,14 @@ def upload(api, folder: Path, repo_id: str, revision: str, replace: bool, commit
         commit_message: the commit's title.
     """
     with hub_step(repo_id, revision):
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message,
-                                 ignore_patterns=[".*", "**/.*"], delete_patterns="*" if replace else None)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=commit_message,
+            ignore_patterns=[".*", "**/.*"],
+            delete_patterns="*" if replace else None,
+        )
     return info.commit_url
 
 
@@ -251,9 +280,23 @@ def _first_line(error: Exception) -> str:
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
-def publish(source, repo_id: str, *, private: bool = False, revision: str | None = None, commit_message: str | None = None,
-            force: bool = False, dry_run: bool = False, token_env: str = "HF_TOKEN", out=None, run_dir=None,
-            base_model: str | None = None, license: str = "apache-2.0", metrics=(), overwrite: bool = False) -> PublishResult:
+def publish(
+    source,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    token_env: str = "HF_TOKEN",
+    out=None,
+    run_dir=None,
+    base_model: str | None = None,
+    license: str = "apache-2.0",
+    metrics=(),
+    overwrite: bool = False,
+) -> PublishResult:
     """Write the model card into a Hub-ready folder, then (unless `dry_run`) upload it.
 
     Args:
@@ -291,16 +334,22 @@ def publish(source, repo_id: str, *, private: bool = False, revision: str | None
 def describe(result: PublishResult) -> str:
     """What the CLI prints: the target, the files and, in a dry run, the card."""
     total = sum(size for _, size in result.files)
-    head = ("dry run: nothing uploaded; would publish" if result.dry_run else "published")
-    lines = [f"{head} {len(result.files)} files ({total / 1e6:.1f} MB) from {result.folder} to {result.repo_id} (revision {result.revision})"]
+    head = "dry run: nothing uploaded; would publish" if result.dry_run else "published"
+    lines = [
+        f"{head} {len(result.files)} files ({total / 1e6:.1f} MB) from {result.folder} to {result.repo_id} (revision {result.revision})"
+    ]
     lines += [f"  {path}  ({size:,} bytes)" for path, size in result.files]
-    lines.append(f"model card: {result.folder / CARD}" + (" (kept: written by hand, no celltron marker)" if result.card_kept else ""))
+    lines.append(
+        f"model card: {result.folder / CARD}" + (" (kept: written by hand, no celltron marker)" if result.card_kept else "")
+    )
     lines += [f"  evaluation on the card: {p['folder']}/{p['file']} ({p['task']})" for p in result.evaluations]
     if result.commit_url:
         lines.append(f"commit: {result.commit_url}")
         on_main = result.revision == "main"
         hub_id = result.repo_id + ("" if on_main else f"@{result.revision}")
-        lines.append(f"load with: celltron.model_zoo.registry.load_pretrained(\"{hub_id}\")" + (f", or --model {hub_id}" if on_main else ""))
+        lines.append(
+            f'load with: celltron.model_zoo.registry.load_pretrained("{hub_id}")' + (f", or --model {hub_id}" if on_main else "")
+        )
     if result.dry_run:
         lines += ["", result.card]
     return "\n".join(lines)

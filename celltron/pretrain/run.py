@@ -63,8 +63,12 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
     exported or converted folder) whose vocabulary must be the tokenizer's."""
     vocab = tokenizer.vocab
     if init_from:
-        check_vocabulary(model_folder(init_from), len(vocab), f"this run's {config.tokenizer.scheme} tokenizer of the corpus",
-                         "continue pretraining with the tokenizer scheme (tokenizer.scheme) and gene set the model was trained with")
+        check_vocabulary(
+            model_folder(init_from),
+            len(vocab),
+            f"this run's {config.tokenizer.scheme} tokenizer of the corpus",
+            "continue pretraining with the tokenizer scheme (tokenizer.scheme) and gene set the model was trained with",
+        )
         return FAMILIES[config.model.family].model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
     overrides = dict(config.model.overrides)
     overrides.setdefault("pad_token_id", vocab.special_id("pad"))
@@ -89,8 +93,10 @@ def _deepspeed_class(config: PretrainConfig):
     from celltron.testing.deepspeed_cpu import SWITCH, CPUDeepSpeedStrategy  # imports deepspeed, an optional package
 
     if os.environ.get(SWITCH) != "1":
-        raise ConfigError(f"trainer.strategy {config.trainer.strategy}: DeepSpeed needs CUDA GPUs; use ddp on CPU "
-                          f"(tests can run DeepSpeed on CPU with {SWITCH}=1)")
+        raise ConfigError(
+            f"trainer.strategy {config.trainer.strategy}: DeepSpeed needs CUDA GPUs; use ddp on CPU "
+            f"(tests can run DeepSpeed on CPU with {SWITCH}=1)"
+        )
     return CPUDeepSpeedStrategy
 
 
@@ -111,17 +117,22 @@ def _strategy(config: PretrainConfig):
     DeepSpeedStrategy = _deepspeed_class(config)
     stage, offload = int(name.split("_")[2]), name.endswith("offload")
     if config.trainer.deepspeed_config:
-        settings = read_json(config.trainer.deepspeed_config, "DeepSpeed config (trainer.deepspeed_config)", "see configs/deepspeed/")
+        settings = read_json(
+            config.trainer.deepspeed_config, "DeepSpeed config (trainer.deepspeed_config)", "see configs/deepspeed/"
+        )
         zero = settings.get("zero_optimization", {})
         if zero.get("stage") != stage or ("offload_optimizer" in zero) != offload:
-            raise ConfigError(f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
-                              f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{stage}"
-                              f"{'_offload' if offload else ''}.json")
+            raise ConfigError(
+                f"{config.trainer.deepspeed_config}: zero_optimization (stage {zero.get('stage')}, "
+                f"offload {'offload_optimizer' in zero}) does not match strategy {name}; use configs/deepspeed/zero{stage}"
+                f"{'_offload' if offload else ''}.json"
+            )
         # batches come from an iterable dataset; DeepSpeed only logs this figure
         settings.setdefault("train_micro_batch_size_per_gpu", config.data.batch_size)
         return DeepSpeedStrategy(config=settings)
-    return DeepSpeedStrategy(stage=stage, offload_optimizer=offload, offload_parameters=offload,
-                             logging_batch_size_per_gpu=config.data.batch_size)
+    return DeepSpeedStrategy(
+        stage=stage, offload_optimizer=offload, offload_parameters=offload, logging_batch_size_per_gpu=config.data.batch_size
+    )
 
 
 def _loggers(config: PretrainConfig, out: Path) -> list:
@@ -145,13 +156,15 @@ def resolve_resume(resume: str | None, out: Path) -> Path | None:
         return latest_checkpoint(out / CHECKPOINT_DIR)
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"--resume {resume}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder, "
-                              "or 'auto'")
+        raise CheckpointError(
+            f"--resume {resume}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder, or 'auto'"
+        )
     return check_checkpoint(path)
 
 
-def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batches: int | float,
-                  use_distributed_sampler: bool = False):
+def build_trainer(
+    config, out: Path, callbacks: list | None = None, *, val_batches: int | float, use_distributed_sampler: bool = False
+):
     """The Lightning Trainer of a run, pretraining or fine-tuning (any config with `trainer`,
     `optim`, `logging` and `data.batch_size` sections): strategy and precision, a checkpoint every
     `checkpoint_every` steps written atomically, stop on signals, metrics.csv and the loggers.
@@ -162,8 +175,14 @@ def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batch
 
     checkpoints = out / CHECKPOINT_DIR
     signals = StopOnSignal(checkpoints, config.trainer.stop_at_step)
-    every = ModelCheckpoint(dirpath=checkpoints, filename="step={step}", auto_insert_metric_name=False,
-                            every_n_train_steps=config.trainer.checkpoint_every, save_top_k=-1, save_last=False)
+    every = ModelCheckpoint(
+        dirpath=checkpoints,
+        filename="step={step}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=config.trainer.checkpoint_every,
+        save_top_k=-1,
+        save_last=False,
+    )
     plugins = [] if config.trainer.strategy.startswith("deepspeed") else [AtomicCheckpointIO()]
     if "SLURM_JOB_ID" in os.environ:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -171,16 +190,27 @@ def build_trainer(config, out: Path, callbacks: list | None = None, *, val_batch
         # requeueing is the sbatch script's job (celltron launch); Lightning's own would race it
         plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
-        max_steps=config.trainer.max_steps, accelerator=config.trainer.accelerator, devices=config.trainer.devices,
-        num_nodes=config.trainer.num_nodes, strategy=_strategy(config), precision=config.trainer.precision,
-        deterministic=config.trainer.deterministic, val_check_interval=config.trainer.val_every,
-        check_val_every_n_epoch=None, limit_val_batches=val_batches, num_sanity_val_steps=0,
-        log_every_n_steps=config.trainer.log_every, gradient_clip_val=config.optim.grad_clip or None,
-        accumulate_grad_batches=config.optim.accumulate, default_root_dir=out,
+        max_steps=config.trainer.max_steps,
+        accelerator=config.trainer.accelerator,
+        devices=config.trainer.devices,
+        num_nodes=config.trainer.num_nodes,
+        strategy=_strategy(config),
+        precision=config.trainer.precision,
+        deterministic=config.trainer.deterministic,
+        val_check_interval=config.trainer.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=val_batches,
+        num_sanity_val_steps=0,
+        log_every_n_steps=config.trainer.log_every,
+        gradient_clip_val=config.optim.grad_clip or None,
+        accumulate_grad_batches=config.optim.accumulate,
+        default_root_dir=out,
         use_distributed_sampler=use_distributed_sampler,
         callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals],
-        plugins=plugins or None, logger=_loggers(config, out),
-        enable_progress_bar=config.logging.progress_bar, enable_model_summary=False,
+        plugins=plugins or None,
+        logger=_loggers(config, out),
+        enable_progress_bar=config.logging.progress_bar,
+        enable_model_summary=False,
     )
     return trainer, signals
 
@@ -226,8 +256,9 @@ def fit(trainer, module, data, signals, ckpt_path: Path | None, checkpoints: Pat
     return final
 
 
-def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: str | None = None,
-             callbacks: list | None = None) -> RunResult:
+def pretrain(
+    config: PretrainConfig, out, resume: str | None = None, init_from: str | None = None, callbacks: list | None = None
+) -> RunResult:
     """Run (or continue, with resume='auto' or a checkpoint path) the pretraining `config`
     describes, writing everything under `out`. `callbacks`: extra Lightning callbacks, run
     before celltron's own."""
@@ -241,8 +272,12 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
     # the checkpoint to resume from and the export folder to replace are checked, and the
     # corpus, tokenizer and model built, before the run directory gets anything
     ckpt_path = resolve_resume(resume, out)
-    check_output_folder(out / EXPORT_DIR, protected=[("the run directory", out)], flag="",
-                        fix="move it away or delete it (the run writes its export there), or choose another --out")
+    check_output_folder(
+        out / EXPORT_DIR,
+        protected=[("the run directory", out)],
+        flag="",
+        fix="move it away or delete it (the run writes its export there), or choose another --out",
+    )
     pl.seed_everything(config.trainer.seed, workers=True, verbose=False)
 
     corpus = Corpus(config.data.corpus, config.data.storage_options or None)
@@ -255,15 +290,25 @@ def pretrain(config: PretrainConfig, out, resume: str | None = None, init_from: 
         _write_run_files(out, config, init_from, model, tokenizer)
 
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
-    module = PretrainModule(model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload"))
+    module = PretrainModule(
+        model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload")
+    )
     trainer, signals = build_trainer(config, out, callbacks, val_batches=config.data.val_batches)
     final = fit(trainer, module, data, signals, ckpt_path, out / CHECKPOINT_DIR)
     export = loss_curve = None
     if not signals.interrupted and trainer.is_global_zero:
         export = export_checkpoint(final, out / EXPORT_DIR, run_dir=out)
         loss_curve = plot_loss(out / "metrics.csv", out / "loss.png")
-    return RunResult(out, trainer.global_step, signals.interrupted, final if final.exists() else None, export, loss_curve,
-                     trainer.is_global_zero, stop_reason(signals, trainer))
+    return RunResult(
+        out,
+        trainer.global_step,
+        signals.interrupted,
+        final if final.exists() else None,
+        export,
+        loss_curve,
+        trainer.is_global_zero,
+        stop_reason(signals, trainer),
+    )
 
 
 def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, model, tokenizer) -> None:
@@ -291,7 +336,9 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
     if not checkpoint.exists():
         raise MissingInputError(f"{checkpoint}: no such checkpoint; pass a step=N.ckpt file or DeepSpeed checkpoint folder")
     if not (model_dir / "config.json").exists():
-        raise MissingInputError(f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)")
+        raise MissingInputError(
+            f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)"
+        )
     check_checkpoint(checkpoint, checksum=True)  # a model published from damaged weights would fail far from here
     model_config = AutoConfig.from_pretrained(model_dir)
     family = family_of(model_config)
@@ -303,7 +350,9 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise CheckpointError(f"{checkpoint}: weights do not fit {model_dir}/config.json; missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        raise CheckpointError(
+            f"{checkpoint}: weights do not fit {model_dir}/config.json; missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 SWITCH = "CELLTRON_DEEPSPEED_CPU"
 
@@ -33,8 +33,12 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=filter(lambda p: p.requires_grad, model.parameters()), optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False,
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
         )
         return engine, deepspeed_optimizer

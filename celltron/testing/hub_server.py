@@ -54,8 +54,11 @@ def card_metadata_errors(readme: str) -> list[str]:
         return [f"front matter is not YAML: {error}"]
     if not isinstance(meta, dict):
         return ["front matter is not a mapping"]
-    errors = [f"{key} must be a list of strings" for key in ("tags", "datasets")
-              if key in meta and not (isinstance(meta[key], list) and all(isinstance(v, str) for v in meta[key]))]
+    errors = [
+        f"{key} must be a list of strings"
+        for key in ("tags", "datasets")
+        if key in meta and not (isinstance(meta[key], list) and all(isinstance(v, str) for v in meta[key]))
+    ]
     bases = meta.get("base_model", [])
     for base in bases if isinstance(bases, list) else [bases]:
         if not isinstance(base, str) or base.count("/") != 1:
@@ -201,8 +204,9 @@ class HubState:
         elif key == "lfsFile":
             if not self.has_content(value["oid"]):
                 raise HubError(422, None, f"LFS object {value['oid']} of {value['path']} was never uploaded")
-            files[value["path"]] = StoredFile(value["oid"], len(self.content(value["oid"])),
-                                              git_blob_oid(lfs_pointer(value["oid"], value["size"])), True)
+            files[value["path"]] = StoredFile(
+                value["oid"], len(self.content(value["oid"])), git_blob_oid(lfs_pointer(value["oid"], value["size"])), True
+            )
         elif key == "deletedFile":
             files.pop(value["path"], None)
         elif key == "deletedFolder":
@@ -216,7 +220,7 @@ class HubState:
 class _Handler(BaseHTTPRequestHandler):
     """Routes a request to the HubServer that owns this handler class."""
 
-    hub: "HubServer"
+    hub: HubServer
 
     def log_message(self, format, *args) -> None:  # the test's output stays clean
         pass
@@ -300,7 +304,7 @@ class HubServer:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         self._thread.start()
         return self
 
@@ -308,7 +312,7 @@ class HubServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -317,8 +321,15 @@ class HubServer:
     def environment(self, hf_home, token: str | None = None) -> dict[str, str]:
         """Environment variables that point huggingface_hub (in a new process) at this server:
         online, a private HF_HOME (cache), Xet off (this server speaks plain HTTP), the token."""
-        env = {"HF_ENDPOINT": self.url, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0",
-               "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        env = {
+            "HF_ENDPOINT": self.url,
+            "HF_HOME": str(hf_home),
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        }
         if token is not None:
             env["HF_TOKEN"] = token
         return env
@@ -360,7 +371,9 @@ class HubServer:
         self._authorize(request, write=True)
         payload = json.loads(request.read_body())
         kind = payload.get("type") or "model"
-        repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else f"celltron-test/{payload['name']}"
+        repo_id = (
+            f"{payload['organization']}/{payload['name']}" if payload.get("organization") else f"celltron-test/{payload['name']}"
+        )
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         url = f"{self.url}/{URL_PREFIX[kind]}{repo_id}"
         if not self.state.create_repo(kind, repo_id, private):
@@ -396,16 +409,33 @@ class HubServer:
         if method == "POST" and action == "commit":
             lines = [json.loads(line) for line in request.read_body().splitlines() if line.strip()]
             commit_id = self.state.commit(repo, revision, lines)
-            return request.send_json({"commitUrl": f"{self.url}/{URL_PREFIX[kind]}{repo_id}/commit/{commit_id}",
-                                      "commitOid": commit_id, "success": True, "hookOutput": "", "pullRequestUrl": None})
+            return request.send_json(
+                {
+                    "commitUrl": f"{self.url}/{URL_PREFIX[kind]}{repo_id}/commit/{commit_id}",
+                    "commitOid": commit_id,
+                    "success": True,
+                    "hookOutput": "",
+                    "pullRequestUrl": None,
+                }
+            )
         raise HubError(404, None, f"{method} {'/'.join(rest)}: not implemented by the test Hub")
 
     def _info(self, request: _Handler, repo: Repo, revision: str) -> None:
         commit_id, files = self.state.files(repo, revision)
         siblings = [{"rfilename": p, "size": f.size, "blobId": f.git_oid} for p, f in sorted(files.items())]
-        request.send_json({"id": repo.repo_id, "modelId": repo.repo_id, "sha": commit_id, "private": repo.private,
-                           "disabled": False, "gated": False, "tags": [], "siblings": siblings,
-                           "lastModified": "2026-01-01T00:00:00.000Z"})
+        request.send_json(
+            {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": commit_id,
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "tags": [],
+                "siblings": siblings,
+                "lastModified": "2026-01-01T00:00:00.000Z",
+            }
+        )
 
     def _tree(self, request: _Handler, repo: Repo, revision: str, folder: str, query: dict) -> None:
         _, files = self.state.files(repo, revision)
@@ -415,7 +445,7 @@ class HubServer:
         for path, stored in sorted(files.items()):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):].split("/")
+            rest = path[len(prefix) :].split("/")
             for depth in range(1, len(rest) if recursive else min(len(rest), 2)):
                 folders.add(prefix + "/".join(rest[:depth]))
             if recursive or len(rest) == 1:
@@ -432,8 +462,14 @@ class HubServer:
         for item in json.loads(request.read_body())["files"]:
             lfs = threshold is not None and item["size"] >= threshold
             remote = existing.get(item["path"])
-            answer.append({"path": item["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                           "oid": remote.oid if remote is not None and remote.lfs == lfs else None})
+            answer.append(
+                {
+                    "path": item["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": remote.oid if remote is not None and remote.lfs == lfs else None,
+                }
+            )
         request.send_json({"files": answer, "commitOid": self.state.files(repo, revision)[0]})
 
     def _git_side(self, request: _Handler, method: str, path: str) -> None:
@@ -474,6 +510,10 @@ class HubServer:
             # the commit header lets the client cache the file's absence for that commit
             raise HubError(404, "EntryNotFound", f"{file_path} does not exist on {revision}", {"X-Repo-Commit": commit_id})
         data = self.state.content(stored.sha256)
-        headers = {"X-Repo-Commit": commit_id, "ETag": f'"{stored.oid}"', "Content-Type": "application/octet-stream",
-                   "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": commit_id,
+            "ETag": f'"{stored.oid}"',
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
         request.send_bytes(data, 200, headers, body=method == "GET")

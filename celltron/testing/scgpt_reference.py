@@ -29,8 +29,17 @@ def _functions(relative: str, names: set[str]) -> dict:
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     tree = ast.parse(path.read_text())
     keep = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
-    namespace = {"np": np, "torch": torch, "logger": _Logger(), "Union": object, "List": list, "Tuple": tuple,
-                 "Dict": dict, "Optional": object, "Vocab": dict}
+    namespace = {
+        "np": np,
+        "torch": torch,
+        "logger": _Logger(),
+        "Union": object,
+        "List": list,
+        "Tuple": tuple,
+        "Dict": dict,
+        "Optional": object,
+        "Vocab": dict,
+    }
     exec(compile(ast.Module(body=keep, type_ignores=[]), str(path), "exec"), namespace)
     return namespace
 
@@ -42,7 +51,9 @@ def reference_binning():
 
 def reference_tokenize_and_pad():
     """scgpt.tokenizer.gene_tokenizer.tokenize_and_pad_batch (with tokenize_batch, pad_batch)."""
-    return _functions("tokenizer/gene_tokenizer.py", {"tokenize_batch", "pad_batch", "tokenize_and_pad_batch"})["tokenize_and_pad_batch"]
+    return _functions("tokenizer/gene_tokenizer.py", {"tokenize_batch", "pad_batch", "tokenize_and_pad_batch"})[
+        "tokenize_and_pad_batch"
+    ]
 
 
 def reference_transformer_model():

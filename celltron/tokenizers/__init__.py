@@ -10,6 +10,12 @@ from celltron.tokenizers.rank_value import RankValueTokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
 __all__ = [
-    "BinnedTokenizer", "GeneVocab", "HighlyVariableGenes", "OrthologTokenizer", "RaggedTokens", "RankValueTokenizer",
-    "highly_variable_genes", "ortholog_vocab",
+    "BinnedTokenizer",
+    "GeneVocab",
+    "HighlyVariableGenes",
+    "OrthologTokenizer",
+    "RaggedTokens",
+    "RankValueTokenizer",
+    "highly_variable_genes",
+    "ortholog_vocab",
 ]

@@ -198,7 +198,13 @@ def _rank(indptr, genes, counts, n_counts, float32_cells, token_of_gene, median,
             for k in range(kept):
                 out_log[start + prefix + k] = np.float32(np.log2(1.0 + values[order[k]]))
     end = offsets[n_cells]
-    return offsets, out[:end], out_values[: end if values_kind == VALUES_RAW else 0], out_log[: end if values_kind == VALUES_LOG2P1 else 0], True
+    return (
+        offsets,
+        out[:end],
+        out_values[: end if values_kind == VALUES_RAW else 0],
+        out_log[: end if values_kind == VALUES_LOG2P1 else 0],
+        True,
+    )
 
 
 def _row_sums(indptr, counts):
@@ -334,16 +340,28 @@ if numba is not None:
     _row_sums = numba.njit(cache=True, nogil=True)(_row_sums)
 
 
-def rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-                        values_kind: str = "raw", float32_cells=None):
+def rank_cells_compiled(
+    indptr,
+    genes,
+    counts,
+    n_counts,
+    token_of_gene,
+    median,
+    limit: int,
+    prefix: int,
+    suffix: int,
+    values_kind: str = "raw",
+    float32_cells=None,
+):
     """`ragged.rank_cells`, compiled, for integer counts. None when some cell's genes are not in
     ascending order (the numpy loop sorts them first)."""
     kind = {"none": VALUES_NONE, "raw": VALUES_RAW, "log2p1": VALUES_LOG2P1}[values_kind]
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
     n_counts = _row_sums(indptr, counts) if n_counts is None else np.ascontiguousarray(n_counts, dtype=np.float64)
     single = np.zeros(len(indptr) - 1, bool) if float32_cells is None else np.ascontiguousarray(float32_cells, dtype=bool)
-    offsets, out, raw, log2p1, in_order = _rank(indptr, genes, counts, n_counts, single, token_of_gene, median, int(limit),
-                                                int(prefix), int(suffix), kind)
+    offsets, out, raw, log2p1, in_order = _rank(
+        indptr, genes, counts, n_counts, single, token_of_gene, median, int(limit), int(prefix), int(suffix), kind
+    )
     if not in_order:
         return None
     return offsets, out, log2p1 if kind == VALUES_LOG2P1 else raw

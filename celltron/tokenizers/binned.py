@@ -102,9 +102,18 @@ class BinnedTokenizer:
     SCHEME = "binned"
 
     def __init__(
-        self, vocab: GeneVocab, gene_ids, n_bins: int = 51, value_style: str = "binned",
-        normalize_total: float | None = 1e4, log1p: bool = True, max_len: int = 1200,
-        include_zero_gene: bool = False, append_cls: bool = True, genes_subset=None, seed: int = 0,
+        self,
+        vocab: GeneVocab,
+        gene_ids,
+        n_bins: int = 51,
+        value_style: str = "binned",
+        normalize_total: float | None = 1e4,
+        log1p: bool = True,
+        max_len: int = 1200,
+        include_zero_gene: bool = False,
+        append_cls: bool = True,
+        genes_subset=None,
+        seed: int = 0,
     ):
         if value_style not in VALUE_STYLES:
             raise ConfigError(f"value_style must be one of {VALUE_STYLES}, got {value_style!r}")
@@ -126,9 +135,15 @@ class BinnedTokenizer:
 
     def settings(self) -> dict:
         return {
-            "n_bins": self.n_bins, "value_style": self.value_style, "normalize_total": self.normalize_total,
-            "log1p": self.log1p, "max_len": self.max_len, "include_zero_gene": self.include_zero_gene,
-            "append_cls": self.append_cls, "genes_subset": self.genes_subset, "seed": self.seed,
+            "n_bins": self.n_bins,
+            "value_style": self.value_style,
+            "normalize_total": self.normalize_total,
+            "log1p": self.log1p,
+            "max_len": self.max_len,
+            "include_zero_gene": self.include_zero_gene,
+            "append_cls": self.append_cls,
+            "genes_subset": self.genes_subset,
+            "seed": self.seed,
         }
 
     def save_pretrained(self, directory):
@@ -140,7 +155,11 @@ class BinnedTokenizer:
         if _kernels.available() and np.issubdtype(counts.dtype, np.integer):
             normalise = self.value_style != "counts" and self.normalize_total is not None
             kept_indptr, genes, values = _kernels.expressed_values(
-                np.ascontiguousarray(indptr, dtype=np.int64), genes, counts, self.in_vocab, self.token_of_gene,
+                np.ascontiguousarray(indptr, dtype=np.int64),
+                genes,
+                counts,
+                self.in_vocab,
+                self.token_of_gene,
                 float(self.normalize_total) if normalise else 0.0,
             )
             if self.value_style != "counts" and self.log1p:
@@ -206,8 +225,13 @@ class BinnedTokenizer:
         positions = sample_positions(lengths[long_cells], first, self.max_len, uniform)
         if _kernels.available():
             offsets, ids, out_values = _kernels.lay_out(
-                np.ascontiguousarray(kept_indptr, dtype=np.int64), self.token_of_gene[genes], np.asarray(values, dtype=np.float64),
-                first, self.cls_id, self.max_len, positions,
+                np.ascontiguousarray(kept_indptr, dtype=np.int64),
+                self.token_of_gene[genes],
+                np.asarray(values, dtype=np.float64),
+                first,
+                self.cls_id,
+                self.max_len,
+                positions,
             )
             return RaggedTokens(ids, offsets, out_values.astype(value_dtype))
         full_offsets = kept_indptr + first * np.arange(len(kept_indptr))

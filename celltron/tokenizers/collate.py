@@ -6,7 +6,7 @@ cells and the generator's state.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -46,8 +46,17 @@ class MLMCollator:
         mask_value: the hidden value.
     """
 
-    def __init__(self, pad_id: int, mask_id: int, special_ids, vocab_size: int, probability: float = 0.15,
-                 generator: torch.Generator | None = None, values_key: str | None = None, mask_value: float = 0.0):
+    def __init__(
+        self,
+        pad_id: int,
+        mask_id: int,
+        special_ids,
+        vocab_size: int,
+        probability: float = 0.15,
+        generator: torch.Generator | None = None,
+        values_key: str | None = None,
+        mask_value: float = 0.0,
+    ):
         self.pad_id, self.mask_id, self.vocab_size, self.probability = pad_id, mask_id, vocab_size, probability
         self.special = torch.zeros(vocab_size, dtype=torch.bool)
         self.special[torch.as_tensor(list(special_ids), dtype=torch.long)] = True
@@ -83,8 +92,15 @@ class ValueMaskingCollator:
     `pad_value`. The original values are returned as `target_values`.
     """
 
-    def __init__(self, pad_id: int, mask_ratio: float = 0.4, mask_value: float = -1.0, pad_value: float = -2.0,
-                 keep_first: int = 1, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        pad_id: int,
+        mask_ratio: float = 0.4,
+        mask_value: float = -1.0,
+        pad_value: float = -2.0,
+        keep_first: int = 1,
+        generator: torch.Generator | None = None,
+    ):
         self.pad_id, self.mask_ratio, self.mask_value, self.pad_value = pad_id, mask_ratio, mask_value, pad_value
         self.keep_first = keep_first
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -107,8 +123,9 @@ class ValueMaskingCollator:
         }
 
 
-def length_grouped(cells: Iterable[dict], batch_size: int, buffer_batches: int = 50,
-                   generator: torch.Generator | None = None) -> Iterator[list[dict]]:
+def length_grouped(
+    cells: Iterable[dict], batch_size: int, buffer_batches: int = 50, generator: torch.Generator | None = None
+) -> Iterator[list[dict]]:
     """Group a stream of cells into batches of similar length (less padding): fill a buffer of
     `buffer_batches` batches, sort it by length, cut it into batches and yield them in random
     order. A final partial buffer is yielded too."""

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -91,17 +91,33 @@ def _corpus_input(corpus: Corpus, split: str, obs_keys, block_cells: int) -> _In
             for start in range(0, record["n_cells"], block_cells):
                 b = reader.read(start, min(start + block_cells, record["n_cells"]))
                 decode = lambda key: [categories[key][c] if c >= 0 else None for c in b.obs[key]]  # noqa: E731
-                yield Block(b.indptr, b.genes, b.counts, b.obs["n_counts"], decode("species"), {k: decode(k) for k in obs_keys},
-                            float32_of_dataset[b.obs["dataset"]])
+                yield Block(
+                    b.indptr,
+                    b.genes,
+                    b.counts,
+                    b.obs["n_counts"],
+                    decode("species"),
+                    {k: decode(k) for k in obs_keys},
+                    float32_of_dataset[b.obs["dataset"]],
+                )
 
     n_cells = sum(r["n_cells"] for r in records)
     source_genes = (corpus.gene_ids, corpus.gene_ids, np.asarray(genes["count_sum"], dtype=np.float64))
-    return _Input(corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), n_cells, blocks(), blocks,
-                  source_genes=source_genes)
+    return _Input(
+        corpus.gene_ids, np.asarray(genes["species"]), corpus.gene_medians(), n_cells, blocks(), blocks, source_genes=source_genes
+    )
 
 
-def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column, species,
-                min_mapped_fraction: float = MIN_MAPPED_FRACTION, scheme: str | None = None) -> _Input:
+def _h5ad_input(
+    path: Path,
+    obs_keys,
+    block_cells: int,
+    layer: str,
+    gene_column,
+    species,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+    scheme: str | None = None,
+) -> _Input:
     source = open_source(path, layer=layer, gene_column=gene_column)
 
     def check(keys):
@@ -142,12 +158,20 @@ def _h5ad_input(path: Path, obs_keys, block_cells: int, layer: str, gene_column,
             obs = {k: source.obs[k].iloc[start:stop].tolist() for k in obs_keys}
             yield Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * (stop - start), obs, float32)
 
-    return _Input(gene_ids, np.full(len(gene_ids), species), medians, source.n_cells, blocks(), blocks,
-                  source_genes=(ensembl, mapping.names, mapping.gene_counts))
+    return _Input(
+        gene_ids,
+        np.full(len(gene_ids), species),
+        medians,
+        source.n_cells,
+        blocks(),
+        blocks,
+        source_genes=(ensembl, mapping.names, mapping.gene_counts),
+    )
 
 
-def check_scheme_coverage(scheme: str, source_genes, species: set[str], source,
-                          min_fraction: float = MIN_MAPPED_FRACTION) -> None:
+def check_scheme_coverage(
+    scheme: str, source_genes, species: set[str], source, min_fraction: float = MIN_MAPPED_FRACTION
+) -> None:
     """Refuse data whose counts mostly fall on genes `scheme`'s fixed vocabulary has no token for
     (mouse genes and the human-only Geneformer or scGPT vocabularies): its cells would come out
     with no gene tokens. `source_genes`: Ensembl IDs, names and counts per gene of the source.
@@ -157,8 +181,13 @@ def check_scheme_coverage(scheme: str, source_genes, species: set[str], source,
     vocab = GeneVocab.from_scgpt() if scheme == "scgpt" else GeneVocab.from_geneformer(scheme.split("-")[1])
     other = sorted(species - {"human"})
     hint = f"the {vocab.name} vocabulary holds human genes and these are {'/'.join(other)}: " if other else ""
-    check_token_coverage(*source_genes, vocab, str(source), f"{hint}use --scheme ortholog, whose vocabulary is built from the "
-                         "data's own human and mouse genes", min_fraction)
+    check_token_coverage(
+        *source_genes,
+        vocab,
+        str(source),
+        f"{hint}use --scheme ortholog, whose vocabulary is built from the data's own human and mouse genes",
+        min_fraction,
+    )
 
 
 def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subset=None):
@@ -182,8 +211,9 @@ def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subs
     raise ConfigError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
 
 
-def select_hvg(data: _Input, n_top_genes: int, flavor: str = "seurat_v3", batch_key: str | None = None,
-               span: float = 0.3) -> list[str]:
+def select_hvg(
+    data: _Input, n_top_genes: int, flavor: str = "seurat_v3", batch_key: str | None = None, span: float = 0.3
+) -> list[str]:
     """Ensembl IDs of the `n_top_genes` highly variable genes over `data`'s cells, as scGPT's
     Preprocessor selects them (scanpy's `highly_variable_genes`), among the genes scGPT's
     vocabulary covers (scGPT's tutorials drop the others first) and these cells express.
@@ -228,10 +258,24 @@ def _arrow_table(tokens: RaggedTokens, block: Block) -> pa.Table:
 
 
 def tokenize_to_dataset(
-    source, scheme: str, out, obs_keys=(), split: str = "train", max_len: int | None = None, seed: int = 0,
-    layer: str = "X", gene_column: str | None = None, species: str | None = None, block_cells: int = 2048,
-    storage_options: dict | None = None, progress: bool = True, hvg: int | None = None, hvg_flavor: str = "seurat_v3",
-    hvg_batch_key: str | None = None, hvg_span: float = 0.3, min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+    source,
+    scheme: str,
+    out,
+    obs_keys=(),
+    split: str = "train",
+    max_len: int | None = None,
+    seed: int = 0,
+    layer: str = "X",
+    gene_column: str | None = None,
+    species: str | None = None,
+    block_cells: int = 2048,
+    storage_options: dict | None = None,
+    progress: bool = True,
+    hvg: int | None = None,
+    hvg_flavor: str = "seurat_v3",
+    hvg_batch_key: str | None = None,
+    hvg_span: float = 0.3,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
 ) -> dict:
     """Tokenise every cell of a corpus split or an .h5ad file into a `datasets` dataset at `out`.
 
@@ -247,8 +291,10 @@ def tokenize_to_dataset(
     if out.exists():
         raise OutputExistsError(f"{out} already exists; choose another --out or remove it")
     if hvg is not None and scheme != "scgpt":
-        raise ConfigError(f"--hvg selects highly variable genes as scGPT's Preprocessor does; scheme {scheme!r} "
-                          "has no such step (use --scheme scgpt)")
+        raise ConfigError(
+            f"--hvg selects highly variable genes as scGPT's Preprocessor does; scheme {scheme!r} "
+            "has no such step (use --scheme scgpt)"
+        )
     path = Path(str(source))
     if path.suffix == ".h5ad":
         data = selection = _h5ad_input(path, obs_keys, block_cells, layer, gene_column, species, min_mapped_fraction, scheme)

@@ -29,8 +29,8 @@ and the selected set is scanpy's, ties included.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -66,8 +66,14 @@ class HighlyVariableGenes:
 
 
 def highly_variable_genes(
-    data, n_top_genes: int, flavor: str = "seurat_v3", batch=None, span: float = 0.3, n_bins: int = 20,
-    expressed_only: bool = False, gene_names=None,
+    data,
+    n_top_genes: int,
+    flavor: str = "seurat_v3",
+    batch=None,
+    span: float = 0.3,
+    n_bins: int = 20,
+    expressed_only: bool = False,
+    gene_names=None,
 ) -> HighlyVariableGenes:
     """The `n_top_genes` most variable genes of cells x genes data, as scanpy selects them.
 
@@ -124,8 +130,10 @@ def _loess():
     try:
         from skmisc.loess import loess
     except ImportError as error:
-        raise ImportError("seurat_v3 highly variable genes fit a loess with scikit-misc (as scanpy does); "
-                          "install it with: pip install 'celltron[hvg]'") from error
+        raise ImportError(
+            "seurat_v3 highly variable genes fit a loess with scikit-misc (as scanpy does); "
+            "install it with: pip install 'celltron[hvg]'"
+        ) from error
     return loess
 
 
@@ -153,9 +161,11 @@ def _block_source(data, batch) -> Callable[[], Iterator[tuple[sp.csr_matrix, np.
 
 def _check_raw_counts(values: np.ndarray) -> None:
     if values.size and (values.min() < 0 or not np.array_equal(values, np.round(values))):
-        raise InputError("seurat_v3 expects raw counts (non-negative integers) but found negative or non-integer "
-                         "values: pass the counts layer (e.g. --layer counts, or adata.layers['counts']), "
-                         "not normalised or log-transformed data")
+        raise InputError(
+            "seurat_v3 expects raw counts (non-negative integers) but found negative or non-integer "
+            "values: pass the counts layer (e.g. --layer counts, or adata.layers['counts']), "
+            "not normalised or log-transformed data"
+        )
 
 
 def _check_non_negative(values: np.ndarray) -> None:
@@ -280,8 +290,10 @@ def _regularised_std(mean: np.ndarray, var: np.ndarray, span: float, where: str)
     try:
         model.fit()
     except ValueError as error:  # scikit-misc's near-singular fits; scanpy fails the same way
-        raise InputError(f"seurat_v3's loess fit failed on {where} ({error}); with few cells, "
-                         f"a larger span than {span} (e.g. 0.5) usually fits") from error
+        raise InputError(
+            f"seurat_v3's loess fit failed on {where} ({error}); with few cells, "
+            f"a larger span than {span} (e.g. 0.5) usually fits"
+        ) from error
     fitted[varies] = model.outputs.fitted_values
     return np.sqrt(10**fitted)
 
@@ -335,7 +347,9 @@ def _seurat_v3(blocks, batches, moments, n_top, flavor, span, candidates) -> Hig
     means, variances = moments.overall_mean_var()
     n_genes = moments.n_genes
     statistics = {
-        "means": means, "variances": variances, "variances_norm": np.mean(normalised, axis=0),
+        "means": means,
+        "variances": variances,
+        "variances_norm": np.mean(normalised, axis=0),
         "highly_variable_rank": _scatter(median_rank, candidates, n_genes, np.nan),
         "highly_variable_nbatches": _scatter(n_batches, candidates, n_genes),
     }
@@ -360,9 +374,11 @@ def _mean_bins(means: np.ndarray, flavor: str, n_bins: int) -> np.ndarray:
     else:
         edges = np.r_[-np.inf, np.percentile(means, np.arange(10, 105, 5)), np.inf]
         if len(np.unique(edges)) < len(edges):
-            raise InputError("cell_ranger bins genes by 5% quantiles of their means, and these are not distinct here "
-                             "(many genes share a mean, e.g. unexpressed genes): select among expressed genes "
-                             "(expressed_only=True; scanpy raises here too)")
+            raise InputError(
+                "cell_ranger bins genes by 5% quantiles of their means, and these are not distinct here "
+                "(many genes share a mean, e.g. unexpressed genes): select among expressed genes "
+                "(expressed_only=True; scanpy raises here too)"
+            )
     return np.searchsorted(edges, means, side="left") - 1
 
 

@@ -13,7 +13,7 @@ A further species needs only its one-to-one table against human, bundled as
 from __future__ import annotations
 
 import gzip
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 import numpy as np
@@ -26,7 +26,7 @@ from celltron.tokenizers.vocab import CLS, EOS, MASK, PAD, GeneVocab, species_to
 ANCHOR = "human"
 
 
-@lru_cache(maxsize=None)
+@cache
 def ortholog_table(species: str, min_confidence: int = 0) -> dict[str, str]:
     """One-to-one orthologs of `species` -> human Ensembl ID, from the bundled table."""
     name = f"orthologs_{ANCHOR}_{species}.tsv.gz"
@@ -78,7 +78,7 @@ def ortholog_vocab(genes_by_species: dict[str, list[str]], min_confidence: int =
     tokens = list(specials.values()) + sorted(anchors)
     for species in sorted(own):
         tokens += sorted(own[species])
-    ensembl = [""] * len(specials) + tokens[len(specials):]
+    ensembl = [""] * len(specials) + tokens[len(specials) :]
     return GeneVocab(tokens, ensembl, specials, name="ortholog-" + "-".join(sorted(genes_by_species)), aliases=aliases)
 
 
@@ -120,7 +120,11 @@ class OrthologTokenizer:
     def __call__(self, cell: dict, species_names: list[str]) -> dict:
         """Tokenise one CorpusStream cell; `species_names` are the corpus's species categories."""
         block = self.encode_block(
-            np.array([0, len(cell["genes"])]), cell["genes"], cell["counts"], species_names[int(cell["species"])], [cell["n_counts"]]
+            np.array([0, len(cell["genes"])]),
+            cell["genes"],
+            cell["counts"],
+            species_names[int(cell["species"])],
+            [cell["n_counts"]],
         )
         return {"input_ids": block.input_ids, "values": block.values, "length": len(block.input_ids)}
 

@@ -53,8 +53,19 @@ def sorted_within_cells(cell: np.ndarray, genes: np.ndarray, counts: np.ndarray)
     return genes[order], counts[order]
 
 
-def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: int, prefix: int, suffix: int,
-               values_kind: str = "raw", float32_cells=None):
+def rank_cells(
+    indptr,
+    genes,
+    counts,
+    n_counts,
+    token_of_gene,
+    median,
+    limit: int,
+    prefix: int,
+    suffix: int,
+    values_kind: str = "raw",
+    float32_cells=None,
+):
     """Rank each cell's expressed, tokenised genes by count / n_counts x 10,000 / median,
     highest first (ties in input gene order), keep the first `limit`, and lay them out with
     room for `prefix` and `suffix` special tokens per cell. `float32_cells` (a flag per cell)
@@ -70,8 +81,9 @@ def rank_cells(indptr, genes, counts, n_counts, token_of_gene, median, limit: in
     counts = np.asarray(counts)
     integral = np.issubdtype(counts.dtype, np.integer)  # the kernel takes raw counts
     if _kernels.available() and integral:
-        ranked = _kernels.rank_cells_compiled(indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix,
-                                              values_kind, float32_cells)
+        ranked = _kernels.rank_cells_compiled(
+            indptr, genes, counts, n_counts, token_of_gene, median, limit, prefix, suffix, values_kind, float32_cells
+        )
         if ranked is not None:
             return ranked
     n_cells = len(indptr) - 1

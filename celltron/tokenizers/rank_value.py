@@ -62,14 +62,15 @@ class RankValueTokenizer:
             self.cls_id, self.eos_id = vocab.special_id("cls"), vocab.special_id("eos")
 
     @classmethod
-    def geneformer(cls, version: str, gene_ids, medians: dict[str, float] | None = None) -> "RankValueTokenizer":
+    def geneformer(cls, version: str, gene_ids, medians: dict[str, float] | None = None) -> RankValueTokenizer:
         """Geneformer V1 or V2 with its bundled dictionaries (or a corpus's own medians)."""
         settings = GENEFORMER_SETTINGS[version]
         medians = medians if medians is not None else bundled_vocab_json(f"geneformer_{version}")["medians"]
         return cls(GeneVocab.from_geneformer(version), medians, gene_ids, settings["max_len"], settings["specials"])
 
-    def encode_block(self, indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts=None,
-                     float32_cells=None) -> RaggedTokens:
+    def encode_block(
+        self, indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts=None, float32_cells=None
+    ) -> RaggedTokens:
         """Tokenise a CSR block of cells (gene indices into `gene_ids`, raw counts).
 
         Args:
@@ -82,8 +83,19 @@ class RankValueTokenizer:
         limit = self.max_len - first - last
         if float32_cells is not None:
             float32_cells = np.broadcast_to(np.asarray(float32_cells, dtype=bool), (len(indptr) - 1,))
-        offsets, out, _ = rank_cells(indptr, genes, counts, n_counts, self.token_of_gene, self.median, limit, first, last,
-                                     values_kind="none", float32_cells=float32_cells)
+        offsets, out, _ = rank_cells(
+            indptr,
+            genes,
+            counts,
+            n_counts,
+            self.token_of_gene,
+            self.median,
+            limit,
+            first,
+            last,
+            values_kind="none",
+            float32_cells=float32_cells,
+        )
         if self.add_specials:
             out[offsets[:-1]] = self.cls_id
             out[offsets[1:] - 1] = self.eos_id
@@ -103,4 +115,3 @@ class RankValueTokenizer:
         float32 = None if float32_of_dataset is None or "dataset" not in cell else float32_of_dataset[int(cell["dataset"])]
         ids = self.encode_block(indptr, cell["genes"], cell["counts"], n_counts, float32).input_ids
         return {"input_ids": ids, "length": len(ids)}
-

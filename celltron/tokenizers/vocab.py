@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def species_token(species: str) -> str:
     return f"<{species}>"
 
 
-@lru_cache(maxsize=None)
+@cache
 def bundled_vocab_json(name: str) -> dict:
     """A bundled vocabulary file (see celltron/data/vocab/PROVENANCE.md)."""
     raw = resources.files("celltron.data.vocab").joinpath(f"{name}.json.gz").read_bytes()
@@ -92,7 +92,7 @@ class GeneVocab:
     # ------------------------------------------------------------ builders
 
     @classmethod
-    def from_geneformer(cls, version: str = "v2") -> "GeneVocab":
+    def from_geneformer(cls, version: str = "v2") -> GeneVocab:
         """Geneformer's token dictionary: V1 (gc30M, <pad> <mask>) or V2 (gc104M, + <cls> <eos>)."""
         tokens = _by_id(bundled_vocab_json(f"geneformer_{version}")["tokens"])
         specials = {role: t for role, t in (("pad", PAD), ("mask", MASK), ("cls", CLS), ("eos", EOS)) if t in tokens}
@@ -100,7 +100,7 @@ class GeneVocab:
         return cls(tokens, ensembl, specials, name=f"geneformer-{version}")
 
     @classmethod
-    def from_scgpt(cls, vocab: dict[str, int] | str | Path | None = None) -> "GeneVocab":
+    def from_scgpt(cls, vocab: dict[str, int] | str | Path | None = None) -> GeneVocab:
         """scGPT's vocabulary (default: the bundled whole-human vocab), ids kept exactly.
 
         Symbols are mapped to Ensembl IDs through the corpus's human gene mapping so that
@@ -117,7 +117,7 @@ class GeneVocab:
         return cls(tokens, ensembl, specials, name="scgpt")
 
     @classmethod
-    def from_genes(cls, ensembl_ids, species=(), name: str = "corpus") -> "GeneVocab":
+    def from_genes(cls, ensembl_ids, species=(), name: str = "corpus") -> GeneVocab:
         """Specials (<pad> <mask> <cls> <eos>, one token per species), then one token per gene."""
         specials = {"pad": PAD, "mask": MASK, "cls": CLS, "eos": EOS}
         specials.update({s: species_token(s) for s in species})
@@ -132,19 +132,28 @@ class GeneVocab:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / VOCAB_FILE
         payload = {
-            "name": self.name, "specials": self.specials, "tokens": self.tokens,
-            "ensembl_ids": self.ensembl_ids, "aliases": self.aliases,
+            "name": self.name,
+            "specials": self.specials,
+            "tokens": self.tokens,
+            "ensembl_ids": self.ensembl_ids,
+            "aliases": self.aliases,
         }
         write_json_atomically(path, payload)
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "GeneVocab":
+    def from_pretrained(cls, directory: str | Path) -> GeneVocab:
         path = Path(directory) / VOCAB_FILE
         if not path.exists():
             raise MissingInputError(f"{path}: no {VOCAB_FILE}; save one with GeneVocab.save_pretrained")
         payload = read_json(path, "tokenizer vocabulary", MODEL_FIX)
-        return cls(payload["tokens"], payload["ensembl_ids"], payload["specials"], payload.get("name", "custom"), payload.get("aliases", {}))
+        return cls(
+            payload["tokens"],
+            payload["ensembl_ids"],
+            payload["specials"],
+            payload.get("name", "custom"),
+            payload.get("aliases", {}),
+        )
 
 
 def _by_id(mapping: dict[str, int]) -> list[str]:

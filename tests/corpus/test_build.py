@@ -55,7 +55,9 @@ def test_duplicate_symbols_are_summed(tmp_path, pbmc_small):
     symbols[1] = symbols[0]  # two columns now name the same gene
     adata.var["gene_symbol_original"] = symbols
     adata.write_h5ad(tmp_path / "dup.h5ad")
-    build_corpus([tmp_path / "dup.h5ad"], tmp_path / "c", BuildOptions(gene_column="gene_symbol_original", val_fraction=0, **QUIET))
+    build_corpus(
+        [tmp_path / "dup.h5ad"], tmp_path / "c", BuildOptions(gene_column="gene_symbol_original", val_fraction=0, **QUIET)
+    )
     _assert_round_trip(tmp_path / "c", adata, _ensembl_of(adata))
 
 
@@ -96,7 +98,11 @@ def test_counts_from_a_layer_or_raw(tmp_path, pbmc_small, where):
     adata.write_h5ad(tmp_path / "in.h5ad")
     with pytest.raises(InputError, match=f"--layer X holds non-integer.*{layer}"):
         build_corpus([tmp_path / "in.h5ad"], tmp_path / "bad", BuildOptions(gene_column="gene_symbol_original", **QUIET))
-    build_corpus([tmp_path / "in.h5ad"], tmp_path / "c", BuildOptions(layer=layer, gene_column="gene_symbol_original", val_fraction=0, **QUIET))
+    build_corpus(
+        [tmp_path / "in.h5ad"],
+        tmp_path / "c",
+        BuildOptions(layer=layer, gene_column="gene_symbol_original", val_fraction=0, **QUIET),
+    )
     reference = pbmc_small[:, :3000].copy()
     _assert_round_trip(tmp_path / "c", reference, _ensembl_of(reference))
 

@@ -48,8 +48,12 @@ def files(tmp_path_factory, pbmc, mouse_pancreas) -> dict[str, str]:
     renamed = top[: np.searchsorted(np.cumsum(sums[top]) / sums.sum(), 0.7) + 1]  # genes holding ~70% of counts
     partial.var_names = [f"PROBE{i:05d}" if i in set(renamed) else n for i, n in enumerate(partial.var_names)]
     mouse = ad.read_h5ad(mouse_pancreas)[:20].copy()
-    return {"pbmc": _write(pbmc.copy(), root / "pbmc.h5ad"), "junk": _write(junk, root / "junk.h5ad"),
-            "partial": _write(partial, root / "partial.h5ad"), "mouse": _write(mouse, root / "mouse.h5ad")}
+    return {
+        "pbmc": _write(pbmc.copy(), root / "pbmc.h5ad"),
+        "junk": _write(junk, root / "junk.h5ad"),
+        "partial": _write(partial, root / "partial.h5ad"),
+        "mouse": _write(mouse, root / "mouse.h5ad"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +71,18 @@ def _verb(verb: str, data: str, out, model) -> list[str]:
         "tokenize": ["tokenize", data, "--scheme", "geneformer-v2", "--out", str(out), "--no-progress"],
         "embed": ["embed", "--model", str(model), "--data", data, "--out", str(out), "--no-progress"],
         "grn": ["grn", "--model", str(model), "--data", data, "--out", str(out)],
-        "finetune": ["finetune", "annotate", "--model", str(model), "--data", data, "--label-key", "cell_type",
-                     "--out", str(out)],
+        "finetune": [
+            "finetune",
+            "annotate",
+            "--model",
+            str(model),
+            "--data",
+            data,
+            "--label-key",
+            "cell_type",
+            "--out",
+            str(out),
+        ],
     }[verb]
 
 
@@ -86,8 +100,11 @@ def _refused(argv: list[str], capsys) -> str:
 
 def test_mouse_names_given_as_human_are_refused_naming_the_evidence(mouse_pancreas):
     names = ad.read_h5ad(mouse_pancreas, backed="r").var_names.to_numpy()
-    with pytest.raises(GeneMappingError, match=r"pancreas.h5ad: --species human contradicts the gene names: 92% of symbols "
-                                               r"are mouse-style \(Xkr4, Gm37381, Rp1, \.\.\.\); pass --species mouse"):
+    with pytest.raises(
+        GeneMappingError,
+        match=r"pancreas.h5ad: --species human contradicts the gene names: 92% of symbols "
+        r"are mouse-style \(Xkr4, Gm37381, Rp1, \.\.\.\); pass --species mouse",
+    ):
         map_input_genes(names, "human", "pancreas.h5ad")
     with pytest.raises(GeneMappingError, match=r"mouse Ensembl IDs \(ENSMUSG00000059552"):
         check_species(["ENSMUSG00000059552", "ENSMUSG00000029580", "ENSG00000141510"], "human", "ids.h5ad")

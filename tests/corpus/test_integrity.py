@@ -23,10 +23,10 @@ import zarr
 import celltron.corpus.store as store_module
 from celltron.cli import main
 from celltron.corpus import BuildOptions, Corpus, CorpusStream, build_corpus
-from celltron.io import PARTIAL_OWNER, STALE_UNOWNED_SECONDS
 from celltron.corpus.schema import CHECKSUM_VERSION, CorpusDamagedError, CorpusFormatError, checksum_files
 from celltron.corpus.store import ShardReader, indptr_problem, values_problem
 from celltron.errors import DataIntegrityError
+from celltron.io import PARTIAL_OWNER, STALE_UNOWNED_SECONDS
 from celltron.tokenizers.dataset import tokenize_to_dataset
 
 OPTIONS = dict(shard_size_mb=0.5, chunk_nnz=4096, val_fraction=0.05, progress=False)
@@ -115,7 +115,9 @@ def test_reads_through_zarr_check_the_crc32c_too(corpus_dir, monkeypatch):
     monkeypatch.setattr(store_module, "_direct_arrays", lambda store, verify: None)
     assert _stream_all(corpus_dir) == Corpus(corpus_dir).manifest["splits"]["train"]["n_cells"]
     record = _damage(corpus_dir, "data")
-    with pytest.raises(DataIntegrityError, match=r"block of cells 0-\d+: X/data cannot be read \(a chunk fails its crc32c checksum\)"):
+    with pytest.raises(
+        DataIntegrityError, match=r"block of cells 0-\d+: X/data cannot be read \(a chunk fails its crc32c checksum\)"
+    ):
         _stream_all(corpus_dir)
     assert Corpus(corpus_dir).validate()[0].startswith(f"{record['path']}: checksum mismatch; damaged: block of cells 0-")
 
@@ -193,8 +195,15 @@ def _as_built_before_checksums(corpus_dir: Path, compressors=LZ4, keys=None) -> 
             x = zarr.open_group(str(corpus_dir / record["path"] / "X"), mode="r+")
             for name in ("data", "indices"):
                 values, chunks, shards = x[name][:], x[name].chunks, x[name].shards
-                x.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, shards=shards,
-                               compressors=compressors, overwrite=True)[:] = values
+                x.create_array(
+                    name,
+                    shape=values.shape,
+                    dtype=values.dtype,
+                    chunks=chunks,
+                    shards=shards,
+                    compressors=compressors,
+                    overwrite=True,
+                )[:] = values
             shard = corpus_dir / record["path"]
             record["sha256"] = keys(shard) if keys else checksum_files(fs, str(shard))
     del manifest["checksum_version"]
@@ -247,7 +256,9 @@ def test_old_compressed_chunks_that_fail_to_decompress_name_the_shard(corpus_dir
     _as_built_before_checksums(corpus_dir)
     _, shard = _first_train_shard(corpus_dir)
     _flip(shard / "X" / "data" / "c" / "0", 0)  # blosc's header: the chunk no longer decompresses
-    with pytest.raises(DataIntegrityError, match=r"block of cells 0-\d+: X/data cannot be read \(RuntimeError: error during blosc"):
+    with pytest.raises(
+        DataIntegrityError, match=r"block of cells 0-\d+: X/data cannot be read \(RuntimeError: error during blosc"
+    ):
         _stream_all(corpus_dir)
 
 
@@ -270,7 +281,7 @@ def _checksum_keyed_by_spelling(fs, root: str) -> str:
     digest = hashlib.sha256()
     root = root.rstrip("/")
     for path in sorted(fs.find(root)):
-        relative = path[len(root):].lstrip("/")
+        relative = path[len(root) :].lstrip("/")
         data = fs.cat_file(path)
         digest.update(f"{relative}\0{len(data)}\0".encode())
         digest.update(data)

@@ -50,8 +50,9 @@ def s3_corpus(s3_endpoint, small_corpus):
     options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}}
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="celltron-test")
+    boto3.client(
+        "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).create_bucket(Bucket="celltron-test")
     fs = s3fs.S3FileSystem(**options)
     fs.put(str(small_corpus), "celltron-test/corpora/pbmc", recursive=True)
     return "s3://celltron-test/corpora/pbmc", options
@@ -77,7 +78,16 @@ def test_cli_info_with_storage_options(s3_corpus, capsys):
     from celltron.cli import main
 
     url, options = s3_corpus
-    args = ["corpus", "validate", url, "--storage-option", f"endpoint_url={options['endpoint_url']}",
-            "--storage-option", "key=testing", "--storage-option", "secret=testing"]
+    args = [
+        "corpus",
+        "validate",
+        url,
+        "--storage-option",
+        f"endpoint_url={options['endpoint_url']}",
+        "--storage-option",
+        "key=testing",
+        "--storage-option",
+        "secret=testing",
+    ]
     assert main(args) == 0
     assert "valid" in capsys.readouterr().out

@@ -45,8 +45,13 @@ def test_unwritten_chunks_read_as_the_fill_value(tmp_path):
     values[70_000:140_000] = 0  # inner chunk 1 entirely
     values[262_144:524_288] = 0  # the whole second storage object
     array = zarr.create_array(
-        str(tmp_path / "a"), shape=values.shape, dtype="int32", chunks=(65_536,), shards=(262_144,),
-        compressors=zarr.codecs.BloscCodec(cname="lz4", shuffle="shuffle", typesize=4), fill_value=0,
+        str(tmp_path / "a"),
+        shape=values.shape,
+        dtype="int32",
+        chunks=(65_536,),
+        shards=(262_144,),
+        compressors=zarr.codecs.BloscCodec(cname="lz4", shuffle="shuffle", typesize=4),
+        fill_value=0,
     )
     array[:] = values
     direct = open_direct(tmp_path / "a")
@@ -57,7 +62,9 @@ def test_unwritten_chunks_read_as_the_fill_value(tmp_path):
 
 def test_other_layouts_are_left_to_zarr(tmp_path):
     zarr.create_array(str(tmp_path / "plain"), shape=(100,), dtype="int32", chunks=(10,))
-    zarr.create_array(str(tmp_path / "gzip"), shape=(100,), dtype="int32", chunks=(10,), shards=(50,), compressors=zarr.codecs.GzipCodec())
+    zarr.create_array(
+        str(tmp_path / "gzip"), shape=(100,), dtype="int32", chunks=(10,), shards=(50,), compressors=zarr.codecs.GzipCodec()
+    )
     assert open_direct(tmp_path / "plain") is None
     assert open_direct(tmp_path / "gzip") is None
     assert open_direct(tmp_path / "missing") is None
@@ -82,7 +89,9 @@ def test_float32_inputs_with_large_totals_report_no_unmapped_counts(tmp_path, pb
     source.X = sp.csr_matrix(source.X, dtype=np.float32) * 97  # odd, so sums above 2**24 round
     source.write_h5ad(tmp_path / "big.h5ad")
     assert source.X.sum(dtype=np.float64) > 2**24
-    build_corpus([tmp_path / "big.h5ad"], tmp_path / "c", BuildOptions(gene_column="gene_symbol_original", val_fraction=0, progress=False))
+    build_corpus(
+        [tmp_path / "big.h5ad"], tmp_path / "c", BuildOptions(gene_column="gene_symbol_original", val_fraction=0, progress=False)
+    )
     report = Corpus(tmp_path / "c").manifest["sources"][0]
     assert report["n_genes_unmapped"] > 0  # PBMC 3k has symbols without an Ensembl ID ...
     mapped = ad.read_zarr(tmp_path / "c" / Corpus(tmp_path / "c").shards("train")[0]["path"]).X.sum(dtype=np.int64)

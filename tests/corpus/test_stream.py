@@ -52,7 +52,9 @@ def test_two_ranks_two_workers_cover_the_epoch_once(small_corpus):
 def test_order_and_dropped_cells_change_between_epochs(small_corpus):
     corpus = Corpus(small_corpus)
     world = 3  # leaves a remainder to drop
-    epochs = [sorted_pair for sorted_pair in ([_epoch(corpus, r, world, epoch=e, num_workers=0) for r in range(world)] for e in (0, 1))]
+    epochs = [
+        sorted_pair for sorted_pair in ([_epoch(corpus, r, world, epoch=e, num_workers=0) for r in range(world)] for e in (0, 1))
+    ]
     first, second = (sum(ranks, []) for ranks in epochs)
     assert first != second
     total = corpus.manifest["splits"]["train"]["n_cells"]
@@ -91,7 +93,10 @@ def test_resume_after_k_batches_with_plain_dataloader(small_corpus, num_workers)
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_with_stateful_dataloader(small_corpus, num_workers):
     corpus = Corpus(small_corpus)
-    make = lambda: StatefulDataLoader(CorpusStream(corpus, seed=1, **SMALL), batch_size=40, num_workers=num_workers, collate_fn=list)  # noqa: E731
+
+    def make():
+        return StatefulDataLoader(CorpusStream(corpus, seed=1, **SMALL), batch_size=40, num_workers=num_workers, collate_fn=list)
+
     first = make()
     iterator = iter(first)
     head = [_indices(next(iterator)) for _ in range(45)]

@@ -70,7 +70,9 @@ def _orthologs(source: Path, target: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     default = os.environ.get("CELLTRON_SHARED_DATA") or HERE.parents[2] / "shared" / "data"  # ../shared/data
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared", type=Path, default=Path(default), help="the project's shared data folder (default: %(default)s)")
+    parser.add_argument(
+        "--shared", type=Path, default=Path(default), help="the project's shared data folder (default: %(default)s)"
+    )
     shared = parser.parse_args(argv).shared
     wanted = [*COPIED, *RECOMPRESSED, ORTHOLOGS]
     missing = [name for name in wanted if not (shared / name).exists()]

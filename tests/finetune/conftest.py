@@ -10,8 +10,11 @@ import pytest
 
 from celltron.finetune.simulate import simulate_screen
 
-FAMILY_CONFIGS = {"geneformer": ("geneformer-v2", "geneformer_debug"), "scgpt": ("scgpt", "scgpt_debug"),
-                  "genecompass": ("ortholog", "genecompass_debug")}
+FAMILY_CONFIGS = {
+    "geneformer": ("geneformer-v2", "geneformer_debug"),
+    "scgpt": ("scgpt", "scgpt_debug"),
+    "genecompass": ("ortholog", "genecompass_debug"),
+}
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -30,7 +33,9 @@ def one_thread():
 def screen_file(tmp_path_factory) -> Path:
     """A simulated screen: 10 single knockouts and 12 double ones, raw counts."""
     path = tmp_path_factory.mktemp("screen") / "screen.h5ad"
-    simulate_screen(n_genes=80, n_targets=10, n_combos=12, cells_per_perturbation=30, n_control=150, seed=0).adata.write_h5ad(path)
+    simulate_screen(n_genes=80, n_targets=10, n_combos=12, cells_per_perturbation=30, n_control=150, seed=0).adata.write_h5ad(
+        path
+    )
     return path
 
 

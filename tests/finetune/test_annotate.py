@@ -27,11 +27,30 @@ def labelled_file(tmp_path_factory):
 
 
 def _annotate(model, data, out, *extra) -> int:
-    return main(["finetune", "annotate", "--model", str(model), "--data", str(data), "--label-key", LABEL, "--out", str(out),
-                 "--max-steps", "80", "--set", "optim.warmup_steps=5", *extra])
+    return main(
+        [
+            "finetune",
+            "annotate",
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--label-key",
+            LABEL,
+            "--out",
+            str(out),
+            "--max-steps",
+            "80",
+            "--set",
+            "optim.warmup_steps=5",
+            *extra,
+        ]
+    )
 
 
-def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_plot(pretrained_geneformer, labelled_file, tmp_path):
+def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_plot(
+    pretrained_geneformer, labelled_file, tmp_path
+):
     assert _annotate(pretrained_geneformer, labelled_file, tmp_path) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     truth = ad.read_h5ad(labelled_file).obs[LABEL].astype(str)
@@ -46,8 +65,10 @@ def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_
     assert list(predictions.obs_names) == list(ad.read_h5ad(labelled_file).obs_names)
     probabilities = predictions.obsm[f"{LABEL}_probabilities"]
     np.testing.assert_allclose(probabilities.sum(1), 1, atol=1e-4)
-    assert (predictions.obs[f"{LABEL}_predicted"].astype(str).to_numpy()
-            == np.asarray(predictions.uns[f"{LABEL}_classes"])[probabilities.argmax(1)]).all()
+    assert (
+        predictions.obs[f"{LABEL}_predicted"].astype(str).to_numpy()
+        == np.asarray(predictions.uns[f"{LABEL}_classes"])[probabilities.argmax(1)]
+    ).all()
     assert (predictions.obs["celltron_split"] == "test").sum() == metrics["split"]["per_seed"]["0"]["test"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
@@ -59,17 +80,34 @@ def test_lora_trains_adapters_and_head_and_leaves_pretrained_weights(pretrained_
     from celltron.model_zoo.registry import load_pretrained
     from celltron.pretrain.config import replace
 
-    config = replace(FinetuneConfig(), model={"lora_rank": 4}, trainer={"max_steps": 10, "val_every": 10**6},
-                     logging={"progress_bar": False, "wandb": False}).check()
+    config = replace(
+        FinetuneConfig(),
+        model={"lora_rank": 4},
+        trainer={"max_steps": 10, "val_every": 10**6},
+        logging={"progress_bar": False, "wandb": False},
+    ).check()
     lab = read_lab_data(labelled_file, [LABEL])
     tokenizer = load_model_tokenizer(pretrained_geneformer, lab)
     tokens = tokenize_cells(lab, tokenizer)
     labels = np.unique(lab.obs[LABEL].astype(str), return_inverse=True)[1]
-    trained = _fine_tune(config, pretrained_geneformer, tokens, labels, np.arange(200), labels.max() + 1,
-                         tokenizer.vocab.special_id("pad"), 0, tmp_path, None)
+    trained = _fine_tune(
+        config,
+        pretrained_geneformer,
+        tokens,
+        labels,
+        np.arange(200),
+        labels.max() + 1,
+        tokenizer.vocab.special_id("pad"),
+        0,
+        tmp_path,
+        None,
+    )
     original = load_pretrained(pretrained_geneformer).state_dict()
-    merged_names = {n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in trained.encoder.state_dict().items()
-                    if "lora_" not in n}
+    merged_names = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p
+        for n, p in trained.encoder.state_dict().items()
+        if "lora_" not in n
+    }
     query = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(merged_names[query], original[query])  # the base weight under the adapter did not move
     adapters = [p for n, p in trained.encoder.named_parameters() if "lora_B" in n]

@@ -90,16 +90,49 @@ def test_control_label_and_dose_column_errors_name_the_fix(screen):
 
 def _run(screen, out, *extra):
     folder, _ = screen
-    return main(["finetune", "drug-response", "--mode", "expression", "--data", str(folder / "screen.h5ad"), "--smiles", str(folder / "smiles.tsv"),
-                 "--drug-key", "drug", "--dose-key", "dose", "--cell-type-key", "cell_type", "--control", "control",
-                 "--test-fraction", "0.25", "--out", str(out), "--set", "data.batch_size=32", "--set", "drug.hidden=64",
-                 "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=10", *extra])
+    return main(
+        [
+            "finetune",
+            "drug-response",
+            "--mode",
+            "expression",
+            "--data",
+            str(folder / "screen.h5ad"),
+            "--smiles",
+            str(folder / "smiles.tsv"),
+            "--drug-key",
+            "drug",
+            "--dose-key",
+            "dose",
+            "--cell-type-key",
+            "cell_type",
+            "--control",
+            "control",
+            "--test-fraction",
+            "0.25",
+            "--out",
+            str(out),
+            "--set",
+            "data.batch_size=32",
+            "--set",
+            "drug.hidden=64",
+            "--set",
+            "optim.lr=0.003",
+            "--set",
+            "optim.warmup_steps=10",
+            *extra,
+        ]
+    )
 
 
 def test_expression_mode_beats_the_control_mean_on_heldout_combinations(screen, tmp_path):
     assert _run(screen, tmp_path / "run", "--split", "heldout_combination", "--seeds", "0", "1", "--max-steps", "200") == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["mode"] == "expression" and metrics["split"]["kind"] == "heldout_combination" and metrics["basal"] == "control_mean"
+    assert (
+        metrics["mode"] == "expression"
+        and metrics["split"]["kind"] == "heldout_combination"
+        and metrics["basal"] == "control_mean"
+    )
     model, baselines = metrics["model"], metrics["baselines"]
     print({name: (round(r["r2"], 3), round(r["r2_de20"], 3)) for name, r in [("model", model), *baselines.items()]})
     assert set(baselines) == {"control_mean", "other_dose"} and set(model["per_seed"]) == {"0", "1"}
@@ -112,8 +145,23 @@ def test_expression_mode_beats_the_control_mean_on_heldout_combinations(screen, 
 
 
 def test_expression_mode_with_a_pretrained_basal_state_on_heldout_drugs(screen, pretrained_geneformer, tmp_path):
-    assert _run(screen, tmp_path / "run", "--model", str(pretrained_geneformer), "--split", "heldout_drug", "--seeds", "0",
-                "--max-steps", "40", "--set", "drug.control_cells=32") == 0
+    assert (
+        _run(
+            screen,
+            tmp_path / "run",
+            "--model",
+            str(pretrained_geneformer),
+            "--split",
+            "heldout_drug",
+            "--seeds",
+            "0",
+            "--max-steps",
+            "40",
+            "--set",
+            "drug.control_cells=32",
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["basal"] == "pretrained_embedding" and metrics["model_folder"] == str(pretrained_geneformer)
     split = metrics["split"]["per_seed"]["0"]

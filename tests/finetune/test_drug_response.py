@@ -18,18 +18,33 @@ import torch
 
 from celltron.cli import main
 from celltron.finetune.drug_response import (
-    CellLineExpression, DrugResponseModel, baseline_predictions, drug_response_metrics, fingerprints, keep_profiled, read_ic50,
-    split_pairs, tanimoto,
+    CellLineExpression,
+    DrugResponseModel,
+    baseline_predictions,
+    drug_response_metrics,
+    fingerprints,
+    keep_profiled,
+    read_ic50,
+    split_pairs,
+    tanimoto,
 )
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # well-known drugs; the quinazolines (gefitinib, erlotinib) and the two NSAIDs are chemically close
-SMILES = {"aspirin": "CC(=O)Oc1ccccc1C(=O)O", "ibuprofen": "CC(C)Cc1ccc(cc1)C(C)C(=O)O", "paracetamol": "CC(=O)Nc1ccc(O)cc1",
-          "caffeine": "Cn1cnc2c1c(=O)n(C)c(=O)n2C", "imatinib": "Cc1ccc(NC(=O)c2ccc(CN3CCN(C)CC3)cc2)cc1Nc1nccc(-c2cccnc2)n1",
-          "gefitinib": "COc1cc2ncnc(Nc3ccc(F)c(Cl)c3)c2cc1OCCCN1CCOCC1", "erlotinib": "COCCOc1cc2ncnc(Nc3cccc(C#C)c3)c2cc1OCCOC",
-          "dopamine": "NCCc1ccc(O)c(O)c1", "nicotine": "CN1CCCC1c1cccnc1", "metformin": "CN(C)C(=N)NC(=N)N"}
+SMILES = {
+    "aspirin": "CC(=O)Oc1ccccc1C(=O)O",
+    "ibuprofen": "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
+    "paracetamol": "CC(=O)Nc1ccc(O)cc1",
+    "caffeine": "Cn1cnc2c1c(=O)n(C)c(=O)n2C",
+    "imatinib": "Cc1ccc(NC(=O)c2ccc(CN3CCN(C)CC3)cc2)cc1Nc1nccc(-c2cccnc2)n1",
+    "gefitinib": "COc1cc2ncnc(Nc3ccc(F)c(Cl)c3)c2cc1OCCCN1CCOCC1",
+    "erlotinib": "COCCOc1cc2ncnc(Nc3cccc(C#C)c3)c2cc1OCCOC",
+    "dopamine": "NCCc1ccc(O)c(O)c1",
+    "nicotine": "CN1CCCC1c1cccnc1",
+    "metformin": "CN(C)C(=N)NC(=N)N",
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,7 +66,11 @@ def _table(interaction: float, seed: int = 0, drugs: int = 12, lines: int = 60) 
     prints = {f"D{i}": (rng.random(64) < 0.2).astype(np.float32) for i in range(drugs)}
     d, c = rng.normal(0, 2, drugs), rng.normal(0, 1, lines)
     u, v = rng.normal(size=(drugs, 2)), rng.normal(size=(lines, 2))
-    rows = [(f"D{i}", f"C{j}", d[i] + c[j] + interaction * u[i] @ v[j] + rng.normal(0, 0.05)) for i in range(drugs) for j in range(lines)]
+    rows = [
+        (f"D{i}", f"C{j}", d[i] + c[j] + interaction * u[i] @ v[j] + rng.normal(0, 0.05))
+        for i in range(drugs)
+        for j in range(lines)
+    ]
     return pd.DataFrame(rows, columns=["drug", "cell_line", "ln_ic50"]), prints
 
 
@@ -100,16 +119,21 @@ def test_model_learns_interactions_the_additive_baseline_cannot():
     matrix = np.concatenate([np.zeros((1, 64), np.float32), np.stack([prints[d] for d in drugs])])
     torch.manual_seed(0)
     model = DrugResponseModel(matrix, len(cell_index) + 1, hidden=32, dropout=0.0)
-    batch = {"drug": torch.as_tensor(train.drug.map(drug_index).to_numpy()), "cell_line": torch.as_tensor(train.cell_line.map(cell_index).to_numpy()),
-             "target": torch.as_tensor(train.ln_ic50.to_numpy(), dtype=torch.float32)}
+    batch = {
+        "drug": torch.as_tensor(train.drug.map(drug_index).to_numpy()),
+        "cell_line": torch.as_tensor(train.cell_line.map(cell_index).to_numpy()),
+        "target": torch.as_tensor(train.ln_ic50.to_numpy(), dtype=torch.float32),
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(400):
         optimizer.zero_grad()
         model(**batch).loss.backward()
         optimizer.step()
     with torch.no_grad():
-        predicted = model(drug=torch.as_tensor(held.drug.map(drug_index).to_numpy()),
-                          cell_line=torch.as_tensor(held.cell_line.map(cell_index).to_numpy())).predicted.numpy()
+        predicted = model(
+            drug=torch.as_tensor(held.drug.map(drug_index).to_numpy()),
+            cell_line=torch.as_tensor(held.cell_line.map(cell_index).to_numpy()),
+        ).predicted.numpy()
     truth, names = held.ln_ic50.to_numpy(), held.drug.to_numpy()
     additive = baseline_predictions(train, held, prints)["additive"]
     assert drug_response_metrics(predicted, truth, names)["rmse"] < 0.7 * drug_response_metrics(additive, truth, names)["rmse"]
@@ -120,9 +144,31 @@ def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path):
     drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
     small = tmp_path / "gdsc_small.csv"
     pd.read_csv(table, index_col=0).iloc[:40, :200].to_csv(small)  # 40 drugs x 200 cell lines
-    code = main(["finetune", "drug-response", "--mode", "ic50", "--data", str(small), "--drug-list", str(drug_list), "--smiles", str(smiles),
-                 "--split", "drug", "--seeds", "0", "1", "--max-steps", "30", "--out", str(tmp_path / "run"),
-                 "--set", "data.batch_size=64"])
+    code = main(
+        [
+            "finetune",
+            "drug-response",
+            "--mode",
+            "ic50",
+            "--data",
+            str(small),
+            "--drug-list",
+            str(drug_list),
+            "--smiles",
+            str(smiles),
+            "--split",
+            "drug",
+            "--seeds",
+            "0",
+            "1",
+            "--max-steps",
+            "30",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "data.batch_size=64",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == "matrix_completion" and metrics["split"]["kind"] == "drug"
@@ -155,13 +201,18 @@ def _profiled_table(tmp_path, lines: int = 48, drugs: int = 10, seed: int = 0):
     base = rng.normal(0, 1, len(genes))
     log_means = np.log(np.exp(base) / np.exp(base).sum() * 3000) + 2.0 * scores @ programs
     names = [f"ACH-{i:06d}" for i in range(lines)]
-    profiles = ad.AnnData(sp.csr_matrix(rng.poisson(np.exp(log_means)).astype(np.float32)),
-                          obs=pd.DataFrame({"line_id": names}, index=[f"row{i}" for i in range(lines)]), var=pd.DataFrame(index=genes))
+    profiles = ad.AnnData(
+        sp.csr_matrix(rng.poisson(np.exp(log_means)).astype(np.float32)),
+        obs=pd.DataFrame({"line_id": names}, index=[f"row{i}" for i in range(lines)]),
+        var=pd.DataFrame(index=genes),
+    )
     profiles[3:].copy().write_h5ad(tmp_path / "profiles.h5ad")  # three cell lines have no profile
     effect, weights = rng.normal(0, 1, drugs), rng.normal(0, 1, (drugs, 2))
     ic50 = effect[:, None] + 0.7 * scores[:, 0] + weights @ scores.T + rng.normal(0, 0.1, (drugs, lines))
     pd.DataFrame(ic50, index=[f"GDSC:{i}" for i in range(drugs)], columns=names).to_csv(tmp_path / "ic50.csv")
-    pd.DataFrame({"drug_id": [str(i) for i in range(drugs)], "PubCHEM": [str(100 + i) for i in range(drugs)]}).to_csv(tmp_path / "drugs.csv", index=False)
+    pd.DataFrame({"drug_id": [str(i) for i in range(drugs)], "PubCHEM": [str(100 + i) for i in range(drugs)]}).to_csv(
+        tmp_path / "drugs.csv", index=False
+    )
     (tmp_path / "smiles.txt").write_text("".join(f"{100 + i}\t{s}\n" for i, s in enumerate(list(SMILES.values())[:drugs])))
 
 
@@ -181,21 +232,59 @@ def test_cell_lines_without_a_profile_are_dropped_and_a_wrong_key_is_named(tmp_p
 
 def test_profiles_embedded_by_the_model_predict_unseen_cell_lines(pretrained_geneformer, tmp_path):
     _profiled_table(tmp_path)
-    code = main(["finetune", "drug-response", "--mode", "ic50", "--data", str(tmp_path / "ic50.csv"), "--drug-list", str(tmp_path / "drugs.csv"),
-                 "--smiles", str(tmp_path / "smiles.txt"), "--expression", str(tmp_path / "profiles.h5ad"), "--cell-line-key", "line_id",
-                 "--model", str(pretrained_geneformer), "--split", "cell_line", "--test-fraction", "0.25", "--seeds", "0",
-                 "--max-steps", "120", "--out", str(tmp_path / "run"),
-                 "--set", "data.batch_size=64", "--set", "drug.hidden=64", "--set", "optim.lr=0.005", "--set", "optim.warmup_steps=10"])
+    code = main(
+        [
+            "finetune",
+            "drug-response",
+            "--mode",
+            "ic50",
+            "--data",
+            str(tmp_path / "ic50.csv"),
+            "--drug-list",
+            str(tmp_path / "drugs.csv"),
+            "--smiles",
+            str(tmp_path / "smiles.txt"),
+            "--expression",
+            str(tmp_path / "profiles.h5ad"),
+            "--cell-line-key",
+            "line_id",
+            "--model",
+            str(pretrained_geneformer),
+            "--split",
+            "cell_line",
+            "--test-fraction",
+            "0.25",
+            "--seeds",
+            "0",
+            "--max-steps",
+            "120",
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "data.batch_size=64",
+            "--set",
+            "drug.hidden=64",
+            "--set",
+            "optim.lr=0.005",
+            "--set",
+            "optim.warmup_steps=10",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["method"] == "expression_embedding" and metrics["split"]["kind"] == "cell_line"
     assert metrics["cell_lines_without_expression"]["count"] == 3 and metrics["cell_lines_without_expression"]["pairs"] == 30
     model, baselines = metrics["model"], metrics["baselines"]
-    print({name: round(result["pearson"], 3) for name, result in [("model", model), *baselines.items()]}, round(model["pearson_per_drug"], 3))
+    print(
+        {name: round(result["pearson"], 3) for name, result in [("model", model), *baselines.items()]},
+        round(model["pearson_per_drug"], 3),
+    )
     # an unseen cell line has no learned embedding nor mean: that path predicts the drug mean, whose
     # within-drug correlation is undefined; the profile lets the model rank cell lines within a drug
     assert np.isnan(baselines["cell_line_mean"]["pearson_per_drug"] or np.nan)
-    assert model["pearson"] > baselines["cell_line_mean"]["pearson"] + 0.05 and model["rmse"] < baselines["cell_line_mean"]["rmse"]
+    assert (
+        model["pearson"] > baselines["cell_line_mean"]["pearson"] + 0.05 and model["rmse"] < baselines["cell_line_mean"]["rmse"]
+    )
     assert model["pearson_per_drug"] > 0.2
     # the ridge baseline's expression PCA recovers the cell-line main effect the means cannot
     assert baselines["ridge"]["pearson"] > baselines["cell_line_mean"]["pearson"] + 0.02

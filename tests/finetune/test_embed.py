@@ -47,8 +47,25 @@ def _reference(model_dir, path, layer_offset: int = 0) -> np.ndarray:
 
 def test_embed_writes_the_per_cell_model_output_into_a_copy(pretrained_geneformer, lab_file, tmp_path):
     out = tmp_path / "embedded.h5ad"
-    code = main(["embed", "--model", str(pretrained_geneformer), "--data", str(lab_file), "--out", str(out), "--gene-column", GENES,
-                 "--block-cells", "70", "--batch-size", "16", "--no-progress", "--gene-embeddings"])
+    code = main(
+        [
+            "embed",
+            "--model",
+            str(pretrained_geneformer),
+            "--data",
+            str(lab_file),
+            "--out",
+            str(out),
+            "--gene-column",
+            GENES,
+            "--block-cells",
+            "70",
+            "--batch-size",
+            "16",
+            "--no-progress",
+            "--gene-embeddings",
+        ]
+    )
     assert code == 0
     original, embedded = ad.read_h5ad(lab_file), ad.read_h5ad(out)
     assert list(embedded.obs_names) == list(original.obs_names)
@@ -70,8 +87,25 @@ def test_the_python_api_matches_and_blocks_and_processes_do_not_change_results(p
     blocked = embed(pretrained_geneformer, lab_file, gene_column=GENES, block_cells=50, batch_size=7)
     np.testing.assert_allclose(blocked, whole, atol=1e-5)
     out = tmp_path / "two.h5ad"
-    assert main(["embed", "--model", str(pretrained_geneformer), "--data", str(lab_file), "--out", str(out), "--gene-column", GENES,
-                 "--devices", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(pretrained_geneformer),
+                "--data",
+                str(lab_file),
+                "--out",
+                str(out),
+                "--gene-column",
+                GENES,
+                "--devices",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(ad.read_h5ad(out).obsm["X_celltron"], whole, atol=1e-5)
 
 
@@ -87,23 +121,70 @@ def test_pooling_and_layer_choices(pretrained_geneformer, lab_file):
 
 def test_bad_input_is_refused_and_nothing_is_left_behind(pretrained_geneformer, lab_file, tmp_path):
     out = tmp_path / "out.h5ad"
-    assert main(["embed", "--model", str(pretrained_geneformer), "--data", str(lab_file), "--out", str(out),
-                 "--gene-column", "no_such_column", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(pretrained_geneformer),
+                "--data",
+                str(lab_file),
+                "--out",
+                str(out),
+                "--gene-column",
+                "no_such_column",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert not out.exists() and not list(tmp_path.iterdir())
     normalised = ad.read_h5ad(lab_file)
     normalised.X = normalised.X.astype(np.float32) / 3.0
     bad = tmp_path / "normalised.h5ad"
     normalised.write_h5ad(bad)
-    assert main(["embed", "--model", str(pretrained_geneformer), "--data", str(bad), "--out", str(out), "--gene-column", GENES,
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(pretrained_geneformer),
+                "--data",
+                str(bad),
+                "--out",
+                str(out),
+                "--gene-column",
+                GENES,
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert not out.exists()
 
 
 def test_embedding_in_place_replaces_the_file_only_when_done(pretrained_geneformer, lab_file, tmp_path):
     target = tmp_path / "in_place.h5ad"
     target.write_bytes(lab_file.read_bytes())
-    assert main(["embed", "--model", str(pretrained_geneformer), "--data", str(target), "--out", str(target), "--gene-column", GENES,
-                 "--key", "X_gf", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(pretrained_geneformer),
+                "--data",
+                str(target),
+                "--out",
+                str(target),
+                "--gene-column",
+                GENES,
+                "--key",
+                "X_gf",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert ad.read_h5ad(target).obsm["X_gf"].shape[0] == ad.read_h5ad(lab_file).n_obs
 
 

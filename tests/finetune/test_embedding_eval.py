@@ -31,8 +31,22 @@ def pbmc_embeddings(pbmc4k, tmp_path_factory):
 
 def test_a_stored_pca_matches_the_baseline_and_noise_scores_at_chance(pbmc_embeddings, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["evaluate-embedding", "--data", str(pbmc_embeddings), "--key", "X_pca_copy", "--label-key", "Annotation",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate-embedding",
+                "--data",
+                str(pbmc_embeddings),
+                "--key",
+                "X_pca_copy",
+                "--label-key",
+                "Annotation",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     model, pca = metrics["model"], metrics["baselines"]["pca_knn"]
     for metric in ("accuracy", "macro_f1"):
@@ -64,7 +78,9 @@ def _two_batches(path, n_per_group: int = 60, seed: int = 0):
     centres = rng.normal(0, 4, size=(3, 10))
     corrected = centres[pd.factorize(labels)[0]] + rng.normal(size=(len(labels), 10))
     shift = np.where(batches == "b2", 6.0, 0.0)[:, None] * np.eye(10)[0]
-    adata = ad.AnnData(counts, obs=pd.DataFrame({"cell_type": labels, "batch": batches}, index=[f"c{i}" for i in range(len(labels))]))
+    adata = ad.AnnData(
+        counts, obs=pd.DataFrame({"cell_type": labels, "batch": batches}, index=[f"c{i}" for i in range(len(labels))])
+    )
     adata.obsm["X_corrected"] = corrected.astype(np.float32)
     adata.obsm["X_shifted"] = (corrected + shift).astype(np.float32)
     adata.write_h5ad(path)
@@ -96,8 +112,28 @@ def test_kbet_through_the_command_line_rejects_the_batch_shift(tmp_path, capsys)
     kbet = {}
     for key in ("X_shifted", "X_corrected"):
         out = tmp_path / key
-        assert main(["evaluate-embedding", "--data", str(path), "--key", key, "--label-key", "cell_type", "--batch-key", "batch",
-                     "--out", str(out), "--no-umap", "--batch-metrics", "kbet", "ilisi"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate-embedding",
+                    "--data",
+                    str(path),
+                    "--key",
+                    key,
+                    "--label-key",
+                    "cell_type",
+                    "--batch-key",
+                    "batch",
+                    "--out",
+                    str(out),
+                    "--no-umap",
+                    "--batch-metrics",
+                    "kbet",
+                    "ilisi",
+                ]
+            )
+            == 0
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         assert set(metrics["model"]) >= {"kbet", "ilisi"} and "silhouette_batch" not in metrics["model"]
         assert "kbet" in metrics["baselines"]["pca_knn"] and metrics["split"]["batch_key"] == "batch"
@@ -105,8 +141,24 @@ def test_kbet_through_the_command_line_rejects_the_batch_shift(tmp_path, capsys)
         kbet[key] = metrics["model"]["kbet"]
     assert kbet["X_shifted"] < kbet["X_corrected"] - 0.1
     assert "batch integration over 'batch'" in capsys.readouterr().out
-    assert main(["evaluate-embedding", "--data", str(path), "--key", "X_shifted", "--label-key", "cell_type",
-                 "--batch-key", "batch", "--batch-metrics", "lisi"]) == 2
+    assert (
+        main(
+            [
+                "evaluate-embedding",
+                "--data",
+                str(path),
+                "--key",
+                "X_shifted",
+                "--label-key",
+                "cell_type",
+                "--batch-key",
+                "batch",
+                "--batch-metrics",
+                "lisi",
+            ]
+        )
+        == 2
+    )
     assert "unknown ['lisi']" in capsys.readouterr().err
 
 
@@ -124,8 +176,22 @@ def test_missing_inputs_are_named_with_the_file_and_the_fix(tmp_path, capsys):
     adata = ad.read_h5ad(path)
     adata.X = adata.X.log1p()  # what a normalised file looks like
     adata.write_h5ad(tmp_path / "logged.h5ad")
-    assert main(["evaluate-embedding", "--data", str(tmp_path / "logged.h5ad"), "--key", "X_corrected",
-                 "--label-key", "cell_type", "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "evaluate-embedding",
+                "--data",
+                str(tmp_path / "logged.h5ad"),
+                "--key",
+                "X_corrected",
+                "--label-key",
+                "cell_type",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     error = capsys.readouterr().err
     assert "logged.h5ad: --layer X is not raw counts" in error and "non-integer" in error and "--layer" in error
     assert main(["evaluate-embedding", "--data", str(tmp_path / "absent.h5ad"), "--key", "X", "--label-key", "y"]) == 2

@@ -28,7 +28,11 @@ def test_a_perfect_ranking_scores_one_and_its_reverse_scores_low():
     truth = set(zip(TRUTH.tf, TRUTH.target))
     perfect = evaluate_edges(_scored(lambda tf, t: float((tf, t) in truth)), TRUTH)
     density = 4 / (3 * 20)
-    assert perfect["auprc"] == 1 and perfect["auprc_ratio"] == pytest.approx(1 / density) and perfect["epr"] == pytest.approx(1 / density)
+    assert (
+        perfect["auprc"] == 1
+        and perfect["auprc_ratio"] == pytest.approx(1 / density)
+        and perfect["epr"] == pytest.approx(1 / density)
+    )
     assert perfect["n_true_edges"] == 4 and perfect["n_scored_edges"] == 60
     reverse = evaluate_edges(_scored(lambda tf, t: -float((tf, t) in truth)), TRUTH)
     assert reverse["epr"] == 0 and reverse["auprc_ratio"] < 1
@@ -76,8 +80,25 @@ def test_bundled_tf_lists_hold_known_regulators():
 def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_geneformer, tmp_path):
     data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
     truth = shared_file("grn/trrust_rawdata.human.tsv")
-    code = main(["grn", "--model", str(pretrained_geneformer), "--data", str(data), "--gene-column", "gene_symbol_original",
-                 "--truth", str(truth), "--out", str(tmp_path), "--max-cells", "150", "--top-genes", "300"])
+    code = main(
+        [
+            "grn",
+            "--model",
+            str(pretrained_geneformer),
+            "--data",
+            str(data),
+            "--gene-column",
+            "gene_symbol_original",
+            "--truth",
+            str(truth),
+            "--out",
+            str(tmp_path),
+            "--max-cells",
+            "150",
+            "--top-genes",
+            "300",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "embedding"
@@ -108,8 +129,25 @@ def test_tree_baseline_finds_nonlinear_regulation():
 
 def test_attention_method_scores_pairs_the_cells_hold(pretrained_geneformer, tmp_path):
     data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
-    code = main(["grn", "--model", str(pretrained_geneformer), "--data", str(data), "--gene-column", "gene_symbol_original",
-                 "--method", "attention", "--out", str(tmp_path), "--max-cells", "40", "--top-genes", "200"])
+    code = main(
+        [
+            "grn",
+            "--model",
+            str(pretrained_geneformer),
+            "--data",
+            str(data),
+            "--gene-column",
+            "gene_symbol_original",
+            "--method",
+            "attention",
+            "--out",
+            str(tmp_path),
+            "--max-cells",
+            "40",
+            "--top-genes",
+            "200",
+        ]
+    )
     assert code == 0
     edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
     assert set(edges.method) == {"attention"}
@@ -121,8 +159,27 @@ def test_attention_method_scores_pairs_the_cells_hold(pretrained_geneformer, tmp
 def test_in_silico_deletion_scores_embedding_shifts_and_reports_its_speed(pretrained_geneformer, tmp_path):
     data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
     truth = shared_file("grn/trrust_rawdata.human.tsv")
-    code = main(["grn", "--model", str(pretrained_geneformer), "--data", str(data), "--gene-column", "gene_symbol_original",
-                 "--method", "in-silico", "--truth", str(truth), "--out", str(tmp_path), "--max-cells", "20", "--top-genes", "150"])
+    code = main(
+        [
+            "grn",
+            "--model",
+            str(pretrained_geneformer),
+            "--data",
+            str(data),
+            "--gene-column",
+            "gene_symbol_original",
+            "--method",
+            "in-silico",
+            "--truth",
+            str(truth),
+            "--out",
+            str(tmp_path),
+            "--max-cells",
+            "20",
+            "--top-genes",
+            "150",
+        ]
+    )
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "in-silico" and metrics["cells_x_tfs_per_second"] > 0

@@ -18,9 +18,21 @@ from celltron.finetune.adapt import load_encoder
 from celltron.finetune.config import AdaptSection
 from celltron.finetune.data import load_model_tokenizer, read_lab_data, tokenize_cells
 from celltron.finetune.perturbation import (
-    PerturbationModel, PerturbationPairs, collate_pairs, flag_targets, specials_of, target_tokens,
+    PerturbationModel,
+    PerturbationPairs,
+    collate_pairs,
+    flag_targets,
+    specials_of,
+    target_tokens,
 )
-from celltron.finetune.perturbation_eval import METRICS, additive_baseline, evaluate, pseudobulk, simulation_split, train_mean_baseline
+from celltron.finetune.perturbation_eval import (
+    METRICS,
+    additive_baseline,
+    evaluate,
+    pseudobulk,
+    simulation_split,
+    train_mean_baseline,
+)
 from celltron.finetune.simulate import simulate_screen
 from tests.conftest import shared_file
 
@@ -28,7 +40,9 @@ EOS, CLS = 9, 8
 
 
 def test_flag_targets_flags_present_genes_and_adds_absent_ones_before_eos():
-    ids, values, flags = flag_targets(np.array([CLS, 5, 6, 7, EOS]), np.array([0, 3.0, 2.0, 1.0, 0]), np.array([6, 42]), {CLS, EOS}, None)
+    ids, values, flags = flag_targets(
+        np.array([CLS, 5, 6, 7, EOS]), np.array([0, 3.0, 2.0, 1.0, 0]), np.array([6, 42]), {CLS, EOS}, None
+    )
     assert ids.tolist() == [CLS, 5, 6, 7, 42, EOS]
     assert flags.tolist() == [0, 0, 1, 0, 1, 0]
     assert values.tolist() == [0, 3.0, 2.0, 1.0, 0.0, 0]
@@ -74,8 +88,9 @@ def test_heads_start_at_the_training_mean_and_learn_for_every_family(family, fam
     targets = list(target_tokens(perturbations, tokenizer.vocab, lab.species, "screen").values())
     for head in ("retrieval", "bilinear"):
         torch.manual_seed(0)
-        model = PerturbationModel(load_encoder(family_folders[family], AdaptSection()), gene_tokens, screen.control_mean,
-                                  shifts, targets, head=head)
+        model = PerturbationModel(
+            load_encoder(family_folders[family], AdaptSection()), gene_tokens, screen.control_mean, shifts, targets, head=head
+        )
         with torch.no_grad():  # an unseen perturbation, before training: the training mean
             unseen = model(**{**batch, "perturbation": torch.full((8,), -1)})
             start = model(**batch)
@@ -117,8 +132,23 @@ def _finetune(*args) -> int:
 
 def test_finetune_writes_the_metrics_predictions_and_plots(pretrained_geneformer, screen_file, tmp_path, capsys):
     out = tmp_path / "run"
-    code = _finetune("--model", str(pretrained_geneformer), "--data", str(screen_file), "--out", str(out), "--max-steps", "12",
-                     "--seeds", "0", "1", "--split", "simulation", "--lora", "4")
+    code = _finetune(
+        "--model",
+        str(pretrained_geneformer),
+        "--data",
+        str(screen_file),
+        "--out",
+        str(out),
+        "--max-steps",
+        "12",
+        "--seeds",
+        "0",
+        "1",
+        "--split",
+        "simulation",
+        "--lora",
+        "4",
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["baselines"]) == {"control_mean", "train_mean", "additive", "linear"}
@@ -139,9 +169,26 @@ def test_finetune_writes_the_metrics_predictions_and_plots(pretrained_geneformer
 
 def test_baselines_only_needs_no_model_and_recovers_additive_double_perturbations(tmp_path):
     path = tmp_path / "additive.h5ad"
-    screen = simulate_screen(n_genes=80, n_targets=10, n_combos=15, cells_per_perturbation=200, n_control=400, interaction=0.0, seed=1)
+    screen = simulate_screen(
+        n_genes=80, n_targets=10, n_combos=15, cells_per_perturbation=200, n_control=400, interaction=0.0, seed=1
+    )
     screen.adata.write_h5ad(path)
-    assert _finetune("--baselines-only", "--data", str(path), "--out", str(tmp_path / "b"), "--split", "simulation", "--seeds", "0", "1", "2") == 0
+    assert (
+        _finetune(
+            "--baselines-only",
+            "--data",
+            str(path),
+            "--out",
+            str(tmp_path / "b"),
+            "--split",
+            "simulation",
+            "--seeds",
+            "0",
+            "1",
+            "2",
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert metrics["model"] is None
     seen2 = metrics["groups"]["combo_seen2"]
@@ -153,8 +200,9 @@ def test_baselines_only_needs_no_model_and_recovers_additive_double_perturbation
 def test_simulated_interactions_break_the_additive_baseline():
     scores = {}
     for interaction in (0.0, 2.0):
-        screen = simulate_screen(n_genes=80, n_targets=10, n_combos=15, cells_per_perturbation=200, n_control=400,
-                                 interaction=interaction, seed=2)
+        screen = simulate_screen(
+            n_genes=80, n_targets=10, n_combos=15, cells_per_perturbation=200, n_control=400, interaction=interaction, seed=2
+        )
         data = pseudobulk(screen.adata, "perturbation", "control")
         split = simulation_split(data.perturbations, 0.2, seed=0)
         combos = split["combo_seen2"]
@@ -202,10 +250,36 @@ def test_two_process_ddp_fine_tuning_writes_one_result(family_folders, screen_fi
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "celltron.cli",
-               "finetune", "perturbation", "--model", str(family_folders["geneformer"]), "--data", str(screen_file),
-               "--out", str(tmp_path), "--devices", "2", "--strategy", "ddp", "--max-steps", "6", "--seeds", "0", "1",
-               "--set", "trainer.accelerator=cpu", "--set", "logging.progress_bar=false"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "celltron.cli",
+        "finetune",
+        "perturbation",
+        "--model",
+        str(family_folders["geneformer"]),
+        "--data",
+        str(screen_file),
+        "--out",
+        str(tmp_path),
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--max-steps",
+        "6",
+        "--seeds",
+        "0",
+        "1",
+        "--set",
+        "trainer.accelerator=cpu",
+        "--set",
+        "logging.progress_bar=false",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert done.stdout.count("wrote ") == 1  # only the first process evaluates and writes
@@ -215,8 +289,20 @@ def test_two_process_ddp_fine_tuning_writes_one_result(family_folders, screen_fi
 
 
 def test_a_stopped_fine_tuning_resumes_to_the_same_weights(family_folders, screen_file, tmp_path, capsys):
-    args = ["--model", str(family_folders["geneformer"]), "--data", str(screen_file), "--max-steps", "8", "--seeds", "0",
-            "--set", "trainer.checkpoint_every=100", "--set", "model.lora_dropout=0.0"]
+    args = [
+        "--model",
+        str(family_folders["geneformer"]),
+        "--data",
+        str(screen_file),
+        "--max-steps",
+        "8",
+        "--seeds",
+        "0",
+        "--set",
+        "trainer.checkpoint_every=100",
+        "--set",
+        "model.lora_dropout=0.0",
+    ]
     assert _finetune(*args, "--out", str(tmp_path / "whole")) == 0
     assert _finetune(*args, "--out", str(tmp_path / "split"), "--set", "trainer.stop_at_step=4") == 0
     assert "continue with --resume auto" in capsys.readouterr().out

@@ -7,8 +7,16 @@ import numpy as np
 import pytest
 
 from celltron.finetune.perturbation_eval import (
-    METRICS, PerturbationData, additive_baseline, baseline_report, evaluate, heldout_split, linear_baseline,
-    perturbation_metrics, pseudobulk, simulation_split,
+    METRICS,
+    PerturbationData,
+    additive_baseline,
+    baseline_report,
+    evaluate,
+    heldout_split,
+    linear_baseline,
+    perturbation_metrics,
+    pseudobulk,
+    simulation_split,
 )
 from tests.conftest import shared_file
 

@@ -21,9 +21,17 @@ EXTRA = ["--corpus", "s3://cells/corpus"]
 
 
 def _spec(nodes: int, backend: str) -> ClusterSpec:
-    return ClusterSpec(backend=backend, nodes=nodes, gpus_per_node=8, hosts=[f"gpu{i:03d}" for i in range(nodes)],
-                       partition="h100", account="lab", time="48:00:00", cpus_per_task=12,
-                       setup=["source /shared/venv/bin/activate"]).check()
+    return ClusterSpec(
+        backend=backend,
+        nodes=nodes,
+        gpus_per_node=8,
+        hosts=[f"gpu{i:03d}" for i in range(nodes)],
+        partition="h100",
+        account="lab",
+        time="48:00:00",
+        cpus_per_task=12,
+        setup=["source /shared/venv/bin/activate"],
+    ).check()
 
 
 def _render(kind: str, nodes: int) -> str:
@@ -56,11 +64,48 @@ def test_slurm_shape_mismatch_is_refused_with_the_fix():
 
 
 def test_launch_dry_run_writes_and_prints(tmp_path, capsys):
-    assert main(["launch", CONFIG, "--backend", "slurm", "--nodes", "2", "--gpus-per-node", "8", "--time", "01:00:00",
-                 "--out", str(tmp_path), "--dry-run", "--", "--corpus", "s3://cells/corpus"]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                CONFIG,
+                "--backend",
+                "slurm",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "8",
+                "--time",
+                "01:00:00",
+                "--out",
+                str(tmp_path),
+                "--dry-run",
+                "--",
+                "--corpus",
+                "s3://cells/corpus",
+            ]
+        )
+        == 0
+    )
     script = (tmp_path / "launch" / "job.sbatch").read_text()
     assert "--ntasks-per-node=8" in script and "--corpus s3://cells/corpus" in script and "--num-nodes 2 --devices 8" in script
     assert f"sbatch {tmp_path}/launch/job.sbatch" in capsys.readouterr().out
-    assert main(["launch", CONFIG, "--backend", "torchrun", "--nodes", "2", "--gpus-per-node", "8", "--out", str(tmp_path),
-                 "--dry-run"]) == 2
+    assert (
+        main(
+            [
+                "launch",
+                CONFIG,
+                "--backend",
+                "torchrun",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "8",
+                "--out",
+                str(tmp_path),
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     assert "--hosts" in capsys.readouterr().err

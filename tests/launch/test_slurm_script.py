@@ -36,12 +36,17 @@ def slurm_bin(tmp_path, monkeypatch):
 
 
 def test_launch_submits_with_sbatch(tmp_path, slurm_bin, capsys):
-    assert main(["launch", CONFIG, "--backend", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(["launch", CONFIG, "--backend", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--out", str(tmp_path / "run")])
+        == 0
+    )
     assert "submitted SLURM job 4242" in capsys.readouterr().out
     assert f"sbatch {tmp_path}/run/launch/job.sbatch" in slurm_bin.read_text()
 
 
-@pytest.mark.parametrize("srun_exit, finished, requeued", [(0, False, True), (75, False, True), (0, True, False), (1, False, False)])
+@pytest.mark.parametrize(
+    "srun_exit, finished, requeued", [(0, False, True), (75, False, True), (0, True, False), (1, False, False)]
+)
 def test_script_requeues_only_a_clean_unfinished_stop(tmp_path, slurm_bin, srun_exit, finished, requeued):
     out = tmp_path / "run"
     (out / "export").mkdir(parents=True)
@@ -50,8 +55,13 @@ def test_script_requeues_only_a_clean_unfinished_stop(tmp_path, slurm_bin, srun_
     spec = ClusterSpec(backend="slurm", nodes=2, gpus_per_node=4, python=sys.executable).check()
     script = tmp_path / "job.sbatch"
     script.write_text(sbatch_script(spec, CONFIG, out))
-    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[001-002]", "SLURM_CPUS_PER_TASK": "8",
-           "SRUN_EXIT": str(srun_exit)}
+    env = {
+        **os.environ,
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node[001-002]",
+        "SLURM_CPUS_PER_TASK": "8",
+        "SRUN_EXIT": str(srun_exit),
+    }
     done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert done.returncode == srun_exit, done.stderr
     calls = slurm_bin.read_text()

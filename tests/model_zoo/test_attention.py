@@ -28,8 +28,10 @@ def test_varlen_path_matches_the_masked_path(family, monkeypatch):
     import torch.nn.attention.varlen as varlen
 
     rng = np.random.default_rng(0)
-    cells = [{"input_ids": np.concatenate([[2], rng.integers(4, VOCAB, int(n))]), "values": rng.random(int(n) + 1).astype(np.float32)}
-             for n in rng.integers(5, 40, 10)]
+    cells = [
+        {"input_ids": np.concatenate([[2], rng.integers(4, VOCAB, int(n))]), "values": rng.random(int(n) + 1).astype(np.float32)}
+        for n in rng.integers(5, 40, 10)
+    ]
     batch = PackingCollator(96, 0)(list(pack_stream(iter(cells), 96)))
     torch.manual_seed(0)
     model = build_model(family, "debug", vocab_size=VOCAB, attention_backend="sdpa").eval()

@@ -16,8 +16,15 @@ PRIORS = {"promoter": 6, "coexpression": 3}
 
 def _model(**overrides):
     torch.manual_seed(0)
-    config = GeneCompassConfig.from_size("debug", vocab_size=VOCAB, prior_dims=PRIORS, species_token_ids=SPECIES,
-                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **overrides)
+    config = GeneCompassConfig.from_size(
+        "debug",
+        vocab_size=VOCAB,
+        prior_dims=PRIORS,
+        species_token_ids=SPECIES,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **overrides,
+    )
     model = GeneCompassForPretraining(config).eval()
     rng = np.random.default_rng(0)
     for name, width in PRIORS.items():
@@ -37,8 +44,15 @@ def _cells(n, seed=0):
 
 
 def _collator(probability=0.0, seed=0):
-    return MLMCollator(0, 1, [0, 1, 2, 3, *SPECIES], VOCAB, probability=probability,
-                       generator=torch.Generator().manual_seed(seed), values_key="values")
+    return MLMCollator(
+        0,
+        1,
+        [0, 1, 2, 3, *SPECIES],
+        VOCAB,
+        probability=probability,
+        generator=torch.Generator().manual_seed(seed),
+        values_key="values",
+    )
 
 
 def test_priors_and_species_shape_the_embedding_and_are_saved(tmp_path):

@@ -61,7 +61,12 @@ def test_padded_and_packed_give_the_same_cells(reference_folder, pooling):
     packed = PackingCollator(128, 0)(packs)
     with torch.no_grad():
         a = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"])
-        b = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"], position_ids=packed["position_ids"], cu_seqlens=packed["cu_seqlens"])
+        b = model(
+            input_ids=packed["input_ids"],
+            attention_mask=packed["attention_mask"],
+            position_ids=packed["position_ids"],
+            cu_seqlens=packed["cu_seqlens"],
+        )
     assert torch.allclose(a.cell_embedding, b.cell_embedding, atol=1e-5)
     cu = packed["cu_seqlens"]
     flat = [(r, int(cu[r][k]), int(cu[r][k + 1])) for r, pack in enumerate(packs) for k in range(len(pack))]

@@ -15,10 +15,15 @@ VOCAB = 500
 
 def _packed(device):
     rng = np.random.default_rng(0)
-    cells = [{"input_ids": np.concatenate([[2], rng.integers(4, VOCAB, int(n))]), "values": rng.random(int(n) + 1).astype(np.float32)}
-             for n in rng.integers(20, 300, 24)]
+    cells = [
+        {"input_ids": np.concatenate([[2], rng.integers(4, VOCAB, int(n))]), "values": rng.random(int(n) + 1).astype(np.float32)}
+        for n in rng.integers(20, 300, 24)
+    ]
     batch = PackingCollator(1024, 0)(list(pack_stream(iter(cells), 1024)))
-    return {k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v) for k, v in batch.items()}
+    return {
+        k: (v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v)
+        for k, v in batch.items()
+    }
 
 
 BACKENDS = ["varlen"] + (["flash_attn"] if _flash_attn_installed() else [])

@@ -29,12 +29,16 @@ def test_published_sizes_have_their_parameter_counts():
 
 def _batch(family, seed=0):
     rng = np.random.default_rng(seed)
-    cells = [{"input_ids": np.concatenate([[2], rng.integers(4, VOCAB, int(n))]), "values": rng.random(int(n) + 1).astype(np.float32)}
-             for n in rng.integers(5, 20, 4)]
+    cells = [
+        {"input_ids": np.concatenate([[2], rng.integers(4, VOCAB, int(n))]), "values": rng.random(int(n) + 1).astype(np.float32)}
+        for n in rng.integers(5, 20, 4)
+    ]
     if family == "scgpt":
         return ValueMaskingCollator(0, mask_ratio=0.3, generator=torch.Generator().manual_seed(seed))(cells)
     values_key = "values" if family == "genecompass" else None
-    return MLMCollator(0, 1, [0, 1, 2, 3], VOCAB, probability=0.3, generator=torch.Generator().manual_seed(seed), values_key=values_key)(cells)
+    return MLMCollator(
+        0, 1, [0, 1, 2, 3], VOCAB, probability=0.3, generator=torch.Generator().manual_seed(seed), values_key=values_key
+    )(cells)
 
 
 def _debug(family, **overrides):
@@ -86,7 +90,9 @@ def test_compile_checkpointing_and_bf16(family):
 
 def _official_geneformer(folder):
     torch.manual_seed(0)
-    reference = BertForMaskedLM(GeneformerConfig.from_size("10M", num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32))
+    reference = BertForMaskedLM(
+        GeneformerConfig.from_size("10M", num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    )
     reference.save_pretrained(folder, safe_serialization=False)  # the released folders hold pytorch_model.bin
     return reference.eval()
 

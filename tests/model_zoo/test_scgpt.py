@@ -26,8 +26,21 @@ def _official_checkpoint(folder, layout: str, **options):
     """A randomly initialised scGPT TransformerModel saved as scGPT releases it."""
     torch.manual_seed(0)
     Reference = reference_transformer_model()
-    kwargs = dict(ntoken=VOCAB, d_model=32, nhead=4, d_hid=48, nlayers=2, nlayers_cls=3, n_cls=5, vocab={"<pad>": 0},
-                  dropout=0.2, pad_token="<pad>", pad_value=-2, do_mvc=True, cell_emb_style="cls")
+    kwargs = dict(
+        ntoken=VOCAB,
+        d_model=32,
+        nhead=4,
+        d_hid=48,
+        nlayers=2,
+        nlayers_cls=3,
+        n_cls=5,
+        vocab={"<pad>": 0},
+        dropout=0.2,
+        pad_token="<pad>",
+        pad_value=-2,
+        do_mvc=True,
+        cell_emb_style="cls",
+    )
     kwargs.update(options)
     reference = Reference(**kwargs)
     with torch.no_grad():  # make every LayerNorm and bias matter
@@ -39,10 +52,23 @@ def _official_checkpoint(folder, layout: str, **options):
         state = {k.replace("self_attn.in_proj_", "self_attn.Wqkv."): v for k, v in state.items()}
     folder.mkdir()
     torch.save(state, folder / "best_model.pt")
-    args = {"embsize": 32, "nheads": 4, "d_hid": 48, "nlayers": 2, "n_layers_cls": 3, "dropout": 0.2, "pad_token": "<pad>",
-            "pad_value": -2, "mask_value": -1, "n_bins": N_BINS, "input_style": "binned",
-            "input_emb_style": kwargs.get("input_emb_style", "continuous"), "MVC": True, "fast_transformer": layout == "flash",
-            "max_seq_len": 64}
+    args = {
+        "embsize": 32,
+        "nheads": 4,
+        "d_hid": 48,
+        "nlayers": 2,
+        "n_layers_cls": 3,
+        "dropout": 0.2,
+        "pad_token": "<pad>",
+        "pad_value": -2,
+        "mask_value": -1,
+        "n_bins": N_BINS,
+        "input_style": "binned",
+        "input_emb_style": kwargs.get("input_emb_style", "continuous"),
+        "MVC": True,
+        "fast_transformer": layout == "flash",
+        "max_seq_len": 64,
+    }
     (folder / "args.json").write_text(json.dumps(args))
     (folder / "vocab.json").write_text(json.dumps(_scgpt_vocab()))
     return reference.eval()
@@ -54,7 +80,9 @@ def _cells(n, seed=0, binned=False):
     for _ in range(n):
         length = int(rng.integers(5, 30))
         ids = np.concatenate([[1], rng.choice(np.arange(3, VOCAB), length, replace=False)])
-        values = rng.integers(1, N_BINS, length + 1).astype(np.float32) if binned else rng.random(length + 1).astype(np.float32) * 5
+        values = (
+            rng.integers(1, N_BINS, length + 1).astype(np.float32) if binned else rng.random(length + 1).astype(np.float32) * 5
+        )
         values[0] = 0.0
         cells.append({"input_ids": ids, "values": values})
     return cells
@@ -62,7 +90,12 @@ def _cells(n, seed=0, binned=False):
 
 CASES = {
     "flash-continuous-mvc-zero": ("flash", dict(explicit_zero_prob=True)),
-    "torch-category-batch": ("torch", dict(input_emb_style="category", n_input_bins=N_BINS + 2, use_batch_labels=True, num_batch_labels=3, pad_value=N_BINS + 1)),
+    "torch-category-batch": (
+        "torch",
+        dict(
+            input_emb_style="category", n_input_bins=N_BINS + 2, use_batch_labels=True, num_batch_labels=3, pad_value=N_BINS + 1
+        ),
+    ),
 }
 
 
@@ -78,8 +111,13 @@ def test_converted_checkpoint_gives_the_reference_outputs(tmp_path, case):
     batch_labels = torch.tensor([0, 1, 2, 0, 1, 2]) if options.get("use_batch_labels") else None
     with torch.no_grad():
         expected = reference(batch["input_ids"], batch["values"], padding, batch_labels=batch_labels, CLS=True, MVC=True)
-        got = model(input_ids=batch["input_ids"], values=batch["values"], attention_mask=batch["attention_mask"],
-                    batch_labels=batch_labels, classify=True)
+        got = model(
+            input_ids=batch["input_ids"],
+            values=batch["values"],
+            attention_mask=batch["attention_mask"],
+            batch_labels=batch_labels,
+            classify=True,
+        )
     real = ~padding
     assert torch.allclose(got.cell_embedding, expected["cell_emb"], atol=1e-5)
     assert torch.allclose(got.expression[real], expected["mlm_output"][real], atol=1e-5)
@@ -111,9 +149,16 @@ def test_padded_and_packed_give_the_same_cells():
     packs = list(pack_stream(iter(cells), max_tokens=80))
     packed = PackingCollator(80, 0)(packs)
     with torch.no_grad():
-        a = model(input_ids=padded["input_ids"], values=padded["values"], attention_mask=padded["attention_mask"], batch_labels=labels)
-        b = model(input_ids=packed["input_ids"], values=packed["values"], attention_mask=packed["attention_mask"],
-                  cu_seqlens=packed["cu_seqlens"], batch_labels=labels)
+        a = model(
+            input_ids=padded["input_ids"], values=padded["values"], attention_mask=padded["attention_mask"], batch_labels=labels
+        )
+        b = model(
+            input_ids=packed["input_ids"],
+            values=packed["values"],
+            attention_mask=packed["attention_mask"],
+            cu_seqlens=packed["cu_seqlens"],
+            batch_labels=labels,
+        )
     assert torch.allclose(a.cell_embedding, b.cell_embedding, atol=1e-5)
     spans = [(r, int(cu[k]), int(cu[k + 1])) for r, cu in enumerate(packed["cu_seqlens"]) for k in range(len(packs[r]))]
     for i, (r, lo, hi) in enumerate(spans):

@@ -19,12 +19,41 @@ STEPS = 6
 
 def _torchrun(corpus, out, strategy: str, *sets: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CELLTRON_DEEPSPEED_CPU": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "celltron.cli",
-               "pretrain", str(CONFIGS / "pretrain" / "geneformer_debug.yaml"), "--corpus", str(corpus.location),
-               "--out", str(out), "--devices", "2", "--strategy", strategy, "--max-steps", str(STEPS), "--resume", "auto",
-               "--set", "trainer.accelerator=cpu", "--set", "trainer.log_every=1", "--set", "trainer.val_every=100",
-               "--set", "trainer.checkpoint_every=100", "--set", "logging.progress_bar=false",
-               "--set", "model.overrides.hidden_dropout_prob=0.0"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "celltron.cli",
+        "pretrain",
+        str(CONFIGS / "pretrain" / "geneformer_debug.yaml"),
+        "--corpus",
+        str(corpus.location),
+        "--out",
+        str(out),
+        "--devices",
+        "2",
+        "--strategy",
+        strategy,
+        "--max-steps",
+        str(STEPS),
+        "--resume",
+        "auto",
+        "--set",
+        "trainer.accelerator=cpu",
+        "--set",
+        "trainer.log_every=1",
+        "--set",
+        "trainer.val_every=100",
+        "--set",
+        "trainer.checkpoint_every=100",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "model.overrides.hidden_dropout_prob=0.0",
+    ]
     for item in sets:
         command += ["--set", item]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -83,9 +112,13 @@ def test_two_processes_resume_on_one(demo_corpus, tmp_path):
 
     _torchrun(demo_corpus, tmp_path, "ddp", f"trainer.stop_at_step={STEPS // 2}")
     config = load_config(CONFIGS / "pretrain" / "geneformer_debug.yaml")
-    config = replace(config, data={"corpus": str(demo_corpus.location)}, logging={"progress_bar": False},
-                     trainer={"max_steps": STEPS, "log_every": 1, "val_every": 100, "checkpoint_every": 100, "accelerator": "cpu"},
-                     model={"overrides": {"hidden_dropout_prob": 0.0}})
+    config = replace(
+        config,
+        data={"corpus": str(demo_corpus.location)},
+        logging={"progress_bar": False},
+        trainer={"max_steps": STEPS, "log_every": 1, "val_every": 100, "checkpoint_every": 100, "accelerator": "cpu"},
+        model={"overrides": {"hidden_dropout_prob": 0.0}},
+    )
     with pytest.warns(UserWarning, match="data continues at the start of epoch 1"):
         result = pretrain(config, tmp_path, resume="auto")
     assert result.steps == STEPS and (tmp_path / "export" / "model.safetensors").exists()
@@ -104,17 +137,48 @@ def test_two_nodes_on_one_machine_train_as_one_job(strategy, demo_corpus, ddp_ru
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    spec = ClusterSpec(backend="torchrun", nodes=2, gpus_per_node=1, hosts=["127.0.0.1", "127.0.0.1"], port=port,
-                       job_name="two-nodes", python=sys.executable).check()
-    extra = ["--corpus", str(demo_corpus.location), "--strategy", strategy, "--max-steps", str(STEPS),
-             "--set", "trainer.accelerator=cpu", "--set", "trainer.log_every=1", "--set", "trainer.val_every=100",
-             "--set", "trainer.checkpoint_every=100", "--set", "logging.progress_bar=false",
-             "--set", "model.overrides.hidden_dropout_prob=0.0"]
+    spec = ClusterSpec(
+        backend="torchrun",
+        nodes=2,
+        gpus_per_node=1,
+        hosts=["127.0.0.1", "127.0.0.1"],
+        port=port,
+        job_name="two-nodes",
+        python=sys.executable,
+    ).check()
+    extra = [
+        "--corpus",
+        str(demo_corpus.location),
+        "--strategy",
+        strategy,
+        "--max-steps",
+        str(STEPS),
+        "--set",
+        "trainer.accelerator=cpu",
+        "--set",
+        "trainer.log_every=1",
+        "--set",
+        "trainer.val_every=100",
+        "--set",
+        "trainer.checkpoint_every=100",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "model.overrides.hidden_dropout_prob=0.0",
+    ]
     if strategy.startswith("deepspeed"):
         extra += ["--set", f"trainer.deepspeed_config={CONFIGS.parent / 'configs' / 'deepspeed' / 'zero2.json'}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CELLTRON_DEEPSPEED_CPU": "1"}
-    nodes = [subprocess.Popen(torchrun_command(spec, CONFIGS / "pretrain" / "geneformer_debug.yaml", tmp_path, rank, extra),
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    nodes = [
+        subprocess.Popen(
+            torchrun_command(spec, CONFIGS / "pretrain" / "geneformer_debug.yaml", tmp_path, rank, extra),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(2)
+    ]
     logs = [node.communicate(timeout=600)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     got, expected = _losses(tmp_path), _losses(ddp_run)
@@ -135,10 +199,26 @@ def test_a_lost_rank_stops_the_job_fast_and_a_relaunch_resumes(demo_corpus, tmp_
     from celltron.launch.commands import torchrun_command
 
     steps = 30
-    extra = ["--corpus", str(demo_corpus.location), "--strategy", "ddp", "--max-steps", str(steps),
-             "--set", "trainer.accelerator=cpu", "--set", "trainer.log_every=1", "--set", "trainer.val_every=1000",
-             "--set", "trainer.checkpoint_every=3", "--set", "logging.progress_bar=false",
-             "--set", "model.overrides.hidden_dropout_prob=0.0"]
+    extra = [
+        "--corpus",
+        str(demo_corpus.location),
+        "--strategy",
+        "ddp",
+        "--max-steps",
+        str(steps),
+        "--set",
+        "trainer.accelerator=cpu",
+        "--set",
+        "trainer.log_every=1",
+        "--set",
+        "trainer.val_every=1000",
+        "--set",
+        "trainer.checkpoint_every=3",
+        "--set",
+        "logging.progress_bar=false",
+        "--set",
+        "model.overrides.hidden_dropout_prob=0.0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     config = CONFIGS / "pretrain" / "geneformer_debug.yaml"
 
@@ -146,10 +226,25 @@ def test_a_lost_rank_stops_the_job_fast_and_a_relaunch_resumes(demo_corpus, tmp_
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        spec = ClusterSpec(backend="torchrun", nodes=2, gpus_per_node=1, hosts=["127.0.0.1"] * 2, port=port,
-                           job_name=f"fault-{port}", python=sys.executable).check()
-        return [subprocess.Popen(torchrun_command(spec, config, out, rank, extra), env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+        spec = ClusterSpec(
+            backend="torchrun",
+            nodes=2,
+            gpus_per_node=1,
+            hosts=["127.0.0.1"] * 2,
+            port=port,
+            job_name=f"fault-{port}",
+            python=sys.executable,
+        ).check()
+        return [
+            subprocess.Popen(
+                torchrun_command(spec, config, out, rank, extra),
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for rank in range(2)
+        ]
 
     undisturbed = start_nodes(tmp_path / "undisturbed")
     assert [n.wait(timeout=600) for n in undisturbed] == [0, 0]

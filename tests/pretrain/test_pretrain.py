@@ -33,8 +33,12 @@ def _quick(name, corpus, **sections):
 
 @pytest.mark.parametrize("name", ["scgpt_debug.yaml", "genecompass_debug.yaml"])
 def test_family_learns_on_the_bundled_corpus(name, demo_corpus, tmp_path):
-    config = _quick(name, demo_corpus, trainer={"max_steps": 60, "log_every": 10, "val_every": 60, "checkpoint_every": 60},
-                    optim={"warmup_steps": 10})
+    config = _quick(
+        name,
+        demo_corpus,
+        trainer={"max_steps": 60, "log_every": 10, "val_every": 60, "checkpoint_every": 60},
+        optim={"warmup_steps": 10},
+    )
     result = pretrain(config, tmp_path)
     losses = dict(_losses(tmp_path))
     assert losses[60] < losses[10]
@@ -53,10 +57,13 @@ class _SendSigterm(pl.Callback):
 
 def test_sigterm_then_resume_gives_the_uninterrupted_losses(demo_corpus, tmp_path):
     """Packed batches, two DataLoader workers, dropout: the hardest case for an exact resume."""
-    config = _quick("geneformer_debug.yaml", demo_corpus,
-                    data={"packing": True, "max_tokens": 600, "batch_size": 2, "round_cells": 48, "num_workers": 2},
-                    trainer={"max_steps": 10, "log_every": 1, "val_every": 100, "checkpoint_every": 100},
-                    model={"overrides": {"hidden_dropout_prob": 0.1}})
+    config = _quick(
+        "geneformer_debug.yaml",
+        demo_corpus,
+        data={"packing": True, "max_tokens": 600, "batch_size": 2, "round_cells": 48, "num_workers": 2},
+        trainer={"max_steps": 10, "log_every": 1, "val_every": 100, "checkpoint_every": 100},
+        model={"overrides": {"hidden_dropout_prob": 0.1}},
+    )
     whole = pretrain(config, tmp_path / "whole")
     stopped = pretrain(config, tmp_path / "stopped", callbacks=[_SendSigterm(at_step=4)])
     assert stopped.interrupted and stopped.stopped_by == "signal" and stopped.steps == 4 and stopped.export is None
@@ -97,8 +104,11 @@ def test_pretrain_without_a_corpus_says_how(tmp_path, capsys):
 
 
 def test_init_from_an_exported_model_continues_where_it_ended(demo_corpus, tmp_path):
-    config = _quick("genecompass_debug.yaml", demo_corpus, trainer={"max_steps": 30, "log_every": 10, "val_every": 100,
-                                                                   "checkpoint_every": 100})
+    config = _quick(
+        "genecompass_debug.yaml",
+        demo_corpus,
+        trainer={"max_steps": 30, "log_every": 10, "val_every": 100, "checkpoint_every": 100},
+    )
     first = pretrain(config, tmp_path / "first")
     again = pretrain(replace(config, trainer={"max_steps": 10, "log_every": 10}), tmp_path / "again", init_from=str(first.export))
     scratch = pretrain(replace(config, trainer={"max_steps": 10, "log_every": 10}), tmp_path / "scratch")
@@ -108,8 +118,12 @@ def test_init_from_an_exported_model_continues_where_it_ended(demo_corpus, tmp_p
 
 def test_wandb_logs_offline_without_a_key(demo_corpus, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    config = _quick("scgpt_debug.yaml", demo_corpus, logging={"wandb": True, "name": "offline-test"},
-                    trainer={"max_steps": 4, "log_every": 2, "val_every": 100, "checkpoint_every": 100})
+    config = _quick(
+        "scgpt_debug.yaml",
+        demo_corpus,
+        logging={"wandb": True, "name": "offline-test"},
+        trainer={"max_steps": 4, "log_every": 2, "val_every": 100, "checkpoint_every": 100},
+    )
     pretrain(config, tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))

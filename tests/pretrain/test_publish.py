@@ -64,9 +64,15 @@ def online(hub, tmp_path, monkeypatch):
     return env
 
 
-def _logits(model_id: str, out: Path, env: dict) -> tuple[Path, "subprocess.CompletedProcess"]:
-    run = subprocess.run([sys.executable, "-c", LOAD_BY_ID, model_id, str(out)], cwd=ROOT, env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=300)
+def _logits(model_id: str, out: Path, env: dict) -> tuple[Path, subprocess.CompletedProcess]:
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_BY_ID, model_id, str(out)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return Path(run.stdout.strip().splitlines()[-1]), run
 
@@ -89,13 +95,17 @@ def test_published_model_loads_by_repo_id_in_a_fresh_process(pretrained_geneform
     from celltron.model_zoo.registry import load_pretrained
 
     stage = tmp_path / "stage"  # the shared fixture folder stays as it is
-    assert main(["publish", str(pretrained_geneformer), "--repo-id", "lab/geneformer-debug", "--out", str(stage), "--private"]) == 0
+    assert (
+        main(["publish", str(pretrained_geneformer), "--repo-id", "lab/geneformer-debug", "--out", str(stage), "--private"]) == 0
+    )
     printed = capfd.readouterr()
     assert "published" in printed.out and "lab/geneformer-debug" in printed.out
     assert hub.state.repo("model", "lab/geneformer-debug").private  # so the fresh process needs the token to read it
 
     remote = hub.repo_files("lab/geneformer-debug")
-    local = {p.name: p.read_bytes() for p in stage.iterdir() if not p.name.startswith(".")}  # hidden files (celltron's marker) stay local
+    local = {
+        p.name: p.read_bytes() for p in stage.iterdir() if not p.name.startswith(".")
+    }  # hidden files (celltron's marker) stay local
     assert set(remote) == set(local) | {".gitattributes"}
     assert all(remote[name] == content for name, content in local.items())
     meta = _front_matter(remote["README.md"].decode())
@@ -159,8 +169,15 @@ def test_dry_run_writes_the_card_and_uploads_nothing(pretrained_geneformer, hub,
     shutil.copytree(pretrained_geneformer, folder)
     evaluation = folder / "grn_eval" / "metrics.json"
     evaluation.parent.mkdir()
-    evaluation.write_text(json.dumps({"method": "embedding", "model": {"auprc": 0.31, "auprc_ratio": 1.8, "epr": 2.5},
-                                      "baselines": {"abs_pearson": {"auprc": 0.2, "auprc_ratio": 1.1, "epr": 1.4}}}))
+    evaluation.write_text(
+        json.dumps(
+            {
+                "method": "embedding",
+                "model": {"auprc": 0.31, "auprc_ratio": 1.8, "epr": 2.5},
+                "baselines": {"abs_pearson": {"auprc": 0.2, "auprc_ratio": 1.1, "epr": 1.4}},
+            }
+        )
+    )
     run_dir = pretrained_geneformer.parent
     assert main(["publish", str(folder), "--repo-id", "lab/dry", "--dry-run", "--run-dir", str(run_dir)]) == 0
     printed = capfd.readouterr().out
@@ -169,8 +186,15 @@ def test_dry_run_writes_the_card_and_uploads_nothing(pretrained_geneformer, hub,
     assert card in printed
     for name in ("config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "README.md"):
         assert f"  {name}  (" in printed
-    for section in ("## Training data", "## Tokenizer", "## Training configuration", "## Evaluation", "## Intended use",
-                    "## Limitations", "## How to load"):
+    for section in (
+        "## Training data",
+        "## Tokenizer",
+        "## Training configuration",
+        "## Evaluation",
+        "## Intended use",
+        "## Limitations",
+        "## How to load",
+    ):
         assert section in card
     assert "Gene regulatory network inference" in card and "0.310" in card
     assert 'load_pretrained("lab/dry")' in card and "--model lab/dry" in card

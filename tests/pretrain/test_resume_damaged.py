@@ -15,7 +15,13 @@ import torch
 
 from celltron.cli import main
 from celltron.errors import CheckpointError
-from celltron.pretrain.checkpoints import AtomicCheckpointIO, check_checkpoint, checkpoint_problem, integrity_file, latest_checkpoint
+from celltron.pretrain.checkpoints import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    checkpoint_problem,
+    integrity_file,
+    latest_checkpoint,
+)
 from celltron.pretrain.config import load_config, replace
 from celltron.pretrain.run import pretrain
 from tests.pretrain.conftest import CONFIGS
@@ -32,16 +38,30 @@ def _save(path, payload=None) -> None:
 
 def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_finishes(demo_corpus, tmp_path, caplog, capsys):
     config = load_config(CONFIGS / "pretrain" / "geneformer_debug.yaml")
-    config = replace(config, data={"corpus": str(demo_corpus.location)}, logging={"progress_bar": False, "wandb": False},
-                     trainer={"max_steps": 4, "log_every": 1, "val_every": 100, "checkpoint_every": 2})
+    config = replace(
+        config,
+        data={"corpus": str(demo_corpus.location)},
+        logging={"progress_bar": False, "wandb": False},
+        trainer={"max_steps": 4, "log_every": 1, "val_every": 100, "checkpoint_every": 2},
+    )
     first = pretrain(config, tmp_path)
     checkpoints = tmp_path / "checkpoints"
     assert first.stopped_by is None and sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["step=2.ckpt", "step=4.ckpt"]
     _truncate(checkpoints / "step=4.ckpt")  # a full disk, a partial copy
 
     # an explicit --resume to it is refused, naming it, before the run writes anything
-    args = ["pretrain", str(CONFIGS / "pretrain" / "geneformer_debug.yaml"), "--corpus", str(demo_corpus.location),
-            "--out", str(tmp_path), "--max-steps", "6", "--set", "logging.progress_bar=false"]
+    args = [
+        "pretrain",
+        str(CONFIGS / "pretrain" / "geneformer_debug.yaml"),
+        "--corpus",
+        str(demo_corpus.location),
+        "--out",
+        str(tmp_path),
+        "--max-steps",
+        "6",
+        "--set",
+        "logging.progress_bar=false",
+    ]
     capsys.readouterr()
     assert main([*args, "--resume", str(checkpoints / "step=4.ckpt")]) == 2
     err = capsys.readouterr().err

@@ -7,10 +7,9 @@ import scipy.sparse as sp
 import torch
 
 from celltron.corpus.genes import map_genes
+from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
 from celltron.tokenizers.binned import BinnedTokenizer
 from celltron.tokenizers.vocab import GeneVocab
-
-from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,9 @@ def test_tokens_and_padding_equal_scgpt_when_nothing_is_sampled(pbmc, ranking):
     vocab = GeneVocab.from_scgpt()
     adata, ids, tokens = _in_vocab(pbmc, vocab)
     x = adata.X.tocsr()
-    ours = BinnedTokenizer(vocab, ids, value_style="log1p", max_len=100_000).encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+    ours = BinnedTokenizer(vocab, ids, value_style="log1p", max_len=100_000).encode_block(
+        x.indptr, x.indices, x.data, np.random.default_rng(0)
+    )
     dense = _normalised_log1p(x)
     stoi = {t: i for i, t in enumerate(vocab.tokens)}
     expected = reference_tokenize_and_pad()(dense, tokens, max_len=100_000, vocab=stoi, pad_token="<pad>", pad_value=-2)

@@ -3,7 +3,12 @@ import pytest
 import torch
 
 from celltron.tokenizers.collate import (
-    IGNORE_INDEX, MLMCollator, PackingCollator, ValueMaskingCollator, length_grouped, pack_stream,
+    IGNORE_INDEX,
+    MLMCollator,
+    PackingCollator,
+    ValueMaskingCollator,
+    length_grouped,
+    pack_stream,
 )
 from celltron.tokenizers.vocab import GeneVocab
 
@@ -16,18 +21,28 @@ def _cells(n, seed=0, low=20, high=400):
     for i in range(n):
         length = int(rng.integers(low, high))
         genes = rng.choice(np.arange(4, len(VOCAB)), length, replace=False)
-        out.append({"input_ids": np.concatenate([[VOCAB["<cls>"]], genes, [VOCAB["<eos>"]]]), "values": rng.random(length + 2), "cell_index": i})
+        out.append(
+            {
+                "input_ids": np.concatenate([[VOCAB["<cls>"]], genes, [VOCAB["<eos>"]]]),
+                "values": rng.random(length + 2),
+                "cell_index": i,
+            }
+        )
     return out
 
 
 def _mlm(seed=0):
-    return MLMCollator(VOCAB["<pad>"], VOCAB["<mask>"], VOCAB.special_ids(), len(VOCAB), generator=torch.Generator().manual_seed(seed))
+    return MLMCollator(
+        VOCAB["<pad>"], VOCAB["<mask>"], VOCAB.special_ids(), len(VOCAB), generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_mlm_masks_15_percent_80_10_10_and_never_specials():
     cells = _cells(400)
     batch = _mlm()(cells)
-    original = torch.nn.utils.rnn.pad_sequence([torch.as_tensor(c["input_ids"]) for c in cells], batch_first=True, padding_value=VOCAB["<pad>"])
+    original = torch.nn.utils.rnn.pad_sequence(
+        [torch.as_tensor(c["input_ids"]) for c in cells], batch_first=True, padding_value=VOCAB["<pad>"]
+    )
     chosen = batch["labels"] != IGNORE_INDEX
     special = torch.isin(original, torch.as_tensor(VOCAB.special_ids()))
     assert not (chosen & special).any()

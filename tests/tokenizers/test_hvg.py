@@ -15,7 +15,6 @@ from celltron.corpus import Corpus
 from celltron.tokenizers.dataset import _h5ad_input
 from celltron.tokenizers.hvg import highly_variable_genes, log_normalize
 from celltron.tokenizers.vocab import GeneVocab
-
 from tests.conftest import shared_file
 
 sc = pytest.importorskip("scanpy", reason="scanpy is the reference (installed with celltron's eval extra)")
@@ -51,8 +50,9 @@ def assert_same_as_scanpy(ours, reference, columns):
     """The same genes selected, and the same statistics (NaN where scanpy has NaN)."""
     np.testing.assert_array_equal(ours.highly_variable, reference["highly_variable"].to_numpy())
     for column in columns:
-        np.testing.assert_allclose(ours.statistics[column], reference[column].to_numpy(dtype=float),
-                                   rtol=1e-10, atol=1e-12, err_msg=column)
+        np.testing.assert_allclose(
+            ours.statistics[column], reference[column].to_numpy(dtype=float), rtol=1e-10, atol=1e-12, err_msg=column
+        )
 
 
 def test_seurat_v3_equals_scanpy_on_pbmc_counts(pbmc):
@@ -110,7 +110,7 @@ def test_blocks_streamed_twice_equal_the_matrix_in_memory(pbmc):
     def blocks():
         calls.append(1)
         for start in range(0, x.shape[0], 97):
-            yield x[start:start + 97], batch[start:start + 97]
+            yield x[start : start + 97], batch[start : start + 97]
 
     streamed = highly_variable_genes(blocks, 500)
     assert len(calls) == 2  # moments, then clipped sums
@@ -153,8 +153,24 @@ def test_tokenize_cli_keeps_only_the_highly_variable_genes(tmp_path, pbmc4k, cap
     lab = tmp_path / "lab.h5ad"
     ad.read_h5ad(pbmc4k)[:500].copy().write_h5ad(lab)
     out = tmp_path / "tokens"
-    assert main(["tokenize", str(lab), "--scheme", "scgpt", "--hvg", "200", "--gene-column", "gene_symbol_original",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(lab),
+                "--scheme",
+                "scgpt",
+                "--hvg",
+                "200",
+                "--gene-column",
+                "gene_symbol_original",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     chosen = json.loads((out / "tokenizer_config.json").read_text())["settings"]["genes_subset"]
     # scanpy on the same cells: the file's genes as celltron maps them, those scGPT's vocab covers
     data = _h5ad_input(lab, (), 10_000, "X", "gene_symbol_original", None)
@@ -178,8 +194,28 @@ def test_corpus_hvg_is_chosen_on_the_training_split(tmp_path, small_corpus):
     subsets = {}
     for split in ("train", "val"):
         out = tmp_path / split
-        assert main(["tokenize", str(small_corpus), "--scheme", "scgpt", "--split", split, "--hvg", "100",
-                     "--hvg-flavor", "seurat", "--hvg-batch-key", "species", "--out", str(out), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "tokenize",
+                    str(small_corpus),
+                    "--scheme",
+                    "scgpt",
+                    "--split",
+                    split,
+                    "--hvg",
+                    "100",
+                    "--hvg-flavor",
+                    "seurat",
+                    "--hvg-batch-key",
+                    "species",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         subsets[split] = json.loads((out / "tokenizer_config.json").read_text())["settings"]["genes_subset"]
         assert datasets.load_from_disk(str(out)).num_rows == Corpus(small_corpus).manifest["splits"][split]["n_cells"]
     assert len(subsets["train"]) >= 100 and subsets["train"] == subsets["val"]

@@ -33,7 +33,10 @@ def reference_geneformer(adata, version):
     column = {g: i for i, g in enumerate(genes)}
     x = sp.csr_matrix(adata.X, dtype=np.float64)
     merge = sp.csr_matrix(
-        ([1.0] * sum(g in column for g in ensembl), ([i for i, g in enumerate(ensembl) if g in column], [column[g] for g in ensembl if g in column])),
+        (
+            [1.0] * sum(g in column for g in ensembl),
+            ([i for i, g in enumerate(ensembl) if g in column], [column[g] for g in ensembl if g in column]),
+        ),
         shape=(len(ensembl), len(genes)),
     )
     summed = (x @ merge).toarray()
@@ -64,8 +67,9 @@ def geneformer_scipy_tokens(adata, version, chunk_size=512):
     genes = sorted({g for g in ensembl if g in tokens and g in medians})
     column = {g: i for i, g in enumerate(genes)}
     rows = [i for i, g in enumerate(ensembl) if g in column]
-    merge = sp.csr_matrix((np.ones(len(rows), adata.X.dtype), (rows, [column[ensembl[i]] for i in rows])),
-                          shape=(len(ensembl), len(genes)))
+    merge = sp.csr_matrix(
+        (np.ones(len(rows), adata.X.dtype), (rows, [column[ensembl[i]] for i in rows])), shape=(len(ensembl), len(genes))
+    )
     x = sp.csr_matrix(adata.X @ merge)  # integer counts: the sums are exact in float32
     n_counts = adata.obs["n_counts"].to_numpy()[:, None]
     norm_factor_vector = np.array([medians[g] for g in genes])
@@ -172,7 +176,10 @@ def test_compiled_ranking_equals_the_numpy_loop_with_many_ties(pbmc_corpus, monk
                     assert np.array_equal(ours, theirs)
     shuffled = x.indices.copy()
     shuffled[x.indptr[5] : x.indptr[6]] = shuffled[x.indptr[5] : x.indptr[6]][::-1]
-    assert _kernels.rank_cells_compiled(x.indptr, shuffled, x.data, None, tokenizer.token_of_gene, tokenizer.median, 10, 1, 1) is None
+    assert (
+        _kernels.rank_cells_compiled(x.indptr, shuffled, x.data, None, tokenizer.token_of_gene, tokenizer.median, 10, 1, 1)
+        is None
+    )
 
 
 def _corpus_tokens(corpus_dir, version, float32_cells):
@@ -208,8 +215,9 @@ def test_celltron_tokenize_reads_the_dtype_of_h5ad_and_corpus_sources(pbmc_corpu
 
     adata, corpus_dir = pbmc_corpus
     expected = geneformer_scipy_tokens(adata, "v2")
-    tokenize_to_dataset(corpus_dir.parent / "pbmc600.h5ad", "geneformer-v2", tmp_path / "file",
-                        gene_column="gene_symbol_original", progress=False)
+    tokenize_to_dataset(
+        corpus_dir.parent / "pbmc600.h5ad", "geneformer-v2", tmp_path / "file", gene_column="gene_symbol_original", progress=False
+    )
     from_file = datasets.load_from_disk(str(tmp_path / "file"))["input_ids"]
     assert from_file == [expected[name] for name in adata.obs_names]  # file order
     tokenize_to_dataset(corpus_dir, "geneformer-v2", tmp_path / "corpus", progress=False)
@@ -231,9 +239,15 @@ def test_the_stream_transform_takes_the_source_dtype(pbmc_corpus):
 
 def test_sources_without_a_float32_dtype_keep_float64_arithmetic():
     """Integer and float64 sources, and corpora built before sources recorded their dtype."""
-    manifest = {"obs_categories": {"dataset": ["old", "ints", "doubles", "singles"]},
-                "sources": [{"dataset": "old"}, {"dataset": "ints", "dtype": "int32"}, {"dataset": "doubles", "dtype": "float64"},
-                            {"dataset": "singles", "dtype": "float32"}]}
+    manifest = {
+        "obs_categories": {"dataset": ["old", "ints", "doubles", "singles"]},
+        "sources": [
+            {"dataset": "old"},
+            {"dataset": "ints", "dtype": "int32"},
+            {"dataset": "doubles", "dtype": "float64"},
+            {"dataset": "singles", "dtype": "float32"},
+        ],
+    }
     lookup = float32_datasets(manifest)
     assert lookup.tolist() == [False, False, False, True, False]
     assert lookup[np.array([3, -1, 0])].tolist() == [True, False, False]  # code -1: no dataset
@@ -246,8 +260,17 @@ def test_float32_steps_round_in_float32(ranking):
     vocab = GeneVocab.from_geneformer("v1")
     genes = [t for t in vocab.tokens if t.startswith("ENSG")][:2]
     tokenizer = RankValueTokenizer(vocab, {g: 1.0 for g in genes}, genes, max_len=2048, add_specials=False)
-    args = (np.array([0, 2]), np.array([0, 1]), np.array([2, 1]), np.array([3.0]), tokenizer.token_of_gene, tokenizer.median,
-            10, 0, 0)
+    args = (
+        np.array([0, 2]),
+        np.array([0, 1]),
+        np.array([2, 1]),
+        np.array([3.0]),
+        tokenizer.token_of_gene,
+        tokenizer.median,
+        10,
+        0,
+        0,
+    )
     reciprocal = np.float32(1) / np.float32(3)
     in_float32 = [float(np.float32(np.float32(count) * reciprocal) * np.float32(10_000)) for count in (2, 1)]
     assert rank_cells(*args, float32_cells=np.array([True]))[2].tolist() == in_float32

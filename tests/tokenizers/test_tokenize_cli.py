@@ -16,8 +16,24 @@ def test_h5ad_to_geneformer_dataset(tmp_path, pbmc4k, capsys):
     adata = ad.read_h5ad(pbmc4k)[:200].copy()
     adata.write_h5ad(tmp_path / "lab.h5ad")
     out = tmp_path / "tokens"
-    assert main(["tokenize", str(tmp_path / "lab.h5ad"), "--scheme", "geneformer-v2", "--out", str(out),
-                 "--obs-keys", "Annotation", "--gene-column", "gene_symbol_original", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tokenize",
+                str(tmp_path / "lab.h5ad"),
+                "--scheme",
+                "geneformer-v2",
+                "--out",
+                str(out),
+                "--obs-keys",
+                "Annotation",
+                "--gene-column",
+                "gene_symbol_original",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "cells/s" in capsys.readouterr().out
     dataset = datasets.load_from_disk(str(out))
     assert dataset.num_rows == 200 and set(dataset.column_names) == {"input_ids", "length", "Annotation"}
@@ -26,10 +42,18 @@ def test_h5ad_to_geneformer_dataset(tmp_path, pbmc4k, capsys):
     unique = list(dict.fromkeys(g for g in ids if g))
     column = {g: i for i, g in enumerate(unique)}
     x = sp.csr_matrix(adata.X)
-    merge = sp.csr_matrix((np.ones(sum(g in column for g in ids)), ([i for i, g in enumerate(ids) if g in column], [column[g] for g in ids if g in column])), shape=(len(ids), len(unique)))
+    merge = sp.csr_matrix(
+        (
+            np.ones(sum(g in column for g in ids)),
+            ([i for i, g in enumerate(ids) if g in column], [column[g] for g in ids if g in column]),
+        ),
+        shape=(len(ids), len(unique)),
+    )
     merged = (x @ merge).tocsr()
     merged.sort_indices()
-    expected = RankValueTokenizer.geneformer("v2", unique).encode_block(merged.indptr, merged.indices, merged.data, np.asarray(x.sum(axis=1)).ravel())
+    expected = RankValueTokenizer.geneformer("v2", unique).encode_block(
+        merged.indptr, merged.indices, merged.data, np.asarray(x.sum(axis=1)).ravel()
+    )
     for i in (0, 57, 199):
         assert dataset[i]["input_ids"] == expected[i].tolist() and dataset[i]["length"] == len(expected[i])
     assert GeneVocab.from_pretrained(out).name == "geneformer-v2"
@@ -39,8 +63,24 @@ def test_corpus_to_scgpt_and_ortholog_datasets_and_coverage(tmp_path, small_corp
     corpus = Corpus(small_corpus)
     for scheme in ("scgpt", "ortholog"):
         out = tmp_path / scheme
-        assert main(["tokenize", str(small_corpus), "--scheme", scheme, "--out", str(out), "--split", "val",
-                     "--obs-keys", "species", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "tokenize",
+                    str(small_corpus),
+                    "--scheme",
+                    scheme,
+                    "--out",
+                    str(out),
+                    "--split",
+                    "val",
+                    "--obs-keys",
+                    "species",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         dataset = datasets.load_from_disk(str(out))
         assert dataset.num_rows == corpus.manifest["splits"]["val"]["n_cells"]
         assert {"input_ids", "values", "length", "species"} <= set(dataset.column_names)
@@ -69,7 +109,9 @@ def test_every_tokenizer_saves_and_loads_next_to_a_model(tmp_path, small_corpus)
             a = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
             b = again.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
         elif scheme == "ortholog":
-            a, b = (t.encode_block(x.indptr, x.indices, x.data, species, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
+            a, b = (
+                t.encode_block(x.indptr, x.indices, x.data, species, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again)
+            )
         else:
             a, b = (t.encode_block(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.offsets, b.offsets)
@@ -83,7 +125,14 @@ def test_labels_missing_in_early_blocks(tmp_path, pbmc4k):
     labels.iloc[:60] = None  # the first blocks carry no label at all
     adata.obs["Annotation"] = labels
     adata.write_h5ad(tmp_path / "lab.h5ad")
-    tokenize_to_dataset(tmp_path / "lab.h5ad", "geneformer-v2", tmp_path / "out", obs_keys=("Annotation",),
-                        gene_column="gene_symbol_original", block_cells=50, progress=False)
+    tokenize_to_dataset(
+        tmp_path / "lab.h5ad",
+        "geneformer-v2",
+        tmp_path / "out",
+        obs_keys=("Annotation",),
+        gene_column="gene_symbol_original",
+        block_cells=50,
+        progress=False,
+    )
     column = datasets.load_from_disk(str(tmp_path / "out"))["Annotation"]
     assert column[:60] == [None] * 60 and column[60:] == adata.obs["Annotation"].iloc[60:].tolist()

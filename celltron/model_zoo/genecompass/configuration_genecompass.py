@@ -12,9 +12,13 @@ SIZES = {
     "debug": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=2048),
     # GeneCompass base: "same as the size of BERT base" (xCompass-AI/GeneCompass pretraining
     # script): 12 layers, 768 hidden, 12 heads, 3072 intermediate, GELU, 2048 positions.
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048),
+    "base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048
+    ),
     # GeneCompass small: 6 layers (its README); the width is not published, so base's is kept.
-    "small": dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048),
+    "small": dict(
+        hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072, max_position_embeddings=2048
+    ),
 }
 
 
@@ -35,8 +39,16 @@ class GeneCompassConfig(BertConfig):
 
     model_type = "celltron_genecompass"
 
-    def __init__(self, prior_dims: dict | None = None, species_token_ids: list | None = None, id_loss_weight: float = 0.2,
-                 value_loss_weight: float = 0.8, cell_embedding: str = "mean", attention_backend: str = "auto", **kwargs):
+    def __init__(
+        self,
+        prior_dims: dict | None = None,
+        species_token_ids: list | None = None,
+        id_loss_weight: float = 0.2,
+        value_loss_weight: float = 0.8,
+        cell_embedding: str = "mean",
+        attention_backend: str = "auto",
+        **kwargs,
+    ):
         kwargs.setdefault("hidden_act", "gelu")
         kwargs.setdefault("hidden_dropout_prob", 0.02)
         kwargs.setdefault("attention_probs_dropout_prob", 0.02)
@@ -49,6 +61,6 @@ class GeneCompassConfig(BertConfig):
         self.cell_embedding, self.attention_backend = cell_embedding, attention_backend
 
     @classmethod
-    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> "GeneCompassConfig":
+    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> GeneCompassConfig:
         """A named size (SIZES); `vocab_size` overrides the size's own (debug sizes need one)."""
         return config_from_size(cls, SIZES, "genecompass", size, vocab_size, overrides)

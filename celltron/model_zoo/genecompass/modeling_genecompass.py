@@ -19,7 +19,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from celltron.model_zoo.common import BertEncoder, CellModelOutput, cell_layout, encoder_flops_per_token, plan_attention, pool_cells
+from celltron.model_zoo.common import (
+    BertEncoder,
+    CellModelOutput,
+    cell_layout,
+    encoder_flops_per_token,
+    plan_attention,
+    pool_cells,
+)
 from celltron.model_zoo.genecompass.configuration_genecompass import GeneCompassConfig
 
 
@@ -40,7 +47,9 @@ class KnowledgeEmbeddings(nn.Module):
             self.register_buffer(f"prior_{name}", torch.zeros(config.vocab_size, config.prior_dims[name]))
         self.prior_projections = nn.ModuleDict({name: nn.Linear(config.prior_dims[name], hidden) for name in self.prior_names})
         width = hidden * (1 + len(self.prior_names)) + 1
-        self.fuse = nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden, eps=config.layer_norm_eps), nn.GELU(), nn.Linear(hidden, hidden))
+        self.fuse = nn.Sequential(
+            nn.Linear(width, hidden), nn.LayerNorm(hidden, eps=config.layer_norm_eps), nn.GELU(), nn.Linear(hidden, hidden)
+        )
         self.species_embeddings = nn.Embedding(max(len(config.species_token_ids), 1), hidden)
         self.species_token_ids = list(config.species_token_ids)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, hidden)
@@ -68,7 +77,9 @@ class Heads(nn.Module):
     def __init__(self, config: GeneCompassConfig):
         super().__init__()
         hidden = config.hidden_size
-        self.transform = nn.Sequential(nn.Linear(hidden, hidden), ACT2FN[config.hidden_act], nn.LayerNorm(hidden, eps=config.layer_norm_eps))
+        self.transform = nn.Sequential(
+            nn.Linear(hidden, hidden), ACT2FN[config.hidden_act], nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        )
         self.decoder = nn.Linear(hidden, config.vocab_size)
         self.value = nn.Sequential(nn.Linear(hidden, hidden), ACT2FN[config.hidden_act], nn.Linear(hidden, 1))
 
@@ -125,8 +136,19 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
             raise ValueError(f"prior {name!r} must be {tuple(buffer.shape)} (tokens x width), got {tuple(matrix.shape)}")
         buffer.copy_(matrix)
 
-    def forward(self, input_ids, values, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
-                target_values=None, masked_logits_only: bool = False, heads: bool = True, **unused) -> GeneCompassOutput:
+    def forward(
+        self,
+        input_ids,
+        values,
+        attention_mask=None,
+        position_ids=None,
+        cu_seqlens=None,
+        labels=None,
+        target_values=None,
+        masked_logits_only: bool = False,
+        heads: bool = True,
+        **unused,
+    ) -> GeneCompassOutput:
         """`masked_logits_only` (with labels): id logits and predicted values of the masked
         tokens only, (masked tokens, ...) in the order of `labels != -100`. `heads=False`: hidden
         states and cell embeddings only (fine-tuning heads sit on them)."""
@@ -147,7 +169,9 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
             logits, predicted_values = self.heads(hidden)
         if labels is not None:
             loss = self._loss(logits, predicted_values, labels, target_values)
-        return GeneCompassOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells, predicted_values=predicted_values)
+        return GeneCompassOutput(
+            loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells, predicted_values=predicted_values
+        )
 
     def _loss(self, logits, predicted_values, labels, target_values) -> torch.Tensor:
         """id_loss_weight x cross-entropy of the masked ids + value_loss_weight x MSE of their values."""
@@ -167,4 +191,6 @@ def genecompass_flops_per_token(config: GeneCompassConfig, seq_len: int) -> floa
     h = config.hidden_size
     width = h * (1 + len(config.prior_dims)) + 1
     extra = width * h + h * h + sum(d * h for d in config.prior_dims.values()) + h * h + h * h + h
-    return encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * extra
+    return (
+        encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * extra
+    )

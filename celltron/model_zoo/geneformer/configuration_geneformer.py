@@ -21,14 +21,42 @@ _V1 = dict(hidden_act="relu", hidden_dropout_prob=0.02, attention_probs_dropout_
 _V2 = dict(_V1, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 SIZES = {
     "debug": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=4096),
-    "10M": dict(_V1, hidden_size=256, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512,
-                max_position_embeddings=2048, vocab_size=25426),
-    "104M": dict(_V2, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 max_position_embeddings=4096, vocab_size=20275),
-    "316M": dict(_V2, hidden_size=1152, num_hidden_layers=18, num_attention_heads=18, intermediate_size=4608,
-                 max_position_embeddings=4096, vocab_size=20275),
-    "1b": dict(_V1, hidden_size=2048, num_hidden_layers=20, num_attention_heads=16, intermediate_size=8192,
-               max_position_embeddings=4096, vocab_size=20275),
+    "10M": dict(
+        _V1,
+        hidden_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=2048,
+        vocab_size=25426,
+    ),
+    "104M": dict(
+        _V2,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=4096,
+        vocab_size=20275,
+    ),
+    "316M": dict(
+        _V2,
+        hidden_size=1152,
+        num_hidden_layers=18,
+        num_attention_heads=18,
+        intermediate_size=4608,
+        max_position_embeddings=4096,
+        vocab_size=20275,
+    ),
+    "1b": dict(
+        _V1,
+        hidden_size=2048,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        intermediate_size=8192,
+        max_position_embeddings=4096,
+        vocab_size=20275,
+    ),
 }
 
 
@@ -52,6 +80,6 @@ class GeneformerConfig(BertConfig):
         self.attention_backend = attention_backend
 
     @classmethod
-    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> "GeneformerConfig":
+    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> GeneformerConfig:
         """A named size (SIZES); `vocab_size` overrides the size's own (debug sizes need one)."""
         return config_from_size(cls, SIZES, "geneformer", size, vocab_size, overrides)

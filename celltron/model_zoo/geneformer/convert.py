@@ -24,8 +24,10 @@ def _dictionary_version(config: GeneformerConfig, source: Path, dictionary: str 
             raise ConfigError(f"dictionary must be 'v1' or 'v2', got {dictionary!r}")
         return dictionary
     if config.vocab_size not in DICTIONARY_OF_VOCAB_SIZE:
-        raise InputError(f"{source / 'config.json'}: vocab_size {config.vocab_size} matches neither Geneformer dictionary "
-                         f"(V1 25,426 / V2 20,275 tokens); pass --dictionary v1|v2")
+        raise InputError(
+            f"{source / 'config.json'}: vocab_size {config.vocab_size} matches neither Geneformer dictionary "
+            f"(V1 25,426 / V2 20,275 tokens); pass --dictionary v1|v2"
+        )
     return DICTIONARY_OF_VOCAB_SIZE[config.vocab_size]
 
 
@@ -34,7 +36,9 @@ def convert_geneformer(source, out, dictionary: str | None = None, cell_embeddin
     an existing `out` is replaced only when celltron wrote it, or with `overwrite`."""
     source, out = Path(source), Path(out)
     if not (source / "config.json").exists():
-        raise MissingInputError(f"{source / 'config.json'}: missing; a Geneformer checkpoint is a folder with config.json and weights")
+        raise MissingInputError(
+            f"{source / 'config.json'}: missing; a Geneformer checkpoint is a folder with config.json and weights"
+        )
     protected = [("the checkpoint being converted", source)]
     check_output_folder(out, overwrite=overwrite, protected=protected)  # before the (slow) load: a refusal costs nothing
     check_model_files(source, "Geneformer")  # damaged config.json or weights: named before transformers reads them
@@ -46,6 +50,8 @@ def convert_geneformer(source, out, dictionary: str | None = None, cell_embeddin
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)
         RankValueTokenizer.geneformer(version, [e for e in vocab.ensembl_ids if e]).save_pretrained(folder)
-        (folder / "conversion.json").write_text(json.dumps({"source": str(source), "family": "geneformer", "dictionary": version}, indent=1))
+        (folder / "conversion.json").write_text(
+            json.dumps({"source": str(source), "family": "geneformer", "dictionary": version}, indent=1)
+        )
 
     return write_folder_atomically(out, fill, overwrite=overwrite, protected=protected, written_by="celltron convert geneformer")

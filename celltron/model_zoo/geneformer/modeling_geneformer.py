@@ -118,8 +118,17 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.cls.predictions.decoder = embeddings
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, labels=None,
-                masked_logits_only: bool = False, heads: bool = True, **unused) -> CellModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        cu_seqlens=None,
+        labels=None,
+        masked_logits_only: bool = False,
+        heads: bool = True,
+        **unused,
+    ) -> CellModelOutput:
         """`masked_logits_only` (with labels): project only the masked tokens onto the vocabulary,
         and return logits of shape (masked tokens, vocab) in the order of `labels != -100` (the
         vocabulary projection of every token dominates a small model's cost). `heads=False`:

@@ -12,7 +12,9 @@ SIZES = {
     # scGPT whole-human (args.json of the released checkpoint): embsize 512, nheads 8,
     # d_hid 512, nlayers 12, dropout 0.2, continuous values, MVC; ~51M parameters with its
     # 60,697-token vocabulary.
-    "whole-human": dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=512, dropout=0.2, vocab_size=60697),
+    "whole-human": dict(
+        hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=512, dropout=0.2, vocab_size=60697
+    ),
 }
 
 
@@ -45,15 +47,36 @@ class ScGPTConfig(PretrainedConfig):
 
     model_type = "celltron_scgpt"
 
-    def __init__(self, vocab_size: int = 60697, hidden_size: int = 512, num_hidden_layers: int = 12,
-                 num_attention_heads: int = 8, intermediate_size: int = 512, dropout: float = 0.2,
-                 layer_norm_eps: float = 1e-5, norm_scheme: str = "post", input_emb_style: str = "continuous",
-                 n_input_bins: int = 53, max_value: float = 512.0, pad_token_id: int = 0, pad_value: float = -2.0,
-                 mask_value: float = -1.0, cell_embedding: str = "cls", do_mvc: bool = True,
-                 mvc_decoder_style: str = "inner product", explicit_zero_prob: bool = False,
-                 use_batch_labels: bool = False, num_batch_labels: int = 0, n_cls: int = 1, nlayers_cls: int = 3,
-                 condition_vocab_size: int = 0, generative: bool = True, attention_backend: str = "auto",
-                 initializer_range: float = 0.02, **kwargs):
+    def __init__(
+        self,
+        vocab_size: int = 60697,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 8,
+        intermediate_size: int = 512,
+        dropout: float = 0.2,
+        layer_norm_eps: float = 1e-5,
+        norm_scheme: str = "post",
+        input_emb_style: str = "continuous",
+        n_input_bins: int = 53,
+        max_value: float = 512.0,
+        pad_token_id: int = 0,
+        pad_value: float = -2.0,
+        mask_value: float = -1.0,
+        cell_embedding: str = "cls",
+        do_mvc: bool = True,
+        mvc_decoder_style: str = "inner product",
+        explicit_zero_prob: bool = False,
+        use_batch_labels: bool = False,
+        num_batch_labels: int = 0,
+        n_cls: int = 1,
+        nlayers_cls: int = 3,
+        condition_vocab_size: int = 0,
+        generative: bool = True,
+        attention_backend: str = "auto",
+        initializer_range: float = 0.02,
+        **kwargs,
+    ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         if input_emb_style not in ("continuous", "category", "scaling"):
             raise ConfigError(f"input_emb_style must be continuous, category or scaling, got {input_emb_style!r}")
@@ -70,11 +93,15 @@ class ScGPTConfig(PretrainedConfig):
         self.layer_norm_eps, self.norm_scheme, self.input_emb_style = layer_norm_eps, norm_scheme, input_emb_style
         self.n_input_bins, self.max_value, self.pad_value, self.mask_value = n_input_bins, max_value, pad_value, mask_value
         self.cell_embedding, self.do_mvc, self.mvc_decoder_style = cell_embedding, do_mvc, mvc_decoder_style
-        self.explicit_zero_prob, self.use_batch_labels, self.num_batch_labels = explicit_zero_prob, use_batch_labels, num_batch_labels
+        self.explicit_zero_prob, self.use_batch_labels, self.num_batch_labels = (
+            explicit_zero_prob,
+            use_batch_labels,
+            num_batch_labels,
+        )
         self.n_cls, self.nlayers_cls, self.condition_vocab_size = n_cls, nlayers_cls, condition_vocab_size
         self.generative, self.attention_backend, self.initializer_range = generative, attention_backend, initializer_range
 
     @classmethod
-    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> "ScGPTConfig":
+    def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> ScGPTConfig:
         """A named size (SIZES); `vocab_size` overrides the size's own (debug sizes need one)."""
         return config_from_size(cls, SIZES, "scgpt", size, vocab_size, overrides)

@@ -27,9 +27,15 @@ INPUT_STYLES = {"binned": "binned", "log1p": "log1p", "normed_raw": "normalized"
 def _checkpoint_files(source: Path) -> tuple[Path, Path, Path]:
     folder = source.parent if source.is_file() else source
     weights = source if source.is_file() else folder / "best_model.pt"
-    for path, what in ((weights, "weights (best_model.pt)"), (folder / "args.json", "args.json"), (folder / "vocab.json", "vocab.json")):
+    for path, what in (
+        (weights, "weights (best_model.pt)"),
+        (folder / "args.json", "args.json"),
+        (folder / "vocab.json", "vocab.json"),
+    ):
         if not path.exists():
-            raise MissingInputError(f"{path}: missing scGPT {what}; an scGPT checkpoint folder holds best_model.pt, args.json and vocab.json")
+            raise MissingInputError(
+                f"{path}: missing scGPT {what}; an scGPT checkpoint folder holds best_model.pt, args.json and vocab.json"
+            )
     return weights, folder / "args.json", folder / "vocab.json"
 
 
@@ -38,7 +44,9 @@ def rename_flash_keys(state: dict) -> dict:
     (same q, k, v row order)."""
     renamed = {}
     for key, tensor in state.items():
-        key = key.replace("self_attn.Wqkv.weight", "self_attn.in_proj_weight").replace("self_attn.Wqkv.bias", "self_attn.in_proj_bias")
+        key = key.replace("self_attn.Wqkv.weight", "self_attn.in_proj_weight").replace(
+            "self_attn.Wqkv.bias", "self_attn.in_proj_bias"
+        )
         renamed[key] = tensor
     return renamed
 
@@ -73,8 +81,11 @@ def config_from_checkpoint(args: dict, state: dict, vocab: dict) -> ScGPTConfig:
 def _save_tokenizer(vocab_path: Path, args: dict, out: Path) -> None:
     vocab = GeneVocab.from_scgpt(vocab_path)
     tokenizer = BinnedTokenizer(
-        vocab, [e for e in vocab.ensembl_ids if e], n_bins=int(args.get("n_bins", 51)),
-        value_style=INPUT_STYLES.get(args.get("input_style", "binned"), "binned"), max_len=int(args.get("max_seq_len", 1200)),
+        vocab,
+        [e for e in vocab.ensembl_ids if e],
+        n_bins=int(args.get("n_bins", 51)),
+        value_style=INPUT_STYLES.get(args.get("input_style", "binned"), "binned"),
+        max_len=int(args.get("max_seq_len", 1200)),
     )
     tokenizer.save_pretrained(out)
 
@@ -88,7 +99,9 @@ def convert_scgpt(source, out, overwrite: bool = False) -> Path:
     check_output_folder(out, overwrite=overwrite, protected=protected)  # before the (slow) load: a refusal costs nothing
     weights, args_path, vocab_path = _checkpoint_files(source)
     args, vocab = read_json(args_path, "scGPT args"), read_json(vocab_path, "scGPT vocabulary")
-    state = rename_flash_keys(load_torch_checkpoint(weights, "pass scGPT's best_model.pt, downloaded completely", weights_only=True))
+    state = rename_flash_keys(
+        load_torch_checkpoint(weights, "pass scGPT's best_model.pt, downloaded completely", weights_only=True)
+    )
     for prefix, what in UNSUPPORTED_PREFIXES.items():
         if any(k.startswith(prefix) for k in state):
             raise CheckpointError(f"{weights}: uses {what} ({prefix}* weights), which celltron's scGPT does not implement")
@@ -96,7 +109,9 @@ def convert_scgpt(source, out, overwrite: bool = False) -> Path:
     model = ScGPTModel(config_from_checkpoint(args, state, vocab))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys or result.missing_keys:
-        raise CheckpointError(f"{weights}: weights do not match the scGPT architecture; unexpected {result.unexpected_keys[:5]}, missing {result.missing_keys[:5]}")
+        raise CheckpointError(
+            f"{weights}: weights do not match the scGPT architecture; unexpected {result.unexpected_keys[:5]}, missing {result.missing_keys[:5]}"
+        )
 
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)

@@ -17,7 +17,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from celltron.model_zoo.common import (
-    CellModelOutput, cell_layout, encoder_flops_per_token, multi_head_attention, plan_attention, pool_cells, run_layers,
+    CellModelOutput,
+    cell_layout,
+    encoder_flops_per_token,
+    multi_head_attention,
+    plan_attention,
+    pool_cells,
+    run_layers,
 )
 from celltron.model_zoo.scgpt.configuration_scgpt import ScGPTConfig
 
@@ -240,15 +246,30 @@ class ScGPTModel(ScGPTPreTrainedModel):
             total = total + self.condition_encoder(condition_ids)
         if gen_mask is not None:
             if not self.config.generative:
-                raise ValueError("gen_mask given, but this model was built without the generative flag embedding (generative=False)")
+                raise ValueError(
+                    "gen_mask given, but this model was built without the generative flag embedding (generative=False)"
+                )
             # genes to generate carry no value: gene embedding + the 'generate' flag
             flagged = genes + self.flag_encoder.weight[1]
             total = torch.where(gen_mask[..., None], flagged, total)
         return total, genes
 
-    def forward(self, input_ids, values, attention_mask=None, cu_seqlens=None, batch_labels=None, condition_ids=None,
-                gen_mask=None, target_values=None, loss_mask=None, cell_labels=None, classify: bool = False,
-                heads: bool = True, **unused) -> ScGPTOutput:
+    def forward(
+        self,
+        input_ids,
+        values,
+        attention_mask=None,
+        cu_seqlens=None,
+        batch_labels=None,
+        condition_ids=None,
+        gen_mask=None,
+        target_values=None,
+        loss_mask=None,
+        cell_labels=None,
+        classify: bool = False,
+        heads: bool = True,
+        **unused,
+    ) -> ScGPTOutput:
         """
         Args:
             input_ids, values: (batch, tokens) gene tokens and their (masked) values.
@@ -269,7 +290,9 @@ class ScGPTModel(ScGPTPreTrainedModel):
             gen_mask = gen_mask.bool()
             eye = torch.eye(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
             allowed = ~gen_mask[:, None, :] | eye
-        plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend, allowed)
+        plan = plan_attention(
+            attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend, allowed
+        )
         total, gene_embs = self._embed(input_ids, values, condition_ids, gen_mask)
         hidden = self.transformer_encoder(total, plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
@@ -332,5 +355,3 @@ def scgpt_flops_per_token(config: ScGPTConfig, seq_len: int) -> float:
     h = config.hidden_size
     extra = h * h + (2 * h * h + h) + (2 * h * h if config.do_mvc else 0)
     return encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, 0) + 6.0 * extra
-
-
