@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import base_of, count_trainable, load_encoder, resolve_model_folder
-from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.finetune.embedding_eval import PCA_TOP_GENES, fit_pca, log_normalised, variable_genes
 from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
 from celltron.finetune.report import aggregate, results_table, save_figure, write_h5ad_atomically, write_metrics
@@ -212,14 +212,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baseline alone")
-    lab = read_lab_data(
-        config.data.path,
-        [section.label_key],
-        config.data.layer,
-        config.data.gene_column,
-        config.data.species,
-        config.data.min_mapped_fraction,
-    )
+    lab = read_configured_lab_data(config.data, [section.label_key])
     names = lab.obs[section.label_key]
     if names.isna().any():
         raise InputError(

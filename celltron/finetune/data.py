@@ -97,6 +97,12 @@ def open_lab_source(
         raise
 
 
+def read_configured_lab_data(data, obs_keys=(), path=None) -> LabData:
+    """`read_lab_data` with the reading options of a fine-tuning config's `data` section
+    (layer, gene column, species, mapped share); `path` defaults to `data.path`."""
+    return read_lab_data(path or data.path, obs_keys, data.layer, data.gene_column, data.species, data.min_mapped_fraction)
+
+
 def read_lab_data(
     path,
     obs_keys=(),

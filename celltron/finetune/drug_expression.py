@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.data import read_lab_data
+from celltron.finetune.data import read_configured_lab_data
 from celltron.finetune.drug_features import fingerprints
 from celltron.finetune.embed import embed
 from celltron.finetune.perturbation_eval import _top_de
@@ -175,7 +175,7 @@ def read_screen(config):
     if not section.smiles:
         raise ConfigError("drug.smiles is not set: pass --smiles with DRUG<TAB>SMILES lines for the screen's drugs")
     keys = [section.drug_key, section.dose_key] + ([section.cell_type_key] if section.cell_type_key else [])
-    lab = read_lab_data(data.path, keys, data.layer, data.gene_column, data.species, data.min_mapped_fraction)
+    lab = read_configured_lab_data(data, keys)
     labels = cell_labels(lab, section)
     treated_drugs = sorted(labels.drug[~labels.control].unique())
     prints = fingerprints(read_drug_smiles(section.smiles, treated_drugs))

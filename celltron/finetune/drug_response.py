@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.data import read_lab_data
+from celltron.finetune.data import read_configured_lab_data
 from celltron.finetune.drug_expression import run_drug_expression
 from celltron.finetune.drug_features import fingerprints
 from celltron.finetune.embed import embed
@@ -138,9 +138,7 @@ def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
     `--cell-line-key` column), embedded by `model` (mean pooling) when one is given."""
     section, data = config.drug, config.data
     key = section.cell_line_key
-    lab = read_lab_data(
-        section.expression, [key] if key else [], data.layer, data.gene_column, data.species, data.min_mapped_fraction
-    )
+    lab = read_configured_lab_data(data, [key] if key else [], path=section.expression)
     names = (lab.obs[key] if key else pd.Series(lab.cell_names)).astype(str).to_numpy()
     repeated = sorted(set(names[pd.Series(names).duplicated().to_numpy()]))
     if repeated:

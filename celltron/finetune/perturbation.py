@@ -28,7 +28,7 @@ from celltron.errors import ConfigError, InputError
 from celltron.finetune import perturbation_eval as pe
 from celltron.finetune.adapt import InputFlags, base_of, count_trainable, load_encoder, resolve_model_folder
 from celltron.finetune.config import HEADS
-from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.finetune.perturbation_eval import METRICS, baseline_report, evaluate, heldout_split, pseudobulk, simulation_split
 from celltron.finetune.report import aggregate, plot_bars, results_table, save_figure, write_h5ad_atomically, write_metrics
 from celltron.finetune.train import train_task_model
@@ -428,14 +428,7 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baselines alone")
-    lab = read_lab_data(
-        config.data.path,
-        [section.perturbation_key],
-        config.data.layer,
-        config.data.gene_column,
-        config.data.species,
-        config.data.min_mapped_fraction,
-    )
+    lab = read_configured_lab_data(config.data, [section.perturbation_key])
     screen = _screen(lab, section)
     prepared = None if baselines_only else _Prepared(config, resolve_model_folder(model), lab, screen)
     usable = sorted(prepared.targets) if prepared else screen.perturbations
