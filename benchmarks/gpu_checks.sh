@@ -42,7 +42,7 @@ $PY -c "import torch, transformers, lightning; print('torch', torch.__version__,
 CORPUS=$OUT/demo_corpus
 $PY -c "from pathlib import Path; from celltron.corpus.demo import build_demo_corpus; build_demo_corpus(Path('$CORPUS'), progress=False)"
 
-step gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/model_zoo/test_gpu.py tests/finetune/test_embed.py
+step gpu_tests 150 $PY -m pytest -q -m gpu -p no:cacheprovider tests/model_zoo/test_gpu.py tests/lab/test_embed.py
 TAIL=20 step model_throughput 150 $PY -m benchmarks.model_throughput --device cuda --steps 10
 
 COMMON=(--set logging.wandb=false --set logging.progress_bar=false --set trainer.log_every=10 --set trainer.val_every=100
@@ -65,7 +65,7 @@ step embed_104M 90 $PY -m celltron.cli embed --model "$OUT/p104/export" --data "
     --batch-size 64 --no-progress
 $PY - "$OUT" <<'EOF'
 import sys, time
-from celltron.finetune.embed import embed
+from celltron.lab.embed import embed
 start = time.perf_counter(); cells = embed(sys.argv[1] + "/p104/export", "celltron/data/demo/pbmc3k_raw.h5ad", batch_size=64)
 print(f"embed, 104M geneformer, bf16: {len(cells) / (time.perf_counter() - start):,.0f} cells/s (model load included)")
 EOF

@@ -29,8 +29,8 @@ import scipy.sparse as sp
 from benchmarks._data import add_shared_data_option, shared_paths
 from celltron.corpus import BuildOptions, Corpus, build_corpus
 from celltron.corpus.store import ShardReader
-from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
 from celltron.tokenizers.dataset import _Input, make_tokenizer
+from tests.scgpt_reference import reference_binning, reference_tokenize_and_pad
 
 PBMC = "scrna/human/"  # in the shared data
 

@@ -299,12 +299,12 @@ def _finetune_config(args):
 
 
 def _finetune(args) -> int:
-    from celltron.finetune.train import RunStopped
+    from celltron.training.examples import RunStopped
 
     config = _finetune_config(args)
     try:
         if args.task == "drug-response":
-            from celltron.finetune.drug_response import run_drug_response
+            from celltron.finetune.drug.ic50 import run_drug_response
 
             metrics = run_drug_response(config, args.out, baselines_only=args.baselines_only, model=args.model)
         elif args.task == "annotate":
@@ -312,7 +312,7 @@ def _finetune(args) -> int:
 
             metrics = run_annotate(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
         else:
-            from celltron.finetune.perturbation import run_perturbation
+            from celltron.finetune.perturbation.run import run_perturbation
 
             metrics = run_perturbation(config, args.model, args.out, baselines_only=args.baselines_only, resume=args.resume)
     except RunStopped as stop:
@@ -324,7 +324,7 @@ def _finetune(args) -> int:
 
 
 def _grn(args) -> int:
-    from celltron.finetune.grn import run_grn
+    from celltron.finetune.grn.run import run_grn
 
     if args.model is None and args.truth is None:
         raise ConfigError("celltron grn: give --model (to infer edges) and/or --truth (to score them beside the baselines)")
@@ -353,7 +353,7 @@ def _grn(args) -> int:
 
 
 def _embed(args) -> int:
-    from celltron.finetune.embed import EmbedOptions, embed_file
+    from celltron.lab.embed import EmbedOptions, embed_file
 
     options = EmbedOptions(
         key=args.key,
@@ -410,7 +410,7 @@ def _export(args) -> int:
 
 
 def _publish(args) -> int:
-    from celltron.pretrain.publish import describe, publish
+    from celltron.hub.publish import describe, publish
 
     result = publish(
         args.source,

@@ -45,7 +45,7 @@ def refused_in_one_line(argv, capsys) -> str:
 @pytest.fixture(scope="module")
 def lab_file(tmp_path_factory) -> Path:
     """A small simulated screen: raw counts of human genes, an obs column of perturbations."""
-    from celltron.finetune.simulate import simulate_screen
+    from tests.simulate import simulate_screen
 
     path = tmp_path_factory.mktemp("lab") / "lab.h5ad"
     simulate_screen(n_genes=60, n_targets=4, n_combos=2, cells_per_perturbation=12, n_control=40, seed=0).adata.write_h5ad(path)
@@ -55,7 +55,7 @@ def lab_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory, lab_file) -> Path:
     """A randomly initialised debug Geneformer with its tokenizer."""
-    from celltron.finetune.data import read_lab_data
+    from celltron.lab.data import read_lab_data
     from tests.finetune.conftest import build_model_folder
 
     return build_model_folder("geneformer", read_lab_data(lab_file), tmp_path_factory.mktemp("model") / "geneformer")
@@ -258,7 +258,7 @@ def test_truncated_model_weights_are_named_in_one_line(verb, model_folder, lab_f
 
 def swapped_tokenizer(model_folder: Path, lab_file: Path, out: Path) -> Path:
     """The Geneformer folder with scGPT's tokenizer saved over its own."""
-    from celltron.finetune.data import read_lab_data
+    from celltron.lab.data import read_lab_data
     from celltron.tokenizers.dataset import make_tokenizer
     from celltron.tokenizers.saving import MEDIANS_FILE
 
@@ -587,7 +587,7 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_naming_it(damage, tmp_path):
 
     from celltron.errors import CheckpointError
     from celltron.inputs import load_torch_checkpoint
-    from celltron.pretrain.checkpoints import model_state_from_checkpoint
+    from celltron.training.checkpoints import model_state_from_checkpoint
 
     path = tmp_path / "step=10.ckpt"
     torch.save({"state_dict": {"model.weight": torch.zeros(64, 64)}}, path)

@@ -141,8 +141,8 @@ def _celltron_errors():
     from celltron.corpus.genes import GeneMappingError
     from celltron.corpus.schema import CorpusFormatError
     from celltron.errors import CheckpointError, ConfigError, DataIntegrityError, InputError, OutputExistsError, UserError
+    from celltron.hub.publish import PublishError
     from celltron.inputs import MissingInputError
-    from celltron.pretrain.publish import PublishError
 
     return [
         UserError,

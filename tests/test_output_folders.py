@@ -36,7 +36,7 @@ def tiny_run(tmp_path):
     """A run directory as pretraining leaves it (model/config.json, checkpoints/step=1.ckpt with
     its integrity record), with a debug Geneformer: built in a second."""
     from celltron.model_zoo import build_model
-    from celltron.pretrain.checkpoints import AtomicCheckpointIO
+    from celltron.training.checkpoints import AtomicCheckpointIO
 
     model = build_model("geneformer", "debug", vocab_size=64)
     run = tmp_path / "run"
@@ -177,7 +177,7 @@ def test_corpus_build_never_replaces_the_current_directory_even_with_overwrite(s
 @pytest.fixture
 def lab_file(tmp_path):
     """A small simulated screen of raw counts (human symbols), obs 'perturbation'."""
-    from celltron.finetune.simulate import simulate_screen
+    from tests.simulate import simulate_screen
 
     path = tmp_path / "lab.h5ad"
     simulate_screen(n_genes=40, n_targets=4, n_combos=2, cells_per_perturbation=10, n_control=30, seed=0).adata.write_h5ad(path)
@@ -353,12 +353,12 @@ def test_pretrain_exit_code_tells_a_signal_stop_from_a_finished_or_planned_one(
 
 @pytest.mark.parametrize("stopped_by, code", [("signal", 75), ("stop_at_step", 0)])
 def test_finetune_exit_code_tells_a_signal_stop_from_a_planned_one(monkeypatch, tmp_path, capsys, stopped_by, code):
-    import celltron.finetune.perturbation
-    from celltron.finetune.train import RunStopped
+    import celltron.finetune.perturbation.run
+    from celltron.training.examples import RunStopped
 
     def stopped(*args, **kwargs):
         raise RunStopped(f"{tmp_path}: stopped at step 3; continue with --resume auto", stopped_by)
 
-    monkeypatch.setattr(celltron.finetune.perturbation, "run_perturbation", stopped)
+    monkeypatch.setattr(celltron.finetune.perturbation.run, "run_perturbation", stopped)
     assert main(["finetune", "perturbation", "--data", "lab.h5ad", "--baselines-only", "--out", str(tmp_path)]) == code
     assert "continue with --resume auto" in capsys.readouterr().out

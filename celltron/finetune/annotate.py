@@ -23,12 +23,12 @@ from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import base_of, count_trainable, load_encoder, resolve_model_folder
-from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.finetune.embedding_eval import PCA_TOP_GENES, fit_pca, log_normalised, variable_genes
-from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
 from celltron.finetune.report import aggregate, results_table, save_figure, write_h5ad_atomically, write_metrics
-from celltron.finetune.train import train_task_model
+from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
+from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
 from celltron.tokenizers.ragged import RaggedTokens
+from celltron.training.examples import train_task_model
 
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "macro_f1")

@@ -1,1 +1,2 @@
-"""celltron.pretrain: Lightning pretraining of a model family on a corpus, from a config; checkpoints, export and Hub publishing."""
+"""celltron.pretrain: pretraining a model family on a corpus from a config — the typed config, token
+batches from the corpus stream, the run (pretrain, then export to a Hugging Face folder), the demo."""

@@ -59,7 +59,7 @@ def files(tmp_path_factory, pbmc, mouse_pancreas) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def human_model(tmp_path_factory, files):
     """A randomly initialised debug Geneformer with its (human-only) geneformer-v2 tokenizer."""
-    from celltron.finetune.data import read_lab_data
+    from celltron.lab.data import read_lab_data
     from tests.finetune.conftest import build_model_folder
 
     return build_model_folder("geneformer", read_lab_data(files["pbmc"]), tmp_path_factory.mktemp("model") / "geneformer")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from celltron.finetune.simulate import simulate_screen
+from tests.simulate import simulate_screen
 
 FAMILY_CONFIGS = {
     "geneformer": ("geneformer-v2", "geneformer_debug"),
@@ -58,7 +58,7 @@ def build_model_folder(family: str, lab, out: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def family_folders(tmp_path_factory, screen_file) -> dict[str, Path]:
-    from celltron.finetune.data import read_lab_data
+    from celltron.lab.data import read_lab_data
 
     lab = read_lab_data(screen_file, ["perturbation"])
     root = tmp_path_factory.mktemp("families")

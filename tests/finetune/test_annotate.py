@@ -76,7 +76,7 @@ def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_
 def test_lora_trains_adapters_and_head_and_leaves_pretrained_weights(pretrained_geneformer, labelled_file, tmp_path):
     from celltron.finetune.annotate import _fine_tune
     from celltron.finetune.config import FinetuneConfig
-    from celltron.finetune.data import load_model_tokenizer, read_lab_data, tokenize_cells
+    from celltron.lab.data import load_model_tokenizer, read_lab_data, tokenize_cells
     from celltron.model_zoo.registry import load_pretrained
     from celltron.pretrain.config import replace
 

@@ -13,10 +13,10 @@ import pytest
 
 from celltron.cli import main
 from celltron.finetune.config import DrugSection
-from celltron.finetune.data import read_lab_data
-from celltron.finetune.drug_expression import baseline_predictions, cell_labels, evaluate, pseudobulk, r2, split_conditions
-from celltron.finetune.simulate import simulate_drug_screen
+from celltron.finetune.drug.expression import baseline_predictions, cell_labels, evaluate, pseudobulk, r2, split_conditions
+from celltron.lab.data import read_lab_data
 from tests.finetune.test_drug_response import SMILES, demo_gene_symbols
+from tests.simulate import simulate_drug_screen
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

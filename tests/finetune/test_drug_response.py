@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from celltron.cli import main
-from celltron.finetune.drug_response import (
+from celltron.finetune.drug.ic50 import (
     CellLineExpression,
     DrugResponseModel,
     baseline_predictions,

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from celltron.cli import main
-from celltron.finetune.grn import bundled_tfs
-from celltron.finetune.grn_eval import candidate_edges, coexpression_scores, evaluate_edges, read_truth
+from celltron.finetune.grn.evaluate import candidate_edges, coexpression_scores, evaluate_edges, read_truth
+from celltron.finetune.grn.run import bundled_tfs
 from tests.conftest import shared_file
 
 TFS, TARGETS = ["T1", "T2", "T3"], [f"G{i}" for i in range(20)]
@@ -114,7 +114,7 @@ def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_gene
 
 
 def test_tree_baseline_finds_nonlinear_regulation():
-    from celltron.finetune.grn_eval import tree_scores
+    from celltron.finetune.grn.evaluate import tree_scores
 
     rng = np.random.default_rng(2)
     tf_levels = rng.normal(size=(500, 3))
@@ -193,7 +193,7 @@ def test_each_deletion_shift_equals_running_the_cell_without_that_tf(pretrained_
     cell and in the cell run again on its own without the TF (positions after it move left)."""
     import torch
 
-    from celltron.finetune.grn import _cell_batch, _deletion_shifts
+    from celltron.finetune.grn.run import _cell_batch, _deletion_shifts
     from celltron.model_zoo.registry import load_pretrained
 
     model = load_pretrained(pretrained_geneformer).eval()

@@ -16,25 +16,13 @@ import torch
 from celltron.cli import main
 from celltron.finetune.adapt import load_encoder
 from celltron.finetune.config import AdaptSection
-from celltron.finetune.data import load_model_tokenizer, read_lab_data, tokenize_cells
-from celltron.finetune.perturbation import (
-    PerturbationModel,
-    PerturbationPairs,
-    collate_pairs,
-    flag_targets,
-    specials_of,
-    target_tokens,
-)
-from celltron.finetune.perturbation_eval import (
-    METRICS,
-    additive_baseline,
-    evaluate,
-    pseudobulk,
-    simulation_split,
-    train_mean_baseline,
-)
-from celltron.finetune.simulate import simulate_screen
+from celltron.finetune.perturbation.baselines import additive_baseline, train_mean_baseline
+from celltron.finetune.perturbation.evaluate import METRICS, evaluate, pseudobulk, simulation_split
+from celltron.finetune.perturbation.model import PerturbationModel, PerturbationPairs, collate_pairs, flag_targets, target_tokens
+from celltron.finetune.perturbation.run import specials_of
+from celltron.lab.data import load_model_tokenizer, read_lab_data, tokenize_cells
 from tests.conftest import shared_file
+from tests.simulate import simulate_screen
 
 EOS, CLS = 9, 8
 

@@ -6,14 +6,12 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from celltron.finetune.perturbation_eval import (
+from celltron.finetune.perturbation.baselines import additive_baseline, baseline_report, linear_baseline
+from celltron.finetune.perturbation.evaluate import (
     METRICS,
     PerturbationData,
-    additive_baseline,
-    baseline_report,
     evaluate,
     heldout_split,
-    linear_baseline,
     perturbation_metrics,
     pseudobulk,
     simulation_split,

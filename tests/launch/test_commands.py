@@ -12,7 +12,7 @@ import pytest
 from celltron.cli import main
 from celltron.launch import ClusterSpec, deepspeed_command, hostfile, sbatch_script, torchrun_commands
 from celltron.launch.cluster import quote
-from celltron.pretrain.environment import check_slurm_shape
+from celltron.training.environment import check_slurm_shape
 
 GOLDEN = Path(__file__).parent / "golden"
 CONFIG = "configs/pretrain/geneformer_104M.yaml"

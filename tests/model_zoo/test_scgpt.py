@@ -9,9 +9,9 @@ import torch
 
 from celltron.model_zoo.scgpt import ScGPTConfig, ScGPTModel
 from celltron.model_zoo.scgpt.convert import convert_scgpt
-from celltron.testing.scgpt_reference import reference_transformer_model
 from celltron.tokenizers.collate import PackingCollator, ValueMaskingCollator, pack_stream
 from celltron.tokenizers.vocab import bundled_vocab_json
+from tests.scgpt_reference import reference_transformer_model
 
 VOCAB = 80
 N_BINS = 11

@@ -9,8 +9,8 @@ from transformers import AutoModelForMaskedLM, BertForMaskedLM
 
 import celltron  # noqa: F401
 from celltron.model_zoo.geneformer import GeneformerConfig, GeneformerForMaskedLM
-from celltron.pretrain.checkpoints import model_state_from_checkpoint
 from celltron.pretrain.demo import run_demo
+from celltron.training.checkpoints import model_state_from_checkpoint
 from tests.pretrain.conftest import CONFIGS
 
 

@@ -15,15 +15,15 @@ import torch
 
 from celltron.cli import main
 from celltron.errors import CheckpointError
-from celltron.pretrain.checkpoints import (
+from celltron.pretrain.config import load_config, replace
+from celltron.pretrain.run import pretrain
+from celltron.training.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint,
     checkpoint_problem,
     integrity_file,
     latest_checkpoint,
 )
-from celltron.pretrain.config import load_config, replace
-from celltron.pretrain.run import pretrain
 from tests.pretrain.conftest import CONFIGS
 
 
@@ -68,7 +68,7 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_finishes(demo_corp
     assert "step=4.ckpt: damaged checkpoint" in err and "truncated" in err and err.count("\n") == 1
     assert "max_steps: 4" in (tmp_path / "config.yaml").read_text()  # refused before the run wrote anything
 
-    with caplog.at_level(logging.WARNING, logger="celltron.pretrain.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="celltron.training.checkpoints"):
         resumed = pretrain(replace(config, trainer={"max_steps": 6}), tmp_path, resume="auto")
     skipped = [r.getMessage() for r in caplog.records if "damaged checkpoint skipped" in r.getMessage()]
     assert len(skipped) == 1 and "step=4.ckpt" in skipped[0]

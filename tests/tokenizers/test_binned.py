@@ -7,9 +7,9 @@ import scipy.sparse as sp
 import torch
 
 from celltron.corpus.genes import map_genes
-from celltron.testing.scgpt_reference import reference_binning, reference_tokenize_and_pad
 from celltron.tokenizers.binned import BinnedTokenizer
 from celltron.tokenizers.vocab import GeneVocab
+from tests.scgpt_reference import reference_binning, reference_tokenize_and_pad
 
 
 @pytest.fixture(scope="module")

@@ -301,7 +301,7 @@ def test_pretraining_batches_take_the_source_dtype(pbmc_corpus):
 
 def test_fine_tuning_tokens_of_a_float32_file(pbmc_corpus):
     """Lab files tokenised for fine-tuning and embedding (their own rows) rank as Geneformer."""
-    from celltron.finetune.data import tokenize_counts
+    from celltron.lab.data import tokenize_counts
 
     adata, _ = pbmc_corpus
     mapping = _bundled("celltron.data.genes", "human_symbol_to_ensembl.json.gz")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import celltron
 from celltron.errors import ConfigError, OutputExistsError, UserError
+from celltron.hub.model_card import MARKER, gather_facts, render_card
 from celltron.inputs import MissingInputError
 from celltron.io import check_output_folder, write_folder_atomically
-from celltron.pretrain.model_card import MARKER, gather_facts, render_card
 from celltron.pretrain.run import export_checkpoint
 from celltron.tokenizers.saving import write_text_atomically
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from celltron.cli import main
-from celltron.testing.hub_server import HubServer
+from tests.hub.hub_server import HubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "hf_celltrontest" + secrets.token_hex(12)
@@ -233,7 +233,7 @@ def test_an_unknown_hub_id_is_a_clear_error(tmp_path):
 
 
 def test_the_card_names_a_hub_init_from_as_base_model(pretrained_geneformer, tmp_path):
-    from celltron.pretrain.model_card import gather_facts
+    from celltron.hub.model_card import gather_facts
 
     (tmp_path / "init_from.txt").write_text("lab/geneformer-base@v1\n")
     assert gather_facts(pretrained_geneformer, tmp_path).base_model == "lab/geneformer-base"

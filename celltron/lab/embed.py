@@ -26,9 +26,9 @@ from celltron.corpus.genes import MIN_MAPPED_FRACTION
 from celltron.corpus.readers import check_raw_counts
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import _attribute, base_of, parts_of, resolve_model_folder
-from celltron.finetune.data import LabData, check_vocabulary_coverage, load_model_tokenizer, open_lab_source, tokenize_counts
-from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
 from celltron.inputs import open_h5
+from celltron.lab.data import LabData, check_vocabulary_coverage, load_model_tokenizer, open_lab_source, tokenize_counts
+from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
 from celltron.model_zoo.registry import load_pretrained
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,7 @@ def embed_file(model, data, out, options: EmbedOptions = EmbedOptions()) -> dict
         raise InputError(
             f"--data {data}: `celltron embed` writes a copy of an .h5ad with the embeddings added; convert "
             "10x .h5 / mtx inputs first (anndata / scanpy: read_10x_h5(...).write_h5ad(...)), or use "
-            "celltron.finetune.embed.embed() for an array"
+            "celltron.lab.embed.embed() for an array"
         )
     folder = resolve_model_folder(str(model))
     out.parent.mkdir(parents=True, exist_ok=True)

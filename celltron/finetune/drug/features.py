@@ -1,5 +1,5 @@
-"""Drug features shared by the drug-response tasks (ic50 in drug_response.py, expression in
-drug_expression.py): Morgan fingerprints from SMILES. A module of its own so that neither task
+"""Drug features shared by the drug-response tasks (ic50 in ic50.py, expression in
+expression.py): Morgan fingerprints from SMILES. A module of its own so that neither task
 module imports the other's."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from celltron.corpus.genes import ensembl_to_symbol
 from celltron.errors import ConfigError
-from celltron.finetune.drug_features import fingerprints
+from celltron.finetune.drug.features import fingerprints
 from celltron.tokenizers.vocab import GeneVocab
 
 

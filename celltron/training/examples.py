@@ -12,13 +12,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from celltron.errors import InputError
-from celltron.pretrain.module import PretrainModule
 from celltron.pretrain.run import CHECKPOINT_DIR, build_trainer, fit, resolve_resume, stop_reason
+from celltron.training.module import PretrainModule
 
 
 class RunStopped(Exception):
     """A signal (or trainer.stop_at_step) stopped fine-tuning after a checkpoint; --resume auto
-    continues. `stopped_by`: 'signal' or 'stop_at_step' (see `celltron.pretrain.run.stop_reason`)."""
+    continues. `stopped_by`: 'signal' or 'stop_at_step' (see `celltron.training.trainer.stop_reason`)."""
 
     def __init__(self, message: str, stopped_by: str = "signal"):
         super().__init__(message)

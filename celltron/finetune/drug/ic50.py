@@ -10,7 +10,7 @@ Baselines: drug mean, cell-line mean, their additive combination, ridge on finge
 cell-line indicators (plus the expression PCA when profiles are given), and (for unseen drugs)
 the nearest training drug by Tanimoto similarity.
 
-The `expression` mode (chemCPA style) lives in celltron.finetune.drug_expression.
+The `expression` mode (chemCPA style) lives in celltron.finetune.drug.expression.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.data import read_configured_lab_data
-from celltron.finetune.drug_expression import run_drug_expression
-from celltron.finetune.drug_features import fingerprints
-from celltron.finetune.embed import embed
-from celltron.finetune.perturbation_eval import log_normalise
+from celltron.finetune.drug.expression import run_drug_expression
+from celltron.finetune.drug.features import fingerprints
+from celltron.finetune.perturbation.evaluate import log_normalise
 from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
-from celltron.finetune.train import train_task_model
 from celltron.inputs import MissingInputError, existing
+from celltron.lab.data import read_configured_lab_data
+from celltron.lab.embed import embed
+from celltron.training.examples import train_task_model
 
 log = logging.getLogger(__name__)
 SPLITS = ("random", "cell_line", "drug")
@@ -470,7 +470,7 @@ def _method(expression: CellLineExpression | None) -> str:
 
 def run_drug_response(config, out, baselines_only: bool = False, model: str | None = None) -> dict | None:
     """The drug-response task end to end; `mode: expression` goes to
-    celltron.finetune.drug_expression. ic50 mode: splits per seed, baselines, the model,
+    celltron.finetune.drug.expression. ic50 mode: splits per seed, baselines, the model,
     metrics.json, predictions.csv, a printed table and a plot under `out`. With
     `drug.expression`, cell lines are their profiles (embedded by `model` when given)."""
     if config.drug.mode == "expression":

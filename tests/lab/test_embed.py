@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from celltron.cli import main
-from celltron.finetune.embed import embed
+from celltron.lab.embed import embed
 from tests.conftest import shared_file
 
 GENES = "gene_symbol_original"
@@ -28,7 +28,7 @@ def lab_file(tmp_path_factory):
 
 def _reference(model_dir, path, layer_offset: int = 0) -> np.ndarray:
     """Each cell alone through the model: the mean of its gene tokens' final hidden states."""
-    from celltron.finetune.data import load_model_tokenizer, read_lab_data, tokenize_cells
+    from celltron.lab.data import load_model_tokenizer, read_lab_data, tokenize_cells
     from celltron.model_zoo.registry import load_pretrained
 
     lab = read_lab_data(path, gene_column=GENES)

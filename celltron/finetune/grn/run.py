@@ -25,12 +25,19 @@ from celltron.corpus.genes import MIN_MAPPED_FRACTION
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import load_encoder, resolve_model_folder
 from celltron.finetune.config import AdaptSection
-from celltron.finetune.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
-from celltron.finetune.grn_eval import EDGE_COLUMNS, candidate_edges, coexpression_scores, evaluate_edges, read_truth, tree_scores
-from celltron.finetune.inference import autocast, pad_cells, pick_device, to_device
-from celltron.finetune.perturbation_eval import log_normalise
+from celltron.finetune.grn.evaluate import (
+    EDGE_COLUMNS,
+    candidate_edges,
+    coexpression_scores,
+    evaluate_edges,
+    read_truth,
+    tree_scores,
+)
+from celltron.finetune.perturbation.evaluate import log_normalise
 from celltron.finetune.report import results_table, write_metrics
 from celltron.inputs import MissingInputError
+from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
+from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
 from celltron.model_zoo.common import recording_attention
 
 log = logging.getLogger(__name__)

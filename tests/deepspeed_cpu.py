@@ -1,11 +1,12 @@
-"""DeepSpeed through Lightning on CPU, for tests only (CELLTRON_DEEPSPEED_CPU=1).
+"""DeepSpeed through Lightning on CPU, for tests only: CELLTRON_DEEPSPEED_CPU=tests.deepspeed_cpu:CPUDeepSpeedStrategy
+(with the repository root on PYTHONPATH) makes celltron's trainer use it on CPU.
 
 Lightning's DeepSpeedStrategy refuses a CPU accelerator, checks CUDA device indices, and hands
 DeepSpeed `device_rank=None` on CPU. This subclass skips the first two and passes the local rank,
 which lets ZeRO 1/2/3 train, checkpoint, resume and export over gloo on CPU (as
 tests/pretrain/test_distributed.py does). It also skips compiling DeepSpeed's shared-memory
 communication op (~100 s per fresh machine; gloo does the communication). It relies on Lightning internals, so
-it lives here, behind an explicit switch, and never on the GPU path.
+it lives in the test suite, behind an explicit switch, and never on the GPU path.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import importlib
 
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-SWITCH = "CELLTRON_DEEPSPEED_CPU"
 
 
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):

@@ -30,13 +30,13 @@ from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.data import read_configured_lab_data
-from celltron.finetune.drug_features import fingerprints
-from celltron.finetune.embed import embed
-from celltron.finetune.perturbation_eval import _top_de
+from celltron.finetune.drug.features import fingerprints
+from celltron.finetune.perturbation.evaluate import _top_de
 from celltron.finetune.report import aggregate, plot_bars, results_table, write_h5ad_atomically, write_metrics
-from celltron.finetune.train import train_task_model
 from celltron.inputs import MissingInputError
+from celltron.lab.data import read_configured_lab_data
+from celltron.lab.embed import embed
+from celltron.training.examples import train_task_model
 
 log = logging.getLogger(__name__)
 SPLITS = ("heldout_combination", "heldout_drug")

@@ -1,1 +1,0 @@
-"""Helpers for equivalence tests and benchmarks: access to reference implementations."""
