@@ -30,6 +30,7 @@ from benchmarks._data import add_shared_data_option, shared_paths
 from celltron.corpus import BuildOptions, Corpus, build_corpus
 from celltron.corpus.store import ShardReader
 from celltron.tokenizers.dataset import _Input, make_tokenizer
+from celltron.tokenizers.schemes import Block
 from tests.scgpt_reference import reference_binning, reference_tokenize_and_pad
 
 PBMC = "scrna/human/"  # in the shared data
@@ -60,11 +61,7 @@ def celltron_rate(tokenizer, scheme: str, x, totals, species, block_cells: int =
         # a block as the corpus reader hands it over (CellBlock): CSR arrays of its cells
         first, last = x.indptr[lo], x.indptr[min(hi, x.shape[0])]
         indptr, genes, counts = x.indptr[lo : hi + 1] - first, x.indices[first:last], x.data[first:last]
-        if scheme == "scgpt":
-            return tokenizer.encode_block(indptr, genes, counts, rng)
-        if scheme == "ortholog":
-            return tokenizer.encode_block(indptr, genes, counts, species[lo:hi], totals[lo:hi])
-        return tokenizer.encode_block(indptr, genes, counts, totals[lo:hi])
+        return tokenizer.encode_block(Block(indptr, genes, counts, totals[lo:hi], species[lo:hi], {}), rng)
 
     encode(0, 8)  # start-up, not throughput: numba compiles the ranking kernel on first use
     start = time.perf_counter()

@@ -8,9 +8,16 @@ import json
 import sys
 from pathlib import Path
 
-from celltron.corpus.constants import COMPRESSIONS, MIN_MAPPED_FRACTION
+from celltron.config import Option, add_options, given_values
+from celltron.corpus.constants import MIN_MAPPED_FRACTION
+from celltron.corpus.options import BuildOptions
 from celltron.errors import ConfigError, UserError
+from celltron.finetune.config import FinetuneConfig
+from celltron.lab.options import EmbedOptions
+from celltron.launch.cluster import ClusterSpec
+from celltron.pretrain.config import PretrainConfig
 from celltron.ranges import devices, name_weight, number
+from celltron.tokenizers.schemes import SCHEMES
 
 # celltron's own classes only (MissingInputError and OutputExistsError are UserErrors): any other exception is a bug and
 # keeps its traceback
@@ -39,6 +46,79 @@ MAPPED_HELP = (
 )
 
 
+# The options that set config fields: type, range, choices and help come from the typed configs
+# (celltron.config), so a flag cannot disagree with the field it sets.
+BUILD_OPTIONS = [
+    Option("species", help="human or mouse for every input (default: inferred per input)"),
+    Option("layer"),
+    Option("gene_column"),
+    Option("min_mapped_fraction", metavar="SHARE"),
+    Option("obs_keys"),
+    Option("min_genes"),
+    Option("min_counts"),
+    Option("max_mito_fraction"),
+    Option("seed"),
+    Option("val_fraction"),
+    Option("shard_size_mb"),
+    Option("chunk_nnz"),
+    Option("compression"),
+]
+TRAINER_OPTIONS = [
+    Option("trainer.max_steps"),
+    Option("trainer.devices", type=devices, help="devices per node (a number or 'auto')"),
+    Option("trainer.strategy"),
+    Option("trainer.precision"),
+]
+PRETRAIN_OPTIONS = [Option("data.corpus", flag="--corpus"), *TRAINER_OPTIONS, Option("trainer.num_nodes")]
+ADAPT_OPTIONS = [  # one or the other
+    Option("model.freeze_layers", flag="--freeze", metavar="N_LAYERS"),
+    Option("model.lora_rank", flag="--lora", metavar="RANK"),
+]
+TASKS = ("perturbation", "drug", "annotate")
+FINETUNE_OPTIONS = [
+    Option("data.path", flag="--data", help="the lab's .h5ad of raw counts"),
+    Option("data.layer"),
+    Option("data.gene_column"),
+    Option("data.species"),
+    Option("data.min_mapped_fraction", metavar="SHARE"),
+    *TRAINER_OPTIONS,
+    Option("perturbation.perturbation_key"),
+    Option("{task}.control", sections=("perturbation", "drug")),
+    Option("annotate.label_key"),
+    Option("{task}.split", sections=("perturbation", "drug")),
+    Option("{task}.test_fraction", sections=TASKS),
+    Option("{task}.seeds", sections=TASKS, help="one split and one run per seed; metrics aggregate over them"),
+    Option("drug.mode"),
+    Option("drug.drug_list"),
+    Option("drug.smiles"),
+    Option("drug.expression"),
+    Option("drug.cell_line_key"),
+    Option("drug.drug_key"),
+    Option("drug.dose_key"),
+    Option("drug.cell_type_key"),
+]
+EMBED_OPTIONS = [
+    Option("key", help="obsm (and varm) key the embeddings are written under"),
+    Option("pool"),
+    Option("layer"),
+    Option("batch_size"),
+    Option("block_cells"),
+    Option("gene_embeddings"),
+    Option("devices"),
+    Option("device"),
+    Option("precision"),
+    Option("input_layer"),
+    Option("gene_column"),
+    Option("species"),
+    Option("min_mapped_fraction", metavar="SHARE"),
+    Option("seed"),
+    Option("progress"),
+]
+CLUSTER_OPTIONS = [
+    Option(name) for name in ("backend", "nodes", "gpus_per_node", "port", "job_name", "partition", "account", "qos", "time")
+]
+
+
 def _key_values(pairs: list[str], what: str) -> dict[str, str]:
     out = {}
     for pair in pairs or []:
@@ -52,25 +132,12 @@ def _key_values(pairs: list[str], what: str) -> dict[str, str]:
 def _corpus_build(args) -> int:
     from celltron.corpus.build import BuildOptions, build_corpus
 
-    given = {
-        "seed": args.seed,
-        "val_fraction": args.val_fraction,
-        "layer": args.layer,
-        "species": args.species,
-        "gene_column": args.gene_column,
-        "obs_keys": tuple(args.obs_keys) if args.obs_keys is not None else None,
-        "min_genes": args.min_genes,
-        "min_counts": args.min_counts,
-        "max_mito_fraction": args.max_mito_fraction,
-        "weights": dict(args.weight or []) or None,
-        "shard_size_mb": args.shard_size_mb,
-        "chunk_nnz": args.chunk_nnz,
-        "compression": args.compression,
-        "min_mapped_fraction": args.min_mapped_fraction,
-    }
+    given = given_values(args, BUILD_OPTIONS)
+    if args.weight:
+        given["weights"] = dict(args.weight)
     # flags given on the command line override the config file, which overrides the defaults
     base = BuildOptions.from_yaml(args.config) if args.config else BuildOptions()
-    options = dataclasses.replace(base, progress=not args.no_progress, **{k: v for k, v in given.items() if v is not None})
+    options = dataclasses.replace(base, progress=not args.no_progress, **given)
     manifest = build_corpus(args.inputs, args.out, options, overwrite=args.overwrite)
     print(f"built {args.out}: {manifest['n_cells']} cells, {len(manifest['genes']['ensembl_id'])} genes")
     for source in manifest["sources"]:
@@ -198,36 +265,19 @@ def _models(args) -> int:
 
 
 def _convert(args) -> int:
-    if args.family == "geneformer":
-        from celltron.model_zoo.geneformer.convert import convert_geneformer
+    from celltron.model_zoo.registry import convert
 
-        out = convert_geneformer(args.source, args.out, dictionary=args.dictionary, overwrite=args.overwrite)
-    else:
-        from celltron.model_zoo.scgpt.convert import convert_scgpt
-
-        out = convert_scgpt(args.source, args.out, overwrite=args.overwrite)
+    out = convert(args.family, args.source, args.out, overwrite=args.overwrite, dictionary=args.dictionary)
     print(f"converted {args.family} checkpoint {args.source} -> {out}")
     return 0
 
 
 def _pretrain_config(args):
-    from celltron.pretrain.config import load_config, replace
+    from celltron.config import replace
+    from celltron.pretrain.config import load_config
 
     config = load_config(args.config, args.set)
-    changes = {"data": {}, "trainer": {}}
-    if args.corpus:
-        changes["data"]["corpus"] = args.corpus
-    for flag, field in (
-        ("max_steps", "max_steps"),
-        ("num_nodes", "num_nodes"),
-        ("strategy", "strategy"),
-        ("precision", "precision"),
-    ):
-        if getattr(args, flag) is not None:
-            changes["trainer"][field] = getattr(args, flag)
-    if args.devices is not None:
-        changes["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
-    return replace(config, **{k: v for k, v in changes.items() if v})
+    return replace(config, "flags", **given_values(args, PRETRAIN_OPTIONS))
 
 
 def _pretrain(args) -> int:
@@ -253,49 +303,16 @@ TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annot
 
 
 def _finetune_config(args):
-
+    from celltron.config import apply_overrides, from_dict, replace
     from celltron.finetune.config import FinetuneConfig, load_finetune_config
-    from celltron.pretrain.config import apply_overrides, from_dict, replace
 
     default = Path(f"configs/finetune/{args.task.replace('-', '_')}.yaml")
     if args.config or default.exists():
         config = load_finetune_config(args.config or default, args.set)
     else:  # outside the repository: the typed defaults
-        config = from_dict(apply_overrides({}, args.set), "defaults", FinetuneConfig)
-    task = TASK_SECTIONS[args.task]
-    changes = {"data": {}, "trainer": {}, "model": {}, task: {}}
-    for flag, section, field in (
-        ("data", "data", "path"),
-        ("layer", "data", "layer"),
-        ("gene_column", "data", "gene_column"),
-        ("species", "data", "species"),
-        ("min_mapped_fraction", "data", "min_mapped_fraction"),
-        ("max_steps", "trainer", "max_steps"),
-        ("strategy", "trainer", "strategy"),
-        ("precision", "trainer", "precision"),
-        ("freeze", "model", "freeze_layers"),
-        ("lora", "model", "lora_rank"),
-        ("perturbation_key", "perturbation", "perturbation_key"),
-        ("control", "drug" if task == "drug" else "perturbation", "control"),
-        ("split", task, "split"),
-        ("test_fraction", task, "test_fraction"),
-        ("mode", "drug", "mode"),
-        ("drug_list", "drug", "drug_list"),
-        ("smiles", "drug", "smiles"),
-        ("expression", "drug", "expression"),
-        ("cell_line_key", "drug", "cell_line_key"),
-        ("drug_key", "drug", "drug_key"),
-        ("dose_key", "drug", "dose_key"),
-        ("cell_type_key", "drug", "cell_type_key"),
-        ("label_key", "annotate", "label_key"),
-    ):
-        if getattr(args, flag, None) is not None:
-            changes.setdefault(section, {})[field] = getattr(args, flag)
-    if args.seeds:
-        changes[task]["seeds"] = tuple(args.seeds)
-    if args.devices is not None:
-        changes["trainer"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
-    return replace(config, **{k: v for k, v in changes.items() if v})
+        config = from_dict(FinetuneConfig, apply_overrides({}, args.set), "defaults")
+    given = given_values(args, [*FINETUNE_OPTIONS, *ADAPT_OPTIONS], task=TASK_SECTIONS[args.task])
+    return replace(config, "flags", **given)
 
 
 def _finetune(args) -> int:
@@ -353,29 +370,13 @@ def _grn(args) -> int:
 
 
 def _embed(args) -> int:
-    from celltron.lab.embed import EmbedOptions, embed_file
+    from celltron.lab.embed import embed_file
 
-    options = EmbedOptions(
-        key=args.key,
-        pool=args.pool,
-        layer=args.layer,
-        batch_size=args.batch_size,
-        block_cells=args.block_cells,
-        gene_embeddings=args.gene_embeddings,
-        device=args.device,
-        precision=args.precision,
-        devices=args.devices,
-        input_layer=args.input_layer,
-        gene_column=args.gene_column,
-        species=args.species,
-        seed=args.seed,
-        progress=not args.no_progress,
-        min_mapped_fraction=args.min_mapped_fraction,
-    )
+    options = EmbedOptions(**given_values(args, EMBED_OPTIONS))
     summary = embed_file(args.model, args.data, args.out, options)
     print(
-        f"wrote {args.out}: obsm[{args.key!r}] for {summary['cells']} cells"
-        + (f", varm[{args.key!r}] gene embeddings" if summary["gene_embeddings"] else "")
+        f"wrote {args.out}: obsm[{options.key!r}] for {summary['cells']} cells"
+        + (f", varm[{options.key!r}] gene embeddings" if summary["gene_embeddings"] else "")
         + (f" ({summary['empty_cells']} cells with no known gene are NaN)" if summary["empty_cells"] else "")
     )
     return 0
@@ -435,19 +436,8 @@ def _publish(args) -> int:
 def _launch(args) -> int:
     from celltron.launch import launch, load_cluster
 
-    spec = load_cluster(
-        args.cluster,
-        backend=args.backend,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
-        hosts=args.hosts.split(",") if args.hosts else None,
-        port=args.port,
-        job_name=args.job_name,
-        partition=args.partition,
-        account=args.account,
-        qos=args.qos,
-        time=args.time,
-    )
+    given = given_values(args, CLUSTER_OPTIONS)
+    spec = load_cluster(args.cluster, hosts=args.hosts.split(",") if args.hosts else None, **given)
     written = launch(spec, args.config, args.out, args.pretrain_args, dry_run=args.dry_run, node_rank=args.node_rank)
     for path in written["files"]:
         print(f"wrote {path}")
@@ -469,27 +459,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("inputs", nargs="+", help=".h5ad files, 10x .h5 files, 10x mtx directories")
     build.add_argument("--out", required=True, help="corpus directory to create")
     build.add_argument("--config", help="YAML file of build options (configs/corpus/*.yaml); flags override it")
-    build.add_argument("--species", choices=["human", "mouse"], help="default: inferred per input")
-    build.add_argument("--layer", help="h5ad counts: X (default), raw, or a layer name")
-    build.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols (default: var index)")
-    build.add_argument(
-        "--min-mapped-fraction", type=float, metavar="SHARE", help=MAPPED_HELP.replace("%(default)s", str(MIN_MAPPED_FRACTION))
-    )
-    build.add_argument("--obs-keys", nargs="*", help="input obs columns to keep (labels)")
-    build.add_argument("--min-genes", type=number(int, ">= 0"))
-    build.add_argument("--min-counts", type=number(int, ">= 0"))
-    build.add_argument("--max-mito-fraction", type=number(float, "[0, 1]"))
+    add_options(build, BuildOptions, BUILD_OPTIONS)
     build.add_argument(
         "--weight", action="append", type=name_weight, help="NAME=W sampling weight of an input, recorded in the manifest"
-    )
-    build.add_argument("--seed", type=number(int, ">= 0"), help="default 0")
-    build.add_argument("--val-fraction", type=number(float, "[0, 1)"), help="default 0.01")
-    build.add_argument("--shard-size-mb", type=number(float, "> 0"), help="uncompressed size of one corpus shard (default 256)")
-    build.add_argument("--chunk-nnz", type=number(int, ">= 1"), help="non-zeros per inner zarr chunk (default 65,536)")
-    build.add_argument(
-        "--compression",
-        choices=COMPRESSIONS,
-        help="X's inner-chunk codec: lz4 (default; blosc byte shuffle + LZ4), zstd (about 10%% larger on count data, 4-5x slower to decode), none",
     )
     build.add_argument("--overwrite", action="store_true", help="replace an existing corpus once the new one is complete")
     build.add_argument("--no-progress", action="store_true")
@@ -515,7 +487,7 @@ def _parser() -> argparse.ArgumentParser:
 
     tokenize = verbs.add_parser("tokenize", help="tokenize a corpus or .h5ad into a Hugging Face datasets dataset")
     tokenize.add_argument("input", help="corpus directory/URL or .h5ad file")
-    tokenize.add_argument("--scheme", required=True, choices=["geneformer-v1", "geneformer-v2", "scgpt", "ortholog"])
+    tokenize.add_argument("--scheme", required=True, choices=SCHEMES)
     tokenize.add_argument("--out", help="dataset directory to create (datasets.save_to_disk layout)")
     tokenize.add_argument("--obs-keys", nargs="*", help="obs columns to carry into the dataset")
     tokenize.add_argument("--split", default="train", choices=["train", "val"], help="corpus split to tokenize")
@@ -558,24 +530,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pretrain.add_argument("config", help="run config (configs/pretrain/*.yaml)")
-    pretrain.add_argument("--corpus", help="corpus directory or URL (overrides data.corpus)")
+    add_options(pretrain, PretrainConfig, PRETRAIN_OPTIONS)
     pretrain.add_argument("--out", default="runs/pretrain", help="run directory")
-    pretrain.add_argument("--max-steps", type=number(int, ">= 1"))
-    pretrain.add_argument("--devices", type=devices, help="devices per node (a number or 'auto')")
-    pretrain.add_argument("--num-nodes", type=number(int, ">= 1"))
-    pretrain.add_argument(
-        "--strategy",
-        choices=[
-            "ddp",
-            "fsdp",
-            "deepspeed_stage_1",
-            "deepspeed_stage_2",
-            "deepspeed_stage_3",
-            "deepspeed_stage_3_offload",
-            "auto",
-        ],
-    )
-    pretrain.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
     pretrain.add_argument(
         "--resume",
         help="'auto' (the newest intact checkpoint in --out; damaged ones are skipped, named in a "
@@ -593,49 +549,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     finetune.add_argument("task", choices=["perturbation", "drug-response", "annotate"])
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
-    finetune.add_argument("--data", help="the lab's .h5ad of raw counts (overrides data.path)")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
     finetune.add_argument("--config", help="run config (default configs/finetune/TASK.yaml)")
-    adapt = finetune.add_mutually_exclusive_group()
-    adapt.add_argument(
-        "--freeze", type=number(int, ">= 0"), metavar="N_LAYERS", help="keep embeddings and the first N layers fixed"
-    )
-    adapt.add_argument("--lora", type=number(int, ">= 0"), metavar="RANK", help="train LoRA adapters of this rank (peft)")
+    add_options(finetune.add_mutually_exclusive_group(), FinetuneConfig, ADAPT_OPTIONS)
     finetune.add_argument("--baselines-only", action="store_true", help="compute and report only the baselines")
-    finetune.add_argument("--layer", help="matrix with raw counts ('X', 'raw' or a layer)")
-    finetune.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
-    finetune.add_argument("--species", choices=["human", "mouse"])
-    finetune.add_argument(
-        "--min-mapped-fraction",
-        type=float,
-        metavar="SHARE",
-        help=MAPPED_HELP.replace("%(default)s", "data.min_mapped_fraction, 0.5"),
-    )
-    finetune.add_argument("--perturbation-key", help="obs column of perturbations (A or A+B)")
-    finetune.add_argument(
-        "--control", help="label of control cells in that column (drug-response expression: in the drug column)"
-    )
-    finetune.add_argument("--label-key", help="annotate: obs column of cell-type labels")
-    finetune.add_argument(
-        "--split",
-        choices=["heldout", "simulation", "random", "cell_line", "drug", "heldout_combination", "heldout_drug"],
-        help="perturbation: heldout | simulation; drug-response ic50: random | cell_line | drug, "
-        "expression: heldout_combination | heldout_drug",
-    )
-    finetune.add_argument("--mode", choices=["ic50", "expression"], help="drug-response mode")
-    finetune.add_argument("--drug-list", help="drug-response: GDSC drug list CSV (drug_id, ..., PubCHEM)")
-    finetune.add_argument("--smiles", help="drug-response: CID<TAB>SMILES (ic50) or DRUG<TAB>SMILES (expression) file")
-    finetune.add_argument("--expression", help="drug-response ic50: .h5ad of raw counts, one row per cell line")
-    finetune.add_argument("--cell-line-key", help="drug-response ic50: obs column of --expression with the cell-line ids")
-    finetune.add_argument("--drug-key", help="drug-response expression: obs column of drugs")
-    finetune.add_argument("--dose-key", help="drug-response expression: obs column of doses")
-    finetune.add_argument("--cell-type-key", help="drug-response expression: obs column of cell types ('' for one)")
-    finetune.add_argument("--test-fraction", type=number(float, "(0, 1)"))
-    finetune.add_argument("--seeds", type=number(int, ">= 0"), nargs="+", help="one split and run per seed")
-    finetune.add_argument("--max-steps", type=number(int, ">= 1"))
-    finetune.add_argument("--devices", type=devices, help="devices per node (a number or 'auto')")
-    finetune.add_argument("--strategy", choices=["ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2", "auto"])
-    finetune.add_argument("--precision", choices=["bf16-mixed", "fp16-mixed", "32"])
+    add_options(finetune, FinetuneConfig, FINETUNE_OPTIONS)
     finetune.add_argument("--resume", help="'auto': continue each seed's run from its newest checkpoint")
     finetune.add_argument("--set", action="append", default=[], help="section.field=value, e.g. optim.lr=3e-4")
     finetune.set_defaults(run=_finetune)
@@ -688,28 +606,7 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", required=True, help="pretrained model folder or Hub id")
     embed.add_argument("--data", required=True, help="the lab's .h5ad of raw counts (read in blocks: larger than memory is fine)")
     embed.add_argument("--out", required=True, help="the .h5ad to write (a copy of --data with obsm[KEY]; may be --data itself)")
-    embed.add_argument("--key", default="X_celltron", help="obsm / varm key")
-    embed.add_argument(
-        "--pool", choices=["cls", "mean"], help="cell embedding: first token, or mean of gene tokens (default: the model's)"
-    )
-    embed.add_argument("--layer", type=int, default=-1, help="Transformer layer (-1: last; -2: Geneformer's usual choice)")
-    embed.add_argument("--batch-size", type=number(int, ">= 1"), default=32)
-    embed.add_argument("--block-cells", type=number(int, ">= 1"), default=2048, help="cells read and tokenised at a time")
-    embed.add_argument("--gene-embeddings", action="store_true", help="also write contextual gene embeddings to varm[KEY]")
-    embed.add_argument(
-        "--devices",
-        type=number(int, ">= 1"),
-        default=1,
-        help="processes, one per GPU (or CPU share); cells split and reassembled in order",
-    )
-    embed.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    embed.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    embed.add_argument("--input-layer", default="X", help="matrix with raw counts ('X', 'raw' or a layer)")
-    embed.add_argument("--gene-column", help="var column with gene symbols or Ensembl IDs")
-    embed.add_argument("--species", choices=["human", "mouse"])
-    embed.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
-    embed.add_argument("--seed", type=number(int, ">= 0"), default=0)
-    embed.add_argument("--no-progress", action="store_true")
+    add_options(embed, EmbedOptions, EMBED_OPTIONS)
     embed.set_defaults(run=_embed)
 
     export = verbs.add_parser("export", help="export a pretraining checkpoint to a Hugging Face folder")
@@ -748,16 +645,8 @@ def _parser() -> argparse.ArgumentParser:
     launch = verbs.add_parser("launch", help="write (and submit) the commands of a multi-node pretraining run")
     launch.add_argument("config", help="run config (configs/pretrain/*.yaml)")
     launch.add_argument("--cluster", help="cluster spec (configs/launch/*.yaml); flags override it")
-    launch.add_argument("--backend", choices=["torchrun", "slurm", "deepspeed"])
-    launch.add_argument("--nodes", type=number(int, ">= 1"))
-    launch.add_argument("--gpus-per-node", type=number(int, ">= 1"))
+    add_options(launch, ClusterSpec, CLUSTER_OPTIONS)
     launch.add_argument("--hosts", help="comma-separated node host names (first: rendezvous / master)")
-    launch.add_argument("--port", type=number(int, "[1, 65535]"))
-    launch.add_argument("--job-name")
-    launch.add_argument("--partition")
-    launch.add_argument("--account")
-    launch.add_argument("--qos")
-    launch.add_argument("--time", help="HH:MM:SS")
     launch.add_argument("--out", default="runs/pretrain", help="shared run directory (checkpoints, logs, export)")
     launch.add_argument("--node-rank", type=number(int, ">= 0"), help="torchrun: run this node's command here")
     launch.add_argument("--dry-run", action="store_true", help="write and print, submit nothing")
@@ -767,7 +656,8 @@ def _parser() -> argparse.ArgumentParser:
     models.set_defaults(run=_models)
 
     convert = verbs.add_parser("convert", help="convert an official Geneformer or scGPT checkpoint into a celltron folder")
-    convert.add_argument("family", choices=["geneformer", "scgpt"])
+    # which families have a converter is the registry's to say (listing it here would load torch for --help)
+    convert.add_argument("family", metavar="FAMILY", help="model family with a checkpoint converter: geneformer or scgpt")
     convert.add_argument("source", help="checkpoint folder (or scGPT best_model.pt)")
     convert.add_argument("--out", required=True, help="model folder to create")
     convert.add_argument(

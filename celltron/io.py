@@ -30,17 +30,37 @@ FOLDER_MARKER = ".celltron-folder"
 log = logging.getLogger(__name__)
 
 
-def write_text_atomically(path, text: str) -> Path:
-    """Write `text` under a temporary name unique to this process, then rename: the file is
-    the previous one or the complete new one."""
+def write_file_atomically(path, write: Callable[[Path], object]) -> Path:
+    """`write(tmp)` fills a temporary sibling, then one rename puts it at `path`: the file is the
+    previous one or the complete new one. The temporary name is unique to this process, so
+    several processes (ranks) writing the same file never write into one another's, and keeps
+    `path`'s suffix for writers that choose a format by it (savefig, write_h5ad)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when writing failed
     return path
+
+
+def write_text_atomically(path, text: str) -> Path:
+    return write_file_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes_atomically(path, data: bytes) -> Path:
+    return write_file_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json_atomically(path, payload) -> Path:
+    """`payload` as compact JSON, written whole."""
+    return write_text_atomically(path, json.dumps(payload))
+
+
+def write_h5ad_atomically(adata, path) -> Path:
+    """An AnnData written whole to `path` (.h5ad)."""
+    return write_file_atomically(path, adata.write_h5ad)
 
 
 def holds_marker(folder) -> bool:

@@ -259,8 +259,7 @@ def test_truncated_model_weights_are_named_in_one_line(verb, model_folder, lab_f
 def swapped_tokenizer(model_folder: Path, lab_file: Path, out: Path) -> Path:
     """The Geneformer folder with scGPT's tokenizer saved over its own."""
     from celltron.lab.data import read_lab_data
-    from celltron.tokenizers.dataset import make_tokenizer
-    from celltron.tokenizers.saving import MEDIANS_FILE
+    from celltron.tokenizers.schemes import MEDIANS_FILE, make_tokenizer
 
     folder = Path(shutil.copytree(model_folder, out))
     (folder / MEDIANS_FILE).unlink()
@@ -483,7 +482,7 @@ def test_launch_time_flag_must_be_a_time_limit(tmp_path, capsys):
     line = refused_in_one_line(
         ["launch", DEBUG_CONFIG, "--backend", "slurm", "--time", "90", "--out", tmp_path, "--dry-run"], capsys
     )
-    assert "launch flags (--backend, --time) time: '90' is not a time limit" in line
+    assert "launch flags (--backend, --time) time: 90 is not a time limit" in line
 
 
 # ---------------------------------------------------------------- launch checks the run's config first
@@ -605,7 +604,7 @@ def test_a_damaged_checkpoint_is_a_checkpoint_error_naming_it(damage, tmp_path):
 
 def test_the_tokenizer_files_of_a_model_folder_are_checked(model_folder, tmp_path):
     from celltron.errors import InputError
-    from celltron.tokenizers.saving import load_tokenizer
+    from celltron.tokenizers.schemes import load_tokenizer
 
     folder = Path(shutil.copytree(model_folder, tmp_path / "model"))
     truncate(folder / "tokenizer_config.json", 0.6)

@@ -106,3 +106,49 @@ def test_no_test_only_code_sits_on_a_production_import_path():
     package = Path(__file__).resolve().parents[1] / "celltron"
     offenders = [str(p) for p in package.rglob("*.py") if re.search(r"^\s*(from|import) tests\b", p.read_text(), re.M)]
     assert offenders == []
+
+
+# Which of celltron's packages each package may import (docs/architecture.md draws this); the
+# base modules (errors, ranges, inputs, io, config, preprocessing) may be imported by any.
+BASE = ("celltron.errors", "celltron.ranges", "celltron.inputs", "celltron.io", "celltron.config", "celltron.preprocessing")
+MAY_IMPORT = {
+    "corpus": (),
+    "tokenizers": ("corpus",),
+    "model_zoo": ("tokenizers",),
+    "training": ("model_zoo",),
+    "pretrain": ("corpus", "tokenizers", "model_zoo", "training"),
+    "lab": ("corpus", "tokenizers", "model_zoo"),
+    "hub": ("tokenizers", "model_zoo", "pretrain"),
+    "finetune": ("corpus", "tokenizers", "model_zoo", "training", "lab"),
+    "launch": ("pretrain.config",),  # launch writes commands: it reads the run's config, nothing more
+}
+
+
+def _celltron_imports(path: Path) -> set[str]:
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("celltron.")}
+
+
+def test_dependencies_point_one_way():
+    package = Path(__file__).resolve().parents[1] / "celltron"
+    wrong = []
+    for path in package.rglob("*.py"):
+        owner = path.relative_to(package).parts[0]
+        for name in _celltron_imports(path):
+            target = name.removeprefix("celltron.")
+            if name.startswith(BASE) or target.split(".")[0] in (owner, "_lazy", "data"):
+                continue
+            if name == "celltron.cli" or owner not in MAY_IMPORT:
+                if owner != "cli.py":
+                    wrong.append(f"{path.relative_to(package)} imports {name}")
+                continue
+            if not any(target == allowed or target.startswith(allowed + ".") for allowed in MAY_IMPORT[owner]):
+                wrong.append(f"{path.relative_to(package)} imports {name}")
+    assert wrong == []

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -35,8 +35,9 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from celltron import __version__
-from celltron.corpus.genes import MIN_MAPPED_FRACTION, ensembl_to_symbol, is_mitochondrial
-from celltron.corpus.readers import InputError, Source, check_raw_counts, map_source_genes, open_source
+from celltron.corpus.genes import ensembl_to_symbol, is_mitochondrial
+from celltron.corpus.options import BuildOptions
+from celltron.corpus.readers import InputError, Source, check_raw_counts, open_mapped_source, to_corpus_genes
 from celltron.corpus.schema import (
     CHECKSUM_VERSION,
     FORMAT_NAME,
@@ -50,78 +51,12 @@ from celltron.corpus.schema import (
 )
 from celltron.corpus.stats import GeneStatistics
 from celltron.errors import ConfigError, OutputExistsError
-from celltron.inputs import read_json, read_yaml
+from celltron.inputs import read_json
 from celltron.io import never_replaced_reason, new_partial_dir, release_partial_dir
-from celltron.ranges import check_ranges, ranged
 
 log = logging.getLogger(__name__)
 BYTES_PER_NONZERO = 8  # int32 count + int32 gene index, uncompressed
 RESERVED_OBS = ("dataset", "species", "n_counts")
-
-
-@dataclass
-class BuildOptions:
-    """How a corpus is built.
-
-    Attributes:
-        seed: seeds the cross-input shuffle and the validation split.
-        val_fraction: fraction of cells (chosen at random) written as the validation split.
-        layer: where the counts are in .h5ad inputs: 'X', 'raw' or a layer name.
-        species: 'human' or 'mouse' for every input; None infers it per input.
-        gene_column: var column holding gene IDs/symbols in .h5ad inputs (default: var index).
-        obs_keys: input obs columns copied to the corpus (e.g. cell-type labels).
-        min_genes: drop cells with fewer expressed (mapped) genes.
-        min_counts: drop cells with fewer total counts.
-        max_mito_fraction: drop cells whose mitochondrial share of counts is higher.
-        weights: per-input sampling weight (input file name -> weight), recorded in the manifest.
-        shard_size_mb: target uncompressed size of one corpus shard (AnnData-Zarr store).
-        chunk_nnz: non-zeros per inner zarr chunk (tens of cells per chunk).
-        compression: X's inner-chunk codec: 'lz4' (blosc byte shuffle + LZ4, the default: smallest
-            of the fast ones on count data), 'zstd' or 'none'.
-        read_block_cells: cells read from an input per block.
-        exact_median_limit: non-zeros kept in memory for exact gene medians before switching
-            to the streaming sketch.
-        progress: show progress bars.
-        min_mapped_fraction: refuse an input unless this share of its counts (over a sample of
-            cells) is on genes that map to Ensembl IDs.
-    """
-
-    seed: int = ranged(0, ">= 0")
-    val_fraction: float = ranged(0.01, "[0, 1)")
-    layer: str = "X"
-    species: str | None = None
-    gene_column: str | None = None
-    obs_keys: tuple[str, ...] = ()
-    min_genes: int = ranged(0, ">= 0")
-    min_counts: int = ranged(0, ">= 0")
-    max_mito_fraction: float | None = ranged(None, "[0, 1]")
-    weights: dict[str, float] = ranged(allowed="> 0", default_factory=dict)
-    shard_size_mb: float = ranged(256.0, "> 0")
-    chunk_nnz: int = ranged(65_536, ">= 1")
-    compression: str = "lz4"
-    read_block_cells: int = ranged(8_192, ">= 1")
-    exact_median_limit: int = ranged(200_000_000, ">= 0")
-    progress: bool = True
-    min_mapped_fraction: float = ranged(MIN_MAPPED_FRACTION, "[0, 1]")
-
-    def __post_init__(self):
-        # every way options are made (YAML, flags through dataclasses.replace, library calls) is checked
-        check_ranges(self, "build option")
-
-    @classmethod
-    def from_yaml(cls, path) -> BuildOptions:
-        """Options from a YAML mapping of field names; unknown fields are an error."""
-        values = read_yaml(path, "build options file (see configs/corpus/)") or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of build options, got {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown build option(s) {unknown}; known: {sorted(known)}")
-        if "obs_keys" in values:
-            values["obs_keys"] = tuple(values["obs_keys"] or ())
-        check_ranges(cls, str(path), values)  # before building: the error names the file
-        return cls(**values)
 
 
 @dataclass
@@ -271,12 +206,11 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
 def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
     opened = []
     for path in paths:
-        source = open_source(path, layer=options.layer, gene_column=options.gene_column)
+        mapped = open_mapped_source(path, options.layer, options.gene_column, options.species, options.min_mapped_fraction)
+        source, mapping, species = mapped.source, mapped.mapping, mapped.species
         missing = [key for key in options.obs_keys if key not in source.obs.columns]
         if missing and source.path.suffix == ".h5ad":
             log.warning("%s: obs has no column(s) %s; they are left empty for its cells", path, missing)
-        mapping = map_source_genes(source, options.species, options.min_mapped_fraction)
-        species = mapping.species
         weight = float(options.weights.get(path.name, options.weights.get(source.name, 1.0)))
         report = {
             "path": path.name,
@@ -347,18 +281,6 @@ def _var_table(gene_ids: np.ndarray, symbols: list[str], species_of_gene: np.nda
 
 
 # ---------------------------------------------------------------- staging
-
-
-def to_corpus_genes(block: sp.csr_matrix, column_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
-    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates."""
-    columns = column_map[block.indices]
-    keep = columns >= 0
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
-    counts = np.rint(block.data[keep]).astype(np.int64)
-    remapped = sp.csr_matrix((counts, (rows[keep], columns[keep])), shape=(block.shape[0], n_genes))
-    remapped.sum_duplicates()
-    remapped.eliminate_zeros()
-    return remapped
 
 
 def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -> _Staged:

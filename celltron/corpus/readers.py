@@ -271,3 +271,104 @@ def _layer_hint(source: Source) -> str:
     with open_h5(source.path) as handle:
         others = [name for name in h5ad_layers(handle) if name != source.layer]
     return f" (this file also has: {', '.join(others)})" if others else " (this file has no other layers)"
+
+
+# ---------------------------------------------------------------- opened and mapped
+
+
+def to_corpus_genes(block: sp.csr_matrix, column_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
+    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates."""
+    columns = column_map[block.indices]
+    keep = columns >= 0
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    counts = np.rint(block.data[keep]).astype(np.int64)
+    remapped = sp.csr_matrix((counts, (rows[keep], columns[keep])), shape=(block.shape[0], n_genes))
+    remapped.sum_duplicates()
+    remapped.eliminate_zeros()
+    return remapped
+
+
+def mapped_genes(ensembl_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique mapped Ensembl IDs (first-seen order, so ties keep the file's gene order) and, per
+    input gene, its index among them (-1: unmapped)."""
+    ensembl_ids = np.asarray(ensembl_ids)
+    mapped = ensembl_ids[ensembl_ids != ""]
+    _, first = np.unique(mapped, return_index=True)
+    unique = mapped[np.sort(first)]
+    position = {g: i for i, g in enumerate(unique)}
+    return unique, np.array([position.get(g, -1) for g in ensembl_ids], dtype=np.int64)
+
+
+@dataclass
+class MappedSource:
+    """An input opened for block reads with its genes mapped to Ensembl IDs (`open_mapped_source`).
+
+    Attributes:
+        source: the opened input.
+        mapping: its species, each input gene's Ensembl ID ('' unmapped), names and counts (over
+            a sample of cells).
+        where: the input as the user named it, for messages.
+    """
+
+    source: Source
+    mapping: GeneMapping
+    where: str
+
+    @property
+    def species(self) -> str:
+        return self.mapping.species
+
+    @property
+    def ensembl_ids(self) -> np.ndarray:
+        return self.mapping.ensembl_ids
+
+    @property
+    def n_cells(self) -> int:
+        return self.source.n_cells
+
+    def mapped_genes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Unique mapped Ensembl IDs and each input gene's index among them (`mapped_genes`)."""
+        return mapped_genes(self.mapping.ensembl_ids)
+
+    def require_obs(self, keys, fix: str = "") -> None:
+        """Refuse obs columns the input lacks, naming those it has (and `fix`)."""
+        require_obs(self.source, keys, self.where, fix)
+
+    def read_counts(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells [start, stop) over the input's own genes, checked to be raw counts."""
+        block = self.source.read_rows(start, stop).tocsr()
+        check_raw_counts(block, self.source, start)
+        return block
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def require_obs(source: Source, keys, where, fix: str = "") -> None:
+    """Refuse obs columns `source` lacks, naming those it has (and `fix`)."""
+    missing = [k for k in keys if k not in source.obs.columns]
+    if missing:
+        raise InputError(
+            f"{where}: obs has no column(s) {missing}; it has {list(source.obs.columns)}" + (f". {fix}" if fix else "")
+        )
+
+
+def open_mapped_source(
+    path,
+    layer: str = "X",
+    gene_column: str | None = None,
+    species: str | None = None,
+    min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+    obs_keys=(),
+    obs_fix: str = "",
+) -> MappedSource:
+    """Open an input (`open_source`), check its obs has `obs_keys` (`obs_fix`: what the user can
+    do), then infer or check its species and map its genes to Ensembl IDs (`map_source_genes`),
+    refused unless `min_mapped_fraction` of the sampled counts map. Closed again on any error."""
+    source = open_source(path, layer=layer, gene_column=gene_column)
+    try:
+        require_obs(source, obs_keys, path, obs_fix)
+        return MappedSource(source, map_source_genes(source, species, min_mapped_fraction), str(path))
+    except BaseException:
+        source.close()
+        raise

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-import uuid
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -28,6 +27,7 @@ from celltron.corpus.schema import (
 from celltron.corpus.sharded import ShardedArray, open_direct
 from celltron.errors import ConfigError
 from celltron.inputs import parse_json
+from celltron.io import write_bytes_atomically
 
 log = logging.getLogger(__name__)
 # Set to 1 only to measure what the checks on every read cost (benchmarks/corpus_stream.py).
@@ -228,10 +228,7 @@ class Corpus:
         if not _is_local(self.fs):
             self.fs.pipe_file(path, data)
             return
-        partial = f"{path}.partial-{uuid.uuid4().hex[:8]}"
-        with open(partial, "wb") as handle:
-            handle.write(data)
-        os.replace(partial, path)
+        write_bytes_atomically(path, data)
 
     def summary(self) -> dict:
         """A short description of the corpus (what `celltron corpus info` prints)."""

@@ -6,63 +6,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
 from celltron.errors import ConfigError
 from celltron.finetune.config import AdaptSection
-from celltron.model_zoo.registry import check_vocabulary, family_of, load_pretrained, model_folder
+from celltron.model_zoo.registry import base_of, load_pretrained, parts_of
+from celltron.model_zoo.spec import EncoderParts, attribute
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderParts:
-    """Where a family keeps what a task head uses.
-
-    encoder: attribute path of the Transformer layers' module (its input gets the task flags).
-    embeddings: parameter-name prefixes of the input embeddings.
-    layers: attribute path of the list of layers.
-    lora_targets: names of the Linear modules LoRA adapts (attention and feed-forward).
-    """
-
-    encoder: str
-    embeddings: tuple[str, ...]
-    layers: str
-    lora_targets: tuple[str, ...]
-
-
-PARTS = {
-    "geneformer": EncoderParts(
-        "bert.encoder", ("bert.embeddings.",), "bert.encoder.layer", ("query", "key", "value", "intermediate.dense")
-    ),
-    "genecompass": EncoderParts("encoder", ("embeddings.",), "encoder.layer", ("query", "key", "value", "intermediate.dense")),
-    # scGPT's q/k/v projection is one packed Parameter (PyTorch's layout), so LoRA adapts the
-    # attention output and feed-forward Linears
-    "scgpt": EncoderParts(
-        "transformer_encoder", ("encoder.", "value_encoder."), "transformer_encoder.layers", ("out_proj", "linear1", "linear2")
-    ),
-}
-
-
-def resolve_model_folder(model: str) -> Path:
-    """A local folder, or a Hub repository id (`owner/name[@revision]`) fetched into the local cache;
-    a model whose vocabulary is not its tokenizer's is refused here, before any work."""
-    folder = model_folder(model)
-    check_vocabulary(folder)
-    return folder
-
-
-def parts_of(model: nn.Module) -> EncoderParts:
-    return PARTS[family_of(model.config).name]
-
-
-def _attribute(module: nn.Module, path: str) -> nn.Module:
-    for name in path.split("."):
-        module = getattr(module, name)
-    return module
 
 
 def load_encoder(folder, adapt: AdaptSection) -> nn.Module:
@@ -83,7 +35,7 @@ def load_encoder(folder, adapt: AdaptSection) -> nn.Module:
 
 
 def freeze_layers(model: nn.Module, parts: EncoderParts, n: int) -> None:
-    layers = _attribute(model, parts.layers)
+    layers = attribute(model, parts.layers)
     if n > len(layers):
         raise ConfigError(f"--freeze {n}: the model has only {len(layers)} layers")
     for name, parameter in model.named_parameters():
@@ -103,11 +55,6 @@ def add_lora(model: nn.Module, parts: EncoderParts, adapt: AdaptSection) -> nn.M
     return get_peft_model(model, config)
 
 
-def base_of(model: nn.Module) -> nn.Module:
-    """The family model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())
@@ -119,7 +66,7 @@ class InputFlags:
 
     def __init__(self, model: nn.Module, embedding: nn.Embedding):
         self.embedding, self.flags = embedding, None
-        encoder = _attribute(base_of(model), parts_of(base_of(model)).encoder)
+        encoder = attribute(base_of(model), parts_of(base_of(model)).encoder)
         self.handle = encoder.register_forward_pre_hook(self._add)
 
     def _add(self, module, args):

@@ -22,11 +22,13 @@ from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.adapt import base_of, count_trainable, load_encoder, resolve_model_folder
-from celltron.finetune.embedding_eval import PCA_TOP_GENES, fit_pca, log_normalised, variable_genes
-from celltron.finetune.report import aggregate, results_table, save_figure, write_h5ad_atomically, write_metrics
+from celltron.finetune.adapt import count_trainable, load_encoder
+from celltron.finetune.report import aggregate, results_table, save_figure, write_metrics
+from celltron.io import write_h5ad_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
+from celltron.model_zoo.registry import base_of, resolve_model_folder
+from celltron.preprocessing import PCA_TOP_GENES, fit_pca, log_normalise, variable_genes
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.training.examples import train_task_model
 
@@ -163,7 +165,7 @@ def pca_logreg(
     predicted class indices."""
     from sklearn.linear_model import LogisticRegression
 
-    normalised = log_normalised(counts)
+    normalised = log_normalise(counts)
     genes = variable_genes(normalised[train], PCA_TOP_GENES)
     pca = fit_pca(normalised[train][:, genes], components, seed)
     classifier = LogisticRegression(max_iter=2000, class_weight="balanced" if balanced else None)

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.report import results_table, save_figure, write_metrics
 from celltron.inputs import MissingInputError, read_h5ad
+from celltron.preprocessing import pca_baseline
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,6 @@ CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 BATCH_METRICS = ("silhouette_label", "clisi", "silhouette_batch", "ilisi", "kbet", "graph_connectivity")
 LISI_NEIGHBORS, KBET_NEIGHBORS = 90, 50
 EXACT_NEIGHBORS_MAX = 50_000  # exact kNN below (deterministic, fast); pynndescent's approximate search above
-PCA_COMPONENTS, PCA_TOP_GENES, TARGET_SUM = 50, 2000, 1e4
 
 
 @dataclass
@@ -164,46 +164,6 @@ def usable_cells(data: EmbeddingData, folds: int) -> np.ndarray:
             f"{data.path}: fewer than two labels with at least {folds} cells each; check --label-key or lower --folds"
         )
     return np.flatnonzero(keep)
-
-
-def log_normalised(counts: sp.csr_matrix) -> sp.csr_matrix:
-    """normalize_total to 1e4 per cell, then log1p, kept sparse."""
-    totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
-    scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-    normalised = sp.csr_matrix(sp.diags(scale) @ counts)
-    normalised.data = np.log1p(normalised.data)
-    return normalised
-
-
-def variable_genes(normalised: sp.csr_matrix, top_genes: int) -> np.ndarray:
-    """Columns of the `top_genes` highest variances (fewer when fewer genes vary)."""
-    mean = np.asarray(normalised.mean(axis=0)).ravel()
-    variance = np.asarray(normalised.multiply(normalised).mean(axis=0)).ravel() - mean**2
-    return np.argsort(-variance, kind="stable")[: min(top_genes, int((variance > 0).sum()))]
-
-
-def fit_pca(normalised: sp.csr_matrix, n_components: int, seed: int):
-    """PCA by ARPACK, which takes the sparse matrix (centred implicitly) and computes only the
-    leading components; it needs fewer components than genes and cells."""
-    from sklearn.decomposition import PCA
-
-    components = min(n_components, normalised.shape[1] - 1, normalised.shape[0] - 1)
-    return PCA(components, svd_solver="arpack", random_state=seed).fit(normalised)
-
-
-def pca_baseline(
-    counts: sp.csr_matrix, n_components: int = PCA_COMPONENTS, top_genes: int = PCA_TOP_GENES, seed: int = 0
-) -> np.ndarray:
-    """PCA of log-normalised expression (normalize_total to 1e4, log1p) over the most variable genes.
-
-    Args:
-        counts: (cells, genes) raw counts.
-        n_components: at most this many components (fewer when there are few genes or cells).
-        top_genes: genes kept by variance of the log-normalised values; the rest mostly add noise.
-    """
-    normalised = log_normalised(counts)
-    chosen = normalised[:, variable_genes(normalised, top_genes)]
-    return fit_pca(chosen, n_components, seed).transform(chosen).astype(np.float32)
 
 
 def knn_scores(embedding: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0, neighbors: int = 15) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from celltron.inputs import read_json
-from celltron.tokenizers.saving import write_json_atomically
+from celltron.io import write_file_atomically, write_json_atomically
 
 
 def aggregate(per_seed: dict[int, dict], metrics: tuple[str, ...], item_key: str) -> dict:
@@ -89,16 +89,7 @@ def save_figure(figure, png: Path) -> Path:
     """Write a matplotlib figure to `png` under a temporary name, then rename; closes it."""
     import matplotlib.pyplot as plt
 
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    figure.savefig(tmp, dpi=120)
-    plt.close(figure)
-    tmp.replace(png)
-    return png
-
-
-def write_h5ad_atomically(adata, path: Path) -> Path:
-    """Write an AnnData to `path` under a temporary name, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
-    return path
+    try:
+        return write_file_atomically(png, lambda tmp: figure.savefig(tmp, dpi=120))
+    finally:
+        plt.close(figure)

@@ -21,9 +21,8 @@ import celltron
 from celltron.errors import ConfigError, OutputExistsError, UserError
 from celltron.hub.model_card import MARKER, gather_facts, render_card
 from celltron.inputs import MissingInputError
-from celltron.io import check_output_folder, write_folder_atomically
+from celltron.io import check_output_folder, write_folder_atomically, write_text_atomically
 from celltron.pretrain.run import export_checkpoint
-from celltron.tokenizers.saving import write_text_atomically
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 CARD = "README.md"

@@ -15,15 +15,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from celltron.corpus.build import to_corpus_genes
 from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMapping, check_token_coverage
-from celltron.corpus.readers import Source, check_raw_counts, map_source_genes, open_source
-from celltron.errors import InputError
+from celltron.corpus.readers import Source, mapped_genes, open_mapped_source, to_corpus_genes
 from celltron.model_zoo.registry import check_vocabulary
-from celltron.tokenizers.dataset import Block, encode
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.rank_value import is_float32
-from celltron.tokenizers.saving import load_tokenizer
+from celltron.tokenizers.schemes import Block, load_tokenizer
+
+OBS_FIX = "Name the right column with the task's --*-key option"
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +62,6 @@ class LabData:
         return mapped_genes(self.gene_ids)
 
 
-def mapped_genes(gene_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique mapped Ensembl IDs (first-seen order) and, per file column, its index among them (-1: unmapped)."""
-    mapped = gene_ids[gene_ids != ""]
-    _, first = np.unique(mapped, return_index=True)
-    unique = mapped[np.sort(first)]
-    position = {g: i for i, g in enumerate(unique)}
-    return unique, np.array([position.get(g, -1) for g in gene_ids], dtype=np.int64)
-
-
 def open_lab_source(
     path,
     obs_keys=(),
@@ -82,19 +72,9 @@ def open_lab_source(
 ) -> tuple[Source, GeneMapping]:
     """A lab file opened for block reads, its obs checked for `obs_keys`; returns the source and
     its gene mapping (species, each file gene's Ensembl ID or '', counts over a sample of cells),
-    refused unless `min_mapped_fraction` of the counts map."""
-    source = open_source(Path(path), layer=layer, gene_column=gene_column)
-    try:
-        missing = [k for k in obs_keys if k not in source.obs.columns]
-        if missing:
-            raise InputError(
-                f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}. "
-                "Name the right column with the task's --*-key option"
-            )
-        return source, map_source_genes(source, species, min_mapped_fraction)
-    except BaseException:
-        source.close()
-        raise
+    refused unless `min_mapped_fraction` of the counts map (`readers.open_mapped_source`)."""
+    opened = open_mapped_source(path, layer, gene_column, species, min_mapped_fraction, obs_keys, OBS_FIX)
+    return opened.source, opened.mapping
 
 
 def read_configured_lab_data(data, obs_keys=(), path=None) -> LabData:
@@ -112,12 +92,12 @@ def read_lab_data(
     min_mapped_fraction: float = MIN_MAPPED_FRACTION,
 ) -> LabData:
     """Read an .h5ad (or 10x h5 / mtx folder) of raw counts with the obs columns a task needs."""
-    source, mapping = open_lab_source(path, obs_keys, layer, gene_column, species, min_mapped_fraction)
+    opened = open_mapped_source(path, layer, gene_column, species, min_mapped_fraction, obs_keys, OBS_FIX)
+    source, mapping = opened.source, opened.mapping
     try:
-        counts = source.read_rows(0, source.n_cells).tocsr()
-        check_raw_counts(counts, source, 0)
+        counts = opened.read_counts(0, source.n_cells)
     finally:
-        source.close()
+        opened.close()
     gene_counts = np.asarray(counts.sum(axis=0, dtype=np.float64)).ravel()  # every cell is at hand: no sample needed
     return LabData(
         Path(path),
@@ -168,7 +148,7 @@ def tokenize_counts(rows: sp.csr_matrix, column_map: np.ndarray, n_mapped: int, 
     mapped = to_corpus_genes(rows, column_map, n_mapped)
     totals = np.asarray(rows.sum(axis=1)).ravel()
     block = Block(mapped.indptr, mapped.indices, mapped.data, totals, [species] * mapped.shape[0], {}, is_float32(rows.dtype))
-    return encode(tokenizer, block, rng)
+    return tokenizer.encode_block(block, rng)
 
 
 def load_model_tokenizer(model_dir, data: LabData):

@@ -22,59 +22,16 @@ import h5py
 import numpy as np
 import torch
 
-from celltron.corpus.genes import MIN_MAPPED_FRACTION
 from celltron.corpus.readers import check_raw_counts
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.adapt import _attribute, base_of, parts_of, resolve_model_folder
 from celltron.inputs import open_h5
 from celltron.lab.data import LabData, check_vocabulary_coverage, load_model_tokenizer, open_lab_source, tokenize_counts
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
-from celltron.model_zoo.registry import load_pretrained
+from celltron.lab.options import EmbedOptions
+from celltron.model_zoo.registry import base_of, load_pretrained, parts_of, resolve_model_folder
+from celltron.model_zoo.spec import attribute
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EmbedOptions:
-    """How to embed.
-
-    Attributes:
-        key: obsm (and varm) key the embeddings are written under.
-        pool: 'cls' (the first token: <cls>, or the species token) or 'mean' of the gene tokens
-            (special tokens left out); None takes the model config's `cell_embedding`.
-        layer: which Transformer layer's output (-1: the last; -2: the one before, Geneformer's
-            own default for cell embeddings).
-        batch_size: cells per forward pass.
-        block_cells: cells read and tokenised at a time (bounds memory).
-        gene_embeddings: also write each gene's contextual embedding averaged over the cells
-            where it is a token (`varm[key]`; NaN for genes never tokenised).
-        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.
-        precision: 'auto' (bf16 autocast on CUDA, fp32 on CPU), '32' or 'bf16'.
-        devices: processes, one per device (GPUs when on CUDA), each embedding a contiguous range.
-        input_layer: the counts: 'X', 'raw' or a layer name.
-        gene_column: var column holding gene symbols or Ensembl IDs (default: var names).
-        species: 'human' or 'mouse' (default: inferred from the genes).
-        min_mapped_fraction: refuse the input unless this share of its counts maps to Ensembl IDs
-            and has tokens in the model's vocabulary.
-        seed: seeds the tokenizer's sampling (scGPT's max_len sampling).
-        progress: show a progress bar.
-    """
-
-    key: str = "X_celltron"
-    pool: str | None = None
-    layer: int = -1
-    batch_size: int = 32
-    block_cells: int = 2048
-    gene_embeddings: bool = False
-    device: str = "auto"
-    precision: str = "auto"
-    devices: int = 1
-    input_layer: str = "X"
-    gene_column: str | None = None
-    species: str | None = None
-    min_mapped_fraction: float = MIN_MAPPED_FRACTION
-    seed: int = 0
-    progress: bool = True
 
 
 class LayerOutput:
@@ -82,7 +39,7 @@ class LayerOutput:
     family, and for the last layer gives the model's last_hidden_state)."""
 
     def __init__(self, model: torch.nn.Module, layer: int):
-        layers = _attribute(base_of(model), parts_of(base_of(model)).layers)
+        layers = attribute(base_of(model), parts_of(base_of(model)).layers)
         if not -len(layers) <= layer < len(layers):
             raise ConfigError(f"--layer {layer}: the model has {len(layers)} layers; use -1 (the last) down to -{len(layers)}")
         self.hidden = None

@@ -9,8 +9,7 @@ import numpy as np
 import torch
 
 from celltron.errors import ConfigError
-
-PRECISIONS = ("auto", "32", "bf16")
+from celltron.lab.options import PRECISIONS
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
+from celltron.config import one_of, read_mapping, typed
 from celltron.errors import ConfigError
-from celltron.inputs import read_yaml
 from celltron.ranges import check_ranges, ranged
 
 BACKENDS = ("torchrun", "slurm", "deepspeed")
@@ -33,7 +33,7 @@ class ClusterSpec:
     python: the interpreter that runs celltron on the nodes.
     """
 
-    backend: str = "torchrun"
+    backend: str = one_of("torchrun", BACKENDS)
     nodes: int = ranged(1, ">= 1")
     gpus_per_node: int = ranged(1, ">= 1")
     hosts: list = field(default_factory=list)
@@ -60,7 +60,7 @@ class ClusterSpec:
             raise ConfigError(f"{where} hosts: {len(self.hosts)} hosts given for {self.nodes} nodes; list one host per node")
         if self.time is not None and not SLURM_TIME.match(str(self.time)):
             raise ConfigError(
-                f"{where} time: {self.time!r} is not a time limit; use 'HH:MM:SS', quoted in YAML (SLURM also takes D-HH:MM:SS)"
+                f"{where} time: {self.time} is not a time limit; use 'HH:MM:SS', quoted in YAML (SLURM also takes D-HH:MM:SS)"
             )
         return self
 
@@ -71,18 +71,9 @@ class ClusterSpec:
 
 def load_cluster(path, **overrides) -> ClusterSpec:
     """A ClusterSpec from YAML; `overrides` (flags) that are not None win."""
-    values = {}
-    if path:
-        values = read_yaml(path, "cluster spec (see configs/launch/)") or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of cluster fields, got {type(values).__name__}")
-        known = {f.name for f in fields(ClusterSpec)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{path}: unknown field(s) {unknown}; known: {sorted(known)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    values.update(given)
-    return ClusterSpec(**values).check(_where(path, given))
+    values = read_mapping(path, "cluster spec (see configs/launch/)", "cluster fields") if path else {}
+    return typed(ClusterSpec, {**values, **given}, _where(path, given)).check(_where(path, given))
 
 
 def _where(path, flags: dict) -> str:

@@ -1,56 +1,123 @@
-"""One registry of model families and their named sizes: build a model by (family, size), list
-them with parameter counts, and register them with transformers' Auto classes."""
+"""One registry of model families (celltron.model_zoo.spec.Family records) and their named sizes:
+build a model by (family, size), list them with parameter counts, and register them with
+transformers' Auto classes. Adding a family is one folder (its config, model and `family.py`
+record) plus one `register_family` call: the built-in families are registered at the end of this
+module.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PretrainedConfig, PreTrainedModel
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from celltron.errors import ConfigError, InputError
 from celltron.inputs import MODEL_FIX, MissingInputError, check_model_files, first_line, read_json
-from celltron.model_zoo.common import encoder_flops_per_token
-from celltron.model_zoo.genecompass import GeneCompassConfig, GeneCompassForPretraining
-from celltron.model_zoo.genecompass.configuration_genecompass import SIZES as GENECOMPASS_SIZES
-from celltron.model_zoo.genecompass.modeling_genecompass import genecompass_flops_per_token
-from celltron.model_zoo.geneformer import GeneformerConfig, GeneformerForMaskedLM
-from celltron.model_zoo.geneformer.configuration_geneformer import SIZES as GENEFORMER_SIZES
-from celltron.model_zoo.scgpt import ScGPTConfig, ScGPTModel
-from celltron.model_zoo.scgpt.configuration_scgpt import SIZES as SCGPT_SIZES
-from celltron.model_zoo.scgpt.modeling_scgpt import scgpt_flops_per_token
-from celltron.tokenizers.saving import CONFIG_FILE
+from celltron.model_zoo.genecompass.family import FAMILY as GENECOMPASS
+from celltron.model_zoo.geneformer.family import FAMILY as GENEFORMER
+from celltron.model_zoo.scgpt.family import FAMILY as SCGPT
+from celltron.model_zoo.spec import EncoderParts, Family
+from celltron.tokenizers.schemes import CONFIG_FILE, scheme_names
 from celltron.tokenizers.vocab import VOCAB_FILE
 
-
-@dataclass(frozen=True)
-class Family:
-    """A model family: its config and model classes, named sizes, and the vocabulary size used
-    to count parameters when a size does not fix one (debug sizes, GeneCompass's corpus-built
-    vocabularies)."""
-
-    name: str
-    config_class: type[PretrainedConfig]
-    model_class: type[PreTrainedModel]
-    sizes: dict
-    counting_vocab: int
-
-
-FAMILIES = {
-    "geneformer": Family("geneformer", GeneformerConfig, GeneformerForMaskedLM, GENEFORMER_SIZES, 20275),
-    "scgpt": Family("scgpt", ScGPTConfig, ScGPTModel, SCGPT_SIZES, 60697),
-    # GeneCompass's vocabulary is built from its corpus (human + mouse genes); 50,000 is an
-    # assumed round figure for listing only.
-    "genecompass": Family("genecompass", GeneCompassConfig, GeneCompassForPretraining, GENECOMPASS_SIZES, 50000),
-}
+FAMILIES: dict[str, Family] = {}
+# the family of configs no family claims (plain transformers configs): official Geneformer
+# folders are plain BERT checkpoints
+DEFAULT_FAMILY = "geneformer"
 
 
 def family(name: str) -> Family:
     if name not in FAMILIES:
         raise ConfigError(f"unknown model family {name!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def register_family(spec: Family) -> Family:
+    """Check a family record and add it: pretraining, fine-tuning, FSDP, MFU, model cards and
+    `celltron convert` then know it, and transformers' Auto classes load its folders."""
+
+    if not isinstance(spec, Family):
+        raise ConfigError(f"register_family takes a celltron.model_zoo.spec.Family, got {type(spec).__name__}")
+    where = f"model family {spec.name!r}"
+    if FAMILIES.get(spec.name) is spec:
+        return spec
+    if not spec.name or spec.name in FAMILIES:
+        raise ConfigError(f"{where}: {'already registered' if spec.name else 'needs a name'}")
+    if not (isinstance(spec.config_class, type) and issubclass(spec.config_class, PretrainedConfig)):
+        raise ConfigError(f"{where}: config_class must be a transformers PretrainedConfig subclass")
+    if not hasattr(spec.config_class, "from_size"):
+        raise ConfigError(f"{where}: config_class needs a from_size(size, vocab_size=None, **overrides) classmethod")
+    if not (isinstance(spec.model_class, type) and issubclass(spec.model_class, PreTrainedModel)):
+        raise ConfigError(f"{where}: model_class must be a transformers PreTrainedModel subclass")
+    if not spec.sizes:
+        raise ConfigError(f"{where}: no named sizes")
+    unknown = [s for s in spec.schemes if s not in scheme_names()]
+    if not spec.schemes or unknown:
+        raise ConfigError(f"{where}: tokenizer schemes {list(spec.schemes)} must be some of {scheme_names()}")
+    if not (isinstance(spec.layer_class, type) and issubclass(spec.layer_class, nn.Module)):
+        raise ConfigError(f"{where}: layer_class must be the family's Transformer layer (an nn.Module subclass)")
+    if not isinstance(spec.parts, EncoderParts):
+        raise ConfigError(f"{where}: parts must be an EncoderParts")
+    for name in ("masking", "flops", "build_defaults"):
+        if not callable(getattr(spec, name)):
+            raise ConfigError(f"{where}: {name} must be callable")
+    missing = [name for name in spec.auto_classes if not hasattr(transformers, name)]
+    if missing:
+        raise ConfigError(f"{where}: transformers has no {', '.join(missing)}")
+    if spec.converter is not None and not re.fullmatch(r"[\w.]+:\w+", spec.converter):
+        raise ConfigError(f"{where}: converter must be 'module:function', got {spec.converter!r}")
+    FAMILIES[spec.name] = spec
+    _register_auto(spec)
+    return spec
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family added with register_family (tests), its Auto classes included."""
+    spec = FAMILIES.pop(name, None)
+    if spec is None or not spec.auto_classes:
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    CONFIG_MAPPING._extra_content.pop(spec.config_class.model_type, None)
+    for auto in spec.auto_classes:
+        getattr(transformers, auto)._model_mapping._extra_content.pop(spec.config_class, None)
+
+
+@contextlib.contextmanager
+def registered_family(spec: Family):
+    """`with registered_family(spec):` the family exists inside the block only."""
+    register_family(spec)
+    try:
+        yield spec
+    finally:
+        unregister_family(spec.name)
+
+
+def families_with_converter() -> list[str]:
+    """Families `celltron convert` takes: those with an official-checkpoint converter."""
+    return [name for name, spec in FAMILIES.items() if spec.converter]
+
+
+def convert(family_name: str, source, out, overwrite: bool = False, **options) -> Path:
+    """Convert an official checkpoint of `family_name` into a celltron model folder with the
+    family's converter; options the converter does not take (or left None) are ignored."""
+    spec = family(family_name)
+    if not spec.converter:
+        raise ConfigError(
+            f"{family_name} has no checkpoint converter; `celltron convert` takes {', '.join(families_with_converter())}"
+        )
+    module, _, function = spec.converter.partition(":")
+    converter = getattr(importlib.import_module(module), function)
+    accepted = inspect.signature(converter).parameters
+    options = {k: v for k, v in options.items() if v is not None and k in accepted}
+    return converter(source, out, overwrite=overwrite, **options)
 
 
 def build_config(family_name: str, size: str, vocab_size: int | None = None, **overrides) -> PretrainedConfig:
@@ -67,7 +134,25 @@ def build_model(family_name: str, size: str, vocab_size: int | None = None, **ov
 
 def family_of(config: PretrainedConfig) -> Family:
     """The family of a loaded config; plain BERT configs (official Geneformer folders) are geneformer."""
-    return next((f for f in FAMILIES.values() if isinstance(config, f.config_class)), FAMILIES["geneformer"])
+    spec = next((f for f in FAMILIES.values() if isinstance(config, f.config_class)), None)
+    return spec or family_of_model_type(getattr(config, "model_type", None))
+
+
+def family_of_model_type(model_type: str | None) -> Family:
+    """The family of a config.json's `model_type` (its config class's, or one it claims in
+    model_types); any other is DEFAULT_FAMILY's (plain BERT folders are Geneformer's)."""
+    claimed = (f for f in FAMILIES.values() if model_type == f.config_class.model_type or model_type in f.model_types)
+    return next(claimed, FAMILIES[DEFAULT_FAMILY])
+
+
+def parts_of(model: nn.Module) -> EncoderParts:
+    """Where a loaded model keeps its encoder, embeddings, layers and LoRA targets."""
+    return family_of(model.config).parts
+
+
+def layer_classes() -> set[type[nn.Module]]:
+    """Every registered family's Transformer layer (FSDP's wrapping unit)."""
+    return {spec.layer_class for spec in FAMILIES.values()}
 
 
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
@@ -192,34 +277,46 @@ def list_models() -> list[dict]:
 
 
 def register_auto_classes() -> None:
-    """Let `AutoConfig` / `AutoModel` load celltron folders. Geneformer folders are plain BERT
-    checkpoints (`model_type: bert`) and need nothing."""
-    for config_class, model_class in ((ScGPTConfig, ScGPTModel), (GeneCompassConfig, GeneCompassForPretraining)):
+    """Let `AutoConfig` / `AutoModel` (and each family's further Auto classes) load celltron
+    folders. Families without auto_classes (Geneformer: plain BERT checkpoints) need nothing."""
+    for spec in FAMILIES.values():
+        _register_auto(spec)
+
+
+def _register_auto(spec: Family) -> None:
+    if not spec.auto_classes:
+        return
+    try:
+        AutoConfig.register(spec.config_class.model_type, spec.config_class)
+    except ValueError:  # already registered (module reloaded)
+        pass
+    for name in spec.auto_classes:
         try:
-            AutoConfig.register(config_class.model_type, config_class)
-        except ValueError:  # already registered (module reloaded)
+            getattr(transformers, name).register(spec.config_class, spec.model_class)
+        except ValueError:
             pass
-        for auto in (AutoModel, AutoModelForMaskedLM) if model_class is GeneCompassForPretraining else (AutoModel,):
-            try:
-                auto.register(config_class, model_class)
-            except ValueError:
-                pass
 
 
 def flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
     """Training FLOPs per token of any celltron model (see each family's formula), for MFU."""
-    if isinstance(config, ScGPTConfig):
-        return scgpt_flops_per_token(config, seq_len)
-    if isinstance(config, GeneCompassConfig):
-        return genecompass_flops_per_token(config, seq_len)
-    # geneformer: the encoder, its vocabulary projection and the head's hidden x hidden transform
-    h = config.hidden_size
-    return (
-        encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * h * h
-    )
+    return family_of(config).flops(config, seq_len)
 
 
-# Loading celltron's model code registers it, so AutoConfig / AutoModel know the families however
-# that code was reached (celltron/__init__.py relies on this when transformers is first imported
-# from inside this module).
-register_auto_classes()
+def resolve_model_folder(model: str) -> Path:
+    """A local folder, or a Hub repository id (`owner/name[@revision]`) fetched into the local cache;
+    a model whose vocabulary is not its tokenizer's is refused here, before any work."""
+    folder = model_folder(model)
+    check_vocabulary(folder)
+    return folder
+
+
+def base_of(model: nn.Module) -> nn.Module:
+    """The family model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# The built-in families, registered once, here. Loading celltron's model code registers it, so
+# AutoConfig / AutoModel know the families however that code was reached (celltron/__init__.py
+# relies on this when transformers is first imported from inside this module).
+for _spec in (GENEFORMER, SCGPT, GENECOMPASS):
+    register_family(_spec)

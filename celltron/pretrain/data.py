@@ -23,19 +23,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from celltron.corpus.store import Corpus
 from celltron.corpus.stream import CorpusStream, collate_cells
+from celltron.model_zoo.registry import family as family_spec
+from celltron.model_zoo.spec import VocabIds
 from celltron.pretrain.config import DataSection
-from celltron.tokenizers.collate import MLMCollator, PackingCollator, ValueMaskingCollator, length_grouped, pack_stream
-from celltron.tokenizers.dataset import Block, encode, make_tokenizer
+from celltron.tokenizers.collate import PackingCollator, length_grouped, pack_stream
 from celltron.tokenizers.rank_value import float32_datasets
-
-POSITION_KEY = "stream_position"  # (stream worker, epoch, offset of the round, batches of the round used)
-BOOKKEEPING = (POSITION_KEY, "n_cells", "n_tokens", "max_seqlen")  # batch keys that are not model inputs
-
-
-def split_batch(batch: dict) -> tuple[dict, dict]:
-    """A batch's model inputs, and its bookkeeping (stream position, cell and token counts)."""
-    inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING}
-    return inputs, {k: v for k, v in batch.items() if k in BOOKKEEPING}
+from celltron.tokenizers.schemes import Block, make_tokenizer
+from celltron.training.module import POSITION_KEY
 
 
 @dataclass
@@ -54,41 +48,17 @@ def corpus_tokenizer(corpus: Corpus, scheme: str, max_len: int | None, seed: int
 
 
 class Masker:
-    """The family's padded masking collator, built per round around that round's generator."""
+    """The family's padded masking collator (its record's `masking`), built per round around
+    that round's generator."""
 
     def __init__(self, family: str, vocab, section: DataSection):
         self.family, self.section = family, section
-        self.pad_id = vocab.special_id("pad")
-        self.mask_id = vocab.special_id("mask") if "mask" in vocab.specials else None
-        self.special_ids = [int(i) for i in vocab.special_ids()]
-        self.vocab_size = len(vocab)
+        self.ids = VocabIds.of(vocab)
+        self.pad_id = self.ids.pad_id
+        self.masking = family_spec(family).masking  # the function itself: workers need no registry
 
     def __call__(self, generator: torch.Generator):
-        if self.family == "scgpt":
-            collator = ValueMaskingCollator(self.pad_id, mask_ratio=self.section.mask_ratio, generator=generator)
-            return _Generative(collator) if self.section.generative else collator
-        values_key = "values" if self.family == "genecompass" else None
-        return MLMCollator(
-            self.pad_id,
-            self.mask_id,
-            self.special_ids,
-            self.vocab_size,
-            self.section.mask_probability,
-            generator=generator,
-            values_key=values_key,
-        )
-
-
-class _Generative:
-    """scGPT's generative mode: the hidden values are the genes to generate."""
-
-    def __init__(self, collator: ValueMaskingCollator):
-        self.collator, self.pad_value = collator, collator.pad_value
-
-    def __call__(self, cells):
-        batch = self.collator(cells)
-        batch["gen_mask"] = (batch["values"] == self.collator.mask_value) & batch["attention_mask"].bool()
-        return batch
+        return self.masking(self.ids, self.section, generator)
 
 
 class TokenBatches(IterableDataset):
@@ -149,7 +119,7 @@ class TokenBatches(IterableDataset):
         float32 = self.float32_of_dataset[flat["dataset"]] if "dataset" in flat else None
         block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {}, float32)
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-        tokens = encode(self.tokenizer, block, rng)
+        tokens = self.tokenizer.encode_block(block, rng)
         cells = [
             {"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}
             for i in range(len(tokens))

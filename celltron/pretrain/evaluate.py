@@ -7,7 +7,8 @@ from itertools import islice
 
 import torch
 
-from celltron.pretrain.data import PretrainDataModule, split_batch
+from celltron.pretrain.data import PretrainDataModule
+from celltron.training.module import split_batch
 
 
 def _labels(batch: dict) -> torch.Tensor:

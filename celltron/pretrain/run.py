@@ -57,7 +57,7 @@ class RunResult:
 def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = None):
     """The run's model: a named size sized to the tokenizer's vocabulary, or `init_from` (an
     exported or converted folder) whose vocabulary must be the tokenizer's."""
-    vocab = tokenizer.vocab
+    vocab, spec = tokenizer.vocab, FAMILIES[config.model.family]
     if init_from:
         check_vocabulary(
             model_folder(init_from),
@@ -65,16 +65,12 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
             f"this run's {config.tokenizer.scheme} tokenizer of the corpus",
             "continue pretraining with the tokenizer scheme (tokenizer.scheme) and gene set the model was trained with",
         )
-        return FAMILIES[config.model.family].model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
+        return spec.model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
     overrides = dict(config.model.overrides)
     overrides.setdefault("pad_token_id", vocab.special_id("pad"))
-    if config.model.family == "genecompass":
-        species = sorted(role for role in vocab.specials if role not in ("pad", "mask", "cls", "eos"))
-        overrides.setdefault("species_token_ids", [vocab.special_id(s) for s in species])
-    if config.model.family != "scgpt":
-        longest = getattr(tokenizer, "max_len", 2048) + 2
-        size_positions = FAMILIES[config.model.family].sizes[config.model.size].get("max_position_embeddings", 512)
-        overrides.setdefault("max_position_embeddings", max(size_positions, longest))
+    # the family's own defaults: e.g. a position table for the tokenizer's cells, species tokens
+    for key, value in spec.build_defaults(tokenizer, spec.sizes[config.model.size]).items():
+        overrides.setdefault(key, value)
     return build_model(config.model.family, config.model.size, vocab_size=len(vocab), **overrides)
 
 
@@ -162,11 +158,10 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
             f"{model_dir / 'config.json'}: missing; export needs the run directory the checkpoint came from (--run-dir)"
         )
     check_checkpoint(checkpoint, checksum=True)  # a model published from damaged weights would fail far from here
-    model_config = AutoConfig.from_pretrained(model_dir)
-    family = family_of(model_config)
-    if family.name == "geneformer":
-        model_config = family.config_class.from_pretrained(model_dir)
-    model = family.model_class(model_config)
+    # AutoConfig names the family; its own config class reads the folder (plain `bert` folders
+    # are Geneformer configs)
+    family = family_of(AutoConfig.from_pretrained(model_dir))
+    model = family.model_class(family.config_class.from_pretrained(model_dir))
     state = model_state_from_checkpoint(checkpoint)
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

@@ -17,8 +17,8 @@ import numpy as np
 
 from celltron.errors import ConfigError
 from celltron.tokenizers import _kernels
-from celltron.tokenizers.files import save_tokenizer
 from celltron.tokenizers.ragged import RaggedTokens
+from celltron.tokenizers.schemes import Block, save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab
 
 VALUE_STYLES = ("binned", "log1p", "normalized", "counts")
@@ -100,6 +100,7 @@ class BinnedTokenizer:
     """
 
     SCHEME = "binned"
+    TAKES_GENES_SUBSET = True
 
     def __init__(
         self,
@@ -132,6 +133,20 @@ class BinnedTokenizer:
         self.covered_genes = np.flatnonzero(token >= 0)
         self.cls_id = vocab.special_id("cls")
         self.seed = seed
+
+    @classmethod
+    def for_corpus(cls, scheme: str, genes, max_len: int | None, seed: int, genes_subset=None) -> BinnedTokenizer:
+        """scGPT's vocabulary over `genes.gene_ids` (1,200 tokens unless `max_len`), keeping
+        `genes_subset` (highly variable genes) when given."""
+        return cls(GeneVocab.from_scgpt(), genes.gene_ids, max_len=max_len or 1200, genes_subset=genes_subset, seed=seed)
+
+    @classmethod
+    def from_saved(cls, vocab: GeneVocab, settings: dict, medians, gene_ids) -> BinnedTokenizer:
+        return cls(vocab, gene_ids, **settings)
+
+    @classmethod
+    def fixed_vocab(cls, scheme: str) -> GeneVocab:
+        return GeneVocab.from_scgpt()
 
     def settings(self) -> dict:
         return {
@@ -179,7 +194,11 @@ class BinnedTokenizer:
         kept_indptr = np.concatenate([[0], np.cumsum(np.bincount(cell, minlength=n_cells))])
         return kept_indptr, genes, values
 
-    def encode_block(self, indptr, genes, counts, rng: np.random.Generator) -> RaggedTokens:
+    def encode_block(self, block: Block, rng: np.random.Generator) -> RaggedTokens:
+        """Tokenise a Block's counts; `rng` drives tie-spreading and length sampling (`encode_csr`)."""
+        return self.encode_csr(block.indptr, block.genes, block.counts, rng)
+
+    def encode_csr(self, indptr, genes, counts, rng: np.random.Generator) -> RaggedTokens:
         """Tokenise a CSR block of raw counts; `rng` drives tie-spreading and length sampling.
 
         Draws, in order: one uniform per expressed gene of the block, cell after cell (the
@@ -272,5 +291,5 @@ class BinnedTokenizer:
         """Tokenise one CorpusStream cell (the `transform` hook). Its random draws come from a
         generator seeded by (seed, cell_index), so a resumed stream tokenises identically."""
         rng = np.random.default_rng([self.seed, int(cell.get("cell_index", 0))])
-        block = self.encode_block(np.array([0, len(cell["genes"])]), cell["genes"], cell["counts"], rng)
+        block = self.encode_csr(np.array([0, len(cell["genes"])]), cell["genes"], cell["counts"], rng)
         return {"input_ids": block.input_ids, "values": block.values, "length": len(block.input_ids)}

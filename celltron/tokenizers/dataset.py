@@ -25,36 +25,21 @@ import pyarrow as pa
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from celltron.corpus.build import to_corpus_genes
 from celltron.corpus.genes import MIN_MAPPED_FRACTION, check_token_coverage
-from celltron.corpus.readers import check_raw_counts, map_source_genes, open_source
+from celltron.corpus.readers import open_mapped_source, to_corpus_genes
 from celltron.corpus.stats import GeneStatistics
 from celltron.corpus.store import Corpus, ShardReader
 from celltron.errors import ConfigError, InputError, OutputExistsError
 from celltron.io import new_partial_dir
-from celltron.tokenizers.binned import BinnedTokenizer
-from celltron.tokenizers.hvg import DISPERSION_FLAVORS, highly_variable_genes, log_normalize
-from celltron.tokenizers.ortholog import OrthologTokenizer, group_by_species, ortholog_vocab
+from celltron.preprocessing import log_normalise
+from celltron.tokenizers.hvg import DISPERSION_FLAVORS, highly_variable_genes
 from celltron.tokenizers.ragged import RaggedTokens
-from celltron.tokenizers.rank_value import RankValueTokenizer, float32_datasets, is_float32
+from celltron.tokenizers.rank_value import float32_datasets, is_float32
+from celltron.tokenizers.schemes import SCHEMES, Block, make_tokenizer, scheme_class
 from celltron.tokenizers.vocab import GeneVocab
 
-SCHEMES = ("geneformer-v1", "geneformer-v2", "scgpt", "ortholog")
-
-
-@dataclass
-class Block:
-    """Cells in CSR over `gene_ids`, with totals, species and obs labels per cell."""
-
-    indptr: np.ndarray
-    genes: np.ndarray
-    counts: np.ndarray
-    n_counts: np.ndarray
-    species: list[str]
-    obs: dict[str, list]
-    # whether each cell's source matrix was float32 (one flag per cell, or one for the block):
-    # Geneformer's normalisation then runs in float32 (rank_value)
-    float32: np.ndarray | bool | None = None
+# Block, make_tokenizer and SCHEMES were long imported from here; they live in schemes.py
+__all__ = ["SCHEMES", "Block", "check_scheme_coverage", "make_tokenizer", "select_hvg", "tokenize_to_dataset"]
 
 
 @dataclass
@@ -118,29 +103,17 @@ def _h5ad_input(
     min_mapped_fraction: float = MIN_MAPPED_FRACTION,
     scheme: str | None = None,
 ) -> _Input:
-    source = open_source(path, layer=layer, gene_column=gene_column)
-
-    def check(keys):
-        missing = [k for k in keys if k not in source.obs.columns]
-        if missing:
-            raise InputError(f"{path}: obs has no column(s) {missing}; it has {list(source.obs.columns)}")
-
-    check(obs_keys)
-    mapping = map_source_genes(source, species, min_mapped_fraction)
-    species, ensembl = mapping.species, mapping.ensembl_ids
+    opened = open_mapped_source(path, layer, gene_column, species, min_mapped_fraction, obs_keys)
+    source, mapping, species = opened.source, opened.mapping, opened.species
+    source_genes = (mapping.ensembl_ids, mapping.names, mapping.gene_counts)
     if scheme is not None:  # before the pass over every cell below
-        check_scheme_coverage(scheme, (ensembl, mapping.names, mapping.gene_counts), {species}, path, min_mapped_fraction)
-    # unique Ensembl IDs in first-seen order, so ties keep the file's gene order
-    _, first = np.unique(ensembl[ensembl != ""], return_index=True)
-    gene_ids = ensembl[ensembl != ""][np.sort(first)]
-    position = {g: i for i, g in enumerate(gene_ids)}
-    column_map = np.array([position.get(g, -1) for g in ensembl], dtype=np.int64)
+        check_scheme_coverage(scheme, source_genes, {species}, path, min_mapped_fraction)
+    gene_ids, column_map = opened.mapped_genes()  # first-seen order, so ties keep the file's gene order
     has_totals = "n_counts" in source.obs.columns
     float32 = is_float32(source.read_rows(0, min(1, source.n_cells)).dtype)  # the matrix's dtype, from its first row
 
     def read(start, stop):
-        raw = source.read_rows(start, stop).tocsr()
-        check_raw_counts(raw, source, start)
+        raw = opened.read_counts(start, stop)
         mapped = to_corpus_genes(raw, column_map, len(gene_ids))
         totals = source.obs["n_counts"].to_numpy()[start:stop] if has_totals else np.asarray(raw.sum(axis=1)).ravel()
         return mapped, totals
@@ -151,7 +124,7 @@ def _h5ad_input(
     medians = {g: float(m) for g, m in zip(gene_ids, stats.nonzero_medians()) if np.isfinite(m)}
 
     def blocks(obs_keys=obs_keys):
-        check(obs_keys)
+        opened.require_obs(obs_keys)
         for start in range(0, source.n_cells, block_cells):
             stop = min(start + block_cells, source.n_cells)
             mapped, totals = read(start, stop)
@@ -165,7 +138,7 @@ def _h5ad_input(
         source.n_cells,
         blocks(),
         blocks,
-        source_genes=(ensembl, mapping.names, mapping.gene_counts),
+        source_genes=source_genes,
     )
 
 
@@ -176,9 +149,11 @@ def check_scheme_coverage(
     (mouse genes and the human-only Geneformer or scGPT vocabularies): its cells would come out
     with no gene tokens. `source_genes`: Ensembl IDs, names and counts per gene of the source.
     The ortholog vocabulary is built from the data's own genes, so it always covers them."""
-    if scheme not in ("geneformer-v1", "geneformer-v2", "scgpt") or source_genes is None:
+    if source_genes is None:
         return
-    vocab = GeneVocab.from_scgpt() if scheme == "scgpt" else GeneVocab.from_geneformer(scheme.split("-")[1])
+    vocab = scheme_class(scheme).fixed_vocab(scheme)
+    if vocab is None:
+        return
     other = sorted(species - {"human"})
     hint = f"the {vocab.name} vocabulary holds human genes and these are {'/'.join(other)}: " if other else ""
     check_token_coverage(
@@ -188,27 +163,6 @@ def check_scheme_coverage(
         f"{hint}use --scheme ortholog, whose vocabulary is built from the data's own human and mouse genes",
         min_fraction,
     )
-
-
-def make_tokenizer(scheme: str, data, max_len: int | None, seed: int, genes_subset=None):
-    """The tokenizer of `scheme` bound to the data's genes (anything with `gene_ids`,
-    `gene_species` and `medians`: an input here, or a corpus's gene table), and its vocabulary.
-    `genes_subset` (Ensembl IDs, e.g. highly variable genes) is for the scgpt scheme only."""
-    if genes_subset is not None and scheme != "scgpt":
-        raise ConfigError(f"a gene subset (highly variable genes, --hvg) is scGPT's step; scheme {scheme!r} takes none")
-    if scheme in ("geneformer-v1", "geneformer-v2"):
-        tokenizer = RankValueTokenizer.geneformer(scheme.split("-")[1], data.gene_ids)
-        if max_len:
-            tokenizer.max_len = max_len
-        return tokenizer, tokenizer.vocab
-    if scheme == "scgpt":
-        vocab = GeneVocab.from_scgpt()
-        tokenizer = BinnedTokenizer(vocab, data.gene_ids, max_len=max_len or 1200, genes_subset=genes_subset, seed=seed)
-        return tokenizer, vocab
-    if scheme == "ortholog":
-        vocab = ortholog_vocab(group_by_species(data.gene_ids, data.gene_species))
-        return OrthologTokenizer(vocab, data.gene_ids, data.medians, max_len=max_len or 2048), vocab
-    raise ConfigError(f"unknown scheme {scheme!r}; use one of {SCHEMES}")
 
 
 def select_hvg(
@@ -225,20 +179,11 @@ def select_hvg(
     def blocks():
         for block in data.read(keys):
             x = sp.csr_matrix((block.counts, block.genes, block.indptr), shape=(len(block.indptr) - 1, n_genes))[:, columns]
-            yield (log_normalize(x) if flavor in DISPERSION_FLAVORS else x), (block.obs[batch_key] if batch_key else None)
+            yield (log_normalise(x) if flavor in DISPERSION_FLAVORS else x), (block.obs[batch_key] if batch_key else None)
 
     candidates = data.gene_ids[columns]
     result = highly_variable_genes(blocks, n_top_genes, flavor=flavor, span=span, expressed_only=True, gene_names=candidates)
     return candidates[result.selected].tolist()
-
-
-def encode(tokenizer, block: Block, rng) -> RaggedTokens:
-    """Tokenise a Block with any tokenizer (each scheme takes different per-cell inputs)."""
-    if isinstance(tokenizer, RankValueTokenizer):
-        return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.n_counts, block.float32)
-    if isinstance(tokenizer, BinnedTokenizer):
-        return tokenizer.encode_block(block.indptr, block.genes, block.counts, rng)
-    return tokenizer.encode_block(block.indptr, block.genes, block.counts, block.species, block.n_counts)
 
 
 def _missing(value) -> bool:
@@ -290,7 +235,7 @@ def tokenize_to_dataset(
     out = Path(out)
     if out.exists():
         raise OutputExistsError(f"{out} already exists; choose another --out or remove it")
-    if hvg is not None and scheme != "scgpt":
+    if hvg is not None and not scheme_class(scheme).TAKES_GENES_SUBSET:
         raise ConfigError(
             f"--hvg selects highly variable genes as scGPT's Preprocessor does; scheme {scheme!r} "
             "has no such step (use --scheme scgpt)"
@@ -330,7 +275,7 @@ def _write(tokenizer, data: _Input, work: Path, rng, progress: bool) -> dict:
     writer = None
     bar = tqdm(total=data.n_cells, unit="cells", desc="tokenizing", disable=not progress)
     for block in data.blocks:
-        table = _arrow_table(encode(tokenizer, block, rng), block)
+        table = _arrow_table(tokenizer.encode_block(block, rng), block)
         if writer is None:
             writer = pa.ipc.new_stream(str(work / "tokens.arrow"), table.schema)
         writer.write_table(table)

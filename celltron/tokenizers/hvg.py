@@ -116,16 +116,6 @@ def highly_variable_genes(
     return _dispersion_batched(batches, moments, n_top_genes, flavor, n_bins, candidates, gene_names)
 
 
-def log_normalize(x, target_sum: float = 1e4) -> sp.csr_matrix:
-    """log1p(counts scaled to `target_sum` per cell), as scanpy's normalize_total + log1p give
-    the dispersion flavors their input (cells with no counts stay zero)."""
-    x = _as_csr(x)
-    totals = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.where(totals > 0, totals / target_sum, 1.0)
-    values = np.log1p(x.data / np.repeat(scale, np.diff(x.indptr)))
-    return sp.csr_matrix((values, x.indices, x.indptr), shape=x.shape)
-
-
 def _loess():
     try:
         from skmisc.loess import loess

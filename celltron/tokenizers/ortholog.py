@@ -19,8 +19,8 @@ from importlib import resources
 import numpy as np
 
 from celltron.inputs import MissingInputError
-from celltron.tokenizers.files import save_tokenizer
 from celltron.tokenizers.ragged import RaggedTokens, bind_genes, rank_cells
+from celltron.tokenizers.schemes import Block, save_tokenizer
 from celltron.tokenizers.vocab import CLS, EOS, MASK, PAD, GeneVocab, species_token
 
 ANCHOR = "human"
@@ -93,11 +93,28 @@ class OrthologTokenizer:
     """
 
     SCHEME = "ortholog"
+    TAKES_GENES_SUBSET = False
 
     def __init__(self, vocab: GeneVocab, gene_ids, medians: dict[str, float], max_len: int = 2048):
         self.vocab, self.max_len = vocab, max_len
         self.medians = dict(medians)
         self.token_of_gene, self.median = bind_genes(vocab, gene_ids, medians)
+
+    @classmethod
+    def for_corpus(cls, scheme: str, genes, max_len: int | None, seed: int, genes_subset=None) -> OrthologTokenizer:
+        """A vocabulary over `genes`' own genes of each species (`ortholog_vocab`) and their
+        medians; 2,048 genes per cell unless `max_len`. Draws nothing: `seed` is unused."""
+        vocab = ortholog_vocab(group_by_species(genes.gene_ids, genes.gene_species))
+        return cls(vocab, genes.gene_ids, genes.medians, max_len=max_len or 2048)
+
+    @classmethod
+    def from_saved(cls, vocab: GeneVocab, settings: dict, medians, gene_ids) -> OrthologTokenizer:
+        return cls(vocab, gene_ids, medians, **settings)
+
+    @classmethod
+    def fixed_vocab(cls, scheme: str) -> None:
+        """None: the vocabulary is built from the data's own genes, so it always covers them."""
+        return None
 
     def settings(self) -> dict:
         return {"max_len": self.max_len}
@@ -105,7 +122,11 @@ class OrthologTokenizer:
     def save_pretrained(self, directory):
         return save_tokenizer(self, directory)
 
-    def encode_block(self, indptr, genes, counts, species, n_counts=None) -> RaggedTokens:
+    def encode_block(self, block: Block, rng: np.random.Generator) -> RaggedTokens:
+        """Tokenise a Block: its species and totals; draws nothing from `rng`."""
+        return self.encode_csr(block.indptr, block.genes, block.counts, block.species, block.n_counts)
+
+    def encode_csr(self, indptr, genes, counts, species, n_counts=None) -> RaggedTokens:
         """Tokenise a CSR block; `species` is one name per cell (or one for the whole block)."""
         offsets, out, values = rank_cells(
             indptr, genes, counts, n_counts, self.token_of_gene, self.median, self.max_len, 1, 0, values_kind="log2p1"
@@ -119,7 +140,7 @@ class OrthologTokenizer:
 
     def __call__(self, cell: dict, species_names: list[str]) -> dict:
         """Tokenise one CorpusStream cell; `species_names` are the corpus's species categories."""
-        block = self.encode_block(
+        block = self.encode_csr(
             np.array([0, len(cell["genes"])]),
             cell["genes"],
             cell["counts"],

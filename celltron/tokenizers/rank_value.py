@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from celltron.tokenizers.files import save_tokenizer
 from celltron.tokenizers.ragged import RaggedTokens, bind_genes, rank_cells
+from celltron.tokenizers.schemes import Block, save_tokenizer
 from celltron.tokenizers.vocab import GeneVocab, bundled_vocab_json
 
 GENEFORMER_SETTINGS = {"v1": {"max_len": 2048, "specials": False}, "v2": {"max_len": 4096, "specials": True}}
@@ -53,6 +53,7 @@ class RankValueTokenizer:
     """
 
     SCHEME = "rank_value"
+    TAKES_GENES_SUBSET = False
 
     def __init__(self, vocab: GeneVocab, medians: dict[str, float], gene_ids, max_len: int, add_specials: bool):
         self.vocab, self.max_len, self.add_specials = vocab, max_len, add_specials
@@ -68,7 +69,33 @@ class RankValueTokenizer:
         medians = medians if medians is not None else bundled_vocab_json(f"geneformer_{version}")["medians"]
         return cls(GeneVocab.from_geneformer(version), medians, gene_ids, settings["max_len"], settings["specials"])
 
-    def encode_block(
+    @staticmethod
+    def _version(scheme: str) -> str:
+        """The Geneformer dictionary version a scheme names: geneformer-v1 -> v1."""
+        return scheme.rsplit("-", 1)[-1]
+
+    @classmethod
+    def for_corpus(cls, scheme: str, genes, max_len: int | None, seed: int, genes_subset=None) -> RankValueTokenizer:
+        """Geneformer of `scheme`'s version over `genes.gene_ids`, with its bundled medians;
+        `max_len` replaces the version's length when given. Draws nothing: `seed` is unused."""
+        tokenizer = cls.geneformer(cls._version(scheme), genes.gene_ids)
+        if max_len:
+            tokenizer.max_len = max_len
+        return tokenizer
+
+    @classmethod
+    def from_saved(cls, vocab: GeneVocab, settings: dict, medians, gene_ids) -> RankValueTokenizer:
+        return cls(vocab, medians, gene_ids, **settings)
+
+    @classmethod
+    def fixed_vocab(cls, scheme: str) -> GeneVocab:
+        return GeneVocab.from_geneformer(cls._version(scheme))
+
+    def encode_block(self, block: Block, rng: np.random.Generator) -> RaggedTokens:
+        """Tokenise a Block: its totals, and its cells' float32 flags; draws nothing from `rng`."""
+        return self.encode_csr(block.indptr, block.genes, block.counts, block.n_counts, block.float32)
+
+    def encode_csr(
         self, indptr: np.ndarray, genes: np.ndarray, counts: np.ndarray, n_counts=None, float32_cells=None
     ) -> RaggedTokens:
         """Tokenise a CSR block of cells (gene indices into `gene_ids`, raw counts).
@@ -113,5 +140,5 @@ class RankValueTokenizer:
         indptr = np.array([0, len(cell["genes"])])
         n_counts = [cell["n_counts"]] if "n_counts" in cell else None
         float32 = None if float32_of_dataset is None or "dataset" not in cell else float32_of_dataset[int(cell["dataset"])]
-        ids = self.encode_block(indptr, cell["genes"], cell["counts"], n_counts, float32).input_ids
+        ids = self.encode_csr(indptr, cell["genes"], cell["counts"], n_counts, float32).input_ids
         return {"input_ids": ids, "length": len(ids)}

@@ -19,7 +19,7 @@ import numpy as np
 from celltron.corpus.genes import symbol_to_ensembl
 from celltron.errors import InputError
 from celltron.inputs import MODEL_FIX, MissingInputError, read_json
-from celltron.tokenizers.files import write_json_atomically
+from celltron.io import write_json_atomically
 
 VOCAB_FILE = "vocab.json"
 PAD, MASK, CLS, EOS = "<pad>", "<mask>", "<cls>", "<eos>"

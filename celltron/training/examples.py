@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from celltron.errors import InputError
-from celltron.pretrain.run import CHECKPOINT_DIR, build_trainer, fit, resolve_resume, stop_reason
 from celltron.training.module import PretrainModule
+from celltron.training.trainer import CHECKPOINT_DIR, build_trainer, fit, resolve_resume, stop_reason
 
 
 class RunStopped(Exception):

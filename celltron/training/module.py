@@ -11,8 +11,17 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from celltron.pretrain.config import OptimSection
-from celltron.pretrain.data import POSITION_KEY, split_batch
+from celltron.training.config import OptimSection
+
+POSITION_KEY = "stream_position"  # (stream worker, epoch, offset of the round, batches of the round used)
+BOOKKEEPING = (POSITION_KEY, "n_cells", "n_tokens", "max_seqlen")  # batch keys that are not model inputs
+
+
+def split_batch(batch: dict) -> tuple[dict, dict]:
+    """A batch's model inputs, and its bookkeeping (stream position, cell and token counts)."""
+    inputs = {k: v for k, v in batch.items() if k not in BOOKKEEPING}
+    return inputs, {k: v for k, v in batch.items() if k in BOOKKEEPING}
+
 
 BATCH_COUNTS = ("n_cells", "n_tokens")
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from celltron.errors import CheckpointError, ConfigError
 from celltron.inputs import read_json
-from celltron.model_zoo.common import Layer as BertLayer
-from celltron.model_zoo.scgpt.modeling_scgpt import EncoderLayer as ScGPTLayer
+from celltron.model_zoo.registry import layer_classes
 from celltron.training.callbacks import StopOnSignal, ThroughputAndMetrics
 from celltron.training.checkpoints import AtomicCheckpointIO, check_checkpoint, latest_checkpoint
+from celltron.training.console import quiet_framework_noise, step_progress_bar
 from celltron.training.environment import explain_lost_peer
 
 CHECKPOINT_DIR = "checkpoints"
@@ -42,11 +42,11 @@ def _deepspeed_class(config):
 
 
 def _fsdp_strategy():
-    """FSDP sharding each Transformer layer (the unit of all-gather), saving full checkpoints
-    (one consolidated file, exportable like any other)."""
+    """FSDP sharding each Transformer layer (the unit of all-gather; every registered family's
+    layer_class), saving full checkpoints (one consolidated file, exportable like any other)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    return FSDPStrategy(auto_wrap_policy={BertLayer, ScGPTLayer}, state_dict_type="full")
+    return FSDPStrategy(auto_wrap_policy=layer_classes(), state_dict_type="full")
 
 
 def _strategy(config):
@@ -130,6 +130,8 @@ def build_trainer(
 
         # requeueing is the sbatch script's job (celltron launch); Lightning's own would race it
         plugins.append(SLURMEnvironment(auto_requeue=False))
+    quiet_framework_noise()
+    bar = [step_progress_bar()] if config.logging.progress_bar else []
     trainer = pl.Trainer(
         max_steps=config.trainer.max_steps,
         accelerator=config.trainer.accelerator,
@@ -147,7 +149,7 @@ def build_trainer(
         accumulate_grad_batches=config.optim.accumulate,
         default_root_dir=out,
         use_distributed_sampler=use_distributed_sampler,
-        callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals],
+        callbacks=[*(callbacks or []), every, ThroughputAndMetrics(out / "metrics.csv", config.trainer.log_every), signals, *bar],
         plugins=plugins or None,
         logger=_loggers(config, out),
         enable_progress_bar=config.logging.progress_bar,

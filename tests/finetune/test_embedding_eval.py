@@ -13,7 +13,8 @@ import pytest
 import scipy.sparse as sp
 
 from celltron.cli import main
-from celltron.finetune.embedding_eval import BATCH_METRICS, evaluate_embedding, pca_baseline
+from celltron.finetune.embedding_eval import BATCH_METRICS, evaluate_embedding
+from celltron.preprocessing import pca_baseline
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from celltron.cli import main
 from celltron.model_zoo import build_model, list_models
 from celltron.model_zoo.geneformer import GeneformerConfig
 from celltron.tokenizers.collate import MLMCollator, ValueMaskingCollator
-from celltron.tokenizers.saving import load_tokenizer
+from celltron.tokenizers.schemes import load_tokenizer
 
 VOCAB = 64
 

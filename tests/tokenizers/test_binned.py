@@ -41,7 +41,7 @@ def test_binning_equals_scgpt_with_the_same_draws(pbmc, ranking):
     adata, ids, _ = _in_vocab(pbmc, vocab)
     tokenizer = BinnedTokenizer(vocab, ids, max_len=100_000)
     x = adata.X.tocsr()
-    ours = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(7))
+    ours = tokenizer.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(7))
     dense = _normalised_log1p(x)
     draws = np.random.default_rng(7)
     binning = reference_binning()
@@ -63,7 +63,7 @@ def test_tokens_and_padding_equal_scgpt_when_nothing_is_sampled(pbmc, ranking):
     vocab = GeneVocab.from_scgpt()
     adata, ids, tokens = _in_vocab(pbmc, vocab)
     x = adata.X.tocsr()
-    ours = BinnedTokenizer(vocab, ids, value_style="log1p", max_len=100_000).encode_block(
+    ours = BinnedTokenizer(vocab, ids, value_style="log1p", max_len=100_000).encode_csr(
         x.indptr, x.indices, x.data, np.random.default_rng(0)
     )
     dense = _normalised_log1p(x)
@@ -82,8 +82,8 @@ def test_long_cells_keep_cls_and_sample_without_replacement(pbmc):
     adata, ids, _ = _in_vocab(pbmc, vocab)
     x = adata.X.tocsr()[:20]
     tokenizer = BinnedTokenizer(vocab, ids, max_len=64)
-    a = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(1))
-    b = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(1))
+    a = tokenizer.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(1))
+    b = tokenizer.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(1))
     assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.values, b.values)
     for i in range(len(a)):
         cell_ids = a[i]
@@ -97,7 +97,7 @@ def test_include_zero_gene_and_mouse_cells(mouse_pancreas, ranking):
     ids = map_genes(adata.var_names, "mouse", "pancreas").ensembl_ids
     x = sp.csr_matrix(adata.X)
     tokenizer = BinnedTokenizer(vocab, ids, include_zero_gene=True, max_len=10)
-    block = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+    block = tokenizer.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(0))
     assert (block.lengths == 4).all()  # <cls> + the 3 vocabulary genes, expressed or not
     present = vocab.lookup_genes(ids)
     assert block[0][1:].tolist() == present[present >= 0].tolist()  # input gene order
@@ -128,8 +128,8 @@ def test_gene_subset_normalises_over_all_vocabulary_genes(pbmc):
     subset = ids[:2000]
     full = BinnedTokenizer(vocab, ids, value_style="normalized", log1p=False, max_len=100_000)
     part = BinnedTokenizer(vocab, ids, value_style="normalized", log1p=False, max_len=100_000, genes_subset=subset)
-    a = full.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
-    b = part.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+    a = full.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(0))
+    b = part.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(0))
     for i in range(len(a)):
         kept = {t: v for t, v in zip(a[i].tolist(), a.cell_values(i).tolist())}
         for token, value in zip(b[i].tolist()[1:], b.cell_values(i).tolist()[1:]):
@@ -174,7 +174,7 @@ def test_compiled_and_numpy_tokenizers_give_the_same_block(pbmc, monkeypatch, in
     blocks = {}
     for backend in ("0", "1"):
         monkeypatch.setenv("CELLTRON_NUMBA", backend)
-        blocks[backend] = tokenizer.encode_block(x.indptr, x.indices, x.data.astype(np.int32), np.random.default_rng(5))
+        blocks[backend] = tokenizer.encode_csr(x.indptr, x.indices, x.data.astype(np.int32), np.random.default_rng(5))
     assert (blocks["1"].lengths == 300).any()  # some cells were sampled down to max_len
     for name in ("offsets", "input_ids", "values"):
         assert np.array_equal(getattr(blocks["0"], name), getattr(blocks["1"], name)), name

@@ -12,8 +12,9 @@ import scipy.sparse as sp
 
 from celltron.cli import main
 from celltron.corpus import Corpus
+from celltron.preprocessing import log_normalise as log_normalize
 from celltron.tokenizers.dataset import _h5ad_input
-from celltron.tokenizers.hvg import highly_variable_genes, log_normalize
+from celltron.tokenizers.hvg import highly_variable_genes
 from celltron.tokenizers.vocab import GeneVocab
 from tests.conftest import shared_file
 

@@ -74,7 +74,7 @@ def test_tokens_and_values_match_the_reference(corpus_and_vocab, small_corpus, r
         shard = ad.read_zarr(small_corpus / record["path"])
         x = shard.X.tocsr()
         names = [species_names[c] for c in shard.obs["species"].cat.codes]
-        block = tokenizer.encode_block(x.indptr, x.indices, x.data, names, shard.obs["n_counts"].to_numpy())
+        block = tokenizer.encode_csr(x.indptr, x.indices, x.data, names, shard.obs["n_counts"].to_numpy())
         expected = reference(shard, medians, vocab, species_names)
         assert "mouse" in names and "human" in names
         for i, (ids, values) in enumerate(expected):
@@ -87,7 +87,7 @@ def test_truncation_to_max_len(corpus_and_vocab, small_corpus, ranking):
     medians = corpus.gene_medians()
     shard = ad.read_zarr(small_corpus / corpus.shards("train")[0]["path"])
     x = shard.X.tocsr()
-    block = OrthologTokenizer(vocab, corpus.gene_ids, medians, max_len=100).encode_block(x.indptr, x.indices, x.data, "human")
+    block = OrthologTokenizer(vocab, corpus.gene_ids, medians, max_len=100).encode_csr(x.indptr, x.indices, x.data, "human")
     assert block.lengths.max() == 101 and (block.input_ids[block.offsets[:-1]] == vocab["<human>"]).all()
 
 

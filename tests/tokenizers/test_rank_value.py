@@ -107,7 +107,7 @@ def test_same_tokens_as_the_reference_on_real_pbmc(pbmc_corpus, version, ranking
     tokenizer = RankValueTokenizer.geneformer(version, corpus.gene_ids)
     shard = ad.read_zarr(corpus_dir / corpus.shards("train")[0]["path"])
     x = shard.X.tocsr()
-    ragged = tokenizer.encode_block(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy())
+    ragged = tokenizer.encode_csr(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy())
     assert len(ragged) == len(expected)
     for i, name in enumerate(shard.obs_names):
         assert ragged[i].tolist() == expected[name], name
@@ -119,17 +119,17 @@ def test_truncation_and_specials(ranking):
     medians = {g: 1.0 for g in genes}
     short = RankValueTokenizer(vocab, medians, genes, max_len=6, add_specials=True)
     counts = np.arange(5000, 0, -1).astype(np.int32)  # strictly decreasing: rank = gene order
-    ids = short.encode_block(np.array([0, 5000]), np.arange(5000), counts).input_ids
+    ids = short.encode_csr(np.array([0, 5000]), np.arange(5000), counts).input_ids
     assert ids.tolist() == [vocab["<cls>"]] + [vocab[g] for g in genes[:4]] + [vocab["<eos>"]]
     v1 = RankValueTokenizer.geneformer("v1", [t for t in GeneVocab.from_geneformer("v1").tokens if t.startswith("ENSG")][:5000])
-    assert v1.encode_block(np.array([0, 5000]), np.arange(5000), counts).lengths.tolist() == [2048]
+    assert v1.encode_csr(np.array([0, 5000]), np.arange(5000), counts).lengths.tolist() == [2048]
 
 
 def test_ties_follow_input_gene_order_and_unknown_genes_and_zeros_drop(ranking):
     vocab = GeneVocab.from_geneformer("v1")
     genes = [t for t in vocab.tokens if t.startswith("ENSG")][:4] + ["ENSG99999999999"]
     tokenizer = RankValueTokenizer(vocab, {g: 1.0 for g in genes}, genes, max_len=2048, add_specials=False)
-    block = tokenizer.encode_block(np.array([0, 5, 5]), np.array([3, 1, 2, 0, 4]), np.array([2, 2, 0, 1, 9]))
+    block = tokenizer.encode_csr(np.array([0, 5, 5]), np.array([3, 1, 2, 0, 4]), np.array([2, 2, 0, 1, 9]))
     assert block[0].tolist() == [vocab[genes[1]], vocab[genes[3]], vocab[genes[0]]]  # tie: gene 1 before gene 3
     assert block[1].tolist() == []  # an empty cell gives an empty sequence
 
@@ -189,7 +189,7 @@ def _corpus_tokens(corpus_dir, version, float32_cells):
     if float32_cells == "manifest":
         float32_cells = float32_datasets(corpus.manifest)[shard.obs["dataset"].cat.codes.to_numpy()]
     tokenizer = RankValueTokenizer.geneformer(version, corpus.gene_ids)
-    ragged = tokenizer.encode_block(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy(), float32_cells)
+    ragged = tokenizer.encode_csr(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy(), float32_cells)
     return {name: ragged[i].tolist() for i, name in enumerate(shard.obs_names)}
 
 

@@ -51,7 +51,7 @@ def test_h5ad_to_geneformer_dataset(tmp_path, pbmc4k, capsys):
     )
     merged = (x @ merge).tocsr()
     merged.sort_indices()
-    expected = RankValueTokenizer.geneformer("v2", unique).encode_block(
+    expected = RankValueTokenizer.geneformer("v2", unique).encode_csr(
         merged.indptr, merged.indices, merged.data, np.asarray(x.sum(axis=1)).ravel()
     )
     for i in (0, 57, 199):
@@ -93,8 +93,8 @@ def test_corpus_to_scgpt_and_ortholog_datasets_and_coverage(tmp_path, small_corp
 
 
 def test_every_tokenizer_saves_and_loads_next_to_a_model(tmp_path, small_corpus):
-    from celltron.tokenizers.dataset import _corpus_input, make_tokenizer
-    from celltron.tokenizers.saving import load_tokenizer
+    from celltron.tokenizers.dataset import _corpus_input
+    from celltron.tokenizers.schemes import load_tokenizer, make_tokenizer
 
     corpus = Corpus(small_corpus)
     shard = ad.read_zarr(small_corpus / corpus.shards("val")[0]["path"])
@@ -106,14 +106,14 @@ def test_every_tokenizer_saves_and_loads_next_to_a_model(tmp_path, small_corpus)
         again = load_tokenizer(tmp_path / scheme, corpus.gene_ids)
         assert type(again) is type(tokenizer) and again.settings() == tokenizer.settings()
         if scheme == "scgpt":
-            a = tokenizer.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
-            b = again.encode_block(x.indptr, x.indices, x.data, np.random.default_rng(0))
+            a = tokenizer.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(0))
+            b = again.encode_csr(x.indptr, x.indices, x.data, np.random.default_rng(0))
         elif scheme == "ortholog":
             a, b = (
-                t.encode_block(x.indptr, x.indices, x.data, species, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again)
+                t.encode_csr(x.indptr, x.indices, x.data, species, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again)
             )
         else:
-            a, b = (t.encode_block(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
+            a, b = (t.encode_csr(x.indptr, x.indices, x.data, shard.obs["n_counts"].to_numpy()) for t in (tokenizer, again))
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.offsets, b.offsets)
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -32,10 +31,12 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.features import fingerprints
 from celltron.finetune.perturbation.evaluate import _top_de
-from celltron.finetune.report import aggregate, plot_bars, results_table, write_h5ad_atomically, write_metrics
+from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
 from celltron.inputs import MissingInputError
+from celltron.io import write_h5ad_atomically
 from celltron.lab.data import read_configured_lab_data
 from celltron.lab.embed import embed
+from celltron.preprocessing import log_normalise, variable_genes
 from celltron.training.examples import train_task_model
 
 log = logging.getLogger(__name__)
@@ -73,23 +74,6 @@ class DrugScreen:
     control_rows: dict[str, np.ndarray]
 
 
-def log_normalised(counts: sp.csr_matrix) -> sp.csr_matrix:
-    """log1p of counts normalised to 10,000 per cell, kept sparse (screens have many cells)."""
-    totals = np.asarray(counts.sum(1)).ravel()
-    scaled = sp.csr_matrix(sp.diags(1e4 / np.maximum(totals, 1)) @ counts, dtype=np.float32)
-    scaled.data = np.log1p(scaled.data)
-    return scaled
-
-
-def variable_genes(expression: sp.csr_matrix, n: int) -> np.ndarray:
-    """Columns of the `n` most variable genes, in file order (0: all)."""
-    if n == 0 or n >= expression.shape[1]:
-        return np.arange(expression.shape[1])
-    mean = np.asarray(expression.mean(0)).ravel()
-    variance = np.asarray(expression.multiply(expression).mean(0)).ravel() - mean**2
-    return np.sort(np.argsort(-variance, kind="stable")[:n])
-
-
 def cell_labels(lab, section) -> pd.DataFrame:
     """drug, dose and cell_type of every cell, and whether it is a control (the control label
     or dose 0), with errors naming the column and the fix."""
@@ -122,7 +106,7 @@ def cell_labels(lab, section) -> pd.DataFrame:
 
 def pseudobulk(lab, labels: pd.DataFrame, n_genes: int) -> DrugScreen:
     """Per-condition means and DE genes of treated cells; per-cell-type control means."""
-    expression = log_normalised(lab.counts)
+    expression = log_normalise(lab.counts).astype(np.float32)  # sparse: screens have many cells
     columns = variable_genes(expression, n_genes)
     expression = expression[:, columns].tocsr()
     control_rows = {t: np.flatnonzero(labels.control & (labels.cell_type == t)) for t in sorted(labels.cell_type.unique())}

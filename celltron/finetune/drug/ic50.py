@@ -29,11 +29,12 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.expression import run_drug_expression
 from celltron.finetune.drug.features import fingerprints
-from celltron.finetune.perturbation.evaluate import log_normalise
 from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
 from celltron.inputs import MissingInputError, existing
+from celltron.io import write_file_atomically
 from celltron.lab.data import read_configured_lab_data
 from celltron.lab.embed import embed
+from celltron.preprocessing import log_normalise
 from celltron.training.examples import train_task_model
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def read_cell_line_expression(config, model: str | None) -> CellLineExpression:
             species=data.species,
             min_mapped_fraction=data.min_mapped_fraction,
         )
-    return CellLineExpression(lab.path, names, log_normalise(lab.counts).astype(np.float32), embeddings)
+    return CellLineExpression(lab.path, names, log_normalise(lab.counts).toarray().astype(np.float32), embeddings)
 
 
 def keep_profiled(pairs: pd.DataFrame, expression: CellLineExpression, key: str) -> tuple[pd.DataFrame, list[str]]:
@@ -529,9 +530,7 @@ def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
     """metrics.json, predictions.csv (held-out pairs with every predictor's value), the plot and the table."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
-    tmp = out / ".predictions.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out / "predictions.csv")
+    write_file_atomically(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     split = metrics["split"]["kind"]
     plot_bars(metrics, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({split} split)")
     print(results_table(metrics, DRUG_METRICS, metrics.get("notes")))

@@ -23,7 +23,7 @@ import torch
 
 from celltron.corpus.genes import MIN_MAPPED_FRACTION
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.adapt import load_encoder, resolve_model_folder
+from celltron.finetune.adapt import load_encoder
 from celltron.finetune.config import AdaptSection
 from celltron.finetune.grn.evaluate import (
     EDGE_COLUMNS,
@@ -33,12 +33,14 @@ from celltron.finetune.grn.evaluate import (
     read_truth,
     tree_scores,
 )
-from celltron.finetune.perturbation.evaluate import log_normalise
 from celltron.finetune.report import results_table, write_metrics
 from celltron.inputs import MissingInputError
+from celltron.io import write_file_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
 from celltron.model_zoo.common import recording_attention
+from celltron.model_zoo.registry import resolve_model_folder
+from celltron.preprocessing import log_normalise
 
 log = logging.getLogger(__name__)
 METHODS = ("embedding", "attention", "in-silico")
@@ -237,7 +239,7 @@ def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
     """Log-normalised expression of a seeded sample of cells, and the highly variable genes."""
     rng = np.random.default_rng(seed)
     cells = np.sort(rng.choice(lab.n_cells, min(max_cells, lab.n_cells), replace=False))
-    expression = log_normalise(lab.counts[cells])
+    expression = log_normalise(lab.counts[cells]).toarray()
     names = lab.gene_names.astype(str)
     unique = ~pd.Index(names).duplicated()
     variable = np.argsort(-np.where(unique, expression.var(0), -1), kind="stable")[:top_genes]
@@ -339,6 +341,4 @@ def _complete(edges: pd.DataFrame, tfs, targets) -> pd.DataFrame:
 
 def _write_edges(path: Path, edges: pd.DataFrame) -> None:
     ranked = edges.sort_values("score", ascending=False, kind="stable")[list(EDGE_COLUMNS)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    ranked.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
-    tmp.replace(path)
+    write_file_atomically(path, lambda tmp: ranked.to_csv(tmp, sep="\t", index=False, float_format="%.6g"))

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from celltron.errors import InputError
+from celltron.preprocessing import log_normalise
 
 METRICS = ("mse", "pearson", "pearson_delta", "mse_de20", "pearson_de20", "pearson_delta_de20", "direction_de20")
 
@@ -41,12 +41,6 @@ class PerturbationData:
         return perturbation.split("+")
 
 
-def log_normalise(counts) -> np.ndarray:
-    counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
-    totals = counts.sum(1, keepdims=True)
-    return np.log1p(counts / np.maximum(totals, 1) * 1e4)
-
-
 def pseudobulk(adata, perturbation_key: str, control: str, n_de: int = 20, source: str = "data") -> PerturbationData:
     """Means per perturbation and their top `n_de` DE genes, from an AnnData of raw counts."""
     if perturbation_key not in adata.obs:
@@ -59,7 +53,7 @@ def pseudobulk(adata, perturbation_key: str, control: str, n_de: int = 20, sourc
             f"{source}: no control cells labelled {control!r} in obs[{perturbation_key!r}] (--control); "
             f"labels include {sorted(set(labels))[:10]}"
         )
-    expression = log_normalise(adata.X)
+    expression = log_normalise(adata.X).toarray()
     is_control = labels == control
     control_cells = expression[is_control]
     control_mean = control_cells.mean(0)

@@ -15,8 +15,9 @@ from transformers.utils import ModelOutput
 
 from celltron.corpus.genes import map_genes
 from celltron.errors import ConfigError
-from celltron.finetune.adapt import InputFlags, base_of
+from celltron.finetune.adapt import InputFlags
 from celltron.finetune.config import HEADS
+from celltron.model_zoo.registry import base_of
 from celltron.tokenizers.ragged import RaggedTokens
 
 log = logging.getLogger(__name__)

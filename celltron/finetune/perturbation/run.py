@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.adapt import count_trainable, load_encoder, resolve_model_folder
+from celltron.finetune.adapt import count_trainable, load_encoder
 from celltron.finetune.perturbation import baselines
 from celltron.finetune.perturbation.baselines import baseline_report
 from celltron.finetune.perturbation.evaluate import METRICS, evaluate, heldout_split, pseudobulk, simulation_split
@@ -30,9 +30,10 @@ from celltron.finetune.perturbation.model import (
     target_tokens,
     training_pairs,
 )
-from celltron.finetune.report import aggregate, plot_bars, results_table, save_figure, write_h5ad_atomically, write_metrics
-from celltron.io import write_text_atomically
+from celltron.finetune.report import aggregate, plot_bars, results_table, save_figure, write_metrics
+from celltron.io import write_h5ad_atomically, write_text_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
+from celltron.model_zoo.registry import family_of, resolve_model_folder
 from celltron.tokenizers.vocab import GeneVocab
 from celltron.training.examples import train_task_model
 
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 
 
 def max_tokens_of(config) -> int | None:
-    """Longest input the model takes (position embeddings), None where it has none (scGPT)."""
-    return getattr(config, "max_position_embeddings", None) if getattr(config, "model_type", "") != "scgpt" else None
+    """Longest input the model takes (position embeddings), None where its family has no
+    position limit (scGPT)."""
+    return getattr(config, "max_position_embeddings", None) if family_of(config).has_position_limit else None
 
 
 def specials_of(vocab) -> set:

@@ -13,7 +13,14 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
-from celltron.model_zoo.common import BertEncoder, CellModelOutput, cell_layout, plan_attention, pool_cells
+from celltron.model_zoo.common import (
+    BertEncoder,
+    CellModelOutput,
+    cell_layout,
+    encoder_flops_per_token,
+    plan_attention,
+    pool_cells,
+)
 from celltron.model_zoo.geneformer.configuration_geneformer import GeneformerConfig
 
 
@@ -151,3 +158,12 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
         return CellModelOutput(loss=loss, logits=logits, last_hidden_state=hidden, cell_embedding=cells)
+
+
+def geneformer_flops_per_token(config: GeneformerConfig, seq_len: int) -> float:
+    """Training FLOPs per token: the encoder, its vocabulary projection and the head's hidden x
+    hidden transform; all x6 for forward and backward."""
+    h = config.hidden_size
+    return (
+        encoder_flops_per_token(config.num_hidden_layers, h, config.intermediate_size, seq_len, config.vocab_size) + 6.0 * h * h
+    )
