@@ -8,14 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from celltron.config import Option, add_options, given_values
+from celltron.config import Option, add_options, apply_overrides, from_dict, given_values, replace
 from celltron.corpus.constants import MIN_MAPPED_FRACTION
 from celltron.corpus.options import BuildOptions
 from celltron.errors import ConfigError, UserError
-from celltron.finetune.config import FinetuneConfig
+from celltron.finetune.config import FinetuneConfig, load_finetune_config
 from celltron.lab.options import EmbedOptions
-from celltron.launch.cluster import ClusterSpec
-from celltron.pretrain.config import PretrainConfig
+from celltron.launch.cluster import ClusterSpec, load_cluster
+from celltron.pretrain.config import PretrainConfig, load_config
 from celltron.ranges import devices, name_weight, number
 from celltron.tokenizers.schemes import SCHEMES
 
@@ -63,30 +63,47 @@ BUILD_OPTIONS = [
     Option("chunk_nnz"),
     Option("compression"),
 ]
-TRAINER_OPTIONS = [
+DEVICES = Option("trainer.devices", type=devices, help="devices per node (a number or 'auto')")
+PRECISION = Option("trainer.precision", help="as Lightning's Trainer: 32, bf16-mixed (GPUs), fp16-mixed, 32-true")
+PRETRAIN_OPTIONS = [
+    Option("data.corpus", flag="--corpus"),
     Option("trainer.max_steps"),
-    Option("trainer.devices", type=devices, help="devices per node (a number or 'auto')"),
-    Option("trainer.strategy"),
-    Option("trainer.precision"),
+    DEVICES,
+    Option("trainer.num_nodes", help="nodes of the run (each runs --devices processes)"),
+    Option("trainer.strategy", help="ddp, fsdp (wrapping each Transformer layer) or DeepSpeed ZeRO 1-3 (GPUs)"),
+    PRECISION,
 ]
-PRETRAIN_OPTIONS = [Option("data.corpus", flag="--corpus"), *TRAINER_OPTIONS, Option("trainer.num_nodes")]
 ADAPT_OPTIONS = [  # one or the other
     Option("model.freeze_layers", flag="--freeze", metavar="N_LAYERS"),
     Option("model.lora_rank", flag="--lora", metavar="RANK"),
 ]
 TASKS = ("perturbation", "drug", "annotate")
+FINETUNE_STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2")
 FINETUNE_OPTIONS = [
-    Option("data.path", flag="--data", help="the lab's .h5ad of raw counts"),
+    Option("data.path", flag="--data", help="the lab's data: .h5ad of raw counts (drug-response ic50: the GDSC IC50 CSV)"),
     Option("data.layer"),
     Option("data.gene_column"),
     Option("data.species"),
     Option("data.min_mapped_fraction", metavar="SHARE"),
-    *TRAINER_OPTIONS,
+    Option("trainer.max_steps"),
+    DEVICES,
+    # the fine-tuning loop evaluates the whole model in one process: ZeRO-3's sharded weights cannot
+    Option("trainer.strategy", choices=FINETUNE_STRATEGIES, help="ddp, fsdp or DeepSpeed ZeRO 1-2 (GPUs)"),
+    PRECISION,
     Option("perturbation.perturbation_key"),
-    Option("{task}.control", sections=("perturbation", "drug")),
+    Option(
+        "{task}.control",
+        sections=("perturbation", "drug"),
+        help="label of control cells (perturbation: in --perturbation-key; drug-response expression: in the drug column)",
+    ),
     Option("annotate.label_key"),
-    Option("{task}.split", sections=("perturbation", "drug")),
-    Option("{task}.test_fraction", sections=TASKS),
+    Option(
+        "{task}.split",
+        sections=("perturbation", "drug"),
+        help="perturbation: heldout | simulation; drug-response ic50: random | cell_line | drug, "
+        "expression: heldout_combination | heldout_drug",
+    ),
+    Option("{task}.test_fraction", sections=TASKS, help="share of the task's units held out (perturbations, pairs, cells)"),
     Option("{task}.seeds", sections=TASKS, help="one split and one run per seed; metrics aggregate over them"),
     Option("drug.mode"),
     Option("drug.drug_list"),
@@ -115,7 +132,9 @@ EMBED_OPTIONS = [
     Option("progress"),
 ]
 CLUSTER_OPTIONS = [
-    Option(name) for name in ("backend", "nodes", "gpus_per_node", "port", "job_name", "partition", "account", "qos", "time")
+    *(Option(name) for name in ("backend", "nodes", "gpus_per_node", "port", "job_name")),
+    *(Option(name, help=f"SLURM {name}") for name in ("partition", "account", "qos")),
+    Option("time", help="SLURM time limit, HH:MM:SS (or D-HH:MM:SS)"),
 ]
 
 
@@ -130,7 +149,7 @@ def _key_values(pairs: list[str], what: str) -> dict[str, str]:
 
 
 def _corpus_build(args) -> int:
-    from celltron.corpus.build import BuildOptions, build_corpus
+    from celltron.corpus.build import build_corpus
 
     given = given_values(args, BUILD_OPTIONS)
     if args.weight:
@@ -273,8 +292,6 @@ def _convert(args) -> int:
 
 
 def _pretrain_config(args):
-    from celltron.config import replace
-    from celltron.pretrain.config import load_config
 
     config = load_config(args.config, args.set)
     return replace(config, "flags", **given_values(args, PRETRAIN_OPTIONS))
@@ -303,8 +320,6 @@ TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annot
 
 
 def _finetune_config(args):
-    from celltron.config import apply_overrides, from_dict, replace
-    from celltron.finetune.config import FinetuneConfig, load_finetune_config
 
     default = Path(f"configs/finetune/{args.task.replace('-', '_')}.yaml")
     if args.config or default.exists():
@@ -434,7 +449,7 @@ def _publish(args) -> int:
 
 
 def _launch(args) -> int:
-    from celltron.launch import launch, load_cluster
+    from celltron.launch.submit import launch
 
     given = given_values(args, CLUSTER_OPTIONS)
     spec = load_cluster(args.cluster, hosts=args.hosts.split(",") if args.hosts else None, **given)

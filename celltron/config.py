@@ -51,6 +51,12 @@ def _kinds(annotation: str) -> list[str]:
     return [kind.strip().split("[")[0] for kind in str(annotation).split("|")]
 
 
+def _inner(annotation: str, kind: str) -> list[str]:
+    """The types inside `kind[...]`: 'tuple[int, ...]' -> ['int', '...']; 'dict[str, float]' -> ['str', 'float']."""
+    found = re.search(rf"\b{kind}\[([^\]]*)\]", str(annotation))
+    return [part.strip() for part in found.group(1).split(",")] if found else []
+
+
 def coerce(value, annotation: str, where: str):
     """A YAML (or flag) value as the field's declared type, or a ConfigError naming `where`."""
     kinds = _kinds(annotation)
@@ -73,10 +79,13 @@ def coerce(value, annotation: str, where: str):
     if "str" in kinds and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     for kind, container in (("tuple", tuple), ("list", list)):
-        if kind in kinds and isinstance(value, (list, tuple)):
-            return container(value)
+        if kind in kinds and (isinstance(value, (list, tuple)) or value is None):  # YAML `key:` (null): empty
+            element = (_inner(annotation, kind) or [None])[0]
+            items = enumerate(value or ())
+            return container(coerce(item, element, f"{where}[{i}]") if element else item for i, item in items)
     if "dict" in kinds and isinstance(value, dict):
-        return value
+        inner = _inner(annotation, "dict")
+        return {key: coerce(item, inner[1], f"{where}[{key!r}]") if len(inner) == 2 else item for key, item in value.items()}
     raise ConfigError(f"{where}: {value!r} is not a valid {annotation}")
 
 
@@ -99,11 +108,9 @@ def read_mapping(path, what: str, of: str = "fields") -> dict:
     return values
 
 
-def load_flat(cls, path, what: str, given: dict | None = None, of: str = "fields"):
-    """A flat config from YAML (when `path`), with `given` (flags that are not None) winning."""
-    values = read_mapping(path, what, of) if path else {}
-    values.update({name: value for name, value in (given or {}).items() if value is not None})
-    return typed(cls, values, str(path) if path else "options")
+def load_flat(cls, path, what: str, of: str = "fields"):
+    """A flat config from YAML; unknown fields refused, values coerced to the fields' types."""
+    return typed(cls, read_mapping(path, what, of), str(path))
 
 
 def section_classes(config_class) -> dict[str, type]:
@@ -183,6 +190,7 @@ class Option:
     metavar: str | None = None
     sections: tuple[str, ...] = ()
     type: typing.Callable | None = None  # an argparse type= instead of the one made from the field
+    choices: tuple | None = None  # a narrower set than the field's (what this command supports)
 
     @property
     def name(self) -> str:
@@ -200,15 +208,15 @@ class Option:
 def field_docs(cls) -> dict[str, str]:
     """Each field's description from the class docstring, written `name: text` (or `a, b: text`,
     `a / b: text`), at the start of a line or after a sentence."""
-    doc = " ".join((cls.__doc__ or "").split())
+    doc = "\n".join(line.strip() for line in (cls.__doc__ or "").splitlines())
     names = {spec.name for spec in fields(cls)}
-    label = r"(?:(?<=^)|(?<=\. )|(?<=: ))((?:\w+(?:\s*[,/]\s*|\s+))*\w+):\s"
-    found = [(m, [n.strip() for n in re.split(r"[,/\s]+", m.group(1)) if n.strip()]) for m in re.finditer(label, doc)]
+    label = r"(?:^|(?<=\. ))((?:\w+(?:[ \t]*[,/][ \t]*|[ \t]+))*\w+):\s"
+    found = [(m, [n.strip() for n in re.split(r"[,/\s]+", m.group(1)) if n.strip()]) for m in re.finditer(label, doc, re.M)]
     found = [(m, labels) for m, labels in found if labels and set(labels) <= names]
     docs = {}
     for i, (match, labels) in enumerate(found):
         end = found[i + 1][0].start() if i + 1 < len(found) else len(doc)
-        text = doc[match.end() : end].strip()
+        text = " ".join(doc[match.end() : end].split())
         for name in labels:
             docs[name] = text
     return docs
@@ -252,17 +260,29 @@ def add_options(parser, config_class, options: list[Option]) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             if "tuple" in kinds or "list" in kinds:
-                kwargs["nargs"] = "+"
+                kwargs["nargs"] = "*"  # none at all: empty (e.g. no obs columns kept)
                 element = re.search(r"\[(\w+)", str(spec.type))
                 kinds = [element.group(1)] if element else ["str"]
-            choices = _choices(config_class, option, spec)
+            choices = list(option.choices) if option.choices else _choices(config_class, option, spec)
             if choices:
                 kwargs["choices"] = choices
             kwargs["type"] = option.type or _option_type(spec, kinds)
             kwargs["metavar"] = None if choices else option.metavar or spec.name.upper()
         sets = " / ".join(f"{section}.{spec.name}" for section in option.sections) if option.sections else label
-        kwargs["help"] = f"{help_text} (config: {sets})".replace("%", "%%")
+        # a sectioned config's defaults come from its YAML file; a flat one's are the field's own
+        default = "" if "." in option.field else _default_text(spec)
+        kwargs["help"] = f"{help_text} (config: {sets}{default})".replace("%", "%%")
         parser.add_argument(option.flag_name, **{k: v for k, v in kwargs.items() if v is not None or k == "default"})
+
+
+def _default_text(spec: dataclasses.Field) -> str:
+    if spec.default is not dataclasses.MISSING:
+        value = spec.default
+    elif spec.default_factory is not dataclasses.MISSING:
+        value = spec.default_factory()
+    else:
+        return ""
+    return "" if value in (None, (), {}, [], "") else f"; default {value}"
 
 
 def _choices(config_class, option: Option, spec: dataclasses.Field) -> list | None:
@@ -290,6 +310,8 @@ def given_values(args, options: list[Option], task: str | None = None) -> dict:
             given[name] = tuple(value) if isinstance(value, list) else value
             continue
         if section == "{task}":
-            section = task if task in option.sections else option.sections[0]
+            if task not in option.sections:
+                raise ConfigError(f"{option.flag_name} does not apply to {task}; it sets {' / '.join(option.sections)}")
+            section = task
         given.setdefault(section, {})[name] = tuple(value) if isinstance(value, list) else value
     return given

@@ -104,3 +104,58 @@ def test_options_of_a_flat_config_set_its_fields():
     add_options(parser, BuildOptions, options)
     args = parser.parse_args(["--obs-keys", "cell_type", "donor", "--compression", "zstd"])
     assert given_values(args, options) == {"obs_keys": ("cell_type", "donor"), "compression": "zstd"}
+
+
+def _options_of(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options_of(sub)
+        elif action.dest.startswith("config__"):
+            yield action
+
+
+def test_every_option_made_from_a_field_has_help():
+    empty = [action.option_strings[0] for action in _options_of(cli._parser()) if not action.help.split("(config:")[0].strip()]
+    assert empty == []
+
+
+def test_a_task_flag_given_to_a_task_without_that_field_is_refused():
+    args = _parse(["finetune", "annotate", "--split", "heldout"])
+    with pytest.raises(ConfigError, match="--split does not apply to annotate"):
+        cli._finetune_config(args)
+
+
+def test_fine_tuning_refuses_zero_3():
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        replace(FinetuneConfig(), trainer={"strategy": "deepspeed_stage_3"})
+
+
+def test_values_inside_lists_and_mappings_are_read_as_their_type(tmp_path):
+    from celltron.corpus.options import BuildOptions
+
+    path = tmp_path / "build.yaml"
+    path.write_text("weights: {a.h5ad: '0.5'}\nobs_keys:\n")
+    options = BuildOptions.from_yaml(path)
+    assert options.weights == {"a.h5ad": 0.5} and options.obs_keys == ()
+    path.write_text("weights: {a.h5ad: '-1'}\n")
+    with pytest.raises(ConfigError, match=r"weights\['a.h5ad'\]: -1.0 is out of range"):
+        BuildOptions.from_yaml(path)
+    path = tmp_path / "run.yaml"
+    path.write_text("annotate:\n  seeds: [1.5]\n")
+    with pytest.raises(ConfigError, match=r"seeds\[0\]: 1.5 is not a valid int"):
+        load_config(FinetuneConfig, path)
+
+
+def test_a_list_flag_given_without_values_clears_the_list():
+    args = _parse(["corpus", "build", "x.h5ad", "--out", "c", "--obs-keys"])
+    assert given_values(args, cli.BUILD_OPTIONS)["obs_keys"] == ()
+
+
+def test_flat_options_show_their_default_in_help(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["corpus", "build", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(config: val_fraction; default 0.01)" in out

@@ -180,6 +180,11 @@ class FinetuneConfig:
             raise ConfigError(f"{where}: choose model.freeze_layers (--freeze) or model.lora_rank (--lora), not both")
         if not self.perturbation.seeds:
             raise ConfigError(f"{where}: perturbation.seeds is empty; give at least one seed")
+        if self.trainer.strategy.startswith("deepspeed_stage_3"):
+            raise ConfigError(
+                f"{where}: trainer.strategy {self.trainer.strategy}: fine-tuning evaluates the whole model in one process, "
+                "which ZeRO-3's sharded weights cannot; use ddp, fsdp, deepspeed_stage_1 or deepspeed_stage_2"
+            )
         self._check_drug(where)
         return self
 

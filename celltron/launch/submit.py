@@ -6,6 +6,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from celltron.io import write_text_atomically
 from celltron.launch.cluster import ClusterSpec, quote
 from celltron.launch.commands import deepspeed_command, hostfile, sbatch_script, torchrun_command, torchrun_commands
 from celltron.pretrain.config import load_config
@@ -22,15 +23,15 @@ def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node
     if spec.backend == "torchrun":
         written["commands"] = torchrun_commands(spec, config, out, extra)
         script = folder / "torchrun.sh"
-        script.write_text(
-            "# run line i on node i (node 0 first; it hosts the rendezvous)\n" + "\n".join(written["commands"]) + "\n"
+        write_text_atomically(
+            script, "# run line i on node i (node 0 first; it hosts the rendezvous)\n" + "\n".join(written["commands"]) + "\n"
         )
         written["files"].append(script)
         if node_rank is not None and not dry_run:
             subprocess.run(torchrun_command(spec, config, out, node_rank, extra), check=True)
     elif spec.backend == "slurm":
         script = folder / "job.sbatch"
-        script.write_text(sbatch_script(spec, config, out, extra))
+        write_text_atomically(script, sbatch_script(spec, config, out, extra))
         written["files"].append(script)
         written["commands"] = [quote(["sbatch", str(script)])]
         if not dry_run:
@@ -39,7 +40,7 @@ def launch(spec: ClusterSpec, config, out, extra=(), dry_run: bool = False, node
             written["job_id"] = match.group(1) if match else done.stdout.strip()
     else:
         hosts = folder / "hostfile"
-        hosts.write_text(hostfile(spec))
+        write_text_atomically(hosts, hostfile(spec))
         command = deepspeed_command(spec, config, out, hosts, extra)
         written["files"].append(hosts)
         written["commands"] = [quote(command)]

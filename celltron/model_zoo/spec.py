@@ -92,7 +92,7 @@ class Family:
         vocab_size=..., **overrides) builds a named size.
     sizes: named sizes, {size: config fields}.
     counting_vocab: vocabulary size used to count parameters when a size does not fix one.
-    schemes: tokenizer schemes (celltron.tokenizers.dataset.SCHEMES) that feed the family.
+    schemes: tokenizer schemes (celltron.tokenizers.schemes.SCHEMES) that feed the family.
     masking: (VocabIds, data section, generator) -> the padded masking collator of pretraining
         (a module-level function or functools.partial: DataLoader workers may pickle it).
     layer_class: the Transformer layer, FSDP's wrapping unit and activation checkpointing's.

@@ -77,7 +77,9 @@ class PretrainConfig:
 
     def check(self, where: str = "config") -> PretrainConfig:
         """Refuse inconsistent settings, naming the field and the fix."""
-        from celltron.model_zoo import FAMILIES  # here: loading a config (launch, login nodes) must not need torch
+        # here, not at module top: importing the config module (the CLI's --help) must not load torch;
+        # checking a config reads the family registry, which does
+        from celltron.model_zoo import FAMILIES
 
         check_sections(self, where)
         if self.model.family not in FAMILIES:

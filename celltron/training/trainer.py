@@ -12,6 +12,7 @@ from pathlib import Path
 
 from celltron.errors import CheckpointError, ConfigError
 from celltron.inputs import read_json
+from celltron.io import write_file_atomically
 from celltron.model_zoo.registry import layer_classes
 from celltron.training.callbacks import StopOnSignal, ThroughputAndMetrics
 from celltron.training.checkpoints import AtomicCheckpointIO, check_checkpoint, latest_checkpoint
@@ -221,6 +222,7 @@ def plot_loss(metrics_csv, png) -> Path | None:
     axis.set_ylabel("loss")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(png, dpi=100)
-    plt.close(figure)
-    return Path(png)
+    try:
+        return write_file_atomically(png, lambda tmp: figure.savefig(tmp, dpi=100))
+    finally:
+        plt.close(figure)
