@@ -288,3 +288,35 @@ def test_profiles_embedded_by_the_model_predict_unseen_cell_lines(pretrained_gen
     assert model["pearson_per_drug"] > 0.2
     # the ridge baseline's expression PCA recovers the cell-line main effect the means cannot
     assert baselines["ridge"]["pearson"] > baselines["cell_line_mean"]["pearson"] + 0.02
+
+
+def test_one_compound_under_two_ids_is_one_compound():
+    from celltron.finetune.drug.features import compounds
+
+    smiles = {"GDSC:1": "CCO", "GDSC:2": "OCC", "GDSC:3": "c1ccccc1", "GDSC:4": "CCN"}  # 1 and 2: ethanol, two spellings
+    names = {"GDSC:3": "Benzene", "GDSC:4": "5-Benzene", "GDSC:5": "BENZENE"}
+    found = compounds({**smiles, "GDSC:5": "C1=CC=CC=C1"}, names)
+    assert found["GDSC:1"] == found["GDSC:2"] == "GDSC:1"
+    assert found["GDSC:3"] == found["GDSC:5"] == "GDSC:3"  # same name (case-blind) and same canonical SMILES
+    assert found["GDSC:4"] == "GDSC:4"  # '5benzene' is another name
+
+
+def test_a_drug_split_never_puts_a_gdsc_twin_on_both_sides():
+    from celltron.finetune.drug.features import canonical_smiles, compounds, folded_name
+    from celltron.finetune.drug.ic50 import read_drug_names, read_smiles
+
+    drug_list = shared_file("drug/GDSC_drug_list_2019-06-24.csv")
+    smiles = read_smiles(drug_list, shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt"))
+    names = read_drug_names(drug_list)
+    pairs = read_ic50(shared_file("drug/GDSC_IC50_deepcdr_scfoundation.csv"))
+    pairs = pairs[pairs.drug.isin(smiles)]
+    compound_of = compounds({drug: smiles[drug] for drug in pairs.drug.unique()}, names)
+    twins = {c for c in set(compound_of.values()) if sum(v == c for v in compound_of.values()) > 1}
+    assert len(twins) >= 15 and compound_of["GDSC:1032"] == compound_of["GDSC:1377"]  # Afatinib, GDSC1 and GDSC2
+    for seed in range(5):
+        test = split_pairs(pairs, "drug", 0.2, seed, compound_of)
+        for identity in (compound_of.get, lambda d: folded_name(names[d]), lambda d: canonical_smiles(smiles[d])):
+            held, kept = set(pairs.drug[test].map(identity)), set(pairs.drug[~test].map(identity))
+            assert not held & kept
+    by_id = [split_pairs(pairs, "drug", 0.2, seed) for seed in range(5)]  # ids alone: twins straddle
+    assert any(set(pairs.drug[t].map(compound_of)) & set(pairs.drug[~t].map(compound_of)) for t in by_id)

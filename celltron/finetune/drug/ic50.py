@@ -28,7 +28,7 @@ from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.expression import run_drug_expression
-from celltron.finetune.drug.features import fingerprints
+from celltron.finetune.drug.features import compounds, fingerprints
 from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
 from celltron.inputs import MissingInputError, existing
 from celltron.io import write_file_atomically
@@ -61,13 +61,28 @@ def read_ic50(path) -> pd.DataFrame:
     return long
 
 
+def read_drug_list(drug_list, columns=("drug_id", "PubCHEM")) -> pd.DataFrame:
+    """The GDSC drug list (drug_id, Name, Synonyms, Targets, Target pathway, PubCHEM, ...), as text."""
+    drugs = pd.read_csv(existing(drug_list, "GDSC drug list (--drug-list)"), dtype=str)
+    for column in columns:
+        if column not in drugs.columns:
+            raise InputError(f"{drug_list}: no column {column!r}; expected the GDSC drug list (drug_id, Name, ..., PubCHEM)")
+    return drugs
+
+
+def read_drug_names(drug_list) -> dict[str, str]:
+    """`GDSC:<drug_id>` -> the drug's name in the GDSC drug list (none without a Name column:
+    compounds are then told apart by SMILES alone)."""
+    drugs = read_drug_list(drug_list, ("drug_id",))
+    if "Name" not in drugs.columns:
+        return {}
+    return {f"GDSC:{drug_id}": name for drug_id, name in zip(drugs.drug_id, drugs.Name.fillna(""))}
+
+
 def read_smiles(drug_list, smiles_file) -> dict[str, str]:
     """`GDSC:<drug_id>` -> SMILES, joining the GDSC drug list (drug_id, PubCHEM) with a
     `PubChem CID<TAB>SMILES` file."""
-    drugs = pd.read_csv(existing(drug_list, "GDSC drug list (--drug-list)"), dtype=str)
-    for column in ("drug_id", "PubCHEM"):
-        if column not in drugs.columns:
-            raise InputError(f"{drug_list}: no column {column!r}; expected the GDSC drug list (drug_id, Name, ..., PubCHEM)")
+    drugs = read_drug_list(drug_list)
     smiles_text = existing(smiles_file, "CID<TAB>SMILES file (--smiles)").read_text()
     smiles = dict(line.split("\t")[:2] for line in smiles_text.splitlines() if "\t" in line)
     out = {}
@@ -78,17 +93,23 @@ def read_smiles(drug_list, smiles_file) -> dict[str, str]:
     return out
 
 
-def split_pairs(pairs: pd.DataFrame, kind: str, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean test mask: random pairs, or whole cell lines / drugs held out."""
+def split_pairs(
+    pairs: pd.DataFrame, kind: str, test_fraction: float, seed: int, compound_of: dict[str, str] | None = None
+) -> np.ndarray:
+    """Boolean test mask: random pairs, whole cell lines held out, or whole compounds held out
+    (`compound_of`: drug id -> its compound, see features.compounds; without it each id is one)."""
     if kind not in SPLITS:
         raise ConfigError(f"--split {kind!r}: use one of {SPLITS}")
     rng = np.random.default_rng(seed)
     if kind == "random":
         return rng.random(len(pairs)) < test_fraction
-    column = "cell_line" if kind == "cell_line" else "drug"
-    groups = np.array(sorted(pairs[column].unique()))
+    if kind == "cell_line":
+        units = pairs.cell_line
+    else:
+        units = pairs.drug.map(lambda drug: (compound_of or {}).get(drug, drug))
+    groups = np.array(sorted(units.unique()))
     held = set(rng.choice(groups, max(1, int(round(len(groups) * test_fraction))), replace=False))
-    return pairs[column].isin(held).to_numpy()
+    return units.isin(held).to_numpy()
 
 
 # ---------------------------------------------------------------- cell-line expression
@@ -440,7 +461,7 @@ def _predict(fitted, test: pd.DataFrame) -> np.ndarray:
 
 def _read_inputs(config, model: str | None):
     """The IC50 pairs of drugs with fingerprints (and cell lines with profiles), the
-    fingerprints, the cell-line expression (or None) and what was left out."""
+    fingerprints, each drug's compound, the cell-line expression (or None) and what was left out."""
     section = config.drug
     for name in ("drug_list", "smiles"):
         if not getattr(section, name):
@@ -448,7 +469,9 @@ def _read_inputs(config, model: str | None):
                 f"drug.{name} is not set: pass --drug-list and --smiles (the GDSC drug list and a CID<TAB>SMILES file)"
             )
     pairs = read_ic50(config.data.path)
-    prints = fingerprints(read_smiles(section.drug_list, section.smiles))
+    smiles = read_smiles(section.drug_list, section.smiles)
+    prints = fingerprints(smiles)
+    compound_of = compounds({drug: smiles[drug] for drug in prints}, read_drug_names(section.drug_list))
     left_out = {"drugs_without_smiles": sorted(set(pairs.drug) - set(prints))}
     if left_out["drugs_without_smiles"]:
         log.warning(
@@ -460,7 +483,15 @@ def _read_inputs(config, model: str | None):
         before = len(pairs)
         pairs, missing = keep_profiled(pairs, expression, section.cell_line_key)
         left_out["cell_lines_without_expression"] = {"count": len(missing), "pairs": before - len(pairs), "cell_lines": missing}
-    return pairs, prints, expression, left_out
+    return pairs, prints, compound_of, expression, left_out
+
+
+def _twins(drugs, compound_of: dict[str, str]) -> dict[str, list[str]]:
+    """Compounds listed under several of `drugs`' ids: {compound: its ids}."""
+    ids: dict[str, list[str]] = {}
+    for drug in sorted(drugs):
+        ids.setdefault(compound_of[drug], []).append(drug)
+    return {compound: members for compound, members in ids.items() if len(members) > 1}
 
 
 def _method(expression: CellLineExpression | None) -> str:
@@ -479,15 +510,16 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     section, out = config.drug, Path(out)
     if model and not section.expression:
         log.warning("--model %s is not used: in ic50 mode the model embeds cell-line profiles, given with --expression", model)
-    pairs, prints, expression, left_out = _read_inputs(config, None if baselines_only else model)
+    pairs, prints, compound_of, expression, left_out = _read_inputs(config, None if baselines_only else model)
     model_runs, baseline_runs, splits, rows, first = {}, {n: {} for n in BASELINES}, {}, [], True
     for seed in section.seeds:
-        test_mask = split_pairs(pairs, section.split_kind(), section.test_fraction, seed)
+        test_mask = split_pairs(pairs, section.split_kind(), section.test_fraction, seed, compound_of)
         train, test = pairs[~test_mask], pairs[test_mask]
         splits[str(seed)] = {
             "train_pairs": int(len(train)),
             "test_pairs": int(len(test)),
             "test_drugs": int(test.drug.nunique()),
+            "test_compounds": int(test.drug.map(compound_of).nunique()),
             "test_cell_lines": int(test.cell_line.nunique()),
         }
         lines = train.cell_line.unique()
@@ -514,7 +546,13 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         "method": None if baselines_only else _method(expression),
         "model": aggregate(model_runs, DRUG_METRICS, "per_drug") if model_runs else None,
         "baselines": {name: aggregate(baseline_runs[name], DRUG_METRICS, "per_drug") for name in BASELINES},
-        "split": {"kind": section.split_kind(), "test_fraction": section.test_fraction, "per_seed": splits},
+        "split": {
+            "kind": section.split_kind(),
+            "test_fraction": section.test_fraction,
+            "per_seed": splits,
+            # ids of one compound (same canonical SMILES or name) never straddle a drug split
+            "compound_twins": _twins(pairs.drug.unique(), compound_of),
+        },
         "seeds": list(section.seeds),
         **left_out,
     }
