@@ -77,7 +77,9 @@ ADAPT_OPTIONS = [  # one or the other
     Option("model.freeze_layers", flag="--freeze", metavar="N_LAYERS"),
     Option("model.lora_rank", flag="--lora", metavar="RANK"),
 ]
-TASKS = ("perturbation", "drug", "annotate")
+# `celltron finetune TASK` -> the config section of its options
+TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annotate": "annotate"}
+TASKS = tuple(TASK_SECTIONS.values())
 FINETUNE_STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2")
 FINETUNE_OPTIONS = [
     Option("data.path", flag="--data", help="the lab's data: .h5ad of raw counts (drug-response ic50: the GDSC IC50 CSV)"),
@@ -314,9 +316,6 @@ def _pretrain(args) -> int:
     print(f"  checkpoint: {result.checkpoint}")
     print(f"  model:      {result.export}  (transformers.AutoModel.from_pretrained after `import celltron`)")
     return 0
-
-
-TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annotate": "annotate"}
 
 
 def _finetune_config(args):
@@ -562,7 +561,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    finetune.add_argument("task", choices=["perturbation", "drug-response", "annotate"])
+    finetune.add_argument("task", choices=list(TASK_SECTIONS))
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
     finetune.add_argument("--config", help="run config (default configs/finetune/TASK.yaml)")

@@ -238,13 +238,8 @@ def _field_spec(config_class, option: Option) -> tuple[type, dataclasses.Field, 
 def _option_type(spec: dataclasses.Field, kinds: list[str]):
     allowed = spec.metadata.get("range")
     for kind, convert in (("int", int), ("float", float)):
-        if kind in kinds:
-            if allowed is None:
-                return convert
-            if "str" in kinds:  # e.g. devices: a number in range, or a word such as 'auto'
-                check = number(convert, allowed.text)
-                return lambda text: text if not text.lstrip("-").replace(".", "", 1).isdigit() else check(text)
-            return number(convert, allowed.text)
+        if kind in kinds and "str" not in kinds:  # a number or a word (devices: 'auto'): Option.type says
+            return convert if allowed is None else number(convert, allowed.text)
     return str
 
 

@@ -73,7 +73,8 @@ def load_cluster(path, **overrides) -> ClusterSpec:
     """A ClusterSpec from YAML; `overrides` (flags) that are not None win."""
     given = {k: v for k, v in overrides.items() if v is not None}
     values = read_mapping(path, "cluster spec (see configs/launch/)", "cluster fields") if path else {}
-    return typed(ClusterSpec, {**values, **given}, _where(path, given)).check(_where(path, given))
+    where = _where(path, given)
+    return typed(ClusterSpec, {**values, **given}, where).check(where)
 
 
 def _where(path, flags: dict) -> str:

@@ -39,8 +39,9 @@ def folded_name(name: str) -> str:
 
 def canonical_smiles(smiles: str) -> str:
     """RDKit's canonical SMILES (the text itself when RDKit cannot parse it)."""
-    molecule = _rdkit().MolFromSmiles(smiles)
-    return _rdkit().MolToSmiles(molecule) if molecule is not None else smiles.strip()
+    Chem = _rdkit()
+    molecule = Chem.MolFromSmiles(smiles)
+    return Chem.MolToSmiles(molecule) if molecule is not None else smiles.strip()
 
 
 def compounds(smiles: dict[str, str], names: dict[str, str]) -> dict[str, str]:
