@@ -100,9 +100,17 @@ FINETUNE_OPTIONS = [
     ),
     Option("annotate.label_key"),
     Option(
+        "{task}.head",
+        sections=("perturbation", "drug"),
+        help="anchored (best baseline + weighted model residual, weight by inner CV) or plain (the model alone)",
+    ),
+    Option("perturbation.headline", metavar="METRIC"),
+    Option("perturbation.coexpression_reference", metavar="H5AD"),
+    Option("perturbation.responsive_min_de", metavar="N"),
+    Option(
         "{task}.split",
         sections=("perturbation", "drug"),
-        help="perturbation: heldout | simulation; drug-response ic50: random | cell_line | drug, "
+        help="perturbation: heldout | simulation | leave_one_out; drug-response ic50: random | cell_line | drug, "
         "expression: heldout_combination | heldout_drug",
     ),
     Option("{task}.test_fraction", sections=TASKS, help="share of the task's units held out (perturbations, pairs, cells)"),
@@ -375,6 +383,9 @@ def _grn(args) -> int:
         device=args.device,
         precision=args.precision,
         min_mapped_fraction=args.min_mapped_fraction,
+        n_folds=args.folds,
+        head=args.head,
+        **({"anchor_weights": args.anchor_weights} if args.anchor_weights is not None else {}),
     )
     print(
         f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
@@ -585,7 +596,29 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
     grn.add_argument("--max-cells", type=number(int, ">= 1"), default=1000, help="cells sampled (seeded)")
     grn.add_argument("--top-genes", type=number(int, ">= 1"), default=2000, help="targets: the most variable genes")
-    grn.add_argument("--seed", type=number(int, ">= 0"), default=0)
+    grn.add_argument("--seed", type=number(int, ">= 0"), default=0, help="seeds the cell sample and the held-out split")
+    grn.add_argument(
+        "--folds",
+        type=number(int, ">= 2"),
+        default=3,
+        help="with --truth: TFs and targets are each dealt into this many folds; fold i is scored on its "
+        "held-out TFs x held-out targets",
+    )
+    grn.add_argument(
+        "--head",
+        default="anchored",
+        choices=["anchored", "plain"],
+        help="with --model and --truth: anchored (default) scores the best baseline's ranking blended with the "
+        "model's, the model's weight chosen on each fold's training edges; plain scores the model's own ranking",
+    )
+    grn.add_argument(
+        "--anchor-weights",
+        type=float,
+        nargs="+",
+        metavar="W",
+        help="the anchored head's candidate weights for the model, each in [0, 1] (0: the baseline alone); "
+        "default 0 0.25 0.5 0.75 1",
+    )
     grn.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     grn.set_defaults(run=_grn)

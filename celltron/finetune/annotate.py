@@ -3,9 +3,9 @@ fine-tuned, with frozen layers, or with LoRA), beside a logistic regression on P
 log-normalised expression, on the same stratified split of cells.
 
 Writes under `out`: metrics.json (accuracy, macro-F1, per-class report and confusion matrix of
-the held-out cells, mean and spread over seeds, for the model and `pca_logreg`),
-predictions.h5ad (the lab's cells with predicted labels and probabilities in obs / obsm), a
-confusion-matrix PNG, and prints the table.
+the held-out cells, mean and spread over seeds, for the model and `pca_logreg`; `paired`: model −
+baseline per seed, with an interval), predictions.h5ad (the lab's cells with predicted labels
+and probabilities in obs / obsm), a confusion-matrix PNG, and prints the table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,15 @@ from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import count_trainable, load_encoder
-from celltron.finetune.report import aggregate, results_table, save_figure, write_metrics
+from celltron.finetune.report import (
+    aggregate,
+    paired_difference,
+    results_table,
+    save_figure,
+    verdict,
+    verdict_line,
+    write_metrics,
+)
 from celltron.io import write_h5ad_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
@@ -34,6 +42,7 @@ from celltron.training.examples import train_task_model
 
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "macro_f1")
+BASELINE = "pca_logreg"
 
 
 @dataclass
@@ -250,7 +259,8 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         "model_folder": str(folder) if folder else None,
         "classes": classes,
         "model": _aggregate(runs) if runs else None,
-        "baselines": {"pca_logreg": _aggregate(baseline_runs)},
+        "baselines": {BASELINE: _aggregate(baseline_runs)},
+        "paired": paired_per_seed(runs, baseline_runs) if runs else None,
         "split": {
             "kind": "stratified by label",
             "test_fraction": section.test_fraction,
@@ -264,6 +274,19 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         },
     }
     return _write_results(out, metrics, lab, section.label_key, classes, first_probabilities, first_test if runs else None)
+
+
+def paired_per_seed(runs: dict, baseline_runs: dict) -> dict:
+    """{METRIC: model − baseline per seed, with its interval and verdict}: each seed's model and
+    baseline were scored on the same held-out cells. One seed gives no interval (NaN bounds,
+    "too few units to tell"): the spread of a difference needs several splits."""
+    paired = {}
+    for metric in METRICS:
+        difference = paired_difference(
+            {seed: run[metric] for seed, run in runs.items()}, {seed: run[metric] for seed, run in baseline_runs.items()}
+        )
+        paired[metric] = {**difference, "baseline": BASELINE, "unit": "seeds", "verdict": verdict(difference)}
+    return paired
 
 
 def _aggregate(per_seed: dict) -> dict:
@@ -280,6 +303,8 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
         _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test)
         _plot_confusion(out / "confusion_matrix.png", np.asarray(metrics["model"]["confusion_matrix"]), classes)
     print(results_table(metrics, METRICS, metrics["notes"]))
+    for metric, difference in (metrics["paired"] or {}).items():
+        print(verdict_line(metric, BASELINE, difference, "seeds", chosen_on=None))
     return metrics
 
 

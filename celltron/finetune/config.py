@@ -12,9 +12,10 @@ from celltron.errors import ConfigError
 from celltron.ranges import ranged
 from celltron.training.config import LoggingSection, OptimSection, TrainerSection
 
-SPLITS = ("heldout", "simulation")
+SPLITS = ("heldout", "simulation", "leave_one_out")
 DRUG_MODES = ("ic50", "expression")
-HEADS = ("retrieval", "bilinear")
+HEAD_TYPES = ("retrieval", "bilinear")
+ANCHORS = ("anchored", "plain")
 DRUG_SPLITS = {"ic50": ("random", "cell_line", "drug"), "expression": ("heldout_combination", "heldout_drug")}
 
 
@@ -62,16 +63,36 @@ class PerturbationSection:
 
     perturbation_key: obs column naming each cell's perturbation (`A`, or `A+B` combinations).
     control: the label of unperturbed cells in that column.
-    split: heldout (a share of perturbations held out) or simulation (GEARS's: unseen
-        singles, and combinations by how many of their genes were seen alone).
-    test_fraction: share of (single) perturbations held out.
-    seeds: one split and one fine-tuning run per seed; metrics are aggregated over them.
+    split: heldout (a share of perturbations held out), simulation (GEARS's: unseen
+        singles, and combinations by how many of their genes were seen alone) or
+        leave_one_out (each perturbation held out once, one fine-tuning per perturbation and
+        seed; a held-out single also keeps the combinations holding its gene out of training).
+    test_fraction: share of (single) perturbations held out (heldout, simulation).
+    seeds: one split and one fine-tuning run per seed (leave_one_out: the training randomness);
+        metrics are aggregated over them.
+    headline: the metric the best baseline is chosen on (inner cross-validation over training
+        perturbations) and the model is compared on, per perturbation with an interval.
+    responsive_min_de: a perturbation is "responsive" when at least this many genes besides its
+        targets differ from control at FDR 0.05; declared from the data before any model runs,
+        and every predictor is also scored on the responsive held-out perturbations.
+    coexpression_reference: an .h5ad of raw counts of the same species (any atlas, e.g. the
+        pretraining cells); its genes' co-expression (PCA loadings of log-normalised expression)
+        embeds the targets for the `linear_coexpression` baseline, so targets the screen does
+        not measure still get an embedding. With --model, `linear_model` embeds them by the
+        model's gene-token embeddings.
     eval_cells: control cells whose predictions are averaged into a perturbation's prediction.
     de_genes: DE genes per perturbation (top by |Welch t| against control), scored apart.
     de_weight: extra loss weight on each training perturbation's DE genes.
-    head: retrieval (a mix of training perturbations' shifts, attended to from the encoder's
-        view of the targets, leave-one-out in training) or bilinear (per-gene scores from the
-        pretrained gene embeddings); see celltron.finetune.perturbation.PerturbationModel.
+    head: anchored (the prediction is the best baseline plus a weighted model residual,
+        baseline + w x (model - baseline), w chosen from anchor_weights by inner
+        cross-validation over the training perturbations: w = 0 is the baseline exactly) or
+        plain (the model's own prediction). Anchoring trains inner_folds + 1 models per fold.
+    head_type: retrieval (a mix of training perturbations' shifts, attended to from the
+        encoder's view of the targets, leave-one-out in training) or bilinear (per-gene scores
+        from the pretrained gene embeddings); see celltron.finetune.perturbation.PerturbationModel.
+    anchor_weights: the residual weights the anchored head chooses from.
+    inner_folds: folds of the inner cross-validations over training perturbations (the best
+        baseline, the anchored head's weight).
     """
 
     perturbation_key: str = "perturbation"
@@ -82,7 +103,13 @@ class PerturbationSection:
     eval_cells: int = ranged(256, ">= 1")
     de_genes: int = ranged(20, ">= 1")
     de_weight: float = ranged(1.0, ">= 0")
-    head: str = one_of("retrieval", HEADS)
+    head: str = one_of("anchored", ANCHORS)
+    head_type: str = one_of("retrieval", HEAD_TYPES)
+    anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    inner_folds: int = ranged(3, ">= 2")
+    headline: str = "pearson_delta_de20_notarget"
+    responsive_min_de: int = ranged(10, ">= 1")
+    coexpression_reference: str = ""
 
 
 @dataclass
@@ -117,6 +144,12 @@ class DrugSection:
     n_genes: expression: the most variable genes (log-normalised) that are predicted; 0: all.
     control_cells: expression with --model: control cells per cell type the pretrained model
         embeds; their mean embedding is the cell type's basal state.
+    head: ic50: anchored (the prediction is the best baseline plus a weighted model residual,
+        baseline + w x (model - baseline), w chosen from anchor_weights by inner
+        cross-validation over the training units, grouped as the split: w = 0 is the baseline
+        exactly) or plain (the model's own prediction). Anchoring trains one model per inner
+        fold besides the outer one, per seed. Expression mode has the plain head only.
+    anchor_weights: the residual weights the anchored head chooses from (ties: the smaller).
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -135,6 +168,8 @@ class DrugSection:
     control: str = "control"
     n_genes: int = ranged(2000, ">= 0")  # 0: all genes
     control_cells: int = ranged(256, ">= 1")
+    head: str = one_of("anchored", ANCHORS)
+    anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""
@@ -178,8 +213,7 @@ class FinetuneConfig:
         check_sections(self, where)
         if self.model.freeze_layers and self.model.lora_rank:
             raise ConfigError(f"{where}: choose model.freeze_layers (--freeze) or model.lora_rank (--lora), not both")
-        if not self.perturbation.seeds:
-            raise ConfigError(f"{where}: perturbation.seeds is empty; give at least one seed")
+        self._check_perturbation(where)
         if self.trainer.strategy.startswith("deepspeed_stage_3"):
             raise ConfigError(
                 f"{where}: trainer.strategy {self.trainer.strategy}: fine-tuning evaluates the whole model in one process, "
@@ -187,6 +221,16 @@ class FinetuneConfig:
             )
         self._check_drug(where)
         return self
+
+    def _check_perturbation(self, where: str) -> None:
+        from celltron.finetune.perturbation.evaluate import METRICS
+
+        if not self.perturbation.seeds:
+            raise ConfigError(f"{where}: perturbation.seeds is empty; give at least one seed")
+        if self.perturbation.headline not in METRICS:
+            raise ConfigError(f"{where}: perturbation.headline {self.perturbation.headline!r} is not one of {METRICS}")
+        if not self.perturbation.anchor_weights:
+            raise ConfigError(f"{where}: perturbation.anchor_weights is empty; give at least one weight in [0, 1]")
 
     def _check_drug(self, where: str) -> None:
         drug = self.drug
@@ -197,6 +241,8 @@ class FinetuneConfig:
             )
         if not drug.seeds:
             raise ConfigError(f"{where}: drug.seeds is empty; give at least one seed")
+        if not drug.anchor_weights:
+            raise ConfigError(f"{where}: drug.anchor_weights is empty; give at least one weight in [0, 1]")
         if drug.mode == "expression" and drug.expression:
             raise ConfigError(
                 f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "

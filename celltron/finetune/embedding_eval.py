@@ -2,9 +2,9 @@
 every user can compute from the same file: PCA of log-normalised expression.
 
 Both are scored the same way: kNN classification of a label column (accuracy and macro-F1 by
-stratified k-fold cross-validation, scikit-learn) and, with a batch column, the batch-integration
-metrics of `scib-metrics` (silhouette label / batch, cLISI / iLISI, kBET per label, graph
-connectivity). Neighbour counts follow scib-metrics' own Benchmarker: 90 for LISI, 50 for kBET.
+stratified k-fold cross-validation, scikit-learn; `paired`: model − PCA per fold, with an
+interval) and, with a batch column, the batch-integration metrics of `scib-metrics` (silhouette
+label / batch, cLISI / iLISI, kBET per label, graph connectivity). Neighbour counts follow scib-metrics' own Benchmarker: 90 for LISI, 50 for kBET.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.report import results_table, save_figure, write_metrics
+from celltron.finetune.report import paired_difference, results_table, save_figure, verdict, verdict_line, write_metrics
 from celltron.inputs import MissingInputError, read_h5ad
 from celltron.preprocessing import pca_baseline
 
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
 BATCH_METRICS = ("silhouette_label", "clisi", "silhouette_batch", "ilisi", "kbet", "graph_connectivity")
 LISI_NEIGHBORS, KBET_NEIGHBORS = 90, 50
+BASELINE = "pca_knn"
 EXACT_NEIGHBORS_MAX = 50_000  # exact kNN below (deterministic, fast); pynndescent's approximate search above
 
 
@@ -311,7 +312,8 @@ def evaluate_embedding(
     majority = pd.Series(subset.labels).value_counts(normalize=True).iloc[0]
     metrics = {
         "model": model,
-        "baselines": {"pca_knn": pca},
+        "baselines": {BASELINE: pca},
+        "paired": paired_per_fold(model, pca),
         "split": {
             "folds": folds,
             "seed": seed,
@@ -328,6 +330,20 @@ def evaluate_embedding(
         },
     }
     return (metrics, embeddings, subset.labels) if return_embeddings else metrics
+
+
+def paired_per_fold(model: dict, baseline: dict) -> dict:
+    """{METRIC: model − baseline per fold, with its interval and verdict} for the kNN
+    classification metrics; both were scored on the same folds, so fold i pairs with fold i."""
+
+    def by_fold(scores: dict, metric: str) -> dict[int, float]:
+        return {fold: values[metric] for fold, values in enumerate(scores["per_fold"])}
+
+    paired = {}
+    for metric in CLASSIFICATION_METRICS:
+        difference = paired_difference(by_fold(model, metric), by_fold(baseline, metric))
+        paired[metric] = {**difference, "baseline": BASELINE, "unit": "folds", "verdict": verdict(difference)}
+    return paired
 
 
 def plot_umaps(embeddings: dict[str, np.ndarray], labels: np.ndarray, png: Path, neighbors: int = 15, seed: int = 0) -> Path:
@@ -380,6 +396,8 @@ def run_embedding_evaluation(
         f"always guessing the most frequent label: accuracy {split['majority_label_fraction']:.3f})"
     )
     print(results_table(metrics, CLASSIFICATION_METRICS))
+    for metric, difference in metrics["paired"].items():
+        print(verdict_line(metric, BASELINE, difference, "folds", chosen_on=None))
     if batch_key:
         print(f"batch integration over {batch_key!r} (scib-metrics; higher is better)")
         print(

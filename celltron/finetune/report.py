@@ -52,13 +52,14 @@ def results_table(metrics: dict, columns: tuple[str, ...], notes: dict[str, str]
     """Rows: the model (when trained) and each baseline; cells: mean ± spread over seeds."""
     rows = ([("model", metrics["model"])] if metrics.get("model") else []) + list(metrics["baselines"].items())
     width = max(len(name) for name, _ in rows) + 2
-    lines = ["".ljust(width) + "".join(c.rjust(22) for c in columns)]
+    cell = max(22, *(len(c) + 2 for c in columns))
+    lines = ["".ljust(width) + "".join(c.rjust(cell) for c in columns)]
     for name, result in rows:
         cells = []
         for column in columns:
             mean, spread = result.get(column), (result.get("std") or {}).get(column)
             cells.append(
-                "n/a".rjust(22) if mean is None or not np.isfinite(mean) else f"{mean:.3f} ± {spread or 0:.3f}".rjust(22)
+                "n/a".rjust(cell) if mean is None or not np.isfinite(mean) else f"{mean:.3f} ± {spread or 0:.3f}".rjust(cell)
             )
         lines.append(name.ljust(width) + "".join(cells))
     for name, note in (notes or {}).items():
@@ -93,3 +94,82 @@ def save_figure(figure, png: Path) -> Path:
         return write_file_atomically(png, lambda tmp: figure.savefig(tmp, dpi=120))
     finally:
         plt.close(figure)
+
+
+# ---------------------------------------------------------------- model against the best baseline
+
+BOOTSTRAP_SAMPLES = 2000
+MIN_BOOTSTRAP_UNITS = 10  # fewer units: a Student t interval (a percentile bootstrap is too narrow there)
+
+
+def mean_interval(values, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of `values` (one per unit: perturbation, drug, TF, fold) with a `level` interval:
+    a percentile bootstrap over units from MIN_BOOTSTRAP_UNITS units on, a Student t interval
+    below. Non-finite values are left out; {"mean", "low", "high", "n_units", "interval"}."""
+    from scipy import stats
+
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n_units": 0, "interval": "none"}
+    mean = float(values.mean())
+    if n == 1:
+        return {"mean": mean, "low": float("nan"), "high": float("nan"), "n_units": 1, "interval": "none"}
+    tail = (1 - level) / 2
+    if n >= MIN_BOOTSTRAP_UNITS:
+        draws = np.random.default_rng(seed).integers(0, n, (BOOTSTRAP_SAMPLES, n))
+        low, high = np.quantile(values[draws].mean(1), [tail, 1 - tail])
+        kind = "bootstrap"
+    else:
+        half = stats.t.ppf(1 - tail, n - 1) * values.std(ddof=1) / np.sqrt(n)
+        low, high, kind = mean - half, mean + half, "t"
+    return {"mean": mean, "low": float(low), "high": float(high), "n_units": n, "interval": kind}
+
+
+def paired_difference(model: dict, baseline: dict, higher_is_better: bool = True, seed: int = 0) -> dict:
+    """Per-unit model − baseline over the units both score (dicts unit -> value), as
+    `mean_interval`, with `improvement` the difference signed so that > 0 favours the model."""
+    units = sorted(u for u in model if u in baseline and _finite(model[u]) and _finite(baseline[u]))
+    sign = 1.0 if higher_is_better else -1.0
+    out = mean_interval([model[u] - baseline[u] for u in units], seed=seed)
+    out["units"] = units
+    out["improvement"] = {k: sign * out[k] for k in ("mean", "low", "high")}
+    if not higher_is_better:  # the interval's ends swap when the sign does
+        out["improvement"]["low"], out["improvement"]["high"] = out["improvement"]["high"], out["improvement"]["low"]
+    return out
+
+
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
+
+
+def verdict(difference: dict) -> str:
+    """Whether the model added signal beyond the baseline: the interval of the improvement
+    lies above zero (adds), below it (worse), or straddles it (no detectable difference)."""
+    low, high = difference["improvement"]["low"], difference["improvement"]["high"]
+    if not (_finite(low) and _finite(high)):
+        return "too few units to tell"
+    if low > 0:
+        return "the model adds signal beyond the baseline"
+    if high < 0:
+        return "the model is worse than the baseline"
+    return "no detectable difference: the model adds nothing measurable beyond the baseline"
+
+
+def verdict_line(metric: str, baseline: str, difference: dict, unit: str, chosen_on: str | None = "training units") -> str:
+    """One printed line: the model against the named baseline, the difference with its interval.
+    `chosen_on`: what the baseline was chosen on; None when it is the only baseline."""
+    d = difference
+    how = f"best baseline, chosen on {chosen_on}" if chosen_on else "the only baseline"
+    bounds = f"[{d['low']:+.3f}, {d['high']:+.3f}]" if _finite(d["low"]) and _finite(d["high"]) else "(no interval)"
+    units = f"{d['n_units']} {unit}" if d["n_units"] != 1 else f"1 {unit.removesuffix('s')}"
+    return f"model − {baseline} ({how}) on {metric}: {d['mean']:+.3f} {bounds} over {units} — {verdict(d)}"
+
+
+def choose_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
+    """The name with the best finite score (ties: the first named); scores come from training units."""
+    finite = {k: v for k, v in scores.items() if _finite(v)}
+    if not finite:
+        return next(iter(scores))
+    pick = max if higher_is_better else min
+    return pick(finite, key=finite.get)

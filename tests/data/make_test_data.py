@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 COPIED = [
     "scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad",
     "perturbation/papalexi2021_thp1_lowmoi_sceptredata.h5ad",
+    "perturbation/norman2019_k562_crispra_3375cells.h5ad",
     "drug/GDSC_IC50_deepcdr_scfoundation.csv",
     "drug/GDSC_drug_list_2019-06-24.csv",
     "drug/DeepCDR_223drugs_pubchem_smiles.txt",

@@ -71,6 +71,13 @@ def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_
     ).all()
     assert (predictions.obs["celltron_split"] == "test").sum() == metrics["split"]["per_seed"]["0"]["test"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+    # model − baseline per seed; one seed is one unit: no interval, and the verdict says so
+    for metric in ("accuracy", "macro_f1"):
+        paired = metrics["paired"][metric]
+        difference = model["per_seed"]["0"][metric] - baseline["per_seed"]["0"][metric]
+        assert paired["mean"] == pytest.approx(difference) and paired["units"] == [0] and paired["n_units"] == 1
+        assert paired["low"] is None and paired["high"] is None  # NaN, written as null
+        assert paired["baseline"] == "pca_logreg" and paired["verdict"] == "too few units to tell"
 
 
 def test_lora_trains_adapters_and_head_and_leaves_pretrained_weights(pretrained_geneformer, labelled_file, tmp_path):

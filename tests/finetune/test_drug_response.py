@@ -139,38 +139,23 @@ def test_model_learns_interactions_the_additive_baseline_cannot():
     assert drug_response_metrics(predicted, truth, names)["rmse"] < 0.7 * drug_response_metrics(additive, truth, names)["rmse"]
 
 
-def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path):
-    table = shared_file("drug/GDSC_IC50_deepcdr_scfoundation.csv")
-    drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
+def _gdsc_run(tmp_path, out: str, *options: str, seeds=("0",)) -> dict:
+    """`celltron finetune drug-response` (ic50, split by drug, 30 steps) on 40 drugs x 200 cell
+    lines of the GDSC table, with `options`; its metrics.json."""
     small = tmp_path / "gdsc_small.csv"
-    pd.read_csv(table, index_col=0).iloc[:40, :200].to_csv(small)  # 40 drugs x 200 cell lines
-    code = main(
-        [
-            "finetune",
-            "drug-response",
-            "--mode",
-            "ic50",
-            "--data",
-            str(small),
-            "--drug-list",
-            str(drug_list),
-            "--smiles",
-            str(smiles),
-            "--split",
-            "drug",
-            "--seeds",
-            "0",
-            "1",
-            "--max-steps",
-            "30",
-            "--out",
-            str(tmp_path / "run"),
-            "--set",
-            "data.batch_size=64",
-        ]
-    )
-    assert code == 0
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    if not small.exists():
+        table = shared_file("drug/GDSC_IC50_deepcdr_scfoundation.csv")
+        pd.read_csv(table, index_col=0).iloc[:40, :200].to_csv(small)  # 40 drugs x 200 cell lines
+    drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(small), "--drug-list", str(drug_list)]
+    arguments += ["--smiles", str(smiles), "--split", "drug", "--seeds", *seeds, "--max-steps", "30"]
+    arguments += ["--out", str(tmp_path / out), "--set", "data.batch_size=64", *options]
+    assert main(arguments) == 0
+    return json.loads((tmp_path / out / "metrics.json").read_text())
+
+
+def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path, capsys):
+    metrics = _gdsc_run(tmp_path, "run", seeds=("0", "1"))
     assert metrics["method"] == "matrix_completion" and metrics["split"]["kind"] == "drug"
     assert set(metrics["baselines"]) == {"drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug"}
     for result in [metrics["model"], *metrics["baselines"].values()]:
@@ -179,6 +164,97 @@ def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path):
     assert {"drug", "cell_line", "ln_ic50", "seed", "pred_model", "pred_additive"} <= set(predictions.columns)
     held = predictions[predictions.seed == 0]
     assert held.drug.nunique() == metrics["split"]["per_seed"]["0"]["test_drugs"]
+    # model − the best baseline (chosen per seed on training compounds), paired over held-out drugs
+    chosen = {c["name"] for c in metrics["best_baseline"]["per_seed"].values()}
+    paired = metrics["paired"]
+    assert set(metrics["best_baseline"]["per_seed"]) == {"0", "1"} and chosen <= set(metrics["baselines"])
+    assert paired["baseline"] == " / ".join(sorted(chosen)) and paired["metric"] == "pearson_per_drug"
+    assert paired["n_units"] == len(paired["units"]) >= 2 and set(paired["units"]) <= set(predictions.drug)
+    assert paired["low"] <= paired["mean"] <= paired["high"] and paired["verdict"]
+    # the default anchored head: a weight per seed, chosen by inner CV among drug.anchor_weights
+    weights = (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert metrics["head"] == "anchored" and metrics["model_plain"]["per_seed"].keys() == {"0", "1"}
+    for seed, choice in metrics["best_baseline"]["per_seed"].items():
+        assert choice["weight"] in weights and choice["weight_scores"].keys() == {str(w) for w in weights}
+        assert choice["weight_scores"][str(choice["weight"])] == max(v for v in choice["weight_scores"].values() if v is not None)
+    printed = capsys.readouterr().out
+    assert "anchored head" in printed and "seed 1: " in printed and "model − " in printed
+
+
+def test_anchor_weight_zero_is_the_best_baseline_exactly(tmp_path):
+    metrics = _gdsc_run(tmp_path, "run", "--set", "drug.anchor_weights=[0]")
+    choice = metrics["best_baseline"]["per_seed"]["0"]
+    assert choice["weight"] == 0 and list(choice["weight_scores"]) == ["0.0"]
+    baseline = metrics["baselines"][choice["name"]]
+    assert metrics["model"]["per_drug"]["0"] == baseline["per_drug"]["0"]
+    assert metrics["model"]["per_seed"]["0"] == baseline["per_seed"]["0"]
+    assert metrics["paired"]["mean"] == 0 and metrics["paired"]["n_units"] >= 2
+    assert metrics["model_plain"]["per_drug"]["0"] != baseline["per_drug"]["0"]  # the model itself differs
+
+
+def test_a_model_that_learns_interactions_gets_a_residual_weight(tmp_path):
+    # random pairs of a table with drug x cell-line interactions, which the additive baselines miss
+    _profiled_table(tmp_path)
+    files = ["--drug-list", str(tmp_path / "drugs.csv"), "--smiles", str(tmp_path / "smiles.txt")]
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(tmp_path / "ic50.csv"), *files]
+    arguments += ["--split", "random", "--seeds", "0", "--max-steps", "100", "--out", str(tmp_path / "run")]
+    for setting in ("data.batch_size=64", "drug.hidden=64", "optim.lr=0.005", "optim.warmup_steps=10"):
+        arguments += ["--set", setting]
+    assert main(arguments) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    choice = metrics["best_baseline"]["per_seed"]["0"]
+    scores = choice["weight_scores"]
+    print(
+        choice["name"], choice["weight"], scores, metrics["model"]["pearson_per_drug"], metrics["model_plain"]["pearson_per_drug"]
+    )
+    assert choice["weight"] > 0 and scores[str(choice["weight"])] > scores["0.0"]
+    # the head's prediction is the best baseline plus the weighted residual of the model's own
+    held = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    baseline = held[f"pred_{choice['name']}"]
+    blend = baseline + choice["weight"] * (held.pred_model_plain - baseline)
+    np.testing.assert_allclose(held.pred_model, blend, rtol=1e-6, atol=1e-6)
+
+
+def test_the_plain_head_is_the_model_alone(tmp_path):
+    metrics = _gdsc_run(tmp_path, "run", "--head", "plain")
+    assert metrics["head"] == "plain" and metrics["model_plain"] is None
+    assert "weight" not in metrics["best_baseline"]["per_seed"]["0"]
+    assert "pred_model_plain" not in pd.read_csv(tmp_path / "run" / "predictions.csv").columns
+
+
+def _baselines_only(tmp_path, data, out: str) -> dict:
+    """`celltron finetune drug-response --baselines-only` on the simulated files, split by drug, one seed."""
+    files = {"--drug-list": tmp_path / "drugs.csv", "--smiles": tmp_path / "smiles.txt"}
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(data), "--split", "drug", "--seeds", "0"]
+    arguments += ["--test-fraction", "0.3", "--baselines-only", "--out", str(tmp_path / out)]
+    assert main(arguments + [str(v) for pair in files.items() for v in pair]) == 0
+    return json.loads((tmp_path / out / "metrics.json").read_text())
+
+
+def test_the_best_baseline_is_chosen_on_training_drugs_alone(tmp_path, capsys):
+    _profiled_table(tmp_path)
+    metrics = _baselines_only(tmp_path, tmp_path / "ic50.csv", "run")
+    best = metrics["best_baseline"]
+    choice = best["per_seed"]["0"]
+    assert best["metric"] == "pearson_per_drug" and best["chosen_on"].startswith("training compounds")
+    assert choice["name"] in metrics["baselines"] and choice["inner_folds"] == 3
+    assert choice["score"] == max(v for v in choice["scores"].values() if v is not None)
+    assert metrics["paired"] is None  # no model: nothing to pair
+    assert f"seed 0: {choice['name']}" in capsys.readouterr().out
+    # the held-out drugs favour another baseline than the training drugs do: the choice ignores them
+    on_test = {name: result["per_seed"]["0"]["pearson_per_drug"] for name, result in metrics["baselines"].items()}
+    assert max(on_test, key=lambda name: on_test[name] or -np.inf) != choice["name"]
+
+    # scramble the held-out ratings: every test score moves, the choice does not
+    held = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    wide = pd.read_csv(tmp_path / "ic50.csv", index_col=0)
+    for (drug, line), value in zip(zip(held.drug, held.cell_line), np.random.default_rng(0).permutation(held.ln_ic50)):
+        wide.loc[drug, line] = value
+    wide.to_csv(tmp_path / "scrambled.csv")
+    scrambled = _baselines_only(tmp_path, tmp_path / "scrambled.csv", "scrambled")
+    rescored = scrambled["best_baseline"]["per_seed"]["0"]  # the same up to the CSV round trip's last digit
+    assert rescored["name"] == choice["name"] and rescored["scores"] == pytest.approx(choice["scores"], rel=1e-12)
+    assert scrambled["baselines"]["ridge"]["pearson_per_drug"] != metrics["baselines"]["ridge"]["pearson_per_drug"]
 
 
 def test_gdsc_table_reads_long_and_smiles_become_fingerprints():
@@ -315,8 +391,8 @@ def test_a_drug_split_never_puts_a_gdsc_twin_on_both_sides():
     assert len(twins) >= 15 and compound_of["GDSC:1032"] == compound_of["GDSC:1377"]  # Afatinib, GDSC1 and GDSC2
     for seed in range(5):
         test = split_pairs(pairs, "drug", 0.2, seed, compound_of)
+        held_ids, kept_ids = set(pairs.drug[test]), set(pairs.drug[~test])  # identities per drug, not per pair
         for identity in (compound_of.get, lambda d: folded_name(names[d]), lambda d: canonical_smiles(smiles[d])):
-            held, kept = set(pairs.drug[test].map(identity)), set(pairs.drug[~test].map(identity))
-            assert not held & kept
+            assert not {identity(d) for d in held_ids} & {identity(d) for d in kept_ids}
     by_id = [split_pairs(pairs, "drug", 0.2, seed) for seed in range(5)]  # ids alone: twins straddle
-    assert any(set(pairs.drug[t].map(compound_of)) & set(pairs.drug[~t].map(compound_of)) for t in by_id)
+    assert any({compound_of[d] for d in set(pairs.drug[t])} & {compound_of[d] for d in set(pairs.drug[~t])} for t in by_id)

@@ -58,11 +58,22 @@ def test_a_stored_pca_matches_the_baseline_and_noise_scores_at_chance(pbmc_embed
     assert (out / "umap.png").stat().st_size > 10_000
     printed = capsys.readouterr().out
     assert "pca_knn" in printed and "macro_f1" in printed
+    # the same folds for both: a copy of the baseline differs from it by exactly 0 in every fold
+    for metric in ("accuracy", "macro_f1"):
+        paired = metrics["paired"][metric]
+        assert paired["n_units"] == 5 and paired["units"] == [0, 1, 2, 3, 4] and paired["baseline"] == "pca_knn"
+        assert paired["mean"] == paired["low"] == paired["high"] == 0
+        assert paired["verdict"].startswith("no detectable difference")
+        assert f"model − pca_knn (the only baseline) on {metric}: +0.000" in printed
 
     noise = evaluate_embedding(pbmc_embeddings, "X_noise", "Annotation", folds=5, seed=0)
     assert abs(noise["model"]["accuracy"] - chance) < 0.08
     assert noise["model"]["macro_f1"] < 0.3
     assert noise["baselines"]["pca_knn"]["accuracy"] == pytest.approx(pca["accuracy"])
+    for metric in ("accuracy", "macro_f1"):  # noise is worse than the baseline, and the interval says so
+        paired = noise["paired"][metric]
+        assert paired["low"] <= paired["mean"] <= paired["high"] < 0 and paired["interval"] == "t"
+        assert paired["verdict"] == "the model is worse than the baseline"
 
 
 def _two_batches(path, n_per_group: int = 60, seed: int = 0):

@@ -1,5 +1,6 @@
 """GRN: edge scoring against a truth (AUPRC, its ratio over random, EPR), the co-expression
-baselines on a network with known edges, and `celltron grn` on real PBMCs with TRRUST."""
+baselines on a network with known edges, the held-out TF x target blocks, the degree prior and
+the intervals over held-out TFs, and `celltron grn` on real PBMCs with TRRUST."""
 
 from __future__ import annotations
 
@@ -10,7 +11,20 @@ import pandas as pd
 import pytest
 
 from celltron.cli import main
-from celltron.finetune.grn.evaluate import candidate_edges, coexpression_scores, evaluate_edges, read_truth
+from celltron.errors import ConfigError
+from celltron.finetune.grn.evaluate import (
+    anchored_scores,
+    block_folds,
+    bootstrap_edges_metric,
+    candidate_edges,
+    check_anchor_weights,
+    coexpression_scores,
+    degree_prior_scores,
+    evaluate_edges,
+    evaluate_on_folds,
+    rank_normalised,
+    read_truth,
+)
 from celltron.finetune.grn.run import bundled_tfs
 from tests.conftest import shared_file
 
@@ -77,7 +91,176 @@ def test_bundled_tf_lists_hold_known_regulators():
     assert {"Stat1", "Irf1", "Spi1", "Trp53"} <= set(bundled_tfs("mouse"))
 
 
-def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_geneformer, tmp_path):
+def test_block_folds_never_put_a_tf_or_a_target_on_both_sides():
+    tfs = [f"T{i}" for i in range(10)]
+    targets = [f"G{i}" for i in range(25)] + tfs[:4]  # some TFs are targets too
+    folds = block_folds(tfs, targets, n_folds=3, seed=7)
+    tested = []
+    for fold in folds:
+        assert not set(fold["test_tfs"]) & set(fold["train_tfs"])
+        assert not set(fold["test_targets"]) & set(fold["train_targets"])
+        assert set(fold["test_tfs"]) | set(fold["train_tfs"]) == set(tfs)
+        assert set(fold["test_targets"]) | set(fold["train_targets"]) == set(targets)
+        assert all(fold[k] == sorted(fold[k]) for k in fold)
+        tested += [(tf, target) for tf in fold["test_tfs"] for target in fold["test_targets"]]
+    assert len(tested) == len(set(tested))  # every pair tested at most once
+    assert sorted(len(fold["test_tfs"]) for fold in folds) == [3, 3, 4]
+    assert block_folds(tfs, targets, 3, seed=7) == folds and block_folds(tfs, targets, 3, seed=8) != folds
+    with pytest.raises(ConfigError, match="--folds 11"):
+        block_folds(tfs, targets, n_folds=11)
+
+
+def test_the_cli_refuses_fewer_than_two_folds(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["grn", "--data", str(tmp_path / "lab.h5ad"), "--truth", "t.tsv", "--folds", "1"])
+    assert exit_.value.code == 2 and "--folds: 1 is out of range; allowed: >= 2" in capsys.readouterr().err
+
+
+def test_degree_prior_counts_training_tfs_regulating_the_target_and_never_a_pairs_own_edge():
+    """Training TFs A, B, C; held-out X. Hub H is regulated by A, B and C, M by A only, Z by X only."""
+    truth = pd.DataFrame({"tf": ["A", "B", "C", "A", "X"], "target": ["H", "H", "H", "M", "Z"]})
+
+    def scores(truth):
+        edges = degree_prior_scores(truth, ["A", "B", "C"], ["A", "B", "C", "X"], ["H", "M", "Z"])
+        return {(tf, target): score for tf, target, score in zip(edges.tf, edges.target, edges.score)}
+
+    held_out = scores(truth)
+    assert [held_out["X", g] for g in ("H", "M", "Z")] == [3, 1, 0]  # the hub first; Z has no training regulator
+    assert held_out["A", "H"] == 2 and held_out["A", "M"] == 0 and held_out["B", "M"] == 1  # own edge left out
+    # a held-out pair's own label never moves any held-out score
+    flipped = scores(pd.concat([truth, pd.DataFrame({"tf": ["X"], "target": ["M"]})]))
+    assert all(flipped["X", g] == held_out["X", g] for g in ("H", "M", "Z"))
+
+
+def _noisy_ranking(n_tfs: int, n_targets: int = 60, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Edges scored by truth plus noise, over a random truth of density 0.1."""
+    rng = np.random.default_rng(seed)
+    edges = candidate_edges([f"T{i}" for i in range(n_tfs)], [f"G{i}" for i in range(n_targets)])
+    true = rng.random(len(edges)) < 0.1
+    edges["score"] = true + rng.normal(size=len(edges))
+    return edges, edges[true][["tf", "target"]]
+
+
+def test_bootstrap_interval_holds_the_estimate_and_narrows_with_more_tfs():
+    widths = []
+    for n_tfs in (10, 80):
+        edges, truth = _noisy_ranking(n_tfs)
+        interval = bootstrap_edges_metric(edges, truth, "auprc_ratio", n=300, seed=1)
+        assert interval["low"] <= interval["mean"] <= interval["high"] and interval["n_units"] == n_tfs
+        assert interval["mean"] == evaluate_edges(edges, truth)["auprc_ratio"] and interval["low"] > 1  # above random
+        widths.append(interval["high"] - interval["low"])
+    assert widths[1] < widths[0] / 2
+
+
+def test_the_best_baseline_is_chosen_on_training_edges_and_compared_pairwise():
+    edges, truth = _noisy_ranking(30, 40)
+    tfs, targets = sorted(set(edges.tf)), sorted(set(edges.target))
+    fold = {"test_tfs": tfs[:10], "test_targets": targets[:15], "train_tfs": tfs[10:], "train_targets": targets[15:]}
+    on_test = edges.tf.isin(fold["test_tfs"]) & edges.target.isin(fold["test_targets"])
+    is_true = edges.set_index(["tf", "target"]).index.isin(truth.set_index(["tf", "target"]).index)
+    peeks = edges.assign(score=np.where(on_test, is_true, 0.0))  # perfect where held out, blind elsewhere
+    fair = edges.assign(score=np.where(on_test, -edges.score, edges.score))  # good on training, bad where held out
+    result = evaluate_on_folds(fair, {"peeks": peeks, "fair": fair}, truth, tfs, targets, [fold], n_resamples=200)
+    (chosen,) = result["best_baseline"]
+    assert chosen["name"] == "fair" and chosen["training_score"] == chosen["training_scores"]["fair"] > 1
+    held_out = result["methods"]
+    assert held_out["peeks"]["auprc_ratio"] > held_out["fair"]["auprc_ratio"]  # the choice never saw this
+    # a model identical to the chosen baseline differs by exactly zero in every paired resample
+    paired = result["paired"]
+    assert paired["mean"] == paired["low"] == paired["high"] == 0 and paired["verdict"].startswith("no detectable")
+    assert set(result["methods"]) == {"model", "peeks", "fair", "degree_prior"}
+    for method in result["methods"].values():
+        low, high = method["interval"]["auprc_ratio"]
+        assert low <= method["auprc_ratio"] <= high
+
+
+def _two_noisy_views(n_tfs: int = 45, n_targets: int = 120, seed: int = 0):
+    """A random network of density 0.1 and two rankings of it with independent noise (a
+    baseline and a model, each informative, together more so), the block folds over it."""
+    rng = np.random.default_rng(seed)
+    tfs, targets = [f"T{i}" for i in range(n_tfs)], [f"G{i}" for i in range(n_targets)]
+    edges = candidate_edges(tfs, targets)
+    true = rng.random(len(edges)) < 0.1
+    baseline = edges.assign(score=np.round(true + rng.normal(size=len(edges)), 1))  # rounded: ties to break
+    model = edges.assign(score=true + rng.normal(size=len(edges)))
+    return baseline, model, edges[true][["tf", "target"]], tfs, targets, block_folds(tfs, targets, 3, seed=seed)
+
+
+def test_rank_normalised_scores_share_ties_and_rank_unseen_pairs_last():
+    assert rank_normalised([0.5, -2.0, 0.5, 0.1, -2.0]).tolist() == [0.9, 0.3, 0.9, 0.6, 0.3]
+
+
+def test_weight_zero_reproduces_the_chosen_baseline_exactly():
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views()
+    anchored = anchored_scores(baseline, model, 0)
+    assert anchored.score.tolist() == baseline.score.tolist()
+    assert evaluate_edges(anchored, truth) == evaluate_edges(baseline, truth)
+    result = evaluate_on_folds(model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=50, anchor_weights=[0])
+    for index, pick in enumerate(result["best_baseline"]):
+        assert pick["weight"] == 0 and list(pick["weight_scores"]) == ["0.0"]
+        assert result["methods"]["model"]["folds"][index] == result["methods"][pick["name"]]["folds"][index]
+    paired = result["paired"]
+    assert paired["mean"] == paired["low"] == paired["high"] == 0
+
+
+def test_the_anchor_weight_is_chosen_without_reading_held_out_edges():
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views(seed=1)
+    fold = folds[0]
+    held_out = truth.tf.isin(fold["test_tfs"]) & truth.target.isin(fold["test_targets"])
+    # the held-out block's true edges moved to other held-out pairs: the same count, other pairs
+    rng = np.random.default_rng(5)
+    scrambled = pd.DataFrame(
+        {"tf": rng.choice(fold["test_tfs"], 200), "target": rng.choice(fold["test_targets"], 200)}
+    ).drop_duplicates()[: held_out.sum()]
+    moved = pd.concat([truth[~held_out], scrambled])
+
+    def run(truth):
+        return evaluate_on_folds(
+            model, {"coexpression": baseline}, truth, tfs, targets, [fold], n_resamples=50, anchor_weights=(0, 0.5, 1)
+        )
+
+    before, after = run(truth), run(moved)
+    assert before["methods"]["model"]["auprc_ratio"] != after["methods"]["model"]["auprc_ratio"]  # the test did change
+    assert before["best_baseline"] == after["best_baseline"]  # baseline, weight and the training scores behind it
+
+
+def test_an_informative_model_earns_a_weight_and_lifts_the_baseline_on_held_out_blocks():
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views(seed=2)
+    result = evaluate_on_folds(
+        model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=100, anchor_weights=(1, 0.5, 0, 0.25, 0.75)
+    )
+    methods = result["methods"]
+    for index, pick in enumerate(result["best_baseline"]):
+        assert pick["name"] == "coexpression" and 0 < pick["weight"] < 1  # the blend beats either alone
+        assert list(pick["weight_scores"]) == ["0.0", "0.25", "0.5", "0.75", "1.0"]  # tried ascending
+        assert methods["model"]["folds"][index]["auprc"] >= methods["coexpression"]["folds"][index]["auprc"]
+    assert methods["model"]["auprc_ratio"] > max(methods["coexpression"]["auprc_ratio"], methods["model_plain"]["auprc_ratio"])
+    assert result["paired"]["low"] > 0 and result["paired"]["verdict"] == "the model adds signal beyond the baseline"
+
+
+def test_the_plain_head_scores_the_models_own_edges():
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views(seed=3)
+    plain = evaluate_on_folds(model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=50)
+    anchored = evaluate_on_folds(
+        model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=50, anchor_weights=(0, 1)
+    )
+    assert "model_plain" not in plain["methods"] and all("weight" not in pick for pick in plain["best_baseline"])
+    assert plain["methods"]["model"] == anchored["methods"]["model_plain"]
+    for index, fold in enumerate(folds):
+        test = model[model.tf.isin(fold["test_tfs"]) & model.target.isin(fold["test_targets"])]
+        assert plain["methods"]["model"]["folds"][index] == evaluate_edges(test, truth)
+
+
+def test_anchor_weights_outside_zero_to_one_are_refused_naming_the_flag(tmp_path, capsys):
+    assert check_anchor_weights([1, 0.5, 0, 0.5]) == (0, 0.5, 1)
+    for weights in ([1.5], [-0.1, 0.5], [float("nan")], []):
+        with pytest.raises(ConfigError, match="--anchor-weights"):
+            check_anchor_weights(weights)
+    code = main(["grn", "--data", str(tmp_path / "lab.h5ad"), "--truth", "t.tsv", "--anchor-weights", "0", "1.5"])
+    assert code != 0 and "--anchor-weights: 1.5 outside [0, 1]" in capsys.readouterr().err
+
+
+def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_geneformer, tmp_path, capsys):
     data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
     truth = shared_file("grn/trrust_rawdata.human.tsv")
     code = main(
@@ -102,12 +285,26 @@ def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_gene
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "embedding"
-    assert set(metrics["baselines"]) == {"coexpression_pearson", "coexpression_spearman", "genie3_extra_trees"}
+    assert set(metrics["baselines"]) == {"coexpression_pearson", "coexpression_spearman", "genie3_extra_trees", "degree_prior"}
+    assert metrics["split"]["kind"] == "tf_target_block" and len(metrics["split"]["folds"]) == metrics["split"]["n_folds"] == 3
     for result in [metrics["model"], *metrics["baselines"].values()]:
         assert {"auprc", "auprc_ratio", "epr", "n_true_edges", "n_scored_edges"} <= set(result)
-        assert result["n_true_edges"] > 20
-    # co-expression recovers TRRUST edges far above random on real PBMCs
+        assert result["n_true_edges"] > 20 and len(result["folds"]) == 3
+        assert result["all_pairs"]["n_true_edges"] > result["n_true_edges"]  # held-out blocks are a third of the pairs
+        for metric, (low, high) in result["interval"].items():
+            assert low <= result[metric] <= high
+    # co-expression recovers TRRUST edges far above random on real PBMCs, held out as over all pairs
     assert metrics["baselines"]["coexpression_pearson"]["auprc_ratio"] > 1.5
+    assert metrics["baselines"]["coexpression_pearson"]["all_pairs"]["auprc_ratio"] > 1.5
+    assert len(metrics["best_baseline"]) == 3 and {"name", "training_score"} <= set(metrics["best_baseline"][0])
+    paired = metrics["paired"]
+    assert paired["low"] <= paired["mean"] <= paired["high"] and paired["verdict"]
+    # the anchored head (the default): the model's own scores beside it, a weight per fold
+    assert metrics["head"] == "anchored" and metrics["model_plain"]["n_true_edges"] == metrics["model"]["n_true_edges"]
+    assert all(pick["weight"] in metrics["anchor_weights"] for pick in metrics["best_baseline"])
+    printed = capsys.readouterr().out
+    assert "degree_prior" in printed and "chosen on each fold's training edges" in printed
+    assert "anchor weight per fold" in printed and "anchored head: model − " in printed
     edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
     assert list(edges.columns) == ["tf", "target", "score", "method", "group"]
     assert edges.score.is_monotonic_decreasing and set(edges.tf) <= set(bundled_tfs("human"))
@@ -170,6 +367,8 @@ def test_in_silico_deletion_scores_embedding_shifts_and_reports_its_speed(pretra
             "gene_symbol_original",
             "--method",
             "in-silico",
+            "--head",
+            "plain",
             "--truth",
             str(truth),
             "--out",
@@ -183,6 +382,9 @@ def test_in_silico_deletion_scores_embedding_shifts_and_reports_its_speed(pretra
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["method"] == "in-silico" and metrics["cells_x_tfs_per_second"] > 0
+    # the plain head: the model's own scores as "model", no anchoring weight
+    assert metrics["head"] == "plain" and metrics["model_plain"] is None and metrics["anchor_weights"] is None
+    assert all("weight" not in pick for pick in metrics["best_baseline"])
     edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
     seen = edges[edges.score >= 0]
     assert len(seen) > 50 and seen.score.max() <= 2  # 1 - cosine

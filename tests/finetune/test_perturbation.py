@@ -16,7 +16,7 @@ import torch
 from celltron.cli import main
 from celltron.finetune.adapt import load_encoder
 from celltron.finetune.config import AdaptSection
-from celltron.finetune.perturbation.baselines import additive_baseline, train_mean_baseline
+from celltron.finetune.perturbation.baselines import BASELINES, additive_baseline, train_mean_baseline
 from celltron.finetune.perturbation.evaluate import METRICS, evaluate, pseudobulk, simulation_split
 from celltron.finetune.perturbation.model import PerturbationModel, PerturbationPairs, collate_pairs, flag_targets, target_tokens
 from celltron.finetune.perturbation.run import specials_of
@@ -136,23 +136,53 @@ def test_finetune_writes_the_metrics_predictions_and_plots(pretrained_geneformer
         "simulation",
         "--lora",
         "4",
+        "--set",
+        "perturbation.inner_folds=2",
     )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["baselines"]) == {"control_mean", "train_mean", "additive", "linear"}
+    # with a model, the linear baseline also embeds targets by the model's gene tokens
+    assert set(metrics["baselines"]) == {*BASELINES, "linear_model"}
     assert metrics["seeds"] == [0, 1] and set(metrics["split"]["per_seed"]) == {"0", "1"}
-    for result in [metrics["model"], *metrics["baselines"].values()]:
+    for result in [metrics["model"], metrics["best_baseline"], *metrics["baselines"].values()]:
         assert set(METRICS) <= set(result) and set(result["per_perturbation"]) == {"0", "1"}
     test = metrics["split"]["per_seed"]["0"]["test"]
     assert set(metrics["model"]["per_perturbation"]["0"]) == set(test)
     assert {"unseen_single", "combo_seen2"} <= set(metrics["groups"])
+    # the model against the baseline chosen on training perturbations, per held-out perturbation
+    chosen = metrics["best_baseline"]["chosen_per_seed"]["0"][0]
+    assert chosen["baseline"] in BASELINES and chosen["test"] == test
+    # the anchored head: its weight chosen per fold by inner cross-validation, its plain model kept beside it
+    assert metrics["head"] == "anchored" and set(METRICS) <= set(metrics["model_plain"])
+    assert chosen["weight"] in (0.0, 0.25, 0.5, 0.75, 1.0) and set(chosen["weight_scores"]) == {
+        "0.0",
+        "0.25",
+        "0.5",
+        "0.75",
+        "1.0",
+    }
+    assert list((out / "seed0" / "inner0" / "checkpoints").glob("step=12.ckpt"))
+    headline = metrics["best_baseline"]["metric"]
+    paired = metrics["paired"]["all"]
+    assert paired["n_units"] == len(set(test) | set(metrics["split"]["per_seed"]["1"]["test"]))
+    assert paired["low"] <= paired["mean"] <= paired["high"] and paired["verdict"]
+    differences = []
+    for unit in paired["units"]:
+        held = [s for s in ("0", "1") if unit in metrics["model"]["per_perturbation"][s]]
+        model_value = np.mean([metrics["model"]["per_perturbation"][s][unit][headline] for s in held])
+        baseline_value = np.mean([metrics["best_baseline"]["per_perturbation"][s][unit][headline] for s in held])
+        differences.append(model_value - baseline_value)
+    assert paired["mean"] == pytest.approx(np.mean(differences))
+    assert metrics["responsive"]["min_de_genes"] == 10 and "n_significant" in metrics["responsive"]
     predictions = ad.read_h5ad(out / "predictions.h5ad")
     assert predictions.n_obs == len(test) + len(metrics["split"]["per_seed"]["1"]["test"])
-    assert {"truth", "control_mean", "train_mean", "additive", "linear"} <= set(predictions.layers)
-    assert (out / "pearson_delta_de20.png").stat().st_size > 0 and (out / "delta_scatter.png").stat().st_size > 0
+    assert {"truth", "control_mean", "best_baseline", *BASELINES} <= set(predictions.layers)
+    assert (out / f"{headline}.png").stat().st_size > 0 and (out / "delta_scatter.png").stat().st_size > 0
     assert (out / "seed0" / "metrics.csv").exists() and list((out / "seed0" / "checkpoints").glob("step=12.ckpt"))
     table = capsys.readouterr().out
-    assert "model" in table and "linear" in table and "pearson_delta_de20" in table
+    assert "model" in table and "linear" in table and "pearson_delta_de20_notarget" in table and "plain head" in table
+    assert "anchored head's residual weight (inner CV)" in table
+    assert f"model − best baseline (best baseline, chosen on training units) on {headline}" in table
 
 
 def test_baselines_only_needs_no_model_and_recovers_additive_double_perturbations(tmp_path):
@@ -300,3 +330,73 @@ def test_a_stopped_fine_tuning_resumes_to_the_same_weights(family_folders, scree
     split = torch.load(tmp_path / "split" / "seed0" / "checkpoints" / "step=8.ckpt", weights_only=False)["state_dict"]
     for name in whole:
         torch.testing.assert_close(whole[name], split[name], msg=name)
+
+
+def test_leave_one_out_on_the_papalexi_screen_declares_responsive_perturbations_first(tmp_path, capsys):
+    path = shared_file("perturbation/papalexi2021_thp1_lowmoi_sceptredata.h5ad")
+    args = ("--baselines-only", "--data", str(path), "--out", str(tmp_path), "--split", "leave_one_out", "--seeds", "0")
+    assert _finetune(*args) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    folds = metrics["split"]["per_seed"]["0"]["folds"]
+    assert len(folds) == 25 and sorted(p for f in folds for p in f["test"]) == sorted(metrics["split"]["per_seed"]["0"]["test"])
+    responsive = metrics["responsive"]["perturbations"]
+    # the receptor and its signalling chain move many genes; most guides move none besides their target
+    assert {"IFNGR1", "IFNGR2", "JAK2", "STAT1"} <= set(responsive) and len(responsive) < 25
+    assert set(metrics["groups"]["responsive"]["train_mean"]["per_perturbation"]["0"]) == set(responsive)
+    chosen = metrics["best_baseline"]["chosen_per_seed"]["0"]
+    assert len(chosen) == 25 and all(c["baseline"] in BASELINES for c in chosen)
+    # no learning, one number: the target's average change wins only while the target is scored
+    prior, mean = metrics["baselines"]["knockdown_prior"], metrics["baselines"]["train_mean"]
+    assert prior["pearson_delta_de20"] > mean["pearson_delta_de20"]
+    assert prior["pearson_delta_de20_notarget"] == pytest.approx(mean["pearson_delta_de20_notarget"])
+    assert "paired" not in metrics and "best baseline on pearson_delta_de20_notarget" in capsys.readouterr().out
+
+
+def test_leave_one_out_fine_tunes_one_model_per_fold(pretrained_geneformer, tmp_path):
+    path = tmp_path / "small.h5ad"
+    simulate_screen(n_genes=80, n_targets=4, n_combos=0, cells_per_perturbation=30, n_control=100, seed=3).adata.write_h5ad(path)
+    out = tmp_path / "run"
+    args = ("--model", str(pretrained_geneformer), "--data", str(path), "--out", str(out), "--split", "leave_one_out")
+    assert _finetune(*args, "--max-steps", "3") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    folds = metrics["split"]["per_seed"]["0"]["folds"]
+    assert len(folds) == 4 and all(list((out / "seed0" / f"fold{k}" / "checkpoints").glob("step=3.ckpt")) for k in range(4))
+    assert set(metrics["model"]["per_perturbation"]["0"]) == {p for f in folds for p in f["test"]}
+    assert metrics["paired"]["all"]["n_units"] == 4 and metrics["paired"]["all"]["interval"] == "t"
+    assert _finetune(*args, "--resume", "x.ckpt") == 2  # one checkpoint cannot resume many folds
+
+
+def test_an_anchored_head_with_weight_zero_is_the_best_baseline_exactly(pretrained_geneformer, screen_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ("--model", str(pretrained_geneformer), "--data", str(screen_file), "--out", str(out), "--max-steps", "2")
+    assert _finetune(*args, "--set", "perturbation.anchor_weights=[0]", "--set", "perturbation.inner_folds=2") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    model, best = metrics["model"]["per_perturbation"]["0"], metrics["best_baseline"]["per_perturbation"]["0"]
+    assert model == best and metrics["paired"]["all"]["mean"] == 0
+    assert "no detectable difference" in metrics["paired"]["all"]["verdict"]
+    predictions = ad.read_h5ad(out / "predictions.h5ad")
+    assert np.array_equal(predictions.X, predictions.layers["best_baseline"])
+    # the plain head is the model alone, with no baseline mixed in
+    assert _finetune(*args, "--out", str(tmp_path / "plain"), "--head", "plain") == 0
+    plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
+    assert (
+        plain["head"] == "plain"
+        and plain["model_plain"] is None
+        and "weight" not in plain["best_baseline"]["chosen_per_seed"]["0"][0]
+    )
+    assert not (tmp_path / "plain" / "seed0" / "inner0").exists()
+
+
+def test_norman_doubles_are_additive_and_coexpression_embeds_unmeasured_targets(tmp_path):
+    path = shared_file("perturbation/norman2019_k562_crispra_3375cells.h5ad")
+    reference = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
+    args = ("--baselines-only", "--data", str(path), "--out", str(tmp_path), "--split", "simulation", "--seeds", "0", "1")
+    assert _finetune(*args, "--test-fraction", "0.3", "--coexpression-reference", str(reference)) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    seen2 = metrics["groups"]["combo_seen2"]
+    # CRISPRa doubles of Norman 2019 are close to the sum of their singles
+    assert seen2["additive"]["pearson_delta_de20_notarget"] > seen2["train_mean"]["pearson_delta_de20_notarget"] + 0.3
+    # only one of the 31 target genes is measured: the PCA-embedded linear model falls back almost always,
+    # co-expression in an unrelated PBMC reference embeds most targets
+    fell_back = {name: metrics["baselines"][name]["fell_back_to_train_mean"]["0"] for name in ("linear", "linear_coexpression")}
+    assert len(fell_back["linear_coexpression"]) < len(fell_back["linear"]) / 2

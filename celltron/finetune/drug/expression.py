@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.features import fingerprints
-from celltron.finetune.perturbation.evaluate import _top_de
+from celltron.finetune.perturbation.evaluate import top_de
 from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
 from celltron.inputs import MissingInputError
 from celltron.io import write_h5ad_atomically
@@ -124,7 +124,7 @@ def pseudobulk(lab, labels: pd.DataFrame, n_genes: int) -> DrugScreen:
         cells = expression[members.to_numpy()].toarray()
         rows.append({"drug": drug, "dose": dose, "cell_type": cell_type, "n_cells": len(cells)})
         means.append(cells.mean(0))
-        de.append(_top_de(cells, control_cells[cell_type], N_DE))
+        de.append(top_de(cells, control_cells[cell_type], N_DE))
     return DrugScreen(
         np.asarray(lab.gene_names)[columns],
         pd.DataFrame(rows),

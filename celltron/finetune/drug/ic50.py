@@ -8,7 +8,12 @@ Splits: random pairs, leave-cell-line-out, leave-drug-out. Metrics: Pearson and 
 and per drug (the honest figure: a drug-mean predictor already scores high overall), RMSE.
 Baselines: drug mean, cell-line mean, their additive combination, ridge on fingerprints and
 cell-line indicators (plus the expression PCA when profiles are given), and (for unseen drugs)
-the nearest training drug by Tanimoto similarity.
+the nearest training drug by Tanimoto similarity. The model is judged against the best of them
+on per-drug Pearson, chosen per seed by an inner cross-validation over the training pairs
+(grouped as the split groups them): model − that baseline per held-out drug, with a 95% interval.
+The anchored head (the default) predicts that baseline plus a weighted model residual, the
+weight chosen by a second inner cross-validation (weight 0: the baseline itself); `--head plain`
+is the model alone.
 
 The `expression` mode (chemCPA style) lives in celltron.finetune.drug.expression.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +35,17 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.expression import run_drug_expression
 from celltron.finetune.drug.features import compounds, fingerprints
-from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
+from celltron.finetune.perturbation.baselines import anchor
+from celltron.finetune.report import (
+    aggregate,
+    choose_best,
+    paired_difference,
+    plot_bars,
+    results_table,
+    verdict,
+    verdict_line,
+    write_metrics,
+)
 from celltron.inputs import MissingInputError, existing
 from celltron.io import write_file_atomically
 from celltron.lab.data import read_configured_lab_data
@@ -41,6 +57,9 @@ log = logging.getLogger(__name__)
 SPLITS = ("random", "cell_line", "drug")
 DRUG_METRICS = ("pearson", "spearman", "rmse", "pearson_per_drug")
 BASELINES = ("drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug")
+HEADLINE = "pearson_per_drug"  # the model is judged against the best baseline on this
+INNER_FOLDS = 3  # inner cross-validation over the training units: the best baseline, the anchor weight
+PLAIN = "model_plain"  # the anchored head's model part alone
 MIN_PAIRS_PER_DRUG = 10
 
 
@@ -103,13 +122,34 @@ def split_pairs(
     rng = np.random.default_rng(seed)
     if kind == "random":
         return rng.random(len(pairs)) < test_fraction
-    if kind == "cell_line":
-        units = pairs.cell_line
-    else:
-        units = pairs.drug.map(lambda drug: (compound_of or {}).get(drug, drug))
+    units = split_units(pairs, kind, compound_of)
     groups = np.array(sorted(units.unique()))
     held = set(rng.choice(groups, max(1, int(round(len(groups) * test_fraction))), replace=False))
     return units.isin(held).to_numpy()
+
+
+def split_units(pairs: pd.DataFrame, kind: str, compound_of: dict[str, str] | None = None) -> pd.Series:
+    """What a split of `kind` holds out whole, per pair: its cell line, its compound, or (random)
+    the pair itself."""
+    if kind == "cell_line":
+        return pairs.cell_line
+    if kind == "drug":
+        return pairs.drug.map(lambda drug: (compound_of or {}).get(drug, drug))
+    return pd.Series(np.arange(len(pairs)), index=pairs.index)
+
+
+def inner_folds(train: pd.DataFrame, kind: str, folds: int, seed: int, compound_of: dict | None = None) -> list[np.ndarray]:
+    """Boolean held-out masks of `folds` folds over the training pairs, grouped as the outer split
+    groups them (whole compounds, cell lines, or pairs), so that a baseline is chosen on the kind
+    of generalisation it is then tested on. Fewer than two groups: no folds."""
+    units = split_units(train, kind, compound_of).to_numpy()
+    groups = np.random.default_rng(seed).permutation(np.unique(units))
+    folds = min(folds, len(groups))
+    if folds < 2:
+        return []
+    fold_of = dict(zip(groups, np.arange(len(groups)) % folds))
+    assigned = np.array([fold_of[u] for u in units])
+    return [assigned == fold for fold in range(folds)]
 
 
 # ---------------------------------------------------------------- cell-line expression
@@ -308,6 +348,78 @@ def _nearest_drug(train: pd.DataFrame, test: pd.DataFrame, prints, fallback: np.
     return np.where(np.isnan(found), fallback, found)
 
 
+def choose_baseline(
+    train: pd.DataFrame,
+    prints: dict[str, np.ndarray],
+    kind: str,
+    seed: int,
+    compound_of: dict | None = None,
+    profiles_for=None,
+    folds: int = INNER_FOLDS,
+) -> dict:
+    """The best baseline on the training pairs alone: every baseline's HEADLINE score averaged over
+    an inner cross-validation grouped as the outer split (see inner_folds); test pairs never enter.
+
+    Args:
+        kind: the outer split's kind. profiles_for: training cell lines -> their expression PCA
+            (fitted on those lines), or None without profiles.
+
+    Returns:
+        {"name": the best baseline, "score": its inner score, "scores": every baseline's, "inner_folds": n}.
+    """
+    per_fold = {name: [] for name in BASELINES}
+    masks = inner_folds(train, kind, folds, seed, compound_of)
+    for held in masks:
+        inner_train, inner_test = train[~held], train[held]
+        profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
+        predictions = baseline_predictions(inner_train, inner_test, prints, profiles=profiles)
+        truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
+        for name in BASELINES:
+            per_fold[name].append(drug_response_metrics(predictions[name], truth, drugs)[HEADLINE])
+    scores = {name: _finite_mean(values) for name, values in per_fold.items()}
+    name = choose_best(scores, higher_is_better=True)
+    return {"name": name, "score": scores[name], "scores": scores, "inner_folds": len(masks)}
+
+
+def choose_weight(
+    config, train: pd.DataFrame, prints: dict, seed: int, out: Path, compound_of: dict | None = None, expression=None
+) -> tuple[float | None, dict]:
+    """The anchored head's residual weight, by inner cross-validation over the training pairs
+    (the folds choose_baseline uses): in each inner fold a baseline is chosen and a model trained
+    on the inner training pairs alone (the outer choice saw the inner held-out pairs), and each
+    weight's blend is scored on HEADLINE over the inner held-out pairs; the best mean over folds
+    wins (ties, or no score at all: the smaller weight, the baseline's side).
+
+    Returns:
+        (the weight, {str(weight): its inner score}); (None, {}) on processes other than the first.
+    """
+    section, kind = config.drug, config.drug.split_kind()
+    profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
+    weights = sorted(set(section.anchor_weights))
+    per_fold, first = {w: [] for w in weights}, True
+    for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
+        inner_train, inner_test = train[~held], train[held]
+        chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for)["name"]
+        profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
+        baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles)[chosen]
+        model = _model_predictions(config, inner_train, inner_test, prints, out / f"inner{j}", seed, expression)
+        if model is None:
+            first = False
+            continue
+        truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
+        for w in weights:
+            per_fold[w].append(drug_response_metrics(anchor(baseline, model, w), truth, drugs)[HEADLINE])
+    if not first:
+        return None, {}
+    scores = {str(w): _finite_mean(values) for w, values in per_fold.items()}
+    return float(choose_best(scores, higher_is_better=True)), scores
+
+
+def _finite_mean(values) -> float:
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 # ---------------------------------------------------------------- model
 
 
@@ -450,6 +562,15 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, 
     return (model, drug_index, cell_index) if first else None
 
 
+def _model_predictions(config, train, test, prints, out: Path, seed: int, expression=None) -> np.ndarray | None:
+    """Train the model on `train` and predict `test` (cell-line features, when profiles are
+    given, made from `train`'s lines); None on processes other than the first."""
+    lines = train.cell_line.unique()
+    features = expression.features(lines, config.drug.pca_components) if expression is not None else None
+    fitted = _fit_model(config, train, prints, out, seed, features)
+    return None if fitted is None else _predict(fitted, test)
+
+
 @torch.no_grad()
 def _predict(fitted, test: pd.DataFrame) -> np.ndarray:
     model, drug_index, cell_index = fitted
@@ -504,14 +625,18 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     """The drug-response task end to end; `mode: expression` goes to
     celltron.finetune.drug.expression. ic50 mode: splits per seed, baselines, the model,
     metrics.json, predictions.csv, a printed table and a plot under `out`. With
-    `drug.expression`, cell lines are their profiles (embedded by `model` when given)."""
+    `drug.expression`, cell lines are their profiles (embedded by `model` when given). The
+    anchored head (`drug.head`) adds choose_weight's inner models: INNER_FOLDS + 1 fits per seed."""
     if config.drug.mode == "expression":
-        return run_drug_expression(config, model, out, baselines_only)
+        return _run_expression_mode(config, model, out, baselines_only)
     section, out = config.drug, Path(out)
     if model and not section.expression:
         log.warning("--model %s is not used: in ic50 mode the model embeds cell-line profiles, given with --expression", model)
     pairs, prints, compound_of, expression, left_out = _read_inputs(config, None if baselines_only else model)
-    model_runs, baseline_runs, splits, rows, first = {}, {n: {} for n in BASELINES}, {}, [], True
+    model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
+    best = {}  # seed -> the baseline chosen on its training pairs
+    # inner folds refit the expression PCA on their own training lines, as the outer split does
+    profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
     for seed in section.seeds:
         test_mask = split_pairs(pairs, section.split_kind(), section.test_fraction, seed, compound_of)
         train, test = pairs[~test_mask], pairs[test_mask]
@@ -525,16 +650,25 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         lines = train.cell_line.unique()
         profiles = expression.pca(lines, section.pca_components) if expression is not None else None
         predictions = baseline_predictions(train, test, prints, profiles=profiles)
+        best[seed] = choose_baseline(train, prints, section.split_kind(), seed, compound_of, profiles_for)
         for name in BASELINES:
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
-            features = expression.features(lines, section.pca_components) if expression is not None else None
-            fitted = _fit_model(config, train, prints, out / f"seed{seed}", seed, features)
-            if fitted is None:
+            where = out / f"seed{seed}"
+            plain = _model_predictions(config, train, test, prints, where, seed, expression)
+            weight = 1.0  # the plain head: the model's residual whole
+            if section.head == "anchored":  # every process trains the inner models too (they train together)
+                weight, weight_scores = choose_weight(config, train, prints, seed, where, compound_of, expression)
+                best[seed].update(weight=weight, weight_scores=weight_scores)
+            if plain is None or weight is None:
                 first = False
                 continue
-            predictions["model"] = _predict(fitted, test)
-            model_runs[seed] = drug_response_metrics(predictions["model"], test.ln_ic50.to_numpy(), test.drug.to_numpy())
+            truth, drugs = test.ln_ic50.to_numpy(), test.drug.to_numpy()
+            predictions["model"] = anchor(predictions[best[seed]["name"]], plain, weight) if section.head == "anchored" else plain
+            model_runs[seed] = drug_response_metrics(predictions["model"], truth, drugs)
+            if section.head == "anchored":
+                predictions[PLAIN] = plain
+                plain_runs[seed] = drug_response_metrics(plain, truth, drugs)
         rows.append(test.assign(seed=seed, **{f"pred_{k}": v for k, v in predictions.items()}))
     if not first:
         return None
@@ -544,8 +678,16 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         "data": str(config.data.path),
         "expression": str(expression.path) if expression is not None else None,
         "method": None if baselines_only else _method(expression),
+        "head": None if baselines_only else section.head,
         "model": aggregate(model_runs, DRUG_METRICS, "per_drug") if model_runs else None,
+        "model_plain": aggregate(plain_runs, DRUG_METRICS, "per_drug") if plain_runs else None,
         "baselines": {name: aggregate(baseline_runs[name], DRUG_METRICS, "per_drug") for name in BASELINES},
+        "best_baseline": {
+            "metric": HEADLINE,
+            "chosen_on": chosen_on(section.split_kind()),
+            "per_seed": {str(seed): choice for seed, choice in best.items()},
+        },
+        "paired": paired_over_drugs(model_runs, baseline_runs, best) if model_runs else None,
         "split": {
             "kind": section.split_kind(),
             "test_fraction": section.test_fraction,
@@ -564,12 +706,68 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     return _write_results(out, metrics, pd.concat(rows))
 
 
+def _run_expression_mode(config, model: str | None, out, baselines_only: bool) -> dict | None:
+    """Expression mode (celltron.finetune.drug.expression), whose model is the plain head:
+    anchoring is implemented for ic50 mode only, which metrics.json and the log say."""
+    metrics = run_drug_expression(config, model, out, baselines_only)
+    if metrics is None:
+        return None
+    metrics["head"] = None if baselines_only else "plain"
+    if config.drug.head == "anchored" and not baselines_only:
+        log.warning("drug.head anchored: anchoring is implemented for ic50 mode only; expression mode reports the plain model")
+        metrics["notes"] = {**metrics.get("notes", {}), "head": "anchoring is implemented for ic50 mode only: the model is plain"}
+    write_metrics(Path(out) / "metrics.json", metrics)
+    return metrics
+
+
+def chosen_on(kind: str, folds: int = INNER_FOLDS) -> str:
+    """How the best baseline was chosen, in words, for metrics.json and the verdict line."""
+    units = {"drug": "compounds", "cell_line": "cell lines", "random": "pairs"}[kind]
+    return f"training {units}, {folds}-fold inner cross-validation"
+
+
+def paired_over_drugs(model_runs: dict, baseline_runs: dict, best: dict) -> dict:
+    """Model − best baseline in per-drug Pearson over held-out drugs, with its interval and verdict.
+    Each seed pairs the model with that seed's chosen baseline on the same drugs; a drug held
+    out under several seeds counts once, its model and baseline values averaged over those seeds."""
+    model_values, baseline_values = {}, {}
+    for seed, run in model_runs.items():
+        baseline = baseline_runs[best[seed]["name"]][seed]["per_drug"]
+        for drug, value in run["per_drug"].items():
+            if np.isfinite(value) and np.isfinite(baseline.get(drug, np.nan)):
+                model_values.setdefault(drug, []).append(value)
+                baseline_values.setdefault(drug, []).append(baseline[drug])
+    difference = paired_difference(
+        {d: float(np.mean(v)) for d, v in model_values.items()}, {d: float(np.mean(v)) for d, v in baseline_values.items()}
+    )
+    names = " / ".join(sorted({best[seed]["name"] for seed in model_runs}))
+    return {**difference, "metric": HEADLINE, "baseline": names, "unit": "drugs", "verdict": verdict(difference)}
+
+
+def _print_verdict(metrics: dict) -> None:
+    """The model against the best baseline, or (baselines alone) which baseline was best per seed."""
+    best, paired = metrics["best_baseline"], metrics.get("paired")
+    if metrics.get("head") == "anchored":
+        weights = ", ".join(f"seed {seed}: {c['weight']}" for seed, c in best["per_seed"].items())
+        print(f"anchored head: best baseline + w x (model − best baseline), w chosen on {best['chosen_on']}: {weights}")
+    if paired:
+        print(verdict_line(HEADLINE, paired["baseline"], paired, "drugs", chosen_on=best["chosen_on"]))
+        return
+    chosen = ", ".join(f"seed {seed}: {c['name']} ({c['score']:.3f})" for seed, c in best["per_seed"].items())
+    print(f"best baseline on {HEADLINE} (chosen on {best['chosen_on']}): {chosen}")
+
+
 def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
-    """metrics.json, predictions.csv (held-out pairs with every predictor's value), the plot and the table."""
+    """metrics.json, predictions.csv (held-out pairs with every predictor's value: pred_model is the
+    head's, pred_model_plain the anchored head's model part), the plot and the table."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     write_file_atomically(out / "predictions.csv", lambda tmp: table.to_csv(tmp, index=False))
     split = metrics["split"]["kind"]
-    plot_bars(metrics, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({split} split)")
-    print(results_table(metrics, DRUG_METRICS, metrics.get("notes")))
+    # the anchored head's model part alone is shown beside the baselines, for comparison
+    plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
+    shown = {**metrics, "baselines": {**plain, **metrics["baselines"]}}
+    plot_bars(shown, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({split} split)")
+    print(results_table(shown, DRUG_METRICS, metrics.get("notes")))
+    _print_verdict(metrics)
     return metrics

@@ -5,6 +5,15 @@ co-expression baselines every inference method is reported beside.
 Evaluation follows BEELINE: the truth is restricted to genes present in the data, and to the
 candidate edges (TFs x targets) the methods score; a random ranking has precision equal to the
 density of true edges among the candidates.
+
+TRRUST is degree-biased (a few hub targets hold many of its edges), so methods are scored on
+held-out TF x target blocks (`block_folds`), beside `degree_prior`, a baseline that reads only
+the training TFs' edges; intervals resample held-out TFs, and the model is compared with the
+baseline chosen on each fold's training edges.
+
+The anchored head (`anchored_scores`) ranks each held-out block by the chosen baseline's ranks
+blended with the model's, the model's weight chosen on the fold's training block: weight 0 is
+the baseline itself, so the head can only add to the strongest baseline, never hide behind it.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from celltron.errors import ConfigError, InputError
+from celltron.finetune.report import choose_best, verdict
 from celltron.inputs import MissingInputError
 
 EDGE_COLUMNS = ("tf", "target", "score", "method", "group")
@@ -49,11 +59,18 @@ def evaluate_edges(edges: pd.DataFrame, truth: pd.DataFrame) -> dict:
     """AUPRC (average precision over the ranking), its ratio over random (the density of true
     edges among the scored ones), and the early precision ratio (precision in the top k edges,
     k = true edges among the scored, over the density). Truth is restricted to scored edges."""
-    true_pairs = set(zip(truth.tf, truth.target))
     ranked = edges.sort_values("score", ascending=False, kind="stable")
-    hits = np.fromiter(
-        ((tf, target) in true_pairs for tf, target in zip(ranked.tf, ranked.target)), dtype=bool, count=len(ranked)
-    )
+    return _metrics_of_ranking(_is_true(ranked, truth))
+
+
+def _is_true(edges: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+    """Whether each (tf, target) row of `edges` is an edge of `truth`."""
+    pairs = pd.MultiIndex.from_arrays([edges.tf.to_numpy(), edges.target.to_numpy()])
+    return np.asarray(pairs.isin(pd.MultiIndex.from_arrays([truth.tf.to_numpy(), truth.target.to_numpy()])), dtype=bool)
+
+
+def _metrics_of_ranking(hits: np.ndarray) -> dict:
+    """`evaluate_edges`'s metrics from whether each edge, best-scored first, is true."""
     n_true, n = int(hits.sum()), len(hits)
     if n_true == 0:
         return {"auprc": float("nan"), "auprc_ratio": float("nan"), "epr": float("nan"), "n_true_edges": 0, "n_scored_edges": n}
@@ -116,3 +133,268 @@ def tree_scores(expression: np.ndarray, genes, tfs, targets, n_trees: int = 50, 
     edges["score"] = scores[[tf_position[t] for t in edges.tf], pd.Index(targets).get_indexer(edges.target)]
     edges["method"] = "genie3_extra_trees"
     return edges
+
+
+# ------------------------------------------------------- held-out blocks: a split that cannot leak
+
+INTERVAL_METRICS = ("auprc", "auprc_ratio", "epr")
+BOOTSTRAP_RESAMPLES = 1000
+CHOICE_METRIC = "auprc_ratio"  # the best baseline is chosen, and the model compared with it, on this
+
+
+def block_folds(tfs, targets, n_folds: int = 3, seed: int = 0) -> list[dict]:
+    """A seeded TF x target block split: TFs are dealt into `n_folds` folds and, independently,
+    targets too. Fold i tests the pairs fold-i TFs x fold-i targets and trains on the TFs and
+    targets of the other folds, so no TF and no target is on both sides (the off-diagonal blocks,
+    a test TF with a training target or the reverse, are neither). Each dict holds sorted
+    "test_tfs", "test_targets", "train_tfs", "train_targets"."""
+    tfs, targets = sorted(set(tfs)), sorted(set(targets))
+    if n_folds < 2:
+        raise ConfigError(f"--folds {n_folds}: a held-out split needs at least 2 folds; use --folds 2 or more")
+    if n_folds > min(len(tfs), len(targets)):
+        raise ConfigError(
+            f"--folds {n_folds}: only {len(tfs)} TFs and {len(targets)} targets to deal into folds; "
+            "lower --folds, or raise --top-genes / give more TFs with --tfs"
+        )
+    rng = np.random.default_rng(seed)
+    # dealt round-robin after a shuffle: fold sizes differ by at most one
+    tf_fold = rng.permutation(np.arange(len(tfs)) % n_folds)
+    target_fold = rng.permutation(np.arange(len(targets)) % n_folds)
+    return [
+        {
+            "test_tfs": [t for t, f in zip(tfs, tf_fold) if f == fold],
+            "test_targets": [t for t, f in zip(targets, target_fold) if f == fold],
+            "train_tfs": [t for t, f in zip(tfs, tf_fold) if f != fold],
+            "train_targets": [t for t, f in zip(targets, target_fold) if f != fold],
+        }
+        for fold in range(n_folds)
+    ]
+
+
+def block_edges(edges: pd.DataFrame, tfs, targets) -> pd.DataFrame:
+    """The rows of `edges` from one of `tfs` to one of `targets`, in their order."""
+    return edges[edges.tf.isin(set(tfs)) & edges.target.isin(set(targets))].reset_index(drop=True)
+
+
+def degree_prior_scores(truth: pd.DataFrame, train_tfs, tfs, targets) -> pd.DataFrame:
+    """A baseline that reads no expression: the score of (tf, target) is how many TFs of
+    `train_tfs`, other than `tf` itself, regulate `target` in `truth` (ties stay ties).
+
+    It reads exactly the truth edges whose TF is in `train_tfs` (to any target, in whichever
+    target fold): known biology about other TFs. A pair's own label never enters its score: for
+    a held-out TF (not in `train_tfs`) nothing of its edges is read; for a training TF its own
+    edge is left out of the count, so training pairs can be scored to choose a baseline. With
+    `train_tfs` = every TF it is the leave-own-TF-out degree over the whole candidate set."""
+    edges = candidate_edges(tfs, targets)
+    known = truth[truth.tf.isin(set(train_tfs))].drop_duplicates()
+    regulators = edges.target.map(known.groupby("target").size()).fillna(0).to_numpy()
+    own = edges.tf.isin(set(train_tfs)).to_numpy() & _is_true(edges, known)
+    edges["score"] = regulators - own
+    edges["method"] = "degree_prior"
+    return edges
+
+
+def tf_resamples(n_tfs: int, n: int = BOOTSTRAP_RESAMPLES, seed=0) -> np.ndarray:
+    """(n, n_tfs) indices of TFs drawn with replacement: the bootstrap's unit is the held-out TF
+    (its edges move together), and sharing one draw between methods makes their difference paired."""
+    return np.random.default_rng(seed).integers(0, n_tfs, (n, n_tfs))
+
+
+def resampled_metrics(edges: pd.DataFrame, truth: pd.DataFrame, units, draws: np.ndarray) -> dict[str, np.ndarray]:
+    """{metric: one value per row of `draws`}: each row lists TFs (indices into `units`) drawn
+    with replacement, and the metric is recomputed on their edges, a TF drawn k times counting
+    its edges k times (copies adjacent in the ranking, as `evaluate_edges` would order them)."""
+    ranked = edges.sort_values("score", ascending=False, kind="stable")
+    hits = _is_true(ranked, truth)
+    unit_of_edge = pd.Index(units).get_indexer(ranked.tf)
+    values = {metric: np.empty(len(draws)) for metric in INTERVAL_METRICS}
+    for row, drawn in enumerate(draws):
+        copies = np.bincount(drawn, minlength=len(units))[unit_of_edge]
+        metrics = _metrics_of_ranking(np.repeat(hits, copies))
+        for metric in INTERVAL_METRICS:
+            values[metric][row] = metrics[metric]
+    return values
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` share of the finite `values` (NaN when fewer than two)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def bootstrap_edges_metric(
+    edges: pd.DataFrame, truth: pd.DataFrame, metric: str = "auprc_ratio", n: int = BOOTSTRAP_RESAMPLES, seed=0
+) -> dict:
+    """`metric` of `edges` ("mean", the point estimate) with a 95% percentile bootstrap interval
+    ("low", "high") over their TFs resampled with replacement ("n_units" TFs)."""
+    units = sorted(set(edges.tf))
+    draws = resampled_metrics(edges, truth, units, tf_resamples(len(units), n, seed))[metric]
+    low, high = percentile_interval(draws)
+    return {"mean": evaluate_edges(edges, truth)[metric], "low": low, "high": high, "n_units": len(units)}
+
+
+def evaluate_on_folds(
+    model: pd.DataFrame | None,
+    baselines: dict[str, pd.DataFrame],
+    truth: pd.DataFrame,
+    tfs,
+    targets,
+    folds: list[dict],
+    seed: int = 0,
+    n_resamples: int = BOOTSTRAP_RESAMPLES,
+    anchor_weights=None,
+) -> dict:
+    """Every method scored on each fold's held-out block, beside `degree_prior`.
+
+    `model` and `baselines` are edge lists over all candidate pairs (they read no truth, so are
+    computed once); `degree_prior` is rebuilt per fold from that fold's training TFs. Returns
+    {"methods": {name: metrics averaged over folds, "n_true_edges"/"n_scored_edges" summed,
+    "folds": per-fold metrics, "interval": {metric: [low, high]} over held-out TFs resampled},
+    "best_baseline": per fold, the baseline with the best AUPRC ratio on its training edges,
+    "paired": model − that baseline on the held-out blocks (None without a model)}.
+
+    With `anchor_weights` (the anchored head) "model" is the anchored score (`anchor_on_fold`),
+    its weight chosen per fold on the training block and recorded in "best_baseline" ("weight",
+    "weight_scores"); the model's own scores are then scored as "model_plain"."""
+    anchored = model is not None and anchor_weights is not None
+    runs = ({"model": model} if model is not None else {}) | dict(baselines)
+    fold_metrics: dict[str, list] = {name: [] for name in [*runs, "degree_prior", *(["model_plain"] if anchored else [])]}
+    fold_draws: dict[str, list] = {name: [] for name in fold_metrics}
+    chosen = []
+    for index, fold in enumerate(folds):
+        fold_runs = {**runs, "degree_prior": degree_prior_scores(truth, fold["train_tfs"], tfs, targets)}
+        pick = best_baseline_on_training_edges({k: v for k, v in fold_runs.items() if k != "model"}, truth, fold)
+        if anchored:
+            fold_runs["model"], choice = anchor_on_fold(fold_runs[pick["name"]], model, truth, fold, anchor_weights)
+            fold_runs["model_plain"] = model
+            pick |= choice
+        chosen.append(pick)
+        # one draw of held-out TFs per fold, shared by every method: differences are paired
+        draws = tf_resamples(len(fold["test_tfs"]), n_resamples, seed=[seed, index])
+        for name, edges in fold_runs.items():
+            test = block_edges(edges, fold["test_tfs"], fold["test_targets"])
+            fold_metrics[name].append(evaluate_edges(test, truth))
+            fold_draws[name].append(resampled_metrics(test, truth, fold["test_tfs"], draws))
+    methods = {name: _pooled(fold_metrics[name], fold_draws[name]) for name in fold_metrics}
+    paired = None
+    if model is not None:
+        paired = _paired_with_best(fold_metrics, fold_draws, chosen, sum(len(f["test_tfs"]) for f in folds))
+    return {"methods": methods, "best_baseline": chosen, "paired": paired}
+
+
+def best_baseline_on_training_edges(baselines: dict[str, pd.DataFrame], truth: pd.DataFrame, fold: dict) -> dict:
+    """The baseline with the best AUPRC ratio on the fold's training block (training TFs x
+    training targets): the choice never sees a held-out pair."""
+    scores = {
+        name: evaluate_edges(block_edges(edges, fold["train_tfs"], fold["train_targets"]), truth)[CHOICE_METRIC]
+        for name, edges in baselines.items()
+    }
+    name = choose_best(scores)
+    return {"name": name, "metric": CHOICE_METRIC, "training_score": scores[name], "training_scores": scores}
+
+
+ANCHOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the model's share of the anchored ranking
+
+
+def check_anchor_weights(weights) -> tuple[float, ...]:
+    """`weights` ascending without repeats (the choice keeps the first best, so ties go to the
+    smaller weight: the baseline unless the model earns its share); refuses any outside [0, 1]."""
+    weights = [float(w) for w in weights]
+    if not weights:
+        raise ConfigError("--anchor-weights: give at least one weight in [0, 1], e.g. --anchor-weights 0 0.5 1")
+    outside = [w for w in weights if not 0 <= w <= 1]  # NaN fails this too
+    if outside:
+        raise ConfigError(
+            f"--anchor-weights: {', '.join(f'{w:g}' for w in outside)} outside [0, 1]; each weight is the model's "
+            "share of the anchored ranking (0: the baseline alone, 1: the model alone), e.g. --anchor-weights 0 0.5 1"
+        )
+    return tuple(sorted(set(weights)))
+
+
+def rank_normalised(scores) -> np.ndarray:
+    """Average ranks over n, in (0, 1]: ties share a rank, the lowest score ranks lowest (so a
+    pair the model never saw, at its floor score, ranks last)."""
+    values = pd.Series(np.asarray(scores, dtype=np.float64))
+    return (values.rank(method="average") / max(len(values), 1)).to_numpy()
+
+
+def anchored_scores(baseline: pd.DataFrame, model: pd.DataFrame, weight: float) -> pd.DataFrame:
+    """The rows of `baseline` scored (1 − weight) * rank(baseline) + weight * rank(model), ranks
+    normalised over these rows: edge scores of different methods live on different scales, their
+    ranks do not. Weight 0 returns the baseline's own scores, so its ranking (ties included) is
+    the baseline's exactly; a pair `model` lacks ranks below every pair it scores."""
+    anchored = baseline.assign(method="anchored")
+    if weight == 0:
+        return anchored
+    pairs = pd.MultiIndex.from_arrays([baseline.tf.to_numpy(), baseline.target.to_numpy()])
+    model_score = model.set_index(["tf", "target"]).score.reindex(pairs).fillna(-np.inf).to_numpy()
+    anchored["score"] = (1 - weight) * rank_normalised(baseline.score) + weight * rank_normalised(model_score)
+    return anchored
+
+
+def choose_anchor_weight(baseline: pd.DataFrame, model: pd.DataFrame, truth: pd.DataFrame, weights) -> dict:
+    """The weight (of `weights`, ascending) whose anchored ranking of `baseline`'s rows has the
+    best AUPRC ratio, ties to the smaller: {"weight", "weight_scores": {str(weight): ratio}}."""
+    scores = {str(w): evaluate_edges(anchored_scores(baseline, model, w), truth)[CHOICE_METRIC] for w in weights}
+    return {"weight": float(choose_best(scores)), "weight_scores": scores}
+
+
+def anchor_on_fold(baseline: pd.DataFrame, model: pd.DataFrame, truth: pd.DataFrame, fold: dict, weights) -> tuple:
+    """The anchored head on one fold: (its scores over the held-out block, the weight choice).
+    The weight is chosen on the training block (training TFs x training targets; `baseline` is
+    the fold's own, e.g. the degree prior built from its training TFs), so no held-out pair is
+    read. Only the weight is fitted: the model's scores read no truth, so need no inner refit."""
+    train = [block_edges(edges, fold["train_tfs"], fold["train_targets"]) for edges in (baseline, model)]
+    choice = choose_anchor_weight(*train, truth, check_anchor_weights(weights))
+    test = [block_edges(edges, fold["test_tfs"], fold["test_targets"]) for edges in (baseline, model)]
+    return anchored_scores(*test, choice["weight"]), choice
+
+
+def _pooled(per_fold: list[dict], draws: list[dict]) -> dict:
+    """Metrics averaged over folds (counts summed), the folds' own, and intervals of the average."""
+    pooled = {metric: _mean_over_folds([fold[metric] for fold in per_fold]) for metric in INTERVAL_METRICS}
+    pooled |= {count: sum(fold[count] for fold in per_fold) for count in ("n_true_edges", "n_scored_edges")}
+    pooled["folds"] = per_fold
+    pooled["interval"] = {
+        metric: list(percentile_interval(_mean_over_folds([fold[metric] for fold in draws]))) for metric in INTERVAL_METRICS
+    }
+    return pooled
+
+
+def _paired_with_best(fold_metrics: dict, fold_draws: dict, chosen: list[dict], n_units: int) -> dict:
+    """Model − each fold's chosen baseline on the held-out block, averaged over folds, with a
+    percentile interval from the same resampled TFs for both (`report.verdict_line`'s shape)."""
+    per_fold = [
+        fold_metrics["model"][i][CHOICE_METRIC] - fold_metrics[pick["name"]][i][CHOICE_METRIC] for i, pick in enumerate(chosen)
+    ]
+    draws = [fold_draws["model"][i][CHOICE_METRIC] - fold_draws[pick["name"]][i][CHOICE_METRIC] for i, pick in enumerate(chosen)]
+    mean = float(_mean_over_folds(per_fold))
+    low, high = percentile_interval(_mean_over_folds(draws))
+    difference = {
+        "metric": CHOICE_METRIC,
+        "baselines": [pick["name"] for pick in chosen],
+        "mean": mean,
+        "low": low,
+        "high": high,
+        "n_units": n_units,
+        "improvement": {"mean": mean, "low": low, "high": high},
+        "per_fold": per_fold,
+    }
+    difference["verdict"] = verdict(difference)
+    return difference
+
+
+def _mean_over_folds(values):
+    """Mean over folds (the first axis) of the finite values; NaN where no fold has one (a
+    held-out block without a true edge has no AUPRC)."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    count = finite.sum(0)
+    total = np.where(finite, values, 0.0).sum(0)
+    mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return float(mean) if mean.ndim == 0 else mean

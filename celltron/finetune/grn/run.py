@@ -26,14 +26,23 @@ from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import load_encoder
 from celltron.finetune.config import AdaptSection
 from celltron.finetune.grn.evaluate import (
+    ANCHOR_WEIGHTS,
+    CHOICE_METRIC,
     EDGE_COLUMNS,
+    INTERVAL_METRICS,
+    anchored_scores,
+    block_folds,
     candidate_edges,
+    check_anchor_weights,
+    choose_anchor_weight,
     coexpression_scores,
+    degree_prior_scores,
     evaluate_edges,
+    evaluate_on_folds,
     read_truth,
     tree_scores,
 )
-from celltron.finetune.report import results_table, write_metrics
+from celltron.finetune.report import choose_best, verdict_line, write_metrics
 from celltron.inputs import MissingInputError
 from celltron.io import write_file_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
@@ -45,6 +54,7 @@ from celltron.preprocessing import log_normalise
 log = logging.getLogger(__name__)
 METHODS = ("embedding", "attention", "in-silico")
 BASELINES = ("coexpression_pearson", "coexpression_spearman", "genie3_extra_trees")
+HEADS = ("anchored", "plain")
 
 
 def bundled_tfs(species: str) -> list[str]:
@@ -263,14 +273,32 @@ def run_grn(
     device: str = "auto",
     precision: str = "auto",
     min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+    n_folds: int = 3,
+    head: str = "anchored",
+    anchor_weights=ANCHOR_WEIGHTS,
 ) -> dict:
     """Infer edges with `method` (and the baselines), write edges.tsv and, with a truth,
     metrics.json under `out`; returns the metrics (or the edge counts without a truth). The model
     runs on `device` (`auto`: CUDA when present) in `precision` (`auto`: bf16 on CUDA, else fp32).
     Refuses data of which less than `min_mapped_fraction` of the counts map to Ensembl IDs (or,
-    with a model, have tokens in its vocabulary)."""
+    with a model, have tokens in its vocabulary).
+
+    With a truth, every method is scored on `n_folds` held-out TF x target blocks
+    (`evaluate.block_folds`, seeded by `seed`), beside the `degree_prior` baseline, with 95%
+    intervals over held-out TFs; the model is compared with the baseline chosen on each fold's
+    training edges. Each method's score over the whole candidate set stays under "all_pairs".
+
+    `head` "anchored" (the default) scores as "model" the chosen baseline's ranks blended with
+    the model's, the model's weight (of `anchor_weights`) chosen per fold on the training block
+    and recorded beside the chosen baseline ("best_baseline": "weight", "weight_scores"); the
+    model's own scores are then "model_plain". "plain" scores the model's own scores as "model".
+    edges.tsv always holds the model's own scores: the anchored ranking depends on the truth
+    (through the baseline choice and the degree prior), so it is an evaluation, not an inference."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: available methods are {METHODS}")
+    if head not in HEADS:
+        raise ConfigError(f"--head {head!r}: available heads are {HEADS}")
+    anchor_weights = check_anchor_weights(anchor_weights)
     out = Path(out)
     # every input is read and checked before any baseline or model work, and before `out` is written
     truth = read_truth_table(truth_path) if truth_path is not None else None
@@ -284,6 +312,7 @@ def run_grn(
         raise InputError(f"{data}: none of the {len(tf_list)} TFs is among the data's genes; check --tfs and --gene-column")
     if truth is not None:
         _check_truth_is_scorable(truth, tfs, targets, truth_path, data)
+        folds = block_folds(tfs, targets, n_folds, seed)
     if folder is not None:
         tokenizer = load_model_tokenizer(folder, lab)
         check_vocabulary_coverage(lab, tokenizer.vocab)
@@ -317,15 +346,102 @@ def run_grn(
         "n_targets": len(targets),
         "n_cells": len(cells),
         **speed,
+        "head": head if folder is not None else None,
     }
     if truth is None:
         return result
-    result["model"] = evaluate_edges(runs["model"], truth) if "model" in runs else None
-    result["baselines"] = {name: evaluate_edges(runs[name], truth) for name in BASELINES}
-    result["split"] = {"cells": len(cells), "seed": seed, "targets": f"top {top_genes} variable genes", "tfs": len(tfs)}
+    anchored = head == "anchored" and "model" in runs
+    weights = anchor_weights if anchored else None
+    baselines = {name: runs[name] for name in BASELINES}
+    held_out = evaluate_on_folds(runs.get("model"), baselines, truth, tfs, targets, folds, seed, anchor_weights=weights)
+    all_pairs = {name: evaluate_edges(edges, truth) for name, edges in runs.items()}
+    # over all pairs, each pair is scored by the other TFs' edges to its target
+    prior = degree_prior_scores(truth, tfs, tfs, targets)
+    all_pairs["degree_prior"] = evaluate_edges(prior, truth)
+    if anchored:
+        all_pairs["model_plain"] = all_pairs["model"]
+        all_pairs["model"] = _anchored_over_all_pairs(
+            runs["model"], baselines | {"degree_prior": prior}, all_pairs, truth, weights
+        )
+    methods = {name: {**scores, "all_pairs": all_pairs[name]} for name, scores in held_out["methods"].items()}
+    result["model"] = methods.pop("model", None)
+    result["model_plain"] = methods.pop("model_plain", None)
+    result["anchor_weights"] = list(weights) if anchored else None
+    result["baselines"] = methods
+    result["split"] = _split_summary(folds, seed, len(cells), top_genes, len(tfs))
+    result["best_baseline"] = held_out["best_baseline"]
+    result["paired"] = held_out["paired"]
     write_metrics(out / "metrics.json", result)
-    print(results_table({**result, "model": result["model"]}, ("auprc", "auprc_ratio", "epr")))
+    print(interval_table(result, len(folds)))
+    if result["paired"] is not None:
+        if anchored:
+            print(_weights_line(result["best_baseline"]))
+        print(_paired_line(result["paired"], anchored))
     return result
+
+
+def _anchored_over_all_pairs(model, baselines: dict, all_pairs: dict, truth, weights) -> dict:
+    """The anchored score over the whole candidate set, its baseline and weight chosen on those
+    same pairs: in-sample, like every "all_pairs" figure; the held-out blocks are the test."""
+    name = choose_best({b: all_pairs[b][CHOICE_METRIC] for b in baselines})
+    choice = choose_anchor_weight(baselines[name], model, truth, weights)
+    return {**evaluate_edges(anchored_scores(baselines[name], model, choice["weight"]), truth), "baseline": name, **choice}
+
+
+def _split_summary(folds: list[dict], seed: int, n_cells: int, top_genes: int, n_tfs: int) -> dict:
+    """metrics.json's account of the held-out TF x target blocks the metrics come from."""
+    return {
+        "kind": "tf_target_block",
+        "n_folds": len(folds),
+        "seed": seed,
+        "folds": [
+            {
+                "n_test_tfs": len(fold["test_tfs"]),
+                "n_test_targets": len(fold["test_targets"]),
+                "n_train_tfs": len(fold["train_tfs"]),
+                "n_train_targets": len(fold["train_targets"]),
+            }
+            for fold in folds
+        ],
+        "scored": "each fold's held-out TFs x held-out targets; metrics averaged over folds; all_pairs: every candidate pair",
+        "cells": n_cells,
+        "targets": f"top {top_genes} variable genes",
+        "tfs": n_tfs,
+    }
+
+
+def interval_table(metrics: dict, n_folds: int) -> str:
+    """Rows: the model (when run) and each baseline; cells: mean over the held-out blocks with
+    its 95% interval over resampled held-out TFs."""
+    models = [(name, metrics[name]) for name in ("model", "model_plain") if metrics.get(name)]
+    rows = models + list(metrics["baselines"].items())
+    width = max(len(name) for name, _ in rows) + 2
+    lines = [f"held out: {n_folds} TF x target blocks; mean over blocks [95% interval over held-out TFs]"]
+    lines.append("".ljust(width) + "".join(metric.rjust(26) for metric in INTERVAL_METRICS))
+    for name, result in rows:
+        cells = [_with_interval(result.get(metric), *result["interval"][metric]).rjust(26) for metric in INTERVAL_METRICS]
+        lines.append(name.ljust(width) + "".join(cells))
+    return "\n".join(lines)
+
+
+def _with_interval(mean, low, high) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _paired_line(paired: dict, anchored: bool = False) -> str:
+    """The model (anchored: the head built on the baseline) against the baseline chosen on each
+    fold's training edges, in one line."""
+    chosen = "/".join(dict.fromkeys(paired["baselines"]))
+    line = verdict_line(CHOICE_METRIC, chosen, paired, "held-out TFs", chosen_on="each fold's training edges")
+    return f"anchored head: {line}" if anchored else line
+
+
+def _weights_line(picks: list[dict]) -> str:
+    """The model's weight in the anchored head per fold, with the baseline it anchors on."""
+    folds = ", ".join(f"fold {i + 1}: {pick['weight']:g} on {pick['name']}" for i, pick in enumerate(picks))
+    return f"anchor weight per fold (the model's share, chosen on the fold's training edges; 0 = baseline alone): {folds}"
 
 
 def _device_name(model) -> str:

@@ -4,18 +4,49 @@ additive, and the linear model of Ahlmann-Eltze et al.).
 
 Expression is log1p of counts normalised to 10,000 per cell. A perturbation is a set of target
 genes written `A` or `A+B`; the control label names unperturbed cells.
+
+Honest scoring. A measured target gene moves most under its own perturbation (CRISPRi/a acts
+on it), so a rule with no learning scores well on metrics that include it; every metric is
+therefore also reported with the perturbed genes left out (`*_notarget`: out of the DE set,
+which takes the next DE genes instead, and out of every correlation and error). The
+centroid-referenced delta correlates changes from the training perturbations' mean rather
+than from control, so a prediction gets no credit for the response all perturbations share.
+A correlation of a prediction without variation is 0: it carries no signal (not undefined,
+so every predictor is scored on every perturbation).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from celltron.errors import InputError
 from celltron.preprocessing import log_normalise
 
-METRICS = ("mse", "pearson", "pearson_delta", "mse_de20", "pearson_de20", "pearson_delta_de20", "direction_de20")
+BASE_METRICS = (
+    "mse",
+    "pearson",
+    "pearson_delta",
+    "pearson_delta_centroid",
+    "mse_de20",
+    "pearson_de20",
+    "pearson_delta_de20",
+    "direction_de20",
+)
+METRICS = BASE_METRICS + tuple(f"{m}_notarget" for m in BASE_METRICS)
+TABLE_METRICS = (
+    "pearson_delta_de20",
+    "pearson_delta_de20_notarget",
+    "pearson_delta_centroid_notarget",
+    "mse_de20_notarget",
+    "direction_de20_notarget",
+)
+RESPONSIVE_FDR = 0.05
+
+
+def higher_is_better(metric: str) -> bool:
+    return not metric.startswith("mse")
 
 
 @dataclass
@@ -28,6 +59,12 @@ class PerturbationData:
         control_mean: mean expression of control cells (genes,).
         means: perturbation -> mean expression of its cells (genes,).
         de_genes: perturbation -> indices of its top DE genes (largest |Welch t| against control).
+        de_genes_notarget: the same with the perturbation's own measured targets left out.
+        n_significant: perturbation -> genes other than its targets that differ from control at
+            FDR 0.05 (Welch t-test, Benjamini-Hochberg over genes); None when not computed.
+        gene_embeddings: source name -> {gene: vector}, embeddings of genes (measured or not)
+            from outside the screen (the model's gene tokens, co-expression in a reference),
+            each giving the linear baseline a variant `linear_<source>`.
     """
 
     genes: np.ndarray
@@ -35,14 +72,35 @@ class PerturbationData:
     control_mean: np.ndarray
     means: dict[str, np.ndarray]
     de_genes: dict[str, np.ndarray]
+    de_genes_notarget: dict[str, np.ndarray] | None = None
+    n_significant: dict[str, int] | None = None
+    gene_embeddings: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._index = {str(g): i for i, g in enumerate(self.genes)}
+        if self.de_genes_notarget is None:  # hand-built data: the DE genes minus the targets
+            self.de_genes_notarget = {
+                p: np.setdiff1d(de, self.target_indices(p), assume_unique=True) for p, de in self.de_genes.items()
+            }
 
     @staticmethod
     def targets(perturbation: str) -> list[str]:
         return perturbation.split("+")
 
+    def target_indices(self, perturbation: str) -> np.ndarray:
+        """Columns of the perturbation's target genes that are measured."""
+        return np.asarray([self._index[g] for g in self.targets(perturbation) if g in self._index], dtype=np.int64)
+
+    def responsive(self, min_de_genes: int) -> list[str]:
+        """Perturbations with at least `min_de_genes` genes besides their targets changed at FDR 0.05."""
+        if self.n_significant is None:
+            return []
+        return [p for p in self.perturbations if self.n_significant[p] >= min_de_genes]
+
 
 def pseudobulk(adata, perturbation_key: str, control: str, n_de: int = 20, source: str = "data") -> PerturbationData:
-    """Means per perturbation and their top `n_de` DE genes, from an AnnData of raw counts."""
+    """Means per perturbation, their top `n_de` DE genes (with and without their targets) and how
+    many genes besides the targets each changes at FDR 0.05, from an AnnData of raw counts."""
     if perturbation_key not in adata.obs:
         raise InputError(
             f"{source}: obs has no column {perturbation_key!r} (--perturbation-key); it has {list(adata.obs.columns)}"
@@ -54,23 +112,48 @@ def pseudobulk(adata, perturbation_key: str, control: str, n_de: int = 20, sourc
             f"labels include {sorted(set(labels))[:10]}"
         )
     expression = log_normalise(adata.X).toarray()
-    is_control = labels == control
-    control_cells = expression[is_control]
-    control_mean = control_cells.mean(0)
-    means, de = {}, {}
+    genes = np.asarray(adata.var_names)
+    index = {str(g): i for i, g in enumerate(genes)}
+    control_cells = expression[labels == control]
+    means, de, de_notarget, significant = {}, {}, {}, {}
     for perturbation in sorted(set(labels) - {control}):
         cells = expression[labels == perturbation]
         means[perturbation] = cells.mean(0)
-        de[perturbation] = _top_de(cells, control_cells, n_de)
-    return PerturbationData(np.asarray(adata.var_names), sorted(means), control_mean, means, de)
+        targets = [index[g] for g in PerturbationData.targets(perturbation) if g in index]
+        t, p_values = _welch(cells, control_cells)
+        order = np.argsort(-np.abs(t), kind="stable")
+        de[perturbation] = order[:n_de]
+        de_notarget[perturbation] = order[~np.isin(order, targets)][:n_de]
+        significant[perturbation] = _count_significant(np.delete(p_values, targets))
+    return PerturbationData(genes, sorted(means), control_cells.mean(0), means, de, de_notarget, significant)
 
 
-def _top_de(cells: np.ndarray, control: np.ndarray, n: int) -> np.ndarray:
+def top_de(cells: np.ndarray, control: np.ndarray, n: int) -> np.ndarray:
     """Genes with the largest |Welch t| between the perturbed and the control cells."""
-    difference = cells.mean(0) - control.mean(0)
-    spread = np.sqrt(cells.var(0, ddof=1) / max(len(cells), 2) + control.var(0, ddof=1) / max(len(control), 2))
-    t = np.abs(difference) / np.maximum(spread, 1e-8)
-    return np.argsort(-t, kind="stable")[:n]
+    return np.argsort(-np.abs(_welch(cells, control)[0]), kind="stable")[:n]
+
+
+def _welch(cells: np.ndarray, control: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Welch's t statistic per gene between perturbed and control cells, and its two-sided p-value
+    (1 where both groups are constant)."""
+    from scipy import stats
+
+    n1, n2 = max(len(cells), 2), max(len(control), 2)
+    v1, v2 = cells.var(0, ddof=1) / n1, control.var(0, ddof=1) / n2
+    spread = np.sqrt(v1 + v2)
+    t = (cells.mean(0) - control.mean(0)) / np.maximum(spread, 1e-8)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = (v1 + v2) ** 2 / (v1**2 / (n1 - 1) + v2**2 / (n2 - 1))
+    p = np.where(spread > 0, 2 * stats.t.sf(np.abs(t), np.nan_to_num(df, nan=1.0)), 1.0)
+    return t, p
+
+
+def _count_significant(p_values: np.ndarray) -> int:
+    from scipy.stats import false_discovery_control
+
+    if len(p_values) == 0:
+        return 0
+    return int((false_discovery_control(p_values) < RESPONSIVE_FDR).sum())
 
 
 # ---------------------------------------------------------------- splits
@@ -104,21 +187,35 @@ def simulation_split(perturbations: list[str], test_fraction: float, seed: int) 
     return out
 
 
+def leave_one_out_folds(perturbations: list[str]) -> list[dict[str, list[str]]]:
+    """Each perturbation held out once. A single held out removes from training every
+    combination holding its gene (what is held out must not be seen inside a combination); a
+    held-out combination trains on everything else, its singles included (GEARS's seen-2 case)."""
+    folds = []
+    for held in sorted(perturbations):
+        genes = set(held.split("+"))
+        train = [p for p in sorted(perturbations) if p != held and not ("+" not in held and genes & set(p.split("+")))]
+        folds.append({"train": train, "test": [held]})
+    return folds
+
+
 # ---------------------------------------------------------------- metrics
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if a.std() == 0 or b.std() == 0:
-        return float("nan")
+    """Pearson correlation; 0 when either side has no variation (no signal to credit)."""
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return 0.0
     return float(np.corrcoef(a, b)[0, 1])
 
 
-def perturbation_metrics(predicted: np.ndarray, truth: np.ndarray, control: np.ndarray, de: np.ndarray) -> dict[str, float]:
-    """The metric set of one held-out perturbation, on pseudobulk means."""
+def _metric_set(predicted, truth, control, centroid, genes: np.ndarray, de: np.ndarray) -> dict[str, float]:
+    p, t, c, m = predicted[genes], truth[genes], control[genes], centroid[genes]
     return {
-        "mse": float(np.mean((predicted - truth) ** 2)),
-        "pearson": _pearson(predicted, truth),
-        "pearson_delta": _pearson(predicted - control, truth - control),
+        "mse": float(np.mean((p - t) ** 2)),
+        "pearson": _pearson(p, t),
+        "pearson_delta": _pearson(p - c, t - c),
+        "pearson_delta_centroid": _pearson(p - m, t - m),
         "mse_de20": float(np.mean((predicted[de] - truth[de]) ** 2)),
         "pearson_de20": _pearson(predicted[de], truth[de]),
         "pearson_delta_de20": _pearson(predicted[de] - control[de], truth[de] - control[de]),
@@ -126,17 +223,52 @@ def perturbation_metrics(predicted: np.ndarray, truth: np.ndarray, control: np.n
     }
 
 
-def evaluate(predictions: dict[str, np.ndarray], data: PerturbationData, test: list[str]) -> dict:
-    """Mean of each metric over the held-out perturbations, and the per-perturbation values."""
-    per = {p: perturbation_metrics(predictions[p], data.means[p], data.control_mean, data.de_genes[p]) for p in test}
-    means = {m: _nanmean([per[p][m] for p in test]) for m in METRICS}
+def perturbation_metrics(
+    predicted: np.ndarray,
+    truth: np.ndarray,
+    control: np.ndarray,
+    de: np.ndarray,
+    targets: np.ndarray | None = None,
+    de_notarget: np.ndarray | None = None,
+    centroid: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The metric set of one held-out perturbation, on pseudobulk means: over all genes and its DE
+    genes, and again without its measured `targets` (DE genes `de_notarget`). `centroid` (the
+    training perturbations' mean) references the centroid delta; without it, the control."""
+    targets = np.asarray([] if targets is None else targets, dtype=np.int64)
+    centroid = control if centroid is None else centroid
+    everything = np.arange(len(truth))
+    others = np.setdiff1d(everything, targets)
+    de_notarget = np.setdiff1d(de, targets, assume_unique=True) if de_notarget is None else de_notarget
+    out = _metric_set(predicted, truth, control, centroid, everything, de)
+    out.update({f"{k}_notarget": v for k, v in _metric_set(predicted, truth, control, centroid, others, de_notarget).items()})
+    return out
+
+
+def evaluate(predictions: dict[str, np.ndarray], data: PerturbationData, test: list[str], train: list[str] | None = None) -> dict:
+    """Mean of each metric over the held-out perturbations, and the per-perturbation values.
+    `train`: the perturbations the predictions were fitted on (the centroid delta's reference)."""
+    return evaluate_folds(predictions, data, [{"train": train or [], "test": list(test)}])
+
+
+def evaluate_folds(
+    predictions: dict[str, np.ndarray], data: PerturbationData, folds: list[dict], only: list[str] | None = None
+) -> dict:
+    """`evaluate` over folds whose test sets are disjoint (one prediction per perturbation), each
+    perturbation referenced to its own fold's training centroid; `only`: score just these."""
+    per = {}
+    for fold in folds:
+        centroid = np.mean([data.means[p] for p in fold["train"]], axis=0) if fold["train"] else None
+        for p in fold["test"]:
+            if only is None or p in only:
+                per[p] = perturbation_metrics(
+                    predictions[p],
+                    data.means[p],
+                    data.control_mean,
+                    data.de_genes[p],
+                    data.target_indices(p),
+                    data.de_genes_notarget[p],
+                    centroid,
+                )
+    means = {m: float(np.mean([v[m] for v in per.values()])) if per else float("nan") for m in METRICS}
     return {**means, "per_perturbation": per}
-
-
-def _nanmean(values: list[float]) -> float:
-    """Mean of the defined values; NaN when none is (a no-change prediction has no delta correlation)."""
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
-
-
-# ---------------------------------------------------------------- baselines

@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 from celltron.corpus.genes import map_genes
 from celltron.errors import ConfigError
 from celltron.finetune.adapt import InputFlags
-from celltron.finetune.config import HEADS
+from celltron.finetune.config import HEAD_TYPES
 from celltron.model_zoo.registry import base_of
 from celltron.tokenizers.ragged import RaggedTokens
 
@@ -66,8 +66,8 @@ class PerturbationModel(nn.Module):
         de_weight: float = 1.0,
     ):
         super().__init__()
-        if head not in HEADS:
-            raise ConfigError(f"perturbation.head {head!r} is not one of {HEADS}")
+        if head not in HEAD_TYPES:
+            raise ConfigError(f"perturbation.head_type {head!r} is not one of {HEAD_TYPES}")
         self.encoder, self.head, self.de_weight = encoder, head, de_weight
         hidden = self.config.hidden_size
         self.flag_embedding = nn.Embedding(2, hidden)

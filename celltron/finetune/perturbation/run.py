@@ -20,8 +20,17 @@ import numpy as np
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import count_trainable, load_encoder
 from celltron.finetune.perturbation import baselines
-from celltron.finetune.perturbation.baselines import baseline_report
-from celltron.finetune.perturbation.evaluate import METRICS, evaluate, heldout_split, pseudobulk, simulation_split
+from celltron.finetune.perturbation.evaluate import (
+    METRICS,
+    RESPONSIVE_FDR,
+    TABLE_METRICS,
+    evaluate_folds,
+    heldout_split,
+    higher_is_better,
+    leave_one_out_folds,
+    pseudobulk,
+    simulation_split,
+)
 from celltron.finetune.perturbation.model import (
     PerturbationModel,
     PerturbationPairs,
@@ -30,10 +39,20 @@ from celltron.finetune.perturbation.model import (
     target_tokens,
     training_pairs,
 )
-from celltron.finetune.report import aggregate, plot_bars, results_table, save_figure, write_metrics
+from celltron.finetune.report import (
+    aggregate,
+    choose_best,
+    paired_difference,
+    plot_bars,
+    results_table,
+    save_figure,
+    verdict,
+    verdict_line,
+    write_metrics,
+)
 from celltron.io import write_h5ad_atomically, write_text_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
-from celltron.model_zoo.registry import family_of, resolve_model_folder
+from celltron.model_zoo.registry import base_of, family_of, resolve_model_folder
 from celltron.tokenizers.vocab import GeneVocab
 from celltron.training.examples import train_task_model
 
@@ -60,13 +79,17 @@ def model_folder_vocab(folder: Path):
 # ---------------------------------------------------------------- the task
 
 
-BASELINES = ("control_mean", "train_mean", "additive", "linear")
-
-
-def make_split(config, perturbations: list[str], seed: int) -> dict:
+def make_folds(config, perturbations: list[str], seed: int) -> tuple[dict, list[dict]]:
+    """The seed's split as metrics.json records it, and its folds (disjoint test sets, each with
+    its training perturbations): one fold for heldout and simulation, one per perturbation for
+    leave_one_out."""
     section = config.perturbation
+    if section.split == "leave_one_out":
+        folds = leave_one_out_folds(perturbations)
+        return {"test": sorted(perturbations), "folds": folds}, folds
     choose = simulation_split if section.split == "simulation" else heldout_split
-    return choose(perturbations, section.test_fraction, seed)
+    split = choose(perturbations, section.test_fraction, seed)
+    return split, [{"train": split["train"], "test": split["test"]}]
 
 
 def _screen(lab, section):
@@ -80,6 +103,49 @@ def _screen(lab, section):
         var=pd.DataFrame(index=pd.Index(lab.gene_names.astype(str)).astype(object)),
     )
     return pseudobulk(view, section.perturbation_key, section.control, section.de_genes, str(lab.path))
+
+
+COEXPRESSION_COMPONENTS = 20
+
+
+def gene_embeddings(config, prepared, lab, screen) -> dict[str, dict[str, np.ndarray]]:
+    """Embeddings of the target genes from outside the screen, one per source the run has: the
+    co-expression reference (perturbation.coexpression_reference) and the model's gene tokens."""
+    out = {}
+    if config.perturbation.coexpression_reference:
+        out["coexpression"] = coexpression_embedding(config.perturbation.coexpression_reference, lab.species)
+    if prepared is not None:
+        genes = sorted({g for p in screen.perturbations for g in screen.targets(p)})
+        out["model"] = model_gene_embedding(prepared, genes, lab)
+    return out
+
+
+def coexpression_embedding(path, species: str, components: int = COEXPRESSION_COMPONENTS, seed: int = 0) -> dict:
+    """{gene symbol and Ensembl id: its loadings on the top principal components of the
+    reference's log-normalised expression (scaled by each component's spread)}: genes that vary
+    together get nearby vectors. Genes without counts in the reference are left out."""
+    from celltron.lab.data import read_lab_data
+    from celltron.preprocessing import fit_pca, log_normalise
+
+    reference = read_lab_data(path, (), species=species)
+    counted = np.flatnonzero(reference.gene_counts > 0)
+    pca = fit_pca(log_normalise(reference.counts[:, counted]), components, seed)
+    loadings = (pca.components_ * np.sqrt(pca.explained_variance_)[:, None]).T
+    out = {}
+    for row, column in enumerate(counted):
+        for key in (str(reference.gene_names[column]), str(reference.gene_ids[column])):
+            if key:
+                out.setdefault(key, loadings[row])
+    return out
+
+
+def model_gene_embedding(prepared, genes: list[str], lab) -> dict[str, np.ndarray]:
+    """{gene: the pretrained model's input embedding of its token} for the genes it has a token for."""
+    from celltron.finetune.config import AdaptSection
+
+    table = base_of(load_encoder(prepared.folder, AdaptSection())).get_input_embeddings().weight.detach().float().numpy()
+    tokens = target_tokens(genes, prepared.tokenizer.vocab, lab.species, str(lab.path))
+    return {gene: table[ids].sum(0) for gene, ids in tokens.items()}
 
 
 class _Prepared:
@@ -115,7 +181,7 @@ def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out:
         screen.control_mean,
         shifts,
         [prepared.targets[p] for p in train],
-        section.head,
+        section.head_type,
         section.de_weight,
     )
     trainable, total = count_trainable(model)
@@ -167,15 +233,21 @@ def _write_config(config, out: Path) -> None:
 
 
 def run_perturbation(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:
-    """The perturbation task end to end: splits per seed, baselines, fine-tuning and
-    evaluation, then metrics.json, predictions.h5ad, a printed table and plots under `out`.
-    Returns the metrics (None on processes other than the first)."""
+    """The perturbation task end to end: folds per seed, baselines (the best chosen per fold by
+    inner cross-validation over its training perturbations), fine-tuning and evaluation, then
+    metrics.json, predictions.h5ad, a printed table, the model-against-best-baseline line and
+    plots under `out`. Returns the metrics (None on processes other than the first)."""
     out = Path(out)
     section = config.perturbation
     if not config.data.path:
         raise ConfigError("no lab data: pass --data LAB.h5ad (or set data.path in the config)")
     if model is None and not baselines_only:
         raise ConfigError("no model: pass --model DIR_OR_HUB_ID, or --baselines-only for the baselines alone")
+    if resume not in (None, "auto") and (section.split == "leave_one_out" or section.head == "anchored"):
+        raise ConfigError(
+            f"--resume {resume}: this run trains several models (leave_one_out folds, the anchored head's inner folds); "
+            "resume them all with --resume auto"
+        )
     lab = read_configured_lab_data(config.data, [section.perturbation_key])
     screen = _screen(lab, section)
     prepared = None if baselines_only else _Prepared(config, resolve_model_folder(model), lab, screen)
@@ -186,92 +258,226 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
             f"{lab.path}: {len(usable)} usable perturbation(s) in obs[{section.perturbation_key!r}]; "
             "a split needs at least 3 besides the control"
         )
+    screen.gene_embeddings = gene_embeddings(config, prepared, lab, screen)
+    # declared from the data alone, before any model runs
+    responsive = [p for p in screen.responsive(section.responsive_min_de) if p in usable]
     _write_config(config, out)  # only now: a run refused for its inputs leaves no --out behind
 
-    splits, model_runs, baseline_runs, predictions, fell_back = {}, {}, {n: {} for n in BASELINES}, {}, {}
-    first = True
-    for seed in section.seeds:
-        split = make_split(config, usable, seed)
-        splits[seed] = split
-        report = baseline_report(screen, split)
-        fell_back[str(seed)] = report["linear"].pop("fell_back_to_train_mean")
-        for name in BASELINES:
-            baseline_runs[name][seed] = report[name]
-        predictions[seed] = {name: _baseline_predictions(name, screen, split) for name in BASELINES}
-        if prepared is None:
-            continue
-        trained = _fine_tune(config, prepared, screen, split, seed, out / f"seed{seed}", resume)
-        if trained is None:
-            first = False
-            continue
-        predicted = _model_predictions(config, prepared, trained, split["test"], seed)
-        model_runs[seed] = evaluate(predicted, screen, split["test"])
-        predictions[seed]["model"] = predicted
-    if not first:
+    runs = _Runs()
+    # every process trains every seed and fold (they train together); only the first reports
+    first = [runs.add_seed(config, prepared, screen, usable, seed, out, resume) for seed in section.seeds]
+    if not all(first):
         return None
     metrics = {
         "task": "perturbation",
         "data": str(lab.path),
         "model_folder": str(prepared.folder) if prepared else None,
-        "model": aggregate(model_runs, METRICS, "per_perturbation") if model_runs else None,
-        "baselines": {name: aggregate(baseline_runs[name], METRICS, "per_perturbation") for name in BASELINES},
+        "model": runs.aggregate("model"),
+        "head": section.head,
+        "model_plain": runs.aggregate(PLAIN) if section.head == "anchored" else None,
+        "baselines": {name: runs.aggregate(name) for name in baselines.baseline_names(screen)},
+        "best_baseline": {
+            "metric": section.headline,
+            "chosen_by": f"inner {section.inner_folds}-fold cross-validation over each fold's training perturbations",
+            "chosen_per_seed": {str(s): c for s, c in runs.chosen.items()},
+            **runs.aggregate(BEST),
+        },
         "split": {
             "kind": section.split,
-            "test_fraction": section.test_fraction,
-            "per_seed": {str(s): v for s, v in splits.items()},
+            "test_fraction": section.test_fraction if section.split != "leave_one_out" else None,
+            "per_seed": {str(s): v for s, v in runs.splits.items()},
         },
         "seeds": list(section.seeds),
         "excluded_perturbations": excluded,
+        "responsive": {
+            "min_de_genes": section.responsive_min_de,
+            "fdr": RESPONSIVE_FDR,
+            "perturbations": responsive,
+            "n_significant": {p: screen.n_significant[p] for p in usable},
+        },
         "notes": {
             "linear": "perturbations whose targets are not measured genes have no expression-derived embedding; "
-            "the linear baseline predicts the training mean for them (fell_back_to_train_mean)"
+            "the linear baseline predicts the training mean for them (fell_back_to_train_mean); linear_model and "
+            "linear_coexpression embed targets by the model's gene tokens / co-expression in a reference instead",
+            "notarget": "*_notarget metrics leave the perturbed genes out of the DE set (the next DE genes "
+            "take their place) and out of every correlation and error",
         },
     }
-    metrics["baselines"]["linear"]["fell_back_to_train_mean"] = fell_back
-    if section.split == "simulation":
-        metrics["groups"] = _group_metrics(screen, splits, predictions)
-    return write_results(out, metrics, screen, splits, predictions)
+    for name, per_seed in runs.fell_back.items():
+        metrics["baselines"][name]["fell_back_to_train_mean"] = per_seed
+    groups = _group_metrics(screen, runs, responsive)
+    if groups:
+        metrics["groups"] = groups
+    if runs.model:
+        metrics["paired"] = _paired(runs, section.headline, responsive)
+    return write_results(out, metrics, screen, runs.splits, runs.predictions)
 
 
-def _baseline_predictions(name: str, screen, split: dict) -> dict[str, np.ndarray]:
-    train, test = split["train"], split["test"]
-    if name == "linear":
-        return baselines.linear_baseline(screen, train, test)[0]
-    return {
-        "control_mean": baselines.control_mean_baseline,
-        "train_mean": baselines.train_mean_baseline,
-        "additive": baselines.additive_baseline,
-    }[name](screen, train, test)
+BEST = "best_baseline"
+PLAIN = "model_plain"  # the anchored head's model part alone
+SIMULATION_GROUPS = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 
 
-def _group_metrics(screen, splits: dict, predictions: dict) -> dict:
-    """Simulation split: each predictor's metrics per group (unseen_single, combo_seen0/1/2), over seeds."""
+class _Runs:
+    """Every seed's folds, predictions and evaluations, gathered for metrics.json."""
+
+    def __init__(self):
+        self.splits, self.folds, self.chosen, self.predictions, self.fell_back = {}, {}, {}, {}, {}
+        self.evaluations: dict[str, dict] = {}
+
+    @property
+    def model(self) -> bool:
+        return bool(self.evaluations.get("model"))
+
+    def add_seed(self, config, prepared, screen, usable, seed, out: Path, resume) -> bool:
+        """Run one seed's folds; False on processes other than the first (they write nothing)."""
+        section = config.perturbation
+        split, folds = make_folds(config, usable, seed)
+        names = baselines.baseline_names(screen)
+        predicted = {name: {} for name in (*names, BEST)}
+        chosen, first = [], True
+        for k, fold in enumerate(folds):
+            best, scores = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
+            chosen.append({"baseline": best, "inner_scores": scores, "test": fold["test"]})
+            for name in names:
+                values, fell = baselines.predict(name, screen, fold["train"], fold["test"])
+                predicted[name].update(values)
+                if name.startswith("linear"):
+                    self.fell_back.setdefault(name, {}).setdefault(str(seed), []).extend(fell)
+            predicted[BEST].update({p: predicted[best][p] for p in fold["test"]})
+            if prepared is None:
+                continue
+            where = out / f"seed{seed}" / (f"fold{k}" if len(folds) > 1 else "")
+            weight = 1.0
+            if section.head == "anchored":
+                weight, weight_scores = choose_weight(config, prepared, screen, fold["train"], seed, where, resume)
+                chosen[-1].update(weight=weight, weight_scores=weight_scores)
+            trained = _fine_tune(config, prepared, screen, fold, seed, where, resume)
+            if trained is None or weight is None:
+                first = False
+                continue
+            plain = _model_predictions(config, prepared, trained, fold["test"], seed)
+            if section.head == "anchored":
+                predicted.setdefault(PLAIN, {}).update(plain)
+            if section.head == "anchored":
+                plain = {p: baselines.anchor(predicted[best][p], plain[p], weight) for p in fold["test"]}
+            predicted.setdefault("model", {}).update(plain)
+        self.splits[seed], self.folds[seed], self.chosen[seed] = split, folds, chosen
+        self.predictions[seed] = predicted
+        for name, values in predicted.items():
+            self.evaluations.setdefault(name, {})[seed] = evaluate_folds(values, screen, folds)
+        return first
+
+    def aggregate(self, name: str) -> dict | None:
+        runs = self.evaluations.get(name)
+        return aggregate(runs, METRICS, "per_perturbation") if runs else None
+
+
+def choose_weight(config, prepared, screen, train: list[str], seed: int, where: Path, resume) -> tuple[float | None, dict]:
+    """The anchored head's residual weight, by inner cross-validation over the training
+    perturbations `train`: in each inner fold a baseline is chosen and a model trained on the
+    inner training perturbations alone, and the weight whose blend scores best on the inner
+    held-out ones wins (ties: the smaller weight, the baseline's side). Returns the weight and
+    every weight's inner score; None on processes other than the first."""
+    section = config.perturbation
+    folds = [f for f in baselines.inner_folds(train, section.inner_folds, seed) if len(f["train"]) >= 2]
+    if not folds:  # too few training perturbations to cross-validate: stay on the baseline's side
+        return float(min(section.anchor_weights)), {}
+    baseline, model, first = {}, {}, True
+    for j, fold in enumerate(folds):
+        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
+        baseline.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
+        trained = _fine_tune(config, prepared, screen, fold, seed, where / f"inner{j}", resume)
+        if trained is None:
+            first = False
+        else:
+            model.update(_model_predictions(config, prepared, trained, fold["test"], seed))
+    if not first:
+        return None, {}
+    weights = sorted(set(section.anchor_weights))
+    scores = {
+        str(w): evaluate_folds({p: baselines.anchor(baseline[p], model[p], w) for p in model}, screen, folds)[section.headline]
+        for w in weights
+    }
+    return float(choose_best(scores, higher_is_better(section.headline))), scores
+
+
+def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
+    """Each predictor's metrics per group over seeds: simulation's unseen_single and
+    combo_seen0/1/2, and the responsive held-out perturbations."""
     groups = {}
-    for group in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2"):
-        for name in ("model", *BASELINES):
-            runs = {
-                s: evaluate(predictions[s][name], screen, splits[s][group])
-                for s in splits
-                if splits[s][group] and name in predictions[s]
-            }
-            if runs:
-                groups.setdefault(group, {})[name] = aggregate(runs, METRICS, "per_perturbation")
-    return groups
+    for seed, split in runs.splits.items():
+        members = {g: split[g] for g in SIMULATION_GROUPS if split.get(g)}
+        members["responsive"] = [p for p in split["test"] if p in responsive]
+        for group, perturbations in members.items():
+            for name, values in runs.predictions[seed].items():
+                if perturbations:
+                    result = evaluate_folds(values, screen, runs.folds[seed], only=perturbations)
+                    groups.setdefault(group, {}).setdefault(name, {})[seed] = result
+    return {
+        group: {name: aggregate(per_seed, METRICS, "per_perturbation") for name, per_seed in by_name.items()}
+        for group, by_name in groups.items()
+    }
+
+
+def _paired(runs: _Runs, metric: str, responsive: list[str]) -> dict:
+    """Model − best baseline on `metric` per held-out perturbation (each averaged over seeds),
+    with a 95% interval over perturbations; also over the responsive ones."""
+    model, best = _per_unit(runs.evaluations["model"], metric), _per_unit(runs.evaluations[BEST], metric)
+    out = {"metric": metric}
+    for name, units in (("all", model), ("responsive", {p: v for p, v in model.items() if p in responsive})):
+        difference = paired_difference(units, best, higher_is_better(metric))
+        out[name] = {**difference, "verdict": verdict(difference)}
+    return out
+
+
+def _per_unit(per_seed: dict, metric: str) -> dict[str, float]:
+    """perturbation -> its `metric` averaged over the seeds that held it out."""
+    values: dict[str, list[float]] = {}
+    for evaluation in per_seed.values():
+        for p, result in evaluation["per_perturbation"].items():
+            values.setdefault(p, []).append(result[metric])
+    return {p: float(np.mean(v)) for p, v in values.items()}
 
 
 def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: dict) -> dict:
     """metrics.json, predictions.h5ad (one row per seed and held-out perturbation: the model's
-    prediction in X, truth, control and each baseline as layers), the table and the plots."""
+    prediction in X, truth, control and each baseline as layers), the table, the line saying
+    whether the model beat the best baseline, and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.h5ad", screen, splits, predictions)
-    plot_bars(
-        metrics, "pearson_delta_de20", out / "pearson_delta_de20.png", "Pearson delta, top-20 DE genes (held-out perturbations)"
-    )
+    headline = metrics["best_baseline"]["metric"]
+    plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
+    shown = {**metrics, "baselines": {**plain, **metrics["baselines"], "best (inner CV)": metrics["best_baseline"]}}
+    plot_bars(shown, headline, out / f"{headline}.png", f"{headline} (held-out perturbations)")
     if metrics.get("model"):
         _plot_delta_scatter(out / "delta_scatter.png", screen, splits, predictions)
-    print(results_table(metrics, METRICS, {"linear": "falls back to the training mean where no target is a measured gene"}))
+    print(results_table(shown, TABLE_METRICS, {"linear": "falls back to the training mean where no target is a measured gene"}))
+    print(_chosen_line(metrics["best_baseline"]))
+    for subset, difference in (metrics.get("paired") or {}).items():
+        if subset != "metric" and difference["n_units"]:
+            unit = (
+                "perturbations"
+                if subset == "all"
+                else f"responsive perturbations (>= {metrics['responsive']['min_de_genes']} DE genes)"
+            )
+            print(verdict_line(headline, "best baseline", difference, unit))
     return metrics
+
+
+def _chosen_line(best: dict) -> str:
+    """Which baseline (and anchored weight) the inner cross-validations chose, how often (over
+    seeds and folds)."""
+    chosen = [c for per_seed in best["chosen_per_seed"].values() for c in per_seed]
+    line = f"best baseline on {best['metric']}, chosen by {best['chosen_by']}: {_counts([c['baseline'] for c in chosen])}"
+    if all("weight" in c for c in chosen):
+        line += f"; anchored head's residual weight (inner CV): {_counts([c['weight'] for c in chosen])}"
+    return line
+
+
+def _counts(values: list) -> str:
+    return ", ".join(f"{v} x{values.count(v)}" for v in sorted(set(values), key=values.index))
 
 
 def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> None:
@@ -281,13 +487,11 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> N
     rows, obs = [], []
     for seed, split in splits.items():
         for p in split["test"]:
-            group = next(
-                (g for g in ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2") if p in split.get(g, [])), "test"
-            )
+            group = next((g for g in SIMULATION_GROUPS if p in split.get(g, [])), "test")
             rows.append(p)
             obs.append({"perturbation": p, "seed": int(seed), "group": group})
     layers = {"truth": np.stack([screen.means[p] for p in rows]), "control_mean": np.tile(screen.control_mean, (len(rows), 1))}
-    for name in BASELINES:
+    for name in (*baselines.baseline_names(screen), BEST):
         layers[name] = np.stack([predictions[o["seed"]][name][o["perturbation"]] for o in obs])
     has_model = all("model" in predictions[s] for s in splits)
     X = np.stack([predictions[o["seed"]]["model"][o["perturbation"]] for o in obs]) if has_model else layers["truth"]
