@@ -1,14 +1,17 @@
-"""Perturbation response on the Papalexi 2021 THP-1 screen: the fine-tuned model beside the
-baselines (control mean, training mean, additive, linear), held-out perturbations, several
-seeds. Every variant runs `celltron finetune perturbation` with the same splits.
+"""Perturbation response on the Papalexi 2021 THP-1 screen: the fine-tuned model (anchored head
+and its plain model part) beside the baselines (control mean, training mean, knockdown prior,
+additive, linear) and the best of them chosen on training perturbations, several seeds. Every
+variant runs `celltron finetune perturbation` with the same splits.
 
-    python -m benchmarks.perturbation --model runs/pbmc_geneformer/export --out runs/bench/perturbation
+    python -m benchmarks.perturbation --model runs/pbmc_geneformer/export --out runs/bench/perturbation \
+        [--split heldout|leave_one_out]
 
 The model folder is the Geneformer pretrained on the PBMC corpus (configs/pretrain/geneformer_pbmc.yaml,
 commands in benchmarks/perturbation.md). Variants: the retrieval head fine-tuned with the
 encoder, on the frozen encoder, and on the same architecture from random weights (does
-pretraining help?), and the bilinear head.
-Prints a markdown table of the metrics over seeds (mean ± spread).
+pretraining help?). Prints a markdown table of the metrics over seeds (mean ± spread), each
+variant's model − best baseline per held-out perturbation with its 95% interval, and
+pretrained − random initialisation the same way.
 """
 
 from __future__ import annotations
@@ -22,8 +25,19 @@ from benchmarks._data import add_shared_data_option, shared_paths
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
-DATA = "perturbation/papalexi2021_thp1_lowmoi_sceptredata.h5ad"  # in the shared data
-COLUMNS = ("pearson_delta_de20", "direction_de20", "mse_de20", "pearson_delta", "mse")
+DATASETS = {  # in the shared data
+    "papalexi": "perturbation/papalexi2021_thp1_lowmoi_sceptredata.h5ad",
+    "norman": "perturbation/norman2019_k562_crispra_3375cells.h5ad",
+}
+REFERENCE = "scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad"  # co-expression of unmeasured targets
+COLUMNS = (
+    "pearson_delta_de20_notarget",
+    "pearson_delta_centroid_notarget",
+    "direction_de20_notarget",
+    "mse_de20_notarget",
+    "pearson_delta_de20",
+)
+PRETRAINED, RANDOM = "retrieval head, full fine-tuning", "retrieval head, random init"
 
 
 def random_init_copy(folder: Path, out: Path) -> Path:
@@ -45,19 +59,24 @@ def random_init_copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def run(shared_data: Path, model: Path, out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
-    (data,) = shared_paths(shared_data, DATA)
-    common = ["--data", str(data), "--seeds", *map(str, seeds), "--max-steps", str(steps)]
-    random = str(random_init_copy(model, out / "random_init_model"))
-    variants = {
-        "retrieval head, full fine-tuning": ["--model", str(model), "--set", "perturbation.head=retrieval"],
-        "retrieval head, frozen encoder": ["--model", str(model), "--freeze", "4", "--set", "perturbation.head=retrieval"],
-        "retrieval head, random init": ["--model", random, "--set", "perturbation.head=retrieval"],
-        "bilinear head, full fine-tuning": ["--model", str(model), "--set", "perturbation.head=bilinear"],
-    }
+def run(shared_data: Path, model: Path | None, out: Path, dataset: str, seeds: list[int], steps: int, split: str) -> dict:
+    """One `celltron finetune perturbation` per variant (baselines alone without a model); results
+    already in `out` are read, not recomputed."""
+    data, reference = shared_paths(shared_data, DATASETS[dataset], REFERENCE)
+    common = ["--data", str(data), "--seeds", *map(str, seeds), "--split", split, "--coexpression-reference", str(reference)]
+    if model is None:
+        variants = {"baselines": ["--baselines-only"]}
+    else:
+        random = str(random_init_copy(model, out / "random_init_model"))
+        variants = {
+            PRETRAINED: ["--model", str(model)],
+            "retrieval head, frozen encoder": ["--model", str(model), "--freeze", "4"],
+            RANDOM: ["--model", random],
+        }
+        common += ["--max-steps", str(steps), "--resume", "auto"]
     results = {}
     for name, args in variants.items():
-        folder = out / name.replace(" ", "_").replace(",", "")
+        folder = out / dataset / split / name.replace(" ", "_").replace(",", "")
         if not (folder / "metrics.json").exists():
             assert celltron(["finetune", "perturbation", *args, *common, "--out", str(folder)]) == 0
         results[name] = json.loads((folder / "metrics.json").read_text())
@@ -66,21 +85,75 @@ def run(shared_data: Path, model: Path, out: Path, seeds: list[int], steps: int)
 
 def table(results: dict[str, dict]) -> str:
     first = next(iter(results.values()))
-    rows = [(f"model: {name}", metrics["model"]) for name, metrics in results.items()]
+    rows = []
+    for name, metrics in results.items():
+        if metrics["model"]:
+            rows += [(f"model, anchored: {name}", metrics["model"]), (f"model, plain head: {name}", metrics["model_plain"])]
     rows += [(f"baseline: {name}", metrics) for name, metrics in first["baselines"].items()]
+    rows.append(("best baseline (chosen by inner CV)", first["best_baseline"]))
     return mean_std_table(rows, COLUMNS)
+
+
+def comparisons(results: dict[str, dict]) -> str:
+    """Each variant against the best baseline, and pretrained against random initialisation, per
+    held-out perturbation (averaged over seeds) with a 95% interval."""
+    from celltron.finetune.perturbation.evaluate import higher_is_better
+    from celltron.finetune.report import paired_difference, verdict, verdict_line
+
+    first = next(iter(results.values()))
+    metric = first["best_baseline"]["metric"]
+    chosen = [c["baseline"] for per_seed in first["best_baseline"]["chosen_per_seed"].values() for c in per_seed]
+    lines = [
+        "- best baseline per fold (inner CV on training perturbations): "
+        + ", ".join(f"{n} x{chosen.count(n)}" for n in sorted(set(chosen), key=chosen.index))
+    ]
+    if PRETRAINED not in results:
+        return "\n".join(lines)
+    for name, metrics in results.items():
+        for subset, difference in (metrics.get("paired") or {}).items():
+            if subset != "metric" and difference["n_units"]:
+                lines.append(f"- {name} ({subset}): " + verdict_line(metric, "best baseline", difference, "perturbations"))
+    for head in ("model", "model_plain"):
+        difference = paired_difference(
+            _per_unit(results[PRETRAINED][head], metric), _per_unit(results[RANDOM][head], metric), higher_is_better(metric)
+        )
+        d = difference
+        lines.append(
+            f"- pretrained − random init ({head}) on {metric}: {d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+            f"over {d['n_units']} perturbations — "
+            + verdict(d).replace("the model", "pretraining").replace("the baseline", "random init")
+        )
+    return "\n".join(lines)
+
+
+def _per_unit(result: dict, metric: str) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for per_perturbation in result["per_perturbation"].values():
+        for unit, scores in per_perturbation.items():
+            values.setdefault(unit, []).append(scores[metric])
+    return {unit: sum(v) / len(v) for unit, v in values.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("runs/pbmc_geneformer/export"))
+    parser.add_argument("--baselines-only", action="store_true", help="the baselines alone (no model needed)")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), default="papalexi")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/perturbation"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--split", choices=["heldout", "simulation", "leave_one_out"], default="heldout")
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(table(run(args.shared_data, args.model, args.out, args.seeds, args.steps)))
+    model = None if args.baselines_only else args.model
+    results = run(args.shared_data, model, args.out, args.dataset, args.seeds, args.steps, args.split)
+    print(table(results))
+    print()
+    print(comparisons(results))
+    for name, metrics in results.items():
+        for group, by_predictor in (metrics.get("groups") or {}).items():
+            print(f"\n{name}, {group}:\n" + mean_std_table(list(by_predictor.items()), COLUMNS))
 
 
 if __name__ == "__main__":
