@@ -101,7 +101,7 @@ FINETUNE_OPTIONS = [
     Option("annotate.label_key"),
     Option(
         "{task}.head",
-        sections=("perturbation", "drug"),
+        sections=("perturbation", "drug", "annotate"),
         help="anchored (best baseline + weighted model residual, weight by inner CV) or plain (the model alone)",
     ),
     Option("perturbation.headline", metavar="METRIC"),

@@ -25,6 +25,8 @@ from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import count_trainable, load_encoder
 from celltron.finetune.report import (
     aggregate,
+    anchor,
+    choose_best,
     paired_difference,
     results_table,
     save_figure,
@@ -118,17 +120,21 @@ class _Collate:
 
 
 @torch.no_grad()
-def predict_probabilities(model: AnnotationModel, tokens: RaggedTokens, pad_id: int, batch_size: int) -> np.ndarray:
-    """(cells, classes) softmax probabilities of every cell of `tokens`, on the GPU when there is one."""
+def predict_probabilities(
+    model: AnnotationModel, tokens: RaggedTokens, pad_id: int, batch_size: int, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """(len(rows), classes) softmax probabilities of the cells `rows` of `tokens` (all by
+    default), on the GPU when there is one."""
     device = pick_device("auto")
     model = model.to(device).eval()
-    order = np.argsort(tokens.lengths, kind="stable")  # similar lengths share a batch
-    out = np.zeros((len(tokens), model.head[-1].out_features), dtype=np.float32)
+    rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+    order = np.argsort(tokens.lengths[rows], kind="stable")  # similar lengths share a batch
+    out = np.zeros((len(rows), model.head[-1].out_features), dtype=np.float32)
     for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
+        batch = order[start : start + batch_size]
         with autocast(device):
-            logits = model(**to_device(pad_cells(tokens, rows, pad_id), device)).logits
-        out[rows] = torch.softmax(logits.float(), -1).cpu().numpy()
+            logits = model(**to_device(pad_cells(tokens, rows[batch], pad_id), device)).logits
+        out[batch] = torch.softmax(logits.float(), -1).cpu().numpy()
     return out
 
 
@@ -172,6 +178,14 @@ def pca_logreg(
     """The baseline: logistic regression on PCA of log-normalised expression over the 2,000 most
     variable genes (genes and PCA chosen on the training cells alone); returns the test cells'
     predicted class indices."""
+    return pca_logreg_probabilities(counts, labels, train, test, int(labels.max()) + 1, components, seed, balanced).argmax(1)
+
+
+def pca_logreg_probabilities(
+    counts, labels: np.ndarray, train: np.ndarray, cells: np.ndarray, n_classes: int, components: int, seed: int, balanced: bool
+) -> np.ndarray:
+    """The baseline's (len(cells), n_classes) class probabilities, fitted on the `train` cells
+    alone (a class absent from them gets probability 0)."""
     from sklearn.linear_model import LogisticRegression
 
     normalised = log_normalise(counts)
@@ -179,7 +193,9 @@ def pca_logreg(
     pca = fit_pca(normalised[train][:, genes], components, seed)
     classifier = LogisticRegression(max_iter=2000, class_weight="balanced" if balanced else None)
     classifier.fit(pca.transform(normalised[train][:, genes]), labels[train])
-    return classifier.predict(pca.transform(normalised[test][:, genes]))
+    out = np.zeros((len(cells), n_classes))
+    out[:, classifier.classes_] = classifier.predict_proba(pca.transform(normalised[cells][:, genes]))
+    return out
 
 
 def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -188,29 +204,63 @@ def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return len(labels) / (n_classes * np.maximum(counts, 1))
 
 
-def _fine_tune(
-    config,
-    folder: Path,
-    tokens: RaggedTokens,
-    labels: np.ndarray,
-    train: np.ndarray,
-    n_classes: int,
-    pad_id: int,
-    seed: int,
-    out: Path,
-    resume: str | None,
-):
-    """Train one seed's model; returns it on the first process, None on the others."""
-    import lightning.pytorch as pl
+class _Task:
+    """What fine-tuning one split needs besides its cells: the config, the model folder, the
+    tokenised cells and their labels (shared by the outer and the inner folds)."""
 
-    pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
-    weights = balanced_weights(labels[train], n_classes) if config.annotate.balanced else None
-    model = AnnotationModel(load_encoder(folder, config.model), n_classes, weights, config.annotate.dropout)
-    trainable, total = count_trainable(model)
-    log.info("fine-tuning %d of %d parameters", trainable, total)
-    dataset = LabelledCells(train)
-    model, first = train_task_model(config, model, dataset, _Collate(tokens, labels, pad_id), out, seed, resume)
-    return model if first else None
+    def __init__(self, config, folder: Path, tokens: RaggedTokens, labels: np.ndarray, n_classes: int, pad_id: int, resume, lab):
+        self.config, self.folder, self.tokens, self.labels = config, folder, tokens, labels
+        self.n_classes, self.pad_id, self.resume, self.lab = n_classes, pad_id, resume, lab
+
+    def fine_tune(self, train: np.ndarray, seed: int, out: Path):
+        """Train a model on the `train` cells; returns it on the first process, None on the others."""
+        import lightning.pytorch as pl
+
+        config = self.config
+        pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
+        weights = balanced_weights(self.labels[train], self.n_classes) if config.annotate.balanced else None
+        model = AnnotationModel(load_encoder(self.folder, config.model), self.n_classes, weights, config.annotate.dropout)
+        trainable, total = count_trainable(model)
+        log.info("fine-tuning %d of %d parameters", trainable, total)
+        dataset = LabelledCells(train)
+        collate = _Collate(self.tokens, self.labels, self.pad_id)
+        model, first = train_task_model(config, model, dataset, collate, out, seed, self.resume)
+        return model if first else None
+
+
+def _baseline_probabilities(config, lab, labels, train, cells, n_classes: int, seed: int) -> np.ndarray:
+    section = config.annotate
+    return pca_logreg_probabilities(lab.counts, labels, train, cells, n_classes, section.pca_components, seed, section.balanced)
+
+
+def choose_weight(task: _Task, train: np.ndarray, seed: int, out: Path) -> tuple[float | None, dict]:
+    """The anchored head's weight, by stratified inner cross-validation over the training cells:
+    per inner fold, the baseline and a model are fitted on the inner training cells and each
+    weight's blend is scored (macro-F1) on the inner held-out cells; the best mean wins (ties: the
+    smaller weight). Returns it and every weight's score; None on processes other than the first."""
+    from sklearn.model_selection import StratifiedKFold
+
+    config, labels = task.config, task.labels
+    weights = sorted(set(config.annotate.anchor_weights))
+    folds = StratifiedKFold(config.annotate.inner_folds, shuffle=True, random_state=seed)
+    scores, first = {str(w): [] for w in weights}, True
+    for j, (fit, held) in enumerate(folds.split(train, labels[train])):
+        fit, held = train[fit], train[held]
+        baseline = _baseline_probabilities(config, task.lab, labels, fit, held, task.n_classes, seed)
+        trained = task.fine_tune(fit, seed, out / f"inner{j}")
+        if trained is None:
+            first = False
+            continue
+        model = predict_probabilities(trained, task.tokens, task.pad_id, config.data.batch_size, held)
+        for w in weights:
+            predicted = anchor(baseline, model, w).argmax(1)
+            scores[str(w)].append(
+                classification_metrics(labels[held], predicted, [str(c) for c in range(task.n_classes)])["macro_f1"]
+            )
+    if not first:
+        return None, {}
+    means = {w: float(np.mean(v)) for w, v in scores.items()}
+    return float(choose_best(means)), means
 
 
 def run_annotate(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:
@@ -238,27 +288,42 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         check_vocabulary_coverage(lab, tokenizer.vocab)
         tokens, pad_id = tokenize_cells(lab, tokenizer, seed=config.trainer.seed), tokenizer.vocab.special_id("pad")
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
-    runs, baseline_runs, splits, first_probabilities = {}, {}, {}, None
+    runs, plain_runs, baseline_runs, splits, weights, first_probabilities, first = {}, {}, {}, {}, {}, None, True
+    anchored = section.head == "anchored"
+    everyone = np.arange(len(labels))
     for seed in section.seeds:
         train, test = stratified_split(labels, section.test_fraction, seed, f"{lab.path}: obs[{section.label_key!r}]", classes)
         splits[seed] = {"train": len(train), "test": len(test)}
-        predicted = pca_logreg(lab.counts, labels, train, test, section.pca_components, seed, section.balanced)
-        baseline_runs[seed] = classification_metrics(labels[test], predicted, classes)
+        baseline = _baseline_probabilities(config, lab, labels, train, everyone, len(classes), seed)
+        baseline_runs[seed] = classification_metrics(labels[test], baseline[test].argmax(1), classes)
         if folder is None:
             continue
-        trained = _fine_tune(config, folder, tokens, labels, train, len(classes), pad_id, seed, out / f"seed{seed}", resume)
-        if trained is None:
-            return None
-        probabilities = predict_probabilities(trained, tokens, pad_id, config.data.batch_size)
+        task = _Task(config, folder, tokens, labels, len(classes), pad_id, resume, lab)
+        weight = 1.0
+        if anchored:
+            weight, weight_scores = choose_weight(task, train, seed, out / f"seed{seed}")
+            weights[seed] = {"weight": weight, "weight_scores": weight_scores}
+        trained = task.fine_tune(train, seed, out / f"seed{seed}")
+        if trained is None or weight is None:
+            first = False  # every process trains every seed together; only the first reports
+            continue
+        plain = predict_probabilities(trained, tokens, pad_id, config.data.batch_size)
+        probabilities = anchor(baseline, plain, weight) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
+        plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
             first_probabilities, first_test = probabilities, test
+    if not first:
+        return None
     metrics = {
         "task": "annotate",
         "data": str(lab.path),
         "model_folder": str(folder) if folder else None,
         "classes": classes,
         "model": _aggregate(runs) if runs else None,
+        "head": section.head if runs else None,
+        "model_plain": _aggregate(plain_runs) if runs and anchored else None,
+        "anchor_weights": {str(s): w for s, w in weights.items()} if runs and anchored else None,
         "baselines": {BASELINE: _aggregate(baseline_runs)},
         "paired": paired_per_seed(runs, baseline_runs) if runs else None,
         "split": {
@@ -302,7 +367,11 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
     if probabilities is not None:
         _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test)
         _plot_confusion(out / "confusion_matrix.png", np.asarray(metrics["model"]["confusion_matrix"]), classes)
-    print(results_table(metrics, METRICS, metrics["notes"]))
+    plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
+    print(results_table({**metrics, "baselines": {**plain, **metrics["baselines"]}}, METRICS, metrics["notes"]))
+    if metrics.get("anchor_weights"):
+        chosen = ", ".join(f"seed {s}: {c['weight']}" for s, c in metrics["anchor_weights"].items())
+        print(f"anchored head: {BASELINE} + w x (model − {BASELINE}) in class probabilities, w by inner CV on macro-F1: {chosen}")
     for metric, difference in (metrics["paired"] or {}).items():
         print(verdict_line(metric, BASELINE, difference, "seeds", chosen_on=None))
     return metrics

@@ -187,6 +187,12 @@ class AnnotateSection:
         baseline's logistic regression (macro-F1 counts every class alike).
     dropout: dropout on the cell embedding before the classification layer.
     pca_components: principal components the baseline's logistic regression uses.
+    head: anchored (class probabilities: the baseline's plus w x the model's difference from
+        them, w chosen from anchor_weights on macro-F1 by inner_folds-fold stratified
+        cross-validation over the training cells, a model trained per inner fold; w = 0 is
+        the baseline exactly) or plain (the model alone).
+    anchor_weights: the weights the anchored head chooses from (ties: the smaller).
+    inner_folds: folds of that inner cross-validation.
     """
 
     label_key: str = "cell_type"
@@ -195,6 +201,9 @@ class AnnotateSection:
     balanced: bool = True
     dropout: float = ranged(0.1, "[0, 1)")
     pca_components: int = ranged(50, ">= 1")
+    head: str = one_of("anchored", ANCHORS)
+    anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    inner_folds: int = ranged(2, ">= 2")
 
 
 @dataclass
@@ -214,6 +223,8 @@ class FinetuneConfig:
         if self.model.freeze_layers and self.model.lora_rank:
             raise ConfigError(f"{where}: choose model.freeze_layers (--freeze) or model.lora_rank (--lora), not both")
         self._check_perturbation(where)
+        if not self.annotate.anchor_weights:
+            raise ConfigError(f"{where}: annotate.anchor_weights is empty; give at least one weight in [0, 1]")
         if self.trainer.strategy.startswith("deepspeed_stage_3"):
             raise ConfigError(
                 f"{where}: trainer.strategy {self.trainer.strategy}: fine-tuning evaluates the whole model in one process, "

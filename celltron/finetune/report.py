@@ -166,6 +166,12 @@ def verdict_line(metric: str, baseline: str, difference: dict, unit: str, chosen
     return f"model − {baseline} ({how}) on {metric}: {d['mean']:+.3f} {bounds} over {units} — {verdict(d)}"
 
 
+def anchor(baseline: np.ndarray, model: np.ndarray, weight: float) -> np.ndarray:
+    """The anchored head's prediction: the baseline plus `weight` times the model's residual from
+    it (weight 0: the baseline itself, bit for bit)."""
+    return baseline if weight == 0 else baseline + weight * (model - baseline)
+
+
 def choose_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
     """The name with the best finite score (ties: the first named); scores come from training units."""
     finite = {k: v for k, v in scores.items() if _finite(v)}

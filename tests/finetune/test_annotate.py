@@ -71,6 +71,18 @@ def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_
     ).all()
     assert (predictions.obs["celltron_split"] == "test").sum() == metrics["split"]["per_seed"]["0"]["test"]
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+    # the anchored head (the default): its weight chosen by inner CV, its model part kept beside it
+    assert metrics["head"] == "anchored" and set(metrics["model_plain"]["per_seed"]["0"]) == {"accuracy", "macro_f1"}
+    chosen = metrics["anchor_weights"]["0"]
+    assert chosen["weight"] in (0.0, 0.25, 0.5, 0.75, 1.0) and set(chosen["weight_scores"]) == {
+        "0.0",
+        "0.25",
+        "0.5",
+        "0.75",
+        "1.0",
+    }
+    assert chosen["weight_scores"][str(chosen["weight"])] == max(chosen["weight_scores"].values())
+    assert all((tmp_path / "seed0" / f"inner{j}" / "metrics.csv").exists() for j in (0, 1))
     # model − baseline per seed; one seed is one unit: no interval, and the verdict says so
     for metric in ("accuracy", "macro_f1"):
         paired = metrics["paired"][metric]
@@ -81,7 +93,7 @@ def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_
 
 
 def test_lora_trains_adapters_and_head_and_leaves_pretrained_weights(pretrained_geneformer, labelled_file, tmp_path):
-    from celltron.finetune.annotate import _fine_tune
+    from celltron.finetune.annotate import _Task
     from celltron.finetune.config import FinetuneConfig
     from celltron.lab.data import load_model_tokenizer, read_lab_data, tokenize_cells
     from celltron.model_zoo.registry import load_pretrained
@@ -97,18 +109,8 @@ def test_lora_trains_adapters_and_head_and_leaves_pretrained_weights(pretrained_
     tokenizer = load_model_tokenizer(pretrained_geneformer, lab)
     tokens = tokenize_cells(lab, tokenizer)
     labels = np.unique(lab.obs[LABEL].astype(str), return_inverse=True)[1]
-    trained = _fine_tune(
-        config,
-        pretrained_geneformer,
-        tokens,
-        labels,
-        np.arange(200),
-        labels.max() + 1,
-        tokenizer.vocab.special_id("pad"),
-        0,
-        tmp_path,
-        None,
-    )
+    task = _Task(config, pretrained_geneformer, tokens, labels, labels.max() + 1, tokenizer.vocab.special_id("pad"), None, lab)
+    trained = task.fine_tune(np.arange(200), 0, tmp_path)
     original = load_pretrained(pretrained_geneformer).state_dict()
     merged_names = {
         n.replace("base_model.model.", "").replace(".base_layer", ""): p
@@ -135,3 +137,22 @@ def test_bad_labels_are_refused_naming_the_file_and_fix(pretrained_geneformer, l
     config = replace(FinetuneConfig(), data={"path": str(path)}, annotate={"label_key": LABEL}).check()
     with pytest.raises(ValueError, match=r"lonely.h5ad.*Platelet.*fewer than 2 cells.*merge"):
         run_annotate(config, None, tmp_path / "b", baselines_only=True)
+
+
+def test_an_anchored_head_with_weight_zero_is_the_baseline_and_the_plain_head_the_model(
+    pretrained_geneformer, labelled_file, tmp_path
+):
+    out = tmp_path / "zero"
+    assert _annotate(pretrained_geneformer, labelled_file, out, "--max-steps", "4", "--set", "annotate.anchor_weights=[0]") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    baseline = metrics["baselines"]["pca_logreg"]
+    assert (
+        metrics["model"]["per_seed"] == baseline["per_seed"]
+        and metrics["model"]["confusion_matrix"] == baseline["confusion_matrix"]
+    )
+    assert metrics["paired"]["macro_f1"]["mean"] == 0
+    plain = tmp_path / "plain"
+    assert _annotate(pretrained_geneformer, labelled_file, plain, "--max-steps", "4", "--head", "plain") == 0
+    metrics = json.loads((plain / "metrics.json").read_text())
+    assert metrics["head"] == "plain" and metrics["model_plain"] is None and metrics["anchor_weights"] is None
+    assert not (plain / "seed0" / "inner0").exists()

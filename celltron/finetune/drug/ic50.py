@@ -35,9 +35,9 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.expression import run_drug_expression
 from celltron.finetune.drug.features import compounds, fingerprints
-from celltron.finetune.perturbation.baselines import anchor
 from celltron.finetune.report import (
     aggregate,
+    anchor,
     choose_best,
     paired_difference,
     plot_bars,

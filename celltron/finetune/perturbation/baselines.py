@@ -150,12 +150,6 @@ def choose_baseline(
     return choose_best(scores, higher_is_better(metric)), scores
 
 
-def anchor(baseline: np.ndarray, model: np.ndarray, weight: float) -> np.ndarray:
-    """The anchored prediction: the baseline plus `weight` times the model's residual from it
-    (weight 0: the baseline itself, bit for bit)."""
-    return baseline if weight == 0 else baseline + weight * (model - baseline)
-
-
 def baseline_report(data: PerturbationData, split: dict) -> dict:
     """Every baseline evaluated on the split's held-out perturbations; the linear baseline's entry
     names the perturbations it predicted as the training mean (`fell_back_to_train_mean`)."""

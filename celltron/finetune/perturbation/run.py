@@ -41,6 +41,7 @@ from celltron.finetune.perturbation.model import (
 )
 from celltron.finetune.report import (
     aggregate,
+    anchor,
     choose_best,
     paired_difference,
     plot_bars,
@@ -360,7 +361,7 @@ class _Runs:
             if section.head == "anchored":
                 predicted.setdefault(PLAIN, {}).update(plain)
             if section.head == "anchored":
-                plain = {p: baselines.anchor(predicted[best][p], plain[p], weight) for p in fold["test"]}
+                plain = {p: anchor(predicted[best][p], plain[p], weight) for p in fold["test"]}
             predicted.setdefault("model", {}).update(plain)
         self.splits[seed], self.folds[seed], self.chosen[seed] = split, folds, chosen
         self.predictions[seed] = predicted
@@ -396,7 +397,7 @@ def choose_weight(config, prepared, screen, train: list[str], seed: int, where: 
         return None, {}
     weights = sorted(set(section.anchor_weights))
     scores = {
-        str(w): evaluate_folds({p: baselines.anchor(baseline[p], model[p], w) for p in model}, screen, folds)[section.headline]
+        str(w): evaluate_folds({p: anchor(baseline[p], model[p], w) for p in model}, screen, folds)[section.headline]
         for w in weights
     }
     return float(choose_best(scores, higher_is_better(section.headline))), scores
