@@ -59,7 +59,12 @@ def random_init_copy(folder: Path, out: Path) -> Path:
     return out
 
 
-def run(shared_data: Path, model: Path | None, out: Path, dataset: str, seeds: list[int], steps: int, split: str) -> dict:
+FROZEN = "retrieval head, frozen encoder"
+
+
+def run(
+    shared_data: Path, model: Path | None, out: Path, dataset: str, seeds: list[int], steps: int, split: str, frozen: bool = True
+) -> dict:
     """One `celltron finetune perturbation` per variant (baselines alone without a model); results
     already in `out` are read, not recomputed."""
     data, reference = shared_paths(shared_data, DATASETS[dataset], REFERENCE)
@@ -70,9 +75,11 @@ def run(shared_data: Path, model: Path | None, out: Path, dataset: str, seeds: l
         random = str(random_init_copy(model, out / "random_init_model"))
         variants = {
             PRETRAINED: ["--model", str(model)],
-            "retrieval head, frozen encoder": ["--model", str(model), "--freeze", "4"],
+            FROZEN: ["--model", str(model), "--freeze", "4"],
             RANDOM: ["--model", random],
         }
+        if not frozen:
+            del variants[FROZEN]
         common += ["--max-steps", str(steps), "--resume", "auto"]
     results = {}
     for name, args in variants.items():
@@ -143,11 +150,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--split", choices=["heldout", "simulation", "leave_one_out"], default="heldout")
+    parser.add_argument("--no-frozen", action="store_true", help="skip the frozen-encoder variant")
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = None if args.baselines_only else args.model
-    results = run(args.shared_data, model, args.out, args.dataset, args.seeds, args.steps, args.split)
+    results = run(args.shared_data, model, args.out, args.dataset, args.seeds, args.steps, args.split, not args.no_frozen)
     print(table(results))
     print()
     print(comparisons(results))
