@@ -105,6 +105,7 @@ def comparisons(results: dict[str, dict]) -> str:
     """Each variant against the best baseline, and pretrained against random initialisation, per
     held-out perturbation (averaged over seeds) with a 95% interval."""
     from celltron.finetune.perturbation.evaluate import higher_is_better
+    from celltron.finetune.perturbation.run import per_unit_means
     from celltron.finetune.report import paired_difference, verdict, verdict_line
 
     first = next(iter(results.values()))
@@ -122,7 +123,9 @@ def comparisons(results: dict[str, dict]) -> str:
                 lines.append(f"- {name} ({subset}): " + verdict_line(metric, "best baseline", difference, "perturbations"))
     for head in ("model", "model_plain"):
         difference = paired_difference(
-            _per_unit(results[PRETRAINED][head], metric), _per_unit(results[RANDOM][head], metric), higher_is_better(metric)
+            per_unit_means(results[PRETRAINED][head]["per_perturbation"].values(), metric),
+            per_unit_means(results[RANDOM][head]["per_perturbation"].values(), metric),
+            higher_is_better(metric),
         )
         d = difference
         lines.append(
@@ -131,14 +134,6 @@ def comparisons(results: dict[str, dict]) -> str:
             + verdict(d).replace("the model", "pretraining").replace("the baseline", "random init")
         )
     return "\n".join(lines)
-
-
-def _per_unit(result: dict, metric: str) -> dict[str, float]:
-    values: dict[str, list[float]] = {}
-    for per_perturbation in result["per_perturbation"].values():
-        for unit, scores in per_perturbation.items():
-            values.setdefault(unit, []).append(scores[metric])
-    return {unit: sum(v) / len(v) for unit, v in values.items()}
 
 
 def main() -> None:

@@ -290,6 +290,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     runs, plain_runs, baseline_runs, splits, weights, first_probabilities, first = {}, {}, {}, {}, {}, None, True
     anchored = section.head == "anchored"
+    task = _Task(config, folder, tokens, labels, len(classes), pad_id, resume, lab) if folder is not None else None
     everyone = np.arange(len(labels))
     for seed in section.seeds:
         train, test = stratified_split(labels, section.test_fraction, seed, f"{lab.path}: obs[{section.label_key!r}]", classes)
@@ -298,7 +299,6 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         baseline_runs[seed] = classification_metrics(labels[test], baseline[test].argmax(1), classes)
         if folder is None:
             continue
-        task = _Task(config, folder, tokens, labels, len(classes), pad_id, resume, lab)
         weight = 1.0
         if anchored:
             weight, weight_scores = choose_weight(task, train, seed, out / f"seed{seed}")

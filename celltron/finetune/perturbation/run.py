@@ -424,7 +424,9 @@ def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
 def _paired(runs: _Runs, metric: str, responsive: list[str]) -> dict:
     """Model − best baseline on `metric` per held-out perturbation (each averaged over seeds),
     with a 95% interval over perturbations; also over the responsive ones."""
-    model, best = _per_unit(runs.evaluations["model"], metric), _per_unit(runs.evaluations[BEST], metric)
+    model, best = (
+        per_unit_means((e["per_perturbation"] for e in runs.evaluations[name].values()), metric) for name in ("model", BEST)
+    )
     out = {"metric": metric}
     for name, units in (("all", model), ("responsive", {p: v for p, v in model.items() if p in responsive})):
         difference = paired_difference(units, best, higher_is_better(metric))
@@ -432,11 +434,12 @@ def _paired(runs: _Runs, metric: str, responsive: list[str]) -> dict:
     return out
 
 
-def _per_unit(per_seed: dict, metric: str) -> dict[str, float]:
-    """perturbation -> its `metric` averaged over the seeds that held it out."""
+def per_unit_means(per_seed, metric: str) -> dict[str, float]:
+    """perturbation -> its `metric` averaged over the seeds that held it out, from each seed's
+    {perturbation: metrics} (metrics.json's `per_perturbation` values)."""
     values: dict[str, list[float]] = {}
-    for evaluation in per_seed.values():
-        for p, result in evaluation["per_perturbation"].items():
+    for per_perturbation in per_seed:
+        for p, result in per_perturbation.items():
             values.setdefault(p, []).append(result[metric])
     return {p: float(np.mean(v)) for p, v in values.items()}
 
