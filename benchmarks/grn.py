@@ -25,14 +25,24 @@ from celltron.cli import main as celltron
 FILES = ("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad", "grn/trrust_rawdata.human.tsv")  # data, truth: in the shared data
 METHODS = ("embedding", "attention", "in-silico")
 COLUMNS = ("auprc_ratio", "epr")
+EXTRAS = ("speed", "paired", "model_plain", "choices", "coverage")
 
 
-def run(shared_data: Path, model: Path, out: Path, seeds: list[int], cells: int, genes: int) -> dict:
+def run(
+    shared_data: Path,
+    model: Path,
+    out: Path,
+    seeds: list[int],
+    cells: int,
+    genes: int,
+    tokens: str = "candidates",
+    methods=METHODS,
+) -> dict:
     data, truth = shared_paths(shared_data, *FILES)
     results: dict = {}
-    for method in METHODS:
+    for method in methods:
         for seed in seeds:
-            folder = out / f"{method}_seed{seed}"
+            folder = out / f"{method}_{tokens}_seed{seed}"
             if not (folder / "metrics.json").exists():
                 assert (
                     celltron(
@@ -56,6 +66,8 @@ def run(shared_data: Path, model: Path, out: Path, seeds: list[int], cells: int,
                             str(cells),
                             "--top-genes",
                             str(genes),
+                            "--tokens",
+                            tokens,
                         ]
                     )
                     == 0
@@ -63,7 +75,10 @@ def run(shared_data: Path, model: Path, out: Path, seeds: list[int], cells: int,
             metrics = json.loads((folder / "metrics.json").read_text())
             results.setdefault(f"model: {method}", []).append(metrics["model"])
             results.setdefault("paired", []).append((method, seed, metrics["paired"]))
-            if method == METHODS[0]:
+            results.setdefault("model_plain", []).append((method, seed, metrics["model_plain"]))
+            results.setdefault("choices", []).append((method, seed, metrics["best_baseline"]))
+            results.setdefault("coverage", []).append((method, seed, metrics["coverage"]))
+            if method == methods[0]:
                 for name, baseline in metrics["baselines"].items():
                     results.setdefault(f"baseline: {name}", []).append(baseline)
             if "cells_x_tfs_per_second" in metrics:
@@ -75,13 +90,32 @@ def table(results: dict) -> str:
     rows = [
         (name, {**{c: np.mean([r[c] for r in runs]) for c in COLUMNS}, "std": {c: np.std([r[c] for r in runs]) for c in COLUMNS}})
         for name, runs in results.items()
-        if name not in ("speed", "paired")
+        if name not in EXTRAS
+    ]
+    plain = {}
+    for method, _, result in results.get("model_plain", []):
+        if result:
+            plain.setdefault(f"model alone: {method}", []).append(result)
+    rows += [
+        (name, {**{c: np.mean([r[c] for r in runs]) for c in COLUMNS}, "std": {c: np.std([r[c] for r in runs]) for c in COLUMNS}})
+        for name, runs in plain.items()
     ]
     text = mean_std_table(rows, COLUMNS)
     for method, seed, d in results.get("paired", []):
         text += (
-            f"\n- {method}, seed {seed}: model − {'/'.join(dict.fromkeys(d['baselines']))} on {d['metric']}: {d['mean']:+.3f} "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}] — {d['verdict']}"
+            f"\n- {method}, seed {seed}: anchored head − {'/'.join(dict.fromkeys(d['baselines']))} on {d['metric']}: "
+            f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] — {d['verdict']}"
+        )
+    for method, seed, picks in results.get("choices", []):
+        chosen = ", ".join(
+            f"{p['name']} w={p.get('weight', 'n/a')}" + (f" view={p['model_view']}" if "model_view" in p else "") for p in picks
+        )
+        text += f"\n- {method}, seed {seed}, per fold (chosen on training edges): {chosen}"
+    for method, seed, c in results.get("coverage", []):
+        text += (
+            f"\n- {method}, seed {seed}: truth edges scoreable ({c['scoreable_when']}) of {c['truth_edges']}: "
+            f"tokenizer's tokens {c['tokenizer']['truth_edges']}, candidates first {c['candidates']['truth_edges']}; "
+            f"candidate pairs {c['tokenizer']['candidate_pairs']} -> {c['candidates']['candidate_pairs']} of {c['candidate_pairs']}"
         )
     if "speed" in results:
         text += f"\n\nin-silico deletion: {np.mean(results['speed']):.1f} cells x TFs per second"
@@ -95,10 +129,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--genes", type=int, default=1000, help="targets: the most variable genes")
+    parser.add_argument("--tokens", choices=["candidates", "tokenizer"], default="candidates", help="celltron grn --tokens")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(table(run(args.shared_data, args.model, args.out, args.seeds, args.cells, args.genes)))
+    print(table(run(args.shared_data, args.model, args.out, args.seeds, args.cells, args.genes, args.tokens, args.methods)))
 
 
 if __name__ == "__main__":

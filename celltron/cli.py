@@ -387,6 +387,7 @@ def _grn(args) -> int:
         head=args.head,
         **({"anchor_weights": args.anchor_weights} if args.anchor_weights is not None else {}),
     )
+        tokens=args.tokens,
     print(
         f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
         + (f" and {args.out}/metrics.json" if args.truth else "")
@@ -594,7 +595,7 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--gene-column")
     grn.add_argument("--species", choices=["human", "mouse"])
     grn.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
-    grn.add_argument("--max-cells", type=number(int, ">= 1"), default=1000, help="cells sampled (seeded)")
+    grn.add_argument("--max-cells", type=number(int, ">= 0"), default=1000, help="cells sampled (seeded); 0: every cell")
     grn.add_argument("--top-genes", type=number(int, ">= 1"), default=2000, help="targets: the most variable genes")
     grn.add_argument("--seed", type=number(int, ">= 0"), default=0, help="seeds the cell sample and the held-out split")
     grn.add_argument(
@@ -623,6 +624,13 @@ def _parser() -> argparse.ArgumentParser:
     grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
     grn.set_defaults(run=_grn)
 
+    grn.add_argument(
+        "--tokens",
+        default="candidates",
+        choices=["candidates", "tokenizer"],
+        help="with --model: candidates (default) builds each cell's tokens from its detected genes, candidate TFs "
+        "first, then candidate targets, then the rest, up to the tokenizer's length; tokenizer uses its own cut",
+    )
     embedding = verbs.add_parser(
         "evaluate-embedding", help="zero-shot scores of cell embeddings in an .h5ad beside a PCA baseline"
     )

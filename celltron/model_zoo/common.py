@@ -173,26 +173,30 @@ def plan_attention(
 
 
 _attention_records: list | None = None
+_records_per_head = False
 
 
 @contextmanager
-def recording_attention(records: list):
+def recording_attention(records: list, per_head: bool = False):
     """Within the block, every attention layer also appends its attention probabilities,
     averaged over heads, (batch, queries, keys), to `records`, in layer order: for analyses
-    (GRN inference from attention), on the SDPA path only, at the cost of materialising them."""
-    global _attention_records
-    previous, _attention_records = _attention_records, records
+    (GRN inference from attention), on the SDPA path only, at the cost of materialising them.
+    `per_head` keeps the heads apart: (batch, heads, queries, keys)."""
+    global _attention_records, _records_per_head
+    previous = _attention_records, _records_per_head
+    _attention_records, _records_per_head = records, per_head
     try:
         yield records
     finally:
-        _attention_records = previous
+        _attention_records, _records_per_head = previous
 
 
 def _record_attention(query: torch.Tensor, key: torch.Tensor, mask) -> None:
     scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    _attention_records.append(torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).mean(1))
+    probabilities = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0)
+    _attention_records.append(probabilities if _records_per_head else probabilities.mean(1))
 
 
 def multi_head_attention(query, key, value, n_heads: int, plan: AttentionPlan, dropout: float) -> torch.Tensor:

@@ -25,7 +25,8 @@ from celltron.finetune.grn.evaluate import (
     rank_normalised,
     read_truth,
 )
-from celltron.finetune.grn.run import bundled_tfs
+from celltron.finetune.grn.run import attention_scores, bundled_tfs, candidates_first, scoreable_pairs
+from celltron.tokenizers.ragged import RaggedTokens
 from tests.conftest import shared_file
 
 TFS, TARGETS = ["T1", "T2", "T3"], [f"G{i}" for i in range(20)]
@@ -251,6 +252,76 @@ def test_the_plain_head_scores_the_models_own_edges():
         assert plain["methods"]["model"]["folds"][index] == evaluate_edges(test, truth)
 
 
+def test_each_fold_scores_the_model_view_best_on_its_training_block():
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views(seed=4)
+    noise = model.assign(score=np.random.default_rng(9).random(len(model)))
+    views = {"mean": noise, "layer1_head2": model}
+    result = evaluate_on_folds(views, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=50)
+    for index, (pick, fold) in enumerate(zip(result["best_baseline"], folds)):
+        assert pick["model_view"] == "layer1_head2" and list(pick["view_scores"]) == ["mean", "layer1_head2"]
+        test = model[model.tf.isin(fold["test_tfs"]) & model.target.isin(fold["test_targets"])]
+        assert result["methods"]["model"]["folds"][index] == evaluate_edges(test, truth)
+    # a view perfect on the held-out block and blind elsewhere is not chosen: the choice never reads it
+    fold = folds[0]
+    on_test = model.tf.isin(fold["test_tfs"]) & model.target.isin(fold["test_targets"])
+    is_true = model.set_index(["tf", "target"]).index.isin(truth.set_index(["tf", "target"]).index)
+    peeks = model.assign(score=np.where(on_test, is_true, noise.score))
+    result = evaluate_on_folds(
+        {"mean": model, "peeks": peeks}, {"coexpression": baseline}, truth, tfs, targets, [fold], n_resamples=50
+    )
+    assert result["best_baseline"][0]["model_view"] == "mean"
+
+
+def test_candidate_first_tokens_keep_specials_then_tfs_then_targets_in_the_cells_order():
+    cls, eos = 1, 2
+    tokens = RaggedTokens(np.array([cls, 10, 11, 12, 13, 14, eos, cls, 20, eos]), np.array([0, 7, 10]), np.arange(10.0))
+    level = np.full(30, 2)
+    level[13], level[[11, 14]] = 0, 1  # a candidate TF, two candidate targets
+    kept = candidates_first(tokens, level, capacity=5, specials=[cls, eos])
+    assert kept[0].tolist() == [cls, 11, 13, 14, eos]  # the TF, then targets, beat genes ranked above them
+    assert kept.cell_values(0).tolist() == [0, 2, 4, 5, 6]  # values travel with their tokens
+    assert kept[1].tolist() == [cls, 20, eos]  # a cell within the length is left as it is
+    tight = candidates_first(tokens, level, capacity=4, specials=[cls, eos])
+    assert tight[0].tolist() == [cls, 11, 13, eos]  # the TF, then the targets in the cell's own order
+
+
+def test_scoreable_pairs_need_both_genes_in_one_cell_for_attention_and_anywhere_for_embeddings():
+    token_of = {"T1": 13, "T2": 20, "G0": 11, "G1": 14}
+    tokens = RaggedTokens(np.array([13, 11, 20, 14]), np.array([0, 2, 4]))
+    together = scoreable_pairs(tokens, token_of, ["T1", "T2"], ["G0", "G1"], together=True)
+    assert together.tolist() == [[True, False], [False, True]]
+    assert scoreable_pairs(tokens, token_of, ["T1", "T2"], ["G0", "G1"], together=False).all()
+
+
+def test_attention_keeps_each_layer_and_head_and_the_mean_view_averages_them(pretrained_geneformer):
+    import torch
+
+    from celltron.finetune.adapt import load_encoder
+    from celltron.finetune.config import AdaptSection
+    from celltron.model_zoo.common import recording_attention
+
+    encoder = load_encoder(pretrained_geneformer, AdaptSection()).eval()
+    layers, heads = encoder.config.num_hidden_layers, encoder.config.num_attention_heads
+    cells = np.array([[30, 31, 32, 34, 35], [33, 35, 30, 36, 32]])  # gene tokens; 30 and 33 are TFs
+    tokens = RaggedTokens(cells.ravel(), np.array([0, 5, 10]))
+    token_of = {f"g{t}": t for t in range(30, 37)}
+    tfs, targets = ["g30", "g33"], ["g32", "g34", "g36"]
+    views = attention_scores(encoder, tokens, 0, token_of, tfs, targets)
+    assert list(views) == ["mean", *[f"layer{i + 1}" for i in range(layers)]] + [
+        f"layer{i + 1}_head{h + 1}" for i in range(layers) for h in range(heads)
+    ]
+    each = np.stack([views[f"layer{i + 1}_head{h + 1}"].score for i in range(layers) for h in range(heads)])
+    assert np.allclose(views["mean"].score, each.mean(0))
+    with torch.no_grad(), recording_attention([], per_head=True) as records:
+        encoder(input_ids=torch.as_tensor(cells), attention_mask=torch.ones_like(torch.as_tensor(cells)), heads=False)
+    # target g32 (query) on TF g30 (key), layer 2 head 1: position 2 on 0 in cell 0, 4 on 2 in cell 1
+    by_hand = (records[1][0, 0, 2, 0] + records[1][1, 0, 4, 2]).item() / 2
+    edges = views["layer2_head1"]
+    assert np.isclose(edges.score[(edges.tf == "g30") & (edges.target == "g32")].item(), by_hand, atol=1e-6)
+    for view in views.values():  # g33 and g34 never share a cell: last in every view
+        assert view.score[(view.tf == "g33") & (view.target == "g34")].tolist() == [-1.0]
+
+
 def test_anchor_weights_outside_zero_to_one_are_refused_naming_the_flag(tmp_path, capsys):
     assert check_anchor_weights([1, 0.5, 0, 0.5]) == (0, 0.5, 1)
     for weights in ([1.5], [-0.1, 0.5], [float("nan")], []):
@@ -303,6 +374,11 @@ def test_grn_cli_scores_model_edges_beside_the_baselines_on_pbmc(pretrained_gene
     assert metrics["head"] == "anchored" and metrics["model_plain"]["n_true_edges"] == metrics["model"]["n_true_edges"]
     assert all(pick["weight"] in metrics["anchor_weights"] for pick in metrics["best_baseline"])
     printed = capsys.readouterr().out
+    # candidate-first tokens (the default) can only add scoreable truth edges to the tokenizer's cut
+    coverage = metrics["coverage"]
+    assert coverage["tokens"] == "candidates" and coverage["scoreable_when"] == "each in some cell"
+    assert coverage["truth_edges"] >= coverage["candidates"]["truth_edges"] >= coverage["tokenizer"]["truth_edges"] > 0
+    assert "scoreable (each in some cell; scored with candidates tokens)" in printed
     assert "degree_prior" in printed and "chosen on each fold's training edges" in printed
     assert "anchor weight per fold" in printed and "anchored head: model − " in printed
     edges = pd.read_csv(tmp_path / "edges.tsv", sep="\t")
@@ -324,7 +400,7 @@ def test_tree_baseline_finds_nonlinear_regulation():
     assert trees["auprc"] > 0.9 > linear["auprc"]
 
 
-def test_attention_method_scores_pairs_the_cells_hold(pretrained_geneformer, tmp_path):
+def test_attention_method_scores_pairs_the_cells_hold(pretrained_geneformer, tmp_path, capsys):
     data = shared_file("scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad")
     code = main(
         [
@@ -351,6 +427,10 @@ def test_attention_method_scores_pairs_the_cells_hold(pretrained_geneformer, tmp
     seen = edges[edges.score >= 0]
     assert len(seen) > 100 and seen.score.max() <= 1  # attention probabilities; unseen pairs rank last at -1
     assert (edges.score[: len(seen)] >= 0).all()
+    # pairs a cell holds together, out of all candidate pairs: more with the candidates put first
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("scoreable ("))
+    (before, total), (after, _) = [map(int, part.split("pairs ")[1].split("/")) for part in line.split(": ", 1)[1].split("; ")]
+    assert "a cell holds both" in line and before < after <= total and after == len(seen)
 
 
 def test_in_silico_deletion_scores_embedding_shifts_and_reports_its_speed(pretrained_geneformer, tmp_path):

@@ -60,10 +60,10 @@ def evaluate_edges(edges: pd.DataFrame, truth: pd.DataFrame) -> dict:
     edges among the scored ones), and the early precision ratio (precision in the top k edges,
     k = true edges among the scored, over the density). Truth is restricted to scored edges."""
     ranked = edges.sort_values("score", ascending=False, kind="stable")
-    return _metrics_of_ranking(_is_true(ranked, truth))
+    return _metrics_of_ranking(is_true_edge(ranked, truth))
 
 
-def _is_true(edges: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+def is_true_edge(edges: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
     """Whether each (tf, target) row of `edges` is an edge of `truth`."""
     pairs = pd.MultiIndex.from_arrays([edges.tf.to_numpy(), edges.target.to_numpy()])
     return np.asarray(pairs.isin(pd.MultiIndex.from_arrays([truth.tf.to_numpy(), truth.target.to_numpy()])), dtype=bool)
@@ -188,7 +188,7 @@ def degree_prior_scores(truth: pd.DataFrame, train_tfs, tfs, targets) -> pd.Data
     edges = candidate_edges(tfs, targets)
     known = truth[truth.tf.isin(set(train_tfs))].drop_duplicates()
     regulators = edges.target.map(known.groupby("target").size()).fillna(0).to_numpy()
-    own = edges.tf.isin(set(train_tfs)).to_numpy() & _is_true(edges, known)
+    own = edges.tf.isin(set(train_tfs)).to_numpy() & is_true_edge(edges, known)
     edges["score"] = regulators - own
     edges["method"] = "degree_prior"
     return edges
@@ -205,7 +205,7 @@ def resampled_metrics(edges: pd.DataFrame, truth: pd.DataFrame, units, draws: np
     with replacement, and the metric is recomputed on their edges, a TF drawn k times counting
     its edges k times (copies adjacent in the ranking, as `evaluate_edges` would order them)."""
     ranked = edges.sort_values("score", ascending=False, kind="stable")
-    hits = _is_true(ranked, truth)
+    hits = is_true_edge(ranked, truth)
     unit_of_edge = pd.Index(units).get_indexer(ranked.tf)
     values = {metric: np.empty(len(draws)) for metric in INTERVAL_METRICS}
     for row, drawn in enumerate(draws):
@@ -239,7 +239,7 @@ def bootstrap_edges_metric(
 
 
 def evaluate_on_folds(
-    model: pd.DataFrame | None,
+    model: pd.DataFrame | dict[str, pd.DataFrame] | None,
     baselines: dict[str, pd.DataFrame],
     truth: pd.DataFrame,
     tfs,
@@ -258,20 +258,31 @@ def evaluate_on_folds(
     "best_baseline": per fold, the baseline with the best AUPRC ratio on its training edges,
     "paired": model − that baseline on the held-out blocks (None without a model)}.
 
+    `model` may be several views of the model's scores ({name: edges}, e.g. one per attention
+    layer and head): each fold then scores the view with the best AUPRC ratio on its training
+    block (ties to the first named), recorded in "best_baseline" ("model_view", "view_scores").
+
     With `anchor_weights` (the anchored head) "model" is the anchored score (`anchor_on_fold`),
     its weight chosen per fold on the training block and recorded in "best_baseline" ("weight",
     "weight_scores"); the model's own scores are then scored as "model_plain"."""
     anchored = model is not None and anchor_weights is not None
-    runs = ({"model": model} if model is not None else {}) | dict(baselines)
-    fold_metrics: dict[str, list] = {name: [] for name in [*runs, "degree_prior", *(["model_plain"] if anchored else [])]}
+    views = model if isinstance(model, dict) else ({"model": model} if model is not None else {})
+    runs = dict(baselines)
+    names = [*(["model"] if views else []), *runs, "degree_prior", *(["model_plain"] if anchored else [])]
+    fold_metrics: dict[str, list] = {name: [] for name in names}
     fold_draws: dict[str, list] = {name: [] for name in fold_metrics}
     chosen = []
     for index, fold in enumerate(folds):
         fold_runs = {**runs, "degree_prior": degree_prior_scores(truth, fold["train_tfs"], tfs, targets)}
-        pick = best_baseline_on_training_edges({k: v for k, v in fold_runs.items() if k != "model"}, truth, fold)
+        pick = best_baseline_on_training_edges(fold_runs, truth, fold)
+        if views:
+            fold_runs["model"], view_choice = view_on_training_edges(views, truth, fold)
+            pick |= view_choice
         if anchored:
-            fold_runs["model"], choice = anchor_on_fold(fold_runs[pick["name"]], model, truth, fold, anchor_weights)
-            fold_runs["model_plain"] = model
+            fold_runs["model_plain"] = fold_runs["model"]
+            fold_runs["model"], choice = anchor_on_fold(
+                fold_runs[pick["name"]], fold_runs["model_plain"], truth, fold, anchor_weights
+            )
             pick |= choice
         chosen.append(pick)
         # one draw of held-out TFs per fold, shared by every method: differences are paired
@@ -296,6 +307,19 @@ def best_baseline_on_training_edges(baselines: dict[str, pd.DataFrame], truth: p
     }
     name = choose_best(scores)
     return {"name": name, "metric": CHOICE_METRIC, "training_score": scores[name], "training_scores": scores}
+
+
+def view_on_training_edges(views: dict[str, pd.DataFrame], truth: pd.DataFrame, fold: dict) -> tuple[pd.DataFrame, dict]:
+    """The view of the model's scores with the best AUPRC ratio on the fold's training block
+    (first named on ties), and the record of that choice ({} for a single view)."""
+    if len(views) == 1:
+        return next(iter(views.values())), {}
+    scores = {
+        name: evaluate_edges(block_edges(edges, fold["train_tfs"], fold["train_targets"]), truth)[CHOICE_METRIC]
+        for name, edges in views.items()
+    }
+    name = choose_best(scores)
+    return views[name], {"model_view": name, "view_scores": scores}
 
 
 ANCHOR_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # the model's share of the anchored ranking

@@ -13,6 +13,7 @@ Methods so far:
 
 from __future__ import annotations
 
+import copy
 import logging
 from importlib import resources
 from pathlib import Path
@@ -39,6 +40,7 @@ from celltron.finetune.grn.evaluate import (
     degree_prior_scores,
     evaluate_edges,
     evaluate_on_folds,
+    is_true_edge,
     read_truth,
     tree_scores,
 )
@@ -50,11 +52,13 @@ from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
 from celltron.model_zoo.common import recording_attention
 from celltron.model_zoo.registry import resolve_model_folder
 from celltron.preprocessing import log_normalise
+from celltron.tokenizers.ragged import RaggedTokens
 
 log = logging.getLogger(__name__)
 METHODS = ("embedding", "attention", "in-silico")
 BASELINES = ("coexpression_pearson", "coexpression_spearman", "genie3_extra_trees")
 HEADS = ("anchored", "plain")
+TOKEN_CHOICES = ("candidates", "tokenizer")
 
 
 def bundled_tfs(species: str) -> list[str]:
@@ -146,35 +150,60 @@ def embedding_scores(means: np.ndarray, counts: np.ndarray, token_of: dict[str, 
 @torch.no_grad()
 def attention_scores(
     model, tokens, pad_id: int, token_of: dict[str, int], tfs, targets, batch_size: int = 32, precision: str = "auto"
-) -> pd.DataFrame:
-    """Attention of each target (query) on each TF (key), averaged over heads, layers and the
-    cells holding both; pairs never seen together rank last."""
+) -> dict[str, pd.DataFrame]:
+    """Attention of each target (query) on each TF (key), averaged over the cells holding both;
+    pairs never seen together rank last. Returns one edge list per view of the attention:
+    "mean" (over every layer and head, first, so it wins ties), "layer{l}" (over that layer's
+    heads) and "layer{l}_head{h}" (one head), layers and heads counted from 1. Heads specialise,
+    so averaging them all can wash out the one that tracks regulation; which view to trust is
+    a choice made on training edges (`evaluate.evaluate_on_folds`)."""
     model.eval()
     device = next(model.parameters()).device
     tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
     target_column = {token_of[g]: j for j, g in enumerate(targets) if g in token_of}
-    sums, counts = np.zeros((len(tfs), len(targets))), np.zeros((len(tfs), len(targets)))
+    sums, counts = None, np.zeros((len(tfs), len(targets)))
     for start in range(0, len(tokens), batch_size):
         rows = np.arange(start, min(start + batch_size, len(tokens)))
         batch = pad_cells(tokens, rows, pad_id)
-        with recording_attention([]) as records, autocast(device, precision):
+        with recording_attention([], per_head=True) as records, autocast(device, precision):
             model(**to_device(batch, device), heads=False)
-        attention = torch.stack(records).float().mean(0).cpu().double().numpy()  # (cells, queries, keys)
+        attention = torch.stack(records, 1).float().cpu().numpy()  # (cells, layers, heads, queries, keys)
+        if sums is None:
+            sums = np.zeros((*attention.shape[1:3], len(tfs), len(targets)))
         for i, row in enumerate(rows):
-            ids = tokens[row]
-            tf_at = [(p, tf_row[t]) for p, t in enumerate(ids) if t in tf_row]
-            target_at = [(p, target_column[t]) for p, t in enumerate(ids) if t in target_column]
-            if not tf_at or not target_at:
+            tf_pos, tf_idx = _positions(tokens[row], tf_row)
+            target_pos, target_idx = _positions(tokens[row], target_column)
+            if not len(tf_pos) or not len(target_pos):
                 continue
-            (tf_pos, tf_idx), (target_pos, target_idx) = zip(*tf_at), zip(*target_at)
-            block = np.ix_(list(tf_idx), list(target_idx))
-            sums[block] += attention[i][np.ix_(list(target_pos), list(tf_pos))].T
-            counts[block] += 1
-    score = np.where(counts > 0, sums / np.maximum(counts, 1), -1.0)
+            # (layers, heads, targets, TFs) -> (layers, heads, TFs, targets)
+            block = attention[i][:, :, target_pos[:, None], tf_pos[None, :]].swapaxes(-1, -2)
+            sums[:, :, tf_idx[:, None], target_idx[None, :]] += block
+            counts[np.ix_(tf_idx, target_idx)] += 1
+    if sums is None:  # no cells
+        sums = np.zeros((1, 1, len(tfs), len(targets)))
+    return _attention_views(sums, counts, tfs, targets)
+
+
+def _positions(ids, index_of: dict[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Positions in a cell's `ids` of the tokens `index_of` knows, and their indices there."""
+    pairs = [(p, index_of[t]) for p, t in enumerate(np.asarray(ids).tolist()) if t in index_of]
+    return (np.array([p for p, _ in pairs], dtype=np.int64), np.array([i for _, i in pairs], dtype=np.int64))
+
+
+def _attention_views(sums: np.ndarray, counts: np.ndarray, tfs, targets) -> dict[str, pd.DataFrame]:
+    """Edge lists from (layers, heads, TFs, targets) attention sums over `counts` cells."""
+    layers, heads = sums.shape[:2]
+    views = {"mean": sums.mean((0, 1))}
+    views |= {f"layer{layer + 1}": sums[layer].mean(0) for layer in range(layers)}
+    views |= {f"layer{layer + 1}_head{head + 1}": sums[layer, head] for layer in range(layers) for head in range(heads)}
     edges = candidate_edges(tfs, targets)
-    edges["score"] = score[pd.Index(tfs).get_indexer(edges.tf), pd.Index(targets).get_indexer(edges.target)]
-    edges["method"] = "attention"
-    return edges
+    rows, columns = pd.Index(tfs).get_indexer(edges.tf), pd.Index(targets).get_indexer(edges.target)
+    seen = counts[rows, columns] > 0
+    out = {}
+    for name, total in views.items():
+        score = np.where(seen, total[rows, columns] / np.maximum(counts[rows, columns], 1), -1.0)
+        out[name] = pd.DataFrame({"tf": edges.tf, "target": edges.target, "score": score, "method": "attention"}, copy=False)
+    return out
 
 
 def _cell_batch(ids: np.ndarray, values, deleted: list[int], pad_id: int) -> dict:
@@ -248,12 +277,138 @@ def in_silico_scores(
 def _expression_view(lab, max_cells: int, top_genes: int, seed: int):
     """Log-normalised expression of a seeded sample of cells, and the highly variable genes."""
     rng = np.random.default_rng(seed)
-    cells = np.sort(rng.choice(lab.n_cells, min(max_cells, lab.n_cells), replace=False))
+    n_cells = lab.n_cells if max_cells == 0 else min(max_cells, lab.n_cells)
+    cells = np.sort(rng.choice(lab.n_cells, n_cells, replace=False))
     expression = log_normalise(lab.counts[cells]).toarray()
     names = lab.gene_names.astype(str)
     unique = ~pd.Index(names).duplicated()
     variable = np.argsort(-np.where(unique, expression.var(0), -1), kind="stable")[:top_genes]
     return cells, expression[:, unique], names[unique], sorted(set(names[variable]))
+
+
+def full_length_tokens(lab, tokenizer, cells, seed: int) -> RaggedTokens:
+    """Every gene each cell detects (and has a token for), in the tokenizer's order: the
+    tokenizer with its length cut lifted (its own object is left as it is)."""
+    uncut = copy.copy(tokenizer)
+    uncut.max_len = lab.counts.shape[1] + 8  # every gene, with room for any special tokens
+    return tokenize_cells(lab, uncut, cells, seed)
+
+
+def candidates_first(tokens: RaggedTokens, level_of_token: np.ndarray, capacity: int, specials) -> RaggedTokens:
+    """Each cell's tokens cut to `capacity`, keeping its special tokens, then its genes by
+    `level_of_token` (0 first: candidate TFs; 1: candidate targets; 2: the rest), ties in the
+    cell's own order; the kept tokens stay in that order, with their values."""
+    specials = np.fromiter(specials, dtype=np.int64)
+    kept_ids, kept_values, offsets = [], [], [0]
+    for cell in range(len(tokens)):
+        ids = np.asarray(tokens[cell])
+        keep = _kept_positions(ids, level_of_token, capacity, np.isin(ids, specials))
+        kept_ids.append(ids[keep])
+        if tokens.values is not None:
+            kept_values.append(tokens.cell_values(cell)[keep])
+        offsets.append(offsets[-1] + len(keep))
+    values = np.concatenate(kept_values) if tokens.values is not None and kept_values else tokens.values
+    return RaggedTokens(
+        np.concatenate(kept_ids) if kept_ids else tokens.input_ids[:0], np.asarray(offsets, dtype=np.int64), values
+    )
+
+
+def _kept_positions(ids: np.ndarray, level_of_token: np.ndarray, capacity: int, special: np.ndarray) -> np.ndarray:
+    genes = np.flatnonzero(~special)
+    budget = max(capacity - int(special.sum()), 0)
+    if len(genes) <= budget:
+        return np.arange(len(ids))
+    chosen = genes[np.argsort(level_of_token[ids[genes]], kind="stable")[:budget]]
+    return np.sort(np.concatenate([np.flatnonzero(special), chosen]))
+
+
+def scoreable_pairs(tokens: RaggedTokens, token_of: dict[str, int], tfs, targets, together: bool = True) -> np.ndarray:
+    """(TFs, targets): which pairs a model reading `tokens` can score. `together`: a cell holds
+    both (attention, in-silico deletion); otherwise each appears in some cell (embeddings)."""
+    tf_row = {token_of[g]: i for i, g in enumerate(tfs) if g in token_of}
+    target_column = {token_of[g]: j for j, g in enumerate(targets) if g in token_of}
+    held = np.zeros((len(tfs), len(targets)), dtype=bool)
+    seen_tfs, seen_targets = np.zeros(len(tfs), dtype=bool), np.zeros(len(targets), dtype=bool)
+    for cell in range(len(tokens)):
+        _, tf_idx = _positions(tokens[cell], tf_row)
+        _, target_idx = _positions(tokens[cell], target_column)
+        seen_tfs[tf_idx], seen_targets[target_idx] = True, True
+        if together:
+            held[np.ix_(tf_idx, target_idx)] = True
+    return held if together else np.outer(seen_tfs, seen_targets)
+
+
+class _Scoring:
+    """The model's side of `run_grn`: its encoder, the cells' tokens (the tokenizer's own, and
+    candidate-first), the edge scores and how many pairs each choice of tokens can score."""
+
+    def __init__(self, folder, tokenizer, lab, cells, tfs, targets, seed, tokens, device, precision, batch_size):
+        self.tfs, self.targets, self.mode = tfs, targets, tokens
+        self.precision, self.batch_size = precision, batch_size
+        self.encoder = load_encoder(folder, AdaptSection()).to(pick_device(device))
+        self.vocab_size, self.pad = len(tokenizer.vocab), tokenizer.vocab.special_id("pad")
+        token_ids = tokenizer.vocab.lookup_genes(lab.gene_ids)
+        self.token_of = {n: int(t) for n, t in zip(lab.gene_names.astype(str), token_ids) if t >= 0}
+        level = np.full(len(tokenizer.vocab), 2, dtype=np.int64)
+        level[[self.token_of[g] for g in targets if g in self.token_of]] = 1
+        level[[self.token_of[g] for g in tfs if g in self.token_of]] = 0
+        self.by_choice = {"tokenizer": tokenize_cells(lab, tokenizer, cells, seed)}
+        full = full_length_tokens(lab, tokenizer, cells, seed)
+        specials = tokenizer.vocab.special_ids().tolist()
+        self.by_choice["candidates"] = candidates_first(full, level, tokenizer.max_len, specials)
+
+    def views(self, method: str) -> tuple[dict[str, pd.DataFrame], dict]:
+        """The model's edge scores ({view: edges}; one view but for attention) and, for in-silico
+        deletion, its speed."""
+        tokens, args = self.by_choice[self.mode], (self.pad, self.token_of, self.tfs, self.targets)
+        if method == "attention":
+            return attention_scores(self.encoder, tokens, *args, self.batch_size, self.precision), {}
+        if method == "in-silico":
+            edges, rate = in_silico_scores(self.encoder, tokens, *args, self.precision)
+            log.warning("in-silico deletion: %.1f cells x TFs per second", rate)
+            return {"model": edges}, {"cells_x_tfs_per_second": round(rate, 1), "device": _device_name(self.encoder)}
+        means, counts = contextual_gene_embeddings(
+            self.encoder, tokens, self.vocab_size, self.pad, self.batch_size, self.precision
+        )
+        return {"model": embedding_scores(means, counts, self.token_of, self.tfs, self.targets)}, {}
+
+    def coverage(self, method: str, truth: pd.DataFrame | None) -> dict:
+        """Candidate pairs (and truth edges among them) the model can score with each choice of
+        tokens: the tokenizer's own, and candidate-first."""
+        edges = candidate_edges(self.tfs, self.targets)
+        rows, columns = pd.Index(self.tfs).get_indexer(edges.tf), pd.Index(self.targets).get_indexer(edges.target)
+        true = is_true_edge(edges, truth) if truth is not None else None
+        result = {"tokens": self.mode, "scoreable_when": "a cell holds both" if method != "embedding" else "each in some cell"}
+        result["candidate_pairs"], result["truth_edges"] = len(edges), int(true.sum()) if true is not None else None
+        for choice, tokens in self.by_choice.items():
+            held = scoreable_pairs(tokens, self.token_of, self.tfs, self.targets, together=method != "embedding")[rows, columns]
+            result[choice] = {
+                "candidate_pairs": int(held.sum()),
+                "truth_edges": int((held & true).sum()) if true is not None else None,
+                "mean_tokens_per_cell": round(float(tokens.lengths.mean()), 1) if len(tokens) else 0.0,
+            }
+        return result
+
+
+def _coverage_line(coverage: dict) -> str:
+    """How many pairs (and truth edges) the model can score, by the tokenizer's tokens and candidate-first."""
+
+    def part(choice: str) -> str:
+        counts = coverage[choice]
+        truth = f", truth edges {counts['truth_edges']}/{coverage['truth_edges']}" if coverage["truth_edges"] is not None else ""
+        return f"{choice} tokens: pairs {counts['candidate_pairs']}/{coverage['candidate_pairs']}{truth}"
+
+    return f"scoreable ({coverage['scoreable_when']}; scored with {coverage['tokens']} tokens): " + "; ".join(
+        part(choice) for choice in ("tokenizer", "candidates")
+    )
+
+
+def _best_view_over_all_pairs(views: dict[str, pd.DataFrame], truth: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """The model's view with the best AUPRC ratio over the whole candidate set (in-sample, like
+    every "all_pairs" figure), its metrics (naming the view when there are several) and edges."""
+    scores = {name: evaluate_edges(edges, truth) for name, edges in views.items()}
+    name = choose_best({view: metrics[CHOICE_METRIC] for view, metrics in scores.items()})
+    return scores[name] | ({"model_view": name} if len(views) > 1 else {}), views[name]
 
 
 def run_grn(
@@ -276,6 +431,7 @@ def run_grn(
     n_folds: int = 3,
     head: str = "anchored",
     anchor_weights=ANCHOR_WEIGHTS,
+    tokens: str = "candidates",
 ) -> dict:
     """Infer edges with `method` (and the baselines), write edges.tsv and, with a truth,
     metrics.json under `out`; returns the metrics (or the edge counts without a truth). The model
@@ -293,7 +449,16 @@ def run_grn(
     and recorded beside the chosen baseline ("best_baseline": "weight", "weight_scores"); the
     model's own scores are then "model_plain". "plain" scores the model's own scores as "model".
     edges.tsv always holds the model's own scores: the anchored ranking depends on the truth
-    (through the baseline choice and the degree prior), so it is an evaluation, not an inference."""
+    (through the baseline choice and the degree prior), so it is an evaluation, not an inference.
+
+    `tokens` "candidates" (the default) builds each cell's tokens from every gene it detects,
+    its candidate TFs first, then its candidate targets, then its other genes, in the
+    tokenizer's order, up to the tokenizer's length: a TF a cell expresses is scored even where
+    the tokenizer's own cut (the top-ranked genes, or scGPT's sample) would drop it.
+    "tokenizer" uses the tokenizer's tokens as they are. "coverage" in the result counts the
+    candidate pairs (and truth edges) the model can score either way. The attention method
+    keeps each layer and head apart; each fold scores the view best on its training block.
+    `max_cells` 0 scores every cell."""
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: available methods are {METHODS}")
     if head not in HEADS:
@@ -305,6 +470,8 @@ def run_grn(
     given_tfs = read_tfs(tfs_path) if tfs_path else None
     folder = resolve_model_folder(model) if model is not None else None
     lab = read_lab_data(data, (), layer, gene_column, species, min_mapped_fraction)
+    if tokens not in TOKEN_CHOICES:
+        raise ConfigError(f"--tokens {tokens!r}: choose one of {TOKEN_CHOICES}")
     cells, expression, names, targets = _expression_view(lab, max_cells, top_genes, seed)
     tf_list = given_tfs or bundled_tfs(lab.species)
     tfs = sorted(set(tf_list) & set(names))
@@ -316,29 +483,20 @@ def run_grn(
     if folder is not None:
         tokenizer = load_model_tokenizer(folder, lab)
         check_vocabulary_coverage(lab, tokenizer.vocab)
-    speed = {}
     runs = {name: coexpression_scores(expression, names, tfs, targets, name.split("_")[1]) for name in BASELINES[:2]}
     # GENIE3 over the TFs the sampled cells express (an unexpressed TF explains nothing)
     expressed = [t for t in tfs if expression[:, list(names).index(t)].any()]
     trees = tree_scores(expression, names, expressed, targets, seed=seed)
     runs["genie3_extra_trees"] = _complete(trees, tfs, targets)
+    views, speed, coverage = {}, {}, None
     if folder is not None:
-        encoder = load_encoder(folder, AdaptSection()).to(pick_device(device))
-        tokens = tokenize_cells(lab, tokenizer, cells, seed)
-        pad = tokenizer.vocab.special_id("pad")
-        token_ids = tokenizer.vocab.lookup_genes(lab.gene_ids)
-        token_of = {n: int(t) for n, t in zip(lab.gene_names.astype(str), token_ids) if t >= 0}
-        if method == "attention":
-            runs["model"] = attention_scores(encoder, tokens, pad, token_of, tfs, targets, batch_size, precision)
-        elif method == "in-silico":
-            runs["model"], rate = in_silico_scores(encoder, tokens, pad, token_of, tfs, targets, precision)
-            log.warning("in-silico deletion: %.1f cells x TFs per second", rate)
-            speed = {"cells_x_tfs_per_second": round(rate, 1), "device": _device_name(encoder)}
-        else:
-            means, counts = contextual_gene_embeddings(encoder, tokens, len(tokenizer.vocab), pad, batch_size, precision)
-            runs["model"] = embedding_scores(means, counts, token_of, tfs, targets)
+        scoring = _Scoring(folder, tokenizer, lab, cells, tfs, targets, seed, tokens, device, precision, batch_size)
+        views, speed = scoring.views(method)
+        coverage = scoring.coverage(method, truth)
     out.mkdir(parents=True, exist_ok=True)
-    primary = runs.get("model", runs[BASELINES[0]])
+    # the model's own ranking: with several views (attention), their mean; which view scores
+    # best is a choice made on truth edges, so it belongs to the evaluation, not to edges.tsv
+    primary = next(iter(views.values())) if views else runs[BASELINES[0]]
     _write_edges(out / "edges.tsv", primary.assign(group="all"))
     result = {
         "method": method if model is not None else None,
@@ -347,22 +505,25 @@ def run_grn(
         "n_cells": len(cells),
         **speed,
         "head": head if folder is not None else None,
+        "coverage": coverage,
     }
+    if coverage is not None:
+        print(_coverage_line(coverage))
     if truth is None:
         return result
-    anchored = head == "anchored" and "model" in runs
+    anchored = head == "anchored" and bool(views)
     weights = anchor_weights if anchored else None
     baselines = {name: runs[name] for name in BASELINES}
-    held_out = evaluate_on_folds(runs.get("model"), baselines, truth, tfs, targets, folds, seed, anchor_weights=weights)
+    held_out = evaluate_on_folds(views or None, baselines, truth, tfs, targets, folds, seed, anchor_weights=weights)
     all_pairs = {name: evaluate_edges(edges, truth) for name, edges in runs.items()}
+    if views:
+        all_pairs["model"], model_edges = _best_view_over_all_pairs(views, truth)
     # over all pairs, each pair is scored by the other TFs' edges to its target
     prior = degree_prior_scores(truth, tfs, tfs, targets)
     all_pairs["degree_prior"] = evaluate_edges(prior, truth)
     if anchored:
         all_pairs["model_plain"] = all_pairs["model"]
-        all_pairs["model"] = _anchored_over_all_pairs(
-            runs["model"], baselines | {"degree_prior": prior}, all_pairs, truth, weights
-        )
+        all_pairs["model"] = _anchored_over_all_pairs(model_edges, baselines | {"degree_prior": prior}, all_pairs, truth, weights)
     methods = {name: {**scores, "all_pairs": all_pairs[name]} for name, scores in held_out["methods"].items()}
     result["model"] = methods.pop("model", None)
     result["model_plain"] = methods.pop("model_plain", None)
