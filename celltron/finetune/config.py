@@ -144,11 +144,12 @@ class DrugSection:
     n_genes: expression: the most variable genes (log-normalised) that are predicted; 0: all.
     control_cells: expression with --model: control cells per cell type the pretrained model
         embeds; their mean embedding is the cell type's basal state.
-    head: ic50: anchored (the prediction is the best baseline plus a weighted model residual,
+    head: anchored (the prediction is the best baseline plus a weighted model residual,
         baseline + w x (model - baseline), w chosen from anchor_weights by inner
         cross-validation over the training units, grouped as the split: w = 0 is the baseline
         exactly) or plain (the model's own prediction). Anchoring trains one model per inner
-        fold besides the outer one, per seed. Expression mode has the plain head only.
+        fold besides the outer one, per seed. In both modes (ic50: drugs, cell lines or pairs;
+        expression: drugs or drug x dose combinations).
     anchor_weights: the residual weights the anchored head chooses from (ties: the smaller).
     """
 

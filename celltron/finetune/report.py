@@ -179,3 +179,36 @@ def choose_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
         return next(iter(scores))
     pick = max if higher_is_better else min
     return pick(finite, key=finite.get)
+
+
+def paired_over_seeds(model: dict, baseline: dict, metric: str, unit: str, names: str) -> dict:
+    """`paired_difference` of per-unit values from several seeds ({seed: {unit: value}} each, the
+    baseline being that seed's chosen one): a unit held out under several seeds counts once, its
+    model and baseline values averaged over the seeds where both are finite. Adds the metric,
+    the baseline's `names`, the `unit` and the verdict."""
+    model_values, baseline_values = {}, {}
+    for seed, values in model.items():
+        for key, value in values.items():
+            other = baseline[seed].get(key)
+            if _finite(value) and _finite(other):
+                model_values.setdefault(key, []).append(value)
+                baseline_values.setdefault(key, []).append(other)
+    difference = paired_difference(
+        {k: float(np.mean(v)) for k, v in model_values.items()}, {k: float(np.mean(v)) for k, v in baseline_values.items()}
+    )
+    return {**difference, "metric": metric, "baseline": names, "unit": unit, "verdict": verdict(difference)}
+
+
+def print_baseline_choice(metrics: dict, metric: str) -> None:
+    """The printed account of a task whose best baseline is chosen per seed ("best_baseline":
+    {"chosen_on", "per_seed": {seed: {"name", "score"[, "weight"]}}}): the anchored head's weights,
+    then the model against that baseline, or (baselines alone) which baseline each seed chose."""
+    best, paired = metrics["best_baseline"], metrics.get("paired")
+    if metrics.get("head") == "anchored":
+        weights = ", ".join(f"seed {seed}: {c['weight']:g}" for seed, c in best["per_seed"].items() if "weight" in c)
+        print(f"anchored head: best baseline + w x (model − best baseline), w chosen on {best['chosen_on']}: {weights}")
+    if paired:
+        print(verdict_line(metric, paired["baseline"], paired, paired["unit"], chosen_on=best["chosen_on"]))
+        return
+    chosen = ", ".join(f"seed {seed}: {c['name']} ({c['score']:.3f})" for seed, c in best["per_seed"].items())
+    print(f"best baseline on {metric} (chosen on {best['chosen_on']}): {chosen}")

@@ -13,7 +13,16 @@ import pytest
 
 from celltron.cli import main
 from celltron.finetune.config import DrugSection
-from celltron.finetune.drug.expression import baseline_predictions, cell_labels, evaluate, pseudobulk, r2, split_conditions
+from celltron.finetune.drug.expression import (
+    baseline_predictions,
+    cell_labels,
+    choose_baseline,
+    evaluate,
+    inner_folds,
+    pseudobulk,
+    r2,
+    split_conditions,
+)
 from celltron.lab.data import read_lab_data
 from tests.finetune.test_drug_response import SMILES, demo_gene_symbols
 from tests.simulate import simulate_drug_screen
@@ -77,6 +86,35 @@ def test_other_dose_baseline_beats_the_control_mean_on_heldout_combinations(scre
     assert baseline_predictions(bulk, drugs)[1] == drugs.sum()
 
 
+def test_inner_folds_partition_training_conditions_as_the_outer_split_holds_out(screen):
+    conditions = _pseudobulk(screen[0]).conditions
+    for kind in ("heldout_drug", "heldout_combination"):
+        test = split_conditions(conditions, kind, 0.25, seed=0)
+        folds = inner_folds(conditions, ~test, kind, 3, seed=0)
+        assert len(folds) == 3 and not any((fold & test).any() for fold in folds)  # never an outer test condition
+        assert (np.sum(folds, axis=0) <= 1).all()  # disjoint
+        for fold in folds:
+            inner_train = ~test & ~fold
+            if kind == "heldout_drug":
+                assert not set(conditions.drug[fold]) & set(conditions.drug[inner_train])
+            else:  # each held-out drug keeps a training dose; a combination's cell types move together
+                assert set(conditions.drug[fold]) <= set(conditions.drug[inner_train])
+                combos = conditions[fold][["drug", "dose"]].drop_duplicates()
+                assert len(conditions[fold]) == 3 * len(combos)
+    with pytest.raises(ValueError, match="inner fold"):
+        inner_folds(conditions, conditions.drug.eq("aspirin").to_numpy(), "heldout_drug", 3, seed=0)
+
+
+def test_the_best_baseline_is_chosen_on_training_conditions_only(screen):
+    bulk = _pseudobulk(screen[0])
+    test = split_conditions(bulk.conditions, "heldout_combination", 0.25, seed=0)
+    folds = inner_folds(bulk.conditions, ~test, "heldout_combination", 3, seed=0)
+    choice = choose_baseline(bulk, folds, ~test)
+    assert choice["name"] == "other_dose" and choice["score"] > choice["inner_scores"]["control_mean"]
+    bulk.means[test] = np.random.default_rng(0).normal(size=bulk.means[test].shape)  # held-out truth scrambled
+    assert choose_baseline(bulk, folds, ~test) == choice
+
+
 def test_control_label_and_dose_column_errors_name_the_fix(screen):
     lab = read_lab_data(screen[0] / "screen.h5ad", ["drug", "dose", "cell_type"])
     lab.obs["dose"] = lab.obs["dose"].where(lab.obs["dose"] > 0, 1.0)  # controls known by their label alone
@@ -126,8 +164,23 @@ def _run(screen, out, *extra):
 
 
 def test_expression_mode_beats_the_control_mean_on_heldout_combinations(screen, tmp_path):
-    assert _run(screen, tmp_path / "run", "--split", "heldout_combination", "--seeds", "0", "1", "--max-steps", "200") == 0
+    code = _run(
+        screen,
+        tmp_path / "run",
+        "--split",
+        "heldout_combination",
+        "--seeds",
+        "0",
+        "1",
+        "--max-steps",
+        "200",
+        "--set",
+        "drug.head=plain",
+    )
+    assert code == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["head"] == "plain" and metrics["model_plain"] is None
+    assert {c["name"] for c in metrics["best_baseline"]["per_seed"].values()} == {"other_dose"}
     assert (
         metrics["mode"] == "expression"
         and metrics["split"]["kind"] == "heldout_combination"
@@ -168,3 +221,22 @@ def test_expression_mode_with_a_pretrained_basal_state_on_heldout_drugs(screen, 
     assert len(split["test_drugs"]) == 2 and split["other_dose_fell_back"] == split["test_conditions"] == 24
     assert "training drugs at that dose" in metrics["notes"]["other_dose"]
     assert all(np.isfinite(metrics["model"][m]) for m in ("r2", "r2_de20"))
+
+
+def test_the_anchored_head_at_weight_zero_is_the_chosen_baseline_exactly(screen, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = _run(screen, out, "--split", "heldout_drug", "--seeds", "0", "--max-steps", "20", "--set", "drug.anchor_weights=[0]")
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    (choice,) = metrics["best_baseline"]["per_seed"].values()
+    assert metrics["head"] == "anchored" and choice["weight"] == 0 and list(choice["weight_scores"]) == ["0.0"]
+    assert metrics["model"]["per_condition"] == metrics["baselines"][choice["name"]]["per_condition"]
+    paired = metrics["paired"]
+    assert paired["unit"] == "drugs" and paired["n_units"] == 2 and paired["mean"] == 0
+    predictions = ad.read_h5ad(out / "predictions.h5ad")
+    assert np.array_equal(predictions.X, predictions.layers[choice["name"]]) and "model_plain" in predictions.layers
+    assert (
+        len(list(out.glob("seed0/inner*"))) == metrics["split"]["per_seed"]["0"]["inner_folds"] == 3  # a model per inner fold
+    )
+    printed = capsys.readouterr().out
+    assert "anchored head: best baseline + w x" in printed and "model − " in printed and "model, plain head" in printed

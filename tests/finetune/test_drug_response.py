@@ -1,13 +1,15 @@
 """Drug response (ic50 mode): splits that hold out whole cell lines or drugs, metrics, baselines
 that recover what they should on simulated tables, the model learning interactions the
 baselines cannot, cell lines seen through a pretrained model's embedding of their (simulated)
-expression, and `celltron finetune drug-response` on the real GDSC table."""
+expression, unseen drugs borrowing from training drugs of shared targets, pathway or structure
+(similar_drugs), and `celltron finetune drug-response` on the real GDSC table."""
 
 from __future__ import annotations
 
 import functools
 import json
 import logging
+from dataclasses import replace
 
 import anndata as ad
 import numpy as np
@@ -17,14 +19,21 @@ import scipy.sparse as sp
 import torch
 
 from celltron.cli import main
+from celltron.finetune.drug.features import informative_pathway, parse_targets
 from celltron.finetune.drug.ic50 import (
+    KERNEL_GRID,
+    Borrowing,
     CellLineExpression,
     DrugResponseModel,
+    Kernel,
+    SimilarDrugs,
     baseline_predictions,
+    choose_kernel,
     drug_response_metrics,
     fingerprints,
     keep_profiled,
     read_ic50,
+    read_similar_drugs,
     split_pairs,
     tanimoto,
 )
@@ -157,7 +166,7 @@ def _gdsc_run(tmp_path, out: str, *options: str, seeds=("0",)) -> dict:
 def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path, capsys):
     metrics = _gdsc_run(tmp_path, "run", seeds=("0", "1"))
     assert metrics["method"] == "matrix_completion" and metrics["split"]["kind"] == "drug"
-    assert set(metrics["baselines"]) == {"drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug"}
+    assert set(metrics["baselines"]) == {"drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug", "similar_drugs"}
     for result in [metrics["model"], *metrics["baselines"].values()]:
         assert {"pearson", "spearman", "rmse", "pearson_per_drug"} <= set(result)
     predictions = pd.read_csv(tmp_path / "run" / "predictions.csv")
@@ -396,3 +405,155 @@ def test_a_drug_split_never_puts_a_gdsc_twin_on_both_sides():
             assert not {identity(d) for d in held_ids} & {identity(d) for d in kept_ids}
     by_id = [split_pairs(pairs, "drug", 0.2, seed) for seed in range(5)]  # ids alone: twins straddle
     assert any({compound_of[d] for d in set(pairs.drug[t])} & {compound_of[d] for d in set(pairs.drug[~t])} for t in by_id)
+
+
+# ---------------------------------------------------------------- similar drugs (unseen drugs)
+
+
+def _pathway_screen(seed: int, shuffle: bool = False, pathways: int = 4, per_pathway: int = 6, lines: int = 60):
+    """Simulated ln(IC50) of drugs in `pathways` pathways: a drug's response over cell lines is its
+    pathway's pattern plus noise (sd 1, as large as the pattern), on top of its own level and a
+    cell-line main effect. Fingerprints are the pathway's prototype with a fifth of the bits
+    flipped (structure says something, noisily); targets are drawn regardless of pathway (they say
+    nothing). `shuffle`: the pathway labels are permuted across drugs, so that they say nothing."""
+    rng = np.random.default_rng(seed)
+    drugs = [f"GDSC:{i}" for i in range(pathways * per_pathway)]
+    pathway = np.repeat(np.arange(pathways), per_pathway)
+    patterns = rng.normal(0, 1, (pathways, lines))
+    noise = rng.normal(0, 1, (len(drugs), lines))
+    ic50 = rng.normal(0, 2, (len(drugs), 1)) + 0.5 * rng.normal(0, 1, lines) + patterns[pathway] + noise
+    prints = (rng.random((pathways, 256)) < 0.15)[pathway] ^ (rng.random((len(drugs), 256)) < 0.2)
+    labels = rng.permutation(pathway) if shuffle else pathway
+    similar = SimilarDrugs(
+        targets={d: frozenset({f"t{rng.integers(6)}"}) for d in drugs}, pathways={d: f"p{p}" for d, p in zip(drugs, labels)}
+    )
+    wide = pd.DataFrame(ic50, index=drugs, columns=[f"C{j}" for j in range(lines)])
+    pairs = wide.stack().rename("ln_ic50").rename_axis(["drug", "cell_line"]).reset_index()
+    return pairs, dict(zip(drugs, prints.astype(np.float32))), similar
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unseen_drugs_borrow_from_drugs_of_their_pathway_when_the_pathway_says_something(seed):
+    pairs, prints, similar = _pathway_screen(seed)
+    test = split_pairs(pairs, "drug", 0.25, seed)
+    train, held = pairs[~test], pairs[test]
+    kernel, choice = choose_kernel(train, prints, replace(similar, seed=seed))
+    assert kernel.pathway > 0 and choice["score"] == max(choice["scores"].values()) and choice["inner_folds"] == 3
+    assert choice["kernel"] == {
+        "target": kernel.target,
+        "pathway": kernel.pathway,
+        "structure": kernel.structure,
+        "sharpness": kernel.sharpness,
+    }
+    predictions = baseline_predictions(train, held, prints, similar=replace(similar, kernel=kernel))
+    truth, drugs = held.ln_ic50.to_numpy(), held.drug.to_numpy()
+    scores = {name: drug_response_metrics(value, truth, drugs)["pearson_per_drug"] for name, value in predictions.items()}
+    others = {name: score for name, score in scores.items() if name != "similar_drugs"}
+    assert scores["similar_drugs"] > max(others.values()) + 0.05, scores
+
+    # the same screen with meaningless pathway labels: the pathway alone is never the choice
+    pairs, prints, shuffled = _pathway_screen(seed, shuffle=True)
+    kernel, _ = choose_kernel(pairs[~test], prints, replace(shuffled, seed=seed))
+    assert (kernel.target, kernel.structure) != (0, 0), kernel
+
+
+def test_a_drug_never_borrows_from_itself_or_its_twin():
+    # A and A2 are one compound (a GDSC1/GDSC2 twin), same pathway, same fingerprint; B is another
+    lines = [f"C{j}" for j in range(12)]
+    rng = np.random.default_rng(0)
+    wide = pd.DataFrame(rng.normal(0, 1, (3, 12)), index=["A", "A2", "B"], columns=lines)
+    pairs = wide.stack().rename("ln_ic50").rename_axis(["drug", "cell_line"]).reset_index()
+    held = (pairs.drug == "A") & pairs.cell_line.isin(lines[6:])  # A's other six lines stay in training
+    train, test = pairs[~held], pairs[held]
+    prints = {"A": np.array([1, 1, 0, 0], np.float32), "A2": np.array([1, 1, 0, 0], np.float32)}
+    prints["B"] = np.array([1, 0, 1, 0], np.float32)
+    similar = SimilarDrugs(pathways={"A": "p", "A2": "p", "B": "q"}, compound_of={"A": "A", "A2": "A", "B": "B"})
+    pathway_only, structure_only = Kernel(0, 1, 0, 1), Kernel(0, 0, 1, 16)
+    fallback = baseline_predictions(train, test, prints, similar=replace(similar, kernel=pathway_only))
+
+    borrowing = Borrowing(train, test, prints, similar)
+    assert borrowing.weights(structure_only).tolist() == [[0.0, 0.0, pytest.approx((1 / 3) ** 16)]]  # columns A, A2, B
+    # only the twin shares A's pathway: nothing to borrow, so the cell-line mean
+    np.testing.assert_allclose(fallback["similar_drugs"], fallback["cell_line_mean"])
+    # by structure, A itself and its twin are the nearest, yet B's responses are what A gets
+    np.testing.assert_allclose(borrowing.predict(structure_only, fallback["cell_line_mean"]), wide.loc["B", lines[6:]])
+    # told apart as two compounds, A2 is borrowed from (so the checks above can fail)
+    apart = Borrowing(train, test, prints, replace(similar, compound_of={}))
+    np.testing.assert_allclose(apart.predict(pathway_only, fallback["cell_line_mean"]), wide.loc["A2", lines[6:]])
+
+
+def test_drug_list_targets_and_pathways_are_parsed_and_missing_columns_fall_back(tmp_path, caplog):
+    assert parse_targets(" EGFR;erbb2 , others,") == {"egfr", "erbb2"} and parse_targets("not defined") == frozenset()
+    assert parse_targets(np.nan) == frozenset() and parse_targets("-") == frozenset()
+    assert informative_pathway("EGFR  signaling") == "egfr signaling"
+    assert {informative_pathway(p) for p in ("Other", "Other, kinases", "Unclassified", np.nan)} == {""}
+
+    real = read_similar_drugs(shared_file("drug/GDSC_drug_list_2019-06-24.csv"), {}, "drug")
+    assert real.grid == KERNEL_GRID and real.targets["GDSC:1032"] >= {"egfr", "erbb2"}  # Afatinib
+    assert real.pathways["GDSC:1032"] == "egfr signaling" and real.pathways["GDSC:179"] == ""  # 5-FU: "Other"
+    listed = pd.DataFrame({"drug_id": ["1", "2"], "Targets": ["EGFR", "EGFR"], "PubCHEM": ["1", "2"]})
+    listed.to_csv(tmp_path / "no_pathway.csv", index=False)
+    listed[["drug_id", "PubCHEM"]].to_csv(tmp_path / "bare.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        no_pathway = read_similar_drugs(tmp_path / "no_pathway.csv", {}, "drug")
+    assert "no_pathway.csv: no column 'Target pathway'" in caplog.text and no_pathway.targets["GDSC:1"] == {"egfr"}
+    assert no_pathway.grid and all(k.pathway == 0 for k in no_pathway.grid) and any(k.target for k in no_pathway.grid)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        bare = read_similar_drugs(tmp_path / "bare.csv", {}, "drug")
+    assert "bare.csv: no column 'Target pathway' nor 'Targets'" in caplog.text and "fingerprints alone" in caplog.text
+    assert bare.grid and all(k.target == k.pathway == 0 for k in bare.grid)
+
+
+def _write_pathway_screen(tmp_path) -> None:
+    """_pathway_screen's table as the files `celltron finetune drug-response` reads: the IC50 CSV,
+    a GDSC-style drug list (with Targets and Target pathway) and CID<TAB>SMILES (small distinct
+    molecules: the run's fingerprints come from these)."""
+    pairs, _, similar = _pathway_screen(0)
+    pairs.pivot(index="drug", columns="cell_line", values="ln_ic50").to_csv(tmp_path / "ic50.csv")
+    drugs = sorted(similar.pathways, key=lambda d: int(d.split(":")[1]))
+    ids = [d.split(":")[1] for d in drugs]
+    listed = {"drug_id": ids, "Name": [f"drug {i}" for i in ids], "PubCHEM": [str(100 + int(i)) for i in ids]}
+    listed["Targets"] = [", ".join(sorted(similar.targets[d])).upper() for d in drugs]
+    listed["Target pathway"] = [similar.pathways[d] for d in drugs]
+    pd.DataFrame(listed).to_csv(tmp_path / "drugs.csv", index=False)
+    molecules = [f"{'C' * k}{end}" for end in ("O", "N", "Cl", "F") for k in range(1, 7)]
+    (tmp_path / "smiles.txt").write_text("".join(f"{100 + int(i)}\t{m}\n" for i, m in zip(ids, molecules)))
+
+
+def test_similar_drugs_kernel_is_chosen_without_the_held_out_drugs(tmp_path):
+    _write_pathway_screen(tmp_path)
+    metrics = _baselines_only(tmp_path, tmp_path / "ic50.csv", "run")
+    choice = metrics["best_baseline"]["per_seed"]["0"]["similar_drugs"]
+    assert choice["inner_folds"] == 3 and len(choice["scores"]) == len(KERNEL_GRID)
+    assert choice["score"] == max(choice["scores"].values()) and choice["kernel"]["pathway"] > 0
+    # new responses for the held-out drugs: their scores move, the kernel and its inner scores do not
+    held = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    wide = pd.read_csv(tmp_path / "ic50.csv", index_col=0)
+    wide.loc[held.drug.unique()] = np.random.default_rng(1).normal(0, 1, (held.drug.nunique(), wide.shape[1]))
+    wide.to_csv(tmp_path / "changed.csv")
+    changed = _baselines_only(tmp_path, tmp_path / "changed.csv", "changed")
+    rechosen = changed["best_baseline"]["per_seed"]["0"]["similar_drugs"]
+    assert rechosen["kernel"] == choice["kernel"] and rechosen["scores"] == pytest.approx(choice["scores"], rel=1e-12)
+    before, after = (m["baselines"]["similar_drugs"]["pearson_per_drug"] for m in (metrics, changed))
+    assert abs(after - before) > 0.1
+
+
+def test_gdsc_drug_split_reports_similar_drugs_and_its_kernel(tmp_path):
+    small = tmp_path / "gdsc_small.csv"
+    pd.read_csv(shared_file("drug/GDSC_IC50_deepcdr_scfoundation.csv"), index_col=0).iloc[:40, :200].to_csv(small)
+    drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(small), "--drug-list", str(drug_list)]
+    arguments += ["--smiles", str(smiles), "--split", "drug", "--seeds", "0", "--baselines-only", "--out", str(tmp_path / "run")]
+    assert main(arguments) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert np.isfinite(metrics["baselines"]["similar_drugs"]["pearson_per_drug"])
+    seed = metrics["best_baseline"]["per_seed"]["0"]
+    assert "similar_drugs" in seed["scores"] and set(seed["similar_drugs"]["kernel"]) == {
+        "target",
+        "pathway",
+        "structure",
+        "sharpness",
+    }
+    assert seed["similar_drugs"]["scores"].keys() == {k.label() for k in KERNEL_GRID}
+    assert "pred_similar_drugs" in pd.read_csv(tmp_path / "run" / "predictions.csv").columns

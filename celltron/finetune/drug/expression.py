@@ -13,6 +13,14 @@ never cells. Metrics per held-out condition: R² of the mean expression over all
 its top-20 DE genes (|Welch t| against the cell type's controls). Baselines: the control mean,
 and the same drug's mean at its nearest training dose (for held-out drugs: the mean over the
 training drugs at that dose).
+
+Per seed, the best baseline is chosen on the headline (R², top-20 DE genes) by inner cross-
+validation over the training conditions, folds made the way the outer split holds out (whole
+training drugs, or training drug x dose combinations each drug keeping a dose). The anchored head
+(the default) predicts that baseline plus w x (model − baseline), w chosen by the same inner folds
+with one model trained per inner fold; w = 0 is the baseline exactly. `paired` is the head minus
+the chosen baseline per held-out unit (a drug, or a drug x dose combination), averaged over cell
+types and seeds, with a 95% interval.
 """
 
 from __future__ import annotations
@@ -31,7 +39,16 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.features import fingerprints
 from celltron.finetune.perturbation.evaluate import top_de
-from celltron.finetune.report import aggregate, plot_bars, results_table, write_metrics
+from celltron.finetune.report import (
+    aggregate,
+    anchor,
+    choose_best,
+    paired_over_seeds,
+    plot_bars,
+    print_baseline_choice,
+    results_table,
+    write_metrics,
+)
 from celltron.inputs import MissingInputError
 from celltron.io import write_h5ad_atomically
 from celltron.lab.data import read_configured_lab_data
@@ -43,7 +60,10 @@ log = logging.getLogger(__name__)
 SPLITS = ("heldout_combination", "heldout_drug")
 METRICS = ("r2", "r2_de20")
 BASELINES = ("control_mean", "other_dose")
+HEADLINE = "r2_de20"  # the best baseline, the anchor weight and the paired difference are on this
+INNER_FOLDS = 3
 N_DE = 20
+PLAIN = "model_plain"  # the anchored head's model part alone
 NOTES = {
     "other_dose": "the same drug's mean at its nearest training dose (same cell type); for a held-out drug, "
     "the mean over the training drugs at that dose"
@@ -211,6 +231,37 @@ def split_conditions(conditions: pd.DataFrame, kind: str, test_fraction: float, 
     return np.array([(d, x) in held for d, x in zip(conditions.drug, conditions.dose)])
 
 
+def inner_folds(conditions: pd.DataFrame, train: np.ndarray, kind: str, folds: int, seed: int) -> list[np.ndarray]:
+    """Test masks over all conditions that partition the training ones the way `kind` holds out:
+    whole training drugs dealt into `folds` folds, or each training drug's doses dealt round the
+    folds from a random start (a drug with d >= 2 training doses has at most ceil(d / folds) <
+    d of them in any fold, so it keeps a training dose; a drug with one is never held out).
+    Empty folds are dropped; fewer than two folds is an error naming the fix."""
+    rng = np.random.default_rng([seed, 17])
+    train = np.asarray(train, dtype=bool)
+    fold_of = np.full(len(conditions), -1)
+    if kind == "heldout_drug":
+        drugs = rng.permutation(sorted(conditions.drug[train].unique()))
+        by_drug = {drug: i % folds for i, drug in enumerate(drugs)}
+        fold_of[train] = conditions.drug[train].map(by_drug).to_numpy()
+    else:
+        for drug, doses in conditions[train].groupby("drug").dose:
+            doses = rng.permutation(sorted(doses.unique()))
+            if len(doses) < 2:
+                continue
+            start = rng.integers(folds)
+            by_dose = {dose: (start + i) % folds for i, dose in enumerate(doses)}
+            rows = train & (conditions.drug == drug).to_numpy()
+            fold_of[rows] = conditions.dose[rows].map(by_dose).to_numpy()
+    masks = [fold_of == j for j in range(folds) if (fold_of == j).any()]
+    if len(masks) < 2:
+        raise ConfigError(
+            f"--split {kind}: the training conditions of seed {seed} give {len(masks)} inner fold(s); choosing the best "
+            "baseline and the anchor weight needs two: hold out fewer (lower --test-fraction), or give more drugs or doses"
+        )
+    return masks
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -237,10 +288,14 @@ def evaluate(predicted: np.ndarray, screen: DrugScreen, test: np.ndarray) -> dic
 # ---------------------------------------------------------------- baselines
 
 
-def baseline_predictions(screen: DrugScreen, test: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-    """Each baseline's (test conditions, genes) predictions, and how many held-out conditions
-    had no training dose of their drug (other_dose fell back to the training drugs' mean)."""
-    conditions, train = screen.conditions, ~test
+def baseline_predictions(
+    screen: DrugScreen, test: np.ndarray, train: np.ndarray | None = None
+) -> tuple[dict[str, np.ndarray], int]:
+    """Each baseline's (test conditions, genes) predictions from the `train` conditions (default:
+    every other one), and how many held-out conditions had no training dose of their drug
+    (other_dose fell back to the training drugs' mean)."""
+    conditions = screen.conditions
+    train = ~test if train is None else np.asarray(train, dtype=bool)
     control = np.stack([screen.control[t] for t in conditions.cell_type[test]])
     other, fell_back = [], 0
     for index in np.flatnonzero(test):
@@ -258,6 +313,49 @@ def _nearest_dose_mean(screen: DrugScreen, candidates: np.ndarray, dose: float) 
     distance = np.abs(np.log10(doses) - np.log10(dose))
     chosen = candidates & np.isclose(distance, distance[candidates].min())
     return screen.means[chosen].mean(0)
+
+
+def choose_baseline(screen: DrugScreen, folds: list[np.ndarray], train: np.ndarray) -> dict:
+    """The baseline with the best mean headline over the inner folds (each fold predicted from the
+    training conditions outside it): {"name", "score", "inner_scores"}."""
+    scores = {name: [] for name in BASELINES}
+    for held in folds:
+        predicted, _ = baseline_predictions(screen, held, train & ~held)
+        for name in BASELINES:
+            scores[name].append(evaluate(predicted[name], screen, held)[HEADLINE])
+    means = {name: _finite_mean(values) for name, values in scores.items()}
+    name = choose_best(means)
+    return {"name": name, "score": means[name], "inner_scores": means}
+
+
+def _finite_mean(values) -> float:
+    values = [v for v in values if np.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def unit_of(condition: str, kind: str) -> str:
+    """The held-out unit a condition key ("drug|dose|cell type") belongs to: its drug for
+    held-out drugs, its drug x dose combination otherwise (cell types of a unit move together)."""
+    drug, dose, _ = condition.split("|", 2)
+    return drug if kind == "heldout_drug" else f"{drug}|{dose}"
+
+
+def per_unit(per_condition: dict[str, dict], kind: str) -> dict[str, float]:
+    """The headline averaged over each held-out unit's conditions."""
+    values: dict[str, list] = {}
+    for condition, metrics in per_condition.items():
+        values.setdefault(unit_of(condition, kind), []).append(metrics[HEADLINE])
+    return {unit: _finite_mean(v) for unit, v in values.items()}
+
+
+def paired_over_units(model_runs: dict, baseline_runs: dict, best: dict, kind: str) -> dict:
+    """Head − each seed's chosen baseline on the headline per held-out unit; a unit held out under
+    several seeds counts once, its values averaged over those seeds."""
+    model = {seed: per_unit(run["per_condition"], kind) for seed, run in model_runs.items()}
+    baseline = {seed: per_unit(baseline_runs[best[seed]["name"]][seed]["per_condition"], kind) for seed in model_runs}
+    names = " / ".join(sorted({best[seed]["name"] for seed in model_runs}))
+    unit = "drugs" if kind == "heldout_drug" else "drug x dose combinations"
+    return paired_over_seeds(model, baseline, HEADLINE, unit, names)
 
 
 # ---------------------------------------------------------------- model
@@ -412,17 +510,45 @@ def _predict(fitted, conditions: pd.DataFrame) -> np.ndarray:
     ).predicted.numpy()
 
 
+def choose_weight(config, screen, prints, basal, train, folds, baseline: str, out: Path, seed: int) -> dict | None:
+    """The anchor weight (of `drug.anchor_weights`, ties to the smaller) with the best mean headline
+    over the inner folds, one model trained per fold on the training conditions outside it:
+    {"weight", "weight_scores"}. Every process trains every fold (they train together); None on
+    processes other than the first."""
+    weights = sorted(set(config.drug.anchor_weights))
+    scores: dict[float, list] = {w: [] for w in weights}
+    first = True
+    for index, held in enumerate(folds):
+        fitted = _fit_model(config, screen, prints, basal, train & ~held, out / f"inner{index}", seed)
+        if fitted is None:
+            first = False
+            continue
+        model = _predict(fitted, screen.conditions[held])
+        base = baseline_predictions(screen, held, train & ~held)[0][baseline]
+        for weight in weights:
+            scores[weight].append(evaluate(anchor(base, model, weight), screen, held)[HEADLINE])
+    if not first:
+        return None
+    means = {str(w): _finite_mean(v) for w, v in scores.items()}
+    return {"weight": float(choose_best(means)), "weight_scores": means}
+
+
 def run_drug_expression(config, model: str | None, out, baselines_only: bool = False) -> dict | None:
-    """Expression mode end to end: splits per seed, baselines, the model, then metrics.json,
-    predictions.h5ad, a printed table and a plot under `out`. Returns the metrics (None on
-    processes other than the first)."""
+    """Expression mode end to end: splits per seed, baselines (the best chosen by inner
+    cross-validation over training conditions), the model (anchored on that baseline by default),
+    then metrics.json, predictions.h5ad, a printed table and a plot under `out`. Returns the
+    metrics (None on processes other than the first)."""
     section, out = config.drug, Path(out)
     lab, screen, prints, missing = read_screen(config)
     kind = section.split_kind()
-    model_runs, baseline_runs, splits, predictions, first = {}, {n: {} for n in BASELINES}, {}, {}, True
+    anchored = section.head == "anchored" and not baselines_only
+    model_runs, plain_runs, baseline_runs = {}, {}, {n: {} for n in BASELINES}
+    splits, predictions, best, first = {}, {}, {}, True
     basal, basal_kind = basal_features(screen, lab, None if baselines_only else model, section, config.trainer.seed)
     for seed in section.seeds:
         test = split_conditions(screen.conditions, kind, section.test_fraction, seed)
+        folds = inner_folds(screen.conditions, ~test, kind, INNER_FOLDS, seed)
+        best[seed] = choose_baseline(screen, folds, ~test)
         predicted, fell_back = baseline_predictions(screen, test)
         held = screen.conditions[test]
         splits[str(seed)] = {
@@ -431,16 +557,27 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
             "test_drugs": sorted(held.drug.unique()),
             "test_combinations": int(len(held[["drug", "dose"]].drop_duplicates())),
             "other_dose_fell_back": fell_back,
+            "inner_folds": len(folds),
         }
         for name in BASELINES:
             baseline_runs[name][seed] = evaluate(predicted[name], screen, test)
-        if not baselines_only:
-            fitted = _fit_model(config, screen, prints, basal, ~test, out / f"seed{seed}", seed)
-            if fitted is None:
-                first = False
-                continue
-            predicted["model"] = _predict(fitted, held)
-            model_runs[seed] = evaluate(predicted["model"], screen, test)
+        if baselines_only:
+            predictions[seed] = (test, predicted)
+            continue
+        choice = {}
+        if anchored:
+            choice = choose_weight(config, screen, prints, basal, ~test, folds, best[seed]["name"], out / f"seed{seed}", seed)
+            best[seed] |= choice or {}
+        fitted = _fit_model(config, screen, prints, basal, ~test, out / f"seed{seed}", seed)
+        if fitted is None or choice is None:
+            first = False
+            continue
+        plain = _predict(fitted, held)
+        plain_runs[seed] = evaluate(plain, screen, test)
+        predicted["model"] = anchor(predicted[best[seed]["name"]], plain, best[seed]["weight"]) if anchored else plain
+        model_runs[seed] = evaluate(predicted["model"], screen, test)
+        if anchored:
+            predicted[PLAIN] = plain
         predictions[seed] = (test, predicted)
     if not first:
         return None
@@ -450,9 +587,17 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
         "data": str(lab.path),
         "model_folder": model,
         "method": None if baselines_only else "fingerprint_doser_mlp",
+        "head": None if baselines_only else section.head,
         "basal": basal_kind,
         "model": aggregate(model_runs, METRICS, "per_condition") if model_runs else None,
+        "model_plain": aggregate(plain_runs, METRICS, "per_condition") if anchored else None,
         "baselines": {name: aggregate(baseline_runs[name], METRICS, "per_condition") for name in BASELINES},
+        "best_baseline": {
+            "metric": HEADLINE,
+            "chosen_on": chosen_on(kind),
+            "per_seed": {str(seed): choice for seed, choice in best.items()},
+        },
+        "paired": paired_over_units(model_runs, baseline_runs, best, kind) if model_runs else None,
         "split": {"kind": kind, "test_fraction": section.test_fraction, "per_seed": splits},
         "seeds": list(section.seeds),
         "genes": int(len(screen.genes)),
@@ -463,13 +608,23 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
     return write_results(out, metrics, screen, predictions)
 
 
+def chosen_on(kind: str, folds: int = INNER_FOLDS) -> str:
+    """How the best baseline (and the anchor weight) were chosen, in words."""
+    units = "drugs" if kind == "heldout_drug" else "drug x dose combinations"
+    return f"training {units}, {folds}-fold inner cross-validation"
+
+
 def write_results(out: Path, metrics: dict, screen: DrugScreen, predictions: dict) -> dict:
     """metrics.json, predictions.h5ad, the R² (DE genes) bar plot and the printed table."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
     _write_predictions(out / "predictions.h5ad", screen, predictions)
-    plot_bars(metrics, "r2_de20", out / "r2_de20.png", f"R², top-20 DE genes ({metrics['split']['kind']} split)")
-    print(results_table(metrics, METRICS, metrics["notes"]))
+    # the anchored head's model part alone is shown beside the baselines, for comparison
+    plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
+    shown = {**metrics, "baselines": {**plain, **metrics["baselines"]}}
+    plot_bars(shown, HEADLINE, out / "r2_de20.png", f"R², top-20 DE genes ({metrics['split']['kind']} split)")
+    print(results_table(shown, METRICS, metrics["notes"]))
+    print_baseline_choice(metrics, HEADLINE)
     return metrics
 
 

@@ -1,6 +1,7 @@
 """Drug features shared by the drug-response tasks (ic50 in ic50.py, expression in
-expression.py): Morgan fingerprints from SMILES, and compound identity (which drug ids are one
-compound). A module of its own so that neither task module imports the other's."""
+expression.py): Morgan fingerprints from SMILES, compound identity (which drug ids are one
+compound), and the GDSC drug list's mechanism annotations (targets, target pathway). A module of
+its own so that neither task module imports the other's."""
 
 from __future__ import annotations
 
@@ -70,3 +71,32 @@ def compounds(smiles: dict[str, str], names: dict[str, str]) -> dict[str, str]:
             a, b = root(drug), root(other)
             parent[max(a, b)] = min(a, b)
     return {drug: root(drug) for drug in smiles}
+
+
+# Target entries of the GDSC drug list that name no target: a drug listing only these has no
+# known targets, and two drugs sharing one of them share nothing ("others" trails lists of
+# kinases, e.g. Midostaurin's "PKC, PPK, FLT1, c-FGR, others").
+UNKNOWN_TARGETS = frozenset({"", "-", "unknown", "not defined", "others", "other", "na", "n/a", "none"})
+# Target pathways of the GDSC drug list (2019-06-24) that are catch-alls, not mechanisms: "Other"
+# (47 drugs, from 5-fluorouracil to farnesyl-transferase inhibitors), "Other, kinases" (31 kinase
+# inhibitors of unrelated pathways) and "Unclassified" (2). Two drugs in one of these share no
+# pathway; every other value (e.g. "EGFR signaling", "Mitosis") is one.
+UNINFORMATIVE_PATHWAYS = frozenset({"", "-", "unknown", "other", "other, kinases", "unclassified", "not defined"})
+
+
+def parse_targets(text) -> frozenset[str]:
+    """A drug list's Targets cell ("EGFR, ERBB2") as a set of lower-case names, split on commas or
+    semicolons; placeholders (UNKNOWN_TARGETS) and missing cells give no targets."""
+    if not isinstance(text, str):
+        return frozenset()
+    names = (name.strip().lower() for name in re.split(r"[,;]", text))
+    return frozenset(name for name in names if name not in UNKNOWN_TARGETS)
+
+
+def informative_pathway(text) -> str:
+    """A drug list's "Target pathway" cell, lower case and whitespace-folded; "" where it names no
+    mechanism (UNINFORMATIVE_PATHWAYS) or is missing."""
+    if not isinstance(text, str):
+        return ""
+    pathway = " ".join(text.lower().split())
+    return "" if pathway in UNINFORMATIVE_PATHWAYS else pathway

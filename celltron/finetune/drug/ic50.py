@@ -7,8 +7,11 @@ lines are learned embeddings (matrix completion), or, given their expression pro
 Splits: random pairs, leave-cell-line-out, leave-drug-out. Metrics: Pearson and Spearman overall
 and per drug (the honest figure: a drug-mean predictor already scores high overall), RMSE.
 Baselines: drug mean, cell-line mean, their additive combination, ridge on fingerprints and
-cell-line indicators (plus the expression PCA when profiles are given), and (for unseen drugs)
-the nearest training drug by Tanimoto similarity. The model is judged against the best of them
+cell-line indicators (plus the expression PCA when profiles are given), and, for unseen drugs,
+the nearest training drug by Tanimoto similarity and `similar_drugs`: the kernel-weighted mean of
+other training drugs' responses on the same cell line, the kernel mixing shared targets, a shared
+target pathway (the GDSC drug list's columns) and Tanimoto similarity, its weights chosen per seed
+by inner cross-validation over the training pairs. The model is judged against the best of them
 on per-drug Pearson, chosen per seed by an inner cross-validation over the training pairs
 (grouped as the split groups them): model − that baseline per held-out drug, with a 95% interval.
 The anchored head (the default) predicts that baseline plus a weighted model residual, the
@@ -21,7 +24,7 @@ The `expression` mode (chemCPA style) lives in celltron.finetune.drug.expression
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -34,16 +37,15 @@ from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.expression import run_drug_expression
-from celltron.finetune.drug.features import compounds, fingerprints
+from celltron.finetune.drug.features import compounds, fingerprints, informative_pathway, parse_targets
 from celltron.finetune.report import (
     aggregate,
     anchor,
     choose_best,
-    paired_difference,
+    paired_over_seeds,
     plot_bars,
+    print_baseline_choice,
     results_table,
-    verdict,
-    verdict_line,
     write_metrics,
 )
 from celltron.inputs import MissingInputError, existing
@@ -56,11 +58,13 @@ from celltron.training.examples import train_task_model
 log = logging.getLogger(__name__)
 SPLITS = ("random", "cell_line", "drug")
 DRUG_METRICS = ("pearson", "spearman", "rmse", "pearson_per_drug")
-BASELINES = ("drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug")
+BASELINES = ("drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug", "similar_drugs")
 HEADLINE = "pearson_per_drug"  # the model is judged against the best baseline on this
 INNER_FOLDS = 3  # inner cross-validation over the training units: the best baseline, the anchor weight
 PLAIN = "model_plain"  # the anchored head's model part alone
 MIN_PAIRS_PER_DRUG = 10
+# the drug list's columns the similar_drugs kernel reads, by the kernel part they feed
+MECHANISM_COLUMNS = {"target": "Targets", "pathway": "Target pathway"}
 
 
 # ---------------------------------------------------------------- data
@@ -96,6 +100,27 @@ def read_drug_names(drug_list) -> dict[str, str]:
     if "Name" not in drugs.columns:
         return {}
     return {f"GDSC:{drug_id}": name for drug_id, name in zip(drugs.drug_id, drugs.Name.fillna(""))}
+
+
+def read_similar_drugs(drug_list, compound_of: dict[str, str], kind: str) -> SimilarDrugs:
+    """What the similar_drugs baseline knows of each drug: its targets and target pathway from
+    the GDSC drug list, its compound (features.compounds). A list without the Targets or "Target
+    pathway" column still runs, with a warning: kernels using the missing part leave the grid
+    (fingerprints alone when both are missing)."""
+    drugs = read_drug_list(drug_list, ("drug_id",))
+    ids = [f"GDSC:{drug_id}" for drug_id in drugs.drug_id]
+    missing = {part for part, column in MECHANISM_COLUMNS.items() if column not in drugs.columns}
+    if missing:
+        log.warning(
+            "%s: no column %s: the similar_drugs baseline uses %s alone",
+            drug_list,
+            " nor ".join(repr(MECHANISM_COLUMNS[part]) for part in sorted(missing)),
+            "fingerprints" if len(missing) == len(MECHANISM_COLUMNS) else "the other columns and fingerprints",
+        )
+    targets = {} if "target" in missing else dict(zip(ids, map(parse_targets, drugs[MECHANISM_COLUMNS["target"]])))
+    pathways = {} if "pathway" in missing else dict(zip(ids, map(informative_pathway, drugs[MECHANISM_COLUMNS["pathway"]])))
+    grid = tuple(kernel for kernel in KERNEL_GRID if not any(getattr(kernel, part) for part in missing))
+    return SimilarDrugs(targets, pathways, compound_of, kind=kind, grid=grid)
 
 
 def read_smiles(drug_list, smiles_file) -> dict[str, str]:
@@ -255,14 +280,22 @@ def _pearson(a, b) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and np.std(a) > 1e-9 and np.std(b) > 1e-9 else float("nan")
 
 
+def scored_drugs(drugs: np.ndarray) -> dict[str, np.ndarray]:
+    """Drug -> the positions of its pairs, for drugs with at least MIN_PAIRS_PER_DRUG pairs (those
+    pearson_per_drug averages over)."""
+    positions = pd.Series(np.arange(len(drugs))).groupby(np.asarray(drugs, dtype=str)).indices
+    return {drug: rows for drug, rows in sorted(positions.items()) if len(rows) >= MIN_PAIRS_PER_DRUG}
+
+
+def pearson_of_each_drug(predicted: np.ndarray, truth: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, float]:
+    """Pearson between predicted and true ln(IC50) over each drug's pairs (`groups`: scored_drugs)."""
+    return {drug: _pearson(predicted[rows], truth[rows]) for drug, rows in groups.items()}
+
+
 def drug_response_metrics(predicted: np.ndarray, truth: np.ndarray, drugs: np.ndarray) -> dict:
     """Pearson, Spearman, RMSE over all held-out pairs; Pearson per drug averaged over drugs with
     at least MIN_PAIRS_PER_DRUG held-out pairs."""
-    per_drug = {}
-    for drug in np.unique(drugs):
-        chosen = drugs == drug
-        if chosen.sum() >= MIN_PAIRS_PER_DRUG:
-            per_drug[str(drug)] = _pearson(predicted[chosen], truth[chosen])
+    per_drug = pearson_of_each_drug(predicted, truth, scored_drugs(drugs))
     finite = [v for v in per_drug.values() if np.isfinite(v)]
     spearman = _pearson(pd.Series(predicted).rank().to_numpy(), pd.Series(truth).rank().to_numpy())
     return {
@@ -287,22 +320,36 @@ def baseline_predictions(
     prints: dict[str, np.ndarray],
     ridge: float = 10.0,
     profiles: dict[str, np.ndarray] | None = None,
+    similar: SimilarDrugs | None = None,
 ) -> dict:
     """Every baseline's predictions of the test pairs; unseen drugs or cell lines fall back to
     the training mean of the other side (or the global mean). `profiles` (cell line -> its
-    expression PCA) are extra ridge features."""
+    expression PCA) are extra ridge features. `similar`: what similar_drugs knows of the drugs
+    (None: fingerprints alone, ids as compounds); without its kernel, the kernel is chosen on
+    `train` alone (choose_kernel)."""
     overall = float(train.ln_ic50.mean())
     drug_mean, cell_mean = _means(train, "drug"), _means(train, "cell_line")
     d = test.drug.map(drug_mean).to_numpy(dtype=float)
     c = test.cell_line.map(cell_mean).to_numpy(dtype=float)
     out = {
         "drug_mean": np.where(np.isnan(d), np.where(np.isnan(c), overall, c), d),
-        "cell_line_mean": np.where(np.isnan(c), np.where(np.isnan(d), overall, d), c),
+        "cell_line_mean": _cell_line_mean(train, test),
     }
     out["additive"] = np.nan_to_num(d, nan=overall) + np.nan_to_num(c, nan=overall) - overall
     out["ridge"] = _ridge(train, test, prints, ridge, profiles)
     out["nearest_drug"] = _nearest_drug(train, test, prints, out["cell_line_mean"])
+    similar = similar if similar is not None else SimilarDrugs()
+    kernel = similar.kernel or choose_kernel(train, prints, similar)[0]
+    out["similar_drugs"] = Borrowing(train, test, prints, similar).predict(kernel, out["cell_line_mean"])
     return out
+
+
+def _cell_line_mean(train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
+    """The cell line's training mean (an unseen line: the drug's, else the global mean)."""
+    overall = float(train.ln_ic50.mean())
+    d = test.drug.map(_means(train, "drug")).to_numpy(dtype=float)
+    c = test.cell_line.map(_means(train, "cell_line")).to_numpy(dtype=float)
+    return np.where(np.isnan(c), np.where(np.isnan(d), overall, d), c)
 
 
 def _ridge(
@@ -348,6 +395,150 @@ def _nearest_drug(train: pd.DataFrame, test: pd.DataFrame, prints, fallback: np.
     return np.where(np.isnan(found), fallback, found)
 
 
+# ---------------------------------------------------------------- similar drugs (unseen drugs)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """The similar_drugs kernel between two drugs: (target x Jaccard of their targets + pathway x
+    [same informative target pathway] + structure x Tanimoto of their fingerprints) ** sharpness.
+    Only the weights' ratios matter (the kernel's scale cancels in the weighted mean); sharpness
+    concentrates the weight on the most similar drugs (large: nearest-drug-like)."""
+
+    target: float
+    pathway: float
+    structure: float
+    sharpness: float
+
+    def label(self) -> str:
+        return f"target={self.target:g} pathway={self.pathway:g} structure={self.structure:g} sharpness={self.sharpness:g}"
+
+
+# (target, pathway, structure): each part alone, each pair, all three; structure alone first, so
+# that ties (e.g. no annotations at all) go to the fingerprint kernel nearest_drug also uses
+KERNEL_MIXES = ((0, 0, 1), (1, 0, 0), (0, 1, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
+KERNEL_SHARPNESS = (1, 4, 16)  # 16 on Tanimoto alone is close to the nearest drug
+KERNEL_GRID = tuple(Kernel(*mix, sharpness) for mix in KERNEL_MIXES for sharpness in KERNEL_SHARPNESS)
+
+
+@dataclass(frozen=True)
+class SimilarDrugs:
+    """What the similar_drugs baseline knows of the drugs beyond fingerprints, and how it chooses
+    its kernel.
+
+    Attributes:
+        targets: drug id -> its targets (features.parse_targets; no entry: none known).
+        pathways: drug id -> its informative target pathway ("" or no entry: none).
+        compound_of: drug id -> its compound (features.compounds; no entry: the id itself). A
+            drug never borrows from its own compound: itself or a GDSC1/GDSC2 twin.
+        kind, seed: the inner folds that choose the kernel are grouped as a split of this kind.
+        kernel: the kernel to predict with; None: chosen on the training pairs given.
+        grid: the kernels choose_kernel chooses among.
+    """
+
+    targets: dict = field(default_factory=dict)
+    pathways: dict = field(default_factory=dict)
+    compound_of: dict = field(default_factory=dict)
+    kind: str = "drug"
+    seed: int = 0
+    kernel: Kernel | None = None
+    grid: tuple = KERNEL_GRID
+
+
+def similarity_parts(drugs, others, prints, similar: SimilarDrugs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(target Jaccard, same informative pathway as 0/1, fingerprint Tanimoto) of each of `drugs`
+    (rows) to each of `others` (columns). Drugs without targets or pathway share none."""
+    known = [similar.targets.get(d, frozenset()) for d in [*drugs, *others]]
+    column_of = {target: i for i, target in enumerate(sorted(frozenset().union(*known)))}
+
+    def target_bits(names) -> np.ndarray:
+        bits = np.zeros((len(names), len(column_of)), dtype=np.float32)
+        for row, drug in enumerate(names):
+            bits[row, [column_of[t] for t in similar.targets.get(drug, ())]] = 1
+        return bits
+
+    jaccard = tanimoto(target_bits(drugs), target_bits(others))
+    mine = np.array([similar.pathways.get(d, "") for d in drugs], dtype=object)[:, None]
+    theirs = np.array([similar.pathways.get(d, "") for d in others], dtype=object)[None, :]
+    pathway = ((mine == theirs) & (mine != "")).astype(np.float64)
+    structure = tanimoto(np.stack([prints[d] for d in drugs]), np.stack([prints[d] for d in others]))
+    return jaccard, pathway, structure
+
+
+class Borrowing:
+    """similar_drugs' prediction of the `test` pairs from the `train` pairs under any kernel: each
+    test pair (d, c) gets the kernel-weighted mean of other training drugs' responses on c.
+
+    Each neighbour's response enters relative to its own training mean, and the test drug's level
+    is the kernel-weighted mean of those means: where every neighbour was measured on c this is
+    the plain weighted mean, but GDSC leaves ~20% of pairs unmeasured, and without centring a
+    neighbour missing on some lines would move the prediction across lines by its own level.
+    Everything but the kernel is computed once, so that a grid of kernels costs little.
+    """
+
+    def __init__(self, train: pd.DataFrame, test: pd.DataFrame, prints: dict, similar: SimilarDrugs):
+        wide = train.pivot_table(index="drug", columns="cell_line", values="ln_ic50", aggfunc="mean")
+        values = wide.to_numpy(dtype=np.float64)
+        self.measured = np.isfinite(values).astype(np.float64)
+        self.levels = np.nanmean(values, axis=1)
+        self.residuals = np.nan_to_num(values - self.levels[:, None])
+        drugs = sorted(test.drug.unique())
+        self.parts = similarity_parts(drugs, list(wide.index), prints, similar)
+        compound = np.vectorize(lambda d: similar.compound_of.get(d, d), otypes=[object])
+        self.same_compound = (
+            compound(np.array(drugs, dtype=object))[:, None] == compound(wide.index.to_numpy(dtype=object))[None, :]
+        )
+        self.rows = test.drug.map({d: i for i, d in enumerate(drugs)}).to_numpy()
+        lines = {c: j for j, c in enumerate(wide.columns)}
+        self.columns = test.cell_line.map(lines).fillna(-1).astype(int).to_numpy()  # -1: a line no training drug saw
+
+    def weights(self, kernel: Kernel) -> np.ndarray:
+        """(test drugs, training drugs) kernel weights; zero on the drug's own compound."""
+        jaccard, pathway, structure = self.parts
+        mixed = kernel.target * jaccard + kernel.pathway * pathway + kernel.structure * structure
+        weights = mixed**kernel.sharpness
+        weights[self.same_compound] = 0.0
+        return weights
+
+    def predict(self, kernel: Kernel, fallback: np.ndarray) -> np.ndarray:
+        """The test pairs' predictions; `fallback` (the cell-line mean) where no similar drug was
+        measured on the pair's cell line (zero kernel mass there)."""
+        weights = self.weights(kernel)
+        rows, columns = self.rows, np.maximum(self.columns, 0)
+        mass = (weights @ self.measured)[rows, columns]
+        borrowed = (weights @ self.residuals)[rows, columns]
+        total = weights.sum(1)
+        level = (weights @ self.levels / np.where(total > 0, total, 1.0))[rows]
+        found = (self.columns >= 0) & (mass > 1e-12)
+        return np.where(found, borrowed / np.where(found, mass, 1.0) + level, fallback)
+
+
+def choose_kernel(train: pd.DataFrame, prints: dict, similar: SimilarDrugs) -> tuple[Kernel, dict]:
+    """similar_drugs' kernel, by inner cross-validation over the training pairs alone, grouped as
+    the outer split (inner_folds): each kernel of the grid predicts each inner fold's held-out
+    pairs from the others; the best mean HEADLINE over folds wins (ties: the first in the grid).
+
+    Returns:
+        (the kernel, {"kernel": its weights, "score": its inner score, "scores": every kernel's
+        by label, "inner_folds": n}) — the record metrics.json keeps per seed.
+    """
+    masks = inner_folds(train, similar.kind, INNER_FOLDS, similar.seed, similar.compound_of)
+    per_fold = {kernel: [] for kernel in similar.grid}
+    for held in masks:
+        inner_train, inner_test = train[~held], train[held]
+        borrowing = Borrowing(inner_train, inner_test, prints, similar)
+        fallback = _cell_line_mean(inner_train, inner_test)
+        # HEADLINE, pearson_per_drug, with the pairs grouped by drug once for the whole grid
+        truth, groups = inner_test.ln_ic50.to_numpy(), scored_drugs(inner_test.drug.to_numpy())
+        for kernel in similar.grid:
+            per_drug = pearson_of_each_drug(borrowing.predict(kernel, fallback), truth, groups)
+            per_fold[kernel].append(_finite_mean(per_drug.values()))
+    scores = {kernel.label(): _finite_mean(values) for kernel, values in per_fold.items()}
+    label = choose_best(scores, higher_is_better=True)
+    kernel = next(k for k in similar.grid if k.label() == label)
+    return kernel, {"kernel": asdict(kernel), "score": scores[label], "scores": scores, "inner_folds": len(masks)}
+
+
 def choose_baseline(
     train: pd.DataFrame,
     prints: dict[str, np.ndarray],
@@ -356,23 +547,27 @@ def choose_baseline(
     compound_of: dict | None = None,
     profiles_for=None,
     folds: int = INNER_FOLDS,
+    similar: SimilarDrugs | None = None,
 ) -> dict:
     """The best baseline on the training pairs alone: every baseline's HEADLINE score averaged over
     an inner cross-validation grouped as the outer split (see inner_folds); test pairs never enter.
 
     Args:
         kind: the outer split's kind. profiles_for: training cell lines -> their expression PCA
-            (fitted on those lines), or None without profiles.
+            (fitted on those lines), or None without profiles. similar: what similar_drugs knows
+            of the drugs; its kernel is chosen afresh on each inner fold's training pairs (a
+            kernel chosen on all of `train` has seen the inner held-out pairs).
 
     Returns:
         {"name": the best baseline, "score": its inner score, "scores": every baseline's, "inner_folds": n}.
     """
     per_fold = {name: [] for name in BASELINES}
     masks = inner_folds(train, kind, folds, seed, compound_of)
+    similar = _unchosen(similar, kind, seed, compound_of)
     for held in masks:
         inner_train, inner_test = train[~held], train[held]
         profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
-        predictions = baseline_predictions(inner_train, inner_test, prints, profiles=profiles)
+        predictions = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=similar)
         truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
         for name in BASELINES:
             per_fold[name].append(drug_response_metrics(predictions[name], truth, drugs)[HEADLINE])
@@ -381,8 +576,22 @@ def choose_baseline(
     return {"name": name, "score": scores[name], "scores": scores, "inner_folds": len(masks)}
 
 
+def _unchosen(similar: SimilarDrugs | None, kind: str, seed: int, compound_of: dict | None) -> SimilarDrugs:
+    """`similar` for inner folds of a split of `kind`: its kernel left to be chosen on each fold's
+    training pairs (None: fingerprints alone, with `compound_of`)."""
+    similar = similar if similar is not None else SimilarDrugs(compound_of=compound_of or {})
+    return replace(similar, kind=kind, seed=seed, kernel=None)
+
+
 def choose_weight(
-    config, train: pd.DataFrame, prints: dict, seed: int, out: Path, compound_of: dict | None = None, expression=None
+    config,
+    train: pd.DataFrame,
+    prints: dict,
+    seed: int,
+    out: Path,
+    compound_of: dict | None = None,
+    expression=None,
+    similar: SimilarDrugs | None = None,
 ) -> tuple[float | None, dict]:
     """The anchored head's residual weight, by inner cross-validation over the training pairs
     (the folds choose_baseline uses): in each inner fold a baseline is chosen and a model trained
@@ -397,11 +606,12 @@ def choose_weight(
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
     weights = sorted(set(section.anchor_weights))
     per_fold, first = {w: [] for w in weights}, True
+    similar = _unchosen(similar, kind, seed, compound_of)
     for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
         inner_train, inner_test = train[~held], train[held]
-        chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for)["name"]
+        chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for, similar=similar)["name"]
         profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
-        baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles)[chosen]
+        baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=similar)[chosen]
         model = _model_predictions(config, inner_train, inner_test, prints, out / f"inner{j}", seed, expression)
         if model is None:
             first = False
@@ -633,6 +843,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     if model and not section.expression:
         log.warning("--model %s is not used: in ic50 mode the model embeds cell-line profiles, given with --expression", model)
     pairs, prints, compound_of, expression, left_out = _read_inputs(config, None if baselines_only else model)
+    similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind())
     model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
     best = {}  # seed -> the baseline chosen on its training pairs
     # inner folds refit the expression PCA on their own training lines, as the outer split does
@@ -649,8 +860,12 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         }
         lines = train.cell_line.unique()
         profiles = expression.pca(lines, section.pca_components) if expression is not None else None
-        predictions = baseline_predictions(train, test, prints, profiles=profiles)
-        best[seed] = choose_baseline(train, prints, section.split_kind(), seed, compound_of, profiles_for)
+        # similar_drugs' kernel, chosen on the training pairs alone, is recorded beside the best baseline
+        kernel, kernel_choice = choose_kernel(train, prints, replace(similar, seed=seed))
+        chosen_similar = replace(similar, seed=seed, kernel=kernel)
+        predictions = baseline_predictions(train, test, prints, profiles=profiles, similar=chosen_similar)
+        best[seed] = choose_baseline(train, prints, section.split_kind(), seed, compound_of, profiles_for, similar=similar)
+        best[seed]["similar_drugs"] = kernel_choice
         for name in BASELINES:
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
@@ -658,7 +873,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             plain = _model_predictions(config, train, test, prints, where, seed, expression)
             weight = 1.0  # the plain head: the model's residual whole
             if section.head == "anchored":  # every process trains the inner models too (they train together)
-                weight, weight_scores = choose_weight(config, train, prints, seed, where, compound_of, expression)
+                weight, weight_scores = choose_weight(config, train, prints, seed, where, compound_of, expression, similar)
                 best[seed].update(weight=weight, weight_scores=weight_scores)
             if plain is None or weight is None:
                 first = False
@@ -707,17 +922,9 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
 
 
 def _run_expression_mode(config, model: str | None, out, baselines_only: bool) -> dict | None:
-    """Expression mode (celltron.finetune.drug.expression), whose model is the plain head:
-    anchoring is implemented for ic50 mode only, which metrics.json and the log say."""
-    metrics = run_drug_expression(config, model, out, baselines_only)
-    if metrics is None:
-        return None
-    metrics["head"] = None if baselines_only else "plain"
-    if config.drug.head == "anchored" and not baselines_only:
-        log.warning("drug.head anchored: anchoring is implemented for ic50 mode only; expression mode reports the plain model")
-        metrics["notes"] = {**metrics.get("notes", {}), "head": "anchoring is implemented for ic50 mode only: the model is plain"}
-    write_metrics(Path(out) / "metrics.json", metrics)
-    return metrics
+    """Expression mode (celltron.finetune.drug.expression): its own baselines, best-baseline
+    choice, anchored head and paired difference."""
+    return run_drug_expression(config, model, out, baselines_only)
 
 
 def chosen_on(kind: str, folds: int = INNER_FOLDS) -> str:
@@ -730,31 +937,9 @@ def paired_over_drugs(model_runs: dict, baseline_runs: dict, best: dict) -> dict
     """Model − best baseline in per-drug Pearson over held-out drugs, with its interval and verdict.
     Each seed pairs the model with that seed's chosen baseline on the same drugs; a drug held
     out under several seeds counts once, its model and baseline values averaged over those seeds."""
-    model_values, baseline_values = {}, {}
-    for seed, run in model_runs.items():
-        baseline = baseline_runs[best[seed]["name"]][seed]["per_drug"]
-        for drug, value in run["per_drug"].items():
-            if np.isfinite(value) and np.isfinite(baseline.get(drug, np.nan)):
-                model_values.setdefault(drug, []).append(value)
-                baseline_values.setdefault(drug, []).append(baseline[drug])
-    difference = paired_difference(
-        {d: float(np.mean(v)) for d, v in model_values.items()}, {d: float(np.mean(v)) for d, v in baseline_values.items()}
-    )
+    baseline = {seed: baseline_runs[best[seed]["name"]][seed]["per_drug"] for seed in model_runs}
     names = " / ".join(sorted({best[seed]["name"] for seed in model_runs}))
-    return {**difference, "metric": HEADLINE, "baseline": names, "unit": "drugs", "verdict": verdict(difference)}
-
-
-def _print_verdict(metrics: dict) -> None:
-    """The model against the best baseline, or (baselines alone) which baseline was best per seed."""
-    best, paired = metrics["best_baseline"], metrics.get("paired")
-    if metrics.get("head") == "anchored":
-        weights = ", ".join(f"seed {seed}: {c['weight']}" for seed, c in best["per_seed"].items())
-        print(f"anchored head: best baseline + w x (model − best baseline), w chosen on {best['chosen_on']}: {weights}")
-    if paired:
-        print(verdict_line(HEADLINE, paired["baseline"], paired, "drugs", chosen_on=best["chosen_on"]))
-        return
-    chosen = ", ".join(f"seed {seed}: {c['name']} ({c['score']:.3f})" for seed, c in best["per_seed"].items())
-    print(f"best baseline on {HEADLINE} (chosen on {best['chosen_on']}): {chosen}")
+    return paired_over_seeds({seed: run["per_drug"] for seed, run in model_runs.items()}, baseline, HEADLINE, "drugs", names)
 
 
 def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
@@ -769,5 +954,5 @@ def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
     shown = {**metrics, "baselines": {**plain, **metrics["baselines"]}}
     plot_bars(shown, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({split} split)")
     print(results_table(shown, DRUG_METRICS, metrics.get("notes")))
-    _print_verdict(metrics)
+    print_baseline_choice(metrics, HEADLINE)
     return metrics
