@@ -13,7 +13,7 @@ from celltron.corpus.constants import MIN_MAPPED_FRACTION
 from celltron.corpus.options import BuildOptions
 from celltron.errors import ConfigError, UserError
 from celltron.finetune.config import FinetuneConfig, load_finetune_config
-from celltron.lab.options import EmbedOptions
+from celltron.lab.options import EmbedOptions, max_len_flag
 from celltron.launch.cluster import ClusterSpec, load_cluster
 from celltron.pretrain.config import PretrainConfig, load_config
 from celltron.ranges import devices, name_weight, number
@@ -128,6 +128,8 @@ EMBED_OPTIONS = [
     Option("key", help="obsm (and varm) key the embeddings are written under"),
     Option("pool"),
     Option("layer"),
+    Option("layers", metavar="LAYER"),
+    Option("max_len", type=max_len_flag, metavar="N|all"),
     Option("batch_size"),
     Option("block_cells"),
     Option("gene_embeddings"),
@@ -385,9 +387,9 @@ def _grn(args) -> int:
         min_mapped_fraction=args.min_mapped_fraction,
         n_folds=args.folds,
         head=args.head,
+        tokens=args.tokens,
         **({"anchor_weights": args.anchor_weights} if args.anchor_weights is not None else {}),
     )
-        tokens=args.tokens,
     print(
         f"wrote {args.out}/edges.tsv ({result['n_tfs']} TFs x {result['n_targets']} targets, {result['n_cells']} cells)"
         + (f" and {args.out}/metrics.json" if args.truth else "")
@@ -424,6 +426,8 @@ def _evaluate_embedding(args) -> int:
         layer=args.layer,
         max_cells=args.max_cells,
         batch_metrics=tuple(args.batch_metrics or BATCH_METRICS),
+        inner_folds=args.inner_folds,
+        choose_by=args.choose_by,
     )
     print(f"wrote {args.out}/metrics.json" + ("" if args.no_umap else f" and {args.out}/umap.png"))
     return 0
@@ -620,10 +624,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the anchored head's candidate weights for the model, each in [0, 1] (0: the baseline alone); "
         "default 0 0.25 0.5 0.75 1",
     )
-    grn.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
-    grn.set_defaults(run=_grn)
-
     grn.add_argument(
         "--tokens",
         default="candidates",
@@ -631,11 +631,21 @@ def _parser() -> argparse.ArgumentParser:
         help="with --model: candidates (default) builds each cell's tokens from its detected genes, candidate TFs "
         "first, then candidate targets, then the rest, up to the tokenizer's length; tokenizer uses its own cut",
     )
+    grn.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    grn.add_argument("--precision", default="auto", choices=["auto", "32", "bf16"], help="auto: bf16 on CUDA, fp32 on CPU")
+    grn.set_defaults(run=_grn)
+
     embedding = verbs.add_parser(
         "evaluate-embedding", help="zero-shot scores of cell embeddings in an .h5ad beside a PCA baseline"
     )
     embedding.add_argument("--data", required=True, help=".h5ad with the embedding in obsm and raw counts (for the baseline)")
-    embedding.add_argument("--key", required=True, help="obsm entry of the embedding, e.g. X_celltron")
+    embedding.add_argument(
+        "--key",
+        required=True,
+        nargs="+",
+        help="obsm entry of the embedding, e.g. X_celltron; several (variants of one model: layers, pooling, "
+        "--max-len): each outer fold chooses one by inner cross-validation on its training cells",
+    )
     embedding.add_argument("--label-key", required=True, help="obs column of cell labels, e.g. cell_type")
     embedding.add_argument("--batch-key", help="obs column of batches: adds scib-metrics' batch-integration metrics")
     embedding.add_argument("--out", default="runs/embedding", help="output directory (metrics.json, umap.png)")
@@ -653,6 +663,15 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         help="scib-metrics to compute (default all: silhouette_label clisi "
         "silhouette_batch ilisi kbet graph_connectivity; kbet is the slowest)",
+    )
+    embedding.add_argument(
+        "--inner-folds", type=number(int, ">= 2"), default=3, help="with several --key: folds of the inner cross-validation"
+    )
+    embedding.add_argument(
+        "--choose-by",
+        default="accuracy",
+        choices=["accuracy", "macro_f1"],
+        help="with several --key: the score they are chosen by",
     )
     embedding.add_argument("--no-umap", action="store_true", help="skip the UMAP plot")
     embedding.set_defaults(run=_evaluate_embedding)

@@ -5,12 +5,19 @@ Both are scored the same way: kNN classification of a label column (accuracy and
 stratified k-fold cross-validation, scikit-learn; `paired`: model − PCA per fold, with an
 interval) and, with a batch column, the batch-integration metrics of `scib-metrics` (silhouette
 label / batch, cLISI / iLISI, kBET per label, graph connectivity). Neighbour counts follow scib-metrics' own Benchmarker: 90 for LISI, 50 for kBET.
+
+Several embeddings of the same cells (variants: layers, pooling, tokens per cell, each in its own
+obsm key) are one model with a choice to make. Each outer fold then chooses its variant by an
+inner cross-validation over that fold's training cells only (the held-out cells are never
+passed to the choice), and the model's score in that fold is the chosen variant's; every variant
+is also scored on its own, paired with PCA on the same folds.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +26,15 @@ import pandas as pd
 import scipy.sparse as sp
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.report import paired_difference, results_table, save_figure, verdict, verdict_line, write_metrics
+from celltron.finetune.report import (
+    choose_best,
+    paired_difference,
+    results_table,
+    save_figure,
+    verdict,
+    verdict_line,
+    write_metrics,
+)
 from celltron.inputs import MissingInputError, read_h5ad
 from celltron.preprocessing import pca_baseline
 
@@ -30,6 +45,7 @@ BATCH_METRICS = ("silhouette_label", "clisi", "silhouette_batch", "ilisi", "kbet
 LISI_NEIGHBORS, KBET_NEIGHBORS = 90, 50
 BASELINE = "pca_knn"
 EXACT_NEIGHBORS_MAX = 50_000  # exact kNN below (deterministic, fast); pynndescent's approximate search above
+INNER_FOLDS = 3  # the variant choice's folds inside each outer fold's training cells
 
 
 @dataclass
@@ -38,21 +54,27 @@ class EmbeddingData:
 
     Attributes:
         path: the file read.
-        embedding: (cells, dims) float32, from `obsm[key]`.
+        variants: {obsm key: (cells, dims) float32 embedding}, in the order given.
         labels: (cells,) label of each cell, as strings.
         batches: (cells,) batch of each cell, as strings, or None.
         counts: (cells, genes) raw counts, CSR (the baseline's input).
     """
 
     path: Path
-    embedding: np.ndarray
+    variants: dict[str, np.ndarray]
     labels: np.ndarray
     batches: np.ndarray | None
     counts: sp.csr_matrix
 
+    @property
+    def embedding(self) -> np.ndarray:
+        """The first variant's embedding (the only one, usually)."""
+        return next(iter(self.variants.values()))
+
     def subset(self, cells: np.ndarray) -> EmbeddingData:
         batches = None if self.batches is None else self.batches[cells]
-        return EmbeddingData(self.path, self.embedding[cells], self.labels[cells], batches, self.counts[cells])
+        variants = {key: embedding[cells] for key, embedding in self.variants.items()}
+        return EmbeddingData(self.path, variants, self.labels[cells], batches, self.counts[cells])
 
 
 def require_eval_extra(*modules: str) -> None:
@@ -114,19 +136,17 @@ def _column(adata, path: Path, key: str, flag: str) -> np.ndarray:
     return np.array([None if pd.isna(v) else str(v) for v in adata.obs[key].astype(object)], dtype=object)
 
 
-def read_embedding_data(path, key: str, label_key: str, batch_key: str | None = None, layer: str = "X") -> EmbeddingData:
-    """Read the embedding, labels, batches and raw counts of an .h5ad, naming what is missing and the fix.
+def as_keys(key: str | Sequence[str]) -> tuple[str, ...]:
+    """One obsm key, or several (variants of one model's embedding), as a tuple without repeats."""
+    keys = (key,) if isinstance(key, str) else tuple(key)
+    if not keys:
+        raise ConfigError("--key: name at least one obsm entry")
+    if len(set(keys)) < len(keys):
+        raise ConfigError(f"--key {' '.join(keys)}: a key is named twice")
+    return keys
 
-    Args:
-        key: `obsm` entry holding the embedding (e.g. X_celltron).
-        label_key: obs column of cell labels (e.g. cell_type).
-        batch_key: obs column of batches, for the batch-integration metrics.
-        layer: raw counts for the baseline: X, raw, or a layer name.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"--data {path}: no such file")
-    adata = read_h5ad(path)
+
+def _obsm_embedding(adata, path: Path, key: str) -> np.ndarray:
     if key not in adata.obsm:
         raise InputError(
             f"{path}: obsm has no {key!r}; it has {list(adata.obsm.keys())}. Pass --key with one of them, "
@@ -135,18 +155,40 @@ def read_embedding_data(path, key: str, label_key: str, batch_key: str | None = 
     embedding = np.asarray(adata.obsm[key].toarray() if sp.issparse(adata.obsm[key]) else adata.obsm[key], dtype=np.float32)
     if embedding.ndim != 2:
         raise InputError(f"{path}: obsm[{key!r}] must be a (cells, dims) matrix; it has shape {embedding.shape}")
+    return embedding
+
+
+def read_embedding_data(
+    path, key: str | Sequence[str], label_key: str, batch_key: str | None = None, layer: str = "X"
+) -> EmbeddingData:
+    """Read the embedding(s), labels, batches and raw counts of an .h5ad, naming what is missing and the fix.
+
+    Args:
+        key: `obsm` entry holding the embedding (e.g. X_celltron), or several: variants of one model's.
+        label_key: obs column of cell labels (e.g. cell_type).
+        batch_key: obs column of batches, for the batch-integration metrics.
+        layer: raw counts for the baseline: X, raw, or a layer name.
+    """
+    path = Path(path)
+    keys = as_keys(key)
+    if not path.exists():
+        raise MissingInputError(f"--data {path}: no such file")
+    adata = read_h5ad(path)
+    variants = {k: _obsm_embedding(adata, path, k) for k in keys}
     labels = _column(adata, path, label_key, "--label-key")
     batches = _column(adata, path, batch_key, "--batch-key") if batch_key else None
     counts = _counts(adata, path, layer)
     require_raw_counts(counts, path, layer, _available_layers(adata))
-    return EmbeddingData(path, embedding, labels, batches, counts)
+    return EmbeddingData(path, variants, labels, batches, counts)
 
 
 def usable_cells(data: EmbeddingData, folds: int) -> np.ndarray:
-    """Cells with a finite embedding (`celltron embed` writes NaN for cells without a known gene),
-    a label and a batch, whose label has at least `folds` cells: stratified k-fold needs every label
-    in every fold. Returns their indices; the rest are logged."""
-    keep = np.isfinite(data.embedding).all(axis=1) & pd.notna(data.labels)
+    """Cells with a finite embedding in every variant (`celltron embed` writes NaN for cells without
+    a known gene), a label and a batch, whose label has at least `folds` cells: stratified k-fold
+    needs every label in every fold. Returns their indices; the rest are logged."""
+    keep = pd.notna(data.labels)
+    for embedding in data.variants.values():  # every variant is scored on the same cells
+        keep &= np.isfinite(embedding).all(axis=1)
     if data.batches is not None:
         keep &= pd.notna(data.batches)
     sizes = pd.Series(data.labels[keep]).value_counts()
@@ -167,6 +209,34 @@ def usable_cells(data: EmbeddingData, folds: int) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
+def outer_folds(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified k-fold split shared by every embedding and the baseline: (train, test) indices."""
+    from sklearn.model_selection import StratifiedKFold
+
+    return list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels))
+
+
+def fold_scores(embedding: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, neighbors: int) -> dict:
+    """Accuracy and macro-F1 of a kNN classifier fitted on the `train` rows, predicting the `test` rows."""
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    classifier = KNeighborsClassifier(min(neighbors, len(train))).fit(embedding[train], labels[train])
+    predicted = classifier.predict(embedding[test])
+    return {
+        "accuracy": float(accuracy_score(labels[test], predicted)),
+        "macro_f1": float(f1_score(labels[test], predicted, average="macro", zero_division=0)),
+    }
+
+
+def summarise_folds(per_fold: list[dict]) -> dict:
+    """Mean of each classification metric over folds, their spread ("std") and the per-fold values."""
+    out = {m: float(np.mean([f[m] for f in per_fold])) for m in CLASSIFICATION_METRICS}
+    out["std"] = {m: float(np.std([f[m] for f in per_fold])) for m in CLASSIFICATION_METRICS}
+    out["per_fold"] = per_fold
+    return out
+
+
 def knn_scores(embedding: np.ndarray, labels: np.ndarray, folds: int = 5, seed: int = 0, neighbors: int = 15) -> dict:
     """kNN classification by stratified k-fold cross-validation: accuracy and macro-F1, mean over
     folds, their spread ("std") and per-fold values.
@@ -175,24 +245,57 @@ def knn_scores(embedding: np.ndarray, labels: np.ndarray, folds: int = 5, seed: 
         embedding: (cells, dims), compared by Euclidean distance as it is.
         labels: (cells,) every label with at least `folds` cells.
     """
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import StratifiedKFold
-    from sklearn.neighbors import KNeighborsClassifier
+    split = outer_folds(labels, folds, seed)
+    return summarise_folds([fold_scores(embedding, labels, train, test, neighbors) for train, test in split])
 
+
+def inner_cv_score(embedding: np.ndarray, labels: np.ndarray, folds: int, seed: int, neighbors: int, metric: str) -> float:
+    """Mean `metric` of kNN over a stratified `folds`-fold split of the cells given (an outer
+    fold's training cells: the caller passes only those)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    with warnings.catch_warnings():  # a label with fewer training cells than inner folds: sklearn warns, and copes
+        warnings.simplefilter("ignore", UserWarning)
+        split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(embedding, labels))
+    return float(np.mean([fold_scores(embedding, labels, train, test, neighbors)[metric] for train, test in split]))
+
+
+def choose_variant(
+    variants: dict[str, np.ndarray], labels: np.ndarray, folds: int, seed: int, neighbors: int, metric: str
+) -> tuple[str, dict[str, float]]:
+    """The variant with the best inner-CV `metric` on these cells (ties: the first named) and every
+    variant's inner score."""
+    scores = {name: inner_cv_score(embedding, labels, folds, seed, neighbors, metric) for name, embedding in variants.items()}
+    return choose_best(scores), scores
+
+
+def choose_for_fold(
+    variants: dict[str, np.ndarray], labels: np.ndarray, train: np.ndarray, folds: int, seed: int, neighbors: int, metric: str
+) -> tuple[str, dict[str, float]]:
+    """`choose_variant` on an outer fold's training cells `train`: the held-out rows (embeddings
+    and labels) are cut away before the choice sees anything."""
+    training = {name: embedding[train] for name, embedding in variants.items()}
+    return choose_variant(training, labels[train], folds, seed, neighbors, metric)
+
+
+def chosen_variant_scores(
+    variants: dict[str, np.ndarray],
+    labels: np.ndarray,
+    folds: int = 5,
+    seed: int = 0,
+    neighbors: int = 15,
+    inner_folds: int = INNER_FOLDS,
+    choose_by: str = "accuracy",
+) -> dict:
+    """As `knn_scores`, for a model whose variant each outer fold chooses by inner cross-validation
+    over its own training cells; each fold records its `variant` and the `inner_scores`."""
     per_fold = []
-    for train, test in StratifiedKFold(folds, shuffle=True, random_state=seed).split(embedding, labels):
-        classifier = KNeighborsClassifier(min(neighbors, len(train))).fit(embedding[train], labels[train])
-        predicted = classifier.predict(embedding[test])
+    for train, test in outer_folds(labels, folds, seed):
+        chosen, inner = choose_for_fold(variants, labels, train, inner_folds, seed, neighbors, choose_by)
         per_fold.append(
-            {
-                "accuracy": float(accuracy_score(labels[test], predicted)),
-                "macro_f1": float(f1_score(labels[test], predicted, average="macro", zero_division=0)),
-            }
+            {**fold_scores(variants[chosen], labels, train, test, neighbors), "variant": chosen, "inner_scores": inner}
         )
-    out = {m: float(np.mean([f[m] for f in per_fold])) for m in CLASSIFICATION_METRICS}
-    out["std"] = {m: float(np.std([f[m] for f in per_fold])) for m in CLASSIFICATION_METRICS}
-    out["per_fold"] = per_fold
-    return out
+    return summarise_folds(per_fold)
 
 
 def neighbor_graph(embedding: np.ndarray, n_neighbors: int, seed: int = 0):
@@ -266,7 +369,7 @@ def score_embedding(
 
 def evaluate_embedding(
     data,
-    key: str,
+    key: str | Sequence[str],
     label_key: str,
     batch_key: str | None = None,
     *,
@@ -276,39 +379,54 @@ def evaluate_embedding(
     layer: str = "X",
     max_cells: int | None = None,
     batch_metrics: tuple[str, ...] = BATCH_METRICS,
+    inner_folds: int = INNER_FOLDS,
+    choose_by: str = "accuracy",
     return_embeddings: bool = False,
 ):
     """Score `obsm[key]` of an .h5ad beside the PCA baseline of the same file's expression.
 
     Args:
         data: the .h5ad path.
-        key: obsm entry of the embedding; label_key / batch_key: obs columns.
+        key: obsm entry of the embedding, or several: variants of one model, chosen per outer fold
+            by inner cross-validation on its training cells; label_key / batch_key: obs columns.
         folds, seed: the stratified k-fold split (the same folds for the model and the baseline).
         neighbors: k of the kNN classifier and of the graph-connectivity graph.
         layer: raw counts for the baseline: X, raw, or a layer name.
         max_cells: evaluate a seeded sample of this many cells (silhouettes are quadratic in cells).
         batch_metrics: the scib-metrics metrics computed when batch_key is given (default: all).
+        inner_folds, choose_by: with several keys, the inner cross-validation's folds and the
+            classification metric it chooses by.
         return_embeddings: also return {"model": ..., "pca": ...} and the labels, for plotting.
 
     Returns:
-        {"model": {...}, "baselines": {"pca_knn": {...}}, "split": {...}} (and the embeddings and labels).
+        {"model": {...}, "baselines": {"pca_knn": {...}}, "split": {...}} (and the embeddings and
+        labels); with several keys also "variants" (each scored alone) and "selection".
     """
-    if folds < 2:
-        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    keys = as_keys(key)
+    check_selection(folds, inner_folds, choose_by)
     if batch_key:
         require_eval_extra("scib_metrics")
         batch_metrics = check_batch_metrics(batch_metrics)
-    full = read_embedding_data(data, key, label_key, batch_key, layer)
+    full = read_embedding_data(data, keys, label_key, batch_key, layer)
     sample = np.arange(len(full.labels))
     if max_cells is not None and len(sample) > max_cells:  # sample first, so the label-size rule holds in the sample
         sample = np.sort(np.random.default_rng(seed).choice(sample, max_cells, replace=False))
     sampled = full.subset(sample)
     cells = usable_cells(sampled, folds)
     subset = sampled.subset(cells)
-    embeddings = {"model": subset.embedding, "pca": pca_baseline(subset.counts, seed=seed)}
-    model, pca = (
-        score_embedding(e, subset.labels, subset.batches, folds, seed, neighbors, batch_metrics) for e in embeddings.values()
-    )
+    pca_embedding = pca_baseline(subset.counts, seed=seed)
+    pca = score_embedding(pca_embedding, subset.labels, subset.batches, folds, seed, neighbors, batch_metrics)
+    selection = None
+    if len(keys) == 1:
+        model = score_embedding(subset.embedding, subset.labels, subset.batches, folds, seed, neighbors, batch_metrics)
+        shown = keys[0]
+    else:
+        model = chosen_variant_scores(subset.variants, subset.labels, folds, seed, neighbors, inner_folds, choose_by)
+        selection = selection_record(model, keys, inner_folds, choose_by)
+        shown = selection["most_chosen"]
+        if subset.batches is not None:  # one value over all cells, not per fold: of the variant chosen most often
+            labels, batches = subset.labels.astype(str), subset.batches.astype(str)
+            model.update(batch_scores(subset.variants[shown], labels, batches, neighbors, seed, batch_metrics))
     majority = pd.Series(subset.labels).value_counts(normalize=True).iloc[0]
     metrics = {
         "model": model,
@@ -322,14 +440,53 @@ def evaluate_embedding(
             "n_labels": int(len(np.unique(subset.labels))),
             "majority_label_fraction": float(majority),
             "neighbors": neighbors,
-            "embedding_key": key,
-            "embedding_dims": int(subset.embedding.shape[1]),
-            "pca_components": int(embeddings["pca"].shape[1]),
+            "embedding_key": shown,
+            "embedding_dims": int(subset.variants[shown].shape[1]),
+            "pca_components": int(pca_embedding.shape[1]),
             "label_key": label_key,
             "batch_key": batch_key,
         },
     }
+    if selection is not None:
+        metrics["selection"] = selection
+        metrics["variants"] = score_variants(subset, pca, folds, seed, neighbors)
+    embeddings = {"model": subset.variants[shown], "pca": pca_embedding}
     return (metrics, embeddings, subset.labels) if return_embeddings else metrics
+
+
+def check_selection(folds: int, inner_folds: int, choose_by: str) -> None:
+    if folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-validation needs at least 2 folds")
+    if inner_folds < 2:
+        raise ConfigError(f"--inner-folds {inner_folds}: the variant choice's cross-validation needs at least 2 folds")
+    if choose_by not in CLASSIFICATION_METRICS:
+        raise ConfigError(f"--choose-by {choose_by!r}: use one of {list(CLASSIFICATION_METRICS)}")
+
+
+def selection_record(model: dict, keys: tuple[str, ...], inner_folds: int, choose_by: str) -> dict:
+    """What metrics.json says of the variant choice: candidates, how, and each outer fold's pick."""
+    chosen = [fold["variant"] for fold in model["per_fold"]]
+    counts = {key: chosen.count(key) for key in keys}
+    return {
+        "candidates": list(keys),
+        "inner_folds": inner_folds,
+        "choose_by": choose_by,
+        "chosen_on": "inner cross-validation over each outer fold's training cells",
+        "chosen_per_fold": chosen,
+        "inner_scores_per_fold": [fold["inner_scores"] for fold in model["per_fold"]],
+        "times_chosen": counts,
+        "most_chosen": max(keys, key=counts.get),  # ties: the first named
+    }
+
+
+def score_variants(subset: EmbeddingData, pca: dict, folds: int, seed: int, neighbors: int) -> dict:
+    """Every variant scored alone on the outer folds, paired with the baseline (what each choice
+    is worth); kNN metrics only: the batch metrics are the chosen model's."""
+    out = {}
+    for name, embedding in subset.variants.items():
+        scores = knn_scores(embedding, subset.labels, folds, seed, neighbors)
+        out[name] = {**scores, "paired": paired_per_fold(scores, pca)}
+    return out
 
 
 def paired_per_fold(model: dict, baseline: dict) -> dict:
@@ -344,6 +501,26 @@ def paired_per_fold(model: dict, baseline: dict) -> dict:
         difference = paired_difference(by_fold(model, metric), by_fold(baseline, metric))
         paired[metric] = {**difference, "baseline": BASELINE, "unit": "folds", "verdict": verdict(difference)}
     return paired
+
+
+def selection_lines(metrics: dict) -> str:
+    """The variant choice in print: what each fold chose, and every variant alone against the baseline."""
+    selection = metrics["selection"]
+    lines = [
+        f"model: per outer fold, the variant with the best {selection['choose_by']} by {selection['inner_folds']}-fold "
+        f"inner cross-validation on that fold's training cells; chosen {selection['times_chosen']}",
+        "each variant alone (same folds):",
+    ]
+    width = max(len(name) for name in selection["candidates"]) + 2
+    for name in selection["candidates"]:
+        variant = metrics["variants"][name]
+        cells = [
+            f"{m} {variant[m]:.3f} ± {variant['std'][m]:.3f} (− PCA {variant['paired'][m]['mean']:+.3f} "
+            f"[{variant['paired'][m]['low']:+.3f}, {variant['paired'][m]['high']:+.3f}])"
+            for m in CLASSIFICATION_METRICS
+        ]
+        lines.append("  " + name.ljust(width) + "   ".join(cells))
+    return "\n".join(lines)
 
 
 def plot_umaps(embeddings: dict[str, np.ndarray], labels: np.ndarray, png: Path, neighbors: int = 15, seed: int = 0) -> Path:
@@ -374,7 +551,7 @@ def plot_umaps(embeddings: dict[str, np.ndarray], labels: np.ndarray, png: Path,
 
 
 def run_embedding_evaluation(
-    data, key: str, label_key: str, out, batch_key: str | None = None, *, umap: bool = True, **options
+    data, key: str | Sequence[str], label_key: str, out, batch_key: str | None = None, *, umap: bool = True, **options
 ) -> dict:
     """`celltron evaluate-embedding`: evaluate, write OUT/metrics.json (and OUT/umap.png), print
     the tables; returns the metrics (see evaluate_embedding for the other arguments)."""
@@ -387,7 +564,7 @@ def run_embedding_evaluation(
     split = metrics["split"]
     if umap:
         panels = {
-            f"embedding obsm[{key!r}]": embeddings["model"],
+            f"embedding obsm[{split['embedding_key']!r}]": embeddings["model"],
             f"baseline: PCA ({split['pca_components']} components)": embeddings["pca"],
         }
         plot_umaps(panels, labels, out / "umap.png", split["neighbors"], split["seed"])
@@ -398,6 +575,8 @@ def run_embedding_evaluation(
     print(results_table(metrics, CLASSIFICATION_METRICS))
     for metric, difference in metrics["paired"].items():
         print(verdict_line(metric, BASELINE, difference, "folds", chosen_on=None))
+    if "selection" in metrics:
+        print(selection_lines(metrics))
     if batch_key:
         print(f"batch integration over {batch_key!r} (scib-metrics; higher is better)")
         print(

@@ -27,29 +27,49 @@ from celltron.errors import ConfigError, InputError
 from celltron.inputs import open_h5
 from celltron.lab.data import LabData, check_vocabulary_coverage, load_model_tokenizer, open_lab_source, tokenize_counts
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
-from celltron.lab.options import EmbedOptions
-from celltron.model_zoo.registry import base_of, load_pretrained, parts_of, resolve_model_folder
+from celltron.lab.options import ALL_GENES, EmbedOptions
+from celltron.model_zoo.registry import base_of, family_of, load_pretrained, parts_of, resolve_model_folder
 from celltron.model_zoo.spec import attribute
 
 log = logging.getLogger(__name__)
 
+SPECIAL_POSITIONS = 2  # <cls> and <eos>: the positions a cell may use beyond its max_len genes
+
 
 class LayerOutput:
-    """Keeps the hidden states one Transformer layer returns (a forward hook: works for every
-    family, and for the last layer gives the model's last_hidden_state)."""
+    """Keeps the hidden states the chosen Transformer layers return, averaged (forward hooks:
+    they work for every family, and for the last layer give the model's last_hidden_state).
 
-    def __init__(self, model: torch.nn.Module, layer: int):
-        layers = attribute(base_of(model), parts_of(base_of(model)).layers)
-        if not -len(layers) <= layer < len(layers):
-            raise ConfigError(f"--layer {layer}: the model has {len(layers)} layers; use -1 (the last) down to -{len(layers)}")
-        self.hidden = None
-        self.handle = layers[layer].register_forward_hook(self._keep)
+    Several layers are averaged rather than concatenated: the embedding keeps the model's hidden
+    width, so it stays comparable with one layer's (same dimensions for kNN, UMAP and the obsm
+    slot), and each layer counts equally instead of the layers with the largest norms dominating
+    Euclidean distances over a concatenation several times as wide."""
+
+    def __init__(self, model: torch.nn.Module, layers: tuple[int, ...]):
+        blocks = attribute(base_of(model), parts_of(base_of(model)).layers)
+        for layer in layers:
+            if not -len(blocks) <= layer < len(blocks):
+                flag = "--layer" if len(layers) == 1 else "--layers"
+                raise ConfigError(f"{flag} {layer}: the model has {len(blocks)} layers; use -1 (the last) down to -{len(blocks)}")
+        if len({layer % len(blocks) for layer in layers}) < len(layers):
+            raise ConfigError(f"--layers {' '.join(map(str, layers))}: a layer is named twice")
+        self.kept: list[torch.Tensor] = []
+        self.handles = [blocks[layer].register_forward_hook(self._keep) for layer in layers]
 
     def _keep(self, module, args, output) -> None:
-        self.hidden = output[0] if isinstance(output, tuple) else output
+        self.kept.append((output[0] if isinstance(output, tuple) else output).float())
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """The mean of the chosen layers' states from the last forward pass (fp32)."""
+        return torch.stack(self.kept).mean(0)
+
+    def clear(self) -> None:
+        self.kept = []
 
     def close(self) -> None:
-        self.handle.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
 class GeneSums:
@@ -94,9 +114,10 @@ def embed_tokens(
     for start in range(0, len(order), options.batch_size):
         rows = order[start : start + options.batch_size]
         batch = to_device(pad_cells(tokens, rows, pad_id), device)
+        capture.clear()
         with autocast(device, options.precision):
             model(**batch, heads=False)
-        hidden = capture.hidden.float()
+        hidden = capture.hidden
         genes = batch["attention_mask"].bool() & ~torch.isin(batch["input_ids"], special_ids)
         pooled = pool_hidden(hidden, genes, style).cpu().numpy()
         has_genes = genes.any(1).cpu().numpy()
@@ -118,15 +139,62 @@ class _Model:
     capture: LayerOutput
 
 
+def token_limit(config, tokenizer) -> int:
+    """The most tokens per cell the model takes (`tokenizer` as saved): its position table less
+    <cls> and <eos> (the inverse of `spec.positions_for`, which sizes the table as max_len + 2),
+    but never below the saved length, which fits by construction (official Geneformer V1 and V2
+    fill their whole table); for families without positions (scGPT: cells are sets of genes), the
+    vocabulary's size, which no cell can exceed (each gene is one token at most): such runs are
+    bounded only by memory."""
+    if family_of(config).has_position_limit:
+        return max(int(config.max_position_embeddings) - SPECIAL_POSITIONS, int(tokenizer.max_len))
+    return len(tokenizer.vocab)
+
+
+def set_max_len(tokenizer, config, max_len: int | None) -> None:
+    """Give the tokenizer this run's length: None keeps the saved one, ALL_GENES takes the model's
+    limit (every detected gene, as far as positions allow); a length above the limit is refused."""
+    if max_len is None:
+        return
+    limit = token_limit(config, tokenizer)
+    if max_len > limit:
+        raise ConfigError(
+            f"--max-len {max_len}: this model takes at most {limit} tokens per cell "
+            f"({_limit_reason(config, tokenizer)}); pass --max-len all for every detected gene up to that"
+        )
+    length = limit if max_len == ALL_GENES else max_len
+    if length > tokenizer.max_len and family_of(config).has_position_limit:
+        # the saved length is the one the model was trained with: positions past it carry weights no cell trained
+        log.warning(
+            "--max-len %s: %d tokens per cell, past the %d the model was trained with; positions beyond %d "
+            "were never trained (measure against the saved length: benchmarks/embedding.py --variants)",
+            "all" if max_len == ALL_GENES else max_len,
+            length,
+            tokenizer.max_len,
+            tokenizer.max_len,
+        )
+    tokenizer.max_len = length
+
+
+def _limit_reason(config, tokenizer) -> str:
+    if not family_of(config).has_position_limit:
+        return "one token per vocabulary gene"
+    if tokenizer.max_len > config.max_position_embeddings - SPECIAL_POSITIONS:
+        return f"the length it was saved with; max_position_embeddings {config.max_position_embeddings}"
+    return f"max_position_embeddings {config.max_position_embeddings} less <cls> and <eos>"
+
+
 def _load(folder: Path, lab, options: EmbedOptions, device: torch.device) -> _Model:
     tokenizer = load_model_tokenizer(folder, lab)
     check_vocabulary_coverage(lab, tokenizer.vocab)
     model = load_pretrained(folder).to(device).eval()
+    set_max_len(tokenizer, model.config, options.max_len)
     style = options.pool or getattr(model.config, "cell_embedding", "mean")
     if style not in ("cls", "mean"):
         raise ConfigError(f"--pool {style!r}: use 'cls' or 'mean'")
     special = torch.as_tensor(tokenizer.vocab.special_ids(), device=device)
-    return _Model(model, tokenizer, special, tokenizer.vocab.special_id("pad"), style, LayerOutput(model, options.layer))
+    capture = LayerOutput(model, options.chosen_layers)
+    return _Model(model, tokenizer, special, tokenizer.vocab.special_id("pad"), style, capture)
 
 
 def _check_cls(tokens, special_ids: torch.Tensor, path) -> None:

@@ -222,3 +222,72 @@ def test_cells_without_an_embedding_or_label_are_left_out_and_counted(tmp_path):
     assert metrics["split"]["n_labels"] == 3 and metrics["model"]["accuracy"] > 0.95
     sampled = evaluate_embedding(tmp_path / "gaps.h5ad", "X_corrected", "cell_type", max_cells=60, folds=3)
     assert sampled["split"]["n_cells"] <= 60 and sampled["split"]["folds"] == 3
+
+
+def _variants_file(path, seed: int = 0):
+    """The two-batch cells with embedding variants: the corrected one, pure noise, and two
+    equally blurred copies (a close call between them)."""
+    adata = ad.read_h5ad(_two_batches(path, seed=seed))
+    rng = np.random.default_rng(seed + 1)
+    corrected = adata.obsm["X_corrected"]
+    adata.obsm["X_noise"] = rng.normal(size=corrected.shape).astype(np.float32)
+    for name in ("X_blur_a", "X_blur_b"):
+        adata.obsm[name] = (corrected + rng.normal(0, 4, size=corrected.shape)).astype(np.float32)
+    adata.write_h5ad(path)
+    return path
+
+
+def test_several_variants_choose_the_better_one_per_fold_and_record_it(tmp_path, capsys):
+    path = _variants_file(tmp_path / "variants.h5ad")
+    out = tmp_path / "eval"
+    command = ["evaluate-embedding", "--data", str(path), "--label-key", "cell_type", "--out", str(out), "--no-umap"]
+    assert main([*command, "--key", "X_noise", "X_corrected", "--inner-folds", "2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    selection = metrics["selection"]
+    assert selection["candidates"] == ["X_noise", "X_corrected"] and selection["inner_folds"] == 2
+    assert selection["chosen_per_fold"] == ["X_corrected"] * 5 and selection["most_chosen"] == "X_corrected"
+    for inner in selection["inner_scores_per_fold"]:
+        assert inner["X_corrected"] > 0.9 > 0.6 > inner["X_noise"]
+    assert [fold["variant"] for fold in metrics["model"]["per_fold"]] == ["X_corrected"] * 5
+    alone = metrics["variants"]["X_corrected"]
+    assert metrics["model"]["accuracy"] == alone["accuracy"] and metrics["split"]["embedding_key"] == "X_corrected"
+    assert metrics["variants"]["X_noise"]["paired"]["accuracy"]["verdict"] == "the model is worse than the baseline"
+    printed = capsys.readouterr().out
+    assert "chosen {'X_noise': 0, 'X_corrected': 5}" in printed and "X_noise " in printed
+    # one key: today's evaluation, with nothing about a choice
+    single, listed = evaluate_embedding(path, "X_corrected", "cell_type"), evaluate_embedding(path, ["X_corrected"], "cell_type")
+    assert single == listed and "selection" not in single and "variants" not in single
+    assert single["model"]["per_fold"] == [{k: f[k] for k in ("accuracy", "macro_f1")} for f in alone["per_fold"]]
+
+
+def test_the_variant_choice_never_reads_held_out_cells(tmp_path, monkeypatch):
+    from celltron.finetune import embedding_eval
+
+    data = embedding_eval.read_embedding_data(_variants_file(tmp_path / "variants.h5ad"), ["X_blur_a", "X_blur_b"], "cell_type")
+    labels, variants = data.labels, data.variants
+    rng = np.random.default_rng(7)
+    changed_by_training_labels = 0
+    for train, test in embedding_eval.outer_folds(labels, 5, 0):
+        chosen = embedding_eval.choose_for_fold(variants, labels, train, 3, 0, 15, "accuracy")
+        tampered_labels = labels.copy()
+        tampered_labels[test] = rng.permutation(np.array(["A", "B", "C"], dtype=object)[rng.integers(0, 3, len(test))])
+        tampered = {name: e.copy() for name, e in variants.items()}
+        for embedding in tampered.values():
+            embedding[test] = rng.normal(size=(len(test), embedding.shape[1]))
+        assert embedding_eval.choose_for_fold(tampered, tampered_labels, train, 3, 0, 15, "accuracy") == chosen
+        shuffled = labels.copy()
+        shuffled[train] = rng.permutation(labels[train])  # the control: training labels do matter
+        changed_by_training_labels += embedding_eval.choose_for_fold(variants, shuffled, train, 3, 0, 15, "accuracy") != chosen
+    assert changed_by_training_labels == 5
+
+    seen = []  # and the whole evaluation hands the choice only each outer fold's training rows
+
+    def spy(training, training_labels, *args):
+        seen.append(next(iter(training.values()))[:, 0].astype(int))
+        return next(iter(training)), {name: 0.0 for name in training}
+
+    marked = {name: np.column_stack([np.arange(len(labels)), e]) for name, e in variants.items()}
+    monkeypatch.setattr(embedding_eval, "choose_variant", spy)
+    embedding_eval.chosen_variant_scores(marked, labels, folds=5, seed=0)
+    for rows, (train, test) in zip(seen, embedding_eval.outer_folds(labels, 5, 0), strict=True):
+        assert sorted(rows) == sorted(train) and not set(rows) & set(test)
