@@ -2,6 +2,13 @@
 random-pair, leave-cell-line-out and leave-drug-out splits, several seeds.
 
     python -m benchmarks.drug_response --out runs/bench/drug_response
+    python -m benchmarks.drug_response --model benchmark:geneformer --expression CELL_LINES.h5ad \
+        --out runs/bench/drug_response_geneformer
+
+With `--model` (a folder, or `benchmark:<family>` for the family's cached benchmark model from
+benchmarks/_pretrained.py) and `--expression` (raw counts, one row per cell line), each cell line
+is the model's frozen embedding of its profile; the same architecture from random weights runs
+beside it (does pretraining help?), each variant in its own folder under `--out`.
 
 Prints one markdown table per split (mean ± spread over seeds): the anchored head (best baseline +
 w x the model's residual, w by inner CV), the model alone, every baseline; then, per split, the
@@ -16,6 +23,7 @@ import json
 from pathlib import Path
 
 from benchmarks._data import add_shared_data_option, shared_paths
+from benchmarks._pretrained import resolve_model, resolve_random_init
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
@@ -27,7 +35,9 @@ FILES = (
 COLUMNS = ("pearson_per_drug", "pearson", "spearman", "rmse")
 
 
-def run(shared_data: Path, out: Path, seeds: list[int], steps: int) -> dict[str, dict]:
+def run(shared_data: Path, out: Path, seeds: list[int], steps: int, model_args: tuple[str, ...] = ()) -> dict[str, dict]:
+    """One `celltron finetune drug-response` per split; `model_args` (`--model`, `--expression`,
+    ...) are passed on. Results already in `out` are read, not recomputed."""
     ic50, drug_list, smiles = shared_paths(shared_data, *FILES)
     results = {}
     for split in ("random", "cell_line", "drug"):
@@ -52,6 +62,7 @@ def run(shared_data: Path, out: Path, seeds: list[int], steps: int) -> dict[str,
                         *map(str, seeds),
                         "--max-steps",
                         str(steps),
+                        *model_args,
                         "--out",
                         str(folder),
                     ]
@@ -84,16 +95,45 @@ def table(metrics: dict) -> str:
     return text
 
 
+PRETRAINED, RANDOM = "pretrained", "random init"
+
+
+def model_variants(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    """The pretrained model and its random-initialisation copy, each with the cell lines'
+    profiles; no variant (the model-free run) without `--model`."""
+    if args.model is None:
+        return {}
+    if args.expression is None:
+        raise SystemExit("--model needs --expression CELL_LINES.h5ad: in ic50 mode the model embeds cell-line profiles")
+    model = resolve_model(args.model, shared_data=args.shared_data)
+    random = resolve_random_init(args.model, model, args.out / "random_init_model", shared_data=args.shared_data)
+    profiles = ("--expression", str(args.expression), *(("--cell-line-key", args.cell_line_key) if args.cell_line_key else ()))
+    return {PRETRAINED: ("--model", str(model), *profiles), RANDOM: ("--model", str(random), *profiles)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/drug_response"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument(
+        "--model",
+        help="a pretrained model folder, or benchmark:geneformer|scgpt|genecompass for the cached benchmark model "
+        "(benchmarks/_pretrained.py); needs --expression",
+    )
+    parser.add_argument("--expression", type=Path, help="cell-line profiles (.h5ad of raw counts, one row per cell line)")
+    parser.add_argument("--cell-line-key", help="obs column of --expression holding the IC50 table's cell-line ids")
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for split, metrics in run(args.shared_data, args.out, args.seeds, args.steps).items():
-        print(f"\n### split: {split}\n\n{table(metrics)}")
+    variants = model_variants(args)
+    if not variants:  # the model-free run, in `--out` itself
+        for split, metrics in run(args.shared_data, args.out, args.seeds, args.steps).items():
+            print(f"\n### split: {split}\n\n{table(metrics)}")
+    for name, model_args in variants.items():
+        folder = args.out / name.replace(" ", "_")
+        for split, metrics in run(args.shared_data, folder, args.seeds, args.steps, model_args).items():
+            print(f"\n### {name}, split: {split}\n\n{table(metrics)}")
 
 
 if __name__ == "__main__":

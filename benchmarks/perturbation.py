@@ -7,7 +7,9 @@ variant runs `celltron finetune perturbation` with the same splits.
         [--split heldout|leave_one_out]
 
 The model folder is the Geneformer pretrained on the PBMC corpus (configs/pretrain/geneformer_pbmc.yaml,
-commands in benchmarks/perturbation.md). Variants: the retrieval head fine-tuned with the
+commands in benchmarks/perturbation.md), or `--model benchmark:<family>` for a family's cached
+benchmark model (benchmarks/_pretrained.py; give each model its own `--out`, since results already
+there are reused). Variants: the retrieval head fine-tuned with the
 encoder, on the frozen encoder, and on the same architecture from random weights (does
 pretraining help?). Prints a markdown table of the metrics over seeds (mean ± spread), each
 variant's model − best baseline per held-out perturbation with its 95% interval, and
@@ -18,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from benchmarks._data import add_shared_data_option, shared_paths
+from benchmarks._pretrained import random_init_copy, resolve_model, resolve_random_init
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
@@ -40,42 +42,32 @@ COLUMNS = (
 PRETRAINED, RANDOM = "retrieval head, full fine-tuning", "retrieval head, random init"
 
 
-def random_init_copy(folder: Path, out: Path) -> Path:
-    """The model's architecture and tokenizer with fresh random weights."""
-    from transformers import AutoConfig
-
-    import celltron  # noqa: F401  (Auto classes)
-    from celltron.model_zoo.registry import family_of
-
-    config = AutoConfig.from_pretrained(folder)
-    spec = family_of(config)
-    model = spec.model_class(spec.config_class.from_pretrained(folder))
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(out)
-    for item in folder.iterdir():
-        if item.suffix == ".json" and item.name != "config.json":
-            shutil.copy2(item, out / item.name)
-    return out
-
-
 FROZEN = "retrieval head, frozen encoder"
 
 
 def run(
-    shared_data: Path, model: Path | None, out: Path, dataset: str, seeds: list[int], steps: int, split: str, frozen: bool = True
+    shared_data: Path,
+    model: Path | None,
+    out: Path,
+    dataset: str,
+    seeds: list[int],
+    steps: int,
+    split: str,
+    frozen: bool = True,
+    random_model: Path | None = None,
 ) -> dict:
     """One `celltron finetune perturbation` per variant (baselines alone without a model); results
-    already in `out` are read, not recomputed."""
+    already in `out` are read, not recomputed. `random_model`: the same architecture with random
+    weights (default: a fresh copy of `model` in `out`)."""
     data, reference = shared_paths(shared_data, DATASETS[dataset], REFERENCE)
     common = ["--data", str(data), "--seeds", *map(str, seeds), "--split", split, "--coexpression-reference", str(reference)]
     if model is None:
         variants = {"baselines": ["--baselines-only"]}
     else:
-        random = str(random_init_copy(model, out / "random_init_model"))
+        random = str(random_model or random_init_copy(model, out / "random_init_model"))
         variants = {
             PRETRAINED: ["--model", str(model)],
-            FROZEN: ["--model", str(model), "--freeze", "4"],
+            FROZEN: ["--model", str(model), "--freeze", str(encoder_layers(model))],
             RANDOM: ["--model", random],
         }
         if not frozen:
@@ -88,6 +80,11 @@ def run(
             assert celltron(["finetune", "perturbation", *args, *common, "--out", str(folder)]) == 0
         results[name] = json.loads((folder / "metrics.json").read_text())
     return results
+
+
+def encoder_layers(model: Path) -> int:
+    """How many layers the frozen variant freezes: all of them, whatever the model's depth."""
+    return int(json.loads((model / "config.json").read_text())["num_hidden_layers"])
 
 
 def table(results: dict[str, dict]) -> str:
@@ -138,7 +135,12 @@ def comparisons(results: dict[str, dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("runs/pbmc_geneformer/export"))
+    parser.add_argument(
+        "--model",
+        default="runs/pbmc_geneformer/export",
+        help="a pretrained model folder, or benchmark:geneformer|scgpt|genecompass for the cached benchmark model "
+        "(benchmarks/_pretrained.py: built on first use, about 30 minutes on 2 CPU cores; its random-init copy is cached too)",
+    )
     parser.add_argument("--baselines-only", action="store_true", help="the baselines alone (no model needed)")
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="papalexi")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/perturbation"))
@@ -149,8 +151,13 @@ def main() -> None:
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model = None if args.baselines_only else args.model
-    results = run(args.shared_data, model, args.out, args.dataset, args.seeds, args.steps, args.split, not args.no_frozen)
+    model = random_model = None
+    if not args.baselines_only:
+        model = resolve_model(args.model, shared_data=args.shared_data)
+        random_model = resolve_random_init(args.model, model, args.out / "random_init_model", shared_data=args.shared_data)
+    results = run(
+        args.shared_data, model, args.out, args.dataset, args.seeds, args.steps, args.split, not args.no_frozen, random_model
+    )
     print(table(results))
     print()
     print(comparisons(results))
