@@ -7,20 +7,28 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import celltron.config as typed_config
-from celltron.config import check_sections, replace  # noqa: F401  (replace: part of this module's API)
+from celltron.config import check_sections, one_of, replace  # noqa: F401  (replace: part of this module's API)
 from celltron.errors import ConfigError
 from celltron.ranges import ranged
 from celltron.training.config import LoggingSection, OptimSection, TrainerSection
+
+GENE_EMBEDDING_INITS = ("random", "svd")
 
 
 @dataclass
 class ModelSection:
     """family: geneformer | scgpt | genecompass. size: a named size (`celltron models`).
-    overrides: config fields changed from the size (e.g. {max_position_embeddings: 1024})."""
+    overrides: config fields changed from the size (e.g. {max_position_embeddings: 1024}).
+    init_gene_embeddings: random (the family's own init) or svd (gene tokens from a truncated
+        SVD of the log-normalised training cells, celltron.pretrain.svd_init; not on resume
+        or --init-from).
+    svd_cells: at most this many training cells are read for the svd init."""
 
     family: str = "geneformer"
     size: str = "debug"
     overrides: dict = field(default_factory=dict)
+    init_gene_embeddings: str = one_of("random", GENE_EMBEDDING_INITS)
+    svd_cells: int = ranged(50_000, ">= 1")
 
 
 @dataclass

@@ -17,6 +17,7 @@ checkpoint to resume from have been checked: a run refused for its inputs leaves
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 from pathlib import Path
 
@@ -31,12 +32,14 @@ from celltron.model_zoo import FAMILIES, build_model
 from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
 from celltron.pretrain.config import PretrainConfig
 from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
+from celltron.pretrain.svd_init import initialise_gene_embeddings
 from celltron.training.checkpoints import check_checkpoint, model_state_from_checkpoint
 from celltron.training.environment import check_slurm_shape
 from celltron.training.module import PretrainModule
 from celltron.training.trainer import CHECKPOINT_DIR, build_trainer, fit, plot_loss, resolve_resume, stop_reason
 
 MODEL_DIR, EXPORT_DIR = "model", "export"
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -101,6 +104,7 @@ def pretrain(
     corpus = Corpus(config.data.corpus, config.data.storage_options or None)
     tokenizer = corpus_tokenizer(corpus, config.tokenizer.scheme, config.tokenizer.max_len, config.trainer.seed)
     model = build_model_for(config, tokenizer, init_from)
+    _initialise_gene_embeddings(config, corpus, tokenizer, model, ckpt_path, init_from)
     if config.trainer.activation_checkpointing:
         model.activation_checkpointing_enable()
     # every process builds the same run; the first (rank from the launcher's environment) writes it
@@ -127,6 +131,19 @@ def pretrain(
         trainer.is_global_zero,
         stop_reason(signals, trainer),
     )
+
+
+def _initialise_gene_embeddings(config: PretrainConfig, corpus: Corpus, tokenizer, model, ckpt_path, init_from) -> None:
+    """model.init_gene_embeddings: svd, for a model that starts from its random initialisation.
+    A resumed run's weights come from its checkpoint and an --init-from model's from its
+    pretraining: neither is recomputed nor overwritten."""
+    if config.model.init_gene_embeddings != "svd":
+        return
+    if ckpt_path or init_from:
+        started = f"checkpoint {ckpt_path}" if ckpt_path else f"--init-from {init_from}"
+        log.info("model.init_gene_embeddings svd: skipped, the gene embeddings come from the %s", started)
+        return
+    initialise_gene_embeddings(model, corpus, tokenizer.vocab, config.model.svd_cells)
 
 
 def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, model, tokenizer) -> None:
