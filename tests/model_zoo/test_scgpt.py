@@ -198,3 +198,10 @@ def test_one_step_lowers_the_loss(generative):
     torch.manual_seed(0)
     after = model(**batch).loss
     assert after < before
+
+
+def test_a_new_model_starts_its_gene_embedding_uniform_in_a_tenth_as_scgpt_does():
+    from celltron.model_zoo.registry import build_model
+
+    weight = build_model("scgpt", "debug").encoder.embedding.weight
+    assert weight.abs().max() <= 0.1 and abs(weight.std().item() - 0.2 / np.sqrt(12)) < 0.005  # U(-0.1, 0.1), not N(0, 1)

@@ -198,11 +198,13 @@ class ScGPTPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """PyTorch's default initialisations (what scGPT trains from), gene embedding U(-0.1, 0.1).
-        Children are visited before their parents, so the gene encoder's rule wins."""
+        The gene embedding's rule is applied when the embedding itself is visited: transformers
+        does not visit a module without parameters of its own (the gene encoder), so a rule keyed
+        on the encoder never ran and the embedding kept nn.Embedding's N(0, 1)."""
         if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm, SelfAttention)):
             module.reset_parameters()
-        if module is getattr(self, "encoder", None):
-            nn.init.uniform_(module.embedding.weight, -0.1, 0.1)
+        if module is getattr(getattr(self, "encoder", None), "embedding", None):
+            nn.init.uniform_(module.weight, -0.1, 0.1)
 
 
 class ScGPTModel(ScGPTPreTrainedModel):
