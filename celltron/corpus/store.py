@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
 import fsspec
 import numpy as np
+import scipy.sparse as sp
 import zarr
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
 
@@ -28,6 +30,7 @@ from celltron.corpus.sharded import ShardedArray, open_direct
 from celltron.errors import ConfigError
 from celltron.inputs import parse_json
 from celltron.io import write_bytes_atomically
+from celltron.preprocessing import log_normalise
 
 log = logging.getLogger(__name__)
 # Set to 1 only to measure what the checks on every read cost (benchmarks/corpus_stream.py).
@@ -490,3 +493,24 @@ class ShardReader:
             obs={key: values[start:stop] for key, values in self.obs.items()},
             first_index=first_index,
         )
+
+
+def log_normalised_cells(corpus: Corpus, split: str, max_cells: int, block_cells: int) -> Iterator[sp.csr_matrix]:
+    """The first `max_cells` cells of `split` in shard order, log-normalised, as CSR blocks
+    (cells, corpus genes). Cells were shuffled across inputs when the corpus was built,
+    so the first cells are a random sample of the split, and every rank reads the same ones."""
+    left = max_cells
+    for index, record in enumerate(corpus.shards(split)):
+        reader = corpus.open_shard(split, index)
+        try:
+            end = min(record["n_cells"], left)
+            for start in range(0, end, block_cells):
+                stop = min(start + block_cells, end)
+                block = reader.read(start, stop)
+                counts = sp.csr_matrix((block.counts, block.genes, block.indptr), shape=(len(block), corpus.n_genes))
+                yield log_normalise(counts)
+        finally:
+            reader.close()
+        left -= end
+        if left == 0:
+            return

@@ -75,9 +75,10 @@ class PerturbationSection:
     responsive_min_de: a perturbation is "responsive" when at least this many genes besides its
         targets differ from control at FDR 0.05; declared from the data before any model runs,
         and every predictor is also scored on the responsive held-out perturbations.
-    coexpression_reference: an .h5ad of raw counts of the same species (any atlas, e.g. the
-        pretraining cells); its genes' co-expression (PCA loadings of log-normalised expression)
-        embeds the targets for the `linear_coexpression` baseline, so targets the screen does
+    coexpression_reference: an .h5ad of raw counts of the same species (any atlas), or a
+        celltron corpus folder (e.g. the model's pretraining corpus: its first 50,000 training
+        cells streamed once into a Frequent Directions sketch); its genes' co-expression (PCA
+        loadings of log-normalised expression) embeds the targets for the `linear_coexpression` baseline, so targets the screen does
         not measure still get an embedding. With --model, `linear_model` embeds them by the
         model's gene-token embeddings.
     eval_cells: control cells whose predictions are averaged into a perturbation's prediction.

@@ -20,126 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-from threadpoolctl import threadpool_limits  # scikit-learn's dependency, so always installed
 
-from celltron.corpus.store import Corpus
-from celltron.preprocessing import log_normalise
+from celltron.corpus.store import Corpus, log_normalised_cells
+from celltron.preprocessing import FrequentDirections
 
 log = logging.getLogger(__name__)
-# eigenvalues below this share of the largest are numerical zeros of the sketch's Gram matrix
-_RELATIVE_ZERO = 1e-12
-
-
-def _small_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.linalg.eigh on one BLAS thread. The matrix is small (twice the sketch rows) and the
-    symmetric eigen-solver gains little from threads, while on a node whose cores are busy
-    (DataLoader workers, other ranks) threaded OpenBLAS waits on them: 512 x 512 took 6 s on two
-    busy cores against 0.1 s on one thread."""
-    with threadpool_limits(1, user_api="blas"):
-        return np.linalg.eigh(matrix)
-
-
-class FrequentDirections:
-    """A Frequent Directions sketch of a stream of rows over `n_columns` columns, with the column
-    sums and the row count kept beside it so that its components can be those of the centred
-    matrix.
-
-    The sketch is stored as `rows` orthonormal directions with their weights (the sketch matrix
-    is diag(weights) @ directions). Each update stacks the sketch over a block of new rows,
-    eigen-decomposes their small Gram matrix, and keeps the top `rows` directions with their
-    squared weights reduced by the next eigenvalue (the shrink that bounds the error). New rows
-    may be sparse: they enter only through products with them, so a block of cells costs
-    nnz x rows, and the one dense product per update is rows² x n_columns.
-    """
-
-    def __init__(self, n_columns: int, rows: int):
-        if rows < 1 or n_columns < 1:
-            raise ValueError(f"a sketch needs at least one row and one column, got {rows} x {n_columns}")
-        self.rows, self.n_columns = rows, n_columns
-        self.weights = np.zeros(0)
-        self.directions = np.zeros((0, n_columns))
-        self.column_sums = np.zeros(n_columns)
-        self.column_counts = np.zeros(n_columns, dtype=np.int64)  # rows with a non-zero in the column
-        self.n_rows = 0
-        self.shrinkage = 0.0  # sum of the eigenvalues shrunk away: ||XᵀX - BᵀB||₂ is at most this
-
-    def update(self, block) -> None:
-        """Add the rows of `block` (dense or sparse, (rows, n_columns))."""
-        block = sp.csr_matrix(block, dtype=np.float64)
-        if block.shape[1] != self.n_columns:
-            raise ValueError(f"block has {block.shape[1]} columns, the sketch {self.n_columns}")
-        if block.shape[0] == 0:
-            return
-        self.n_rows += block.shape[0]
-        self.column_sums += np.asarray(block.sum(axis=0)).ravel()
-        self.column_counts += np.bincount(block.indices[block.data != 0], minlength=self.n_columns)
-        eigenvalues, vectors = self._stacked_gram_eigen(block)
-        self._shrink_to(eigenvalues, vectors, block)
-
-    def _stacked_gram_eigen(self, block: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-        """Eigen-decomposition (largest first) of the Gram matrix of [sketch; block]. The sketch's
-        own part is diag(weights²) since its directions are orthonormal; the rest involves the
-        sparse block only."""
-        cross = np.asarray((block @ self.directions.T).T) * self.weights[:, None]  # (sketch, block)
-        gram = np.block(
-            [[np.diag(self.weights**2), cross], [cross.T, (block @ block.T).toarray()]],
-        )
-        eigenvalues, vectors = _small_eigh(gram)
-        return eigenvalues[::-1], vectors[:, ::-1]
-
-    def _shrink_to(self, eigenvalues: np.ndarray, vectors: np.ndarray, block: sp.csr_matrix) -> None:
-        keep = min(self.rows, len(eigenvalues))
-        shrink = max(eigenvalues[keep], 0.0) if len(eigenvalues) > keep else 0.0
-        top = eigenvalues[:keep]
-        # directions of (numerically) zero energy are dropped: normalising them would amplify noise
-        alive = (top > shrink) & (top > _RELATIVE_ZERO * max(eigenvalues[0], 0.0))
-        top, mixing = top[alive], vectors[:, :keep][:, alive]
-        n_sketch = len(self.weights)
-        # unit directions of the stacked rows: mixingᵀ [diag(w) D; block] / sqrt(eigenvalue)
-        from_sketch = (mixing[:n_sketch].T * self.weights) @ self.directions
-        from_block = np.asarray((block.T @ mixing[n_sketch:]).T)
-        self.directions = (from_sketch + from_block) / np.sqrt(top)[:, None]
-        self.weights = np.sqrt(top - shrink)
-        self.shrinkage += shrink
-
-    def components(self, k: int, centre: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """The top `k` singular values and right singular vectors (k, n_columns) of the sketched
-        matrix, of the matrix with each column's mean subtracted when `centre` (fewer than `k`
-        when the sketch holds fewer directions).
-
-        Centring needs no second pass: (X - 1μᵀ)ᵀ(X - 1μᵀ) = XᵀX - nμμᵀ, and both terms live in
-        the span of the sketch's directions and μ, so one small eigen-problem in that span gives
-        the centred components; FD's error bound on XᵀX carries over unchanged.
-
-        XᵀX is estimated as BᵀB + (shrinkage / 2) I, the Robust Frequent Directions correction
-        (Luo et al. 2019): plain BᵀB underestimates every eigenvalue by up to the total shrink,
-        which crushes the components near the sketch size (on planted modules with 16 rows,
-        noise-level singular values of 30 came out as 8-10; with the correction, 30). The shift
-        changes no direction, only the singular values that weight the gene vectors.
-        """
-        basis, energies = self.directions, self.weights**2
-        if centre and self.n_rows:
-            mean = self.column_sums / self.n_rows
-            residual = mean - basis.T @ (basis @ mean)
-            if np.linalg.norm(residual) > 1e-12 * max(np.linalg.norm(mean), 1e-300):
-                basis = np.vstack([basis, residual / np.linalg.norm(residual)])
-                energies = np.append(energies, 0.0)
-        gram = np.diag(energies + self.shrinkage / 2)
-        if centre and self.n_rows:
-            coordinates = basis @ mean
-            gram = gram - self.n_rows * np.outer(coordinates, coordinates)
-        if len(basis) == 0:  # nothing but zeros was sketched
-            return np.zeros(0), np.zeros((0, self.n_columns))
-        eigenvalues, vectors = _small_eigh(gram)
-        order = np.argsort(eigenvalues)[::-1][:k]
-        values = np.sqrt(np.maximum(eigenvalues[order], 0.0))
-        return values, vectors[:, order].T @ basis
 
 
 def gene_vectors(singular_values: np.ndarray, right_vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -164,27 +54,6 @@ def token_columns(corpus: Corpus, vocab) -> tuple[sp.csr_matrix, np.ndarray]:
     column_tokens, columns = np.unique(tokens[genes], return_inverse=True)
     mapping = sp.csr_matrix((np.ones(len(genes)), (genes, columns)), shape=(corpus.n_genes, len(column_tokens)))
     return mapping, column_tokens
-
-
-def training_blocks(corpus: Corpus, max_cells: int, block_cells: int) -> Iterator[sp.csr_matrix]:
-    """The first `max_cells` cells of the training split in shard order, log-normalised, as CSR
-    blocks (cells, corpus genes). Cells were shuffled across inputs when the corpus was built,
-    so the first cells are a random sample of the split, and every rank reads the same ones."""
-    left = max_cells
-    for index, record in enumerate(corpus.shards("train")):
-        reader = corpus.open_shard("train", index)
-        try:
-            end = min(record["n_cells"], left)
-            for start in range(0, end, block_cells):
-                stop = min(start + block_cells, end)
-                block = reader.read(start, stop)
-                counts = sp.csr_matrix((block.counts, block.genes, block.indptr), shape=(len(block), corpus.n_genes))
-                yield log_normalise(counts)
-        finally:
-            reader.close()
-        left -= end
-        if left == 0:
-            return
 
 
 @dataclass
@@ -218,7 +87,7 @@ def corpus_gene_vectors(corpus: Corpus, vocab, dim: int, max_cells: int, sketch_
     sketch = FrequentDirections(len(column_tokens), sketch_rows or 2 * dim)
     # blocks as tall as the sketch: the one dense product per update is then paid once per
     # sketch-size cells, and the Gram matrix stays (2 x rows)²
-    for block in training_blocks(corpus, max_cells, block_cells=sketch.rows):
+    for block in log_normalised_cells(corpus, "train", max_cells, block_cells=sketch.rows):
         sketch.update(block @ mapping)
     # centred: a gene's vector then says how it co-varies with the others; uncentred, the first
     # component is mean expression, shared by every well-expressed gene, and it would make all of

@@ -400,3 +400,25 @@ def test_norman_doubles_are_additive_and_coexpression_embeds_unmeasured_targets(
     # co-expression in an unrelated PBMC reference embeds most targets
     fell_back = {name: metrics["baselines"][name]["fell_back_to_train_mean"]["0"] for name in ("linear", "linear_coexpression")}
     assert len(fell_back["linear_coexpression"]) < len(fell_back["linear"]) / 2
+
+
+def test_a_corpus_reference_gives_the_pca_loadings_of_its_cells_from_one_streamed_pass(demo_corpus):
+    import scipy.sparse as sp
+
+    from celltron.corpus.store import Corpus, log_normalised_cells
+    from celltron.finetune.perturbation.run import coexpression_embedding, corpus_coexpression_embedding
+
+    embedding = corpus_coexpression_embedding(demo_corpus.location, "human", components=5, max_cells=400)
+    corpus = Corpus(demo_corpus.location)
+    cells = sp.vstack(list(log_normalised_cells(corpus, "train", 400, block_cells=128))).toarray()
+    assert len(cells) == 400
+    centred = cells - cells.mean(0)
+    _, values, right = np.linalg.svd(centred, full_matrices=False)
+    exact = right[:5].T * (values[:5] / np.sqrt(len(cells) - 1))  # PCA's loadings
+    variable = np.argsort(-centred.var(0))[:300]
+    sketched = np.stack([embedding[str(gene)] for gene in corpus.gene_ids[variable]])
+    # compared free of the components' signs and rotation: the genes' inner products
+    gram_sketched, gram_exact = sketched @ sketched.T, exact[variable] @ exact[variable].T
+    assert np.corrcoef(gram_sketched.ravel(), gram_exact.ravel())[0, 1] > 0.95
+    assert np.isclose(np.trace(gram_sketched), np.trace(gram_exact), rtol=0.2)  # on PCA's scale
+    assert "CD3E" in embedding and set(coexpression_embedding(demo_corpus.location, "human")) >= {"CD3E", "LYZ"}

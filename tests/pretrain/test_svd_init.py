@@ -16,19 +16,14 @@ from threadpoolctl import threadpool_limits
 
 from celltron.corpus import BuildOptions, build_corpus
 from celltron.corpus.genes import ensembl_to_symbol
-from celltron.corpus.store import Corpus
+from celltron.corpus.store import Corpus, log_normalised_cells
 from celltron.errors import ConfigError
+from celltron.preprocessing import FrequentDirections
 from celltron.pretrain import run
 from celltron.pretrain.config import load_config, replace
 from celltron.pretrain.data import corpus_tokenizer
 from celltron.pretrain.run import build_model_for, pretrain
-from celltron.pretrain.svd_init import (
-    FrequentDirections,
-    corpus_gene_vectors,
-    initialise_gene_embeddings,
-    token_columns,
-    training_blocks,
-)
+from celltron.pretrain.svd_init import corpus_gene_vectors, initialise_gene_embeddings, token_columns
 from tests.pretrain.conftest import CONFIGS
 from tests.simulate import human_gene_symbols
 
@@ -45,7 +40,7 @@ def _low_rank_plus_noise(seed: int, cells=1500, genes=200, rank=5) -> np.ndarray
 
 def _exact_svd(matrix: np.ndarray):
     """numpy's SVD on one BLAS thread: threaded LAPACK on busy cores takes seconds, not
-    milliseconds (see svd_init._small_eigh)."""
+    milliseconds (see preprocessing._small_eigh)."""
     with threadpool_limits(1, user_api="blas"):
         return np.linalg.svd(matrix, full_matrices=False)
 
@@ -143,7 +138,7 @@ def test_corpus_vectors_are_the_centred_svd_of_the_log_normalised_cells(module_c
     vocab = corpus_tokenizer(corpus, "geneformer-v2", None, 0).vocab
     found = corpus_gene_vectors(corpus, vocab, dim=8, max_cells=10_000)
     mapping, column_tokens = token_columns(corpus, vocab)
-    dense = (sp.vstack(list(training_blocks(corpus, 10_000, block_cells=100))) @ mapping).toarray()
+    dense = (sp.vstack(list(log_normalised_cells(corpus, "train", 10_000, block_cells=100))) @ mapping).toarray()
     _, values, right = _exact_svd(dense - dense.mean(axis=0))
     assert np.array_equal(found.token_ids, column_tokens)  # every simulated gene is expressed
     np.testing.assert_allclose(found.singular_values[:3], values[:3], rtol=0.05)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from celltron.corpus.genes import ensembl_to_symbol
+from celltron.corpus.store import Corpus, log_normalised_cells
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import count_trainable, load_encoder
 from celltron.finetune.perturbation import baselines
@@ -54,6 +56,7 @@ from celltron.finetune.report import (
 from celltron.io import write_h5ad_atomically, write_text_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.model_zoo.registry import base_of, family_of, resolve_model_folder
+from celltron.preprocessing import FrequentDirections
 from celltron.tokenizers.vocab import GeneVocab
 from celltron.training.examples import train_task_model
 
@@ -107,6 +110,8 @@ def _screen(lab, section):
 
 
 COEXPRESSION_COMPONENTS = 20
+CORPUS_CELLS = 50_000  # cells of a corpus reference streamed into its co-expression sketch
+SKETCH_ROWS_PER_COMPONENT = 10
 
 
 def gene_embeddings(config, prepared, lab, screen) -> dict[str, dict[str, np.ndarray]]:
@@ -124,7 +129,10 @@ def gene_embeddings(config, prepared, lab, screen) -> dict[str, dict[str, np.nda
 def coexpression_embedding(path, species: str, components: int = COEXPRESSION_COMPONENTS, seed: int = 0) -> dict:
     """{gene symbol and Ensembl id: its loadings on the top principal components of the
     reference's log-normalised expression (scaled by each component's spread)}: genes that vary
-    together get nearby vectors. Genes without counts in the reference are left out."""
+    together get nearby vectors. Genes without counts in the reference are left out. A folder
+    is read as a celltron corpus (`corpus_coexpression_embedding`)."""
+    if Path(path).is_dir():
+        return corpus_coexpression_embedding(path, species, components)
     from celltron.lab.data import read_lab_data
     from celltron.preprocessing import fit_pca, log_normalise
 
@@ -137,6 +145,32 @@ def coexpression_embedding(path, species: str, components: int = COEXPRESSION_CO
         for key in (str(reference.gene_names[column]), str(reference.gene_ids[column])):
             if key:
                 out.setdefault(key, loadings[row])
+    return out
+
+
+def corpus_coexpression_embedding(
+    location, species: str, components: int = COEXPRESSION_COMPONENTS, max_cells: int = CORPUS_CELLS
+) -> dict:
+    """`coexpression_embedding` of a corpus (e.g. the model's pretraining corpus): the first
+    `max_cells` training cells streamed once into a Frequent Directions sketch, never held in
+    memory; loadings scaled as PCA's, so the two kinds of reference give vectors on one scale.
+    Keyed by Ensembl id and the species' symbol."""
+    corpus = Corpus(str(location))
+    # single-cell noise spreads energy over many directions: at 2 x components rows the top 5
+    # genes' inner products matched exact PCA of the same 400 PBMCs at r = 0.66, at 10 x at 0.998
+    sketch = FrequentDirections(corpus.n_genes, SKETCH_ROWS_PER_COMPONENT * components)
+    for block in log_normalised_cells(corpus, "train", max_cells, block_cells=sketch.rows):
+        sketch.update(block)
+    values, right = sketch.components(components, centre=True)
+    loadings = np.zeros((corpus.n_genes, components))
+    loadings[:, : len(values)] = right.T * (values / np.sqrt(max(sketch.n_rows - 1, 1)))
+    symbol_of = ensembl_to_symbol(species)
+    out = {}
+    for column in np.flatnonzero(sketch.column_counts > 0):
+        gene = str(corpus.gene_ids[column])
+        out[gene] = loadings[column]
+        if symbol_of.get(gene):
+            out.setdefault(symbol_of[gene], loadings[column])
     return out
 
 
