@@ -2,6 +2,7 @@
 random-pair, leave-cell-line-out and leave-drug-out splits, several seeds.
 
     python -m benchmarks.drug_response --out runs/bench/drug_response
+    python -m benchmarks.drug_response --baselines-only --splits drug --out runs/bench/drug_baselines
     python -m benchmarks.drug_response --model benchmark:geneformer --expression CELL_LINES.h5ad \
         --out runs/bench/drug_response_geneformer
 
@@ -35,12 +36,17 @@ FILES = (
 COLUMNS = ("pearson_per_drug", "pearson", "spearman", "rmse")
 
 
-def run(shared_data: Path, out: Path, seeds: list[int], steps: int, model_args: tuple[str, ...] = ()) -> dict[str, dict]:
+SPLITS = ("random", "cell_line", "drug")
+
+
+def run(
+    shared_data: Path, out: Path, seeds: list[int], steps: int, model_args: tuple[str, ...] = (), splits=SPLITS
+) -> dict[str, dict]:
     """One `celltron finetune drug-response` per split; `model_args` (`--model`, `--expression`,
-    ...) are passed on. Results already in `out` are read, not recomputed."""
+    `--baselines-only`, ...) are passed on. Results already in `out` are read, not recomputed."""
     ic50, drug_list, smiles = shared_paths(shared_data, *FILES)
     results = {}
-    for split in ("random", "cell_line", "drug"):
+    for split in splits:
         folder = out / split
         if not (folder / "metrics.json").exists():
             assert (
@@ -74,7 +80,7 @@ def run(shared_data: Path, out: Path, seeds: list[int], steps: int, model_args: 
 
 
 def table(metrics: dict) -> str:
-    rows = [("model: anchored head", metrics["model"])]
+    rows = [("model: anchored head", metrics["model"])] if metrics.get("model") else []
     if metrics.get("model_plain"):
         rows.append(("model: matrix completion alone", metrics["model_plain"]))
     rows += [(f"baseline: {n}", m) for n, m in metrics["baselines"].items()]
@@ -123,16 +129,19 @@ def main() -> None:
     )
     parser.add_argument("--expression", type=Path, help="cell-line profiles (.h5ad of raw counts, one row per cell line)")
     parser.add_argument("--cell-line-key", help="obs column of --expression holding the IC50 table's cell-line ids")
+    parser.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    parser.add_argument("--baselines-only", action="store_true", help="the baselines and their choice, no model (minutes)")
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     variants = model_variants(args)
     if not variants:  # the model-free run, in `--out` itself
-        for split, metrics in run(args.shared_data, args.out, args.seeds, args.steps).items():
+        extra = ("--baselines-only",) if args.baselines_only else ()
+        for split, metrics in run(args.shared_data, args.out, args.seeds, args.steps, extra, args.splits).items():
             print(f"\n### split: {split}\n\n{table(metrics)}")
     for name, model_args in variants.items():
         folder = args.out / name.replace(" ", "_")
-        for split, metrics in run(args.shared_data, folder, args.seeds, args.steps, model_args).items():
+        for split, metrics in run(args.shared_data, folder, args.seeds, args.steps, model_args, args.splits).items():
             print(f"\n### {name}, split: {split}\n\n{table(metrics)}")
 
 
