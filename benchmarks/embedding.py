@@ -146,7 +146,29 @@ def variants_table(metrics: dict, choices: dict[str, list[str]], seconds: dict[s
     return "\n".join(lines)
 
 
-def measure_variants(model: Path, data: Path, out: Path, cells: int, folds: int) -> None:
+def pretrained_minus_random(model: Path, sample: Path, out: Path, folds: int, pretrained: dict) -> str:
+    """The same architecture with random weights embedded like the "X_last_mean" variant and
+    scored on the same folds; the per-fold difference pretrained − random with its interval."""
+    from benchmarks._pretrained import random_init_copy
+    from celltron.finetune.report import mean_interval, verdict
+
+    random = random_init_copy(model, out / "random_init_model", seed=0)
+    embed_variants(random, sample, {"X_random_last_mean": variants(1)["X_last_mean"]})
+    folder = out / "random_init"
+    command = ["evaluate-embedding", "--data", str(sample), "--label-key", LABEL, "--out", str(folder), "--no-umap"]
+    assert celltron([*command, "--key", "X_random_last_mean", "--folds", str(folds)]) == 0
+    scores = json.loads((folder / "metrics.json").read_text())["model"]
+    lines = [f"\nrandom init (last layer, mean), kNN: accuracy {scores['accuracy']:.3f}, macro_f1 {scores['macro_f1']:.3f}"]
+    for metric in COLUMNS:
+        diff = [a[metric] - b[metric] for a, b in zip(pretrained["per_fold"], scores["per_fold"])]
+        d = mean_interval(diff)
+        d["improvement"] = {k: d[k] for k in ("mean", "low", "high")}
+        said = verdict(d).replace("the model", "pretraining").replace("the baseline", "random init")
+        lines.append(f"- pretrained − random init on {metric}, per fold: {difference(d)} over {len(diff)} folds — {said}")
+    return "\n".join(lines)
+
+
+def measure_variants(model: Path, data: Path, out: Path, cells: int, folds: int, random_init: bool = False) -> None:
     """Embed every choice into one sampled file, evaluate them together, print the table."""
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     choices = variants(layers)
@@ -163,6 +185,8 @@ def measure_variants(model: Path, data: Path, out: Path, cells: int, folds: int)
         f"{metrics['selection']['choose_by']})\n"
     )
     print(variants_table(metrics, choices, seconds))
+    if random_init:
+        print(pretrained_minus_random(model, sample, out, folds, metrics["variants"]["X_last_mean"]))
 
 
 def main() -> None:
@@ -174,12 +198,17 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="measure the embedding choices (layers, pooling, max_len)")
     parser.add_argument("--variant-cells", type=int, default=1000, help="with --variants: a seeded sample of this many cells")
     parser.add_argument("--folds", type=int, default=10, help="with --variants: outer folds (10: bootstrap intervals)")
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="with --variants: also the same architecture from random weights, paired per fold",
+    )
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = labelled_copy(args.shared_data, args.out)
     if args.variants:
-        measure_variants(args.model, data, args.out, args.variant_cells, args.folds)
+        measure_variants(args.model, data, args.out, args.variant_cells, args.folds, args.random_init)
         return
     shot, cells_per_second = zero_shot(args.model, data, args.out)
     print(f"\n### zero-shot kNN ({shot['split'].get('folds')}-fold, {shot['split'].get('n_cells')} cells)\n")
