@@ -448,7 +448,7 @@ FLAG_CASES = [
         ["finetune", "annotate", "--data", "{lab}", "--out", "{out}", "--freeze", "-1"],
         "--freeze: -1 is out of range; allowed: >= 0",
     ),
-    (["grn", "--data", "{lab}", "--out", "{out}", "--max-cells", "0"], "--max-cells: 0 is out of range; allowed: >= 1"),
+    (["grn", "--data", "{lab}", "--out", "{out}", "--max-cells", "-1"], "--max-cells: -1 is out of range; allowed: >= 0"),
     (["grn", "--data", "{lab}", "--out", "{out}", "--top-genes", "-10"], "--top-genes: -10 is out of range; allowed: >= 1"),
     (["embed", "--model", "m", "--data", "{lab}", "--out", "{out}", "--batch-size", "0"], "--batch-size: 0 is out of range"),
     (["embed", "--model", "m", "--data", "{lab}", "--out", "{out}", "--block-cells", "0"], "--block-cells: 0 is out of range"),
