@@ -273,7 +273,7 @@ def resolve_random_init(value: str | Path, model: Path, out: Path, runs_dir: Pat
     text = str(value)
     if text.startswith(PREFIX):
         return random_init(text.removeprefix(PREFIX), runs_dir, shared_data)
-    return random_init_copy(model, out)
+    return random_init_copy(model, out, seed=0)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import anndata as ad
 import numpy as np
 
 from benchmarks._data import add_shared_data_option, shared_paths
+from benchmarks._pretrained import resolve_model, resolve_random_init
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
@@ -57,8 +58,10 @@ def zero_shot(model: Path, data: Path, out: Path) -> tuple[dict, float]:
     return json.loads((folder / "metrics.json").read_text()), ad.read_h5ad(embedded, backed="r").n_obs / seconds
 
 
-def annotation(model: Path, data: Path, out: Path, seeds: list[int], steps: int, extra: list[str]) -> dict:
-    folder = out / ("annotate" + "".join(extra).replace("-", "_"))
+def annotation(
+    model: Path, data: Path, out: Path, seeds: list[int], steps: int, extra: list[str], name: str = "annotate"
+) -> dict:
+    folder = out / (name + "".join(extra).replace("-", "_"))
     if not (folder / "metrics.json").exists():
         assert (
             celltron(
@@ -146,13 +149,12 @@ def variants_table(metrics: dict, choices: dict[str, list[str]], seconds: dict[s
     return "\n".join(lines)
 
 
-def pretrained_minus_random(model: Path, sample: Path, out: Path, folds: int, pretrained: dict) -> str:
-    """The same architecture with random weights embedded like the "X_last_mean" variant and
-    scored on the same folds; the per-fold difference pretrained − random with its interval."""
-    from benchmarks._pretrained import random_init_copy
+def pretrained_minus_random(random: Path, sample: Path, out: Path, folds: int, pretrained: dict) -> str:
+    """The same architecture with random weights (`random`) embedded like the "X_last_mean"
+    variant and scored on the same folds; the per-fold difference pretrained − random with its
+    interval."""
     from celltron.finetune.report import mean_interval, verdict
 
-    random = random_init_copy(model, out / "random_init_model", seed=0)
     embed_variants(random, sample, {"X_random_last_mean": variants(1)["X_last_mean"]})
     folder = out / "random_init"
     command = ["evaluate-embedding", "--data", str(sample), "--label-key", LABEL, "--out", str(folder), "--no-umap"]
@@ -168,7 +170,7 @@ def pretrained_minus_random(model: Path, sample: Path, out: Path, folds: int, pr
     return "\n".join(lines)
 
 
-def measure_variants(model: Path, data: Path, out: Path, cells: int, folds: int, random_init: bool = False) -> None:
+def measure_variants(model: Path, data: Path, out: Path, cells: int, folds: int, random_init: Path | None = None) -> None:
     """Embed every choice into one sampled file, evaluate them together, print the table."""
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
     choices = variants(layers)
@@ -186,55 +188,85 @@ def measure_variants(model: Path, data: Path, out: Path, cells: int, folds: int,
     )
     print(variants_table(metrics, choices, seconds))
     if random_init:
-        print(pretrained_minus_random(model, sample, out, folds, metrics["variants"]["X_last_mean"]))
+        print(pretrained_minus_random(random_init, sample, out, folds, metrics["variants"]["X_last_mean"]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("runs/demo/pretrain/export"))
+    parser.add_argument(
+        "--model",
+        default="runs/demo/pretrain/export",
+        help="a pretrained model folder, or benchmark:geneformer|scgpt|genecompass for the cached benchmark model",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/embedding"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="annotation fine-tuning modes")
     parser.add_argument("--variants", action="store_true", help="measure the embedding choices (layers, pooling, max_len)")
     parser.add_argument("--variant-cells", type=int, default=1000, help="with --variants: a seeded sample of this many cells")
     parser.add_argument("--folds", type=int, default=10, help="with --variants: outer folds (10: bootstrap intervals)")
     parser.add_argument(
         "--random-init",
         action="store_true",
-        help="with --variants: also the same architecture from random weights, paired per fold",
+        help="also the same architecture from random weights: with --variants paired per fold, else a "
+        "fine-tuned annotation row paired per seed",
     )
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = labelled_copy(args.shared_data, args.out)
+    model = resolve_model(args.model, shared_data=args.shared_data)
+    random = None
+    if args.random_init:
+        random = resolve_random_init(args.model, model, args.out / "random_init_model", shared_data=args.shared_data)
     if args.variants:
-        measure_variants(args.model, data, args.out, args.variant_cells, args.folds, args.random_init)
+        measure_variants(model, data, args.out, args.variant_cells, args.folds, random)
         return
-    shot, cells_per_second = zero_shot(args.model, data, args.out)
+    shot, cells_per_second = zero_shot(model, data, args.out)
     print(f"\n### zero-shot kNN ({shot['split'].get('folds')}-fold, {shot['split'].get('n_cells')} cells)\n")
     print(table([("model embedding (kNN)", shot["model"]), ("baseline: PCA (kNN)", shot["baselines"]["pca_knn"])]))
     print(f"\nembedding speed: {cells_per_second:,.0f} cells/s (CPU, model load included)")
-    layers = json.loads((args.model / "config.json").read_text())["num_hidden_layers"]
-    rows = []
-    for label, extra in (("full fine-tuning", []), ("frozen encoder", ["--freeze", str(layers)]), ("LoRA r=8", ["--lora", "8"])):
-        metrics = annotation(args.model, data, args.out, args.seeds, args.steps, extra)
-        rows.append((f"model: annotation head, {label}", metrics["model"]))
-    rows.append(("baseline: PCA + logistic regression", metrics["baselines"]["pca_logreg"]))
-    print(f"\n### annotation (held-out 20% of cells, seeds {', '.join(map(str, args.seeds))})\n")
-    print(table(rows))
-    print(
-        "\nper class F1 (model, full fine-tuning, seed",
-        args.seeds[0],
-        "):",
-        {
-            c: round(r["f1-score"], 3)
-            for c, r in metrics_of(args.out)["model"]["reports"][str(args.seeds[0])]["per_class"].items()
-        },
-    )
+    print(annotation_tables(model, random, data, args.out, args.seeds, args.steps, args.modes))
 
 
-def metrics_of(out: Path) -> dict:
-    return json.loads((out / "annotate" / "metrics.json").read_text())
+MODES = ("full", "frozen", "lora")
+
+
+def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, seeds, steps: int, modes) -> str:
+    """Fine-tuned annotation per mode (the anchored head, the model alone, the baseline), the
+    anchored head − baseline per seed, and with `random` the same full fine-tuning from random
+    weights, paired per seed (same held-out cells)."""
+    from celltron.finetune.report import paired_difference, verdict
+
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    flags = {"full": [], "frozen": ["--freeze", str(layers)], "lora": ["--lora", "8"]}
+    label = {"full": "full fine-tuning", "frozen": "frozen encoder", "lora": "LoRA r=8"}
+    rows, lines, runs = [], [], {}
+    for mode in modes:
+        runs[mode] = metrics = annotation(model, data, out, seeds, steps, flags[mode])
+        rows.append((f"anchored head, {label[mode]}", metrics["model"]))
+        if metrics.get("model_plain"):
+            rows.append((f"model alone, {label[mode]}", metrics["model_plain"]))
+        for metric, d in metrics["paired"].items():
+            lines.append(f"- {label[mode]}: anchored head − pca_logreg on {metric}: {difference(d)} — {d['verdict']}")
+        weights = ", ".join(f"seed {s}: {w['weight']}" for s, w in (metrics.get("anchor_weights") or {}).items())
+        lines.append(f"- {label[mode]}: anchor weight (inner CV on training cells): {weights}")
+    if random is not None:
+        scratch = annotation(random, data, out, seeds, steps, [], name="annotate_random_init")
+        rows.append(("random init, full fine-tuning: anchored head", scratch["model"]))
+        rows.append(("random init, full fine-tuning: model alone", scratch["model_plain"]))
+        pretrained = runs.get("full") or annotation(model, data, out, seeds, steps, [])
+        for head in ("model", "model_plain"):
+            for metric in COLUMNS:
+                ours = {s: r[metric] for s, r in pretrained[head]["per_seed"].items()}
+                theirs = {s: r[metric] for s, r in scratch[head]["per_seed"].items()}
+                d = paired_difference(ours, theirs)
+                said = verdict(d).replace("the model", "pretraining").replace("the baseline", "random init")
+                what = "anchored head" if head == "model" else "model alone"
+                lines.append(f"- pretrained − random init ({what}, full fine-tuning) on {metric}: {difference(d)} — {said}")
+    rows.append(("baseline: PCA + logistic regression", runs[modes[0]]["baselines"]["pca_logreg"] if modes else {}))
+    header = f"\n### annotation (held-out 20% of cells, seeds {', '.join(map(str, seeds))}, {steps} steps)\n\n"
+    return header + table(rows) + "\n\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,12 @@
 GENIE3-style baselines, over several seeded samples of cells.
 
     python -m benchmarks.grn --model runs/pbmc_geneformer/export --out runs/bench/grn
+    python -m benchmarks.grn --model benchmark:geneformer --random-init --methods embedding attention
+
+`--model benchmark:<family>` takes the family's cached benchmark model (benchmarks/_pretrained.py);
+`--random-init` also runs every method with the same architecture from random weights and prints,
+per method, the model alone pretrained − random init on the AUPRC ratio, paired per held-out
+block (folds x seeds), with its interval: did pretraining help?
 
 The data is the labelled PBMC 4k set (kept out of the pretraining corpus); the truth is TRRUST
 v2 human. Every method is scored on the held-out blocks of a TF x target block split (TFs and
@@ -19,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._data import add_shared_data_option, shared_paths
+from benchmarks._pretrained import resolve_model, resolve_random_init
 from benchmarks._tables import mean_std_table
 from celltron.cli import main as celltron
 
@@ -37,12 +44,13 @@ def run(
     genes: int,
     tokens: str = "candidates",
     methods=METHODS,
+    prefix: str = "",
 ) -> dict:
     data, truth = shared_paths(shared_data, *FILES)
     results: dict = {}
     for method in methods:
         for seed in seeds:
-            folder = out / f"{method}_{tokens}_seed{seed}"
+            folder = out / f"{prefix}{method}_{tokens}_seed{seed}"
             if not (folder / "metrics.json").exists():
                 assert (
                     celltron(
@@ -86,6 +94,33 @@ def run(
     return results
 
 
+def pretrained_minus_random(pretrained: dict, random: dict) -> str:
+    """Per method, the model alone (no baseline blended in) pretrained − random init on the AUPRC
+    ratio of each held-out TF x target block, paired over folds and seeds, with its interval."""
+    from celltron.finetune.report import mean_interval, verdict
+
+    def per_block(results: dict) -> dict:
+        blocks: dict = {}
+        for method, seed, plain in results.get("model_plain", []):
+            for i, fold in enumerate((plain or {}).get("folds", [])):
+                blocks.setdefault(method, {})[(seed, i)] = fold["auprc_ratio"]
+        return blocks
+
+    ours, theirs = per_block(pretrained), per_block(random)
+    lines = []
+    for method in ours:
+        units = sorted(set(ours[method]) & set(theirs.get(method, {})))
+        d = mean_interval([ours[method][u] - theirs[method][u] for u in units])
+        d["improvement"] = {k: d[k] for k in ("mean", "low", "high")}
+        said = verdict(d).replace("the model", "pretraining").replace("the baseline", "random init")
+        mean_random = np.nanmean([theirs[method][u] for u in units])
+        lines.append(
+            f"\n- {method}: model alone, random init AUPRC ratio {mean_random:.2f}; pretrained − random init per block: "
+            f"{d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] over {len(units)} blocks — {said}"
+        )
+    return "".join(lines)
+
+
 def table(results: dict) -> str:
     rows = [
         (name, {**{c: np.mean([r[c] for r in runs]) for c in COLUMNS}, "std": {c: np.std([r[c] for r in runs]) for c in COLUMNS}})
@@ -124,17 +159,31 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path("runs/pbmc_geneformer/export"))
+    parser.add_argument(
+        "--model",
+        default="runs/pbmc_geneformer/export",
+        help="a pretrained model folder, or benchmark:geneformer|scgpt|genecompass for the cached benchmark model",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench/grn"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cells", type=int, default=500)
     parser.add_argument("--genes", type=int, default=1000, help="targets: the most variable genes")
     parser.add_argument("--tokens", choices=["candidates", "tokenizer"], default="candidates", help="celltron grn --tokens")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--random-init", action="store_true", help="also the same architecture from random weights, paired")
     add_shared_data_option(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    print(table(run(args.shared_data, args.model, args.out, args.seeds, args.cells, args.genes, args.tokens, args.methods)))
+    model = resolve_model(args.model, shared_data=args.shared_data)
+    options = (args.seeds, args.cells, args.genes, args.tokens, args.methods)
+    results = run(args.shared_data, model, args.out, *options)
+    print(table(results))
+    if args.random_init:
+        random = resolve_random_init(args.model, model, args.out / "random_init_model", shared_data=args.shared_data)
+        random_results = run(args.shared_data, random, args.out, *options, prefix="random_init_")
+        print("\n### random init (same architecture, random weights)\n")
+        print(table(random_results))
+        print("\n### pretrained − random init (did pretraining help?)" + pretrained_minus_random(results, random_results))
 
 
 if __name__ == "__main__":
