@@ -35,6 +35,7 @@ class Source:
         cell_names: per cell, its barcode / obs name.
         obs: the input's cell annotations (may be empty).
         read_rows: function (start, stop) -> CSR block of those cells.
+        modality: rna, adt or atac (multi-modal inputs; named in errors).
     """
 
     path: Path
@@ -45,6 +46,7 @@ class Source:
     obs: pd.DataFrame
     read_rows: Callable[[int, int], sp.csr_matrix]
     close: Callable[[], None] = field(default=lambda: None)
+    modality: str = "rna"
 
     @property
     def n_cells(self) -> int:
@@ -75,17 +77,20 @@ def _decode(values) -> np.ndarray:
 # ---------------------------------------------------------------- h5ad
 
 
-def _h5ad_matrix_path(handle: h5py.File, path: Path, layer: str) -> tuple[str, str]:
-    """Where the counts matrix and its var table live for `layer`."""
+def _h5ad_matrix_path(handle: h5py.File, path: Path, layer: str, group: str = "") -> tuple[str, str]:
+    """Where the counts matrix and its var table live for `layer` (under `group`: an AnnData
+    stored inside a larger file, e.g. one modality of a MuData file)."""
     if layer == "X":
         where, var = "X", "var"
     elif layer == "raw":
         where, var = "raw/X", "raw/var"
     else:
         where, var = f"layers/{layer}", "var"
+    where, var = group + where, group + var
     if where not in handle:
         raise InputError(
-            f"{path}: no matrix for --layer {layer} (looked for '{where}'); available: {', '.join(h5ad_layers(handle)) or 'none'}"
+            f"{path}: no matrix for --layer {layer} (looked for '{where}'); available: "
+            f"{', '.join(h5ad_layers(handle[group] if group else handle)) or 'none'}"
         )
     return where, var
 
@@ -100,10 +105,18 @@ def h5ad_layers(handle: h5py.File) -> list[str]:
 
 
 def _open_h5ad(path: Path, layer: str, gene_column: str | None) -> Source:
+    handle = open_h5(path, require=("obs", "var"))
+    return anndata_group_source(handle, path, "", layer, gene_column, path.stem)
+
+
+def anndata_group_source(
+    handle: h5py.File, path: Path, group: str, layer: str, gene_column: str | None, name: str, close: bool = True
+) -> Source:
+    """A Source over the AnnData stored at `group` of an open HDF5 file ("" for an .h5ad; "mod/rna/"
+    for a modality of a MuData .h5mu). `close`: the Source closes the file when closed."""
     from anndata.io import read_elem, sparse_dataset
 
-    handle = open_h5(path, require=("obs", "var"))
-    where, var_where = _h5ad_matrix_path(handle, path, layer)
+    where, var_where = _h5ad_matrix_path(handle, path, layer, group)
     var = read_elem(handle[var_where])
     if gene_column is not None and gene_column not in var.columns:
         handle.close()
@@ -112,7 +125,7 @@ def _open_h5ad(path: Path, layer: str, gene_column: str | None) -> Source:
             f"(columns: {', '.join(map(str, var.columns)) or 'none'})"
         )
     genes = var.index.to_numpy() if gene_column is None else var[gene_column].to_numpy()
-    obs = read_elem(handle["obs"])
+    obs = read_elem(handle[group + "obs"])
     element = handle[where]
     encoding = element.attrs.get("encoding-type", "array")
     if encoding == "csr_matrix":
@@ -124,13 +137,25 @@ def _open_h5ad(path: Path, layer: str, gene_column: str | None) -> Source:
         read_rows = lambda start, stop: whole[start:stop]  # noqa: E731
     else:
         read_rows = lambda start, stop: sp.csr_matrix(element[start:stop])  # noqa: E731
-    return Source(path, path.stem, layer, _decode(genes), _decode(obs.index), obs, read_rows, handle.close)
+    closer = handle.close if close else (lambda: None)
+    return Source(path, name, layer, _decode(genes), _decode(obs.index), obs, read_rows, closer)
 
 
 # ---------------------------------------------------------------- 10x h5
 
 
-def _open_10x_h5(path: Path) -> Source:
+def tenx_feature_types(path: Path) -> list[str]:
+    """The feature types of a 10x h5 file in the order they first appear (Cell Ranger 2 files and
+    files without the column hold gene expression only)."""
+    with open_h5(path) as handle:
+        features = handle["matrix/features"] if "matrix/features" in handle else {}
+        if "feature_type" not in features:
+            return ["Gene Expression"]
+        return list(dict.fromkeys(_decode(features["feature_type"][:])))
+
+
+def _open_10x_h5(path: Path, feature_type: str = "Gene Expression") -> Source:
+    """One feature type of a 10x h5 file (Cell Ranger / Cell Ranger ARC / feature barcoding)."""
     handle = open_h5(path)
     if "matrix" in handle:  # Cell Ranger 3+: one matrix group with a features table
         group = handle["matrix"]
@@ -138,7 +163,9 @@ def _open_10x_h5(path: Path) -> Source:
         gene_ids = _decode(features["id"][:])
         keep = np.ones(len(gene_ids), dtype=bool)
         if "feature_type" in features:
-            keep = _decode(features["feature_type"][:]) == "Gene Expression"
+            keep = _decode(features["feature_type"][:]) == feature_type
+        if feature_type != "Gene Expression":  # proteins and peaks are named, not given ids
+            gene_ids = _decode(features["name"][:]) if "name" in features else gene_ids
     else:  # Cell Ranger 2: one group per genome with a genes table
         genomes = [key for key in handle.keys() if isinstance(handle[key], h5py.Group)]
         if len(genomes) != 1 or "genes" not in handle[genomes[0]]:
@@ -256,11 +283,13 @@ def check_raw_counts(block: sp.csr_matrix, source: Source, first_row: int) -> No
         return
     what, position = bad
     row = int(np.searchsorted(block.indptr, position, side="right") - 1)
-    cell = source.cell_names[first_row + row]
-    gene = source.gene_names[block.indices[position]]
+    cell = str(source.cell_names[first_row + row])
+    gene = str(source.gene_names[block.indices[position]])
+    modality = "" if source.modality == "rna" else f" (modality {source.modality})"
+    feature = "gene" if source.modality == "rna" else "feature"
     raise InputError(
-        f"{source.path}: --layer {source.layer} holds {what}, e.g. {data[position]!r} at cell "
-        f"{cell!r}, gene {gene!r}. celltron needs raw integer UMI/read counts: pass --layer with "
+        f"{source.path}{modality}: --layer {source.layer} holds {what}, e.g. {data[position].item()!r} at cell "
+        f"{cell!r}, {feature} {gene!r}. celltron needs raw integer UMI/read counts: pass --layer with "
         f"the layer that holds them{_layer_hint(source)}, or the un-normalised file."
     )
 

@@ -15,8 +15,9 @@ import scipy.io
 import scipy.sparse as sp
 
 
-def write_10x_h5(adata: ad.AnnData, path: Path, gene_ids: np.ndarray) -> None:
-    """Cell Ranger 3 layout: /matrix with CSC genes x cells (= CSR cells x genes) and features."""
+def write_10x_h5(adata: ad.AnnData, path: Path, gene_ids: np.ndarray, feature_types=None, genome: str = "GRCh38") -> None:
+    """Cell Ranger 3 layout: /matrix with CSC genes x cells (= CSR cells x genes) and features
+    (`feature_types`: per feature, default all "Gene Expression")."""
     x = sp.csr_matrix(adata.X).astype(np.int32)
     with h5py.File(path, "w") as f:
         m = f.create_group("matrix")
@@ -26,8 +27,9 @@ def write_10x_h5(adata: ad.AnnData, path: Path, gene_ids: np.ndarray) -> None:
         feats = m.create_group("features")
         feats["id"] = np.array(gene_ids, dtype="S")
         feats["name"] = np.array(adata.var_names, dtype="S")
-        feats["feature_type"] = np.array(["Gene Expression"] * adata.n_vars, dtype="S")
-        feats["genome"] = np.array(["GRCh38"] * adata.n_vars, dtype="S")
+        kinds = ["Gene Expression"] * adata.n_vars if feature_types is None else list(feature_types)
+        feats["feature_type"] = np.array(kinds, dtype="S")
+        feats["genome"] = np.array([genome] * adata.n_vars, dtype="S")
 
 
 def write_mtx_dir(adata: ad.AnnData, directory: Path, gene_ids: np.ndarray) -> None:

@@ -41,6 +41,15 @@ RECOMPRESSED = [
     "scrna/mouse/dentategyrus_100obs.h5ad",
 ]
 ORTHOLOGS = "reference/orthologs/human_mouse_one2one_orthologs.tsv"
+# Paired multi-omics: the same seeded sample of cells in both files of a pair; TEA-seq's RNA keeps
+# its 2,000 genes with the most counts (the whole table is 9,855 genes), everything else whole.
+MULTIOMICS = {
+    "multiomics/teaseq_pbmc_1262cells_rna.h5ad": ("multiomics/teaseq_pbmc_300cells_rna.h5ad", 2000),
+    "multiomics/teaseq_pbmc_1262cells_adt.h5ad": ("multiomics/teaseq_pbmc_300cells_adt.h5ad", None),
+    "multiomics/snareseq_mouse_cortex_10309cells_rna.h5ad": ("multiomics/snareseq_mouse_cortex_300cells_rna.h5ad", None),
+    "multiomics/snareseq_mouse_cortex_10309cells_atac.h5ad": ("multiomics/snareseq_mouse_cortex_300cells_atac.h5ad", None),
+}
+MULTIOMICS_CELLS = 300
 ORTHOLOG_COLUMNS = ["human_ensembl_gene_id", "mouse_ensembl_gene_id"]
 
 
@@ -60,6 +69,21 @@ def _recompress(source: Path, target: Path) -> None:
     assert np.array_equal(adata.obs_names, again.obs_names) and np.array_equal(adata.var_names, again.var_names)
 
 
+def _trim_paired(source: Path, target: Path, top_genes: int | None) -> None:
+    """A seeded sample of MULTIOMICS_CELLS cells (seed 0, the same for both files of a pair: they
+    have the same cells in the same order), optionally the genes with the most counts."""
+    import anndata as ad
+    import numpy as np
+
+    adata = ad.read_h5ad(source)
+    keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, MULTIOMICS_CELLS, replace=False))
+    adata = adata[keep]
+    if top_genes is not None:
+        totals = np.asarray(adata.X.sum(0)).ravel()
+        adata = adata[:, np.sort(np.argsort(-totals, kind="stable")[:top_genes])]
+    adata.copy().write_h5ad(target, compression="gzip", compression_opts=9)
+
+
 def _orthologs(source: Path, target: Path) -> None:
     with open(source, newline="") as handle, open(target, "w", newline="") as out:
         writer = csv.writer(out, delimiter="\t", lineterminator="\n")
@@ -75,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "--shared", type=Path, default=Path(default), help="the project's shared data folder (default: %(default)s)"
     )
     shared = parser.parse_args(argv).shared
-    wanted = [*COPIED, *RECOMPRESSED, ORTHOLOGS]
+    wanted = [*COPIED, *RECOMPRESSED, ORTHOLOGS, *MULTIOMICS]
     missing = [name for name in wanted if not (shared / name).exists()]
     if missing:
         parser.error(f"not in {shared}: {', '.join(missing)} (pass --shared or set CELLTRON_SHARED_DATA)")
@@ -86,10 +110,13 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(shared / name, target)
         elif name in RECOMPRESSED:
             _recompress(shared / name, target)
+        elif name in MULTIOMICS:
+            trimmed, top_genes = MULTIOMICS[name]
+            _trim_paired(shared / name, HERE / trimmed, top_genes)
         else:
             _orthologs(shared / name, target)
     total = 0
-    for name in wanted:
+    for name in [MULTIOMICS[w][0] if w in MULTIOMICS else w for w in wanted]:
         data = (HERE / name).read_bytes()
         total += len(data)
         print(f"| {name} | {len(data)} | {hashlib.sha256(data).hexdigest()} |")
