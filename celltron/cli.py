@@ -62,6 +62,9 @@ BUILD_OPTIONS = [
     Option("shard_size_mb"),
     Option("chunk_nnz"),
     Option("compression"),
+    Option("genome", help="genome build of ATAC peaks (hg38, mm10, GRCh38, ...) when the inputs do not say"),
+    Option("atac_bin_size", metavar="BASES"),
+    Option("mosaic"),
 ]
 DEVICES = Option("trainer.devices", type=devices, help="devices per node (a number or 'auto')")
 PRECISION = Option("trainer.precision", help="as Lightning's Trainer: 32, bf16-mixed (GPUs), fp16-mixed, 32-true")
@@ -161,23 +164,62 @@ def _key_values(pairs: list[str], what: str) -> dict[str, str]:
 
 
 def _corpus_build(args) -> int:
-    from celltron.corpus.build import build_corpus
-
     given = given_values(args, BUILD_OPTIONS)
     if args.weight:
         given["weights"] = dict(args.weight)
     # flags given on the command line override the config file, which overrides the defaults
     base = BuildOptions.from_yaml(args.config) if args.config else BuildOptions()
     options = dataclasses.replace(base, progress=not args.no_progress, **given)
+    modalities = _key_values(args.modality, "--modality")
+    if modalities or _multimodal_inputs(args.inputs):
+        return _corpus_build_multimodal(args, options, modalities)
+    from celltron.corpus.build import build_corpus
+
     manifest = build_corpus(args.inputs, args.out, options, overwrite=args.overwrite)
     print(f"built {args.out}: {manifest['n_cells']} cells, {len(manifest['genes']['ensembl_id'])} genes")
+    _print_sources(manifest)
+    return 0
+
+
+def _multimodal_inputs(inputs: list[str]) -> bool:
+    """Whether the inputs hold several modalities: a MuData .h5mu, or a 10x .h5 with features
+    beyond gene expression (RNA + proteins from feature barcoding, RNA + peaks from Multiome)."""
+    from celltron.corpus.readers import tenx_feature_types
+
+    return any(
+        p.endswith(".h5mu") or (p.endswith(".h5") and Path(p).is_file() and len(tenx_feature_types(Path(p))) > 1) for p in inputs
+    )
+
+
+def _corpus_build_multimodal(args, options, modalities: dict[str, str]) -> int:
+    from celltron.corpus.build_multimodal import build_multimodal_corpus
+
+    manifest = build_multimodal_corpus(args.inputs, args.out, options, overwrite=args.overwrite, modalities=modalities)
+    parts = ", ".join(
+        f"{m} {r['n_features']} {'genes' if m == 'rna' else 'antigens' if m == 'adt' else 'bins'} ({r['n_cells_measured']} cells)"
+        for m, r in manifest["modalities"].items()
+    )
+    print(f"built {args.out}: {manifest['n_cells']} cells; {parts}")
+    _print_sources(manifest)
+    for source in manifest["sources"]:
+        unknown = source.get("adt", {}).get("unknown")
+        if unknown:
+            print(
+                f"  {source['path']}: {len(unknown)} protein names not in the antigen table, kept as given: {', '.join(unknown)}"
+            )
+    if "atac" in manifest["modalities"]:
+        atac = manifest["modalities"]["atac"]
+        print(f"  atac: genome {atac['genome']}, bins of {manifest['build']['atac_bin_size']} bases")
+    return 0
+
+
+def _print_sources(manifest: dict) -> None:
     for source in manifest["sources"]:
         print(
             f"  {source['path']}: {source['n_cells_kept']}/{source['n_cells_in']} cells kept "
             f"({source['n_empty_dropped']} empty, {source['n_qc_dropped']} failed QC); "
             f"{source['n_genes_unmapped']} genes unmapped holding {source['unmapped_counts']} counts"
         )
-    return 0
 
 
 def _open(args):
@@ -200,6 +242,9 @@ def _corpus_info(args) -> int:
         f"  genes: {summary['n_genes']} " + str(summary["genes_per_species"]) + f"; medians: {summary['gene_median']['method']}"
     )
     print(f"  obs columns: {summary['obs_columns']}")
+    for modality, about in summary.get("modalities", {}).items():
+        extra = f", genome {about['genome']}" if "genome" in about else ""
+        print(f"  modality {modality}: {about['n_features']} features, measured in {about['n_cells_measured']} cells{extra}")
     for source in summary["sources"]:
         print(
             f"  source {source['path']} ({source['species']}): {source['n_cells_kept']}/{source['n_cells_in']} cells, weight {source['weight']}"
@@ -486,7 +531,18 @@ def _parser() -> argparse.ArgumentParser:
     corpus = verbs.add_parser("corpus", help="build, inspect and validate corpora").add_subparsers(dest="action", required=True)
 
     build = corpus.add_parser("build", help="convert raw-count inputs into a sharded Zarr corpus")
-    build.add_argument("inputs", nargs="+", help=".h5ad files, 10x .h5 files, 10x mtx directories")
+    build.add_argument(
+        "inputs",
+        nargs="*",
+        help=".h5ad files, 10x .h5 files, 10x mtx directories; multi-modal: MuData .h5mu files, 10x .h5 files with "
+        "several feature types",
+    )
+    build.add_argument(
+        "--modality",
+        action="append",
+        metavar="NAME=FILE",
+        help="one file per modality of the same cells (rna, adt, atac), joined on obs names; repeat per modality",
+    )
     build.add_argument("--out", required=True, help="corpus directory to create")
     build.add_argument("--config", help="YAML file of build options (configs/corpus/*.yaml); flags override it")
     add_options(build, BuildOptions, BUILD_OPTIONS)

@@ -167,37 +167,34 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
         for item in opened:
             item.source.close()
     n_cells = len(staged.names)
-    if n_cells == 0:
-        raise InputError("no cells left after dropping empty cells and QC filters; check the inputs and filters")
     names = _unique_cell_names(staged, opened)
-    order = np.random.default_rng(options.seed).permutation(n_cells)
-    n_val = int(round(n_cells * options.val_fraction))
-    cells_per_shard = _cells_per_shard(np.asarray(staged.nnz), options.shard_size_mb)
-    plan = {
-        "train": _split_into_shards(order[n_val:], cells_per_shard),
-        "val": _split_into_shards(order[:n_val], cells_per_shard),
-    }
+    plan = _shard_plan(n_cells, np.asarray(staged.nnz), options)
     categories = _obs_categories(staged)
     symbols = _gene_symbols(gene_ids, species_of_gene)
     var = _var_table(gene_ids, symbols, species_of_gene)
     splits = _write_splits(plan, staged, names, categories, var, work, options)
     genes = _gene_records(gene_ids, symbols, species_of_gene, stats)
-    manifest = {
+    manifest = _manifest(options, [item.report for item in opened], n_cells, splits, categories, stats, genes)
+    (work / MANIFEST).write_bytes(dump_manifest(manifest))
+    return manifest
+
+
+def _manifest(options: BuildOptions, sources: list[dict], n_cells: int, splits, categories, stats, genes) -> dict:
+    """The manifest's fields every corpus has (a multi-modal one adds `modalities`)."""
+    return {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
         "checksum_version": CHECKSUM_VERSION,
         "celltron_version": __version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "build": _build_record(options),
-        "sources": [item.report for item in opened],
+        "sources": sources,
         "n_cells": n_cells,
         "splits": splits,
         "obs_categories": categories,
         "gene_median": stats.describe_median(),
         "genes": genes,
     }
-    (work / MANIFEST).write_bytes(dump_manifest(manifest))
-    return manifest
 
 
 # ---------------------------------------------------------------- inputs and genes
@@ -235,12 +232,18 @@ def _unique_dataset_names(opened: list[_Input]) -> None:
     for i, item in enumerate(opened):
         if names.count(item.source.name) > 1:
             item.source.name = f"{item.source.path.parent.name}_{item.source.name}"
+    for item, name in zip(opened, _numbered([item.source.name for item in opened])):
+        item.source.name = item.report["dataset"] = name
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Names with a repeat numbered: a, a-2, a-3."""
     seen: dict[str, int] = {}
-    for item in opened:
-        seen[item.source.name] = seen.get(item.source.name, 0) + 1
-        if seen[item.source.name] > 1:
-            item.source.name = f"{item.source.name}-{seen[item.source.name]}"
-        item.report["dataset"] = item.source.name
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return out
 
 
 def _input_checksum(path: Path) -> str:
@@ -361,6 +364,17 @@ def _unique_cell_names(staged: _Staged, opened: list[_Input]) -> np.ndarray:
 def _cells_per_shard(nnz: np.ndarray, shard_size_mb: float) -> int:
     bytes_per_cell = max(float(nnz.mean()), 1.0) * BYTES_PER_NONZERO
     return max(1, int(shard_size_mb * 1e6 // bytes_per_cell))
+
+
+def _shard_plan(n_cells: int, nnz: np.ndarray, options: BuildOptions) -> dict[str, list[np.ndarray]]:
+    """One seeded permutation of the kept cells: its first `val_fraction` is the validation
+    split; each split cut into near-equal shards of about `shard_size_mb`."""
+    if n_cells == 0:
+        raise InputError("no cells left after dropping empty cells and QC filters; check the inputs and filters")
+    order = np.random.default_rng(options.seed).permutation(n_cells)
+    n_val = int(round(n_cells * options.val_fraction))
+    per_shard = _cells_per_shard(nnz, options.shard_size_mb)
+    return {"train": _split_into_shards(order[n_val:], per_shard), "val": _split_into_shards(order[:n_val], per_shard)}
 
 
 def _split_into_shards(cells: np.ndarray, cells_per_shard: int) -> list[np.ndarray]:

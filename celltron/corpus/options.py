@@ -36,6 +36,11 @@ class BuildOptions:
         progress: show progress bars.
         min_mapped_fraction: refuse an input unless this share of its counts (over a sample of
             cells) is on genes that map to Ensembl IDs.
+        genome: genome build of ATAC peaks (hg38, mm10, ...; GRCh38 etc. accepted), when the
+            inputs do not say; checked against what they say.
+        atac_bin_size: bases per genomic bin that ATAC peaks are summed into (the ATAC vocabulary).
+        mosaic: keep cells measured in only some modalities (a per-cell mask), instead of
+            refusing inputs whose modalities hold different cells.
     """
 
     seed: int = ranged(0, ">= 0")
@@ -55,6 +60,9 @@ class BuildOptions:
     exact_median_limit: int = ranged(200_000_000, ">= 0")
     progress: bool = True
     min_mapped_fraction: float = ranged(MIN_MAPPED_FRACTION, "[0, 1]")
+    genome: str | None = None
+    atac_bin_size: int = ranged(5000, ">= 1")
+    mosaic: bool = False
 
     def __post_init__(self):
         # every way options are made (YAML, flags through dataclasses.replace, library calls) is checked

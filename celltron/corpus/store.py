@@ -6,7 +6,7 @@ import logging
 import mmap
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import fsspec
@@ -128,6 +128,29 @@ class Corpus:
     def n_genes(self) -> int:
         return len(self.manifest["genes"]["ensembl_id"])
 
+    @property
+    def modalities(self) -> list[str]:
+        """["rna"] for an RNA corpus; every modality of a multi-modal one (RNA first)."""
+        return list(self.manifest.get("modalities", {"rna": None}))
+
+    @property
+    def multimodal(self) -> bool:
+        return "modalities" in self.manifest
+
+    def n_features(self, modality: str = "rna") -> int:
+        """Genes for RNA; antigens, genomic bins for the other modalities."""
+        if modality == "rna":
+            return self.n_genes
+        if modality not in self.modalities:
+            raise ConfigError(f"{self.location}: no modality {modality!r}; this corpus holds {', '.join(self.modalities)}")
+        return self.manifest["modalities"][modality]["n_features"]
+
+    def feature_names(self, modality: str = "rna") -> np.ndarray:
+        if modality == "rna":
+            return self.gene_ids
+        self.n_features(modality)  # refuses an unknown modality
+        return np.asarray(self.manifest["modalities"][modality]["features"]["name"], dtype=str)
+
     @cached_property
     def gene_ids(self) -> np.ndarray:
         return np.asarray(self.manifest["genes"]["ensembl_id"], dtype=str)
@@ -145,11 +168,12 @@ class Corpus:
     def open_shard(self, split: str, index: int) -> ShardReader:
         return ShardReader(self, self.shards(split)[index])
 
-    def shard_url(self, record: dict) -> str:
-        return f"{self.root}/{record['path']}"
+    def shard_url(self, record: dict, modality: str | None = None) -> str:
+        """A shard's store; with `modality`, in a multi-modal corpus, that modality's AnnData-Zarr store."""
+        return f"{self.root}/{record['path']}" + (f"/mod/{modality}" if modality and self.multimodal else "")
 
-    def zarr_store(self, record: dict):
-        path = self.shard_url(record)
+    def zarr_store(self, record: dict, modality: str = "rna"):
+        path = self.shard_url(record, modality)
         if _is_local(self.fs):
             # zarrs reads local files itself, but only through zarr's own LocalStore
             zarrs = zarr.config.get("codec_pipeline.path", "").startswith("zarrs")
@@ -238,7 +262,7 @@ class Corpus:
         m = self.manifest
         genes = m["genes"]
         species = {s: genes["species"].count(s) for s in sorted(set(genes["species"]))}
-        return {
+        summary = {
             "location": self.location,
             "schema_version": m["schema_version"],
             "created": m["created"],
@@ -266,23 +290,36 @@ class Corpus:
                 for src in m["sources"]
             ],
         }
+        if self.multimodal:
+            summary["modalities"] = {
+                name: {k: v for k, v in record.items() if k != "features"} for name, record in m["modalities"].items()
+            }
+        return summary
 
 
 def _schema_problems(corpus: Corpus, record: dict) -> list[str]:
+    """What is wrong with the layout of a shard's X (each modality's in a multi-modal corpus)."""
+    return [p for modality in corpus.modalities for p in _matrix_problems(corpus, record, modality)]
+
+
+def _matrix_problems(corpus: Corpus, record: dict, modality: str) -> list[str]:
+    where = record["path"] + (f" ({modality})" if corpus.multimodal else "")
+    n_features = corpus.n_features(modality)
+    nnz = record.get("nnz_by_modality", {}).get(modality, record["nnz"])
     try:
-        group = zarr.open_group(corpus.zarr_store(record), mode="r")
+        group = zarr.open_group(corpus.zarr_store(record, modality), mode="r")
         x = group["X"]
         shape = tuple(x.attrs["shape"])
         indptr = x["indptr"][:]
     except Exception as error:  # any unreadable piece makes the shard invalid
-        return [f"{record['path']}: unreadable ({error})"]
+        return [f"{where}: unreadable ({error})"]
     problems = []
     if x.attrs.get("encoding-type") != "csr_matrix":
-        problems.append(f"{record['path']}: X is not a csr_matrix")
-    if shape != (record["n_cells"], corpus.n_genes) or len(indptr) != record["n_cells"] + 1:
-        problems.append(f"{record['path']}: X has shape {shape}, manifest says ({record['n_cells']}, {corpus.n_genes})")
-    if int(indptr[-1]) != record["nnz"] or x["data"].shape[0] != record["nnz"]:
-        problems.append(f"{record['path']}: X holds {int(indptr[-1])} non-zeros, manifest says {record['nnz']}")
+        problems.append(f"{where}: X is not a csr_matrix")
+    if shape != (record["n_cells"], n_features) or len(indptr) != record["n_cells"] + 1:
+        problems.append(f"{where}: X has shape {shape}, manifest says ({record['n_cells']}, {n_features})")
+    if int(indptr[-1]) != nnz or x["data"].shape[0] != nnz:
+        problems.append(f"{where}: X holds {int(indptr[-1])} non-zeros, manifest says {nnz}")
     return problems
 
 
@@ -406,13 +443,16 @@ def values_problem(
 
 @dataclass
 class CellBlock:
-    """Contiguous cells of one shard: CSR arrays plus per-cell obs codes."""
+    """Contiguous cells of one shard: CSR arrays plus per-cell obs codes. In a multi-modal corpus
+    this is RNA, and `modalities` holds the same cells' other modalities (`genes` there are
+    feature indices: antigens, genomic bins; obs: n_counts and `measured`)."""
 
     indptr: np.ndarray
     genes: np.ndarray
     counts: np.ndarray
     obs: dict[str, np.ndarray]
     first_index: int  # corpus-wide index of the first cell (split order)
+    modalities: dict[str, CellBlock] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.indptr) - 1
@@ -429,19 +469,27 @@ class ShardReader:
     Damage raises CorpusDamagedError naming the shard, the cells and `celltron corpus validate`.
     """
 
-    def __init__(self, corpus: Corpus, record: dict, full_checks: bool = False):
-        self.where, self.location, self.n_genes = corpus.shard_url(record), corpus.location, corpus.n_genes
+    def __init__(self, corpus: Corpus, record: dict, full_checks: bool = False, modality: str = "rna"):
+        self.where, self.location = corpus.shard_url(record, modality), corpus.location
+        self.n_genes = corpus.n_features(modality)
         verify = full_checks or read_checks_enabled()
-        self.store = corpus.zarr_store(record)
+        self.store = corpus.zarr_store(record, modality)
+        self.others: dict[str, ShardReader] = {}  # the other modalities, read beside RNA
         try:
             group = self._read(None, "")
             self.data, self.indices = _direct_arrays(self.store, verify) or (group["X/data"], group["X/indices"])
             self.indptr = self._read(group, "X/indptr")
             self.obs = {"n_counts": self._read(group, "obs/n_counts")}
-            for column in corpus.manifest["obs_categories"]:
-                self.obs[column] = self._read(group, f"obs/{column}/codes").astype(np.int32)
+            if modality != "rna":  # per-modality fields only: the labels are RNA's
+                self.obs["measured"] = self._read(group, "obs/measured").astype(bool)
+            else:
+                for column in corpus.manifest["obs_categories"]:
+                    self.obs[column] = self._read(group, f"obs/{column}/codes").astype(np.int32)
+            if modality == "rna":
+                for other in corpus.modalities[1:]:
+                    self.others[other] = ShardReader(corpus, record, full_checks, other)
         except BaseException:
-            self.store.close()
+            self.close()
             raise
         checksummed = _inner_checksummed(self.data)
         self.check_values = verify and (full_checks or not checksummed or _zarrs_decodes(self.data))
@@ -464,7 +512,9 @@ class ShardReader:
 
     def close(self) -> None:
         """Release the store's open files (mapped shards)."""
-        for array in (self.data, self.indices):
+        for other in self.others.values():
+            other.close()
+        for array in (getattr(self, "data", None), getattr(self, "indices", None)):
             if isinstance(array, ShardedArray):
                 array.close()
         self.store.close()
@@ -492,6 +542,7 @@ class ShardReader:
             counts=counts,
             obs={key: values[start:stop] for key, values in self.obs.items()},
             first_index=first_index,
+            modalities={m: other.read(start, stop, first_index) for m, other in self.others.items()},
         )
 
 

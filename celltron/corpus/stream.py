@@ -313,6 +313,13 @@ class CorpusStream(IterableDataset):
             cell = {"genes": block.genes[lo:hi], "counts": block.counts[lo:hi], "cell_index": block.first_index + row}
             for key, values in block.obs.items():
                 cell[key] = values[row]
+            for modality, other in block.modalities.items():  # multi-modal corpora: adt_features, adt_counts, ...
+                lo, hi = other.indptr[row], other.indptr[row + 1]
+                cell[f"{modality}_features"], cell[f"{modality}_counts"] = other.genes[lo:hi], other.counts[lo:hi]
+                cell[f"{modality}_n_counts"], cell[f"{modality}_measured"] = (
+                    other.obs["n_counts"][row],
+                    other.obs["measured"][row],
+                )
             yield cell
 
     # ------------------------------------------------------------ resume
@@ -376,16 +383,27 @@ class CorpusStream(IterableDataset):
 def collate_cells(cells: list[dict]) -> dict[str, np.ndarray]:
     """Batch raw cells as flat numpy arrays: `genes` and `counts` concatenated, `offsets` (cell
     i is `[offsets[i]:offsets[i + 1]]`), and one array per scalar field (n_counts, cell_index,
-    obs codes). As a DataLoader `collate_fn` it runs in the worker, so a batch crosses to the
+    obs codes); a multi-modal corpus's other modalities likewise (`adt_features`, `adt_counts`,
+    `adt_offsets`, `adt_n_counts`, `adt_measured`). As a DataLoader `collate_fn` it runs in the worker, so a batch crosses to the
     main process as a few pickled arrays instead of one dict per cell. (numpy, not torch: torch
     tensors from workers go through shared memory, which costs more for batches this small.)"""
-    lengths = [len(cell["genes"]) for cell in cells]
-    batch = {
-        "genes": np.concatenate([cell["genes"] for cell in cells]),
-        "counts": np.concatenate([cell["counts"] for cell in cells]),
-        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-    }
+    batch = _ragged(cells, "genes", "counts", "offsets")
+    ragged = {"genes", "counts"}
+    for key in cells[0]:  # a multi-modal corpus's other modalities, the same way: adt_features, adt_counts, adt_offsets
+        if key.endswith("_features"):
+            modality = key.removesuffix("_features")
+            batch |= _ragged(cells, key, f"{modality}_counts", f"{modality}_offsets")
+            ragged |= {key, f"{modality}_counts"}
     for key in cells[0]:
-        if key not in ("genes", "counts"):
+        if key not in ragged:
             batch[key] = np.array([cell[key] for cell in cells])
     return batch
+
+
+def _ragged(cells: list[dict], index_key: str, count_key: str, offsets_key: str) -> dict[str, np.ndarray]:
+    lengths = [len(cell[index_key]) for cell in cells]
+    return {
+        index_key: np.concatenate([cell[index_key] for cell in cells]),
+        count_key: np.concatenate([cell[count_key] for cell in cells]),
+        offsets_key: np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+    }
