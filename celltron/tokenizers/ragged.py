@@ -19,6 +19,7 @@ class RaggedTokens:
     input_ids: np.ndarray
     offsets: np.ndarray
     values: np.ndarray | None = None
+    modality_ids: np.ndarray | None = None  # multi-modal tokens: 0 RNA, 1 proteins, 2 chromatin (tokenizers/multimodal.py)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
