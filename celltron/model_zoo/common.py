@@ -327,3 +327,25 @@ def config_from_size(config_class, sizes: dict, family: str, size: str, vocab_si
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
     return config_class(**fields)
+
+
+MAX_MODALITIES = 3  # RNA, proteins, chromatin (celltron.tokenizers.multimodal.MODALITY_IDS)
+
+
+def check_modalities(n_modalities: int) -> int:
+    if not 1 <= int(n_modalities) <= MAX_MODALITIES:
+        raise ConfigError(f"n_modalities must be 1 (RNA only) to {MAX_MODALITIES} (RNA, proteins, chromatin), got {n_modalities}")
+    return int(n_modalities)
+
+
+def modality_embedding(table: nn.Embedding, modality_ids) -> torch.Tensor:
+    """Each token's modality-type embedding from `table`, or its row 0 for every token when no
+    `modality_ids` are given (an RNA-only batch: what single-modality checkpoints were trained with)."""
+    if modality_ids is None:
+        return table.weight[0]
+    if int(modality_ids.max()) >= table.num_embeddings:
+        raise ValueError(
+            f"modality id {int(modality_ids.max())} given, but this model has {table.num_embeddings} modality types; "
+            "build it with n_modalities covering every modality of its tokens"
+        )
+    return table(modality_ids.long())

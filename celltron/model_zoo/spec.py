@@ -110,6 +110,8 @@ class Family:
         `bert` folders are Geneformer's).
     converter: "module:function" converting an official checkpoint, called as
         function(source, out, overwrite=..., **options); None when there is none.
+    modalities: what the family's tokens may measure (rna; adt proteins, atac chromatin where
+        its config's `n_modalities` adds a modality-type embedding per token: `modality_ids`).
     """
 
     name: str
@@ -130,3 +132,4 @@ class Family:
     load_with: str = "AutoModel"
     model_types: tuple[str, ...] = ()
     converter: str | None = None
+    modalities: tuple[str, ...] = ("rna", "adt", "atac")

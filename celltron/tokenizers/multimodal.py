@@ -80,6 +80,27 @@ def protein_tokens(cells: ModalityCells, n_features: int, n_bins: int | None, rn
     return features, np.maximum(values, 1).astype(np.float32), lengths  # bin 0 means "absent" in scGPT
 
 
+PROTEIN_SPECIALS = ("<pad>", "<cls>")  # a protein encoder's vocabulary: these, then the panel
+
+
+def protein_sequences(cells: ModalityCells, n_features: int, n_bins: int | None, rng: np.random.Generator) -> RaggedTokens:
+    """Tokens of a protein-only encoder (the dual encoder's second tower): per measured cell
+    `<cls>` (value 0) then every panel protein with its CLR bin (or value); ids index
+    PROTEIN_SPECIALS followed by the panel's antigens."""
+    features, values, lengths = protein_tokens(cells, n_features, n_bins, rng)
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ids, vals = [], []
+    for i in range(len(lengths)):
+        if lengths[i] == 0:  # not measured: no sequence at all (an empty row, dropped by callers)
+            continue
+        ids.append(np.concatenate([[1], features[starts[i] : starts[i + 1]] + len(PROTEIN_SPECIALS)]))
+        vals.append(np.concatenate([[0.0], values[starts[i] : starts[i + 1]]]))
+    kept = np.where(lengths > 0, lengths + 1, 0)
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    as_array = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)  # noqa: E731
+    return RaggedTokens(as_array(ids, np.int64), offsets, as_array(vals, np.float32))
+
+
 def atac_tokens(cells: ModalityCells, budget: int, idf: np.ndarray, select: str, rng: np.random.Generator):
     """Per measured cell, its open bins (at most `budget`, chosen by `select`) in genomic order.
     Returns (features, lengths) flat over cells."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import BertConfig
 
 from celltron.errors import ConfigError
-from celltron.model_zoo.common import config_from_size
+from celltron.model_zoo.common import check_modalities, config_from_size
 
 SIZES = {
     "debug": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=2048),
@@ -47,8 +47,10 @@ class GeneCompassConfig(BertConfig):
         value_loss_weight: float = 0.8,
         cell_embedding: str = "mean",
         attention_backend: str = "auto",
+        n_modalities: int = 1,
         **kwargs,
     ):
+        kwargs["type_vocab_size"] = max(kwargs.get("type_vocab_size", 2), n_modalities)  # modality types index it
         kwargs.setdefault("hidden_act", "gelu")
         kwargs.setdefault("hidden_dropout_prob", 0.02)
         kwargs.setdefault("attention_probs_dropout_prob", 0.02)
@@ -59,6 +61,7 @@ class GeneCompassConfig(BertConfig):
         self.species_token_ids = [int(t) for t in (species_token_ids or [])]
         self.id_loss_weight, self.value_loss_weight = id_loss_weight, value_loss_weight
         self.cell_embedding, self.attention_backend = cell_embedding, attention_backend
+        self.n_modalities = check_modalities(n_modalities)
 
     @classmethod
     def from_size(cls, size: str, vocab_size: int | None = None, **overrides) -> GeneCompassConfig:

@@ -24,6 +24,7 @@ from celltron.model_zoo.common import (
     CellModelOutput,
     cell_layout,
     encoder_flops_per_token,
+    modality_embedding,
     plan_attention,
     pool_cells,
 )
@@ -57,7 +58,9 @@ class KnowledgeEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, values: torch.Tensor, position_ids: torch.Tensor, modality_ids=None
+    ) -> torch.Tensor:
         parts = [self.word_embeddings(input_ids), values.unsqueeze(-1).to(self.word_embeddings.weight.dtype)]
         for name in self.prior_names:
             parts.append(self.prior_projections[name](getattr(self, f"prior_{name}")[input_ids]))
@@ -67,7 +70,7 @@ class KnowledgeEmbeddings(nn.Module):
             match = input_ids[..., None] == torch.tensor(self.species_token_ids, device=input_ids.device)
             species = self.species_embeddings(match.long().argmax(-1))
             genes = torch.where(match.any(-1)[..., None], species, genes)
-        hidden = genes + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
+        hidden = genes + self.position_embeddings(position_ids) + modality_embedding(self.token_type_embeddings, modality_ids)
         return self.dropout(self.LayerNorm(hidden))
 
 
@@ -147,6 +150,7 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         target_values=None,
         masked_logits_only: bool = False,
         heads: bool = True,
+        modality_ids=None,
         **unused,
     ) -> GeneCompassOutput:
         """`masked_logits_only` (with labels): id logits and predicted values of the masked
@@ -156,7 +160,7 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
-        hidden = self.encoder(self.embeddings(input_ids, values, position_ids), plan)
+        hidden = self.encoder(self.embeddings(input_ids, values, position_ids, modality_ids), plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
         if not heads:
             return GeneCompassOutput(last_hidden_state=hidden, cell_embedding=cells)

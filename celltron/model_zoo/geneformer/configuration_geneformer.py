@@ -6,7 +6,7 @@ from __future__ import annotations
 from transformers import BertConfig
 
 from celltron.errors import ConfigError
-from celltron.model_zoo.common import config_from_size
+from celltron.model_zoo.common import check_modalities, config_from_size
 
 # Named sizes, each as its release's config.json (ctheodoris/Geneformer on the Hugging Face Hub):
 # - 10M: Geneformer-V1-10M, first released as the 6-layer gf-6L-30M-i2048 (config.json of
@@ -68,12 +68,16 @@ class GeneformerConfig(BertConfig):
             (mean of the non-padding tokens), as Geneformer's embedding extractor offers.
         attention_backend: 'auto' (varlen kernels for packed batches on CUDA, SDPA otherwise),
             'sdpa', 'varlen' (PyTorch's) or 'flash_attn' (the optional flash-attn package).
+        n_modalities: modality types of the tokens (1: RNA only, as Geneformer; 3: RNA, proteins,
+            chromatin); they index BERT's token-type embeddings, widened to hold them.
         kwargs: BertConfig fields (vocab_size, hidden_size, num_hidden_layers, ...).
     """
 
-    def __init__(self, cell_embedding: str = "mean", attention_backend: str = "auto", **kwargs):
+    def __init__(self, cell_embedding: str = "mean", attention_backend: str = "auto", n_modalities: int = 1, **kwargs):
         kwargs.setdefault("architectures", ["BertForMaskedLM"])
+        kwargs["type_vocab_size"] = max(kwargs.get("type_vocab_size", 2), n_modalities)
         super().__init__(**kwargs)
+        self.n_modalities = check_modalities(n_modalities)
         if cell_embedding not in ("cls", "mean"):
             raise ConfigError(f"cell_embedding must be 'cls' or 'mean', got {cell_embedding!r}")
         self.cell_embedding = cell_embedding

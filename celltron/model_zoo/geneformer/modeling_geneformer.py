@@ -18,6 +18,7 @@ from celltron.model_zoo.common import (
     CellModelOutput,
     cell_layout,
     encoder_flops_per_token,
+    modality_embedding,
     plan_attention,
     pool_cells,
 )
@@ -33,10 +34,11 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        # Geneformer never uses segment ids: every token has type 0.
-        hidden = self.word_embeddings(input_ids) + self.position_embeddings(position_ids) + self.token_type_embeddings.weight[0]
-        return self.dropout(self.LayerNorm(hidden))
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, modality_ids=None) -> torch.Tensor:
+        # Geneformer never uses segment ids: every token has type 0, unless tokens of several
+        # modalities say theirs (the token-type table then holds the modality types).
+        hidden = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(hidden + modality_embedding(self.token_type_embeddings, modality_ids)))
 
 
 class Backbone(nn.Module):
@@ -134,6 +136,7 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
         labels=None,
         masked_logits_only: bool = False,
         heads: bool = True,
+        modality_ids=None,
         **unused,
     ) -> CellModelOutput:
         """`masked_logits_only` (with labels): project only the masked tokens onto the vocabulary,
@@ -144,7 +147,7 @@ class GeneformerForMaskedLM(GeneformerPreTrainedModel):
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         plan = plan_attention(attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend)
-        hidden = self.bert.encoder(self.bert.embeddings(input_ids, position_ids), plan)
+        hidden = self.bert.encoder(self.bert.embeddings(input_ids, position_ids, modality_ids), plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
         if not heads:
             return CellModelOutput(last_hidden_state=hidden, cell_embedding=cells)

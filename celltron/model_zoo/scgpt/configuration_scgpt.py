@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from celltron.errors import ConfigError
-from celltron.model_zoo.common import config_from_size
+from celltron.model_zoo.common import check_modalities, config_from_size
 
 SIZES = {
     "debug": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
@@ -41,6 +41,9 @@ class ScGPTConfig(PretrainedConfig):
             to the hidden state before the expression heads.
         n_cls, nlayers_cls: the cell-class head (scGPT builds one even when unused).
         condition_vocab_size: per-token condition embedding (e.g. perturbation flags), 0 = none.
+        n_modalities: modality types of the tokens (1: RNA only; up to 3: RNA, proteins,
+            chromatin): above 1, a modality embedding is added to every token (scGPT's multi-omic
+            `mod_encoder`).
         generative: build the flag embedding of scGPT's generative attention-mask mode.
         attention_backend: see GeneformerConfig.
     """
@@ -75,9 +78,11 @@ class ScGPTConfig(PretrainedConfig):
         generative: bool = True,
         attention_backend: str = "auto",
         initializer_range: float = 0.02,
+        n_modalities: int = 1,
         **kwargs,
     ):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
+        self.n_modalities = check_modalities(n_modalities)
         if input_emb_style not in ("continuous", "category", "scaling"):
             raise ConfigError(f"input_emb_style must be continuous, category or scaling, got {input_emb_style!r}")
         if norm_scheme not in ("pre", "post"):

@@ -20,6 +20,7 @@ from celltron.model_zoo.common import (
     CellModelOutput,
     cell_layout,
     encoder_flops_per_token,
+    modality_embedding,
     multi_head_attention,
     plan_attention,
     pool_cells,
@@ -228,6 +229,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
             self.condition_encoder = nn.Embedding(config.condition_vocab_size, config.hidden_size)
         if config.generative:
             self.flag_encoder = nn.Embedding(2, config.hidden_size)
+        if config.n_modalities > 1:
+            self.modality_encoder = nn.Embedding(config.n_modalities, config.hidden_size)
         self.transformer_encoder = TransformerEncoder(config)
         self.decoder = ExprDecoder(config)
         self.cls_decoder = ClsDecoder(config)
@@ -238,7 +241,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.embedding
 
-    def _embed(self, input_ids, values, condition_ids, gen_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, input_ids, values, condition_ids, gen_mask, modality_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         genes = self.encoder(input_ids)
         if self.config.input_emb_style == "scaling":
             total = genes * values.unsqueeze(-1).to(genes.dtype)
@@ -246,6 +249,10 @@ class ScGPTModel(ScGPTPreTrainedModel):
             total = genes + self.value_encoder(values)
         if condition_ids is not None:
             total = total + self.condition_encoder(condition_ids)
+        if modality_ids is not None:
+            if self.config.n_modalities == 1:
+                raise ValueError("modality_ids given, but this model was built for RNA alone (n_modalities=1)")
+            total = total + modality_embedding(self.modality_encoder, modality_ids)
         if gen_mask is not None:
             if not self.config.generative:
                 raise ValueError(
@@ -270,6 +277,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
         cell_labels=None,
         classify: bool = False,
         heads: bool = True,
+        modality_ids=None,
         **unused,
     ) -> ScGPTOutput:
         """
@@ -285,6 +293,8 @@ class ScGPTModel(ScGPTPreTrainedModel):
             cell_labels: (cells,) class of each cell, adds the cell-class cross-entropy.
             classify: return class_logits without a loss.
             heads: False returns hidden states and cell embeddings only (for fine-tuning heads).
+            modality_ids: (batch, tokens) modality type of each token (0 RNA, 1 proteins, 2
+                chromatin), for models built with n_modalities > 1.
         """
         layout = cell_layout(attention_mask, cu_seqlens, tuple(input_ids.shape), input_ids.device)
         allowed = None
@@ -295,7 +305,7 @@ class ScGPTModel(ScGPTPreTrainedModel):
         plan = plan_attention(
             attention_mask, layout, input_ids.shape[1], input_ids.device, self.config.attention_backend, allowed
         )
-        total, gene_embs = self._embed(input_ids, values, condition_ids, gen_mask)
+        total, gene_embs = self._embed(input_ids, values, condition_ids, gen_mask, modality_ids)
         hidden = self.transformer_encoder(total, plan)
         cells = pool_cells(hidden, layout, self.config.cell_embedding, attention_mask)
         if not heads:
