@@ -234,7 +234,7 @@ MODES = ("full", "frozen", "lora")
 
 def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, seeds, steps: int, modes) -> str:
     """Fine-tuned annotation per mode (the anchored head, the model alone, the baseline), the
-    anchored head − baseline per seed, and with `random` the same full fine-tuning from random
+    anchored head − baseline per seed, and with `random` the first mode's fine-tuning from random
     weights, paired per seed (same held-out cells)."""
     from celltron.finetune.report import paired_difference, verdict
 
@@ -251,11 +251,12 @@ def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, s
             lines.append(f"- {label[mode]}: anchored head − pca_logreg on {metric}: {difference(d)} — {d['verdict']}")
         weights = ", ".join(f"seed {s}: {w['weight']}" for s, w in (metrics.get("anchor_weights") or {}).items())
         lines.append(f"- {label[mode]}: anchor weight (inner CV on training cells): {weights}")
-    if random is not None:
-        scratch = annotation(random, data, out, seeds, steps, [], name="annotate_random_init")
-        rows.append(("random init, full fine-tuning: anchored head", scratch["model"]))
-        rows.append(("random init, full fine-tuning: model alone", scratch["model_plain"]))
-        pretrained = runs.get("full") or annotation(model, data, out, seeds, steps, [])
+    if random is not None:  # the same architecture from random weights, in the first mode
+        mode = modes[0] if modes else "full"
+        scratch = annotation(random, data, out, seeds, steps, flags[mode], name="annotate_random_init")
+        rows.append((f"random init, {label[mode]}: anchored head", scratch["model"]))
+        rows.append((f"random init, {label[mode]}: model alone", scratch["model_plain"]))
+        pretrained = runs.get(mode) or annotation(model, data, out, seeds, steps, flags[mode])
         for head in ("model", "model_plain"):
             for metric in COLUMNS:
                 ours = {s: r[metric] for s, r in pretrained[head]["per_seed"].items()}
@@ -263,7 +264,7 @@ def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, s
                 d = paired_difference(ours, theirs)
                 said = verdict(d).replace("the model", "pretraining").replace("the baseline", "random init")
                 what = "anchored head" if head == "model" else "model alone"
-                lines.append(f"- pretrained − random init ({what}, full fine-tuning) on {metric}: {difference(d)} — {said}")
+                lines.append(f"- pretrained − random init ({what}, {label[mode]}) on {metric}: {difference(d)} — {said}")
     rows.append(("baseline: PCA + logistic regression", runs[modes[0]]["baselines"]["pca_logreg"] if modes else {}))
     header = f"\n### annotation (held-out 20% of cells, seeds {', '.join(map(str, seeds))}, {steps} steps)\n\n"
     return header + table(rows) + "\n\n" + "\n".join(lines)
