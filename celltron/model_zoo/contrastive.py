@@ -1,6 +1,7 @@
 """A dual encoder for paired modalities (scCLIP's design, CLIP's loss): one encoder per modality,
-each any family's model (its cell embedding, `heads=False`), a linear projection per modality onto
-a shared space, and a symmetric InfoNCE loss over the cells of a batch with a learned temperature.
+each any family's model (its cell embedding, `heads=False`), a projection head per modality onto
+a shared space (SimCLR's: linear, batch norm, ReLU, linear), and a symmetric InfoNCE loss over
+the cells of a batch with a learned temperature.
 
 Cell i's RNA and its proteins (or chromatin) are a positive pair; every other cell of the batch is
 a negative. Under DDP the projections of every rank are gathered (with their gradients, through
@@ -27,6 +28,28 @@ INITIAL_TEMPERATURE = 0.07  # CLIP's
 MAX_LOGIT_SCALE = 100.0  # CLIP clips the learned scale here to keep training stable
 
 
+class ProjectionHead(nn.Module):
+    """SimCLR's projection head: Linear, BatchNorm, ReLU, Linear. The batch norm matters here: a
+    Transformer's pooled cell embeddings share one dominant direction (pairwise cosine ~0.99 at
+    initialisation), so without centring them every cell scores alike and the contrastive loss
+    sits at log(batch) for hundreds of steps. A batch of one cell uses the running statistics."""
+
+    def __init__(self, hidden: int, out: int):
+        super().__init__()
+        self.first = nn.Linear(hidden, hidden)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.second = nn.Linear(hidden, out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        if self.training and x.shape[0] < 2:
+            n = self.norm
+            x = F.batch_norm(x, n.running_mean, n.running_var, n.weight, n.bias, training=False, eps=n.eps)
+        else:
+            x = self.norm(x)
+        return self.second(F.relu(x))
+
+
 class DualEncoder(nn.Module):
     """Encoders {modality: model} projected to `projection_dim`, trained with `loss`."""
 
@@ -37,7 +60,7 @@ class DualEncoder(nn.Module):
         self.modalities = list(encoders)
         self.encoders = nn.ModuleDict(encoders)
         self.projections = nn.ModuleDict(
-            {m: nn.Linear(model.config.hidden_size, projection_dim, bias=False) for m, model in encoders.items()}
+            {m: ProjectionHead(model.config.hidden_size, projection_dim) for m, model in encoders.items()}
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / INITIAL_TEMPERATURE)))
         self.projection_dim = projection_dim
@@ -90,28 +113,79 @@ class DualEncoder(nn.Module):
 
 def gathered(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """`x` of every rank stacked in rank order (gradients flow back to each rank's own rows), and
-    where this rank's rows start; `x` itself outside a multi-process run."""
+    where this rank's rows start; `x` itself outside a multi-process run. Ranks may hold different
+    numbers of rows (the last batch of a round is smaller): rows are padded for the exchange."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     from torch.distributed.nn.functional import all_gather
 
-    parts = all_gather(x.contiguous())
-    sizes = [p.shape[0] for p in parts]
-    return torch.cat(parts), sum(sizes[: dist.get_rank()])
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))]) if x.shape[0] < max(sizes) else x
+    parts = all_gather(padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
 
 
-def info_nce(first: torch.Tensor, second: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    first: torch.Tensor, second: torch.Tensor, logit_scale: torch.Tensor, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE of paired, L2-normalised rows (cell i of `first` with cell i of
     `second`) against every cell of the global batch; returns the loss and the share of this
-    rank's cells whose partner scores highest, both directions averaged."""
+    rank's cells whose partner scores highest, both directions averaged. `valid` (bool per row):
+    cells measured in both modalities; the others are neither scored nor negatives."""
+    valid = torch.ones(first.shape[0], dtype=torch.bool, device=first.device) if valid is None else valid.bool()
     all_second, offset = gathered(second)
     all_first, _ = gathered(first)
+    all_valid, _ = gathered(valid.to(first.dtype))
     scale = logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
     targets = torch.arange(first.shape[0], device=first.device) + offset
-    forward = scale * first @ all_second.T  # this rank's cells of `first` against every `second`
-    backward = scale * second @ all_first.T
-    loss = (F.cross_entropy(forward.float(), targets) + F.cross_entropy(backward.float(), targets)) / 2
-    accuracy = ((forward.argmax(1) == targets).float().mean() + (backward.argmax(1) == targets).float().mean()) / 2
-    return loss, accuracy.detach()
+    hidden = all_valid < 0.5  # columns of unmeasured cells
+    forward = (scale * first @ all_second.T).float().masked_fill(hidden, float("-inf"))
+    backward = (scale * second @ all_first.T).float().masked_fill(hidden, float("-inf"))
+    if not valid.any():  # nothing to align on this rank: a zero that keeps the graph (DDP needs every parameter)
+        zero = (first.sum() + second.sum()) * 0.0
+        return zero, zero.detach()
+    rows = valid.nonzero().squeeze(1)
+    loss = (F.cross_entropy(forward[rows], targets[rows]) + F.cross_entropy(backward[rows], targets[rows])) / 2
+    hits = (forward[rows].argmax(1) == targets[rows]).float().mean() + (backward[rows].argmax(1) == targets[rows]).float().mean()
+    return loss, (hits / 2).detach()
+
+
+class PairedPretraining(nn.Module):
+    """Pretraining on paired cells: the RNA model's own (masked) objective and/or the dual
+    encoder's contrastive loss between its cell embedding and the pair tower's, weighted.
+
+    Batches are the RNA family's masked batches plus `pair_input_ids`, `pair_values`,
+    `pair_attention_mask` (the pair tower's padded tokens, same cells in the same order) and
+    `pair_measured`. The RNA cell embedding of the contrastive loss is the one of the masked
+    forward pass (one pass serves both objectives, as in scGPT's multi-task pretraining).
+    """
+
+    def __init__(self, rna: nn.Module, pair_modality: str, pair: nn.Module, projection_dim: int, objectives, weights: dict):
+        super().__init__()
+        self.dual = DualEncoder({"rna": rna, pair_modality: pair}, projection_dim)
+        self.pair_modality = pair_modality
+        self.objectives, self.weights = tuple(objectives), dict(weights)
+        self.config = rna.config  # what the trainer and callbacks read (FLOPs, sizes)
+
+    @property
+    def rna(self) -> nn.Module:
+        return self.dual.encoders["rna"]
+
+    def forward(self, **batch):
+        pair = {k.removeprefix("pair_"): batch.pop(k) for k in list(batch) if k.startswith("pair_")}
+        measured = pair.pop("measured")
+        out = self.rna(**batch)
+        total = self.weights.get("masked", 1.0) * out.loss if "masked" in self.objectives and out.loss is not None else 0.0
+        if "contrastive" in self.objectives:
+            rna_cells = F.normalize(self.dual.projections["rna"](out.cell_embedding), dim=-1)
+            pair_cells = self.dual.embed(self.pair_modality, pair)
+            contrastive, accuracy = info_nce(rna_cells, pair_cells, self.dual.logit_scale, measured)
+            total = total + self.weights.get("contrastive", 1.0) * contrastive
+            out.contrastive_loss, out.contrastive_accuracy = contrastive.detach(), accuracy
+        out.loss = total
+        return out

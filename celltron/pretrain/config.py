@@ -74,6 +74,51 @@ class DataSection:
     val_batches: int = ranged(8, ">= 0")
 
 
+OBJECTIVES = ("masked", "contrastive")
+PAIRS = ("adt", "atac")
+VALUE_FAMILIES = ("scgpt", "genecompass")  # towers that read token values: protein levels need them
+
+
+@dataclass
+class MultimodalSection:
+    """Pretraining on paired modalities (a corpus built from paired data).
+
+    pair: the second modality, encoded by its own tower: adt (proteins) or atac (chromatin);
+        None (the default): RNA only.
+    objective: masked (the RNA family's own objective), contrastive (symmetric InfoNCE between
+        the RNA tower's and the pair tower's cell embeddings, scCLIP-style), or both.
+    weights: {objective: weight} of the summed loss.
+    pair_family, pair_size: the pair tower; a family that reads token values (scgpt, genecompass).
+    projection_dim: the shared space of the contrastive projections.
+    adt_bins: bins of the proteins' per-cell CLR values (the pair tower's values).
+    atac_budget, atac_select: open bins per cell, chosen by TF-IDF or sampled.
+    """
+
+    pair: str | None = one_of(None, PAIRS)
+    objective: tuple[str, ...] = ("masked",)
+    weights: dict[str, float] = ranged(allowed=">= 0", default_factory=lambda: {"masked": 1.0, "contrastive": 1.0})
+    pair_family: str = one_of("scgpt", VALUE_FAMILIES)
+    pair_size: str = "debug"
+    projection_dim: int = ranged(64, ">= 1")
+    adt_bins: int = ranged(51, ">= 3")
+    atac_budget: int = ranged(256, ">= 1")
+    atac_select: str = one_of("tfidf", ("tfidf", "sample"))
+
+    def check(self, where: str, packing: bool) -> None:
+        unknown = sorted(set(self.objective) - set(OBJECTIVES)) + sorted(set(self.weights) - set(OBJECTIVES))
+        if unknown or not self.objective:
+            raise ConfigError(
+                f"{where}: multimodal.objective takes {list(OBJECTIVES)} (and weights of them), got {unknown or '[]'}"
+            )
+        if ("contrastive" in self.objective) != (self.pair is not None):
+            raise ConfigError(
+                f"{where}: the contrastive objective needs multimodal.pair (adt or atac), and a pair needs the contrastive "
+                "objective; set both or neither"
+            )
+        if self.pair is not None and packing:
+            raise ConfigError(f"{where}: data.packing with multimodal.pair: paired batches are padded; set data.packing: false")
+
+
 @dataclass
 class PretrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -82,6 +127,7 @@ class PretrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    multimodal: MultimodalSection = field(default_factory=MultimodalSection)
 
     def check(self, where: str = "config") -> PretrainConfig:
         """Refuse inconsistent settings, naming the field and the fix."""
@@ -104,6 +150,11 @@ class PretrainConfig:
         if self.data.generative and not spec.supports_generative:
             generative = " or ".join(name for name, other in FAMILIES.items() if other.supports_generative)
             raise ConfigError(f"{where}: data.generative is {generative}'s mode; set it only with model.family: {generative}")
+        self.multimodal.check(where, self.data.packing)
+        if self.multimodal.pair and self.multimodal.pair_size not in FAMILIES[self.multimodal.pair_family].sizes:
+            raise ConfigError(
+                f"{where}: multimodal.pair_size {self.multimodal.pair_size!r} is not a {self.multimodal.pair_family} size"
+            )
         return self
 
     def to_dict(self) -> dict:

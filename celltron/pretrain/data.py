@@ -71,6 +71,9 @@ class TokenBatches(IterableDataset):
         section: batch size, packing, round size.
         seed: seeds every round's generator together with the round's position.
         resume: {stream worker: (epoch, offset, batches used)} and the worker rotation.
+        pair: the pair tower's tokens (tokenizers.multimodal.PairTokens) of paired pretraining;
+            each batch then also holds `pair_input_ids`, `pair_values`, `pair_attention_mask`
+            (padded with `pair_pad_value`) and `pair_measured`, for the same cells in order.
     """
 
     def __init__(
@@ -82,9 +85,12 @@ class TokenBatches(IterableDataset):
         seed: int,
         resume: dict | None = None,
         rotation: int = 0,
+        pair=None,
+        pair_pad_value: float = 0.0,
     ):
         super().__init__()
         self.stream, self.tokenizer, self.masker, self.section, self.seed = stream, tokenizer, masker, section, seed
+        self.pair, self.pair_pad_value = pair, pair_pad_value
         self.resume, self.rotation = dict(resume or {}), rotation
         categories = stream.corpus.manifest["obs_categories"]
         self.species_names = list(categories.get("species", []))
@@ -124,6 +130,10 @@ class TokenBatches(IterableDataset):
             {"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}
             for i in range(len(tokens))
         ]
+        pair = self.pair(flat, rng) if self.pair is not None else None
+        if pair is not None:
+            for i, cell in enumerate(cells):
+                cell["pair_row"] = i
         masker = self.masker(generator)
         if self.section.packing:
             packer = PackingCollator(self.section.max_tokens, self.masker.pad_id, masker)
@@ -134,7 +144,30 @@ class TokenBatches(IterableDataset):
         else:
             groups = length_grouped(cells, self.section.batch_size, math.ceil(len(cells) / self.section.batch_size), generator)
             for group in groups:
-                yield _counted(masker(group), len(group))
+                batch = masker(group)
+                if pair is not None:
+                    batch |= pair_batch(pair, [cell["pair_row"] for cell in group], self.pair_pad_value)
+                yield _counted(batch, len(group))
+
+
+def pair_batch(tokens, rows: list[int], pad_value: float) -> dict[str, torch.Tensor]:
+    """The pair tower's padded tokens of cells `rows` (in that order); a cell not measured in the
+    pair modality gets one padding token and `pair_measured` False."""
+    lengths = [int(tokens.offsets[r + 1] - tokens.offsets[r]) for r in rows]
+    width = max(max(lengths), 1)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    values = torch.full((len(rows), width), pad_value, dtype=torch.float32)
+    for k, (row, n) in enumerate(zip(rows, lengths)):
+        ids[k, :n] = torch.as_tensor(tokens[row])
+        values[k, :n] = torch.as_tensor(tokens.cell_values(row))
+    mask = ids != 0
+    mask[:, 0] = True  # an unmeasured cell attends to its padding token (no empty rows); it is left out of the loss
+    return {
+        "pair_input_ids": ids,
+        "pair_values": values,
+        "pair_attention_mask": mask.long(),
+        "pair_measured": torch.tensor(lengths) > 0,
+    }
 
 
 def _counted(batch: dict, n_cells: int) -> dict:
@@ -151,9 +184,12 @@ class PretrainDataModule(pl.LightningDataModule):
     """Training and validation batches of a corpus for one model family; its state (saved in
     every checkpoint) is where each rank's workers stand, from the batches actually trained on."""
 
-    def __init__(self, corpus: Corpus, family: str, tokenizer, section: DataSection, seed: int):
+    def __init__(
+        self, corpus: Corpus, family: str, tokenizer, section: DataSection, seed: int, pair=None, pair_pad_value: float = 0.0
+    ):
         super().__init__()
         self.corpus, self.family, self.tokenizer, self.section, self.seed = corpus, family, tokenizer, section, seed
+        self.pair, self.pair_pad_value = pair, pair_pad_value  # paired pretraining: the pair tower's tokens
         self.masker = Masker(family, tokenizer.vocab, section)
         self._resume: dict = {}
         self._rotation = 0
@@ -182,14 +218,33 @@ class PretrainDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = TokenBatches(
-            self._stream("train", True), self.tokenizer, self.masker, self.section, self.seed, self._resume, self._rotation
+            self._stream("train", True),
+            self.tokenizer,
+            self.masker,
+            self.section,
+            self.seed,
+            self._resume,
+            self._rotation,
+            self.pair,
+            self.pair_pad_value,
         )
         return self._loader(dataset, self.section.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if not self.corpus.shards("val"):
             return []
-        return self._loader(TokenBatches(self._stream("val", False), self.tokenizer, self.masker, self.section, self.seed + 1), 0)
+        dataset = TokenBatches(
+            self._stream("val", False),
+            self.tokenizer,
+            self.masker,
+            self.section,
+            self.seed + 1,
+            None,
+            0,
+            self.pair,
+            self.pair_pad_value,
+        )
+        return self._loader(dataset, 0)
 
     # ------------------------------------------------------------ resume
 

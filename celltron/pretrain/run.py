@@ -17,6 +17,7 @@ checkpoint to resume from have been checked: a run refused for its inputs leaves
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 import celltron  # noqa: F401  (Auto-class registration)
 from celltron.corpus.store import Corpus
 from celltron.errors import CheckpointError, ConfigError
-from celltron.inputs import MissingInputError
+from celltron.inputs import MissingInputError, read_json
 from celltron.io import check_output_folder, write_folder_atomically, write_text_atomically
 from celltron.model_zoo import FAMILIES, build_model
 from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
@@ -39,6 +40,7 @@ from celltron.training.module import PretrainModule
 from celltron.training.trainer import CHECKPOINT_DIR, build_trainer, fit, plot_loss, resolve_resume, stop_reason
 
 MODEL_DIR, EXPORT_DIR = "model", "export"
+PAIRING_FILE, PAIR_DIR, PAIRED_EXPORT = "pairing.json", "pair", "paired"  # paired pretraining (multimodal.pair)
 log = logging.getLogger(__name__)
 
 
@@ -107,11 +109,14 @@ def pretrain(
     _initialise_gene_embeddings(config, corpus, tokenizer, model, ckpt_path, init_from)
     if config.trainer.activation_checkpointing:
         model.activation_checkpointing_enable()
+    pair_tokens, pair_pad = None, 0.0
+    if config.multimodal.pair:
+        model, pair_tokens, pair_pad = paired_model(config, corpus, model)
     # every process builds the same run; the first (rank from the launcher's environment) writes it
     if rank_zero_only.rank == 0:
         _write_run_files(out, config, init_from, model, tokenizer)
 
-    data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed)
+    data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed, pair_tokens, pair_pad)
     module = PretrainModule(
         model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload")
     )
@@ -131,6 +136,33 @@ def pretrain(
         trainer.is_global_zero,
         stop_reason(signals, trainer),
     )
+
+
+def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):
+    """Paired pretraining (multimodal.pair): the pair tower's tokens over the corpus's features, its
+    model (multimodal.pair_family / pair_size), and both wrapped with the contrastive objective."""
+    from celltron.model_zoo.contrastive import PairedPretraining
+    from celltron.tokenizers.multimodal import PROTEIN_SPECIALS, PairTokens
+
+    section = config.multimodal
+    if not corpus.multimodal:
+        raise ConfigError(
+            f"multimodal.pair {section.pair}: {corpus.location} is an RNA corpus; build one from paired data "
+            "(celltron corpus build --modality rna=... --modality adt=...)"
+        )
+    tokens = PairTokens.for_corpus(corpus, section.pair, section.adt_bins, section.atac_budget, section.atac_select)
+    # no dropout in the pair tower: its cells differ only in their values (a panel is the same
+    # tokens for every cell), and dropout noise drowns that difference (CLIP trains without it)
+    dropout = {"scgpt": {"dropout": 0.0}, "genecompass": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+    # mean pooling: every token's value counts from the start (a <cls> token learns to gather them only slowly)
+    overrides = {"pad_token_id": PROTEIN_SPECIALS.index("<pad>"), "cell_embedding": "mean", **dropout[section.pair_family]}
+    longest = 1 + (tokens.n_features if section.pair == "adt" else section.atac_budget)
+    if section.pair_family == "genecompass":
+        overrides["max_position_embeddings"] = max(512, longest)
+    pair_model = build_model(section.pair_family, section.pair_size, vocab_size=tokens.vocab_size, **overrides)
+    pad_value = float(getattr(pair_model.config, "pad_value", 0.0))
+    wrapped = PairedPretraining(rna_model, section.pair, pair_model, section.projection_dim, section.objective, section.weights)
+    return wrapped, tokens, pad_value
 
 
 def _initialise_gene_embeddings(config: PretrainConfig, corpus: Corpus, tokenizer, model, ckpt_path, init_from) -> None:
@@ -154,6 +186,36 @@ def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, m
         write_text_atomically(out / "init_from.txt", f"{init_from}\n")
     model.config.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
+    pairing = getattr(model, "pair_modality", None)
+    if pairing:  # what export needs to rebuild the paired model: the pair tower's config and the pairing
+        model.dual.encoders[pairing].config.save_pretrained(out / MODEL_DIR / PAIR_DIR)
+        write_text_atomically(out / MODEL_DIR / PAIRING_FILE, json.dumps(dataclasses.asdict(config.multimodal), indent=1))
+
+
+def _paired_from_state(rna_model, model_dir: Path, state: dict):
+    """The paired model of a run (its RNA model, pair tower and projections) with `state` loaded."""
+    from transformers import AutoConfig
+
+    from celltron.model_zoo.contrastive import PairedPretraining
+
+    pairing = read_json(
+        model_dir / PAIRING_FILE, "pairing of a paired pretraining run", "export from the run directory it came from"
+    )
+    pair_spec = family_of(AutoConfig.from_pretrained(model_dir / PAIR_DIR))
+    pair_model = pair_spec.model_class(pair_spec.config_class.from_pretrained(model_dir / PAIR_DIR))
+    paired = PairedPretraining(
+        rna_model, pairing["pair"], pair_model, pairing["projection_dim"], pairing["objective"], pairing["weights"]
+    )
+    result = paired.load_state_dict(state, strict=False)
+    tied = {f"dual.encoders.rna.{k}" for k in getattr(rna_model, "_tied_weights_keys", None) or {}}
+    tied |= {f"dual.encoders.{pairing['pair']}.{k}" for k in getattr(pair_model, "_tied_weights_keys", None) or {}}
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{model_dir}: the checkpoint's weights do not fit the paired model; missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return paired
 
 
 def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) -> Path:
@@ -180,6 +242,10 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
     family = family_of(AutoConfig.from_pretrained(model_dir))
     model = family.model_class(family.config_class.from_pretrained(model_dir))
     state = model_state_from_checkpoint(checkpoint)
+    paired = None
+    if (model_dir / PAIRING_FILE).exists():  # paired pretraining: the RNA tower is the export, the pair beside it
+        paired = _paired_from_state(model, model_dir, state)
+        state = paired.rna.state_dict()
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in result.missing_keys if k not in tied]
@@ -191,7 +257,9 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
     def fill(folder: Path) -> None:
         model.save_pretrained(folder)
         for item in model_dir.iterdir():
-            if item.name != "config.json":
+            if item.name not in ("config.json", PAIRING_FILE) and item.is_file():
                 shutil.copy2(item, folder / item.name)
+        if paired is not None:
+            paired.dual.save_pretrained(folder / PAIRED_EXPORT)
 
     return write_folder_atomically(out, fill, overwrite=overwrite, protected=protected, written_by="celltron export")

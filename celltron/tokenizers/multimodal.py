@@ -80,7 +80,7 @@ def protein_tokens(cells: ModalityCells, n_features: int, n_bins: int | None, rn
     return features, np.maximum(values, 1).astype(np.float32), lengths  # bin 0 means "absent" in scGPT
 
 
-PROTEIN_SPECIALS = ("<pad>", "<cls>")  # a protein encoder's vocabulary: these, then the panel
+PROTEIN_SPECIALS = ("<pad>", "<cls>")  # a pair tower's vocabulary: these, then its modality's features
 
 
 def protein_sequences(cells: ModalityCells, n_features: int, n_bins: int | None, rng: np.random.Generator) -> RaggedTokens:
@@ -88,17 +88,7 @@ def protein_sequences(cells: ModalityCells, n_features: int, n_bins: int | None,
     `<cls>` (value 0) then every panel protein with its CLR bin (or value); ids index
     PROTEIN_SPECIALS followed by the panel's antigens."""
     features, values, lengths = protein_tokens(cells, n_features, n_bins, rng)
-    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    ids, vals = [], []
-    for i in range(len(lengths)):
-        if lengths[i] == 0:  # not measured: no sequence at all (an empty row, dropped by callers)
-            continue
-        ids.append(np.concatenate([[1], features[starts[i] : starts[i + 1]] + len(PROTEIN_SPECIALS)]))
-        vals.append(np.concatenate([[0.0], values[starts[i] : starts[i + 1]]]))
-    kept = np.where(lengths > 0, lengths + 1, 0)
-    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
-    as_array = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)  # noqa: E731
-    return RaggedTokens(as_array(ids, np.int64), offsets, as_array(vals, np.float32))
+    return _with_cls(features, values, lengths)
 
 
 def atac_tokens(cells: ModalityCells, budget: int, idf: np.ndarray, select: str, rng: np.random.Generator):
@@ -122,6 +112,60 @@ def atac_tokens(cells: ModalityCells, budget: int, idf: np.ndarray, select: str,
         lengths.append(len(open_bins))
     features = np.concatenate(kept) if kept else np.empty(0, np.int64)
     return features.astype(np.int64), np.asarray(lengths, dtype=np.int64)
+
+
+def atac_sequences(cells: ModalityCells, budget: int, idf: np.ndarray, select: str, rng: np.random.Generator) -> RaggedTokens:
+    """Tokens of a chromatin-only encoder: per measured cell `<cls>` then its kept open bins
+    (value 1); ids index PROTEIN_SPECIALS followed by the corpus's bins."""
+    features, lengths = atac_tokens(cells, budget, idf, select, rng)
+    return _with_cls(features, np.ones(len(features), np.float32), lengths)
+
+
+def _with_cls(features: np.ndarray, values: np.ndarray, lengths: np.ndarray) -> RaggedTokens:
+    """Per cell with tokens, `<cls>` (value 0) then its features shifted past the specials."""
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    kept = np.where(lengths > 0, lengths + 1, 0)
+    offsets = np.concatenate([[0], np.cumsum(kept)]).astype(np.int64)
+    ids = np.zeros(offsets[-1], np.int64)
+    vals = np.zeros(offsets[-1], np.float32)
+    for i in np.flatnonzero(lengths > 0):
+        ids[offsets[i]] = 1  # <cls>
+        ids[offsets[i] + 1 : offsets[i + 1]] = features[starts[i] : starts[i + 1]] + len(PROTEIN_SPECIALS)
+        vals[offsets[i] + 1 : offsets[i + 1]] = values[starts[i] : starts[i + 1]]
+    return RaggedTokens(ids, offsets, vals)
+
+
+class PairTokens:
+    """The pair tower's tokens (proteins or chromatin) of a batch of cells from `collate_cells`:
+    `<cls>` then the modality's tokens, none for a cell not measured in it."""
+
+    def __init__(self, modality: str, n_features: int, adt_bins: int = 51, atac_budget: int = 256, atac_select="tfidf", idf=None):
+        if modality not in ("adt", "atac"):
+            raise ConfigError(f"a pair tower encodes adt or atac, not {modality!r}")
+        if modality == "atac" and idf is None:
+            raise ConfigError("chromatin tokens need the corpus's IDF per bin")
+        self.modality, self.n_features = modality, n_features
+        self.adt_bins, self.atac_budget, self.atac_select, self.idf = adt_bins, atac_budget, atac_select, idf
+        self.vocab_size = len(PROTEIN_SPECIALS) + n_features
+
+    @classmethod
+    def for_corpus(cls, corpus, modality: str, adt_bins: int = 51, atac_budget: int = 256, atac_select: str = "tfidf"):
+        if modality not in corpus.modalities:
+            raise ConfigError(
+                f"{corpus.location}: no {modality} modality (it holds {', '.join(corpus.modalities)}); "
+                "build the corpus from paired data (celltron corpus build --modality ...)"
+            )
+        idf = None
+        if modality == "atac":
+            stats = corpus.manifest["modalities"]["atac"]["features"]
+            idf = inverse_document_frequency(corpus.manifest["n_cells"], stats["cells_expressing"])
+        return cls(modality, corpus.n_features(modality), adt_bins, atac_budget, atac_select, idf)
+
+    def __call__(self, flat: dict, rng: np.random.Generator) -> RaggedTokens:
+        cells = ModalityCells.from_batch(flat, self.modality)
+        if self.modality == "adt":
+            return protein_sequences(cells, self.n_features, self.adt_bins, rng)
+        return atac_sequences(cells, self.atac_budget, self.idf, self.atac_select, rng)
 
 
 def inverse_document_frequency(n_cells: int, cells_open: np.ndarray) -> np.ndarray:

@@ -27,6 +27,10 @@ METRICS_FIELDS = [
     "data_wait",
     "val_loss",
     "val_masked_accuracy",
+    # paired pretraining (multimodal.objective: contrastive)
+    "contrastive_loss",
+    "val_contrastive_loss",
+    "val_contrastive_accuracy",
 ]
 
 
@@ -88,6 +92,8 @@ class ThroughputAndMetrics(pl.Callback):
             grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             row["grad_norm"] = float(grad_norm)
+        if "train/contrastive_loss" in trainer.callback_metrics:
+            row["contrastive_loss"] = float(trainer.callback_metrics["train/contrastive_loss"])
         if self.peak and hasattr(pl_module.model, "config"):  # task models without a Transformer config: no MFU
             per_device = tokens_per_s / trainer.world_size
             row["mfu"] = flops_per_token(pl_module.model.config, int(counts.get("row_length", 1))) * per_device / self.peak
@@ -107,7 +113,8 @@ class ThroughputAndMetrics(pl.Callback):
             return
         metrics = trainer.callback_metrics
         row = {"step": trainer.global_step}
-        for name, key in (("val_loss", "val/loss"), ("val_masked_accuracy", "val/masked_accuracy")):
+        names = ("loss", "masked_accuracy", "contrastive_loss", "contrastive_accuracy")
+        for name, key in ((f"val_{n}", f"val/{n}") for n in names):
             if key in metrics:
                 row[name] = float(metrics[key])
         if len(row) > 1:

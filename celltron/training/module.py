@@ -55,8 +55,11 @@ class PretrainModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         batch, extras = self._split(batch)
-        loss = self.model(**batch).loss
+        out = self.model(**batch)
+        loss = out.loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=int(extras.get("n_cells", 1)))
+        if getattr(out, "contrastive_loss", None) is not None:  # paired pretraining: its share of the loss
+            self.log("train/contrastive_loss", out.contrastive_loss, on_step=True, batch_size=int(extras.get("n_cells", 1)))
         self.last_batch = {
             **{k: float(v) for k, v in extras.items() if k in BATCH_COUNTS},
             "row_length": batch["input_ids"].shape[1] if "input_ids" in batch else 1,
@@ -70,6 +73,9 @@ class PretrainModule(pl.LightningModule):
         out = self.model(**batch)
         n = int(extras.get("n_cells", 1))
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=n)
+        if getattr(out, "contrastive_loss", None) is not None:
+            self.log("val/contrastive_loss", out.contrastive_loss, sync_dist=True, batch_size=n)
+            self.log("val/contrastive_accuracy", out.contrastive_accuracy, sync_dist=True, batch_size=n)
         labels = batch.get("labels")
         if labels is not None and out.logits is not None:
             targets = labels[labels != -100]

@@ -1,0 +1,100 @@
+"""Paired pretraining on real paired data (TEA-seq RNA + 46 proteins, SNARE-seq RNA + ATAC; 300
+cells): the contrastive loss falls, a stopped run resumes with the uninterrupted losses, the
+export holds the RNA model and both towers, and configs refuse what cannot work."""
+
+import csv
+import math
+
+import pytest
+import torch
+
+import celltron  # noqa: F401
+from celltron.cli import main
+from celltron.corpus.build_multimodal import build_multimodal_corpus
+from celltron.corpus.options import BuildOptions
+from celltron.errors import ConfigError
+from celltron.model_zoo import FAMILIES
+from celltron.model_zoo.contrastive import DualEncoder
+from celltron.pretrain.config import load_config, replace
+from celltron.pretrain.run import PAIRED_EXPORT, pretrain
+from tests.conftest import shared_file
+from tests.corpus.test_modalities import SNARE_ATAC, SNARE_RNA, TEASEQ_ADT, TEASEQ_RNA
+from tests.pretrain.conftest import CONFIGS
+from tests.pretrain.test_pretrain import _SendSigterm
+
+
+@pytest.fixture(scope="module")
+def citeseq_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paired") / "teaseq"
+    files = {"rna": shared_file(TEASEQ_RNA), "adt": shared_file(TEASEQ_ADT)}
+    build_multimodal_corpus(None, out, BuildOptions(progress=False, val_fraction=0.1), modalities=files)
+    return out
+
+
+def _config(name: str, corpus, **sections):
+    config = load_config(CONFIGS / "pretrain" / name)
+    base = {"data": {"corpus": str(corpus)}, "logging": {"progress_bar": False, "wandb": False}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return replace(config, **base)
+
+
+def _rows(run_dir, field: str) -> list[tuple[int, float]]:
+    return [(int(r["step"]), float(r[field])) for r in csv.DictReader((run_dir / "metrics.csv").open()) if r[field]]
+
+
+def test_the_contrastive_loss_falls_and_the_export_holds_both_towers(citeseq_corpus, tmp_path):
+    config = _config("geneformer_citeseq_debug.yaml", citeseq_corpus, trainer={"max_steps": 100, "val_every": 100})
+    result = pretrain(config, tmp_path)
+    contrastive = [loss for _, loss in _rows(tmp_path, "contrastive_loss")]
+    assert contrastive[0] > math.log(32) - 0.05  # 32 cells a batch: chance, or worse before training
+    assert sum(contrastive[-3:]) / 3 < math.log(32) - 0.5, contrastive
+    masked = [loss for _, loss in _rows(tmp_path, "loss")]
+    assert masked[-1] < masked[0]
+    rna = FAMILIES["geneformer"].model_class.from_pretrained(result.export)  # the RNA model: a plain Geneformer folder
+    dual = DualEncoder.from_pretrained(result.export / PAIRED_EXPORT)
+    assert dual.modalities == ["rna", "adt"] and rna.config.vocab_size == dual.encoders["rna"].config.vocab_size
+    state = dual.encoders["rna"].state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in rna.state_dict().items())
+
+
+def test_a_stopped_paired_run_resumes_with_the_uninterrupted_losses(citeseq_corpus, tmp_path):
+    config = _config(
+        "geneformer_citeseq_debug.yaml",
+        citeseq_corpus,
+        data={"batch_size": 16, "round_cells": 64},
+        trainer={"max_steps": 8, "log_every": 1, "val_every": 100, "checkpoint_every": 100},
+    )
+    pretrain(config, tmp_path / "whole")
+    stopped = pretrain(config, tmp_path / "stopped", callbacks=[_SendSigterm(at_step=3)])
+    assert stopped.interrupted and stopped.steps == 3
+    pretrain(config, tmp_path / "stopped", resume="auto")
+    for field in ("loss", "contrastive_loss"):
+        assert _rows(tmp_path / "stopped", field) == _rows(tmp_path / "whole", field)
+    assert len(_rows(tmp_path / "whole", "contrastive_loss")) == 8
+    assert main(["export", str(tmp_path / "stopped" / "checkpoints" / "step=8.ckpt"), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / PAIRED_EXPORT / "contrastive.pt").exists()
+
+
+def test_chromatin_pairs_train_from_the_multiome_config(tmp_path):
+    files = {"rna": shared_file(SNARE_RNA), "atac": shared_file(SNARE_ATAC)}
+    build_multimodal_corpus(None, tmp_path / "c", BuildOptions(progress=False, val_fraction=0.1, genome="mm10"), modalities=files)
+    config = _config("geneformer_multiome_debug.yaml", tmp_path / "c", trainer={"max_steps": 6, "val_every": 6, "log_every": 2})
+    result = pretrain(config, tmp_path / "run")
+    assert result.steps == 6 and len(_rows(tmp_path / "run", "contrastive_loss")) == 3
+    assert DualEncoder.from_pretrained(result.export / PAIRED_EXPORT).modalities == ["rna", "atac"]
+
+
+def test_paired_settings_that_cannot_work_are_refused(citeseq_corpus, tmp_path, pbmc3k):
+    base = load_config(CONFIGS / "pretrain" / "geneformer_citeseq_debug.yaml")
+    with pytest.raises(ConfigError, match="needs multimodal.pair"):
+        replace(base, multimodal={"pair": None}).check()
+    with pytest.raises(ConfigError, match="data.packing"):
+        replace(base, data={"packing": True}).check()
+    with pytest.raises(ConfigError, match="multimodal.objective"):
+        replace(base, multimodal={"objective": ["masked", "clip"]}).check()
+    assert main(["corpus", "build", str(pbmc3k), "--out", str(tmp_path / "rna"), "--no-progress"]) == 0
+    config = _config("geneformer_citeseq_debug.yaml", tmp_path / "rna")
+    with pytest.raises(ConfigError, match="is an RNA corpus"):
+        pretrain(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
