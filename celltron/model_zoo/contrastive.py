@@ -189,3 +189,17 @@ class PairedPretraining(nn.Module):
             out.contrastive_loss, out.contrastive_accuracy = contrastive.detach(), accuracy
         out.loss = total
         return out
+
+
+def freeze_unused(model: nn.Module, batch: dict) -> list[str]:
+    """Stop training the parameters a tower's cell embedding does not use (its masked-token and
+    classification heads, say): DDP refuses parameters that get no gradient, and they would only
+    decay. Found with one forward/backward pass of `batch`; returns their names."""
+    model.zero_grad(set_to_none=True)
+    model(**batch, heads=False).cell_embedding.sum().backward()
+    unused = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+    for name, parameter in model.named_parameters():
+        parameter.grad = None
+        if name in unused:
+            parameter.requires_grad_(False)
+    return unused

@@ -141,7 +141,9 @@ def pretrain(
 def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):
     """Paired pretraining (multimodal.pair): the pair tower's tokens over the corpus's features, its
     model (multimodal.pair_family / pair_size), and both wrapped with the contrastive objective."""
-    from celltron.model_zoo.contrastive import PairedPretraining
+    import torch
+
+    from celltron.model_zoo.contrastive import PairedPretraining, freeze_unused
     from celltron.tokenizers.multimodal import PROTEIN_SPECIALS, PairTokens
 
     section = config.multimodal
@@ -160,6 +162,14 @@ def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):
     if section.pair_family == "genecompass":
         overrides["max_position_embeddings"] = max(512, longest)
     pair_model = build_model(section.pair_family, section.pair_size, vocab_size=tokens.vocab_size, **overrides)
+    probe = {
+        "input_ids": torch.tensor([[1, 2, 3]]),
+        "values": torch.ones(1, 3),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+    }
+    freeze_unused(pair_model, probe)  # its heads: the pair tower only embeds cells
+    if "masked" not in section.objective:  # contrastive alone: the RNA model's heads are unused too
+        freeze_unused(rna_model, {**probe, "input_ids": probe["input_ids"] + 3})  # past its special tokens
     pad_value = float(getattr(pair_model.config, "pad_value", 0.0))
     wrapped = PairedPretraining(rna_model, section.pair, pair_model, section.projection_dim, section.objective, section.weights)
     return wrapped, tokens, pad_value

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 STEPS = 6
 
 
-def _torchrun(corpus, out, strategy: str, *sets: str) -> None:
+def _torchrun(corpus, out, strategy: str, *sets: str, config: str = "geneformer_debug.yaml") -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", **DEEPSPEED_ON_CPU}
     command = [
         sys.executable,
@@ -36,7 +36,7 @@ def _torchrun(corpus, out, strategy: str, *sets: str) -> None:
         "-m",
         "celltron.cli",
         "pretrain",
-        str(CONFIGS / "pretrain" / "geneformer_debug.yaml"),
+        str(CONFIGS / "pretrain" / config),
         "--corpus",
         str(corpus.location),
         "--out",
@@ -278,3 +278,24 @@ def test_a_lost_rank_stops_the_job_fast_and_a_relaunch_resumes(demo_corpus, tmp_
     b = GeneformerForMaskedLM.from_pretrained(tmp_path / "undisturbed" / "export")
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=1e-6), name
+
+
+def test_a_paired_contrastive_run_on_two_processes(tmp_path):
+    """RNA + proteins (TEA-seq, 300 cells) under DDP: each rank scores its cells against the
+    other rank's too (the gathered loss equals the one-process loss: tests/model_zoo)."""
+    from types import SimpleNamespace
+
+    from celltron.corpus.build_multimodal import build_multimodal_corpus
+    from celltron.corpus.options import BuildOptions
+    from celltron.model_zoo.contrastive import DualEncoder
+    from tests.conftest import shared_file
+    from tests.corpus.test_modalities import TEASEQ_ADT, TEASEQ_RNA
+
+    files = {"rna": shared_file(TEASEQ_RNA), "adt": shared_file(TEASEQ_ADT)}
+    build_multimodal_corpus(None, tmp_path / "corpus", BuildOptions(progress=False, val_fraction=0.1), modalities=files)
+    corpus = SimpleNamespace(location=tmp_path / "corpus")
+    _torchrun(corpus, tmp_path / "run", "ddp", "data.batch_size=16", config="geneformer_citeseq_debug.yaml")
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "metrics.csv").open()) if r["contrastive_loss"]]
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    assert all(0 < float(r["contrastive_loss"]) < 10 for r in rows)
+    assert DualEncoder.from_pretrained(tmp_path / "run" / "export" / "paired").modalities == ["rna", "adt"]
