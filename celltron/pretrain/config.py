@@ -89,6 +89,7 @@ class MultimodalSection:
         the RNA tower's and the pair tower's cell embeddings, scCLIP-style), or both.
     weights: {objective: weight} of the summed loss.
     pair_family, pair_size: the pair tower; a family that reads token values (scgpt, genecompass).
+    pair_overrides: config fields of the pair tower changed from its size (as model.overrides).
     projection_dim: the shared space of the contrastive projections.
     adt_bins: bins of the proteins' per-cell CLR values (the pair tower's values).
     atac_budget, atac_select: open bins per cell, chosen by TF-IDF or sampled.
@@ -99,6 +100,7 @@ class MultimodalSection:
     weights: dict[str, float] = ranged(allowed=">= 0", default_factory=lambda: {"masked": 1.0, "contrastive": 1.0})
     pair_family: str = one_of("scgpt", VALUE_FAMILIES)
     pair_size: str = "debug"
+    pair_overrides: dict = field(default_factory=dict)
     projection_dim: int = ranged(64, ">= 1")
     adt_bins: int = ranged(51, ">= 3")
     atac_budget: int = ranged(256, ">= 1")

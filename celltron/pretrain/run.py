@@ -158,6 +158,7 @@ def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):
     dropout = {"scgpt": {"dropout": 0.0}, "genecompass": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
     # mean pooling: every token's value counts from the start (a <cls> token learns to gather them only slowly)
     overrides = {"pad_token_id": PROTEIN_SPECIALS.index("<pad>"), "cell_embedding": "mean", **dropout[section.pair_family]}
+    overrides |= section.pair_overrides
     longest = 1 + (tokens.n_features if section.pair == "adt" else section.atac_budget)
     if section.pair_family == "genecompass":
         overrides["max_position_embeddings"] = max(512, longest)
