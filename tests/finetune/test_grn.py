@@ -14,10 +14,12 @@ from celltron.cli import main
 from celltron.errors import ConfigError
 from celltron.finetune.grn.evaluate import (
     anchored_scores,
+    block_edges,
     block_folds,
     bootstrap_edges_metric,
     candidate_edges,
     check_anchor_weights,
+    choose_anchor_weight,
     coexpression_scores,
     degree_prior_scores,
     evaluate_edges,
@@ -26,6 +28,7 @@ from celltron.finetune.grn.evaluate import (
     read_truth,
 )
 from celltron.finetune.grn.run import attention_scores, bundled_tfs, candidates_first, scoreable_pairs
+from celltron.finetune.report import choose_best
 from celltron.tokenizers.ragged import RaggedTokens
 from tests.conftest import shared_file
 
@@ -237,6 +240,23 @@ def test_an_informative_model_earns_a_weight_and_lifts_the_baseline_on_held_out_
         assert methods["model"]["folds"][index]["auprc"] >= methods["coexpression"]["folds"][index]["auprc"]
     assert methods["model"]["auprc_ratio"] > max(methods["coexpression"]["auprc_ratio"], methods["model_plain"]["auprc_ratio"])
     assert result["paired"]["low"] > 0 and result["paired"]["verdict"] == "the model adds signal beyond the baseline"
+
+
+def test_a_weight_whose_training_gain_is_noise_is_not_taken():
+    """A model of pure noise beside a coarse baseline (many ties, as the degree prior has): a small
+    weight breaks ties at random and may score best on a training block by chance; the weight is
+    kept at 0 unless its gain is beyond its bootstrap interval."""
+    baseline, _, truth, tfs, targets, folds = _two_noisy_views(seed=4)
+    baseline = baseline.assign(score=np.round(baseline.score))
+    noise = baseline.assign(score=np.random.default_rng(0).normal(size=len(baseline)))
+    best_of_grid = []
+    for fold in folds:
+        train = [block_edges(e, fold["train_tfs"], fold["train_targets"]) for e in (baseline, noise)]
+        pick = choose_anchor_weight(*train, truth, (0, 0.05, 0.1, 0.25, 0.5, 1))
+        assert pick["weight"] == 0, pick
+        assert all(low <= 0 for low in pick["gain_low"].values())
+        best_of_grid.append(float(choose_best(pick["weight_scores"])))
+    assert max(best_of_grid) > 0  # the rule mattered: the best score alone would have taken noise
 
 
 def test_the_plain_head_scores_the_models_own_edges():
