@@ -24,6 +24,8 @@ from celltron.model_zoo.genecompass.family import FAMILY as GENECOMPASS
 from celltron.model_zoo.geneformer.family import FAMILY as GENEFORMER
 from celltron.model_zoo.scgpt.family import FAMILY as SCGPT
 from celltron.model_zoo.spec import EncoderParts, Family
+from celltron.tokenizers.multimodal import CONFIG as MULTIMODAL_CONFIG
+from celltron.tokenizers.multimodal import saved_token_count
 from celltron.tokenizers.schemes import CONFIG_FILE, scheme_names
 from celltron.tokenizers.vocab import VOCAB_FILE
 
@@ -245,7 +247,10 @@ def _saved_tokenizer(folder: Path) -> tuple[int, str] | None:
     if not isinstance(vocab, dict) or "tokens" not in vocab:
         return None
     settings = read_json(folder / CONFIG_FILE, "tokenizer config", MODEL_FIX) if (folder / CONFIG_FILE).exists() else {}
-    return len(vocab["tokens"]), f"the {settings.get('scheme', 'celltron')} tokenizer saved beside it ({VOCAB_FILE})"
+    added = saved_token_count(folder)  # protein / chromatin tokens after the RNA vocabulary
+    described = f"the {settings.get('scheme', 'celltron')} tokenizer saved beside it ({VOCAB_FILE}"
+    described += f" and {added} protein / chromatin tokens of {MULTIMODAL_CONFIG})" if added else ")"
+    return len(vocab["tokens"]) + added, described
 
 
 def count_parameters(model: torch.nn.Module) -> int:

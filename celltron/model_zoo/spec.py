@@ -73,9 +73,10 @@ def mask_tokens(ids: VocabIds, data, generator: torch.Generator, values_key: str
 
 
 def positions_for(tokenizer, size_settings: dict) -> dict:
-    """A position-embedding table long enough for the tokenizer's cells (its max_len plus <cls>
-    and <eos>), never shorter than the size's own (512 when the size names none)."""
-    longest = getattr(tokenizer, "max_len", 2048) + 2
+    """A position-embedding table long enough for the tokenizer's cells (its max_len, or a
+    multi-modal tokenizer's whole sequence, plus <cls> and <eos>), never shorter than the size's
+    own (512 when the size names none)."""
+    longest = getattr(tokenizer, "sequence_max_len", getattr(tokenizer, "max_len", 2048)) + 2
     return {"max_position_embeddings": max(size_settings.get("max_position_embeddings", 512), longest)}
 
 

@@ -81,8 +81,14 @@ VALUE_FAMILIES = ("scgpt", "genecompass")  # towers that read token values: prot
 
 @dataclass
 class MultimodalSection:
-    """Pretraining on paired modalities (a corpus built from paired data).
+    """Pretraining on paired modalities (a corpus built from paired data), in one of two designs.
 
+    joint: modalities (adt, atac) whose tokens follow each cell's RNA tokens in one sequence,
+        read by the one model with a modality-type embedding per token (scGPT's multi-omic
+        design); the family's masked objective covers every token. Proteins come as per-cell CLR
+        bins, in panel order for a family that reads values and highest first for one that
+        does not (Geneformer); chromatin as open bins chosen by TF-IDF or sampled.
+    adt_budget: protein tokens per cell in a joint sequence (at most the panel).
     pair: the second modality, encoded by its own tower: adt (proteins) or atac (chromatin);
         None (the default): RNA only.
     objective: masked (the RNA family's own objective), contrastive (symmetric InfoNCE between
@@ -91,10 +97,12 @@ class MultimodalSection:
     pair_family, pair_size: the pair tower; a family that reads token values (scgpt, genecompass).
     pair_overrides: config fields of the pair tower changed from its size (as model.overrides).
     projection_dim: the shared space of the contrastive projections.
-    adt_bins: bins of the proteins' per-cell CLR values (the pair tower's values).
+    adt_bins: bins of the proteins' per-cell CLR values (the pair tower's or joint tokens' values).
     atac_budget, atac_select: open bins per cell, chosen by TF-IDF or sampled.
     """
 
+    joint: tuple[str, ...] = ()
+    adt_budget: int = ranged(64, ">= 1")
     pair: str | None = one_of(None, PAIRS)
     objective: tuple[str, ...] = ("masked",)
     weights: dict[str, float] = ranged(allowed=">= 0", default_factory=lambda: {"masked": 1.0, "contrastive": 1.0})
@@ -119,6 +127,21 @@ class MultimodalSection:
             )
         if self.pair is not None and packing:
             raise ConfigError(f"{where}: data.packing with multimodal.pair: paired batches are padded; set data.packing: false")
+        self._check_joint(where, packing)
+
+    def _check_joint(self, where: str, packing: bool) -> None:
+        unknown = [m for m in self.joint if m not in PAIRS]
+        if unknown or len(set(self.joint)) != len(self.joint):
+            raise ConfigError(
+                f"{where}: multimodal.joint lists modalities after RNA, each once, of {list(PAIRS)}; got {list(self.joint)}"
+            )
+        if self.joint and self.pair is not None:
+            raise ConfigError(
+                f"{where}: multimodal.joint (one model reads every modality) and multimodal.pair (a tower per modality) "
+                "are two designs; set one of them"
+            )
+        if self.joint and packing:
+            raise ConfigError(f"{where}: data.packing with multimodal.joint: joint batches are padded; set data.packing: false")
 
 
 @dataclass
@@ -153,6 +176,9 @@ class PretrainConfig:
             generative = " or ".join(name for name, other in FAMILIES.items() if other.supports_generative)
             raise ConfigError(f"{where}: data.generative is {generative}'s mode; set it only with model.family: {generative}")
         self.multimodal.check(where, self.data.packing)
+        refused = [m for m in self.multimodal.joint if m not in spec.modalities]
+        if refused:
+            raise ConfigError(f"{where}: multimodal.joint {refused}: {self.model.family} reads only {list(spec.modalities)}")
         if self.multimodal.pair and self.multimodal.pair_size not in FAMILIES[self.multimodal.pair_family].sizes:
             raise ConfigError(
                 f"{where}: multimodal.pair_size {self.multimodal.pair_size!r} is not a {self.multimodal.pair_family} size"

@@ -21,12 +21,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from celltron.corpus.constants import MIN_MAPPED_FRACTION
 from celltron.corpus.store import Corpus
 from celltron.corpus.stream import CorpusStream, collate_cells
+from celltron.errors import ConfigError
 from celltron.model_zoo.registry import family as family_spec
 from celltron.model_zoo.spec import VocabIds
 from celltron.pretrain.config import DataSection
-from celltron.tokenizers.collate import PackingCollator, length_grouped, pack_stream
+from celltron.tokenizers.collate import PackingCollator, length_grouped, pack_stream, pad_sequences
+from celltron.tokenizers.multimodal import ModalityCells, MultiModalTokenizer
 from celltron.tokenizers.rank_value import float32_datasets
 from celltron.tokenizers.schemes import Block, make_tokenizer
 from celltron.training.module import POSITION_KEY
@@ -45,6 +48,27 @@ def corpus_tokenizer(corpus: Corpus, scheme: str, max_len: int | None, seed: int
     genes = CorpusGenes(np.asarray(corpus.gene_ids), np.asarray(corpus.manifest["genes"]["species"]), corpus.gene_medians())
     tokenizer, _ = make_tokenizer(scheme, genes, max_len, seed)
     return tokenizer
+
+
+def check_gene_coverage(corpus: Corpus, tokenizer, scheme: str) -> float:
+    """The share of the corpus's counts on genes that have a token in the tokenizer's vocabulary;
+    below MIN_MAPPED_FRACTION (the rule `celltron tokenize` and the lab verbs apply) the run is
+    refused: a mouse corpus read with a human-only vocabulary gives every cell no gene tokens,
+    and the model would train on special tokens alone."""
+    genes = corpus.manifest["genes"]
+    counts = np.asarray(genes["count_sum"], dtype=np.float64)
+    in_vocab = tokenizer.vocab.lookup_genes(np.asarray(corpus.gene_ids)) >= 0
+    share = float(counts[in_vocab].sum() / counts.sum()) if counts.sum() > 0 else 1.0
+    if share < MIN_MAPPED_FRACTION:
+        species = ", ".join(sorted(set(np.asarray(genes["species"]).tolist())))
+        raise ConfigError(
+            f"{corpus.location}: {share:.0%} of the corpus's counts fall on genes the {scheme} tokenizer has a token for "
+            f"({int(in_vocab.sum()):,} of {len(in_vocab):,} genes; species: {species}), under the {MIN_MAPPED_FRACTION:.0%} "
+            "needed: its cells would have (almost) no gene tokens. Use a scheme whose vocabulary covers them: for mouse "
+            "or mixed-species corpora tokenizer.scheme: ortholog with model.family: genecompass (mouse genes take their "
+            "human orthologs' tokens)"
+        )
+    return share
 
 
 class Masker:
@@ -66,7 +90,9 @@ class TokenBatches(IterableDataset):
 
     Args:
         stream: the split's CorpusStream (its rank/world are fixed when iteration starts).
-        tokenizer: bound to the corpus's genes.
+        tokenizer: bound to the corpus's genes; a MultiModalTokenizer (multimodal.joint) lays
+            out each cell's RNA, protein and chromatin tokens in one sequence, and batches
+            then hold `modality_ids` (padded with 0).
         masker: a Masker.
         section: batch size, packing, round size.
         seed: seeds every round's generator together with the round's position.
@@ -125,11 +151,14 @@ class TokenBatches(IterableDataset):
         float32 = self.float32_of_dataset[flat["dataset"]] if "dataset" in flat else None
         block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {}, float32)
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
-        tokens = self.tokenizer.encode_block(block, rng)
+        tokens = self._encode(block, flat, rng)
         cells = [
             {"input_ids": tokens[i]} if tokens.values is None else {"input_ids": tokens[i], "values": tokens.cell_values(i)}
             for i in range(len(tokens))
         ]
+        if tokens.modality_ids is not None:
+            for i, cell in enumerate(cells):
+                cell["modality_ids"] = tokens.modality_ids[tokens.offsets[i] : tokens.offsets[i + 1]]
         pair = self.pair(flat, rng) if self.pair is not None else None
         if pair is not None:
             for i, cell in enumerate(cells):
@@ -145,9 +174,17 @@ class TokenBatches(IterableDataset):
             groups = length_grouped(cells, self.section.batch_size, math.ceil(len(cells) / self.section.batch_size), generator)
             for group in groups:
                 batch = masker(group)
+                if "modality_ids" in group[0]:  # the masking collators carry ids and values only
+                    batch["modality_ids"] = pad_sequences(group, "modality_ids", 0, torch.long)
                 if pair is not None:
                     batch |= pair_batch(pair, [cell["pair_row"] for cell in group], self.pair_pad_value)
                 yield _counted(batch, len(group))
+
+    def _encode(self, block: Block, flat: dict, rng: np.random.Generator):
+        if not isinstance(self.tokenizer, MultiModalTokenizer):
+            return self.tokenizer.encode_block(block, rng)
+        modalities = {m: ModalityCells.from_batch(flat, m) for m in self.tokenizer.features}
+        return self.tokenizer.encode(block, modalities, rng)
 
 
 def pair_batch(tokens, rows: list[int], pad_value: float) -> dict[str, torch.Tensor]:

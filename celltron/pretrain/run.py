@@ -32,7 +32,7 @@ from celltron.io import check_output_folder, write_folder_atomically, write_text
 from celltron.model_zoo import FAMILIES, build_model
 from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
 from celltron.pretrain.config import PretrainConfig
-from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
+from celltron.pretrain.data import PretrainDataModule, check_gene_coverage, corpus_tokenizer
 from celltron.pretrain.svd_init import initialise_gene_embeddings
 from celltron.training.checkpoints import check_checkpoint, model_state_from_checkpoint
 from celltron.training.environment import check_slurm_shape
@@ -73,6 +73,8 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
         return spec.model_class.from_pretrained(init_from).train()  # from_pretrained: eval mode
     overrides = dict(config.model.overrides)
     overrides.setdefault("pad_token_id", vocab.special_id("pad"))
+    if getattr(tokenizer, "n_modalities", 1) > 1:  # joint multi-modal tokens: a modality embedding per token
+        overrides.setdefault("n_modalities", tokenizer.n_modalities)
     # the family's own defaults: e.g. a position table for the tokenizer's cells, species tokens
     for key, value in spec.build_defaults(tokenizer, spec.sizes[config.model.size]).items():
         overrides.setdefault(key, value)
@@ -105,6 +107,9 @@ def pretrain(
 
     corpus = Corpus(config.data.corpus, config.data.storage_options or None)
     tokenizer = corpus_tokenizer(corpus, config.tokenizer.scheme, config.tokenizer.max_len, config.trainer.seed)
+    check_gene_coverage(corpus, tokenizer, config.tokenizer.scheme)
+    if config.multimodal.joint:
+        tokenizer = joint_tokenizer(config, corpus, tokenizer)
     model = build_model_for(config, tokenizer, init_from)
     _initialise_gene_embeddings(config, corpus, tokenizer, model, ckpt_path, init_from)
     if config.trainer.activation_checkpointing:
@@ -136,6 +141,28 @@ def pretrain(
         trainer.is_global_zero,
         stop_reason(signals, trainer),
     )
+
+
+def joint_tokenizer(config: PretrainConfig, corpus: Corpus, rna_tokenizer):
+    """multimodal.joint: the RNA tokenizer extended with the named modalities' tokens over the
+    corpus's features; proteins in rank order for a family that reads no values."""
+    from celltron.pretrain.config import VALUE_FAMILIES
+    from celltron.tokenizers.multimodal import MultiModalSettings, MultiModalTokenizer
+
+    section = config.multimodal
+    if not corpus.multimodal:
+        raise ConfigError(
+            f"multimodal.joint {list(section.joint)}: {corpus.location} is an RNA corpus; build one from paired data "
+            "(celltron corpus build --modality rna=... --modality adt=...)"
+        )
+    settings = MultiModalSettings(
+        adt_budget=section.adt_budget if "adt" in section.joint else 0,
+        adt_bins=section.adt_bins,
+        atac_budget=section.atac_budget if "atac" in section.joint else 0,
+        atac_select=section.atac_select,
+        adt_order="panel" if config.model.family in VALUE_FAMILIES else "rank",
+    )
+    return MultiModalTokenizer.for_corpus(corpus, rna_tokenizer, settings, modalities=section.joint)
 
 
 def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):

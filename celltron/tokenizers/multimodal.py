@@ -11,11 +11,16 @@ token (scGPT's multi-omic design: the model adds a modality embedding to every t
   make TF constant within a cell, so: the rarest bins in the corpus, IDF = log(1 + cells / (1 +
   cells open)), ties broken by a seeded draw) or a uniform sample (`atac_select: sample`).
 - A cell not measured in a modality gets no tokens of it.
+- Proteins in a sequence read by a family that takes no values (Geneformer) come in rank order
+  (`adt_order: rank`: highest CLR first, ties in panel order, as Geneformer ranks genes), so that
+  their order carries the levels; otherwise in panel order.
 
 Sequence per cell: the RNA tokenizer's sequence (its own specials and `max_len`), then up to
 `adt_budget` protein tokens, then up to `atac_budget` bin tokens. Token ids: RNA's vocabulary,
-then `adt:<antigen>` and `atac:<bin>` tokens after it; `modality_ids`: 0 RNA (and specials), 1
-adt, 2 atac. Saved as the RNA tokenizer's folder plus `multimodal.json`.
+then `adt:<antigen>` and `atac:<bin>` tokens after it (`vocab`); `modality_ids`: 0 RNA (and
+specials), 1 adt, 2 atac. Saved as the RNA tokenizer's folder plus `multimodal.json`;
+`load_tokenizer` of such a folder returns the multi-modal tokenizer, whose `encode_block` of RNA
+alone gives RNA's tokens (a model pretrained on paired cells embeds RNA-only data).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from celltron.tokenizers.ragged import RaggedTokens
 MODALITY_IDS = {"rna": 0, "adt": 1, "atac": 2}
 CONFIG = "multimodal.json"
 ATAC_SELECTIONS = ("tfidf", "sample")
+ADT_ORDERS = ("panel", "rank")
 
 
 @dataclass
@@ -66,18 +72,25 @@ def protein_clr(cells: ModalityCells, n_features: int) -> np.ndarray:
     return dense - dense.mean(axis=1, keepdims=True)
 
 
-def protein_tokens(cells: ModalityCells, n_features: int, n_bins: int | None, rng: np.random.Generator):
-    """Per measured cell, every panel feature in order with its value: the CLR bin (1..n_bins-1)
-    or, with `n_bins` None, the CLR value. Returns (features, values, lengths) flat over cells."""
+def protein_tokens(cells: ModalityCells, n_features: int, n_bins: int | None, rng: np.random.Generator, order: str = "panel"):
+    """Per measured cell, every panel feature with its value: the CLR bin (1..n_bins-1) or, with
+    `n_bins` None, the CLR value; in panel order, or with `order` rank by CLR, highest first
+    (ties in panel order). Returns (features, values, lengths) flat over cells."""
+    if order not in ADT_ORDERS:
+        raise ConfigError(f"adt_order {order!r}: use one of {ADT_ORDERS}")
     clr = protein_clr(cells, n_features)
     measured = np.asarray(cells.measured, dtype=bool)
     lengths = np.where(measured, n_features, 0)
-    features = np.tile(np.arange(n_features), int(measured.sum()))
+    panel = np.tile(np.arange(n_features), (int(measured.sum()), 1))
     if n_bins is None:
-        return features, clr[measured].ravel().astype(np.float32), lengths
-    values = [bin_values(row, n_bins, rng.random(n_features)) for row in clr[measured]]
-    values = np.concatenate(values) if values else np.empty(0, np.int64)
-    return features, np.maximum(values, 1).astype(np.float32), lengths  # bin 0 means "absent" in scGPT
+        values = clr[measured].astype(np.float32)
+    else:
+        binned = [np.maximum(bin_values(row, n_bins, rng.random(n_features)), 1) for row in clr[measured]]  # bin 0: "absent"
+        values = np.asarray(binned, dtype=np.float32).reshape(panel.shape)
+    if order == "rank":  # a stable sort of -CLR: highest first, ties in panel order
+        ranked = np.argsort(-clr[measured], axis=1, kind="stable")
+        panel, values = np.take_along_axis(panel, ranked, 1), np.take_along_axis(values, ranked, 1)
+    return panel.ravel(), values.ravel(), lengths
 
 
 PROTEIN_SPECIALS = ("<pad>", "<cls>")  # a pair tower's vocabulary: these, then its modality's features
@@ -176,12 +189,14 @@ def inverse_document_frequency(n_cells: int, cells_open: np.ndarray) -> np.ndarr
 @dataclass
 class MultiModalSettings:
     """adt_budget / atac_budget: tokens per cell of each modality (0: the modality is left out);
-    adt_bins: bins of protein values (None: continuous CLR); atac_select: tfidf or sample."""
+    adt_bins: bins of protein values (None: continuous CLR); atac_select: tfidf or sample;
+    adt_order: panel, or rank (highest CLR first, for a family that reads no values)."""
 
     adt_budget: int = 64
     adt_bins: int | None = 51
     atac_budget: int = 256
     atac_select: str = "tfidf"
+    adt_order: str = "panel"
 
     def __post_init__(self):
         if self.adt_budget < 0 or self.atac_budget < 0:
@@ -190,6 +205,8 @@ class MultiModalSettings:
             raise ConfigError(f"adt_bins must be at least 3 (or null for continuous values), got {self.adt_bins}")
         if self.atac_select not in ATAC_SELECTIONS:
             raise ConfigError(f"atac_select {self.atac_select!r}: use one of {ATAC_SELECTIONS}")
+        if self.adt_order not in ADT_ORDERS:
+            raise ConfigError(f"adt_order {self.adt_order!r}: use one of {ADT_ORDERS}")
 
 
 class MultiModalTokenizer:
@@ -215,18 +232,66 @@ class MultiModalTokenizer:
             self.first_id[modality] = next_id
             next_id += len(names)
         self.vocab_size = next_id
+        self._vocab = None
 
     @classmethod
-    def for_corpus(cls, corpus, rna, settings: MultiModalSettings | None = None) -> MultiModalTokenizer:
-        """Over a multi-modal corpus's feature tables (its manifest's `modalities`)."""
+    def for_corpus(cls, corpus, rna, settings: MultiModalSettings | None = None, modalities=None) -> MultiModalTokenizer:
+        """Over a multi-modal corpus's feature tables (its manifest's `modalities`): all of its
+        modalities besides RNA, or those named in `modalities`."""
         if not corpus.multimodal:
             raise ConfigError(f"{corpus.location}: an RNA corpus; multi-modal tokens need a corpus built from paired data")
-        features = {m: list(corpus.feature_names(m)) for m in corpus.modalities if m != "rna"}
+        wanted = [m for m in corpus.modalities if m != "rna"] if modalities is None else list(modalities)
+        missing = [m for m in wanted if m not in corpus.modalities]
+        if missing:
+            raise ConfigError(
+                f"{corpus.location}: no {', '.join(missing)} modality (it holds {', '.join(corpus.modalities)}); "
+                "build the corpus with every modality the tokens need (celltron corpus build --modality ...)"
+            )
+        features = {m: list(corpus.feature_names(m)) for m in wanted}
         idf = None
         if "atac" in features:
             stats = corpus.manifest["modalities"]["atac"]
             idf = inverse_document_frequency(corpus.manifest["n_cells"], stats["features"]["cells_expressing"])
         return cls(rna, features, idf, settings)
+
+    # ------------------------------------------------------------ what pretraining asks of a tokenizer
+
+    @property
+    def vocab(self):
+        """RNA's vocabulary followed by the protein and chromatin tokens (same specials)."""
+        if self._vocab is None:
+            from celltron.tokenizers.vocab import GeneVocab
+
+            rna = self.rna.vocab
+            names = self.token_names()
+            name = "+".join([rna.name, *self.features])
+            self._vocab = GeneVocab(rna.tokens + names, rna.ensembl_ids + [""] * len(names), rna.specials, name, rna.aliases)
+        return self._vocab
+
+    @property
+    def max_len(self) -> int:
+        """RNA tokens per cell (the RNA tokenizer's; setting it sets theirs): what RNA-only data gets."""
+        return self.rna.max_len
+
+    @max_len.setter
+    def max_len(self, length: int) -> None:
+        self.rna.max_len = length
+
+    @property
+    def sequence_max_len(self) -> int:
+        """Longest joint sequence of a cell: RNA's length, then every modality's budget (at most
+        its features); a model's position table must cover it."""
+        budgets = {"adt": self.settings.adt_budget, "atac": self.settings.atac_budget}
+        return self.rna.max_len + sum(min(budgets[m], len(names)) for m, names in self.features.items())
+
+    @property
+    def n_modalities(self) -> int:
+        """Modality types a model reading these tokens needs (ids 0 .. n-1)."""
+        return 1 + max((MODALITY_IDS[m] for m in self.features), default=0)
+
+    def encode_block(self, block, rng: np.random.Generator) -> RaggedTokens:
+        """RNA alone (cells measured in RNA only): the RNA tokenizer's tokens, all of modality 0."""
+        return self.rna.encode_block(block, rng)
 
     def token_names(self) -> list[str]:
         """Names of the tokens after RNA's vocabulary, in id order."""
@@ -238,7 +303,9 @@ class MultiModalTokenizer:
         n_cells = len(rna_tokens)
         parts = [(rna_tokens.input_ids, _values(rna_tokens), rna_tokens.lengths, MODALITY_IDS["rna"])]
         if "adt" in self.features and self.settings.adt_budget and "adt" in modalities:
-            features, values, lengths = protein_tokens(modalities["adt"], len(self.features["adt"]), self.settings.adt_bins, rng)
+            features, values, lengths = protein_tokens(
+                modalities["adt"], len(self.features["adt"]), self.settings.adt_bins, rng, self.settings.adt_order
+            )
             features, values, lengths = _capped(features, values, lengths, self.settings.adt_budget)
             parts.append((features + self.first_id["adt"], values, lengths, MODALITY_IDS["adt"]))
         if "atac" in self.features and self.settings.atac_budget and "atac" in modalities:
@@ -265,13 +332,19 @@ class MultiModalTokenizer:
         return directory
 
     @classmethod
-    def from_saved(cls, directory, gene_ids) -> MultiModalTokenizer:
-        from celltron.tokenizers.schemes import load_tokenizer
-
-        directory = Path(directory)
-        config = read_json(directory / CONFIG, "multi-modal tokenizer config", MODEL_FIX)
-        rna = load_tokenizer(directory, gene_ids)
+    def from_saved(cls, directory, rna) -> MultiModalTokenizer:
+        """The tokenizer saved in `directory` around `rna`, the RNA tokenizer saved there
+        (`load_tokenizer` of a folder holding `multimodal.json` calls this)."""
+        config = read_json(Path(directory) / CONFIG, "multi-modal tokenizer config", MODEL_FIX)
         return cls(rna, config["features"], config["idf"], MultiModalSettings(**config["settings"]))
+
+
+def saved_token_count(directory) -> int:
+    """Tokens a saved multi-modal tokenizer adds to its RNA vocabulary (0 when it is RNA-only)."""
+    path = Path(directory) / CONFIG
+    if not path.exists():
+        return 0
+    return sum(len(names) for names in read_json(path, "multi-modal tokenizer config", MODEL_FIX)["features"].values())
 
 
 def _values(tokens: RaggedTokens) -> np.ndarray:

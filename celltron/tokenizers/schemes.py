@@ -179,4 +179,9 @@ def load_tokenizer(directory, gene_ids) -> Tokenizer:
     cls = _class_of_saved(config["scheme"])
     if cls is None:
         raise InputError(f"{config_path}: unknown tokenizer scheme {config['scheme']!r}")
-    return cls.from_saved(vocab, settings, medians, gene_ids)
+    tokenizer = cls.from_saved(vocab, settings, medians, gene_ids)
+    from celltron.tokenizers import multimodal  # here: an RNA-only load needs none of it
+
+    if (directory / multimodal.CONFIG).exists():  # RNA with protein / chromatin tokens after its vocabulary
+        return multimodal.MultiModalTokenizer.from_saved(directory, tokenizer)
+    return tokenizer

@@ -31,6 +31,12 @@ METRICS_FIELDS = [
     "contrastive_loss",
     "val_contrastive_loss",
     "val_contrastive_accuracy",
+    # joint multi-modal tokens (multimodal.joint): each modality's hidden tokens or values
+    *(
+        f"val_masked_{score}_{m}"
+        for score in ("accuracy", "accuracy_constant", "mse", "mse_cellmean")
+        for m in ("rna", "adt", "atac")
+    ),
 ]
 
 
@@ -114,6 +120,11 @@ class ThroughputAndMetrics(pl.Callback):
         metrics = trainer.callback_metrics
         row = {"step": trainer.global_step}
         names = ("loss", "masked_accuracy", "contrastive_loss", "contrastive_accuracy")
+        names += tuple(
+            f"masked_{score}_{m}"
+            for score in ("accuracy", "accuracy_constant", "mse", "mse_cellmean")
+            for m in ("rna", "adt", "atac")
+        )
         for name, key in ((f"val_{n}", f"val/{n}") for n in names):
             if key in metrics:
                 row[name] = float(metrics[key])

@@ -26,6 +26,51 @@ def split_batch(batch: dict) -> tuple[dict, dict]:
 BATCH_COUNTS = ("n_cells", "n_tokens")
 
 
+MODALITY_NAMES = ("rna", "adt", "atac")  # by modality id (tokenizers/multimodal.py MODALITY_IDS)
+
+
+def per_modality_scores(batch: dict, out):
+    """(metric key, value, tokens) per modality of a joint batch: masked-token accuracy where the
+    family predicts hidden tokens (labels), beside the best constant guess's (the commonest
+    hidden token's share), and masked-value MSE where it predicts hidden values
+    (target_values beside a per-token `expression`), beside the MSE of guessing each hidden
+    value as the mean of the cell's visible values of its modality (`masked_mse_cellmean_*`)."""
+    modality = batch["modality_ids"]
+    scores = []
+    labels = batch.get("labels")
+    if labels is not None and getattr(out, "logits", None) is not None:
+        chosen = labels != -100
+        hits = out.logits.argmax(-1) == labels[chosen]
+        for index, name in enumerate(MODALITY_NAMES):
+            of_modality = modality[chosen] == index
+            if of_modality.any():
+                count = int(of_modality.sum())
+                scores.append((f"val/masked_accuracy_{name}", hits[of_modality].float().mean(), count))
+                # the best any constant guess could do, chosen with hindsight: the commonest hidden token's share
+                commonest = torch.unique(labels[chosen][of_modality], return_counts=True)[1].max()
+                scores.append((f"val/masked_accuracy_constant_{name}", commonest.float() / count, count))
+    target, predicted = batch.get("target_values"), getattr(out, "expression", None)
+    if labels is None and target is not None and predicted is not None:
+        target = target.float()
+        hidden = (batch["values"] != batch["target_values"]) & batch["attention_mask"].bool()
+        visible = batch["attention_mask"].bool() & ~hidden
+        visible[:, 0] = False  # <cls>
+        for index, name in enumerate(MODALITY_NAMES):
+            of_modality = hidden & (modality == index)
+            if not of_modality.any():
+                continue
+            error = (predicted[of_modality].float() - target[of_modality]).pow(2).mean()
+            scores.append((f"val/masked_mse_{name}", error, int(of_modality.sum())))
+            # what no model needs: each hidden value guessed as the mean of the cell's visible values of the modality
+            seen = visible & (modality == index)
+            cell_mean = (target * seen).sum(1) / seen.sum(1).clamp(min=1)
+            guess = cell_mean[:, None].expand_as(target)[of_modality]
+            scores.append(
+                (f"val/masked_mse_cellmean_{name}", (guess - target[of_modality]).pow(2).mean(), int(of_modality.sum()))
+            )
+    return scores
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """Learning-rate multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
     if step < warmup:
@@ -82,6 +127,9 @@ class PretrainModule(pl.LightningModule):
             if len(targets):
                 accuracy = (out.logits.argmax(-1) == targets).float().mean()
                 self.log("val/masked_accuracy", accuracy, sync_dist=True, batch_size=len(targets))
+        if "modality_ids" in batch:  # joint multi-modal tokens: how each modality's hidden tokens are predicted
+            for key, value, count in per_modality_scores(batch, out):
+                self.log(key, value, sync_dist=True, batch_size=count)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]

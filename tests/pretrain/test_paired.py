@@ -2,7 +2,6 @@
 cells): the contrastive loss falls, a stopped run resumes with the uninterrupted losses, the
 export holds the RNA model and both towers, and configs refuse what cannot work."""
 
-import csv
 import math
 
 import pytest
@@ -18,38 +17,18 @@ from celltron.model_zoo.contrastive import DualEncoder
 from celltron.pretrain.config import load_config, replace
 from celltron.pretrain.run import PAIRED_EXPORT, pretrain
 from tests.conftest import shared_file
-from tests.corpus.test_modalities import SNARE_ATAC, SNARE_RNA, TEASEQ_ADT, TEASEQ_RNA
-from tests.pretrain.conftest import CONFIGS
+from tests.corpus.test_modalities import SNARE_ATAC, SNARE_RNA
+from tests.pretrain.conftest import CONFIGS, config_for, metric_rows
 from tests.pretrain.test_pretrain import _SendSigterm
 
 
-@pytest.fixture(scope="module")
-def citeseq_corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("paired") / "teaseq"
-    files = {"rna": shared_file(TEASEQ_RNA), "adt": shared_file(TEASEQ_ADT)}
-    build_multimodal_corpus(None, out, BuildOptions(progress=False, val_fraction=0.1), modalities=files)
-    return out
-
-
-def _config(name: str, corpus, **sections):
-    config = load_config(CONFIGS / "pretrain" / name)
-    base = {"data": {"corpus": str(corpus)}, "logging": {"progress_bar": False, "wandb": False}}
-    for section, values in sections.items():
-        base.setdefault(section, {}).update(values)
-    return replace(config, **base)
-
-
-def _rows(run_dir, field: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[field])) for r in csv.DictReader((run_dir / "metrics.csv").open()) if r[field]]
-
-
 def test_the_contrastive_loss_falls_and_the_export_holds_both_towers(citeseq_corpus, tmp_path):
-    config = _config("geneformer_citeseq_debug.yaml", citeseq_corpus, trainer={"max_steps": 100, "val_every": 100})
+    config = config_for("geneformer_citeseq_debug.yaml", citeseq_corpus, trainer={"max_steps": 100, "val_every": 100})
     result = pretrain(config, tmp_path)
-    contrastive = [loss for _, loss in _rows(tmp_path, "contrastive_loss")]
+    contrastive = [loss for _, loss in metric_rows(tmp_path, "contrastive_loss")]
     assert contrastive[0] > math.log(32) - 0.05  # 32 cells a batch: chance, or worse before training
     assert sum(contrastive[-3:]) / 3 < math.log(32) - 0.5, contrastive
-    masked = [loss for _, loss in _rows(tmp_path, "loss")]
+    masked = [loss for _, loss in metric_rows(tmp_path, "loss")]
     assert masked[-1] < masked[0]
     rna = FAMILIES["geneformer"].model_class.from_pretrained(result.export)  # the RNA model: a plain Geneformer folder
     dual = DualEncoder.from_pretrained(result.export / PAIRED_EXPORT)
@@ -59,7 +38,7 @@ def test_the_contrastive_loss_falls_and_the_export_holds_both_towers(citeseq_cor
 
 
 def test_a_stopped_paired_run_resumes_with_the_uninterrupted_losses(citeseq_corpus, tmp_path):
-    config = _config(
+    config = config_for(
         "geneformer_citeseq_debug.yaml",
         citeseq_corpus,
         data={"batch_size": 16, "round_cells": 64},
@@ -70,8 +49,8 @@ def test_a_stopped_paired_run_resumes_with_the_uninterrupted_losses(citeseq_corp
     assert stopped.interrupted and stopped.steps == 3
     pretrain(config, tmp_path / "stopped", resume="auto")
     for field in ("loss", "contrastive_loss"):
-        assert _rows(tmp_path / "stopped", field) == _rows(tmp_path / "whole", field)
-    assert len(_rows(tmp_path / "whole", "contrastive_loss")) == 8
+        assert metric_rows(tmp_path / "stopped", field) == metric_rows(tmp_path / "whole", field)
+    assert len(metric_rows(tmp_path / "whole", "contrastive_loss")) == 8
     assert main(["export", str(tmp_path / "stopped" / "checkpoints" / "step=8.ckpt"), "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / PAIRED_EXPORT / "contrastive.pt").exists()
 
@@ -79,9 +58,11 @@ def test_a_stopped_paired_run_resumes_with_the_uninterrupted_losses(citeseq_corp
 def test_chromatin_pairs_train_from_the_multiome_config(tmp_path):
     files = {"rna": shared_file(SNARE_RNA), "atac": shared_file(SNARE_ATAC)}
     build_multimodal_corpus(None, tmp_path / "c", BuildOptions(progress=False, val_fraction=0.1, genome="mm10"), modalities=files)
-    config = _config("geneformer_multiome_debug.yaml", tmp_path / "c", trainer={"max_steps": 6, "val_every": 6, "log_every": 2})
+    config = config_for(
+        "genecompass_multiome_debug.yaml", tmp_path / "c", trainer={"max_steps": 6, "val_every": 6, "log_every": 2}
+    )
     result = pretrain(config, tmp_path / "run")
-    assert result.steps == 6 and len(_rows(tmp_path / "run", "contrastive_loss")) == 3
+    assert result.steps == 6 and len(metric_rows(tmp_path / "run", "contrastive_loss")) == 3
     assert DualEncoder.from_pretrained(result.export / PAIRED_EXPORT).modalities == ["rna", "atac"]
 
 
@@ -94,7 +75,7 @@ def test_paired_settings_that_cannot_work_are_refused(citeseq_corpus, tmp_path, 
     with pytest.raises(ConfigError, match="multimodal.objective"):
         replace(base, multimodal={"objective": ["masked", "clip"]}).check()
     assert main(["corpus", "build", str(pbmc3k), "--out", str(tmp_path / "rna"), "--no-progress"]) == 0
-    config = _config("geneformer_citeseq_debug.yaml", tmp_path / "rna")
+    config = config_for("geneformer_citeseq_debug.yaml", tmp_path / "rna")
     with pytest.raises(ConfigError, match="is an RNA corpus"):
         pretrain(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

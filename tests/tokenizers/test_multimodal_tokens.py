@@ -11,6 +11,7 @@ from celltron.corpus.build_multimodal import build_multimodal_corpus
 from celltron.corpus.options import BuildOptions
 from celltron.corpus.store import Corpus
 from celltron.corpus.stream import CorpusStream, collate_cells
+from celltron.model_zoo.spec import positions_for
 from celltron.pretrain.data import corpus_tokenizer
 from celltron.tokenizers.multimodal import (
     MODALITY_IDS,
@@ -22,7 +23,7 @@ from celltron.tokenizers.multimodal import (
     protein_clr,
     protein_tokens,
 )
-from celltron.tokenizers.schemes import Block
+from celltron.tokenizers.schemes import Block, load_tokenizer
 from tests.conftest import shared_file
 from tests.corpus.test_modalities import SNARE_ATAC, SNARE_RNA, TEASEQ_ADT, TEASEQ_RNA
 
@@ -111,10 +112,33 @@ def test_one_sequence_per_cell_rna_then_proteins_with_modality_ids(teaseq, tmp_p
         assert np.array_equal(ids[:n_rna], alone[i]) and (kinds[:n_rna] == MODALITY_IDS["rna"]).all()
         assert np.array_equal(ids[n_rna:], first + np.arange(32)) and (kinds[n_rna:] == MODALITY_IDS["adt"]).all()
     tokenizer.save_pretrained(tmp_path / "tok")
-    again = MultiModalTokenizer.from_saved(tmp_path / "tok", teaseq.gene_ids)
+    again = load_tokenizer(tmp_path / "tok", teaseq.gene_ids)
     repeat = again.encode(rna_block(teaseq, batch), {"adt": ModalityCells.from_batch(batch, "adt")}, np.random.default_rng(3))
     assert np.array_equal(repeat.input_ids, tokens.input_ids) and np.array_equal(repeat.values, tokens.values)
     assert np.array_equal(repeat.modality_ids, tokens.modality_ids)
+    # what pretraining asks of a tokenizer: one vocabulary over every token, RNA-only cells as RNA gives them
+    assert len(again.vocab) == tokenizer.vocab_size and again.vocab.tokens[first] == tokenizer.token_names()[0]
+    assert again.vocab.special_id("pad") == rna.vocab.special_id("pad")
+    assert again.max_len == rna.max_len and again.sequence_max_len == rna.max_len + 32 and again.n_modalities == 2
+    assert positions_for(again, {"max_position_embeddings": 16}) == {"max_position_embeddings": rna.max_len + 32 + 2}
+    rna_only = again.encode_block(rna_block(teaseq, batch), np.random.default_rng(3))
+    assert np.array_equal(rna_only.input_ids, alone.input_ids)
+
+
+def test_ranked_proteins_come_highest_clr_first_with_their_bins(teaseq):
+    cells = ModalityCells.from_batch(batch_of(teaseq, 12), "adt")
+    n = teaseq.n_features("adt")
+    panel = protein_tokens(cells, n, 51, np.random.default_rng(5))
+    ranked = protein_tokens(cells, n, 51, np.random.default_rng(5), order="rank")
+    clr = protein_clr(cells, n)
+    assert np.array_equal(panel[2], ranked[2])
+    for i in range(12):
+        features, values = ranked[0][i * n : (i + 1) * n], ranked[1][i * n : (i + 1) * n]
+        assert np.all(np.diff(clr[i, features]) <= 0)  # highest CLR first
+        assert sorted(features) == list(range(n))  # every protein once
+        assert np.array_equal(values, panel[1][i * n : (i + 1) * n][features])  # each keeps its bin
+        ties = np.flatnonzero(np.diff(clr[i, features]) == 0)
+        assert np.all(features[ties] < features[ties + 1])  # ties in panel order
 
 
 def test_chromatin_tokens_follow_rna_within_their_budget(snareseq):
@@ -138,3 +162,5 @@ def test_bad_settings_are_refused():
         MultiModalSettings(adt_bins=2)
     with pytest.raises(ConfigError, match="atac_select 'random'"):
         MultiModalSettings(atac_select="random")
+    with pytest.raises(ConfigError, match="adt_order 'value'"):
+        MultiModalSettings(adt_order="value")
