@@ -294,10 +294,11 @@ def _tokenize(args) -> int:
         hvg_batch_key=args.hvg_batch_key,
         hvg_span=args.hvg_span,
         min_mapped_fraction=args.min_mapped_fraction,
+        threads=args.threads,
     )
     print(
         f"tokenized {summary['cells']} cells ({summary['tokens']} tokens) into {args.out} "
-        f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s"
+        f"in {summary['seconds']:.2f} s = {summary['cells_per_second']:,.0f} cells/s on {summary['threads']} thread(s)"
     )
     return 0
 
@@ -583,6 +584,11 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--gene-column", help="h5ad var column with gene IDs/symbols")
     tokenize.add_argument("--species", choices=["human", "mouse"])
     tokenize.add_argument("--min-mapped-fraction", type=float, metavar="SHARE", default=MIN_MAPPED_FRACTION, help=MAPPED_HELP)
+    tokenize.add_argument(
+        "--threads",
+        type=number(int, ">= 1"),
+        help="threads tokenising blocks (default: every available core; the dataset is the same for any number)",
+    )
     tokenize.add_argument(
         "--hvg",
         type=number(int, ">= 1"),

@@ -1,4 +1,4 @@
-"""Compiled tokenizer kernels (optional: need numba, `celltron[fast]`).
+"""Compiled tokenizer kernels (numba, a core dependency; `CELLTRON_NUMBA=0` runs the numpy code).
 
 Each gives the same result as the numpy code it stands in for, token for token and value for
 value (tests run both):

@@ -36,6 +36,7 @@ from celltron.tokenizers.hvg import DISPERSION_FLAVORS, highly_variable_genes
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.rank_value import float32_datasets, is_float32
 from celltron.tokenizers.schemes import SCHEMES, Block, make_tokenizer, scheme_class
+from celltron.tokenizers.threads import available_cores, encode_blocks
 from celltron.tokenizers.vocab import GeneVocab
 
 # Block, make_tokenizer and SCHEMES were long imported from here; they live in schemes.py
@@ -221,14 +222,17 @@ def tokenize_to_dataset(
     hvg_batch_key: str | None = None,
     hvg_span: float = 0.3,
     min_mapped_fraction: float = MIN_MAPPED_FRACTION,
+    threads: int | None = None,
 ) -> dict:
-    """Tokenise every cell of a corpus split or an .h5ad file into a `datasets` dataset at `out`.
+    """Tokenise every cell of a corpus split or an .h5ad file into a `datasets` dataset at `out`,
+    blocks of `block_cells` on `threads` threads (None: every available core; the dataset is the
+    same for any number, `celltron.tokenizers.threads`).
 
     `hvg` (scgpt scheme only) keeps the `hvg` highly variable genes (`select_hvg`), chosen over
     the .h5ad's cells or a corpus's training split (whichever split is tokenised, so that train
     and val get the same genes). Refuses data of which less than `min_mapped_fraction` of the
     counts map to Ensembl IDs, or reach the scheme's vocabulary. Returns a summary: cells,
-    tokens, seconds, cells_per_second.
+    tokens, seconds, cells_per_second, threads.
     """
     import datasets
 
@@ -253,7 +257,7 @@ def tokenize_to_dataset(
     tokenizer, vocab = make_tokenizer(scheme, data, max_len, seed, genes_subset)
     work = new_partial_dir(out)  # removes stale partial directories of `out` left by killed runs
     try:
-        summary = _write(tokenizer, data, work, np.random.default_rng(seed), progress)
+        summary = _write(tokenizer, data, work, seed, threads, progress)
         dataset = datasets.Dataset.from_file(str(work / "tokens.arrow"))
         dataset.save_to_disk(str(work / "dataset"))
         del dataset
@@ -269,13 +273,13 @@ def tokenize_to_dataset(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write(tokenizer, data: _Input, work: Path, rng, progress: bool) -> dict:
+def _write(tokenizer, data: _Input, work: Path, seed: int, threads: int | None, progress: bool) -> dict:
     start = time.perf_counter()
     cells = tokens = 0
     writer = None
     bar = tqdm(total=data.n_cells, unit="cells", desc="tokenizing", disable=not progress)
-    for block in data.blocks:
-        table = _arrow_table(tokenizer.encode_block(block, rng), block)
+    for block, encoded in encode_blocks(tokenizer, data.blocks, seed, threads):
+        table = _arrow_table(encoded, block)
         if writer is None:
             writer = pa.ipc.new_stream(str(work / "tokens.arrow"), table.schema)
         writer.write_table(table)
@@ -287,4 +291,10 @@ def _write(tokenizer, data: _Input, work: Path, rng, progress: bool) -> dict:
         raise InputError("no cells to tokenize")
     writer.close()
     seconds = time.perf_counter() - start
-    return {"cells": cells, "tokens": tokens, "seconds": round(seconds, 3), "cells_per_second": round(cells / seconds, 1)}
+    return {
+        "cells": cells,
+        "tokens": tokens,
+        "seconds": round(seconds, 3),
+        "cells_per_second": round(cells / seconds, 1),
+        "threads": available_cores() if threads is None else threads,
+    }

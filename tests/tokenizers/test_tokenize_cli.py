@@ -136,3 +136,31 @@ def test_labels_missing_in_early_blocks(tmp_path, pbmc4k):
     )
     column = datasets.load_from_disk(str(tmp_path / "out"))["Annotation"]
     assert column[:60] == [None] * 60 and column[60:] == adata.obs["Annotation"].iloc[60:].tolist()
+
+
+def test_any_number_of_threads_writes_the_same_dataset(tmp_path, pbmc4k):
+    """scGPT's binning draws random numbers (tie spreading, sampling to max_len): every block has
+    its own generator, so threads finishing in any order write the same tokens."""
+    from celltron.tokenizers.dataset import tokenize_to_dataset
+
+    adata = ad.read_h5ad(pbmc4k)[:300].copy()
+    adata.write_h5ad(tmp_path / "lab.h5ad")
+    written = {}
+    for threads in (1, 3):
+        out = tmp_path / f"threads{threads}"
+        summary = tokenize_to_dataset(
+            tmp_path / "lab.h5ad",
+            "scgpt",
+            out,
+            max_len=64,
+            seed=7,
+            gene_column="gene_symbol_original",
+            block_cells=32,  # 10 blocks, several in flight at once
+            progress=False,
+            threads=threads,
+        )
+        assert summary["threads"] == threads and summary["cells"] == 300
+        written[threads] = datasets.load_from_disk(str(out)).to_dict()
+    assert written[1] == written[3]
+    assert written[1]["length"] == [min(n, 64) for n in written[1]["length"]]
+    assert len({tuple(v) for v in written[1]["values"]}) > 1  # real, differing cells
