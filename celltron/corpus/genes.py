@@ -29,6 +29,8 @@ SPECIES = ("human", "mouse")
 _ENSEMBL_PREFIX = {"human": "ENSG", "mouse": "ENSMUSG"}
 _ENSEMBL_ID = re.compile(r"^(ENSG|ENSMUSG)\d{11}(\.\d+)?$")
 
+MIN_FRACTION_OPTION = "--min-mapped-fraction"  # the CLI setting that lowers the threshold
+
 
 class GeneMappingError(UserError):
     """Genes of an input cannot be given Ensembl IDs (unknown species, nothing maps)."""
@@ -223,20 +225,31 @@ def check_mapping(mapping: GeneMapping, source: str, min_fraction: float = MIN_M
 
 
 def check_token_coverage(
-    ensembl_ids, names, gene_counts, vocab, source: str, fix: str, min_fraction: float = MIN_MAPPED_FRACTION
+    ensembl_ids,
+    names,
+    gene_counts,
+    vocab,
+    source: str,
+    fix: str,
+    min_fraction: float = MIN_MAPPED_FRACTION,
+    option: str | None = MIN_FRACTION_OPTION,
 ) -> float:
     """Refuse an input whose share of counts (of genes, without counts) on genes with a token in
     `vocab` (anything with `lookup_genes` and `name`) is below `min_fraction`: its cells would be
-    tokenised to (nearly) nothing. Returns that share."""
+    tokenised to (nearly) nothing. Returns that share. `option`: see `require_share`."""
     in_vocab = vocab.lookup_genes(np.asarray(ensembl_ids, dtype=str)) >= 0
-    return require_share(in_vocab, names, gene_counts, min_fraction, source, f"have a token in the {vocab.name} vocabulary", fix)
+    what = f"have a token in the {vocab.name} vocabulary"
+    return require_share(in_vocab, names, gene_counts, min_fraction, source, what, fix, option)
 
 
-def require_share(kept, names, gene_counts, min_fraction: float, source: str, what: str, fix: str) -> float:
+def require_share(
+    kept, names, gene_counts, min_fraction: float, source: str, what: str, fix: str, option: str | None = MIN_FRACTION_OPTION
+) -> float:
     """The one rule behind every gene check: the share of counts on `kept` genes (of the genes
-    when there are no counts, or none in the sample) must reach `min_fraction`."""
+    when there are no counts, or none in the sample) must reach `min_fraction`. `option`: the
+    setting that lowers the threshold where the caller has one (the error offers it), else None."""
     if not 0 <= min_fraction <= 1:
-        raise ConfigError(f"--min-mapped-fraction {min_fraction:g}: give a share between 0 and 1 (0.5: half of the counts)")
+        raise ConfigError(f"{option or 'min_fraction'} {min_fraction:g}: give a share between 0 and 1 (0.5: half of the counts)")
     kept = np.asarray(kept, dtype=bool)
     gene_share = float(kept.mean()) if len(kept) else 0.0
     counts = None if gene_counts is None else np.nan_to_num(np.abs(np.asarray(gene_counts, dtype=np.float64)))
@@ -249,8 +262,8 @@ def require_share(kept, names, gene_counts, min_fraction: float, source: str, wh
     measure = "genes" if count_share is None else "counts"
     raise GeneMappingError(
         f"{source}: only {int(kept.sum()):,} of {len(kept):,} genes ({_percent(gene_share)}){holding} {what} "
-        f"({', '.join(names[~kept][:3])}, ... do not); at least {_percent(min_fraction)} of {measure} must. To fix: {fix}, "
-        f"or lower --min-mapped-fraction (now {min_fraction:g}) if so few are expected"
+        f"({', '.join(names[~kept][:3])}, ... do not); at least {_percent(min_fraction)} of {measure} must. To fix: {fix}"
+        + (f", or lower {option} (now {min_fraction:g}) if so few are expected" if option else "")
     )
 
 

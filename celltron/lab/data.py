@@ -20,7 +20,8 @@ from celltron.corpus.readers import Source, mapped_genes, open_mapped_source, to
 from celltron.model_zoo.registry import check_vocabulary
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.tokenizers.rank_value import is_float32
-from celltron.tokenizers.schemes import Block, load_tokenizer
+from celltron.tokenizers.saving import load_tokenizer
+from celltron.tokenizers.schemes import Block
 
 OBS_FIX = "Name the right column with the task's --*-key option"
 

@@ -21,10 +21,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from celltron.corpus.constants import MIN_MAPPED_FRACTION
+from celltron.corpus.genes import check_token_coverage
 from celltron.corpus.store import Corpus
 from celltron.corpus.stream import CorpusStream, collate_cells
-from celltron.errors import ConfigError
 from celltron.model_zoo.registry import family as family_spec
 from celltron.model_zoo.spec import VocabIds
 from celltron.pretrain.config import DataSection
@@ -56,19 +55,15 @@ def check_gene_coverage(corpus: Corpus, tokenizer, scheme: str) -> float:
     refused: a mouse corpus read with a human-only vocabulary gives every cell no gene tokens,
     and the model would train on special tokens alone."""
     genes = corpus.manifest["genes"]
-    counts = np.asarray(genes["count_sum"], dtype=np.float64)
-    in_vocab = tokenizer.vocab.lookup_genes(np.asarray(corpus.gene_ids)) >= 0
-    share = float(counts[in_vocab].sum() / counts.sum()) if counts.sum() > 0 else 1.0
-    if share < MIN_MAPPED_FRACTION:
-        species = ", ".join(sorted(set(np.asarray(genes["species"]).tolist())))
-        raise ConfigError(
-            f"{corpus.location}: {share:.0%} of the corpus's counts fall on genes the {scheme} tokenizer has a token for "
-            f"({int(in_vocab.sum()):,} of {len(in_vocab):,} genes; species: {species}), under the {MIN_MAPPED_FRACTION:.0%} "
-            "needed: its cells would have (almost) no gene tokens. Use a scheme whose vocabulary covers them: for mouse "
-            "or mixed-species corpora tokenizer.scheme: ortholog with model.family: genecompass (mouse genes take their "
-            "human orthologs' tokens)"
-        )
-    return share
+    species = ", ".join(sorted(set(np.asarray(genes["species"]).tolist())))
+    fix = (
+        f"the corpus's species is {species}; use a scheme whose vocabulary covers its genes: for mouse or mixed-species "
+        f"corpora tokenizer.scheme: ortholog with model.family: genecompass (mouse genes take their human orthologs' "
+        f"tokens), not {scheme}"
+    )
+    return check_token_coverage(
+        corpus.gene_ids, genes["symbol"], genes["count_sum"], tokenizer.vocab, str(corpus.location), fix, option=None
+    )
 
 
 class Masker:

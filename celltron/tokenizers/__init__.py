@@ -23,7 +23,7 @@ _EXPORTS = {
     "SCHEMES": "celltron.tokenizers.schemes",
     "Tokenizer": "celltron.tokenizers.schemes",
     "highly_variable_genes": "celltron.tokenizers.hvg",
-    "load_tokenizer": "celltron.tokenizers.schemes",
+    "load_tokenizer": "celltron.tokenizers.saving",
     "make_tokenizer": "celltron.tokenizers.schemes",
     "ortholog_vocab": "celltron.tokenizers.ortholog",
     "register_scheme": "celltron.tokenizers.schemes",

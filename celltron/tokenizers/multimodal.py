@@ -19,7 +19,7 @@ Sequence per cell: the RNA tokenizer's sequence (its own specials and `max_len`)
 `adt_budget` protein tokens, then up to `atac_budget` bin tokens. Token ids: RNA's vocabulary,
 then `adt:<antigen>` and `atac:<bin>` tokens after it (`vocab`); `modality_ids`: 0 RNA (and
 specials), 1 adt, 2 atac. Saved as the RNA tokenizer's folder plus `multimodal.json`;
-`load_tokenizer` of such a folder returns the multi-modal tokenizer, whose `encode_block` of RNA
+`celltron.tokenizers.saving.load_tokenizer` of such a folder returns the multi-modal tokenizer, whose `encode_block` of RNA
 alone gives RNA's tokens (a model pretrained on paired cells embeds RNA-only data).
 """
 
@@ -334,7 +334,7 @@ class MultiModalTokenizer:
     @classmethod
     def from_saved(cls, directory, rna) -> MultiModalTokenizer:
         """The tokenizer saved in `directory` around `rna`, the RNA tokenizer saved there
-        (`load_tokenizer` of a folder holding `multimodal.json` calls this)."""
+        (`saving.load_tokenizer` of a folder holding `multimodal.json` calls this)."""
         config = read_json(Path(directory) / CONFIG, "multi-modal tokenizer config", MODEL_FIX)
         return cls(rna, config["features"], config["idf"], MultiModalSettings(**config["settings"]))
 

@@ -164,7 +164,11 @@ def save_tokenizer(tokenizer: Tokenizer, directory) -> Path:
 
 
 def load_tokenizer(directory, gene_ids) -> Tokenizer:
-    """Rebuild the tokenizer saved in `directory`, bound to `gene_ids` (the data's genes)."""
+    """Rebuild the one-scheme tokenizer saved in `directory`, bound to `gene_ids` (the data's genes).
+
+    A model folder may also hold protein / chromatin tokens (`multimodal.json`); load those with
+    `celltron.tokenizers.saving.load_tokenizer`, which wraps this one. This module stays below the
+    scheme modules and so imports none of them."""
     from celltron.tokenizers.vocab import GeneVocab  # here: the scheme names load without numpy
 
     directory = Path(directory)
@@ -179,9 +183,4 @@ def load_tokenizer(directory, gene_ids) -> Tokenizer:
     cls = _class_of_saved(config["scheme"])
     if cls is None:
         raise InputError(f"{config_path}: unknown tokenizer scheme {config['scheme']!r}")
-    tokenizer = cls.from_saved(vocab, settings, medians, gene_ids)
-    from celltron.tokenizers import multimodal  # here: an RNA-only load needs none of it
-
-    if (directory / multimodal.CONFIG).exists():  # RNA with protein / chromatin tokens after its vocabulary
-        return multimodal.MultiModalTokenizer.from_saved(directory, tokenizer)
-    return tokenizer
+    return cls.from_saved(vocab, settings, medians, gene_ids)

@@ -14,14 +14,14 @@ from celltron.cli import main
 from celltron.corpus.build_multimodal import build_multimodal_corpus
 from celltron.corpus.options import BuildOptions
 from celltron.corpus.store import Corpus
-from celltron.errors import ConfigError
+from celltron.errors import ConfigError, UserError
 from celltron.model_zoo import FAMILIES
 from celltron.model_zoo.registry import check_vocabulary
 from celltron.pretrain.config import load_config, replace
 from celltron.pretrain.data import PretrainDataModule, corpus_tokenizer
 from celltron.pretrain.run import joint_tokenizer, pretrain
 from celltron.tokenizers.multimodal import MODALITY_IDS, MultiModalTokenizer
-from celltron.tokenizers.schemes import load_tokenizer
+from celltron.tokenizers.saving import load_tokenizer
 from tests.conftest import shared_file
 from tests.corpus.test_modalities import SNARE_ATAC, SNARE_RNA, TEASEQ_RNA
 from tests.pretrain.conftest import CONFIGS, config_for, metric_rows
@@ -83,7 +83,7 @@ def test_joint_chromatin_run_resumes_with_the_uninterrupted_losses(tmp_path):
         assert len(metric_rows(tmp_path / "whole", f"val_masked_{score}_atac")) == 1
     assert FAMILIES["genecompass"].model_class.from_pretrained(whole.export).config.n_modalities == 3
     # mouse genes have no token in Geneformer's human vocabulary: such a run is refused, not trained on specials
-    with pytest.raises(ConfigError, match=r"0% of the corpus's counts .*\(0 of 1,644 genes; species: mouse\).*ortholog"):
+    with pytest.raises(UserError, match=r"only 0 of 1,644 genes \(0%\) holding 0% of counts .*species is mouse.*ortholog"):
         pretrain(config_for("geneformer_debug.yaml", tmp_path / "c"), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 

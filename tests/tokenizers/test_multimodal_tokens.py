@@ -23,7 +23,8 @@ from celltron.tokenizers.multimodal import (
     protein_clr,
     protein_tokens,
 )
-from celltron.tokenizers.schemes import Block, load_tokenizer
+from celltron.tokenizers.saving import load_tokenizer
+from celltron.tokenizers.schemes import Block
 from tests.conftest import shared_file
 from tests.corpus.test_modalities import SNARE_ATAC, SNARE_RNA, TEASEQ_ADT, TEASEQ_RNA
 
