@@ -79,6 +79,13 @@ PAIRS = ("adt", "atac")
 VALUE_FAMILIES = ("scgpt", "genecompass")  # towers that read token values: protein levels need them
 
 
+def adt_order(family: str) -> str:
+    """How a family's proteins are ordered: panel order with their CLR bins as values for a family
+    that reads values; highest CLR first for one that reads none (Geneformer), so the order carries
+    the levels, as it ranks genes."""
+    return "panel" if family in VALUE_FAMILIES else "rank"
+
+
 @dataclass
 class MultimodalSection:
     """Pretraining on paired modalities (a corpus built from paired data), in one of two designs.
@@ -94,7 +101,8 @@ class MultimodalSection:
     objective: masked (the RNA family's own objective), contrastive (symmetric InfoNCE between
         the RNA tower's and the pair tower's cell embeddings, scCLIP-style), or both.
     weights: {objective: weight} of the summed loss.
-    pair_family, pair_size: the pair tower; a family that reads token values (scgpt, genecompass).
+    pair_family, pair_size: the pair tower, any family; one that reads no values (geneformer)
+        gets the proteins highest-CLR first, so that their order carries the levels.
     pair_overrides: config fields of the pair tower changed from its size (as model.overrides).
     projection_dim: the shared space of the contrastive projections.
     adt_bins: bins of the proteins' per-cell CLR values (the pair tower's or joint tokens' values).
@@ -106,7 +114,7 @@ class MultimodalSection:
     pair: str | None = one_of(None, PAIRS)
     objective: tuple[str, ...] = ("masked",)
     weights: dict[str, float] = ranged(allowed=">= 0", default_factory=lambda: {"masked": 1.0, "contrastive": 1.0})
-    pair_family: str = one_of("scgpt", VALUE_FAMILIES)
+    pair_family: str = one_of("scgpt", ("scgpt", "genecompass", "geneformer"))
     pair_size: str = "debug"
     pair_overrides: dict = field(default_factory=dict)
     projection_dim: int = ranged(64, ">= 1")

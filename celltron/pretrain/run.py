@@ -146,7 +146,7 @@ def pretrain(
 def joint_tokenizer(config: PretrainConfig, corpus: Corpus, rna_tokenizer):
     """multimodal.joint: the RNA tokenizer extended with the named modalities' tokens over the
     corpus's features; proteins in rank order for a family that reads no values."""
-    from celltron.pretrain.config import VALUE_FAMILIES
+    from celltron.pretrain.config import adt_order
     from celltron.tokenizers.multimodal import MultiModalSettings, MultiModalTokenizer
 
     section = config.multimodal
@@ -160,7 +160,7 @@ def joint_tokenizer(config: PretrainConfig, corpus: Corpus, rna_tokenizer):
         adt_bins=section.adt_bins,
         atac_budget=section.atac_budget if "atac" in section.joint else 0,
         atac_select=section.atac_select,
-        adt_order="panel" if config.model.family in VALUE_FAMILIES else "rank",
+        adt_order=adt_order(config.model.family),
     )
     return MultiModalTokenizer.for_corpus(corpus, rna_tokenizer, settings, modalities=section.joint)
 
@@ -171,6 +171,7 @@ def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):
     import torch
 
     from celltron.model_zoo.contrastive import PairedPretraining, freeze_unused
+    from celltron.pretrain.config import adt_order
     from celltron.tokenizers.multimodal import PROTEIN_SPECIALS, PairTokens
 
     section = config.multimodal
@@ -179,15 +180,18 @@ def paired_model(config: PretrainConfig, corpus: Corpus, rna_model):
             f"multimodal.pair {section.pair}: {corpus.location} is an RNA corpus; build one from paired data "
             "(celltron corpus build --modality rna=... --modality adt=...)"
         )
-    tokens = PairTokens.for_corpus(corpus, section.pair, section.adt_bins, section.atac_budget, section.atac_select)
+    tokens = PairTokens.for_corpus(
+        corpus, section.pair, section.adt_bins, section.atac_budget, section.atac_select, adt_order(section.pair_family)
+    )
     # no dropout in the pair tower: its cells differ only in their values (a panel is the same
     # tokens for every cell), and dropout noise drowns that difference (CLIP trains without it)
-    dropout = {"scgpt": {"dropout": 0.0}, "genecompass": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+    bert_style = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    dropout = {"scgpt": {"dropout": 0.0}, "genecompass": bert_style, "geneformer": bert_style}
     # mean pooling: every token's value counts from the start (a <cls> token learns to gather them only slowly)
     overrides = {"pad_token_id": PROTEIN_SPECIALS.index("<pad>"), "cell_embedding": "mean", **dropout[section.pair_family]}
     overrides |= section.pair_overrides
     longest = 1 + (tokens.n_features if section.pair == "adt" else section.atac_budget)
-    if section.pair_family == "genecompass":
+    if FAMILIES[section.pair_family].has_position_limit:
         overrides["max_position_embeddings"] = max(512, longest)
     pair_model = build_model(section.pair_family, section.pair_size, vocab_size=tokens.vocab_size, **overrides)
     probe = {

@@ -96,11 +96,13 @@ def protein_tokens(cells: ModalityCells, n_features: int, n_bins: int | None, rn
 PROTEIN_SPECIALS = ("<pad>", "<cls>")  # a pair tower's vocabulary: these, then its modality's features
 
 
-def protein_sequences(cells: ModalityCells, n_features: int, n_bins: int | None, rng: np.random.Generator) -> RaggedTokens:
+def protein_sequences(
+    cells: ModalityCells, n_features: int, n_bins: int | None, rng: np.random.Generator, order: str = "panel"
+) -> RaggedTokens:
     """Tokens of a protein-only encoder (the dual encoder's second tower): per measured cell
-    `<cls>` (value 0) then every panel protein with its CLR bin (or value); ids index
-    PROTEIN_SPECIALS followed by the panel's antigens."""
-    features, values, lengths = protein_tokens(cells, n_features, n_bins, rng)
+    `<cls>` (value 0) then every panel protein with its CLR bin (or value), in panel or rank
+    order; ids index PROTEIN_SPECIALS followed by the panel's antigens."""
+    features, values, lengths = protein_tokens(cells, n_features, n_bins, rng, order)
     return _with_cls(features, values, lengths)
 
 
@@ -152,17 +154,29 @@ class PairTokens:
     """The pair tower's tokens (proteins or chromatin) of a batch of cells from `collate_cells`:
     `<cls>` then the modality's tokens, none for a cell not measured in it."""
 
-    def __init__(self, modality: str, n_features: int, adt_bins: int = 51, atac_budget: int = 256, atac_select="tfidf", idf=None):
+    def __init__(
+        self,
+        modality: str,
+        n_features: int,
+        adt_bins: int = 51,
+        atac_budget: int = 256,
+        atac_select="tfidf",
+        idf=None,
+        adt_order: str = "panel",
+    ):
         if modality not in ("adt", "atac"):
             raise ConfigError(f"a pair tower encodes adt or atac, not {modality!r}")
         if modality == "atac" and idf is None:
             raise ConfigError("chromatin tokens need the corpus's IDF per bin")
         self.modality, self.n_features = modality, n_features
         self.adt_bins, self.atac_budget, self.atac_select, self.idf = adt_bins, atac_budget, atac_select, idf
+        self.adt_order = adt_order  # rank: highest CLR first, for a tower that reads no values
         self.vocab_size = len(PROTEIN_SPECIALS) + n_features
 
     @classmethod
-    def for_corpus(cls, corpus, modality: str, adt_bins: int = 51, atac_budget: int = 256, atac_select: str = "tfidf"):
+    def for_corpus(
+        cls, corpus, modality: str, adt_bins: int = 51, atac_budget: int = 256, atac_select: str = "tfidf", adt_order="panel"
+    ):
         if modality not in corpus.modalities:
             raise ConfigError(
                 f"{corpus.location}: no {modality} modality (it holds {', '.join(corpus.modalities)}); "
@@ -172,12 +186,12 @@ class PairTokens:
         if modality == "atac":
             stats = corpus.manifest["modalities"]["atac"]["features"]
             idf = inverse_document_frequency(corpus.manifest["n_cells"], stats["cells_expressing"])
-        return cls(modality, corpus.n_features(modality), adt_bins, atac_budget, atac_select, idf)
+        return cls(modality, corpus.n_features(modality), adt_bins, atac_budget, atac_select, idf, adt_order)
 
     def __call__(self, flat: dict, rng: np.random.Generator) -> RaggedTokens:
         cells = ModalityCells.from_batch(flat, self.modality)
         if self.modality == "adt":
-            return protein_sequences(cells, self.n_features, self.adt_bins, rng)
+            return protein_sequences(cells, self.n_features, self.adt_bins, rng, self.adt_order)
         return atac_sequences(cells, self.atac_budget, self.idf, self.atac_select, rng)
 
 

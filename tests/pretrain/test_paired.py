@@ -2,8 +2,10 @@
 cells): the contrastive loss falls, a stopped run resumes with the uninterrupted losses, the
 export holds the RNA model and both towers, and configs refuse what cannot work."""
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,6 +66,33 @@ def test_chromatin_pairs_train_from_the_multiome_config(tmp_path):
     result = pretrain(config, tmp_path / "run")
     assert result.steps == 6 and len(metric_rows(tmp_path / "run", "contrastive_loss")) == 3
     assert DualEncoder.from_pretrained(result.export / PAIRED_EXPORT).modalities == ["rna", "atac"]
+
+
+def test_a_tower_of_a_family_that_reads_no_values_gets_the_proteins_in_rank_order(citeseq_corpus, tmp_path):
+    from celltron.corpus.store import Corpus
+    from celltron.corpus.stream import CorpusStream, collate_cells
+    from celltron.pretrain.run import paired_model
+    from celltron.tokenizers.multimodal import PROTEIN_SPECIALS, ModalityCells, protein_clr
+
+    config = config_for(
+        "geneformer_citeseq_debug.yaml",
+        citeseq_corpus,
+        multimodal={"pair_family": "geneformer"},
+        trainer={"max_steps": 6, "val_every": 6, "log_every": 2},
+    )
+    corpus = Corpus(citeseq_corpus)
+    rna = FAMILIES["geneformer"].model_class(FAMILIES["geneformer"].config_class.from_size("debug", vocab_size=64))
+    _, tokens, _ = paired_model(config, corpus, rna)
+    # the stream repeats epochs without end: take the first 8 cells
+    flat = collate_cells(list(itertools.islice(CorpusStream(corpus, split="train", shuffle=False, rank=0, world_size=1), 8)))
+    sequences = tokens(flat, np.random.default_rng(0))
+    clr = protein_clr(ModalityCells.from_batch(flat, "adt"), corpus.n_features("adt"))
+    for i in range(8):  # <cls>, then the panel from the highest CLR down
+        proteins = sequences[i][1:] - len(PROTEIN_SPECIALS)
+        assert sorted(proteins) == list(range(corpus.n_features("adt"))) and np.all(np.diff(clr[i, proteins]) <= 0)
+    result = pretrain(config, tmp_path)
+    assert len(metric_rows(tmp_path, "contrastive_loss")) == 3
+    assert type(DualEncoder.from_pretrained(result.export / PAIRED_EXPORT).encoders["adt"]) is FAMILIES["geneformer"].model_class
 
 
 def test_paired_settings_that_cannot_work_are_refused(citeseq_corpus, tmp_path, pbmc3k):
