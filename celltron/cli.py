@@ -684,8 +684,8 @@ def _parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="W",
         help="the anchored head's candidate weights for the model, each in [0, 1] (0: the baseline alone); "
-        "a weight above the smallest is taken only when its gain on the training block is beyond its 95%% "
-        "bootstrap interval; default 0 0.25 0.5 0.75 1",
+        "chosen by inner TF x target blocks of each fold's training block: a weight above the smallest is taken "
+        "only when its gain on the inner held-out blocks is beyond its 95%% bootstrap interval; default 0 0.25 0.5 0.75 1",
     )
     grn.add_argument(
         "--tokens",

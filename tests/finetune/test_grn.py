@@ -20,6 +20,7 @@ from celltron.finetune.grn.evaluate import (
     candidate_edges,
     check_anchor_weights,
     choose_anchor_weight,
+    choose_anchor_weight_by_inner_folds,
     coexpression_scores,
     degree_prior_scores,
     evaluate_edges,
@@ -229,7 +230,8 @@ def test_the_anchor_weight_is_chosen_without_reading_held_out_edges():
 
 
 def test_an_informative_model_earns_a_weight_and_lifts_the_baseline_on_held_out_blocks():
-    baseline, model, truth, tfs, targets, folds = _two_noisy_views(seed=2)
+    # inner blocks (1/9 of a training block each) need a network of this size to show the gain
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views(60, 160, seed=2)
     result = evaluate_on_folds(
         model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=100, anchor_weights=(1, 0.5, 0, 0.25, 0.75)
     )
@@ -257,6 +259,27 @@ def test_a_weight_whose_training_gain_is_noise_is_not_taken():
         assert all(low <= 0 for low in pick["gain_low"].values())
         best_of_grid.append(float(choose_best(pick["weight_scores"])))
     assert max(best_of_grid) > 0  # the rule mattered: the best score alone would have taken noise
+
+
+def test_the_weight_is_chosen_on_inner_blocks_each_anchored_on_a_baseline_built_without_them():
+    baseline, _, truth, tfs, targets, folds = _two_noisy_views(seed=4)
+    baseline = baseline.assign(score=np.round(baseline.score))
+    noise = baseline.assign(score=np.random.default_rng(0).normal(size=len(baseline)))
+    fold = folds[0]
+    built_from = []
+
+    def degree_prior_for(train_tfs):
+        built_from.append(set(train_tfs))
+        return degree_prior_scores(truth, train_tfs, tfs, targets)
+
+    pick = choose_anchor_weight_by_inner_folds(degree_prior_for, noise, truth, fold, (0, 0.05, 0.25, 1))
+    assert pick["weight"] == 0 and pick["inner_folds"] == 3  # noise earns nothing on inner held-out blocks
+    assert len(built_from) == 3 and all(tfs_ < set(fold["train_tfs"]) for tfs_ in built_from)
+    # each inner block's TFs are left out of its own prior, and every training TF is held out once
+    held_out = [set(fold["train_tfs"]) - tfs_ for tfs_ in built_from]
+    assert set().union(*held_out) == set(fold["train_tfs"]) and sum(map(len, held_out)) == len(fold["train_tfs"])
+    pick_with_model = choose_anchor_weight_by_inner_folds(lambda _: baseline, baseline, truth, fold, (0, 0.5))
+    assert set(pick_with_model["weight_scores"]) == {"0.0", "0.5"}
 
 
 def test_the_plain_head_scores_the_models_own_edges():

@@ -12,7 +12,8 @@ the training TFs' edges; intervals resample held-out TFs, and the model is compa
 baseline chosen on each fold's training edges.
 
 The anchored head (`anchored_scores`) ranks each held-out block by the chosen baseline's ranks
-blended with the model's, the model's weight chosen on the fold's training block: weight 0 is
+blended with the model's, the model's weight chosen by inner TF x target blocks of the fold's
+training block (each scored as the outer held-out block is, on a baseline built without it): weight 0 is
 the baseline itself, so the head can only add to the strongest baseline, never hide behind it.
 """
 
@@ -263,8 +264,9 @@ def evaluate_on_folds(
     block (ties to the first named), recorded in "best_baseline" ("model_view", "view_scores").
 
     With `anchor_weights` (the anchored head) "model" is the anchored score (`anchor_on_fold`),
-    its weight chosen per fold on the training block and recorded in "best_baseline" ("weight",
-    "weight_scores"); the model's own scores are then scored as "model_plain"."""
+    its weight chosen per fold by inner folds over the training block and recorded in
+    "best_baseline" ("weight", "weight_scores", "gain_low", "inner_folds"); the model's own scores
+    are then scored as "model_plain"."""
     anchored = model is not None and anchor_weights is not None
     views = model if isinstance(model, dict) else ({"model": model} if model is not None else {})
     runs = dict(baselines)
@@ -280,8 +282,9 @@ def evaluate_on_folds(
             pick |= view_choice
         if anchored:
             fold_runs["model_plain"] = fold_runs["model"]
+            baseline_for = _baseline_builder(pick["name"], runs, truth, tfs, targets)
             fold_runs["model"], choice = anchor_on_fold(
-                fold_runs[pick["name"]], fold_runs["model_plain"], truth, fold, anchor_weights
+                baseline_for, fold_runs["model_plain"], truth, fold, anchor_weights, seed=[seed, index]
             )
             pick |= choice
         chosen.append(pick)
@@ -296,6 +299,14 @@ def evaluate_on_folds(
     if model is not None:
         paired = _paired_with_best(fold_metrics, fold_draws, chosen, sum(len(f["test_tfs"]) for f in folds))
     return {"methods": methods, "best_baseline": chosen, "paired": paired}
+
+
+def _baseline_builder(name: str, runs: dict, truth: pd.DataFrame, tfs, targets):
+    """train_tfs -> the named baseline's edges as built from those training TFs: the degree prior
+    is rebuilt (it reads their truth edges), an expression baseline reads no truth and is as is."""
+    if name == "degree_prior":
+        return lambda train_tfs: degree_prior_scores(truth, train_tfs, tfs, targets)
+    return lambda train_tfs: runs[name]
 
 
 def best_baseline_on_training_edges(baselines: dict[str, pd.DataFrame], truth: pd.DataFrame, fold: dict) -> dict:
@@ -367,33 +378,86 @@ CHOICE_RESAMPLES = 200  # bootstrap draws of training TFs behind each anchor-wei
 def choose_anchor_weight(
     baseline: pd.DataFrame, model: pd.DataFrame, truth: pd.DataFrame, weights, resamples: int = CHOICE_RESAMPLES, seed=0
 ) -> dict:
-    """The weight (of `weights`, ascending) for the anchored ranking of `baseline`'s rows: the
-    smallest weight, unless a larger one gains AUPRC ratio over it beyond the 95% bootstrap
-    interval of the gain (training TFs resampled, the same draws for both); of those that do, the
-    best (ties to the smaller). A best-of-grid choice alone picked weights whose gain on the
-    training block was noise and cost the held-out block more than the interval (benchmarks/grn.md).
+    """The weight (of `weights`, ascending) for the anchored ranking of `baseline`'s rows, chosen
+    on those same rows: the smallest weight, unless a larger one gains AUPRC ratio over it beyond
+    the 95% bootstrap interval of the gain (TFs resampled, the same draws for both); of those that
+    do, the best (ties to the smaller). A best-of-grid choice alone picked weights whose gain was
+    noise and cost held-out blocks more than the interval (benchmarks/grn.md). In-sample: the
+    held-out protocol uses `choose_anchor_weight_by_inner_folds`.
     {"weight", "weight_scores": {str(weight): ratio}, "gain_low": {str(weight): the gain's lower bound}}."""
-    weights = list(weights)
-    scores = {str(w): evaluate_edges(anchored_scores(baseline, model, w), truth)[CHOICE_METRIC] for w in weights}
+    weights = [float(w) for w in weights]
     units = sorted(set(baseline.tf))
     draws = tf_resamples(len(units), resamples, seed)
-    smallest = resampled_metrics(anchored_scores(baseline, model, weights[0]), truth, units, draws)[CHOICE_METRIC]
-    gain_low = {}
-    for w in weights[1:]:
-        gain = resampled_metrics(anchored_scores(baseline, model, w), truth, units, draws)[CHOICE_METRIC] - smallest
-        gain_low[str(w)] = percentile_interval(gain)[0]
-    earned = {w: scores[w] for w, low in gain_low.items() if np.isfinite(low) and low > 0}
+    ranked = {w: anchored_scores(baseline, model, w) for w in weights}
+    scores = {w: evaluate_edges(edges, truth)[CHOICE_METRIC] for w, edges in ranked.items()}
+    resampled = {w: resampled_metrics(edges, truth, units, draws)[CHOICE_METRIC] for w, edges in ranked.items()}
+    return _earned_weight(weights, scores, resampled)
+
+
+INNER_FOLDS = 3  # inner TF x target blocks of a fold's training block, behind the anchor weight
+
+
+def choose_anchor_weight_by_inner_folds(
+    baseline_for,
+    model: pd.DataFrame,
+    truth: pd.DataFrame,
+    fold: dict,
+    weights,
+    n_inner: int = INNER_FOLDS,
+    resamples: int = CHOICE_RESAMPLES,
+    seed=0,
+) -> dict:
+    """The anchor weight for one outer fold, by inner cross-validation over its training block:
+    the training TFs and targets are dealt into `n_inner` TF x target blocks (`block_folds`), each
+    inner block is anchored on the baseline as it would be built without it (`baseline_for(train
+    TFs)`: the degree prior counts only the inner training TFs' edges, as the outer held-out block
+    counts only the outer training TFs'), and each weight is scored on the inner held-out blocks,
+    averaged over them. The rule of `choose_anchor_weight` then applies to those held-out scores
+    (a weight above the smallest only when its gain is beyond the 95% interval, inner held-out TFs
+    resampled). A gain seen on the whole training block can be a gain on the very TFs it was
+    measured on; an inner held-out gain is one that carried to other TFs (benchmarks/grn.md).
+    Only the outer training block is read. Adds "inner_folds" (the count) to the record."""
+    weights = [float(w) for w in weights]
+    n_inner = min(n_inner, len(fold["train_tfs"]), len(fold["train_targets"]))
+    if n_inner < 2:  # nothing to hold out inside the training block: the baseline alone
+        return {"weight": float(weights[0]), "weight_scores": {}, "gain_low": {}, "inner_folds": 0}
+    scores: dict[float, list] = {w: [] for w in weights}
+    resampled: dict[float, list] = {w: [] for w in weights}
+    seeds = list(np.atleast_1d(seed).astype(int))  # an int or a list of ints (outer seed, fold)
+    for index, inner in enumerate(block_folds(fold["train_tfs"], fold["train_targets"], n_inner, seed=seeds)):
+        test = [
+            block_edges(edges, inner["test_tfs"], inner["test_targets"]) for edges in (baseline_for(inner["train_tfs"]), model)
+        ]
+        draws = tf_resamples(len(inner["test_tfs"]), resamples, seed=[*seeds, index])
+        for w in weights:
+            ranked = anchored_scores(*test, w)
+            scores[w].append(evaluate_edges(ranked, truth)[CHOICE_METRIC])
+            resampled[w].append(resampled_metrics(ranked, truth, inner["test_tfs"], draws)[CHOICE_METRIC])
+    mean_scores = {w: _mean_over_folds(values) for w, values in scores.items()}
+    mean_draws = {w: _mean_over_folds(values) for w, values in resampled.items()}
+    return _earned_weight(weights, mean_scores, mean_draws) | {"inner_folds": n_inner}
+
+
+def _earned_weight(weights: list, scores: dict, resampled: dict) -> dict:
+    """The smallest weight unless larger ones gain over it beyond the 95% interval of the paired
+    resampled gain; the best of those (first on ties, so the smaller)."""
+    smallest = resampled[weights[0]]
+    gain_low = {str(w): percentile_interval(resampled[w] - smallest)[0] for w in weights[1:]}
+    as_text = {str(w): float(score) for w, score in scores.items()}
+    earned = {w: as_text[w] for w, low in gain_low.items() if np.isfinite(low) and low > 0}
     weight = float(choose_best(earned)) if earned else float(weights[0])
-    return {"weight": weight, "weight_scores": scores, "gain_low": gain_low}
+    return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
 
 
-def anchor_on_fold(baseline: pd.DataFrame, model: pd.DataFrame, truth: pd.DataFrame, fold: dict, weights) -> tuple:
+def anchor_on_fold(baseline_for, model: pd.DataFrame, truth: pd.DataFrame, fold: dict, weights, seed=0) -> tuple:
     """The anchored head on one fold: (its scores over the held-out block, the weight choice).
-    The weight is chosen on the training block (training TFs x training targets; `baseline` is
-    the fold's own, e.g. the degree prior built from its training TFs), so no held-out pair is
-    read. Only the weight is fitted: the model's scores read no truth, so need no inner refit."""
-    train = [block_edges(edges, fold["train_tfs"], fold["train_targets"]) for edges in (baseline, model)]
-    choice = choose_anchor_weight(*train, truth, check_anchor_weights(weights))
+    `baseline_for(train_tfs)` gives the baseline's edges built from those training TFs (the
+    degree prior reads their truth edges; expression baselines read none and ignore them). The
+    weight is chosen by inner folds over the training block (`choose_anchor_weight_by_inner_folds`),
+    so no held-out pair is read. Only the weight is fitted: the model's scores read no truth, so
+    need no inner refit."""
+    choice = choose_anchor_weight_by_inner_folds(baseline_for, model, truth, fold, check_anchor_weights(weights), seed=seed)
+    baseline = baseline_for(fold["train_tfs"])
     test = [block_edges(edges, fold["test_tfs"], fold["test_targets"]) for edges in (baseline, model)]
     return anchored_scores(*test, choice["weight"]), choice
 

@@ -445,8 +445,8 @@ def run_grn(
     training edges. Each method's score over the whole candidate set stays under "all_pairs".
 
     `head` "anchored" (the default) scores as "model" the chosen baseline's ranks blended with
-    the model's, the model's weight (of `anchor_weights`) chosen per fold on the training block
-    and recorded beside the chosen baseline ("best_baseline": "weight", "weight_scores"); the
+    the model's, the model's weight (of `anchor_weights`) chosen per fold by inner TF x target
+    blocks of the training block and recorded beside the chosen baseline ("best_baseline": "weight", "weight_scores"); the
     model's own scores are then "model_plain". "plain" scores the model's own scores as "model".
     edges.tsv always holds the model's own scores: the anchored ranking depends on the truth
     (through the baseline choice and the degree prior), so it is an evaluation, not an inference.
@@ -602,7 +602,7 @@ def _paired_line(paired: dict, anchored: bool = False) -> str:
 def _weights_line(picks: list[dict]) -> str:
     """The model's weight in the anchored head per fold, with the baseline it anchors on."""
     folds = ", ".join(f"fold {i + 1}: {pick['weight']:g} on {pick['name']}" for i, pick in enumerate(picks))
-    return f"anchor weight per fold (the model's share, chosen on the fold's training edges; 0 = baseline alone): {folds}"
+    return f"anchor weight per fold (the model's share, chosen by inner blocks of the fold's training edges; 0 = baseline alone): {folds}"
 
 
 def _device_name(model) -> str:
