@@ -93,7 +93,9 @@ def table(metrics: dict) -> str:
         + ", ".join(f"seed {seed}: {c['name']}" + (f", w = {c['weight']}" if "weight" in c else "") for seed, c in chosen.items())
     )
     d = metrics.get("paired")
-    if d:
+    if d and d["mean"] is None:  # the headline is undefined (per-drug Pearson of an unseen cell line)
+        text += f"\n- model − {d['baseline']} on {d['metric']}: undefined over {d['n_units']} drugs — {d['verdict']}"
+    elif d:
         bounds = "(no interval)" if d["low"] is None else f"[{d['low']:+.3f}, {d['high']:+.3f}]"
         text += (
             f"\n- model − {d['baseline']} on {d['metric']}: {d['mean']:+.3f} {bounds} over {d['n_units']} drugs — {d['verdict']}"

@@ -172,13 +172,20 @@ def anchor(baseline: np.ndarray, model: np.ndarray, weight: float) -> np.ndarray
     return baseline if weight == 0 else baseline + weight * (model - baseline)
 
 
+TIE_TOLERANCE = 1e-9  # relative: scores this close are the same score computed in another order
+
+
 def choose_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
-    """The name with the best finite score (ties: the first named); scores come from training units."""
-    finite = {k: v for k, v in scores.items() if _finite(v)}
+    """The name with the best finite score (ties: the first named); scores come from training units.
+    Scores within TIE_TOLERANCE of the best tie: a blend w x model + (1 − w) x baseline equal to
+    the baseline scores differently in the last bits for each w, and such noise must not pick a
+    larger weight over the baseline's own."""
+    finite = {k: float(v) for k, v in scores.items() if _finite(v)}
     if not finite:
         return next(iter(scores))
-    pick = max if higher_is_better else min
-    return pick(finite, key=finite.get)
+    best = max(finite.values()) if higher_is_better else min(finite.values())
+    tolerance = TIE_TOLERANCE * max(1.0, abs(best))
+    return next(k for k, v in finite.items() if abs(v - best) <= tolerance)
 
 
 def paired_over_seeds(model: dict, baseline: dict, metric: str, unit: str, names: str) -> dict:

@@ -37,6 +37,7 @@ from celltron.finetune.drug.ic50 import (
     split_pairs,
     tanimoto,
 )
+from celltron.finetune.report import choose_best
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,6 +200,21 @@ def test_anchor_weight_zero_is_the_best_baseline_exactly(tmp_path):
     assert metrics["model"]["per_seed"]["0"] == baseline["per_seed"]["0"]
     assert metrics["paired"]["mean"] == 0 and metrics["paired"]["n_units"] >= 2
     assert metrics["model_plain"]["per_drug"]["0"] != baseline["per_drug"]["0"]  # the model itself differs
+
+
+def test_a_blend_equal_to_the_baseline_up_to_rounding_keeps_weight_zero():
+    # cell-line split without profiles: every blend's per-drug Pearson is the baseline's, computed
+    # in another order (seen in the GDSC run: weight 0.5 taken for a gain of 3e-18)
+    baseline = np.array([1.0, 2.5, 0.3, 4.0, 2.2]) / 3
+    model = baseline * (1 + 1e-15)
+    scores = {}
+    for w in (0.0, 0.25, 0.5, 0.75):
+        blend = baseline + w * (model - baseline)
+        scores[str(w)] = float(np.corrcoef(blend, [0.1, 1.0, 0.0, 2.0, 1.5])[0, 1])
+    assert choose_best(scores) == "0.0"
+    assert choose_best({"0.0": 0.5, "0.5": 0.5 + 1e-6}) == "0.5"  # a real gain still wins
+    assert choose_best({"a": 2.0, "b": 1.0}, higher_is_better=False) == "b"
+    assert choose_best({"a": float("nan"), "b": None}) == "a"  # nothing finite: the first named
 
 
 def test_a_model_that_learns_interactions_gets_a_residual_weight(tmp_path):
