@@ -152,6 +152,9 @@ class DrugSection:
         fold besides the outer one, per seed. In both modes (ic50: drugs, cell lines or pairs;
         expression: drugs or drug x dose combinations).
     anchor_weights: the residual weights the anchored head chooses from (ties: the smaller).
+    step_fractions: ic50: the model's training lengths the anchored head chooses from, as shares
+        of trainer.max_steps, by the same inner cross-validation (on the model alone; ties: the
+        shorter). One run per fit: predictions are taken as training passes each length.
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -172,6 +175,7 @@ class DrugSection:
     control_cells: int = ranged(256, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""
@@ -256,6 +260,8 @@ class FinetuneConfig:
             raise ConfigError(f"{where}: drug.seeds is empty; give at least one seed")
         if not drug.anchor_weights:
             raise ConfigError(f"{where}: drug.anchor_weights is empty; give at least one weight in [0, 1]")
+        if not drug.step_fractions:
+            raise ConfigError(f"{where}: drug.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]")
         if drug.mode == "expression" and drug.expression:
             raise ConfigError(
                 f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "

@@ -72,12 +72,41 @@ class ExamplesDataModule(pl.LightningDataModule):
         self.start = int(state["examples"])
 
 
+class PredictAtSteps(pl.Callback):
+    """Calls `predict(model)` (in eval mode, without gradients) when training reaches each of
+    `steps`, keeping the results by step: one run gives the model as it was after each training
+    length, so a length can be chosen by cross-validation without a run per length (the learning-
+    rate schedule is the full run's at every length, in the inner runs as in the outer one)."""
+
+    def __init__(self, steps, predict: Callable[[torch.nn.Module], object]):
+        super().__init__()
+        self.steps, self.predict, self.predictions = set(steps), predict, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # optimizer steps taken; micro-batches of one step see it once first
+        if step in self.steps and step not in self.predictions:
+            model = module.model
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                self.predictions[step] = self.predict(model)
+            model.train(was_training)
+
+
 def train_task_model(
-    config, model: torch.nn.Module, train: Dataset, collate: Callable, out: Path, seed: int, resume: str | None = None
+    config,
+    model: torch.nn.Module,
+    train: Dataset,
+    collate: Callable,
+    out: Path,
+    seed: int,
+    resume: str | None = None,
+    callbacks: list | None = None,
 ) -> tuple[torch.nn.Module, bool]:
     """Fine-tune `model` (whose forward returns `.loss`) on `train` as `config` says, writing the
-    run (checkpoints, metrics.csv, logs) under `out`. Returns the trained model and whether
-    this process is the first (the one that evaluates and writes results)."""
+    run (checkpoints, metrics.csv, logs) under `out`; `callbacks`: extra Lightning callbacks (e.g.
+    PredictAtSteps). Returns the trained model and whether this process is the first (the one
+    that evaluates and writes results)."""
     ckpt_path = resolve_resume(resume, out)  # a damaged checkpoint is refused before `out` is written
     out.mkdir(parents=True, exist_ok=True)
     model.train()  # from_pretrained leaves models in eval mode (no dropout)
@@ -85,7 +114,7 @@ def train_task_model(
         model, config.optim, config.trainer.max_steps, offload_optimizer=config.trainer.strategy.endswith("offload")
     )
     data = ExamplesDataModule(train, collate, config.data.batch_size, config.data.num_workers, seed)
-    trainer, signals = build_trainer(config, out, val_batches=0)
+    trainer, signals = build_trainer(config, out, callbacks, val_batches=0)
     fit(trainer, module, data, signals, ckpt_path, out / CHECKPOINT_DIR)
     stopped_by = stop_reason(signals, trainer)
     if stopped_by == "signal":

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 from dataclasses import replace
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -19,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from celltron.cli import main
+from celltron.finetune.config import load_finetune_config
 from celltron.finetune.drug.features import informative_pathway, parse_targets
 from celltron.finetune.drug.ic50 import (
     KERNEL_GRID,
@@ -27,6 +29,8 @@ from celltron.finetune.drug.ic50 import (
     DrugResponseModel,
     Kernel,
     SimilarDrugs,
+    _fit_model,
+    _model_predictions,
     baseline_predictions,
     choose_kernel,
     drug_response_metrics,
@@ -38,9 +42,11 @@ from celltron.finetune.drug.ic50 import (
     tanimoto,
 )
 from celltron.finetune.report import choose_best
+from celltron.training.examples import PredictAtSteps
 from tests.conftest import shared_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "finetune" / "drug_response.yaml"
 
 # well-known drugs; the quinazolines (gefitinib, erlotinib) and the two NSAIDs are chemically close
 SMILES = {
@@ -187,8 +193,35 @@ def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path, ca
     for seed, choice in metrics["best_baseline"]["per_seed"].items():
         assert choice["weight"] in weights and choice["weight_scores"].keys() == {str(w) for w in weights}
         assert choice["weight_scores"][str(choice["weight"])] == max(v for v in choice["weight_scores"].values() if v is not None)
+        # and a training length: a quarter, half or all of the 30 steps, by the model's inner score
+        assert choice["step_scores"].keys() == {"8", "15", "30"} and choice["steps"] in (8, 15, 30)
+        finite = {k: v for k, v in choice["step_scores"].items() if v is not None}
+        assert not finite or choice["step_scores"][str(choice["steps"])] == max(finite.values())
     printed = capsys.readouterr().out
     assert "anchored head" in printed and "seed 1: " in printed and "model − " in printed
+
+
+def test_predictions_are_taken_from_the_model_as_it_was_after_each_training_length(tmp_path):
+    pairs, prints = _table(1.5, seed=3)
+    config = load_finetune_config(
+        CONFIG, ["trainer.max_steps=12", "data.batch_size=32", "drug.hidden=16", "optim.warmup_steps=2"]
+    )
+    weights = lambda model: [p.detach().clone() for p in model.parameters()]  # noqa: E731
+    seen = []
+
+    def snapshots(drug_index, cell_index):
+        seen.append(PredictAtSteps([4, 12], lambda model: (weights(model), model.training)))
+        return seen
+
+    model, *_ = _fit_model(config, pairs, prints, tmp_path / "fit", seed=0, on_indices=snapshots)
+    taken = seen[0].predictions
+    assert sorted(taken) == [4, 12]
+    assert all(not training for _, training in taken.values())  # predicted in eval mode (no dropout)
+    final = weights(model)
+    assert all(torch.equal(a, b) for a, b in zip(taken[12][0], final))  # the last step is the trained model
+    assert not all(torch.equal(a, b) for a, b in zip(taken[4][0], final))  # step 4 is the model then
+    lengths = _model_predictions(config, pairs, pairs.iloc[:50], prints, tmp_path / "lengths", 0, lengths=(4, 12))
+    assert sorted(lengths) == [4, 12] and not np.allclose(lengths[4], lengths[12])
 
 
 def test_anchor_weight_zero_is_the_best_baseline_exactly(tmp_path):

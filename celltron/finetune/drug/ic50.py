@@ -15,8 +15,8 @@ by inner cross-validation over the training pairs. The model is judged against t
 on per-drug Pearson, chosen per seed by an inner cross-validation over the training pairs
 (grouped as the split groups them): model − that baseline per held-out drug, with a 95% interval.
 The anchored head (the default) predicts that baseline plus a weighted model residual, the
-weight chosen by a second inner cross-validation (weight 0: the baseline itself); `--head plain`
-is the model alone.
+model's training length and the weight chosen by a second inner cross-validation (weight 0: the
+baseline itself); `--head plain` is the model alone, trained the full length.
 
 The `expression` mode (chemCPA style) lives in celltron.finetune.drug.expression.
 """
@@ -53,7 +53,7 @@ from celltron.io import write_file_atomically
 from celltron.lab.data import read_configured_lab_data
 from celltron.lab.embed import embed
 from celltron.preprocessing import log_normalise
-from celltron.training.examples import train_task_model
+from celltron.training.examples import PredictAtSteps, train_task_model
 
 log = logging.getLogger(__name__)
 SPLITS = ("random", "cell_line", "drug")
@@ -583,6 +583,16 @@ def _unchosen(similar: SimilarDrugs | None, kind: str, seed: int, compound_of: d
     return replace(similar, kind=kind, seed=seed, kernel=None)
 
 
+def training_lengths(config) -> tuple[int, ...]:
+    """The model's training lengths (steps) the anchored head chooses from: drug.step_fractions
+    of trainer.max_steps, at least one step each, ascending. The plain head makes no choice: the
+    full length only."""
+    max_steps = config.trainer.max_steps
+    if config.drug.head != "anchored":
+        return (max_steps,)
+    return tuple(sorted({max(1, round(f * max_steps)) for f in config.drug.step_fractions}))
+
+
 def choose_weight(
     config,
     train: pd.DataFrame,
@@ -592,37 +602,44 @@ def choose_weight(
     compound_of: dict | None = None,
     expression=None,
     similar: SimilarDrugs | None = None,
-) -> tuple[float | None, dict]:
-    """The anchored head's residual weight, by inner cross-validation over the training pairs
-    (the folds choose_baseline uses): in each inner fold a baseline is chosen and a model trained
-    on the inner training pairs alone (the outer choice saw the inner held-out pairs), and each
-    weight's blend is scored on HEADLINE over the inner held-out pairs; the best mean over folds
-    wins (ties, or no score at all: the smaller weight, the baseline's side).
+) -> dict | None:
+    """The anchored head's training length and residual weight, by inner cross-validation over
+    the training pairs (the folds choose_baseline uses): in each inner fold a baseline is chosen
+    and a model trained on the inner training pairs alone (the outer choice saw the inner
+    held-out pairs), its predictions taken after each of `training_lengths`. The length is the
+    one whose model alone scores best on HEADLINE over the inner held-out pairs (mean over
+    folds); the weight, the best blend at that length. Ties, or no score at all, go to the
+    shorter length and the smaller weight (the baseline's side).
 
     Returns:
-        (the weight, {str(weight): its inner score}); (None, {}) on processes other than the first.
+        {"steps", "step_scores": {str(steps): the model's inner score}, "weight",
+        "weight_scores": {str(weight): the blend's inner score at the chosen length}}; None on
+        processes other than the first.
     """
     section, kind = config.drug, config.drug.split_kind()
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
-    weights = sorted(set(section.anchor_weights))
-    per_fold, first = {w: [] for w in weights}, True
+    weights, lengths = sorted(set(section.anchor_weights)), training_lengths(config)
+    alone = {steps: [] for steps in lengths}
+    blended = {(steps, w): [] for steps in lengths for w in weights}
     similar = _unchosen(similar, kind, seed, compound_of)
     for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
         inner_train, inner_test = train[~held], train[held]
         chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for, similar=similar)["name"]
         profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
         baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=similar)[chosen]
-        model = _model_predictions(config, inner_train, inner_test, prints, out / f"inner{j}", seed, expression)
-        if model is None:
-            first = False
-            continue
+        by_length = _model_predictions(config, inner_train, inner_test, prints, out / f"inner{j}", seed, expression, lengths)
+        if by_length is None:
+            return None
         truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
-        for w in weights:
-            per_fold[w].append(drug_response_metrics(anchor(baseline, model, w), truth, drugs)[HEADLINE])
-    if not first:
-        return None, {}
-    scores = {str(w): _finite_mean(values) for w, values in per_fold.items()}
-    return float(choose_best(scores, higher_is_better=True)), scores
+        for steps, model in by_length.items():
+            alone[steps].append(drug_response_metrics(model, truth, drugs)[HEADLINE])
+            for w in weights:
+                blended[steps, w].append(drug_response_metrics(anchor(baseline, model, w), truth, drugs)[HEADLINE])
+    step_scores = {str(steps): _finite_mean(values) for steps, values in alone.items()}
+    steps = int(choose_best(step_scores, higher_is_better=True))
+    weight_scores = {str(w): _finite_mean(blended[steps, w]) for w in weights}
+    weight = float(choose_best(weight_scores, higher_is_better=True))
+    return {"steps": steps, "step_scores": step_scores, "weight": weight, "weight_scores": weight_scores}
 
 
 def _finite_mean(values) -> float:
@@ -746,10 +763,11 @@ def _feature_matrix(features: dict[str, np.ndarray], train_lines) -> tuple[dict,
     return {c: i + 1 for i, c in enumerate(lines)}, np.concatenate([np.zeros((1, matrix.shape[1])), matrix]).astype(np.float32)
 
 
-def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, features: dict | None = None):
+def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, features: dict | None = None, on_indices=None):
     """Train the model on the training pairs; `features` (cell line -> expression features)
-    replace the learned cell-line embeddings. Returns (model, drug index, cell index) on the
-    first process, None on the others."""
+    replace the learned cell-line embeddings; `on_indices(drug index, cell index)` gives the
+    extra Lightning callbacks once the indices are known. Returns (model, drug index, cell index)
+    on the first process, None on the others."""
     import lightning.pytorch as pl
 
     drugs = sorted(prints)
@@ -768,26 +786,49 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, 
         matrix, len(cell_index) + 1, config.drug.hidden, drug_bias=drug_bias, cell_bias=cell_bias, cell_features=cell_matrix
     )
     dataset = Pairs(train.drug.map(drug_index).to_numpy(), train.cell_line.map(cell_index).to_numpy(), train.ln_ic50.to_numpy())
-    model, first = train_task_model(config, model, dataset, collate_pairs, out, seed)
+    callbacks = on_indices(drug_index, cell_index) if on_indices else None
+    model, first = train_task_model(config, model, dataset, collate_pairs, out, seed, callbacks=callbacks)
     return (model, drug_index, cell_index) if first else None
 
 
-def _model_predictions(config, train, test, prints, out: Path, seed: int, expression=None) -> np.ndarray | None:
+def _model_predictions(
+    config, train, test, prints, out: Path, seed: int, expression=None, lengths: tuple[int, ...] = ()
+) -> dict[int, np.ndarray] | None:
     """Train the model on `train` and predict `test` (cell-line features, when profiles are
-    given, made from `train`'s lines); None on processes other than the first."""
+    given, made from `train`'s lines): {steps: predictions} after each of `lengths` (the full
+    trainer.max_steps always). None on processes other than the first."""
     lines = train.cell_line.unique()
     features = expression.features(lines, config.drug.pca_components) if expression is not None else None
-    fitted = _fit_model(config, train, prints, out, seed, features)
-    return None if fitted is None else _predict(fitted, test)
+    full = config.trainer.max_steps
+    shorter = sorted(steps for steps in set(lengths) if steps < full)
+    snapshots = []
+
+    def predict_at(drug_index, cell_index):
+        snapshots.append(PredictAtSteps(shorter, lambda model: _predict((model, drug_index, cell_index), test)))
+        return snapshots
+
+    fitted = _fit_model(config, train, prints, out, seed, features, on_indices=predict_at if shorter else None)
+    if fitted is None:
+        return None
+    by_length = dict(snapshots[0].predictions) if snapshots else {}
+    missing = [steps for steps in shorter if steps not in by_length]
+    if missing:
+        raise InputError(
+            f"{out}: no predictions after step(s) {missing}: the run resumed past them or stopped before; "
+            "delete the folder's checkpoints and run again"
+        )
+    return {**by_length, full: _predict(fitted, test)}
 
 
 @torch.no_grad()
 def _predict(fitted, test: pd.DataFrame) -> np.ndarray:
     model, drug_index, cell_index = fitted
     model.eval()
-    drug = torch.as_tensor(test.drug.map(drug_index).fillna(0).astype(int).to_numpy())
-    cell = torch.as_tensor(test.cell_line.map(cell_index).fillna(0).astype(int).to_numpy())
-    return torch.cat([model(drug=d, cell_line=c).predicted for d, c in zip(drug.split(4096), cell.split(4096))]).numpy()
+    device = model.fingerprints.device
+    drug = torch.as_tensor(test.drug.map(drug_index).fillna(0).astype(int).to_numpy(), device=device)
+    cell = torch.as_tensor(test.cell_line.map(cell_index).fillna(0).astype(int).to_numpy(), device=device)
+    batches = zip(drug.split(4096), cell.split(4096))
+    return torch.cat([model(drug=d, cell_line=c).predicted.float() for d, c in batches]).cpu().numpy()
 
 
 def _read_inputs(config, model: str | None):
@@ -870,14 +911,16 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
             where = out / f"seed{seed}"
-            plain = _model_predictions(config, train, test, prints, where, seed, expression)
-            weight = 1.0  # the plain head: the model's residual whole
+            by_length = _model_predictions(config, train, test, prints, where, seed, expression, training_lengths(config))
+            # the plain head: the model's residual whole, trained the full length
+            choice = {"steps": config.trainer.max_steps, "weight": 1.0}
             if section.head == "anchored":  # every process trains the inner models too (they train together)
-                weight, weight_scores = choose_weight(config, train, prints, seed, where, compound_of, expression, similar)
-                best[seed].update(weight=weight, weight_scores=weight_scores)
-            if plain is None or weight is None:
+                choice = choose_weight(config, train, prints, seed, where, compound_of, expression, similar)
+                best[seed].update(choice or {})
+            if by_length is None or choice is None:
                 first = False
                 continue
+            plain, weight = by_length[choice["steps"]], choice["weight"]
             truth, drugs = test.ln_ic50.to_numpy(), test.drug.to_numpy()
             predictions["model"] = anchor(predictions[best[seed]["name"]], plain, weight) if section.head == "anchored" else plain
             model_runs[seed] = drug_response_metrics(predictions["model"], truth, drugs)
