@@ -272,9 +272,16 @@ def test_the_weight_is_chosen_on_inner_blocks_each_anchored_on_a_baseline_built_
         built_from.append(set(train_tfs))
         return degree_prior_scores(truth, train_tfs, tfs, targets)
 
-    pick = choose_anchor_weight_by_inner_folds(degree_prior_for, noise, truth, fold, (0, 0.05, 0.25, 1))
+    views_chosen_on = []
+
+    def view_for(inner):  # a model view (attention layer / head) is chosen on the inner training block
+        views_chosen_on.append(set(inner["train_tfs"]))
+        return noise
+
+    pick = choose_anchor_weight_by_inner_folds(degree_prior_for, view_for, truth, fold, (0, 0.05, 0.25, 1))
     assert pick["weight"] == 0 and pick["inner_folds"] == 3  # noise earns nothing on inner held-out blocks
     assert len(built_from) == 3 and all(tfs_ < set(fold["train_tfs"]) for tfs_ in built_from)
+    assert views_chosen_on == built_from  # never on the whole training block, which holds the inner tests
     # each inner block's TFs are left out of its own prior, and every training TF is held out once
     held_out = [set(fold["train_tfs"]) - tfs_ for tfs_ in built_from]
     assert set().union(*held_out) == set(fold["train_tfs"]) and sum(map(len, held_out)) == len(fold["train_tfs"])

@@ -19,6 +19,7 @@ the baseline itself, so the head can only add to the strongest baseline, never h
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -283,9 +284,8 @@ def evaluate_on_folds(
         if anchored:
             fold_runs["model_plain"] = fold_runs["model"]
             baseline_for = _baseline_builder(pick["name"], runs, truth, tfs, targets)
-            fold_runs["model"], choice = anchor_on_fold(
-                baseline_for, fold_runs["model_plain"], truth, fold, anchor_weights, seed=[seed, index]
-            )
+            model_for = partial(_view_for_fold, views, truth)  # the view, too, is chosen inside each inner fold
+            fold_runs["model"], choice = anchor_on_fold(baseline_for, model_for, truth, fold, anchor_weights, seed=[seed, index])
             pick |= choice
         chosen.append(pick)
         # one draw of held-out TFs per fold, shared by every method: differences are paired
@@ -299,6 +299,10 @@ def evaluate_on_folds(
     if model is not None:
         paired = _paired_with_best(fold_metrics, fold_draws, chosen, sum(len(f["test_tfs"]) for f in folds))
     return {"methods": methods, "best_baseline": chosen, "paired": paired}
+
+
+def _view_for_fold(views: dict[str, pd.DataFrame], truth: pd.DataFrame, fold: dict) -> pd.DataFrame:
+    return view_on_training_edges(views, truth, fold)[0]
 
 
 def _baseline_builder(name: str, runs: dict, truth: pd.DataFrame, tfs, targets):
@@ -399,7 +403,7 @@ INNER_FOLDS = 3  # inner TF x target blocks of a fold's training block, behind t
 
 def choose_anchor_weight_by_inner_folds(
     baseline_for,
-    model: pd.DataFrame,
+    model,
     truth: pd.DataFrame,
     fold: dict,
     weights,
@@ -416,6 +420,9 @@ def choose_anchor_weight_by_inner_folds(
     (a weight above the smallest only when its gain is beyond the 95% interval, inner held-out TFs
     resampled). A gain seen on the whole training block can be a gain on the very TFs it was
     measured on; an inner held-out gain is one that carried to other TFs (benchmarks/grn.md).
+    `model` is the model's edges, or `model(fold)` gives them as chosen on a fold's training
+    block (the attention view): every choice is then remade inside each inner fold, since a view
+    picked on the whole training block has seen the inner held-out pairs and flatters its weight.
     Only the outer training block is read. Adds "inner_folds" (the count) to the record."""
     weights = [float(w) for w in weights]
     n_inner = min(n_inner, len(fold["train_tfs"]), len(fold["train_targets"]))
@@ -425,8 +432,10 @@ def choose_anchor_weight_by_inner_folds(
     resampled: dict[float, list] = {w: [] for w in weights}
     seeds = list(np.atleast_1d(seed).astype(int))  # an int or a list of ints (outer seed, fold)
     for index, inner in enumerate(block_folds(fold["train_tfs"], fold["train_targets"], n_inner, seed=seeds)):
+        inner_model = model(inner) if callable(model) else model
         test = [
-            block_edges(edges, inner["test_tfs"], inner["test_targets"]) for edges in (baseline_for(inner["train_tfs"]), model)
+            block_edges(edges, inner["test_tfs"], inner["test_targets"])
+            for edges in (baseline_for(inner["train_tfs"]), inner_model)
         ]
         draws = tf_resamples(len(inner["test_tfs"]), resamples, seed=[*seeds, index])
         for w in weights:
@@ -449,15 +458,15 @@ def _earned_weight(weights: list, scores: dict, resampled: dict) -> dict:
     return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
 
 
-def anchor_on_fold(baseline_for, model: pd.DataFrame, truth: pd.DataFrame, fold: dict, weights, seed=0) -> tuple:
+def anchor_on_fold(baseline_for, model, truth: pd.DataFrame, fold: dict, weights, seed=0) -> tuple:
     """The anchored head on one fold: (its scores over the held-out block, the weight choice).
     `baseline_for(train_tfs)` gives the baseline's edges built from those training TFs (the
     degree prior reads their truth edges; expression baselines read none and ignore them). The
     weight is chosen by inner folds over the training block (`choose_anchor_weight_by_inner_folds`),
-    so no held-out pair is read. Only the weight is fitted: the model's scores read no truth, so
-    need no inner refit."""
+    so no held-out pair is read; `model` as there (edges, or fold -> edges chosen on its training
+    block). Only the weight is fitted: the model's scores read no truth, so need no inner refit."""
     choice = choose_anchor_weight_by_inner_folds(baseline_for, model, truth, fold, check_anchor_weights(weights), seed=seed)
-    baseline = baseline_for(fold["train_tfs"])
+    baseline, model = baseline_for(fold["train_tfs"]), model(fold) if callable(model) else model
     test = [block_edges(edges, fold["test_tfs"], fold["test_targets"]) for edges in (baseline, model)]
     return anchored_scores(*test, choice["weight"]), choice
 
