@@ -206,7 +206,10 @@ def test_predictions_are_taken_from_the_model_as_it_was_after_each_training_leng
     config = load_finetune_config(
         CONFIG, ["trainer.max_steps=12", "data.batch_size=32", "drug.hidden=16", "optim.warmup_steps=2"]
     )
-    weights = lambda model: [p.detach().clone() for p in model.parameters()]  # noqa: E731
+
+    def weights(model):
+        return [p.detach().clone() for p in model.parameters()]
+
     seen = []
 
     def snapshots(drug_index, cell_index):

@@ -285,7 +285,16 @@ def evaluate_on_folds(
             fold_runs["model_plain"] = fold_runs["model"]
             baseline_for = _baseline_builder(pick["name"], runs, truth, tfs, targets)
             model_for = partial(_view_for_fold, views, truth)  # the view, too, is chosen inside each inner fold
-            fold_runs["model"], choice = anchor_on_fold(baseline_for, model_for, truth, fold, anchor_weights, seed=[seed, index])
+            fold_runs["model"], choice = anchor_on_fold(
+                fold_runs[pick["name"]],
+                fold_runs["model_plain"],
+                truth,
+                fold,
+                anchor_weights,
+                baseline_for,
+                model_for,
+                [seed, index],
+            )
             pick |= choice
         chosen.append(pick)
         # one draw of held-out TFs per fold, shared by every method: differences are paired
@@ -458,15 +467,17 @@ def _earned_weight(weights: list, scores: dict, resampled: dict) -> dict:
     return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
 
 
-def anchor_on_fold(baseline_for, model, truth: pd.DataFrame, fold: dict, weights, seed=0) -> tuple:
+def anchor_on_fold(
+    baseline: pd.DataFrame, model: pd.DataFrame, truth: pd.DataFrame, fold: dict, weights, baseline_for, model_for=None, seed=0
+) -> tuple:
     """The anchored head on one fold: (its scores over the held-out block, the weight choice).
-    `baseline_for(train_tfs)` gives the baseline's edges built from those training TFs (the
-    degree prior reads their truth edges; expression baselines read none and ignore them). The
-    weight is chosen by inner folds over the training block (`choose_anchor_weight_by_inner_folds`),
-    so no held-out pair is read; `model` as there (edges, or fold -> edges chosen on its training
-    block). Only the weight is fitted: the model's scores read no truth, so need no inner refit."""
-    choice = choose_anchor_weight_by_inner_folds(baseline_for, model, truth, fold, check_anchor_weights(weights), seed=seed)
-    baseline, model = baseline_for(fold["train_tfs"]), model(fold) if callable(model) else model
+    `baseline` and `model` are the fold's own edges (the degree prior from its training TFs, the
+    view chosen on its training block); `baseline_for(train_tfs)` and `model_for(fold)` (default:
+    `model` as is) remake them for each inner fold of `choose_anchor_weight_by_inner_folds`, which
+    chooses the weight, so no held-out pair is read. Only the weight is fitted: the model's scores
+    read no truth, so need no inner refit."""
+    inner_model = model_for if model_for is not None else model
+    choice = choose_anchor_weight_by_inner_folds(baseline_for, inner_model, truth, fold, check_anchor_weights(weights), seed=seed)
     test = [block_edges(edges, fold["test_tfs"], fold["test_targets"]) for edges in (baseline, model)]
     return anchored_scores(*test, choice["weight"]), choice
 

@@ -446,8 +446,8 @@ def run_grn(
 
     `head` "anchored" (the default) scores as "model" the chosen baseline's ranks blended with
     the model's, the model's weight (of `anchor_weights`) chosen per fold by inner TF x target
-    blocks of the training block and recorded beside the chosen baseline ("best_baseline": "weight", "weight_scores"); the
-    model's own scores are then "model_plain". "plain" scores the model's own scores as "model".
+    blocks of the training block and recorded beside the chosen baseline ("best_baseline":
+    "weight", "weight_scores"); the model's own scores are then "model_plain". "plain" scores the model's own scores as "model".
     edges.tsv always holds the model's own scores: the anchored ranking depends on the truth
     (through the baseline choice and the degree prior), so it is an evaluation, not an inference.
 
