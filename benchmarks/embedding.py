@@ -58,10 +58,8 @@ def zero_shot(model: Path, data: Path, out: Path) -> tuple[dict, float]:
     return json.loads((folder / "metrics.json").read_text()), ad.read_h5ad(embedded, backed="r").n_obs / seconds
 
 
-def annotation(
-    model: Path, data: Path, out: Path, seeds: list[int], steps: int, extra: list[str], name: str = "annotate"
-) -> dict:
-    folder = out / (name + "".join(extra).replace("-", "_"))
+def annotation(model: Path, data: Path, out: Path, seeds: list[int], steps: int, extra: list[str], name: str) -> dict:
+    folder = out / name
     if not (folder / "metrics.json").exists():
         assert (
             celltron(
@@ -86,6 +84,13 @@ def annotation(
             == 0
         )
     return json.loads((folder / "metrics.json").read_text())
+
+
+def chosen(choice: dict) -> str:
+    """An anchored head's choice per seed: the weight, and the learning rate and length when chosen."""
+    if "learning_rate" not in choice:
+        return str(choice["weight"])
+    return f"w {choice['weight']}, lr {choice['learning_rate']:g}, {choice['steps']} steps"
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
@@ -229,7 +234,10 @@ def main() -> None:
     print(annotation_tables(model, random, data, args.out, args.seeds, args.steps, args.modes))
 
 
-MODES = ("full", "frozen", "lora")
+MODES = ("full", "frozen", "lora", "probe")
+# the probe's learning rates and lengths, chosen by inner CV on the training cells
+PROBE_LEARNING_RATES = "[0.0003,0.001,0.003,0.01]"
+PROBE_STEP_FRACTIONS = "[0.25,0.5,1]"
 
 
 def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, seeds, steps: int, modes) -> str:
@@ -239,24 +247,35 @@ def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, s
     from celltron.finetune.report import paired_difference, verdict
 
     layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    flags = {"full": [], "frozen": ["--freeze", str(layers)], "lora": ["--lora", "8"]}
-    label = {"full": "full fine-tuning", "frozen": "frozen encoder", "lora": "LoRA r=8"}
+    flags = {
+        "full": [],
+        "frozen": ["--freeze", str(layers)],
+        "lora": ["--lora", "8"],
+        "probe": ["--encoder", "frozen", "--set", f"annotate.learning_rates={PROBE_LEARNING_RATES}"]
+        + ["--set", f"annotate.step_fractions={PROBE_STEP_FRACTIONS}"],
+    }
+    label = {
+        "full": "full fine-tuning",
+        "frozen": "frozen encoder",
+        "lora": "LoRA r=8",
+        "probe": "frozen encoder, head on cached embeddings (lr, length by inner CV)",
+    }
     rows, lines, runs = [], [], {}
     for mode in modes:
-        runs[mode] = metrics = annotation(model, data, out, seeds, steps, flags[mode])
+        runs[mode] = metrics = annotation(model, data, out, seeds, steps, flags[mode], name=f"annotate_{mode}")
         rows.append((f"anchored head, {label[mode]}", metrics["model"]))
         if metrics.get("model_plain"):
             rows.append((f"model alone, {label[mode]}", metrics["model_plain"]))
         for metric, d in metrics["paired"].items():
             lines.append(f"- {label[mode]}: anchored head − pca_logreg on {metric}: {difference(d)} — {d['verdict']}")
-        weights = ", ".join(f"seed {s}: {w['weight']}" for s, w in (metrics.get("anchor_weights") or {}).items())
-        lines.append(f"- {label[mode]}: anchor weight (inner CV on training cells): {weights}")
+        weights = ", ".join(f"seed {s}: {chosen(w)}" for s, w in (metrics.get("anchor_weights") or {}).items())
+        lines.append(f"- {label[mode]}: chosen by inner CV on training cells: {weights}")
     if random is not None:  # the same architecture from random weights, in the first mode
         mode = modes[0] if modes else "full"
-        scratch = annotation(random, data, out, seeds, steps, flags[mode], name="annotate_random_init")
+        scratch = annotation(random, data, out, seeds, steps, flags[mode], name=f"annotate_random_init_{mode}")
         rows.append((f"random init, {label[mode]}: anchored head", scratch["model"]))
         rows.append((f"random init, {label[mode]}: model alone", scratch["model_plain"]))
-        pretrained = runs.get(mode) or annotation(model, data, out, seeds, steps, flags[mode])
+        pretrained = runs.get(mode) or annotation(model, data, out, seeds, steps, flags[mode], name=f"annotate_{mode}")
         for head in ("model", "model_plain"):
             for metric in COLUMNS:
                 ours = {s: r[metric] for s, r in pretrained[head]["per_seed"].items()}

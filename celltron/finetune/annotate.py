@@ -34,10 +34,18 @@ from celltron.finetune.report import (
     verdict_line,
     write_metrics,
 )
+from celltron.finetune.settings import (
+    at_learning_rate,
+    choose_setting,
+    learning_rates,
+    predictions_by_length,
+    run_folder,
+    training_lengths,
+)
 from celltron.io import write_h5ad_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
-from celltron.model_zoo.registry import base_of, resolve_model_folder
+from celltron.model_zoo.registry import base_of, load_pretrained, resolve_model_folder
 from celltron.preprocessing import PCA_TOP_GENES, fit_pca, log_normalise, variable_genes
 from celltron.tokenizers.ragged import RaggedTokens
 from celltron.training.examples import train_task_model
@@ -55,10 +63,33 @@ class AnnotationOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
+def _classifier(hidden: int, n_classes: int, dropout: float) -> nn.Sequential:
+    """LayerNorm, dropout and a linear layer onto the cell types. The LayerNorm puts embeddings
+    of any scale on one footing, so that a head on a frozen encoder learns at the learning rate
+    full fine-tuning uses."""
+    return nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
+
+
+def _loss_weights(class_weights: np.ndarray | None, n_classes: int) -> torch.Tensor:
+    return torch.ones(n_classes) if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+
+
+def _classify(head: nn.Module, embedding: torch.Tensor, label, class_weights: torch.Tensor) -> AnnotationOutput:
+    logits = head(embedding).float()
+    loss = F.cross_entropy(logits, label, weight=class_weights) if label is not None else None
+    return AnnotationOutput(loss=loss, logits=logits)
+
+
+def _encoder_inputs(input_ids, attention_mask, values=None) -> dict:
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "heads": False}
+    if values is not None:
+        inputs["values"] = values
+    return inputs
+
+
 class AnnotationModel(nn.Module):
-    """A pretrained encoder's cell embedding (the family's pooling) through LayerNorm, dropout and
-    a linear layer onto the cell types. The LayerNorm puts embeddings of any scale on one footing,
-    so that a head on a frozen encoder learns at the learning rate full fine-tuning uses.
+    """A pretrained encoder's cell embedding (the family's pooling) through the classification
+    head (`_classifier`), trained together.
 
     Args:
         encoder: the pretrained model (any family, possibly wrapped by peft).
@@ -70,22 +101,45 @@ class AnnotationModel(nn.Module):
     def __init__(self, encoder: nn.Module, n_classes: int, class_weights: np.ndarray | None = None, dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
-        hidden = self.config.hidden_size
-        self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Dropout(dropout), nn.Linear(hidden, n_classes))
-        weights = torch.ones(n_classes) if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-        self.register_buffer("class_weights", weights)
+        self.head = _classifier(self.config.hidden_size, n_classes, dropout)
+        self.register_buffer("class_weights", _loss_weights(class_weights, n_classes))
 
     @property
     def config(self):
         return base_of(self.encoder).config
 
     def forward(self, input_ids, attention_mask, values=None, label=None, **unused) -> AnnotationOutput:
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "heads": False}
-        if values is not None:
-            inputs["values"] = values
-        logits = self.head(self.encoder(**inputs).cell_embedding).float()
-        loss = F.cross_entropy(logits, label, weight=self.class_weights) if label is not None else None
-        return AnnotationOutput(loss=loss, logits=logits)
+        embedding = self.encoder(**_encoder_inputs(input_ids, attention_mask, values)).cell_embedding
+        return _classify(self.head, embedding, label, self.class_weights)
+
+
+class ProbeModel(nn.Module):
+    """The same head alone, on cell embeddings a frozen encoder computed once
+    (annotate.encoder: frozen): a linear probe of the pretrained embedding."""
+
+    def __init__(self, hidden: int, n_classes: int, class_weights: np.ndarray | None = None, dropout: float = 0.1):
+        super().__init__()
+        self.head = _classifier(hidden, n_classes, dropout)
+        self.register_buffer("class_weights", _loss_weights(class_weights, n_classes))
+
+    def forward(self, embedding, label=None, **unused) -> AnnotationOutput:
+        return _classify(self.head, embedding, label, self.class_weights)
+
+
+@torch.no_grad()
+def frozen_cell_embeddings(folder: Path, tokens: RaggedTokens, pad_id: int, batch_size: int) -> np.ndarray:
+    """(cells, hidden) cell embeddings of the pretrained model in `folder`, in eval mode (no
+    dropout), pooled as the annotation head pools them; on the GPU when there is one."""
+    device = pick_device("auto")
+    encoder = load_pretrained(folder).to(device).eval()
+    order = np.argsort(tokens.lengths, kind="stable")  # similar lengths share a batch
+    out = np.zeros((len(tokens), base_of(encoder).config.hidden_size), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        with autocast(device):
+            embedding = encoder(**_encoder_inputs(**to_device(pad_cells(tokens, rows, pad_id), device))).cell_embedding
+        out[rows] = embedding.float().cpu().numpy()
+    return out
 
 
 class LabelledCells(Dataset):
@@ -119,6 +173,20 @@ class _Collate:
         return collate_cells(rows, self.tokens, self.labels, self.pad_id)
 
 
+class _EmbeddingCollate:
+    """Picklable collate of cached cell embeddings and labels (the frozen encoder's probe)."""
+
+    def __init__(self, embeddings: np.ndarray, labels: np.ndarray):
+        self.embeddings, self.labels = embeddings, labels
+
+    def __call__(self, rows: list[int]) -> dict:
+        return {
+            "embedding": torch.as_tensor(self.embeddings[rows]),
+            "label": torch.as_tensor(self.labels[rows], dtype=torch.long),
+            "n_cells": torch.tensor(len(rows)),
+        }
+
+
 @torch.no_grad()
 def predict_probabilities(
     model: AnnotationModel, tokens: RaggedTokens, pad_id: int, batch_size: int, rows: np.ndarray | None = None
@@ -126,6 +194,7 @@ def predict_probabilities(
     """(len(rows), classes) softmax probabilities of the cells `rows` of `tokens` (all by
     default), on the GPU when there is one."""
     device = pick_device("auto")
+    was_training = model.training
     model = model.to(device).eval()
     rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
     order = np.argsort(tokens.lengths[rows], kind="stable")  # similar lengths share a batch
@@ -135,7 +204,20 @@ def predict_probabilities(
         with autocast(device):
             logits = model(**to_device(pad_cells(tokens, rows[batch], pad_id), device)).logits
         out[batch] = torch.softmax(logits.float(), -1).cpu().numpy()
+    model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def probe_probabilities(model: ProbeModel, embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), classes) softmax probabilities of the probe on cached embeddings."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts = [rows[start : start + 4096] for start in range(0, len(rows), 4096)]
+    logits = torch.cat([model(torch.as_tensor(embeddings[part]).to(device)).logits for part in parts])
+    model.train(was_training)
+    return torch.softmax(logits.float(), -1).cpu().numpy()
 
 
 def stratified_split(
@@ -212,20 +294,47 @@ class _Task:
         self.config, self.folder, self.tokens, self.labels = config, folder, tokens, labels
         self.n_classes, self.pad_id, self.resume, self.lab = n_classes, pad_id, resume, lab
 
-    def fine_tune(self, train: np.ndarray, seed: int, out: Path):
-        """Train a model on the `train` cells; returns it on the first process, None on the others."""
+    def fine_tune(self, train: np.ndarray, seed: int, out: Path, lr: float, callbacks=None) -> tuple[nn.Module, bool]:
+        """Train a model on the `train` cells at learning rate `lr`; returns it and whether this
+        process is the first (every process gets the same model: the choices made with it agree)."""
         import lightning.pytorch as pl
 
-        config = self.config
+        config = at_learning_rate(self.config, lr)
         pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
-        weights = balanced_weights(self.labels[train], self.n_classes) if config.annotate.balanced else None
-        model = AnnotationModel(load_encoder(self.folder, config.model), self.n_classes, weights, config.annotate.dropout)
+        model, dataset, collate = self._model_and_data(train)
         trainable, total = count_trainable(model)
-        log.info("fine-tuning %d of %d parameters", trainable, total)
-        dataset = LabelledCells(train)
-        collate = _Collate(self.tokens, self.labels, self.pad_id)
-        model, first = train_task_model(config, model, dataset, collate, out, seed, self.resume)
-        return model if first else None
+        log.info("fine-tuning %d of %d parameters at learning rate %g", trainable, total, lr)
+        return train_task_model(config, model, dataset, collate, out, seed, self.resume, callbacks)
+
+    def _model_and_data(self, train: np.ndarray):
+        config = self.config
+        model = AnnotationModel(
+            load_encoder(self.folder, config.model), self.n_classes, self._weights(train), config.annotate.dropout
+        )
+        return model, LabelledCells(train), _Collate(self.tokens, self.labels, self.pad_id)
+
+    def _weights(self, train: np.ndarray) -> np.ndarray | None:
+        return balanced_weights(self.labels[train], self.n_classes) if self.config.annotate.balanced else None
+
+    def predict(self, model: nn.Module, rows: np.ndarray) -> np.ndarray:
+        return predict_probabilities(model, self.tokens, self.pad_id, self.config.data.batch_size, rows)
+
+
+class _ProbeTask(_Task):
+    """annotate.encoder frozen: every cell embedded once by the pretrained encoder (a fixed
+    function of each cell alone, so held-out cells' embeddings tell the head nothing of their
+    labels), then only the head trains on the cached embeddings."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.embeddings = frozen_cell_embeddings(self.folder, self.tokens, self.pad_id, self.config.data.batch_size)
+
+    def _model_and_data(self, train: np.ndarray):
+        model = ProbeModel(self.embeddings.shape[1], self.n_classes, self._weights(train), self.config.annotate.dropout)
+        return model, LabelledCells(train), _EmbeddingCollate(self.embeddings, self.labels)
+
+    def predict(self, model: nn.Module, rows: np.ndarray) -> np.ndarray:
+        return probe_probabilities(model, self.embeddings, np.asarray(rows))
 
 
 def _baseline_probabilities(config, lab, labels, train, cells, n_classes: int, seed: int) -> np.ndarray:
@@ -233,34 +342,64 @@ def _baseline_probabilities(config, lab, labels, train, cells, n_classes: int, s
     return pca_logreg_probabilities(lab.counts, labels, train, cells, n_classes, section.pca_components, seed, section.balanced)
 
 
-def choose_weight(task: _Task, train: np.ndarray, seed: int, out: Path) -> tuple[float | None, dict]:
-    """The anchored head's weight, by stratified inner cross-validation over the training cells:
-    per inner fold, the baseline and a model are fitted on the inner training cells and each
-    weight's blend is scored (macro-F1) on the inner held-out cells; the best mean wins (ties: the
-    smaller weight). Returns it and every weight's score; None on processes other than the first."""
+def _predictions(
+    task: _Task, train: np.ndarray, seed: int, out: Path, lr: float, lengths, rows: np.ndarray
+) -> tuple[dict[int, np.ndarray], bool]:
+    """Train on `train` at `lr` and predict the cells `rows` as training passes each of
+    `lengths` (one run): ({steps: probabilities}, whether this process is the first)."""
+    return predictions_by_length(
+        lambda callbacks: task.fine_tune(train, seed, out, lr, callbacks),
+        lambda model: task.predict(model, rows),
+        task.config.trainer.max_steps,
+        lengths,
+        out,
+    )
+
+
+def _macro_f1(truth: np.ndarray, probabilities: np.ndarray, n_classes: int) -> float:
+    return classification_metrics(truth, probabilities.argmax(1), [str(c) for c in range(n_classes)])["macro_f1"]
+
+
+def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dict:
+    """The anchored head's learning rate, training length and weight, by stratified inner cross-
+    validation over the training cells: per inner fold, the baseline and one model per learning
+    rate are fitted on the inner training cells (each model's predictions taken after every
+    length) and scored on the inner held-out cells on macro-F1. The setting (learning rate,
+    length) is the one whose model alone scores best (mean over folds; ties: the first learning
+    rate listed, the shorter length); the weight, the best blend at that setting (ties: the
+    smaller weight). Every process computes the same choice from the same models.
+
+    Returns:
+        {"learning_rate", "steps", "setting_scores": {"lr=..,steps=..": the model's inner score},
+        "weight", "weight_scores": {str(weight): the blend's inner score at the chosen setting}}.
+    """
     from sklearn.model_selection import StratifiedKFold
 
-    config, labels = task.config, task.labels
-    weights = sorted(set(config.annotate.anchor_weights))
-    folds = StratifiedKFold(config.annotate.inner_folds, shuffle=True, random_state=seed)
-    scores, first = {str(w): [] for w in weights}, True
+    config, labels, n = task.config, task.labels, task.n_classes
+    section = config.annotate
+    weights, rates = sorted(set(section.anchor_weights)), learning_rates(section, config.optim)
+    lengths = training_lengths(section, config.trainer.max_steps)
+    alone = {(lr, steps): [] for lr in rates for steps in lengths}
+    blended = {(lr, steps, w): [] for lr, steps in alone for w in weights}
+    folds = StratifiedKFold(section.inner_folds, shuffle=True, random_state=seed)
     for j, (fit, held) in enumerate(folds.split(train, labels[train])):
         fit, held = train[fit], train[held]
-        baseline = _baseline_probabilities(config, task.lab, labels, fit, held, task.n_classes, seed)
-        trained = task.fine_tune(fit, seed, out / f"inner{j}")
-        if trained is None:
-            first = False
-            continue
-        model = predict_probabilities(trained, task.tokens, task.pad_id, config.data.batch_size, held)
-        for w in weights:
-            predicted = anchor(baseline, model, w).argmax(1)
-            scores[str(w)].append(
-                classification_metrics(labels[held], predicted, [str(c) for c in range(task.n_classes)])["macro_f1"]
-            )
-    if not first:
-        return None, {}
-    means = {w: float(np.mean(v)) for w, v in scores.items()}
-    return float(choose_best(means)), means
+        baseline = _baseline_probabilities(config, task.lab, labels, fit, held, n, seed)
+        for lr in rates:
+            by_length, _ = _predictions(task, fit, seed, run_folder(out / f"inner{j}", lr, rates), lr, lengths, held)
+            for steps, model in by_length.items():
+                alone[lr, steps].append(_macro_f1(labels[held], model, n))
+                for w in weights:
+                    blended[lr, steps, w].append(_macro_f1(labels[held], anchor(baseline, model, w), n))
+    lr, steps, setting_scores = choose_setting({key: float(np.mean(v)) for key, v in alone.items()})
+    weight_scores = {str(w): float(np.mean(blended[lr, steps, w])) for w in weights}
+    return {
+        "learning_rate": lr,
+        "steps": steps,
+        "setting_scores": setting_scores,
+        "weight": float(choose_best(weight_scores)),
+        "weight_scores": weight_scores,
+    }
 
 
 def run_annotate(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:
@@ -290,7 +429,10 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     runs, plain_runs, baseline_runs, splits, weights, first_probabilities, first = {}, {}, {}, {}, {}, None, True
     anchored = section.head == "anchored"
-    task = _Task(config, folder, tokens, labels, len(classes), pad_id, resume, lab) if folder is not None else None
+    task = None
+    if folder is not None:
+        kind = _ProbeTask if section.encoder == "frozen" else _Task
+        task = kind(config, folder, tokens, labels, len(classes), pad_id, resume, lab)
     everyone = np.arange(len(labels))
     for seed in section.seeds:
         train, test = stratified_split(labels, section.test_fraction, seed, f"{lab.path}: obs[{section.label_key!r}]", classes)
@@ -299,16 +441,17 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         baseline_runs[seed] = classification_metrics(labels[test], baseline[test].argmax(1), classes)
         if folder is None:
             continue
-        weight = 1.0
+        choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
         if anchored:
-            weight, weight_scores = choose_weight(task, train, seed, out / f"seed{seed}")
-            weights[seed] = {"weight": weight, "weight_scores": weight_scores}
-        trained = task.fine_tune(train, seed, out / f"seed{seed}")
-        if trained is None or weight is None:
+            choice = weights[seed] = choose_settings(task, train, seed, out / f"seed{seed}")
+        by_length, first_process = _predictions(
+            task, train, seed, out / f"seed{seed}", choice["learning_rate"], (choice["steps"],), everyone
+        )
+        if not first_process:
             first = False  # every process trains every seed together; only the first reports
             continue
-        plain = predict_probabilities(trained, tokens, pad_id, config.data.batch_size)
-        probabilities = anchor(baseline, plain, weight) if anchored else plain
+        plain = by_length[choice["steps"]]
+        probabilities = anchor(baseline, plain, choice["weight"]) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
@@ -322,6 +465,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         "classes": classes,
         "model": _aggregate(runs) if runs else None,
         "head": section.head if runs else None,
+        "encoder": section.encoder if runs else None,
         "model_plain": _aggregate(plain_runs) if runs and anchored else None,
         "anchor_weights": {str(s): w for s, w in weights.items()} if runs and anchored else None,
         "baselines": {BASELINE: _aggregate(baseline_runs)},
@@ -370,8 +514,14 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
     plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
     print(results_table({**metrics, "baselines": {**plain, **metrics["baselines"]}}, METRICS, metrics["notes"]))
     if metrics.get("anchor_weights"):
-        chosen = ", ".join(f"seed {s}: {c['weight']}" for s, c in metrics["anchor_weights"].items())
-        print(f"anchored head: {BASELINE} + w x (model − {BASELINE}) in class probabilities, w by inner CV on macro-F1: {chosen}")
+        chosen = ", ".join(
+            f"seed {s}: w {c['weight']} (lr {c['learning_rate']:g}, {c['steps']} steps)"
+            for s, c in metrics["anchor_weights"].items()
+        )
+        print(
+            f"anchored head: {BASELINE} + w x (model − {BASELINE}) in class probabilities; learning rate and length "
+            f"by inner CV on the model's macro-F1, w on the blend's: {chosen}"
+        )
     for metric, difference in (metrics["paired"] or {}).items():
         print(verdict_line(metric, BASELINE, difference, "seeds", chosen_on=None))
     return metrics

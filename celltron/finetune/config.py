@@ -94,6 +94,11 @@ class PerturbationSection:
     anchor_weights: the residual weights the anchored head chooses from.
     inner_folds: folds of the inner cross-validations over training perturbations (the best
         baseline, the anchored head's weight).
+    learning_rates: the learning rates the anchored head chooses from by the same inner
+        cross-validation (empty: optim.lr only; one inner run per rate); ties: the first listed.
+    step_fractions: training lengths, as shares of trainer.max_steps, chosen with the learning
+        rate (predictions taken as one run passes each length); ties: the shorter. Both are
+        chosen on the model alone's inner headline score, the weight on the blend at them.
     """
 
     perturbation_key: str = "perturbation"
@@ -108,6 +113,8 @@ class PerturbationSection:
     head_type: str = one_of("retrieval", HEAD_TYPES)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
     inner_folds: int = ranged(3, ">= 2")
+    learning_rates: tuple[float, ...] = ranged((), "> 0")
+    step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
     headline: str = "pearson_delta_de20_notarget"
     responsive_min_de: int = ranged(10, ">= 1")
     coexpression_reference: str = ""
@@ -199,6 +206,17 @@ class AnnotateSection:
         the baseline exactly) or plain (the model alone).
     anchor_weights: the weights the anchored head chooses from (ties: the smaller).
     inner_folds: folds of that inner cross-validation.
+    encoder: tuned (the encoder trains with the head, as model.freeze_layers / lora_rank say)
+        or frozen (a linear probe: every cell is embedded once by the pretrained encoder, in
+        eval mode, and only the head trains on those embeddings; minutes instead of hours on
+        a CPU, and what a lab asks first: does the pretrained embedding already separate my
+        cell types?).
+    learning_rates: the head's learning rates the anchored head chooses from by the same inner
+        cross-validation (empty: optim.lr only); ties go to the first listed.
+    step_fractions: training lengths, as shares of trainer.max_steps, chosen with the learning
+        rate (predictions taken as one run passes each length, so a length costs no extra run);
+        ties go to the shorter. The learning rate and length are chosen on the model alone's
+        inner macro-F1, the weight on the blend at that setting.
     """
 
     label_key: str = "cell_type"
@@ -210,6 +228,9 @@ class AnnotateSection:
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
     inner_folds: int = ranged(2, ">= 2")
+    encoder: str = one_of("tuned", ("tuned", "frozen"))
+    learning_rates: tuple[float, ...] = ranged((), "> 0")
+    step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
 
 
 @dataclass
@@ -229,8 +250,7 @@ class FinetuneConfig:
         if self.model.freeze_layers and self.model.lora_rank:
             raise ConfigError(f"{where}: choose model.freeze_layers (--freeze) or model.lora_rank (--lora), not both")
         self._check_perturbation(where)
-        if not self.annotate.anchor_weights:
-            raise ConfigError(f"{where}: annotate.anchor_weights is empty; give at least one weight in [0, 1]")
+        self._check_annotate(where)
         if self.trainer.strategy.startswith("deepspeed_stage_3"):
             raise ConfigError(
                 f"{where}: trainer.strategy {self.trainer.strategy}: fine-tuning evaluates the whole model in one process, "
@@ -248,6 +268,24 @@ class FinetuneConfig:
             raise ConfigError(f"{where}: perturbation.headline {self.perturbation.headline!r} is not one of {METRICS}")
         if not self.perturbation.anchor_weights:
             raise ConfigError(f"{where}: perturbation.anchor_weights is empty; give at least one weight in [0, 1]")
+        if not self.perturbation.step_fractions:
+            raise ConfigError(
+                f"{where}: perturbation.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]"
+            )
+
+    def _check_annotate(self, where: str) -> None:
+        section = self.annotate
+        if not section.anchor_weights:
+            raise ConfigError(f"{where}: annotate.anchor_weights is empty; give at least one weight in [0, 1]")
+        if not section.step_fractions:
+            raise ConfigError(
+                f"{where}: annotate.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]"
+            )
+        if section.encoder == "frozen" and (self.model.freeze_layers or self.model.lora_rank):
+            raise ConfigError(
+                f"{where}: annotate.encoder frozen (--encoder frozen) trains the head alone; "
+                "drop model.freeze_layers (--freeze) and model.lora_rank (--lora), which are for a tuned encoder"
+            )
 
     def _check_drug(self, where: str) -> None:
         drug = self.drug

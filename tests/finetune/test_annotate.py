@@ -110,7 +110,8 @@ def test_lora_trains_adapters_and_head_and_leaves_pretrained_weights(pretrained_
     tokens = tokenize_cells(lab, tokenizer)
     labels = np.unique(lab.obs[LABEL].astype(str), return_inverse=True)[1]
     task = _Task(config, pretrained_geneformer, tokens, labels, labels.max() + 1, tokenizer.vocab.special_id("pad"), None, lab)
-    trained = task.fine_tune(np.arange(200), 0, tmp_path)
+    trained, first = task.fine_tune(np.arange(200), 0, tmp_path, config.optim.lr)
+    assert first
     original = load_pretrained(pretrained_geneformer).state_dict()
     merged_names = {
         n.replace("base_model.model.", "").replace(".base_layer", ""): p
@@ -156,3 +157,43 @@ def test_an_anchored_head_with_weight_zero_is_the_baseline_and_the_plain_head_th
     metrics = json.loads((plain / "metrics.json").read_text())
     assert metrics["head"] == "plain" and metrics["model_plain"] is None and metrics["anchor_weights"] is None
     assert not (plain / "seed0" / "inner0").exists()
+
+
+def test_a_frozen_encoder_probe_chooses_its_learning_rate_on_training_cells_only(
+    pretrained_geneformer, labelled_file, tmp_path, monkeypatch
+):
+    """--encoder frozen embeds every cell once and trains the head alone; the learning rate and
+    length come from inner folds of the training cells, never from the held-out ones."""
+    import celltron.finetune.annotate as annotate
+
+    trained_on = []
+    fine_tune = annotate._Task.fine_tune
+
+    def recording(self, train, *args, **kwargs):
+        trained_on.append(np.asarray(train))
+        return fine_tune(self, train, *args, **kwargs)
+
+    monkeypatch.setattr(annotate._Task, "fine_tune", recording)
+    encoder_calls = []
+    embeddings = annotate.frozen_cell_embeddings
+    monkeypatch.setattr(annotate, "frozen_cell_embeddings", lambda *a: encoder_calls.append(1) or embeddings(*a))
+    settings = ["--set", "annotate.learning_rates=[1e-7,0.01]", "--set", "annotate.step_fractions=[0.5,1]"]
+    assert _annotate(pretrained_geneformer, labelled_file, tmp_path, "--encoder", "frozen", "--max-steps", "60", *settings) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["encoder"] == "frozen" and len(encoder_calls) == 1  # every cell embedded once, for every run
+    choice = metrics["anchor_weights"]["0"]
+    assert set(choice["setting_scores"]) == {"lr=1e-07,steps=30", "lr=1e-07,steps=60", "lr=0.01,steps=30", "lr=0.01,steps=60"}
+    # a learning rate of 1e-7 leaves the head where it started: the inner folds must see that
+    assert choice["learning_rate"] == 0.01
+    assert choice["setting_scores"]["lr=0.01,steps=60"] > choice["setting_scores"]["lr=1e-07,steps=60"]
+    # 2 inner folds x 2 learning rates, then the outer run: none of them trained on a test cell
+    truth = ad.read_h5ad(labelled_file).obs[LABEL].astype(str).to_numpy()
+    train, test = annotate.stratified_split(np.unique(truth, return_inverse=True)[1], 0.2, 0, "test")
+    assert len(trained_on) == 5 and all(not set(rows) & set(test) for rows in trained_on)
+    assert set(trained_on[-1]) == set(train)
+    assert (tmp_path / "seed0" / "inner1" / "lr0.01").is_dir()
+
+
+def test_a_frozen_encoder_refuses_frozen_layers_or_lora(pretrained_geneformer, labelled_file, tmp_path, capsys):
+    assert _annotate(pretrained_geneformer, labelled_file, tmp_path, "--encoder", "frozen", "--freeze", "1") == 2
+    assert "--encoder frozen" in capsys.readouterr().err and not (tmp_path / "metrics.json").exists()

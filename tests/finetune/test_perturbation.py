@@ -422,3 +422,32 @@ def test_a_corpus_reference_gives_the_pca_loadings_of_its_cells_from_one_streame
     assert np.corrcoef(gram_sketched.ravel(), gram_exact.ravel())[0, 1] > 0.95
     assert np.isclose(np.trace(gram_sketched), np.trace(gram_exact), rtol=0.2)  # on PCA's scale
     assert "CD3E" in embedding and set(coexpression_embedding(demo_corpus.location, "human")) >= {"CD3E", "LYZ"}
+
+
+def test_the_anchored_head_chooses_learning_rate_and_length_on_training_perturbations_only(
+    pretrained_geneformer, screen_file, tmp_path, monkeypatch, capsys
+):
+    import celltron.finetune.perturbation.run as run
+
+    calls = []
+    fine_tune = run._fine_tune
+
+    def recording(config, prepared, screen, split, *args, **kwargs):
+        calls.append((config.optim.lr, set(split["train"])))
+        return fine_tune(config, prepared, screen, split, *args, **kwargs)
+
+    monkeypatch.setattr(run, "_fine_tune", recording)
+    out = tmp_path / "run"
+    settings = ("perturbation.learning_rates=[1e-6,0.001]", "perturbation.step_fractions=[0.5,1]", "perturbation.inner_folds=2")
+    args = ["--model", str(pretrained_geneformer), "--data", str(screen_file), "--out", str(out), "--max-steps", "6"]
+    assert _finetune(*args, *[item for s in settings for item in ("--set", s)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    chosen = metrics["best_baseline"]["chosen_per_seed"]["0"][0]
+    assert set(chosen["setting_scores"]) == {"lr=1e-06,steps=3", "lr=1e-06,steps=6", "lr=0.001,steps=3", "lr=0.001,steps=6"}
+    assert chosen["learning_rate"] in (1e-6, 0.001) and chosen["steps"] in (3, 6)
+    # 2 inner folds x 2 learning rates, then the outer run at the chosen rate; none saw a held-out perturbation
+    assert len(calls) == 5 and [lr for lr, _ in calls[:4]] == [1e-6, 0.001, 1e-6, 0.001]
+    assert all(not trained & set(chosen["test"]) for _, trained in calls)
+    assert calls[-1][0] == chosen["learning_rate"]
+    assert (out / "seed0" / "inner1" / "lr0.001" / "metrics.csv").exists()
+    assert "learning rate and length (inner CV)" in capsys.readouterr().out

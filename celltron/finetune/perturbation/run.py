@@ -53,6 +53,14 @@ from celltron.finetune.report import (
     verdict_line,
     write_metrics,
 )
+from celltron.finetune.settings import (
+    at_learning_rate,
+    choose_setting,
+    learning_rates,
+    predictions_by_length,
+    run_folder,
+    training_lengths,
+)
 from celltron.io import write_h5ad_atomically, write_text_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.model_zoo.registry import base_of, family_of, resolve_model_folder
@@ -201,8 +209,9 @@ class _Prepared:
         self.specials, self.pad_id = specials_of(vocab), vocab.special_id("pad")
 
 
-def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out: Path, resume: str | None):
-    """Train one seed's model; returns the model on the first process, None on the others."""
+def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out: Path, resume: str | None, callbacks=None):
+    """Train one seed's model on split["train"]; returns it and whether this process is the first
+    (every process gets the same model, so choices made with it agree)."""
     import lightning.pytorch as pl
 
     section = config.perturbation
@@ -236,8 +245,23 @@ def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out:
         max_tokens_of(model.config),
     )
     pad_id = prepared.pad_id
-    model, first = train_task_model(config, model, dataset, lambda e: collate_pairs(e, pad_id), out, seed, resume)
-    return model if first else None
+    return train_task_model(config, model, dataset, lambda e: collate_pairs(e, pad_id), out, seed, resume, callbacks)
+
+
+def _predictions(
+    config, prepared: _Prepared, screen, fold: dict, seed: int, out: Path, resume, lr: float, lengths
+) -> tuple[dict[int, dict[str, np.ndarray]], bool]:
+    """Train on fold["train"] at learning rate `lr` and predict fold["test"] as training passes
+    each of `lengths` (one run): ({steps: {perturbation: prediction}}, whether this process is
+    the first)."""
+    at_lr = at_learning_rate(config, lr)
+    return predictions_by_length(
+        lambda callbacks: _fine_tune(at_lr, prepared, screen, fold, seed, out, resume, callbacks),
+        lambda model: _model_predictions(config, prepared, model, fold["test"], seed),
+        config.trainer.max_steps,
+        lengths,
+        out,
+    )
 
 
 def _model_predictions(config, prepared: _Prepared, model, test: list[str], seed: int) -> dict[str, np.ndarray]:
@@ -383,19 +407,20 @@ class _Runs:
             if prepared is None:
                 continue
             where = out / f"seed{seed}" / (f"fold{k}" if len(folds) > 1 else "")
-            weight = 1.0
+            choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
             if section.head == "anchored":
-                weight, weight_scores = choose_weight(config, prepared, screen, fold["train"], seed, where, resume)
-                chosen[-1].update(weight=weight, weight_scores=weight_scores)
-            trained = _fine_tune(config, prepared, screen, fold, seed, where, resume)
-            if trained is None or weight is None:
+                choice = choose_settings(config, prepared, screen, fold["train"], seed, where, resume)
+                chosen[-1].update(choice)
+            by_length, first_process = _predictions(
+                config, prepared, screen, fold, seed, where, resume, choice["learning_rate"], (choice["steps"],)
+            )
+            if not first_process:
                 first = False
                 continue
-            plain = _model_predictions(config, prepared, trained, fold["test"], seed)
+            plain = by_length[choice["steps"]]
             if section.head == "anchored":
                 predicted.setdefault(PLAIN, {}).update(plain)
-            if section.head == "anchored":
-                plain = {p: anchor(predicted[best][p], plain[p], weight) for p in fold["test"]}
+                plain = {p: anchor(predicted[best][p], plain[p], choice["weight"]) for p in fold["test"]}
             predicted.setdefault("model", {}).update(plain)
         self.splits[seed], self.folds[seed], self.chosen[seed] = split, folds, chosen
         self.predictions[seed] = predicted
@@ -408,33 +433,50 @@ class _Runs:
         return aggregate(runs, METRICS, "per_perturbation") if runs else None
 
 
-def choose_weight(config, prepared, screen, train: list[str], seed: int, where: Path, resume) -> tuple[float | None, dict]:
-    """The anchored head's residual weight, by inner cross-validation over the training
-    perturbations `train`: in each inner fold a baseline is chosen and a model trained on the
-    inner training perturbations alone, and the weight whose blend scores best on the inner
-    held-out ones wins (ties: the smaller weight, the baseline's side). Returns the weight and
-    every weight's inner score; None on processes other than the first."""
+def choose_settings(config, prepared, screen, train: list[str], seed: int, where: Path, resume) -> dict:
+    """The anchored head's learning rate, training length and residual weight, by inner cross-
+    validation over the training perturbations `train`: in each inner fold a baseline is chosen
+    and one model per learning rate trained on the inner training perturbations alone (its
+    predictions taken after every length). The setting is the one whose model alone scores best
+    on the headline over the inner held-out perturbations (ties: the first learning rate listed,
+    the shorter length); the weight, the best blend at that setting (ties: the smaller weight,
+    the baseline's side). Every process computes the same choice.
+
+    Returns:
+        {"learning_rate", "steps", "setting_scores", "weight", "weight_scores"}; with too few
+        training perturbations to cross-validate, optim.lr, the full length and the smallest
+        weight, and no scores.
+    """
     section = config.perturbation
     folds = [f for f in baselines.inner_folds(train, section.inner_folds, seed) if len(f["train"]) >= 2]
+    rates, lengths = learning_rates(section, config.optim), training_lengths(section, config.trainer.max_steps)
     if not folds:  # too few training perturbations to cross-validate: stay on the baseline's side
-        return float(min(section.anchor_weights)), {}
-    baseline, model, first = {}, {}, True
+        weight = float(min(section.anchor_weights))
+        return {"learning_rate": rates[0], "steps": config.trainer.max_steps, "weight": weight, "weight_scores": {}}
+    baseline, model = {}, {(lr, steps): {} for lr in rates for steps in lengths}
     for j, fold in enumerate(folds):
         best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
         baseline.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
-        trained = _fine_tune(config, prepared, screen, fold, seed, where / f"inner{j}", resume)
-        if trained is None:
-            first = False
-        else:
-            model.update(_model_predictions(config, prepared, trained, fold["test"], seed))
-    if not first:
-        return None, {}
-    weights = sorted(set(section.anchor_weights))
-    scores = {
-        str(w): evaluate_folds({p: anchor(baseline[p], model[p], w) for p in model}, screen, folds)[section.headline]
-        for w in weights
+        for lr in rates:
+            folder = run_folder(where / f"inner{j}", lr, rates)
+            by_length, _ = _predictions(config, prepared, screen, fold, seed, folder, resume, lr, lengths)
+            for steps, predictions in by_length.items():
+                model[lr, steps].update(predictions)
+    better = higher_is_better(section.headline)
+    alone = {key: evaluate_folds(predictions, screen, folds)[section.headline] for key, predictions in model.items()}
+    lr, steps, setting_scores = choose_setting(alone, better)
+    chosen = model[lr, steps]
+    weight_scores = {
+        str(w): evaluate_folds({p: anchor(baseline[p], chosen[p], w) for p in chosen}, screen, folds)[section.headline]
+        for w in sorted(set(section.anchor_weights))
     }
-    return float(choose_best(scores, higher_is_better(section.headline))), scores
+    return {
+        "learning_rate": lr,
+        "steps": steps,
+        "setting_scores": setting_scores,
+        "weight": float(choose_best(weight_scores, better)),
+        "weight_scores": weight_scores,
+    }
 
 
 def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
@@ -511,6 +553,9 @@ def _chosen_line(best: dict) -> str:
     line = f"best baseline on {best['metric']}, chosen by {best['chosen_by']}: {_counts([c['baseline'] for c in chosen])}"
     if all("weight" in c for c in chosen):
         line += f"; anchored head's residual weight (inner CV): {_counts([c['weight'] for c in chosen])}"
+        if any(c.get("setting_scores") and len(c["setting_scores"]) > 1 for c in chosen):
+            settings = _counts([f"lr {c['learning_rate']:g}, {c['steps']} steps" for c in chosen])
+            line += f"; learning rate and length (inner CV): {settings}"
     return line
 
 
