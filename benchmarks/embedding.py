@@ -236,7 +236,7 @@ def main() -> None:
 
 MODES = ("full", "frozen", "lora", "probe")
 # the probe's learning rates and lengths, chosen by inner CV on the training cells
-PROBE_LEARNING_RATES = "[0.0003,0.001,0.003,0.01]"
+PROBE_LEARNING_RATES = "[0.001,0.003,0.01,0.03,0.1]"
 PROBE_STEP_FRACTIONS = "[0.25,0.5,1]"
 
 

@@ -26,7 +26,6 @@ from celltron.finetune.adapt import count_trainable, load_encoder
 from celltron.finetune.report import (
     aggregate,
     anchor,
-    choose_best,
     paired_difference,
     results_table,
     save_figure,
@@ -35,8 +34,8 @@ from celltron.finetune.report import (
     write_metrics,
 )
 from celltron.finetune.settings import (
+    InnerScores,
     at_learning_rate,
-    choose_setting,
     learning_rates,
     predictions_by_length,
     run_folder,
@@ -377,29 +376,16 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dic
 
     config, labels, n = task.config, task.labels, task.n_classes
     section = config.annotate
-    weights, rates = sorted(set(section.anchor_weights)), learning_rates(section, config.optim)
-    lengths = training_lengths(section, config.trainer.max_steps)
-    alone = {(lr, steps): [] for lr in rates for steps in lengths}
-    blended = {(lr, steps, w): [] for lr, steps in alone for w in weights}
+    rates = learning_rates(section, config.optim)
+    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights)
     folds = StratifiedKFold(section.inner_folds, shuffle=True, random_state=seed)
     for j, (fit, held) in enumerate(folds.split(train, labels[train])):
         fit, held = train[fit], train[held]
         baseline = _baseline_probabilities(config, task.lab, labels, fit, held, n, seed)
         for lr in rates:
-            by_length, _ = _predictions(task, fit, seed, run_folder(out / f"inner{j}", lr, rates), lr, lengths, held)
-            for steps, model in by_length.items():
-                alone[lr, steps].append(_macro_f1(labels[held], model, n))
-                for w in weights:
-                    blended[lr, steps, w].append(_macro_f1(labels[held], anchor(baseline, model, w), n))
-    lr, steps, setting_scores = choose_setting({key: float(np.mean(v)) for key, v in alone.items()})
-    weight_scores = {str(w): float(np.mean(blended[lr, steps, w])) for w in weights}
-    return {
-        "learning_rate": lr,
-        "steps": steps,
-        "setting_scores": setting_scores,
-        "weight": float(choose_best(weight_scores)),
-        "weight_scores": weight_scores,
-    }
+            by_length, _ = _predictions(task, fit, seed, run_folder(out / f"inner{j}", lr, rates), lr, scores.lengths, held)
+            scores.add(lr, by_length, baseline, lambda probabilities: _macro_f1(labels[held], probabilities, n))
+    return scores.choose()
 
 
 def run_annotate(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:

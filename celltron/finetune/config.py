@@ -159,9 +159,11 @@ class DrugSection:
         fold besides the outer one, per seed. In both modes (ic50: drugs, cell lines or pairs;
         expression: drugs or drug x dose combinations).
     anchor_weights: the residual weights the anchored head chooses from (ties: the smaller).
-    step_fractions: ic50: the model's training lengths the anchored head chooses from, as shares
-        of trainer.max_steps, by the same inner cross-validation (on the model alone; ties: the
+    step_fractions: the model's training lengths the anchored head chooses from, as shares of
+        trainer.max_steps, by the same inner cross-validation (on the model alone; ties: the
         shorter). One run per fit: predictions are taken as training passes each length.
+    learning_rates: the learning rates chosen with the length (empty: optim.lr only; one inner
+        run per rate; ties: the first listed).
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -183,6 +185,7 @@ class DrugSection:
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
     step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
+    learning_rates: tuple[float, ...] = ranged((), "> 0")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""

@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from celltron.errors import InputError
-from celltron.finetune.report import choose_best
+from celltron.finetune.report import anchor, choose_best
 from celltron.training.examples import PredictAtSteps
 
 
@@ -76,3 +78,48 @@ def choose_setting(scores: dict[tuple[float, int], float], higher_is_better: boo
     named = {setting_name(*key): score for key, score in scores.items()}
     lr, steps = dict(zip(named, scores))[choose_best(named, higher_is_better)]
     return lr, steps, named
+
+
+class InnerScores:
+    """Inner-fold scores, per fold, of the model alone at each (learning rate, length) and of
+    each weight's blend with the baseline there; `choose` makes the anchored head's choice.
+
+    Args:
+        rates, lengths, weights: the grid (rates and lengths in tie order: first, shorter).
+    """
+
+    def __init__(self, rates, lengths, weights):
+        self.lengths, self.weights = tuple(lengths), sorted(set(weights))
+        self.alone = {(lr, steps): [] for lr in rates for steps in lengths}
+        self.blended = {(lr, steps, w): [] for lr, steps in self.alone for w in self.weights}
+
+    def add(self, lr: float, by_length: dict, baseline, score: Callable[[object], float]) -> None:
+        """One inner fold's model at `lr` ({steps: predictions}) scored alone and blended with
+        the fold's `baseline` predictions; `score(predictions)` -> the headline (higher or lower
+        is better as `choose` is told)."""
+        for steps, model in by_length.items():
+            self.alone[lr, steps].append(score(model))
+            for w in self.weights:
+                self.blended[lr, steps, w].append(score(anchor(baseline, model, w)))
+
+    def choose(self, higher_is_better: bool = True) -> dict:
+        """{"learning_rate", "steps", "setting_scores", "weight", "weight_scores"}: the setting
+        whose model alone has the best mean inner score, then the weight whose blend is best
+        there (ties: the first rate, the shorter length, the smaller weight; folds without a
+        finite score are left out of a mean)."""
+        lr, steps, setting_scores = choose_setting({key: finite_mean(v) for key, v in self.alone.items()}, higher_is_better)
+        weight_scores = {str(w): finite_mean(self.blended[lr, steps, w]) for w in self.weights}
+        weight = float(choose_best(weight_scores, higher_is_better))
+        return {
+            "learning_rate": lr,
+            "steps": steps,
+            "setting_scores": setting_scores,
+            "weight": weight,
+            "weight_scores": weight_scores,
+        }
+
+
+def finite_mean(values) -> float:
+    """The mean of the finite values (NaN when there is none)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")

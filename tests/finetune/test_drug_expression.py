@@ -240,3 +240,18 @@ def test_the_anchored_head_at_weight_zero_is_the_chosen_baseline_exactly(screen,
     )
     printed = capsys.readouterr().out
     assert "anchored head: best baseline + w x" in printed and "model − " in printed and "model, plain head" in printed
+
+
+def test_the_anchored_head_chooses_learning_rate_and_length_on_training_conditions(screen, tmp_path):
+    out = tmp_path / "run"
+    settings = ("--set", "drug.learning_rates=[1e-7,0.003]", "--set", "drug.step_fractions=[0.5,1]")
+    assert _run(screen, out, "--split", "heldout_combination", "--seeds", "0", "--max-steps", "200", *settings) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    (choice,) = metrics["best_baseline"]["per_seed"].values()
+    scores = choice["setting_scores"]
+    assert set(scores) == {"lr=1e-07,steps=100", "lr=1e-07,steps=200", "lr=0.003,steps=100", "lr=0.003,steps=200"}
+    # at 1e-7 the model stays where it started (the control mean); on held-out doses of seen drugs
+    # a trained model does better, and the inner folds (training conditions only) must see it
+    assert choice["learning_rate"] == 0.003 and scores[f"lr=0.003,steps={choice['steps']}"] > scores["lr=1e-07,steps=200"]
+    assert {p.name for p in (out / "seed0" / "inner0").iterdir()} >= {"lr1e-07", "lr0.003"}
+    assert np.isfinite(metrics["paired"]["mean"])

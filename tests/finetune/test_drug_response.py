@@ -194,9 +194,10 @@ def test_gdsc_drug_response_cli_writes_metrics_beside_the_baselines(tmp_path, ca
         assert choice["weight"] in weights and choice["weight_scores"].keys() == {str(w) for w in weights}
         assert choice["weight_scores"][str(choice["weight"])] == max(v for v in choice["weight_scores"].values() if v is not None)
         # and a training length: a quarter, half or all of the 30 steps, by the model's inner score
-        assert choice["step_scores"].keys() == {"8", "15", "30"} and choice["steps"] in (8, 15, 30)
-        finite = {k: v for k, v in choice["step_scores"].items() if v is not None}
-        assert not finite or choice["step_scores"][str(choice["steps"])] == max(finite.values())
+        lr = choice["learning_rate"]
+        assert choice["setting_scores"].keys() == {f"lr={lr:g},steps={n}" for n in (8, 15, 30)} and choice["steps"] in (8, 15, 30)
+        finite = {k: v for k, v in choice["setting_scores"].items() if v is not None}
+        assert not finite or choice["setting_scores"][f"lr={lr:g},steps={choice['steps']}"] == max(finite.values())
     printed = capsys.readouterr().out
     assert "anchored head" in printed and "seed 1: " in printed and "model − " in printed
 
@@ -216,14 +217,15 @@ def test_predictions_are_taken_from_the_model_as_it_was_after_each_training_leng
         seen.append(PredictAtSteps([4, 12], lambda model: (weights(model), model.training)))
         return seen
 
-    model, *_ = _fit_model(config, pairs, prints, tmp_path / "fit", seed=0, on_indices=snapshots)
+    (model, *_), first = _fit_model(config, pairs, prints, tmp_path / "fit", seed=0, on_indices=snapshots)
+    assert first
     taken = seen[0].predictions
     assert sorted(taken) == [4, 12]
     assert all(not training for _, training in taken.values())  # predicted in eval mode (no dropout)
     final = weights(model)
     assert all(torch.equal(a, b) for a, b in zip(taken[12][0], final))  # the last step is the trained model
     assert not all(torch.equal(a, b) for a, b in zip(taken[4][0], final))  # step 4 is the model then
-    lengths = _model_predictions(config, pairs, pairs.iloc[:50], prints, tmp_path / "lengths", 0, lengths=(4, 12))
+    lengths, _ = _model_predictions(config, pairs, pairs.iloc[:50], prints, tmp_path / "lengths", 0, lengths=(4, 12))
     assert sorted(lengths) == [4, 12] and not np.allclose(lengths[4], lengths[12])
 
 

@@ -49,6 +49,15 @@ from celltron.finetune.report import (
     results_table,
     write_metrics,
 )
+from celltron.finetune.settings import (
+    InnerScores,
+    at_learning_rate,
+    finite_mean,
+    learning_rates,
+    predictions_by_length,
+    run_folder,
+    training_lengths,
+)
 from celltron.inputs import MissingInputError
 from celltron.io import write_h5ad_atomically
 from celltron.lab.data import read_configured_lab_data
@@ -323,14 +332,9 @@ def choose_baseline(screen: DrugScreen, folds: list[np.ndarray], train: np.ndarr
         predicted, _ = baseline_predictions(screen, held, train & ~held)
         for name in BASELINES:
             scores[name].append(evaluate(predicted[name], screen, held)[HEADLINE])
-    means = {name: _finite_mean(values) for name, values in scores.items()}
+    means = {name: finite_mean(values) for name, values in scores.items()}
     name = choose_best(means)
     return {"name": name, "score": means[name], "inner_scores": means}
-
-
-def _finite_mean(values) -> float:
-    values = [v for v in values if np.isfinite(v)]
-    return float(np.mean(values)) if values else float("nan")
 
 
 def unit_of(condition: str, kind: str) -> str:
@@ -345,7 +349,7 @@ def per_unit(per_condition: dict[str, dict], kind: str) -> dict[str, float]:
     values: dict[str, list] = {}
     for condition, metrics in per_condition.items():
         values.setdefault(unit_of(condition, kind), []).append(metrics[HEADLINE])
-    return {unit: _finite_mean(v) for unit, v in values.items()}
+    return {unit: finite_mean(v) for unit, v in values.items()}
 
 
 def paired_over_units(model_runs: dict, baseline_runs: dict, best: dict, kind: str) -> dict:
@@ -475,62 +479,92 @@ def _standardised(matrix: np.ndarray) -> np.ndarray:
     return (matrix - matrix.mean(0)) / np.maximum(spread, 1e-3 * spread.max() + 1e-12)
 
 
-def _fit_model(config, screen: DrugScreen, prints: dict, basal: np.ndarray, train: np.ndarray, out: Path, seed: int):
-    """Train on the training conditions' means; returns (model, drug index) on the first
-    process, None on the others."""
+def _indices(screen: DrugScreen, prints: dict) -> tuple[dict, dict]:
+    """Row of each drug and of each cell type in the model's tables (sorted names)."""
+    return {d: i for i, d in enumerate(sorted(prints))}, {t: i for i, t in enumerate(sorted(screen.control))}
+
+
+def _fit_model(
+    config, screen: DrugScreen, prints: dict, basal: np.ndarray, train: np.ndarray, out: Path, seed: int, callbacks=None
+):
+    """Train on the training conditions' means; returns ((model, drug index, cell-type index),
+    whether this process is the first); every process gets the same model."""
     import lightning.pytorch as pl
 
-    drugs, types = sorted(prints), sorted(screen.control)
-    drug_index, type_index = {d: i for i, d in enumerate(drugs)}, {t: i for i, t in enumerate(types)}
+    drug_index, type_index = _indices(screen, prints)
     conditions = screen.conditions[train]
     dose = conditions.dose.to_numpy()
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
     model = DrugExpressionModel(
-        np.stack([prints[d] for d in drugs]),
+        np.stack([prints[d] for d in sorted(prints)]),
         _standardised(basal),
-        np.stack([screen.control[t] for t in types]),
+        np.stack([screen.control[t] for t in sorted(screen.control)]),
         float(np.log10(dose).mean()),
         config.drug.hidden,
     )
     dataset = Conditions(
         conditions.drug.map(drug_index).to_numpy(), dose, conditions.cell_type.map(type_index).to_numpy(), screen.means[train]
     )
-    model, first = train_task_model(config, model, dataset, CollateConditions(dataset), out, seed)
-    return (model, drug_index, type_index) if first else None
+    model, first = train_task_model(config, model, dataset, CollateConditions(dataset), out, seed, callbacks=callbacks)
+    return (model, drug_index, type_index), first
 
 
 @torch.no_grad()
 def _predict(fitted, conditions: pd.DataFrame) -> np.ndarray:
     model, drug_index, type_index = fitted
+    was_training = model.training
     model.eval()
-    return model(
+    predicted = model(
         drug=torch.as_tensor(conditions.drug.map(drug_index).to_numpy()),
         dose=torch.as_tensor(conditions.dose.to_numpy(), dtype=torch.float32),
         cell_type=torch.as_tensor(conditions.cell_type.map(type_index).to_numpy()),
     ).predicted.numpy()
+    model.train(was_training)
+    return predicted
 
 
-def choose_weight(config, screen, prints, basal, train, folds, baseline: str, out: Path, seed: int) -> dict | None:
-    """The anchor weight (of `drug.anchor_weights`, ties to the smaller) with the best mean headline
-    over the inner folds, one model trained per fold on the training conditions outside it:
-    {"weight", "weight_scores"}. Every process trains every fold (they train together); None on
-    processes other than the first."""
-    weights = sorted(set(config.drug.anchor_weights))
-    scores: dict[float, list] = {w: [] for w in weights}
-    first = True
+def _model_predictions(config, screen, prints, basal, train, held, out: Path, seed: int, lr: float, lengths):
+    """Train on the `train` conditions at learning rate `lr` and predict the `held` ones as
+    training passes each of `lengths`: ({steps: predictions}, whether this process is the first)."""
+    drug_index, type_index = _indices(screen, prints)
+    conditions = screen.conditions[held]
+
+    def train_model(callbacks):
+        fitted, first = _fit_model(at_learning_rate(config, lr), screen, prints, basal, train, out, seed, callbacks)
+        return fitted[0], first
+
+    return predictions_by_length(
+        train_model,
+        lambda model: _predict((model, drug_index, type_index), conditions),
+        config.trainer.max_steps,
+        lengths,
+        out,
+    )
+
+
+def choose_weight(config, screen, prints, basal, train, folds, baseline: str, out: Path, seed: int) -> dict:
+    """The anchored head's learning rate, training length and weight by the inner folds, one model
+    per fold and learning rate (drug.learning_rates; optim.lr when empty) trained on the training
+    conditions outside the fold, its predictions taken after each of drug.step_fractions of
+    trainer.max_steps: the setting whose model alone has the best mean headline, then the weight
+    (of drug.anchor_weights) whose blend is best at that setting. Ties go to the first learning
+    rate, the shorter length, the smaller weight. Every process computes the same choice.
+
+    Returns:
+        {"learning_rate", "steps", "setting_scores", "weight", "weight_scores"}.
+    """
+    section = config.drug
+    rates = learning_rates(section, config.optim)
+    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights)
     for index, held in enumerate(folds):
-        fitted = _fit_model(config, screen, prints, basal, train & ~held, out / f"inner{index}", seed)
-        if fitted is None:
-            first = False
-            continue
-        model = _predict(fitted, screen.conditions[held])
         base = baseline_predictions(screen, held, train & ~held)[0][baseline]
-        for weight in weights:
-            scores[weight].append(evaluate(anchor(base, model, weight), screen, held)[HEADLINE])
-    if not first:
-        return None
-    means = {str(w): _finite_mean(v) for w, v in scores.items()}
-    return {"weight": float(choose_best(means)), "weight_scores": means}
+        for lr in rates:
+            folder = run_folder(out / f"inner{index}", lr, rates)
+            by_length, _ = _model_predictions(
+                config, screen, prints, basal, train & ~held, held, folder, seed, lr, scores.lengths
+            )
+            scores.add(lr, by_length, base, lambda predicted: evaluate(predicted, screen, held)[HEADLINE])
+    return scores.choose()
 
 
 def run_drug_expression(config, model: str | None, out, baselines_only: bool = False) -> dict | None:
@@ -564,17 +598,19 @@ def run_drug_expression(config, model: str | None, out, baselines_only: bool = F
         if baselines_only:
             predictions[seed] = (test, predicted)
             continue
-        choice = {}
+        choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
         if anchored:
             choice = choose_weight(config, screen, prints, basal, ~test, folds, best[seed]["name"], out / f"seed{seed}", seed)
-            best[seed] |= choice or {}
-        fitted = _fit_model(config, screen, prints, basal, ~test, out / f"seed{seed}", seed)
-        if fitted is None or choice is None:
+            best[seed] |= choice
+        by_length, first_process = _model_predictions(
+            config, screen, prints, basal, ~test, test, out / f"seed{seed}", seed, choice["learning_rate"], (choice["steps"],)
+        )
+        if not first_process:
             first = False
             continue
-        plain = _predict(fitted, held)
+        plain = by_length[choice["steps"]]
         plain_runs[seed] = evaluate(plain, screen, test)
-        predicted["model"] = anchor(predicted[best[seed]["name"]], plain, best[seed]["weight"]) if anchored else plain
+        predicted["model"] = anchor(predicted[best[seed]["name"]], plain, choice["weight"]) if anchored else plain
         model_runs[seed] = evaluate(predicted["model"], screen, test)
         if anchored:
             predicted[PLAIN] = plain

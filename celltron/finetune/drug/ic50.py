@@ -48,6 +48,14 @@ from celltron.finetune.report import (
     results_table,
     write_metrics,
 )
+from celltron.finetune.settings import (
+    InnerScores,
+    at_learning_rate,
+    finite_mean,
+    learning_rates,
+    run_folder,
+    training_lengths,
+)
 from celltron.inputs import MissingInputError, existing
 from celltron.io import write_file_atomically
 from celltron.lab.data import read_configured_lab_data
@@ -532,8 +540,8 @@ def choose_kernel(train: pd.DataFrame, prints: dict, similar: SimilarDrugs) -> t
         truth, groups = inner_test.ln_ic50.to_numpy(), scored_drugs(inner_test.drug.to_numpy())
         for kernel in similar.grid:
             per_drug = pearson_of_each_drug(borrowing.predict(kernel, fallback), truth, groups)
-            per_fold[kernel].append(_finite_mean(per_drug.values()))
-    scores = {kernel.label(): _finite_mean(values) for kernel, values in per_fold.items()}
+            per_fold[kernel].append(finite_mean(per_drug.values()))
+    scores = {kernel.label(): finite_mean(values) for kernel, values in per_fold.items()}
     label = choose_best(scores, higher_is_better=True)
     kernel = next(k for k in similar.grid if k.label() == label)
     return kernel, {"kernel": asdict(kernel), "score": scores[label], "scores": scores, "inner_folds": len(masks)}
@@ -571,7 +579,7 @@ def choose_baseline(
         truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
         for name in BASELINES:
             per_fold[name].append(drug_response_metrics(predictions[name], truth, drugs)[HEADLINE])
-    scores = {name: _finite_mean(values) for name, values in per_fold.items()}
+    scores = {name: finite_mean(values) for name, values in per_fold.items()}
     name = choose_best(scores, higher_is_better=True)
     return {"name": name, "score": scores[name], "scores": scores, "inner_folds": len(masks)}
 
@@ -583,16 +591,6 @@ def _unchosen(similar: SimilarDrugs | None, kind: str, seed: int, compound_of: d
     return replace(similar, kind=kind, seed=seed, kernel=None)
 
 
-def training_lengths(config) -> tuple[int, ...]:
-    """The model's training lengths (steps) the anchored head chooses from: drug.step_fractions
-    of trainer.max_steps, at least one step each, ascending. The plain head makes no choice: the
-    full length only."""
-    max_steps = config.trainer.max_steps
-    if config.drug.head != "anchored":
-        return (max_steps,)
-    return tuple(sorted({max(1, round(f * max_steps)) for f in config.drug.step_fractions}))
-
-
 def choose_weight(
     config,
     train: pd.DataFrame,
@@ -602,49 +600,39 @@ def choose_weight(
     compound_of: dict | None = None,
     expression=None,
     similar: SimilarDrugs | None = None,
-) -> dict | None:
-    """The anchored head's training length and residual weight, by inner cross-validation over
-    the training pairs (the folds choose_baseline uses): in each inner fold a baseline is chosen
-    and a model trained on the inner training pairs alone (the outer choice saw the inner
-    held-out pairs), its predictions taken after each of `training_lengths`. The length is the
-    one whose model alone scores best on HEADLINE over the inner held-out pairs (mean over
-    folds); the weight, the best blend at that length. Ties, or no score at all, go to the
-    shorter length and the smaller weight (the baseline's side).
+) -> dict:
+    """The anchored head's learning rate, training length and residual weight, by inner cross-
+    validation over the training pairs (the folds choose_baseline uses): in each inner fold a
+    baseline is chosen and one model per learning rate (drug.learning_rates; optim.lr when empty)
+    trained on the inner training pairs alone (the outer choice saw the inner held-out pairs),
+    its predictions taken after each of drug.step_fractions of trainer.max_steps. The setting is
+    the one whose model alone scores best on HEADLINE over the inner held-out pairs (mean over
+    folds); the weight, the best blend at that setting. Ties, or no score at all, go to the first
+    learning rate listed, the shorter length and the smaller weight (the baseline's side). Every
+    process computes the same choice from the same models.
 
     Returns:
-        {"steps", "step_scores": {str(steps): the model's inner score}, "weight",
-        "weight_scores": {str(weight): the blend's inner score at the chosen length}}; None on
-        processes other than the first.
+        {"learning_rate", "steps", "setting_scores": {"lr=..,steps=..": the model's inner score},
+        "weight", "weight_scores": {str(weight): the blend's inner score at that setting}}.
     """
     section, kind = config.drug, config.drug.split_kind()
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
-    weights, lengths = sorted(set(section.anchor_weights)), training_lengths(config)
-    alone = {steps: [] for steps in lengths}
-    blended = {(steps, w): [] for steps in lengths for w in weights}
+    rates = learning_rates(section, config.optim)
+    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights)
     similar = _unchosen(similar, kind, seed, compound_of)
     for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
         inner_train, inner_test = train[~held], train[held]
         chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for, similar=similar)["name"]
         profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
         baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=similar)[chosen]
-        by_length = _model_predictions(config, inner_train, inner_test, prints, out / f"inner{j}", seed, expression, lengths)
-        if by_length is None:
-            return None
         truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
-        for steps, model in by_length.items():
-            alone[steps].append(drug_response_metrics(model, truth, drugs)[HEADLINE])
-            for w in weights:
-                blended[steps, w].append(drug_response_metrics(anchor(baseline, model, w), truth, drugs)[HEADLINE])
-    step_scores = {str(steps): _finite_mean(values) for steps, values in alone.items()}
-    steps = int(choose_best(step_scores, higher_is_better=True))
-    weight_scores = {str(w): _finite_mean(blended[steps, w]) for w in weights}
-    weight = float(choose_best(weight_scores, higher_is_better=True))
-    return {"steps": steps, "step_scores": step_scores, "weight": weight, "weight_scores": weight_scores}
-
-
-def _finite_mean(values) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+        for lr in rates:
+            folder = run_folder(out / f"inner{j}", lr, rates)
+            by_length, _ = _model_predictions(
+                at_learning_rate(config, lr), inner_train, inner_test, prints, folder, seed, expression, scores.lengths
+            )
+            scores.add(lr, by_length, baseline, lambda predicted: drug_response_metrics(predicted, truth, drugs)[HEADLINE])
+    return scores.choose()
 
 
 # ---------------------------------------------------------------- model
@@ -766,8 +754,8 @@ def _feature_matrix(features: dict[str, np.ndarray], train_lines) -> tuple[dict,
 def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, features: dict | None = None, on_indices=None):
     """Train the model on the training pairs; `features` (cell line -> expression features)
     replace the learned cell-line embeddings; `on_indices(drug index, cell index)` gives the
-    extra Lightning callbacks once the indices are known. Returns (model, drug index, cell index)
-    on the first process, None on the others."""
+    extra Lightning callbacks once the indices are known. Returns ((model, drug index, cell
+    index), whether this process is the first); every process gets the same model."""
     import lightning.pytorch as pl
 
     drugs = sorted(prints)
@@ -788,15 +776,15 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, 
     dataset = Pairs(train.drug.map(drug_index).to_numpy(), train.cell_line.map(cell_index).to_numpy(), train.ln_ic50.to_numpy())
     callbacks = on_indices(drug_index, cell_index) if on_indices else None
     model, first = train_task_model(config, model, dataset, collate_pairs, out, seed, callbacks=callbacks)
-    return (model, drug_index, cell_index) if first else None
+    return (model, drug_index, cell_index), first
 
 
 def _model_predictions(
     config, train, test, prints, out: Path, seed: int, expression=None, lengths: tuple[int, ...] = ()
-) -> dict[int, np.ndarray] | None:
+) -> tuple[dict[int, np.ndarray], bool]:
     """Train the model on `train` and predict `test` (cell-line features, when profiles are
-    given, made from `train`'s lines): {steps: predictions} after each of `lengths` (the full
-    trainer.max_steps always). None on processes other than the first."""
+    given, made from `train`'s lines): ({steps: predictions} after each of `lengths` (the full
+    trainer.max_steps always), whether this process is the first)."""
     lines = train.cell_line.unique()
     features = expression.features(lines, config.drug.pca_components) if expression is not None else None
     full = config.trainer.max_steps
@@ -807,9 +795,7 @@ def _model_predictions(
         snapshots.append(PredictAtSteps(shorter, lambda model: _predict((model, drug_index, cell_index), test)))
         return snapshots
 
-    fitted = _fit_model(config, train, prints, out, seed, features, on_indices=predict_at if shorter else None)
-    if fitted is None:
-        return None
+    fitted, first = _fit_model(config, train, prints, out, seed, features, on_indices=predict_at if shorter else None)
     by_length = dict(snapshots[0].predictions) if snapshots else {}
     missing = [steps for steps in shorter if steps not in by_length]
     if missing:
@@ -817,7 +803,7 @@ def _model_predictions(
             f"{out}: no predictions after step(s) {missing}: the run resumed past them or stopped before; "
             "delete the folder's checkpoints and run again"
         )
-    return {**by_length, full: _predict(fitted, test)}
+    return {**by_length, full: _predict(fitted, test)}, first
 
 
 @torch.no_grad()
@@ -911,13 +897,14 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
             where = out / f"seed{seed}"
-            by_length = _model_predictions(config, train, test, prints, where, seed, expression, training_lengths(config))
-            # the plain head: the model's residual whole, trained the full length
-            choice = {"steps": config.trainer.max_steps, "weight": 1.0}
-            if section.head == "anchored":  # every process trains the inner models too (they train together)
+            # the plain head: the model's residual whole, trained the full length at optim.lr
+            choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
+            if section.head == "anchored":
                 choice = choose_weight(config, train, prints, seed, where, compound_of, expression, similar)
-                best[seed].update(choice or {})
-            if by_length is None or choice is None:
+                best[seed].update(choice)
+            at_lr = at_learning_rate(config, choice["learning_rate"])
+            by_length, first_process = _model_predictions(at_lr, train, test, prints, where, seed, expression, (choice["steps"],))
+            if not first_process:
                 first = False
                 continue
             plain, weight = by_length[choice["steps"]], choice["weight"]
