@@ -9,12 +9,18 @@ what the SVD pass costs.
 
 The corpus is built first when it is missing (the command of configs/pretrain/geneformer_pbmc.yaml).
 Runs go to runs/svd_init_bench/{random,svd}/ and are replaced each time.
+
+Then downstream (`--no-downstream` skips it): both exported models embed the same seeded sample of
+labelled PBMC 4k cells (never pretrained on; the sample of benchmarks/embedding.py --variants),
+last layer, mean pooling, and kNN labels are scored on the same outer folds as PCA of the same
+cells; printed: each model against PCA and svd − random per fold, each with its 95% interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -107,6 +113,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--parallel", action="store_true", help="run the two pretrainings at once, half the threads each")
     parser.add_argument("--only", choices=INITS, help="run only this pretraining (what --parallel starts)")
+    parser.add_argument("--no-downstream", action="store_true", help="skip the kNN-label comparison of the embeddings")
+    parser.add_argument("--cells", type=int, default=1000, help="downstream: a seeded sample of this many labelled cells")
+    parser.add_argument("--folds", type=int, default=10, help="downstream: outer folds (10: bootstrap intervals)")
     add_shared_data_option(parser)
     args = parser.parse_args()
 
@@ -135,6 +144,8 @@ def main() -> None:
             pretrain_once(config, init, args.out / init)
     cost = svd_pass(config, str(args.corpus))  # alone, after the runs: the svd run paid it too
     report(config, args, cost, {init: args.out / init for init in INITS})
+    if not args.no_downstream:
+        print(downstream({init: args.out / init / "export" for init in INITS}, args))
 
 
 def report(config, args, cost: dict, runs: dict) -> None:
@@ -154,6 +165,44 @@ def report(config, args, cost: dict, runs: dict) -> None:
     print(
         f"\nwall time: random {wall_seconds(runs['random']):.0f} s, svd {wall_seconds(runs['svd']):.0f} s (including its SVD pass)"
     )
+
+
+def downstream(models: dict[str, Path], args) -> str:
+    """kNN labels from each model's cell embeddings on the same folds as PCA; the per-fold
+    differences from PCA and svd − random, each with its 95% interval."""
+    from benchmarks.embedding import COLUMNS, LABEL, difference, embed_variants, labelled_copy, sampled_copy, variants
+    from celltron.cli import main as celltron
+    from celltron.finetune.report import mean_interval, verdict
+
+    folder = args.out / "downstream"
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = sampled_copy(labelled_copy(args.shared_data, folder), folder, args.cells)
+    keys = {init: f"X_{init}" for init in models}
+    for init, model in models.items():
+        embed_variants(model, sample, {keys[init]: variants(1)["X_last_mean"]})
+    scores = folder / "scores"
+    command = ["evaluate-embedding", "--data", str(sample), "--label-key", LABEL, "--out", str(scores), "--no-umap"]
+    assert celltron([*command, "--key", *keys.values(), "--folds", str(args.folds)]) == 0
+    metrics = json.loads((scores / "metrics.json").read_text())
+    found = {init: metrics["variants"][key] for init, key in keys.items()}
+    lines = [
+        f"\nDownstream: kNN labels of {metrics['split']['n_cells']} labelled PBMC 4k cells, "
+        f"{metrics['split']['folds']} folds (last layer, mean pooling)\n",
+        "| embedding | " + " | ".join(COLUMNS) + " | " + " | ".join(f"Δ {m} vs PCA" for m in COLUMNS) + " |",
+        "|---" * (1 + 2 * len(COLUMNS)) + "|",
+    ]
+    for init, variant in found.items():
+        cells = [f"{variant[m]:.3f} ± {variant['std'][m]:.3f}" for m in COLUMNS]
+        lines.append(f"| {init} init | " + " | ".join(cells + [difference(variant["paired"][m]) for m in COLUMNS]) + " |")
+    pca = metrics["baselines"]["pca_knn"]
+    lines.append("| PCA | " + " | ".join(f"{pca[m]:.3f} ± {pca['std'][m]:.3f}" for m in COLUMNS) + " |" + " |" * len(COLUMNS))
+    for metric in COLUMNS:
+        per_fold = zip(found["svd"]["per_fold"], found["random"]["per_fold"])
+        d = mean_interval([svd[metric] - random[metric] for svd, random in per_fold])
+        d["improvement"] = {k: d[k] for k in ("mean", "low", "high")}
+        said = verdict(d).replace("the model", "SVD initialisation").replace("the baseline", "random initialisation")
+        lines.append(f"- svd − random on {metric}, per fold: {difference(d)} — {said}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,11 @@ FINETUNE_OPTIONS = [
         help="label of control cells (perturbation: in --perturbation-key; drug-response expression: in the drug column)",
     ),
     Option("annotate.label_key"),
-    Option("annotate.encoder", help="tuned (trains with the head) or frozen (cells embedded once, the head alone trains)"),
+    Option(
+        "{task}.encoder",
+        sections=("perturbation", "annotate"),
+        help="tuned (trains with the head) or frozen (the encoder's views computed once, the head alone trains)",
+    ),
     Option(
         "{task}.head",
         sections=("perturbation", "drug", "annotate"),

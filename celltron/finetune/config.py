@@ -16,6 +16,7 @@ SPLITS = ("heldout", "simulation", "leave_one_out")
 DRUG_MODES = ("ic50", "expression")
 HEAD_TYPES = ("retrieval", "bilinear")
 ANCHORS = ("anchored", "plain")
+ENCODERS = ("tuned", "frozen")  # fine-tuned with the head, or a frozen encoder whose views are computed once
 DRUG_SPLITS = {"ic50": ("random", "cell_line", "drug"), "expression": ("heldout_combination", "heldout_drug")}
 
 
@@ -99,6 +100,12 @@ class PerturbationSection:
     step_fractions: training lengths, as shares of trainer.max_steps, chosen with the learning
         rate (predictions taken as one run passes each length); ties: the shorter. Both are
         chosen on the model alone's inner headline score, the weight on the blend at them.
+    encoder: tuned (the encoder trains with the head and a learned flag on the targets, as
+        model.freeze_layers / lora_rank say) or frozen (the pretrained encoder's view of each
+        pair of eval_cells control cells x perturbation is computed once, in eval mode, with
+        the targets' tokens in the cell and no flag; only the head trains on those views, and
+        every perturbation's prediction averages the same cells: minutes instead of hours on a
+        CPU).
     """
 
     perturbation_key: str = "perturbation"
@@ -118,6 +125,7 @@ class PerturbationSection:
     headline: str = "pearson_delta_de20_notarget"
     responsive_min_de: int = ranged(10, ">= 1")
     coexpression_reference: str = ""
+    encoder: str = one_of("tuned", ENCODERS)
 
 
 @dataclass
@@ -231,7 +239,7 @@ class AnnotateSection:
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
     inner_folds: int = ranged(2, ">= 2")
-    encoder: str = one_of("tuned", ("tuned", "frozen"))
+    encoder: str = one_of("tuned", ENCODERS)
     learning_rates: tuple[float, ...] = ranged((), "> 0")
     step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
 
@@ -275,6 +283,7 @@ class FinetuneConfig:
             raise ConfigError(
                 f"{where}: perturbation.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]"
             )
+        self._check_frozen("perturbation", where)
 
     def _check_annotate(self, where: str) -> None:
         section = self.annotate
@@ -284,9 +293,12 @@ class FinetuneConfig:
             raise ConfigError(
                 f"{where}: annotate.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]"
             )
-        if section.encoder == "frozen" and (self.model.freeze_layers or self.model.lora_rank):
+        self._check_frozen("annotate", where)
+
+    def _check_frozen(self, task: str, where: str) -> None:
+        if getattr(self, task).encoder == "frozen" and (self.model.freeze_layers or self.model.lora_rank):
             raise ConfigError(
-                f"{where}: annotate.encoder frozen (--encoder frozen) trains the head alone; "
+                f"{where}: {task}.encoder frozen (--encoder frozen) trains the head alone; "
                 "drop model.freeze_layers (--freeze) and model.lora_rank (--lora), which are for a tuned encoder"
             )
 

@@ -451,3 +451,69 @@ def test_the_anchored_head_chooses_learning_rate_and_length_on_training_perturba
     assert calls[-1][0] == chosen["learning_rate"]
     assert (out / "seed0" / "inner1" / "lr0.001" / "metrics.csv").exists()
     assert "learning rate and length (inner CV)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["geneformer", "scgpt"])
+def test_the_frozen_probe_is_the_model_with_a_fixed_encoder_and_no_flag(family, family_folders, screen_file):
+    """On the views computed once, the probe predicts what the full model predicts when its
+    encoder is the pretrained one and its learned flag is zero (the probe has no flag to learn)."""
+    from celltron.finetune.perturbation.model import PerturbationProbe, frozen_views
+    from celltron.model_zoo.registry import base_of
+
+    perturbations = ["TSPAN6", "TNMD+DPM1", "SCYL3"]
+    lab, tokenizer, screen, batch = _batch(family_folders[family], screen_file, perturbations, n_cells=6)
+    targets = list(target_tokens(perturbations, tokenizer.vocab, lab.species, "screen").values())
+    gene_tokens = tokenizer.vocab.lookup_genes(lab.gene_ids)
+    shifts = np.random.default_rng(0).normal(0, 1, (3, lab.counts.shape[1]))
+    torch.manual_seed(0)
+    model = PerturbationModel(
+        load_encoder(family_folders[family], AdaptSection()), gene_tokens, screen.control_mean, shifts, targets
+    ).eval()
+    with torch.no_grad():
+        model.flag_embedding.weight.zero_()
+        torch.nn.init.normal_(model.query[2].weight, std=0.5)  # a trained-looking head, not the training mean
+    control = np.flatnonzero(lab.obs["perturbation"].astype(str).to_numpy() == "control")[:6]
+    tokens = tokenize_cells(lab, tokenizer, control)
+    cells = np.arange(6)
+    views = frozen_views(model.encoder, tokens, cells, targets, specials_of(tokenizer.vocab), None, 0, batch_size=4)
+    assert views[0].shape == views[1].shape == (3, 6, model.config.hidden_size)
+    table = base_of(model.encoder).get_input_embeddings().weight.detach()
+    probe = PerturbationProbe(table, gene_tokens, screen.control_mean, shifts, targets).eval()
+    probe.load_state_dict({**probe.state_dict(), **{k: v for k, v in model.state_dict().items() if k.startswith(("query", "keys"))}})
+    columns = batch["perturbation"].numpy()
+    with torch.no_grad():
+        full = model(**batch).predicted
+        probed = probe(
+            torch.as_tensor(views[0][columns, cells]), torch.as_tensor(views[1][columns, cells]), batch["perturbation"]
+        ).predicted
+    np.testing.assert_allclose(probed.numpy(), full.numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(full.numpy(), full.numpy()[:1])  # the prediction depends on the pair
+
+
+def test_a_frozen_encoder_embeds_once_and_trains_the_head_alone(pretrained_geneformer, screen_file, tmp_path, monkeypatch):
+    import celltron.finetune.perturbation.run as run
+
+    calls = []
+    views = run.frozen_views
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return views(*args, **kwargs)
+
+    monkeypatch.setattr(run, "frozen_views", counting)
+    out = tmp_path / "run"
+    args = ["--model", str(pretrained_geneformer), "--data", str(screen_file), "--out", str(out), "--max-steps", "30"]
+    settings = ("perturbation.inner_folds=2", "perturbation.eval_cells=40", "perturbation.seeds=[0,1]")
+    assert _finetune(*args, "--encoder", "frozen", *[item for s in settings for item in ("--set", s)]) == 0
+    assert len(calls) == 1  # 2 seeds x (2 inner folds + the outer run), one pass of the encoder
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["encoder"] == "frozen"
+    assert set(METRICS) <= set(metrics["model"]) and set(METRICS) <= set(metrics["model_plain"])
+    # the checkpoint holds the head alone: no encoder weights trained or saved
+    state = torch.load(next((out / "seed0" / "checkpoints").glob("*.ckpt")), weights_only=False)["state_dict"]
+    assert state and not any("encoder" in key or "flag" in key for key in state)
+    plain = {p: v["pearson_delta_de20"] for p, v in metrics["model_plain"]["per_perturbation"]["0"].items()}
+    assert len(set(np.round(list(plain.values()), 6))) > 1  # per-perturbation predictions, not one vector
+    # a frozen encoder with frozen layers or LoRA is a contradiction, refused before anything runs
+    assert _finetune(*args[:-4], "--out", str(tmp_path / "bad"), "--encoder", "frozen", "--freeze", "1") != 0
+    assert not (tmp_path / "bad").exists()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.corpus.genes import map_genes
@@ -32,7 +32,62 @@ class PerturbationOutput(ModelOutput):
     predicted: torch.Tensor | None = None
 
 
-class PerturbationModel(nn.Module):
+class PerturbationHead(nn.Module):
+    """What both perturbation models share: from the targets' view and the cell embedding, a
+    query that mixes the training perturbations' shifts (retrieval) or scores each measured gene
+    (bilinear), added to the control mean; the loss. Subclasses say where the views come from."""
+
+    def _init_head(self, hidden: int, gene_tokens, control_mean, train_shifts, train_targets, head: str, de_weight: float):
+        if head not in HEAD_TYPES:
+            raise ConfigError(f"perturbation.head_type {head!r} is not one of {HEAD_TYPES}")
+        self.head, self.de_weight = head, de_weight
+        self.query = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        nn.init.zeros_(self.query[2].weight)  # uniform attention / no correction: the training mean
+        nn.init.zeros_(self.query[2].bias)
+        self.keys = nn.Linear(hidden, hidden, bias=False)
+        self.gene_bias = nn.Parameter(torch.zeros(len(gene_tokens))) if head == "bilinear" else None
+        width = max(len(t) for t in train_targets)
+        padded = np.full((len(train_targets), width), -1, dtype=np.int64)
+        for row, tokens in enumerate(train_targets):
+            padded[row, : len(tokens)] = tokens
+        self.register_buffer("gene_tokens", torch.as_tensor(np.asarray(gene_tokens), dtype=torch.long))
+        self.register_buffer("train_targets", torch.as_tensor(padded))
+        self.register_buffer("train_shifts", torch.as_tensor(np.asarray(train_shifts), dtype=torch.float32))
+        self.register_buffer("control_mean", torch.as_tensor(np.asarray(control_mean), dtype=torch.float32))
+
+    def _shift(self, query: torch.Tensor, perturbation: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
+        """The predicted shift from control; `table`: the pretrained input embeddings of tokens."""
+        scale = math.sqrt(query.shape[-1])
+        if self.head == "bilinear":
+            gene_keys = self.keys(embed_tokens(table, self.gene_tokens))
+            return self.train_shifts.mean(0) + (query @ gene_keys.T).float() / scale + self.gene_bias
+        scores = (query @ self.keys(embed_tokens(table, self.train_targets)).T).float() / scale
+        if perturbation is not None and len(self.train_shifts) > 1:
+            own = perturbation.unsqueeze(-1) == torch.arange(len(self.train_shifts), device=scores.device)
+            scores = scores.masked_fill(own, float("-inf"))
+        return torch.softmax(scores, dim=-1) @ self.train_shifts
+
+    def _predict(self, targets, cell_embedding, table, perturbation=None, target=None, de_mask=None) -> PerturbationOutput:
+        query = self.query(torch.cat([targets, cell_embedding], dim=-1))
+        predicted = self.control_mean + self._shift(query, perturbation, table)
+        loss = None
+        if target is not None:
+            error = (predicted - target.float()) ** 2
+            loss = error.mean()
+            if de_mask is not None and self.de_weight:
+                mask = de_mask.float()
+                loss = loss + self.de_weight * (error * mask).sum() / mask.sum().clamp(min=1)
+        return PerturbationOutput(loss=loss, predicted=predicted)
+
+
+def embed_tokens(table: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Rows of `table` for `tokens` (-1: none, zero), averaged over the last axis when 2-D."""
+    known = (tokens >= 0).unsqueeze(-1).to(table.dtype)
+    rows = table[tokens.clamp(min=0)] * known
+    return rows.sum(-2) / known.sum(-2).clamp(min=1) if tokens.dim() == 2 else rows
+
+
+class PerturbationModel(PerturbationHead):
     """A pretrained encoder with perturbation flags and a per-gene expression head.
 
     Heads (both start at the training-mean prediction):
@@ -66,48 +121,16 @@ class PerturbationModel(nn.Module):
         de_weight: float = 1.0,
     ):
         super().__init__()
-        if head not in HEAD_TYPES:
-            raise ConfigError(f"perturbation.head_type {head!r} is not one of {HEAD_TYPES}")
-        self.encoder, self.head, self.de_weight = encoder, head, de_weight
+        self.encoder = encoder
         hidden = self.config.hidden_size
         self.flag_embedding = nn.Embedding(2, hidden)
         nn.init.normal_(self.flag_embedding.weight, std=0.02)
-        self.query = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        nn.init.zeros_(self.query[2].weight)  # uniform attention / no correction: the training mean
-        nn.init.zeros_(self.query[2].bias)
-        self.keys = nn.Linear(hidden, hidden, bias=False)
-        self.gene_bias = nn.Parameter(torch.zeros(len(gene_tokens))) if head == "bilinear" else None
-        width = max(len(t) for t in train_targets)
-        padded = np.full((len(train_targets), width), -1, dtype=np.int64)
-        for row, tokens in enumerate(train_targets):
-            padded[row, : len(tokens)] = tokens
-        self.register_buffer("gene_tokens", torch.as_tensor(np.asarray(gene_tokens), dtype=torch.long))
-        self.register_buffer("train_targets", torch.as_tensor(padded))
-        self.register_buffer("train_shifts", torch.as_tensor(np.asarray(train_shifts), dtype=torch.float32))
-        self.register_buffer("control_mean", torch.as_tensor(np.asarray(control_mean), dtype=torch.float32))
+        self._init_head(hidden, gene_tokens, control_mean, train_shifts, train_targets, head, de_weight)
         self.flags = InputFlags(encoder, self.flag_embedding)
 
     @property
     def config(self):
         return base_of(self.encoder).config
-
-    def _embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Pretrained input embeddings of `tokens` (-1: none, zero), averaged over the last axis when 2-D."""
-        table = base_of(self.encoder).get_input_embeddings().weight
-        known = (tokens >= 0).unsqueeze(-1).to(table.dtype)
-        rows = table[tokens.clamp(min=0)] * known
-        return rows.sum(-2) / known.sum(-2).clamp(min=1) if tokens.dim() == 2 else rows
-
-    def _shift(self, query: torch.Tensor, perturbation: torch.Tensor | None) -> torch.Tensor:
-        scale = math.sqrt(query.shape[-1])
-        if self.head == "bilinear":
-            gene_keys = self.keys(self._embed_tokens(self.gene_tokens))
-            return self.train_shifts.mean(0) + (query @ gene_keys.T).float() / scale + self.gene_bias
-        scores = (query @ self.keys(self._embed_tokens(self.train_targets)).T).float() / scale
-        if perturbation is not None and len(self.train_shifts) > 1:
-            own = perturbation.unsqueeze(-1) == torch.arange(len(self.train_shifts), device=scores.device)
-            scores = scores.masked_fill(own, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ self.train_shifts
 
     def forward(
         self, input_ids, attention_mask, flags, values=None, perturbation=None, target=None, de_mask=None, **unused
@@ -122,19 +145,41 @@ class PerturbationModel(nn.Module):
             out = self.encoder(**inputs)
         finally:
             self.flags.flags = None
-        hidden = out.last_hidden_state
-        flagged = flags.unsqueeze(-1).to(hidden.dtype)
-        targets = (hidden * flagged).sum(1) / flagged.sum(1).clamp(min=1)
-        query = self.query(torch.cat([targets, out.cell_embedding], dim=-1))
-        predicted = self.control_mean + self._shift(query, perturbation)
-        loss = None
-        if target is not None:
-            error = (predicted - target.float()) ** 2
-            loss = error.mean()
-            if de_mask is not None and self.de_weight:
-                mask = de_mask.float()
-                loss = loss + self.de_weight * (error * mask).sum() / mask.sum().clamp(min=1)
-        return PerturbationOutput(loss=loss, predicted=predicted)
+        targets = flagged_mean(out.last_hidden_state, flags)
+        table = base_of(self.encoder).get_input_embeddings().weight
+        return self._predict(targets, out.cell_embedding, table, perturbation, target, de_mask)
+
+
+def flagged_mean(hidden: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """(batch, hidden): the mean of each sequence's hidden states at its flagged (target) positions."""
+    flagged = flags.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * flagged).sum(1) / flagged.sum(1).clamp(min=1)
+
+
+class PerturbationProbe(PerturbationHead):
+    """The same head on a frozen encoder (perturbation.encoder: frozen): the encoder's view of
+    each (control cell, perturbation) pair, computed once in eval mode with the targets' tokens
+    in the cell (`frozen_views`), is the input; no flag is learned (the encoder does not train),
+    so the head alone trains, in seconds instead of hours on a CPU.
+
+    Args:
+        table: the rows of the pretrained input-embedding table the head reads: every token of
+            `gene_tokens` and `train_targets` (a copy; the encoder is not kept).
+        Others as PerturbationModel's.
+    """
+
+    def __init__(self, table, gene_tokens, control_mean, train_shifts, train_targets, head="retrieval", de_weight=1.0):
+        super().__init__()
+        self._init_head(table.shape[1], gene_tokens, control_mean, train_shifts, train_targets, head, de_weight)
+        used = torch.unique(torch.cat([self.gene_tokens, self.train_targets.flatten()]))
+        used = used[used >= 0]
+        # only the rows the head reads, so checkpoints stay small (a vocabulary is ~60k rows)
+        compact = torch.zeros(int(used.max()) + 1 if len(used) else 1, table.shape[1])
+        compact[used] = torch.as_tensor(table, dtype=torch.float32)[used]
+        self.register_buffer("table", compact)
+
+    def forward(self, targets, cell_embedding, perturbation=None, target=None, de_mask=None, **unused) -> PerturbationOutput:
+        return self._predict(targets, cell_embedding, self.table, perturbation, target, de_mask)
 
 
 def target_tokens(perturbations: list[str], vocab, species: str, source: str) -> dict[str, np.ndarray]:
@@ -266,12 +311,92 @@ def predict_means(
     device = next(model.parameters()).device
     out = []
     for index in range(len(targets)):
-        pairs = np.stack([cells, np.full(len(cells), index)], axis=1)
-        dataset = PerturbationPairs(control_tokens, pairs, targets, None, None, specials, max_tokens)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=lambda e: collate_pairs(e, pad_id))
         total = 0
-        for batch in loader:
+        for _, batch in pair_batches(control_tokens, cells, targets, index, specials, max_tokens, pad_id, batch_size):
             batch = {k: v.to(device) for k, v in batch.items() if k not in ("n_cells", "n_tokens")}
             total = total + model(**batch).predicted.double().sum(0)
         out.append((total / len(cells)).cpu().numpy())
+    return np.stack(out)
+
+
+def pair_batches(control_tokens, cells, targets, index: int, specials, max_tokens, pad_id: int, batch_size: int):
+    """Padded batches of each of `cells` (control rows) with perturbation `index`'s targets:
+    yields (positions in `cells`, batch)."""
+    pairs = np.stack([cells, np.full(len(cells), index)], axis=1)
+    dataset = PerturbationPairs(control_tokens, pairs, targets, None, None, specials, max_tokens)
+    for start in range(0, len(cells), batch_size):
+        rows = range(start, min(start + batch_size, len(cells)))
+        yield rows, collate_pairs([dataset[i] for i in rows], pad_id)
+
+
+@torch.no_grad()
+def frozen_views(
+    encoder: nn.Module,
+    control_tokens: RaggedTokens,
+    cells: np.ndarray,
+    targets: list[np.ndarray],
+    specials: set,
+    max_tokens: int | None,
+    pad_id: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen encoder's view of every (control cell, perturbation) pair, as PerturbationModel
+    reads it but without flags: the mean final hidden state at the perturbation's target tokens
+    (added to the cell when it does not express them) and the cell embedding. Returns two
+    (perturbations, cells, hidden) arrays; eval mode, on the encoder's device."""
+    from celltron.lab.inference import autocast, to_device
+
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    hidden = base_of(encoder).config.hidden_size
+    at_targets = np.zeros((len(targets), len(cells), hidden), dtype=np.float32)
+    cell_embeddings = np.zeros_like(at_targets)
+    for index in range(len(targets)):
+        for rows, batch in pair_batches(control_tokens, cells, targets, index, specials, max_tokens, pad_id, batch_size):
+            batch = to_device(batch, device)
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "values") if k in batch}
+            with autocast(device):
+                out = encoder(**inputs, heads=False)
+            at_targets[index, rows] = flagged_mean(out.last_hidden_state, batch["flags"]).float().cpu().numpy()
+            cell_embeddings[index, rows] = out.cell_embedding.float().cpu().numpy()
+    return at_targets, cell_embeddings
+
+
+class ViewPairs(Dataset):
+    """(cached view, perturbation) examples for PerturbationProbe: `pairs` rows are (cell, training
+    perturbation), `columns[k]` the training perturbation's index in the views."""
+
+    def __init__(self, views: tuple[np.ndarray, np.ndarray], pairs: np.ndarray, columns: np.ndarray, means, de_masks):
+        self.views, self.pairs, self.columns, self.means, self.de_masks = views, pairs, columns, means, de_masks
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        cell, perturbation = (int(x) for x in self.pairs[i])
+        column = self.columns[perturbation]
+        return {
+            "targets": self.views[0][column, cell],
+            "cell_embedding": self.views[1][column, cell],
+            "perturbation": perturbation,
+            "target": self.means[perturbation],
+            "de_mask": self.de_masks[perturbation],
+        }
+
+
+def collate_views(examples: list[dict]) -> dict:
+    batch = {key: torch.as_tensor(np.stack([e[key] for e in examples])) for key in examples[0]}
+    batch["n_cells"] = torch.tensor(len(examples))
+    return batch
+
+
+@torch.no_grad()
+def probe_means(model: PerturbationProbe, views: tuple[np.ndarray, np.ndarray], columns: list[int]) -> np.ndarray:
+    """(perturbations, genes): each perturbation's prediction averaged over every cell of the views."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for column in columns:
+        targets, cells = (torch.as_tensor(view[column], device=device) for view in views)
+        out.append(model(targets, cells).predicted.double().mean(0).cpu().numpy())
     return np.stack(out)

@@ -36,8 +36,13 @@ from celltron.finetune.perturbation.evaluate import (
 from celltron.finetune.perturbation.model import (
     PerturbationModel,
     PerturbationPairs,
+    PerturbationProbe,
+    ViewPairs,
     collate_pairs,
+    collate_views,
+    frozen_views,
     predict_means,
+    probe_means,
     target_tokens,
     training_pairs,
 )
@@ -207,6 +212,31 @@ class _Prepared:
         self.gene_tokens = vocab.lookup_genes(lab.gene_ids)
         self.targets = target_tokens(screen.perturbations, vocab, lab.species, str(lab.path))
         self.specials, self.pad_id = specials_of(vocab), vocab.special_id("pad")
+        self.views = None
+        if section.encoder == "frozen":
+            self._compute_views(config)
+
+    def _compute_views(self, config) -> None:
+        """perturbation.encoder frozen: the pretrained encoder's view of every pair of a seeded
+        pool of eval_cells control cells x usable perturbation, once (every seed, fold and inner
+        fold reads them), and the input-embedding table the head's keys read."""
+        from celltron.lab.inference import pick_device
+        from celltron.model_zoo.registry import load_pretrained
+
+        encoder = load_pretrained(self.folder).to(pick_device("auto"))
+        n = min(config.perturbation.eval_cells, len(self.control_rows))
+        self.pool = np.sort(np.random.default_rng(config.trainer.seed).choice(len(self.control_rows), n, replace=False))
+        self.view_names = sorted(self.targets)
+        targets = [self.targets[p] for p in self.view_names]
+        max_tokens = max_tokens_of(base_of(encoder).config)
+        batch = config.data.batch_size
+        self.views = frozen_views(encoder, self.control_tokens, self.pool, targets, self.specials, max_tokens, self.pad_id, batch)
+        self.table = base_of(encoder).get_input_embeddings().weight.detach().float().cpu()
+        log.info("frozen encoder: %d control cells x %d perturbations embedded once", n, len(targets))
+
+    def columns(self, perturbations: list[str]) -> list[int]:
+        """Each perturbation's index in the frozen views."""
+        return [self.view_names.index(p) for p in perturbations]
 
 
 def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out: Path, resume: str | None, callbacks=None):
@@ -217,23 +247,20 @@ def _fine_tune(config, prepared: _Prepared, screen, split: dict, seed: int, out:
     section = config.perturbation
     train = [p for p in split["train"] if p in prepared.targets]
     pl.seed_everything(config.trainer.seed + seed, workers=True, verbose=False)
-    encoder = load_encoder(prepared.folder, config.model)
     shifts = np.stack([screen.means[p] - screen.control_mean for p in train])
-    model = PerturbationModel(
-        encoder,
-        prepared.gene_tokens,
-        screen.control_mean,
-        shifts,
-        [prepared.targets[p] for p in train],
-        section.head_type,
-        section.de_weight,
-    )
-    trainable, total = count_trainable(model)
-    log.info("fine-tuning %d of %d parameters", trainable, total)
+    head = (prepared.gene_tokens, screen.control_mean, shifts, [prepared.targets[p] for p in train])
     means = np.stack([screen.means[p] for p in train]).astype(np.float32)
     de_masks = np.zeros(means.shape, dtype=bool)
     for row, p in enumerate(train):
         de_masks[row, screen.de_genes[p]] = True
+    if prepared.views is not None:  # frozen encoder: the head alone, on the cached views
+        model = PerturbationProbe(prepared.table, *head, section.head_type, section.de_weight)
+        pairs = training_pairs(prepared.labels, train, len(prepared.pool), seed)
+        dataset = ViewPairs(prepared.views, pairs, np.asarray(prepared.columns(train)), means, de_masks)
+        return train_task_model(config, model, dataset, collate_views, out, seed, resume, callbacks)
+    model = PerturbationModel(load_encoder(prepared.folder, config.model), *head, section.head_type, section.de_weight)
+    trainable, total = count_trainable(model)
+    log.info("fine-tuning %d of %d parameters", trainable, total)
     pairs = training_pairs(prepared.labels, train, len(prepared.control_rows), seed)
     dataset = PerturbationPairs(
         prepared.control_tokens,
@@ -265,6 +292,8 @@ def _predictions(
 
 
 def _model_predictions(config, prepared: _Prepared, model, test: list[str], seed: int) -> dict[str, np.ndarray]:
+    if prepared.views is not None:  # frozen encoder: averaged over the views' cells
+        return dict(zip(test, probe_means(model, prepared.views, prepared.columns(test))))
     rng = np.random.default_rng(seed)
     n = min(config.perturbation.eval_cells, len(prepared.control_rows))
     cells = np.sort(rng.choice(len(prepared.control_rows), n, replace=False))
@@ -333,6 +362,7 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         "model_folder": str(prepared.folder) if prepared else None,
         "model": runs.aggregate("model"),
         "head": section.head,
+        "encoder": section.encoder if prepared else None,
         "model_plain": runs.aggregate(PLAIN) if section.head == "anchored" else None,
         "baselines": {name: runs.aggregate(name) for name in baselines.baseline_names(screen)},
         "best_baseline": {
