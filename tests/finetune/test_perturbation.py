@@ -1,6 +1,6 @@
 """The perturbation head and the `celltron finetune perturbation` run: inputs with flagged
 targets, a head that starts at the training-mean baseline and learns, every family, LoRA and
-frozen layers, the output layout, simulated double perturbations, and clear errors on bad lab
+frozen layers, the frozen-encoder probe, the output layout, simulated double perturbations, and clear errors on bad lab
 data."""
 
 from __future__ import annotations
