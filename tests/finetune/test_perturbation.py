@@ -479,7 +479,9 @@ def test_the_frozen_probe_is_the_model_with_a_fixed_encoder_and_no_flag(family, 
     assert views[0].shape == views[1].shape == (3, 6, model.config.hidden_size)
     table = base_of(model.encoder).get_input_embeddings().weight.detach()
     probe = PerturbationProbe(table, gene_tokens, screen.control_mean, shifts, targets).eval()
-    probe.load_state_dict({**probe.state_dict(), **{k: v for k, v in model.state_dict().items() if k.startswith(("query", "keys"))}})
+    probe.load_state_dict(
+        {**probe.state_dict(), **{k: v for k, v in model.state_dict().items() if k.startswith(("query", "keys"))}}
+    )
     columns = batch["perturbation"].numpy()
     with torch.no_grad():
         full = model(**batch).predicted
