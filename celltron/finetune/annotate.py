@@ -24,6 +24,7 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import count_trainable, load_encoder
 from celltron.finetune.report import (
+    UnitScore,
     aggregate,
     anchor,
     paired_difference,
@@ -355,8 +356,23 @@ def _predictions(
     )
 
 
-def _macro_f1(truth: np.ndarray, probabilities: np.ndarray, n_classes: int) -> float:
-    return classification_metrics(truth, probabilities.argmax(1), [str(c) for c in range(n_classes)])["macro_f1"]
+def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over classes 0..n_classes-1 (a class neither true nor predicted scores 0), as
+    `classification_metrics`, without its report: the weight rule recomputes it on hundreds of
+    resampled cell sets."""
+    counts = np.bincount(truth * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    hits, together = np.diag(counts), counts.sum(0) + counts.sum(1)
+    return float(np.where(together > 0, 2 * hits / np.maximum(together, 1), 0.0).mean())
+
+
+def _macro_f1_score(truth: np.ndarray, probabilities: np.ndarray, n_classes: int) -> UnitScore:
+    """Macro-F1 of the held-out cells, recomputable on resampled cells (the weight rule's units)."""
+    predicted = probabilities.argmax(1)
+
+    def on(rows):
+        return macro_f1(truth, predicted, n_classes) if rows is None else macro_f1(truth[rows], predicted[rows], n_classes)
+
+    return UnitScore.recomputed(len(truth), on)
 
 
 def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dict:
@@ -365,26 +381,28 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dic
     rate are fitted on the inner training cells (each model's predictions taken after every
     length) and scored on the inner held-out cells on macro-F1. The setting (learning rate,
     length) is the one whose model alone scores best (mean over folds; ties: the first learning
-    rate listed, the shorter length); the weight, the best blend at that setting (ties: the
-    smaller weight). Every process computes the same choice from the same models.
+    rate listed, the shorter length); the weight, by `report.earned_weight` on the blends at
+    that setting: the smallest unless a larger one gains beyond the interval over resampled inner
+    held-out cells. Every process computes the same choice from the same models.
 
     Returns:
         {"learning_rate", "steps", "setting_scores": {"lr=..,steps=..": the model's inner score},
-        "weight", "weight_scores": {str(weight): the blend's inner score at the chosen setting}}.
+        "weight", "weight_scores": {str(weight): the blend's inner score at the chosen setting},
+        "gain_low": {str(weight): the lower bound of its gain over the smallest}}.
     """
     from sklearn.model_selection import StratifiedKFold
 
     config, labels, n = task.config, task.labels, task.n_classes
     section = config.annotate
     rates = learning_rates(section, config.optim)
-    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights)
+    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights, seed)
     folds = StratifiedKFold(section.inner_folds, shuffle=True, random_state=seed)
     for j, (fit, held) in enumerate(folds.split(train, labels[train])):
         fit, held = train[fit], train[held]
         baseline = _baseline_probabilities(config, task.lab, labels, fit, held, n, seed)
         for lr in rates:
             by_length, _ = _predictions(task, fit, seed, run_folder(out / f"inner{j}", lr, rates), lr, scores.lengths, held)
-            scores.add(lr, by_length, baseline, lambda probabilities: _macro_f1(labels[held], probabilities, n))
+            scores.add(lr, by_length, baseline, lambda probabilities: _macro_f1_score(labels[held], probabilities, n))
     return scores.choose()
 
 

@@ -92,7 +92,9 @@ class PerturbationSection:
     head_type: retrieval (a mix of training perturbations' shifts, attended to from the
         encoder's view of the targets, leave-one-out in training) or bilinear (per-gene scores
         from the pretrained gene embeddings); see celltron.finetune.perturbation.PerturbationModel.
-    anchor_weights: the residual weights the anchored head chooses from.
+    anchor_weights: the residual weights the anchored head chooses from: the smallest (the
+        baseline) unless a larger one gains beyond the 95% interval over resampled inner
+        held-out perturbations (report.earned_weight).
     inner_folds: folds of the inner cross-validations over training perturbations (the best
         baseline, the anchored head's weight).
     learning_rates: the learning rates the anchored head chooses from by the same inner
@@ -166,7 +168,9 @@ class DrugSection:
         exactly) or plain (the model's own prediction). Anchoring trains one model per inner
         fold besides the outer one, per seed. In both modes (ic50: drugs, cell lines or pairs;
         expression: drugs or drug x dose combinations).
-    anchor_weights: the residual weights the anchored head chooses from (ties: the smaller).
+    anchor_weights: the residual weights the anchored head chooses from: the smallest unless a
+        larger one gains beyond the 95% interval over resampled inner held-out units
+        (report.earned_weight; ties: the smaller).
     step_fractions: the model's training lengths the anchored head chooses from, as shares of
         trainer.max_steps, by the same inner cross-validation (on the model alone; ties: the
         shorter). One run per fit: predictions are taken as training passes each length.
@@ -215,7 +219,9 @@ class AnnotateSection:
         them, w chosen from anchor_weights on macro-F1 by inner_folds-fold stratified
         cross-validation over the training cells, a model trained per inner fold; w = 0 is
         the baseline exactly) or plain (the model alone).
-    anchor_weights: the weights the anchored head chooses from (ties: the smaller).
+    anchor_weights: the weights the anchored head chooses from: the smallest unless a larger
+        one gains beyond the 95% interval over resampled inner held-out cells
+        (report.earned_weight; ties: the smaller).
     inner_folds: folds of that inner cross-validation.
     encoder: tuned (the encoder trains with the head, as model.freeze_layers / lora_rank say)
         or frozen (a linear probe: every cell is embedded once by the pretrained encoder, in

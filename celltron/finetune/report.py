@@ -188,6 +188,106 @@ def choose_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
     return next(k for k, v in finite.items() if abs(v - best) <= tolerance)
 
 
+CHOICE_RESAMPLES = 200  # bootstrap draws of inner held-out units behind each anchor-weight choice
+
+
+def unit_resamples(n_units: int, n: int = CHOICE_RESAMPLES, seed=0) -> np.ndarray:
+    """(n, n_units) indices of units drawn with replacement; one draw shared by every weight
+    makes their differences paired."""
+    return np.random.default_rng(seed).integers(0, n_units, (n, n_units))
+
+
+def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The central `level` share of the finite `values` (NaN when fewer than two)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def earned_weight(weights, scores: dict, resampled: dict, higher_is_better: bool = True) -> dict:
+    """The anchored head's weight rule, one for every task: the smallest weight (the baseline's
+    side), unless a larger weight improves on it beyond the 95% interval of the paired gain over
+    resampled inner held-out units; of those that do, the best (ties: the smaller).
+    `scores`: {weight: inner held-out score}; `resampled`: {weight: that score on each of the same
+    unit draws}. A best-of-grid choice takes gains that are noise of a few inner units, and on
+    the benchmarks and on simulated tasks those weights cost held-out units more than their
+    interval (benchmarks/weight_rule.py, BENCHMARKS.md). {"weight", "weight_scores", "gain_low"}."""
+    weights = sorted(float(w) for w in weights)
+    sign = 1.0 if higher_is_better else -1.0
+    smallest = np.asarray(resampled[weights[0]], dtype=np.float64)
+    gain_low = {
+        str(w): percentile_interval(sign * (np.asarray(resampled[w], dtype=np.float64) - smallest))[0] for w in weights[1:]
+    }
+    as_text = {str(w): float(scores[w]) for w in weights}
+    earned = {w: as_text[w] for w, low in gain_low.items() if np.isfinite(low) and low > 0}
+    weight = float(choose_best(earned, higher_is_better)) if earned else weights[0]
+    return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
+
+
+class UnitScore:
+    """A score over a set of held-out units that can be recomputed on resampled units: either
+    the mean of per-unit values (`of_units`) or a function of the units drawn (`recomputed`,
+    e.g. macro-F1 over cells)."""
+
+    def __init__(self, n_units: int, value: float, on_rows):
+        self.n_units, self.value, self._on_rows = n_units, float(value), on_rows
+
+    @classmethod
+    def of_units(cls, values) -> UnitScore:
+        """The mean of finite per-unit values; a draw's score is the mean of its units'."""
+        values = np.asarray(values, dtype=np.float64)
+
+        def on_rows(draws: np.ndarray) -> np.ndarray:
+            picked = values[draws]
+            finite = np.isfinite(picked)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return np.where(finite, picked, 0).sum(1) / finite.sum(1)
+
+        finite = values[np.isfinite(values)]
+        return cls(len(values), finite.mean() if len(finite) else np.nan, on_rows)
+
+    @classmethod
+    def recomputed(cls, n_units: int, score) -> UnitScore:
+        """`score(rows)` on the units at `rows` (None: all of them, in order)."""
+        return cls(n_units, score(None), lambda draws: np.array([score(rows) for rows in draws]))
+
+    def resampled(self, draws: np.ndarray) -> np.ndarray:
+        """The score on each row of unit draws (`unit_resamples(self.n_units, ...)`)."""
+        return self._on_rows(draws)
+
+
+def choose_weight(by_weight: dict, higher_is_better: bool = True, resamples: int = CHOICE_RESAMPLES, seed=0) -> dict:
+    """`earned_weight` from inner folds: `by_weight` is {weight: [UnitScore of each inner fold]}
+    (the same folds, in the same order, for every weight). A weight's score is the mean over
+    folds; each fold's units are resampled (the same draws for every weight), and a draw's score
+    is the mean over folds of the fold's resampled scores. Folds without a finite score are left
+    out of both means."""
+    folds = len(next(iter(by_weight.values())))
+    scores, resampled = {}, {}
+    for w, per_fold in by_weight.items():
+        draws = [
+            per_fold[k].resampled(unit_resamples(per_fold[k].n_units, resamples, seed=[*np.atleast_1d(seed), k]))
+            if per_fold[k].n_units
+            else np.full(resamples, np.nan)
+            for k in range(folds)
+        ]
+        scores[w] = _finite_mean([fold.value for fold in per_fold])
+        stacked = np.vstack(draws)
+        finite = np.isfinite(stacked)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            resampled[w] = np.where(finite, stacked, 0).sum(0) / finite.sum(0)
+    return earned_weight(list(by_weight), scores, resampled, higher_is_better)
+
+
+def _finite_mean(values) -> float:
+    finite = [v for v in values if _finite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def paired_over_seeds(model: dict, baseline: dict, metric: str, unit: str, names: str) -> dict:
     """`paired_difference` of per-unit values from several seeds ({seed: {unit: value}} each, the
     baseline being that seed's chosen one): a unit held out under several seeds counts once, its

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from celltron.errors import InputError
-from celltron.finetune.report import anchor, choose_best
+from celltron.finetune.report import UnitScore, anchor, choose_best, choose_weight
 from celltron.training.examples import PredictAtSteps
 
 
@@ -86,37 +86,34 @@ class InnerScores:
 
     Args:
         rates, lengths, weights: the grid (rates and lengths in tie order: first, shorter).
+        seed: of the unit resamples behind the weight rule (`report.earned_weight`).
     """
 
-    def __init__(self, rates, lengths, weights):
-        self.lengths, self.weights = tuple(lengths), sorted(set(weights))
+    def __init__(self, rates, lengths, weights, seed: int = 0):
+        self.lengths, self.weights, self.seed = tuple(lengths), sorted(set(weights)), seed
         self.alone = {(lr, steps): [] for lr in rates for steps in lengths}
         self.blended = {(lr, steps, w): [] for lr, steps in self.alone for w in self.weights}
 
-    def add(self, lr: float, by_length: dict, baseline, score: Callable[[object], float]) -> None:
+    def add(self, lr: float, by_length: dict, baseline, score: Callable[[object], UnitScore]) -> None:
         """One inner fold's model at `lr` ({steps: predictions}) scored alone and blended with
-        the fold's `baseline` predictions; `score(predictions)` -> the headline (higher or lower
-        is better as `choose` is told)."""
+        the fold's `baseline` predictions; `score(predictions)` -> the headline over the fold's
+        held-out units, as a `UnitScore` (higher or lower is better as `choose` is told)."""
         for steps, model in by_length.items():
-            self.alone[lr, steps].append(score(model))
+            self.alone[lr, steps].append(score(model).value)
             for w in self.weights:
                 self.blended[lr, steps, w].append(score(anchor(baseline, model, w)))
 
     def choose(self, higher_is_better: bool = True) -> dict:
-        """{"learning_rate", "steps", "setting_scores", "weight", "weight_scores"}: the setting
-        whose model alone has the best mean inner score, then the weight whose blend is best
-        there (ties: the first rate, the shorter length, the smaller weight; folds without a
-        finite score are left out of a mean)."""
+        """{"learning_rate", "steps", "setting_scores", "weight", "weight_scores", "gain_low"}: the
+        setting whose model alone has the best mean inner score (ties: the first rate, the
+        shorter length; folds without a finite score are left out of a mean), then the weight by
+        `report.earned_weight` over the blends there: the smallest unless a larger one gains
+        beyond the interval over resampled inner held-out units."""
         lr, steps, setting_scores = choose_setting({key: finite_mean(v) for key, v in self.alone.items()}, higher_is_better)
-        weight_scores = {str(w): finite_mean(self.blended[lr, steps, w]) for w in self.weights}
-        weight = float(choose_best(weight_scores, higher_is_better))
-        return {
-            "learning_rate": lr,
-            "steps": steps,
-            "setting_scores": setting_scores,
-            "weight": weight,
-            "weight_scores": weight_scores,
-        }
+        by_weight = {w: self.blended[lr, steps, w] for w in self.weights}
+        return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | choose_weight(
+            by_weight, higher_is_better, seed=self.seed
+        )
 
 
 def finite_mean(values) -> float:

@@ -12,6 +12,7 @@ import torch
 
 from celltron.cli import main
 from tests.conftest import shared_file
+from tests.finetune.weights import earned_by_rule
 
 LABEL = "Annotation"
 
@@ -81,7 +82,7 @@ def test_annotation_beats_the_majority_class_and_writes_metrics_predictions_and_
         "0.75",
         "1.0",
     }
-    assert chosen["weight_scores"][str(chosen["weight"])] == max(chosen["weight_scores"].values())
+    assert chosen["weight"] == earned_by_rule(chosen)
     assert all((tmp_path / "seed0" / f"inner{j}" / "metrics.csv").exists() for j in (0, 1))
     # model − baseline per seed; one seed is one unit: no interval, and the verdict says so
     for metric in ("accuracy", "macro_f1"):

@@ -40,6 +40,7 @@ from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.features import fingerprints
 from celltron.finetune.perturbation.evaluate import top_de
 from celltron.finetune.report import (
+    UnitScore,
     aggregate,
     anchor,
     choose_best,
@@ -292,6 +293,11 @@ def evaluate(predicted: np.ndarray, screen: DrugScreen, test: np.ndarray) -> dic
         }
     means = {m: float(np.nanmean([v[m] for v in per.values()])) for m in METRICS}
     return {**means, "per_condition": per}
+
+
+def _per_condition_score(predicted: np.ndarray, screen: DrugScreen, test: np.ndarray) -> UnitScore:
+    """HEADLINE over the held-out conditions, each condition a unit the weight rule resamples."""
+    return UnitScore.of_units([v[HEADLINE] for v in evaluate(predicted, screen, test)["per_condition"].values()])
 
 
 # ---------------------------------------------------------------- baselines
@@ -547,15 +553,17 @@ def choose_weight(config, screen, prints, basal, train, folds, baseline: str, ou
     per fold and learning rate (drug.learning_rates; optim.lr when empty) trained on the training
     conditions outside the fold, its predictions taken after each of drug.step_fractions of
     trainer.max_steps: the setting whose model alone has the best mean headline, then the weight
-    (of drug.anchor_weights) whose blend is best at that setting. Ties go to the first learning
-    rate, the shorter length, the smaller weight. Every process computes the same choice.
+    (of drug.anchor_weights) by `report.earned_weight` on the blends at that setting (the
+    smallest unless a larger one gains beyond the interval over resampled inner held-out
+    conditions). Ties go to the first learning rate, the shorter length, the smaller weight.
+    Every process computes the same choice.
 
     Returns:
-        {"learning_rate", "steps", "setting_scores", "weight", "weight_scores"}.
+        {"learning_rate", "steps", "setting_scores", "weight", "weight_scores", "gain_low"}.
     """
     section = config.drug
     rates = learning_rates(section, config.optim)
-    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights)
+    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights, seed)
     for index, held in enumerate(folds):
         base = baseline_predictions(screen, held, train & ~held)[0][baseline]
         for lr in rates:
@@ -563,7 +571,7 @@ def choose_weight(config, screen, prints, basal, train, folds, baseline: str, ou
             by_length, _ = _model_predictions(
                 config, screen, prints, basal, train & ~held, held, folder, seed, lr, scores.lengths
             )
-            scores.add(lr, by_length, base, lambda predicted: evaluate(predicted, screen, held)[HEADLINE])
+            scores.add(lr, by_length, base, lambda predicted: _per_condition_score(predicted, screen, held))
     return scores.choose()
 
 

@@ -39,6 +39,7 @@ from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug.expression import run_drug_expression
 from celltron.finetune.drug.features import compounds, fingerprints, informative_pathway, parse_targets
 from celltron.finetune.report import (
+    UnitScore,
     aggregate,
     anchor,
     choose_best,
@@ -313,6 +314,11 @@ def drug_response_metrics(predicted: np.ndarray, truth: np.ndarray, drugs: np.nd
         "pearson_per_drug": float(np.mean(finite)) if finite else float("nan"),
         "per_drug": per_drug,
     }
+
+
+def _per_drug_score(predicted: np.ndarray, truth: np.ndarray, drugs: np.ndarray) -> UnitScore:
+    """HEADLINE (Pearson per drug, averaged) with the drug as the unit the weight rule resamples."""
+    return UnitScore.of_units(list(pearson_of_each_drug(predicted, truth, scored_drugs(drugs)).values()))
 
 
 # ---------------------------------------------------------------- baselines
@@ -607,18 +613,20 @@ def choose_weight(
     trained on the inner training pairs alone (the outer choice saw the inner held-out pairs),
     its predictions taken after each of drug.step_fractions of trainer.max_steps. The setting is
     the one whose model alone scores best on HEADLINE over the inner held-out pairs (mean over
-    folds); the weight, the best blend at that setting. Ties, or no score at all, go to the first
-    learning rate listed, the shorter length and the smaller weight (the baseline's side). Every
-    process computes the same choice from the same models.
+    folds); the weight, by `report.earned_weight` on the blends at that setting (the smallest
+    unless a larger one gains beyond the interval over resampled inner held-out drugs). Ties, or
+    no score at all, go to the first learning rate listed, the shorter length and the smaller
+    weight (the baseline's side). Every process computes the same choice from the same models.
 
     Returns:
         {"learning_rate", "steps", "setting_scores": {"lr=..,steps=..": the model's inner score},
-        "weight", "weight_scores": {str(weight): the blend's inner score at that setting}}.
+        "weight", "weight_scores": {str(weight): the blend's inner score at that setting},
+        "gain_low": {str(weight): the lower bound of its gain over the smallest}}.
     """
     section, kind = config.drug, config.drug.split_kind()
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
     rates = learning_rates(section, config.optim)
-    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights)
+    scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights, seed)
     similar = _unchosen(similar, kind, seed, compound_of)
     for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
         inner_train, inner_test = train[~held], train[held]
@@ -631,7 +639,7 @@ def choose_weight(
             by_length, _ = _model_predictions(
                 at_learning_rate(config, lr), inner_train, inner_test, prints, folder, seed, expression, scores.lengths
             )
-            scores.add(lr, by_length, baseline, lambda predicted: drug_response_metrics(predicted, truth, drugs)[HEADLINE])
+            scores.add(lr, by_length, baseline, lambda predicted: _per_drug_score(predicted, truth, drugs))
     return scores.choose()
 
 

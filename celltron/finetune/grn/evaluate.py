@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.report import choose_best, verdict
+from celltron.finetune.report import CHOICE_RESAMPLES, choose_best, earned_weight, percentile_interval, verdict
 from celltron.inputs import MissingInputError
 
 EDGE_COLUMNS = ("tf", "target", "score", "method", "group")
@@ -218,17 +218,6 @@ def resampled_metrics(edges: pd.DataFrame, truth: pd.DataFrame, units, draws: np
     return values
 
 
-def percentile_interval(values, level: float = 0.95) -> tuple[float, float]:
-    """The central `level` share of the finite `values` (NaN when fewer than two)."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    if len(values) < 2:
-        return float("nan"), float("nan")
-    tail = (1 - level) / 2
-    low, high = np.quantile(values, [tail, 1 - tail])
-    return float(low), float(high)
-
-
 def bootstrap_edges_metric(
     edges: pd.DataFrame, truth: pd.DataFrame, metric: str = "auprc_ratio", n: int = BOOTSTRAP_RESAMPLES, seed=0
 ) -> dict:
@@ -385,9 +374,6 @@ def anchored_scores(baseline: pd.DataFrame, model: pd.DataFrame, weight: float) 
     return anchored
 
 
-CHOICE_RESAMPLES = 200  # bootstrap draws of training TFs behind each anchor-weight choice
-
-
 def choose_anchor_weight(
     baseline: pd.DataFrame, model: pd.DataFrame, truth: pd.DataFrame, weights, resamples: int = CHOICE_RESAMPLES, seed=0
 ) -> dict:
@@ -404,7 +390,7 @@ def choose_anchor_weight(
     ranked = {w: anchored_scores(baseline, model, w) for w in weights}
     scores = {w: evaluate_edges(edges, truth)[CHOICE_METRIC] for w, edges in ranked.items()}
     resampled = {w: resampled_metrics(edges, truth, units, draws)[CHOICE_METRIC] for w, edges in ranked.items()}
-    return _earned_weight(weights, scores, resampled)
+    return earned_weight(weights, scores, resampled)
 
 
 INNER_FOLDS = 3  # inner TF x target blocks of a fold's training block, behind the anchor weight
@@ -453,18 +439,7 @@ def choose_anchor_weight_by_inner_folds(
             resampled[w].append(resampled_metrics(ranked, truth, inner["test_tfs"], draws)[CHOICE_METRIC])
     mean_scores = {w: _mean_over_folds(values) for w, values in scores.items()}
     mean_draws = {w: _mean_over_folds(values) for w, values in resampled.items()}
-    return _earned_weight(weights, mean_scores, mean_draws) | {"inner_folds": n_inner}
-
-
-def _earned_weight(weights: list, scores: dict, resampled: dict) -> dict:
-    """The smallest weight unless larger ones gain over it beyond the 95% interval of the paired
-    resampled gain; the best of those (first on ties, so the smaller)."""
-    smallest = resampled[weights[0]]
-    gain_low = {str(w): percentile_interval(resampled[w] - smallest)[0] for w in weights[1:]}
-    as_text = {str(w): float(score) for w, score in scores.items()}
-    earned = {w: as_text[w] for w, low in gain_low.items() if np.isfinite(low) and low > 0}
-    weight = float(choose_best(earned)) if earned else float(weights[0])
-    return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
+    return earned_weight(weights, mean_scores, mean_draws) | {"inner_folds": n_inner}
 
 
 def anchor_on_fold(

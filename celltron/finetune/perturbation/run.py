@@ -47,9 +47,10 @@ from celltron.finetune.perturbation.model import (
     training_pairs,
 )
 from celltron.finetune.report import (
+    UnitScore,
     aggregate,
     anchor,
-    choose_best,
+    choose_weight,
     paired_difference,
     plot_bars,
     results_table,
@@ -469,11 +470,12 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     and one model per learning rate trained on the inner training perturbations alone (its
     predictions taken after every length). The setting is the one whose model alone scores best
     on the headline over the inner held-out perturbations (ties: the first learning rate listed,
-    the shorter length); the weight, the best blend at that setting (ties: the smaller weight,
-    the baseline's side). Every process computes the same choice.
+    the shorter length); the weight, by `report.earned_weight` on the blends at that setting:
+    the smallest (the baseline's side) unless a larger one gains beyond the interval over
+    resampled inner held-out perturbations. Every process computes the same choice.
 
     Returns:
-        {"learning_rate", "steps", "setting_scores", "weight", "weight_scores"}; with too few
+        {"learning_rate", "steps", "setting_scores", "weight", "weight_scores", "gain_low"}; with too few
         training perturbations to cross-validate, optim.lr, the full length and the smallest
         weight, and no scores.
     """
@@ -495,18 +497,12 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     better = higher_is_better(section.headline)
     alone = {key: evaluate_folds(predictions, screen, folds)[section.headline] for key, predictions in model.items()}
     lr, steps, setting_scores = choose_setting(alone, better)
-    chosen = model[lr, steps]
-    weight_scores = {
-        str(w): evaluate_folds({p: anchor(baseline[p], chosen[p], w) for p in chosen}, screen, folds)[section.headline]
-        for w in sorted(set(section.anchor_weights))
-    }
-    return {
-        "learning_rate": lr,
-        "steps": steps,
-        "setting_scores": setting_scores,
-        "weight": float(choose_best(weight_scores, better)),
-        "weight_scores": weight_scores,
-    }
+    chosen, by_weight = model[lr, steps], {}
+    for w in sorted(set(section.anchor_weights)):
+        blend = {p: anchor(baseline[p], chosen[p], w) for p in chosen}
+        per = evaluate_folds(blend, screen, folds)["per_perturbation"]
+        by_weight[w] = [UnitScore.of_units([values[section.headline] for values in per.values()])]
+    return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | choose_weight(by_weight, better, seed=seed)
 
 
 def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
