@@ -166,6 +166,8 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
     finally:
         for item in opened:
             item.source.close()
+    # before `_scatter` moves the staged blocks: past the in-memory limit they are read again
+    medians = stats.nonzero_medians(lambda: staged_blocks(staged.files, staged.n_counts, len(gene_ids)))
     n_cells = len(staged.names)
     names = _unique_cell_names(staged, opened)
     plan = _shard_plan(n_cells, np.asarray(staged.nnz), options)
@@ -173,7 +175,7 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
     symbols = _gene_symbols(gene_ids, species_of_gene)
     var = _var_table(gene_ids, symbols, species_of_gene)
     splits = _write_splits(plan, staged, names, categories, var, work, options)
-    genes = _gene_records(gene_ids, symbols, species_of_gene, stats)
+    genes = _gene_records(gene_ids, symbols, species_of_gene, stats, medians)
     manifest = _manifest(options, [item.report for item in opened], n_cells, splits, categories, stats, genes)
     (work / MANIFEST).write_bytes(dump_manifest(manifest))
     return manifest
@@ -335,6 +337,16 @@ def _spill(kept: sp.csr_matrix, staging: Path, staged: _Staged) -> None:
     staged.files.append((path, len(staged.names), kept.shape[0]))
 
 
+def staged_blocks(files: list, n_counts, n_genes: int):
+    """The staged blocks again, in staging order, as (CSR block, its cells' n_counts): the second
+    pass of an exact median (`GeneStatistics.nonzero_medians`)."""
+    n_counts = np.asarray(n_counts, dtype=np.float64)
+    for path, first, count in files:
+        with np.load(path) as block:
+            counts = sp.csr_matrix((block["data"], block["indices"], block["indptr"]), shape=(count, n_genes))
+        yield counts, n_counts[first : first + count]
+
+
 def _record_cells(staged: _Staged, item: _Input, index: int, totals, kept, kept_rows, start: int) -> None:
     staged.names.extend(item.source.cell_names[start + kept_rows])
     staged.n_counts.extend(np.rint(totals[kept_rows]).astype(np.int64))
@@ -474,8 +486,7 @@ def _obs_table(cells, staged: _Staged, names, categories) -> pd.DataFrame:
     return obs
 
 
-def _gene_records(gene_ids, symbols: list[str], species_of_gene, stats: GeneStatistics) -> dict:
-    medians = stats.nonzero_medians()
+def _gene_records(gene_ids, symbols: list[str], species_of_gene, stats: GeneStatistics, medians: np.ndarray) -> dict:
     return {
         "ensembl_id": gene_ids.tolist(),
         "symbol": symbols,

@@ -47,6 +47,7 @@ from celltron.corpus.build import (
     _scatter,
     _shard_plan,
     _var_table,
+    staged_blocks,
 )
 from celltron.corpus.genes import is_mitochondrial
 from celltron.corpus.modalities import MultiModalInput, open_multimodal
@@ -329,6 +330,9 @@ def _build_into(inputs: list[MultiModalInput], work: Path, options: BuildOptions
     staging = work / "_staging"
     staging.mkdir()
     cells, staged, stats = _stage(opened, tables, staging, options)
+    # RNA medians before `_scatter` moves the staged blocks (read again past the in-memory limit)
+    n_counts = np.maximum(cells.n_counts["rna"], 1)  # as `_stage` gave them to the statistics
+    medians = stats["rna"].nonzero_medians(lambda: staged_blocks(staged["rna"].files, n_counts, len(tables["rna"]["names"])))
     n_cells = len(cells.names)
     plan = _shard_plan(n_cells, np.asarray(cells.nnz), options)
     names = _unique_cell_names(cells, opened)
@@ -342,7 +346,7 @@ def _build_into(inputs: list[MultiModalInput], work: Path, options: BuildOptions
     # one folder per modality: the bucket files of `_scatter` are named by shard only
     destinations = {m: _scatter(plan, staged[m], staging / m, len(tables[m]["names"])) for m in tables}
     splits = _write_shards(plan, destinations, cells, opened, names, categories, var, work, options)
-    genes = _gene_records(tables["rna"]["names"], symbols, tables["rna"]["species"], stats["rna"])
+    genes = _gene_records(tables["rna"]["names"], symbols, tables["rna"]["species"], stats["rna"], medians)
     manifest = _manifest(options, [item.report for item in opened], n_cells, splits, categories, stats["rna"], genes)
     manifest["modalities"] = _modality_records(tables, stats, cells)
     (work / MANIFEST).write_bytes(dump_manifest(manifest))

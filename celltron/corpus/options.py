@@ -31,8 +31,8 @@ class BuildOptions:
         compression: X's inner-chunk codec: 'lz4' (blosc byte shuffle + LZ4, the default: smallest
             of the fast ones on count data), 'zstd' or 'none'.
         read_block_cells: cells read from an input per block.
-        exact_median_limit: non-zeros kept in memory for exact gene medians before switching
-            to the streaming sketch.
+        exact_median_limit: non-zeros kept in memory for exact gene medians; past it, a
+            streaming sketch and a second pass over the staged blocks give the same medians.
         progress: show progress bars.
         min_mapped_fraction: refuse an input unless this share of its counts (over a sample of
             cells) is on genes that map to Ensembl IDs.
@@ -57,7 +57,7 @@ class BuildOptions:
     chunk_nnz: int = ranged(65_536, ">= 1")
     compression: str = one_of("lz4", COMPRESSIONS)
     read_block_cells: int = ranged(8_192, ">= 1")
-    exact_median_limit: int = ranged(200_000_000, ">= 0")
+    exact_median_limit: int = ranged(16_000_000, ">= 0")
     progress: bool = True
     min_mapped_fraction: float = ranged(MIN_MAPPED_FRACTION, "[0, 1]")
     genome: str | None = None

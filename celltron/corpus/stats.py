@@ -3,13 +3,17 @@
 For every gene: the number of cells expressing it, the sum of its counts, and the non-zero
 median of `count / n_counts * 10_000` (Geneformer's normalised expression, which the
 rank-value tokenizer divides by). The median is exact while the non-zeros seen so far fit in
-memory (`exact_limit` values); past that the values move into a log-bucket sketch whose
-answer is within a relative error `SKETCH_RELATIVE_ERROR` of the exact median.
+memory (`exact_limit` values); past that the values move into a log-bucket sketch, whose
+answer alone is within a relative error `SKETCH_RELATIVE_ERROR` of the exact median. Given the
+blocks a second time (`nonzero_medians(blocks)`), the sketch names each gene's median bucket
+and a second pass keeps only the values in it: the exact median again, in memory bounded by the
+sketch and those buckets rather than by the corpus.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
@@ -37,11 +41,33 @@ class LogBucketSketch:
         n_buckets = math.ceil(math.log(SKETCH_MAX_VALUE) / self.log_gamma) - self.offset + 1
         self.counts = np.zeros((n_genes, n_buckets), dtype=np.uint32)
 
-    def add(self, genes: np.ndarray, values: np.ndarray) -> None:
+    def buckets(self, values: np.ndarray) -> np.ndarray:
+        """The bucket of each value (the same arithmetic on both passes of an exact median)."""
         buckets = np.ceil(np.log(np.maximum(values, SKETCH_MIN_VALUE)) / self.log_gamma) - self.offset
-        buckets = np.clip(buckets.astype(np.int64), 0, self.counts.shape[1] - 1)
+        return np.clip(buckets.astype(np.int64), 0, self.counts.shape[1] - 1)
+
+    def add(self, genes: np.ndarray, values: np.ndarray) -> None:
+        buckets = self.buckets(values)
         flat, repeats = np.unique(genes.astype(np.int64) * self.counts.shape[1] + buckets, return_counts=True)
         self.counts.reshape(-1)[flat] += repeats.astype(np.uint32)
+
+    def middle_buckets(self, genes_per_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per gene: the buckets holding its two middle ranks, (n - 1) // 2 and n // 2 of n
+        values (lower, upper; -1 for a gene with none), and how many of its values lie in lower
+        buckets. Cumulative counts per chunk of genes, not for all at once."""
+        n_genes = self.counts.shape[0]
+        lower, upper, below = (np.full(n_genes, -1, dtype=np.int64) for _ in range(3))
+        for start in range(0, n_genes, genes_per_chunk):
+            cumulative = np.cumsum(self.counts[start : start + genes_per_chunk], axis=1, dtype=np.int64)
+            for offset, row in enumerate(cumulative):
+                total = row[-1]
+                if total == 0:
+                    continue
+                gene = start + offset
+                lower[gene] = np.searchsorted(row, (total - 1) // 2, side="right")
+                upper[gene] = np.searchsorted(row, total // 2, side="right")
+                below[gene] = row[lower[gene] - 1] if lower[gene] > 0 else 0
+        return lower, upper, below
 
     def medians(self) -> np.ndarray:
         """Median per gene (mean of the two middle ranks, as numpy does); NaN where empty."""
@@ -66,7 +92,7 @@ class GeneStatistics:
             to the sketch.
     """
 
-    def __init__(self, n_genes: int, exact_limit: int = 200_000_000):
+    def __init__(self, n_genes: int, exact_limit: int = 16_000_000):
         self.n_genes = n_genes
         self.exact_limit = exact_limit
         self.cells_expressing = np.zeros(n_genes, dtype=np.int64)
@@ -75,6 +101,7 @@ class GeneStatistics:
         self._values: list[np.ndarray] = []
         self._held = 0
         self.sketch: LogBucketSketch | None = None
+        self.second_pass = False  # the medians were made exact by a second pass over the blocks
 
     @property
     def exact(self) -> bool:
@@ -85,8 +112,7 @@ class GeneStatistics:
         genes = block.indices
         self.cells_expressing += np.bincount(genes, minlength=self.n_genes)
         self.count_sum += np.bincount(genes, weights=block.data, minlength=self.n_genes).astype(np.int64)
-        per_cell_total = np.repeat(np.asarray(n_counts, dtype=np.float64), np.diff(block.indptr))
-        values = block.data.astype(np.float64) / per_cell_total * NORMALISED_TOTAL
+        values = normalised_values(block, n_counts)
         if self.sketch is not None:
             self.sketch.add(genes, values)
             return
@@ -102,10 +128,15 @@ class GeneStatistics:
             self.sketch.add(genes, values)
         self._genes, self._values, self._held = [], [], 0
 
-    def nonzero_medians(self) -> np.ndarray:
-        """Per-gene non-zero median of normalised expression; NaN for genes never seen."""
+    def nonzero_medians(self, blocks: Callable[[], Iterable[tuple]] | None = None) -> np.ndarray:
+        """Per-gene non-zero median of normalised expression; NaN for genes never seen.
+        `blocks()`: the blocks `add` was given, (block, n_counts) again; past `exact_limit` it
+        makes the median exact by a second pass (`exact_from_second_pass`), without it the
+        sketch answers."""
         if self.sketch is not None:
-            return self.sketch.medians()
+            if blocks is None:
+                return self.sketch.medians()
+            return self.exact_from_second_pass(blocks())
         if not self._genes:
             return np.full(self.n_genes, np.nan)
         genes = np.concatenate(self._genes)
@@ -121,8 +152,41 @@ class GeneStatistics:
         out[has] = (values[lower] + values[upper]) / 2
         return out
 
+    def exact_from_second_pass(self, blocks: Iterable[tuple]) -> np.ndarray:
+        """Exact medians from the sketch and the blocks again: each gene keeps only the values
+        in the buckets of its two middle ranks, sorts them, and reads those ranks off (the
+        values below are counted by the sketch). The same numbers as holding every value."""
+        lower, upper, below = self.sketch.middle_buckets()
+        kept_genes, kept_values = [], []
+        for block, n_counts in blocks:
+            values = normalised_values(block, n_counts)
+            genes = block.indices.astype(np.int64)
+            buckets = self.sketch.buckets(values)
+            keep = (buckets >= lower[genes]) & (buckets <= upper[genes])
+            kept_genes.append(genes[keep])
+            kept_values.append(values[keep])
+        genes = np.concatenate(kept_genes) if kept_genes else np.zeros(0, np.int64)
+        values = np.concatenate(kept_values) if kept_values else np.zeros(0)
+        order = np.lexsort((values, genes))
+        genes, values = genes[order], values[order]
+        starts = np.searchsorted(genes, np.arange(self.n_genes))
+        totals = self.cells_expressing
+        out = np.full(self.n_genes, np.nan)
+        has = totals > 0
+        first = starts[has] - below[has]  # position the gene's rank 0 would have
+        out[has] = (values[first + (totals[has] - 1) // 2] + values[first + totals[has] // 2]) / 2
+        self.second_pass = True
+        return out
+
     def describe_median(self) -> dict:
         """How the medians were computed, for the manifest."""
-        if self.exact:
-            return {"method": "exact"}
+        if self.exact or self.second_pass:
+            return {"method": "exact" if self.exact else "exact_two_pass"}
         return {"method": "log_bucket_sketch", "relative_error": SKETCH_RELATIVE_ERROR}
+
+
+def normalised_values(block: sp.csr_matrix, n_counts) -> np.ndarray:
+    """Each non-zero as count / n_counts x 10,000 (Geneformer's arithmetic, float64), in the
+    block's order."""
+    per_cell_total = np.repeat(np.asarray(n_counts, dtype=np.float64), np.diff(block.indptr))
+    return block.data.astype(np.float64) / per_cell_total * NORMALISED_TOTAL

@@ -119,10 +119,15 @@ def _h5ad_input(
         totals = source.obs["n_counts"].to_numpy()[start:stop] if has_totals else np.asarray(raw.sum(axis=1)).ravel()
         return mapped, totals
 
+    def all_blocks():
+        for start in range(0, source.n_cells, block_cells):
+            yield read(start, min(start + block_cells, source.n_cells))
+
     stats = GeneStatistics(len(gene_ids))
-    for start in range(0, source.n_cells, block_cells):
-        stats.add(*read(start, min(start + block_cells, source.n_cells)))
-    medians = {g: float(m) for g, m in zip(gene_ids, stats.nonzero_medians()) if np.isfinite(m)}
+    for block in all_blocks():
+        stats.add(*block)
+    # a file past the in-memory limit is read a second time for exact medians
+    medians = {g: float(m) for g, m in zip(gene_ids, stats.nonzero_medians(all_blocks)) if np.isfinite(m)}
 
     def blocks(obs_keys=obs_keys):
         opened.require_obs(obs_keys)

@@ -246,6 +246,32 @@ def test_sketch_medians_are_within_the_stated_bound(pbmc3k):
     assert np.max(np.abs(b[seen] - a[seen]) / a[seen]) <= 0.005 + 1e-9
 
 
+def test_a_second_pass_makes_sketched_medians_exact_to_the_bit(pbmc3k):
+    adata = ad.read_h5ad(pbmc3k)
+    x = sp.csr_matrix(adata.X).astype(np.int64)
+    n_counts = np.asarray(x.sum(axis=1)).ravel()
+    blocks = [(x[start : start + 500], n_counts[start : start + 500]) for start in range(0, x.shape[0], 500)]
+    exact, two_pass = GeneStatistics(x.shape[1], exact_limit=10**9), GeneStatistics(x.shape[1], exact_limit=100_000)
+    for block in blocks:
+        exact.add(*block)
+        two_pass.add(*block)
+    assert not two_pass.exact  # past the limit: the values went into the sketch
+    np.testing.assert_array_equal(two_pass.nonzero_medians(lambda: iter(blocks)), exact.nonzero_medians())
+    assert two_pass.describe_median() == {"method": "exact_two_pass"} and exact.describe_median() == {"method": "exact"}
+
+
+def test_a_build_past_the_in_memory_limit_writes_the_same_medians(tmp_path, pbmc_small):
+    pbmc_small.write_h5ad(tmp_path / "a.h5ad")
+    build_corpus([tmp_path / "a.h5ad"], tmp_path / "held", BuildOptions(**QUIET))
+    options = BuildOptions(exact_median_limit=0, read_block_cells=64, **QUIET)  # the sketch from the first block on
+    build_corpus([tmp_path / "a.h5ad"], tmp_path / "two_pass", options)
+    held, two_pass = (Corpus(tmp_path / name).manifest for name in ("held", "two_pass"))
+    assert held["gene_median"] == {"method": "exact"} and two_pass["gene_median"] == {"method": "exact_two_pass"}
+    assert two_pass["genes"]["nonzero_median"] == held["genes"]["nonzero_median"]
+    assert two_pass["genes"]["cells_expressing"] == held["genes"]["cells_expressing"]
+    assert not list((tmp_path / "two_pass").rglob("*.npz"))  # the staged blocks are gone
+
+
 def test_failed_build_leaves_nothing_and_existing_corpus_is_kept(tmp_path, pbmc_small, monkeypatch):
     pbmc_small[:100].write_h5ad(tmp_path / "a.h5ad")
     build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(**QUIET))

@@ -164,3 +164,26 @@ def test_any_number_of_threads_writes_the_same_dataset(tmp_path, pbmc4k):
     assert written[1] == written[3]
     assert written[1]["length"] == [min(n, 64) for n in written[1]["length"]]
     assert len({tuple(v) for v in written[1]["values"]}) > 1  # real, differing cells
+
+
+def test_a_file_past_the_in_memory_median_limit_gets_the_same_ortholog_tokens(tmp_path, pbmc4k, monkeypatch):
+    """The ortholog scheme divides by the file's own gene medians: past the limit of values held
+    in memory the file is read a second time, and the medians (so the tokens) stay exact."""
+    import functools
+
+    import celltron.tokenizers.dataset as dataset_module
+    from celltron.corpus.stats import GeneStatistics
+
+    adata = ad.read_h5ad(pbmc4k)[:200].copy()
+    adata.write_h5ad(tmp_path / "lab.h5ad")
+    written = {}
+    for limit in (None, 0):
+        if limit is not None:  # the sketch from the first value on
+            monkeypatch.setattr(dataset_module, "GeneStatistics", functools.partial(GeneStatistics, exact_limit=limit))
+        out = tmp_path / f"limit{limit}"
+        dataset_module.tokenize_to_dataset(
+            tmp_path / "lab.h5ad", "ortholog", out, max_len=64, gene_column="gene_symbol_original", block_cells=50, progress=False
+        )
+        written[limit] = datasets.load_from_disk(str(out)).to_dict()
+    assert written[0] == written[None]
+    assert len({tuple(v) for v in written[0]["values"]}) > 1
