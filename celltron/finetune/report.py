@@ -223,7 +223,10 @@ def earned_weight(weights, scores: dict, resampled: dict, higher_is_better: bool
         str(w): percentile_interval(sign * (np.asarray(resampled[w], dtype=np.float64) - smallest))[0] for w in weights[1:]
     }
     as_text = {str(w): float(scores[w]) for w in weights}
-    earned = {w: as_text[w] for w, low in gain_low.items() if np.isfinite(low) and low > 0}
+    # a gain within TIE_TOLERANCE is the same score computed in another order (a blend whose
+    # per-unit correlation equals the baseline's), and rounding can make it "significant"
+    floor = TIE_TOLERANCE * max(1.0, abs(as_text[str(weights[0])]) if np.isfinite(as_text[str(weights[0])]) else 1.0)
+    earned = {w: as_text[w] for w, low in gain_low.items() if np.isfinite(low) and low > floor}
     weight = float(choose_best(earned, higher_is_better)) if earned else weights[0]
     return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
 
