@@ -112,7 +112,11 @@ def ensure_input(workdir: Path, cells: int, nnz: int) -> Path:
 
 
 def measure(source: Path, workdir: Path, annbatch_python: str | None, keep: bool) -> dict:
-    corpus, tokens, store = workdir / f"{source.stem}.corpus", workdir / f"{source.stem}.tokens", workdir / f"{source.stem}.annbatch"
+    corpus, tokens, store = (
+        workdir / f"{source.stem}.corpus",
+        workdir / f"{source.stem}.tokens",
+        workdir / f"{source.stem}.annbatch",
+    )
     row = {"build": run_child(sys.executable, BUILD, source, corpus)}
     row["build"]["disk_gb"] = disk_gb(corpus)
     row["stream"] = run_child(sys.executable, STREAM, corpus)
@@ -158,7 +162,9 @@ def plot(rows: dict[int, dict], path: Path) -> None:
 
     cells = list(rows)
     figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(9, 3.6))
-    series = [("celltron corpus build", "build")] + ([("annbatch preparation", "annbatch")] if "annbatch" in rows[cells[0]] else [])
+    series = [("celltron corpus build", "build")] + (
+        [("annbatch preparation", "annbatch")] if "annbatch" in rows[cells[0]] else []
+    )
     for label, key in series:
         time_axis.plot(cells, [rows[c][key]["seconds"] for c in cells], "o-", label=label)
         memory_axis.plot(cells, [rows[c][key]["peak_kb"] / 1e6 for c in cells], "o-", label=label)
