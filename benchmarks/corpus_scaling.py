@@ -169,7 +169,9 @@ def plot(rows: dict[int, dict], path: Path) -> None:
         time_axis.plot(cells, [rows[c][key]["seconds"] for c in cells], "o-", label=label)
         memory_axis.plot(cells, [rows[c][key]["peak_kb"] / 1e6 for c in cells], "o-", label=label)
     memory_axis.plot(cells, [rows[c]["stream"]["peak_kb"] / 1e6 for c in cells], "s--", label="celltron stream")
-    ideal = [rows[cells[0]]["build"]["seconds"] * c / cells[0] for c in cells]
+    ideal = [
+        rows[cells[-1]]["build"]["seconds"] * c / cells[-1] for c in cells
+    ]  # through the largest: start-up dominates small builds
     time_axis.plot(cells, ideal, ":", color="grey", label="linear in cells")
     for axis, name in ((time_axis, "wall time (s)"), (memory_axis, "peak memory (GB)")):
         axis.set_xscale("log")
