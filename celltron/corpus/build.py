@@ -328,7 +328,7 @@ def _filter_block(block, totals, item: _Input, n_genes, mito, options: BuildOpti
     item.report["n_empty_dropped"] += int(empty.sum())
     item.report["n_qc_dropped"] += int((~empty & ~passes).sum())
     kept_rows = np.flatnonzero(~empty & passes)
-    return kept_rows, mapped[kept_rows]
+    return kept_rows, mapped if len(kept_rows) == mapped.shape[0] else mapped[kept_rows]  # most blocks keep every cell
 
 
 def _spill(kept: sp.csr_matrix, staging: Path, staged: _Staged) -> None:

@@ -306,12 +306,16 @@ def _layer_hint(source: Source) -> str:
 
 
 def to_corpus_genes(block: sp.csr_matrix, column_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
-    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates."""
+    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates.
+    Built as CSR directly (each row keeps its mapped entries): scipy sorts and sums only rows
+    that need it (`sum_duplicates` checks the canonical form first), where going through COO
+    converted every block (a third of a build's time on 1:1 gene tables)."""
     columns = column_map[block.indices]
     keep = columns >= 0
-    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
+    indptr = kept_before[np.asarray(block.indptr, dtype=np.int64)]
     counts = np.rint(block.data[keep]).astype(np.int64)
-    remapped = sp.csr_matrix((counts, (rows[keep], columns[keep])), shape=(block.shape[0], n_genes))
+    remapped = sp.csr_matrix((counts, columns[keep], indptr), shape=(block.shape[0], n_genes))
     remapped.sum_duplicates()
     remapped.eliminate_zeros()
     return remapped

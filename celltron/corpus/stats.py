@@ -43,8 +43,11 @@ class LogBucketSketch:
 
     def buckets(self, values: np.ndarray) -> np.ndarray:
         """The bucket of each value (the same arithmetic on both passes of an exact median)."""
-        buckets = np.ceil(np.log(np.maximum(values, SKETCH_MIN_VALUE)) / self.log_gamma) - self.offset
-        return np.clip(buckets.astype(np.int64), 0, self.counts.shape[1] - 1)
+        buckets = np.ceil(np.log(np.maximum(values, SKETCH_MIN_VALUE)) / self.log_gamma)
+        buckets -= self.offset
+        np.minimum(buckets, self.counts.shape[1] - 1, out=buckets)  # in place: np.clip copies
+        np.maximum(buckets, 0, out=buckets)
+        return buckets.astype(np.int64)
 
     def add(self, genes: np.ndarray, values: np.ndarray) -> None:
         buckets = self.buckets(values)

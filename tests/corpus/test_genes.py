@@ -46,3 +46,44 @@ def test_mitochondrial_genes():
     flags = is_mitochondrial(["ENSG00000198712", "ENSG00000141510"], "human")
     assert flags.tolist() == [True, False]
     assert is_mitochondrial(["ENSMUSG00000064354"], "mouse").all()  # mt-Co2
+
+
+def _through_coo(block, column_map, n_genes):
+    """The re-keying as a COO matrix does it (duplicates summed, rows sorted): the reference."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    columns = column_map[block.indices]
+    keep = columns >= 0
+    rows = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+    out = sp.coo_matrix(
+        (np.rint(block.data[keep]).astype(np.int64), (rows[keep], columns[keep])), shape=(block.shape[0], n_genes)
+    )
+    out = out.tocsr()
+    out.sum_duplicates()
+    out.eliminate_zeros()
+    return out
+
+
+@pytest.mark.parametrize("case", ["one_to_one", "reordered", "duplicates_and_unmapped", "unsorted_input"])
+def test_re_keying_a_block_onto_corpus_genes_matches_the_coo_reference(case):
+    import numpy as np
+    import scipy.sparse as sp
+
+    from celltron.corpus.readers import to_corpus_genes
+
+    rng = np.random.default_rng(0)
+    block = sp.random(200, 300, density=0.05, format="csr", random_state=1, data_rvs=lambda n: rng.integers(0, 9, n))
+    n_genes, column_map = 300, np.arange(300)
+    if case == "reordered":
+        column_map = rng.permutation(300)
+    if case == "duplicates_and_unmapped":  # two symbols of one gene, genes with no Ensembl ID
+        n_genes, column_map = 250, rng.integers(-1, 250, 300)
+    if case == "unsorted_input":
+        order = np.concatenate([rng.permutation(np.arange(a, b)) for a, b in zip(block.indptr[:-1], block.indptr[1:])])
+        block = sp.csr_matrix((block.data[order], block.indices[order], block.indptr), shape=block.shape)
+    got, want = to_corpus_genes(block, column_map, n_genes), _through_coo(block, column_map, n_genes)
+    assert got.has_canonical_format and got.shape == want.shape
+    for part in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(got, part), getattr(want, part))
+    assert (got.data > 0).all()  # explicit zeros (count 0) dropped
