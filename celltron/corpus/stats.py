@@ -74,15 +74,11 @@ class LogBucketSketch:
 
     def medians(self) -> np.ndarray:
         """Median per gene (mean of the two middle ranks, as numpy does); NaN where empty."""
-        cumulative = np.cumsum(self.counts, axis=1, dtype=np.int64)
-        totals = cumulative[:, -1]
+        lower, upper, _ = self.middle_buckets()
         centres = 2 * self.gamma ** (np.arange(self.counts.shape[1]) + self.offset) / (self.gamma + 1)
-        out = np.full(len(totals), np.nan)
-        has = totals > 0
-        rows = np.flatnonzero(has)
-        lower = [np.searchsorted(cumulative[r], (totals[r] - 1) // 2, side="right") for r in rows]
-        upper = [np.searchsorted(cumulative[r], totals[r] // 2, side="right") for r in rows]
-        out[has] = (centres[lower] + centres[upper]) / 2
+        out = np.full(len(lower), np.nan)
+        has = lower >= 0
+        out[has] = (centres[lower[has]] + centres[upper[has]]) / 2
         return out
 
 

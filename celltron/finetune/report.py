@@ -184,8 +184,12 @@ def choose_best(scores: dict[str, float], higher_is_better: bool = True) -> str:
     if not finite:
         return next(iter(scores))
     best = max(finite.values()) if higher_is_better else min(finite.values())
-    tolerance = TIE_TOLERANCE * max(1.0, abs(best))
-    return next(k for k, v in finite.items() if abs(v - best) <= tolerance)
+    return next(k for k, v in finite.items() if abs(v - best) <= tie_tolerance(best))
+
+
+def tie_tolerance(score: float) -> float:
+    """How close two scores near `score` must be to be the same score computed in another order."""
+    return TIE_TOLERANCE * max(1.0, abs(score) if np.isfinite(score) else 1.0)
 
 
 CHOICE_RESAMPLES = 200  # bootstrap draws of inner held-out units behind each anchor-weight choice
@@ -225,7 +229,7 @@ def earned_weight(weights, scores: dict, resampled: dict, higher_is_better: bool
     as_text = {str(w): float(scores[w]) for w in weights}
     # a gain within TIE_TOLERANCE is the same score computed in another order (a blend whose
     # per-unit correlation equals the baseline's), and rounding can make it "significant"
-    floor = TIE_TOLERANCE * max(1.0, abs(as_text[str(weights[0])]) if np.isfinite(as_text[str(weights[0])]) else 1.0)
+    floor = tie_tolerance(as_text[str(weights[0])])
     earned = {w: as_text[w] for w, low in gain_low.items() if np.isfinite(low) and low > floor}
     weight = float(choose_best(earned, higher_is_better)) if earned else weights[0]
     return {"weight": weight, "weight_scores": as_text, "gain_low": gain_low}
@@ -278,7 +282,7 @@ def choose_weight(by_weight: dict, higher_is_better: bool = True, resamples: int
             else np.full(resamples, np.nan)
             for k in range(folds)
         ]
-        scores[w] = _finite_mean([fold.value for fold in per_fold])
+        scores[w] = finite_mean([fold.value for fold in per_fold])
         stacked = np.vstack(draws)
         finite = np.isfinite(stacked)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -286,7 +290,8 @@ def choose_weight(by_weight: dict, higher_is_better: bool = True, resamples: int
     return earned_weight(list(by_weight), scores, resampled, higher_is_better)
 
 
-def _finite_mean(values) -> float:
+def finite_mean(values) -> float:
+    """The mean of the finite values (NaN when there is none)."""
     finite = [v for v in values if _finite(v)]
     return float(np.mean(finite)) if finite else float("nan")
 

@@ -14,10 +14,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from celltron.errors import InputError
-from celltron.finetune.report import UnitScore, anchor, choose_best, choose_weight
+from celltron.finetune.report import UnitScore, anchor, choose_best, choose_weight, finite_mean
 from celltron.training.examples import PredictAtSteps
 
 
@@ -114,9 +112,3 @@ class InnerScores:
         return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | choose_weight(
             by_weight, higher_is_better, seed=self.seed
         )
-
-
-def finite_mean(values) -> float:
-    """The mean of the finite values (NaN when there is none)."""
-    finite = [v for v in values if np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from celltron.errors import ConfigError, InputError
-from celltron.finetune.report import CHOICE_RESAMPLES, choose_best, earned_weight, percentile_interval, verdict
+from celltron.finetune.report import CHOICE_RESAMPLES, choose_best, earned_weight, percentile_interval, unit_resamples, verdict
 from celltron.inputs import MissingInputError
 
 EDGE_COLUMNS = ("tf", "target", "score", "method", "group")
@@ -199,7 +199,7 @@ def degree_prior_scores(truth: pd.DataFrame, train_tfs, tfs, targets) -> pd.Data
 def tf_resamples(n_tfs: int, n: int = BOOTSTRAP_RESAMPLES, seed=0) -> np.ndarray:
     """(n, n_tfs) indices of TFs drawn with replacement: the bootstrap's unit is the held-out TF
     (its edges move together), and sharing one draw between methods makes their difference paired."""
-    return np.random.default_rng(seed).integers(0, n_tfs, (n, n_tfs))
+    return unit_resamples(n_tfs, n, seed)
 
 
 def resampled_metrics(edges: pd.DataFrame, truth: pd.DataFrame, units, draws: np.ndarray) -> dict[str, np.ndarray]:
