@@ -192,7 +192,8 @@ def write_synthetic_h5ad(path: Path, n_cells: int, n_genes: int, nnz_per_cell: i
     rng = np.random.default_rng(seed)
     rates = detection_rates(n_genes, nnz_per_cell, rng)
     partial = path.with_suffix(".partial.h5ad")
-    obs = pd.DataFrame(index=pd.Index([f"cell{i:07d}" for i in range(n_cells)], name="cell"))
+    # `src`: the row number, so loaders that reorder the cells (preshuffled stores) still say which cells they gave
+    obs = pd.DataFrame({"src": np.arange(n_cells)}, index=pd.Index([f"cell{i:07d}" for i in range(n_cells)], name="cell"))
     var = pd.DataFrame(index=pd.Index(human_gene_ids(n_genes), name="gene_ids"))
     ad.AnnData(obs=obs, var=var).write_h5ad(partial)
     chunks = one_shot_chunks(n_cells * nnz_per_cell, np.float32)
@@ -250,6 +251,7 @@ def ensure_concatenation(inputs: list[Path], path: Path) -> tuple[Path, str]:
         [ad.read_h5ad(p) for p in inputs], join="outer", label="source", keys=[p.stem for p in inputs], index_unique="-"
     )
     joined.X = sp.csr_matrix(joined.X, dtype=np.float32)
+    joined.obs["src"] = np.arange(joined.n_obs)  # the row number, as in the synthetic file
     _write_atomically(joined, path)
     return path, f"written in {time.perf_counter() - start:.1f} s"
 

@@ -28,6 +28,7 @@ import torch
 import zarr
 from torch.utils.data import IterableDataset, get_worker_info
 
+from celltron.corpus._gather import Blocks
 from celltron.corpus.store import CellBlock, Corpus, ShardReader
 from celltron.errors import ConfigError
 
@@ -117,7 +118,13 @@ class CorpusStream(IterableDataset):
         shuffle: shuffle blocks and windows; False streams cells in corpus order.
         rank, world_size: this process's place among data-parallel ranks; default from
             torch.distributed, then the RANK / WORLD_SIZE environment variables.
-        transform: function applied to each cell dict (tokenizers plug in here).
+        transform: function applied to each cell dict (tokenizers plug in here), or to each
+            batch when `batch_size` is set.
+        batch_size: yield batches of this many cells instead of cells: the dict `collate_cells`
+            makes of the same cells in the same order (flat `genes`/`counts` with `offsets`, one
+            array per scalar field), gathered straight from the blocks read, without a dict per
+            cell. Use it with `DataLoader(stream, batch_size=None)`. Positions (resume) still
+            count cells; the last batch of a finite stream may be smaller.
         storage_options: fsspec options for remote corpora.
         prefetch: read the next window in a background thread while this one is yielded.
         zarrs: decode with the Rust `zarrs` codec pipeline (the `fast` extra) instead of
@@ -142,6 +149,7 @@ class CorpusStream(IterableDataset):
         storage_options: dict | None = None,
         prefetch: bool = True,
         zarrs: bool = False,
+        batch_size: int | None = None,
     ):
         super().__init__()
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus, storage_options)
@@ -155,6 +163,9 @@ class CorpusStream(IterableDataset):
         self.transform = transform
         self.prefetch = prefetch
         self.zarrs = zarrs
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"CorpusStream batch_size must be >= 1 (or None for single cells), got {batch_size}")
+        self.batch_size = batch_size
         self.epoch = 0
         self.shard_sizes = [record["n_cells"] for record in self.corpus.shards(split)]
         self.shard_offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)]).astype(np.int64)
@@ -235,46 +246,79 @@ class CorpusStream(IterableDataset):
         if self.zarrs:
             use_zarrs_pipeline()
         worker = (worker + self._rotation) % num_workers
-        epoch, offset = self._positions.get(worker, (self.epoch, 0))
         shards: OrderedDict[int, ShardReader] = OrderedDict()
         # the pool exits first (waiting for a prefetch in flight), then the readers close
         with _closing(shards), ThreadPoolExecutor(max_workers=4) as pool:
-            while True:
-                plan = self.plan(epoch, rank, world_size, worker, num_workers)
-                if plan.n_cells == 0 and self.infinite:
-                    raise ConfigError(
-                        f"rank {rank} worker {worker} gets no cells per epoch ({sum(self.shard_sizes)} cells "
-                        f"over {world_size} ranks x {num_workers} workers); use fewer workers or ranks"
-                    )
-                for cell in self._epoch_cells(plan, epoch, offset, (rank, worker), shards, pool):
-                    offset += 1
-                    self._positions[worker] = (epoch, offset)
-                    yield cell if self.transform is None else self.transform(cell)
-                epoch, offset = epoch + 1, 0
-                self._positions[worker] = (epoch, 0)
-                if not self.infinite:
-                    return
+            windows = self._windows(rank, world_size, worker, num_workers, shards, pool)
+            items = self._one_by_one(windows, worker) if self.batch_size is None else self._batched(windows, worker)
+            for item in items:
+                yield item if self.transform is None else self.transform(item)
 
-    def _epoch_cells(self, plan: EpochPlan, epoch: int, offset: int, who: tuple[int, int], shards, pool) -> Iterator[dict]:
-        windows = range(offset // self.buffer_size * self.buffer_size, plan.n_cells, self.buffer_size)
-        pending = None
-        for lo in windows:
-            hi = min(lo + self.buffer_size, plan.n_cells)
+    def _windows(self, rank: int, world_size: int, worker: int, num_workers: int, shards, pool) -> Iterator:
+        """(epoch, cells of the epoch before this piece, the window read, the order to yield its
+        cells in), window after window, epoch after epoch, from this worker's position on. The
+        next window is read in the background while this one is used, across epoch ends too (a
+        small corpus may be one window an epoch)."""
+        first_epoch = self._positions.get(worker, (self.epoch, 0))[0]
+        specs = self._window_specs(rank, world_size, worker, num_workers)
+        spec, pending, epoch = next(specs, None), None, None
+        while spec is not None:
+            if epoch is not None and spec[0] != epoch:
+                self._positions[worker] = (spec[0], 0)
+            epoch, plan, lo, hi, skip = spec
             current = pending.result() if pending is not None else self._read_window(plan, lo, hi, shards, pool)
-            pending = None
-            if self.prefetch and hi < plan.n_cells:
-                nxt = min(hi + self.buffer_size, plan.n_cells)
-                pending = pool.submit(self._read_window, plan, hi, nxt, shards, pool)
-            order = self._window_order(epoch, who, lo, hi - lo)
-            skip = max(offset - lo, 0)
-            yield from self._cells(current, order[skip:])
+            spec, pending = next(specs, None), None
+            if self.prefetch and spec is not None:
+                pending = pool.submit(self._read_window, spec[1], spec[2], spec[3], shards, pool)
+            yield epoch, lo + skip, current, self._window_order(epoch, (rank, worker), lo, hi - lo)[skip:]
+        if not self.infinite:  # a finite stream's end: the next epoch starts from its first cell
+            self._positions[worker] = (first_epoch + 1, 0)
+
+    def _window_specs(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[tuple]:
+        """(epoch, plan, first cell, end, cells to skip) of each window this worker reads."""
+        epoch, offset = self._positions.get(worker, (self.epoch, 0))
+        while True:
+            plan = self.plan(epoch, rank, world_size, worker, num_workers)
+            if plan.n_cells == 0 and self.infinite:
+                raise ConfigError(
+                    f"rank {rank} worker {worker} gets no cells per epoch ({sum(self.shard_sizes)} cells "
+                    f"over {world_size} ranks x {num_workers} workers); use fewer workers or ranks"
+                )
+            for lo in range(offset // self.buffer_size * self.buffer_size, plan.n_cells, self.buffer_size):
+                yield epoch, plan, lo, min(lo + self.buffer_size, plan.n_cells), max(offset - lo, 0)
+            epoch, offset = epoch + 1, 0
+            if not self.infinite:
+                return
+
+    def _one_by_one(self, windows: Iterator, worker: int) -> Iterator[dict]:
+        for epoch, before, blocks, order in windows:
+            for done, cell in enumerate(self._cells(blocks, order), start=before + 1):
+                self._positions[worker] = (epoch, done)
+                yield cell
+
+    def _batched(self, windows: Iterator, worker: int) -> Iterator[dict]:
+        """Batches of `batch_size` cells in the order `_one_by_one` yields them (a batch may
+        span windows and epochs, as a DataLoader's batches of single cells do)."""
+        pieces, n_cells = [], 0
+        for epoch, before, blocks, order in windows:
+            taken = 0
+            while taken < len(order):
+                take = min(self.batch_size - n_cells, len(order) - taken)
+                pieces.append((blocks, order[taken : taken + take]))  # blocks: the window's Window
+                n_cells, taken = n_cells + take, taken + take
+                if n_cells == self.batch_size:
+                    self._positions[worker] = (epoch, before + taken)
+                    yield gather_cells(pieces)
+                    pieces, n_cells = [], 0
+        if pieces:  # a finite stream's last, smaller batch
+            yield gather_cells(pieces)
 
     def _window_order(self, epoch: int, who: tuple[int, int], lo: int, n: int) -> np.ndarray:
         if not self.shuffle:
             return np.arange(n)
         return np.random.default_rng([self.seed, epoch, who[0], who[1], lo]).permutation(n)
 
-    def _read_window(self, plan: EpochPlan, lo: int, hi: int, shards: OrderedDict, pool) -> list[CellBlock]:
+    def _read_window(self, plan: EpochPlan, lo: int, hi: int, shards: OrderedDict, pool) -> list[CellBlock] | Window:
         segments = cut(plan.segments, lo, hi)
         self._open_readers({s.shard for s in segments}, shards)
         reads = (
@@ -284,8 +328,10 @@ class CorpusStream(IterableDataset):
         )
         if reads is None:
             s = segments[0]
-            return [shards[s.shard].read(s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))]
-        return [r.result() for r in reads]
+            blocks = [shards[s.shard].read(s.start, s.stop, int(self.shard_offsets[s.shard] + s.start))]
+        else:
+            blocks = [r.result() for r in reads]
+        return blocks if self.batch_size is None else Window.of(blocks)
 
     def _open_readers(self, needed: set[int], shards: OrderedDict) -> None:
         """Keep readers for the shards this window needs, closing the least recently used
@@ -398,6 +444,59 @@ def collate_cells(cells: list[dict]) -> dict[str, np.ndarray]:
         if key not in ragged:
             batch[key] = np.array([cell[key] for cell in cells])
     return batch
+
+
+def gather_cells(pieces: list[tuple[Window, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`collate_cells` of the cells at `order` of each piece's window, in that order, gathered
+    from the window's arrays without a dict per cell."""
+    parts = [window.gather(order) for window, order in pieces]
+    if len(parts) == 1:
+        return parts[0]
+    batch = {}
+    for key in parts[0]:
+        if key.endswith("offsets"):
+            starts = np.cumsum([0] + [p[key][-1] for p in parts[:-1]])
+            batch[key] = np.concatenate([parts[0][key][:1]] + [p[key][1:] + s for p, s in zip(parts, starts)])
+        else:
+            batch[key] = np.concatenate([p[key] for p in parts])
+    return batch
+
+
+@dataclass
+class Window:
+    """A window's blocks, ready for batches: their CSR arrays where they are (`Blocks`) and the
+    scalars (cell_index, obs codes) concatenated; a multi-modal corpus's other modalities are
+    Windows of the same cells. Built in the prefetch thread."""
+
+    blocks: Blocks
+    scalars: dict[str, np.ndarray]
+    modalities: dict[str, Window]
+
+    @classmethod
+    def of(cls, blocks: list[CellBlock], with_index: bool = True) -> Window:
+        scalars = {}
+        if with_index:
+            scalars["cell_index"] = np.concatenate([np.arange(len(b), dtype=np.int64) + b.first_index for b in blocks])
+        for key in blocks[0].obs:
+            scalars[key] = np.concatenate([b.obs[key] for b in blocks])
+        modalities = {m: cls.of([b.modalities[m] for b in blocks], with_index=False) for m in blocks[0].modalities}
+        return cls(Blocks([(b.indptr, b.genes, b.counts) for b in blocks]), scalars, modalities)
+
+    def gather(self, order: np.ndarray) -> dict[str, np.ndarray]:
+        which, rows = self.blocks.locate(order)
+        batch = self._ragged(which, rows, "genes", "counts", "offsets")
+        for key, values in self.scalars.items():
+            batch[key] = values[order]
+        for modality, other in self.modalities.items():
+            batch |= other._ragged(which, rows, f"{modality}_features", f"{modality}_counts", f"{modality}_offsets")
+            batch[f"{modality}_n_counts"] = other.scalars["n_counts"][order]
+            batch[f"{modality}_measured"] = other.scalars["measured"][order]
+        return batch
+
+    def _ragged(self, which: np.ndarray, rows: np.ndarray, index_key: str, count_key: str, offsets_key: str) -> dict:
+        """Each chosen cell's slice of (genes, counts), concatenated in the chosen order."""
+        offsets, genes, counts = self.blocks.gather(which, rows)
+        return {index_key: genes, count_key: counts, offsets_key: offsets}
 
 
 def _ragged(cells: list[dict], index_key: str, count_key: str, offsets_key: str) -> dict[str, np.ndarray]:

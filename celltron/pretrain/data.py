@@ -11,7 +11,6 @@ whatever the packing, the length grouping or the number of workers.
 
 from __future__ import annotations
 
-import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from celltron.corpus.genes import check_token_coverage
 from celltron.corpus.store import Corpus
-from celltron.corpus.stream import CorpusStream, collate_cells
+from celltron.corpus.stream import CorpusStream
 from celltron.model_zoo.registry import family as family_spec
 from celltron.model_zoo.spec import VocabIds
 from celltron.pretrain.config import DataSection
@@ -126,13 +125,11 @@ class TokenBatches(IterableDataset):
         # the stream resumes at the round's start; its own rotation matches ours
         self.stream._positions = {stream_worker: start}
         self.stream._rotation, self.stream._resume_workers = self.rotation, None
-        cells = iter(self.stream)
-        while True:
-            raw = list(itertools.islice(cells, self.section.round_cells))
-            if not raw:
-                return
+        # a round is one batch of the stream: the same cells as round_cells single cells, no dict per cell
+        self.stream.batch_size = self.section.round_cells
+        for flat in self.stream:
             generator = torch.Generator().manual_seed(_round_seed(self.seed, rank, stream_worker, start))
-            for index, batch in enumerate(self._round_batches(raw, generator)):
+            for index, batch in enumerate(self._round_batches(flat, generator)):
                 if index < skip:
                     continue
                 batch[POSITION_KEY] = torch.tensor([stream_worker, start[0], start[1], index + 1])
@@ -140,9 +137,9 @@ class TokenBatches(IterableDataset):
             skip = 0
             start = tuple(self.stream._positions[stream_worker])
 
-    def _round_batches(self, raw: list[dict], generator: torch.Generator):
-        flat = collate_cells(raw)
-        species = [self.species_names[c] if c >= 0 else None for c in flat.get("species", np.full(len(raw), -1))]
+    def _round_batches(self, flat: dict, generator: torch.Generator):
+        n_cells = len(flat["offsets"]) - 1
+        species = [self.species_names[c] if c >= 0 else None for c in flat.get("species", np.full(n_cells, -1))]
         float32 = self.float32_of_dataset[flat["dataset"]] if "dataset" in flat else None
         block = Block(flat["offsets"], flat["genes"], flat["counts"], flat["n_counts"], species, {}, float32)
         rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))

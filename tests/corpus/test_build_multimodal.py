@@ -110,6 +110,13 @@ def test_the_stream_yields_every_modality_and_resumes_exactly(teaseq_corpus):
     rest = list(itertools.islice(resumed, 120))
     assert [c["cell_index"] for c in rest] == [c["cell_index"] for c in first[80:]]
     assert all(np.array_equal(a["adt_counts"], b["adt_counts"]) for a, b in zip(rest, first[80:]))
+    # batches straight from the blocks: the same arrays collate_cells makes of the same cells
+    batches = list(
+        itertools.islice(CorpusStream(str(out), block_size=32, buffer_size=64, rank=0, world_size=1, batch_size=25), 8)
+    )
+    for i, batch in enumerate(batches):
+        expected = collate_cells(first[25 * i : 25 * (i + 1)])
+        assert set(batch) == set(expected) and all(np.array_equal(batch[k], expected[k]) for k in batch)
 
 
 def test_a_mudata_file_with_atac_bins_on_its_genome(tmp_path):

@@ -204,3 +204,61 @@ def test_collate_cells_flattens_a_batch_in_the_workers(small_corpus):
             assert int(batch["n_counts"][i]) == int(by_index[index]["n_counts"])
             seen += 1
     assert seen == len(cells)
+
+
+def _same_batch(a: dict, b: dict) -> bool:
+    a, b = ({k: np.asarray(v) for k, v in x.items()} for x in (a, b))  # a DataLoader turns arrays into tensors
+    return set(a) == set(b) and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batched_stream_is_collate_cells_of_the_same_cells(small_corpus, num_workers):
+    from celltron.corpus import collate_cells
+
+    corpus = Corpus(small_corpus)
+    # 37 cells a batch: batches straddle windows (256 cells) and, in 140 batches, epochs
+    cells = DataLoader(CorpusStream(corpus, seed=3, **SMALL), batch_size=37, num_workers=num_workers, collate_fn=collate_cells)
+    batched = DataLoader(CorpusStream(corpus, seed=3, batch_size=37, **SMALL), batch_size=None, num_workers=num_workers)
+    expected, got = _take_batches(cells, 140), _take_batches(batched, 140)
+    assert len(got) == 140 and all(_same_batch(a, b) for a, b in zip(got, expected))
+    assert 140 * 37 // max(num_workers, 1) > CorpusStream(corpus, **SMALL).cells_per_epoch() // max(num_workers, 1)
+
+
+@pytest.mark.parametrize("numba", ["1", "0"])
+def test_batched_finite_stream_ends_with_the_remainder(small_corpus, numba, monkeypatch):
+    from celltron.corpus import collate_cells
+
+    monkeypatch.setenv("CELLTRON_NUMBA", numba)  # the compiled gather and numpy's give the same batches
+
+    cells = list(CorpusStream(small_corpus, infinite=False, seed=2, **SMALL))
+    batches = list(CorpusStream(small_corpus, infinite=False, seed=2, batch_size=100, **SMALL))
+    assert [len(b["offsets"]) - 1 for b in batches] == [100] * (len(cells) // 100) + [len(cells) % 100]
+    assert _same_batch(batches[-1], collate_cells(cells[-(len(cells) % 100) :]))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batched_stream_resumes_after_k_batches(small_corpus, num_workers):
+    corpus = Corpus(small_corpus)
+    make = lambda: CorpusStream(corpus, seed=5, batch_size=48, **SMALL)  # noqa: E731
+    k, more = 37, 12
+    uninterrupted = _take_batches(DataLoader(make(), batch_size=None, num_workers=num_workers), k + more)
+    resumed_stream = make()
+    resumed_stream.load_state_dict(make().state_after_batches(k, 48, max(num_workers, 1)))
+    resumed = _take_batches(DataLoader(resumed_stream, batch_size=None, num_workers=num_workers), more)
+    assert all(_same_batch(a, b) for a, b in zip(resumed, uninterrupted[k:])) and len(resumed) == more
+
+
+def test_batched_stream_refuses_a_batch_size_below_one(small_corpus):
+    from celltron.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):
+        CorpusStream(small_corpus, batch_size=0)
+
+
+def _take_batches(loader, n):
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
