@@ -259,8 +259,8 @@ class CorpusStream(IterableDataset):
         cells in), window after window, epoch after epoch, from this worker's position on. The
         next window is read in the background while this one is used, across epoch ends too (a
         small corpus may be one window an epoch)."""
-        first_epoch = self._positions.get(worker, (self.epoch, 0))[0]
-        specs = self._window_specs(rank, world_size, worker, num_workers)
+        start = self._positions.get(worker, (self.epoch, 0))
+        specs = self._window_specs(rank, world_size, worker, num_workers, start)
         spec, pending, epoch = next(specs, None), None, None
         while spec is not None:
             if epoch is not None and spec[0] != epoch:
@@ -272,11 +272,12 @@ class CorpusStream(IterableDataset):
                 pending = pool.submit(self._read_window, spec[1], spec[2], spec[3], shards, pool)
             yield epoch, lo + skip, current, self._window_order(epoch, (rank, worker), lo, hi - lo)[skip:]
         if not self.infinite:  # a finite stream's end: the next epoch starts from its first cell
-            self._positions[worker] = (first_epoch + 1, 0)
+            self._positions[worker] = (start[0] + 1, 0)
 
-    def _window_specs(self, rank: int, world_size: int, worker: int, num_workers: int) -> Iterator[tuple]:
-        """(epoch, plan, first cell, end, cells to skip) of each window this worker reads."""
-        epoch, offset = self._positions.get(worker, (self.epoch, 0))
+    def _window_specs(self, rank: int, world_size: int, worker: int, num_workers: int, start) -> Iterator[tuple]:
+        """(epoch, plan, first cell, end, cells to skip) of each window this worker reads from
+        `start` (epoch, cells of it already yielded) on."""
+        epoch, offset = start
         while True:
             plan = self.plan(epoch, rank, world_size, worker, num_workers)
             if plan.n_cells == 0 and self.infinite:
@@ -300,11 +301,11 @@ class CorpusStream(IterableDataset):
         """Batches of `batch_size` cells in the order `_one_by_one` yields them (a batch may
         span windows and epochs, as a DataLoader's batches of single cells do)."""
         pieces, n_cells = [], 0
-        for epoch, before, blocks, order in windows:
+        for epoch, before, window, order in windows:
             taken = 0
             while taken < len(order):
                 take = min(self.batch_size - n_cells, len(order) - taken)
-                pieces.append((blocks, order[taken : taken + take]))  # blocks: the window's Window
+                pieces.append((window, order[taken : taken + take]))
                 n_cells, taken = n_cells + take, taken + take
                 if n_cells == self.batch_size:
                     self._positions[worker] = (epoch, before + taken)
