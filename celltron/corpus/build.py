@@ -9,6 +9,11 @@ The build runs in three steps, none of which needs the whole corpus in memory:
    the validation split) and move each staged cell to the bucket of its output shard;
 3. write: turn each bucket into an AnnData-Zarr shard, then write manifest.json.
 
+Two cores share the work: the gene statistics, the inputs' checksums and each finished shard's
+write run on worker threads (compiled loops, hashing, compression and file writes, which
+release the GIL) while the main thread reads, maps and gathers the next block or shard; at most
+one item waits for each worker, so memory stays bounded.
+
 Everything is written under a temporary directory next to `out` and renamed at the end, so an
 interrupted or failed build never leaves a directory that looks like a corpus; the one a killed
 build leaves (`.NAME.partial-*`) is removed by the next build of the same `out`.
@@ -25,9 +30,11 @@ import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import anndata as ad
 import fsspec
 import numpy as np
 import pandas as pd
@@ -43,6 +50,7 @@ from celltron.corpus.schema import (
     FORMAT_NAME,
     MANIFEST,
     SCHEMA_VERSION,
+    SHARD_WRITE_SETTINGS,
     checksum_files,
     dump_manifest,
     sha256_file,
@@ -67,6 +75,7 @@ class _Input:
     species: str
     ensembl_ids: np.ndarray  # per input gene, its Ensembl ID or '' when unmapped
     report: dict
+    checksum: Future  # the input's sha256, computed on a worker thread while the build reads it
     column_map: np.ndarray | None = None  # input gene -> corpus gene index, -1 when unmapped
 
 
@@ -79,7 +88,7 @@ class _Staged:
     nnz: list = field(default_factory=list)
     input_index: list = field(default_factory=list)
     labels: dict = field(default_factory=dict)
-    files: list = field(default_factory=list)  # (path, first staged cell, n cells)
+    files: list = field(default_factory=list)  # (path, first staged cell, n cells): `spill_csr` files
     dataset_of_input: list = field(default_factory=list)
     species_of_input: list = field(default_factory=list)
 
@@ -150,7 +159,13 @@ def _replace(work: Path, out: Path) -> None:
 def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
     if not paths:
         raise InputError("no inputs given")
-    opened = _open_inputs(paths, options)
+    # the inputs' checksums, then removing spent staging files (unlinking a large file takes time)
+    with ThreadPoolExecutor(1, thread_name_prefix="celltron-files") as files:
+        return _build_from(paths, work, options, files)
+
+
+def _build_from(paths: list[Path], work: Path, options: BuildOptions, files: ThreadPoolExecutor) -> dict:
+    opened = _open_inputs(paths, options, files)
     try:
         gene_ids, species_of_gene = _gene_table(opened)
         for item in opened:
@@ -166,15 +181,26 @@ def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
     finally:
         for item in opened:
             item.source.close()
-    # before `_scatter` moves the staged blocks: past the in-memory limit they are read again
-    medians = stats.nonzero_medians(lambda: staged_blocks(staged.files, staged.n_counts, len(gene_ids)))
     n_cells = len(staged.names)
     names = _unique_cell_names(staged, opened)
     plan = _shard_plan(n_cells, np.asarray(staged.nnz), options)
     categories = _obs_categories(staged)
     symbols = _gene_symbols(gene_ids, species_of_gene)
     var = _var_table(gene_ids, symbols, species_of_gene)
-    splits = _write_splits(plan, staged, names, categories, var, work, options)
+    # past the in-memory limit the medians' second pass reads the staged blocks as `_scatter` moves them
+    second = None if stats.exact else stats.second_pass_over()
+    n_counts = np.asarray(staged.n_counts, dtype=np.float64)
+    with InBackground("celltron-medians") as medians_worker:
+
+        def feed(block, first):
+            medians_worker.submit(second.add, block, n_counts[first : first + block.shape[0]])
+
+        discard = lambda path: files.submit(path.unlink)  # noqa: E731
+        destinations = _scatter(plan, staged, staging, len(var), on_block=feed if second else None, discard=discard)
+    medians = stats.nonzero_medians() if second is None else second.medians()
+    splits = _write_splits(plan, destinations, staged, names, categories, var, work, options, files)
+    for item in opened:
+        item.report["sha256"] = item.checksum.result()
     genes = _gene_records(gene_ids, symbols, species_of_gene, stats, medians)
     manifest = _manifest(options, [item.report for item in opened], n_cells, splits, categories, stats, genes)
     (work / MANIFEST).write_bytes(dump_manifest(manifest))
@@ -202,7 +228,7 @@ def _manifest(options: BuildOptions, sources: list[dict], n_cells: int, splits, 
 # ---------------------------------------------------------------- inputs and genes
 
 
-def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
+def _open_inputs(paths: list[Path], options: BuildOptions, files: ThreadPoolExecutor) -> list[_Input]:
     opened = []
     for path in paths:
         mapped = open_mapped_source(path, options.layer, options.gene_column, options.species, options.min_mapped_fraction)
@@ -214,7 +240,7 @@ def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
         report = {
             "path": path.name,
             "dataset": source.name,
-            "sha256": _input_checksum(path),
+            "sha256": None,  # `checksum`'s, once it is done
             "species": species,
             "layer": source.layer,
             "weight": weight,
@@ -222,7 +248,8 @@ def _open_inputs(paths: list[Path], options: BuildOptions) -> list[_Input]:
             "n_genes_in": len(source.gene_names),
             "n_genes_unmapped": mapping.n_unmapped,
         }
-        opened.append(_Input(source=source, species=species, ensembl_ids=mapping.ensembl_ids, report=report))
+        checksum = files.submit(_input_checksum, path)
+        opened.append(_Input(source=source, species=species, ensembl_ids=mapping.ensembl_ids, report=report, checksum=checksum))
     _unique_dataset_names(opened)
     return opened
 
@@ -294,25 +321,57 @@ def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -
     staged.species_of_input = [item.species for item in opened]
     total = sum(item.source.n_cells for item in opened)
     bar = tqdm(total=total, unit="cells", desc="reading inputs", disable=not options.progress)
-    for index, item in enumerate(opened):
-        report = item.report
-        report.update(n_empty_dropped=0, n_qc_dropped=0, unmapped_counts=0)
-        for start in range(0, item.source.n_cells, options.read_block_cells):
-            stop = min(start + options.read_block_cells, item.source.n_cells)
-            block = item.source.read_rows(start, stop).tocsr()
-            check_raw_counts(block, item.source, start)
-            report["dtype"] = str(block.dtype)  # Geneformer's arithmetic follows it (tokenizers.rank_value)
-            # n_counts is the cell's total over all input genes, mapped or not (Geneformer's n_counts)
-            # summed in float64: float32 inputs would round block totals above 2**24 counts
-            totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
-            kept_rows, kept = _filter_block(block, totals, item, n_genes, mito, options)
-            _spill(kept, staging, staged)
-            stats.add(kept, totals[kept_rows])
-            _record_cells(staged, item, index, totals, kept, kept_rows, start)
-            bar.update(stop - start)
-        report["n_cells_kept"] = report["n_cells_in"] - report["n_empty_dropped"] - report["n_qc_dropped"]
+    with InBackground("celltron-statistics") as statistics:
+        for index, item in enumerate(opened):
+            report = item.report
+            report.update(n_empty_dropped=0, n_qc_dropped=0, unmapped_counts=0)
+            for start in range(0, item.source.n_cells, options.read_block_cells):
+                stop = min(start + options.read_block_cells, item.source.n_cells)
+                block = item.source.read_rows(start, stop).tocsr()
+                check_raw_counts(block, item.source, start)
+                report["dtype"] = str(block.dtype)  # Geneformer's arithmetic follows it (tokenizers.rank_value)
+                # n_counts is the cell's total over all input genes, mapped or not (Geneformer's n_counts)
+                # summed in float64: float32 inputs would round block totals above 2**24 counts
+                totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+                kept_rows, kept = _filter_block(block, totals, item, n_genes, mito, options)
+                _spill(kept, staging, staged)
+                statistics.submit(stats.add, kept, totals[kept_rows])  # nothing changes `kept` after this
+                _record_cells(staged, item, index, totals, kept, kept_rows, start)
+                bar.update(stop - start)
+            report["n_cells_kept"] = report["n_cells_in"] - report["n_empty_dropped"] - report["n_qc_dropped"]
     bar.close()
     return staged
+
+
+class InBackground:
+    """Runs calls on `workers` threads while the caller goes on (one worker: in order); a
+    submit waits while `workers` calls are pending, so the caller holds at most `workers` + 1
+    items. An error in a call is raised by a later `submit` or on leaving the `with` block."""
+
+    def __init__(self, name: str, workers: int = 1):
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self.workers = workers
+        self.pending: list[Future] = []
+
+    def submit(self, function, *args) -> Future:
+        while len(self.pending) >= self.workers:
+            self.pending.pop(0).result()
+        self.pending.append(self.pool.submit(function, *args))
+        return self.pending[-1]
+
+    def wait(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self) -> InBackground:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if kind is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _filter_block(block, totals, item: _Input, n_genes, mito, options: BuildOptions):
@@ -332,9 +391,40 @@ def _filter_block(block, totals, item: _Input, n_genes, mito, options: BuildOpti
 
 
 def _spill(kept: sp.csr_matrix, staging: Path, staged: _Staged) -> None:
-    path = staging / f"block-{len(staged.files):06d}.npz"
-    np.savez(path, indptr=kept.indptr.astype(np.int64), indices=kept.indices.astype(np.int32), data=kept.data.astype(np.int32))
+    path = staging / f"block-{len(staged.files):06d}.csr"
+    spill_csr(path, kept)
     staged.files.append((path, len(staged.names), kept.shape[0]))
+
+
+def spill_csr(path: Path, block: sp.csr_matrix, rows: np.ndarray | None = None) -> None:
+    """A staging file: (rows,) indptr as int64, then indices and counts as int32, back to back
+    and raw (no archive: np.savez's zip format spent a CRC32 on every byte). The 64-bit arrays
+    come first, so every array starts aligned."""
+    with open(path, "wb") as handle:
+        if rows is not None:
+            handle.write(np.ascontiguousarray(rows, dtype=np.int64).data)
+        for array, dtype in ((block.indptr, np.int64), (block.indices, np.int32), (block.data, np.int32)):
+            handle.write(np.ascontiguousarray(array, dtype=dtype).data)
+
+
+def load_csr(path: Path, n_rows: int, n_genes: int, with_rows: bool = False):
+    """A `spill_csr` file back: the CSR block, and its row numbers when it was written with them."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    at = 0
+    rows = None
+    if with_rows:
+        rows, at = raw[: 8 * n_rows].view(np.int64), 8 * n_rows
+    indptr = raw[at : at + 8 * (n_rows + 1)].view(np.int64)
+    at += 8 * (n_rows + 1)
+    nnz = int(indptr[-1])
+    indices = raw[at : at + 4 * nnz].view(np.int32)
+    data = raw[at + 4 * nnz : at + 8 * nnz].view(np.int32)
+    if at + 8 * nnz != len(raw):
+        raise RuntimeError(
+            f"staging file {path}: {len(raw)} bytes, expected {at + 8 * nnz}; the build's temporary files were changed"
+        )
+    block = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+    return (block, rows) if with_rows else block
 
 
 def staged_blocks(files: list, n_counts, n_genes: int):
@@ -342,9 +432,7 @@ def staged_blocks(files: list, n_counts, n_genes: int):
     pass of an exact median (`GeneStatistics.nonzero_medians`)."""
     n_counts = np.asarray(n_counts, dtype=np.float64)
     for path, first, count in files:
-        with np.load(path) as block:
-            counts = sp.csr_matrix((block["data"], block["indices"], block["indptr"]), shape=(count, n_genes))
-        yield counts, n_counts[first : first + count]
+        yield load_csr(path, count, n_genes), n_counts[first : first + count]
 
 
 def _record_cells(staged: _Staged, item: _Input, index: int, totals, kept, kept_rows, start: int) -> None:
@@ -404,36 +492,42 @@ def _obs_categories(staged: _Staged) -> dict[str, list[str]]:
     return categories
 
 
-def _write_splits(plan, staged: _Staged, names, categories, var, work: Path, options: BuildOptions) -> dict:
-    destinations = _scatter(plan, staged, work / "_staging", len(var))
-    fs = fsspec.filesystem("file")
+def _write_splits(plan, destinations, staged: _Staged, names, categories, var, work: Path, options: BuildOptions, files) -> dict:
+    """Gather each shard's cells (main thread) while the shard before is written and hashed on
+    a worker thread."""
     splits = {}
     total = sum(len(cells) for shards in plan.values() for cells in shards)
     bar = tqdm(total=total, unit="cells", desc="writing shards", disable=not options.progress)
-    for split, shards in plan.items():
-        records = []
-        for number, cells in enumerate(shards):
-            counts = _gather_bucket(destinations[(split, number)], len(cells), len(var))
-            obs = _obs_table(cells, staged, names, categories)
-            path = work / shard_name(split, number)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_shard(path, counts, obs, var, options.chunk_nnz, options.compression)
-            records.append(
-                {
-                    "path": shard_name(split, number),
-                    "n_cells": len(cells),
-                    "nnz": int(counts.nnz),
-                    "sha256": checksum_files(fs, str(path)),
-                }
-            )
-            bar.update(len(cells))
-        splits[split] = {"n_cells": int(sum(len(c) for c in shards)), "shards": records}
+    # two writers: zarr's encoding of one shard leaves part of a core idle
+    with ad.settings.override(**SHARD_WRITE_SETTINGS), InBackground("celltron-shard-writer", workers=2) as writer:
+        for split, shards in plan.items():
+            records = []
+            for number, cells in enumerate(shards):
+                counts = _gather_bucket(
+                    destinations[(split, number)], len(cells), len(var), lambda path: files.submit(path.unlink)
+                )
+                obs = _obs_table(cells, staged, names, categories)
+                path = work / shard_name(split, number)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                records.append(writer.submit(_write_one_shard, path, shard_name(split, number), counts, obs, var, options))
+                bar.update(len(cells))
+            splits[split] = {"n_cells": int(sum(len(c) for c in shards)), "shards": records}
+    for split in splits.values():
+        split["shards"] = [record.result() for record in split["shards"]]
     bar.close()
     return splits
 
 
-def _scatter(plan, staged: _Staged, staging: Path, n_genes: int) -> dict:
-    """Move every staged cell into the bucket of its output shard; returns bucket file lists."""
+def _write_one_shard(path: Path, name: str, counts: sp.csr_matrix, obs, var, options: BuildOptions) -> dict:
+    write_shard(path, counts, obs, var, options.chunk_nnz, options.compression)
+    sha256 = checksum_files(fsspec.filesystem("file"), str(path))
+    return {"path": name, "n_cells": obs.shape[0], "nnz": int(counts.nnz), "sha256": sha256}
+
+
+def _scatter(plan, staged: _Staged, staging: Path, n_genes: int, on_block=None, discard=Path.unlink) -> dict:
+    """Move every staged cell into the bucket of its output shard; returns bucket file lists.
+    `on_block(block, first staged cell)` sees each staged block as it passes; `discard(path)`
+    removes a staged file once it is read."""
     n_cells = len(staged.names)
     shard_of = np.empty(n_cells, dtype=np.int64)
     row_in_shard = np.empty(n_cells, dtype=np.int64)
@@ -447,31 +541,49 @@ def _scatter(plan, staged: _Staged, staging: Path, n_genes: int) -> dict:
     for path, first, count in staged.files:
         if count == 0:
             continue
-        with np.load(path) as staged_block:
-            block = sp.csr_matrix((staged_block["data"], staged_block["indices"], staged_block["indptr"]), shape=(count, n_genes))
+        block = load_csr(path, count, n_genes)
+        if on_block is not None:
+            on_block(block, first)
         cells = np.arange(first, first + count)
         for shard in np.unique(shard_of[cells]):
             rows = np.flatnonzero(shard_of[cells] == shard)
             piece = block[rows]
-            target = staging / f"bucket-{shard:05d}-{len(buckets[keys[shard]]):06d}.npz"
-            np.savez(target, rows=row_in_shard[cells[rows]], indptr=piece.indptr, indices=piece.indices, data=piece.data)
-            buckets[keys[shard]].append(target)
-        path.unlink()
+            target = staging / f"bucket-{shard:05d}-{len(buckets[keys[shard]]):06d}.csr"
+            spill_csr(target, piece, rows=row_in_shard[cells[rows]])
+            buckets[keys[shard]].append((target, len(rows)))
+        discard(path)
     return buckets
 
 
-def _gather_bucket(files: list[Path], n_rows: int, n_genes: int) -> sp.csr_matrix:
-    """Assemble one shard's cells, in shuffled order, from its bucket files."""
-    pieces, rows = [], []
-    for path in files:
-        with np.load(path) as piece:
-            pieces.append(sp.csr_matrix((piece["data"], piece["indices"], piece["indptr"]), shape=(len(piece["rows"]), n_genes)))
-            rows.append(piece["rows"])
-        path.unlink()
-    stacked = sp.vstack(pieces, format="csr")
-    order = np.argsort(np.concatenate(rows), kind="stable")
-    assert len(order) == n_rows
-    return stacked[order]
+def _gather_bucket(files: list, n_rows: int, n_genes: int, discard=Path.unlink) -> sp.csr_matrix:
+    """Assemble one shard's cells, in shuffled order, from its bucket files (`discard`ed once
+    read): the pieces are read straight into one stacked CSR, then its rows put in order."""
+    sizes = [(path, n, (path.stat().st_size - 16 * n - 8) // 8) for path, n in files]  # `spill_csr` layout
+    nnz = sum(size for _, _, size in sizes)
+    rows = np.empty(n_rows, dtype=np.int64)
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    indices = np.empty(nnz, dtype=np.int32)
+    data = np.empty(nnz, dtype=np.int32)
+    row, at = 0, 0
+    for path, n, size in sizes:
+        if row + n > n_rows:
+            raise RuntimeError(
+                f"{path}: a shard's staging files hold more than its {n_rows} rows; the build's temporary files were changed"
+            )
+        piece_indptr = np.empty(n + 1, dtype=np.int64)
+        with open(path, "rb") as handle:
+            for part in (rows[row : row + n], piece_indptr, indices[at : at + size], data[at : at + size]):
+                if handle.readinto(part.data) != part.nbytes:
+                    raise RuntimeError(
+                        f"{path}: staging file shorter than its header says; the build's temporary files were changed"
+                    )
+        indptr[row + 1 : row + n + 1] = piece_indptr[1:] + at
+        row, at = row + n, at + size
+        discard(path)
+    if row != n_rows or not np.array_equal(np.sort(rows), np.arange(n_rows)):
+        raise RuntimeError(f"a shard's staging files hold {row} rows, not its {n_rows}; the build's temporary files were changed")
+    stacked = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+    return stacked[np.argsort(rows)]
 
 
 def _obs_table(cells, staged: _Staged, names, categories) -> pd.DataFrame:

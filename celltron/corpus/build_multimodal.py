@@ -47,6 +47,7 @@ from celltron.corpus.build import (
     _scatter,
     _shard_plan,
     _var_table,
+    spill_csr,
     staged_blocks,
 )
 from celltron.corpus.genes import is_mitochondrial
@@ -299,8 +300,8 @@ def _kept(item: _Opened, mapped: dict, totals: dict, measured: dict, mito: np.nd
 
 def _spill(block: sp.csr_matrix, staging: Path, staged: _ModalityStaging, modality: str) -> None:
     (staging / modality).mkdir(exist_ok=True)
-    path = staging / modality / f"block-{len(staged.files):06d}.npz"
-    np.savez(path, indptr=block.indptr.astype(np.int64), indices=block.indices.astype(np.int32), data=block.data.astype(np.int32))
+    path = staging / modality / f"block-{len(staged.files):06d}.csr"
+    spill_csr(path, block)
     first = sum(count for _, _, count in staged.files)
     staged.files.append((path, first, block.shape[0]))
 

@@ -8,6 +8,7 @@ that an input larger than memory can still be converted.
 from __future__ import annotations
 
 import gzip
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,11 @@ import numpy as np
 import pandas as pd
 import scipy.io
 import scipy.sparse as sp
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
 
 from celltron.corpus.genes import MIN_MAPPED_FRACTION, GeneMapping, map_input_genes
 from celltron.errors import InputError
@@ -306,19 +312,83 @@ def _layer_hint(source: Source) -> str:
 
 
 def to_corpus_genes(block: sp.csr_matrix, column_map: np.ndarray, n_genes: int) -> sp.csr_matrix:
-    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates.
-    Built as CSR directly (each row keeps its mapped entries): scipy sorts and sums only rows
-    that need it (`sum_duplicates` checks the canonical form first), where going through COO
-    converted every block (a third of a build's time on 1:1 gene tables)."""
+    """Re-key a CSR block's columns onto corpus genes; drops unmapped genes, sums duplicates,
+    drops zero counts; counts rounded to int64. Rows come out sorted by corpus gene (canonical).
+
+    The compiled loop (`_remap_rows`, numba, one pass per row; a row is sorted and summed only
+    when its mapped genes are out of order or repeat) gives the arrays the numpy path gives;
+    `CELLTRON_NUMBA=0` runs the numpy path: CSR built directly, scipy's `sum_duplicates`
+    (which sorts only when the block is not canonical) and `eliminate_zeros`."""
+    counts = block.data if block.data.dtype.kind in "iu" else np.rint(block.data)
+    if _remap_rows is not None and os.environ.get("CELLTRON_NUMBA", "1") != "0" and block.nnz < 2**31:
+        indptr = np.empty(block.shape[0] + 1, dtype=np.int64)
+        indices = np.empty(block.nnz, dtype=np.int32)
+        data = np.empty(block.nnz, dtype=np.int64)
+        kept = _remap_rows(block.indptr, block.indices, counts, np.asarray(column_map, dtype=np.int64), indptr, indices, data)
+        if kept < 0.9 * block.nnz:  # do not hold the unmapped genes' room
+            indices, data = indices[:kept].copy(), data[:kept].copy()
+        remapped = sp.csr_matrix((data[:kept], indices[:kept], indptr), shape=(block.shape[0], n_genes))
+        remapped.has_canonical_format = True
+        return remapped
     columns = column_map[block.indices]
     keep = columns >= 0
     kept_before = np.concatenate([[0], np.cumsum(keep, dtype=np.int64)])
     indptr = kept_before[np.asarray(block.indptr, dtype=np.int64)]
-    counts = np.rint(block.data[keep]).astype(np.int64)
-    remapped = sp.csr_matrix((counts, columns[keep], indptr), shape=(block.shape[0], n_genes))
+    remapped = sp.csr_matrix((counts[keep].astype(np.int64), columns[keep], indptr), shape=(block.shape[0], n_genes))
     remapped.sum_duplicates()
     remapped.eliminate_zeros()
     return remapped
+
+
+def _remap_rows_py(indptr, indices, counts, column_map, out_indptr, out_indices, out_counts):
+    """Fill the out arrays with each row's mapped (gene, count) pairs, sorted by gene, repeats
+    summed, zeros dropped; returns how many pairs were kept."""
+    kept = 0
+    out_indptr[0] = 0
+    for row in range(len(indptr) - 1):
+        start, last, ordered = kept, -1, True
+        for j in range(indptr[row], indptr[row + 1]):
+            gene = column_map[indices[j]]
+            if gene < 0:
+                continue
+            ordered = ordered and gene > last
+            last = gene
+            out_indices[kept] = gene
+            out_counts[kept] = np.int64(counts[j])
+            kept += 1
+        if not ordered:
+            kept = start + _sort_and_sum(out_indices[start:kept], out_counts[start:kept])
+        written = start
+        for j in range(start, kept):  # after the sums: only a gene whose counts sum to 0 goes
+            if out_counts[j] != 0:
+                out_indices[written] = out_indices[j]
+                out_counts[written] = out_counts[j]
+                written += 1
+        kept = written
+        out_indptr[row + 1] = kept
+    return kept
+
+
+def _sort_and_sum(genes, counts):
+    """Sort one row's pairs by gene in place, summing repeats; returns the pairs left."""
+    order = np.argsort(genes, kind="mergesort")
+    sorted_genes, sorted_counts = genes[order], counts[order]
+    n = 0
+    for k in range(len(order)):
+        if n > 0 and sorted_genes[k] == genes[n - 1]:
+            counts[n - 1] += sorted_counts[k]
+        else:
+            genes[n] = sorted_genes[k]
+            counts[n] = sorted_counts[k]
+            n += 1
+    return n
+
+
+if numba is not None:
+    _sort_and_sum = numba.njit(cache=True, nogil=True)(_sort_and_sum)
+    _remap_rows = numba.njit(cache=True, nogil=True)(_remap_rows_py)
+else:  # pragma: no cover - exercised where numba is absent
+    _remap_rows = None
 
 
 def mapped_genes(ensembl_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

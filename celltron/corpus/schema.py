@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 
 import anndata as ad
 import numpy as np
@@ -30,6 +29,11 @@ from celltron.corpus.constants import COMPRESSIONS
 from celltron.errors import ConfigError, DataIntegrityError, UserError
 
 SCHEMA_VERSION = 1
+# anndata settings while a shard is written: obs and var unsharded, and said so, so anndata does
+# not warn that autosharding will become its default. Settings are process-wide: callers that
+# write shards on several threads hold the same override around all of them (`build`), so no
+# thread's exit restores a different value under another.
+SHARD_WRITE_SETTINGS = {"zarr_write_format": 3, "auto_shard_zarr_v3": False}
 FORMAT_NAME = "celltron-corpus"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -88,8 +92,7 @@ def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFram
     """Write one AnnData-Zarr (format 3) store with X as sharded CSR of int32 counts."""
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     checked = {"compressors": _checked_default_compressors()}
-    with warnings.catch_warnings(), ad.settings.override(zarr_write_format=3):
-        warnings.simplefilter("ignore", UserWarning)  # anndata's note on future autosharding
+    with ad.settings.override(**SHARD_WRITE_SETTINGS):
         ad.io.write_elem(root, "obs", obs, dataset_kwargs=checked)
         ad.io.write_elem(root, "var", var, dataset_kwargs=checked)
     x = root.create_group("X")
@@ -97,7 +100,10 @@ def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFram
     nnz = max(counts.nnz, 1)
     chunk = min(chunk_nnz, nnz)
     storage_object = min(chunk * CHUNKS_PER_ZARR_SHARD, -(-nnz // chunk) * chunk)
-    for name, values in (("data", counts.data.astype(np.int32)), ("indices", counts.indices.astype(np.int32))):
+    for name, values in (
+        ("data", counts.data.astype(np.int32, copy=False)),
+        ("indices", counts.indices.astype(np.int32, copy=False)),
+    ):
         array = x.create_array(
             name,
             shape=values.shape,
@@ -107,7 +113,7 @@ def write_shard(path, counts: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFram
             compressors=_compressors(compression),
         )
         array[:] = values
-    x.create_array("indptr", data=counts.indptr.astype(np.int64), **checked)
+    x.create_array("indptr", data=counts.indptr.astype(np.int64, copy=False), **checked)
     root.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
 
 

@@ -8,15 +8,26 @@ answer alone is within a relative error `SKETCH_RELATIVE_ERROR` of the exact med
 blocks a second time (`nonzero_medians(blocks)`), the sketch names each gene's median bucket
 and a second pass keeps only the values in it: the exact median again, in memory bounded by the
 sketch and those buckets rather than by the corpus.
+
+Both passes run in compiled loops (numba, a core dependency; without the GIL, so a build runs
+them beside its reading): one pass over a block's non-zeros, no per-value temporaries.
+`CELLTRON_NUMBA=0` runs the numpy code instead; a sketch keeps the backend it was made with, so
+both passes put every value in the same bucket.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import scipy.sparse as sp
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
 
 NORMALISED_TOTAL = 10_000.0
 SKETCH_RELATIVE_ERROR = 0.005
@@ -40,9 +51,10 @@ class LogBucketSketch:
         self.offset = math.ceil(math.log(SKETCH_MIN_VALUE) / self.log_gamma)
         n_buckets = math.ceil(math.log(SKETCH_MAX_VALUE) / self.log_gamma) - self.offset + 1
         self.counts = np.zeros((n_genes, n_buckets), dtype=np.uint32)
+        self.compiled = compiled()  # fixed for the sketch's life: both passes bucket alike
 
     def buckets(self, values: np.ndarray) -> np.ndarray:
-        """The bucket of each value (the same arithmetic on both passes of an exact median)."""
+        """The bucket of each value (numpy; the compiled passes use `_bucket`, the same steps)."""
         buckets = np.ceil(np.log(np.maximum(values, SKETCH_MIN_VALUE)) / self.log_gamma)
         buckets -= self.offset
         np.minimum(buckets, self.counts.shape[1] - 1, out=buckets)  # in place: np.clip copies
@@ -50,9 +62,40 @@ class LogBucketSketch:
         return buckets.astype(np.int64)
 
     def add(self, genes: np.ndarray, values: np.ndarray) -> None:
+        """Count normalised `values` of `genes`."""
+        if self.compiled:
+            _count_values(genes, values, self.counts, self.log_gamma, self.offset)
+            return
         buckets = self.buckets(values)
         flat, repeats = np.unique(genes.astype(np.int64) * self.counts.shape[1] + buckets, return_counts=True)
         self.counts.reshape(-1)[flat] += repeats.astype(np.uint32)
+
+    def add_block(self, block: sp.csr_matrix, n_counts: np.ndarray) -> None:
+        """Count a CSR block's non-zeros as normalised values (`normalised_values`)."""
+        if self.compiled and block.data.dtype.kind in "iu":
+            totals = np.asarray(n_counts, dtype=np.float64)
+            _count_block(block.indptr, block.indices, block.data, totals, self.counts, self.log_gamma, self.offset)
+            return
+        self.add(block.indices, normalised_values(block, n_counts))
+
+    def in_buckets(self, block: sp.csr_matrix, n_counts, lower: np.ndarray, upper: np.ndarray):
+        """(genes, normalised values) of a block's non-zeros whose bucket lies in
+        [lower[gene], upper[gene]], in the block's order."""
+        if self.compiled:
+            genes = np.empty(block.nnz, dtype=np.int64)
+            values = np.empty(block.nnz, dtype=np.float64)
+            where = (lower, upper, self.log_gamma, self.offset, self.counts.shape[1], genes, values)
+            if block.data.dtype.kind in "iu":
+                totals = np.asarray(n_counts, dtype=np.float64)
+                n = _keep_in_buckets(block.indptr, block.indices, block.data, totals, *where)
+            else:  # counts stored as floats: numpy's values, the compiled buckets (as `add` made them)
+                n = _keep_values(block.indices, normalised_values(block, n_counts), *where)
+            return genes[:n].copy(), values[:n].copy()
+        values = normalised_values(block, n_counts)
+        genes = block.indices.astype(np.int64)
+        buckets = self.buckets(values)
+        keep = (buckets >= lower[genes]) & (buckets <= upper[genes])
+        return genes[keep], values[keep]
 
     def middle_buckets(self, genes_per_chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per gene: the buckets holding its two middle ranks, (n - 1) // 2 and n // 2 of n
@@ -109,12 +152,15 @@ class GeneStatistics:
     def add(self, block: sp.csr_matrix, n_counts: np.ndarray) -> None:
         """Add a block of cells (CSR over corpus genes) with their total counts."""
         genes = block.indices
-        self.cells_expressing += np.bincount(genes, minlength=self.n_genes)
-        self.count_sum += np.bincount(genes, weights=block.data, minlength=self.n_genes).astype(np.int64)
-        values = normalised_values(block, n_counts)
+        if compiled() and block.data.dtype.kind in "iu":  # integer sums: bincount's float64 weights would round alike
+            _count_genes(genes, block.data, self.cells_expressing, self.count_sum)
+        else:
+            self.cells_expressing += np.bincount(genes, minlength=self.n_genes)
+            self.count_sum += np.bincount(genes, weights=block.data, minlength=self.n_genes).astype(np.int64)
         if self.sketch is not None:
-            self.sketch.add(genes, values)
+            self.sketch.add_block(block, n_counts)
             return
+        values = normalised_values(block, n_counts)
         self._genes.append(genes.astype(np.int32))
         self._values.append(values)
         self._held += len(values)
@@ -140,42 +186,22 @@ class GeneStatistics:
             return np.full(self.n_genes, np.nan)
         genes = np.concatenate(self._genes)
         values = np.concatenate(self._values)
-        order = np.lexsort((values, genes))
-        values = values[order]
-        starts = np.concatenate([[0], np.cumsum(self.cells_expressing)[:-1]])
-        counts = self.cells_expressing
-        out = np.full(self.n_genes, np.nan)
-        has = counts > 0
-        lower = starts[has] + (counts[has] - 1) // 2
-        upper = starts[has] + counts[has] // 2
-        out[has] = (values[lower] + values[upper]) / 2
-        return out
+        return middle_of_ranks(genes, values, self.cells_expressing, np.zeros(self.n_genes, dtype=np.int64))
 
     def exact_from_second_pass(self, blocks: Iterable[tuple]) -> np.ndarray:
-        """Exact medians from the sketch and the blocks again: each gene keeps only the values
-        in the buckets of its two middle ranks, sorts them, and reads those ranks off (the
-        values below are counted by the sketch). The same numbers as holding every value."""
-        lower, upper, below = self.sketch.middle_buckets()
-        kept_genes, kept_values = [], []
+        """Exact medians from the sketch and the blocks again (`SecondPass`): the same numbers
+        as holding every value."""
+        second = self.second_pass_over()
         for block, n_counts in blocks:
-            values = normalised_values(block, n_counts)
-            genes = block.indices.astype(np.int64)
-            buckets = self.sketch.buckets(values)
-            keep = (buckets >= lower[genes]) & (buckets <= upper[genes])
-            kept_genes.append(genes[keep])
-            kept_values.append(values[keep])
-        genes = np.concatenate(kept_genes) if kept_genes else np.zeros(0, np.int64)
-        values = np.concatenate(kept_values) if kept_values else np.zeros(0)
-        order = np.lexsort((values, genes))
-        genes, values = genes[order], values[order]
-        starts = np.searchsorted(genes, np.arange(self.n_genes))
-        totals = self.cells_expressing
-        out = np.full(self.n_genes, np.nan)
-        has = totals > 0
-        first = starts[has] - below[has]  # position the gene's rank 0 would have
-        out[has] = (values[first + (totals[has] - 1) // 2] + values[first + totals[has] // 2]) / 2
-        self.second_pass = True
-        return out
+            second.add(block, n_counts)
+        return second.medians()
+
+    def second_pass_over(self) -> SecondPass:
+        """A second pass to feed the blocks `add` was given, in any order (the build feeds it
+        while it scatters the staged blocks, which reads them anyway)."""
+        if self.sketch is None:
+            raise ValueError("the medians are exact already: no sketch, so no second pass")
+        return SecondPass(self)
 
     def describe_median(self) -> dict:
         """How the medians were computed, for the manifest."""
@@ -184,8 +210,177 @@ class GeneStatistics:
         return {"method": "log_bucket_sketch", "relative_error": SKETCH_RELATIVE_ERROR}
 
 
+class SecondPass:
+    """The second pass of an exact median: each gene keeps only its values in the buckets of
+    its two middle ranks, sorts them, and reads those ranks off (the values below are counted
+    by the sketch)."""
+
+    def __init__(self, stats: GeneStatistics):
+        self.stats = stats
+        self.lower, self.upper, self.below = stats.sketch.middle_buckets()
+        self.genes: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def add(self, block: sp.csr_matrix, n_counts) -> None:
+        genes, values = self.stats.sketch.in_buckets(block, n_counts, self.lower, self.upper)
+        self.genes.append(genes)
+        self.values.append(values)
+
+    def medians(self) -> np.ndarray:
+        genes = np.concatenate(self.genes) if self.genes else np.zeros(0, np.int64)
+        values = np.concatenate(self.values) if self.values else np.zeros(0)
+        out = middle_of_ranks(genes, values, self.stats.cells_expressing, self.below)
+        self.stats.second_pass = True
+        return out
+
+
+def middle_of_ranks(genes: np.ndarray, values: np.ndarray, totals: np.ndarray, below: np.ndarray) -> np.ndarray:
+    """Per gene, the mean of its values of rank (n - 1) // 2 and n // 2 among n = totals[gene]
+    (numpy's median), where `values` holds the gene's values from rank below[gene] on, past
+    both middle ranks; NaN for a gene with none. Compiled: values grouped by gene (a counting
+    sort), then each gene's few sorted; numpy: one lexsort by (gene, value)."""
+    genes = np.asarray(genes, dtype=np.int64)
+    totals = np.asarray(totals, dtype=np.int64)
+    below = np.asarray(below, dtype=np.int64)
+    out = np.full(len(totals), np.nan)
+    if compiled():
+        _middle_of_ranks(genes, np.asarray(values, dtype=np.float64), totals, below, out)
+        return out
+    order = np.lexsort((values, genes))
+    genes, values = genes[order], values[order]
+    starts = np.searchsorted(genes, np.arange(len(totals)))
+    has = totals > 0
+    first = starts[has] - below[has]  # position the gene's rank 0 would have
+    out[has] = (values[first + (totals[has] - 1) // 2] + values[first + totals[has] // 2]) / 2
+    return out
+
+
+def compiled() -> bool:
+    return numba is not None and os.environ.get("CELLTRON_NUMBA", "1") != "0"
+
+
 def normalised_values(block: sp.csr_matrix, n_counts) -> np.ndarray:
     """Each non-zero as count / n_counts x 10,000 (Geneformer's arithmetic, float64), in the
     block's order."""
     per_cell_total = np.repeat(np.asarray(n_counts, dtype=np.float64), np.diff(block.indptr))
     return block.data.astype(np.float64) / per_cell_total * NORMALISED_TOTAL
+
+
+# ---------------------------------------------------------------- compiled passes
+# Each value is normalised and bucketed with the numpy code's operations in its order:
+# float64(count) / n_counts * 10,000, then ceil(log(max(x, SKETCH_MIN_VALUE)) / log_gamma)
+# - offset, clipped to the table.
+
+
+def _bucket(value, log_gamma, offset, n_buckets):
+    bucket = math.ceil(math.log(max(value, SKETCH_MIN_VALUE)) / log_gamma) - offset
+    return min(max(bucket, 0), n_buckets - 1)
+
+
+def _count_genes(genes, counts, cells_expressing, count_sum):
+    for j in range(len(genes)):
+        cells_expressing[genes[j]] += 1
+        count_sum[genes[j]] += counts[j]
+
+
+def _count_values(genes, values, table, log_gamma, offset):
+    n_buckets = table.shape[1]
+    for j in range(len(genes)):
+        table[genes[j], _bucket(values[j], log_gamma, offset, n_buckets)] += 1
+
+
+def _middle_of_ranks(genes, values, totals, below, out):
+    n_genes = len(totals)
+    starts = np.zeros(n_genes + 1, dtype=np.int64)
+    for gene in genes:
+        starts[gene + 1] += 1
+    for gene in range(n_genes):
+        starts[gene + 1] += starts[gene]
+    grouped = np.empty(len(values), dtype=np.float64)
+    cursor = starts[:-1].copy()
+    for j in range(len(genes)):
+        grouped[cursor[genes[j]]] = values[j]
+        cursor[genes[j]] += 1
+    for gene in range(n_genes):
+        if totals[gene] == 0:
+            continue
+        mine = np.sort(grouped[starts[gene] : starts[gene + 1]])
+        lower = (totals[gene] - 1) // 2 - below[gene]
+        upper = totals[gene] // 2 - below[gene]
+        out[gene] = (mine[lower] + mine[upper]) / 2
+
+
+def _keep_values(indices, all_values, lower, upper, log_gamma, offset, n_buckets, genes, values):
+    kept = 0
+    for j in range(len(indices)):
+        gene = indices[j]
+        bucket = _bucket(all_values[j], log_gamma, offset, n_buckets)
+        if lower[gene] <= bucket <= upper[gene]:
+            genes[kept] = gene
+            values[kept] = all_values[j]
+            kept += 1
+    return kept
+
+
+def _cell_buckets(indptr, data, n_counts, row, cache, log_gamma, offset, n_buckets, out):
+    """Fill out[:n] with the buckets of row `row`'s values; returns n. Counts below 64 (most of
+    them) take their bucket from `cache`, computed once per cell: a cell's value depends only on
+    its count."""
+    total = n_counts[row]
+    cache[:] = -1
+    lo = indptr[row]
+    for j in range(lo, indptr[row + 1]):
+        count = data[j]
+        if 0 <= count < len(cache) and cache[count] >= 0:
+            out[j - lo] = cache[count]
+            continue
+        bucket = _bucket(np.float64(count) / total * NORMALISED_TOTAL, log_gamma, offset, n_buckets)
+        if 0 <= count < len(cache):
+            cache[count] = bucket
+        out[j - lo] = bucket
+    return indptr[row + 1] - lo
+
+
+def _longest_row(indptr):
+    longest = 0
+    for row in range(len(indptr) - 1):
+        longest = max(longest, indptr[row + 1] - indptr[row])
+    return longest
+
+
+def _count_block(indptr, indices, data, n_counts, table, log_gamma, offset):
+    # buckets first, then the increments: with their addresses known, the table's cache misses
+    # overlap (2.4x faster than bucketing and counting each value in turn)
+    n_buckets = table.shape[1]
+    cache = np.empty(64, dtype=np.int64)
+    buckets = np.empty(_longest_row(indptr), dtype=np.int64)
+    for row in range(len(indptr) - 1):
+        n = _cell_buckets(indptr, data, n_counts, row, cache, log_gamma, offset, n_buckets, buckets)
+        lo = indptr[row]
+        for k in range(n):
+            table[indices[lo + k], buckets[k]] += 1
+
+
+def _keep_in_buckets(indptr, indices, data, n_counts, lower, upper, log_gamma, offset, n_buckets, genes, values):
+    kept = 0
+    cache = np.empty(64, dtype=np.int64)
+    buckets = np.empty(_longest_row(indptr), dtype=np.int64)
+    for row in range(len(indptr) - 1):
+        n = _cell_buckets(indptr, data, n_counts, row, cache, log_gamma, offset, n_buckets, buckets)
+        lo = indptr[row]
+        for k in range(n):
+            gene = indices[lo + k]
+            if lower[gene] <= buckets[k] <= upper[gene]:
+                genes[kept] = gene
+                values[kept] = np.float64(data[lo + k]) / n_counts[row] * NORMALISED_TOTAL
+                kept += 1
+    return kept
+
+
+if numba is not None:
+    _bucket = numba.njit(cache=True, nogil=True, inline="always")(_bucket)
+    _cell_buckets = numba.njit(cache=True, nogil=True, inline="always")(_cell_buckets)
+    _count_genes, _count_values, _longest_row, _count_block, _keep_in_buckets, _keep_values, _middle_of_ranks = (
+        numba.njit(cache=True, nogil=True)(f)
+        for f in (_count_genes, _count_values, _longest_row, _count_block, _keep_in_buckets, _keep_values, _middle_of_ranks)
+    )

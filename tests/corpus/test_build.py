@@ -246,9 +246,12 @@ def test_sketch_medians_are_within_the_stated_bound(pbmc3k):
     assert np.max(np.abs(b[seen] - a[seen]) / a[seen]) <= 0.005 + 1e-9
 
 
-def test_a_second_pass_makes_sketched_medians_exact_to_the_bit(pbmc3k):
+@pytest.mark.parametrize("numba", ["1", "0"], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("dtype", [np.int64, np.float32])
+def test_a_second_pass_makes_sketched_medians_exact_to_the_bit(pbmc3k, numba, dtype, monkeypatch):
+    monkeypatch.setenv("CELLTRON_NUMBA", numba)  # the sketch keeps the backend it was made with
     adata = ad.read_h5ad(pbmc3k)
-    x = sp.csr_matrix(adata.X).astype(np.int64)
+    x = sp.csr_matrix(adata.X).astype(dtype)
     n_counts = np.asarray(x.sum(axis=1)).ravel()
     blocks = [(x[start : start + 500], n_counts[start : start + 500]) for start in range(0, x.shape[0], 500)]
     exact, two_pass = GeneStatistics(x.shape[1], exact_limit=10**9), GeneStatistics(x.shape[1], exact_limit=100_000)
@@ -260,6 +263,26 @@ def test_a_second_pass_makes_sketched_medians_exact_to_the_bit(pbmc3k):
     assert two_pass.describe_median() == {"method": "exact_two_pass"} and exact.describe_median() == {"method": "exact"}
 
 
+def test_the_compiled_middle_ranks_equal_numpys_median(monkeypatch):
+    from celltron.corpus.stats import middle_of_ranks
+
+    rng = np.random.default_rng(3)
+    genes = rng.integers(0, 50, 5_000)
+    values = rng.integers(1, 20, 5_000) / 7  # many ties
+    totals = np.bincount(genes, minlength=60)  # genes 50-59 have no values
+    want = np.array([np.median(values[genes == g]) if totals[g] else np.nan for g in range(60)])
+    for backend in ("1", "0"):
+        monkeypatch.setenv("CELLTRON_NUMBA", backend)
+        np.testing.assert_array_equal(middle_of_ranks(genes, values, totals, np.zeros(60, dtype=np.int64)), want)
+        # only each gene's values from rank 10 on, as a second pass keeps them
+        keep = np.ones(len(values), dtype=bool)
+        for g in range(50):
+            mine = np.flatnonzero(genes == g)
+            keep[mine[np.argsort(values[mine], kind="stable")[:10]]] = False
+        below = np.where(totals > 0, 10, 0)
+        np.testing.assert_array_equal(middle_of_ranks(genes[keep], values[keep], totals, below), want)
+
+
 def test_a_build_past_the_in_memory_limit_writes_the_same_medians(tmp_path, pbmc_small):
     pbmc_small.write_h5ad(tmp_path / "a.h5ad")
     build_corpus([tmp_path / "a.h5ad"], tmp_path / "held", BuildOptions(**QUIET))
@@ -269,10 +292,11 @@ def test_a_build_past_the_in_memory_limit_writes_the_same_medians(tmp_path, pbmc
     assert held["gene_median"] == {"method": "exact"} and two_pass["gene_median"] == {"method": "exact_two_pass"}
     assert two_pass["genes"]["nonzero_median"] == held["genes"]["nonzero_median"]
     assert two_pass["genes"]["cells_expressing"] == held["genes"]["cells_expressing"]
-    assert not list((tmp_path / "two_pass").rglob("*.npz"))  # the staged blocks are gone
+    assert not list((tmp_path / "two_pass").rglob("*.csr"))  # the staged blocks are gone
 
 
-def test_failed_build_leaves_nothing_and_existing_corpus_is_kept(tmp_path, pbmc_small, monkeypatch):
+@pytest.mark.parametrize("failing", ["write_shard", "statistics"])  # both run on worker threads
+def test_failed_build_leaves_nothing_and_existing_corpus_is_kept(tmp_path, pbmc_small, monkeypatch, failing):
     pbmc_small[:100].write_h5ad(tmp_path / "a.h5ad")
     build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(**QUIET))
     before = (tmp_path / "c" / "manifest.json").read_bytes()
@@ -284,10 +308,13 @@ def test_failed_build_leaves_nothing_and_existing_corpus_is_kept(tmp_path, pbmc_
     def explode(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build_module, "write_shard", explode)
-    with pytest.raises(RuntimeError):
+    if failing == "write_shard":
+        monkeypatch.setattr(build_module, "write_shard", explode)
+    else:
+        monkeypatch.setattr(GeneStatistics, "add", explode)
+    with pytest.raises(RuntimeError, match="disk full"):
         build_corpus([tmp_path / "a.h5ad"], tmp_path / "c", BuildOptions(seed=9, **QUIET), overwrite=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk full"):
         build_corpus([tmp_path / "a.h5ad"], tmp_path / "new", BuildOptions(**QUIET))
     assert (tmp_path / "c" / "manifest.json").read_bytes() == before
     assert not (tmp_path / "new").exists()

@@ -65,15 +65,19 @@ def _through_coo(block, column_map, n_genes):
     return out
 
 
-@pytest.mark.parametrize("case", ["one_to_one", "reordered", "duplicates_and_unmapped", "unsorted_input"])
-def test_re_keying_a_block_onto_corpus_genes_matches_the_coo_reference(case):
+@pytest.mark.parametrize("numba", ["1", "0"], ids=["compiled", "numpy"])
+@pytest.mark.parametrize("case", ["one_to_one", "reordered", "duplicates_and_unmapped", "unsorted_input", "float32_counts"])
+def test_re_keying_a_block_onto_corpus_genes_matches_the_coo_reference(case, numba, monkeypatch):
     import numpy as np
     import scipy.sparse as sp
 
     from celltron.corpus.readers import to_corpus_genes
 
+    monkeypatch.setenv("CELLTRON_NUMBA", numba)
     rng = np.random.default_rng(0)
     block = sp.random(200, 300, density=0.05, format="csr", random_state=1, data_rvs=lambda n: rng.integers(0, 9, n))
+    if case == "float32_counts":  # counts stored as floats, as many .h5ad files hold them
+        block = block.astype(np.float32)
     n_genes, column_map = 300, np.arange(300)
     if case == "reordered":
         column_map = rng.permutation(300)
