@@ -321,7 +321,7 @@ def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -
     staged.species_of_input = [item.species for item in opened]
     total = sum(item.source.n_cells for item in opened)
     bar = tqdm(total=total, unit="cells", desc="reading inputs", disable=not options.progress)
-    with InBackground("celltron-statistics") as statistics:
+    with InBackground("celltron-statistics") as statistics, InBackground("celltron-staging") as spilling:
         for index, item in enumerate(opened):
             report = item.report
             report.update(n_empty_dropped=0, n_qc_dropped=0, unmapped_counts=0)
@@ -334,8 +334,8 @@ def _stage(opened, n_genes, mito, stats, staging: Path, options: BuildOptions) -
                 # summed in float64: float32 inputs would round block totals above 2**24 counts
                 totals = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
                 kept_rows, kept = _filter_block(block, totals, item, n_genes, mito, options)
-                _spill(kept, staging, staged)
-                statistics.submit(stats.add, kept, totals[kept_rows])  # nothing changes `kept` after this
+                spilling.submit(spill_csr, _staging_file(staging, staged, kept), kept)  # nothing changes `kept`
+                statistics.submit(stats.add, kept, totals[kept_rows])
                 _record_cells(staged, item, index, totals, kept, kept_rows, start)
                 bar.update(stop - start)
             report["n_cells_kept"] = report["n_cells_in"] - report["n_empty_dropped"] - report["n_qc_dropped"]
@@ -390,10 +390,11 @@ def _filter_block(block, totals, item: _Input, n_genes, mito, options: BuildOpti
     return kept_rows, mapped if len(kept_rows) == mapped.shape[0] else mapped[kept_rows]  # most blocks keep every cell
 
 
-def _spill(kept: sp.csr_matrix, staging: Path, staged: _Staged) -> None:
+def _staging_file(staging: Path, staged: _Staged, kept: sp.csr_matrix) -> Path:
+    """The staging file of the next block, recorded before its cells are."""
     path = staging / f"block-{len(staged.files):06d}.csr"
-    spill_csr(path, kept)
     staged.files.append((path, len(staged.names), kept.shape[0]))
+    return path
 
 
 def spill_csr(path: Path, block: sp.csr_matrix, rows: np.ndarray | None = None) -> None:
