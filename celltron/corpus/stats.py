@@ -304,7 +304,8 @@ def _middle_of_ranks(genes, values, totals, below, out):
     for gene in range(n_genes):
         if totals[gene] == 0:
             continue
-        mine = np.sort(grouped[starts[gene] : starts[gene + 1]])
+        mine = grouped[starts[gene] : starts[gene + 1]]
+        mine.sort()  # in place: no array per gene
         lower = (totals[gene] - 1) // 2 - below[gene]
         upper = totals[gene] // 2 - below[gene]
         out[gene] = (mine[lower] + mine[upper]) / 2
