@@ -515,8 +515,11 @@ class ShardReader:
         for other in self.others.values():
             other.close()
         for array in (getattr(self, "data", None), getattr(self, "indices", None)):
-            if isinstance(array, ShardedArray):
-                array.close()
+            # duck-typed: a direct reader (ShardedArray) has files to release, a zarr array none;
+            # and at interpreter exit this module's globals may already be gone
+            close = getattr(array, "close", None)
+            if close is not None:
+                close()
         self.store.close()
 
     def _nonzeros(self, array, name: str, lo: int, hi: int, cells: tuple[int, int]) -> np.ndarray:
