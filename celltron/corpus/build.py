@@ -159,13 +159,20 @@ def _replace(work: Path, out: Path) -> None:
 def _build_into(paths: list[Path], work: Path, options: BuildOptions) -> dict:
     if not paths:
         raise InputError("no inputs given")
-    # the inputs' checksums, then removing spent staging files (unlinking a large file takes time)
-    with ThreadPoolExecutor(1, thread_name_prefix="celltron-files") as files:
-        return _build_from(paths, work, options, files)
+    # the inputs' checksums; removing spent staging files (unlinking a large file takes time)
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="celltron-checksums")
+    files = ThreadPoolExecutor(1, thread_name_prefix="celltron-unlink")
+    try:
+        return _build_from(paths, work, options, hashing, files)
+    finally:  # after an error, do not wait for inputs not yet hashed
+        hashing.shutdown(wait=True, cancel_futures=True)
+        files.shutdown(wait=True)
 
 
-def _build_from(paths: list[Path], work: Path, options: BuildOptions, files: ThreadPoolExecutor) -> dict:
-    opened = _open_inputs(paths, options, files)
+def _build_from(
+    paths: list[Path], work: Path, options: BuildOptions, hashing: ThreadPoolExecutor, files: ThreadPoolExecutor
+) -> dict:
+    opened = _open_inputs(paths, options, hashing)
     try:
         gene_ids, species_of_gene = _gene_table(opened)
         for item in opened:
@@ -228,7 +235,7 @@ def _manifest(options: BuildOptions, sources: list[dict], n_cells: int, splits, 
 # ---------------------------------------------------------------- inputs and genes
 
 
-def _open_inputs(paths: list[Path], options: BuildOptions, files: ThreadPoolExecutor) -> list[_Input]:
+def _open_inputs(paths: list[Path], options: BuildOptions, hashing: ThreadPoolExecutor) -> list[_Input]:
     opened = []
     for path in paths:
         mapped = open_mapped_source(path, options.layer, options.gene_column, options.species, options.min_mapped_fraction)
@@ -248,7 +255,7 @@ def _open_inputs(paths: list[Path], options: BuildOptions, files: ThreadPoolExec
             "n_genes_in": len(source.gene_names),
             "n_genes_unmapped": mapping.n_unmapped,
         }
-        checksum = files.submit(_input_checksum, path)
+        checksum = hashing.submit(_input_checksum, path)
         opened.append(_Input(source=source, species=species, ensembl_ids=mapping.ensembl_ids, report=report, checksum=checksum))
     _unique_dataset_names(opened)
     return opened
@@ -411,6 +418,10 @@ def spill_csr(path: Path, block: sp.csr_matrix, rows: np.ndarray | None = None) 
 def load_csr(path: Path, n_rows: int, n_genes: int, with_rows: bool = False):
     """A `spill_csr` file back: the CSR block, and its row numbers when it was written with them."""
     raw = np.fromfile(path, dtype=np.uint8)
+    if len(raw) < 8 * (n_rows + 1) + (8 * n_rows if with_rows else 0):
+        raise RuntimeError(
+            f"staging file {path}: {len(raw)} bytes, too short for {n_rows} rows; the build's temporary files were changed"
+        )
     at = 0
     rows = None
     if with_rows:

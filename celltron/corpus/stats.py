@@ -55,7 +55,8 @@ class LogBucketSketch:
 
     def buckets(self, values: np.ndarray) -> np.ndarray:
         """The bucket of each value (numpy; the compiled passes use `_bucket`, the same steps)."""
-        buckets = np.ceil(np.log(np.maximum(values, SKETCH_MIN_VALUE)) / self.log_gamma)
+        # fmax: a NaN (a cell whose n_counts is NaN) goes to the lowest bucket, as in `_bucket`
+        buckets = np.ceil(np.log(np.fmax(values, SKETCH_MIN_VALUE)) / self.log_gamma)
         buckets -= self.offset
         np.minimum(buckets, self.counts.shape[1] - 1, out=buckets)  # in place: np.clip copies
         np.maximum(buckets, 0, out=buckets)
@@ -273,7 +274,11 @@ def normalised_values(block: sp.csr_matrix, n_counts) -> np.ndarray:
 
 
 def _bucket(value, log_gamma, offset, n_buckets):
-    bucket = math.ceil(math.log(max(value, SKETCH_MIN_VALUE)) / log_gamma) - offset
+    if not value >= SKETCH_MIN_VALUE:  # NaN too
+        value = SKETCH_MIN_VALUE
+    if value >= SKETCH_MAX_VALUE:  # the top bucket, as the clip gives it; inf (an n_counts of 0) too
+        return n_buckets - 1
+    bucket = math.ceil(math.log(value) / log_gamma) - offset
     return min(max(bucket, 0), n_buckets - 1)
 
 
@@ -379,9 +384,10 @@ def _keep_in_buckets(indptr, indices, data, n_counts, lower, upper, log_gamma, o
 
 
 if numba is not None:
-    _bucket = numba.njit(cache=True, nogil=True, inline="always")(_bucket)
-    _cell_buckets = numba.njit(cache=True, nogil=True, inline="always")(_cell_buckets)
+    # error_model="numpy": a count divided by an n_counts of 0 is inf, as in numpy, not an error
+    _bucket = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")(_bucket)
+    _cell_buckets = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")(_cell_buckets)
     _count_genes, _count_values, _longest_row, _count_block, _keep_in_buckets, _keep_values, _middle_of_ranks = (
-        numba.njit(cache=True, nogil=True)(f)
+        numba.njit(cache=True, nogil=True, error_model="numpy")(f)
         for f in (_count_genes, _count_values, _longest_row, _count_block, _keep_in_buckets, _keep_values, _middle_of_ranks)
     )

@@ -263,6 +263,25 @@ def test_a_second_pass_makes_sketched_medians_exact_to_the_bit(pbmc3k, numba, dt
     assert two_pass.describe_median() == {"method": "exact_two_pass"} and exact.describe_median() == {"method": "exact"}
 
 
+def test_both_sketch_backends_bucket_a_zero_or_missing_total_alike(monkeypatch):
+    """An n_counts of 0 (values inf) goes to the top bucket, a NaN one to the lowest, compiled
+    or not: `celltron tokenize` takes n_counts from the file's obs, which may hold either."""
+    from celltron.corpus.stats import LogBucketSketch
+
+    block = sp.csr_matrix(np.array([[3, 0, 1], [2, 5, 0], [0, 1, 4]], dtype=np.int64))
+    tables = {}
+    for backend in ("1", "0"):
+        monkeypatch.setenv("CELLTRON_NUMBA", backend)
+        sketch = LogBucketSketch(3)
+        with np.errstate(divide="ignore"):  # numpy's own warning for count / 0
+            sketch.add_block(block, np.array([0.0, np.nan, 5.0]))
+        tables[backend] = sketch.counts
+    np.testing.assert_array_equal(tables["1"], tables["0"])
+    top, bottom = tables["1"].shape[1] - 1, 0
+    assert tables["1"][0, top] == 1 and tables["1"][2, top] == 1  # the first cell's two genes
+    assert tables["1"][0, bottom] == 1 and tables["1"][1, bottom] == 1  # the second cell's
+
+
 def test_the_compiled_middle_ranks_equal_numpys_median(monkeypatch):
     from celltron.corpus.stats import middle_of_ranks
 
