@@ -12,7 +12,7 @@ from celltron.config import Option, add_options, apply_overrides, from_dict, giv
 from celltron.corpus.constants import MIN_MAPPED_FRACTION
 from celltron.corpus.options import BuildOptions
 from celltron.errors import ConfigError, UserError
-from celltron.finetune.config import FinetuneConfig, load_finetune_config
+from celltron.finetune.config import CROSSMODAL_TASKS, FinetuneConfig, load_finetune_config
 from celltron.lab.options import EmbedOptions, max_len_flag
 from celltron.launch.cluster import ClusterSpec, load_cluster
 from celltron.pretrain.config import PretrainConfig, load_config
@@ -81,7 +81,7 @@ ADAPT_OPTIONS = [  # one or the other
     Option("model.lora_rank", flag="--lora", metavar="RANK"),
 ]
 # `celltron finetune TASK` -> the config section of its options
-TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annotate": "annotate"}
+TASK_SECTIONS = {"perturbation": "perturbation", "drug-response": "drug", "annotate": "annotate", "cross-modal": "crossmodal"}
 TASKS = tuple(TASK_SECTIONS.values())
 FINETUNE_STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed_stage_1", "deepspeed_stage_2")
 FINETUNE_OPTIONS = [
@@ -101,7 +101,7 @@ FINETUNE_OPTIONS = [
         sections=("perturbation", "drug"),
         help="label of control cells (perturbation: in --perturbation-key; drug-response expression: in the drug column)",
     ),
-    Option("annotate.label_key"),
+    Option("{task}.label_key", sections=("annotate", "crossmodal")),
     Option(
         "{task}.encoder",
         sections=("perturbation", "annotate"),
@@ -117,9 +117,9 @@ FINETUNE_OPTIONS = [
     Option("perturbation.responsive_min_de", metavar="N"),
     Option(
         "{task}.split",
-        sections=("perturbation", "drug"),
+        sections=("perturbation", "drug", "crossmodal"),
         help="perturbation: heldout | simulation | leave_one_out; drug-response ic50: random | cell_line | drug, "
-        "expression: heldout_combination | heldout_drug",
+        "expression: heldout_combination | heldout_drug; cross-modal: random | batch",
     ),
     Option("{task}.test_fraction", sections=TASKS, help="share of the task's units held out (perturbations, pairs, cells)"),
     Option("{task}.seeds", sections=TASKS, help="one split and one run per seed; metrics aggregate over them"),
@@ -131,6 +131,11 @@ FINETUNE_OPTIONS = [
     Option("drug.drug_key"),
     Option("drug.dose_key"),
     Option("drug.cell_type_key"),
+    Option("crossmodal.source"),
+    Option("crossmodal.target"),
+    Option("crossmodal.batch_key"),
+    Option("crossmodal.query"),
+    Option("crossmodal.umap"),
 ]
 EMBED_OPTIONS = [
     Option("key", help="obsm (and varm) key the embeddings are written under"),
@@ -381,13 +386,28 @@ def _pretrain(args) -> int:
 
 def _finetune_config(args):
 
+    _check_cross_task(args)
     default = Path(f"configs/finetune/{args.task.replace('-', '_')}.yaml")
     if args.config or default.exists():
         config = load_finetune_config(args.config or default, args.set)
     else:  # outside the repository: the typed defaults
         config = from_dict(FinetuneConfig, apply_overrides({}, args.set), "defaults")
     given = given_values(args, [*FINETUNE_OPTIONS, *ADAPT_OPTIONS], task=TASK_SECTIONS[args.task])
+    if args.task == "cross-modal":
+        cross = given.setdefault("crossmodal", {})
+        cross["task"] = args.cross_task
+        if args.modality:
+            cross["modalities"] = tuple(args.modality)
     return replace(config, "flags", **given)
+
+
+def _check_cross_task(args) -> None:
+    """`cross-modal` takes its task (predict, align, annotate); the other tasks take none."""
+    if args.task == "cross-modal" and args.cross_task is None:
+        raise ConfigError(f"celltron finetune cross-modal: name the task, one of {', '.join(CROSSMODAL_TASKS)}")
+    if args.task != "cross-modal" and (args.cross_task is not None or args.modality):
+        given = f"'{args.cross_task}'" if args.cross_task else "--modality"
+        raise ConfigError(f"celltron finetune {args.task}: {given} is for `celltron finetune cross-modal` only")
 
 
 def _finetune(args) -> int:
@@ -399,6 +419,10 @@ def _finetune(args) -> int:
             from celltron.finetune.drug.ic50 import run_drug_response
 
             metrics = run_drug_response(config, args.out, baselines_only=args.baselines_only, model=args.model)
+        elif args.task == "cross-modal":
+            from celltron.finetune.crossmodal.run import run_crossmodal
+
+            metrics = run_crossmodal(config, args.out, model=args.model, baselines_only=args.baselines_only)
         elif args.task == "annotate":
             from celltron.finetune.annotate import run_annotate
 
@@ -645,6 +669,20 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     finetune.add_argument("task", choices=list(TASK_SECTIONS))
+    finetune.add_argument(
+        "cross_task",
+        nargs="?",
+        choices=CROSSMODAL_TASKS,
+        metavar="CROSS_TASK",
+        help=f"cross-modal: {', '.join(CROSSMODAL_TASKS)}",
+    )
+    finetune.add_argument(
+        "--modality",
+        action="append",
+        metavar="NAME=FILE",
+        help="cross-modal: one file per modality of the same cells (rna, adt, atac), joined on obs names; repeat per modality "
+        "(instead of --data PAIRED.h5mu)",
+    )
     finetune.add_argument("--model", help="pretrained model folder (export, or `celltron convert`) or Hub id")
     finetune.add_argument("--out", default="runs/finetune", help="output directory (metrics.json, predictions.h5ad, plots)")
     finetune.add_argument("--config", help="run config (default configs/finetune/TASK.yaml)")

@@ -41,8 +41,8 @@ def test_help_comes_from_the_field_docstring(capsys):
     with pytest.raises(SystemExit):
         _parse(["finetune", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "obs column of cell-type labels. (config: annotate.label_key)" in out
-    assert "(config: perturbation.seeds / drug.seeds / annotate.seeds)" in out
+    assert "obs column of cell-type labels. (config: annotate.label_key / crossmodal.label_key)" in out
+    assert "(config: perturbation.seeds / drug.seeds / annotate.seeds / crossmodal.seeds)" in out
 
 
 @pytest.mark.parametrize(
@@ -55,8 +55,25 @@ def test_task_flags_set_the_tasks_own_section(task, section, tmp_path):
     assert getattr(config, section).test_fraction == 0.3
     assert config.trainer.devices == 2 and config.model.lora_rank == 4
     untouched = FinetuneConfig()
-    for other in {"perturbation", "drug", "annotate"} - {section}:
+    for other in {"perturbation", "drug", "annotate", "crossmodal"} - {section}:
         assert getattr(config, other).seeds == getattr(untouched, other).seeds
+
+
+def test_cross_modal_flags_name_the_task_and_the_files():
+    args = _parse(
+        ["finetune", "cross-modal", "align", "--modality", "rna=a.h5ad", "--modality", "atac=b.h5ad", "--target", "atac"]
+        + ["--label-key", "Ident", "--split", "batch", "--batch-key", "Batch", "--seeds", "0", "1", "2", "--no-umap"]
+    )
+    section = cli._finetune_config(args).crossmodal
+    assert (section.task, section.modalities, section.target) == ("align", ("rna=a.h5ad", "atac=b.h5ad"), "atac")
+    assert (section.label_key, section.split, section.batch_key, section.seeds, section.umap) == (
+        "Ident",
+        "batch",
+        "Batch",
+        (0, 1, 2),
+        False,
+    )
+    assert cli._finetune_config(_parse(["finetune", "annotate", "--label-key", "x"])).crossmodal.label_key == ""
 
 
 def test_flags_win_over_the_config_file_and_absent_flags_leave_it(tmp_path):

@@ -250,6 +250,67 @@ class AnnotateSection:
     step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
 
 
+CROSSMODAL_TASKS = ("predict", "align", "annotate")
+CROSSMODAL_SPLITS = ("random", "batch")
+
+
+@dataclass
+class CrossModalSection:
+    """The cross-modal tasks on paired cells (`celltron finetune cross-modal TASK`).
+
+    task: predict (the target modality of held-out cells from their RNA alone: proteins, as CLR
+        values), align (each modality of held-out cells embedded apart, scored by FOSCTTM,
+        recall@k of the true partner and label transfer) or annotate (cell types by kNN on a
+        joint embedding of both modalities, on the same folds as RNA alone).
+    modalities: one file per modality, NAME=FILE (e.g. rna=A.h5ad, adt=B.h5ad), joined on obs
+        names; instead of data.path (--data), which takes one .h5mu or multi-feature 10x .h5.
+    source: the modality predicted from / embedded first (rna, adt, atac; any spelling
+        `corpus build` accepts). target: the other one.
+    label_key: obs column of cell types (align: label transfer; annotate: required; predict:
+        scores per cell type). '' : none.
+    batch_key: obs column of batches or donors, for split batch.
+    split: random (a share of cells held out per seed) or batch (a share of the batch_key's
+        batches held out per seed, whole).
+    test_fraction: share of cells (random) or batches (batch) held out.
+    seeds: one split per seed; metrics aggregate over them.
+    components: PCA components of RNA and proteins, LSI components of chromatin.
+    top_genes: most variable genes (on training cells) the RNA PCA uses.
+    knn_k: kNN regression's neighbour counts, one chosen by inner CV on training cells.
+    ridge_alphas: ridge regression's penalties, one chosen by inner CV on training cells.
+    inner_folds: folds of those inner cross-validations (and of the best baseline's choice).
+    cca_components: canonical pairs the CCA alignment keeps.
+    recall_k: the k of recall@k.
+    neighbors: neighbours of the kNN classifiers (label transfer, annotate).
+    folds: annotate: stratified folds per seed (every cell held out once per seed).
+    query: predict: an .h5ad of RNA-only cells (raw counts) whose target modality is predicted
+        by the best baseline fitted on every paired cell; its genes are matched to the training
+        RNA's by name. '' : none.
+    umap: write a UMAP PNG (align: held-out cells coloured by modality and by label; annotate:
+        the joint embedding by label); needs umap-learn (celltron[eval]).
+    """
+
+    task: str = one_of("predict", CROSSMODAL_TASKS)
+    modalities: tuple[str, ...] = ()
+    source: str = "rna"
+    target: str = "adt"
+    label_key: str = ""
+    batch_key: str = ""
+    split: str = one_of("random", CROSSMODAL_SPLITS)
+    test_fraction: float = ranged(0.2, "(0, 1)")
+    seeds: tuple[int, ...] = ranged((0,), ">= 0")
+    components: int = ranged(50, ">= 2")
+    top_genes: int = ranged(2000, ">= 0")
+    knn_k: tuple[int, ...] = ranged((5, 15, 50), ">= 1")
+    ridge_alphas: tuple[float, ...] = ranged((0.1, 1.0, 10.0, 100.0, 1000.0), "> 0")
+    inner_folds: int = ranged(3, ">= 2")
+    cca_components: int = ranged(20, ">= 1")
+    recall_k: tuple[int, ...] = ranged((1, 5, 10), ">= 1")
+    neighbors: int = ranged(15, ">= 1")
+    folds: int = ranged(5, ">= 2")
+    query: str = ""
+    umap: bool = True
+
+
 @dataclass
 class FinetuneConfig:
     model: AdaptSection = field(default_factory=AdaptSection)
@@ -257,6 +318,7 @@ class FinetuneConfig:
     perturbation: PerturbationSection = field(default_factory=PerturbationSection)
     drug: DrugSection = field(default_factory=DrugSection)
     annotate: AnnotateSection = field(default_factory=AnnotateSection)
+    crossmodal: CrossModalSection = field(default_factory=CrossModalSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -274,6 +336,7 @@ class FinetuneConfig:
                 "which ZeRO-3's sharded weights cannot; use ddp, fsdp, deepspeed_stage_1 or deepspeed_stage_2"
             )
         self._check_drug(where)
+        self._check_crossmodal(where)
         return self
 
     def _check_perturbation(self, where: str) -> None:
@@ -326,6 +389,22 @@ class FinetuneConfig:
                 f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "
                 "expression mode reads the screen from --data"
             )
+
+    def _check_crossmodal(self, where: str) -> None:
+        section = self.crossmodal
+        for name in ("seeds", "knn_k", "ridge_alphas", "recall_k"):
+            if not getattr(section, name):
+                raise ConfigError(f"{where}: crossmodal.{name} is empty; give at least one value")
+        if section.split == "batch" and not section.batch_key:
+            raise ConfigError(
+                f"{where}: crossmodal.split batch needs crossmodal.batch_key (--batch-key), the obs column of batches"
+            )
+        if section.task == "annotate" and not section.label_key:
+            raise ConfigError(
+                f"{where}: cross-modal annotate needs crossmodal.label_key (--label-key), the obs column of cell types"
+            )
+        if section.query and section.task != "predict":
+            raise ConfigError(f"{where}: crossmodal.query (--query) is for the predict task; drop it for {section.task}")
 
     def to_dict(self) -> dict:
         return asdict(self)

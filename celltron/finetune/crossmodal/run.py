@@ -1,0 +1,531 @@
+"""`celltron finetune cross-modal predict|align|annotate`: what labs do with paired cells, measured
+as the field measures it (TotalVI, MultiVI, GLUE, scCLIP), beside the simple baselines, on
+splits fixed per seed.
+
+- predict: a target modality (proteins) of held-out cells from their RNA alone. Baselines: the
+  mean profile; kNN and ridge regression on RNA PCA (k and alpha by inner CV on training cells).
+  The best baseline is chosen per seed by inner CV over training cells on the per-protein
+  Pearson. Optionally (`crossmodal.query`) proteins of an RNA-only experiment are predicted by
+  the best baseline fitted on every paired cell.
+- align: each modality of held-out cells embedded apart: CCA of RNA PCA and protein PCA or
+  chromatin LSI, fitted on training pairs. FOSCTTM, recall@k, label transfer.
+- annotate: cell types by kNN on the joint view (both modalities' blocks, each scaled to unit
+  variance) beside RNA PCA alone, on the same stratified folds; paired per fold.
+
+Writes metrics.json (`model`: null without a model, `baselines` by name: each metric's mean,
+spread and per-seed values), predictions.h5ad, a UMAP PNG (align, annotate), and prints a table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.crossmodal import baselines as bl
+from celltron.finetune.crossmodal.data import PairedCells, align_panel, parse_modality_files, read_paired
+from celltron.finetune.crossmodal.evaluate import (
+    PREDICTION_METRICS,
+    foscttm,
+    label_transfer,
+    prediction_scores,
+    recall_at_k,
+)
+from celltron.finetune.crossmodal.features import RnaPca, clr, modality_view, rna_pca, standardised
+from celltron.finetune.report import (
+    aggregate,
+    choose_best,
+    paired_difference,
+    results_table,
+    save_figure,
+    verdict,
+    verdict_line,
+    write_metrics,
+)
+from celltron.io import write_h5ad_atomically
+
+log = logging.getLogger(__name__)
+ALIGN_METRICS_BASE = ("foscttm", "transfer_accuracy", "transfer_macro_f1")
+ANNOTATE_METRICS = ("accuracy", "macro_f1")
+MIN_QUERY_GENES = 0.5  # share of the training RNA's genes a query must measure
+
+
+def run_crossmodal(config, out, model: str | None = None, baselines_only: bool = False) -> dict:
+    """The cross-modal task `config.crossmodal.task` end to end (module docstring)."""
+    section, out = config.crossmodal, Path(out)
+    if model is not None and not baselines_only:
+        raise ConfigError(
+            "celltron finetune cross-modal: pretrained models are not wired into the cross-modal tasks yet; "
+            "run without --model (or with --baselines-only) for the baselines"
+        )
+    _check_task_modalities(section)
+    paired = read_paired(
+        config.data.path or None, parse_modality_files(section.modalities), (section.source, section.target), config.data.layer
+    )
+    source, target = _canonical(section.source), _canonical(section.target)
+    if section.task == "predict":
+        query = _read_query(section.query, paired, source, target) if section.query else None
+        out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
+        return _predict(paired, section, source, target, out, query)
+    out.mkdir(parents=True, exist_ok=True)
+    task = {"align": _align, "annotate": _annotate}[section.task]
+    return task(paired, section, source, target, out)
+
+
+def _canonical(name: str) -> str:
+    from celltron.corpus.modalities import modality_name
+
+    return modality_name(name, "--source/--target")
+
+
+def _check_task_modalities(section) -> None:
+    source, target = _canonical(section.source), _canonical(section.target)
+    if section.task == "predict" and (source, target) != ("rna", "adt"):
+        raise ConfigError(
+            f"cross-modal predict: --source {section.source} --target {section.target}: prediction is RNA -> proteins "
+            "(--source rna --target adt); for RNA with chromatin use align or annotate"
+        )
+
+
+def _header(task: str, paired: PairedCells, source: str, target: str) -> dict:
+    return {
+        "task": f"cross-modal {task}",
+        "data": {m: str(f) for m, f in paired.files.items()},
+        "source": source,
+        "target": target,
+    }
+
+
+# ---------------------------------------------------------------- splits
+
+
+def split_cells(paired: PairedCells, section, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out cells of one seed: random cells, or whole batches (split batch)."""
+    cells = np.arange(paired.n_cells)
+    if section.split == "random":
+        from sklearn.model_selection import train_test_split
+
+        train, test = train_test_split(cells, test_size=section.test_fraction, random_state=seed)
+        return np.sort(train), np.sort(test)
+    from sklearn.model_selection import GroupShuffleSplit
+
+    batches = paired.column(section.batch_key, "--batch-key")
+    if len(np.unique(batches)) < 2:
+        raise InputError(
+            f"{paired.path}: obs[{section.batch_key!r}] holds one batch; split batch needs at least two (or use --split random)"
+        )
+    train, test = next(GroupShuffleSplit(1, test_size=section.test_fraction, random_state=seed).split(cells, groups=batches))
+    return np.sort(train), np.sort(test)
+
+
+def _split_record(paired, section, splits: dict) -> dict:
+    record = {"kind": section.split, "test_fraction": section.test_fraction}
+    record["per_seed"] = {str(s): {"train": len(tr), "test": len(te)} for s, (tr, te) in splits.items()}
+    if section.split == "batch":
+        batches = paired.column(section.batch_key, "--batch-key")
+        record["batch_key"] = section.batch_key
+        record["held_out_batches"] = {str(s): sorted(set(batches[te])) for s, (_, te) in splits.items()}
+    return record
+
+
+# ---------------------------------------------------------------- predict
+
+
+def _baseline_predictors(features, targets, train, section, seed) -> tuple[dict, dict, dict]:
+    """{name: predictor}, {name: inner CV score on training cells}, {name: chosen setting}."""
+    knn, knn_choice = bl.tuned("knn", section.knn_k, features, targets, train, section.inner_folds, seed)
+    ridge, ridge_choice = bl.tuned("ridge", section.ridge_alphas, features, targets, train, section.inner_folds, seed)
+    predictors = {"mean_profile": bl.mean_profile, "knn_rna_pca": knn, "ridge_rna_pca": ridge}
+    inner = {
+        "mean_profile": bl.inner_score(bl.mean_profile, features, targets, train, section.inner_folds, seed),
+        "knn_rna_pca": knn_choice["scores"][str(knn_choice["chosen"])],
+        "ridge_rna_pca": ridge_choice["scores"][str(ridge_choice["chosen"])],
+    }
+    settings = {"knn_rna_pca": {"k": knn_choice}, "ridge_rna_pca": {"alpha": ridge_choice}}
+    return predictors, inner, settings
+
+
+def _predict(paired: PairedCells, section, source: str, target: str, out: Path, query=None) -> dict:
+    targets = clr(paired.counts[target])
+    proteins = paired.features[target]
+    cell_types = paired.column(section.label_key, "--label-key") if section.label_key else None
+    runs: dict[str, dict] = {}
+    splits, chosen, settings, first = {}, {}, {}, None
+    for seed in section.seeds:
+        train, test = splits[seed] = split_cells(paired, section, seed)
+        features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
+        predictors, inner, settings[seed] = _baseline_predictors(features, targets, train, section, seed)
+        best = choose_best(inner)
+        chosen[seed] = {"name": best, "score": inner[best], "inner_scores": inner}
+        for name, predictor in predictors.items():
+            predicted = predictor(features, targets, train)
+            scores = prediction_scores(targets[test], predicted[test], proteins, None if cell_types is None else cell_types[test])
+            runs.setdefault(name, {})[seed] = scores
+            if first is None and name == best:
+                first = (predicted, train, test, name)
+    baselines = {name: _aggregate_prediction(per_seed) for name, per_seed in runs.items()}
+    metrics = {
+        **_header("predict", paired, source, target),
+        "model": None,
+        "baselines": baselines,
+        "best_baseline": {
+            "chosen_on": f"{section.inner_folds}-fold inner CV over training cells, mean per-protein Pearson",
+            "per_seed": {str(s): c for s, c in chosen.items()},
+        },
+        "baseline_settings": {str(s): v for s, v in settings.items()},
+        "split": _split_record(paired, section, splits),
+        "seeds": list(section.seeds),
+        "n_proteins": len(proteins),
+        "notes": {
+            "values": "CLR of protein counts (log1p minus the cell's mean over the panel); correlations per protein "
+            "across held-out cells, averaged over proteins; cell_pearson: per cell across the panel",
+            "mean_profile": "the training cells' mean protein profile: constant across cells, so per-protein "
+            "correlations are undefined (n/a)",
+            "knn_rna_pca": f"kNN regression (distance-weighted) on {section.components} PCs of log-normalised RNA "
+            f"({_genes(section)}), k from {list(section.knn_k)} by inner CV",
+            "ridge_rna_pca": f"ridge regression on the same PCs, alpha from {list(section.ridge_alphas)} by inner CV",
+        },
+    }
+    if query is not None:
+        metrics["query"] = _predict_query(paired, section, source, target, out, query)
+    write_metrics(out / "metrics.json", metrics)
+    _write_prediction_cells(out / "predictions.h5ad", paired, target, targets, *first)
+    print(results_table(metrics, PREDICTION_METRICS, metrics["notes"]))
+    picks = ", ".join(f"seed {s}: {c['name']} ({c['score']:.3f})" for s, c in chosen.items())
+    print(f"best baseline on per-protein Pearson (chosen on training cells by inner CV): {picks}")
+    return metrics
+
+
+def _genes(section) -> str:
+    return f"{section.top_genes} most variable training genes" if section.top_genes else "every gene"
+
+
+def _aggregate_prediction(per_seed: dict) -> dict:
+    summary = aggregate(per_seed, PREDICTION_METRICS, "per_protein")
+    types = {str(s): r["per_cell_type"] for s, r in per_seed.items() if "per_cell_type" in r}
+    if types:
+        summary["per_cell_type"] = types
+    return summary
+
+
+def _write_prediction_cells(path: Path, paired, target, measured, predicted, train, test, name) -> None:
+    """Every paired cell: X the predicted CLR values of the first seed's best baseline (held-out
+    cells out of sample; obs celltron_split says which), layer `measured` the measured CLR."""
+    import anndata as ad
+
+    split = np.full(paired.n_cells, "train", dtype=object)
+    split[test] = "test"
+    obs = paired.obs.copy()
+    obs["celltron_split"] = pd.Categorical(split)
+    adata = ad.AnnData(
+        X=predicted.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(paired.features[target]).astype(object))
+    )
+    adata.layers["measured"] = measured.astype(np.float32)
+    adata.uns["celltron"] = {"predictor": name, "values": f"CLR of {target} counts", "trained_on": "cells with split train"}
+    write_h5ad_atomically(adata, path)
+
+
+def _predict_query(paired, section, source: str, target: str, out: Path, query) -> dict:
+    """The best baseline (chosen by inner CV over every paired cell) fitted on every paired cell,
+    predicting the query's target modality from its RNA (`_read_query`); scored when the query
+    measures it."""
+    import anndata as ad
+
+    query_rna, query_target, query_obs, where = query
+    everyone = np.arange(paired.n_cells)
+    seed = section.seeds[0]
+    pca = RnaPca(paired.counts[source], section.components, seed, section.top_genes)
+    features = np.vstack([pca.transform(paired.counts[source]), pca.transform(query_rna)])
+    targets = np.vstack([clr(paired.counts[target]), np.zeros((query_rna.shape[0], len(paired.features[target])))])
+    predictors, inner, _ = _baseline_predictors(features, targets, everyone, section, seed)
+    best = choose_best(inner)
+    predicted = predictors[best](features, targets, everyone)[paired.n_cells :]
+    adata = ad.AnnData(
+        X=predicted.astype(np.float32), obs=query_obs, var=pd.DataFrame(index=pd.Index(paired.features[target]).astype(object))
+    )
+    record = {"file": str(where), "n_cells": int(query_rna.shape[0]), "predictor": best, "inner_scores": inner}
+    if query_target is not None:
+        measured = clr(query_target)
+        adata.layers["measured"] = measured.astype(np.float32)
+        scores = prediction_scores(measured, predicted, paired.features[target])
+        record["scores"] = {m: scores[m] for m in PREDICTION_METRICS}
+    write_h5ad_atomically(adata, out / "query_predictions.h5ad")
+    return record
+
+
+def _read_query(path, paired, source: str, target: str):
+    """The query's RNA counts over the training RNA's genes (by name; absent genes are zero), its
+    target counts in the training panel's order when it has them, its obs, and its path."""
+    from celltron.corpus.readers import check_raw_counts, open_source
+
+    path = Path(path)
+    target_counts = None
+    if path.suffix == ".h5mu":
+        from celltron.corpus.modalities import open_multimodal
+
+        data = open_multimodal(path)
+        has_target = target in data.sources
+        data.close()
+        query = read_paired(str(path), {}, (source, target) if has_target else (source, "adt" if source != "adt" else "rna"))
+        if has_target:
+            columns = align_panel(query.features[target], paired.features[target], f"{path} ({target})")
+            target_counts = query.counts[target][:, columns]
+        rna, genes, obs = query.counts[source], query.features[source], query.obs
+    else:
+        handle = open_source(path)
+        try:
+            rna = handle.read_rows(0, handle.n_cells).tocsr()
+            check_raw_counts(rna, handle, 0)
+            genes, obs = np.asarray(handle.gene_names).astype(str), handle.obs.copy()
+            obs.index = pd.Index(np.asarray(handle.cell_names).astype(str))
+        finally:
+            handle.close()
+    return _on_training_genes(rna, genes, paired.features[source], path), target_counts, obs, path
+
+
+def _on_training_genes(counts: sp.csr_matrix, genes: np.ndarray, training: np.ndarray, path) -> sp.csr_matrix:
+    position = {g: i for i, g in enumerate(np.asarray(genes).astype(str))}
+    columns = np.asarray([position.get(g, -1) for g in np.asarray(training).astype(str)])
+    share = float((columns >= 0).mean())
+    if share < MIN_QUERY_GENES:
+        raise InputError(
+            f"{path}: only {share:.0%} of the training RNA's {len(training)} genes are among its genes (matched by name); "
+            "pass RNA with the same gene naming (symbols or Ensembl IDs) as the paired data"
+        )
+    found = columns >= 0
+    picked = counts.tocsc()[:, columns[found]]
+    full = sp.lil_matrix((counts.shape[0], len(training)), dtype=counts.dtype)
+    full[:, np.flatnonzero(found)] = picked
+    return full.tocsr()
+
+
+# ---------------------------------------------------------------- align
+
+
+def align_scores(first, second, train, test, labels, section) -> dict:
+    """FOSCTTM (per held-out cell and mean), recall@k and label transfer of one alignment."""
+    per_cell = foscttm(first[test], second[test])
+    scores = {"foscttm": float(per_cell.mean()), "per_cell": per_cell, **recall_at_k(first[test], second[test], section.recall_k)}
+    if labels is not None:
+        scores.update(label_transfer(first[train], labels[train], second[test], labels[test], section.neighbors))
+    return scores
+
+
+def _align(paired: PairedCells, section, source: str, target: str, out: Path) -> dict:
+    labels = paired.column(section.label_key, "--label-key") if section.label_key else None
+    metric_names = ("foscttm", *(f"recall_at_{k}" for k in section.recall_k))
+    if labels is not None:
+        metric_names += ("transfer_accuracy", "transfer_macro_f1")
+    if section.umap:
+        from celltron.finetune.embedding_eval import require_eval_extra
+
+        require_eval_extra("umap")
+    per_seed, splits, first_embedding, correlations = {}, {}, None, {}
+    for seed in section.seeds:
+        train, test = splits[seed] = split_cells(paired, section, seed)
+        views = [modality_view(m, paired.counts[m], train, section.components, seed, section.top_genes) for m in (source, target)]
+        a, b, canonical = bl.cca(*views, train, section.cca_components)
+        a, b = bl.unit_rows(a), bl.unit_rows(b)
+        correlations[str(seed)] = canonical.tolist()
+        scores = align_scores(a, b, train, test, labels, section)
+        scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
+        per_seed[seed] = scores
+        if first_embedding is None:
+            first_embedding = (a[test], b[test], test)
+    metrics = {
+        **_header("align", paired, source, target),
+        "model": None,
+        "baselines": {"cca": aggregate(per_seed, metric_names, "per_cell")},
+        "canonical_correlations": correlations,
+        "split": _split_record(paired, section, splits),
+        "seeds": list(section.seeds),
+        "notes": {
+            "cca": f"CCA ({section.cca_components} pairs, fitted on training pairs) of {_view_name(source, section)} "
+            f"and {_view_name(target, section)}; each held-out cell embedded from one modality alone, rows unit length",
+            "foscttm": "fraction of samples closer than the true match, held-out cells, both directions (0 perfect, 0.5 chance)",
+            "transfer": f"kNN ({section.neighbors}) on training cells' {source} embeddings predicting held-out cells "
+            f"from their {target} embeddings",
+        },
+    }
+    write_metrics(out / "metrics.json", metrics)
+    _write_aligned_cells(out / "predictions.h5ad", paired, labels, source, target, *first_embedding)
+    if section.umap:
+        _plot_aligned(
+            out / "umap.png", *first_embedding[:2], (source, target), None if labels is None else labels[first_embedding[2]]
+        )
+    print(results_table(metrics, metric_names, metrics["notes"]))
+    return metrics
+
+
+def _view_name(modality: str, section) -> str:
+    return {
+        "rna": f"RNA PCA ({section.components})",
+        "adt": f"protein CLR PCA (up to {section.components})",
+        "atac": f"chromatin LSI ({section.components}, first dropped)",
+    }[modality]
+
+
+def _write_aligned_cells(path: Path, paired, labels, source, target, first, second, test) -> None:
+    """The first seed's held-out cells twice, once per modality: obsm X_aligned, obs modality,
+    cell and (with labels) label."""
+    import anndata as ad
+
+    names = paired.cell_names[test]
+    obs = pd.DataFrame(
+        {"cell": np.concatenate([names, names]), "modality": pd.Categorical([source] * len(test) + [target] * len(test))},
+        index=pd.Index([f"{n}:{source}" for n in names] + [f"{n}:{target}" for n in names]),
+    )
+    if labels is not None:
+        obs["label"] = pd.Categorical(np.concatenate([labels[test], labels[test]]))
+    adata = ad.AnnData(X=sp.csr_matrix((len(obs), 0), dtype=np.float32), obs=obs)
+    adata.obsm["X_aligned"] = np.vstack([first, second]).astype(np.float32)
+    write_h5ad_atomically(adata, path)
+
+
+def _plot_aligned(png: Path, first, second, modalities, labels) -> Path:
+    """One UMAP of the held-out cells of both modalities, coloured by modality and by label."""
+    colourings = {"modality": np.repeat(np.asarray(modalities), [len(first), len(second)])}
+    if labels is not None:
+        colourings["label"] = np.concatenate([labels, labels])
+    return plot_umap(np.vstack([first, second]), colourings, png)
+
+
+def plot_umap(embedding: np.ndarray, colourings: dict[str, np.ndarray], png: Path, neighbors: int = 15, seed: int = 0) -> Path:
+    """One UMAP (umap-learn) of `embedding`, a panel per colouring ({title: a label per row})."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import umap
+
+    with warnings.catch_warnings():  # umap-learn's notices about seeds and spectral initialisation
+        warnings.simplefilter("ignore")
+        xy = umap.UMAP(n_neighbors=min(neighbors, len(embedding) - 1), random_state=seed, n_jobs=1).fit_transform(embedding)
+    figure, axes = plt.subplots(1, len(colourings), figsize=(6.5 * len(colourings), 5), squeeze=False)
+    for axis, (title, values) in zip(axes[0], colourings.items()):
+        names = sorted(np.unique(values))
+        palette = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
+        for i, name in enumerate(names):
+            rows = values == name
+            axis.scatter(xy[rows, 0], xy[rows, 1], s=3, color=palette(i % palette.N), label=name, rasterized=True)
+        axis.set_title(f"coloured by {title}")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.legend(markerscale=4, fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
+    figure.tight_layout()
+    return save_figure(figure, png)
+
+
+# ---------------------------------------------------------------- annotate
+
+
+def _usable_cells(paired, labels: np.ndarray, folds: int) -> tuple[np.ndarray, list[str]]:
+    """Cells whose label has at least `folds` cells (a stratified fold needs one per fold)."""
+    names, counts = np.unique(labels, return_counts=True)
+    rare = [str(n) for n, c in zip(names, counts) if c < folds]
+    keep = ~np.isin(labels, rare)
+    if len(np.unique(labels[keep])) < 2:
+        raise InputError(f"{paired.path}: fewer than two labels with at least {folds} cells; check --label-key or lower folds")
+    return np.flatnonzero(keep), rare
+
+
+def _annotate(paired: PairedCells, section, source: str, target: str, out: Path) -> dict:
+    from sklearn.model_selection import StratifiedKFold
+
+    from celltron.finetune.embedding_eval import fold_scores
+
+    labels_all = paired.column(section.label_key, "--label-key")
+    cells, dropped = _usable_cells(paired, labels_all, section.folds)
+    counts = {m: paired.counts[m][cells] for m in (source, target)}
+    labels = labels_all[cells]
+    if section.umap:
+        from celltron.finetune.embedding_eval import require_eval_extra
+
+        require_eval_extra("umap")
+    per_fold = {"rna_pca_knn": {}, "joint_knn": {}}
+    predicted = np.empty(len(cells), dtype=object)
+    for seed in section.seeds:
+        folds = StratifiedKFold(section.folds, shuffle=True, random_state=seed).split(cells, labels)
+        for k, (train, test) in enumerate(folds):
+            rna_view, joint = _annotation_views(counts, source, target, train, section, seed)
+            per_fold["rna_pca_knn"][f"{seed}:{k}"] = fold_scores(rna_view, labels, train, test, section.neighbors)
+            per_fold["joint_knn"][f"{seed}:{k}"] = fold_scores(joint, labels, train, test, section.neighbors)
+            if seed == section.seeds[0]:
+                predicted[test] = _knn_labels(joint, labels, train, test, section.neighbors)
+    baselines = {name: _aggregate_folds(scores) for name, scores in per_fold.items()}
+    paired_scores = {
+        metric: {
+            **(
+                d := paired_difference(
+                    {u: s[metric] for u, s in per_fold["joint_knn"].items()},
+                    {u: s[metric] for u, s in per_fold["rna_pca_knn"].items()},
+                )
+            ),
+            "baseline": "rna_pca_knn",
+            "unit": "folds",
+            "verdict": verdict(d).replace("the model", "the joint view"),
+        }
+        for metric in ANNOTATE_METRICS
+    }
+    metrics = {
+        **_header("annotate", paired, source, target),
+        "label_key": section.label_key,
+        "model": None,
+        "baselines": baselines,
+        "joint_against_rna": paired_scores,
+        "split": {"kind": "stratified k-fold", "folds": section.folds, "cells": len(cells), "labels_dropped": dropped},
+        "seeds": list(section.seeds),
+        "notes": {
+            "rna_pca_knn": f"kNN ({section.neighbors}) on {section.components} RNA PCs (fitted on each fold's training cells)",
+            "joint_knn": f"kNN on RNA PCs and {_view_name(target, section)} side by side, each block scaled to unit "
+            "variance on the fold's training cells",
+        },
+    }
+    write_metrics(out / "metrics.json", metrics)
+    display = _annotation_views(counts, source, target, np.arange(len(cells)), section, section.seeds[0])[1]
+    _write_joint_cells(out / "predictions.h5ad", paired, cells, labels, predicted, display, section.label_key)
+    if section.umap:
+        plot_umap(display, {"label": labels}, out / "umap.png")
+    print(results_table(metrics, ANNOTATE_METRICS, metrics["notes"]))
+    for metric, difference in paired_scores.items():
+        line = verdict_line(metric, "rna_pca_knn", difference, "folds", chosen_on=None)
+        print(line.replace("model −", "joint_knn −").replace("the model", "the joint view"))
+    return metrics
+
+
+def _annotation_views(counts, source, target, train, section, seed) -> tuple[np.ndarray, np.ndarray]:
+    """The source's view alone, and both modalities' views side by side (each block standardised)."""
+    first = modality_view(source, counts[source], train, section.components, seed, section.top_genes)
+    second = modality_view(target, counts[target], train, section.components, seed, section.top_genes)
+    return first, np.hstack([standardised(first, train), standardised(second, train)])
+
+
+def _knn_labels(embedding, labels, train, test, neighbors: int) -> np.ndarray:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return KNeighborsClassifier(min(neighbors, len(train))).fit(embedding[train], labels[train]).predict(embedding[test])
+
+
+def _aggregate_folds(per_fold: dict) -> dict:
+    out = {m: float(np.mean([f[m] for f in per_fold.values()])) for m in ANNOTATE_METRICS}
+    out["std"] = {m: float(np.std([f[m] for f in per_fold.values()])) for m in ANNOTATE_METRICS}
+    out["per_fold"] = per_fold
+    return out
+
+
+def _write_joint_cells(path: Path, paired, cells, labels, predicted, embedding, label_key: str) -> None:
+    """The labelled cells with obsm X_joint (both modalities' views, fitted on every cell, for
+    display) and obs `{label_key}_predicted` (the first seed's out-of-fold joint kNN labels)."""
+    import anndata as ad
+
+    obs = paired.obs.iloc[cells].copy()
+    obs[f"{label_key}_predicted"] = pd.Categorical(predicted.astype(str))
+    adata = ad.AnnData(X=sp.csr_matrix((len(cells), 0), dtype=np.float32), obs=obs)
+    adata.obsm["X_joint"] = embedding.astype(np.float32)
+    write_h5ad_atomically(adata, path)

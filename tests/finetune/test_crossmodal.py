@@ -1,0 +1,275 @@
+"""Cross-modal tasks on paired cells: RNA -> protein prediction, alignment, joint annotation.
+
+Simulated paired cells with a known answer (a linear RNA -> protein map, two views of one
+latent state), the metrics on cases computed by hand, the real TEA-seq and SNARE-seq test sets
+through the command line, and the refusals of bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from celltron.errors import ConfigError, InputError
+from celltron.finetune.config import FinetuneConfig
+from celltron.finetune.crossmodal import baselines as bl
+from celltron.finetune.crossmodal.evaluate import foscttm, label_transfer, per_protein_scores, recall_at_k
+from celltron.finetune.crossmodal.features import clr
+from celltron.finetune.crossmodal.run import run_crossmodal, split_cells
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "multiomics"
+TEASEQ = (f"rna={DATA / 'teaseq_pbmc_300cells_rna.h5ad'}", f"adt={DATA / 'teaseq_pbmc_300cells_adt.h5ad'}")
+SNARESEQ = (
+    f"rna={DATA / 'snareseq_mouse_cortex_300cells_rna.h5ad'}",
+    f"atac={DATA / 'snareseq_mouse_cortex_300cells_atac.h5ad'}",
+)
+
+
+def paired_latent(n_cells: int = 500, n_genes: int = 120, n_proteins: int = 12, seed: int = 0, linked: bool = True):
+    """Raw counts of RNA and proteins driven by one latent state per cell (4 dimensions): the
+    protein log-rates are a linear map of it, so CLR proteins are (nearly) linear in the RNA's
+    principal components. `linked` False: the proteins follow another cells' state. The maps
+    are the same for every seed (new cells of the same biology)."""
+    maps = np.random.default_rng(100)
+    to_rna, to_proteins = maps.normal(0, 0.6, (4, n_genes)), maps.normal(0, 0.5, (4, n_proteins))
+    rng = np.random.default_rng(seed)
+    state = rng.normal(size=(n_cells, 4))
+    rna = rng.poisson(np.exp(1.0 + state @ to_rna))
+    protein_state = state if linked else state[rng.permutation(n_cells)]
+    proteins = rng.poisson(np.exp(4.0 + protein_state @ to_proteins))
+    names = [f"cell{i}" for i in range(n_cells)]
+    labels = np.where(state[:, 0] > 0, "high", "low")
+    make = lambda counts, prefix: ad.AnnData(  # noqa: E731
+        sp.csr_matrix(counts.astype(np.int32)),
+        obs={"cell_type": labels, "batch": [f"b{i % 4}" for i in range(n_cells)]},
+        var={"name": [f"{prefix}{j}" for j in range(counts.shape[1])]},
+    )
+    rna_data, protein_data = make(rna, "GENE"), make(proteins, "P")
+    for data, prefix in ((rna_data, "GENE"), (protein_data, "P")):
+        data.obs_names = names
+        data.var_names = [f"{prefix}{j}" for j in range(data.n_vars)]
+    return rna_data, protein_data
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("paired")
+    files = {}
+    for linked in (True, False):
+        rna, proteins = paired_latent(linked=linked)
+        tag = "linked" if linked else "shuffled"
+        rna.write_h5ad(folder / f"rna_{tag}.h5ad")
+        proteins.write_h5ad(folder / f"adt_{tag}.h5ad")
+        files[tag] = (f"rna={folder / f'rna_{tag}.h5ad'}", f"adt={folder / f'adt_{tag}.h5ad'}")
+    return files
+
+
+def config_for(task: str, modalities, **fields) -> FinetuneConfig:
+    config = FinetuneConfig()
+    defaults = {"seeds": (0, 1), "umap": False, "components": 20, "top_genes": 0}
+    section = replace(config.crossmodal, task=task, modalities=tuple(modalities), **{**defaults, **fields})
+    return replace(config, crossmodal=section).check()
+
+
+# ---------------------------------------------------------------- metrics with known answers
+
+
+def test_metrics_on_cases_computed_by_hand():
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]])
+    assert foscttm(x, x).tolist() == [0.0, 0.0, 0.0]
+    assert recall_at_k(x, x, (1,)) == {"recall_at_1": 1.0}
+    # the partners of cells 0 and 1 swapped: each finds one cell of two nearer than its partner
+    swapped = x[[1, 0, 2]]
+    assert foscttm(x, swapped).tolist() == pytest.approx([0.5, 0.5, 0.0])
+    truth = np.array([[1.0, 5.0], [2.0, 3.0], [3.0, 4.0]])
+    scores = per_protein_scores(truth, np.array([[2.0, 5.0], [4.0, 5.0], [6.0, 5.0]]))
+    assert scores["pearson"][0] == pytest.approx(1.0) and np.isnan(scores["pearson"][1])  # constant: undefined, not 0
+    transfer = label_transfer(x, np.array(["a", "a", "b"]), x + 0.1, np.array(["a", "a", "b"]), neighbors=1)
+    assert transfer == {"transfer_accuracy": 1.0, "transfer_macro_f1": 1.0}
+
+
+def test_clr_centres_each_cell_over_its_panel():
+    values = clr(sp.csr_matrix(np.array([[0, 3, 7], [1, 1, 1]])))
+    assert np.allclose(values.sum(1), 0) and np.allclose(values[1], 0)
+    assert values[0, 2] - values[0, 1] == pytest.approx(np.log(8) - np.log(4))
+
+
+def test_cca_recovers_a_latent_shared_by_two_views_on_held_out_rows():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(400, 3))
+    first = latent @ rng.normal(size=(3, 12)) + 0.1 * rng.normal(size=(400, 12))
+    second = latent @ rng.normal(size=(3, 8)) + 0.1 * rng.normal(size=(400, 8))
+    train, test = np.arange(300), np.arange(300, 400)
+    a, b, correlations = bl.cca(first, second, train, components=3)
+    assert correlations.min() > 0.95
+    assert foscttm(a[test], b[test]).mean() < 0.02
+    unrelated = rng.normal(size=(400, 8))
+    a, b, _ = bl.cca(first, unrelated, train, components=3)
+    assert foscttm(a[test], b[test]).mean() > 0.35  # nothing shared: near chance (0.5) on held-out rows
+
+
+# ---------------------------------------------------------------- prediction
+
+
+def test_a_linear_rna_to_protein_map_is_recovered_and_noise_is_not(simulated, tmp_path):
+    linked = run_crossmodal(config_for("predict", simulated["linked"], label_key="cell_type"), tmp_path / "linked")
+    ridge = linked["baselines"]["ridge_rna_pca"]
+    assert ridge["pearson"] > 0.8 and ridge["cell_pearson"] > 0.8
+    assert ridge["mse"] < 0.5 * linked["baselines"]["mean_profile"]["mse"]
+    assert np.isnan(linked["baselines"]["mean_profile"]["pearson"])  # constant prediction: n/a, never 0
+    written = json.loads((tmp_path / "linked" / "metrics.json").read_text())
+    assert written["baselines"]["mean_profile"]["pearson"] is None
+    assert set(linked["baselines"]["ridge_rna_pca"]["per_cell_type"]["0"]) == {"high", "low"}
+    for seed, choice in linked["best_baseline"]["per_seed"].items():
+        assert choice["name"] in ("knn_rna_pca", "ridge_rna_pca")
+        assert choice["score"] == np.nanmax(list(choice["inner_scores"].values()))
+    shuffled = run_crossmodal(config_for("predict", simulated["shuffled"]), tmp_path / "shuffled")
+    assert abs(shuffled["baselines"]["ridge_rna_pca"]["pearson"]) < 0.15  # proteins of other cells: nothing to learn
+
+    predictions = ad.read_h5ad(tmp_path / "linked" / "predictions.h5ad")
+    assert predictions.shape == (500, 12) and "measured" in predictions.layers
+    assert set(predictions.obs["celltron_split"]) == {"train", "test"}
+    assert (predictions.obs["celltron_split"] == "test").sum() == 100
+
+
+def test_query_cells_get_predictions_from_every_paired_cell(simulated, tmp_path):
+    rna, proteins = paired_latent(n_cells=80, seed=1)  # the same generator's genes, new cells
+    rna = rna[:, ::-1].copy()  # genes in another order: matched by name
+    rna.write_h5ad(tmp_path / "query.h5ad")
+    metrics = run_crossmodal(config_for("predict", simulated["linked"], query=str(tmp_path / "query.h5ad")), tmp_path / "out")
+    assert metrics["query"]["n_cells"] == 80
+    predicted = ad.read_h5ad(tmp_path / "out" / "query_predictions.h5ad")
+    assert predicted.shape == (80, 12) and list(predicted.var_names) == [f"P{j}" for j in range(12)]
+
+
+def test_a_query_with_a_different_protein_panel_is_refused(simulated, tmp_path):
+    import mudata
+
+    mudata.set_options(pull_on_update=False)
+    rna, proteins = paired_latent(n_cells=60, seed=2)
+    mudata.MuData({"rna": rna, "adt": proteins[:, 1:].copy()}).write_h5mu(tmp_path / "query.h5mu")
+    with pytest.raises(InputError, match=r"protein panel differs.*missing: \['P0'\]"):
+        run_crossmodal(config_for("predict", simulated["linked"], query=str(tmp_path / "query.h5mu")), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_query_with_the_same_panel_in_another_order_is_scored(simulated, tmp_path):
+    import mudata
+
+    mudata.set_options(pull_on_update=False)
+    rna, proteins = paired_latent(n_cells=60, seed=3)
+    mudata.MuData({"rna": rna, "adt": proteins[:, ::-1].copy()}).write_h5mu(tmp_path / "query.h5mu")
+    metrics = run_crossmodal(config_for("predict", simulated["linked"], query=str(tmp_path / "query.h5mu")), tmp_path / "out")
+    assert metrics["query"]["scores"]["pearson"] > 0.7  # measured proteins put back in the training panel's order
+
+
+# ---------------------------------------------------------------- real sets, tiny settings, through the CLI
+
+
+def test_predict_align_annotate_on_the_real_test_sets(tmp_path, capsys):
+    from celltron.cli import main
+
+    modality_flags = [flag for entry in TEASEQ for flag in ("--modality", entry)]
+    assert (
+        main(
+            [
+                "finetune",
+                "cross-modal",
+                "predict",
+                *modality_flags,
+                "--label-key",
+                "cell_type",
+                "--seeds",
+                "0",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
+    predict = json.loads((tmp_path / "p" / "metrics.json").read_text())
+    assert predict["model"] is None and predict["n_proteins"] == 46
+    assert predict["baselines"]["ridge_rna_pca"]["pearson"] > 0.3  # RNA does tell proteins apart on real cells
+
+    snare = [flag for entry in SNARESEQ for flag in ("--modality", entry)]
+    args = [
+        "finetune",
+        "cross-modal",
+        "align",
+        *snare,
+        "--source",
+        "rna",
+        "--target",
+        "atac",
+        "--label-key",
+        "cluster (remapped)",
+    ]
+    assert (
+        main([*args, "--split", "batch", "--batch-key", "Batch", "--seeds", "0", "--no-umap", "--out", str(tmp_path / "a")]) == 0
+    )
+    align = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert 0 < align["baselines"]["cca"]["foscttm"] < 0.5  # better than chance, far from perfect on 300 sparse cells
+    held_out = align["split"]["held_out_batches"]["0"]
+    aligned = ad.read_h5ad(tmp_path / "a" / "predictions.h5ad")
+    assert set(aligned.obs["modality"]) == {"rna", "atac"} and aligned.obsm["X_aligned"].shape[0] == 2 * len(
+        aligned.obs["cell"].unique()
+    )
+    cells = ad.read_h5ad(DATA / "snareseq_mouse_cortex_300cells_rna.h5ad").obs
+    assert set(cells.loc[aligned.obs["cell"].unique(), "Batch"]) == set(held_out)  # whole batches, nothing else
+
+    annotate = ["finetune", "cross-modal", "annotate", *modality_flags, "--target", "adt", "--label-key", "cell_type"]
+    assert main([*annotate, "--seeds", "0", "--out", str(tmp_path / "n")]) == 0
+    result = json.loads((tmp_path / "n" / "metrics.json").read_text())
+    assert set(result["baselines"]) == {"rna_pca_knn", "joint_knn"} and (tmp_path / "n" / "umap.png").exists()
+    assert result["joint_against_rna"]["macro_f1"]["n_units"] == 5  # the same 5 folds for both
+    assert "joint_knn − rna_pca_knn" in capsys.readouterr().out
+
+
+def test_batch_splits_never_put_a_batch_on_both_sides(simulated):
+    from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
+
+    paired = read_paired(None, parse_modality_files(simulated["linked"]), ("rna", "adt"))
+    section = replace(FinetuneConfig().crossmodal, split="batch", batch_key="batch", test_fraction=0.25)
+    batches = paired.column("batch", "--batch-key")
+    for seed in range(4):
+        train, test = split_cells(paired, section, seed)
+        assert not set(batches[train]) & set(batches[test]) and len(train) + len(test) == paired.n_cells
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def test_unpaired_cells_are_refused_naming_the_modality_and_count(tmp_path):
+    rna, proteins = paired_latent(n_cells=50)
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    proteins[:45].copy().write_h5ad(tmp_path / "adt.h5ad")
+    modalities = (f"rna={tmp_path / 'rna.h5ad'}", f"adt={tmp_path / 'adt.h5ad'}")
+    with pytest.raises(InputError, match=r"adt.h5ad \(adt\): 5 of the 50 cells are not measured in adt.*paired cells"):
+        run_crossmodal(config_for("predict", modalities), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_settings_and_inputs_are_refused_clearly(simulated, tmp_path):
+    with pytest.raises(ConfigError, match="prediction is RNA -> proteins"):
+        run_crossmodal(config_for("predict", SNARESEQ, target="atac"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="both rna"):
+        run_crossmodal(config_for("align", simulated["linked"], target="gex"), tmp_path / "x")
+    with pytest.raises(InputError, match="no atac modality"):
+        run_crossmodal(config_for("align", simulated["linked"], target="atac"), tmp_path / "x")
+    with pytest.raises(ConfigError, match="batch_key"):
+        config_for("align", simulated["linked"], split="batch")
+    with pytest.raises(ConfigError, match="label_key"):
+        config_for("annotate", simulated["linked"])
+    with pytest.raises(InputError, match="no obs column 'donor'"):
+        run_crossmodal(config_for("align", simulated["linked"], label_key="donor"), tmp_path / "x")
+    rna, proteins = paired_latent(n_cells=40)
+    proteins.X = proteins.X.astype(np.float32) * 0.5  # normalised, not counts
+    rna.write_h5ad(tmp_path / "rna.h5ad")
+    proteins.write_h5ad(tmp_path / "adt.h5ad")
+    with pytest.raises(InputError, match=r"adt.h5ad \(modality adt\).*non-integer"):
+        run_crossmodal(config_for("predict", (f"rna={tmp_path / 'rna.h5ad'}", f"adt={tmp_path / 'adt.h5ad'}")), tmp_path / "x")
