@@ -109,7 +109,7 @@ FINETUNE_OPTIONS = [
     ),
     Option(
         "{task}.head",
-        sections=("perturbation", "drug", "annotate"),
+        sections=("perturbation", "drug", "annotate", "crossmodal"),
         help="anchored (best baseline + weighted model residual, weight by inner CV) or plain (the model alone)",
     ),
     Option("perturbation.headline", metavar="METRIC"),
@@ -136,6 +136,7 @@ FINETUNE_OPTIONS = [
     Option("crossmodal.batch_key"),
     Option("crossmodal.query"),
     Option("crossmodal.umap"),
+    Option("crossmodal.train_only", metavar="CELLS.txt"),
 ]
 EMBED_OPTIONS = [
     Option("key", help="obsm (and varm) key the embeddings are written under"),

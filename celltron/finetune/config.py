@@ -287,6 +287,15 @@ class CrossModalSection:
         RNA's by name. '' : none.
     umap: write a UMAP PNG (align: held-out cells coloured by modality and by label; annotate:
         the joint embedding by label); needs umap-learn (celltron[eval]).
+    train_only: a text file of cell names (one per line) that are always training cells, never
+        held out: e.g. the cells a model was pretrained on. Held-out cells are then drawn from the
+        other cells (test_fraction is their share of those; split batch holds out only batches
+        without such cells). '' : none.
+    head: predict with --model: anchored (the best baseline plus w x (model − best baseline), w
+        chosen from anchor_weights by inner CV over training cells, proteins as units: the
+        smallest unless a larger one gains beyond the 95% interval; w = 0 is the baseline
+        exactly) or plain (the model's ridge head alone).
+    anchor_weights: the weights the anchored head chooses from.
     """
 
     task: str = one_of("predict", CROSSMODAL_TASKS)
@@ -309,6 +318,9 @@ class CrossModalSection:
     folds: int = ranged(5, ">= 2")
     query: str = ""
     umap: bool = True
+    train_only: str = ""
+    head: str = one_of("anchored", ANCHORS)
+    anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
 
 
 @dataclass
@@ -392,7 +404,7 @@ class FinetuneConfig:
 
     def _check_crossmodal(self, where: str) -> None:
         section = self.crossmodal
-        for name in ("seeds", "knn_k", "ridge_alphas", "recall_k"):
+        for name in ("seeds", "knn_k", "ridge_alphas", "recall_k", "anchor_weights"):
             if not getattr(section, name):
                 raise ConfigError(f"{where}: crossmodal.{name} is empty; give at least one value")
         if section.split == "batch" and not section.batch_key:

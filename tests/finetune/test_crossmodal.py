@@ -239,6 +239,9 @@ def test_batch_splits_never_put_a_batch_on_both_sides(simulated):
     for seed in range(4):
         train, test = split_cells(paired, section, seed)
         assert not set(batches[train]) & set(batches[test]) and len(train) + len(test) == paired.n_cells
+    pretrained_on = batches == "b0"  # a batch holding cells a model saw is never held out
+    held = {batch for seed in range(8) for batch in batches[split_cells(paired, section, seed, pretrained_on)[1]]}
+    assert held and "b0" not in held
 
 
 # ---------------------------------------------------------------- refusals
@@ -273,3 +276,51 @@ def test_bad_settings_and_inputs_are_refused_clearly(simulated, tmp_path):
     proteins.write_h5ad(tmp_path / "adt.h5ad")
     with pytest.raises(InputError, match=r"adt.h5ad \(modality adt\).*non-integer"):
         run_crossmodal(config_for("predict", (f"rna={tmp_path / 'rna.h5ad'}", f"adt={tmp_path / 'adt.h5ad'}")), tmp_path / "x")
+
+
+# ---------------------------------------------------------------- a pretrained model's head
+
+
+@pytest.fixture(scope="module")
+def teaseq_model(tmp_path_factory):
+    """A randomly initialised debug Geneformer bound to the TEA-seq test cells' genes."""
+    from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
+    from celltron.finetune.crossmodal.model import rna_lab_data
+    from tests.finetune.conftest import build_model_folder
+
+    paired = read_paired(None, parse_modality_files(TEASEQ), ("rna", "adt"))
+    return build_model_folder("geneformer", rna_lab_data(paired), tmp_path_factory.mktemp("model") / "geneformer")
+
+
+def test_weight_zero_is_the_best_baseline_exactly(teaseq_model, tmp_path):
+    config = config_for("predict", TEASEQ, anchor_weights=(0.0,), components=10)
+    metrics = run_crossmodal(config, tmp_path / "out", model=str(teaseq_model))
+    for seed, choice in metrics["best_baseline"]["per_seed"].items():
+        assert choice["weight"] == 0.0
+        best = metrics["baselines"][choice["name"]]["per_protein"][seed]
+        assert metrics["model"]["per_protein"][seed] == best  # bit for bit
+    assert metrics["paired"]["mean"] == 0.0 and metrics["model_plain"] is not None
+
+
+def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain_model(teaseq_model, tmp_path, capsys):
+    train_only = tmp_path / "pretrained_on.txt"
+    cells = ad.read_h5ad(DATA / "teaseq_pbmc_300cells_rna.h5ad").obs_names
+    train_only.write_text("\n".join(cells[:150]) + "\n")
+    config = config_for("predict", TEASEQ, components=10, train_only=str(train_only), test_fraction=0.4)
+    metrics = run_crossmodal(config, tmp_path / "out", model=str(teaseq_model))
+    for seed, choice in metrics["best_baseline"]["per_seed"].items():
+        assert choice["weight"] in (0.0, 0.25, 0.5, 0.75, 1.0) and set(choice["gain_low"]) == {"0.25", "0.5", "0.75", "1.0"}
+        earned = [w for w, low in choice["gain_low"].items() if low is not None and low > 0]
+        assert (choice["weight"] == 0.0) == (not earned)  # a weight above 0 only where its gain's interval is above 0
+    assert metrics["paired"]["unit"] == "proteins" and metrics["paired"]["n_units"] == 46
+    assert metrics["split"]["per_seed"]["0"]["test"] == 60  # 40% of the 150 cells not pretrained on
+    predictions = ad.read_h5ad(tmp_path / "out" / "predictions.h5ad")
+    held_out = predictions.obs_names[predictions.obs["celltron_split"] == "test"]
+    assert not set(held_out) & set(cells[:150])
+    out = capsys.readouterr().out
+    assert "model, plain head" in out and "model − " in out and "over 46 proteins" in out
+
+
+def test_align_and_annotate_refuse_a_model_they_do_not_use_yet(teaseq_model, tmp_path):
+    with pytest.raises(ConfigError, match="wired into predict so far"):
+        run_crossmodal(config_for("align", TEASEQ), tmp_path / "x", model=str(teaseq_model))

@@ -40,6 +40,8 @@ from celltron.finetune.report import (
     aggregate,
     choose_best,
     paired_difference,
+    paired_over_seeds,
+    print_baseline_choice,
     results_table,
     save_figure,
     verdict,
@@ -57,23 +59,51 @@ MIN_QUERY_GENES = 0.5  # share of the training RNA's genes a query must measure
 def run_crossmodal(config, out, model: str | None = None, baselines_only: bool = False) -> dict:
     """The cross-modal task `config.crossmodal.task` end to end (module docstring)."""
     section, out = config.crossmodal, Path(out)
-    if model is not None and not baselines_only:
+    use_model = model is not None and not baselines_only
+    if use_model and section.task != "predict":
         raise ConfigError(
-            "celltron finetune cross-modal: pretrained models are not wired into the cross-modal tasks yet; "
-            "run without --model (or with --baselines-only) for the baselines"
+            f"celltron finetune cross-modal {section.task}: a pretrained model is wired into predict so far; "
+            f"{section.task} runs its baselines (drop --model)"
         )
     _check_task_modalities(section)
     paired = read_paired(
         config.data.path or None, parse_modality_files(section.modalities), (section.source, section.target), config.data.layer
     )
     source, target = _canonical(section.source), _canonical(section.target)
+    train_only = _train_only(section.train_only, paired)
     if section.task == "predict":
         query = _read_query(section.query, paired, source, target) if section.query else None
-        out.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
-        return _predict(paired, section, source, target, out, query)
+        embedding = _model_embedding(config, model, paired) if use_model else None
+        out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
+        return _predict(paired, section, source, target, out, query, train_only, embedding)
     out.mkdir(parents=True, exist_ok=True)
-    task = {"align": _align, "annotate": _annotate}[section.task]
-    return task(paired, section, source, target, out)
+    if section.task == "align":
+        return _align(paired, section, source, target, out, train_only)
+    return _annotate(paired, section, source, target, out)
+
+
+def _model_embedding(config, model: str, paired: PairedCells) -> tuple[str, np.ndarray]:
+    from celltron.finetune.crossmodal.model import rna_embeddings
+    from celltron.model_zoo.registry import resolve_model_folder
+
+    folder = resolve_model_folder(model)
+    return str(folder), rna_embeddings(folder, paired, config.data.batch_size, config.trainer.seed, config.data)
+
+
+def _train_only(path: str, paired: PairedCells) -> np.ndarray:
+    """Per cell, whether `crossmodal.train_only` names it (always a training cell)."""
+    if not path:
+        return np.zeros(paired.n_cells, dtype=bool)
+    from celltron.inputs import existing
+
+    text = existing(path, "crossmodal.train_only cell list").read_text()
+    names = {line.strip() for line in text.splitlines() if line.strip()}
+    flags = np.isin(paired.cell_names, list(names))
+    if not flags.any():
+        raise InputError(f"{path} (crossmodal.train_only): none of its {len(names)} cell names is a cell of {paired.path}")
+    if flags.all():
+        raise InputError(f"{path} (crossmodal.train_only): it names every cell of {paired.path}, so none is left to hold out")
+    return flags
 
 
 def _canonical(name: str) -> str:
@@ -103,28 +133,41 @@ def _header(task: str, paired: PairedCells, source: str, target: str) -> dict:
 # ---------------------------------------------------------------- splits
 
 
-def split_cells(paired: PairedCells, section, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and held-out cells of one seed: random cells, or whole batches (split batch)."""
+def split_cells(paired: PairedCells, section, seed: int, train_only: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out cells of one seed: random cells, or whole batches (split batch).
+    Cells flagged in `train_only` are always training cells; held-out cells (or batches) are a
+    `test_fraction` share of the others."""
     cells = np.arange(paired.n_cells)
+    fixed = np.zeros(paired.n_cells, dtype=bool) if train_only is None else train_only
     if section.split == "random":
         from sklearn.model_selection import train_test_split
 
-        train, test = train_test_split(cells, test_size=section.test_fraction, random_state=seed)
-        return np.sort(train), np.sort(test)
+        _, test = train_test_split(cells[~fixed], test_size=section.test_fraction, random_state=seed)
+        return np.setdiff1d(cells, test), np.sort(test)
     from sklearn.model_selection import GroupShuffleSplit
 
     batches = paired.column(section.batch_key, "--batch-key")
-    if len(np.unique(batches)) < 2:
+    open_batches = np.setdiff1d(batches, batches[fixed])
+    if len(np.unique(batches)) < 2 or len(open_batches) < 1:
         raise InputError(
-            f"{paired.path}: obs[{section.batch_key!r}] holds one batch; split batch needs at least two (or use --split random)"
+            f"{paired.path}: obs[{section.batch_key!r}] has no batch that can be held out whole (one batch, or every batch "
+            "holds train_only cells); split batch needs one (or use --split random)"
         )
-    train, test = next(GroupShuffleSplit(1, test_size=section.test_fraction, random_state=seed).split(cells, groups=batches))
-    return np.sort(train), np.sort(test)
+    eligible = cells[np.isin(batches, open_batches)]
+    if len(open_batches) == 1:
+        test = eligible
+    else:
+        splitter = GroupShuffleSplit(1, test_size=section.test_fraction, random_state=seed)
+        _, held = next(splitter.split(eligible, groups=batches[eligible]))
+        test = eligible[held]
+    return np.setdiff1d(cells, test), np.sort(test)
 
 
 def _split_record(paired, section, splits: dict) -> dict:
     record = {"kind": section.split, "test_fraction": section.test_fraction}
     record["per_seed"] = {str(s): {"train": len(tr), "test": len(te)} for s, (tr, te) in splits.items()}
+    if section.train_only:
+        record["train_only"] = section.train_only
     if section.split == "batch":
         batches = paired.column(section.batch_key, "--batch-key")
         record["batch_key"] = section.batch_key
@@ -149,55 +192,114 @@ def _baseline_predictors(features, targets, train, section, seed) -> tuple[dict,
     return predictors, inner, settings
 
 
-def _predict(paired: PairedCells, section, source: str, target: str, out: Path, query=None) -> dict:
+def _predict(
+    paired: PairedCells, section, source: str, target: str, out: Path, query=None, train_only=None, embedding=None
+) -> dict:
+    """`embedding`: (model folder, frozen RNA cell embeddings) when a model is evaluated."""
     targets = clr(paired.counts[target])
     proteins = paired.features[target]
     cell_types = paired.column(section.label_key, "--label-key") if section.label_key else None
     runs: dict[str, dict] = {}
-    splits, chosen, settings, first = {}, {}, {}, None
+    model_runs, plain_runs, alphas, splits, chosen, settings, first = {}, {}, {}, {}, {}, {}, None
     for seed in section.seeds:
-        train, test = splits[seed] = split_cells(paired, section, seed)
+        train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
         predictors, inner, settings[seed] = _baseline_predictors(features, targets, train, section, seed)
         best = choose_best(inner)
         chosen[seed] = {"name": best, "score": inner[best], "inner_scores": inner}
+        types = None if cell_types is None else cell_types[test]
         for name, predictor in predictors.items():
             predicted = predictor(features, targets, train)
-            scores = prediction_scores(targets[test], predicted[test], proteins, None if cell_types is None else cell_types[test])
-            runs.setdefault(name, {})[seed] = scores
-            if first is None and name == best:
-                first = (predicted, train, test, name)
-    baselines = {name: _aggregate_prediction(per_seed) for name, per_seed in runs.items()}
+            runs.setdefault(name, {})[seed] = prediction_scores(targets[test], predicted[test], proteins, types)
+            if name == best:
+                best_predicted = predicted
+        shown = (best_predicted, train, test, best)
+        if embedding is not None:
+            head, plain, alphas[seed], weight = _model_head(
+                embedding[1], targets, train, section, seed, lambda fit: predictors[best](features, targets, fit), best_predicted
+            )
+            model_runs[seed] = prediction_scores(targets[test], head[test], proteins, types)
+            plain_runs[seed] = prediction_scores(targets[test], plain[test], proteins, types)
+            chosen[seed].update(weight)
+            shown = (head, train, test, f"{section.head} head on {embedding[0]}")
+        first = first or shown
     metrics = {
         **_header("predict", paired, source, target),
-        "model": None,
-        "baselines": baselines,
+        "model_folder": None if embedding is None else embedding[0],
+        "model": _aggregate_prediction(model_runs) if model_runs else None,
+        "head": section.head if model_runs else None,
+        "model_plain": _aggregate_prediction(plain_runs) if model_runs and section.head == "anchored" else None,
+        "model_settings": {str(s): a for s, a in alphas.items()} or None,
+        "baselines": {name: _aggregate_prediction(per_seed) for name, per_seed in runs.items()},
         "best_baseline": {
             "chosen_on": f"{section.inner_folds}-fold inner CV over training cells, mean per-protein Pearson",
             "per_seed": {str(s): c for s, c in chosen.items()},
         },
+        "paired": _model_against_best(model_runs, runs, chosen) if model_runs else None,
+        "paired_plain": _model_against_best(plain_runs, runs, chosen) if model_runs else None,
         "baseline_settings": {str(s): v for s, v in settings.items()},
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
         "n_proteins": len(proteins),
-        "notes": {
-            "values": "CLR of protein counts (log1p minus the cell's mean over the panel); correlations per protein "
-            "across held-out cells, averaged over proteins; cell_pearson: per cell across the panel",
-            "mean_profile": "the training cells' mean protein profile: constant across cells, so per-protein "
-            "correlations are undefined (n/a)",
-            "knn_rna_pca": f"kNN regression (distance-weighted) on {section.components} PCs of log-normalised RNA "
-            f"({_genes(section)}), k from {list(section.knn_k)} by inner CV",
-            "ridge_rna_pca": f"ridge regression on the same PCs, alpha from {list(section.ridge_alphas)} by inner CV",
-        },
+        "notes": _prediction_notes(section, embedding is not None),
     }
     if query is not None:
         metrics["query"] = _predict_query(paired, section, source, target, out, query)
     write_metrics(out / "metrics.json", metrics)
     _write_prediction_cells(out / "predictions.h5ad", paired, target, targets, *first)
-    print(results_table(metrics, PREDICTION_METRICS, metrics["notes"]))
-    picks = ", ".join(f"seed {s}: {c['name']} ({c['score']:.3f})" for s, c in chosen.items())
-    print(f"best baseline on per-protein Pearson (chosen on training cells by inner CV): {picks}")
+    plain = {"model, plain head": metrics["model_plain"]} if metrics["model_plain"] else {}
+    print(results_table({**metrics, "baselines": {**plain, **metrics["baselines"]}}, PREDICTION_METRICS, metrics["notes"]))
+    print_baseline_choice(metrics, "per-protein Pearson")
     return metrics
+
+
+def _model_head(embedding, targets, train, section, seed: int, baseline, baseline_predicted):
+    """The model's ridge head on its frozen embedding and, anchored, the blend with the best
+    baseline at the weight chosen by inner CV; returns (head, plain, alpha record, weight record)."""
+    from celltron.finetune.crossmodal.model import choose_anchor_weight, model_predictor
+    from celltron.finetune.report import anchor
+
+    model, alpha = model_predictor(embedding, targets, train, section, seed)
+    plain = model(train)
+    if section.head == "plain":
+        return plain, plain, alpha, {}
+    choice = choose_anchor_weight(baseline, model, targets, train, section.anchor_weights, section.inner_folds, seed)
+    return anchor(baseline_predicted, plain, choice["weight"]), plain, alpha, choice
+
+
+def _model_against_best(model_runs: dict, runs: dict, chosen: dict) -> dict:
+    """Per protein, the model − each seed's best baseline (per-protein Pearson of held-out cells,
+    averaged over seeds), with a 95% interval over proteins."""
+
+    def per_protein(run: dict) -> dict:
+        return {p: v["pearson"] for p, v in run["per_protein"].items()}
+
+    model = {s: per_protein(r) for s, r in model_runs.items()}
+    best = {s: per_protein(runs[chosen[s]["name"]][s]) for s in model_runs}
+    names = "/".join(sorted({chosen[s]["name"] for s in model_runs}))
+    return paired_over_seeds(model, best, "per-protein Pearson", "proteins", names)
+
+
+def _prediction_notes(section, with_model: bool) -> dict:
+    notes = {
+        "values": "CLR of protein counts (log1p minus the cell's mean over the panel); correlations per protein "
+        "across held-out cells, averaged over proteins; cell_pearson: per cell across the panel",
+        "mean_profile": "the training cells' mean protein profile: constant across cells, so per-protein "
+        "correlations are undefined (n/a)",
+        "knn_rna_pca": f"kNN regression (distance-weighted) on {section.components} PCs of log-normalised RNA "
+        f"({_genes(section)}), k from {list(section.knn_k)} by inner CV",
+        "ridge_rna_pca": f"ridge regression on the same PCs, alpha from {list(section.ridge_alphas)} by inner CV",
+    }
+    if with_model:
+        notes["model"] = (
+            "ridge from the model's frozen RNA cell embedding (standardised on training cells, alpha by inner CV)"
+            + (
+                "; anchored: best baseline + w x (model − best baseline), w by inner CV over training cells"
+                if section.head == "anchored"
+                else ""
+            )
+        )
+    return notes
 
 
 def _genes(section) -> str:
@@ -315,7 +417,7 @@ def align_scores(first, second, train, test, labels, section) -> dict:
     return scores
 
 
-def _align(paired: PairedCells, section, source: str, target: str, out: Path) -> dict:
+def _align(paired: PairedCells, section, source: str, target: str, out: Path, train_only=None) -> dict:
     labels = paired.column(section.label_key, "--label-key") if section.label_key else None
     metric_names = ("foscttm", *(f"recall_at_{k}" for k in section.recall_k))
     if labels is not None:
@@ -326,7 +428,7 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path) ->
         require_eval_extra("umap")
     per_seed, splits, first_embedding, correlations = {}, {}, None, {}
     for seed in section.seeds:
-        train, test = splits[seed] = split_cells(paired, section, seed)
+        train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         views = [modality_view(m, paired.counts[m], train, section.components, seed, section.top_genes) for m in (source, target)]
         a, b, canonical = bl.cca(*views, train, section.cca_components)
         a, b = bl.unit_rows(a), bl.unit_rows(b)
