@@ -80,10 +80,12 @@ def _classify(head: nn.Module, embedding: torch.Tensor, label, class_weights: to
     return AnnotationOutput(loss=loss, logits=logits)
 
 
-def _encoder_inputs(input_ids, attention_mask, values=None) -> dict:
+def _encoder_inputs(input_ids, attention_mask, values=None, modality_ids=None) -> dict:
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "heads": False}
     if values is not None:
         inputs["values"] = values
+    if modality_ids is not None:  # multi-modal sequences (a joint model's tokens)
+        inputs["modality_ids"] = modality_ids
     return inputs
 
 

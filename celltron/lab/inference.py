@@ -38,8 +38,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def pad_cells(tokens, rows: np.ndarray, pad_id: int) -> dict:
-    """A padded batch (input_ids, attention_mask, and values for schemes that have them) of the
-    cells `rows` of ragged `tokens`."""
+    """A padded batch (input_ids, attention_mask, values for schemes that have them, and
+    modality_ids for multi-modal sequences) of the cells `rows` of ragged `tokens`."""
     longest = max(len(tokens[r]) for r in rows)
     batch = {
         "input_ids": torch.full((len(rows), longest), pad_id, dtype=torch.long),
@@ -47,10 +47,15 @@ def pad_cells(tokens, rows: np.ndarray, pad_id: int) -> dict:
     }
     if tokens.values is not None:
         batch["values"] = torch.zeros((len(rows), longest), dtype=torch.float32)
+    modalities = getattr(tokens, "modality_ids", None)  # multi-modal sequences: each token's modality
+    if modalities is not None:
+        batch["modality_ids"] = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, r in enumerate(rows):
         n = len(tokens[r])
         batch["input_ids"][i, :n] = torch.as_tensor(tokens[r], dtype=torch.long)
         batch["attention_mask"][i, :n] = 1
         if tokens.values is not None:
             batch["values"][i, :n] = torch.as_tensor(tokens.cell_values(r), dtype=torch.float32)
+        if modalities is not None:
+            batch["modality_ids"][i, :n] = torch.as_tensor(modalities[tokens.offsets[r] : tokens.offsets[r + 1]])
     return batch

@@ -321,6 +321,70 @@ def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain
     assert "model, plain head" in out and "model − " in out and "over 46 proteins" in out
 
 
-def test_align_and_annotate_refuse_a_model_they_do_not_use_yet(teaseq_model, tmp_path):
-    with pytest.raises(ConfigError, match="wired into predict so far"):
+def test_align_refuses_a_model_that_reads_rna_only(teaseq_model, tmp_path):
+    with pytest.raises(ConfigError, match="reads RNA only.*multimodal.joint"):
         run_crossmodal(config_for("align", TEASEQ), tmp_path / "x", model=str(teaseq_model))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def joint_model(tmp_path_factory):
+    """A debug joint scGPT (RNA + protein tokens) pretrained a few steps on the TEA-seq test cells."""
+    from celltron.corpus.build_multimodal import build_multimodal_corpus
+    from celltron.corpus.options import BuildOptions
+    from celltron.pretrain.run import pretrain
+    from tests.pretrain.conftest import config_for as pretrain_config
+
+    root = tmp_path_factory.mktemp("joint")
+    files = {"rna": DATA / "teaseq_pbmc_300cells_rna.h5ad", "adt": DATA / "teaseq_pbmc_300cells_adt.h5ad"}
+    build_multimodal_corpus(None, root / "corpus", BuildOptions(progress=False, val_fraction=0.0), modalities=files)
+    trainer = {"max_steps": 4, "val_every": 100, "checkpoint_every": 4, "log_every": 2}
+    return pretrain(pretrain_config("scgpt_citeseq_debug.yaml", root / "corpus", trainer=trainer), root / "run").export
+
+
+def test_a_joint_model_aligns_and_annotates_beside_the_baselines(joint_model, tmp_path, capsys):
+    align = run_crossmodal(
+        config_for("align", TEASEQ, label_key="cell_type", components=10), tmp_path / "a", model=str(joint_model)
+    )
+    assert set(align["model_variants"]) == {"model_zero_shot", "model_cca"}
+    for seed, choice in align["head_choice"].items():
+        assert choice["name"] in ("cca", "model_zero_shot", "model_cca")
+        gains = [low for low in choice["gain_low"].values() if low is not None and low > 0]
+        assert (choice["name"] == "cca") == (not gains)  # a model alignment only when it earned it on training cells
+    assert align["paired"]["unit"] == "cells" and align["paired"]["n_units"] == 60 * 2 - len(
+        set(align["baselines"]["cca"]["per_cell"]["0"]) & set(align["baselines"]["cca"]["per_cell"]["1"])
+    )
+    assert "FOSCTTM (lower is better)" in capsys.readouterr().out
+
+    pretrained_on = tmp_path / "pretrained_on.txt"
+    pretrained_on.write_text("\n".join(ad.read_h5ad(DATA / "teaseq_pbmc_300cells_rna.h5ad").obs_names[:100]) + "\n")
+    fields = {"label_key": "cell_type", "components": 10, "seeds": (0,), "folds": 3, "train_only": str(pretrained_on)}
+    annotate = run_crossmodal(
+        config_for("annotate", TEASEQ, target="adt", **fields),
+        tmp_path / "n",
+        model=str(joint_model),
+    )
+    assert set(annotate["model_variants"]) == {"model_rna_knn", "model_joint_knn"}
+    obs = ad.read_h5ad(DATA / "teaseq_pbmc_300cells_rna.h5ad").obs
+    common = obs["cell_type"].map(obs["cell_type"].value_counts()) >= 3  # labels a 3-fold split can stratify
+    assert annotate["paired"]["macro_f1"]["n_units"] == 3
+    assert annotate["split"]["held_out_cells"] == int(common.iloc[100:].sum())  # never a pretrained-on cell
+    predicted = ad.read_h5ad(tmp_path / "n" / "predictions.h5ad")
+    assert predicted.obs["cell_type_predicted"].notna().all()
+    for unit, choice in annotate["head_choice"].items():
+        assert choice["best_baseline"] in ("rna_pca_knn", "joint_knn")
+        expected = (
+            annotate["baselines"][choice["best_baseline"]]["per_fold"][unit]
+            if choice["name"] == choice["best_baseline"]
+            else None
+        )
+        if expected is not None:  # the head is the baseline itself, bit for bit
+            assert annotate["model"]["per_fold"][unit] == expected
+
+
+def test_a_model_panel_that_differs_from_the_data_is_refused(joint_model, tmp_path):
+    proteins = ad.read_h5ad(DATA / "teaseq_pbmc_300cells_adt.h5ad")
+    proteins[:, 1:].copy().write_h5ad(tmp_path / "adt.h5ad")
+    modalities = (TEASEQ[0], f"adt={tmp_path / 'adt.h5ad'}")
+    with pytest.raises(InputError, match="protein panel .canonical antigen names. differs"):
+        run_crossmodal(config_for("align", modalities), tmp_path / "x", model=str(joint_model))

@@ -60,6 +60,128 @@ def rna_embeddings(folder, paired: PairedCells, batch_size: int, seed: int, data
     return frozen_cell_embeddings(folder, tokens, tokenizer.vocab.special_id("pad"), batch_size)
 
 
+class ModelViews:
+    """Frozen cell embeddings of paired cells by the model in `folder`: of each cell's RNA alone
+    (any model) and, for a joint multi-modal model whose tokens include the target modality, of
+    the target alone and of both together. The target's features are mapped onto the model's:
+    proteins by canonical antigen name (the panel must be the model's, in any order), chromatin
+    peaks into the model's genomic bins (bins the model lacks are dropped)."""
+
+    def __init__(self, folder, paired: PairedCells, target: str, batch_size: int, seed: int, data_section=None):
+        from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer
+
+        options = (
+            {}
+            if data_section is None
+            else {"species": data_section.species, "min_mapped_fraction": data_section.min_mapped_fraction}
+        )
+        self.folder, self.paired, self.target, self.batch_size, self.seed = folder, paired, target, batch_size, seed
+        lab = rna_lab_data(paired, **options)
+        self.tokenizer = load_model_tokenizer(folder, lab)
+        check_vocabulary_coverage(lab, self.tokenizer.vocab)
+        self.block = _rna_block(lab)
+        self.pad_id = self.tokenizer.vocab.special_id("pad")
+        self.target_cells = _target_cells(self.tokenizer, paired, target) if self.reads_target else None
+
+    @property
+    def reads_target(self) -> bool:
+        """A joint model trained on the target modality's tokens."""
+        return self.target in getattr(self.tokenizer, "features", {})
+
+    def _embed(self, tokens) -> np.ndarray:
+        from celltron.finetune.annotate import frozen_cell_embeddings
+
+        return frozen_cell_embeddings(self.folder, tokens, self.pad_id, self.batch_size)
+
+    def rna(self) -> np.ndarray:
+        return self._embed(self.tokenizer.encode_block(self.block, np.random.default_rng(self.seed)))
+
+    def joint(self) -> np.ndarray:
+        """Each cell's RNA and target tokens in one sequence (a joint model only)."""
+        tokens = self.tokenizer.encode(self.block, {self.target: self.target_cells}, np.random.default_rng(self.seed))
+        return self._embed(tokens)
+
+    def target_alone(self) -> np.ndarray:
+        """The target modality's tokens with no RNA (a joint model only)."""
+        empty = _empty_block(self.block)
+        tokens = self.tokenizer.encode(empty, {self.target: self.target_cells}, np.random.default_rng(self.seed))
+        return self._embed(tokens)
+
+
+def _rna_block(lab):
+    """The RNA counts as the tokenizers' `Block` over the mapped genes (as `lab.data.tokenize_counts`)."""
+    from celltron.corpus.readers import to_corpus_genes
+    from celltron.tokenizers.rank_value import is_float32
+    from celltron.tokenizers.schemes import Block
+
+    unique, column_map = lab.mapped_genes()
+    mapped = to_corpus_genes(lab.counts, column_map, len(unique))
+    totals = np.asarray(lab.counts.sum(axis=1)).ravel()
+    species = [lab.species] * mapped.shape[0]
+    return Block(mapped.indptr, mapped.indices, mapped.data, totals, species, {}, is_float32(lab.counts.dtype))
+
+
+def _empty_block(block):
+    """The same cells with no RNA counts (totals 1, so nothing divides by zero)."""
+    from dataclasses import replace
+
+    n = len(block.indptr) - 1
+    return replace(
+        block,
+        indptr=np.zeros(n + 1, dtype=block.indptr.dtype),
+        genes=block.genes[:0],
+        counts=block.counts[:0],
+        n_counts=np.ones(n),
+    )
+
+
+def _target_cells(tokenizer, paired: PairedCells, target: str):
+    """The target modality's counts over the model's features, as `ModalityCells`."""
+    import scipy.sparse as sp
+
+    from celltron.tokenizers.multimodal import ModalityCells
+
+    model_features = np.asarray(tokenizer.features[target]).astype(str)
+    counts, where = paired.counts[target], f"{paired.files[target]} ({target})"
+    if target == "adt":
+        from celltron.corpus.proteins import canonical_proteins
+        from celltron.finetune.crossmodal.data import align_panel
+
+        names = canonical_proteins(paired.features[target], where).canonical
+        mapped = counts[:, align_panel(names, model_features, where, "protein panel (canonical antigen names)")]
+    else:
+        mapped = _peaks_on_model_bins(counts, paired.features[target], model_features, where)
+    mapped = sp.csr_matrix(mapped)
+    return ModalityCells(mapped.indptr, mapped.indices, mapped.data, np.ones(mapped.shape[0], dtype=bool))
+
+
+MIN_SHARED_BINS = 0.5  # share of the data's bins (with counts) the model must have
+
+
+def _peaks_on_model_bins(counts, peaks, model_bins: np.ndarray, where: str):
+    """Peak counts summed into the model's bins (its bin size read from its bin names)."""
+    import scipy.sparse as sp
+
+    from celltron.corpus.peaks import bin_counts, peak_bins
+    from celltron.errors import InputError
+
+    start, end = model_bins[0].rsplit(":", 1)[1].split("-")
+    bins = peak_bins(peaks, int(end) - int(start), where)
+    binned = bin_counts(sp.csr_matrix(counts), bins)
+    position = {name: i for i, name in enumerate(model_bins)}
+    columns = np.asarray([position.get(str(name), -1) for name in bins.bins])
+    kept = columns >= 0
+    weight = np.asarray(binned.sum(axis=0)).ravel()
+    share = float(weight[kept].sum() / max(weight.sum(), 1))
+    if share < MIN_SHARED_BINS:
+        raise InputError(
+            f"{where}: only {share:.0%} of the chromatin counts fall in bins the model has; pass peaks on the model's "
+            "genome build (the bins of its pretraining corpus)"
+        )
+    moved = sp.csr_matrix((np.ones(kept.sum()), (np.flatnonzero(kept), columns[kept])), shape=(len(columns), len(model_bins)))
+    return (binned @ moved).astype(counts.dtype)
+
+
 def standardise_on(embedding: np.ndarray, train: np.ndarray) -> np.ndarray:
     """Columns centred and scaled on the training cells (a ridge penalty then treats them alike)."""
     mean, spread = embedding[train].mean(0), embedding[train].std(0)

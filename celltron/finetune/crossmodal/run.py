@@ -19,6 +19,7 @@ spread and per-seed values), predictions.h5ad, a UMAP PNG (align, annotate), and
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -60,34 +61,35 @@ def run_crossmodal(config, out, model: str | None = None, baselines_only: bool =
     """The cross-modal task `config.crossmodal.task` end to end (module docstring)."""
     section, out = config.crossmodal, Path(out)
     use_model = model is not None and not baselines_only
-    if use_model and section.task != "predict":
-        raise ConfigError(
-            f"celltron finetune cross-modal {section.task}: a pretrained model is wired into predict so far; "
-            f"{section.task} runs its baselines (drop --model)"
-        )
     _check_task_modalities(section)
     paired = read_paired(
         config.data.path or None, parse_modality_files(section.modalities), (section.source, section.target), config.data.layer
     )
     source, target = _canonical(section.source), _canonical(section.target)
     train_only = _train_only(section.train_only, paired)
+    query = _read_query(section.query, paired, source, target) if section.query else None
+    views = _model_views(config, model, paired, target) if use_model else None
+    if views is not None and section.task == "align" and not views.reads_target:
+        raise ConfigError(
+            f"cross-modal align with --model {model}: the model reads RNA only; alignment needs a joint model whose "
+            f"tokens include {target} (pretrained with multimodal.joint: [{target}])"
+        )
+    out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     if section.task == "predict":
-        query = _read_query(section.query, paired, source, target) if section.query else None
-        embedding = _model_embedding(config, model, paired) if use_model else None
-        out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
+        embedding = None if views is None else (str(views.folder), views.rna())
         return _predict(paired, section, source, target, out, query, train_only, embedding)
-    out.mkdir(parents=True, exist_ok=True)
     if section.task == "align":
-        return _align(paired, section, source, target, out, train_only)
-    return _annotate(paired, section, source, target, out)
+        return _align(paired, section, source, target, out, train_only, views)
+    return _annotate(paired, section, source, target, out, views, train_only)
 
 
-def _model_embedding(config, model: str, paired: PairedCells) -> tuple[str, np.ndarray]:
-    from celltron.finetune.crossmodal.model import rna_embeddings
+def _model_views(config, model: str, paired: PairedCells, target: str):
+    from celltron.finetune.crossmodal.model import ModelViews
     from celltron.model_zoo.registry import resolve_model_folder
 
     folder = resolve_model_folder(model)
-    return str(folder), rna_embeddings(folder, paired, config.data.batch_size, config.trainer.seed, config.data)
+    other = next(m for m in (target, _canonical(config.crossmodal.source)) if m != "rna")  # the modality besides RNA
+    return ModelViews(folder, paired, other, config.data.batch_size, config.trainer.seed, config.data)
 
 
 def _train_only(path: str, paired: PairedCells) -> np.ndarray:
@@ -417,7 +419,52 @@ def align_scores(first, second, train, test, labels, section) -> dict:
     return scores
 
 
-def _align(paired: PairedCells, section, source: str, target: str, out: Path, train_only=None) -> dict:
+ALIGNERS = ("cca", "model_zero_shot", "model_cca")  # the baseline first: it is the head unless a model earns it
+
+
+def _aligners(views: list[np.ndarray], model: dict[str, np.ndarray] | None, components: int) -> dict:
+    """{name: fit rows -> (first, second) embeddings of every cell}: CCA of the baseline views,
+    and with a model, its two single-modality embeddings compared as they are (centred on the
+    fit rows) and aligned by CCA fitted on the fit rows."""
+
+    def cca_of(first, second):
+        return lambda fit: tuple(bl.unit_rows(x) for x in bl.cca(first, second, fit, components)[:2])
+
+    aligners = {"cca": cca_of(*views)}
+    if model is not None:
+        first, second = model["first"], model["second"]
+        aligners["model_zero_shot"] = lambda fit: (
+            bl.unit_rows(first - first[fit].mean(0)),
+            bl.unit_rows(second - second[fit].mean(0)),
+        )
+        aligners["model_cca"] = cca_of(first, second)
+    return aligners
+
+
+def choose_aligner(aligners: dict, train: np.ndarray, folds: int, seed: int) -> dict:
+    """The reported alignment by inner CV over the training cells: CCA of the baseline views
+    unless a model alignment lowers the inner held-out cells' FOSCTTM beyond the 95% interval
+    (`report.choose_weight`'s rule, the candidates in ALIGNERS order standing for weights 0, 1, 2)."""
+    from sklearn.model_selection import KFold
+
+    from celltron.finetune.report import UnitScore, choose_weight
+
+    names = list(aligners)
+    by_index = {float(i): [] for i in range(len(names))}
+    for fit, held in KFold(folds, shuffle=True, random_state=seed).split(train):
+        fit, held = train[fit], train[held]
+        for i, name in enumerate(names):
+            first, second = aligners[name](fit)
+            by_index[float(i)].append(UnitScore.of_units(foscttm(first[held], second[held])))
+    choice = choose_weight(by_index, higher_is_better=False, seed=seed)
+    return {
+        "name": names[int(choice["weight"])],
+        "inner_foscttm": {names[int(float(k))]: v for k, v in choice["weight_scores"].items()},
+        "gain_low": {names[int(float(k))]: v for k, v in choice["gain_low"].items()},
+    }
+
+
+def _align(paired: PairedCells, section, source: str, target: str, out: Path, train_only=None, views=None) -> dict:
     labels = paired.column(section.label_key, "--label-key") if section.label_key else None
     metric_names = ("foscttm", *(f"recall_at_{k}" for k in section.recall_k))
     if labels is not None:
@@ -426,22 +473,41 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
         from celltron.finetune.embedding_eval import require_eval_extra
 
         require_eval_extra("umap")
-    per_seed, splits, first_embedding, correlations = {}, {}, None, {}
+    model = None
+    if views is not None:
+        embedded = {"rna": views.rna(), views.target: views.target_alone()}
+        model = {"first": embedded[source], "second": embedded[target]}
+    runs: dict[str, dict] = {}
+    head_runs, chosen, splits, first_embedding, correlations = {}, {}, {}, None, {}
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
-        views = [modality_view(m, paired.counts[m], train, section.components, seed, section.top_genes) for m in (source, target)]
-        a, b, canonical = bl.cca(*views, train, section.cca_components)
-        a, b = bl.unit_rows(a), bl.unit_rows(b)
-        correlations[str(seed)] = canonical.tolist()
-        scores = align_scores(a, b, train, test, labels, section)
-        scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
-        per_seed[seed] = scores
+        base_views = [
+            modality_view(m, paired.counts[m], train, section.components, seed, section.top_genes) for m in (source, target)
+        ]
+        correlations[str(seed)] = bl.cca(*base_views, train, section.cca_components)[2].tolist()
+        aligners = _aligners(base_views, model, section.cca_components)
+        for name, aligner in aligners.items():
+            a, b = aligner(train)
+            scores = align_scores(a, b, train, test, labels, section)
+            scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
+            runs.setdefault(name, {})[seed] = scores
+        shown = "cca"
+        if model is not None:
+            chosen[seed] = choose_aligner(aligners, train, section.inner_folds, seed)
+            head_runs[seed] = runs[chosen[seed]["name"]][seed]
+            shown = chosen[seed]["name"]
         if first_embedding is None:
+            a, b = aligners[shown](train)
             first_embedding = (a[test], b[test], test)
+    aggregated = {name: aggregate(per_seed, metric_names, "per_cell") for name, per_seed in runs.items()}
     metrics = {
         **_header("align", paired, source, target),
-        "model": None,
-        "baselines": {"cca": aggregate(per_seed, metric_names, "per_cell")},
+        "model_folder": None if views is None else str(views.folder),
+        "model": aggregate(head_runs, metric_names, "per_cell") if head_runs else None,
+        "model_variants": {n: aggregated[n] for n in aggregated if n != "cca"} or None,
+        "head_choice": {str(s): c for s, c in chosen.items()} or None,
+        "baselines": {"cca": aggregated["cca"]},
+        "paired": _per_cell_against(head_runs, runs["cca"], "foscttm") if head_runs else None,
         "canonical_correlations": correlations,
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
@@ -453,14 +519,42 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
             f"from their {target} embeddings",
         },
     }
+    if model is not None:
+        metrics["notes"]["model"] = (
+            f"the model's frozen embedding of each modality alone ({source} tokens; {target} tokens): model_zero_shot compares "
+            "them as they are (centred on training cells), model_cca aligns them by CCA fitted on training pairs; the "
+            "reported head is CCA of the baseline views unless a model alignment lowers inner held-out FOSCTTM beyond "
+            "its 95% interval (inner CV over training cells)"
+        )
     write_metrics(out / "metrics.json", metrics)
     _write_aligned_cells(out / "predictions.h5ad", paired, labels, source, target, *first_embedding)
     if section.umap:
         _plot_aligned(
             out / "umap.png", *first_embedding[:2], (source, target), None if labels is None else labels[first_embedding[2]]
         )
-    print(results_table(metrics, metric_names, metrics["notes"]))
+    variants = {f"  {name}": result for name, result in (metrics["model_variants"] or {}).items()}
+    print(results_table({**metrics, "baselines": {**variants, **metrics["baselines"]}}, metric_names, metrics["notes"]))
+    if metrics["paired"]:
+        picks = ", ".join(f"seed {s}: {c['name']}" for s, c in chosen.items())
+        print(f"reported alignment, chosen by inner CV over training cells: {picks}")
+        print(verdict_line("FOSCTTM (lower is better)", "cca", metrics["paired"], "cells", chosen_on=None))
     return metrics
+
+
+def _per_cell_against(model_runs: dict, baseline_runs: dict, metric: str, higher_is_better: bool = False) -> dict:
+    """Per held-out cell, the model − the baseline (each averaged over the seeds that held the cell
+    out), with a 95% interval over cells."""
+    model, baseline = {}, {}
+    for seed, run in model_runs.items():
+        for cell, value in run["per_cell"].items():
+            model.setdefault(cell, []).append(value)
+            baseline.setdefault(cell, []).append(baseline_runs[seed]["per_cell"][cell])
+    difference = paired_difference(
+        {c: float(np.mean(v)) for c, v in model.items()},
+        {c: float(np.mean(v)) for c, v in baseline.items()},
+        higher_is_better=higher_is_better,
+    )
+    return {**difference, "metric": metric, "baseline": "cca", "unit": "cells", "verdict": verdict(difference)}
 
 
 def _view_name(modality: str, section) -> str:
@@ -537,7 +631,7 @@ def _usable_cells(paired, labels: np.ndarray, folds: int) -> tuple[np.ndarray, l
     return np.flatnonzero(keep), rare
 
 
-def _annotate(paired: PairedCells, section, source: str, target: str, out: Path) -> dict:
+def _annotate(paired: PairedCells, section, source: str, target: str, out: Path, views=None, train_only=None) -> dict:
     from sklearn.model_selection import StratifiedKFold
 
     from celltron.finetune.embedding_eval import fold_scores
@@ -550,38 +644,49 @@ def _annotate(paired: PairedCells, section, source: str, target: str, out: Path)
         from celltron.finetune.embedding_eval import require_eval_extra
 
         require_eval_extra("umap")
-    per_fold = {"rna_pca_knn": {}, "joint_knn": {}}
+    model_embeddings = _annotation_model_embeddings(views, cells)
+    per_fold = {name: {} for name in ("rna_pca_knn", "joint_knn", *model_embeddings)}
+    head, best, chosen = {}, {}, {}
     predicted = np.empty(len(cells), dtype=object)
+    open_cells = np.arange(len(cells)) if train_only is None else np.flatnonzero(~train_only[cells])
     for seed in section.seeds:
-        folds = StratifiedKFold(section.folds, shuffle=True, random_state=seed).split(cells, labels)
-        for k, (train, test) in enumerate(folds):
+        with warnings.catch_warnings():  # a label with fewer open cells than folds: sklearn warns, and copes
+            warnings.simplefilter("ignore", UserWarning)
+            folds = list(StratifiedKFold(section.folds, shuffle=True, random_state=seed).split(open_cells, labels[open_cells]))
+        for k, (_, held) in enumerate(folds):
+            test = open_cells[held]  # cells named by train_only are always training cells
+            train = np.setdiff1d(np.arange(len(cells)), test)
+            unit = f"{seed}:{k}"
             rna_view, joint = _annotation_views(counts, source, target, train, section, seed)
-            per_fold["rna_pca_knn"][f"{seed}:{k}"] = fold_scores(rna_view, labels, train, test, section.neighbors)
-            per_fold["joint_knn"][f"{seed}:{k}"] = fold_scores(joint, labels, train, test, section.neighbors)
+            embeddings = {"rna_pca_knn": rna_view, "joint_knn": joint, **model_embeddings}
+            for name, embedding in embeddings.items():
+                per_fold[name][unit] = fold_scores(embedding, labels, train, test, section.neighbors)
+            if model_embeddings:
+                chosen[unit] = choose_annotation_head(embeddings, labels, train, section, seed)
+                best[unit] = per_fold[chosen[unit]["best_baseline"]][unit]
+                head[unit] = per_fold[chosen[unit]["name"]][unit]
             if seed == section.seeds[0]:
-                predicted[test] = _knn_labels(joint, labels, train, test, section.neighbors)
-    baselines = {name: _aggregate_folds(scores) for name, scores in per_fold.items()}
-    paired_scores = {
-        metric: {
-            **(
-                d := paired_difference(
-                    {u: s[metric] for u, s in per_fold["joint_knn"].items()},
-                    {u: s[metric] for u, s in per_fold["rna_pca_knn"].items()},
-                )
-            ),
-            "baseline": "rna_pca_knn",
-            "unit": "folds",
-            "verdict": verdict(d).replace("the model", "the joint view"),
-        }
-        for metric in ANNOTATE_METRICS
-    }
+                shown = embeddings[chosen[unit]["name"]] if model_embeddings else joint
+                predicted[test] = _knn_labels(shown, labels, train, test, section.neighbors)
+    baselines = {name: _aggregate_folds(per_fold[name]) for name in ("rna_pca_knn", "joint_knn")}
     metrics = {
         **_header("annotate", paired, source, target),
         "label_key": section.label_key,
-        "model": None,
+        "model_folder": None if views is None else str(views.folder),
+        "model": _aggregate_folds(head) if head else None,
+        "model_variants": {name: _aggregate_folds(per_fold[name]) for name in model_embeddings} or None,
+        "head_choice": chosen or None,
         "baselines": baselines,
-        "joint_against_rna": paired_scores,
-        "split": {"kind": "stratified k-fold", "folds": section.folds, "cells": len(cells), "labels_dropped": dropped},
+        "paired": _per_fold_against(head, best, "the chosen best baseline", "the model") if head else None,
+        "joint_against_rna": _per_fold_against(per_fold["joint_knn"], per_fold["rna_pca_knn"], "rna_pca_knn", "the joint view"),
+        "split": {
+            "kind": "stratified k-fold",
+            "folds": section.folds,
+            "cells": len(cells),
+            "held_out_cells": len(open_cells),
+            "labels_dropped": dropped,
+            **({"train_only": section.train_only} if section.train_only else {}),
+        },
         "seeds": list(section.seeds),
         "notes": {
             "rna_pca_knn": f"kNN ({section.neighbors}) on {section.components} RNA PCs (fitted on each fold's training cells)",
@@ -589,16 +694,92 @@ def _annotate(paired: PairedCells, section, source: str, target: str, out: Path)
             "variance on the fold's training cells",
         },
     }
+    if model_embeddings:
+        metrics["notes"]["model"] = (
+            "per fold, the better baseline (inner CV on macro-F1) unless a kNN on the model's frozen embedding "
+            f"({', '.join(model_embeddings)}) gains on inner held-out cells beyond the 95% interval"
+        )
     write_metrics(out / "metrics.json", metrics)
     display = _annotation_views(counts, source, target, np.arange(len(cells)), section, section.seeds[0])[1]
     _write_joint_cells(out / "predictions.h5ad", paired, cells, labels, predicted, display, section.label_key)
     if section.umap:
         plot_umap(display, {"label": labels}, out / "umap.png")
-    print(results_table(metrics, ANNOTATE_METRICS, metrics["notes"]))
-    for metric, difference in paired_scores.items():
+    variants = {f"  {name}": result for name, result in (metrics["model_variants"] or {}).items()}
+    print(results_table({**metrics, "baselines": {**variants, **baselines}}, ANNOTATE_METRICS, metrics["notes"]))
+    for metric, difference in metrics["joint_against_rna"].items():
         line = verdict_line(metric, "rna_pca_knn", difference, "folds", chosen_on=None)
         print(line.replace("model −", "joint_knn −").replace("the model", "the joint view"))
+    for metric, difference in (metrics["paired"] or {}).items():
+        print(verdict_line(metric, "best baseline", difference, "folds", chosen_on="training cells"))
     return metrics
+
+
+def _annotation_model_embeddings(views, cells: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's frozen embeddings of the labelled cells: of their RNA, and (a joint model that
+    reads the other modality) of both modalities together."""
+    if views is None:
+        return {}
+    embeddings = {"model_rna_knn": views.rna()[cells]}
+    if views.reads_target:
+        embeddings["model_joint_knn"] = views.joint()[cells]
+    return embeddings
+
+
+def choose_annotation_head(embeddings: dict, labels: np.ndarray, train: np.ndarray, section, seed: int) -> dict:
+    """Per outer fold, by stratified inner CV over its training cells: the better baseline on mean
+    macro-F1, then the reported head: that baseline unless a model embedding's kNN gains on the
+    inner held-out cells beyond the 95% interval (`report.choose_weight`'s rule, cells resampled;
+    the candidates stand for weights 0, 1, 2 in order)."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    from celltron.finetune.annotate import macro_f1
+    from celltron.finetune.report import UnitScore, choose_weight
+
+    names, codes = np.unique(labels, return_inverse=True)
+    scores: dict[str, list] = {name: [] for name in embeddings}
+    with warnings.catch_warnings():  # a label with fewer training cells than inner folds: sklearn warns, and copes
+        warnings.simplefilter("ignore", UserWarning)
+        inner = list(StratifiedKFold(section.inner_folds, shuffle=True, random_state=seed).split(train, codes[train]))
+    for fit, held in inner:
+        fit, held = train[fit], train[held]
+        for name, embedding in embeddings.items():
+            guess = _knn_labels(embedding, codes, fit, held, section.neighbors).astype(np.int64)
+            truth = codes[held]
+            scores[name].append(
+                UnitScore.recomputed(
+                    len(held),
+                    lambda rows, t=truth, g=guess: (
+                        macro_f1(t, g, len(names)) if rows is None else macro_f1(t[rows], g[rows], len(names))
+                    ),
+                )
+            )
+    baseline_means = {name: float(np.mean([s.value for s in scores[name]])) for name in ("rna_pca_knn", "joint_knn")}
+    best = choose_best(baseline_means)
+    candidates = [best, *(name for name in embeddings if name.startswith("model_"))]
+    choice = choose_weight({float(i): scores[name] for i, name in enumerate(candidates)}, seed=seed)
+    return {
+        "best_baseline": best,
+        "baseline_inner_macro_f1": baseline_means,
+        "name": candidates[int(choice["weight"])],
+        "inner_macro_f1": {candidates[int(float(k))]: v for k, v in choice["weight_scores"].items()},
+        "gain_low": {candidates[int(float(k))]: v for k, v in choice["gain_low"].items()},
+    }
+
+
+def _per_fold_against(model: dict, baseline: dict, baseline_name: str, who: str) -> dict:
+    """{METRIC: model − baseline per fold, with its interval and verdict}, the same folds."""
+    out = {}
+    for metric in ANNOTATE_METRICS:
+        difference = paired_difference({u: s[metric] for u, s in model.items()}, {u: s[metric] for u, s in baseline.items()})
+        out[metric] = {
+            **difference,
+            "baseline": baseline_name,
+            "unit": "folds",
+            "verdict": verdict(difference).replace("the model", who),
+        }
+    return out
 
 
 def _annotation_views(counts, source, target, train, section, seed) -> tuple[np.ndarray, np.ndarray]:
