@@ -6,9 +6,12 @@ every baseline beside a pretrained multi-modal model and its random initialisati
 No evaluated cell is ever pretrained on. TEA-seq (1,262 PBMCs, RNA + 46 proteins): a fixed 70% of
 the cells (seed 1234, `pretraining_cells.txt`) build the corpus the joint model
 (configs/pretrain/scgpt_citeseq_benchmark.yaml: scGPT, RNA + protein tokens, masked values) is
-pretrained on; those cells are always training cells of the tasks (`crossmodal.train_only`), and
-held-out cells are half of the other 30%, drawn per seed. The pretrained model and its random-initialisation
-copy (same shape, same tokenizer) are built once under --workdir and reused.
+pretrained on, as is the paired model (configs/pretrain/geneformer_citeseq_benchmark.yaml: a
+Geneformer RNA tower and an scGPT protein tower, masked + contrastive); those cells are always
+training cells of the tasks (`crossmodal.train_only`), and held-out cells are half of the other
+30%, drawn per seed (annotation: 5 folds over them). Each pretrained model and its random-
+initialisation copy (same shape, same tokenizer) are built once under --workdir and reused; the
+last lines compare each plain model with its random initialisation.
 
 SNARE-seq (10,309 mouse cortex cells, RNA + ATAC, 12 batches): baselines, random cells and whole
 batches held out.
@@ -29,6 +32,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 JOINT_CONFIG = REPO / "configs" / "pretrain" / "scgpt_citeseq_benchmark.yaml"
+PAIRED_CONFIG = REPO / "configs" / "pretrain" / "geneformer_citeseq_benchmark.yaml"
 PRETRAIN_SHARE, PRETRAIN_SEED = 0.7, 1234
 
 
@@ -73,20 +77,57 @@ def prepare(workdir: Path, shared_data) -> dict[str, Path]:
             data = ad.read_h5ad(path)
             data[names].copy().write_h5ad(subset[modality])
     corpus = build(workdir / "pretraining_corpus", modalities=subset)
-    run = workdir / "joint_model"
+    joint = pretrained_once(JOINT_CONFIG, corpus, workdir / "joint_model")
+    paired = pretrained_once(PAIRED_CONFIG, corpus, workdir / "paired_model")
+    joint_random, paired_random = workdir / "joint_model_random_init", workdir / "paired_model_random_init"
+    if not joint_random.exists():
+        random_init_copy(joint, joint_random, seed=0)
+    if not paired_random.exists():
+        random_paired_copy(paired, paired_random, seed=0)
+    return {"cells": cells_file, "joint": joint, "joint_random": joint_random, "paired": paired, "paired_random": paired_random}
+
+
+def pretrained_once(config_path: Path, corpus: Path, run: Path) -> Path:
+    """The export of `config_path` pretrained on `corpus` under `run` (reused when it exists)."""
     export = run / "export"
     if not export.exists():
         from celltron.pretrain.config import load_config
         from celltron.pretrain.run import pretrain
 
-        config = load_config(JOINT_CONFIG, [f"data.corpus={corpus}"])
         started = time.time()
-        pretrain(config, run)
+        pretrain(load_config(config_path, [f"data.corpus={corpus}"]), run)
         (run / "pretraining_seconds.txt").write_text(f"{time.time() - started:.0f}\n")
-    random_copy = workdir / "joint_model_random_init"
-    if not random_copy.exists():
-        random_init_copy(export, random_copy, seed=0)
-    return {"cells": cells_file, "model": export, "random": random_copy}
+    return export
+
+
+def random_paired_copy(folder: Path, out: Path, seed: int) -> Path:
+    """A paired export's shape with fresh random weights: both towers and the projections, the RNA
+    tower at the root as in the export, and the same tokenizer files and pair tokens."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig
+
+    import celltron  # noqa: F401  (Auto classes)
+    from celltron.model_zoo.contrastive import PAIR_TOKENS_FILE, PAIRED_DIR, DualEncoder
+    from celltron.model_zoo.registry import family_of
+
+    trained = DualEncoder.from_pretrained(folder / PAIRED_DIR)
+    torch.manual_seed(seed)
+    towers = {}
+    for modality in trained.modalities:
+        spec = family_of(AutoConfig.from_pretrained(folder / PAIRED_DIR / modality))
+        towers[modality] = spec.model_class(spec.config_class.from_pretrained(folder / PAIRED_DIR / modality))
+    fresh = DualEncoder(towers, trained.projection_dim)
+    if out.exists():
+        shutil.rmtree(out)
+    towers["rna"].save_pretrained(out)
+    for item in folder.iterdir():  # the tokenizer's files
+        if item.suffix == ".json" and item.name != "config.json":
+            shutil.copy2(item, out / item.name)
+    fresh.save_pretrained(out / PAIRED_DIR)
+    shutil.copy2(folder / PAIRED_DIR / PAIR_TOKENS_FILE, out / PAIRED_DIR / PAIR_TOKENS_FILE)
+    return out
 
 
 def run_task(task: str, modalities: dict[str, Path], out: Path, seeds, model=None, **fields) -> dict:
@@ -103,6 +144,46 @@ def run_task(task: str, modalities: dict[str, Path], out: Path, seeds, model=Non
     )
     config = replace(config, crossmodal=section).check()
     return run_crossmodal(config, out, model=model)
+
+
+def pretraining_effects(results: Path) -> str:
+    """Pretrained − random initialisation of the same shape, on the plain model heads (the anchored
+    heads are the baseline wherever the model earned no weight): per protein (predict), per cell
+    (align, each model variant), per fold (annotate); a unit held out by several seeds counts once,
+    averaged over them; 95% intervals."""
+    from celltron.finetune.report import paired_over_seeds
+
+    def read(task: str, name: str) -> dict:
+        return json.loads((results / f"tea_{task}_{name}" / "metrics.json").read_text())
+
+    def effect(trained: dict, random: dict, higher_is_better: bool = True) -> str:
+        sign = 1 if higher_is_better else -1
+        d = paired_over_seeds(
+            {s: {u: sign * v for u, v in units.items()} for s, units in trained.items()},
+            {s: {u: sign * v for u, v in units.items()} for s, units in random.items()},
+            "",
+            "units",
+            "random",
+        )
+        mean, low, high = (sign * d[k] for k in ("mean", "low", "high"))
+        low, high = min(low, high), max(low, high)
+        return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] over {d['n_units']} units"
+
+    lines = ["pretrained − random initialisation (plain model, same splits):"]
+    for family in ("joint", "paired"):
+        runs = [read("predict", n)["model_plain"]["per_protein"] for n in (family, f"{family}_random")]
+        per_protein = [{s: {p: v["pearson"] for p, v in run.items()} for s, run in r.items()} for r in runs]
+        lines.append(f"  {family} predict, per-protein Pearson: {effect(*per_protein)}")
+        runs = [read("align", n)["model_variants"] for n in (family, f"{family}_random")]
+        for variant in ("model_zero_shot", "model_cca"):
+            lines.append(
+                f"  {family} align {variant}, FOSCTTM (lower is better): {effect(*(r[variant]['per_cell'] for r in runs), False)}"
+            )
+        runs = [read("annotate", n)["model_variants"] for n in (family, f"{family}_random")]
+        for variant in runs[0]:
+            folds = [{"all": {u: v["macro_f1"] for u, v in r[variant]["per_fold"].items()}} for r in runs]
+            lines.append(f"  {family} annotate {variant}, macro-F1: {effect(*folds)}")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -123,11 +204,12 @@ def main() -> None:
     tea, snare = teaseq_files(args.shared_data), snareseq_files(args.shared_data)
     # held-out cells: half of the 379 cells the model was not pretrained on, per seed
     held_out = {"label_key": "cell_type", "train_only": str(prepared["cells"]), "test_fraction": 0.5}
-    for name, model in (("baselines", None), ("pretrained", prepared["model"]), ("random_init", prepared["random"])):
-        run_task("predict", tea, results / f"tea_predict_{name}", args.seeds, model, **held_out)
-        run_task("align", tea, results / f"tea_align_{name}", args.seeds, model, **held_out)
-        annotate = {k: v for k, v in held_out.items() if k != "test_fraction"}  # folds over the 379 open cells
-        run_task("annotate", tea, results / f"tea_annotate_{name}", args.seeds, model, **annotate)
+    annotate = {k: v for k, v in held_out.items() if k != "test_fraction"}  # folds over the 379 open cells
+    models = {"baselines": None, **{name: prepared[name] for name in ("joint", "joint_random", "paired", "paired_random")}}
+    for name, model in models.items():
+        for task, fields in (("predict", held_out), ("align", held_out), ("annotate", annotate)):
+            run_task(task, tea, results / f"tea_{task}_{name}", args.seeds, model, **fields)
+    print(pretraining_effects(results))
     label = "cluster (remapped)"
     run_task("align", snare, results / "snare_align_random", args.seeds, target="atac", label_key=label)
     run_task(

@@ -9,7 +9,8 @@ a negative. Under DDP the projections of every rank are gathered (with their gra
 global batch: the loss equals the single-process loss on the concatenated batch.
 
 Saved as one folder per modality (the encoder's own Hugging Face folder) plus `contrastive.pt`
-(projections and temperature) and `contrastive.json` (modalities and sizes).
+(projections and temperature) and `contrastive.json` (modalities and sizes); a paired export also
+holds `pair_tokens.json`, how the pair tower tokenises cells (tokenizers.multimodal.PairTokens).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from torch import nn
 
 HEAD_FILE = "contrastive.pt"
 CONFIG_FILE = "contrastive.json"
+PAIRED_DIR = "paired"  # where an RNA model's export keeps the dual encoder of its paired pretraining
+PAIR_TOKENS_FILE = "pair_tokens.json"  # beside it: the pair tower's token settings and features
 INITIAL_TEMPERATURE = 0.07  # CLIP's
 MAX_LOGIT_SCALE = 100.0  # CLIP clips the learned scale here to keep training stable
 

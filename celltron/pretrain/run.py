@@ -30,6 +30,7 @@ from celltron.errors import CheckpointError, ConfigError
 from celltron.inputs import MissingInputError, read_json
 from celltron.io import check_output_folder, write_folder_atomically, write_text_atomically
 from celltron.model_zoo import FAMILIES, build_model
+from celltron.model_zoo.contrastive import PAIR_TOKENS_FILE, PAIRED_DIR
 from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
 from celltron.pretrain.config import PretrainConfig
 from celltron.pretrain.data import PretrainDataModule, check_gene_coverage, corpus_tokenizer
@@ -40,7 +41,8 @@ from celltron.training.module import PretrainModule
 from celltron.training.trainer import CHECKPOINT_DIR, build_trainer, fit, plot_loss, resolve_resume, stop_reason
 
 MODEL_DIR, EXPORT_DIR = "model", "export"
-PAIRING_FILE, PAIR_DIR, PAIRED_EXPORT = "pairing.json", "pair", "paired"  # paired pretraining (multimodal.pair)
+PAIRING_FILE, PAIR_DIR = "pairing.json", "pair"  # paired pretraining (multimodal.pair)
+PAIRED_EXPORT = PAIRED_DIR
 log = logging.getLogger(__name__)
 
 
@@ -119,7 +121,7 @@ def pretrain(
         model, pair_tokens, pair_pad = paired_model(config, corpus, model)
     # every process builds the same run; the first (rank from the launcher's environment) writes it
     if rank_zero_only.rank == 0:
-        _write_run_files(out, config, init_from, model, tokenizer)
+        _write_run_files(out, config, init_from, model, tokenizer, pair_tokens)
 
     data = PretrainDataModule(corpus, config.model.family, tokenizer, config.data, config.trainer.seed, pair_tokens, pair_pad)
     module = PretrainModule(
@@ -220,7 +222,7 @@ def _initialise_gene_embeddings(config: PretrainConfig, corpus: Corpus, tokenize
     initialise_gene_embeddings(model, corpus, tokenizer.vocab, config.model.svd_cells)
 
 
-def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, model, tokenizer) -> None:
+def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, model, tokenizer, pair_tokens=None) -> None:
     """config.yaml, init_from.txt and model/ (the model's config and tokenizer, what export needs)."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -232,6 +234,7 @@ def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, m
     if pairing:  # what export needs to rebuild the paired model: the pair tower's config and the pairing
         model.dual.encoders[pairing].config.save_pretrained(out / MODEL_DIR / PAIR_DIR)
         write_text_atomically(out / MODEL_DIR / PAIRING_FILE, json.dumps(dataclasses.asdict(config.multimodal), indent=1))
+        pair_tokens.save(out / MODEL_DIR / PAIR_DIR / PAIR_TOKENS_FILE)
 
 
 def _paired_from_state(rna_model, model_dir: Path, state: dict):
@@ -303,5 +306,7 @@ def export_checkpoint(checkpoint, out, run_dir=None, overwrite: bool = False) ->
                 shutil.copy2(item, folder / item.name)
         if paired is not None:
             paired.dual.save_pretrained(folder / PAIRED_EXPORT)
+            if (model_dir / PAIR_DIR / PAIR_TOKENS_FILE).exists():  # runs before this file existed lack it
+                shutil.copy2(model_dir / PAIR_DIR / PAIR_TOKENS_FILE, folder / PAIRED_EXPORT / PAIR_TOKENS_FILE)
 
     return write_folder_atomically(out, fill, overwrite=overwrite, protected=protected, written_by="celltron export")

@@ -163,6 +163,7 @@ class PairTokens:
         atac_select="tfidf",
         idf=None,
         adt_order: str = "panel",
+        features=None,
     ):
         if modality not in ("adt", "atac"):
             raise ConfigError(f"a pair tower encodes adt or atac, not {modality!r}")
@@ -172,6 +173,7 @@ class PairTokens:
         self.adt_bins, self.atac_budget, self.atac_select, self.idf = adt_bins, atac_budget, atac_select, idf
         self.adt_order = adt_order  # rank: highest CLR first, for a tower that reads no values
         self.vocab_size = len(PROTEIN_SPECIALS) + n_features
+        self.features = list(features) if features is not None else None  # the corpus's names, in token order
 
     @classmethod
     def for_corpus(
@@ -186,13 +188,37 @@ class PairTokens:
         if modality == "atac":
             stats = corpus.manifest["modalities"]["atac"]["features"]
             idf = inverse_document_frequency(corpus.manifest["n_cells"], stats["cells_expressing"])
-        return cls(modality, corpus.n_features(modality), adt_bins, atac_budget, atac_select, idf, adt_order)
+        features = list(corpus.feature_names(modality))
+        return cls(modality, corpus.n_features(modality), adt_bins, atac_budget, atac_select, idf, adt_order, features)
 
     def __call__(self, flat: dict, rng: np.random.Generator) -> RaggedTokens:
-        cells = ModalityCells.from_batch(flat, self.modality)
+        return self.encode(ModalityCells.from_batch(flat, self.modality), rng)
+
+    def encode(self, cells: ModalityCells, rng: np.random.Generator) -> RaggedTokens:
+        """The tower's tokens of cells whose counts are over this tower's features."""
         if self.modality == "adt":
             return protein_sequences(cells, self.n_features, self.adt_bins, rng, self.adt_order)
         return atac_sequences(cells, self.atac_budget, self.idf, self.atac_select, rng)
+
+    def save(self, path) -> Path:
+        """The settings and feature names, so a paired export tokenises new cells as pretraining did."""
+        settings = {
+            "modality": self.modality,
+            "n_features": self.n_features,
+            "adt_bins": self.adt_bins,
+            "atac_budget": self.atac_budget,
+            "atac_select": self.atac_select,
+            "idf": None if self.idf is None else np.asarray(self.idf).tolist(),
+            "adt_order": self.adt_order,
+            "features": self.features,
+        }
+        return write_json_atomically(path, settings)
+
+    @classmethod
+    def load(cls, path) -> PairTokens:
+        settings = read_json(path, "pair tower tokens", MODEL_FIX)
+        idf = settings.pop("idf")
+        return cls(**settings, idf=None if idf is None else np.asarray(idf))
 
 
 def inverse_document_frequency(n_cells: int, cells_open: np.ndarray) -> np.ndarray:

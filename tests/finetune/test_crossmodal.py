@@ -328,18 +328,44 @@ def test_align_refuses_a_model_that_reads_rna_only(teaseq_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def joint_model(tmp_path_factory):
-    """A debug joint scGPT (RNA + protein tokens) pretrained a few steps on the TEA-seq test cells."""
+def teaseq_corpus(tmp_path_factory):
     from celltron.corpus.build_multimodal import build_multimodal_corpus
     from celltron.corpus.options import BuildOptions
+
+    out = tmp_path_factory.mktemp("teaseq") / "corpus"
+    files = {"rna": DATA / "teaseq_pbmc_300cells_rna.h5ad", "adt": DATA / "teaseq_pbmc_300cells_adt.h5ad"}
+    build_multimodal_corpus(None, out, BuildOptions(progress=False, val_fraction=0.0), modalities=files)
+    return out
+
+
+def pretrained(config_name: str, corpus, out) -> Path:
+    """configs/pretrain/CONFIG_NAME pretrained 4 steps on `corpus`; its export folder."""
     from celltron.pretrain.run import pretrain
     from tests.pretrain.conftest import config_for as pretrain_config
 
-    root = tmp_path_factory.mktemp("joint")
-    files = {"rna": DATA / "teaseq_pbmc_300cells_rna.h5ad", "adt": DATA / "teaseq_pbmc_300cells_adt.h5ad"}
-    build_multimodal_corpus(None, root / "corpus", BuildOptions(progress=False, val_fraction=0.0), modalities=files)
     trainer = {"max_steps": 4, "val_every": 100, "checkpoint_every": 4, "log_every": 2}
-    return pretrain(pretrain_config("scgpt_citeseq_debug.yaml", root / "corpus", trainer=trainer), root / "run").export
+    return pretrain(pretrain_config(config_name, corpus, trainer=trainer), out).export
+
+
+@pytest.fixture(scope="module")
+def joint_model(teaseq_corpus, tmp_path_factory):
+    """A debug joint scGPT (RNA + protein tokens) pretrained a few steps on the TEA-seq test cells."""
+    return pretrained("scgpt_citeseq_debug.yaml", teaseq_corpus, tmp_path_factory.mktemp("joint") / "run")
+
+
+def test_a_paired_export_aligns_through_its_two_towers(teaseq_corpus, tmp_path):
+    from celltron.model_zoo.contrastive import PAIR_TOKENS_FILE, PAIRED_DIR
+
+    export = pretrained("geneformer_citeseq_debug.yaml", teaseq_corpus, tmp_path / "run")  # Geneformer RNA + scGPT protein tower
+    assert json.loads((export / PAIRED_DIR / PAIR_TOKENS_FILE).read_text())["features"][:2] == ["CD10", "CD11b"]
+    config = config_for("align", TEASEQ, label_key="cell_type", components=10, seeds=(0,))
+    align = run_crossmodal(config, tmp_path / "a", model=str(export))
+    assert set(align["model_variants"]) == {"model_zero_shot", "model_cca"}
+    zero_shot = align["model_variants"]["model_zero_shot"]["foscttm"]
+    assert 0 <= zero_shot <= 1 and align["paired"]["n_units"] == 60
+    (export / PAIRED_DIR / PAIR_TOKENS_FILE).unlink()  # an export from before the file existed
+    with pytest.raises(InputError, match="export the run again"):
+        run_crossmodal(config, tmp_path / "b", model=str(export))
 
 
 def test_a_joint_model_aligns_and_annotates_beside_the_baselines(joint_model, tmp_path, capsys):

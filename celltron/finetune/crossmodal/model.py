@@ -1,8 +1,10 @@
 """A pretrained model in the cross-modal tasks: its frozen cell embedding of each cell's RNA, and
 the heads built on it.
 
-Any model folder works: an RNA model, a joint multi-modal model (its tokenizer gives RNA-only
-sequences, which it was also trained to read) or the RNA tower of a paired export. The cells are
+Any model folder works for the RNA embedding: an RNA model, a joint multi-modal model (its
+tokenizer gives RNA-only sequences, which it was also trained to read) or a paired export's RNA
+tower. The other modality is read by a joint model's own tokens, or by a paired export's second
+tower (its `paired/` dual encoder, whose projections put both modalities in one space). The cells are
 tokenised by the model's own tokenizer after their genes are mapped to Ensembl IDs, and embedded
 once in eval mode (no dropout): a function of each cell alone, so held-out cells' embeddings carry
 nothing of their proteins or of other cells.
@@ -45,29 +47,16 @@ def rna_lab_data(paired: PairedCells, modality: str = "rna", species: str | None
     )
 
 
-def rna_embeddings(folder, paired: PairedCells, batch_size: int, seed: int, data_section=None) -> np.ndarray:
-    """(cells, hidden) frozen cell embeddings of each cell's RNA by the model in `folder`."""
-    from celltron.finetune.annotate import frozen_cell_embeddings
-    from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, tokenize_cells
-
-    options = (
-        {} if data_section is None else {"species": data_section.species, "min_mapped_fraction": data_section.min_mapped_fraction}
-    )
-    lab = rna_lab_data(paired, **options)
-    tokenizer = load_model_tokenizer(folder, lab)
-    check_vocabulary_coverage(lab, tokenizer.vocab)
-    tokens = tokenize_cells(lab, tokenizer, seed=seed)
-    return frozen_cell_embeddings(folder, tokens, tokenizer.vocab.special_id("pad"), batch_size)
-
-
 class ModelViews:
     """Frozen cell embeddings of paired cells by the model in `folder`: of each cell's RNA alone
-    (any model) and, for a joint multi-modal model whose tokens include the target modality, of
-    the target alone and of both together. The target's features are mapped onto the model's:
+    (any model) and, for a joint model whose tokens include the target modality or a paired
+    export with a tower for it, of each modality alone in the model's shared space and of both. The target's features are mapped onto the model's:
     proteins by canonical antigen name (the panel must be the model's, in any order), chromatin
     peaks into the model's genomic bins (bins the model lacks are dropped)."""
 
     def __init__(self, folder, paired: PairedCells, target: str, batch_size: int, seed: int, data_section=None):
+        from pathlib import Path
+
         from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer
 
         options = (
@@ -75,37 +64,101 @@ class ModelViews:
             if data_section is None
             else {"species": data_section.species, "min_mapped_fraction": data_section.min_mapped_fraction}
         )
-        self.folder, self.paired, self.target, self.batch_size, self.seed = folder, paired, target, batch_size, seed
+        self.folder, self.paired, self.target, self.batch_size, self.seed = Path(folder), paired, target, batch_size, seed
         lab = rna_lab_data(paired, **options)
         self.tokenizer = load_model_tokenizer(folder, lab)
         check_vocabulary_coverage(lab, self.tokenizer.vocab)
         self.block = _rna_block(lab)
         self.pad_id = self.tokenizer.vocab.special_id("pad")
-        self.target_cells = _target_cells(self.tokenizer, paired, target) if self.reads_target else None
+        self.dual, self.pair_tokens = _paired_towers(self.folder, target)
+        features = (
+            self.pair_tokens.features if self.pair_tokens is not None else getattr(self.tokenizer, "features", {}).get(target)
+        )
+        self.target_cells = None if features is None else _target_cells(features, paired, target)
 
     @property
     def reads_target(self) -> bool:
-        """A joint model trained on the target modality's tokens."""
-        return self.target in getattr(self.tokenizer, "features", {})
+        """A joint model trained on the target modality's tokens, or a paired one with a target tower."""
+        return self.target_cells is not None
 
     def _embed(self, tokens) -> np.ndarray:
         from celltron.finetune.annotate import frozen_cell_embeddings
 
         return frozen_cell_embeddings(self.folder, tokens, self.pad_id, self.batch_size)
 
+    def _rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
     def rna(self) -> np.ndarray:
-        return self._embed(self.tokenizer.encode_block(self.block, np.random.default_rng(self.seed)))
+        """The RNA model's cell embedding (a paired export: its RNA tower's, before projection)."""
+        return self._embed(self.tokenizer.encode_block(self.block, self._rng()))
 
     def joint(self) -> np.ndarray:
-        """Each cell's RNA and target tokens in one sequence (a joint model only)."""
-        tokens = self.tokenizer.encode(self.block, {self.target: self.target_cells}, np.random.default_rng(self.seed))
+        """Both modalities: one sequence of RNA and target tokens (a joint model), or both towers'
+        projections side by side (a paired one)."""
+        if self.dual is not None:
+            return np.hstack(self.aligned())
+        tokens = self.tokenizer.encode(self.block, {self.target: self.target_cells}, self._rng())
         return self._embed(tokens)
 
-    def target_alone(self) -> np.ndarray:
-        """The target modality's tokens with no RNA (a joint model only)."""
-        empty = _empty_block(self.block)
-        tokens = self.tokenizer.encode(empty, {self.target: self.target_cells}, np.random.default_rng(self.seed))
-        return self._embed(tokens)
+    def aligned(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each modality embedded alone, in the space the model puts both in: a joint model's cell
+        embedding of RNA tokens and of target tokens; a paired model's two projections (the space
+        its contrastive loss aligned)."""
+        if self.dual is None:
+            empty = _empty_block(self.block)
+            target = self._embed(self.tokenizer.encode(empty, {self.target: self.target_cells}, self._rng()))
+            return self.rna(), target
+        rna_tokens = self.tokenizer.encode_block(self.block, self._rng())
+        pair_tokens = self.pair_tokens.encode(self.target_cells, self._rng())
+        tower = self.dual.encoders[self.target]
+        pad_value = float(getattr(tower.config, "pad_value", 0.0))
+        return (
+            projected(self.dual, "rna", rna_tokens, self.pad_id, 0.0, self.batch_size),
+            projected(self.dual, self.target, pair_tokens, 0, pad_value, self.batch_size),
+        )
+
+
+def _paired_towers(folder, target: str):
+    """A paired export's dual encoder and its pair tower's tokens, when its tower reads `target`."""
+    from celltron.errors import InputError
+    from celltron.model_zoo.contrastive import CONFIG_FILE, PAIR_TOKENS_FILE, PAIRED_DIR, DualEncoder
+    from celltron.tokenizers.multimodal import PairTokens
+
+    paired = folder / PAIRED_DIR
+    if not (paired / CONFIG_FILE).exists():
+        return None, None
+    dual = DualEncoder.from_pretrained(paired).eval()
+    if target not in dual.modalities:
+        return None, None
+    if not (paired / PAIR_TOKENS_FILE).exists():
+        raise InputError(
+            f"{paired}: no {PAIR_TOKENS_FILE} (the {target} tower's token settings and features); export the run again "
+            "with this version (celltron export CHECKPOINT --out DIR)"
+        )
+    return dual, PairTokens.load(paired / PAIR_TOKENS_FILE)
+
+
+def projected(dual, modality: str, tokens, pad_id: int, pad_value: float, batch_size: int) -> np.ndarray:
+    """(cells, projection_dim) L2-normalised projections of one modality's tokens by the dual
+    encoder, in eval mode, on the GPU when there is one."""
+    import torch
+
+    from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
+
+    device = pick_device("auto")
+    dual = dual.to(device).eval()
+    order = np.argsort(tokens.lengths, kind="stable")
+    out = np.zeros((len(tokens), dual.projection_dim), dtype=np.float32)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = pad_cells(tokens, rows, pad_id)
+            if "values" in batch:
+                batch["values"][batch["attention_mask"] == 0] = pad_value
+            with autocast(device):
+                out[rows] = dual.embed(modality, to_device(batch, device)).float().cpu().numpy()
+    return out
 
 
 def _rna_block(lab):
@@ -135,13 +188,13 @@ def _empty_block(block):
     )
 
 
-def _target_cells(tokenizer, paired: PairedCells, target: str):
-    """The target modality's counts over the model's features, as `ModalityCells`."""
+def _target_cells(features, paired: PairedCells, target: str):
+    """The target modality's counts over the model's `features`, as `ModalityCells`."""
     import scipy.sparse as sp
 
     from celltron.tokenizers.multimodal import ModalityCells
 
-    model_features = np.asarray(tokenizer.features[target]).astype(str)
+    model_features = np.asarray(features).astype(str)
     counts, where = paired.counts[target], f"{paired.files[target]} ({target})"
     if target == "adt":
         from celltron.corpus.proteins import canonical_proteins

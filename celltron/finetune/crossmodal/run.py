@@ -72,7 +72,8 @@ def run_crossmodal(config, out, model: str | None = None, baselines_only: bool =
     if views is not None and section.task == "align" and not views.reads_target:
         raise ConfigError(
             f"cross-modal align with --model {model}: the model reads RNA only; alignment needs a joint model whose "
-            f"tokens include {target} (pretrained with multimodal.joint: [{target}])"
+            f"tokens include {target} (pretrained with multimodal.joint: [{target}]) or a paired export with a {target} "
+            f"tower (multimodal.pair: {target})"
         )
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     if section.task == "predict":
@@ -475,8 +476,8 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
         require_eval_extra("umap")
     model = None
     if views is not None:
-        embedded = {"rna": views.rna(), views.target: views.target_alone()}
-        model = {"first": embedded[source], "second": embedded[target]}
+        rna, other = views.aligned()
+        model = {"first": rna, "second": other} if source == "rna" else {"first": other, "second": rna}
     runs: dict[str, dict] = {}
     head_runs, chosen, splits, first_embedding, correlations = {}, {}, {}, None, {}
     for seed in section.seeds:
