@@ -290,7 +290,9 @@ class CrossModalSection:
     train_only: a text file of cell names (one per line) that are always training cells, never
         held out: e.g. the cells a model was pretrained on. Held-out cells are then drawn from the
         other cells (test_fraction is their share of those; split batch holds out only batches
-        without such cells). '' : none.
+        without such cells), and the model's inner choices (weight, alignment, head) are scored on
+        training cells outside the list only: a model pretrained on a cell's pair scores it too
+        well. '' : none.
     head: predict with --model: anchored (the best baseline plus w x (model − best baseline), w
         chosen from anchor_weights by inner CV over training cells, proteins as units: the
         smallest unless a larger one gains beyond the 95% interval; w = 0 is the baseline

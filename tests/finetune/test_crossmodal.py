@@ -230,6 +230,21 @@ def test_predict_align_annotate_on_the_real_test_sets(tmp_path, capsys):
     assert "joint_knn − rna_pca_knn" in capsys.readouterr().out
 
 
+def test_inner_choices_are_scored_on_cells_the_model_never_saw():
+    from celltron.finetune.crossmodal.model import inner_folds
+
+    train = np.arange(0, 100, 2)
+    seen = np.zeros(100, dtype=bool)
+    seen[:60] = True  # the cells a model was pretrained on
+    folds = inner_folds(train, 3, seed=0, seen=seen)
+    held = np.concatenate([h for _, h in folds])
+    assert sorted(held) == list(range(60, 100, 2))  # every unseen training cell once, no seen one
+    for fit, held_out in folds:
+        assert sorted(np.concatenate([fit, held_out])) == list(train)  # the seen cells stay in every fit
+    with pytest.raises(InputError, match="too few for 3 inner folds"):
+        inner_folds(train, 3, seed=0, seen=np.arange(100) < 96)
+
+
 def test_batch_splits_never_put_a_batch_on_both_sides(simulated):
     from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.model_selection import KFold
 
+from celltron.errors import InputError
 from celltron.finetune.crossmodal import baselines as bl
 from celltron.finetune.crossmodal.data import PairedCells
 from celltron.finetune.crossmodal.evaluate import per_protein_scores
@@ -246,13 +247,37 @@ def protein_units(truth: np.ndarray, predicted: np.ndarray) -> UnitScore:
     return UnitScore.of_units(per_protein_scores(truth, predicted)["pearson"])
 
 
-def choose_anchor_weight(baseline, model, targets, train: np.ndarray, weights, folds: int, seed: int) -> dict:
-    """The anchored head's weight by inner CV over the training cells: per inner fold, the best
-    baseline and the model head refitted on the inner training cells, the blends scored on the
-    inner held-out cells (per-protein Pearson), `report.choose_weight` over them."""
+def inner_folds(train: np.ndarray, folds: int, seed: int, seen=None, labels=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inner (fit, held-out) cells of the training cells `train`. Held-out cells are drawn only from
+    training cells the model has not seen (`seen`: per cell, e.g. `crossmodal.train_only`, the
+    cells it was pretrained on): a model pretrained on a cell's pair scores that cell too well, so
+    an inner choice scored on it would favour the model. Every other training cell stays in the
+    fit. Stratified by `labels` when given."""
+    import warnings
+
+    from sklearn.model_selection import StratifiedKFold
+
+    candidates = train if seen is None else train[~seen[train]]
+    if len(candidates) < folds:
+        raise InputError(
+            f"only {len(candidates)} training cells outside crossmodal.train_only, too few for {folds} inner folds; "
+            "hold out fewer cells (--test-fraction) or name fewer cells in --train-only"
+        )
+    if labels is None:
+        split = KFold(folds, shuffle=True, random_state=seed).split(candidates)
+    else:
+        with warnings.catch_warnings():  # a label with fewer cells than inner folds: sklearn warns, and copes
+            warnings.simplefilter("ignore", UserWarning)
+            split = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(candidates, labels[candidates]))
+    return [(np.setdiff1d(train, candidates[held]), candidates[held]) for _, held in split]
+
+
+def choose_anchor_weight(baseline, model, targets, train: np.ndarray, weights, folds: int, seed: int, seen=None) -> dict:
+    """The anchored head's weight by inner CV over the training cells (`inner_folds`): per inner
+    fold, the best baseline and the model head refitted on the inner training cells, the blends
+    scored on the inner held-out cells (per-protein Pearson), `report.choose_weight` over them."""
     by_weight = {float(w): [] for w in weights}
-    for fit, held in KFold(folds, shuffle=True, random_state=seed).split(train):
-        fit, held = train[fit], train[held]
+    for fit, held in inner_folds(train, folds, seed, seen):
         base, plain = baseline(fit)[held], model(fit)[held]
         for w in by_weight:
             by_weight[w].append(protein_units(targets[held], anchor(base, plain, w)))

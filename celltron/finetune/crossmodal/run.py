@@ -219,7 +219,14 @@ def _predict(
         shown = (best_predicted, train, test, best)
         if embedding is not None:
             head, plain, alphas[seed], weight = _model_head(
-                embedding[1], targets, train, section, seed, lambda fit: predictors[best](features, targets, fit), best_predicted
+                embedding[1],
+                targets,
+                train,
+                section,
+                seed,
+                lambda fit: predictors[best](features, targets, fit),
+                best_predicted,
+                train_only,
             )
             model_runs[seed] = prediction_scores(targets[test], head[test], proteins, types)
             plain_runs[seed] = prediction_scores(targets[test], plain[test], proteins, types)
@@ -256,7 +263,7 @@ def _predict(
     return metrics
 
 
-def _model_head(embedding, targets, train, section, seed: int, baseline, baseline_predicted):
+def _model_head(embedding, targets, train, section, seed: int, baseline, baseline_predicted, seen=None):
     """The model's ridge head on its frozen embedding and, anchored, the blend with the best
     baseline at the weight chosen by inner CV; returns (head, plain, alpha record, weight record)."""
     from celltron.finetune.crossmodal.model import choose_anchor_weight, model_predictor
@@ -266,7 +273,7 @@ def _model_head(embedding, targets, train, section, seed: int, baseline, baselin
     plain = model(train)
     if section.head == "plain":
         return plain, plain, alpha, {}
-    choice = choose_anchor_weight(baseline, model, targets, train, section.anchor_weights, section.inner_folds, seed)
+    choice = choose_anchor_weight(baseline, model, targets, train, section.anchor_weights, section.inner_folds, seed, seen)
     return anchor(baseline_predicted, plain, choice["weight"]), plain, alpha, choice
 
 
@@ -442,18 +449,17 @@ def _aligners(views: list[np.ndarray], model: dict[str, np.ndarray] | None, comp
     return aligners
 
 
-def choose_aligner(aligners: dict, train: np.ndarray, folds: int, seed: int) -> dict:
+def choose_aligner(aligners: dict, train: np.ndarray, folds: int, seed: int, seen=None) -> dict:
     """The reported alignment by inner CV over the training cells: CCA of the baseline views
     unless a model alignment lowers the inner held-out cells' FOSCTTM beyond the 95% interval
-    (`report.choose_weight`'s rule, the candidates in ALIGNERS order standing for weights 0, 1, 2)."""
-    from sklearn.model_selection import KFold
-
+    (`report.choose_weight`'s rule, the candidates in ALIGNERS order standing for weights 0, 1, 2);
+    inner held-out cells are training cells the model was not pretrained on (`model.inner_folds`)."""
+    from celltron.finetune.crossmodal.model import inner_folds
     from celltron.finetune.report import UnitScore, choose_weight
 
     names = list(aligners)
     by_index = {float(i): [] for i in range(len(names))}
-    for fit, held in KFold(folds, shuffle=True, random_state=seed).split(train):
-        fit, held = train[fit], train[held]
+    for fit, held in inner_folds(train, folds, seed, seen):
         for i, name in enumerate(names):
             first, second = aligners[name](fit)
             by_index[float(i)].append(UnitScore.of_units(foscttm(first[held], second[held])))
@@ -494,7 +500,7 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
             runs.setdefault(name, {})[seed] = scores
         shown = "cca"
         if model is not None:
-            chosen[seed] = choose_aligner(aligners, train, section.inner_folds, seed)
+            chosen[seed] = choose_aligner(aligners, train, section.inner_folds, seed, train_only)
             head_runs[seed] = runs[chosen[seed]["name"]][seed]
             shown = chosen[seed]["name"]
         if first_embedding is None:
@@ -663,7 +669,8 @@ def _annotate(paired: PairedCells, section, source: str, target: str, out: Path,
             for name, embedding in embeddings.items():
                 per_fold[name][unit] = fold_scores(embedding, labels, train, test, section.neighbors)
             if model_embeddings:
-                chosen[unit] = choose_annotation_head(embeddings, labels, train, section, seed)
+                seen = None if train_only is None else train_only[cells]
+                chosen[unit] = choose_annotation_head(embeddings, labels, train, section, seed, seen)
                 best[unit] = per_fold[chosen[unit]["best_baseline"]][unit]
                 head[unit] = per_fold[chosen[unit]["name"]][unit]
             if seed == section.seeds[0]:
@@ -726,25 +733,19 @@ def _annotation_model_embeddings(views, cells: np.ndarray) -> dict[str, np.ndarr
     return embeddings
 
 
-def choose_annotation_head(embeddings: dict, labels: np.ndarray, train: np.ndarray, section, seed: int) -> dict:
+def choose_annotation_head(embeddings: dict, labels: np.ndarray, train: np.ndarray, section, seed: int, seen=None) -> dict:
     """Per outer fold, by stratified inner CV over its training cells: the better baseline on mean
     macro-F1, then the reported head: that baseline unless a model embedding's kNN gains on the
     inner held-out cells beyond the 95% interval (`report.choose_weight`'s rule, cells resampled;
-    the candidates stand for weights 0, 1, 2 in order)."""
-    import warnings
-
-    from sklearn.model_selection import StratifiedKFold
-
+    the candidates stand for weights 0, 1, 2 in order); inner held-out cells are training cells the
+    model was not pretrained on (`seen`)."""
     from celltron.finetune.annotate import macro_f1
+    from celltron.finetune.crossmodal.model import inner_folds
     from celltron.finetune.report import UnitScore, choose_weight
 
     names, codes = np.unique(labels, return_inverse=True)
     scores: dict[str, list] = {name: [] for name in embeddings}
-    with warnings.catch_warnings():  # a label with fewer training cells than inner folds: sklearn warns, and copes
-        warnings.simplefilter("ignore", UserWarning)
-        inner = list(StratifiedKFold(section.inner_folds, shuffle=True, random_state=seed).split(train, codes[train]))
-    for fit, held in inner:
-        fit, held = train[fit], train[held]
+    for fit, held in inner_folds(train, section.inner_folds, seed, seen, codes):
         for name, embedding in embeddings.items():
             guess = _knn_labels(embedding, codes, fit, held, section.neighbors).astype(np.int64)
             truth = codes[held]
