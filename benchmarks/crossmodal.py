@@ -2,6 +2,7 @@
 every baseline beside a pretrained multi-modal model and its random initialisation, 3 seeds.
 
     python -m benchmarks.crossmodal [--workdir runs/bench/crossmodal] [--seeds 0 1 2] [--prepare-only]
+        [--scvi-python runs/scvi-py311/bin/python [--peers-only] [--multivi-epochs 100]]
 
 No evaluated cell is ever pretrained on. TEA-seq (1,262 PBMCs, RNA + 46 proteins): a fixed 70% of
 the cells (seed 1234, `pretraining_cells.txt`) build the corpus the joint model
@@ -186,6 +187,97 @@ def pretraining_effects(results: Path) -> str:
     return "\n".join(lines)
 
 
+def peer_rows(workdir: Path, shared_data, seeds, scvi_python: str, multivi_epochs: int) -> str:
+    """TotalVI (TEA-seq, RNA -> proteins) and MultiVI (SNARE-seq, alignment) on the benchmark's own
+    splits (the same seeds, the same train_only cells), scored by the same functions; each run in
+    `scvi_python` (an environment with scvi-tools) through benchmarks/scvi_peers.py."""
+    import subprocess
+    import tempfile
+
+    from celltron.finetune.config import FinetuneConfig
+    from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
+    from celltron.finetune.crossmodal.evaluate import PREDICTION_METRICS, foscttm, prediction_scores, recall_at_k
+    from celltron.finetune.crossmodal.features import clr
+    from celltron.finetune.crossmodal.run import _train_only, split_cells
+    from celltron.finetune.report import aggregate, paired_over_seeds, write_metrics
+
+    script = REPO / "benchmarks" / "scvi_peers.py"
+    results = workdir / "results"
+    tea, snare = teaseq_files(shared_data), snareseq_files(shared_data)
+    base = FinetuneConfig().crossmodal
+    lines = []
+
+    def run_peer(kind, files, train, test, seed, extra=()):
+        with tempfile.TemporaryDirectory() as tmp:
+            np.savez(Path(tmp) / "split.npz", train=train, test=test)
+            command = [scvi_python, str(script), "--rna", str(files["rna"]), "--other", str(files[kind]), "--kind", kind]
+            command += ["--split", f"{tmp}/split.npz", "--out", f"{tmp}/out.npz", "--seed", str(seed), *extra]
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            return dict(np.load(f"{tmp}/out.npz", allow_pickle=True)), summary
+
+    # TotalVI: the predict task's splits (half of the cells the models were not pretrained on)
+    section = replace(base, test_fraction=0.5, train_only=str(workdir / "pretraining_cells.txt"))
+    paired = read_paired(None, parse_modality_files([f"{m}={p}" for m, p in tea.items()]), ("rna", "adt"))
+    seen = _train_only(section.train_only, paired)
+    measured = clr(paired.counts["adt"])
+    runs, summaries = {}, {}
+    for seed in seeds:
+        train, test = split_cells(paired, section, seed, seen)
+        out, summaries[seed] = run_peer("adt", tea, train, test, seed)
+        runs[seed] = prediction_scores(measured[test], clr(out["predicted"]), paired.features["adt"])
+    knn = json.loads((results / "tea_predict_baselines" / "metrics.json").read_text())["baselines"]["knn_rna_pca"]
+    totalvi = aggregate(runs, PREDICTION_METRICS, "per_protein")
+    difference = paired_over_seeds(
+        {s: {p: v["pearson"] for p, v in r["per_protein"].items()} for s, r in runs.items()},
+        {s: {p: v["pearson"] for p, v in knn["per_protein"][str(s)].items()} for s in runs},
+        "per-protein Pearson",
+        "proteins",
+        "knn_rna_pca",
+    )
+    write_metrics(
+        results / "tea_predict_totalvi" / "metrics.json", {"totalvi": totalvi, "against_knn": difference, "runs": summaries}
+    )
+    lines.append(
+        f"TotalVI, TEA-seq RNA -> proteins: per-protein Pearson {totalvi['pearson']:.3f} ± {totalvi['std']['pearson']:.3f}, "
+        f"Spearman {totalvi['spearman']:.3f}, per-cell {totalvi['cell_pearson']:.3f}, MSE {totalvi['mse']:.3f}; "
+        f"− kNN on RNA PCA {difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] over 46 proteins; "
+        f"{np.mean([v['runtime_seconds'] for v in summaries.values()]):.0f} s a seed"
+    )
+    # MultiVI: the SNARE-seq random-cell alignment splits
+    paired = read_paired(None, parse_modality_files([f"{m}={p}" for m, p in snare.items()]), ("rna", "atac"))
+    runs, summaries = {}, {}
+    for seed in seeds:
+        train, test = split_cells(paired, base, seed)
+        out, summaries[seed] = run_peer("atac", snare, train, test, seed, ("--epochs", str(multivi_epochs)))
+        per_cell = foscttm(out["latent_rna"], out["latent_other"])
+        runs[seed] = {
+            "foscttm": float(per_cell.mean()),
+            **recall_at_k(out["latent_rna"], out["latent_other"], base.recall_k),
+            "per_cell": {str(paired.cell_names[c]): float(v) for c, v in zip(test, per_cell)},
+        }
+    names = ("foscttm", *(f"recall_at_{k}" for k in base.recall_k))
+    multivi = aggregate(runs, names, "per_cell")
+    cca = json.loads((results / "snare_align_random" / "metrics.json").read_text())["baselines"]["cca"]
+    difference = paired_over_seeds(
+        {s: {c: -v for c, v in r["per_cell"].items()} for s, r in runs.items()},
+        {s: {c: -v for c, v in cca["per_cell"][str(s)].items()} for s in runs},
+        "FOSCTTM, negated (higher is better)",
+        "cells",
+        "cca",
+    )
+    write_metrics(
+        results / "snare_align_multivi" / "metrics.json", {"multivi": multivi, "against_cca": difference, "runs": summaries}
+    )
+    lines.append(
+        f"MultiVI ({multivi_epochs} epochs), SNARE-seq alignment: FOSCTTM {multivi['foscttm']:.3f} ± {multivi['std']['foscttm']:.3f}, "
+        f"recall@10 {multivi['recall_at_10']:.3f}; CCA − MultiVI FOSCTTM {difference['mean']:+.3f} "
+        f"[{difference['low']:+.3f}, {difference['high']:+.3f}] over {difference['n_units']} cells (> 0: MultiVI better); "
+        f"{np.mean([v['runtime_seconds'] for v in summaries.values()]):.0f} s a seed"
+    )
+    return "\n".join(lines)
+
+
 def main() -> None:
     from benchmarks._data import add_shared_data_option
 
@@ -193,9 +285,19 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench/crossmodal"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument(
+        "--scvi-python",
+        help="a Python with scvi-tools (see benchmarks/scvi_peers.py): run TotalVI and MultiVI on the same splits, "
+        "after the tasks have run (their results are read from --workdir)",
+    )
+    parser.add_argument("--peers-only", action="store_true", help="with --scvi-python: only the scvi-tools rows")
+    parser.add_argument("--multivi-epochs", type=int, default=100)
     add_shared_data_option(parser)
     args = parser.parse_args()
     started = time.time()
+    if args.peers_only:
+        print(peer_rows(args.workdir, args.shared_data, args.seeds, args.scvi_python, args.multivi_epochs))
+        return
     prepared = prepare(args.workdir, args.shared_data)
     if args.prepare_only:
         print(json.dumps({k: str(v) for k, v in prepared.items()}))
@@ -223,6 +325,8 @@ def main() -> None:
         batch_key="Batch",
     )
     run_task("annotate", snare, results / "snare_annotate", args.seeds, target="atac", label_key=label)
+    if args.scvi_python:
+        print(peer_rows(args.workdir, args.shared_data, args.seeds, args.scvi_python, args.multivi_epochs))
     print(f"\n{platform.node()}, {time.time() - started:.0f} s")
 
 
