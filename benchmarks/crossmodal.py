@@ -235,6 +235,7 @@ def peer_rows(workdir: Path, shared_data, seeds, scvi_python: str, multivi_epoch
         "proteins",
         "knn_rna_pca",
     )
+    (results / "tea_predict_totalvi").mkdir(parents=True, exist_ok=True)
     write_metrics(
         results / "tea_predict_totalvi" / "metrics.json", {"totalvi": totalvi, "against_knn": difference, "runs": summaries}
     )
@@ -266,6 +267,7 @@ def peer_rows(workdir: Path, shared_data, seeds, scvi_python: str, multivi_epoch
         "cells",
         "cca",
     )
+    (results / "snare_align_multivi").mkdir(parents=True, exist_ok=True)
     write_metrics(
         results / "snare_align_multivi" / "metrics.json", {"multivi": multivi, "against_cca": difference, "runs": summaries}
     )
