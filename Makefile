@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# CPU torch first: pyproject asks for torch>=2.4, which this then satisfies (no CUDA download).
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,s3,fast,deepspeed,bench,chem,eval,hvg]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,s3,fast,deepspeed,bench,chem,eval,hvg,scvi]"
 	# scGPT's own code is the reference in equivalence tests; its pinned dependencies (torchtext,
 	# datasets<3, scvi-tools<1) do not install beside current torch, so only the package itself.
 	$(BIN)/python -m pip install --quiet --no-deps scgpt==0.2.4

@@ -2,7 +2,7 @@
 every baseline beside a pretrained multi-modal model and its random initialisation, 3 seeds.
 
     python -m benchmarks.crossmodal [--workdir runs/bench/crossmodal] [--seeds 0 1 2] [--prepare-only]
-        [--scvi-python runs/scvi-py311/bin/python [--peers-only] [--multivi-epochs 100]]
+        [--peers | --peers-only] [--multivi-epochs 100]
 
 No evaluated cell is ever pretrained on. TEA-seq (1,262 PBMCs, RNA + 46 proteins): a fixed 70% of
 the cells (seed 1234, `pretraining_cells.txt`) build the corpus the joint model
@@ -15,7 +15,14 @@ initialisation copy (same shape, same tokenizer) are built once under --workdir 
 last lines compare each plain model with its random initialisation.
 
 SNARE-seq (10,309 mouse cortex cells, RNA + ATAC, 12 batches): baselines, random cells and whole
-batches held out.
+batches held out. The multiome models (configs/pretrain/genecompass_multiome_joint_benchmark.yaml,
+genecompass_multiome_benchmark.yaml) are pretrained on 9 batches; alignment and annotation with
+them (and their random initialisations) run on the other 3 batches' cells alone (`--snare-only`:
+just this part).
+
+scvi-tools peers (--peers, or --peers-only without the models; celltron[scvi]): TotalVI on the
+TEA-seq predict splits and MultiVI on the SNARE-seq random-cell alignment splits, run by the tasks
+themselves (`crossmodal.peers`) beside the baselines.
 
 Prints one table per task and writes every run's metrics.json under --workdir/results.
 """
@@ -35,6 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 JOINT_CONFIG = REPO / "configs" / "pretrain" / "scgpt_citeseq_benchmark.yaml"
 PAIRED_CONFIG = REPO / "configs" / "pretrain" / "geneformer_citeseq_benchmark.yaml"
 PRETRAIN_SHARE, PRETRAIN_SEED = 0.7, 1234
+MULTIOME_JOINT_CONFIG = REPO / "configs" / "pretrain" / "genecompass_multiome_joint_benchmark.yaml"
+MULTIOME_PAIRED_CONFIG = REPO / "configs" / "pretrain" / "genecompass_multiome_benchmark.yaml"
+SNARE_BATCH_KEY, SNARE_LABEL = "Batch", "cluster (remapped)"
+SNARE_UNSEEN_BATCHES = 3  # of 12, never pretrained on: the multiome models' tasks run on their cells
 
 
 def teaseq_files(shared_data) -> dict[str, Path]:
@@ -60,17 +71,11 @@ def prepare(workdir: Path, shared_data) -> dict[str, Path]:
     and its random-initialisation copy; each built once (a finished step is never redone)."""
     import anndata as ad
 
-    from benchmarks._pretrained import random_init_copy
     from benchmarks.multimodal_stream import build
 
     files = teaseq_files(shared_data)
-    workdir.mkdir(parents=True, exist_ok=True)
-    cells_file = workdir / "pretraining_cells.txt"
-    rna = ad.read_h5ad(files["rna"])
-    rng = np.random.default_rng(PRETRAIN_SEED)
-    chosen = np.sort(rng.permutation(rna.n_obs)[: int(round(PRETRAIN_SHARE * rna.n_obs))])
-    names = rna.obs_names[chosen].astype(str)
-    cells_file.write_text("\n".join(names) + "\n")
+    cells_file = pretraining_cells(workdir, files)
+    names = cells_file.read_text().splitlines()
     subset = {}
     for modality, path in files.items():
         subset[modality] = workdir / f"pretraining_{modality}.h5ad"
@@ -78,14 +83,73 @@ def prepare(workdir: Path, shared_data) -> dict[str, Path]:
             data = ad.read_h5ad(path)
             data[names].copy().write_h5ad(subset[modality])
     corpus = build(workdir / "pretraining_corpus", modalities=subset)
-    joint = pretrained_once(JOINT_CONFIG, corpus, workdir / "joint_model")
-    paired = pretrained_once(PAIRED_CONFIG, corpus, workdir / "paired_model")
-    joint_random, paired_random = workdir / "joint_model_random_init", workdir / "paired_model_random_init"
+    return {"cells": cells_file, **models_once(JOINT_CONFIG, PAIRED_CONFIG, corpus, workdir)}
+
+
+def models_once(joint_config: Path, paired_config: Path, corpus: Path, folder: Path) -> dict[str, Path]:
+    """The joint and paired models pretrained on `corpus`, and their random-initialisation copies."""
+    from benchmarks._pretrained import random_init_copy
+
+    joint = pretrained_once(joint_config, corpus, folder / "joint_model")
+    paired = pretrained_once(paired_config, corpus, folder / "paired_model")
+    joint_random, paired_random = folder / "joint_model_random_init", folder / "paired_model_random_init"
     if not joint_random.exists():
         random_init_copy(joint, joint_random, seed=0)
     if not paired_random.exists():
         random_paired_copy(paired, paired_random, seed=0)
-    return {"cells": cells_file, "joint": joint, "joint_random": joint_random, "paired": paired, "paired_random": paired_random}
+    return {"joint": joint, "joint_random": joint_random, "paired": paired, "paired_random": paired_random}
+
+
+def prepare_snare(workdir: Path, shared_data) -> dict[str, Path]:
+    """SNARE-seq for the multiome models: 3 of the 12 batches (seed 1234) are set aside, the joint
+    (RNA + chromatin tokens, masked) and paired (chromatin tower, masked + contrastive) GeneCompass
+    models are pretrained on the other 9, and the tasks run on the set-aside batches' cells alone,
+    so that no evaluated cell (training or held out) was pretrained on. Each step is done once."""
+    import anndata as ad
+
+    from benchmarks.multimodal_stream import build
+
+    files, work = snareseq_files(shared_data), workdir / "snare"
+    work.mkdir(parents=True, exist_ok=True)
+    batches = ad.read_h5ad(files["rna"], backed="r").obs[SNARE_BATCH_KEY].astype(str).to_numpy()
+    names = np.unique(batches)
+    unseen = np.sort(np.random.default_rng(PRETRAIN_SEED).permutation(names)[:SNARE_UNSEEN_BATCHES])
+    (work / "unseen_batches.txt").write_text("\n".join(unseen) + "\n")
+    parts = {"pretraining": ~np.isin(batches, unseen), "tasks": np.isin(batches, unseen)}
+    subsets = {part: {} for part in parts}
+    for modality, path in files.items():
+        data = None
+        for part, rows in parts.items():
+            subsets[part][modality] = work / f"{part}_{modality}.h5ad"
+            if not subsets[part][modality].exists():
+                data = ad.read_h5ad(path) if data is None else data
+                data[rows].copy().write_h5ad(subsets[part][modality])
+    corpus = build(work / "pretraining_corpus", modalities=subsets["pretraining"], genome="mm10")
+    return {"data": subsets["tasks"], **models_once(MULTIOME_JOINT_CONFIG, MULTIOME_PAIRED_CONFIG, corpus, work)}
+
+
+def snare_model_runs(prepared: dict, results: Path, seeds) -> None:
+    """Align and annotate on the unseen batches' cells: the baselines, each multiome model and its
+    random initialisation (random cells held out: half of them per seed; annotation: 5 folds)."""
+    models = {"baselines": None, **{name: prepared[name] for name in ("joint", "joint_random", "paired", "paired_random")}}
+    for name, model in models.items():
+        fields = {"target": "atac", "label_key": SNARE_LABEL}
+        run_task("align", prepared["data"], results / f"snare_unseen_align_{name}", seeds, model, test_fraction=0.5, **fields)
+        run_task("annotate", prepared["data"], results / f"snare_unseen_annotate_{name}", seeds, model, **fields)
+
+
+def pretraining_cells(workdir: Path, files: dict[str, Path]) -> Path:
+    """`pretraining_cells.txt`: the fixed 70% of TEA-seq cells (seed 1234) the models are
+    pretrained on, always training cells of the tasks."""
+    import anndata as ad
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    cells_file = workdir / "pretraining_cells.txt"
+    names = ad.read_h5ad(files["rna"], backed="r").obs_names
+    rng = np.random.default_rng(PRETRAIN_SEED)
+    chosen = np.sort(rng.permutation(len(names))[: int(round(PRETRAIN_SHARE * len(names)))])
+    cells_file.write_text("\n".join(names[chosen].astype(str)) + "\n")
+    return cells_file
 
 
 def pretrained_once(config_path: Path, corpus: Path, run: Path) -> Path:
@@ -147,7 +211,7 @@ def run_task(task: str, modalities: dict[str, Path], out: Path, seeds, model=Non
     return run_crossmodal(config, out, model=model)
 
 
-def pretraining_effects(results: Path) -> str:
+def pretraining_effects(results: Path, prefix: str = "tea", tasks=("predict", "align", "annotate")) -> str:
     """Pretrained − random initialisation of the same shape, on the plain model heads (the anchored
     heads are the baseline wherever the model earned no weight): per protein (predict), per cell
     (align, each model variant), per fold (annotate); a unit held out by several seeds counts once,
@@ -155,7 +219,7 @@ def pretraining_effects(results: Path) -> str:
     from celltron.finetune.report import paired_over_seeds
 
     def read(task: str, name: str) -> dict:
-        return json.loads((results / f"tea_{task}_{name}" / "metrics.json").read_text())
+        return json.loads((results / f"{prefix}_{task}_{name}" / "metrics.json").read_text())
 
     def effect(trained: dict, random: dict, higher_is_better: bool = True) -> str:
         sign = 1 if higher_is_better else -1
@@ -170,11 +234,12 @@ def pretraining_effects(results: Path) -> str:
         low, high = min(low, high), max(low, high)
         return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] over {d['n_units']} units"
 
-    lines = ["pretrained − random initialisation (plain model, same splits):"]
+    lines = [f"{prefix}: pretrained − random initialisation (plain model, same splits):"]
     for family in ("joint", "paired"):
-        runs = [read("predict", n)["model_plain"]["per_protein"] for n in (family, f"{family}_random")]
-        per_protein = [{s: {p: v["pearson"] for p, v in run.items()} for s, run in r.items()} for r in runs]
-        lines.append(f"  {family} predict, per-protein Pearson: {effect(*per_protein)}")
+        if "predict" in tasks:
+            runs = [read("predict", n)["model_plain"]["per_protein"] for n in (family, f"{family}_random")]
+            per_protein = [{s: {p: v["pearson"] for p, v in run.items()} for s, run in r.items()} for r in runs]
+            lines.append(f"  {family} predict, per-protein Pearson: {effect(*per_protein)}")
         runs = [read("align", n)["model_variants"] for n in (family, f"{family}_random")]
         for variant in ("model_zero_shot", "model_cca"):
             lines.append(
@@ -187,95 +252,54 @@ def pretraining_effects(results: Path) -> str:
     return "\n".join(lines)
 
 
-def peer_rows(workdir: Path, shared_data, seeds, scvi_python: str, multivi_epochs: int) -> str:
-    """TotalVI (TEA-seq, RNA -> proteins) and MultiVI (SNARE-seq, alignment) on the benchmark's own
-    splits (the same seeds, the same train_only cells), scored by the same functions; each run in
-    `scvi_python` (an environment with scvi-tools) through benchmarks/scvi_peers.py."""
-    import subprocess
-    import tempfile
+def peer_rows(workdir: Path, shared_data, seeds, multivi_epochs: int) -> str:
+    """TotalVI (TEA-seq, RNA -> proteins, the predict task's splits) and MultiVI (SNARE-seq, the
+    random-cell alignment splits) as the tasks' own peers (`crossmodal.peers`, celltron[scvi]):
+    the same seeds, train_only cells and scoring as every other row, the baselines in the same run.
+    One torch thread: on the 2-core VM two threads made scvi-tools' small ops far slower."""
+    import torch
 
-    from celltron.finetune.config import FinetuneConfig
-    from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
-    from celltron.finetune.crossmodal.evaluate import PREDICTION_METRICS, foscttm, prediction_scores, recall_at_k
-    from celltron.finetune.crossmodal.features import clr
-    from celltron.finetune.crossmodal.run import _train_only, split_cells
-    from celltron.finetune.report import aggregate, paired_over_seeds, write_metrics
-
-    script = REPO / "benchmarks" / "scvi_peers.py"
-    results = workdir / "results"
+    torch.set_num_threads(1)
     tea, snare = teaseq_files(shared_data), snareseq_files(shared_data)
-    base = FinetuneConfig().crossmodal
+    cells = pretraining_cells(workdir, tea)
+    results = workdir / "results"
     lines = []
-
-    def run_peer(kind, files, train, test, seed, extra=()):
-        with tempfile.TemporaryDirectory() as tmp:
-            np.savez(Path(tmp) / "split.npz", train=train, test=test)
-            command = [scvi_python, str(script), "--rna", str(files["rna"]), "--other", str(files[kind]), "--kind", kind]
-            command += ["--split", f"{tmp}/split.npz", "--out", f"{tmp}/out.npz", "--seed", str(seed), *extra]
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
-            summary = json.loads(done.stdout.strip().splitlines()[-1])
-            return dict(np.load(f"{tmp}/out.npz", allow_pickle=True)), summary
-
-    # TotalVI: the predict task's splits (half of the cells the models were not pretrained on)
-    section = replace(base, test_fraction=0.5, train_only=str(workdir / "pretraining_cells.txt"))
-    paired = read_paired(None, parse_modality_files([f"{m}={p}" for m, p in tea.items()]), ("rna", "adt"))
-    seen = _train_only(section.train_only, paired)
-    measured = clr(paired.counts["adt"])
-    runs, summaries = {}, {}
-    for seed in seeds:
-        train, test = split_cells(paired, section, seed, seen)
-        out, summaries[seed] = run_peer("adt", tea, train, test, seed)
-        runs[seed] = prediction_scores(measured[test], clr(out["predicted"]), paired.features["adt"])
-    knn = json.loads((results / "tea_predict_baselines" / "metrics.json").read_text())["baselines"]["knn_rna_pca"]
-    totalvi = aggregate(runs, PREDICTION_METRICS, "per_protein")
-    difference = paired_over_seeds(
-        {s: {p: v["pearson"] for p, v in r["per_protein"].items()} for s, r in runs.items()},
-        {s: {p: v["pearson"] for p, v in knn["per_protein"][str(s)].items()} for s in runs},
-        "per-protein Pearson",
-        "proteins",
-        "knn_rna_pca",
+    started = time.time()
+    predict = run_task(
+        "predict",
+        tea,
+        results / "tea_predict_peers",
+        seeds,
+        label_key="cell_type",
+        train_only=str(cells),
+        test_fraction=0.5,
+        peers=("totalvi",),
     )
-    (results / "tea_predict_totalvi").mkdir(parents=True, exist_ok=True)
-    write_metrics(
-        results / "tea_predict_totalvi" / "metrics.json", {"totalvi": totalvi, "against_knn": difference, "runs": summaries}
-    )
+    totalvi, against = predict["peers"]["totalvi"], predict["peers_against_best"]["totalvi"]
     lines.append(
         f"TotalVI, TEA-seq RNA -> proteins: per-protein Pearson {totalvi['pearson']:.3f} ± {totalvi['std']['pearson']:.3f}, "
         f"Spearman {totalvi['spearman']:.3f}, per-cell {totalvi['cell_pearson']:.3f}, MSE {totalvi['mse']:.3f}; "
-        f"− kNN on RNA PCA {difference['mean']:+.3f} [{difference['low']:+.3f}, {difference['high']:+.3f}] over 46 proteins; "
-        f"{np.mean([v['runtime_seconds'] for v in summaries.values()]):.0f} s a seed"
+        f"− {against['baseline']} {against['mean']:+.3f} [{against['low']:+.3f}, {against['high']:+.3f}] over "
+        f"{against['n_units']} proteins; {(time.time() - started) / len(seeds):.0f} s a seed (with the baselines)"
     )
-    # MultiVI: the SNARE-seq random-cell alignment splits
-    paired = read_paired(None, parse_modality_files([f"{m}={p}" for m, p in snare.items()]), ("rna", "atac"))
-    runs, summaries = {}, {}
-    for seed in seeds:
-        train, test = split_cells(paired, base, seed)
-        out, summaries[seed] = run_peer("atac", snare, train, test, seed, ("--epochs", str(multivi_epochs)))
-        per_cell = foscttm(out["latent_rna"], out["latent_other"])
-        runs[seed] = {
-            "foscttm": float(per_cell.mean()),
-            **recall_at_k(out["latent_rna"], out["latent_other"], base.recall_k),
-            "per_cell": {str(paired.cell_names[c]): float(v) for c, v in zip(test, per_cell)},
-        }
-    names = ("foscttm", *(f"recall_at_{k}" for k in base.recall_k))
-    multivi = aggregate(runs, names, "per_cell")
-    cca = json.loads((results / "snare_align_random" / "metrics.json").read_text())["baselines"]["cca"]
-    difference = paired_over_seeds(
-        {s: {c: -v for c, v in r["per_cell"].items()} for s, r in runs.items()},
-        {s: {c: -v for c, v in cca["per_cell"][str(s)].items()} for s in runs},
-        "FOSCTTM, negated (higher is better)",
-        "cells",
-        "cca",
+    started = time.time()
+    align = run_task(
+        "align",
+        snare,
+        results / "snare_align_peers",
+        seeds,
+        target="atac",
+        label_key="cluster (remapped)",
+        peers=("multivi",),
+        peer_epochs=multivi_epochs,
     )
-    (results / "snare_align_multivi").mkdir(parents=True, exist_ok=True)
-    write_metrics(
-        results / "snare_align_multivi" / "metrics.json", {"multivi": multivi, "against_cca": difference, "runs": summaries}
-    )
+    multivi, against = align["peers"]["multivi"], align["peers_against_cca"]["multivi"]
     lines.append(
-        f"MultiVI ({multivi_epochs} epochs), SNARE-seq alignment: FOSCTTM {multivi['foscttm']:.3f} ± {multivi['std']['foscttm']:.3f}, "
-        f"recall@10 {multivi['recall_at_10']:.3f}; CCA − MultiVI FOSCTTM {difference['mean']:+.3f} "
-        f"[{difference['low']:+.3f}, {difference['high']:+.3f}] over {difference['n_units']} cells (> 0: MultiVI better); "
-        f"{np.mean([v['runtime_seconds'] for v in summaries.values()]):.0f} s a seed"
+        f"MultiVI ({multivi_epochs} epochs), SNARE-seq alignment: FOSCTTM {multivi['foscttm']:.3f} ± "
+        f"{multivi['std']['foscttm']:.3f}, recall@10 {multivi['recall_at_10']:.3f}, transfer macro-F1 "
+        f"{multivi['transfer_macro_f1']:.3f}; MultiVI − CCA FOSCTTM {against['mean']:+.3f} [{against['low']:+.3f}, "
+        f"{against['high']:+.3f}] over {against['n_units']} cells (< 0: MultiVI better); "
+        f"{(time.time() - started) / len(seeds):.0f} s a seed (with the baselines)"
     )
     return "\n".join(lines)
 
@@ -288,17 +312,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--prepare-only", action="store_true")
     parser.add_argument(
-        "--scvi-python",
-        help="a Python with scvi-tools (see benchmarks/scvi_peers.py): run TotalVI and MultiVI on the same splits, "
-        "after the tasks have run (their results are read from --workdir)",
+        "--peers", action="store_true", help="also run TotalVI and MultiVI (celltron[scvi]) as the tasks' peers, same splits"
     )
-    parser.add_argument("--peers-only", action="store_true", help="with --scvi-python: only the scvi-tools rows")
+    parser.add_argument("--peers-only", action="store_true", help="only the scvi-tools peers' runs (no models needed)")
+    parser.add_argument("--snare-only", action="store_true", help="only the SNARE-seq multiome models' part")
     parser.add_argument("--multivi-epochs", type=int, default=100)
     add_shared_data_option(parser)
     args = parser.parse_args()
     started = time.time()
     if args.peers_only:
-        print(peer_rows(args.workdir, args.shared_data, args.seeds, args.scvi_python, args.multivi_epochs))
+        print(peer_rows(args.workdir, args.shared_data, args.seeds, args.multivi_epochs))
+        return
+    if args.snare_only:
+        snare_model_runs(prepare_snare(args.workdir, args.shared_data), args.workdir / "results", args.seeds)
+        print(pretraining_effects(args.workdir / "results", "snare_unseen", ("align", "annotate")))
         return
     prepared = prepare(args.workdir, args.shared_data)
     if args.prepare_only:
@@ -327,8 +354,10 @@ def main() -> None:
         batch_key="Batch",
     )
     run_task("annotate", snare, results / "snare_annotate", args.seeds, target="atac", label_key=label)
-    if args.scvi_python:
-        print(peer_rows(args.workdir, args.shared_data, args.seeds, args.scvi_python, args.multivi_epochs))
+    snare_model_runs(prepare_snare(args.workdir, args.shared_data), results, args.seeds)
+    print(pretraining_effects(results, "snare_unseen", ("align", "annotate")))
+    if args.peers:
+        print(peer_rows(args.workdir, args.shared_data, args.seeds, args.multivi_epochs))
     print(f"\n{platform.node()}, {time.time() - started:.0f} s")
 
 

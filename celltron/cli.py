@@ -137,6 +137,12 @@ FINETUNE_OPTIONS = [
     Option("crossmodal.query"),
     Option("crossmodal.umap"),
     Option("crossmodal.train_only", metavar="CELLS.txt"),
+    Option(
+        "crossmodal.peers",
+        choices=("totalvi", "multivi"),
+        help="scvi-tools peers on the same splits (needs celltron[scvi]): totalvi (predict), multivi (align, chromatin)",
+    ),
+    Option("crossmodal.peer_epochs"),
 ]
 EMBED_OPTIONS = [
     Option("key", help="obsm (and varm) key the embeddings are written under"),

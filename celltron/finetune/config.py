@@ -121,6 +121,9 @@ class PerturbationSection:
     head: str = one_of("anchored", ANCHORS)
     head_type: str = one_of("retrieval", HEAD_TYPES)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    peers: tuple[str, ...] = ()
+    peer_epochs: int = ranged(0, ">= 0")
+    peer_genes: int = ranged(4000, ">= 1")
     inner_folds: int = ranged(3, ">= 2")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
     step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
@@ -196,6 +199,9 @@ class DrugSection:
     control_cells: int = ranged(256, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    peers: tuple[str, ...] = ()
+    peer_epochs: int = ranged(0, ">= 0")
+    peer_genes: int = ranged(4000, ">= 1")
     step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
 
@@ -244,6 +250,9 @@ class AnnotateSection:
     pca_components: int = ranged(50, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    peers: tuple[str, ...] = ()
+    peer_epochs: int = ranged(0, ">= 0")
+    peer_genes: int = ranged(4000, ">= 1")
     inner_folds: int = ranged(2, ">= 2")
     encoder: str = one_of("tuned", ENCODERS)
     learning_rates: tuple[float, ...] = ranged((), "> 0")
@@ -298,6 +307,12 @@ class CrossModalSection:
         smallest unless a larger one gains beyond the 95% interval; w = 0 is the baseline
         exactly) or plain (the model's ridge head alone).
     anchor_weights: the weights the anchored head chooses from.
+    peers: scvi-tools models run on the same splits and scored by the same functions, reported
+        beside the baselines (not candidates for the best baseline: choosing them by inner CV
+        would train them again per fold): totalvi (predict, proteins) and multivi (align, RNA +
+        chromatin). Needs scvi-tools (celltron[scvi]). [] : none.
+    peer_epochs: the peers' maximum epochs (0: 200 for totalvi, 100 for multivi).
+    peer_genes: the most variable training genes (seurat_v3) the peers read.
     """
 
     task: str = one_of("predict", CROSSMODAL_TASKS)
@@ -323,6 +338,9 @@ class CrossModalSection:
     train_only: str = ""
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
+    peers: tuple[str, ...] = ()
+    peer_epochs: int = ranged(0, ">= 0")
+    peer_genes: int = ranged(4000, ">= 1")
 
 
 @dataclass
@@ -417,6 +435,11 @@ class FinetuneConfig:
             raise ConfigError(
                 f"{where}: cross-modal annotate needs crossmodal.label_key (--label-key), the obs column of cell types"
             )
+        from celltron.corpus.modalities import modality_name
+        from celltron.finetune.crossmodal.peers import check_peer
+
+        for peer in section.peers:
+            check_peer(peer, section.task, modality_name(section.target, "crossmodal.target"), where)
         if section.query and section.task != "predict":
             raise ConfigError(f"{where}: crossmodal.query (--query) is for the predict task; drop it for {section.task}")
 

@@ -62,6 +62,11 @@ def run_crossmodal(config, out, model: str | None = None, baselines_only: bool =
     section, out = config.crossmodal, Path(out)
     use_model = model is not None and not baselines_only
     _check_task_modalities(section)
+    if section.peers:
+        from celltron.finetune.crossmodal.peers import require_scvi
+
+        for peer in section.peers:
+            require_scvi(peer)
     paired = read_paired(
         config.data.path or None, parse_modality_files(section.modalities), (section.source, section.target), config.data.layer
     )
@@ -204,6 +209,7 @@ def _predict(
     cell_types = paired.column(section.label_key, "--label-key") if section.label_key else None
     runs: dict[str, dict] = {}
     model_runs, plain_runs, alphas, splits, chosen, settings, first = {}, {}, {}, {}, {}, {}, None
+    peer_runs, peer_records = {}, {}
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
@@ -216,6 +222,8 @@ def _predict(
             runs.setdefault(name, {})[seed] = prediction_scores(targets[test], predicted[test], proteins, types)
             if name == best:
                 best_predicted = predicted
+        for name, predicted in _peer_proteins(paired, section, source, target, train, test, seed, peer_records).items():
+            peer_runs.setdefault(name, {})[seed] = prediction_scores(targets[test], predicted, proteins, types)
         shown = (best_predicted, train, test, best)
         if embedding is not None:
             head, plain, alphas[seed], weight = _model_head(
@@ -247,6 +255,9 @@ def _predict(
         },
         "paired": _model_against_best(model_runs, runs, chosen) if model_runs else None,
         "paired_plain": _model_against_best(plain_runs, runs, chosen) if model_runs else None,
+        "peers": {name: _aggregate_prediction(per_seed) for name, per_seed in peer_runs.items()} or None,
+        "peers_against_best": {name: _model_against_best(r, runs, chosen) for name, r in peer_runs.items()} or None,
+        "peer_runs": peer_records or None,
         "baseline_settings": {str(s): v for s, v in settings.items()},
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
@@ -258,9 +269,42 @@ def _predict(
     write_metrics(out / "metrics.json", metrics)
     _write_prediction_cells(out / "predictions.h5ad", paired, target, targets, *first)
     plain = {"model, plain head": metrics["model_plain"]} if metrics["model_plain"] else {}
-    print(results_table({**metrics, "baselines": {**plain, **metrics["baselines"]}}, PREDICTION_METRICS, metrics["notes"]))
+    shown_rows = {**plain, **metrics["baselines"], **{f"{n} (peer)": r for n, r in (metrics["peers"] or {}).items()}}
+    print(results_table({**metrics, "baselines": shown_rows}, PREDICTION_METRICS, metrics["notes"]))
     print_baseline_choice(metrics, "per-protein Pearson")
+    _print_peers(metrics["peers_against_best"], "per-protein Pearson", "the best baseline")
     return metrics
+
+
+def _peer_settings(section):
+    from celltron.finetune.crossmodal.peers import PeerSettings
+
+    return PeerSettings(epochs=section.peer_epochs, genes=section.peer_genes)
+
+
+def _peer_batches(paired, section):
+    return paired.column(section.batch_key, "--batch-key") if section.batch_key else None
+
+
+def _peer_proteins(paired, section, source, target, train, test, seed, records: dict) -> dict[str, np.ndarray]:
+    """{peer: CLR of its predicted proteins for the held-out cells} for the predict task's peers."""
+    if "totalvi" not in section.peers:
+        return {}
+    from celltron.finetune.crossmodal.peers import totalvi_proteins
+
+    predicted, record = totalvi_proteins(
+        paired.counts[source], paired.counts[target], train, test, seed, _peer_settings(section), _peer_batches(paired, section)
+    )
+    records.setdefault("totalvi", {})[str(seed)] = record
+    return {"totalvi": clr(predicted)}
+
+
+def _print_peers(against: dict | None, metric: str, baseline: str) -> None:
+    for name, d in (against or {}).items():
+        print(
+            f"{name} (peer) − {baseline} ({d['baseline']}), {metric}: {d['mean']:+.3f} "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}] over {d['n_units']} {d['unit']}"
+        )
 
 
 def _model_head(embedding, targets, train, section, seed: int, baseline, baseline_predicted, seen=None):
@@ -300,6 +344,13 @@ def _prediction_notes(section, with_model: bool) -> dict:
         f"({_genes(section)}), k from {list(section.knn_k)} by inner CV",
         "ridge_rna_pca": f"ridge regression on the same PCs, alpha from {list(section.ridge_alphas)} by inner CV",
     }
+    if "totalvi" in section.peers:
+        notes["totalvi"] = (
+            "TotalVI (scvi-tools, a peer): trained on training cells and the held-out cells' RNA (their proteins "
+            "zeroed, a batch of their own, so missing); posterior mean proteins as if measured in a training batch, "
+            f"CLR; {_peer_settings(section).epochs_of('totalvi')} epochs at most, {section.peer_genes} seurat_v3 genes; "
+            "not a candidate for the best baseline"
+        )
     if with_model:
         notes["model"] = (
             "ridge from the model's frozen RNA cell embedding (standardised on training cells, alpha by inner CV)"
@@ -486,6 +537,7 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
         model = {"first": rna, "second": other} if source == "rna" else {"first": other, "second": rna}
     runs: dict[str, dict] = {}
     head_runs, chosen, splits, first_embedding, correlations = {}, {}, {}, None, {}
+    peer_runs, peer_records = {}, {}
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         base_views = [
@@ -498,6 +550,10 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
             scores = align_scores(a, b, train, test, labels, section)
             scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
             runs.setdefault(name, {})[seed] = scores
+        for name, (a, b) in _peer_alignments(paired, section, source, target, train, test, seed, peer_records).items():
+            scores = align_scores(a, b, train, test, labels, section)
+            scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
+            peer_runs.setdefault(name, {})[seed] = scores
         shown = "cca"
         if model is not None:
             chosen[seed] = choose_aligner(aligners, train, section.inner_folds, seed, train_only)
@@ -515,6 +571,9 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
         "head_choice": {str(s): c for s, c in chosen.items()} or None,
         "baselines": {"cca": aggregated["cca"]},
         "paired": _per_cell_against(head_runs, runs["cca"], "foscttm") if head_runs else None,
+        "peers": {name: aggregate(r, metric_names, "per_cell") for name, r in peer_runs.items()} or None,
+        "peers_against_cca": {name: _per_cell_against(r, runs["cca"], "foscttm") for name, r in peer_runs.items()} or None,
+        "peer_runs": peer_records or None,
         "canonical_correlations": correlations,
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
@@ -526,6 +585,13 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
             f"from their {target} embeddings",
         },
     }
+    if peer_runs:
+        metrics["notes"]["multivi"] = (
+            "MultiVI (scvi-tools, a peer): trained on training pairs plus each held-out cell as an expression-only and "
+            "an accessibility-only copy; the copies' latents are the alignment, training pairs' latents train the label "
+            f"transfer; {_peer_settings(section).epochs_of('multivi')} epochs at most, {section.peer_genes} seurat_v3 genes, "
+            "peaks in >= 1% of training cells"
+        )
     if model is not None:
         metrics["notes"]["model"] = (
             f"the model's frozen embedding of each modality alone ({source} tokens; {target} tokens): model_zero_shot compares "
@@ -540,12 +606,33 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
             out / "umap.png", *first_embedding[:2], (source, target), None if labels is None else labels[first_embedding[2]]
         )
     variants = {f"  {name}": result for name, result in (metrics["model_variants"] or {}).items()}
-    print(results_table({**metrics, "baselines": {**variants, **metrics["baselines"]}}, metric_names, metrics["notes"]))
+    peers = {f"{name} (peer)": result for name, result in (metrics["peers"] or {}).items()}
+    print(results_table({**metrics, "baselines": {**variants, **metrics["baselines"], **peers}}, metric_names, metrics["notes"]))
+    _print_peers(metrics["peers_against_cca"], "FOSCTTM (lower is better)", "CCA")
     if metrics["paired"]:
         picks = ", ".join(f"seed {s}: {c['name']}" for s, c in chosen.items())
         print(f"reported alignment, chosen by inner CV over training cells: {picks}")
         print(verdict_line("FOSCTTM (lower is better)", "cca", metrics["paired"], "cells", chosen_on=None))
     return metrics
+
+
+def _peer_alignments(paired, section, source, target, train, test, seed, records: dict) -> dict:
+    """{peer: (first, second)} embeddings of every cell (training cells: their paired latent;
+    held-out cells: each modality's copy) for the align task's peers."""
+    if "multivi" not in section.peers:
+        return {}
+    from celltron.finetune.crossmodal.peers import multivi_latents
+
+    latents, record = multivi_latents(
+        paired.counts["rna"], paired.counts["atac"], train, test, seed, _peer_settings(section), _peer_batches(paired, section)
+    )
+    records.setdefault("multivi", {})[str(seed)] = record
+    embedded = {}
+    for modality in (source, target):
+        embedding = np.zeros((paired.n_cells, latents["paired"].shape[1]), dtype=np.float32)
+        embedding[train], embedding[test] = latents["paired"], latents[modality]
+        embedded[modality] = embedding
+    return {"multivi": (embedded[source], embedded[target])}
 
 
 def _per_cell_against(model_runs: dict, baseline_runs: dict, metric: str, higher_is_better: bool = False) -> dict:
