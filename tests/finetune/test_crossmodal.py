@@ -423,6 +423,31 @@ def test_a_joint_model_aligns_and_annotates_beside_the_baselines(joint_model, tm
             assert annotate["model"]["per_fold"][unit] == expected
 
 
+def test_a_joint_model_predicts_proteins_zero_shot_without_reading_them(joint_model, tmp_path, capsys):
+    from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
+    from celltron.finetune.crossmodal.model import ModelViews, calibrated, masked_value_predictions
+
+    predict = run_crossmodal(config_for("predict", TEASEQ, components=10, seeds=(0,)), tmp_path / "p", model=str(joint_model))
+    masked = predict["model_masked_values"]
+    assert np.isfinite(masked["pearson"]) and predict["paired_masked_values"]["n_units"] == 46
+    assert "masked values (zero-shot, calibrated): model − best baseline" in capsys.readouterr().out
+
+    paired = read_paired(None, parse_modality_files(TEASEQ), ("rna", "adt"))
+    views = ModelViews(joint_model, paired, "adt", 32, 0)
+    values = masked_value_predictions(views)
+    assert values.shape == (300, 46) and np.isfinite(values).all()
+    # the measured proteins never enter: other proteins (cells shuffled), the same predictions
+    shuffled = np.random.default_rng(0).permutation(300)
+    paired.counts["adt"] = paired.counts["adt"][shuffled]
+    assert np.array_equal(masked_value_predictions(ModelViews(joint_model, paired, "adt", 32, 0)), values)
+    # the calibration is fitted on training cells only: held-out targets change nothing
+    targets = clr(paired.counts["adt"])
+    train = np.arange(200)
+    moved = targets.copy()
+    moved[200:] += 5.0
+    assert np.allclose(calibrated(values, targets, train), calibrated(values, moved, train))
+
+
 def test_a_model_panel_that_differs_from_the_data_is_refused(joint_model, tmp_path):
     proteins = ad.read_h5ad(DATA / "teaseq_pbmc_300cells_adt.h5ad")
     proteins[:, 1:].copy().write_h5ad(tmp_path / "adt.h5ad")

@@ -18,6 +18,7 @@ of the training cells, proteins as units (w = 0 is the baseline exactly).
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.model_selection import KFold
 
 from celltron.errors import InputError
@@ -120,6 +121,78 @@ class ModelViews:
         )
 
 
+def masked_value_predictions(views: ModelViews) -> np.ndarray | None:
+    """(cells, the data's panel order) a joint model's zero-shot prediction of each cell's protein
+    values: its RNA tokens and every panel protein's token with the value hidden (the model's
+    mask_value), read from the masked-value head that pretraining trained. The proteins' measured
+    values never enter: the tokens are built from a constant panel, then every value is masked.
+    Values are on the model's protein scale (its per-cell CLR bins, or CLR when continuous).
+    None for a model without such a head (a paired export, an RNA model, a family that predicts
+    no values)."""
+    import torch
+
+    from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
+    from celltron.model_zoo.registry import load_pretrained
+    from celltron.tokenizers.multimodal import MODALITY_IDS
+
+    target, tokenizer = views.target, views.tokenizer
+    if views.dual is not None or target != "adt" or target not in getattr(tokenizer, "features", {}):
+        return None
+    model = load_pretrained(views.folder)
+    mask_value = getattr(model.config, "mask_value", None)
+    if mask_value is None:
+        return None
+    n_panel = len(tokenizer.features[target])
+    constant = sp.csr_matrix(np.ones((views.paired.n_cells, n_panel), dtype=np.float32))
+    tokens = tokenizer.encode(views.block, {target: _as_modality_cells(constant)}, views._rng())
+    is_protein = tokens.modality_ids == MODALITY_IDS[target]
+    tokens.values[is_protein] = mask_value
+    device = pick_device("auto")
+    model = model.to(device).eval()
+    pad_value = float(getattr(model.config, "pad_value", 0.0))
+    predicted = np.full((views.paired.n_cells, n_panel), np.nan, dtype=np.float32)
+    first_id = tokenizer.first_id[target]
+    with torch.no_grad():
+        for start in range(0, views.paired.n_cells, views.batch_size):
+            rows = np.arange(start, min(start + views.batch_size, views.paired.n_cells))
+            batch = pad_cells(tokens, rows, views.pad_id)
+            batch["values"][batch["attention_mask"] == 0] = pad_value
+            with autocast(device):
+                expression = model(**to_device(batch, device)).expression.float().cpu().numpy()
+            proteins = batch["modality_ids"].numpy() == MODALITY_IDS[target]
+            cell, position = np.nonzero(proteins)
+            predicted[rows[cell], batch["input_ids"].numpy()[cell, position] - first_id] = expression[cell, position]
+    return predicted[:, np.argsort(_panel_columns(views.paired, tokenizer.features[target]))]
+
+
+def _panel_columns(paired: PairedCells, model_features) -> np.ndarray:
+    """For each of the model's proteins, the data's column (the panels match by canonical name)."""
+    from celltron.corpus.proteins import canonical_proteins
+    from celltron.finetune.crossmodal.data import align_panel
+
+    where = f"{paired.files['adt']} (adt)"
+    names = canonical_proteins(paired.features["adt"], where).canonical
+    return np.asarray(
+        align_panel(names, np.asarray(model_features).astype(str), where, "protein panel (canonical antigen names)")
+    )
+
+
+def calibrated(values: np.ndarray, targets: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """Per protein, the least-squares line from `values` to `targets` fitted on training cells,
+    applied to every cell (a constant column predicts the training mean)."""
+    x, y = values[train], targets[train]
+    x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+    variance = ((x - x_mean) ** 2).mean(axis=0)
+    slope = np.divide(((x - x_mean) * (y - y_mean)).mean(axis=0), variance, out=np.zeros_like(variance), where=variance > 0)
+    return y_mean + (values - x_mean) * slope
+
+
+def _as_modality_cells(counts: sp.csr_matrix):
+    from celltron.tokenizers.multimodal import ModalityCells
+
+    return ModalityCells(counts.indptr, counts.indices, counts.data, np.ones(counts.shape[0], dtype=bool))
+
+
 def _paired_towers(folder, target: str):
     """A paired export's dual encoder and its pair tower's tokens, when its tower reads `target`."""
     from celltron.errors import InputError
@@ -191,22 +264,13 @@ def _empty_block(block):
 
 def _target_cells(features, paired: PairedCells, target: str):
     """The target modality's counts over the model's `features`, as `ModalityCells`."""
-    import scipy.sparse as sp
-
-    from celltron.tokenizers.multimodal import ModalityCells
-
     model_features = np.asarray(features).astype(str)
     counts, where = paired.counts[target], f"{paired.files[target]} ({target})"
     if target == "adt":
-        from celltron.corpus.proteins import canonical_proteins
-        from celltron.finetune.crossmodal.data import align_panel
-
-        names = canonical_proteins(paired.features[target], where).canonical
-        mapped = counts[:, align_panel(names, model_features, where, "protein panel (canonical antigen names)")]
+        mapped = counts[:, _panel_columns(paired, model_features)]
     else:
         mapped = _peaks_on_model_bins(counts, paired.features[target], model_features, where)
-    mapped = sp.csr_matrix(mapped)
-    return ModalityCells(mapped.indptr, mapped.indices, mapped.data, np.ones(mapped.shape[0], dtype=bool))
+    return _as_modality_cells(sp.csr_matrix(mapped))
 
 
 MIN_SHARED_BINS = 0.5  # share of the data's bins (with counts) the model must have
@@ -214,7 +278,6 @@ MIN_SHARED_BINS = 0.5  # share of the data's bins (with counts) the model must h
 
 def _peaks_on_model_bins(counts, peaks, model_bins: np.ndarray, where: str):
     """Peak counts summed into the model's bins (its bin size read from its bin names)."""
-    import scipy.sparse as sp
 
     from celltron.corpus.peaks import bin_counts, peak_bins
     from celltron.errors import InputError

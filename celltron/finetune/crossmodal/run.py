@@ -82,11 +82,17 @@ def run_crossmodal(config, out, model: str | None = None, baselines_only: bool =
         )
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     if section.task == "predict":
-        embedding = None if views is None else (str(views.folder), views.rna())
+        embedding = None if views is None else (str(views.folder), views.rna(), _masked_values(views))
         return _predict(paired, section, source, target, out, query, train_only, embedding)
     if section.task == "align":
         return _align(paired, section, source, target, out, train_only, views)
     return _annotate(paired, section, source, target, out, views, train_only)
+
+
+def _masked_values(views):
+    from celltron.finetune.crossmodal.model import masked_value_predictions
+
+    return masked_value_predictions(views)
 
 
 def _model_views(config, model: str, paired: PairedCells, target: str):
@@ -209,7 +215,7 @@ def _predict(
     cell_types = paired.column(section.label_key, "--label-key") if section.label_key else None
     runs: dict[str, dict] = {}
     model_runs, plain_runs, alphas, splits, chosen, settings, first = {}, {}, {}, {}, {}, {}, None
-    peer_runs, peer_records = {}, {}
+    peer_runs, peer_records, masked_runs = {}, {}, {}
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
@@ -237,6 +243,11 @@ def _predict(
                 train_only,
             )
             model_runs[seed] = prediction_scores(targets[test], head[test], proteins, types)
+            if embedding[2] is not None:
+                from celltron.finetune.crossmodal.model import calibrated
+
+                masked = calibrated(embedding[2], targets, train)[test]
+                masked_runs[seed] = prediction_scores(targets[test], masked, proteins, types)
             plain_runs[seed] = prediction_scores(targets[test], plain[test], proteins, types)
             chosen[seed].update(weight)
             shown = (head, train, test, f"{section.head} head on {embedding[0]}")
@@ -247,6 +258,8 @@ def _predict(
         "model": _aggregate_prediction(model_runs) if model_runs else None,
         "head": section.head if model_runs else None,
         "model_plain": _aggregate_prediction(plain_runs) if model_runs and section.head == "anchored" else None,
+        "model_masked_values": _aggregate_prediction(masked_runs) if masked_runs else None,
+        "paired_masked_values": _model_against_best(masked_runs, runs, chosen) if masked_runs else None,
         "model_settings": {str(s): a for s, a in alphas.items()} or None,
         "baselines": {name: _aggregate_prediction(per_seed) for name, per_seed in runs.items()},
         "best_baseline": {
@@ -269,10 +282,15 @@ def _predict(
     write_metrics(out / "metrics.json", metrics)
     _write_prediction_cells(out / "predictions.h5ad", paired, target, targets, *first)
     plain = {"model, plain head": metrics["model_plain"]} if metrics["model_plain"] else {}
+    if masked_runs:
+        plain["model, masked values"] = metrics["model_masked_values"]
     shown_rows = {**plain, **metrics["baselines"], **{f"{n} (peer)": r for n, r in (metrics["peers"] or {}).items()}}
     print(results_table({**metrics, "baselines": shown_rows}, PREDICTION_METRICS, metrics["notes"]))
     print_baseline_choice(metrics, "per-protein Pearson")
     _print_peers(metrics["peers_against_best"], "per-protein Pearson", "the best baseline")
+    if masked_runs:
+        line = verdict_line("per-protein Pearson", "best baseline", metrics["paired_masked_values"], "proteins", "training cells")
+        print(f"masked values (zero-shot, calibrated): {line}")
     return metrics
 
 
@@ -344,6 +362,11 @@ def _prediction_notes(section, with_model: bool) -> dict:
         f"({_genes(section)}), k from {list(section.knn_k)} by inner CV",
         "ridge_rna_pca": f"ridge regression on the same PCs, alpha from {list(section.ridge_alphas)} by inner CV",
     }
+    if with_model:
+        notes["model, masked values"] = (
+            "a joint model's zero-shot proteins: its RNA tokens and every protein token with the value masked, read "
+            "from the masked-value head; each protein's line to CLR fitted on training cells (no other training)"
+        )
     if "totalvi" in section.peers:
         notes["totalvi"] = (
             "TotalVI (scvi-tools, a peer): trained on training cells and the held-out cells' RNA (their proteins "
