@@ -66,9 +66,9 @@ def snareseq_files(shared_data) -> dict[str, Path]:
     return {"rna": rna, "atac": atac}
 
 
-def prepare(workdir: Path, shared_data) -> dict[str, Path]:
-    """The pretraining cells' list and files, their corpus, the joint model pretrained on them,
-    and its random-initialisation copy; each built once (a finished step is never redone)."""
+def prepare(workdir: Path, shared_data, families=("joint", "paired")) -> dict[str, Path]:
+    """The pretraining cells' list and files, their corpus, the models of `families` pretrained on
+    them, and their random-initialisation copies; each built once (a finished step is never redone)."""
     import anndata as ad
 
     from benchmarks.multimodal_stream import build
@@ -83,21 +83,23 @@ def prepare(workdir: Path, shared_data) -> dict[str, Path]:
             data = ad.read_h5ad(path)
             data[names].copy().write_h5ad(subset[modality])
     corpus = build(workdir / "pretraining_corpus", modalities=subset)
-    return {"cells": cells_file, **models_once(JOINT_CONFIG, PAIRED_CONFIG, corpus, workdir)}
+    configs = {"joint": JOINT_CONFIG, "paired": PAIRED_CONFIG}
+    return {"cells": cells_file, **models_once({f: configs[f] for f in families}, corpus, workdir)}
 
 
-def models_once(joint_config: Path, paired_config: Path, corpus: Path, folder: Path) -> dict[str, Path]:
-    """The joint and paired models pretrained on `corpus`, and their random-initialisation copies."""
+def models_once(configs: dict[str, Path], corpus: Path, folder: Path) -> dict[str, Path]:
+    """{family: config} pretrained on `corpus` (joint: one model; paired: a dual-encoder export),
+    each with its random-initialisation copy (`FAMILY_random`)."""
     from benchmarks._pretrained import random_init_copy
 
-    joint = pretrained_once(joint_config, corpus, folder / "joint_model")
-    paired = pretrained_once(paired_config, corpus, folder / "paired_model")
-    joint_random, paired_random = folder / "joint_model_random_init", folder / "paired_model_random_init"
-    if not joint_random.exists():
-        random_init_copy(joint, joint_random, seed=0)
-    if not paired_random.exists():
-        random_paired_copy(paired, paired_random, seed=0)
-    return {"joint": joint, "joint_random": joint_random, "paired": paired, "paired_random": paired_random}
+    models = {}
+    for family, config in configs.items():
+        models[family] = pretrained_once(config, corpus, folder / f"{family}_model")
+        models[f"{family}_random"] = folder / f"{family}_model_random_init"
+        if not models[f"{family}_random"].exists():
+            copy = random_paired_copy if family == "paired" else random_init_copy
+            copy(models[family], models[f"{family}_random"], seed=0)
+    return models
 
 
 def prepare_snare(workdir: Path, shared_data) -> dict[str, Path]:
@@ -125,7 +127,10 @@ def prepare_snare(workdir: Path, shared_data) -> dict[str, Path]:
                 data = ad.read_h5ad(path) if data is None else data
                 data[rows].copy().write_h5ad(subsets[part][modality])
     corpus = build(work / "pretraining_corpus", modalities=subsets["pretraining"], genome="mm10")
-    return {"data": subsets["tasks"], **models_once(MULTIOME_JOINT_CONFIG, MULTIOME_PAIRED_CONFIG, corpus, work)}
+    return {
+        "data": subsets["tasks"],
+        **models_once({"joint": MULTIOME_JOINT_CONFIG, "paired": MULTIOME_PAIRED_CONFIG}, corpus, work),
+    }
 
 
 def snare_model_runs(prepared: dict, results: Path, seeds) -> None:
@@ -316,12 +321,28 @@ def main() -> None:
     )
     parser.add_argument("--peers-only", action="store_true", help="only the scvi-tools peers' runs (no models needed)")
     parser.add_argument("--snare-only", action="store_true", help="only the SNARE-seq multiome models' part")
+    parser.add_argument(
+        "--joint-predict-only", action="store_true", help="only TEA-seq prediction with the joint model and its random init"
+    )
     parser.add_argument("--multivi-epochs", type=int, default=100)
     add_shared_data_option(parser)
     args = parser.parse_args()
     started = time.time()
     if args.peers_only:
         print(peer_rows(args.workdir, args.shared_data, args.seeds, args.multivi_epochs))
+        return
+    if args.joint_predict_only:
+        prepared = prepare(args.workdir, args.shared_data, families=("joint",))
+        held_out = {"label_key": "cell_type", "train_only": str(prepared["cells"]), "test_fraction": 0.5}
+        for name in ("joint", "joint_random"):
+            run_task(
+                "predict",
+                teaseq_files(args.shared_data),
+                args.workdir / "results" / f"tea_predict_{name}",
+                args.seeds,
+                prepared[name],
+                **held_out,
+            )
         return
     if args.snare_only:
         snare_model_runs(prepare_snare(args.workdir, args.shared_data), args.workdir / "results", args.seeds)

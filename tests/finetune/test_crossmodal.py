@@ -431,6 +431,9 @@ def test_a_joint_model_predicts_proteins_zero_shot_without_reading_them(joint_mo
     masked = predict["model_masked_values"]
     assert np.isfinite(masked["pearson"]) and predict["paired_masked_values"]["n_units"] == 46
     assert "masked values (zero-shot, calibrated): model − best baseline" in capsys.readouterr().out
+    layer = ad.read_h5ad(tmp_path / "p" / "predictions.h5ad").layers["model_masked_values"]
+    held_out = ad.read_h5ad(tmp_path / "p" / "predictions.h5ad").obs["celltron_split"].to_numpy() == "test"
+    assert np.isfinite(layer[held_out]).all() and np.isnan(layer[~held_out]).all()
 
     paired = read_paired(None, parse_modality_files(TEASEQ), ("rna", "adt"))
     views = ModelViews(joint_model, paired, "adt", 32, 0)
@@ -481,6 +484,8 @@ def test_totalvi_runs_as_a_peer_on_the_same_splits_and_learns_the_map(simulated,
     assert against["n_units"] == 12 and against["baseline"] in ("knn_rna_pca", "ridge_rna_pca")
     assert linked["peer_runs"]["totalvi"]["0"]["epochs_run"] <= 40
     assert "totalvi (peer) − the best baseline" in capsys.readouterr().out
+    written = ad.read_h5ad(tmp_path / "linked" / "predictions.h5ad")
+    assert np.isfinite(written.layers["totalvi"][written.obs["celltron_split"].to_numpy() == "test"]).all()
     shuffled = run_crossmodal(config_for("predict", simulated["shuffled"], **fields), tmp_path / "shuffled")
     assert abs(shuffled["peers"]["totalvi"]["pearson"]) < 0.2  # other cells' proteins: nothing to learn
 

@@ -215,7 +215,7 @@ def _predict(
     cell_types = paired.column(section.label_key, "--label-key") if section.label_key else None
     runs: dict[str, dict] = {}
     model_runs, plain_runs, alphas, splits, chosen, settings, first = {}, {}, {}, {}, {}, {}, None
-    peer_runs, peer_records, masked_runs = {}, {}, {}
+    peer_runs, peer_records, masked_runs, layers = {}, {}, {}, {}
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
@@ -230,6 +230,7 @@ def _predict(
                 best_predicted = predicted
         for name, predicted in _peer_proteins(paired, section, source, target, train, test, seed, peer_records).items():
             peer_runs.setdefault(name, {})[seed] = prediction_scores(targets[test], predicted, proteins, types)
+            _held_out_layer(layers, name, predicted, test, targets.shape)
         shown = (best_predicted, train, test, best)
         if embedding is not None:
             head, plain, alphas[seed], weight = _model_head(
@@ -248,6 +249,7 @@ def _predict(
 
                 masked = calibrated(embedding[2], targets, train)[test]
                 masked_runs[seed] = prediction_scores(targets[test], masked, proteins, types)
+                _held_out_layer(layers, "model_masked_values", masked, test, targets.shape)
             plain_runs[seed] = prediction_scores(targets[test], plain[test], proteins, types)
             chosen[seed].update(weight)
             shown = (head, train, test, f"{section.head} head on {embedding[0]}")
@@ -280,7 +282,7 @@ def _predict(
     if query is not None:
         metrics["query"] = _predict_query(paired, section, source, target, out, query)
     write_metrics(out / "metrics.json", metrics)
-    _write_prediction_cells(out / "predictions.h5ad", paired, target, targets, *first)
+    _write_prediction_cells(out / "predictions.h5ad", paired, target, targets, *first, layers)
     plain = {"model, plain head": metrics["model_plain"]} if metrics["model_plain"] else {}
     if masked_runs:
         plain["model, masked values"] = metrics["model_masked_values"]
@@ -398,9 +400,17 @@ def _aggregate_prediction(per_seed: dict) -> dict:
     return summary
 
 
-def _write_prediction_cells(path: Path, paired, target, measured, predicted, train, test, name) -> None:
+def _held_out_layer(layers: dict, name: str, predicted: np.ndarray, test: np.ndarray, shape) -> None:
+    """The first seed's predictions of held-out cells as a layer (NaN for every other cell)."""
+    if name not in layers:
+        layers[name] = np.full(shape, np.nan, dtype=np.float32)
+        layers[name][test] = predicted
+
+
+def _write_prediction_cells(path: Path, paired, target, measured, predicted, train, test, name, layers=None) -> None:
     """Every paired cell: X the predicted CLR values of the first seed's best baseline (held-out
-    cells out of sample; obs celltron_split says which), layer `measured` the measured CLR."""
+    cells out of sample; obs celltron_split says which), layer `measured` the measured CLR, and a
+    layer per peer or model variant predicting held-out cells only (`layers`: NaN elsewhere)."""
     import anndata as ad
 
     split = np.full(paired.n_cells, "train", dtype=object)
@@ -411,6 +421,8 @@ def _write_prediction_cells(path: Path, paired, target, measured, predicted, tra
         X=predicted.astype(np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(paired.features[target]).astype(object))
     )
     adata.layers["measured"] = measured.astype(np.float32)
+    for layer, values in (layers or {}).items():
+        adata.layers[layer] = values
     adata.uns["celltron"] = {"predictor": name, "values": f"CLR of {target} counts", "trained_on": "cells with split train"}
     write_h5ad_atomically(adata, path)
 
