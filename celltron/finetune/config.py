@@ -121,9 +121,6 @@ class PerturbationSection:
     head: str = one_of("anchored", ANCHORS)
     head_type: str = one_of("retrieval", HEAD_TYPES)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
-    peers: tuple[str, ...] = ()
-    peer_epochs: int = ranged(0, ">= 0")
-    peer_genes: int = ranged(4000, ">= 1")
     inner_folds: int = ranged(3, ">= 2")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
     step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
@@ -199,9 +196,6 @@ class DrugSection:
     control_cells: int = ranged(256, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
-    peers: tuple[str, ...] = ()
-    peer_epochs: int = ranged(0, ">= 0")
-    peer_genes: int = ranged(4000, ">= 1")
     step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
 
@@ -250,9 +244,6 @@ class AnnotateSection:
     pca_components: int = ranged(50, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
-    peers: tuple[str, ...] = ()
-    peer_epochs: int = ranged(0, ">= 0")
-    peer_genes: int = ranged(4000, ">= 1")
     inner_folds: int = ranged(2, ">= 2")
     encoder: str = one_of("tuned", ENCODERS)
     learning_rates: tuple[float, ...] = ranged((), "> 0")
@@ -439,7 +430,8 @@ class FinetuneConfig:
         from celltron.finetune.crossmodal.peers import check_peer
 
         for peer in section.peers:
-            check_peer(peer, section.task, modality_name(section.target, "crossmodal.target"), where)
+            modalities = (modality_name(section.source, "crossmodal.source"), modality_name(section.target, "crossmodal.target"))
+            check_peer(peer, section.task, modalities, where)
         if section.query and section.task != "predict":
             raise ConfigError(f"{where}: crossmodal.query (--query) is for the predict task; drop it for {section.task}")
 

@@ -443,6 +443,10 @@ def test_a_joint_model_predicts_proteins_zero_shot_without_reading_them(joint_mo
     shuffled = np.random.default_rng(0).permutation(300)
     paired.counts["adt"] = paired.counts["adt"][shuffled]
     assert np.array_equal(masked_value_predictions(ModelViews(joint_model, paired, "adt", 32, 0)), values)
+    # the data's panel in another order: the predictions' columns follow it
+    order = np.random.default_rng(1).permutation(46)
+    paired.counts["adt"], paired.features["adt"] = paired.counts["adt"][:, order], paired.features["adt"][order]
+    assert np.array_equal(masked_value_predictions(ModelViews(joint_model, paired, "adt", 32, 0)), values[:, order])
     # the calibration is fitted on training cells only: held-out targets change nothing
     targets = clr(paired.counts["adt"])
     train = np.arange(200)
@@ -507,8 +511,13 @@ def test_multivi_runs_as_a_peer_of_the_alignment(tmp_path):
 
 
 def test_peers_are_refused_for_another_task_or_without_scvi_tools(simulated, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="totalvi runs with the predict task and --target adt"):
+    with pytest.raises(ConfigError, match="totalvi runs with the predict task on --source rna --target adt, not align"):
         config_for("align", simulated["linked"], peers=("totalvi",))
+    with pytest.raises(
+        ConfigError, match="multivi runs with the align task on --source rna --target atac, not align on --source adt"
+    ):
+        config_for("align", simulated["linked"], source="adt", target="atac", peers=("multivi",))
+    config_for("align", simulated["linked"], source="atac", target="rna", peers=("multivi",))  # either order aligns
     with pytest.raises(ConfigError, match="unknown peer 'scvi'"):
         config_for("predict", simulated["linked"], peers=("scvi",))
     monkeypatch.setitem(__import__("sys").modules, "scvi", None)  # as if scvi-tools were not installed

@@ -17,6 +17,8 @@ of the training cells, proteins as units (w = 0 is the baseline exactly).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.model_selection import KFold
@@ -26,6 +28,8 @@ from celltron.finetune.crossmodal import baselines as bl
 from celltron.finetune.crossmodal.data import PairedCells
 from celltron.finetune.crossmodal.evaluate import per_protein_scores
 from celltron.finetune.report import UnitScore, anchor, choose_weight
+
+log = logging.getLogger(__name__)
 
 
 def rna_lab_data(paired: PairedCells, modality: str = "rna", species: str | None = None, min_mapped_fraction: float = 0.5):
@@ -128,7 +132,9 @@ def masked_value_predictions(views: ModelViews) -> np.ndarray | None:
     values never enter: the tokens are built from a constant panel, then every value is masked.
     Values are on the model's protein scale (its per-cell CLR bins, or CLR when continuous).
     None for a model without such a head (a paired export, an RNA model, a family that predicts
-    no values)."""
+    no values) or whose protein budget is shorter than its panel (it never saw every protein in
+    one sequence). The input is scGPT's masked-value input (the value set to mask_value, no
+    generative flag): what `data.generative: false` pretraining, the default, trains."""
     import torch
 
     from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
@@ -138,11 +144,19 @@ def masked_value_predictions(views: ModelViews) -> np.ndarray | None:
     target, tokenizer = views.target, views.tokenizer
     if views.dual is not None or target != "adt" or target not in getattr(tokenizer, "features", {}):
         return None
+    n_panel = len(tokenizer.features[target])
+    if tokenizer.settings.adt_budget < n_panel:
+        log.warning(
+            "%s: protein budget %d < its panel of %d: no masked-value predictions",
+            views.folder,
+            tokenizer.settings.adt_budget,
+            n_panel,
+        )
+        return None
     model = load_pretrained(views.folder)
     mask_value = getattr(model.config, "mask_value", None)
     if mask_value is None:
         return None
-    n_panel = len(tokenizer.features[target])
     constant = sp.csr_matrix(np.ones((views.paired.n_cells, n_panel), dtype=np.float32))
     tokens = tokenizer.encode(views.block, {target: _as_modality_cells(constant)}, views._rng())
     is_protein = tokens.modality_ids == MODALITY_IDS[target]
@@ -177,9 +191,15 @@ def _panel_columns(paired: PairedCells, model_features) -> np.ndarray:
     )
 
 
-def calibrated(values: np.ndarray, targets: np.ndarray, train: np.ndarray) -> np.ndarray:
-    """Per protein, the least-squares line from `values` to `targets` fitted on training cells,
-    applied to every cell (a constant column predicts the training mean)."""
+MIN_CALIBRATION_CELLS = 20
+
+
+def calibrated(values: np.ndarray, targets: np.ndarray, train: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
+    """Per protein, the least-squares line from `values` to `targets` fitted on training cells
+    (those outside `seen`, the cells the model was pretrained on, when at least
+    MIN_CALIBRATION_CELLS are), applied to every cell (a constant column predicts the mean)."""
+    if seen is not None and (~seen[train]).sum() >= MIN_CALIBRATION_CELLS:
+        train = train[~seen[train]]
     x, y = values[train], targets[train]
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     variance = ((x - x_mean) ** 2).mean(axis=0)

@@ -2,7 +2,7 @@
 
 - totalvi (predict): TotalVI trained on the training cells (RNA + proteins) together with the
   held-out cells, whose protein counts are set to zero before any AnnData is built and which form
-  their own batch ("query"). scvi-tools treats an all-zero protein block within a batch as
+  their own batch. scvi-tools treats an all-zero protein block within a batch as
   missing proteins (no protein likelihood) and switches its adversarial batch classifier on: the
   totalVI tutorials' recipe for imputing proteins of cells without them. Predictions are the
   posterior mean protein expression (foreground + background, protein count scale) as if the
@@ -29,8 +29,9 @@ import scipy.sparse as sp
 
 from celltron.errors import ConfigError
 
-PEERS = {"totalvi": ("predict", "adt"), "multivi": ("align", "atac")}  # peer: (task, target modality)
+PEERS = {"totalvi": ("predict", "rna", "adt"), "multivi": ("align", "rna", "atac")}  # peer: (task, modalities)
 DEFAULT_EPOCHS = {"totalvi": 200, "multivi": 100}
+HELD_OUT_BATCH = "celltron:held-out"  # the held-out cells' own batch (their proteins missing)
 
 
 @dataclass(frozen=True)
@@ -49,21 +50,24 @@ def require_scvi(peer: str) -> None:
     try:
         import mudata  # noqa: F401
         import scvi  # noqa: F401
+        import skmisc  # noqa: F401  (seurat_v3's loess)
     except ImportError as error:
         raise ConfigError(
-            f"crossmodal.peers names {peer}, which needs scvi-tools and mudata ({error}); "
+            f"crossmodal.peers names {peer}, which needs scvi-tools, mudata and scikit-misc ({error}); "
             "install them with: pip install 'celltron[scvi]' (or drop the peer)"
         ) from None
 
 
-def check_peer(peer: str, task: str, target: str, where: str) -> None:
+def check_peer(peer: str, task: str, modalities: tuple[str, str], where: str) -> None:
+    """`peer` runs with `task` on these (source, target) modalities (canonical names), or is refused."""
     if peer not in PEERS:
         raise ConfigError(f"{where}: crossmodal.peers: unknown peer {peer!r}; choose from {sorted(PEERS)}")
-    if PEERS[peer] != (task, target):
-        wanted_task, wanted_target = PEERS[peer]
+    wanted_task, *wanted = PEERS[peer]
+    pair_ok = tuple(modalities) == tuple(wanted) if task == "predict" else set(modalities) == set(wanted)
+    if task != wanted_task or not pair_ok:
         raise ConfigError(
-            f"{where}: crossmodal.peers: {peer} runs with the {wanted_task} task and --target {wanted_target}, "
-            f"not {task} with --target {target}"
+            f"{where}: crossmodal.peers: {peer} runs with the {wanted_task} task on --source {wanted[0]} --target "
+            f"{wanted[1]}, not {task} on --source {modalities[0]} --target {modalities[1]}"
         )
 
 
@@ -121,7 +125,7 @@ def totalvi_proteins(rna, proteins, train, test, seed: int, settings: PeerSettin
         np.full(len(order), "train", dtype=object) if batches is None else np.asarray(batches)[order].astype(str).astype(object)
     )
     training_batches = sorted(set(batch[: len(train)]))
-    batch[len(train) :] = "query"
+    batch[len(train) :] = HELD_OUT_BATCH
     obs = pd.DataFrame({"batch": pd.Categorical(batch)}, index=pd.Index([f"cell{i}" for i in order]))
     data = md.MuData({"rna": _modality(rna[order][:, genes], obs, "gene"), "protein": _modality(values, obs, "protein")})
     data.obs["batch"] = obs["batch"].to_numpy()

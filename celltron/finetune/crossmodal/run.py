@@ -247,7 +247,7 @@ def _predict(
             if embedding[2] is not None:
                 from celltron.finetune.crossmodal.model import calibrated
 
-                masked = calibrated(embedding[2], targets, train)[test]
+                masked = calibrated(embedding[2], targets, train, train_only)[test]
                 masked_runs[seed] = prediction_scores(targets[test], masked, proteins, types)
                 _held_out_layer(layers, "model_masked_values", masked, test, targets.shape)
             plain_runs[seed] = prediction_scores(targets[test], plain[test], proteins, types)
@@ -277,7 +277,7 @@ def _predict(
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
         "n_proteins": len(proteins),
-        "notes": _prediction_notes(section, embedding is not None),
+        "notes": _prediction_notes(section, embedding is not None, bool(masked_runs)),
     }
     if query is not None:
         metrics["query"] = _predict_query(paired, section, source, target, out, query)
@@ -354,7 +354,7 @@ def _model_against_best(model_runs: dict, runs: dict, chosen: dict) -> dict:
     return paired_over_seeds(model, best, "per-protein Pearson", "proteins", names)
 
 
-def _prediction_notes(section, with_model: bool) -> dict:
+def _prediction_notes(section, with_model: bool, masked_values: bool = False) -> dict:
     notes = {
         "values": "CLR of protein counts (log1p minus the cell's mean over the panel); correlations per protein "
         "across held-out cells, averaged over proteins; cell_pearson: per cell across the panel",
@@ -364,10 +364,10 @@ def _prediction_notes(section, with_model: bool) -> dict:
         f"({_genes(section)}), k from {list(section.knn_k)} by inner CV",
         "ridge_rna_pca": f"ridge regression on the same PCs, alpha from {list(section.ridge_alphas)} by inner CV",
     }
-    if with_model:
+    if masked_values:
         notes["model, masked values"] = (
             "a joint model's zero-shot proteins: its RNA tokens and every protein token with the value masked, read "
-            "from the masked-value head; each protein's line to CLR fitted on training cells (no other training)"
+            "from the masked-value head; each protein's line to CLR fitted on training cells (outside --train-only when it names some; no other training)"
         )
     if "totalvi" in section.peers:
         notes["totalvi"] = (
