@@ -80,19 +80,14 @@ def _csr_float(x) -> sp.csr_matrix:
 
 
 def variable_genes(train_counts: sp.csr_matrix, n_top: int) -> np.ndarray:
-    """Boolean mask of seurat_v3's `n_top` most variable genes over training-cell counts (every
-    detected gene when fewer are detected)."""
-    import anndata as ad
-    import scanpy as sc
+    """Boolean mask of seurat_v3's `n_top` most variable genes over training-cell counts, among
+    the detected genes (scanpy's selection, `tokenizers.hvg`); every detected gene when fewer."""
+    from celltron.tokenizers.hvg import highly_variable_genes
 
     detected = np.asarray((train_counts > 0).sum(axis=0)).ravel() > 0
     if detected.sum() <= n_top:
         return detected
-    genes = ad.AnnData(train_counts[:, detected].copy())
-    sc.pp.highly_variable_genes(genes, flavor="seurat_v3", n_top_genes=n_top)
-    mask = np.zeros(train_counts.shape[1], dtype=bool)
-    mask[np.flatnonzero(detected)[genes.var["highly_variable"].to_numpy()]] = True
-    return mask
+    return highly_variable_genes(train_counts, n_top, "seurat_v3", expressed_only=True).highly_variable
 
 
 def _modality(values, obs: pd.DataFrame, prefix: str):

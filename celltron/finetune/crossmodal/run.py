@@ -82,17 +82,13 @@ def run_crossmodal(config, out, model: str | None = None, baselines_only: bool =
         )
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     if section.task == "predict":
-        embedding = None if views is None else (str(views.folder), views.rna(), _masked_values(views))
+        from celltron.finetune.crossmodal.model import masked_value_predictions
+
+        embedding = None if views is None else (str(views.folder), views.rna(), masked_value_predictions(views))
         return _predict(paired, section, source, target, out, query, train_only, embedding)
     if section.task == "align":
         return _align(paired, section, source, target, out, train_only, views)
     return _annotate(paired, section, source, target, out, views, train_only)
-
-
-def _masked_values(views):
-    from celltron.finetune.crossmodal.model import masked_value_predictions
-
-    return masked_value_predictions(views)
 
 
 def _model_views(config, model: str, paired: PairedCells, target: str):
@@ -513,6 +509,14 @@ def align_scores(first, second, train, test, labels, section) -> dict:
     return scores
 
 
+def _named_align_scores(first, second, train, test, labels, section, paired) -> dict:
+    """`align_scores` with the per-cell FOSCTTM keyed by cell name (cells held out by several
+    seeds are matched by name)."""
+    scores = align_scores(first, second, train, test, labels, section)
+    scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
+    return scores
+
+
 ALIGNERS = ("cca", "model_zero_shot", "model_cca")  # the baseline first: it is the head unless a model earns it
 
 
@@ -581,14 +585,9 @@ def _align(paired: PairedCells, section, source: str, target: str, out: Path, tr
         correlations[str(seed)] = bl.cca(*base_views, train, section.cca_components)[2].tolist()
         aligners = _aligners(base_views, model, section.cca_components)
         for name, aligner in aligners.items():
-            a, b = aligner(train)
-            scores = align_scores(a, b, train, test, labels, section)
-            scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
-            runs.setdefault(name, {})[seed] = scores
+            runs.setdefault(name, {})[seed] = _named_align_scores(*aligner(train), train, test, labels, section, paired)
         for name, (a, b) in _peer_alignments(paired, section, source, target, train, test, seed, peer_records).items():
-            scores = align_scores(a, b, train, test, labels, section)
-            scores["per_cell"] = {str(paired.cell_names[c]): float(v) for c, v in zip(test, scores["per_cell"])}
-            peer_runs.setdefault(name, {})[seed] = scores
+            peer_runs.setdefault(name, {})[seed] = _named_align_scores(a, b, train, test, labels, section, paired)
         shown = "cca"
         if model is not None:
             chosen[seed] = choose_aligner(aligners, train, section.inner_folds, seed, train_only)
