@@ -86,3 +86,29 @@ def _copy_slices(indptrs, indices, values, which, rows, offsets, out_indices, ou
 if numba is not None:
     _lengths = numba.njit(cache=True, nogil=True)(_lengths)
     _copy_slices = numba.njit(cache=True, nogil=True)(_copy_slices)
+
+
+def place_rows(indptr, rows, piece_indptr, piece_indices, piece_values, indices, values) -> None:
+    """Copy a CSR piece's row k into row rows[k] of the CSR (indptr, indices, values), whose
+    row pointers are already final (the corpus build assembles a shuffled shard this way,
+    straight from its staging files, with no second copy to put rows in order)."""
+    if compiled():
+        _place_rows(indptr, rows, piece_indptr, piece_indices, piece_values, indices, values)
+        return
+    lengths = np.diff(piece_indptr)
+    shift = np.repeat(indptr[rows] - piece_indptr[:-1], lengths)
+    destination = np.arange(piece_indptr[0], piece_indptr[-1], dtype=np.int64) + shift
+    indices[destination] = piece_indices[piece_indptr[0] : piece_indptr[-1]]
+    values[destination] = piece_values[piece_indptr[0] : piece_indptr[-1]]
+
+
+def _place_rows(indptr, rows, piece_indptr, piece_indices, piece_values, indices, values):
+    for k in range(len(rows)):
+        lo, at = piece_indptr[k], indptr[rows[k]]
+        n = piece_indptr[k + 1] - lo
+        indices[at : at + n] = piece_indices[lo : lo + n]
+        values[at : at + n] = piece_values[lo : lo + n]
+
+
+if numba is not None:
+    _place_rows = numba.njit(cache=True, nogil=True)(_place_rows)

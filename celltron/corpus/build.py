@@ -42,6 +42,7 @@ import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from celltron import __version__
+from celltron.corpus._gather import place_rows
 from celltron.corpus.genes import ensembl_to_symbol, is_mitochondrial
 from celltron.corpus.options import BuildOptions
 from celltron.corpus.readers import InputError, Source, check_raw_counts, open_mapped_source, to_corpus_genes
@@ -569,33 +570,53 @@ def _scatter(plan, staged: _Staged, staging: Path, n_genes: int, on_block=None, 
 
 def _gather_bucket(files: list, n_rows: int, n_genes: int, discard=Path.unlink) -> sp.csr_matrix:
     """Assemble one shard's cells, in shuffled order, from its bucket files (`discard`ed once
-    read): the pieces are read straight into one stacked CSR, then its rows put in order."""
-    sizes = [(path, n, (path.stat().st_size - 16 * n - 8) // 8) for path, n in files]  # `spill_csr` layout
-    nnz = sum(size for _, _, size in sizes)
-    rows = np.empty(n_rows, dtype=np.int64)
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    indices = np.empty(nnz, dtype=np.int32)
-    data = np.empty(nnz, dtype=np.int32)
-    row, at = 0, 0
-    for path, n, size in sizes:
-        if row + n > n_rows:
-            raise RuntimeError(
-                f"{path}: a shard's staging files hold more than its {n_rows} rows; the build's temporary files were changed"
-            )
-        piece_indptr = np.empty(n + 1, dtype=np.int64)
+    read). The files' headers (row numbers, row pointers) give the shard's row pointers first;
+    then each file's genes and counts are read into one reused buffer and copied to their rows:
+    one copy, where reading everything stacked and then reordering the rows made two."""
+    headers, lengths = [], np.zeros(n_rows, dtype=np.int64)
+    seen = np.zeros(n_rows, dtype=np.int64)
+    for path, n in files:
+        rows, piece_indptr = _bucket_header(path, n, n_rows)
+        lengths[rows] = np.diff(piece_indptr)
+        seen[rows] += 1
+        headers.append((path, rows, piece_indptr))
+    if not (seen == 1).all():
+        raise RuntimeError(
+            f"a shard's staging files hold {int(seen.sum())} rows ({int((seen == 1).sum())} distinct), not its "
+            f"{n_rows}; the build's temporary files were changed"
+        )
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    indices = np.empty(indptr[-1], dtype=np.int32)
+    data = np.empty(indptr[-1], dtype=np.int32)
+    largest = max((int(piece_indptr[-1]) for _, _, piece_indptr in headers), default=0)
+    piece_indices, piece_data = np.empty(largest, dtype=np.int32), np.empty(largest, dtype=np.int32)
+    for path, rows, piece_indptr in headers:
+        size = int(piece_indptr[-1])
         with open(path, "rb") as handle:
-            for part in (rows[row : row + n], piece_indptr, indices[at : at + size], data[at : at + size]):
+            handle.seek(8 * len(rows) + 8 * len(piece_indptr))
+            for part in (piece_indices[:size], piece_data[:size]):
                 if handle.readinto(part.data) != part.nbytes:
                     raise RuntimeError(
                         f"{path}: staging file shorter than its header says; the build's temporary files were changed"
                     )
-        indptr[row + 1 : row + n + 1] = piece_indptr[1:] + at
-        row, at = row + n, at + size
+        place_rows(indptr, rows, piece_indptr, piece_indices, piece_data, indices, data)
         discard(path)
-    if row != n_rows or not np.array_equal(np.sort(rows), np.arange(n_rows)):
-        raise RuntimeError(f"a shard's staging files hold {row} rows, not its {n_rows}; the build's temporary files were changed")
-    stacked = sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
-    return stacked[np.argsort(rows)]
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_genes))
+
+
+def _bucket_header(path: Path, n: int, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bucket file's row numbers in its shard and its row pointers (`spill_csr` layout),
+    checked against the file's size."""
+    rows, piece_indptr = np.empty(n, dtype=np.int64), np.empty(n + 1, dtype=np.int64)
+    with open(path, "rb") as handle:
+        for part in (rows, piece_indptr):
+            if handle.readinto(part.data) != part.nbytes:
+                raise RuntimeError(f"{path}: staging file shorter than its header; the build's temporary files were changed")
+    size = path.stat().st_size
+    consistent = piece_indptr[0] == 0 and (np.diff(piece_indptr) >= 0).all() and ((rows >= 0) & (rows < n_rows)).all()
+    if not consistent or size != 16 * n + 8 + 8 * int(piece_indptr[-1]):
+        raise RuntimeError(f"{path}: staging file does not match its header; the build's temporary files were changed")
+    return rows, piece_indptr
 
 
 def _obs_table(cells, staged: _Staged, names, categories) -> pd.DataFrame:

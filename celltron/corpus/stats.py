@@ -104,16 +104,19 @@ class LogBucketSketch:
         buckets. Cumulative counts per chunk of genes, not for all at once."""
         n_genes = self.counts.shape[0]
         lower, upper, below = (np.full(n_genes, -1, dtype=np.int64) for _ in range(3))
+        if self.compiled:
+            _middle_buckets(self.counts, lower, upper, below)
+            return lower, upper, below
         for start in range(0, n_genes, genes_per_chunk):
             cumulative = np.cumsum(self.counts[start : start + genes_per_chunk], axis=1, dtype=np.int64)
-            for offset, row in enumerate(cumulative):
-                total = row[-1]
-                if total == 0:
-                    continue
-                gene = start + offset
-                lower[gene] = np.searchsorted(row, (total - 1) // 2, side="right")
-                upper[gene] = np.searchsorted(row, total // 2, side="right")
-                below[gene] = row[lower[gene] - 1] if lower[gene] > 0 else 0
+            total = cumulative[:, -1]
+            # the first bucket whose cumulative count passes the rank (searchsorted, side right)
+            first_lower = (cumulative <= ((total - 1) // 2)[:, None]).sum(axis=1)
+            first_upper = (cumulative <= (total // 2)[:, None]).sum(axis=1)
+            seen = np.flatnonzero(total > 0)
+            lower[start + seen], upper[start + seen] = first_lower[seen], first_upper[seen]
+            before = np.take_along_axis(cumulative, np.maximum(first_lower - 1, 0)[:, None], axis=1)[:, 0]
+            below[start + seen] = np.where(first_lower > 0, before, 0)[seen]
         return lower, upper, below
 
     def medians(self) -> np.ndarray:
@@ -239,14 +242,16 @@ def middle_of_ranks(genes: np.ndarray, values: np.ndarray, totals: np.ndarray, b
     """Per gene, the mean of its values of rank (n - 1) // 2 and n // 2 among n = totals[gene]
     (numpy's median), where `values` holds the gene's values from rank below[gene] on, past
     both middle ranks; NaN for a gene with none. Compiled: values grouped by gene (a counting
-    sort), then each gene's few sorted; numpy: one lexsort by (gene, value)."""
-    genes = np.asarray(genes, dtype=np.int64)
+    sort), then each gene's middle ranks selected (quickselect); numpy: one lexsort by (gene, value)."""
     totals = np.asarray(totals, dtype=np.int64)
     below = np.asarray(below, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
     out = np.full(len(totals), np.nan)
-    if compiled():
-        _middle_of_ranks(genes, np.asarray(values, dtype=np.float64), totals, below, out)
+    if compiled() and not np.isnan(values).any():  # NaN has no rank for the selection; the sort puts it last
+        # genes as they come (the build holds int32): a widened copy costs more than the grouping
+        _middle_of_ranks(np.asarray(genes), values, totals, below, out)
         return out
+    genes = np.asarray(genes, dtype=np.int64)
     order = np.lexsort((values, genes))
     genes, values = genes[order], values[order]
     starts = np.searchsorted(genes, np.arange(len(totals)))
@@ -310,10 +315,70 @@ def _middle_of_ranks(genes, values, totals, below, out):
         if totals[gene] == 0:
             continue
         mine = grouped[starts[gene] : starts[gene + 1]]
-        mine.sort()  # in place: no array per gene
         lower = (totals[gene] - 1) // 2 - below[gene]
         upper = totals[gene] // 2 - below[gene]
-        out[gene] = (mine[lower] + mine[upper]) / 2
+        _select(mine, lower)  # in place: no array per gene
+        # the next rank is the smallest value past the selected one
+        out[gene] = (mine[lower] + (mine[lower] if upper == lower else mine[upper:].min())) / 2
+
+
+def _select(a, k):
+    """Reorder `a` (finite values) in place so that a[k] holds the value of rank k, with no larger
+    value before it and no smaller one after it (quickselect: linear time, where a sort is
+    n log n). Median-of-three pivots; short ranges are finished by insertion sort."""
+    lo, hi = 0, len(a) - 1
+    while hi - lo > 16:
+        middle = (lo + hi) // 2
+        if a[middle] < a[lo]:
+            a[middle], a[lo] = a[lo], a[middle]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[middle]:
+            a[hi], a[middle] = a[middle], a[hi]
+        pivot = a[middle]
+        i, j = lo, hi
+        while i <= j:  # Hoare partition: a[lo:i] <= pivot <= a[j + 1:hi + 1]
+            while a[i] < pivot:
+                i += 1
+            while pivot < a[j]:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return  # j < k < i: a[k] equals the pivot, in its place
+    for p in range(lo + 1, hi + 1):
+        current = a[p]
+        q = p - 1
+        while q >= lo and a[q] > current:
+            a[q + 1] = a[q]
+            q -= 1
+        a[q + 1] = current
+
+
+def _middle_buckets(counts, lower, upper, below):
+    """`LogBucketSketch.middle_buckets`, one walk along each gene's buckets."""
+    for gene in range(counts.shape[0]):
+        total = 0
+        for bucket in range(counts.shape[1]):
+            total += counts[gene, bucket]
+        if total == 0:
+            continue
+        low_rank, high_rank = (total - 1) // 2, total // 2
+        running = 0
+        for bucket in range(counts.shape[1]):
+            before = running
+            running += counts[gene, bucket]
+            if lower[gene] < 0 and running > low_rank:
+                lower[gene], below[gene] = bucket, before
+            if running > high_rank:
+                upper[gene] = bucket
+                break
 
 
 def _keep_values(indices, all_values, lower, upper, log_gamma, offset, n_buckets, genes, values):
@@ -387,6 +452,8 @@ if numba is not None:
     # error_model="numpy": a count divided by an n_counts of 0 is inf, as in numpy, not an error
     _bucket = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")(_bucket)
     _cell_buckets = numba.njit(cache=True, nogil=True, inline="always", error_model="numpy")(_cell_buckets)
+    _select = numba.njit(cache=True, nogil=True, error_model="numpy")(_select)
+    _middle_buckets = numba.njit(cache=True, nogil=True, error_model="numpy")(_middle_buckets)
     _count_genes, _count_values, _longest_row, _count_block, _keep_in_buckets, _keep_values, _middle_of_ranks = (
         numba.njit(cache=True, nogil=True, error_model="numpy")(f)
         for f in (_count_genes, _count_values, _longest_row, _count_block, _keep_in_buckets, _keep_values, _middle_of_ranks)

@@ -286,8 +286,8 @@ def test_the_compiled_middle_ranks_equal_numpys_median(monkeypatch):
     from celltron.corpus.stats import middle_of_ranks
 
     rng = np.random.default_rng(3)
-    genes = rng.integers(0, 50, 5_000)
-    values = rng.integers(1, 20, 5_000) / 7  # many ties
+    genes = np.concatenate([rng.integers(0, 50, 5_000), np.full(3_001, 7)])  # gene 7: a long group
+    values = rng.integers(1, 20, len(genes)) / 7  # many ties
     totals = np.bincount(genes, minlength=60)  # genes 50-59 have no values
     want = np.array([np.median(values[genes == g]) if totals[g] else np.nan for g in range(60)])
     for backend in ("1", "0"):
@@ -300,6 +300,48 @@ def test_the_compiled_middle_ranks_equal_numpys_median(monkeypatch):
             keep[mine[np.argsort(values[mine], kind="stable")[:10]]] = False
         below = np.where(totals > 0, 10, 0)
         np.testing.assert_array_equal(middle_of_ranks(genes[keep], values[keep], totals, below), want)
+
+
+def test_both_backends_find_the_same_middle_buckets(monkeypatch):
+    from celltron.corpus.stats import LogBucketSketch
+
+    rng = np.random.default_rng(5)
+    found = []
+    for backend in ("1", "0"):
+        monkeypatch.setenv("CELLTRON_NUMBA", backend)
+        sketch = LogBucketSketch(300)
+        sketch.counts[:] = (rng.random(sketch.counts.shape) < 0.01) * rng.integers(1, 9, sketch.counts.shape)
+        rng = np.random.default_rng(5)  # the same table for both
+        sketch.counts[0] = 0  # no values
+        sketch.counts[1] = 0
+        sketch.counts[1, 0] = 1  # one value, in the lowest bucket
+        sketch.counts[2] = 0
+        sketch.counts[2, [3, 9]] = 1  # two values: the middle ranks straddle two buckets
+        found.append(sketch.middle_buckets())
+    for compiled, numpy in zip(*found):
+        np.testing.assert_array_equal(compiled, numpy)
+    lower, upper, below = found[0]
+    assert (lower[0], upper[0]) == (-1, -1)
+    assert (lower[1], upper[1], below[1]) == (0, 0, 0)
+    assert (lower[2], upper[2], below[2]) == (3, 9, 0)
+
+
+@pytest.mark.parametrize("numba", ["1", "0"])
+def test_rows_placed_from_a_piece_land_in_their_shard_rows(numba, monkeypatch):
+    from celltron.corpus._gather import place_rows
+
+    monkeypatch.setenv("CELLTRON_NUMBA", numba)
+    whole = sp.random(40, 30, density=0.2, format="csr", random_state=2, dtype=np.float64)
+    whole.data = np.ceil(whole.data * 9).astype(np.int32)
+    whole.indices = whole.indices.astype(np.int32)
+    order = np.random.default_rng(2).permutation(40)
+    indptr = whole.indptr.astype(np.int64)
+    indices, data = np.zeros(whole.nnz, np.int32), np.zeros(whole.nnz, np.int32)
+    for part in np.array_split(order, 3):  # pieces hold shard rows in any order
+        piece = whole[part]
+        place_rows(indptr, part, piece.indptr.astype(np.int64), piece.indices, piece.data, indices, data)
+    np.testing.assert_array_equal(indices, whole.indices)
+    np.testing.assert_array_equal(data, whole.data)
 
 
 def test_a_build_past_the_in_memory_limit_writes_the_same_medians(tmp_path, pbmc_small):
