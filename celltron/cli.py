@@ -282,6 +282,33 @@ def _corpus_validate(args) -> int:
     return 1 if problems else 0
 
 
+def _priors_build(args) -> int:
+    from celltron.pretrain.priors import build_priors
+
+    tables = _key_values(args.table, "--table")
+    manifest = build_priors(
+        args.out,
+        args.corpus,
+        args.scheme,
+        grn=args.grn,
+        grn_species=args.grn_species,
+        coexpression=args.coexpression,
+        tables=tables,
+        dims=args.dims,
+        max_cells=args.max_cells,
+        max_len=args.max_len,
+        overwrite=args.overwrite,
+        storage_options=_key_values(args.storage_option, "--storage-option"),
+    )
+    vocab = manifest["vocab"]
+    print(f"priors for {vocab['name']} ({vocab['size']} tokens) in {args.out}:")
+    for name, record in manifest["priors"].items():
+        print(f"  {name}: {record['file']} {tuple(record['shape'])}, {record['tokens_with_prior']} tokens with a prior")
+    named = ", ".join(f"{name}: {Path(args.out) / record['file']}" for name, record in manifest["priors"].items())
+    print(f"use them in a genecompass pretraining config: model.priors: {{{named}}}")
+    return 0
+
+
 def _tokenize(args) -> int:
     from celltron.tokenizers.dataset import tokenize_to_dataset
 
@@ -650,6 +677,34 @@ def _parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
     tokenize.add_argument("--no-progress", action="store_true")
     tokenize.set_defaults(run=_tokenize)
+
+    priors = verbs.add_parser("priors", help="prior-knowledge matrices for GeneCompass models").add_subparsers(
+        dest="action", required=True
+    )
+    priors_build = priors.add_parser(
+        "build", help="GRN, co-expression or a lab's gene table as matrices aligned to a run's vocabulary (model.priors)"
+    )
+    priors_build.add_argument("corpus", help="the pretraining corpus (directory or URL): its genes make the vocabulary")
+    priors_build.add_argument(
+        "--scheme", default="ortholog", choices=SCHEMES, help="the run's tokenizer.scheme (default ortholog)"
+    )
+    priors_build.add_argument("--max-len", type=number(int, ">= 1"), help="the run's tokenizer.max_len, if set")
+    priors_build.add_argument("--out", required=True, help="folder to write (NAME.npy files and priors.json)")
+    priors_build.add_argument("--grn", metavar="FILE", help="TF-target table in TRRUST format: its spectral embedding")
+    priors_build.add_argument(
+        "--grn-species", choices=["human", "mouse"], help="species of the --grn table's genes (default: inferred)"
+    )
+    priors_build.add_argument("--coexpression", action="store_true", help="low-rank gene-gene correlation of the training cells")
+    priors_build.add_argument(
+        "--table", action="append", metavar="NAME=FILE", help="a gene x d CSV/TSV (first column gene symbols or Ensembl IDs)"
+    )
+    priors_build.add_argument("--dims", type=number(int, ">= 1"), default=64, help="width of the grn and coexpression matrices")
+    priors_build.add_argument(
+        "--max-cells", type=number(int, ">= 2"), default=50_000, help="training cells read for coexpression"
+    )
+    priors_build.add_argument("--overwrite", action="store_true", help="replace --out even if celltron did not write it")
+    priors_build.add_argument("--storage-option", action="append", help="KEY=VALUE for remote corpora")
+    priors_build.set_defaults(run=_priors_build)
 
     pretrain = verbs.add_parser(
         "pretrain",

@@ -209,3 +209,31 @@ def load_torch_checkpoint(path, fix: str = RESUME_FIX, **kwargs):
         detail = "not a PyTorch checkpoint" if isinstance(error, KeyError) else first_line(error).split(". ")[0]
         detail = "it ends early" if isinstance(error, EOFError) else detail
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({detail}); {fix}") from error
+
+
+def read_truth(path, flag: str = "--truth"):
+    """A TRRUST-style table (tab-separated TF, target[, mode, PubMed IDs], header optional) as
+    unique directed (tf, target) pairs (a pandas DataFrame). Refused in one line naming the file
+    (`flag`: the option that gave it) when missing, unparsable or without pairs. Read by the GRN
+    tasks (truth tables) and by the GRN prior."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(f"{flag} {path}: no such file")
+    expected = "expected TRRUST format, one 'TF<TAB>target' pair per line"
+    try:
+        table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise InputError(f"{flag} {path}: cannot be read as a tab-separated table ({reason}); {expected}") from None
+    if table.shape[1] < 2:
+        raise InputError(
+            f"{flag} {path}: expected tab-separated columns TF, target (TRRUST format); got {table.shape[1]} column(s)"
+        )
+    table = table.iloc[:, :2].set_axis(["tf", "target"], axis=1).dropna()
+    if len(table) and table.iloc[0].str.lower().tolist() in (["tf", "target"], ["tf", "gene"]):
+        table = table.iloc[1:]
+    if table.empty:
+        raise InputError(f"{flag} {path}: holds no TF-target pairs; {expected}")
+    return table.drop_duplicates().reset_index(drop=True)

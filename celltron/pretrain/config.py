@@ -22,13 +22,17 @@ class ModelSection:
     init_gene_embeddings: random (the family's own init) or svd (gene tokens from a truncated
         SVD of the log-normalised training cells, celltron.pretrain.svd_init; not on resume
         or --init-from).
-    svd_cells: at most this many training cells are read for the svd init."""
+    svd_cells: at most this many training cells are read for the svd init.
+    priors: genecompass only: prior name -> .npy matrix with a row per token of this run's
+        vocabulary (`celltron priors build`, celltron.pretrain.priors), fused into every gene token's
+        input embedding; saved and reloaded with the model."""
 
     family: str = "geneformer"
     size: str = "debug"
     overrides: dict = field(default_factory=dict)
     init_gene_embeddings: str = one_of("random", GENE_EMBEDDING_INITS)
     svd_cells: int = ranged(50_000, ">= 1")
+    priors: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from celltron.model_zoo.contrastive import PAIR_TOKENS_FILE, PAIRED_DIR
 from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
 from celltron.pretrain.config import PretrainConfig
 from celltron.pretrain.data import PretrainDataModule, check_gene_coverage, corpus_tokenizer
+from celltron.pretrain.priors import load_priors
 from celltron.pretrain.svd_init import initialise_gene_embeddings
 from celltron.training.checkpoints import check_checkpoint, model_state_from_checkpoint
 from celltron.training.environment import check_slurm_shape
@@ -65,6 +66,7 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
     """The run's model: a named size sized to the tokenizer's vocabulary, or `init_from` (an
     exported or converted folder) whose vocabulary must be the tokenizer's."""
     vocab, spec = tokenizer.vocab, FAMILIES[config.model.family]
+    priors = _priors_for(config, vocab, init_from)
     if init_from:
         check_vocabulary(
             model_folder(init_from),
@@ -80,7 +82,32 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
     # the family's own defaults: e.g. a position table for the tokenizer's cells, species tokens
     for key, value in spec.build_defaults(tokenizer, spec.sizes[config.model.size]).items():
         overrides.setdefault(key, value)
-    return build_model(config.model.family, config.model.size, vocab_size=len(vocab), **overrides)
+    if priors:
+        overrides["prior_dims"] = {name: matrix.shape[1] for name, matrix in priors.items()}
+    model = build_model(config.model.family, config.model.size, vocab_size=len(vocab), **overrides)
+    for name, matrix in priors.items():
+        model.set_prior_knowledge(name, matrix)
+    return model
+
+
+def _priors_for(config: PretrainConfig, vocab, init_from: str | None) -> dict:
+    """model.priors loaded and checked against the run's vocabulary (celltron.priors.load_priors);
+    refused for a family without priors, beside model.overrides.prior_dims, or with --init-from
+    (that model brings the priors it was pretrained with)."""
+    if not config.model.priors:
+        return {}
+    if config.model.family != "genecompass":
+        raise ConfigError(
+            f"model.priors: the {config.model.family} family takes no prior knowledge; use model.family: genecompass "
+            "(tokenizer.scheme: ortholog), or remove model.priors"
+        )
+    if "prior_dims" in config.model.overrides:
+        raise ConfigError("model.overrides.prior_dims and model.priors both set the priors: keep model.priors only")
+    if init_from:
+        raise ConfigError(
+            "model.priors with --init-from: the model continues with the priors it was saved with; remove model.priors"
+        )
+    return load_priors(config.model.priors, vocab)
 
 
 def pretrain(

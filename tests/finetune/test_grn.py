@@ -26,10 +26,10 @@ from celltron.finetune.grn.evaluate import (
     evaluate_edges,
     evaluate_on_folds,
     rank_normalised,
-    read_truth,
 )
 from celltron.finetune.grn.run import attention_scores, bundled_tfs, candidates_first, scoreable_pairs
 from celltron.finetune.report import choose_best
+from celltron.inputs import read_truth
 from celltron.tokenizers.ragged import RaggedTokens
 from tests.conftest import shared_file
 

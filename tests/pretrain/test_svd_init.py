@@ -5,18 +5,14 @@ the config field."""
 
 from __future__ import annotations
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import pytest
 import scipy.linalg as la
 import scipy.sparse as sp
 import torch
 from threadpoolctl import threadpool_limits
 
-from celltron.corpus import BuildOptions, build_corpus
-from celltron.corpus.genes import ensembl_to_symbol
-from celltron.corpus.store import Corpus, log_normalised_cells
+from celltron.corpus.store import log_normalised_cells
 from celltron.errors import ConfigError
 from celltron.preprocessing import FrequentDirections
 from celltron.pretrain import run
@@ -24,8 +20,7 @@ from celltron.pretrain.config import load_config, replace
 from celltron.pretrain.data import corpus_tokenizer
 from celltron.pretrain.run import build_model_for, pretrain
 from celltron.pretrain.svd_init import corpus_gene_vectors, initialise_gene_embeddings, token_columns
-from tests.pretrain.conftest import CONFIGS
-from tests.simulate import human_gene_symbols
+from tests.pretrain.conftest import CONFIGS, gene_symbols_of
 
 FAMILY_CONFIGS = ["geneformer_debug.yaml", "scgpt_debug.yaml", "genecompass_debug.yaml"]
 
@@ -83,29 +78,6 @@ def test_sketch_keeps_the_frequent_directions_guarantee():
     np.testing.assert_array_equal(sketch.column_counts, (x != 0).sum(axis=0))
 
 
-@pytest.fixture(scope="module")
-def module_corpus(tmp_path_factory):
-    """A corpus of 600 simulated cells over 60 human genes in three planted modules of 15 (their
-    genes rise and fall together per cell) and 15 independent genes."""
-    rng = np.random.default_rng(7)
-    genes = human_gene_symbols(60)
-    module_of = np.repeat([0, 1, 2, -1], 15)
-    activity = rng.normal(size=(600, 3))
-    log_means = rng.normal(0.0, 0.5, 60) + np.where(module_of >= 0, 1.2 * activity[:, module_of.clip(0)], 0.0)
-    log_means += 0.8 * rng.normal(size=log_means.shape) * (module_of < 0)  # the loners vary alone
-    means = np.exp(log_means)
-    counts = rng.poisson(means / means.sum(axis=1, keepdims=True) * 3000)
-    adata = ad.AnnData(
-        X=sp.csr_matrix(counts.astype(np.float32)),
-        obs=pd.DataFrame(index=[f"cell_{i}" for i in range(600)]),
-        var=pd.DataFrame(index=genes),
-    )
-    folder = tmp_path_factory.mktemp("modules")
-    adata.write_h5ad(folder / "modules.h5ad")
-    build_corpus([folder / "modules.h5ad"], folder / "corpus", BuildOptions(seed=0, val_fraction=0.05, progress=False))
-    return Corpus(folder / "corpus"), genes, module_of
-
-
 def test_same_module_genes_get_similar_vectors(module_corpus):
     corpus, genes, module_of = module_corpus
     vocab = corpus_tokenizer(corpus, "geneformer-v2", None, 0).vocab
@@ -113,7 +85,7 @@ def test_same_module_genes_get_similar_vectors(module_corpus):
     assert found.cells == corpus.manifest["splits"]["train"]["n_cells"]
     by_token = dict(zip(found.token_ids.tolist(), found.vectors))
     tokens = vocab.lookup_genes(corpus.gene_ids)
-    module = dict(zip(tokens.tolist(), module_of[[genes.index(g) for g in _symbols(corpus)]]))
+    module = dict(zip(tokens.tolist(), module_of[[genes.index(g) for g in gene_symbols_of(corpus)]]))
     assert set(by_token) == set(tokens[tokens >= 0].tolist())  # every expressed gene with a token
     ids = [t for t in by_token if module[t] >= 0]
     unit = np.stack([by_token[t] / np.linalg.norm(by_token[t]) for t in ids])
@@ -123,12 +95,6 @@ def test_same_module_genes_get_similar_vectors(module_corpus):
     within, between = cosine[same & off_diagonal].mean(), cosine[~same].mean()
     # between modules slightly negative: normalising to a fixed total makes the modules compete
     assert within > 0.8 and between < 0.2, (within, between)
-
-
-def _symbols(corpus: Corpus) -> list[str]:
-    """The corpus's genes as the symbols the simulation named them by."""
-    table = ensembl_to_symbol("human")
-    return [table[g] for g in corpus.gene_ids]
 
 
 def test_corpus_vectors_are_the_centred_svd_of_the_log_normalised_cells(module_corpus):

@@ -20,34 +20,15 @@ the baseline itself, so the head can only add to the strongest baseline, never h
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from celltron.errors import ConfigError, InputError
+from celltron.errors import ConfigError
 from celltron.finetune.report import CHOICE_RESAMPLES, choose_best, earned_weight, percentile_interval, unit_resamples, verdict
-from celltron.inputs import MissingInputError
 
 EDGE_COLUMNS = ("tf", "target", "score", "method", "group")
 GRN_METRICS = ("auprc", "auprc_ratio", "epr", "n_true_edges", "n_scored_edges")
-
-
-def read_truth(path) -> pd.DataFrame:
-    """A TRRUST-style table (tab-separated TF, target[, mode, PubMed IDs], header optional) as
-    unique directed (tf, target) pairs."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingInputError(f"--truth {path}: no such file")
-    table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
-    if table.shape[1] < 2:
-        raise InputError(
-            f"--truth {path}: expected tab-separated columns TF, target (TRRUST format); got {table.shape[1]} column(s)"
-        )
-    table = table.iloc[:, :2].set_axis(["tf", "target"], axis=1).dropna()
-    if table.iloc[0].str.lower().tolist() in (["tf", "target"], ["tf", "gene"]):
-        table = table.iloc[1:]
-    return table.drop_duplicates().reset_index(drop=True)
 
 
 def candidate_edges(tfs, targets) -> pd.DataFrame:

@@ -41,11 +41,10 @@ from celltron.finetune.grn.evaluate import (
     evaluate_edges,
     evaluate_on_folds,
     is_true_edge,
-    read_truth,
     tree_scores,
 )
 from celltron.finetune.report import choose_best, verdict_line, write_metrics
-from celltron.inputs import MissingInputError
+from celltron.inputs import MissingInputError, read_truth
 from celltron.io import write_file_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_lab_data, tokenize_cells
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
@@ -80,21 +79,6 @@ def read_tfs(path) -> list[str]:
     if not tfs:
         raise InputError(f"--tfs {path}: holds no TF symbols; expected one TF symbol per line")
     return tfs
-
-
-def read_truth_table(path) -> pd.DataFrame:
-    """`read_truth`, refusing in one line naming the file a table that does not parse or holds no pairs."""
-    try:
-        truth = read_truth(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise InputError(
-            f"--truth {path}: cannot be read as a tab-separated table ({reason}); expected TRRUST format, "
-            "one 'TF<TAB>target' pair per line"
-        ) from None
-    if truth.empty:
-        raise InputError(f"--truth {path}: holds no TF-target pairs; expected TRRUST format, one 'TF<TAB>target' pair per line")
-    return truth
 
 
 def _check_truth_is_scorable(truth: pd.DataFrame, tfs, targets, truth_path, data) -> None:
@@ -466,7 +450,7 @@ def run_grn(
     anchor_weights = check_anchor_weights(anchor_weights)
     out = Path(out)
     # every input is read and checked before any baseline or model work, and before `out` is written
-    truth = read_truth_table(truth_path) if truth_path is not None else None
+    truth = read_truth(truth_path) if truth_path is not None else None
     given_tfs = read_tfs(tfs_path) if tfs_path else None
     folder = resolve_model_folder(model) if model is not None else None
     lab = read_lab_data(data, (), layer, gene_column, species, min_mapped_fraction)

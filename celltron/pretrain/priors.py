@@ -1,0 +1,330 @@
+"""Prior-knowledge matrices for GeneCompass-style models: one row per token of a run's vocabulary.
+
+GeneCompass fuses what is known about each gene (its regulators and targets, its co-expression
+partners, its family) into the gene's input embedding. `celltron priors build` writes those
+matrices for one corpus and tokenizer scheme, so their rows line up with the vocabulary the
+pretraining run builds from the same corpus and scheme:
+
+- `grn`: a spectral embedding (Laplacian eigenmaps: the eigenvectors of the normalised
+  Laplacian with the smallest non-zero eigenvalues, scikit-learn's `spectral_embedding`) of the
+  undirected graph of a TF-target table in TRRUST format, on its largest connected component
+  (other genes get no row: an embedding cannot place a component that no edge ties to the rest).
+  Genes that share a token (orthologs) are one node.
+- `coexpression`: the top components of the gene-gene correlation of log-normalised training
+  cells, streamed: one pass for each gene's mean and variance, one pass through a Frequent
+  Directions sketch of the gene-standardised cells (memory bounded by the sketch, never genes x
+  genes). A gene's row is its right singular vector coordinates x sqrt(singular value).
+- `--table NAME=FILE`: any gene x d matrix a lab brings (a CSV/TSV, first column gene symbols or
+  Ensembl IDs), mapped to Ensembl IDs as corpus genes are, then to tokens; rows of genes that
+  share a token are averaged.
+
+Each matrix is scaled to an overall std of 1 (the model's projection learns the rest) and saved
+as NAME.npy (float32, vocab size x d); tokens without a prior get zeros. `priors.json` records
+the corpus, scheme, the vocabulary's size and sha256 (of its token strings in id order), and per
+prior its file, shape, method, how many tokens it covers, and its sources with their sha256.
+`load_priors` refuses a matrix whose rows are not the run's vocabulary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from celltron.corpus.genes import check_species, infer_species, map_genes
+from celltron.corpus.schema import sha256_file
+from celltron.corpus.store import Corpus, log_normalised_cells
+from celltron.errors import ConfigError, InputError
+from celltron.inputs import read_truth
+from celltron.io import write_folder_atomically
+from celltron.preprocessing import FrequentDirections
+from celltron.pretrain.data import corpus_tokenizer
+from celltron.pretrain.svd_init import gene_vectors, token_columns
+from celltron.tokenizers.ortholog import align_prior_knowledge
+
+PRIORS_MANIFEST = "priors.json"
+PRIORS_FORMAT = "celltron-priors"
+PRIOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+DEFAULT_DIMS = 64
+
+
+@dataclass
+class Prior:
+    """matrix: (vocab size, d) float32, zero rows where `has` is False. method, sources: for
+    the manifest."""
+
+    name: str
+    matrix: np.ndarray
+    has: np.ndarray
+    method: dict
+    sources: list = field(default_factory=list)
+
+
+def vocab_sha256(vocab) -> str:
+    """The vocabulary's fingerprint: sha256 of its token strings in id order."""
+    return hashlib.sha256("\n".join(vocab.tokens).encode()).hexdigest()
+
+
+def _unit_std(matrix: np.ndarray, has: np.ndarray) -> np.ndarray:
+    """The covered rows scaled to an overall std of 1 (zero rows stay zero)."""
+    spread = matrix[has].std() if has.any() else 0.0
+    return (matrix / spread if spread > 0 else matrix).astype(np.float32)
+
+
+def _map_names(names, species: str | None, source: str) -> tuple[np.ndarray, str]:
+    """Ensembl IDs ('' where unmapped) of gene symbols or IDs, and the species (inferred when None)."""
+    names = np.asarray(names, dtype=str)
+    if species is None:
+        species = infer_species(names, source)
+    else:
+        check_species(names, species, source)
+    return map_genes(names, species, source).ensembl_ids, species
+
+
+# ---------------------------------------------------------------- grn
+
+
+def grn_prior(path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None, name: str = "grn") -> Prior:
+    """The spectral embedding of a TF-target table's graph over the vocabulary's tokens (module
+    docstring). `species`: of the table's gene names (inferred when None)."""
+    path = Path(path)
+    edges = read_truth(path, "--grn")
+    names = np.unique(np.concatenate([edges.tf.to_numpy(str), edges.target.to_numpy(str)]))
+    ids, species = _map_names(names, species, f"--grn {path}")
+    token_of_name = dict(zip(names, vocab.lookup_genes(np.where(ids == "", "-", ids))))
+    tf = edges.tf.map(token_of_name).to_numpy(np.int64)
+    target = edges.target.map(token_of_name).to_numpy(np.int64)
+    usable = (tf >= 0) & (target >= 0) & (tf != target)
+    if not usable.any():
+        raise InputError(
+            f"--grn {path}: none of its {len(edges)} pairs joins two genes with a token in the {vocab.name} vocabulary "
+            f"({species} names); check the table's species and the corpus's genes"
+        )
+    nodes, local = np.unique(np.concatenate([tf[usable], target[usable]]), return_inverse=True)
+    n_edges = int(usable.sum())
+    adjacency = sp.coo_matrix((np.ones(2 * n_edges), (local, np.roll(local, n_edges))), shape=(len(nodes),) * 2).tocsr()
+    adjacency.data[:] = 1.0  # repeated pairs and both directions count once
+    component = _largest_component(adjacency)
+    if len(component) <= dims + 1:
+        raise ConfigError(
+            f"--grn {path}: its largest connected component has {len(component)} genes with tokens, too few for "
+            f"{dims} dimensions; lower --dims below {max(len(component) - 1, 1)}"
+        )
+    embedding = _spectral_embedding(adjacency[component][:, component], dims)
+    matrix = np.zeros((len(vocab), dims))
+    has = np.zeros(len(vocab), dtype=bool)
+    matrix[nodes[component]] = embedding
+    has[nodes[component]] = True
+    method = {
+        "kind": "grn",
+        "algorithm": "spectral embedding of the undirected TF-target graph (normalised Laplacian; scikit-learn)",
+        "component": "largest connected",
+        "species": species,
+        "nodes": int(len(nodes)),
+        "nodes_embedded": int(len(component)),
+        "edges_used": int((adjacency[component][:, component].nnz) // 2),
+        "pairs_in_table": int(len(edges)),
+    }
+    sources = [{"path": str(path.resolve()), "sha256": sha256_file(path)}]
+    return Prior(name, _unit_std(matrix, has), has, method, sources)
+
+
+def _largest_component(adjacency: sp.csr_matrix) -> np.ndarray:
+    from scipy.sparse.csgraph import connected_components
+
+    _, labels = connected_components(adjacency, directed=False)
+    return np.flatnonzero(labels == np.bincount(labels).argmax())
+
+
+def _spectral_embedding(adjacency: sp.csr_matrix, dims: int) -> np.ndarray:
+    from sklearn.manifold import spectral_embedding
+
+    # a fixed start vector: the same table gives the same matrix
+    return spectral_embedding(adjacency, n_components=dims, norm_laplacian=True, drop_first=True, random_state=0)
+
+
+# ---------------------------------------------------------------- co-expression
+
+
+def coexpression_prior(corpus, vocab, dims: int = DEFAULT_DIMS, max_cells: int = 50_000, name: str = "coexpression") -> Prior:
+    """Top components of the gene-gene correlation of the corpus's training cells (module
+    docstring); genes are the vocabulary's tokens, orthologs summed into their shared token."""
+    mapping, column_tokens = token_columns(corpus, vocab)
+    if len(column_tokens) == 0:
+        raise InputError(f"{corpus.location}: no corpus gene has a token in the {vocab.name} vocabulary")
+    rows = 2 * dims
+    sums, squares, cells = np.zeros(len(column_tokens)), np.zeros(len(column_tokens)), 0
+    for block in log_normalised_cells(corpus, "train", max_cells, block_cells=4096):
+        columns = block @ mapping
+        sums += np.asarray(columns.sum(axis=0)).ravel()
+        squares += np.asarray(columns.multiply(columns).sum(axis=0)).ravel()
+        cells += columns.shape[0]
+    if cells < 2:
+        raise InputError(f"{corpus.location}: its training split has {cells} cell(s); co-expression needs at least 2")
+    variance = np.maximum(squares / cells - (sums / cells) ** 2, 0.0)
+    varies = variance > 0
+    scale = sp.diags(np.where(varies, 1.0 / np.sqrt(np.where(varies, variance, 1.0)), 0.0))
+    sketch = FrequentDirections(len(column_tokens), rows)
+    for block in log_normalised_cells(corpus, "train", max_cells, block_cells=rows):
+        sketch.update(block @ mapping @ scale)  # standardised genes: their covariance is the correlation
+    values, right = sketch.components(dims, centre=True)
+    vectors = gene_vectors(values, right, dims)
+    matrix = np.zeros((len(vocab), dims))
+    has = np.zeros(len(vocab), dtype=bool)
+    matrix[column_tokens[varies]] = vectors[varies]
+    has[column_tokens[varies]] = True
+    method = {
+        "kind": "coexpression",
+        "algorithm": "gene-gene correlation of log-normalised training cells, Frequent Directions sketch of "
+        f"{rows} rows, top components x sqrt(singular value)",
+        "split": "train",
+        "cells": int(cells),
+    }
+    manifest = Path(str(corpus.location)) / "manifest.json"
+    sources = [{"path": str(corpus.location), **({"sha256": sha256_file(manifest)} if manifest.is_file() else {})}]
+    return Prior(name, _unit_std(matrix, has), has, method, sources)
+
+
+# ---------------------------------------------------------------- a lab's own table
+
+
+def table_prior(path, vocab, name: str, species: str | None = None) -> Prior:
+    """A gene x d table (CSV, or TSV for other suffixes; a header row; first column gene symbols
+    or Ensembl IDs, the rest numbers) aligned to the vocabulary (module docstring)."""
+    path = Path(path)
+    flag = f"--table {name}={path}"
+    if not path.is_file():
+        raise InputError(f"{flag}: no such file; give a CSV/TSV with gene names in the first column and numbers after")
+    table = pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t")
+    if table.shape[1] < 2 or table.empty:
+        raise InputError(f"{flag}: expected a header row, then rows of a gene name and at least one number; got {table.shape}")
+    values = table.iloc[:, 1:].apply(pd.to_numeric, errors="coerce")
+    bad = values.columns[values.isna().any()].tolist()
+    if bad:
+        raise InputError(
+            f"{flag}: column(s) {', '.join(map(str, bad[:5]))} hold non-numbers or blanks; every column after the first must be numeric"
+        )
+    ids, species = _map_names(table.iloc[:, 0].astype(str).to_numpy(), species, flag)
+    mapped = ids != ""
+    matrix, has = align_prior_knowledge(values.to_numpy(np.float64)[mapped], ids[mapped], vocab)
+    if not has.any():
+        raise InputError(f"{flag}: none of its {len(table)} genes has a token in the {vocab.name} vocabulary")
+    method = {"kind": "table", "species": species, "rows_in_table": int(len(table)), "rows_mapped": int(mapped.sum())}
+    return Prior(name, _unit_std(matrix, has), has, method, [{"path": str(path.resolve()), "sha256": sha256_file(path)}])
+
+
+# ---------------------------------------------------------------- build, save, load
+
+
+def build_priors(
+    out,
+    corpus_location,
+    scheme: str,
+    grn=None,
+    grn_species: str | None = None,
+    coexpression: bool = False,
+    tables: dict | None = None,
+    dims: int = DEFAULT_DIMS,
+    max_cells: int = 50_000,
+    max_len: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+) -> dict:
+    """Build the priors asked for, aligned to the vocabulary of `scheme` on the corpus, into
+    folder `out` (written under a temporary name, then swapped in); returns the manifest."""
+    tables = dict(tables or {})
+    for name in ["grn"] * bool(grn) + ["coexpression"] * coexpression + list(tables):
+        if not PRIOR_NAME.match(name):
+            raise ConfigError(f"prior name {name!r}: use lower-case letters, digits and _ (starting with a letter)")
+    if len(set(tables) & {"grn", "coexpression"}) or not (grn or coexpression or tables):
+        raise ConfigError(
+            "give at least one of --grn FILE, --coexpression, --table NAME=FILE (table names other than grn and coexpression)"
+        )
+    if dims < 1:
+        raise ConfigError(f"--dims {dims}: give 1 or more")
+    corpus = Corpus(corpus_location, storage_options)
+    vocab = corpus_tokenizer(corpus, scheme, max_len, seed).vocab
+    priors = []
+    if grn:
+        priors.append(grn_prior(grn, vocab, dims, grn_species))
+    if coexpression:
+        priors.append(coexpression_prior(corpus, vocab, dims, max_cells))
+    priors += [table_prior(path, vocab, name) for name, path in tables.items()]
+    manifest = {
+        "format": PRIORS_FORMAT,
+        "version": 1,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "corpus": str(corpus.location),
+        "scheme": scheme,
+        "vocab": {"name": vocab.name, "size": len(vocab), "sha256": vocab_sha256(vocab)},
+        "priors": {
+            p.name: {
+                "file": f"{p.name}.npy",
+                "shape": list(p.matrix.shape),
+                "tokens_with_prior": int(p.has.sum()),
+                "method": p.method,
+                "sources": p.sources,
+            }
+            for p in priors
+        },
+    }
+
+    def fill(folder: Path) -> None:
+        for prior in priors:
+            np.save(folder / f"{prior.name}.npy", prior.matrix)
+        (folder / PRIORS_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    write_folder_atomically(out, fill, overwrite=overwrite, written_by="celltron priors build")
+    return manifest
+
+
+def load_priors(paths: dict, vocab, option: str = "model.priors") -> dict[str, np.ndarray]:
+    """name -> (vocab size, d) float32 matrix from each NAME: FILE.npy, refusing, naming the file,
+    one that is missing, not a finite 2-D matrix, not one row per token of `vocab`, or (when a
+    priors.json lies beside it) built for another vocabulary."""
+    matrices = {}
+    for name, path in paths.items():
+        where = f"{option}.{name}: {path}"
+        if not PRIOR_NAME.match(str(name)):
+            raise ConfigError(f"{option}.{name}: prior names are lower-case letters, digits and _ (starting with a letter)")
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"{where}: no such file; build it with `celltron priors build --corpus CORPUS --scheme SCHEME --out DIR`"
+            )
+        try:
+            matrix = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise ConfigError(f"{where}: not a .npy matrix ({error})") from None
+        if matrix.ndim != 2 or matrix.dtype.kind not in "fiu" or not np.isfinite(matrix).all():
+            raise ConfigError(f"{where}: expected a finite 2-D numeric matrix (tokens x d), got {matrix.dtype} {matrix.shape}")
+        if matrix.shape[0] != len(vocab):
+            raise ConfigError(
+                f"{where}: has {matrix.shape[0]} rows; this run's {vocab.name} vocabulary has {len(vocab)} tokens, so "
+                f"expected ({len(vocab)}, d); rebuild it with `celltron priors build` on this run's corpus and tokenizer scheme"
+            )
+        _check_built_for(path, name, vocab, where)
+        matrices[name] = matrix.astype(np.float32)
+    return matrices
+
+
+def _check_built_for(path: Path, name: str, vocab, where: str) -> None:
+    manifest_path = path.parent / PRIORS_MANIFEST
+    if not manifest_path.is_file():
+        return  # a lab's own aligned matrix: the shape check is all there is
+    manifest = json.loads(manifest_path.read_text())
+    built = manifest.get("vocab", {})
+    if manifest.get("format") == PRIORS_FORMAT and built.get("sha256") not in (None, vocab_sha256(vocab)):
+        raise ConfigError(
+            f"{where}: built for another vocabulary ({built.get('name')}, {built.get('size')} tokens, scheme "
+            f"{manifest.get('scheme')}, corpus {manifest.get('corpus')}), not this run's {vocab.name}; rebuild it with "
+            "`celltron priors build` on this run's corpus and tokenizer scheme"
+        )
