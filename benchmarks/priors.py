@@ -1,7 +1,8 @@
 """Do knowledge priors help a GeneCompass model? The same config, corpus, steps and seeds with no
 prior, the GRN prior, the co-expression prior and both; each model's cell embeddings of the
 labelled PBMC 4k set (never pretrained on) scored by kNN on the same folds, and each run's
-validation losses.
+validation losses; as a control, the same architecture untrained (random weights) with and
+without the co-expression prior.
 
     python -m benchmarks.priors [--config genecompass_debug.yaml] [--steps 400] [--seeds 0 1 2]
         [--dims 32] [--out runs/bench/priors]
@@ -35,6 +36,8 @@ from celltron.pretrain.run import pretrain
 REPO = Path(__file__).resolve().parents[1]
 TRRUST = "grn/trrust_rawdata.human.tsv"  # in the shared data
 VARIANTS = {"none": (), "grn": ("grn",), "coexpression": ("coexpression",), "grn+coexpression": ("grn", "coexpression")}
+# the control: random weights with and without the co-expression prior (is its lift learned?)
+UNTRAINED = {"none": (), "coexpression": ("coexpression",)}
 METRICS = ("accuracy", "macro_f1")
 
 
@@ -66,6 +69,23 @@ def pretrain_variant(config_name: str, corpus: Path, priors: Path, names, seed: 
     return {"export": run / "export", "seconds": float((run / "seconds.txt").read_text()), "val": losses}
 
 
+def untrained_copy(export: Path, priors: Path, names, seed: int, out: Path) -> dict:
+    """The same architecture with random weights (seeded) and the priors `names` filled in: what
+    the priors alone give the pooled cell embedding, before any training."""
+    import torch
+
+    from benchmarks._pretrained import random_init_copy
+    from celltron.model_zoo.registry import load_pretrained
+
+    random_init_copy(export, out, seed=seed)
+    if names:
+        model = load_pretrained(out)
+        for name in names:
+            model.set_prior_knowledge(name, torch.as_tensor(np.load(priors / f"{name}.npy")))
+        model.save_pretrained(out)
+    return {"export": out, "seconds": 0.0, "val": {"val_loss": float("nan")}}
+
+
 def embed_all(runs: dict, data: Path, out: Path) -> dict:
     """Every run's embedding into one copy of `data`, then kNN on the same 10 folds."""
     embedded = out / "pbmc4k_embedded.h5ad"
@@ -89,20 +109,23 @@ def tables(runs: dict, metrics: dict, seeds) -> str:
     lines = ["| priors | " + " | ".join(METRICS) + " | Δ vs none, " + " | Δ vs none, ".join(METRICS) + " | val loss | s a run |"]
     lines.append("|---" * (3 + 2 * len(METRICS)) + "|")
     keys = {v: [f"X_{v.replace('+', '_')}_s{s}" for s in seeds] for v in VARIANTS}
+    keys.update({f"untrained, {v}": [f"X_untrained_{v}_s{s}" for s in seeds] for v in UNTRAINED})
     for variant, mine in keys.items():
         scores = [f"{per_fold_means(metrics, mine, m).mean():.3f}" for m in METRICS]
         deltas = []
         for m in METRICS:
-            if variant == "none":
+            if variant == "none" or variant.startswith("untrained, none"):
                 deltas.append("")
                 continue
-            d = mean_interval(per_fold_means(metrics, mine, m) - per_fold_means(metrics, keys["none"], m))
+            reference = keys["untrained, none"] if variant.startswith("untrained") else keys["none"]
+            d = mean_interval(per_fold_means(metrics, mine, m) - per_fold_means(metrics, reference, m))
             d["improvement"] = {k: d[k] for k in ("mean", "low", "high")}
             said = verdict(d).replace("the model", "the prior").replace("the baseline", "no prior")
             deltas.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] ({said})")
         loss = np.mean([runs[k]["val"]["val_loss"] for k in mine])
         seconds = np.mean([runs[k]["seconds"] for k in mine])
-        lines.append(f"| {variant} | " + " | ".join(scores + deltas) + f" | {loss:.3f} | {seconds:.0f} |")
+        trained = f"{loss:.3f} | {seconds:.0f}" if np.isfinite(loss) else "untrained | 0"
+        lines.append(f"| {variant} | " + " | ".join(scores + deltas) + f" | {trained} |")
     pca = metrics["baselines"]["pca_knn"]
     lines.append(f"| baseline: PCA | {pca['accuracy']:.3f} | {pca['macro_f1']:.3f} |" + " |" * (2 + len(METRICS)))
     return "\n".join(lines)
@@ -128,6 +151,11 @@ def main() -> None:
             key = f"X_{variant.replace('+', '_')}_s{seed}"
             runs[key] = pretrain_variant(args.config, corpus, priors, names, seed, args.steps, args.out / tag / key)
             print(f"{key}: val loss {runs[key]['val']['val_loss']:.3f}, {runs[key]['seconds']:.0f} s", flush=True)
+    for variant, names in UNTRAINED.items():
+        for seed in args.seeds:
+            key = f"X_untrained_{variant}_s{seed}"
+            trained = runs[f"X_{variant}_s{seed}"]["export"]  # its config has the prior's width
+            runs[key] = untrained_copy(trained, priors, names, seed, args.out / tag / key)
     metrics = embed_all(runs, labelled_copy(args.shared_data, args.out), args.out / tag)
     covered = {name: record["tokens_with_prior"] for name, record in manifest["priors"].items()}
     print(f"\n### {args.config}, {args.steps} steps, seeds {args.seeds}, priors {args.dims} wide (tokens covered: {covered})\n")

@@ -222,6 +222,8 @@ def read_truth(path, flag: str = "--truth"):
     if not path.exists():
         raise MissingInputError(f"{flag} {path}: no such file")
     expected = "expected TRRUST format, one 'TF<TAB>target' pair per line"
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: is a folder, not a table; {expected}")
     try:
         table = pd.read_csv(path, sep="\t", header=None, dtype=str, comment="#")
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as error:

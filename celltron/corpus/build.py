@@ -578,12 +578,12 @@ def _gather_bucket(files: list, n_rows: int, n_genes: int, discard=Path.unlink) 
     for path, n in files:
         rows, piece_indptr = _bucket_header(path, n, n_rows)
         lengths[rows] = np.diff(piece_indptr)
-        seen[rows] += 1
+        np.add.at(seen, rows, 1)  # a row repeated within one file counts twice
         headers.append((path, rows, piece_indptr))
     if not (seen == 1).all():
         raise RuntimeError(
-            f"a shard's staging files hold {int(seen.sum())} rows ({int((seen == 1).sum())} distinct), not its "
-            f"{n_rows}; the build's temporary files were changed"
+            f"a shard's staging files hold {int(seen.sum())} rows ({int((seen > 0).sum())} distinct), not its "
+            f"{n_rows} once each; the build's temporary files were changed"
         )
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     indices = np.empty(indptr[-1], dtype=np.int32)

@@ -154,7 +154,7 @@ def _csr_rows(element: h5py.Group):
     n_rows, n_columns = (int(n) for n in element.attrs["shape"])
 
     def read_rows(start: int, stop: int) -> sp.csr_matrix:
-        stop = min(stop, n_rows)
+        start, stop = min(start, n_rows), min(max(stop, start), n_rows)
         lo, hi = int(indptr[start]), int(indptr[stop])
         pointers = indptr[start : stop + 1] - lo
         return sp.csr_matrix((element["data"][lo:hi], element["indices"][lo:hi], pointers), shape=(stop - start, n_columns))

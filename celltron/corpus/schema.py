@@ -148,10 +148,15 @@ def dump_manifest(manifest: dict) -> bytes:
     return _dump_nested(manifest, 0).encode()
 
 
+def _json_key(key) -> str:
+    """A key as `json.dumps` writes it (a non-string key too: None -> "null", 1 -> "1")."""
+    return json.dumps({key: 0})[1:-4]
+
+
 def _dump_nested(value, depth: int) -> str:
     inner, outer = " " * (depth + 1), " " * depth
     if isinstance(value, dict) and value:
-        items = (f"{inner}{json.dumps(str(key))}: {_dump_nested(item, depth + 1)}" for key, item in value.items())
+        items = (f"{inner}{_json_key(key)}: {_dump_nested(item, depth + 1)}" for key, item in value.items())
         return "{\n" + ",\n".join(items) + "\n" + outer + "}"
     if isinstance(value, list) and value and isinstance(value[0], dict):  # e.g. the sources
         return "[\n" + ",\n".join(inner + _dump_nested(item, depth + 1) for item in value) + "\n" + outer + "]"

@@ -113,9 +113,15 @@ def grn_prior(path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None,
     adjacency.data[:] = 1.0  # repeated pairs and both directions count once
     component = _largest_component(adjacency)
     if len(component) <= dims + 1:
+        fix = (
+            f"lower --dims below {len(component) - 1}"
+            if len(component) > 2
+            else f"the table barely overlaps the corpus's genes ({len(nodes)} of its genes have tokens): check its "
+            "species (--grn-species) and gene names"
+        )
         raise ConfigError(
             f"--grn {path}: its largest connected component has {len(component)} genes with tokens, too few for "
-            f"{dims} dimensions; lower --dims below {max(len(component) - 1, 1)}"
+            f"{dims} dimensions; {fix}"
         )
     embedding = _spectral_embedding(adjacency[component][:, component], dims)
     matrix = np.zeros((len(vocab), dims))
@@ -206,10 +212,11 @@ def table_prior(path, vocab, name: str, species: str | None = None) -> Prior:
     if table.shape[1] < 2 or table.empty:
         raise InputError(f"{flag}: expected a header row, then rows of a gene name and at least one number; got {table.shape}")
     values = table.iloc[:, 1:].apply(pd.to_numeric, errors="coerce")
-    bad = values.columns[values.isna().any()].tolist()
+    bad = values.columns[~np.isfinite(values.to_numpy(np.float64)).all(axis=0)].tolist()
     if bad:
         raise InputError(
-            f"{flag}: column(s) {', '.join(map(str, bad[:5]))} hold non-numbers or blanks; every column after the first must be numeric"
+            f"{flag}: column(s) {', '.join(map(str, bad[:5]))} hold non-numbers, blanks or infinities; every column "
+            "after the first must hold finite numbers"
         )
     ids, species = _map_names(table.iloc[:, 0].astype(str).to_numpy(), species, flag)
     mapped = ids != ""
@@ -295,6 +302,8 @@ def load_priors(paths: dict, vocab, option: str = "model.priors") -> dict[str, n
         where = f"{option}.{name}: {path}"
         if not PRIOR_NAME.match(str(name)):
             raise ConfigError(f"{option}.{name}: prior names are lower-case letters, digits and _ (starting with a letter)")
+        if not isinstance(path, (str, Path)):
+            raise ConfigError(f"{where}: give the path of a .npy matrix (tokens x d)")
         path = Path(path)
         if not path.is_file():
             raise ConfigError(
@@ -302,8 +311,10 @@ def load_priors(paths: dict, vocab, option: str = "model.priors") -> dict[str, n
             )
         try:
             matrix = np.load(path, allow_pickle=False)
-        except ValueError as error:
+        except (ValueError, OSError) as error:
             raise ConfigError(f"{where}: not a .npy matrix ({error})") from None
+        if not isinstance(matrix, np.ndarray):  # an .npz archive
+            raise ConfigError(f"{where}: an archive of several arrays; give one .npy matrix (tokens x d)")
         if matrix.ndim != 2 or matrix.dtype.kind not in "fiu" or not np.isfinite(matrix).all():
             raise ConfigError(f"{where}: expected a finite 2-D numeric matrix (tokens x d), got {matrix.dtype} {matrix.shape}")
         if matrix.shape[0] != len(vocab):
@@ -320,8 +331,14 @@ def _check_built_for(path: Path, name: str, vocab, where: str) -> None:
     manifest_path = path.parent / PRIORS_MANIFEST
     if not manifest_path.is_file():
         return  # a lab's own aligned matrix: the shape check is all there is
-    manifest = json.loads(manifest_path.read_text())
-    built = manifest.get("vocab", {})
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        built = manifest.get("vocab", {})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ConfigError(
+            f"{where}: {manifest_path} beside it is not a priors manifest ({error}); rebuild the folder with "
+            "`celltron priors build`, or remove the file if the matrix is your own"
+        ) from None
     if manifest.get("format") == PRIORS_FORMAT and built.get("sha256") not in (None, vocab_sha256(vocab)):
         raise ConfigError(
             f"{where}: built for another vocabulary ({built.get('name')}, {built.get('size')} tokens, scheme "

@@ -91,11 +91,17 @@ def build_model_for(config: PretrainConfig, tokenizer, init_from: str | None = N
 
 
 def _priors_for(config: PretrainConfig, vocab, init_from: str | None) -> dict:
-    """model.priors loaded and checked against the run's vocabulary (celltron.priors.load_priors);
-    refused for a family without priors, beside model.overrides.prior_dims, or with --init-from
-    (that model brings the priors it was pretrained with)."""
+    """model.priors loaded and checked against the run's vocabulary (celltron.pretrain.priors.load_priors);
+    refused for a family without priors, beside model.overrides.prior_dims, with --init-from
+    (that model brings the priors it was pretrained with), or with joint multi-modal tokens
+    (whose vocabulary adds protein or chromatin tokens that `celltron priors build` has no rows for)."""
     if not config.model.priors:
         return {}
+    if config.multimodal.joint:
+        raise ConfigError(
+            "model.priors with multimodal.joint: the joint vocabulary adds protein or chromatin tokens that the priors "
+            "have no rows for; pretrain on RNA alone with priors, or remove model.priors"
+        )
     if config.model.family != "genecompass":
         raise ConfigError(
             f"model.priors: the {config.model.family} family takes no prior knowledge; use model.family: genecompass "

@@ -344,6 +344,53 @@ def test_rows_placed_from_a_piece_land_in_their_shard_rows(numba, monkeypatch):
     np.testing.assert_array_equal(data, whole.data)
 
 
+def test_a_shard_with_a_repeated_or_missing_row_in_its_staging_files_is_refused(tmp_path):
+    from celltron.corpus.build import _gather_bucket, spill_csr
+
+    piece = sp.csr_matrix(np.array([[1, 0, 2], [0, 3, 0], [4, 0, 0]], dtype=np.int32))
+    spill_csr(tmp_path / "a.csr", piece, rows=np.array([2, 0, 1]))
+    shard = _gather_bucket([(tmp_path / "a.csr", 3)], 3, 3, discard=lambda path: None)
+    np.testing.assert_array_equal(shard.toarray(), piece.toarray()[[1, 2, 0]])  # row k of the file is shard row rows[k]
+    spill_csr(tmp_path / "b.csr", piece, rows=np.array([0, 0, 1]))  # row 0 twice, row 2 never
+    with pytest.raises(RuntimeError, match="hold 3 rows \\(2 distinct\\), not its 3 once each"):
+        _gather_bucket([(tmp_path / "b.csr", 3)], 3, 3, discard=lambda path: None)
+    (tmp_path / "c.csr").write_bytes((tmp_path / "a.csr").read_bytes()[:-4])  # cut short
+    with pytest.raises(RuntimeError, match="does not match its header"):
+        _gather_bucket([(tmp_path / "c.csr", 3)], 3, 3, discard=lambda path: None)
+
+
+def test_h5ad_rows_read_directly_equal_anndatas_at_the_edges(tmp_path, pbmc_small):
+    import h5py
+    from anndata.io import sparse_dataset
+
+    from celltron.corpus.readers import _csr_rows
+
+    pbmc_small.X = sp.csr_matrix(pbmc_small.X)
+    pbmc_small.write_h5ad(tmp_path / "a.h5ad")
+    n = pbmc_small.n_obs
+    with h5py.File(tmp_path / "a.h5ad") as handle:
+        read_rows, theirs = _csr_rows(handle["X"]), sparse_dataset(handle["X"])
+        for start, stop in ((0, 1), (3, 3), (n - 2, n + 50), (0, n)):
+            mine, want = read_rows(start, stop), theirs[start:stop]
+            assert mine.shape == want.shape and (mine != want).nnz == 0 and mine.dtype == want.dtype
+
+
+def test_the_manifest_writer_gives_the_same_json_as_the_standard_encoder():
+    from celltron.corpus.schema import dump_manifest
+
+    manifest = {
+        "empty": {},
+        "none": [],
+        "genes": {"median": [1.5, float("nan"), None], "name": ["a", "b\u00e9"]},
+        "sources": [{"path": "x", "n": 1}, {"path": "y", "nested": {"k": [1, 2]}}],
+        "count": 3,
+    }
+    written = dump_manifest(manifest).decode()
+    reread = json.loads(written)
+    assert json.dumps(reread, allow_nan=True) == json.dumps(manifest, allow_nan=True)
+    assert written.count("\n") < 30  # lists of values on one line each
+
+
 def test_a_build_past_the_in_memory_limit_writes_the_same_medians(tmp_path, pbmc_small):
     pbmc_small.write_h5ad(tmp_path / "a.h5ad")
     build_corpus([tmp_path / "a.h5ad"], tmp_path / "held", BuildOptions(**QUIET))

@@ -86,6 +86,9 @@ def test_a_labs_table_is_aligned_to_the_tokens(module_corpus, tmp_path):
     (tmp_path / "bad.csv").write_text("gene,a,b\n" + f"{genes[0]},1,x\n")
     with pytest.raises(InputError, match=r"bad\.csv.*column\(s\) b"):
         table_prior(tmp_path / "bad.csv", vocab, "plm")
+    (tmp_path / "infinite.csv").write_text("gene,a,b\n" + f"{genes[0]},inf,1\n")
+    with pytest.raises(InputError, match=r"infinite\.csv.*column\(s\) a hold non-numbers, blanks or infinities"):
+        table_prior(tmp_path / "infinite.csv", vocab, "plm")
 
 
 def test_build_writes_the_matrices_and_a_manifest_and_refuses_nothing_to_build(module_corpus, tmp_path, capsys):
@@ -122,6 +125,8 @@ def test_misaligned_priors_are_refused_naming_the_file(module_corpus, tmp_path):
         load_priors({"grn": short}, vocab)
     with pytest.raises(ConfigError, match="no such file"):
         load_priors({"grn": tmp_path / "missing.npy"}, vocab)
+    with pytest.raises(ConfigError, match=r"model\.priors\.grn: None: give the path of a \.npy matrix"):
+        load_priors({"grn": None}, vocab)
     # the right size, but built for another vocabulary (priors.json beside it says which)
     other = tmp_path / "other"
     other.mkdir()
