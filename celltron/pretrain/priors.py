@@ -50,6 +50,7 @@ from celltron.pretrain.svd_init import gene_vectors, token_columns
 from celltron.tokenizers.ortholog import align_prior_knowledge
 
 PRIORS_MANIFEST = "priors.json"
+MODEL_PRIORS_FILE = "model_priors.json"  # in a run's model folder, so every export carries it
 PRIORS_FORMAT = "celltron-priors"
 PRIOR_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 DEFAULT_DIMS = 64
@@ -345,3 +346,39 @@ def _check_built_for(path: Path, name: str, vocab, where: str) -> None:
             f"{manifest.get('scheme')}, corpus {manifest.get('corpus')}), not this run's {vocab.name}; rebuild it with "
             "`celltron priors build` on this run's corpus and tokenizer scheme"
         )
+
+
+def describe_priors(paths: dict) -> dict:
+    """What a run's model.priors were: per name the file, its sha256, and the record `celltron
+    priors build` wrote for it (method, sources, vocabulary) when its priors.json lies beside it."""
+    described = {}
+    for name, path in paths.items():
+        path = Path(path)
+        record = {"path": str(path.resolve()), "sha256": sha256_file(path)}
+        beside = path.parent / PRIORS_MANIFEST
+        try:
+            manifest = json.loads(beside.read_text()) if beside.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            manifest = {}
+        built = [r for r in manifest.get("priors", {}).values() if isinstance(r, dict) and r.get("file") == path.name]
+        if built:
+            record["built"] = {**built[0], **{k: manifest.get(k) for k in ("corpus", "scheme", "vocab")}}
+        described[name] = record
+    return {"format": "celltron-model-priors", "priors": described}
+
+
+def check_resumed_priors(paths: dict, recorded_file: Path) -> None:
+    """Refuse to resume a run whose model.priors differ from those it started with (its
+    MODEL_PRIORS_FILE): the checkpoint holds the old matrices, and a rebuilt file would be
+    silently ignored, or fail to load with another width."""
+    if not Path(recorded_file).is_file():
+        return
+    recorded = json.loads(Path(recorded_file).read_text()).get("priors", {})
+    fix = "resume with the priors the run started with, or start a new run in another --out"
+    if set(recorded) != set(paths):
+        raise ConfigError(f"model.priors names {sorted(paths)}; the run started with {sorted(recorded)}: {fix}")
+    for name, path in paths.items():
+        if sha256_file(Path(path)) != recorded[name]["sha256"]:
+            raise ConfigError(
+                f"model.priors.{name}: {path} differs from the file the run started with ({recorded[name]['path']}): {fix}"
+            )

@@ -34,7 +34,7 @@ from celltron.model_zoo.contrastive import PAIR_TOKENS_FILE, PAIRED_DIR
 from celltron.model_zoo.registry import check_vocabulary, family_of, model_folder
 from celltron.pretrain.config import PretrainConfig
 from celltron.pretrain.data import PretrainDataModule, check_gene_coverage, corpus_tokenizer
-from celltron.pretrain.priors import load_priors
+from celltron.pretrain.priors import MODEL_PRIORS_FILE, check_resumed_priors, describe_priors, load_priors
 from celltron.pretrain.svd_init import initialise_gene_embeddings
 from celltron.training.checkpoints import check_checkpoint, model_state_from_checkpoint
 from celltron.training.environment import check_slurm_shape
@@ -146,6 +146,8 @@ def pretrain(
     if config.multimodal.joint:
         tokenizer = joint_tokenizer(config, corpus, tokenizer)
     model = build_model_for(config, tokenizer, init_from)
+    if ckpt_path and config.model.priors:
+        check_resumed_priors(config.model.priors, out / MODEL_DIR / MODEL_PRIORS_FILE)
     _initialise_gene_embeddings(config, corpus, tokenizer, model, ckpt_path, init_from)
     if config.trainer.activation_checkpointing:
         model.activation_checkpointing_enable()
@@ -256,13 +258,16 @@ def _initialise_gene_embeddings(config: PretrainConfig, corpus: Corpus, tokenize
 
 
 def _write_run_files(out: Path, config: PretrainConfig, init_from: str | None, model, tokenizer, pair_tokens=None) -> None:
-    """config.yaml, init_from.txt and model/ (the model's config and tokenizer, what export needs)."""
+    """config.yaml, init_from.txt and model/ (the model's config and tokenizer, what export needs;
+    model_priors.json for a run with model.priors)."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if init_from:  # the model card names it as the base model when it is a Hub id
         write_text_atomically(out / "init_from.txt", f"{init_from}\n")
     model.config.save_pretrained(out / MODEL_DIR)
     tokenizer.save_pretrained(out / MODEL_DIR)
+    if config.model.priors:  # which priors, with their sources: exports copy it
+        write_text_atomically(out / MODEL_DIR / MODEL_PRIORS_FILE, json.dumps(describe_priors(config.model.priors), indent=1))
     pairing = getattr(model, "pair_modality", None)
     if pairing:  # what export needs to rebuild the paired model: the pair tower's config and the pairing
         model.dual.encoders[pairing].config.save_pretrained(out / MODEL_DIR / PAIR_DIR)

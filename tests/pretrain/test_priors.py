@@ -150,12 +150,18 @@ def test_a_genecompass_run_with_priors_exports_them_and_other_families_refuse(mo
     out = tmp_path / "priors"
     build_priors(out, corpus.location, "ortholog", coexpression=True, dims=4)
     priors = {"coexpression": str(out / "coexpression.npy")}
-    trainer = {"max_steps": 2, "val_every": 1000, "checkpoint_every": 1000}
+    trainer = {"max_steps": 2, "val_every": 1000, "checkpoint_every": 1}
     config = config_for("genecompass_priors_debug.yaml", corpus.location, model={"priors": priors}, trainer=trainer)
     result = pretrain(config, tmp_path / "run")
     model = load_pretrained(result.export)
     np.testing.assert_array_equal(model.embeddings.prior_coexpression.numpy(), np.load(out / "coexpression.npy"))
     assert model.config.prior_dims == {"coexpression": 4}
+    used = json.loads((result.export / "model_priors.json").read_text())["priors"]["coexpression"]
+    assert used["built"]["method"]["kind"] == "coexpression" and used["built"]["vocab"]["size"] == len(_vocab(corpus))
+    # resuming with a prior file that changed since the run started is refused
+    np.save(out / "coexpression.npy", np.load(out / "coexpression.npy") * 2)
+    with pytest.raises(ConfigError, match=r"model\.priors\.coexpression: .* differs from the file the run started with"):
+        pretrain(config, tmp_path / "run", resume="auto")
     with pytest.raises(ConfigError, match="continues with the priors it was saved with"):
         pretrain(config, tmp_path / "continued", init_from=str(result.export))
     geneformer = config_for("geneformer_debug.yaml", corpus.location, model={"priors": priors}, trainer=trainer)
