@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from celltron.corpus.genes import check_species, infer_species, map_genes
+from celltron.corpus.genes import map_input_genes
 from celltron.corpus.schema import sha256_file
 from celltron.corpus.store import Corpus, log_normalised_cells
 from celltron.errors import ConfigError, InputError
@@ -79,16 +79,6 @@ def _unit_std(matrix: np.ndarray, has: np.ndarray) -> np.ndarray:
     return (matrix / spread if spread > 0 else matrix).astype(np.float32)
 
 
-def _map_names(names, species: str | None, source: str) -> tuple[np.ndarray, str]:
-    """Ensembl IDs ('' where unmapped) of gene symbols or IDs, and the species (inferred when None)."""
-    names = np.asarray(names, dtype=str)
-    if species is None:
-        species = infer_species(names, source)
-    else:
-        check_species(names, species, source)
-    return map_genes(names, species, source).ensembl_ids, species
-
-
 # ---------------------------------------------------------------- grn
 
 
@@ -98,7 +88,8 @@ def grn_prior(path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None,
     path = Path(path)
     edges = read_truth(path, "--grn")
     names = np.unique(np.concatenate([edges.tf.to_numpy(str), edges.target.to_numpy(str)]))
-    ids, species = _map_names(names, species, f"--grn {path}")
+    mapping = map_input_genes(names, species, f"--grn {path}", min_fraction=0.0)  # unmapped names are dropped
+    ids, species = mapping.ensembl_ids, mapping.species
     token_of_name = dict(zip(names, vocab.lookup_genes(np.where(ids == "", "-", ids))))
     tf = edges.tf.map(token_of_name).to_numpy(np.int64)
     target = edges.target.map(token_of_name).to_numpy(np.int64)
@@ -219,7 +210,8 @@ def table_prior(path, vocab, name: str, species: str | None = None) -> Prior:
             f"{flag}: column(s) {', '.join(map(str, bad[:5]))} hold non-numbers, blanks or infinities; every column "
             "after the first must hold finite numbers"
         )
-    ids, species = _map_names(table.iloc[:, 0].astype(str).to_numpy(), species, flag)
+    mapping = map_input_genes(table.iloc[:, 0].astype(str).to_numpy(), species, flag, min_fraction=0.0)
+    ids, species = mapping.ensembl_ids, mapping.species
     mapped = ids != ""
     matrix, has = align_prior_knowledge(values.to_numpy(np.float64)[mapped], ids[mapped], vocab)
     if not has.any():
@@ -323,23 +315,33 @@ def load_priors(paths: dict, vocab, option: str = "model.priors") -> dict[str, n
                 f"{where}: has {matrix.shape[0]} rows; this run's {vocab.name} vocabulary has {len(vocab)} tokens, so "
                 f"expected ({len(vocab)}, d); rebuild it with `celltron priors build` on this run's corpus and tokenizer scheme"
             )
-        _check_built_for(path, name, vocab, where)
+        _check_built_for(path, vocab, where)
         matrices[name] = matrix.astype(np.float32)
     return matrices
 
 
-def _check_built_for(path: Path, name: str, vocab, where: str) -> None:
+def _manifest_beside(path: Path, where: str) -> dict:
+    """The priors.json beside a prior's file ({} when there is none), refused when unreadable."""
     manifest_path = path.parent / PRIORS_MANIFEST
     if not manifest_path.is_file():
-        return  # a lab's own aligned matrix: the shape check is all there is
+        return {}
     try:
         manifest = json.loads(manifest_path.read_text())
-        built = manifest.get("vocab", {})
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        manifest = error
+    if not isinstance(manifest, dict):
         raise ConfigError(
-            f"{where}: {manifest_path} beside it is not a priors manifest ({error}); rebuild the folder with "
+            f"{where}: {manifest_path} beside it is not a priors manifest ({manifest}); rebuild the folder with "
             "`celltron priors build`, or remove the file if the matrix is your own"
-        ) from None
+        )
+    return manifest
+
+
+def _check_built_for(path: Path, vocab, where: str) -> None:
+    """Refuse a matrix whose priors.json says it was built for another vocabulary (a lab's own
+    aligned matrix, with none beside it, has only the shape check)."""
+    manifest = _manifest_beside(path, where)
+    built = manifest.get("vocab") or {}
     if manifest.get("format") == PRIORS_FORMAT and built.get("sha256") not in (None, vocab_sha256(vocab)):
         raise ConfigError(
             f"{where}: built for another vocabulary ({built.get('name')}, {built.get('size')} tokens, scheme "
@@ -355,11 +357,7 @@ def describe_priors(paths: dict) -> dict:
     for name, path in paths.items():
         path = Path(path)
         record = {"path": str(path.resolve()), "sha256": sha256_file(path)}
-        beside = path.parent / PRIORS_MANIFEST
-        try:
-            manifest = json.loads(beside.read_text()) if beside.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            manifest = {}
+        manifest = _manifest_beside(path, f"model.priors.{name}: {path}")
         built = [r for r in manifest.get("priors", {}).values() if isinstance(r, dict) and r.get("file") == path.name]
         if built:
             record["built"] = {**built[0], **{k: manifest.get(k) for k in ("corpus", "scheme", "vocab")}}
