@@ -115,6 +115,12 @@ FINETUNE_OPTIONS = [
     Option("perturbation.headline", metavar="METRIC"),
     Option("perturbation.coexpression_reference", metavar="H5AD"),
     Option("perturbation.responsive_min_de", metavar="N"),
+    Option("perturbation.graph_head"),
+    Option("perturbation.graph_grn", metavar="TSV"),
+    Option("perturbation.graph_features"),
+    Option("perturbation.graph_control"),
+    Option("perturbation.intervals"),
+    Option("perturbation.interval_level", metavar="LEVEL"),
     Option(
         "{task}.split",
         sections=("perturbation", "drug", "crossmodal"),

@@ -16,6 +16,9 @@ SPLITS = ("heldout", "simulation", "leave_one_out")
 DRUG_MODES = ("ic50", "expression")
 HEAD_TYPES = ("retrieval", "bilinear")
 ANCHORS = ("anchored", "plain")
+GRAPH_FEATURES = ("learned", "model", "coexpression")  # celltron.finetune.perturbation.graph's node features
+GRAPH_CONTROLS = ("none", "permuted")
+INTERVALS = ("ensemble", "mc_dropout", "none")  # predictive intervals (celltron.finetune.uncertainty)
 ENCODERS = ("tuned", "frozen")  # fine-tuned with the head, or a frozen encoder whose views are computed once
 DRUG_SPLITS = {"ic50": ("random", "cell_line", "drug"), "expression": ("heldout_combination", "heldout_drug")}
 
@@ -108,6 +111,32 @@ class PerturbationSection:
         the targets' tokens in the cell and no flag; only the head trains on those views, and
         every perturbation's prediction averages the same cells: minutes instead of hours on a
         CPU).
+    graph_head: also train the gene-graph head (GEARS-style: perturbation embeddings propagated
+        over a gene graph, so unseen genes borrow from their neighbours; see
+        celltron.finetune.perturbation.graph), reported beside the model and the baselines; runs
+        with --baselines-only too (it needs no pretrained model).
+    graph_grn: a TF-target table (TRRUST format) whose pairs become edges of the gene graph.
+    graph_neighbours: co-expression edges per gene: its most correlated measured genes in the
+        control cells and, with coexpression_reference, its nearest graph genes by loadings
+        there (0: no co-expression edges).
+    graph_features: the graph nodes' starting vectors: learned (the graph alone), model (the
+        pretrained model's gene-token embeddings, projected; needs --model) or coexpression
+        (the coexpression_reference loadings, projected), each with a learned vector added.
+    graph_dims / graph_layers / graph_steps / graph_lr: the head's width, graph convolutions (a
+        held-out target further than this many edges from every training target is predicted as
+        the training mean), full-batch training steps and learning rate; fixed, never chosen on
+        held-out perturbations.
+    intervals: the gene-graph head's predictive intervals: ensemble (ensemble_members heads from
+        different seeds; the prediction is their mean), mc_dropout (one head trained with dropout
+        0.1, dropout_passes predictions with it on) or none. Each interval is the prediction ±
+        a scale x the spread, the scale calibrated on inner folds over the training
+        perturbations (split conformal) to interval_level; each held-out perturbation also gets an
+        OOD score (distance to its ood_neighbours nearest training perturbations, flagged beyond
+        interval_level of the training perturbations' own); see
+        celltron.finetune.perturbation.intervals.
+    interval_level / ensemble_members / dropout_passes / ood_neighbours: as intervals says.
+    graph_control: none, or permuted (the graph's gene labels shuffled, seeded: same size and
+        degrees, wrong genes; the control for whether the graph's structure helps).
     """
 
     perturbation_key: str = "perturbation"
@@ -128,6 +157,20 @@ class PerturbationSection:
     responsive_min_de: int = ranged(10, ">= 1")
     coexpression_reference: str = ""
     encoder: str = one_of("tuned", ENCODERS)
+    graph_head: bool = False
+    graph_grn: str = ""
+    graph_neighbours: int = ranged(10, ">= 0")
+    graph_features: str = one_of("learned", GRAPH_FEATURES)
+    graph_dims: int = ranged(32, ">= 1")
+    graph_layers: int = ranged(2, ">= 0")
+    graph_steps: int = ranged(300, ">= 1")
+    graph_lr: float = ranged(0.01, "> 0")
+    graph_control: str = one_of("none", GRAPH_CONTROLS)
+    intervals: str = one_of("ensemble", INTERVALS)
+    interval_level: float = ranged(0.9, "(0, 1)")
+    ensemble_members: int = ranged(5, ">= 2")
+    dropout_passes: int = ranged(20, ">= 2")
+    ood_neighbours: int = ranged(3, ">= 1")
 
 
 @dataclass
@@ -376,6 +419,11 @@ class FinetuneConfig:
                 f"{where}: perturbation.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]"
             )
         self._check_frozen("perturbation", where)
+        if self.perturbation.graph_features == "coexpression" and not self.perturbation.coexpression_reference:
+            raise ConfigError(
+                f"{where}: perturbation.graph_features coexpression needs perturbation.coexpression_reference "
+                "(--coexpression-reference H5AD_OR_CORPUS)"
+            )
 
     def _check_annotate(self, where: str) -> None:
         section = self.annotate

@@ -21,7 +21,7 @@ from celltron.corpus.genes import ensembl_to_symbol
 from celltron.corpus.store import Corpus, log_normalised_cells
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.adapt import count_trainable, load_encoder
-from celltron.finetune.perturbation import baselines
+from celltron.finetune.perturbation import baselines, graph
 from celltron.finetune.perturbation.evaluate import (
     METRICS,
     RESPONSIVE_FDR,
@@ -33,6 +33,7 @@ from celltron.finetune.perturbation.evaluate import (
     pseudobulk,
     simulation_split,
 )
+from celltron.finetune.perturbation.intervals import GraphUncertainty
 from celltron.finetune.perturbation.model import (
     PerturbationModel,
     PerturbationPairs,
@@ -197,6 +198,90 @@ def model_gene_embedding(prepared, genes: list[str], lab) -> dict[str, np.ndarra
     return {gene: table[ids].sum(0) for gene, ids in tokens.items()}
 
 
+def model_node_vectors(prepared, genes: list[str], lab) -> dict[str, np.ndarray]:
+    """{gene: the pretrained model's input embedding of its token} for every gene of `genes`
+    (symbols or Ensembl IDs) the vocabulary has a token for, mapped in one pass."""
+    from celltron.corpus.genes import map_genes
+    from celltron.finetune.config import AdaptSection
+
+    table = base_of(load_encoder(prepared.folder, AdaptSection())).get_input_embeddings().weight.detach().float().numpy()
+    ids = map_genes(genes, lab.species, str(lab.path)).ensembl_ids
+    tokens = prepared.tokenizer.vocab.lookup_genes([i or "" for i in ids])
+    return {gene: table[t] for gene, i, t in zip(genes, ids, tokens) if i and t >= 0}
+
+
+class GraphInputs:
+    """The gene graph, its node features and the head's settings: built once per run from the
+    screen (measured genes, every target, the control cells), perturbation.graph_grn and the
+    co-expression reference, and shared by every seed and fold."""
+
+    def __init__(self, config, prepared, lab, screen, usable: list[str]):
+        from celltron.inputs import read_truth
+        from celltron.preprocessing import log_normalise
+
+        section = config.perturbation
+        grn = read_truth(section.graph_grn, "--graph-grn") if section.graph_grn else None
+        control = lab.obs[section.perturbation_key].astype(str).to_numpy() == section.control
+        expression = log_normalise(lab.counts[np.flatnonzero(control)]).toarray()
+        targets = sorted({g for p in usable for g in screen.targets(p)})
+        reference = screen.gene_embeddings.get("coexpression")
+        self.graph = graph.build_gene_graph(
+            [str(g) for g in screen.genes], targets, grn, expression, reference, section.graph_neighbours
+        )
+        vectors = {"learned": None, "coexpression": reference}.get(section.graph_features)
+        if section.graph_features == "model":
+            vectors = model_node_vectors(prepared, self.graph.nodes, lab)
+        self.features = graph.node_features(self.graph, vectors)
+        self.control = section.graph_control
+        self.members = section.ensemble_members if section.intervals == "ensemble" else 1
+        self.passes = section.dropout_passes if section.intervals == "mc_dropout" else 0
+        self.settings = graph.GraphSettings(
+            section.graph_dims,
+            section.graph_layers,
+            section.graph_steps,
+            section.graph_lr,
+            de_weight=section.de_weight,
+            dropout=MC_DROPOUT if self.passes else 0.0,
+        )
+        self.isolated_targets = [g for g in targets if self.graph.degree(g) == 0]
+        log.info("gene graph: %s; targets with no edge: %s", self.graph.summary(), self.isolated_targets)
+
+    def for_seed(self, seed: int) -> graph.GeneGraph:
+        """The graph a seed's head trains on: the graph itself, or under graph_control permuted
+        its gene labels shuffled by the seed."""
+        return self.graph.permuted(seed) if self.control == "permuted" else self.graph
+
+    def predict(self, screen, fold: dict, seed: int) -> graph.GraphPrediction:
+        return graph.graph_predictions(
+            screen,
+            self.for_seed(seed),
+            fold["train"],
+            fold["test"],
+            self.settings,
+            seed,
+            self.features,
+            self.members,
+            self.passes,
+        )
+
+    def inner_predictions(self, screen, train: list[str], seed: int, n_folds: int) -> list[tuple[dict, graph.GraphPrediction]]:
+        """The head on inner folds over the training perturbations `train` alone (the anchored
+        weight and the intervals' scale are chosen on these): [(inner fold, its prediction)]."""
+        folds = [f for f in baselines.inner_folds(train, n_folds, seed) if len(f["train"]) >= 2]
+        return [(fold, self.predict(screen, fold, seed)) for fold in folds]
+
+    def describe(self) -> dict:
+        return {
+            **self.graph.summary(),
+            "targets_without_edges": self.isolated_targets,
+            "features": "learned" if self.features is None else f"{self.features.shape[1]} fixed dims + learned",
+            "control": self.control,
+            "settings": vars(self.settings),
+            "ensemble_members": self.members if self.members > 1 else None,
+            "dropout_passes": self.passes or None,
+        }
+
+
 class _Prepared:
     """Everything of one model and one lab dataset that every seed's run shares."""
 
@@ -348,11 +433,17 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
             "a split needs at least 3 besides the control"
         )
     screen.gene_embeddings = gene_embeddings(config, prepared, lab, screen)
+    if section.graph_head and section.graph_features == "model" and prepared is None:
+        raise ConfigError("perturbation.graph_features model reads the model's gene tokens: pass --model (or use learned)")
+    graph_inputs = GraphInputs(config, prepared, lab, screen, usable) if section.graph_head else None
     # declared from the data alone, before any model runs
     responsive = [p for p in screen.responsive(section.responsive_min_de) if p in usable]
     _write_config(config, out)  # only now: a run refused for its inputs leaves no --out behind
 
-    runs = _Runs()
+    uncertainty = None
+    if graph_inputs is not None and section.intervals != "none":
+        uncertainty = GraphUncertainty(section, screen, graph_inputs.for_seed)
+    runs = _Runs(graph_inputs, uncertainty)
     # every process trains every seed and fold (they train together); only the first reports
     first = [runs.add_seed(config, prepared, screen, usable, seed, out, resume) for seed in section.seeds]
     if not all(first):
@@ -365,6 +456,10 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         "head": section.head,
         "encoder": section.encoder if prepared else None,
         "model_plain": runs.aggregate(PLAIN) if section.head == "anchored" else None,
+        "graph_head": runs.aggregate(GRAPH),
+        "graph_head_plain": runs.aggregate(GRAPH_PLAIN),
+        "graph": graph_inputs.describe() if graph_inputs else None,
+        "graph_uncertainty": uncertainty.summary() if uncertainty else None,
         "baselines": {name: runs.aggregate(name) for name in baselines.baseline_names(screen)},
         "best_baseline": {
             "metric": section.headline,
@@ -394,24 +489,31 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         },
     }
     for name, per_seed in runs.fell_back.items():
-        metrics["baselines"][name]["fell_back_to_train_mean"] = per_seed
+        target = metrics["graph_head"] if name == GRAPH else metrics["baselines"][name]
+        target["fell_back_to_train_mean"] = per_seed
     groups = _group_metrics(screen, runs, responsive)
     if groups:
         metrics["groups"] = groups
     if runs.model:
         metrics["paired"] = _paired(runs, section.headline, responsive)
-    return write_results(out, metrics, screen, runs.splits, runs.predictions)
+    if GRAPH in runs.evaluations:
+        metrics["paired_graph"] = _paired(runs, section.headline, responsive, GRAPH)
+    return write_results(out, metrics, screen, runs.splits, runs.predictions, uncertainty)
 
 
 BEST = "best_baseline"
 PLAIN = "model_plain"  # the anchored head's model part alone
+GRAPH = "graph"  # the gene-graph head (perturbation.graph_head), anchored as the model's head is
+GRAPH_PLAIN = "graph_plain"  # the gene-graph head alone
+MC_DROPOUT = 0.1  # the graph head's dropout when its intervals come from MC dropout
 SIMULATION_GROUPS = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 
 
 class _Runs:
     """Every seed's folds, predictions and evaluations, gathered for metrics.json."""
 
-    def __init__(self):
+    def __init__(self, graph_inputs: GraphInputs | None = None, uncertainty=None):
+        self.graph_inputs, self.uncertainty = graph_inputs, uncertainty
         self.splits, self.folds, self.chosen, self.predictions, self.fell_back = {}, {}, {}, {}, {}
         self.evaluations: dict[str, dict] = {}
 
@@ -435,6 +537,22 @@ class _Runs:
                 if name.startswith("linear"):
                     self.fell_back.setdefault(name, {}).setdefault(str(seed), []).extend(fell)
             predicted[BEST].update({p: predicted[best][p] for p in fold["test"]})
+            if self.graph_inputs is not None:
+                outer = self.graph_inputs.predict(screen, fold, seed)
+                values = outer.mean
+                self.fell_back.setdefault(GRAPH, {}).setdefault(str(seed), []).extend(outer.fell_back)
+                needs_inner = section.head == "anchored" or self.uncertainty is not None
+                inner = (
+                    self.graph_inputs.inner_predictions(screen, fold["train"], seed, section.inner_folds) if needs_inner else []
+                )
+                if self.uncertainty is not None:
+                    self.uncertainty.add_fold(seed, fold, outer, inner)
+                if section.head == "anchored":
+                    choice = choose_graph_weight(section, screen, inner, seed)
+                    chosen[-1].update({"graph_weight": choice["weight"], "graph_weight_scores": choice.get("weight_scores")})
+                    predicted.setdefault(GRAPH_PLAIN, {}).update(values)
+                    values = {p: anchor(predicted[best][p], values[p], choice["weight"]) for p in fold["test"]}
+                predicted.setdefault(GRAPH, {}).update(values)
             if prepared is None:
                 continue
             where = out / f"seed{seed}" / (f"fold{k}" if len(folds) > 1 else "")
@@ -505,6 +623,28 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | choose_weight(by_weight, better, seed=seed)
 
 
+def choose_graph_weight(section, screen, inner: list[tuple[dict, graph.GraphPrediction]], seed: int) -> dict:
+    """The gene-graph head's residual weight over the best baseline, by the anchored model head's
+    rule (report.choose_weight) on `inner` (GraphInputs.inner_predictions: folds over the
+    training perturbations alone, each with the head trained on its inner training
+    perturbations): in each inner fold a baseline is chosen; the smallest weight unless a larger
+    one gains beyond the interval. Too few training perturbations to cross-validate: the
+    smallest weight."""
+    if not inner:
+        return {"weight": float(min(section.anchor_weights)), "weight_scores": {}}
+    baseline, head = {}, {}
+    for fold, prediction in inner:
+        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
+        baseline.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
+        head.update(prediction.mean)
+    folds = [fold for fold, _ in inner]
+    by_weight = {}
+    for w in sorted(set(section.anchor_weights)):
+        per = evaluate_folds({p: anchor(baseline[p], head[p], w) for p in head}, screen, folds)["per_perturbation"]
+        by_weight[w] = [UnitScore.of_units([values[section.headline] for values in per.values()])]
+    return choose_weight(by_weight, higher_is_better(section.headline), seed=seed)
+
+
 def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
     """Each predictor's metrics per group over seeds: simulation's unseen_single and
     combo_seen0/1/2, and the responsive held-out perturbations."""
@@ -523,11 +663,12 @@ def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
     }
 
 
-def _paired(runs: _Runs, metric: str, responsive: list[str]) -> dict:
-    """Model − best baseline on `metric` per held-out perturbation (each averaged over seeds),
-    with a 95% interval over perturbations; also over the responsive ones."""
+def _paired(runs: _Runs, metric: str, responsive: list[str], predictor: str = "model") -> dict:
+    """`predictor` (the model, or the graph head) − best baseline on `metric` per held-out
+    perturbation (each averaged over seeds), with a 95% interval over perturbations; also over
+    the responsive ones."""
     model, best = (
-        per_unit_means((e["per_perturbation"] for e in runs.evaluations[name].values()), metric) for name in ("model", BEST)
+        per_unit_means((e["per_perturbation"] for e in runs.evaluations[name].values()), metric) for name in (predictor, BEST)
     )
     out = {"metric": metric}
     for name, units in (("all", model), ("responsive", {p: v for p, v in model.items() if p in responsive})):
@@ -546,30 +687,52 @@ def per_unit_means(per_seed, metric: str) -> dict[str, float]:
     return {p: float(np.mean(v)) for p, v in values.items()}
 
 
-def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: dict) -> dict:
+def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: dict, uncertainty=None) -> dict:
     """metrics.json, predictions.h5ad (one row per seed and held-out perturbation: the model's
     prediction in X, truth, control and each baseline as layers), the table, the line saying
     whether the model beat the best baseline, and the plots."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
-    _write_predictions(out / "predictions.h5ad", screen, splits, predictions)
+    _write_predictions(out / "predictions.h5ad", screen, splits, predictions, uncertainty)
+    if uncertainty is not None:
+        uncertainty.plot(out / "graph_ood_error.png")
     headline = metrics["best_baseline"]["metric"]
     plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
+    if metrics.get("graph_head"):
+        anchored = metrics.get("graph_head_plain") is not None
+        plain["gene-graph head" + (", anchored" if anchored else "")] = metrics["graph_head"]
+        if anchored:
+            plain["gene-graph head, plain"] = metrics["graph_head_plain"]
     shown = {**metrics, "baselines": {**plain, **metrics["baselines"], "best (inner CV)": metrics["best_baseline"]}}
     plot_bars(shown, headline, out / f"{headline}.png", f"{headline} (held-out perturbations)")
     if metrics.get("model"):
         _plot_delta_scatter(out / "delta_scatter.png", screen, splits, predictions)
     print(results_table(shown, TABLE_METRICS, {"linear": "falls back to the training mean where no target is a measured gene"}))
     print(_chosen_line(metrics["best_baseline"]))
-    for subset, difference in (metrics.get("paired") or {}).items():
-        if subset != "metric" and difference["n_units"]:
-            unit = (
-                "perturbations"
-                if subset == "all"
-                else f"responsive perturbations (>= {metrics['responsive']['min_de_genes']} DE genes)"
-            )
-            print(verdict_line(headline, "best baseline", difference, unit))
+    for key, who in (("paired", "model"), ("paired_graph", "gene-graph head")):
+        for subset, difference in (metrics.get(key) or {}).items():
+            if subset != "metric" and difference["n_units"]:
+                unit = (
+                    "perturbations"
+                    if subset == "all"
+                    else f"responsive perturbations (>= {metrics['responsive']['min_de_genes']} DE genes)"
+                )
+                print(verdict_line(headline, "best baseline", difference, unit).replace("model", who, 1))
+    if metrics.get("graph_uncertainty"):
+        print(_uncertainty_line(metrics["graph_uncertainty"]))
     return metrics
+
+
+def _uncertainty_line(summary: dict) -> str:
+    """Coverage of the gene-graph head's intervals, and whether error rises with the OOD score."""
+    ood = summary["ood"]
+    return (
+        f"gene-graph head, {summary['level']:g} intervals ({summary['method']}, calibrated on training perturbations): "
+        f"coverage {summary['coverage']:.3f} over all genes, {summary['coverage_de_notarget']:.3f} over DE genes, "
+        f"{summary['coverage_gaussian']:.3f} uncalibrated, on {summary['n_with_interval']} of {summary['n_units']} held-out "
+        f"perturbations; OOD ({ood['space']} space): {ood['n_flagged']} flagged, AUROC of large error "
+        f"{ood['auroc_large_error']:.2f}, Spearman {ood['spearman']:.2f} over {ood['n_units']}"
+    )
 
 
 def _chosen_line(best: dict) -> str:
@@ -582,6 +745,8 @@ def _chosen_line(best: dict) -> str:
         if any(c.get("setting_scores") and len(c["setting_scores"]) > 1 for c in chosen):
             settings = _counts([f"lr {c['learning_rate']:g}, {c['steps']} steps" for c in chosen])
             line += f"; learning rate and length (inner CV): {settings}"
+    if any("graph_weight" in c for c in chosen):
+        line += f"; gene-graph head's residual weight (inner CV): {_counts([c['graph_weight'] for c in chosen])}"
     return line
 
 
@@ -589,7 +754,7 @@ def _counts(values: list) -> str:
     return ", ".join(f"{v} x{values.count(v)}" for v in sorted(set(values), key=values.index))
 
 
-def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> None:
+def _write_predictions(path: Path, screen, splits: dict, predictions: dict, uncertainty=None) -> None:
     import anndata as ad
     import pandas as pd
 
@@ -600,8 +765,17 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict) -> N
             rows.append(p)
             obs.append({"perturbation": p, "seed": int(seed), "group": group})
     layers = {"truth": np.stack([screen.means[p] for p in rows]), "control_mean": np.tile(screen.control_mean, (len(rows), 1))}
-    for name in (*baselines.baseline_names(screen), BEST):
+    extra = tuple(name for name in (GRAPH, GRAPH_PLAIN) if all(name in predictions[s] for s in splits))
+    for name in (*baselines.baseline_names(screen), BEST, *extra):
         layers[name] = np.stack([predictions[o["seed"]][name][o["perturbation"]] for o in obs])
+    if uncertainty is not None:
+        missing = (np.full(len(screen.genes), np.nan),) * 2
+        bounds = [uncertainty.bounds.get(o["seed"], {}).get(o["perturbation"], missing) for o in obs]
+        layers["graph_interval_low"] = np.stack([b[0] for b in bounds])
+        layers["graph_interval_high"] = np.stack([b[1] for b in bounds])
+        for o in obs:
+            record = uncertainty.records[o["seed"]][o["perturbation"]]
+            o.update({key: record[key] for key in ("ood_distance", "ood_score", "ood_flagged")})
     has_model = all("model" in predictions[s] for s in splits)
     X = np.stack([predictions[o["seed"]]["model"][o["perturbation"]] for o in obs]) if has_model else layers["truth"]
     adata = ad.AnnData(

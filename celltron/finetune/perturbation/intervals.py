@@ -1,0 +1,166 @@
+"""Predictive intervals and OOD flags for the gene-graph head's perturbation predictions
+(celltron.finetune.uncertainty does the arithmetic).
+
+Each output is a measured gene of a held-out perturbation. Its interval is the head's
+prediction (the ensemble's or MC-dropout passes' mean) ± scale x the members' spread, the scale
+calibrated per fold on the inner folds over the training perturbations (split conformal over
+their genes), never on held-out ones. A perturbation's OOD score is the distance of its
+embedding (the sum of its targets' vectors in the co-expression reference, else in the model's
+gene tokens, else in the head's own node states) to its nearest training perturbations,
+calibrated on the training perturbations by leave-one-out. Perturbations predicted as the
+training mean (out of the graph's reach) have no spread and get no interval; they are counted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from celltron.finetune.perturbation.evaluate import evaluate_folds, higher_is_better
+from celltron.finetune.uncertainty import (
+    NearestNeighbourOOD,
+    conformal_scale,
+    error_vs_score,
+    gaussian_scale,
+    interval,
+    interval_report,
+    plot_error_vs_score,
+)
+
+
+def ood_space(screen) -> tuple[str, dict | None]:
+    """The vector space OOD scores are measured in: the co-expression reference, else the
+    model's gene tokens, else (None) the graph head's node states."""
+    for name in ("coexpression", "model"):
+        if screen.gene_embeddings.get(name):
+            return name, screen.gene_embeddings[name]
+    return "graph", None
+
+
+class GraphUncertainty:
+    """Per seed and held-out perturbation: interval coverage, width and the OOD score; the
+    intervals themselves for predictions.h5ad."""
+
+    def __init__(self, section, screen, graph_of_seed):
+        self.screen, self.graph_of_seed = screen, graph_of_seed
+        self.method, self.level, self.neighbours = section.intervals, section.interval_level, section.ood_neighbours
+        self.metric = section.headline
+        self.space_name, self.space = ood_space(screen)
+        self.records: dict[int, dict[str, dict]] = {}
+        self.bounds: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        self.scales: dict[int, list[float]] = {}
+
+    def add_fold(self, seed: int, fold: dict, outer, inner: list) -> None:
+        """Calibrate on `inner` ([(inner fold, GraphPrediction)] over the training perturbations),
+        then record the outer fold's held-out perturbations (`outer`: GraphPrediction)."""
+        scale, reference = self._calibrate(inner)
+        self.scales.setdefault(seed, []).append(scale)
+        ood = self._ood(seed, fold, outer)
+        scores = evaluate_folds(outer.mean, self.screen, [fold])["per_perturbation"]
+        for p in fold["test"]:
+            value = scores[p][self.metric]
+            record = {"error": 1.0 - value if higher_is_better(self.metric) else value, **ood[p]}
+            if outer.spread is not None and p in outer.spread and np.isfinite(scale):
+                low, high = interval(outer.mean[p], outer.spread[p], scale, reference)
+                self.bounds.setdefault(seed, {})[p] = (low, high)
+                record.update(self._coverage(p, outer, low, high, reference))
+            self.records.setdefault(seed, {})[p] = record
+
+    def _calibrate(self, inner: list) -> tuple[float, float]:
+        truth, centre, spread = [], [], []
+        for _, prediction in inner:
+            for p, s in (prediction.spread or {}).items():
+                truth.append(self.screen.means[p])
+                centre.append(prediction.mean[p])
+                spread.append(s)
+        if not truth:
+            return float("nan"), float("nan")
+        reference = float(np.mean(spread))
+        return conformal_scale(np.stack(truth), np.stack(centre), np.stack(spread), self.level), reference
+
+    def _coverage(self, p: str, outer, low, high, reference: float) -> dict:
+        truth = self.screen.means[p]
+        de = self.screen.de_genes_notarget[p]
+        gaussian = interval(outer.mean[p], outer.spread[p], gaussian_scale(self.level), reference)
+        return {
+            **interval_report(truth, low, high),
+            "coverage_de": interval_report(truth[de], low[de], high[de])["coverage"],
+            "coverage_gaussian": interval_report(truth, *gaussian)["coverage"],
+        }
+
+    def _ood(self, seed: int, fold: dict, outer) -> dict[str, dict]:
+        vectors = self._vectors(seed, outer)
+        train = [vectors[p] for p in fold["train"] if vectors.get(p) is not None]
+        out = {}
+        scorer = NearestNeighbourOOD(np.stack(train), self.neighbours) if len(train) >= 2 else None
+        for p in fold["test"]:
+            if scorer is None or vectors.get(p) is None:  # nothing to measure against: flagged
+                out[p] = {"ood_distance": float("nan"), "ood_score": float("nan"), "ood_flagged": True}
+                continue
+            distance, score = float(scorer.distance(vectors[p])[0]), float(scorer.score(vectors[p])[0])
+            out[p] = {"ood_distance": distance, "ood_score": score, "ood_flagged": bool(score >= self.level)}
+        return out
+
+    def _vectors(self, seed: int, outer) -> dict[str, np.ndarray | None]:
+        """Each perturbation's embedding: the sum of its targets' vectors (None if one has none)."""
+        if self.space is not None:
+            rows = self.space
+        elif outer.node_states is not None:
+            graph = self.graph_of_seed(seed)
+            rows = {g: outer.node_states[i] for g, i in graph.index.items()}
+        else:
+            return {}
+        out = {}
+        for p in self.screen.perturbations:
+            genes = self.screen.targets(p)
+            out[p] = np.sum([rows[g] for g in genes], axis=0) if all(g in rows for g in genes) else None
+        return out
+
+    def summary(self) -> dict:
+        """Pooled over seeds and held-out perturbations (a perturbation held out by two seeds
+        counts twice: each seed's model predicts it)."""
+        units = [r for per_seed in self.records.values() for r in per_seed.values()]
+        with_interval = [r for r in units if "coverage" in r]
+        flagged = [r for r in units if r["ood_flagged"]]
+        unflagged = [r for r in units if not r["ood_flagged"]]
+        measured = [r for r in units if np.isfinite(r["ood_distance"])]
+        return {
+            "method": self.method,
+            "level": self.level,
+            "calibrated_on": "inner folds over each fold's training perturbations (split conformal over their genes)",
+            "scale_per_seed": {str(s): v for s, v in self.scales.items()},
+            "n_units": len(units),
+            "n_with_interval": len(with_interval),
+            "coverage": _mean(with_interval, "coverage"),
+            "coverage_de_notarget": _mean(with_interval, "coverage_de"),
+            "coverage_gaussian": _mean(with_interval, "coverage_gaussian"),
+            "mean_width": _mean(with_interval, "mean_width"),
+            "ood": {
+                "space": self.space_name,
+                "neighbours": self.neighbours,
+                "flag": f"distance beyond {self.level:g} of the training perturbations' leave-one-out distances",
+                "n_flagged": len(flagged),
+                "error": f"1 - {self.metric}" if higher_is_better(self.metric) else self.metric,
+                "error_flagged": _mean(flagged, "error"),
+                "error_unflagged": _mean(unflagged, "error"),
+                **error_vs_score([r["error"] for r in measured], [r["ood_distance"] for r in measured]),
+            },
+            "per_seed": {str(s): per for s, per in self.records.items()},
+        }
+
+    def plot(self, png) -> None:
+        units = [r for per_seed in self.records.values() for r in per_seed.values() if np.isfinite(r["ood_distance"])]
+        if units:
+            plot_error_vs_score(
+                png,
+                [r["error"] for r in units],
+                [r["ood_distance"] for r in units],
+                [r["ood_flagged"] for r in units],
+                f"gene-graph head, held-out perturbations ({self.space_name} space)",
+                f"error (1 - {self.metric})" if higher_is_better(self.metric) else self.metric,
+                "distance to the nearest training perturbations",
+            )
+
+
+def _mean(records: list[dict], key: str) -> float:
+    values = [r[key] for r in records if key in r and np.isfinite(r[key])]
+    return float(np.mean(values)) if values else float("nan")
