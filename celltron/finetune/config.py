@@ -219,6 +219,10 @@ class DrugSection:
         shorter). One run per fit: predictions are taken as training passes each length.
     learning_rates: the learning rates chosen with the length (empty: optim.lr only; one inner
         run per rate; ties: the first listed).
+    interval_level: ic50: the level of the best baseline's predictive intervals (split conformal
+        on inner folds over the training units) and of the OOD flags (a held-out drug or cell
+        line farther from the training ones than this share of them are from the rest); see
+        celltron.finetune.drug.intervals.
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -241,6 +245,7 @@ class DrugSection:
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
     step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
+    interval_level: float = ranged(0.9, "(0, 1)")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""

@@ -75,14 +75,17 @@ def interval_report(truth, low, high) -> dict:
 
 
 class NearestNeighbourOOD:
-    """Distance to the k nearest training units (Euclidean), as a percentile of the training
-    units' own leave-one-out distances; see the module docstring."""
+    """Distance to the k nearest training units, as a percentile of the training units' own
+    leave-one-out distances; see the module docstring. `metric`: euclidean, or tanimoto (1 −
+    Tanimoto similarity of bit vectors, e.g. drug fingerprints)."""
 
-    def __init__(self, train_vectors: np.ndarray, neighbours: int = 3):
+    def __init__(self, train_vectors: np.ndarray, neighbours: int = 3, metric: str = "euclidean"):
         train = np.asarray(train_vectors, dtype=np.float64)
         if len(train) < 2:
             raise ValueError("an out-of-distribution score needs at least 2 training units")
-        self.train = train
+        if metric not in ("euclidean", "tanimoto"):
+            raise ValueError(f"unknown OOD metric {metric!r}; use euclidean or tanimoto")
+        self.train, self.metric = train, metric
         self.k = max(1, min(neighbours, len(train) - 1))
         distances = self._distances(train)
         np.fill_diagonal(distances, np.inf)
@@ -90,6 +93,9 @@ class NearestNeighbourOOD:
 
     def _distances(self, vectors: np.ndarray) -> np.ndarray:
         a, b = np.asarray(vectors, dtype=np.float64), self.train
+        if self.metric == "tanimoto":
+            shared = a @ b.T
+            return 1.0 - shared / np.maximum(a.sum(1)[:, None] + b.sum(1)[None, :] - shared, 1)
         squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
         return np.sqrt(np.maximum(squared, 0))
 

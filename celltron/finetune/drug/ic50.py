@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from transformers.utils import ModelOutput
 
 from celltron.errors import ConfigError, InputError
+from celltron.finetune.drug import intervals as drug_intervals
 from celltron.finetune.drug.expression import run_drug_expression
 from celltron.finetune.drug.features import compounds, fingerprints, informative_pathway, parse_targets
 from celltron.finetune.report import (
@@ -880,6 +881,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     pairs, prints, compound_of, expression, left_out = _read_inputs(config, None if baselines_only else model)
     similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind())
     model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
+    widths = {}  # seed -> the best baseline's interval half-width (split conformal on inner folds)
     best = {}  # seed -> the baseline chosen on its training pairs
     # inner folds refit the expression PCA on their own training lines, as the outer split does
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
@@ -901,6 +903,9 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         predictions = baseline_predictions(train, test, prints, profiles=profiles, similar=chosen_similar)
         best[seed] = choose_baseline(train, prints, section.split_kind(), seed, compound_of, profiles_for, similar=similar)
         best[seed]["similar_drugs"] = kernel_choice
+        predictions["best_baseline"] = predictions[best[seed]["name"]]
+        widths[str(seed)] = _interval_width(train, prints, best[seed]["name"], seed, compound_of, profiles_for, similar, section)
+        ood = _ood_columns(train, test, prints, compound_of, profiles, section.interval_level)
         for name in BASELINES:
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
@@ -922,9 +927,17 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             if section.head == "anchored":
                 predictions[PLAIN] = plain
                 plain_runs[seed] = drug_response_metrics(plain, truth, drugs)
-        rows.append(test.assign(seed=seed, **{f"pred_{k}": v for k, v in predictions.items()}))
+        bounds = {
+            "best_baseline_low": predictions["best_baseline"] - widths[str(seed)],
+            "best_baseline_high": predictions["best_baseline"] + widths[str(seed)],
+        }
+        rows.append(
+            pd.concat([test.assign(seed=seed, **{f"pred_{k}": v for k, v in predictions.items()}, **bounds), ood], axis=1)
+        )
     if not first:
         return None
+    table = pd.concat(rows)
+    reported = "pred_model" if model_runs else "pred_best_baseline"
     metrics = {
         "task": "drug_response",
         "mode": section.mode,
@@ -949,6 +962,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             "compound_twins": _twins(pairs.drug.unique(), compound_of),
         },
         "seeds": list(section.seeds),
+        "uncertainty": drug_intervals.summary(table, section.split_kind(), section.interval_level, widths, reported),
         **left_out,
     }
     if expression is not None:
@@ -956,7 +970,29 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             "ridge": f"features: fingerprint, cell-line indicator and the top {section.pca_components} principal "
             "components of the cell lines' log-normalised expression, fitted on each split's training lines"
         }
-    return _write_results(out, metrics, pd.concat(rows))
+    return _write_results(out, metrics, table)
+
+
+def _interval_width(train, prints, name: str, seed: int, compound_of, profiles_for, similar, section) -> float:
+    """The chosen baseline's interval half-width: the split-conformal quantile of its absolute
+    errors on inner folds over the training pairs (grouped as the split), refitted per fold."""
+    inner = []
+    unchosen = _unchosen(similar, section.split_kind(), seed, compound_of)
+    for held in inner_folds(train, section.split_kind(), INNER_FOLDS, seed, compound_of):
+        inner_train, inner_test = train[~held], train[held]
+        profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
+        predicted = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=unchosen)[name]
+        inner.append((inner_test.ln_ic50.to_numpy(), predicted))
+    return drug_intervals.conformal_width(inner, section.interval_level) if inner else float("nan")
+
+
+def _ood_columns(train, test, prints, compound_of, profiles, level: float) -> pd.DataFrame:
+    """Each held-out pair's drug and cell-line OOD distances and scores, and its flag."""
+    ood = pd.concat(
+        [drug_intervals.drug_ood(train, test, prints, compound_of, level), drug_intervals.cell_line_ood(train, test, profiles)],
+        axis=1,
+    )
+    return ood.assign(ood_flagged=drug_intervals.flag(ood, level))
 
 
 def _run_expression_mode(config, model: str | None, out, baselines_only: bool) -> dict | None:
@@ -993,4 +1029,36 @@ def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
     plot_bars(shown, "pearson_per_drug", out / "pearson_per_drug.png", f"Pearson per drug ({split} split)")
     print(results_table(shown, DRUG_METRICS, metrics.get("notes")))
     print_baseline_choice(metrics, HEADLINE)
+    uncertainty = metrics.get("uncertainty")
+    if uncertainty:
+        _plot_ood(out / "ood_error.png", table, split, "pred_model" if "pred_model" in table else "pred_best_baseline")
+        print(_uncertainty_line(uncertainty))
     return metrics
+
+
+def _uncertainty_line(summary: dict) -> str:
+    covered, ood = summary["coverage"]["all"], summary["ood"]
+    return (
+        f"best baseline, {summary['level']:g} intervals (split conformal on training units): coverage "
+        f"{covered['coverage']:.3f} over {covered['n_pairs']} held-out pairs, mean width {covered['mean_width']:.2f}; "
+        f"OOD: {ood['n_flagged_pairs']} of {ood['n_pairs']} pairs flagged; per {ood['unit']}, AUROC of large error "
+        f"{ood['auroc_large_error']:.2f}, Spearman {ood['spearman']:.2f} over {ood['n_units']}"
+    )
+
+
+def _plot_ood(png: Path, table: pd.DataFrame, kind: str, column: str) -> None:
+    from celltron.finetune.uncertainty import plot_error_vs_score
+
+    errors, distances, flagged = drug_intervals.unit_errors(table, kind, column)
+    keep = np.isfinite(distances)
+    if keep.any():
+        unit = {"drug": "held-out compounds", "cell_line": "held-out cell lines", "random": "held-out pairs"}[kind]
+        plot_error_vs_score(
+            png,
+            errors[keep],
+            distances[keep],
+            flagged[keep],
+            f"{column.removeprefix('pred_')}: {unit}",
+            "mean absolute error, ln(IC50)",
+            "distance to the nearest training units (drug: 1 − Tanimoto)",
+        )
