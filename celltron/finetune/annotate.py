@@ -272,14 +272,121 @@ def pca_logreg_probabilities(
     alone (a class absent from them gets probability 0)."""
     from sklearn.linear_model import LogisticRegression
 
+    space = training_pca(counts, train, components, seed)
+    classifier = LogisticRegression(max_iter=2000, class_weight="balanced" if balanced else None)
+    classifier.fit(space(train), labels[train])
+    out = np.zeros((len(cells), n_classes))
+    out[:, classifier.classes_] = classifier.predict_proba(space(cells))
+    return out
+
+
+def training_pca(counts, train: np.ndarray, components: int, seed: int, residual: bool = False):
+    """cells -> their coordinates on the top principal components of the `train` cells'
+    log-normalised expression over their 2,000 most variable genes (genes and PCA from `train`).
+    `residual`: one more coordinate, the norm of what those components leave out of the cell (a
+    cell type absent from `train` projects near the others and differs in what is left out)."""
     normalised = log_normalise(counts)
     genes = variable_genes(normalised[train], PCA_TOP_GENES)
     pca = fit_pca(normalised[train][:, genes], components, seed)
-    classifier = LogisticRegression(max_iter=2000, class_weight="balanced" if balanced else None)
-    classifier.fit(pca.transform(normalised[train][:, genes]), labels[train])
-    out = np.zeros((len(cells), n_classes))
-    out[:, classifier.classes_] = classifier.predict_proba(pca.transform(normalised[cells][:, genes]))
-    return out
+
+    def space(cells):
+        x = normalised[cells][:, genes]
+        coordinates = pca.transform(x)
+        if not residual:
+            return coordinates
+        dense = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+        left_out = np.linalg.norm(dense - pca.inverse_transform(coordinates), axis=1)
+        return np.c_[coordinates, left_out]
+
+    return space
+
+
+OOD_REFERENCE_CELLS = 2000  # training cells an OOD score is measured against (seeded sample)
+OOD_NEIGHBOURS = 10
+
+
+def baseline_uncertainty(config, lab, labels: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, seed: int):
+    """The baseline's conformal prediction sets and every held-out cell's OOD score, for one seed.
+
+    Sets: the labels whose probability is at least 1 − q, q the split-conformal quantile (at
+    annotate.interval_level) of 1 − the true label's probability over the training cells, each
+    predicted out of fold (inner stratified folds over the training cells alone). OOD: a cell's
+    mean distance to its nearest training cells in a PCA of training cells (plus the norm of
+    what the PCA leaves out of the cell), as a percentile of the same distance of other training
+    cells: the first inner fold's training cells give the PCA and the reference, its held-out
+    cells the calibration (split conformal: a PCA fitted on a cell flatters it, so the reference
+    cells' own distances would not do); flagged at the level.
+
+    Returns (per test cell: set membership (cells x classes, bool), OOD distance, OOD score)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from celltron.finetune.uncertainty import NearestNeighbourOOD, conformal_scale
+
+    section = config.annotate
+    out_of_fold = np.zeros((len(train), n_classes))
+    smallest = int(np.bincount(labels[train])[np.unique(labels[train])].min())
+    folds = StratifiedKFold(max(2, min(section.inner_folds, smallest)), shuffle=True, random_state=seed)
+    splits = list(folds.split(train, labels[train]))
+    for fit, held in splits:
+        out_of_fold[held] = pca_logreg_probabilities(
+            lab.counts, labels, train[fit], train[held], n_classes, section.pca_components, seed, section.balanced
+        )
+    nonconformity = 1.0 - out_of_fold[np.arange(len(train)), labels[train]]
+    q = conformal_scale(nonconformity, np.zeros_like(nonconformity), np.ones_like(nonconformity), section.interval_level)
+    probabilities = pca_logreg_probabilities(
+        lab.counts, labels, train, test, n_classes, section.pca_components, seed, section.balanced
+    )
+    sets = probabilities >= 1.0 - q
+    # OOD: the first inner fold's training cells give the space and the reference; its held-out
+    # training cells, scored exactly as a test cell is, give the calibration (split conformal)
+    fit, held = splits[0]
+    space = training_pca(lab.counts, train[fit], section.pca_components, seed, residual=True)
+    reference = space(_reference(train[fit], seed, OOD_REFERENCE_CELLS))
+    calibration = NearestNeighbourOOD(reference, OOD_NEIGHBOURS).distance(space(train[held]))
+    scorer = NearestNeighbourOOD(reference, OOD_NEIGHBOURS, calibration=calibration)
+    coordinates = space(test)
+    return sets, scorer.distance(coordinates), scorer.score(coordinates)
+
+
+def _reference(cells: np.ndarray, seed: int, size: int) -> np.ndarray:
+    """The training cells OOD distances are measured against: a seeded sample of `size` (sorted)."""
+    if len(cells) <= size:
+        return np.sort(cells)
+    return np.sort(np.random.default_rng(seed).choice(cells, size, replace=False))
+
+
+def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
+    """Pooled over seeds: the baseline's set coverage and size; OOD flags and whether
+    `predictor`'s errors (misclassified cells) rise with the OOD distance."""
+    from celltron.finetune.uncertainty import error_vs_score
+
+    covered = np.concatenate([r["covered"] for r in per_seed.values()])
+    sizes = np.concatenate([r["sizes"] for r in per_seed.values()])
+    wrong = np.concatenate([r["wrong"] for r in per_seed.values()]).astype(float)
+    distance = np.concatenate([r["distance"] for r in per_seed.values()])
+    flagged = np.concatenate([r["score"] for r in per_seed.values()]) >= level
+    return {
+        "sets": {
+            "predictor": BASELINE,
+            "level": level,
+            "set": "labels with probability >= 1 - q, q the split-conformal quantile of 1 - p(true label) "
+            "over training cells predicted out of fold",
+            "coverage": float(covered.mean()),
+            "mean_size": float(sizes.mean()),
+            "singletons": float(np.mean(sizes == 1)),
+            "empty": float(np.mean(sizes == 0)),
+        },
+        "ood": {
+            "space": f"PCA of an inner fold's training cells and the norm it leaves out ({OOD_NEIGHBOURS} nearest of "
+            f"up to {OOD_REFERENCE_CELLS} of them; calibrated on that fold's held-out training cells)",
+            "n_flagged": int(flagged.sum()),
+            "n_cells": int(len(flagged)),
+            "error": f"{predictor} misclassified",
+            "error_flagged": float(wrong[flagged].mean()) if flagged.any() else float("nan"),
+            "error_unflagged": float(wrong[~flagged].mean()) if (~flagged).any() else float("nan"),
+            **error_vs_score(wrong, distance),
+        },
+    }
 
 
 def balanced_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -434,6 +541,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         tokens, pad_id = tokenize_cells(lab, tokenizer, seed=config.trainer.seed), tokenizer.vocab.special_id("pad")
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     runs, plain_runs, baseline_runs, splits, weights, first_probabilities, first = {}, {}, {}, {}, {}, None, True
+    uncertain = {}  # seed -> the baseline's sets and the held-out cells' OOD scores
     anchored = section.head == "anchored"
     task = None
     if folder is not None:
@@ -445,6 +553,14 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         splits[seed] = {"train": len(train), "test": len(test)}
         baseline = _baseline_probabilities(config, lab, labels, train, everyone, len(classes), seed)
         baseline_runs[seed] = classification_metrics(labels[test], baseline[test].argmax(1), classes)
+        sets, distance, score = baseline_uncertainty(config, lab, labels, train, test, len(classes), seed)
+        uncertain[seed] = {
+            "covered": sets[np.arange(len(test)), labels[test]],
+            "sizes": sets.sum(1),
+            "wrong": baseline[test].argmax(1) != labels[test],
+            "distance": distance,
+            "score": score,
+        }
         if folder is None:
             continue
         choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
@@ -459,6 +575,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         plain = by_length[choice["steps"]]
         probabilities = anchor(baseline, plain, choice["weight"]) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
+        uncertain[seed]["wrong"] = probabilities[test].argmax(1) != labels[test]
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
             first_probabilities, first_test = probabilities, test
@@ -482,6 +599,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
             "per_seed": {str(s): v for s, v in splits.items()},
         },
         "seeds": list(section.seeds),
+        "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if runs else BASELINE),
         "notes": {
             "pca_logreg": f"logistic regression on {section.pca_components} principal components of log-normalised "
             "expression, 2,000 most variable genes (genes and PCA from the training cells)"
@@ -530,6 +648,12 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
         )
     for metric, difference in (metrics["paired"] or {}).items():
         print(verdict_line(metric, BASELINE, difference, "seeds", chosen_on=None))
+    sets, ood = metrics["uncertainty"]["sets"], metrics["uncertainty"]["ood"]
+    print(
+        f"{BASELINE} {sets['level']:g} prediction sets (split conformal on training cells): coverage {sets['coverage']:.3f}, "
+        f"mean size {sets['mean_size']:.2f}; OOD: {ood['n_flagged']} of {ood['n_cells']} held-out cells flagged, "
+        f"misclassified {ood['error_flagged']:.3f} flagged vs {ood['error_unflagged']:.3f} not, AUROC {ood['auroc_large_error']:.2f}"
+    )
     return metrics
 
 

@@ -282,6 +282,8 @@ class AnnotateSection:
         rate (predictions taken as one run passes each length, so a length costs no extra run);
         ties go to the shorter. The learning rate and length are chosen on the model alone's
         inner macro-F1, the weight on the blend at that setting.
+    interval_level: the level of the baseline's conformal prediction sets and of the held-out
+        cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty).
     """
 
     label_key: str = "cell_type"
@@ -289,6 +291,7 @@ class AnnotateSection:
     seeds: tuple[int, ...] = ranged((0,), ">= 0")
     balanced: bool = True
     dropout: float = ranged(0.1, "[0, 1)")
+    interval_level: float = ranged(0.9, "(0, 1)")
     pca_components: int = ranged(50, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")

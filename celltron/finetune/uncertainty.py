@@ -77,9 +77,10 @@ def interval_report(truth, low, high) -> dict:
 class NearestNeighbourOOD:
     """Distance to the k nearest training units, as a percentile of the training units' own
     leave-one-out distances; see the module docstring. `metric`: euclidean, or tanimoto (1 −
-    Tanimoto similarity of bit vectors, e.g. drug fingerprints)."""
+    Tanimoto similarity of bit vectors, e.g. drug fingerprints). `calibration`: the reference
+    distances, when the leave-one-out ones would be biased (a space fitted on the training units)."""
 
-    def __init__(self, train_vectors: np.ndarray, neighbours: int = 3, metric: str = "euclidean"):
+    def __init__(self, train_vectors: np.ndarray, neighbours: int = 3, metric: str = "euclidean", calibration=None):
         train = np.asarray(train_vectors, dtype=np.float64)
         if len(train) < 2:
             raise ValueError("an out-of-distribution score needs at least 2 training units")
@@ -87,6 +88,9 @@ class NearestNeighbourOOD:
             raise ValueError(f"unknown OOD metric {metric!r}; use euclidean or tanimoto")
         self.train, self.metric = train, metric
         self.k = max(1, min(neighbours, len(train) - 1))
+        if calibration is not None:  # distances of units held out of inner fits (a space fitted on them flatters them)
+            self.train_scores = np.sort(np.asarray(calibration, dtype=np.float64))
+            return
         distances = self._distances(train)
         np.fill_diagonal(distances, np.inf)
         self.train_scores = np.sort(self._k_mean(distances))

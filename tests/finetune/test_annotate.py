@@ -198,3 +198,34 @@ def test_a_frozen_encoder_probe_chooses_its_learning_rate_on_training_cells_only
 def test_a_frozen_encoder_refuses_frozen_layers_or_lora(pretrained_geneformer, labelled_file, tmp_path, capsys):
     assert _annotate(pretrained_geneformer, labelled_file, tmp_path, "--encoder", "frozen", "--freeze", "1") == 2
     assert "--encoder frozen" in capsys.readouterr().err and not (tmp_path / "metrics.json").exists()
+
+
+def test_baseline_sets_cover_the_level_and_an_unseen_cell_type_scores_out_of_distribution(labelled_file, tmp_path, capsys):
+    from celltron.finetune.annotate import baseline_uncertainty, run_annotate
+    from celltron.finetune.config import FinetuneConfig
+    from celltron.lab.data import read_lab_data
+    from celltron.pretrain.config import replace
+
+    config = replace(FinetuneConfig(), data={"path": str(labelled_file)}, annotate={"label_key": LABEL, "seeds": (0, 1)}).check()
+    metrics = run_annotate(config, None, tmp_path / "run", baselines_only=True)
+    sets = metrics["uncertainty"]["sets"]
+    # 2 x 100 held-out cells: coverage near the 0.9 level, mostly one label per set
+    assert 0.8 <= sets["coverage"] <= 1.0 and sets["mean_size"] < 2
+    assert metrics["uncertainty"]["ood"]["n_cells"] == 2 * metrics["split"]["per_seed"]["0"]["test"]
+    assert "prediction sets (split conformal on training cells)" in capsys.readouterr().out
+    # a cell type held out of training whole: its cells sit far from the training cells
+    lab = read_lab_data(labelled_file, [LABEL])
+    classes, labels = np.unique(lab.obs[LABEL].astype(str).to_numpy(), return_inverse=True)
+    novel = int(np.flatnonzero(classes == "NK")[0])
+    rng = np.random.default_rng(0)
+    known = np.flatnonzero(labels != novel)
+    held_known = rng.choice(known, 80, replace=False)
+    train = np.setdiff1d(known, held_known)
+    test = np.concatenate([held_known, np.flatnonzero(labels == novel)])
+    member, distance, score = baseline_uncertainty(config, lab, labels, train, test, len(classes), seed=0)
+    is_novel = labels[test] == novel
+    assert score[is_novel].mean() > score[~is_novel].mean() + 0.2
+    # calibrated on held-out training cells: cells like the training ones score like them
+    assert 0.4 < score[~is_novel].mean() < 0.6 and np.mean(score[~is_novel] >= 0.9) < 0.2
+    assert np.mean(score[is_novel] >= 0.9) > 2 * np.mean(score[~is_novel] >= 0.9)
+    assert not member[is_novel, novel].any()  # a label never trained on is never in a set
