@@ -7,7 +7,8 @@ calibrated per fold on the inner folds over the training perturbations (split co
 their genes), never on held-out ones. A perturbation's OOD score is the distance of its
 embedding (the sum of its targets' vectors in the co-expression reference, else in the model's
 gene tokens, else in the head's own node states) to its nearest training perturbations,
-calibrated on the training perturbations by leave-one-out. Perturbations predicted as the
+calibrated on the training perturbations by leave-one-out in a fixed space, and in the head's
+node states (trained on them) by the inner folds' held-out perturbations. Perturbations predicted as the
 training mean (out of the graph's reach) have no spread and get no interval; they are counted.
 """
 
@@ -54,7 +55,7 @@ class GraphUncertainty:
         then record the outer fold's held-out perturbations (`outer`: GraphPrediction)."""
         scale, reference = self._calibrate(inner)
         self.scales.setdefault(seed, []).append(scale)
-        ood = self._ood(seed, fold, outer)
+        ood = self._ood(seed, fold, outer, inner)
         scores = evaluate_folds(outer.mean, self.screen, [fold])["per_perturbation"]
         for p in fold["test"]:
             value = scores[p][self.metric]
@@ -87,11 +88,13 @@ class GraphUncertainty:
             "coverage_gaussian": interval_report(truth, *gaussian)["coverage"],
         }
 
-    def _ood(self, seed: int, fold: dict, outer) -> dict[str, dict]:
+    def _ood(self, seed: int, fold: dict, outer, inner: list) -> dict[str, dict]:
         vectors = self._vectors(seed, outer)
         train = [vectors[p] for p in fold["train"] if vectors.get(p) is not None]
         out = {}
-        scorer = NearestNeighbourOOD(np.stack(train), self.neighbours) if len(train) >= 2 else None
+        scorer = None
+        if len(train) >= 2:
+            scorer = NearestNeighbourOOD(np.stack(train), self.neighbours, calibration=self._inner_distances(seed, inner))
         for p in fold["test"]:
             if scorer is None or vectors.get(p) is None:  # nothing to measure against: flagged
                 out[p] = {"ood_distance": float("nan"), "ood_score": float("nan"), "ood_flagged": True}
@@ -99,6 +102,22 @@ class GraphUncertainty:
             distance, score = float(scorer.distance(vectors[p])[0]), float(scorer.score(vectors[p])[0])
             out[p] = {"ood_distance": distance, "ood_score": score, "ood_flagged": bool(score >= self.level)}
         return out
+
+    def _inner_distances(self, seed: int, inner: list) -> np.ndarray | None:
+        """In the head's own node states (a space trained on the training perturbations, which
+        flatters them): the distances of each inner fold's held-out perturbations to its training
+        ones, in that fold's head's space, as the calibration. None in a fixed space (the
+        training perturbations' leave-one-out distances serve) or without inner folds."""
+        if self.space is not None or not inner:
+            return None
+        distances = []
+        for fold, prediction in inner:
+            vectors = self._vectors(seed, prediction)
+            train = [vectors[p] for p in fold["train"] if vectors.get(p) is not None]
+            held = [vectors[p] for p in fold["test"] if vectors.get(p) is not None]
+            if len(train) >= 2 and held:
+                distances.append(NearestNeighbourOOD(np.stack(train), self.neighbours).distance(np.stack(held)))
+        return np.concatenate(distances) if distances else None
 
     def _vectors(self, seed: int, outer) -> dict[str, np.ndarray | None]:
         """Each perturbation's embedding: the sum of its targets' vectors (None if one has none)."""
