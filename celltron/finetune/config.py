@@ -355,6 +355,10 @@ class CrossModalSection:
         chromatin). Needs scvi-tools (celltron[scvi]). [] : none.
     peer_epochs: the peers' maximum epochs (0: 200 for totalvi, 100 for multivi).
     peer_genes: the most variable training genes (seurat_v3) the peers read.
+    interval_level: predict: the level of the best baseline's per-protein intervals (split
+        conformal on training cells predicted out of fold) and of the held-out cells' OOD flags
+        (RNA PCA distance, calibrated on held-out training cells); see
+        celltron.finetune.crossmodal.run.prediction_uncertainty.
     """
 
     task: str = one_of("predict", CROSSMODAL_TASKS)
@@ -370,6 +374,7 @@ class CrossModalSection:
     top_genes: int = ranged(2000, ">= 0")
     knn_k: tuple[int, ...] = ranged((5, 15, 50), ">= 1")
     ridge_alphas: tuple[float, ...] = ranged((0.1, 1.0, 10.0, 100.0, 1000.0), "> 0")
+    interval_level: float = ranged(0.9, "(0, 1)")
     inner_folds: int = ranged(3, ">= 2")
     cca_components: int = ranged(20, ">= 1")
     recall_k: tuple[int, ...] = ranged((1, 5, 10), ">= 1")

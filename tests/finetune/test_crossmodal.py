@@ -128,6 +128,10 @@ def test_a_linear_rna_to_protein_map_is_recovered_and_noise_is_not(simulated, tm
     for seed, choice in linked["best_baseline"]["per_seed"].items():
         assert choice["name"] in ("knn_rna_pca", "ridge_rna_pca")
         assert choice["score"] == np.nanmax(list(choice["inner_scores"].values()))
+    # the best baseline's 0.9 intervals, calibrated on training cells predicted out of fold
+    uncertainty = linked["uncertainty"]
+    assert 0.8 < uncertainty["coverage"] < 0.98 and uncertainty["ood"]["n_cells"] == 100 * len(linked["seeds"])
+    assert uncertainty["ood"]["n_flagged"] < 0.2 * uncertainty["ood"]["n_cells"]  # held-out cells are like the training ones
     shuffled = run_crossmodal(config_for("predict", simulated["shuffled"]), tmp_path / "shuffled")
     assert abs(shuffled["baselines"]["ridge_rna_pca"]["pearson"]) < 0.15  # proteins of other cells: nothing to learn
 

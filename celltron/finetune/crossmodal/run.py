@@ -212,6 +212,7 @@ def _predict(
     runs: dict[str, dict] = {}
     model_runs, plain_runs, alphas, splits, chosen, settings, first = {}, {}, {}, {}, {}, {}, None
     peer_runs, peer_records, masked_runs, layers = {}, {}, {}, {}
+    uncertain = {}  # seed -> the best baseline's interval coverage and the held-out cells' OOD scores
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
@@ -227,6 +228,10 @@ def _predict(
         for name, predicted in _peer_proteins(paired, section, source, target, train, test, seed, peer_records).items():
             peer_runs.setdefault(name, {})[seed] = prediction_scores(targets[test], predicted, proteins, types)
             _held_out_layer(layers, name, predicted, test, targets.shape)
+        reported = best_predicted
+        uncertain[seed] = prediction_uncertainty(
+            paired.counts[source], targets, train, test, predictors[best], features, best_predicted, section, seed
+        )
         shown = (best_predicted, train, test, best)
         if embedding is not None:
             head, plain, alphas[seed], weight = _model_head(
@@ -249,6 +254,8 @@ def _predict(
             plain_runs[seed] = prediction_scores(targets[test], plain[test], proteins, types)
             chosen[seed].update(weight)
             shown = (head, train, test, f"{section.head} head on {embedding[0]}")
+            reported = head
+        uncertain[seed]["error"] = np.abs(reported[test] - targets[test]).mean(1)
         first = first or shown
     metrics = {
         **_header("predict", paired, source, target),
@@ -273,6 +280,7 @@ def _predict(
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
         "n_proteins": len(proteins),
+        "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if model_runs else "best baseline"),
         "notes": _prediction_notes(section, embedding is not None, bool(masked_runs)),
     }
     if query is not None:
@@ -289,7 +297,78 @@ def _predict(
     if masked_runs:
         line = verdict_line("per-protein Pearson", "best baseline", metrics["paired_masked_values"], "proteins", "training cells")
         print(f"masked values (zero-shot, calibrated): {line}")
+    u = metrics["uncertainty"]
+    print(
+        f"best baseline, {u['level']:g} intervals per protein (split conformal on training cells): coverage "
+        f"{u['coverage']:.3f}, mean width {u['mean_width']:.2f}; OOD: {u['ood']['n_flagged']} of {u['ood']['n_cells']} "
+        f"held-out cells flagged, AUROC of large error {u['ood']['auroc_large_error']:.2f}"
+    )
     return metrics
+
+
+OOD_NEIGHBOURS = 10
+
+
+def prediction_uncertainty(counts, targets, train, test, predictor, features, predicted, section, seed: int) -> dict:
+    """For one seed: the best baseline's interval per held-out cell and protein (its prediction
+    ± q, q per protein the split-conformal quantile of its absolute errors on training cells
+    predicted out of fold, inner KFold) and each held-out cell's OOD score (mean distance to its
+    nearest training cells in an RNA PCA fitted on the first inner fold's training cells, as a
+    percentile of the same distance of that fold's held-out training cells)."""
+    from sklearn.model_selection import KFold
+
+    from celltron.finetune.uncertainty import NearestNeighbourOOD, conformal_scale
+
+    folds = list(KFold(section.inner_folds, shuffle=True, random_state=seed).split(train))
+    out_of_fold = np.zeros((len(train), targets.shape[1]))
+    for fit, held in folds:
+        out_of_fold[held] = predictor(features, targets, train[fit])[train[held]]
+    residual = np.abs(targets[train] - out_of_fold)
+    unit = np.ones(len(train))
+    width = np.array([conformal_scale(residual[:, j], 0 * unit, unit, section.interval_level) for j in range(targets.shape[1])])
+    inside = np.abs(targets[test] - predicted[test]) <= width
+    fit, held = folds[0]
+    space = rna_pca(counts, train[fit], section.components, seed, section.top_genes)
+    calibration = NearestNeighbourOOD(space[train[fit]], OOD_NEIGHBOURS).distance(space[train[held]])
+    scorer = NearestNeighbourOOD(space[train[fit]], OOD_NEIGHBOURS, calibration=calibration)
+    return {
+        "inside": inside,
+        "width": np.broadcast_to(2 * width, inside.shape),
+        "distance": scorer.distance(space[test]),
+        "score": scorer.score(space[test]),
+    }
+
+
+def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
+    """Pooled over seeds and held-out cells: coverage of the best baseline's intervals (over all
+    cells and proteins, and per protein's range), OOD flags, and whether `predictor`'s error
+    (mean absolute CLR error over proteins) rises with the OOD distance."""
+    from celltron.finetune.uncertainty import error_vs_score
+
+    inside = np.concatenate([r["inside"] for r in per_seed.values()])
+    error = np.concatenate([r["error"] for r in per_seed.values()])
+    distance = np.concatenate([r["distance"] for r in per_seed.values()])
+    flagged = np.concatenate([r["score"] for r in per_seed.values()]) >= level
+    per_protein = inside.mean(0)
+    return {
+        "predictor": "best baseline",
+        "level": level,
+        "interval": "prediction ± q per protein, q the split-conformal quantile of its absolute errors on training cells "
+        "predicted out of fold",
+        "coverage": float(inside.mean()),
+        "coverage_per_protein": {"min": float(per_protein.min()), "max": float(per_protein.max())},
+        "mean_width": float(np.mean(np.concatenate([r["width"] for r in per_seed.values()]))),
+        "ood": {
+            "space": f"RNA PCA of an inner fold's training cells ({OOD_NEIGHBOURS} nearest; calibrated on that fold's "
+            "held-out training cells)",
+            "n_flagged": int(flagged.sum()),
+            "n_cells": int(len(flagged)),
+            "error": f"{predictor}: mean absolute CLR error over proteins",
+            "error_flagged": float(error[flagged].mean()) if flagged.any() else float("nan"),
+            "error_unflagged": float(error[~flagged].mean()) if (~flagged).any() else float("nan"),
+            **error_vs_score(error, distance),
+        },
+    }
 
 
 def _peer_settings(section):
