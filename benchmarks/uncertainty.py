@@ -1,7 +1,8 @@
 """Predictive intervals and OOD flags, measured on held-out units: the gene-graph perturbation
 head (Papalexi 2021 held-out perturbations, Norman 2019 GEARS simulation split; 5-member
-ensemble and MC dropout) and the drug-response best baseline (GDSC, unseen compounds and
-random pairs). For each: the interval level, coverage on held-out outputs (calibrated on
+ensemble and MC dropout), the drug-response best baseline (GDSC, unseen compounds and random
+pairs), the annotation baseline's prediction sets (PBMC 4k; and each cell type held out of
+training whole) and the cross-modal best baseline (TEA-seq RNA -> proteins). For each: the interval level, coverage on held-out outputs (calibrated on
 training units by split conformal, and the uncalibrated Gaussian interval where there is a
 spread), the mean width, how many units are flagged OOD, and whether error rises with the OOD
 distance (AUROC of "large error", above the median, and Spearman).
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+import numpy as np
 
 from benchmarks import drug_response, perturbation_graph
 from benchmarks._data import add_shared_data_option
@@ -63,12 +66,72 @@ def drug_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
     return rows
 
 
+def annotation_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
+    """PBMC 4k labelled cells (the '?' ones left out), baseline only: prediction-set coverage, and
+    OOD flags on the held-out cells; then each cell type in turn held out of training whole
+    (80 other cells held out beside it): how its cells score against the other held-out ones."""
+    from benchmarks.embedding import LABEL, labelled_copy
+    from celltron.finetune.annotate import baseline_uncertainty, run_annotate
+    from celltron.finetune.config import FinetuneConfig
+    from celltron.lab.data import read_lab_data
+    from celltron.pretrain.config import replace
+
+    out.mkdir(parents=True, exist_ok=True)
+    path = labelled_copy(shared_data, out)
+    config = replace(FinetuneConfig(), data={"path": str(path)}, annotate={"label_key": LABEL, "seeds": tuple(seeds)}).check()
+    metrics = run_annotate(config, None, out / "annotate", baselines_only=True)
+    sets, ood = metrics["uncertainty"]["sets"], metrics["uncertainty"]["ood"]
+    rows = [
+        f"| annotation: PBMC 4k, stratified split, pca_logreg | conformal sets | {sets['level']:g} | "
+        f"{_cell(sets['coverage'])} (mean set size {_cell(sets['mean_size'], 2)}) | n/a | n/a | "
+        f"{ood['n_flagged']} of {ood['n_cells']} cells | {_cell(ood['error_flagged'])} vs {_cell(ood['error_unflagged'])} "
+        f"(misclassified) | {_cell(ood['auroc_large_error'], 2)} | {_cell(ood['spearman'], 2)} |"
+    ]
+    lab = read_lab_data(path, [LABEL])
+    classes, labels = np.unique(lab.obs[LABEL].astype(str).to_numpy(), return_inverse=True)
+    novel_lines = [
+        "| cell type held out of training | its cells: mean OOD score, flagged | other held-out cells: mean, flagged |",
+        "|---|---|---|",
+    ]
+    for k, name in enumerate(classes):
+        known = np.flatnonzero(labels != k)
+        held = np.random.default_rng(0).choice(known, 80, replace=False)
+        train, test = np.setdiff1d(known, held), np.concatenate([held, np.flatnonzero(labels == k)])
+        _, _, score = baseline_uncertainty(config, lab, labels, train, test, len(classes), seed=0)
+        novel = labels[test] == k
+        novel_lines.append(
+            f"| {name} ({novel.sum()} cells) | {score[novel].mean():.2f}, {np.mean(score[novel] >= 0.9):.0%} | "
+            f"{score[~novel].mean():.2f}, {np.mean(score[~novel] >= 0.9):.0%} |"
+        )
+    return rows, novel_lines
+
+
+def crossmodal_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
+    """TEA-seq PBMC RNA -> 46 proteins, random split, baselines only."""
+    from benchmarks.crossmodal import teaseq_files
+    from celltron.finetune.config import FinetuneConfig
+    from celltron.finetune.crossmodal.run import run_crossmodal
+    from celltron.pretrain.config import replace
+
+    files = teaseq_files(shared_data)
+    modalities = tuple(f"{name}={file}" for name, file in files.items())
+    config = replace(FinetuneConfig(), crossmodal={"task": "predict", "modalities": modalities, "seeds": tuple(seeds)}).check()
+    metrics = run_crossmodal(config, out / "crossmodal", baselines_only=True)
+    u, ood = metrics["uncertainty"], metrics["uncertainty"]["ood"]
+    return [
+        f"| cross-modal: TEA-seq RNA -> proteins, best baseline | split conformal per protein | {u['level']:g} | "
+        f"{_cell(u['coverage'])} (proteins {_cell(u['coverage_per_protein']['min'])}-{_cell(u['coverage_per_protein']['max'])}) | "
+        f"n/a | {_cell(u['mean_width'])} | {ood['n_flagged']} of {ood['n_cells']} cells | {_cell(ood['error_flagged'])} vs "
+        f"{_cell(ood['error_unflagged'])} | {_cell(ood['auroc_large_error'], 2)} | {_cell(ood['spearman'], 2)} |"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/uncertainty"))
     parser.add_argument("--graph-out", type=Path, default=Path("runs/bench/graph"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", choices=["perturbation", "drug"], help="one task's rows alone")
+    parser.add_argument("--only", choices=["perturbation", "drug", "annotate", "crossmodal"], help="one task's rows alone")
     add_shared_data_option(parser)
     args = parser.parse_args()
     header = (
@@ -80,8 +143,17 @@ def main() -> None:
         rows += perturbation_rows(args.shared_data, args.graph_out, args.seeds)
     if args.only in (None, "drug"):
         rows += drug_rows(args.shared_data, args.out, args.seeds)
+    novel = []
+    if args.only in (None, "annotate"):
+        annotation, novel = annotation_rows(args.shared_data, args.out, args.seeds)
+        rows += annotation
+    if args.only in (None, "crossmodal"):
+        rows += crossmodal_rows(args.shared_data, args.out, args.seeds)
     print(header)
     print("\n".join(rows))
+    if novel:
+        print("\nAnnotation, one cell type held out of training whole (seed 0; flagged: OOD score >= 0.9):\n")
+        print("\n".join(novel))
 
 
 if __name__ == "__main__":
