@@ -140,8 +140,7 @@ def build_gene_graph(
         if len(covered) > 1:
             vectors = np.stack([reference[g] for g in covered]).astype(np.float64)
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            similarity = np.abs(vectors @ vectors.T)
-            edges = _knn_edges(similarity, [index[g] for g in covered], neighbours)
+            edges = _cosine_knn_edges(vectors, [index[g] for g in covered], neighbours)
             sources["reference_coexpression"] = _add_edges(found, edges)
     keys = sorted(found)
     edges = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
@@ -181,6 +180,25 @@ def _knn_edges(similarity: np.ndarray, columns: list[int], k: int):
         return []
     best = np.argpartition(-s, k - 1, axis=1)[:, :k]
     return [(columns[r], columns[c], s[r, c]) for r in range(len(columns)) for c in best[r] if s[r, c] > 0]
+
+
+def _cosine_knn_edges(unit_vectors: np.ndarray, columns: list[int], k: int, block: int = 1024):
+    """`_knn_edges` of |cosine| between unit rows, a block of rows at a time (the full matrix of
+    tens of thousands of genes would not fit)."""
+    k = min(k, len(columns) - 1)
+    out = []
+    for start in range(0, len(unit_vectors), block):
+        similarity = np.abs(unit_vectors[start : start + block] @ unit_vectors.T)
+        rows = np.arange(start, start + len(similarity))
+        similarity[rows - start, rows] = -np.inf
+        best = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        out += [
+            (columns[r], columns[c], similarity[r - start, c])
+            for r, cs in zip(rows, best)
+            for c in cs
+            if similarity[r - start, c] > 0
+        ]
+    return out
 
 
 def node_features(graph: GeneGraph, vectors: dict[str, np.ndarray] | None) -> np.ndarray | None:

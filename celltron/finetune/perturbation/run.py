@@ -221,8 +221,10 @@ class GraphInputs:
 
         section = config.perturbation
         grn = read_truth(section.graph_grn, "--graph-grn") if section.graph_grn else None
-        control = lab.obs[section.perturbation_key].astype(str).to_numpy() == section.control
-        expression = log_normalise(lab.counts[np.flatnonzero(control)]).toarray()
+        control = np.flatnonzero(lab.obs[section.perturbation_key].astype(str).to_numpy() == section.control)
+        if len(control) > GRAPH_CONTROL_CELLS:  # a seeded sample bounds the dense copy
+            control = np.sort(np.random.default_rng(config.trainer.seed).choice(control, GRAPH_CONTROL_CELLS, replace=False))
+        expression = log_normalise(lab.counts[control]).toarray()
         targets = sorted({g for p in usable for g in screen.targets(p)})
         reference = screen.gene_embeddings.get("coexpression")
         self.graph = graph.build_gene_graph(
@@ -506,6 +508,7 @@ PLAIN = "model_plain"  # the anchored head's model part alone
 GRAPH = "graph"  # the gene-graph head (perturbation.graph_head), anchored as the model's head is
 GRAPH_PLAIN = "graph_plain"  # the gene-graph head alone
 MC_DROPOUT = 0.1  # the graph head's dropout when its intervals come from MC dropout
+GRAPH_CONTROL_CELLS = 5000  # control cells whose co-expression gives the gene graph's edges
 SIMULATION_GROUPS = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2")
 
 
