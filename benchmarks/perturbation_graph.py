@@ -81,9 +81,7 @@ def comparisons(results: dict[str, dict]) -> str:
     from celltron.finetune.perturbation.run import per_unit_means
     from celltron.finetune.report import paired_difference, verdict
 
-    first = next(iter(results.values()))
-    metric = first["best_baseline"]["metric"]
-    best = per_unit_means(first["best_baseline"]["per_perturbation"].values(), metric)
+    metric = next(iter(results.values()))["best_baseline"]["metric"]
 
     def units(metrics, key):
         return per_unit_means(metrics[key]["per_perturbation"].values(), metric)
@@ -94,6 +92,8 @@ def comparisons(results: dict[str, dict]) -> str:
 
     lines = []
     for name, metrics in results.items():
+        # each run's own best baseline: with --model it may choose linear_model (the model's gene tokens)
+        best = per_unit_means(metrics["best_baseline"]["per_perturbation"].values(), metric)
         weights = [c["graph_weight"] for per_seed in metrics["best_baseline"]["chosen_per_seed"].values() for c in per_seed]
         lines.append(line(f"{name}: head alone − best baseline", units(metrics, "graph_head_plain"), best))
         lines.append(line(f"{name}: anchored (w per fold {weights}) − best baseline", units(metrics, "graph_head"), best))
