@@ -294,18 +294,26 @@ def training_pca(counts, train: np.ndarray, components: int, seed: int, residual
         coordinates = pca.transform(x)
         if not residual:
             return coordinates
-        dense = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
-        left_out = np.linalg.norm(dense - pca.inverse_transform(coordinates), axis=1)
+        left_out = np.empty(len(coordinates))
+        for start in range(0, len(coordinates), RESIDUAL_BLOCK):  # dense cells x genes, a block at a time
+            part = x[start : start + RESIDUAL_BLOCK]
+            dense = part.toarray() if hasattr(part, "toarray") else np.asarray(part)
+            left_out[start : start + len(dense)] = np.linalg.norm(
+                dense - pca.inverse_transform(coordinates[start : start + len(dense)]), axis=1
+            )
         return np.c_[coordinates, left_out]
 
     return space
 
 
 OOD_REFERENCE_CELLS = 2000  # training cells an OOD score is measured against (seeded sample)
+RESIDUAL_BLOCK = 4096  # cells whose dense expression is held at once for the PCA residual
 OOD_NEIGHBOURS = 10
 
 
-def baseline_uncertainty(config, lab, labels: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, seed: int):
+def baseline_uncertainty(
+    config, lab, labels: np.ndarray, train: np.ndarray, test: np.ndarray, n_classes: int, seed: int, probabilities=None
+):
     """The baseline's conformal prediction sets and every held-out cell's OOD score, for one seed.
 
     Sets: the labels whose probability is at least 1 − q, q the split-conformal quantile (at
@@ -333,17 +341,17 @@ def baseline_uncertainty(config, lab, labels: np.ndarray, train: np.ndarray, tes
         )
     nonconformity = 1.0 - out_of_fold[np.arange(len(train)), labels[train]]
     q = conformal_scale(nonconformity, np.zeros_like(nonconformity), np.ones_like(nonconformity), section.interval_level)
-    probabilities = pca_logreg_probabilities(
-        lab.counts, labels, train, test, n_classes, section.pca_components, seed, section.balanced
-    )
+    if probabilities is None:  # the baseline's test probabilities, unless the caller has them
+        probabilities = pca_logreg_probabilities(
+            lab.counts, labels, train, test, n_classes, section.pca_components, seed, section.balanced
+        )
     sets = probabilities >= 1.0 - q
     # OOD: the first inner fold's training cells give the space and the reference; its held-out
     # training cells, scored exactly as a test cell is, give the calibration (split conformal)
     fit, held = splits[0]
     space = training_pca(lab.counts, train[fit], section.pca_components, seed, residual=True)
     reference = space(_reference(train[fit], seed, OOD_REFERENCE_CELLS))
-    calibration = NearestNeighbourOOD(reference, OOD_NEIGHBOURS).distance(space(train[held]))
-    scorer = NearestNeighbourOOD(reference, OOD_NEIGHBOURS, calibration=calibration)
+    scorer = NearestNeighbourOOD.calibrated_on(reference, space(train[held]), OOD_NEIGHBOURS)
     coordinates = space(test)
     return sets, scorer.distance(coordinates), scorer.score(coordinates)
 
@@ -553,14 +561,15 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         splits[seed] = {"train": len(train), "test": len(test)}
         baseline = _baseline_probabilities(config, lab, labels, train, everyone, len(classes), seed)
         baseline_runs[seed] = classification_metrics(labels[test], baseline[test].argmax(1), classes)
-        sets, distance, score = baseline_uncertainty(config, lab, labels, train, test, len(classes), seed)
-        uncertain[seed] = {
-            "covered": sets[np.arange(len(test)), labels[test]],
-            "sizes": sets.sum(1),
-            "wrong": baseline[test].argmax(1) != labels[test],
-            "distance": distance,
-            "score": score,
-        }
+        if section.interval_level > 0:
+            sets, distance, score = baseline_uncertainty(config, lab, labels, train, test, len(classes), seed, baseline[test])
+            uncertain[seed] = {
+                "covered": sets[np.arange(len(test)), labels[test]],
+                "sizes": sets.sum(1),
+                "wrong": baseline[test].argmax(1) != labels[test],
+                "distance": distance,
+                "score": score,
+            }
         if folder is None:
             continue
         choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
@@ -575,7 +584,8 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         plain = by_length[choice["steps"]]
         probabilities = anchor(baseline, plain, choice["weight"]) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
-        uncertain[seed]["wrong"] = probabilities[test].argmax(1) != labels[test]
+        if seed in uncertain:
+            uncertain[seed]["wrong"] = probabilities[test].argmax(1) != labels[test]
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
             first_probabilities, first_test = probabilities, test
@@ -599,7 +609,9 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
             "per_seed": {str(s): v for s, v in splits.items()},
         },
         "seeds": list(section.seeds),
-        "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if runs else BASELINE),
+        "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if runs else BASELINE)
+        if uncertain
+        else None,
         "notes": {
             "pca_logreg": f"logistic regression on {section.pca_components} principal components of log-normalised "
             "expression, 2,000 most variable genes (genes and PCA from the training cells)"
@@ -648,6 +660,8 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
         )
     for metric, difference in (metrics["paired"] or {}).items():
         print(verdict_line(metric, BASELINE, difference, "seeds", chosen_on=None))
+    if not metrics.get("uncertainty"):
+        return metrics
     sets, ood = metrics["uncertainty"]["sets"], metrics["uncertainty"]["ood"]
     print(
         f"{BASELINE} {sets['level']:g} prediction sets (split conformal on training cells): coverage {sets['coverage']:.3f}, "

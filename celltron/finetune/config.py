@@ -222,7 +222,7 @@ class DrugSection:
     interval_level: ic50: the level of the best baseline's predictive intervals (split conformal
         on inner folds over the training units) and of the OOD flags (a held-out drug or cell
         line farther from the training ones than this share of them are from the rest); see
-        celltron.finetune.drug.intervals.
+        celltron.finetune.drug.intervals. 0: neither (no extra inner cross-validation).
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -245,7 +245,7 @@ class DrugSection:
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
     step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
-    interval_level: float = ranged(0.9, "(0, 1)")
+    interval_level: float = ranged(0.9, "[0, 1)")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""
@@ -283,7 +283,7 @@ class AnnotateSection:
         ties go to the shorter. The learning rate and length are chosen on the model alone's
         inner macro-F1, the weight on the blend at that setting.
     interval_level: the level of the baseline's conformal prediction sets and of the held-out
-        cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty).
+        cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty); 0: neither.
     """
 
     label_key: str = "cell_type"
@@ -291,7 +291,7 @@ class AnnotateSection:
     seeds: tuple[int, ...] = ranged((0,), ">= 0")
     balanced: bool = True
     dropout: float = ranged(0.1, "[0, 1)")
-    interval_level: float = ranged(0.9, "(0, 1)")
+    interval_level: float = ranged(0.9, "[0, 1)")
     pca_components: int = ranged(50, ">= 1")
     head: str = one_of("anchored", ANCHORS)
     anchor_weights: tuple[float, ...] = ranged((0.0, 0.25, 0.5, 0.75, 1.0), "[0, 1]")
@@ -358,7 +358,7 @@ class CrossModalSection:
     interval_level: predict: the level of the best baseline's per-protein intervals (split
         conformal on training cells predicted out of fold) and of the held-out cells' OOD flags
         (RNA PCA distance, calibrated on held-out training cells); see
-        celltron.finetune.crossmodal.run.prediction_uncertainty.
+        celltron.finetune.crossmodal.run.prediction_uncertainty. 0: neither.
     """
 
     task: str = one_of("predict", CROSSMODAL_TASKS)
@@ -374,7 +374,7 @@ class CrossModalSection:
     top_genes: int = ranged(2000, ">= 0")
     knn_k: tuple[int, ...] = ranged((5, 15, 50), ">= 1")
     ridge_alphas: tuple[float, ...] = ranged((0.1, 1.0, 10.0, 100.0, 1000.0), "> 0")
-    interval_level: float = ranged(0.9, "(0, 1)")
+    interval_level: float = ranged(0.9, "[0, 1)")
     inner_folds: int = ranged(3, ">= 2")
     cca_components: int = ranged(20, ">= 1")
     recall_k: tuple[int, ...] = ranged((1, 5, 10), ">= 1")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 SPREAD_FLOOR = 1e-6  # relative to the mean spread: outputs every member agrees on still get a width
+QUERY_BLOCK = 2048  # rows whose distances to the training units are held at once
 
 
 def ensemble_summary(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +45,12 @@ def _floored(spread: np.ndarray, reference: float) -> np.ndarray:
 
 def conformal_scale(truth, centre, spread, level: float) -> float:
     """The scale that makes centre ± scale x spread cover `level` of these (inner held-out)
-    outputs: the ceil((n + 1) level)-th smallest |truth − centre| / spread (split conformal)."""
+    outputs: the ceil((n + 1) level)-th smallest |truth − centre| / spread (split conformal).
+    Outputs with a non-finite value are left out."""
     truth, centre, spread = (np.ravel(np.asarray(a, dtype=np.float64)) for a in (truth, centre, spread))
-    scores = np.abs(truth - centre) / _floored(spread, float(np.mean(spread)))
+    finite = np.isfinite(spread)
+    reference = float(np.mean(spread[finite])) if finite.any() else 0.0
+    scores = np.abs(truth - centre) / _floored(spread, reference)
     scores = np.sort(scores[np.isfinite(scores)])
     if not len(scores):
         raise ValueError("no finite inner residuals to calibrate an interval on")
@@ -91,24 +95,41 @@ class NearestNeighbourOOD:
         if calibration is not None:  # distances of units held out of inner fits (a space fitted on them flatters them)
             self.train_scores = np.sort(np.asarray(calibration, dtype=np.float64))
             return
-        distances = self._distances(train)
-        np.fill_diagonal(distances, np.inf)
-        self.train_scores = np.sort(self._k_mean(distances))
+        self.train_scores = np.sort(self._nearest(train, leave_one_out=True))
 
-    def _distances(self, vectors: np.ndarray) -> np.ndarray:
-        a, b = np.asarray(vectors, dtype=np.float64), self.train
+    @classmethod
+    def calibrated_on(cls, reference, held, neighbours: int = 3, metric: str = "euclidean") -> NearestNeighbourOOD:
+        """Scored against `reference`, calibrated on the distances of `held` units (training
+        units kept out of the reference and of whatever fitted the space): split conformal."""
+        scorer = cls(reference, neighbours, metric, calibration=np.empty(0))
+        scorer.train_scores = np.sort(scorer.distance(held))
+        return scorer
+
+    def _distances(self, a: np.ndarray) -> np.ndarray:
+        b = self.train
         if self.metric == "tanimoto":
             shared = a @ b.T
             return 1.0 - shared / np.maximum(a.sum(1)[:, None] + b.sum(1)[None, :] - shared, 1)
         squared = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
         return np.sqrt(np.maximum(squared, 0))
 
-    def _k_mean(self, distances: np.ndarray) -> np.ndarray:
-        return np.sort(distances, axis=1)[:, : self.k].mean(1)
+    def _nearest(self, vectors: np.ndarray, leave_one_out: bool = False) -> np.ndarray:
+        """Mean distance of each row to its k nearest training units, QUERY_BLOCK rows at a time
+        (queries x training units at once would not fit for large sets); `leave_one_out`: the
+        rows are the training units, each skipping itself."""
+        vectors = np.asarray(vectors, dtype=np.float64)
+        out = np.empty(len(vectors))
+        for start in range(0, len(vectors), QUERY_BLOCK):
+            distances = self._distances(vectors[start : start + QUERY_BLOCK])
+            if leave_one_out:
+                rows = np.arange(len(distances))
+                distances[rows, start + rows] = np.inf
+            out[start : start + len(distances)] = np.partition(distances, self.k - 1, axis=1)[:, : self.k].mean(1)
+        return out
 
     def distance(self, vectors: np.ndarray) -> np.ndarray:
         """Mean distance to the k nearest training units."""
-        return self._k_mean(self._distances(np.atleast_2d(vectors)))
+        return self._nearest(np.atleast_2d(vectors))
 
     def score(self, vectors: np.ndarray) -> np.ndarray:
         """Share of the training units' leave-one-out distances below each unit's distance."""
@@ -117,7 +138,8 @@ class NearestNeighbourOOD:
 
 def error_vs_score(errors, scores) -> dict:
     """Whether error rises with the OOD score over held-out units: AUROC of the score for
-    "large error" (above the median error) and the Spearman correlation of error and score."""
+    "large error" (above the median error; for 0/1 errors, an error) and the Spearman
+    correlation of error and score."""
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
@@ -127,7 +149,8 @@ def error_vs_score(errors, scores) -> dict:
     out = {"n_units": int(len(errors)), "auroc_large_error": float("nan"), "spearman": float("nan")}
     if len(errors) < 4:
         return out
-    threshold = float(np.median(errors))
+    # 0/1 errors (misclassified or not): large is wrong; otherwise above the median
+    threshold = 0.0 if np.isin(errors, (0.0, 1.0)).all() else float(np.median(errors))
     large = errors > threshold
     out["large_error_above"] = threshold
     if 0 < large.sum() < len(large):

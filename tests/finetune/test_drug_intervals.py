@@ -34,12 +34,22 @@ def test_a_novel_compound_is_flagged_and_a_twin_of_a_training_one_is_not():
     assert not flagged[((test.drug != "NOVEL") & (test.cell_line == "A")).to_numpy()].any()
 
 
-def test_cell_lines_are_scored_in_their_expression_space():
-    profiles = {"A": np.array([0.0, 0.0]), "B": np.array([1.0, 0.0]), "C": np.array([0.0, 1.0]), "FAR": np.array([9.0, 9.0])}
-    train, test = _pairs(["D"], ["A", "B", "C"]), _pairs(["D"], ["A", "FAR"])
-    ood = cell_line_ood(train, test, profiles).assign(cell_line=test.cell_line)
-    assert ood.set_index("cell_line").loc["A", "cell_ood_distance"] == 0
-    assert ood.set_index("cell_line").loc["FAR", "cell_ood_score"] == 1.0
+def test_cell_lines_are_scored_in_their_expression_space_calibrated_on_held_out_training_lines():
+    rng = np.random.default_rng(0)
+    names = [f"L{i}" for i in range(200)] + ["NEW", "FAR"]
+    points = dict(zip(names, rng.normal(size=(202, 3))))
+    points["FAR"] = np.full(3, 9.0)
+    fitted_on = []
+
+    def profiles_for(lines):  # a fixed space; records which lines it was fitted on
+        fitted_on.append(set(lines))
+        return points
+
+    train, test = _pairs(["D"], names[:200]), _pairs(["D"], ["L0", "NEW", "FAR"])
+    ood = cell_line_ood(train, test, profiles_for).assign(cell_line=test.cell_line).set_index("cell_line")
+    assert ood.loc["L0", "cell_ood_distance"] == 0 and ood.loc["FAR", "cell_ood_score"] == 1.0
+    assert 0 < ood.loc["NEW", "cell_ood_score"] < 1  # like the training lines: somewhere in their range
+    assert len(fitted_on[0]) == 100 and fitted_on[0] < set(names[:200])  # fitted on half the training lines
 
 
 def test_gdsc_drug_split_reports_intervals_and_ood_flags(tmp_path, capsys):
@@ -77,3 +87,15 @@ def test_gdsc_drug_split_reports_intervals_and_ood_flags(tmp_path, capsys):
     )
     assert (tmp_path / "run" / "ood_error.png").stat().st_size > 0
     assert "0.9 intervals (split conformal on training units)" in capsys.readouterr().out
+
+
+def test_interval_level_zero_switches_the_uncertainty_off(tmp_path):
+    small = tmp_path / "gdsc_small.csv"
+    pd.read_csv(shared_file("drug/GDSC_IC50_deepcdr_scfoundation.csv"), index_col=0).iloc[:30, :120].to_csv(small)
+    drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(small), "--drug-list", str(drug_list)]
+    arguments += ["--smiles", str(smiles), "--split", "drug", "--baselines-only", "--out", str(tmp_path / "run")]
+    assert main([*arguments, "--set", "drug.interval_level=0"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["uncertainty"] is None
+    columns = set(pd.read_csv(tmp_path / "run" / "predictions.csv").columns)
+    assert not {"best_baseline_low", "ood_flagged"} & columns and "pred_best_baseline" in columns

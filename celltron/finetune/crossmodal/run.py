@@ -213,6 +213,7 @@ def _predict(
     model_runs, plain_runs, alphas, splits, chosen, settings, first = {}, {}, {}, {}, {}, {}, None
     peer_runs, peer_records, masked_runs, layers = {}, {}, {}, {}
     uncertain = {}  # seed -> the best baseline's interval coverage and the held-out cells' OOD scores
+    batches = paired.column(section.batch_key, "--batch-key") if section.split == "batch" else None
     for seed in section.seeds:
         train, test = splits[seed] = split_cells(paired, section, seed, train_only)
         features = rna_pca(paired.counts[source], train, section.components, seed, section.top_genes)
@@ -229,9 +230,10 @@ def _predict(
             peer_runs.setdefault(name, {})[seed] = prediction_scores(targets[test], predicted, proteins, types)
             _held_out_layer(layers, name, predicted, test, targets.shape)
         reported = best_predicted
-        uncertain[seed] = prediction_uncertainty(
-            paired.counts[source], targets, train, test, predictors[best], features, best_predicted, section, seed
-        )
+        if section.interval_level > 0:
+            uncertain[seed] = prediction_uncertainty(
+                paired.counts[source], targets, train, test, predictors[best], features, best_predicted, section, seed, batches
+            )
         shown = (best_predicted, train, test, best)
         if embedding is not None:
             head, plain, alphas[seed], weight = _model_head(
@@ -255,7 +257,8 @@ def _predict(
             chosen[seed].update(weight)
             shown = (head, train, test, f"{section.head} head on {embedding[0]}")
             reported = head
-        uncertain[seed]["error"] = np.abs(reported[test] - targets[test]).mean(1)
+        if seed in uncertain:
+            uncertain[seed]["error"] = np.abs(reported[test] - targets[test]).mean(1)
         first = first or shown
     metrics = {
         **_header("predict", paired, source, target),
@@ -280,7 +283,9 @@ def _predict(
         "split": _split_record(paired, section, splits),
         "seeds": list(section.seeds),
         "n_proteins": len(proteins),
-        "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if model_runs else "best baseline"),
+        "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if model_runs else "best baseline")
+        if uncertain
+        else None,
         "notes": _prediction_notes(section, embedding is not None, bool(masked_runs)),
     }
     if query is not None:
@@ -298,6 +303,8 @@ def _predict(
         line = verdict_line("per-protein Pearson", "best baseline", metrics["paired_masked_values"], "proteins", "training cells")
         print(f"masked values (zero-shot, calibrated): {line}")
     u = metrics["uncertainty"]
+    if not u:
+        return metrics
     print(
         f"best baseline, {u['level']:g} intervals per protein (split conformal on training cells): coverage "
         f"{u['coverage']:.3f}, mean width {u['mean_width']:.2f}; OOD: {u['ood']['n_flagged']} of {u['ood']['n_cells']} "
@@ -307,19 +314,32 @@ def _predict(
 
 
 OOD_NEIGHBOURS = 10
+OOD_REFERENCE_CELLS = 2000  # training cells an OOD distance is measured against (seeded sample)
 
 
-def prediction_uncertainty(counts, targets, train, test, predictor, features, predicted, section, seed: int) -> dict:
+def _inner_folds(train: np.ndarray, groups: np.ndarray | None, folds: int, seed: int) -> list:
+    """Inner folds over the training cells, grouped as the outer split (whole batches under
+    split batch; `groups`: each cell's batch) so calibration sees the same kind of novelty."""
+    from sklearn.model_selection import GroupKFold, KFold
+
+    if groups is not None and len(np.unique(groups[train])) >= 2:
+        splitter = GroupKFold(min(folds, len(np.unique(groups[train]))))
+        return list(splitter.split(train, groups=groups[train]))
+    return list(KFold(folds, shuffle=True, random_state=seed).split(train))
+
+
+def prediction_uncertainty(
+    counts, targets, train, test, predictor, features, predicted, section, seed: int, groups: np.ndarray | None = None
+) -> dict:
     """For one seed: the best baseline's interval per held-out cell and protein (its prediction
     ± q, q per protein the split-conformal quantile of its absolute errors on training cells
     predicted out of fold, inner KFold) and each held-out cell's OOD score (mean distance to its
     nearest training cells in an RNA PCA fitted on the first inner fold's training cells, as a
-    percentile of the same distance of that fold's held-out training cells)."""
-    from sklearn.model_selection import KFold
-
+    percentile of the same distance of that fold's held-out training cells). Under split batch
+    the inner folds hold out whole batches (`groups`), as the outer split does."""
     from celltron.finetune.uncertainty import NearestNeighbourOOD, conformal_scale
 
-    folds = list(KFold(section.inner_folds, shuffle=True, random_state=seed).split(train))
+    folds = _inner_folds(train, groups, section.inner_folds, seed)
     out_of_fold = np.zeros((len(train), targets.shape[1]))
     for fit, held in folds:
         out_of_fold[held] = predictor(features, targets, train[fit])[train[held]]
@@ -329,8 +349,10 @@ def prediction_uncertainty(counts, targets, train, test, predictor, features, pr
     inside = np.abs(targets[test] - predicted[test]) <= width
     fit, held = folds[0]
     space = rna_pca(counts, train[fit], section.components, seed, section.top_genes)
-    calibration = NearestNeighbourOOD(space[train[fit]], OOD_NEIGHBOURS).distance(space[train[held]])
-    scorer = NearestNeighbourOOD(space[train[fit]], OOD_NEIGHBOURS, calibration=calibration)
+    reference = train[fit]
+    if len(reference) > OOD_REFERENCE_CELLS:
+        reference = np.sort(np.random.default_rng(seed).choice(reference, OOD_REFERENCE_CELLS, replace=False))
+    scorer = NearestNeighbourOOD.calibrated_on(space[reference], space[train[held]], OOD_NEIGHBOURS)
     return {
         "inside": inside,
         "width": np.broadcast_to(2 * width, inside.shape),

@@ -904,8 +904,12 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         best[seed] = choose_baseline(train, prints, section.split_kind(), seed, compound_of, profiles_for, similar=similar)
         best[seed]["similar_drugs"] = kernel_choice
         predictions["best_baseline"] = predictions[best[seed]["name"]]
-        widths[str(seed)] = _interval_width(train, prints, best[seed]["name"], seed, compound_of, profiles_for, similar, section)
-        ood = _ood_columns(train, test, prints, compound_of, profiles, section.interval_level)
+        ood = pd.DataFrame(index=test.index)
+        if section.interval_level > 0:
+            widths[str(seed)] = _interval_width(
+                train, prints, best[seed]["name"], seed, compound_of, profiles_for, similar, section
+            )
+            ood = _ood_columns(train, test, prints, compound_of, profiles_for, section.interval_level, seed)
         for name in BASELINES:
             baseline_runs[name][seed] = drug_response_metrics(predictions[name], test.ln_ic50.to_numpy(), test.drug.to_numpy())
         if not baselines_only:
@@ -927,10 +931,12 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             if section.head == "anchored":
                 predictions[PLAIN] = plain
                 plain_runs[seed] = drug_response_metrics(plain, truth, drugs)
-        bounds = {
-            "best_baseline_low": predictions["best_baseline"] - widths[str(seed)],
-            "best_baseline_high": predictions["best_baseline"] + widths[str(seed)],
-        }
+        bounds = {}
+        if section.interval_level > 0:
+            bounds = {
+                "best_baseline_low": predictions["best_baseline"] - widths[str(seed)],
+                "best_baseline_high": predictions["best_baseline"] + widths[str(seed)],
+            }
         rows.append(
             pd.concat([test.assign(seed=seed, **{f"pred_{k}": v for k, v in predictions.items()}, **bounds), ood], axis=1)
         )
@@ -962,7 +968,9 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             "compound_twins": _twins(pairs.drug.unique(), compound_of),
         },
         "seeds": list(section.seeds),
-        "uncertainty": drug_intervals.summary(table, section.split_kind(), section.interval_level, widths, reported),
+        "uncertainty": drug_intervals.summary(table, section.split_kind(), section.interval_level, widths, reported)
+        if section.interval_level > 0
+        else None,
         **left_out,
     }
     if expression is not None:
@@ -986,10 +994,13 @@ def _interval_width(train, prints, name: str, seed: int, compound_of, profiles_f
     return drug_intervals.conformal_width(inner, section.interval_level) if inner else float("nan")
 
 
-def _ood_columns(train, test, prints, compound_of, profiles, level: float) -> pd.DataFrame:
+def _ood_columns(train, test, prints, compound_of, profiles_for, level: float, seed: int) -> pd.DataFrame:
     """Each held-out pair's drug and cell-line OOD distances and scores, and its flag."""
     ood = pd.concat(
-        [drug_intervals.drug_ood(train, test, prints, compound_of, level), drug_intervals.cell_line_ood(train, test, profiles)],
+        [
+            drug_intervals.drug_ood(train, test, prints, compound_of, level),
+            drug_intervals.cell_line_ood(train, test, profiles_for, seed),
+        ],
         axis=1,
     )
     return ood.assign(ood_flagged=drug_intervals.flag(ood, level))

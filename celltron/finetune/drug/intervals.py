@@ -11,8 +11,9 @@ OOD. A pair has two scores: its drug's distance to the nearest training compound
 similarity of Morgan fingerprints; a compound seen in training is at distance 0), and its cell
 line's distance to the nearest training lines in the expression PCA (with --expression; without
 profiles an unseen line has nothing to measure and is flagged, a seen one is at 0). Each is a
-percentile of the training units' leave-one-out distances; a pair is flagged when either reaches
-the level.
+percentile of training units' distances (drugs: leave-one-out among the training compounds;
+lines: half the training lines held out of the PCA and the reference); a pair is flagged when
+either reaches the level.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def drug_ood(train: pd.DataFrame, test: pd.DataFrame, prints: dict, compound_of:
     compounds = train.drug.map(lambda d: compound_of.get(d, d))
     first_id = dict(zip(compounds, train.drug))  # a compound's fingerprint: any of its ids'
     trained = sorted(first_id)
+    if len(trained) < 2:  # one training compound: no distances to calibrate on
+        nothing = np.full(len(test), np.nan)
+        return pd.DataFrame({"drug_ood_distance": nothing, "drug_ood_score": nothing}, index=test.index)
     scorer = NearestNeighbourOOD(np.stack([prints[first_id[c]] for c in trained]), OOD_NEIGHBOURS, metric="tanimoto")
     drugs = sorted(test.drug.unique())
     vectors = np.stack([prints[d] for d in drugs])
@@ -53,15 +57,24 @@ def drug_ood(train: pd.DataFrame, test: pd.DataFrame, prints: dict, compound_of:
     )
 
 
-def cell_line_ood(train: pd.DataFrame, test: pd.DataFrame, profiles: dict | None) -> pd.DataFrame:
-    """Per test pair: cell_ood_distance / cell_ood_score against the training lines in the
-    expression PCA; without profiles, 0 for a seen line and NaN (nothing to measure) for an unseen one."""
-    trained = sorted(train.cell_line.unique())
+def cell_line_ood(train: pd.DataFrame, test: pd.DataFrame, profiles_for=None, seed: int = 0) -> pd.DataFrame:
+    """Per test pair: cell_ood_distance / cell_ood_score against training lines in an expression
+    PCA. `profiles_for(lines)` gives every line's coordinates in a PCA fitted on `lines`: it is
+    fitted on a seeded half of the training lines, which are the reference; the other half,
+    scored the same way, calibrates (split conformal: a PCA fitted on a line flatters it).
+    Without profiles (or under 4 training lines), 0 for a seen line and NaN (nothing to measure)
+    for an unseen one."""
+    trained = np.array(sorted(train.cell_line.unique()))
     seen = test.cell_line.isin(trained).to_numpy()
-    if profiles is None:
+    if profiles_for is None or len(trained) < 4:
         unknown = np.where(seen, 0.0, np.nan)
         return pd.DataFrame({"cell_ood_distance": unknown, "cell_ood_score": unknown}, index=test.index)
-    scorer = NearestNeighbourOOD(np.stack([profiles[c] for c in trained]), OOD_NEIGHBOURS)
+    order = np.random.default_rng(seed).permutation(len(trained))
+    fit, held = trained[np.sort(order[: len(order) // 2])], trained[np.sort(order[len(order) // 2 :])]
+    profiles = profiles_for(fit)
+    scorer = NearestNeighbourOOD.calibrated_on(
+        np.stack([profiles[c] for c in fit]), np.stack([profiles[c] for c in held]), OOD_NEIGHBOURS
+    )
     lines = sorted(test.cell_line.unique())
     vectors = np.stack([profiles[c] for c in lines])
     distance, score = dict(zip(lines, scorer.distance(vectors))), dict(zip(lines, scorer.score(vectors)))

@@ -132,9 +132,11 @@ def build_gene_graph(
     if grn is not None:
         pairs = [(index[a], index[b], 1.0) for a, b in zip(grn["tf"].astype(str), grn["target"].astype(str)) if a != b]
         sources["grn"] = _add_edges(found, pairs)
-    if control_expression is not None and neighbours:
+    if control_expression is not None and neighbours and len(measured) > 1:
         columns = [index[str(g)] for g in measured]
-        sources["control_coexpression"] = _add_edges(found, _knn_edges(_correlation(control_expression), columns, neighbours))
+        sources["control_coexpression"] = _add_edges(
+            found, _cosine_knn_edges(_standardised_genes(control_expression), columns, neighbours)
+        )
     if reference and neighbours:
         covered = [g for g in nodes if g in reference]
         if len(covered) > 1:
@@ -161,31 +163,22 @@ def _add_edges(found: dict, triples) -> int:
     return added
 
 
-def _correlation(expression: np.ndarray) -> np.ndarray:
-    """|Pearson r| between columns; 0 for a constant column."""
-    x = np.asarray(expression, dtype=np.float64)
-    x = x - x.mean(0)
-    norm = np.linalg.norm(x, axis=0)
-    x = np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
-    return np.abs(x.T @ x)
-
-
-def _knn_edges(similarity: np.ndarray, columns: list[int], k: int):
-    """Each row's k most similar other rows (similarity > 0), as (node, node, weight) triples;
-    `columns` maps rows to node indices."""
-    s = similarity.copy()
-    np.fill_diagonal(s, -np.inf)
-    k = min(k, len(columns) - 1)
-    if k <= 0:
-        return []
-    best = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    return [(columns[r], columns[c], s[r, c]) for r in range(len(columns)) for c in best[r] if s[r, c] > 0]
+def _standardised_genes(expression: np.ndarray) -> np.ndarray:
+    """(genes, cells) rows centred and scaled to unit norm: their cosine is the genes' Pearson r
+    (a constant gene: a zero row, r = 0 with every other)."""
+    x = np.asarray(expression, dtype=np.float64).T
+    x = x - x.mean(1, keepdims=True)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
 
 
 def _cosine_knn_edges(unit_vectors: np.ndarray, columns: list[int], k: int, block: int = 1024):
-    """`_knn_edges` of |cosine| between unit rows, a block of rows at a time (the full matrix of
-    tens of thousands of genes would not fit)."""
+    """Each row's k most similar other rows by |cosine| between unit rows (similarity > 0), as
+    (node, node, weight) triples, `columns` mapping rows to node indices; a block of rows at a
+    time (the full matrix of tens of thousands of genes would not fit)."""
     k = min(k, len(columns) - 1)
+    if k <= 0:
+        return []
     out = []
     for start in range(0, len(unit_vectors), block):
         similarity = np.abs(unit_vectors[start : start + block] @ unit_vectors.T)

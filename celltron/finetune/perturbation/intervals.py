@@ -146,6 +146,8 @@ class GraphUncertainty:
             "method": self.method,
             "level": self.level,
             "calibrated_on": "inner folds over each fold's training perturbations (split conformal over their genes)",
+            "centred_on": "the gene-graph head alone (predictions.h5ad layer graph_plain; graph under --head plain), "
+            "not the anchored blend",
             "scale_per_seed": {str(s): v for s, v in self.scales.items()},
             "n_units": len(units),
             "n_with_interval": len(with_interval),
@@ -156,7 +158,9 @@ class GraphUncertainty:
             "ood": {
                 "space": self.space_name,
                 "neighbours": self.neighbours,
-                "flag": f"distance beyond {self.level:g} of the training perturbations' leave-one-out distances",
+                "flag": f"distance beyond {self.level:g} of the calibration distances (training perturbations' "
+                + ("leave-one-out ones" if self.space is not None else "held out of inner folds, in those folds' heads")
+                + ")",
                 "n_flagged": len(flagged),
                 "error": f"1 - {self.metric}" if higher_is_better(self.metric) else self.metric,
                 "error_flagged": _mean(flagged, "error"),
