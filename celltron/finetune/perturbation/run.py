@@ -12,6 +12,7 @@ perturbation's prediction averages the predictions from many control cells.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -189,11 +190,17 @@ def corpus_coexpression_embedding(
     return out
 
 
-def model_gene_embedding(prepared, genes: list[str], lab) -> dict[str, np.ndarray]:
-    """{gene: the pretrained model's input embedding of its token} for the genes it has a token for."""
+@functools.lru_cache(maxsize=1)
+def input_embedding_table(folder: Path) -> np.ndarray:
+    """The pretrained model's input-embedding table (tokens x hidden), read once per folder."""
     from celltron.finetune.config import AdaptSection
 
-    table = base_of(load_encoder(prepared.folder, AdaptSection())).get_input_embeddings().weight.detach().float().numpy()
+    return base_of(load_encoder(folder, AdaptSection())).get_input_embeddings().weight.detach().float().numpy()
+
+
+def model_gene_embedding(prepared, genes: list[str], lab) -> dict[str, np.ndarray]:
+    """{gene: the pretrained model's input embedding of its token} for the genes it has a token for."""
+    table = input_embedding_table(prepared.folder)
     tokens = target_tokens(genes, prepared.tokenizer.vocab, lab.species, str(lab.path))
     return {gene: table[ids].sum(0) for gene, ids in tokens.items()}
 
@@ -202,9 +209,8 @@ def model_node_vectors(prepared, genes: list[str], lab) -> dict[str, np.ndarray]
     """{gene: the pretrained model's input embedding of its token} for every gene of `genes`
     (symbols or Ensembl IDs) the vocabulary has a token for, mapped in one pass."""
     from celltron.corpus.genes import map_genes
-    from celltron.finetune.config import AdaptSection
 
-    table = base_of(load_encoder(prepared.folder, AdaptSection())).get_input_embeddings().weight.detach().float().numpy()
+    table = input_embedding_table(prepared.folder)
     ids = map_genes(genes, lab.species, str(lab.path)).ensembl_ids
     tokens = prepared.tokenizer.vocab.lookup_genes([i or "" for i in ids])
     return {gene: table[t] for gene, i, t in zip(genes, ids, tokens) if i and t >= 0}
@@ -606,10 +612,9 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     if not folds:  # too few training perturbations to cross-validate: stay on the baseline's side
         weight = float(min(section.anchor_weights))
         return {"learning_rate": rates[0], "steps": config.trainer.max_steps, "weight": weight, "weight_scores": {}}
-    baseline, model = {}, {(lr, steps): {} for lr in rates for steps in lengths}
+    baseline = _inner_baselines(section, screen, folds, seed)
+    model = {(lr, steps): {} for lr in rates for steps in lengths}
     for j, fold in enumerate(folds):
-        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
-        baseline.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
         for lr in rates:
             folder = run_folder(where / f"inner{j}", lr, rates)
             by_length, _ = _predictions(config, prepared, screen, fold, seed, folder, resume, lr, lengths)
@@ -618,12 +623,28 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     better = higher_is_better(section.headline)
     alone = {key: evaluate_folds(predictions, screen, folds)[section.headline] for key, predictions in model.items()}
     lr, steps, setting_scores = choose_setting(alone, better)
-    chosen, by_weight = model[lr, steps], {}
+    weight = _blend_weight(section, screen, folds, baseline, model[lr, steps], seed)
+    return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | weight
+
+
+def _inner_baselines(section, screen, folds: list[dict], seed: int) -> dict[str, np.ndarray]:
+    """Each inner fold's held-out perturbations predicted by the baseline chosen on that fold's
+    training perturbations alone."""
+    out = {}
+    for fold in folds:
+        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
+        out.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
+    return out
+
+
+def _blend_weight(section, screen, folds: list[dict], baseline: dict, head: dict, seed: int) -> dict:
+    """The anchored weight (report.choose_weight) of baseline + w x (head − baseline) over the
+    inner folds' held-out perturbations."""
+    by_weight = {}
     for w in sorted(set(section.anchor_weights)):
-        blend = {p: anchor(baseline[p], chosen[p], w) for p in chosen}
-        per = evaluate_folds(blend, screen, folds)["per_perturbation"]
+        per = evaluate_folds({p: anchor(baseline[p], head[p], w) for p in head}, screen, folds)["per_perturbation"]
         by_weight[w] = [UnitScore.of_units([values[section.headline] for values in per.values()])]
-    return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | choose_weight(by_weight, better, seed=seed)
+    return choose_weight(by_weight, higher_is_better(section.headline), seed=seed)
 
 
 def choose_graph_weight(section, screen, inner: list[tuple[dict, graph.GraphPrediction]], seed: int) -> dict:
@@ -635,17 +656,9 @@ def choose_graph_weight(section, screen, inner: list[tuple[dict, graph.GraphPred
     smallest weight."""
     if not inner:
         return {"weight": float(min(section.anchor_weights)), "weight_scores": {}}
-    baseline, head = {}, {}
-    for fold, prediction in inner:
-        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
-        baseline.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
-        head.update(prediction.mean)
     folds = [fold for fold, _ in inner]
-    by_weight = {}
-    for w in sorted(set(section.anchor_weights)):
-        per = evaluate_folds({p: anchor(baseline[p], head[p], w) for p in head}, screen, folds)["per_perturbation"]
-        by_weight[w] = [UnitScore.of_units([values[section.headline] for values in per.values()])]
-    return choose_weight(by_weight, higher_is_better(section.headline), seed=seed)
+    head = {p: v for _, prediction in inner for p, v in prediction.mean.items()}
+    return _blend_weight(section, screen, folds, _inner_baselines(section, screen, folds, seed), head, seed)
 
 
 def _group_metrics(screen, runs: _Runs, responsive: list[str]) -> dict:
