@@ -131,14 +131,19 @@ def tables(runs: dict, metrics: dict, seeds) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_pretraining_options(parser: argparse.ArgumentParser) -> None:
+    """The options every priors benchmark shares: the config, its length and seeds, the priors' width."""
     parser.add_argument("--config", default="genecompass_debug.yaml", help="a GeneCompass config in configs/pretrain/")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--dims", type=int, default=32, help="width of the GRN and co-expression priors")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/priors"))
     add_shared_data_option(parser)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_pretraining_options(parser)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = benchmark_corpus(shared_data=args.shared_data) / "corpus"

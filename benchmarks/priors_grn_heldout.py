@@ -52,6 +52,16 @@ def cosine_scores(matrix: np.ndarray, tfs: np.ndarray, genes: np.ndarray) -> np.
     return a @ b.T
 
 
+def truth_matrix(edges: np.ndarray, tfs: np.ndarray, genes: np.ndarray) -> np.ndarray:
+    """(tfs, genes) booleans: which of the pairs are among `edges` ((E, 2) token pairs)."""
+    truth = np.zeros((len(tfs), len(genes)), dtype=bool)
+    row, column = {t: i for i, t in enumerate(tfs)}, {g: j for j, g in enumerate(genes)}
+    for tf, target in edges:
+        if tf in row and target in column:
+            truth[row[tf], column[target]] = True
+    return truth
+
+
 def evaluate_block(table, vocab, held_names: set, coexpression: np.ndarray, dims: int, work: Path) -> dict:
     """Build the GRN prior without the held TFs' out-edges and score their held-out pairs."""
     from sklearn.metrics import average_precision_score
@@ -67,11 +77,7 @@ def evaluate_block(table, vocab, held_names: set, coexpression: np.ndarray, dims
     tfs = np.unique(held_edges[:, 0])
     tfs = tfs[covered[tfs]]
     genes = np.flatnonzero(covered)
-    truth = np.zeros((len(tfs), len(genes)), dtype=bool)
-    row, column = {t: i for i, t in enumerate(tfs)}, {g: j for j, g in enumerate(genes)}
-    for tf, target in held_edges:
-        if tf in row and target in column:
-            truth[row[tf], column[target]] = True
+    truth = truth_matrix(held_edges, tfs, genes)
     not_self = genes[None, :] != tfs[:, None]
     in_degree = np.bincount(train_edges[:, 1], minlength=len(vocab))[genes]
     scores = {

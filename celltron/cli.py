@@ -119,8 +119,13 @@ FINETUNE_OPTIONS = [
     Option("perturbation.graph_grn", metavar="TSV"),
     Option("perturbation.graph_features"),
     Option("perturbation.graph_control"),
-    Option("perturbation.intervals"),
-    Option("perturbation.interval_level", metavar="LEVEL"),
+    Option(
+        "{task}.intervals",
+        sections=("perturbation", "drug"),
+        help="the model's predictive intervals: ensemble (members from different seeds), mc_dropout or none "
+        "(perturbation: the gene-graph head's; drug-response ic50: the drug model's)",
+    ),
+    Option("{task}.interval_level", sections=TASKS, metavar="LEVEL"),
     Option(
         "{task}.split",
         sections=("perturbation", "drug", "crossmodal"),

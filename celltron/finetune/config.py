@@ -223,6 +223,15 @@ class DrugSection:
         on inner folds over the training units) and of the OOD flags (a held-out drug or cell
         line farther from the training ones than this share of them are from the rest); see
         celltron.finetune.drug.intervals. 0: neither (no extra inner cross-validation).
+    intervals: ic50, with a model: the reported model's own intervals (needs interval_level >
+        0): mc_dropout (dropout_passes predictions of the model with dropout on) or ensemble
+        (ensemble_members models from different seeds, the first the reported one), or none.
+        The interval is the prediction ± scale x the spread (x the anchor weight), the scale
+        calibrated by split conformal prediction on models refitted on each inner fold over the
+        training units at the chosen setting; a weight-0 anchored model is the best baseline and
+        takes its interval. Extra fits per seed: mc_dropout INNER_FOLDS, ensemble (members - 1)
+        + members x INNER_FOLDS.
+    ensemble_members / dropout_passes: as intervals says.
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -246,6 +255,9 @@ class DrugSection:
     step_fractions: tuple[float, ...] = ranged((0.25, 0.5, 1.0), "(0, 1]")
     learning_rates: tuple[float, ...] = ranged((), "> 0")
     interval_level: float = ranged(0.9, "[0, 1)")
+    intervals: str = one_of("none", INTERVALS)
+    ensemble_members: int = ranged(5, ">= 2")
+    dropout_passes: int = ranged(20, ">= 2")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""

@@ -5,10 +5,12 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from celltron.cli import main
 from celltron.finetune.drug.intervals import cell_line_ood, drug_ood, flag
 from tests.conftest import shared_file
+from tests.finetune.test_drug_response import _profiled_table
 
 
 def _pairs(drugs, lines):
@@ -99,3 +101,59 @@ def test_interval_level_zero_switches_the_uncertainty_off(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["uncertainty"] is None
     columns = set(pd.read_csv(tmp_path / "run" / "predictions.csv").columns)
     assert not {"best_baseline_low", "ood_flagged"} & columns and "pred_best_baseline" in columns
+
+
+def _simulated_run(tmp_path, out: str, *options: str) -> tuple[dict, pd.DataFrame]:
+    """The model on simulated pairs with drug x cell-line interactions (random split, one seed)."""
+    files = ["--drug-list", str(tmp_path / "drugs.csv"), "--smiles", str(tmp_path / "smiles.txt")]
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(tmp_path / "ic50.csv"), *files]
+    arguments += ["--split", "random", "--seeds", "0", "--out", str(tmp_path / out), *options]
+    for setting in ("data.batch_size=64", "drug.hidden=32", "optim.lr=0.005", "optim.warmup_steps=10"):
+        arguments += ["--set", setting]
+    assert main(arguments) == 0
+    return json.loads((tmp_path / out / "metrics.json").read_text()), pd.read_csv(tmp_path / out / "predictions.csv")
+
+
+def test_the_models_mc_dropout_intervals_are_calibrated_on_inner_folds_to_the_level(tmp_path, capsys):
+    _profiled_table(tmp_path, lines=96)
+    metrics, held = _simulated_run(tmp_path, "mc", "--head", "plain", "--intervals", "mc_dropout", "--max-steps", "200")
+    summary = metrics["model_uncertainty"]
+    record = summary["calibration_per_seed"]["0"]
+    # the scale comes from models refitted on the inner folds' training pairs: every training pair scored once
+    assert summary["method"] == "mc_dropout" and record["weight"] == 1.0 and record["inner_pairs"] + len(held) == 960
+    assert record["scale"] > 0 and all((tmp_path / "mc" / "seed0" / f"interval_inner{j}").is_dir() for j in range(3))
+    assert (held.model_spread > 0).all() and ((held.model_low < held.pred_model) & (held.pred_model < held.model_high)).all()
+    inside = (held.ln_ic50 >= held.model_low) & (held.ln_ic50 <= held.model_high)
+    assert summary["coverage"]["all"]["coverage"] == pytest.approx(inside.mean())
+    assert 0.8 <= inside.mean() <= 0.98  # the level is 0.9, over ~190 held-out pairs
+    # raw dropout spreads are far too narrow: the uncalibrated Gaussian interval misses most pairs
+    assert summary["uncalibrated_gaussian"]["coverage"] < inside.mean() - 0.2
+    assert "model, 0.9 intervals (mc_dropout, split conformal on inner folds)" in capsys.readouterr().out
+
+
+def test_an_ensembles_members_train_on_other_seeds_and_a_weight_zero_model_takes_the_baselines_interval(tmp_path):
+    _profiled_table(tmp_path, lines=48)
+    settings = ["--head", "plain", "--intervals", "ensemble", "--max-steps", "40", "--set", "drug.ensemble_members=2"]
+    metrics, held = _simulated_run(tmp_path, "ensemble", *settings)
+    assert (tmp_path / "ensemble" / "seed0" / "ensemble" / "member1").is_dir()
+    assert (held.model_spread > 0).all() and metrics["model_uncertainty"]["calibration_per_seed"]["0"]["scale"] > 0
+    # anchored at weight 0 the model is the best baseline, and so is its interval (no extra fits)
+    anchored = ["--intervals", "mc_dropout", "--max-steps", "20", "--set", "drug.anchor_weights=[0]"]
+    metrics, held = _simulated_run(tmp_path, "weight0", *anchored)
+    assert metrics["model_uncertainty"]["calibration_per_seed"]["0"] == {
+        "weight": 0.0,
+        "scale": None,
+        "width": metrics["uncertainty"]["width_per_seed"]["0"],
+        "inner_pairs": 0,
+    }
+    np.testing.assert_allclose(held.model_low, held.best_baseline_low)
+    assert not (tmp_path / "weight0" / "seed0" / "interval_inner0").exists()
+
+
+def test_model_intervals_without_a_model_are_refused(tmp_path, capsys):
+    _profiled_table(tmp_path, lines=12, drugs=4)
+    files = ["--drug-list", str(tmp_path / "drugs.csv"), "--smiles", str(tmp_path / "smiles.txt")]
+    arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(tmp_path / "ic50.csv"), *files]
+    arguments += ["--baselines-only", "--intervals", "mc_dropout", "--out", str(tmp_path / "run")]
+    assert main(arguments) != 0
+    assert "--baselines-only trains none" in capsys.readouterr().err and not (tmp_path / "run").exists()

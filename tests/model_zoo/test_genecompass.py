@@ -75,6 +75,24 @@ def test_priors_and_species_shape_the_embedding_and_are_saved(tmp_path):
         model.set_prior_knowledge("coexpression", np.zeros((VOCAB, 4)))
 
 
+def test_fused_gene_embeddings_are_what_the_encoder_sees_of_each_gene_priors_included():
+    model = _model()
+    fused = model.fused_gene_embeddings(value=1.5)
+    assert fused.shape == (VOCAB, model.config.hidden_size)
+    # the same as the embedding layer's gene part for a token at that value
+    ids = torch.tensor([[7, 9]])
+    parts = [model.embeddings.word_embeddings(ids), torch.full((1, 2, 1), 1.5)]
+    parts += [model.embeddings.prior_projections[n](getattr(model.embeddings, f"prior_{n}")[ids]) for n in sorted(PRIORS)]
+    with torch.no_grad():
+        assert torch.allclose(fused[[7, 9]], model.embeddings.fuse(torch.cat(parts, -1))[0], atol=1e-6)
+        # a prior row moves its own token's fused embedding and no other's
+        rows = getattr(model.embeddings, "prior_promoter").clone()
+        rows[7] += 1.0
+        model.set_prior_knowledge("promoter", rows)
+    moved = model.fused_gene_embeddings(value=1.5)
+    assert not torch.allclose(moved[7], fused[7]) and torch.allclose(moved[8:], fused[8:])
+
+
 def test_dual_loss_uses_the_configured_weights():
     model = _model(id_loss_weight=0.3, value_loss_weight=0.7)
     batch = _collator(probability=0.3)(_cells(8))

@@ -58,6 +58,7 @@ from celltron.finetune.settings import (
     run_folder,
     training_lengths,
 )
+from celltron.finetune.uncertainty import conformal_scale, interval
 from celltron.inputs import MissingInputError, existing
 from celltron.io import write_file_atomically
 from celltron.lab.data import read_configured_lab_data
@@ -70,6 +71,7 @@ SPLITS = ("random", "cell_line", "drug")
 DRUG_METRICS = ("pearson", "spearman", "rmse", "pearson_per_drug")
 BASELINES = ("drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug", "similar_drugs")
 HEADLINE = "pearson_per_drug"  # the model is judged against the best baseline on this
+ENSEMBLE_SEED_STRIDE = 1000  # ensemble member k trains with seed + k x this (never another seed's own)
 INNER_FOLDS = 3  # inner cross-validation over the training units: the best baseline, the anchor weight
 PLAIN = "model_plain"  # the anchored head's model part alone
 MIN_PAIRS_PER_DRUG = 10
@@ -789,19 +791,23 @@ def _fit_model(config, train: pd.DataFrame, prints: dict, out: Path, seed: int, 
 
 
 def _model_predictions(
-    config, train, test, prints, out: Path, seed: int, expression=None, lengths: tuple[int, ...] = ()
+    config, train, test, prints, out: Path, seed: int, expression=None, lengths: tuple[int, ...] = (), passes: int = 0
 ) -> tuple[dict[int, np.ndarray], bool]:
     """Train the model on `train` and predict `test` (cell-line features, when profiles are
     given, made from `train`'s lines): ({steps: predictions} after each of `lengths` (the full
-    trainer.max_steps always), whether this process is the first)."""
+    trainer.max_steps always), whether this process is the first). `passes` > 0: each value is
+    (predictions, (passes, pairs) predictions with dropout on) instead (MC dropout)."""
     lines = train.cell_line.unique()
     features = expression.features(lines, config.drug.pca_components) if expression is not None else None
     full = config.trainer.max_steps
     shorter = sorted(steps for steps in set(lengths) if steps < full)
     snapshots = []
 
+    def predict(fitted):
+        return _predict_with_passes(fitted, test, passes, seed) if passes else _predict(fitted, test)
+
     def predict_at(drug_index, cell_index):
-        snapshots.append(PredictAtSteps(shorter, lambda model: _predict((model, drug_index, cell_index), test)))
+        snapshots.append(PredictAtSteps(shorter, lambda model: predict((model, drug_index, cell_index))))
         return snapshots
 
     fitted, first = _fit_model(config, train, prints, out, seed, features, on_indices=predict_at if shorter else None)
@@ -812,18 +818,65 @@ def _model_predictions(
             f"{out}: no predictions after step(s) {missing}: the run resumed past them or stopped before; "
             "delete the folder's checkpoints and run again"
         )
-    return {**by_length, full: _predict(fitted, test)}, first
+    return {**by_length, full: predict(fitted)}, first
 
 
 @torch.no_grad()
-def _predict(fitted, test: pd.DataFrame) -> np.ndarray:
+def _predict(fitted, test: pd.DataFrame, dropout: bool = False) -> np.ndarray:
     model, drug_index, cell_index = fitted
-    model.eval()
+    model.train(dropout)
     device = model.fingerprints.device
     drug = torch.as_tensor(test.drug.map(drug_index).fillna(0).astype(int).to_numpy(), device=device)
     cell = torch.as_tensor(test.cell_line.map(cell_index).fillna(0).astype(int).to_numpy(), device=device)
     batches = zip(drug.split(4096), cell.split(4096))
-    return torch.cat([model(drug=d, cell_line=c).predicted.float() for d, c in batches]).cpu().numpy()
+    predicted = torch.cat([model(drug=d, cell_line=c).predicted.float() for d, c in batches]).cpu().numpy()
+    model.eval()
+    return predicted
+
+
+def _predict_with_passes(fitted, test: pd.DataFrame, passes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prediction (dropout off) and `passes` predictions with dropout on, seeded without
+    touching the global random state (training continues after a snapshot)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sampled = np.stack([_predict(fitted, test, dropout=True) for _ in range(passes)])
+    return _predict(fitted, test), sampled
+
+
+def _model_spread(config, train, test, prints, out: Path, seed: int, expression, steps: int, main=None):
+    """The plain model's prediction on `test` after `steps` (trained as the reported model is:
+    the full length, predictions taken on the way) and its relative spread (`relative_spread`),
+    as drug.intervals says: mc_dropout (one model, drug.dropout_passes predictions with dropout
+    on) or ensemble (drug.ensemble_members models from different seeds; `main`, the prediction
+    of the model already trained with `seed` on test then train pairs, is the first member).
+    Returns (prediction, relative spread, spread, first)."""
+    section, scored = config.drug, pd.concat([test, train])
+    if section.intervals == "mc_dropout":
+        passes = section.dropout_passes
+        by_length, first = _model_predictions(config, train, scored, prints, out, seed, expression, (steps,), passes)
+        centre, sampled = by_length[steps]
+        spread = sampled.std(0, ddof=1)
+        return centre[: len(test)], relative_spread(spread, len(test)), spread[: len(test)], first
+    members, first = [] if main is None else [main], True
+    for k in range(len(members), section.ensemble_members):
+        member_seed = seed + ENSEMBLE_SEED_STRIDE * k
+        by_length, first = _model_predictions(
+            config, train, scored, prints, out / f"member{k}", member_seed, expression, (steps,)
+        )
+        members.append(by_length[steps])
+    stacked = np.stack(members)
+    spread = stacked.std(0, ddof=1)
+    return stacked[0, : len(test)], relative_spread(spread, len(test)), spread[: len(test)], first
+
+
+def relative_spread(spread: np.ndarray, n_test: int) -> np.ndarray:
+    """The first `n_test` spreads (held-out pairs) over the mean spread of the rest (the model's
+    own training pairs). MC-dropout spreads differ in size from one trained model to the next
+    (3x between an outer and an inner model on simulated pairs), so raw spreads calibrated on the
+    inner models' would not transfer; in units of each model's spread on its training pairs they
+    do, and a pair unlike the training ones keeps its larger relative spread."""
+    unit = float(np.mean(spread[n_test:])) if len(spread) > n_test else float(np.mean(spread))
+    return spread[:n_test] / max(unit, 1e-12)
 
 
 def _read_inputs(config, model: str | None):
@@ -882,6 +935,8 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind())
     model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
     widths = {}  # seed -> the best baseline's interval half-width (split conformal on inner folds)
+    model_intervals = _model_interval_kind(section, baselines_only)
+    scales = {}  # seed -> the model's interval calibration (drug.intervals)
     best = {}  # seed -> the baseline chosen on its training pairs
     # inner folds refit the expression PCA on their own training lines, as the outer split does
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
@@ -904,7 +959,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         best[seed] = choose_baseline(train, prints, section.split_kind(), seed, compound_of, profiles_for, similar=similar)
         best[seed]["similar_drugs"] = kernel_choice
         predictions["best_baseline"] = predictions[best[seed]["name"]]
-        ood = pd.DataFrame(index=test.index)
+        ood, bounds_of_model = pd.DataFrame(index=test.index), {}
         if section.interval_level > 0:
             widths[str(seed)] = _interval_width(
                 train, prints, best[seed]["name"], seed, compound_of, profiles_for, similar, section
@@ -920,13 +975,35 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
                 choice = choose_weight(config, train, prints, seed, where, compound_of, expression, similar)
                 best[seed].update(choice)
             at_lr = at_learning_rate(config, choice["learning_rate"])
-            by_length, first_process = _model_predictions(at_lr, train, test, prints, where, seed, expression, (choice["steps"],))
+            passes = section.dropout_passes if model_intervals == "mc_dropout" else 0
+            # with the model's intervals the training pairs are predicted too: its spread there is their unit
+            scored, steps = (pd.concat([test, train]) if model_intervals != "none" else test), (choice["steps"],)
+            by_length, first_process = _model_predictions(at_lr, train, scored, prints, where, seed, expression, steps, passes)
             if not first_process:
                 first = False
                 continue
-            plain, weight = by_length[choice["steps"]], choice["weight"]
+            outcome, weight = by_length[choice["steps"]], choice["weight"]
+            plain_all, sampled = outcome if passes else (outcome, None)
+            plain = plain_all[: len(test)]
             truth, drugs = test.ln_ic50.to_numpy(), test.drug.to_numpy()
             predictions["model"] = anchor(predictions[best[seed]["name"]], plain, weight) if section.head == "anchored" else plain
+            if model_intervals != "none":
+                bounds_of_model, scales[str(seed)] = _model_bounds(
+                    config,
+                    train,
+                    test,
+                    prints,
+                    where,
+                    seed,
+                    expression,
+                    choice,
+                    predictions,
+                    (plain_all, sampled),
+                    widths[str(seed)],
+                    compound_of,
+                    profiles_for,
+                    similar,
+                )
             model_runs[seed] = drug_response_metrics(predictions["model"], truth, drugs)
             if section.head == "anchored":
                 predictions[PLAIN] = plain
@@ -936,6 +1013,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             bounds = {
                 "best_baseline_low": predictions["best_baseline"] - widths[str(seed)],
                 "best_baseline_high": predictions["best_baseline"] + widths[str(seed)],
+                **bounds_of_model,
             }
         rows.append(
             pd.concat([test.assign(seed=seed, **{f"pred_{k}": v for k, v in predictions.items()}, **bounds), ood], axis=1)
@@ -971,6 +1049,9 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         "uncertainty": drug_intervals.summary(table, section.split_kind(), section.interval_level, widths, reported)
         if section.interval_level > 0
         else None,
+        "model_uncertainty": drug_intervals.model_summary(table, section.interval_level, model_intervals, scales)
+        if scales
+        else None,
         **left_out,
     }
     if expression is not None:
@@ -979,6 +1060,95 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             "components of the cell lines' log-normalised expression, fitted on each split's training lines"
         }
     return _write_results(out, metrics, table)
+
+
+def _model_interval_kind(section, baselines_only: bool) -> str:
+    """drug.intervals, checked: the model's intervals need a model and interval_level > 0."""
+    if section.intervals == "none":
+        return "none"
+    if section.mode != "ic50":
+        raise ConfigError(
+            f"drug.intervals {section.intervals}: the model's intervals are built in ic50 mode only; set it to none"
+        )
+    if baselines_only:
+        raise ConfigError(
+            f"drug.intervals {section.intervals} gives the model's intervals, and --baselines-only trains none; drop one "
+            "(the best baseline's intervals come with drug.interval_level alone)"
+        )
+    if section.interval_level <= 0:
+        raise ConfigError(f"drug.intervals {section.intervals} needs drug.interval_level above 0 (e.g. 0.9)")
+    return section.intervals
+
+
+def _model_bounds(
+    config,
+    train,
+    test,
+    prints,
+    where: Path,
+    seed: int,
+    expression,
+    choice: dict,
+    predictions: dict,
+    outer: tuple,
+    baseline_width: float,
+    compound_of,
+    profiles_for,
+    similar,
+) -> tuple[dict, dict]:
+    """The reported model's interval on every held-out pair ({model_spread, model_low,
+    model_high}) and its calibration record (drug.intervals; see DrugSection)."""
+    section = config.drug
+    weight = choice["weight"] if section.head == "anchored" else 1.0
+    centre = predictions["model"]
+    if weight == 0:  # the anchored model is the best baseline, bit for bit: its interval too
+        spread = np.zeros(len(test))
+        record = {"weight": 0.0, "scale": None, "width": baseline_width, "inner_pairs": 0}
+        bounds = {"model_spread": spread, "model_spread_raw": spread, "model_low": centre - baseline_width}
+        return {**bounds, "model_high": centre + baseline_width}, record
+    at_lr = at_learning_rate(config, choice["learning_rate"])
+    plain_all, sampled = outer  # the outer model's predictions of test then train pairs (and its dropout passes)
+    if sampled is not None:
+        raw = sampled.std(0, ddof=1)
+        spread, raw = relative_spread(raw, len(test)), raw[: len(test)]
+    else:
+        where = where / "ensemble"
+        _, spread, raw, _ = _model_spread(at_lr, train, test, prints, where, seed, expression, choice["steps"], plain_all)
+    scale, reference, n = _model_calibration(
+        config, train, prints, where, seed, expression, choice, weight, compound_of, profiles_for, similar
+    )
+    low, high = interval(centre, weight * spread, scale, reference)
+    record = {"weight": weight, "scale": scale, "reference_spread": reference, "inner_pairs": n}
+    bounds = {"model_spread": weight * spread, "model_spread_raw": weight * raw, "model_low": low, "model_high": high}
+    return bounds, record
+
+
+def _model_calibration(
+    config, train, prints, where: Path, seed: int, expression, choice: dict, weight: float, compound_of, profiles_for, similar
+):
+    """The model interval's conformal scale: on each inner fold over the training pairs (grouped
+    as the split) the chosen baseline and the model at the chosen setting are refitted on the
+    inner training pairs, and |truth − centre| / spread of the inner held-out pairs gives the
+    level-quantile. Returns (scale, the inner spreads' mean, inner pairs)."""
+    section, kind = config.drug, config.drug.split_kind()
+    at_lr = at_learning_rate(config, choice["learning_rate"])
+    unchosen = _unchosen(similar, kind, seed, compound_of)
+    truth, centre, spread = [], [], []
+    for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
+        inner_train, inner_test = train[~held], train[held]
+        plain, inner_spread, _, _ = _model_spread(
+            at_lr, inner_train, inner_test, prints, where / f"interval_inner{j}", seed, expression, choice["steps"]
+        )
+        if section.head == "anchored":
+            chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for, similar=unchosen)["name"]
+            profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
+            baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=unchosen)[chosen]
+            plain = anchor(baseline, plain, weight)
+        truth.append(inner_test.ln_ic50.to_numpy())
+        centre.append(plain)
+        spread.append(weight * inner_spread)
+    truth, centre, spread = (np.concatenate(a) for a in (truth, centre, spread))
+    return conformal_scale(truth, centre, spread, section.interval_level), float(np.mean(spread)), int(len(truth))
 
 
 def _interval_width(train, prints, name: str, seed: int, compound_of, profiles_for, similar, section) -> float:
@@ -1044,7 +1214,20 @@ def _write_results(out: Path, metrics: dict, table: pd.DataFrame) -> dict:
     if uncertainty:
         _plot_ood(out / "ood_error.png", table, split, "pred_model" if "pred_model" in table else "pred_best_baseline")
         print(_uncertainty_line(uncertainty))
+    if metrics.get("model_uncertainty"):
+        print(_model_uncertainty_line(metrics["model_uncertainty"]))
     return metrics
+
+
+def _model_uncertainty_line(summary: dict) -> str:
+    covered, gaussian = summary["coverage"]["all"], summary["uncalibrated_gaussian"]
+    line = (
+        f"model, {summary['level']:g} intervals ({summary['method']}, split conformal on inner folds): coverage "
+        f"{covered['coverage']:.3f} over {covered['n_pairs']} held-out pairs, mean width {covered['mean_width']:.2f}"
+    )
+    if gaussian:
+        line += f"; uncalibrated Gaussian {gaussian['coverage']:.3f} (width {gaussian['mean_width']:.2f})"
+    return line
 
 
 def _uncertainty_line(summary: dict) -> str:

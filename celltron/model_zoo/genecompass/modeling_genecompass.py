@@ -129,6 +129,21 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
     def set_output_embeddings(self, embeddings: nn.Linear) -> None:
         self.heads.decoder = embeddings
 
+    @torch.no_grad()
+    def fused_gene_embeddings(self, value: float = 0.0) -> torch.Tensor:
+        """(vocab_size, hidden): every token's fused embedding (its learned vector, `value` and
+        its prior rows through their projections and the fusion MLP), before position and
+        context. `get_input_embeddings` is the learned vector alone, which leaves the priors out."""
+        embeddings = self.embeddings
+        ids = torch.arange(self.config.vocab_size, device=embeddings.word_embeddings.weight.device)
+        parts = [
+            embeddings.word_embeddings(ids),
+            torch.full((len(ids), 1), value, dtype=embeddings.word_embeddings.weight.dtype, device=ids.device),
+        ]
+        for name in embeddings.prior_names:
+            parts.append(embeddings.prior_projections[name](getattr(embeddings, f"prior_{name}")))
+        return embeddings.fuse(torch.cat(parts, dim=-1))
+
     def set_prior_knowledge(self, name: str, matrix) -> None:
         """Fill prior `name` with a (vocab_size, prior_dims[name]) matrix aligned to the tokens."""
         if name not in self.config.prior_dims:
