@@ -1,7 +1,7 @@
 """Predictive intervals and OOD flags, measured on held-out units: the gene-graph perturbation
 head (Papalexi 2021 held-out perturbations, Norman 2019 GEARS simulation split; 5-member
 ensemble and MC dropout), the drug-response best baseline (GDSC, unseen compounds and random
-pairs), the annotation baseline's prediction sets (PBMC 4k; and each cell type held out of
+pairs) and the drug model's MC-dropout intervals (unseen compounds), the annotation baseline's prediction sets (PBMC 4k; and each cell type held out of
 training whole) and the cross-modal best baseline (TEA-seq RNA -> proteins). For each: the interval level, coverage on held-out outputs (calibrated on
 training units by split conformal, and the uncalibrated Gaussian interval where there is a
 spread), the mean width, how many units are flagged OOD, and whether error rises with the OOD
@@ -62,6 +62,25 @@ def drug_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
             f"{_cell(covered.get('unflagged', {}).get('coverage'))}) | n/a | {_cell(covered['all']['mean_width'])} | "
             f"{ood['n_flagged_pairs']} of {ood['n_pairs']} pairs | {_cell(ood['error_flagged'])} vs {_cell(ood['error_unflagged'])} "
             f"(per {ood['unit']}) | {_cell(ood['auroc_large_error'], 2)} | {_cell(ood['spearman'], 2)} |"
+        )
+    return rows
+
+
+def drug_model_rows(shared_data: Path, out: Path, seeds: list[int], steps: int = 1500) -> list[str]:
+    """The drug model's own MC-dropout intervals (the anchored head; fingerprints and learned
+    cell-line embeddings, no pretrained model), unseen compounds. At anchor weight 0 the head is
+    the best baseline and reports its interval, so the rows say how many seeds had a weight."""
+    results = drug_response.run(shared_data, out / "drug_model", seeds, steps, ("--intervals", "mc_dropout"), ("drug",))
+    rows = []
+    for split, metrics in results.items():
+        u = metrics["model_uncertainty"]
+        covered, gaussian = u["coverage"], u["uncalibrated_gaussian"] or {}
+        weights = [record["weight"] for record in u["calibration_per_seed"].values()]
+        rows.append(
+            f"| drug response: GDSC {split} split, model (anchored; weights {', '.join(f'{w:g}' for w in weights)}) | "
+            f"MC dropout, split conformal | {u['level']:g} | {_cell(covered['all']['coverage'])} (flagged pairs "
+            f"{_cell(covered.get('flagged', {}).get('coverage'))}) | {_cell(gaussian.get('coverage'))} | "
+            f"{_cell(covered['all']['mean_width'])} | | | | |"
         )
     return rows
 
@@ -131,7 +150,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench/uncertainty"))
     parser.add_argument("--graph-out", type=Path, default=Path("runs/bench/graph"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--only", choices=["perturbation", "drug", "annotate", "crossmodal"], help="one task's rows alone")
+    parser.add_argument(
+        "--only", choices=["perturbation", "drug", "drug_model", "annotate", "crossmodal"], help="one task's rows alone"
+    )
     add_shared_data_option(parser)
     args = parser.parse_args()
     header = (
@@ -143,6 +164,8 @@ def main() -> None:
         rows += perturbation_rows(args.shared_data, args.graph_out, args.seeds)
     if args.only in (None, "drug"):
         rows += drug_rows(args.shared_data, args.out, args.seeds)
+    if args.only in (None, "drug_model"):
+        rows += drug_model_rows(args.shared_data, args.out, args.seeds)
     novel = []
     if args.only in (None, "annotate"):
         annotation, novel = annotation_rows(args.shared_data, args.out, args.seeds)

@@ -374,15 +374,13 @@ def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
     distance = np.concatenate([r["distance"] for r in per_seed.values()])
     flagged = np.concatenate([r["score"] for r in per_seed.values()]) >= level
     return {
+        "model_sets": _model_sets_summary(per_seed, level),
         "sets": {
             "predictor": BASELINE,
             "level": level,
             "set": "labels with probability >= 1 - q, q the split-conformal quantile of 1 - p(true label) "
             "over training cells predicted out of fold",
-            "coverage": float(covered.mean()),
-            "mean_size": float(sizes.mean()),
-            "singletons": float(np.mean(sizes == 1)),
-            "empty": float(np.mean(sizes == 0)),
+            **_set_statistics(covered, sizes),
         },
         "ood": {
             "space": f"PCA of an inner fold's training cells and the norm it leaves out ({OOD_NEIGHBOURS} nearest of "
@@ -394,6 +392,34 @@ def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
             "error_unflagged": float(wrong[~flagged].mean()) if (~flagged).any() else float("nan"),
             **error_vs_score(wrong, distance),
         },
+    }
+
+
+def _set_statistics(covered: np.ndarray, sizes: np.ndarray) -> dict:
+    """Coverage of the true label, mean set size, and the shares of one-label and empty sets."""
+    return {
+        "coverage": float(covered.mean()),
+        "mean_size": float(sizes.mean()),
+        "singletons": float(np.mean(sizes == 1)),
+        "empty": float(np.mean(sizes == 0)),
+    }
+
+
+def _model_sets_summary(per_seed: dict, level: float) -> dict | None:
+    """The anchored head's own prediction sets pooled over seeds (None without them)."""
+    records = [r["model"] for r in per_seed.values() if "model" in r]
+    if not records:
+        return None
+    covered = np.concatenate([r["covered"] for r in records])
+    sizes = np.concatenate([r["sizes"] for r in records])
+    return {
+        "predictor": "model (the anchored head)",
+        "level": level,
+        "set": "labels with the head's probability >= 1 - q, q the split-conformal quantile of 1 - p(true label) of the "
+        "chosen blend on the inner folds' held-out training cells (the folds that chose it; no extra fit)",
+        **_set_statistics(covered, sizes),
+        "threshold_per_seed": {str(s): r["model"]["threshold"] for s, r in per_seed.items() if "model" in r},
+        "inner_cells_per_seed": {str(s): r["model"]["inner_cells"] for s, r in per_seed.items() if "model" in r},
     }
 
 
@@ -492,7 +518,7 @@ def _macro_f1_score(truth: np.ndarray, probabilities: np.ndarray, n_classes: int
     return UnitScore.recomputed(len(truth), on)
 
 
-def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dict:
+def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path, inner: list | None = None) -> dict:
     """The anchored head's learning rate, training length and weight, by stratified inner cross-
     validation over the training cells: per inner fold, the baseline and one model per learning
     rate are fitted on the inner training cells (each model's predictions taken after every
@@ -506,6 +532,9 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dic
         {"learning_rate", "steps", "setting_scores": {"lr=..,steps=..": the model's inner score},
         "weight", "weight_scores": {str(weight): the blend's inner score at the chosen setting},
         "gain_low": {str(weight): the lower bound of its gain over the smallest}}.
+        `inner` (a list) receives each fold's (held-out cells, baseline probabilities, {lr:
+        {steps: model probabilities}}), from which `inner_conformal_threshold` calibrates the
+        chosen head's prediction sets without another fit.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -517,10 +546,29 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path) -> dic
     for j, (fit, held) in enumerate(folds.split(train, labels[train])):
         fit, held = train[fit], train[held]
         baseline = _baseline_probabilities(config, task.lab, labels, fit, held, n, seed)
+        models = {}
         for lr in rates:
             by_length, _ = _predictions(task, fit, seed, run_folder(out / f"inner{j}", lr, rates), lr, scores.lengths, held)
             scores.add(lr, by_length, baseline, lambda probabilities: _macro_f1_score(labels[held], probabilities, n))
+            models[lr] = by_length
+        if inner is not None:
+            inner.append((held, baseline, models))
     return scores.choose()
+
+
+def inner_conformal_threshold(inner: list, labels: np.ndarray, choice: dict, level: float) -> tuple[float, int]:
+    """The anchored head's prediction-set threshold q: the split-conformal quantile (at `level`)
+    of 1 − p(true label) of the chosen blend (learning rate, length, weight of `choice`) on the
+    inner folds' held-out training cells, as `choose_settings` predicted them (`inner`). Returns
+    (q, inner cells)."""
+    from celltron.finetune.uncertainty import conformal_scale
+
+    scores = []
+    for held, baseline, models in inner:
+        blend = anchor(baseline, models[choice["learning_rate"]][choice["steps"]], choice["weight"])
+        scores.append(1.0 - blend[np.arange(len(held)), labels[held]])
+    scores = np.concatenate(scores)
+    return conformal_scale(scores, np.zeros_like(scores), np.ones_like(scores), level), int(len(scores))
 
 
 def run_annotate(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:
@@ -549,6 +597,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         tokens, pad_id = tokenize_cells(lab, tokenizer, seed=config.trainer.seed), tokenizer.vocab.special_id("pad")
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     runs, plain_runs, baseline_runs, splits, weights, first_probabilities, first = {}, {}, {}, {}, {}, None, True
+    first_sets = None  # the first seed's model prediction sets (anchored head, interval_level > 0)
     uncertain = {}  # seed -> the baseline's sets and the held-out cells' OOD scores
     anchored = section.head == "anchored"
     task = None
@@ -572,9 +621,9 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
             }
         if folder is None:
             continue
-        choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
+        choice, inner = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}, []
         if anchored:
-            choice = weights[seed] = choose_settings(task, train, seed, out / f"seed{seed}")
+            choice = weights[seed] = choose_settings(task, train, seed, out / f"seed{seed}", inner)
         by_length, first_process = _predictions(
             task, train, seed, out / f"seed{seed}", choice["learning_rate"], (choice["steps"],), everyone
         )
@@ -586,6 +635,17 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
         if seed in uncertain:
             uncertain[seed]["wrong"] = probabilities[test].argmax(1) != labels[test]
+            if anchored:  # the head's own sets, calibrated on the inner folds it was chosen on
+                q, n_inner = inner_conformal_threshold(inner, labels, choice, section.interval_level)
+                model_sets = probabilities >= 1.0 - q
+                uncertain[seed]["model"] = {
+                    "covered": model_sets[test, labels[test]],
+                    "sizes": model_sets[test].sum(1),
+                    "threshold": q,
+                    "inner_cells": n_inner,
+                }
+                if first_probabilities is None:
+                    first_sets = model_sets
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
             first_probabilities, first_test = probabilities, test
@@ -618,7 +678,9 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
             f"{', balanced class weights' if section.balanced else ''}"
         },
     }
-    return _write_results(out, metrics, lab, section.label_key, classes, first_probabilities, first_test if runs else None)
+    return _write_results(
+        out, metrics, lab, section.label_key, classes, first_probabilities, first_test if runs else None, first_sets
+    )
 
 
 def paired_per_seed(runs: dict, baseline_runs: dict) -> dict:
@@ -642,10 +704,10 @@ def _aggregate(per_seed: dict) -> dict:
     return summary
 
 
-def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[str], probabilities, test) -> dict:
+def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[str], probabilities, test, sets=None) -> dict:
     write_metrics(out / "metrics.json", metrics)
     if probabilities is not None:
-        _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test)
+        _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test, sets)
         _plot_confusion(out / "confusion_matrix.png", np.asarray(metrics["model"]["confusion_matrix"]), classes)
     plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
     print(results_table({**metrics, "baselines": {**plain, **metrics["baselines"]}}, METRICS, metrics["notes"]))
@@ -668,13 +730,23 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
         f"mean size {sets['mean_size']:.2f}; OOD: {ood['n_flagged']} of {ood['n_cells']} held-out cells flagged, "
         f"misclassified {ood['error_flagged']:.3f} flagged vs {ood['error_unflagged']:.3f} not, AUROC {ood['auroc_large_error']:.2f}"
     )
+    model_sets = metrics["uncertainty"].get("model_sets")
+    if model_sets:
+        print(
+            f"model {model_sets['level']:g} prediction sets (split conformal on its inner folds): coverage "
+            f"{model_sets['coverage']:.3f}, mean size {model_sets['mean_size']:.2f}, empty {model_sets['empty']:.3f}"
+        )
     return metrics
 
 
-def _write_predictions(path: Path, lab, label_key: str, classes: list[str], probabilities: np.ndarray, test: np.ndarray) -> None:
+def _write_predictions(
+    path: Path, lab, label_key: str, classes: list[str], probabilities: np.ndarray, test: np.ndarray, sets=None
+) -> None:
     """The lab's cells (raw counts, obs) with the first seed's model predictions: obs
     `{label_key}_predicted`, `{label_key}_probability` (of the predicted label) and
-    `celltron_split`; obsm `{label_key}_probabilities` (cells x classes, uns lists the classes)."""
+    `celltron_split`; obsm `{label_key}_probabilities` (cells x classes, uns lists the classes)
+    and, given, `{label_key}_prediction_set` (cells x classes, bool: the head's conformal sets;
+    calibrated for held-out cells, over-confident on the training cells it saw)."""
     import anndata as ad
     import pandas as pd
 
@@ -689,6 +761,8 @@ def _write_predictions(path: Path, lab, label_key: str, classes: list[str], prob
     adata = ad.AnnData(X=lab.counts, obs=obs, var=pd.DataFrame(index=pd.Index(lab.gene_names.astype(str)).astype(object)))
     adata.var_names_make_unique()
     adata.obsm[f"{label_key}_probabilities"] = probabilities
+    if sets is not None:
+        adata.obsm[f"{label_key}_prediction_set"] = sets
     adata.uns[f"{label_key}_classes"] = list(classes)
     write_h5ad_atomically(adata, path)
 

@@ -295,7 +295,9 @@ class AnnotateSection:
         ties go to the shorter. The learning rate and length are chosen on the model alone's
         inner macro-F1, the weight on the blend at that setting.
     interval_level: the level of the baseline's conformal prediction sets and of the held-out
-        cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty); 0: neither.
+        cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty), and of the
+        anchored head's own sets (calibrated on the inner folds that chose its setting and
+        weight: `inner_conformal_threshold`, no extra fit); 0: none of them.
     """
 
     label_key: str = "cell_type"

@@ -193,6 +193,15 @@ def test_a_frozen_encoder_probe_chooses_its_learning_rate_on_training_cells_only
     assert len(trained_on) == 5 and all(not set(rows) & set(test) for rows in trained_on)
     assert set(trained_on[-1]) == set(train)
     assert (tmp_path / "seed0" / "inner1" / "lr0.01").is_dir()
+    # the head's own 0.9 prediction sets, calibrated on those inner folds' held-out training cells (no extra fit)
+    sets = metrics["uncertainty"]["model_sets"]
+    assert sets["inner_cells_per_seed"] == {"0": len(train)} and 0.75 <= sets["coverage"] <= 1.0
+    written = ad.read_h5ad(tmp_path / "predictions.h5ad")
+    q = sets["threshold_per_seed"]["0"]
+    member = written.obsm[f"{LABEL}_prediction_set"]
+    np.testing.assert_array_equal(member, written.obsm[f"{LABEL}_probabilities"] >= 1 - q)
+    held_labels = np.unique(truth, return_inverse=True)[1][test]
+    assert member[test, held_labels].mean() == pytest.approx(sets["coverage"])
 
 
 def test_a_frozen_encoder_refuses_frozen_layers_or_lora(pretrained_geneformer, labelled_file, tmp_path, capsys):

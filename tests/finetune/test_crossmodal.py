@@ -319,6 +319,10 @@ def test_weight_zero_is_the_best_baseline_exactly(teaseq_model, tmp_path):
         best = metrics["baselines"][choice["name"]]["per_protein"][seed]
         assert metrics["model"]["per_protein"][seed] == best  # bit for bit
     assert metrics["paired"]["mean"] == 0.0 and metrics["model_plain"] is not None
+    # and so are its intervals: the head refitted on each inner fold is the baseline refitted there
+    uncertainty = metrics["uncertainty"]
+    assert uncertainty["model_intervals"]["coverage"] == uncertainty["coverage"]
+    assert uncertainty["model_intervals"]["mean_width"] == pytest.approx(uncertainty["mean_width"])
 
 
 def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain_model(teaseq_model, tmp_path, capsys):
@@ -338,6 +342,9 @@ def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain
     assert not set(held_out) & set(cells[:150])
     out = capsys.readouterr().out
     assert "model, plain head" in out and "model − " in out and "over 46 proteins" in out
+    # the head's 0.9 intervals, calibrated on inner held-out cells it was never pretrained on
+    assert 0.75 <= metrics["uncertainty"]["model_intervals"]["coverage"] <= 1.0
+    assert "model head, 0.9 intervals per protein" in out
 
 
 def test_align_refuses_a_model_that_reads_rna_only(teaseq_model, tmp_path):

@@ -259,6 +259,11 @@ def _predict(
             reported = head
         if seed in uncertain:
             uncertain[seed]["error"] = np.abs(reported[test] - targets[test]).mean(1)
+            if embedding is not None:
+                refit = _head_refit(
+                    embedding[1], targets, section, seed, lambda fit: predictors[best](features, targets, fit), weight
+                )
+                uncertain[seed]["model"] = model_interval(targets, train, test, head, refit, section, seed, batches, train_only)
         first = first or shown
     metrics = {
         **_header("predict", paired, source, target),
@@ -310,6 +315,12 @@ def _predict(
         f"{u['coverage']:.3f}, mean width {u['mean_width']:.2f}; OOD: {u['ood']['n_flagged']} of {u['ood']['n_cells']} "
         f"held-out cells flagged, AUROC of large error {u['ood']['auroc_large_error']:.2f}"
     )
+    if u.get("model_intervals"):
+        m = u["model_intervals"]
+        print(
+            f"model head, {u['level']:g} intervals per protein (split conformal on training cells): coverage "
+            f"{m['coverage']:.3f}, mean width {m['mean_width']:.2f}"
+        )
     return metrics
 
 
@@ -337,15 +348,10 @@ def prediction_uncertainty(
     nearest training cells in an RNA PCA fitted on the first inner fold's training cells, as a
     percentile of the same distance of that fold's held-out training cells). Under split batch
     the inner folds hold out whole batches (`groups`), as the outer split does."""
-    from celltron.finetune.uncertainty import NearestNeighbourOOD, conformal_scale
+    from celltron.finetune.uncertainty import NearestNeighbourOOD
 
     folds = _inner_folds(train, groups, section.inner_folds, seed)
-    out_of_fold = np.zeros((len(train), targets.shape[1]))
-    for fit, held in folds:
-        out_of_fold[held] = predictor(features, targets, train[fit])[train[held]]
-    residual = np.abs(targets[train] - out_of_fold)
-    unit = np.ones(len(train))
-    width = np.array([conformal_scale(residual[:, j], 0 * unit, unit, section.interval_level) for j in range(targets.shape[1])])
+    width = conformal_widths(targets, train, lambda fit: predictor(features, targets, fit), folds, section.interval_level)
     inside = np.abs(targets[test] - predicted[test]) <= width
     fit, held = folds[0]
     space = rna_pca(counts, train[fit], section.components, seed, section.top_genes)
@@ -361,25 +367,67 @@ def prediction_uncertainty(
     }
 
 
+def conformal_widths(targets, train, predict_fit, folds, level: float, seen=None) -> np.ndarray:
+    """Per protein, the split-conformal quantile (at `level`) of the absolute errors of
+    `predict_fit(fit cells)` (-> predictions for every cell) on the inner folds' held-out
+    training cells; `seen` (per cell): cells a model was pretrained on, left out of the
+    residuals (it scores them too well) though kept in the fits."""
+    from celltron.finetune.uncertainty import conformal_scale
+
+    residuals = []
+    for fit, held in folds:
+        held = train[held] if seen is None else train[held][~seen[train[held]]]
+        residuals.append(np.abs(targets[held] - predict_fit(train[fit])[held]))
+    residual = np.concatenate(residuals)
+    unit = np.ones(len(residual))
+    return np.array([conformal_scale(residual[:, j], 0 * unit, unit, level) for j in range(targets.shape[1])])
+
+
+def model_interval(targets, train, test, head, refit, section, seed: int, groups=None, seen=None) -> dict:
+    """The model head's interval per held-out cell and protein: its prediction `head` ± q, q per
+    protein from `conformal_widths` of the head refitted (`refit(fit cells)`: ridge and, anchored,
+    the best baseline, blended at the chosen weight) on the inner folds over the training cells."""
+    folds = _inner_folds(train, groups, section.inner_folds, seed)
+    width = conformal_widths(targets, train, refit, folds, section.interval_level, seen)
+    inside = np.abs(targets[test] - head[test]) <= width
+    return {"inside": inside, "width": np.broadcast_to(2 * width, inside.shape)}
+
+
+def _interval_statistics(records: list[dict]) -> dict:
+    """Coverage over every held-out cell and protein, its range over proteins, the mean width."""
+    inside = np.concatenate([r["inside"] for r in records])
+    per_protein = inside.mean(0)
+    return {
+        "coverage": float(inside.mean()),
+        "coverage_per_protein": {"min": float(per_protein.min()), "max": float(per_protein.max())},
+        "mean_width": float(np.mean(np.concatenate([r["width"] for r in records]))),
+    }
+
+
 def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
     """Pooled over seeds and held-out cells: coverage of the best baseline's intervals (over all
     cells and proteins, and per protein's range), OOD flags, and whether `predictor`'s error
     (mean absolute CLR error over proteins) rises with the OOD distance."""
     from celltron.finetune.uncertainty import error_vs_score
 
-    inside = np.concatenate([r["inside"] for r in per_seed.values()])
     error = np.concatenate([r["error"] for r in per_seed.values()])
     distance = np.concatenate([r["distance"] for r in per_seed.values()])
     flagged = np.concatenate([r["score"] for r in per_seed.values()]) >= level
-    per_protein = inside.mean(0)
+    models = [r["model"] for r in per_seed.values() if "model" in r]
     return {
         "predictor": "best baseline",
         "level": level,
         "interval": "prediction ± q per protein, q the split-conformal quantile of its absolute errors on training cells "
         "predicted out of fold",
-        "coverage": float(inside.mean()),
-        "coverage_per_protein": {"min": float(per_protein.min()), "max": float(per_protein.max())},
-        "mean_width": float(np.mean(np.concatenate([r["width"] for r in per_seed.values()]))),
+        **_interval_statistics(list(per_seed.values())),
+        "model_intervals": {
+            "predictor": "model head (as reported: anchored or plain)",
+            "interval": "prediction ± q per protein, q the split-conformal quantile of the head's absolute errors on "
+            "training cells predicted out of fold (ridge and baseline refitted, the chosen weight)",
+            **_interval_statistics(models),
+        }
+        if models
+        else None,
         "ood": {
             "space": f"RNA PCA of an inner fold's training cells ({OOD_NEIGHBOURS} nearest; calibrated on that fold's "
             "held-out training cells)",
@@ -436,6 +484,20 @@ def _model_head(embedding, targets, train, section, seed: int, baseline, baselin
         return plain, plain, alpha, {}
     choice = choose_anchor_weight(baseline, model, targets, train, section.anchor_weights, section.inner_folds, seed, seen)
     return anchor(baseline_predicted, plain, choice["weight"]), plain, alpha, choice
+
+
+def _head_refit(embedding, targets, section, seed: int, baseline, weight: dict):
+    """fit cells -> the model head refitted on them (ridge, alpha by inner CV there; anchored:
+    blended with the best baseline refitted there, at the weight chosen for the outer head)."""
+    from celltron.finetune.crossmodal.model import model_predictor
+    from celltron.finetune.report import anchor
+
+    def refit(fit):
+        model, _ = model_predictor(embedding, targets, fit, section, seed)
+        plain = model(fit)
+        return plain if section.head == "plain" else anchor(baseline(fit), plain, weight["weight"])
+
+    return refit
 
 
 def _model_against_best(model_runs: dict, runs: dict, chosen: dict) -> dict:
