@@ -244,6 +244,30 @@ def test_an_informative_model_earns_a_weight_and_lifts_the_baseline_on_held_out_
     assert result["paired"]["low"] > 0 and result["paired"]["verdict"] == "the model adds signal beyond the baseline"
 
 
+def test_edge_probabilities_are_calibrated_on_training_blocks_and_hold_on_held_out_ones():
+    baseline, model, truth, tfs, targets, folds = _two_noisy_views(60, 160, seed=1)
+    result = evaluate_on_folds(model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=50)
+    calibrated = result["uncertainty"]
+    assert calibrated["predictor"] == "model"
+    # an informative score: better than the constant density, and its probabilities mean what they say
+    assert calibrated["brier"] < 0.95 * calibrated["brier_training_density"]
+    assert calibrated["expected_calibration_error"] < 0.03
+    assert abs(calibrated["mean_probability"] - calibrated["share_true"]) < 0.02
+    top = calibrated["top_k"]
+    assert top["folds"] == 3 and top["inside"] >= 2 and all(f["k"] == 100 for f in top["per_fold"])
+    # an uninformative score earns nothing over the density: probabilities stay near it
+    rng = np.random.default_rng(0)
+    noise = model.assign(score=rng.normal(size=len(model)))
+    flat = evaluate_on_folds(noise, {"coexpression": noise}, truth, tfs, targets, folds, n_resamples=50)["uncertainty"]
+    assert flat["brier"] >= 0.99 * flat["brier_training_density"]
+    # the anchored head's probabilities come from its training block anchored at the fold's weight
+    anchored = evaluate_on_folds(
+        model, {"coexpression": baseline}, truth, tfs, targets, folds, n_resamples=50, anchor_weights=(0, 0.5)
+    )
+    assert anchored["uncertainty"]["predictor"] == "model (anchored head)"
+    assert anchored["uncertainty"]["brier"] < anchored["uncertainty"]["brier_training_density"]
+
+
 def test_a_weight_whose_training_gain_is_noise_is_not_taken():
     """A model of pure noise beside a coarse baseline (many ties, as the degree prior has): a small
     weight breaks ties at random and may score best on a training block by chance; the weight is

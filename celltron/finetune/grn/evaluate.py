@@ -228,7 +228,8 @@ def evaluate_on_folds(
     {"methods": {name: metrics averaged over folds, "n_true_edges"/"n_scored_edges" summed,
     "folds": per-fold metrics, "interval": {metric: [low, high]} over held-out TFs resampled},
     "best_baseline": per fold, the baseline with the best AUPRC ratio on its training edges,
-    "paired": model − that baseline on the held-out blocks (None without a model)}.
+    "paired": model − that baseline on the held-out blocks (None without a model),
+    "uncertainty": the reported predictor's calibrated edge probabilities (grn.calibration)}.
 
     `model` may be several views of the model's scores ({name: edges}, e.g. one per attention
     layer and head): each fold then scores the view with the best AUPRC ratio on its training
@@ -238,13 +239,15 @@ def evaluate_on_folds(
     its weight chosen per fold by inner folds over the training block and recorded in
     "best_baseline" ("weight", "weight_scores", "gain_low", "inner_folds"); the model's own scores
     are then scored as "model_plain"."""
+    from celltron.finetune.grn.calibration import calibration_summary, fold_calibration
+
     anchored = model is not None and anchor_weights is not None
     views = model if isinstance(model, dict) else ({"model": model} if model is not None else {})
     runs = dict(baselines)
     names = [*(["model"] if views else []), *runs, "degree_prior", *(["model_plain"] if anchored else [])]
     fold_metrics: dict[str, list] = {name: [] for name in names}
     fold_draws: dict[str, list] = {name: [] for name in fold_metrics}
-    chosen = []
+    chosen, calibration = [], []
     for index, fold in enumerate(folds):
         fold_runs = {**runs, "degree_prior": degree_prior_scores(truth, fold["train_tfs"], tfs, targets)}
         pick = best_baseline_on_training_edges(fold_runs, truth, fold)
@@ -267,6 +270,8 @@ def evaluate_on_folds(
             )
             pick |= choice
         chosen.append(pick)
+        # the reported predictor's scores as edge probabilities, mapped on the training block alone
+        calibration.append(fold_calibration(fold_runs, "model" if views else pick["name"], pick, truth, fold))
         # one draw of held-out TFs per fold, shared by every method: differences are paired
         draws = tf_resamples(len(fold["test_tfs"]), n_resamples, seed=[seed, index])
         for name, edges in fold_runs.items():
@@ -277,7 +282,13 @@ def evaluate_on_folds(
     paired = None
     if model is not None:
         paired = _paired_with_best(fold_metrics, fold_draws, chosen, sum(len(f["test_tfs"]) for f in folds))
-    return {"methods": methods, "best_baseline": chosen, "paired": paired}
+    reported = ("model (anchored head)" if anchored else "model") if views else "best baseline (chosen per fold)"
+    return {
+        "methods": methods,
+        "best_baseline": chosen,
+        "paired": paired,
+        "uncertainty": calibration_summary(calibration, reported),
+    }
 
 
 def _view_for_fold(views: dict[str, pd.DataFrame], truth: pd.DataFrame, fold: dict) -> pd.DataFrame:

@@ -516,13 +516,25 @@ def run_grn(
     result["split"] = _split_summary(folds, seed, len(cells), top_genes, len(tfs))
     result["best_baseline"] = held_out["best_baseline"]
     result["paired"] = held_out["paired"]
+    result["uncertainty"] = held_out["uncertainty"]
     write_metrics(out / "metrics.json", result)
     print(interval_table(result, len(folds)))
+    print(_calibration_line(result["uncertainty"]))
     if result["paired"] is not None:
         if anchored:
             print(_weights_line(result["best_baseline"]))
         print(_paired_line(result["paired"], anchored))
     return result
+
+
+def _calibration_line(summary: dict) -> str:
+    top = summary["top_k"]
+    return (
+        f"{summary['predictor']}, edge probabilities (isotonic on each training block): Brier {summary['brier']:.4f} "
+        f"vs {summary['brier_training_density']:.4f} for the training density, calibration error "
+        f"{summary['expected_calibration_error']:.4f}; top {top['per_fold'][0]['k']} held-out pairs: observed true edges "
+        f"inside the {top['level']:g} interval of the expected in {top['inside']} of {top['folds']} folds"
+    )
 
 
 def _anchored_over_all_pairs(model, baselines: dict, all_pairs: dict, truth, weights) -> dict:
