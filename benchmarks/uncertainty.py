@@ -16,12 +16,14 @@ benchmarks/perturbation_graph.py, read from `--graph-out` when already there).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import drug_response, perturbation_graph
-from benchmarks._data import add_shared_data_option
+from benchmarks._data import add_shared_data_option, shared_paths
+from celltron.cli import main as celltron
 
 GRAPH_VARIANTS = ("GRN + co-expression", "GRN + co-expression, MC dropout")
 PERTURBATION_RUNS = (("papalexi", "heldout"), ("norman", "simulation"))
@@ -145,13 +147,40 @@ def crossmodal_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]
     ]
 
 
+def grn_lines(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
+    """PBMC 4k against TRRUST, baselines only (500 cells, 1,000 targets, 3 TF x target blocks per
+    seed): the best baseline's calibrated edge probabilities on the held-out blocks."""
+    from benchmarks.grn import FILES
+
+    data, truth = shared_paths(shared_data, *FILES)
+    lines = [
+        "| seed | Brier | Brier, training density | calibration error | top 100 per fold: expected [0.9 interval] vs observed |",
+        "|---|---|---|---|---|",
+    ]
+    for seed in seeds:
+        folder = out / "grn" / f"seed{seed}"
+        if not (folder / "metrics.json").exists():
+            command = ["grn", "--data", str(data), "--gene-column", "gene_symbol_original", "--truth", str(truth)]
+            assert (
+                celltron([*command, "--seed", str(seed), "--max-cells", "500", "--top-genes", "1000", "--out", str(folder)]) == 0
+            )
+        u = json.loads((folder / "metrics.json").read_text())["uncertainty"]
+        tops = "; ".join(
+            f"{t['expected']:.1f} [{t['low']:.1f}, {t['high']:.1f}] vs {t['observed']}" for t in u["top_k"]["per_fold"]
+        )
+        lines.append(
+            f"| {seed} | {u['brier']:.4f} | {u['brier_training_density']:.4f} | {u['expected_calibration_error']:.4f} | {tops} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench/uncertainty"))
     parser.add_argument("--graph-out", type=Path, default=Path("runs/bench/graph"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--only", choices=["perturbation", "drug", "drug_model", "annotate", "crossmodal"], help="one task's rows alone"
+        "--only", choices=["perturbation", "drug", "drug_model", "annotate", "crossmodal", "grn"], help="one task's rows alone"
     )
     add_shared_data_option(parser)
     args = parser.parse_args()
@@ -177,6 +206,9 @@ def main() -> None:
     if novel:
         print("\nAnnotation, one cell type held out of training whole (seed 0; flagged: OOD score >= 0.9):\n")
         print("\n".join(novel))
+    if args.only in (None, "grn"):
+        print("\nGRN, PBMC 4k vs TRRUST, the best baseline's edge probabilities on held-out TF x target blocks:\n")
+        print("\n".join(grn_lines(args.shared_data, args.out, args.seeds)))
 
 
 if __name__ == "__main__":
