@@ -69,21 +69,24 @@ def drug_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
 
 
 def drug_model_rows(shared_data: Path, out: Path, seeds: list[int], steps: int = 1500) -> list[str]:
-    """The drug model's own MC-dropout intervals (the anchored head; fingerprints and learned
-    cell-line embeddings, no pretrained model), unseen compounds. At anchor weight 0 the head is
-    the best baseline and reports its interval, so the rows say how many seeds had a weight."""
-    results = drug_response.run(shared_data, out / "drug_model", seeds, steps, ("--intervals", "mc_dropout"), ("drug",))
+    """The drug model's own MC-dropout intervals (fingerprints and learned cell-line embeddings,
+    no pretrained model), unseen compounds: the anchored head (at weight 0 it is the best
+    baseline and reports its interval, so the row lists the weights) and the plain head (the
+    model alone, always calibrated from its own spread)."""
     rows = []
-    for split, metrics in results.items():
-        u = metrics["model_uncertainty"]
-        covered, gaussian = u["coverage"], u["uncalibrated_gaussian"] or {}
-        weights = [record["weight"] for record in u["calibration_per_seed"].values()]
-        rows.append(
-            f"| drug response: GDSC {split} split, model (anchored; weights {', '.join(f'{w:g}' for w in weights)}) | "
-            f"MC dropout, split conformal | {u['level']:g} | {_cell(covered['all']['coverage'])} (flagged pairs "
-            f"{_cell(covered.get('flagged', {}).get('coverage'))}) | {_cell(gaussian.get('coverage'))} | "
-            f"{_cell(covered['all']['mean_width'])} | | | | |"
-        )
+    for head in ("anchored", "plain"):
+        arguments = ("--head", head, "--intervals", "mc_dropout")
+        folder = out / ("drug_model" if head == "anchored" else "drug_model_plain")
+        for split, metrics in drug_response.run(shared_data, folder, seeds, steps, arguments, ("drug",)).items():
+            u = metrics["model_uncertainty"]
+            covered, gaussian = u["coverage"], u["uncalibrated_gaussian"] or {}
+            weights = ", ".join(f"{record['weight']:g}" for record in u["calibration_per_seed"].values())
+            rows.append(
+                f"| drug response: GDSC {split} split, model, {head} head (weights {weights}) | MC dropout, split conformal | "
+                f"{u['level']:g} | {_cell(covered['all']['coverage'])} (flagged pairs "
+                f"{_cell(covered.get('flagged', {}).get('coverage'))}) | {_cell(gaussian.get('coverage'))} | "
+                f"{_cell(covered['all']['mean_width'])} | | | | |"
+            )
     return rows
 
 
@@ -154,8 +157,9 @@ def grn_lines(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
 
     data, truth = shared_paths(shared_data, *FILES)
     lines = [
-        "| seed | Brier | Brier, training density | calibration error | top 100 per fold: expected [0.9 interval] vs observed |",
-        "|---|---|---|---|---|",
+        "| seed | Brier | Brier, training density | skill (1 − ratio) | calibration error | mean probability vs share true | "
+        "top 100 per fold: expected [0.9 interval] vs observed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for seed in seeds:
         folder = out / "grn" / f"seed{seed}"
@@ -166,10 +170,12 @@ def grn_lines(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
             )
         u = json.loads((folder / "metrics.json").read_text())["uncertainty"]
         tops = "; ".join(
-            f"{t['expected']:.1f} [{t['low']:.1f}, {t['high']:.1f}] vs {t['observed']}" for t in u["top_k"]["per_fold"]
+            f"{t['expected']:.1f} [{max(t['low'], 0):.1f}, {t['high']:.1f}] vs {t['observed']}" for t in u["top_k"]["per_fold"]
         )
+        skill = 1 - u["brier"] / u["brier_training_density"]
         lines.append(
-            f"| {seed} | {u['brier']:.4f} | {u['brier_training_density']:.4f} | {u['expected_calibration_error']:.4f} | {tops} |"
+            f"| {seed} | {u['brier']:.3e} | {u['brier_training_density']:.3e} | {skill:+.3f} | "
+            f"{u['expected_calibration_error']:.2e} | {u['mean_probability']:.2e} vs {u['share_true']:.2e} | {tops} |"
         )
     return lines
 

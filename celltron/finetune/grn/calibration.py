@@ -54,8 +54,8 @@ def expected_calibration_error(probability: np.ndarray, hit: np.ndarray, bins: i
 
 def top_k_expectation(probability: np.ndarray, hit: np.ndarray, k: int = TOP_K, level: float = LEVEL) -> dict:
     """The top `k` pairs by probability (ties in their order): the expected number of true edges,
-    its interval (normal approximation to the sum of independent Bernoullis), and the number
-    observed."""
+    its interval (normal approximation to the sum of independent Bernoullis, floored at 0), and
+    the number observed."""
     from scipy import stats
 
     top = np.argsort(-probability, kind="stable")[:k]
@@ -66,7 +66,7 @@ def top_k_expectation(probability: np.ndarray, hit: np.ndarray, k: int = TOP_K, 
     return {
         "k": int(len(top)),
         "expected": expected,
-        "low": expected - half,
+        "low": max(expected - half, 0.0),
         "high": expected + half,
         "observed": observed,
         "inside": bool(expected - half <= observed <= expected + half),
