@@ -157,3 +157,6 @@ def test_model_intervals_without_a_model_are_refused(tmp_path, capsys):
     arguments += ["--baselines-only", "--intervals", "mc_dropout", "--out", str(tmp_path / "run")]
     assert main(arguments) != 0
     assert "--baselines-only trains none" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    expression_mode = ["expression" if a == "ic50" else a for a in arguments if a != "--baselines-only"]
+    assert main(expression_mode) != 0
+    assert "ic50 mode only" in capsys.readouterr().err and not (tmp_path / "run").exists()

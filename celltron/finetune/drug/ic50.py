@@ -926,6 +926,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     metrics.json, predictions.csv, a printed table and a plot under `out`. With
     `drug.expression`, cell lines are their profiles (embedded by `model` when given). The
     anchored head (`drug.head`) adds choose_weight's inner models: INNER_FOLDS + 1 fits per seed."""
+    model_intervals = _model_interval_kind(config.drug, baselines_only)  # refused before any work
     if config.drug.mode == "expression":
         return _run_expression_mode(config, model, out, baselines_only)
     section, out = config.drug, Path(out)
@@ -935,7 +936,6 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind())
     model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
     widths = {}  # seed -> the best baseline's interval half-width (split conformal on inner folds)
-    model_intervals = _model_interval_kind(section, baselines_only)
     scales = {}  # seed -> the model's interval calibration (drug.intervals)
     best = {}  # seed -> the baseline chosen on its training pairs
     # inner folds refit the expression PCA on their own training lines, as the outer split does
