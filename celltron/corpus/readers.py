@@ -290,6 +290,9 @@ def map_source_genes(source: Source, species: str | None = None, min_fraction: f
 # ---------------------------------------------------------------- count checks
 
 
+MAX_COUNT = int(np.iinfo(np.int32).max)  # one cell x gene count the corpus can store
+
+
 def check_raw_counts(block: sp.csr_matrix, source: Source, first_row: int) -> None:
     """Refuse anything that is not raw non-negative integer counts, naming what to pass instead."""
     data = block.data
@@ -300,6 +303,11 @@ def check_raw_counts(block: sp.csr_matrix, source: Source, first_row: int) -> No
         bad = ("negative values (scaled or centred data?)", np.flatnonzero(data < 0)[0])
     elif np.issubdtype(data.dtype, np.floating) and (data != np.round(data)).any():
         bad = ("non-integer values (normalised or log-transformed data?)", np.flatnonzero(data != np.round(data))[0])
+    elif (data > MAX_COUNT).any():  # the corpus stores int32 counts: larger ones would wrap silently
+        bad = (
+            f"counts above {MAX_COUNT:,}, more than the corpus's int32 counts hold (summed or scaled data?)",
+            np.flatnonzero(data > MAX_COUNT)[0],
+        )
     if bad is None:
         return
     what, position = bad

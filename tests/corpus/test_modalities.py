@@ -220,6 +220,21 @@ def test_normalised_protein_counts_are_refused_naming_file_and_modality(teaseq, 
         opened.close()
 
 
+def test_a_count_the_corpus_cannot_hold_is_refused_not_wrapped():
+    from pathlib import Path
+
+    import pandas as pd
+
+    from celltron.corpus.readers import Source
+
+    block = sp.csr_matrix(np.array([[1.0, 0.0], [0.0, 3e9]]))
+    names, cells = np.array(["A", "B"]), np.array(["c0", "c1"])
+    source = Source(Path("big.mtx"), "big", "X", names, cells, pd.DataFrame(), lambda start, stop: block)
+    with pytest.raises(InputError, match=r"big.mtx: --layer X holds counts above 2,147,483,647.*cell 'c1', gene 'B'"):
+        check_raw_counts(block, source, 0)
+    check_raw_counts(sp.csr_matrix(np.array([[2.0**31 - 1]])), source, 0)  # the largest int32 is kept
+
+
 def test_bad_modality_input_is_refused_clearly(tmp_path, teaseq):
     with pytest.raises(InputError, match="unknown modality 'spatial'"):
         modality_name("spatial", "--modality spatial=x.h5ad")
