@@ -492,6 +492,9 @@ def _head_refit(embedding, targets, section, seed: int, baseline, weight: dict):
     from celltron.finetune.crossmodal.model import model_predictor
     from celltron.finetune.report import anchor
 
+    if section.head == "anchored" and weight["weight"] == 0:  # the head is the baseline: no ridge to fit
+        return baseline
+
     def refit(fit):
         model, _ = model_predictor(embedding, targets, fit, section, seed)
         plain = model(fit)

@@ -609,6 +609,7 @@ def choose_weight(
     compound_of: dict | None = None,
     expression=None,
     similar: SimilarDrugs | None = None,
+    inner_baselines: list | None = None,
 ) -> dict:
     """The anchored head's learning rate, training length and residual weight, by inner cross-
     validation over the training pairs (the folds choose_baseline uses): in each inner fold a
@@ -625,6 +626,8 @@ def choose_weight(
         {"learning_rate", "steps", "setting_scores": {"lr=..,steps=..": the model's inner score},
         "weight", "weight_scores": {str(weight): the blend's inner score at that setting},
         "gain_low": {str(weight): the lower bound of its gain over the smallest}}.
+        `inner_baselines` (a list) receives each inner fold's chosen-baseline predictions of its
+        held-out pairs, in fold order (the model's intervals are anchored on them).
     """
     section, kind = config.drug, config.drug.split_kind()
     profiles_for = None if expression is None else partial(expression.pca, components=section.pca_components)
@@ -636,6 +639,8 @@ def choose_weight(
         chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for, similar=similar)["name"]
         profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
         baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=similar)[chosen]
+        if inner_baselines is not None:
+            inner_baselines.append(baseline)
         truth, drugs = inner_test.ln_ic50.to_numpy(), inner_test.drug.to_numpy()
         for lr in rates:
             folder = run_folder(out / f"inner{j}", lr, rates)
@@ -971,8 +976,9 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
             where = out / f"seed{seed}"
             # the plain head: the model's residual whole, trained the full length at optim.lr
             choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
+            inner_baselines = []  # the anchored head's inner folds' baselines, for its intervals
             if section.head == "anchored":
-                choice = choose_weight(config, train, prints, seed, where, compound_of, expression, similar)
+                choice = choose_weight(config, train, prints, seed, where, compound_of, expression, similar, inner_baselines)
                 best[seed].update(choice)
             at_lr = at_learning_rate(config, choice["learning_rate"])
             passes = section.dropout_passes if model_intervals == "mc_dropout" else 0
@@ -1001,8 +1007,7 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
                     (plain_all, sampled),
                     widths[str(seed)],
                     compound_of,
-                    profiles_for,
-                    similar,
+                    inner_baselines,
                 )
             model_runs[seed] = drug_response_metrics(predictions["model"], truth, drugs)
             if section.head == "anchored":
@@ -1093,8 +1098,7 @@ def _model_bounds(
     outer: tuple,
     baseline_width: float,
     compound_of,
-    profiles_for,
-    similar,
+    inner_baselines: list,
 ) -> tuple[dict, dict]:
     """The reported model's interval on every held-out pair ({model_spread, model_low,
     model_high}) and its calibration record (drug.intervals; see DrugSection)."""
@@ -1112,10 +1116,10 @@ def _model_bounds(
         raw = sampled.std(0, ddof=1)
         spread, raw = relative_spread(raw, len(test)), raw[: len(test)]
     else:
-        where = where / "ensemble"
-        _, spread, raw, _ = _model_spread(at_lr, train, test, prints, where, seed, expression, choice["steps"], plain_all)
+        members = where / "ensemble"
+        _, spread, raw, _ = _model_spread(at_lr, train, test, prints, members, seed, expression, choice["steps"], plain_all)
     scale, reference, n = _model_calibration(
-        config, train, prints, where, seed, expression, choice, weight, compound_of, profiles_for, similar
+        at_lr, train, prints, where, seed, expression, choice, weight, compound_of, inner_baselines
     )
     low, high = interval(centre, weight * spread, scale, reference)
     record = {"weight": weight, "scale": scale, "reference_spread": reference, "inner_pairs": n}
@@ -1124,28 +1128,23 @@ def _model_bounds(
 
 
 def _model_calibration(
-    config, train, prints, where: Path, seed: int, expression, choice: dict, weight: float, compound_of, profiles_for, similar
+    config, train, prints, where: Path, seed: int, expression, choice: dict, weight: float, compound_of, inner_baselines: list
 ):
     """The model interval's conformal scale: on each inner fold over the training pairs (grouped
-    as the split) the chosen baseline and the model at the chosen setting are refitted on the
-    inner training pairs, and |truth − centre| / spread of the inner held-out pairs gives the
-    level-quantile. Returns (scale, the inner spreads' mean, inner pairs)."""
-    section, kind = config.drug, config.drug.split_kind()
-    at_lr = at_learning_rate(config, choice["learning_rate"])
-    unchosen = _unchosen(similar, kind, seed, compound_of)
+    as the split, the folds `choose_weight` used) the model at the chosen setting (`config` at
+    its learning rate) is refitted on the inner training pairs and, anchored, blended with that
+    fold's chosen baseline (`inner_baselines`, as `choose_weight` predicted it); |truth − centre|
+    / spread of the inner held-out pairs gives the level-quantile. Returns (scale, the inner
+    spreads' mean, inner pairs)."""
+    section = config.drug
     truth, centre, spread = [], [], []
-    for j, held in enumerate(inner_folds(train, kind, INNER_FOLDS, seed, compound_of)):
+    for j, held in enumerate(inner_folds(train, section.split_kind(), INNER_FOLDS, seed, compound_of)):
         inner_train, inner_test = train[~held], train[held]
         plain, inner_spread, _, _ = _model_spread(
-            at_lr, inner_train, inner_test, prints, where / f"interval_inner{j}", seed, expression, choice["steps"]
+            config, inner_train, inner_test, prints, where / f"interval_inner{j}", seed, expression, choice["steps"]
         )
-        if section.head == "anchored":
-            chosen = choose_baseline(inner_train, prints, kind, seed, compound_of, profiles_for, similar=unchosen)["name"]
-            profiles = profiles_for(inner_train.cell_line.unique()) if profiles_for else None
-            baseline = baseline_predictions(inner_train, inner_test, prints, profiles=profiles, similar=unchosen)[chosen]
-            plain = anchor(baseline, plain, weight)
         truth.append(inner_test.ln_ic50.to_numpy())
-        centre.append(plain)
+        centre.append(anchor(inner_baselines[j], plain, weight) if section.head == "anchored" else plain)
         spread.append(weight * inner_spread)
     truth, centre, spread = (np.concatenate(a) for a in (truth, centre, spread))
     return conformal_scale(truth, centre, spread, section.interval_level), float(np.mean(spread)), int(len(truth))

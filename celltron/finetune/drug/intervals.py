@@ -115,18 +115,23 @@ def unit_errors(table: pd.DataFrame, kind: str, column: str) -> tuple[np.ndarray
     return grouped.error.mean().to_numpy(), grouped[distance].first().to_numpy(dtype=float), grouped.ood_flagged.any().to_numpy()
 
 
-def summary(table: pd.DataFrame, kind: str, level: float, widths: dict, column: str) -> dict:
-    """Coverage of the best baseline's intervals (all held-out pairs, flagged and not) and
-    whether its error rises with the OOD distance over held-out units."""
+def coverage_by_flag(table: pd.DataFrame, predictor: str) -> dict:
+    """Coverage and width of the `{predictor}_low/high` intervals over all held-out pairs, the
+    OOD-flagged ones and the rest (each with its pair count; a group with no pair is left out)."""
     covered = {}
     for name, rows in (("all", np.ones(len(table), bool)), ("flagged", table.ood_flagged), ("unflagged", ~table.ood_flagged)):
         rows = np.asarray(rows, dtype=bool)
         if rows.any():
             part = table[rows]
-            covered[name] = {
-                **interval_report(part.ln_ic50, part.best_baseline_low, part.best_baseline_high),
-                "n_pairs": int(rows.sum()),
-            }
+            report = interval_report(part.ln_ic50, part[f"{predictor}_low"], part[f"{predictor}_high"])
+            covered[name] = {**report, "n_pairs": int(rows.sum())}
+    return covered
+
+
+def summary(table: pd.DataFrame, kind: str, level: float, widths: dict, column: str) -> dict:
+    """Coverage of the best baseline's intervals (all held-out pairs, flagged and not) and
+    whether its error rises with the OOD distance over held-out units."""
+    covered = coverage_by_flag(table, "best_baseline")
     errors, distances, flagged = unit_errors(table, kind, column)
     return {
         "predictor": "best baseline (chosen per seed on training units)",
@@ -152,12 +157,7 @@ def model_summary(table: pd.DataFrame, level: float, method: str, calibration: d
     """Coverage and width of the reported model's intervals (drug.intervals) on every held-out
     pair, flagged and not; beside them the uncalibrated Gaussian interval (prediction ± the
     normal quantile x the spread) where the model has a spread (anchor weight above 0)."""
-    covered = {}
-    for name, rows in (("all", np.ones(len(table), bool)), ("flagged", table.ood_flagged), ("unflagged", ~table.ood_flagged)):
-        rows = np.asarray(rows, dtype=bool)
-        if rows.any():
-            part = table[rows]
-            covered[name] = {**interval_report(part.ln_ic50, part.model_low, part.model_high), "n_pairs": int(rows.sum())}
+    covered = coverage_by_flag(table, "model")
     spread = table.model_spread_raw.to_numpy(dtype=float)
     with_spread = spread > 0
     gaussian = None

@@ -15,33 +15,20 @@ number observed.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
-
-from celltron.finetune.grn.evaluate import anchored_scores, block_edges, is_true_edge
 
 TOP_K = 100  # held-out pairs per fold whose expected and observed true edges are compared
 BINS = 10  # equal-count bins of the expected calibration error
 LEVEL = 0.9  # of the interval around the expected number of true edges in the top TOP_K
 
 
-def fold_calibration(fold_runs: dict, reported: str, pick: dict, truth: pd.DataFrame, fold: dict) -> dict:
-    """One fold: the isotonic map fitted on the reported predictor's training block, applied to
-    its held-out block. `fold_runs[reported]` holds the held-out scores; with an anchored head
-    ("model_plain" present) the training block is anchored the same way at the fold's weight."""
+def fold_calibration(train_scores, train_hits: np.ndarray, test_scores) -> dict:
+    """One fold: the isotonic map of the reported predictor's training-block scores onto whether
+    each pair is a truth edge, applied to its held-out block's scores."""
     from sklearn.isotonic import IsotonicRegression
 
-    train_tfs, train_targets = fold["train_tfs"], fold["train_targets"]
-    if reported == "model" and "model_plain" in fold_runs:
-        baseline, plain = (block_edges(fold_runs[n], train_tfs, train_targets) for n in (pick["name"], "model_plain"))
-        train = anchored_scores(baseline, plain, pick["weight"])
-    else:
-        train = block_edges(fold_runs[reported], train_tfs, train_targets)
-    test = block_edges(fold_runs[reported], fold["test_tfs"], fold["test_targets"])
-    train_hits, test_hits = is_true_edge(train, truth), is_true_edge(test, truth)
     fitted = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
-    fitted.fit(train.score.to_numpy(np.float64), train_hits.astype(np.float64))
-    probability = fitted.predict(test.score.to_numpy(np.float64))
-    return {"probability": probability, "hit": test_hits, "density": float(train_hits.mean())}
+    fitted.fit(np.asarray(train_scores, dtype=np.float64), train_hits.astype(np.float64))
+    return {"probability": fitted.predict(np.asarray(test_scores, dtype=np.float64)), "density": float(train_hits.mean())}
 
 
 def expected_calibration_error(probability: np.ndarray, hit: np.ndarray, bins: int = BINS) -> float:

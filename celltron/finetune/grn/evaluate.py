@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from celltron.errors import ConfigError
+from celltron.finetune.grn.calibration import calibration_summary, fold_calibration
 from celltron.finetune.report import CHOICE_RESAMPLES, choose_best, earned_weight, percentile_interval, unit_resamples, verdict
 
 EDGE_COLUMNS = ("tf", "target", "score", "method", "group")
@@ -239,8 +240,6 @@ def evaluate_on_folds(
     its weight chosen per fold by inner folds over the training block and recorded in
     "best_baseline" ("weight", "weight_scores", "gain_low", "inner_folds"); the model's own scores
     are then scored as "model_plain"."""
-    from celltron.finetune.grn.calibration import calibration_summary, fold_calibration
-
     anchored = model is not None and anchor_weights is not None
     views = model if isinstance(model, dict) else ({"model": model} if model is not None else {})
     runs = dict(baselines)
@@ -271,7 +270,7 @@ def evaluate_on_folds(
             pick |= choice
         chosen.append(pick)
         # the reported predictor's scores as edge probabilities, mapped on the training block alone
-        calibration.append(fold_calibration(fold_runs, "model" if views else pick["name"], pick, truth, fold))
+        calibration.append(_fold_probabilities(fold_runs, "model" if views else pick["name"], pick, truth, fold))
         # one draw of held-out TFs per fold, shared by every method: differences are paired
         draws = tf_resamples(len(fold["test_tfs"]), n_resamples, seed=[seed, index])
         for name, edges in fold_runs.items():
@@ -289,6 +288,22 @@ def evaluate_on_folds(
         "paired": paired,
         "uncertainty": calibration_summary(calibration, reported),
     }
+
+
+def _fold_probabilities(fold_runs: dict, reported: str, pick: dict, truth: pd.DataFrame, fold: dict) -> dict:
+    """The reported predictor's held-out edge probabilities on one fold (`calibration.fold_calibration`),
+    mapped on its training block. `fold_runs[reported]` holds the held-out scores; with an
+    anchored head ("model_plain" present) the training block is anchored the same way at the
+    fold's weight."""
+    train_tfs, train_targets = fold["train_tfs"], fold["train_targets"]
+    if reported == "model" and "model_plain" in fold_runs:
+        baseline, plain = (block_edges(fold_runs[n], train_tfs, train_targets) for n in (pick["name"], "model_plain"))
+        train = anchored_scores(baseline, plain, pick["weight"])
+    else:
+        train = block_edges(fold_runs[reported], train_tfs, train_targets)
+    test = block_edges(fold_runs[reported], fold["test_tfs"], fold["test_targets"])
+    probabilities = fold_calibration(train.score, is_true_edge(train, truth), test.score)
+    return {**probabilities, "hit": is_true_edge(test, truth)}
 
 
 def _view_for_fold(views: dict[str, pd.DataFrame], truth: pd.DataFrame, fold: dict) -> pd.DataFrame:
