@@ -238,6 +238,10 @@ MODES = ("full", "frozen", "lora", "probe")
 # the probe's learning rates and lengths, chosen by inner CV on the training cells
 PROBE_LEARNING_RATES = "[0.001,0.003,0.01,0.03,0.1]"
 PROBE_STEP_FRACTIONS = "[0.25,0.5,1]"
+PROBE_FLAGS = ["--encoder", "frozen", "--set", f"annotate.learning_rates={PROBE_LEARNING_RATES}"] + [
+    "--set",
+    f"annotate.step_fractions={PROBE_STEP_FRACTIONS}",
+]
 
 
 def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, seeds, steps: int, modes) -> str:
@@ -251,8 +255,7 @@ def annotation_tables(model: Path, random: Path | None, data: Path, out: Path, s
         "full": [],
         "frozen": ["--freeze", str(layers)],
         "lora": ["--lora", "8"],
-        "probe": ["--encoder", "frozen", "--set", f"annotate.learning_rates={PROBE_LEARNING_RATES}"]
-        + ["--set", f"annotate.step_fractions={PROBE_STEP_FRACTIONS}"],
+        "probe": PROBE_FLAGS,
     }
     label = {
         "full": "full fine-tuning",

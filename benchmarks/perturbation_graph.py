@@ -41,17 +41,23 @@ VARIANTS = {
     "GRN + co-expression, model features": (["--graph-grn", "{grn}", "--graph-features", "model"], True),
 }
 PERMUTED_OF = {"GRN + co-expression": "GRN + co-expression, permuted"}
+# a variant with other node features -> the same graph with the default ones (paired per perturbation)
+FEATURES_OF = {
+    "GRN + co-expression, co-expression features": "GRN + co-expression",
+    "GRN + co-expression, model features": "GRN + co-expression",
+}
 
 
-def run(shared_data: Path, out: Path, dataset: str, split: str, seeds: list[int], model: Path | None) -> dict:
-    """One `celltron finetune perturbation --graph-head` per variant; results already in `out`
-    are read, not recomputed. Without `model` the runs are --baselines-only (the graph alone);
-    with it, the model's frozen-encoder head runs too (its gene tokens are the node features)."""
+def run(shared_data: Path, out: Path, dataset: str, split: str, seeds: list[int], model: Path | None, variants=None) -> dict:
+    """One `celltron finetune perturbation --graph-head` per variant (`variants`: those names
+    alone); results already in `out` are read, not recomputed. Without `model` the runs are
+    --baselines-only (the graph alone); with it, the model's frozen-encoder head runs too (its
+    gene tokens are the node features)."""
     data, reference, grn = shared_paths(shared_data, DATASETS[dataset], REFERENCE, GRN)
     common = ["--data", str(data), "--seeds", *map(str, seeds), "--split", split, "--coexpression-reference", str(reference)]
     results = {}
     for name, (options, needs_model) in VARIANTS.items():
-        if needs_model and model is None:
+        if (needs_model and model is None) or (variants and name not in variants):
             continue
         where = ["--model", str(model), "--encoder", "frozen"] if needs_model else ["--baselines-only"]
         folder = out / dataset / split / name.replace(" ", "_").replace(",", "").replace("+", "and")
@@ -113,15 +119,13 @@ def comparisons(results: dict[str, dict]) -> str:
                 f"{ood['error_unflagged']:.3f} unflagged), AUROC of large error {ood['auroc_large_error']:.2f}, "
                 f"Spearman {ood['spearman']:.2f} over {ood['n_units']}"
             )
-        permuted = PERMUTED_OF.get(name)
-        if permuted in results:
-            lines.append(
-                line(
-                    f"{name}: head alone − the same head on the permuted graph",
-                    units(metrics, "graph_head_plain"),
-                    units(results[permuted], "graph_head_plain"),
-                )
-            )
+        for other, what in (
+            (FEATURES_OF.get(name), "the same graph with its default node features"),
+            (PERMUTED_OF.get(name), "the same head on the permuted graph"),
+        ):
+            if other in results:
+                alone = units(metrics, "graph_head_plain")
+                lines.append(line(f"{name}: head alone − {what}", alone, units(results[other], "graph_head_plain")))
     return "\n".join(lines)
 
 
@@ -132,9 +136,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--model", type=Path, help="a pretrained model folder: adds the model-feature variant (frozen encoder)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/graph"))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="these variants alone (default: all)")
     add_shared_data_option(parser)
     args = parser.parse_args()
-    results = run(args.shared_data, args.out, args.dataset, args.split, args.seeds, args.model)
+    results = run(args.shared_data, args.out, args.dataset, args.split, args.seeds, args.model, args.variants)
     print(table(results))
     print()
     print(comparisons(results))

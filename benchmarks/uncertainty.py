@@ -23,6 +23,7 @@ import numpy as np
 
 from benchmarks import drug_response, perturbation_graph
 from benchmarks._data import add_shared_data_option, shared_paths
+from benchmarks._pretrained import resolve_model
 from celltron.cli import main as celltron
 
 GRAPH_VARIANTS = ("GRN + co-expression", "GRN + co-expression, MC dropout")
@@ -32,6 +33,11 @@ DRUG_SPLITS = ("drug", "random")
 
 def _cell(value, digits=3) -> str:
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
+def _weights(choices: dict) -> str:
+    """The anchor weight chosen per seed, in seed order: "0, 0.25, 0"."""
+    return ", ".join(f"{choice['weight']:g}" for choice in choices.values())
 
 
 def perturbation_rows(shared_data: Path, graph_out: Path, seeds: list[int]) -> list[str]:
@@ -80,7 +86,7 @@ def drug_model_rows(shared_data: Path, out: Path, seeds: list[int], steps: int =
         for split, metrics in drug_response.run(shared_data, folder, seeds, steps, arguments, ("drug",)).items():
             u = metrics["model_uncertainty"]
             covered, gaussian = u["coverage"], u["uncalibrated_gaussian"] or {}
-            weights = ", ".join(f"{record['weight']:g}" for record in u["calibration_per_seed"].values())
+            weights = _weights(u["calibration_per_seed"])
             rows.append(
                 f"| drug response: GDSC {split} split, model, {head} head (weights {weights}) | MC dropout, split conformal | "
                 f"{u['level']:g} | {_cell(covered['all']['coverage'])} (flagged pairs "
@@ -150,6 +156,60 @@ def crossmodal_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]
     ]
 
 
+def annotation_model_rows(shared_data: Path, out: Path, seeds: list[int], model: Path, steps: int = 1000) -> list[str]:
+    """PBMC 4k, the frozen-encoder probe of a pretrained model (benchmarks/embedding.py's probe
+    protocol and held-out cells): the anchored head's sets and the model alone's, beside the
+    baseline's on the same cells."""
+    from benchmarks.embedding import PROBE_FLAGS, annotation, labelled_copy
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = annotation(model, labelled_copy(shared_data, out), out, seeds, steps, PROBE_FLAGS, "annotate_probe")
+    u = metrics["uncertainty"]
+    weights = _weights(metrics["anchor_weights"])
+    named = (
+        ("pca_logreg (same run)", u["sets"]),
+        (f"model, anchored head (weights {weights})", u["model_sets"]),
+        ("model alone", u["model_plain_sets"]),
+    )
+    return [
+        f"| annotation: PBMC 4k, {model.name if model.name != 'export' else model.parent.parent.name} probe, {who} | "
+        f"conformal sets | {sets['level']:g} | {_cell(sets['coverage'])} (mean set size {_cell(sets['mean_size'], 2)}, "
+        f"one label {_cell(sets['singletons'], 2)}) | n/a | n/a | | | | |"
+        for who, sets in named
+    ]
+
+
+def crossmodal_model_rows(shared_data: Path, workdir: Path, seeds: list[int]) -> list[str]:
+    """TEA-seq RNA -> proteins with the joint benchmark model (benchmarks/crossmodal.py
+    --joint-predict-only: held-out cells are half of those it was not pretrained on): the
+    baseline's, the anchored head's and the model alone's per-protein intervals, same cells."""
+    from benchmarks import crossmodal
+
+    prepared = crossmodal.prepare(workdir, shared_data, families=("joint",))
+    held_out = {"label_key": "cell_type", "train_only": str(prepared["cells"]), "test_fraction": 0.5}
+    metrics = crossmodal.run_task(
+        "predict",
+        crossmodal.teaseq_files(shared_data),
+        workdir / "results" / "tea_predict_joint",
+        seeds,
+        prepared["joint"],
+        **held_out,
+    )
+    u = metrics["uncertainty"]
+    weights = _weights(metrics["best_baseline"]["per_seed"])
+    named = (
+        ("best baseline (same run)", u),
+        (f"joint model, anchored head (weights {weights})", u["model_intervals"]),
+        ("joint model alone (ridge)", u["model_plain_intervals"]),
+    )
+    return [
+        f"| cross-modal: TEA-seq RNA -> proteins, cells not pretrained on, {who} | split conformal per protein | "
+        f"{u['level']:g} | {_cell(i['coverage'])} (proteins {_cell(i['coverage_per_protein']['min'])}-"
+        f"{_cell(i['coverage_per_protein']['max'])}) | n/a | {_cell(i['mean_width'])} | | | | |"
+        for who, i in named
+    ]
+
+
 def grn_lines(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
     """PBMC 4k against TRRUST, baselines only (500 cells, 1,000 targets, 3 TF x target blocks per
     seed): the best baseline's calibrated edge probabilities on the held-out blocks."""
@@ -186,8 +246,14 @@ def main() -> None:
     parser.add_argument("--graph-out", type=Path, default=Path("runs/bench/graph"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--only", choices=["perturbation", "drug", "drug_model", "annotate", "crossmodal", "grn"], help="one task's rows alone"
+        "--only",
+        choices=["perturbation", "drug", "drug_model", "annotate", "annotate_model", "crossmodal", "crossmodal_model", "grn"],
+        help="one task's rows alone",
     )
+    parser.add_argument(
+        "--model", default="benchmark:geneformer", help="the annotation probe's pretrained model (annotate_model rows)"
+    )
+    parser.add_argument("--crossmodal-workdir", type=Path, default=Path("runs/bench/crossmodal"))
     add_shared_data_option(parser)
     args = parser.parse_args()
     header = (
@@ -205,8 +271,13 @@ def main() -> None:
     if args.only in (None, "annotate"):
         annotation, novel = annotation_rows(args.shared_data, args.out, args.seeds)
         rows += annotation
+    if args.only in (None, "annotate_model"):
+        model = resolve_model(args.model, shared_data=args.shared_data)
+        rows += annotation_model_rows(args.shared_data, args.out / "annotate_model", args.seeds, model)
     if args.only in (None, "crossmodal"):
         rows += crossmodal_rows(args.shared_data, args.out, args.seeds)
+    if args.only in (None, "crossmodal_model"):
+        rows += crossmodal_model_rows(args.shared_data, args.crossmodal_workdir, args.seeds)
     print(header)
     print("\n".join(rows))
     if novel:

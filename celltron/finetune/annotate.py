@@ -375,6 +375,7 @@ def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
     flagged = np.concatenate([r["score"] for r in per_seed.values()]) >= level
     return {
         "model_sets": _model_sets_summary(per_seed, level),
+        "model_plain_sets": _model_sets_summary(per_seed, level, "model_plain"),
         "sets": {
             "predictor": BASELINE,
             "level": level,
@@ -405,21 +406,24 @@ def _set_statistics(covered: np.ndarray, sizes: np.ndarray) -> dict:
     }
 
 
-def _model_sets_summary(per_seed: dict, level: float) -> dict | None:
-    """The anchored head's own prediction sets pooled over seeds (None without them)."""
-    records = [r["model"] for r in per_seed.values() if "model" in r]
+def _model_sets_summary(per_seed: dict, level: float, key: str = "model") -> dict | None:
+    """The anchored head's own prediction sets (`key` "model") or the model alone's at the same
+    setting ("model_plain"), pooled over seeds (None without them)."""
+    records = {s: r[key] for s, r in per_seed.items() if key in r}
     if not records:
         return None
-    covered = np.concatenate([r["covered"] for r in records])
-    sizes = np.concatenate([r["sizes"] for r in records])
+    covered = np.concatenate([r["covered"] for r in records.values()])
+    sizes = np.concatenate([r["sizes"] for r in records.values()])
+    who = "the anchored head" if key == "model" else "the model alone, at the anchored head's learning rate and length"
+    blend = "chosen blend" if key == "model" else "model alone (weight 1)"
     return {
-        "predictor": "model (the anchored head)",
+        "predictor": f"model ({who})",
         "level": level,
-        "set": "labels with the head's probability >= 1 - q, q the split-conformal quantile of 1 - p(true label) of the "
-        "chosen blend on the inner folds' held-out training cells (the folds that chose it; no extra fit)",
+        "set": "labels with the probability >= 1 - q, q the split-conformal quantile of 1 - p(true label) of the "
+        f"{blend} on the inner folds' held-out training cells (the folds that chose the setting; no extra fit)",
         **_set_statistics(covered, sizes),
-        "threshold_per_seed": {str(s): r["model"]["threshold"] for s, r in per_seed.items() if "model" in r},
-        "inner_cells_per_seed": {str(s): r["model"]["inner_cells"] for s, r in per_seed.items() if "model" in r},
+        "threshold_per_seed": {str(s): r["threshold"] for s, r in records.items()},
+        "inner_cells_per_seed": {str(s): r["inner_cells"] for s, r in records.items()},
     }
 
 
@@ -571,6 +575,15 @@ def inner_conformal_threshold(inner: list, labels: np.ndarray, choice: dict, lev
     return conformal_scale(scores, np.zeros_like(scores), np.ones_like(scores), level), int(len(scores))
 
 
+def _sets_record(inner: list, labels: np.ndarray, choice: dict, probabilities: np.ndarray, test: np.ndarray, section):
+    """(the held-out cells' set coverage and sizes with the threshold, every cell's sets) of the
+    blend `choice` describes, calibrated by `inner_conformal_threshold`."""
+    q, n_inner = inner_conformal_threshold(inner, labels, choice, section.interval_level)
+    sets = probabilities >= 1.0 - q
+    record = {"covered": sets[test, labels[test]], "sizes": sets[test].sum(1), "threshold": q, "inner_cells": n_inner}
+    return record, sets
+
+
 def run_annotate(config, model: str | None, out, baselines_only: bool = False, resume: str | None = None) -> dict | None:
     """Cell-type annotation end to end: a stratified split per seed, the PCA + logistic
     regression baseline, fine-tuning and evaluation on the held-out cells, then metrics.json,
@@ -636,14 +649,9 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         if seed in uncertain:
             uncertain[seed]["wrong"] = probabilities[test].argmax(1) != labels[test]
             if anchored:  # the head's own sets, calibrated on the inner folds it was chosen on
-                q, n_inner = inner_conformal_threshold(inner, labels, choice, section.interval_level)
-                model_sets = probabilities >= 1.0 - q
-                uncertain[seed]["model"] = {
-                    "covered": model_sets[test, labels[test]],
-                    "sizes": model_sets[test].sum(1),
-                    "threshold": q,
-                    "inner_cells": n_inner,
-                }
+                uncertain[seed]["model"], model_sets = _sets_record(inner, labels, choice, probabilities, test, section)
+                # the model alone (weight 1 at the same setting): its inner predictions are already there
+                uncertain[seed]["model_plain"], _ = _sets_record(inner, labels, {**choice, "weight": 1.0}, plain, test, section)
                 if first_probabilities is None:
                     first_sets = model_sets
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
@@ -730,12 +738,13 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
         f"mean size {sets['mean_size']:.2f}; OOD: {ood['n_flagged']} of {ood['n_cells']} held-out cells flagged, "
         f"misclassified {ood['error_flagged']:.3f} flagged vs {ood['error_unflagged']:.3f} not, AUROC {ood['auroc_large_error']:.2f}"
     )
-    model_sets = metrics["uncertainty"].get("model_sets")
-    if model_sets:
-        print(
-            f"model {model_sets['level']:g} prediction sets (split conformal on its inner folds): coverage "
-            f"{model_sets['coverage']:.3f}, mean size {model_sets['mean_size']:.2f}, empty {model_sets['empty']:.3f}"
-        )
+    for key, who in (("model_sets", "anchored head"), ("model_plain_sets", "model alone")):
+        model_sets = metrics["uncertainty"].get(key)
+        if model_sets:
+            print(
+                f"{who} {model_sets['level']:g} prediction sets (split conformal on its inner folds): coverage "
+                f"{model_sets['coverage']:.3f}, mean size {model_sets['mean_size']:.2f}, empty {model_sets['empty']:.3f}"
+            )
     return metrics
 
 

@@ -296,8 +296,9 @@ class AnnotateSection:
         inner macro-F1, the weight on the blend at that setting.
     interval_level: the level of the baseline's conformal prediction sets and of the held-out
         cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty), and of the
-        anchored head's own sets (calibrated on the inner folds that chose its setting and
-        weight: `inner_conformal_threshold`, no extra fit); 0: none of them.
+        anchored head's own sets and the model alone's at the same setting (both calibrated on
+        the inner folds that chose the setting and weight: `inner_conformal_threshold`, no extra
+        fit; a plain head has no inner folds, so no sets); 0: none of them.
     """
 
     label_key: str = "cell_type"

@@ -202,6 +202,11 @@ def test_a_frozen_encoder_probe_chooses_its_learning_rate_on_training_cells_only
     np.testing.assert_array_equal(member, written.obsm[f"{LABEL}_probabilities"] >= 1 - q)
     held_labels = np.unique(truth, return_inverse=True)[1][test]
     assert member[test, held_labels].mean() == pytest.approx(sets["coverage"])
+    # the model alone gets sets from the same inner predictions (weight 1 at the chosen setting)
+    alone = metrics["uncertainty"]["model_plain_sets"]
+    assert alone["inner_cells_per_seed"] == {"0": len(train)} and 0.75 <= alone["coverage"] <= 1.0
+    if choice["weight"] == 1.0:
+        assert alone["threshold_per_seed"] == sets["threshold_per_seed"]
 
 
 def test_a_frozen_encoder_refuses_frozen_layers_or_lora(pretrained_geneformer, labelled_file, tmp_path, capsys):

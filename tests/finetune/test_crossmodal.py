@@ -323,6 +323,9 @@ def test_weight_zero_is_the_best_baseline_exactly(teaseq_model, tmp_path):
     uncertainty = metrics["uncertainty"]
     assert uncertainty["model_intervals"]["coverage"] == uncertainty["coverage"]
     assert uncertainty["model_intervals"]["mean_width"] == pytest.approx(uncertainty["mean_width"])
+    # the model alone (the ridge) has its own, from its inner refits, whatever the weight
+    alone = uncertainty["model_plain_intervals"]
+    assert 0.75 <= alone["coverage"] <= 1.0 and alone["mean_width"] != pytest.approx(uncertainty["mean_width"])
 
 
 def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain_model(teaseq_model, tmp_path, capsys):
@@ -344,7 +347,7 @@ def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain
     assert "model, plain head" in out and "model − " in out and "over 46 proteins" in out
     # the head's 0.9 intervals, calibrated on inner held-out cells it was never pretrained on
     assert 0.75 <= metrics["uncertainty"]["model_intervals"]["coverage"] <= 1.0
-    assert "model head, 0.9 intervals per protein" in out
+    assert "model head, 0.9 intervals per protein" in out and "model alone, 0.9 intervals per protein" in out
 
 
 def test_align_refuses_a_model_that_reads_rna_only(teaseq_model, tmp_path):

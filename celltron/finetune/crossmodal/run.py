@@ -260,10 +260,21 @@ def _predict(
         if seed in uncertain:
             uncertain[seed]["error"] = np.abs(reported[test] - targets[test]).mean(1)
             if embedding is not None:
-                refit = _head_refit(
-                    embedding[1], targets, section, seed, lambda fit: predictors[best](features, targets, fit), weight
+                uncertain[seed].update(
+                    _model_intervals(
+                        embedding[1],
+                        targets,
+                        train,
+                        test,
+                        (head, plain),
+                        section,
+                        seed,
+                        batches,
+                        train_only,
+                        lambda fit: predictors[best](features, targets, fit),
+                        weight,
+                    )
                 )
-                uncertain[seed]["model"] = model_interval(targets, train, test, head, refit, section, seed, batches, train_only)
         first = first or shown
     metrics = {
         **_header("predict", paired, source, target),
@@ -315,12 +326,13 @@ def _predict(
         f"{u['coverage']:.3f}, mean width {u['mean_width']:.2f}; OOD: {u['ood']['n_flagged']} of {u['ood']['n_cells']} "
         f"held-out cells flagged, AUROC of large error {u['ood']['auroc_large_error']:.2f}"
     )
-    if u.get("model_intervals"):
-        m = u["model_intervals"]
-        print(
-            f"model head, {u['level']:g} intervals per protein (split conformal on training cells): coverage "
-            f"{m['coverage']:.3f}, mean width {m['mean_width']:.2f}"
-        )
+    for key, who in (("model_intervals", "model head"), ("model_plain_intervals", "model alone")):
+        if u.get(key):
+            m = u[key]
+            print(
+                f"{who}, {u['level']:g} intervals per protein (split conformal on training cells): coverage "
+                f"{m['coverage']:.3f}, mean width {m['mean_width']:.2f}"
+            )
     return metrics
 
 
@@ -393,6 +405,18 @@ def model_interval(targets, train, test, head, refit, section, seed: int, groups
     return {"inside": inside, "width": np.broadcast_to(2 * width, inside.shape)}
 
 
+def _model_intervals(embedding, targets, train, test, heads, section, seed: int, groups, seen, baseline, weight) -> dict:
+    """{"model": the reported head's intervals, and anchored, "model_plain": the model alone's
+    (its ridge refitted per inner fold)} for one seed; `heads` = (reported, plain) predictions."""
+    head, plain = heads
+    refit = _head_refit(embedding, targets, section, seed, baseline, weight)
+    records = {"model": model_interval(targets, train, test, head, refit, section, seed, groups, seen)}
+    if section.head == "anchored":
+        alone = _head_refit(embedding, targets, section, seed, baseline, weight, alone=True)
+        records["model_plain"] = model_interval(targets, train, test, plain, alone, section, seed, groups, seen)
+    return records
+
+
 def _interval_statistics(records: list[dict]) -> dict:
     """Coverage over every held-out cell and protein, its range over proteins, the mean width."""
     inside = np.concatenate([r["inside"] for r in records])
@@ -414,6 +438,7 @@ def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
     distance = np.concatenate([r["distance"] for r in per_seed.values()])
     flagged = np.concatenate([r["score"] for r in per_seed.values()]) >= level
     models = [r["model"] for r in per_seed.values() if "model" in r]
+    alone = [r["model_plain"] for r in per_seed.values() if "model_plain" in r]
     return {
         "predictor": "best baseline",
         "level": level,
@@ -427,6 +452,14 @@ def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
             **_interval_statistics(models),
         }
         if models
+        else None,
+        "model_plain_intervals": {
+            "predictor": "the model alone (the anchored head's ridge, weight 1)",
+            "interval": "prediction ± q per protein, q the split-conformal quantile of the ridge's absolute errors on "
+            "training cells predicted out of fold (ridge refitted per inner fold)",
+            **_interval_statistics(alone),
+        }
+        if alone
         else None,
         "ood": {
             "space": f"RNA PCA of an inner fold's training cells ({OOD_NEIGHBOURS} nearest; calibrated on that fold's "
@@ -486,19 +519,21 @@ def _model_head(embedding, targets, train, section, seed: int, baseline, baselin
     return anchor(baseline_predicted, plain, choice["weight"]), plain, alpha, choice
 
 
-def _head_refit(embedding, targets, section, seed: int, baseline, weight: dict):
+def _head_refit(embedding, targets, section, seed: int, baseline, weight: dict, alone: bool = False):
     """fit cells -> the model head refitted on them (ridge, alpha by inner CV there; anchored:
-    blended with the best baseline refitted there, at the weight chosen for the outer head)."""
+    blended with the best baseline refitted there, at the weight chosen for the outer head;
+    `alone`: the ridge alone, the anchored head's model part)."""
     from celltron.finetune.crossmodal.model import model_predictor
     from celltron.finetune.report import anchor
 
-    if section.head == "anchored" and weight["weight"] == 0:  # the head is the baseline: no ridge to fit
+    blended = section.head == "anchored" and not alone
+    if blended and weight["weight"] == 0:  # the head is the baseline: no ridge to fit
         return baseline
 
     def refit(fit):
         model, _ = model_predictor(embedding, targets, fit, section, seed)
         plain = model(fit)
-        return plain if section.head == "plain" else anchor(baseline(fit), plain, weight["weight"])
+        return anchor(baseline(fit), plain, weight["weight"]) if blended else plain
 
     return refit
 
