@@ -1,6 +1,6 @@
 """Do knowledge priors carry into fine-tuning? GeneCompass models pretrained with no prior, the
 GRN prior and the co-expression prior (the same config, corpus, steps and seeds as
-benchmarks/priors.py, whose runs this reuses), each taken through two fine-tuning benchmarks,
+benchmarks/priors.py, whose runs this reuses), each taken through four fine-tuning benchmarks,
 and a GRN check on TF blocks the prior never saw:
 
 - `perturbation`: `celltron finetune perturbation` on Papalexi 2021 (held-out split, frozen
@@ -17,7 +17,13 @@ and a GRN check on TF blocks the prior never saw:
   through the fusion MLP), beside the no-prior model (seed 0) and the prior matrix itself, on one
   candidate set per block. AUPRC ratio over random, prior − none paired per block.
 
-    python -m benchmarks.priors_finetune [--seeds 0 1 2] [--steps 400] [--tasks perturbation grn grn_heldout]
+- `annotate`: the frozen-encoder probe of benchmarks/embedding.py on PBMC 4k (split seed = the
+  pretraining seed): the model alone's and the anchored head's F1 per cell type (mean over seeds).
+- `crossmodal`: TEA-seq RNA -> 46 proteins (`finetune cross-modal predict`, 20% of cells held out,
+  seed = the pretraining seed; no TEA-seq cell is in the pretraining corpus): the model alone's
+  (ridge on the frozen embedding) and the anchored head's Pearson per protein (mean over seeds).
+
+    python -m benchmarks.priors_finetune [--seeds 0 1 2] [--steps 400] [--tasks perturbation grn grn_heldout annotate crossmodal]
 
 Prints markdown tables. Intervals: 95%, over perturbations / blocks (t below 20 units).
 """
@@ -131,6 +137,75 @@ def grn_task(args, runs: dict) -> str:
     return "\n".join(lines)
 
 
+def annotation_task(args, runs: dict) -> str:
+    """The frozen-encoder probe (benchmarks/embedding.py's protocol) on PBMC 4k, split seed = the
+    pretraining seed: the model alone's F1 per cell type (mean over seeds), with a prior − without."""
+    from benchmarks.embedding import PROBE_FLAGS, annotation, labelled_copy
+
+    work = args.out / "finetune" / "annotate"
+    work.mkdir(parents=True, exist_ok=True)
+    data = labelled_copy(args.shared_data, work)
+    per_unit: dict = {}
+    means: dict = {}
+    for (variant, seed), run in runs.items():
+        metrics = annotation(run["export"], data, work, [seed], 1000, PROBE_FLAGS, f"{variant}_s{seed}")
+        for head in ("model_plain", "model"):
+            for name, report in metrics[head]["reports"][str(seed)]["per_class"].items():
+                per_unit.setdefault((variant, head), {})[(seed, name)] = report["f1-score"]
+            means.setdefault((variant, head), []).append(metrics[head]["macro_f1"])
+        means.setdefault(("baseline", "model"), []).append(metrics["baselines"]["pca_logreg"]["macro_f1"])
+    return _two_heads_table(per_unit, means, "macro-F1", "cell types (F1, mean over seeds)")
+
+
+def crossmodal_task(args, runs: dict) -> str:
+    """TEA-seq RNA -> 46 proteins (cells the models never saw: they were pretrained on the PBMC
+    corpus), a random 20% of cells held out per seed = the pretraining seed: the model alone's
+    (ridge on the frozen embedding) Pearson per protein (mean over seeds), with a prior − without."""
+    from benchmarks.crossmodal import run_task, teaseq_files
+
+    files = teaseq_files(args.shared_data)
+    per_unit: dict = {}
+    means: dict = {}
+    for (variant, seed), run in runs.items():
+        folder = args.out / "finetune" / "crossmodal" / f"{variant}_s{seed}"
+        if (folder / "metrics.json").exists():
+            metrics = json.loads((folder / "metrics.json").read_text())
+        else:
+            metrics = run_task("predict", files, folder, [seed], run["export"], label_key="cell_type")
+        for head in ("model_plain", "model"):
+            for protein, scores in metrics[head]["per_protein"][str(seed)].items():
+                per_unit.setdefault((variant, head), {})[(seed, protein)] = scores["pearson"]
+            means.setdefault((variant, head), []).append(metrics[head]["pearson"])
+        best = metrics["best_baseline"]["per_seed"][str(seed)]["name"]
+        means.setdefault(("baseline", "model"), []).append(metrics["baselines"][best]["pearson"])
+    return _two_heads_table(per_unit, means, "per-protein Pearson", "proteins (mean over seeds)")
+
+
+def _over_seeds(per_unit: dict) -> dict:
+    """{(seed, item): value} -> {item: mean over seeds}: every seed scores the same proteins or
+    cell types, so an item is one unit, not one per seed."""
+    items: dict = {}
+    for (_, item), value in per_unit.items():
+        items.setdefault(item, []).append(value)
+    return {item: float(np.mean(values)) for item, values in items.items()}
+
+
+def _two_heads_table(per_unit: dict, means: dict, metric: str, unit: str) -> str:
+    """The model alone and the anchored head per prior variant, each with its − none difference."""
+    lines = [
+        f"| priors | model alone, {metric} | anchored head | model alone − none | anchored − none |",
+        "|---" * 5 + "|",
+    ]
+    for variant in VARIANTS:
+        cells = [f"{np.mean(means[variant, h]):.3f}" for h in ("model_plain", "model")]
+        for head in ("model_plain", "model"):
+            mine, none = (_over_seeds(per_unit[v, head]) for v in (variant, "none"))
+            cells.append("" if variant == "none" else difference_line(variant, mine, none, unit))
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines.append(f"| baseline (best, same splits) | | {np.mean(means['baseline', 'model']):.3f} | | |")
+    return "\n".join(lines)
+
+
 def fused_table(export: Path) -> np.ndarray:
     from celltron.model_zoo.registry import load_pretrained
 
@@ -208,7 +283,10 @@ def main() -> None:
     add_pretraining_options(parser)
     parser.add_argument("--perturbation-steps", type=int, default=600)
     parser.add_argument(
-        "--tasks", nargs="+", choices=["perturbation", "grn", "grn_heldout"], default=["perturbation", "grn", "grn_heldout"]
+        "--tasks",
+        nargs="+",
+        choices=["perturbation", "grn", "grn_heldout", "annotate", "crossmodal"],
+        default=["perturbation", "grn", "grn_heldout", "annotate", "crossmodal"],
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +295,8 @@ def main() -> None:
     runs = pretrained_runs(args, corpus, priors)
     tasks = {"perturbation": lambda: perturbation_task(args, runs), "grn": lambda: grn_task(args, runs)}
     tasks["grn_heldout"] = lambda: grn_heldout_task(args, corpus, priors, runs)
+    tasks["annotate"] = lambda: annotation_task(args, runs)
+    tasks["crossmodal"] = lambda: crossmodal_task(args, runs)
     for name in args.tasks:
         text = tasks[name]()
         print(

@@ -133,7 +133,10 @@ class PerturbationSection:
         perturbations (split conformal) to interval_level; each held-out perturbation also gets an
         OOD score (distance to its ood_neighbours nearest training perturbations, flagged beyond
         interval_level of the training perturbations' own); see
-        celltron.finetune.perturbation.intervals.
+        celltron.finetune.perturbation.intervals. Unless none, the best baseline (every run) and
+        an anchored model head also get intervals: the prediction ± a scale x each gene's
+        standard deviation over the training perturbations, the scale calibrated the same way
+        (the head on the inner folds that chose its setting and weight).
     interval_level / ensemble_members / dropout_passes / ood_neighbours: as intervals says.
     graph_control: none, or permuted (the graph's gene labels shuffled, seeded: same size and
         degrees, wrong genes; the control for whether the graph's structure helps).

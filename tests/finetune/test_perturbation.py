@@ -215,6 +215,33 @@ def test_baselines_only_needs_no_model_and_recovers_additive_double_perturbation
     assert seen2["additive"]["mse_de20"] < 0.1 * seen2["train_mean"]["mse_de20"]
 
 
+def test_the_best_baseline_has_intervals_calibrated_on_training_perturbations(tmp_path, capsys):
+    """Without a model or a graph head, every held-out gene still gets an interval: the best
+    baseline ± q x the gene's spread over training perturbations, q from inner folds over the
+    training perturbations alone. Effects drawn at random per perturbation are exchangeable, so
+    held-out coverage sits near the level; there is no space to score OOD in, so nothing is
+    flagged."""
+    path = tmp_path / "random_effects.h5ad"
+    simulate_screen(n_genes=60, n_targets=24, n_combos=0, cells_per_perturbation=80, n_control=300, seed=3).adata.write_h5ad(path)
+    out = tmp_path / "b"
+    assert _finetune("--baselines-only", "--data", str(path), "--out", str(out), "--seeds", "0", "1", "2") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    u = metrics["baseline_uncertainty"]
+    assert u["level"] == 0.9 and u["n_with_interval"] == u["n_units"] == 3 * round(24 * 0.25)
+    assert 0.8 <= u["coverage"] <= 0.98 and u["ood"]["space"] is None and u["ood"]["n_flagged"] == 0
+    predictions = ad.read_h5ad(out / "predictions.h5ad")
+    low, high = predictions.layers["best_baseline_interval_low"], predictions.layers["best_baseline_interval_high"]
+    best = predictions.layers["best_baseline"]
+    assert (low <= best).all() and (best <= high).all() and "ood_flagged" not in predictions.obs
+    inside = (predictions.layers["truth"] >= low) & (predictions.layers["truth"] <= high)
+    assert inside.mean() == pytest.approx(u["coverage"])
+    assert "best baseline, 0.9 intervals (split conformal" in capsys.readouterr().out
+    assert all(len(scales) == 1 and scales[0] > 0 for scales in u["scale_per_seed"].values())  # one per fold
+    # --intervals none: no intervals at all
+    assert _finetune("--baselines-only", "--data", str(path), "--out", str(tmp_path / "n"), "--intervals", "none") == 0
+    assert json.loads((tmp_path / "n" / "metrics.json").read_text())["baseline_uncertainty"] is None
+
+
 def test_simulated_interactions_break_the_additive_baseline():
     scores = {}
     for interaction in (0.0, 2.0):
@@ -376,6 +403,14 @@ def test_an_anchored_head_with_weight_zero_is_the_best_baseline_exactly(pretrain
     assert "no detectable difference" in metrics["paired"]["all"]["verdict"]
     predictions = ad.read_h5ad(out / "predictions.h5ad")
     assert np.array_equal(predictions.X, predictions.layers["best_baseline"])
+    # so are its intervals: calibrated on the inner folds that chose w = 0, where the blend is the
+    # baseline each inner fold chose
+    head, baseline = metrics["model_uncertainty"], metrics["baseline_uncertainty"]
+    assert head["coverage"] == baseline["coverage"] and head["mean_width"] == pytest.approx(baseline["mean_width"])
+    for side in ("low", "high"):
+        np.testing.assert_allclose(
+            predictions.layers[f"model_interval_{side}"], predictions.layers[f"best_baseline_interval_{side}"]
+        )
     # the plain head is the model alone, with no baseline mixed in
     assert _finetune(*args, "--out", str(tmp_path / "plain"), "--head", "plain") == 0
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())
@@ -385,6 +420,7 @@ def test_an_anchored_head_with_weight_zero_is_the_best_baseline_exactly(pretrain
         and "weight" not in plain["best_baseline"]["chosen_per_seed"]["0"][0]
     )
     assert not (tmp_path / "plain" / "seed0" / "inner0").exists()
+    assert plain["model_uncertainty"] is None and plain["baseline_uncertainty"] is not None  # no inner folds: no interval
 
 
 def test_norman_doubles_are_additive_and_coexpression_embeds_unmeasured_targets(tmp_path):

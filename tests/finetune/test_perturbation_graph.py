@@ -223,7 +223,7 @@ def test_the_models_gene_tokens_become_node_features(family_folders, screen_file
 
 def _uncertainty(data, graph, fold, members=3, passes=0):
     from celltron.finetune.perturbation.baselines import inner_folds
-    from celltron.finetune.perturbation.intervals import GraphUncertainty
+    from celltron.finetune.perturbation.intervals import PerturbationUncertainty
 
     settings = GraphSettings(dims=16, layers=2, steps=150, lr=0.01, dropout=0.1 if passes else 0.0)
     section = uncertainty_section()
@@ -232,7 +232,7 @@ def _uncertainty(data, graph, fold, members=3, passes=0):
         for f in inner_folds(fold["train"], 3, 0)
     ]
     outer = graph_predictions(data, graph, fold["train"], fold["test"], settings, 0, members=members, passes=passes)
-    uncertainty = GraphUncertainty(section, data, lambda seed: graph)
+    uncertainty = PerturbationUncertainty(section, data, lambda seed: graph)
     uncertainty.add_fold(0, fold, outer, inner)
     return uncertainty, outer, inner
 
@@ -253,9 +253,9 @@ def test_intervals_are_calibrated_on_training_perturbations_alone(screen, kind):
     assert (low <= outer.mean[unseen[0]]).all() and (outer.mean[unseen[0]] <= high).all()
     # held-out truths moved far away: the scale (from the inner folds) is unchanged, the coverage is not
     moved = dataclasses.replace(data, means={p: v + (5.0 if p in unseen else 0.0) for p, v in data.means.items()})
-    from celltron.finetune.perturbation.intervals import GraphUncertainty
+    from celltron.finetune.perturbation.intervals import PerturbationUncertainty
 
-    again = GraphUncertainty(uncertainty_section(), moved, lambda seed: graph)
+    again = PerturbationUncertainty(uncertainty_section(), moved, lambda seed: graph)
     again.add_fold(0, fold, outer, inner)
     assert again.scales == uncertainty.scales
     assert again.summary()["coverage"] < 0.1

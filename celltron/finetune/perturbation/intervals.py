@@ -1,22 +1,28 @@
-"""Predictive intervals and OOD flags for the gene-graph head's perturbation predictions
-(celltron.finetune.uncertainty does the arithmetic).
+"""Predictive intervals and OOD flags for perturbation predictions: the gene-graph head's and the
+best baseline's (celltron.finetune.uncertainty does the arithmetic).
 
-Each output is a measured gene of a held-out perturbation. Its interval is the head's
-prediction (the ensemble's or MC-dropout passes' mean) ± scale x the members' spread, the scale
-calibrated per fold on the inner folds over the training perturbations (split conformal over
-their genes), never on held-out ones. A perturbation's OOD score is the distance of its
-embedding (the sum of its targets' vectors in the co-expression reference, else in the model's
-gene tokens, else in the head's own node states) to its nearest training perturbations,
-calibrated on the training perturbations by leave-one-out in a fixed space, and in the head's
-node states (trained on them) by the inner folds' held-out perturbations. Perturbations predicted as the
-training mean (out of the graph's reach) have no spread and get no interval; they are counted.
+Each output is a measured gene of a held-out perturbation. Its interval is the prediction ±
+scale x a spread, the scale calibrated per fold on the inner folds over the training
+perturbations (split conformal over their genes), never on held-out ones. The spread is, for the
+gene-graph head, its members' (ensemble) or dropout passes' standard deviation around their mean;
+for the best baseline, which has no spread of its own, the gene's standard deviation over the
+training perturbations' means (`gene_scale`: genes that vary more between perturbations get wider
+intervals). A perturbation's OOD score is the distance of its embedding (the sum of its targets'
+vectors in the co-expression reference, else in the model's gene tokens, else in the graph head's
+own node states) to its nearest training perturbations, calibrated on the training perturbations
+by leave-one-out in a fixed space, and in the head's node states (trained on them) by the inner
+folds' held-out perturbations; with none of these spaces (a baseline without a reference or a
+model) there is no OOD score. Perturbations the graph head predicts as the training mean (out of
+its reach) have no spread and get no interval; they are counted.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from celltron.finetune.perturbation import baselines
 from celltron.finetune.perturbation.evaluate import evaluate_folds, higher_is_better
+from celltron.finetune.perturbation.graph import GraphPrediction
 from celltron.finetune.uncertainty import (
     NearestNeighbourOOD,
     conformal_scale,
@@ -37,18 +43,61 @@ def ood_space(screen) -> tuple[str, dict | None]:
     return "graph", None
 
 
-class GraphUncertainty:
-    """Per seed and held-out perturbation: interval coverage, width and the OOD score; the
-    intervals themselves for predictions.h5ad."""
+GRAPH_CENTRE = "the gene-graph head alone (predictions.h5ad layer graph_plain; graph under --head plain), not the anchored blend"
+BASELINE_CENTRE = "the best baseline (predictions.h5ad layer best_baseline)"
+MODEL_CENTRE = "the model head as reported (anchored blend), calibrated on the inner folds that chose its setting"
+BASELINE_METHOD = "split conformal, spread = the gene's standard deviation over the training perturbations"
 
-    def __init__(self, section, screen, graph_of_seed):
-        self.screen, self.graph_of_seed = screen, graph_of_seed
-        self.method, self.level, self.neighbours = section.intervals, section.interval_level, section.ood_neighbours
+
+def gene_scale(screen, train: list[str]) -> np.ndarray:
+    """Per gene, the standard deviation of the training perturbations' mean expression: the
+    baseline's interval spread (a fixed function of the training perturbations alone)."""
+    return np.std(np.stack([screen.means[p] for p in train]), axis=0)
+
+
+def with_gene_scale(screen, predictions: dict[str, np.ndarray], train: list[str]) -> GraphPrediction:
+    """`predictions` (of perturbations held out of `train`) with the gene scale of `train` as
+    every prediction's spread: a predictor without a spread of its own, made intervalable."""
+    scale = gene_scale(screen, train)
+    return GraphPrediction(mean=predictions, fell_back=[], spread={p: scale for p in predictions})
+
+
+def baseline_prediction(screen, name: str, train: list[str], test: list[str]) -> GraphPrediction:
+    """Baseline `name` fitted on `train`, predicting `test`, with the gene scale of `train`."""
+    return with_gene_scale(screen, baselines.predict(name, screen, train, test)[0], train)
+
+
+def baseline_inner_predictions(section, screen, train: list[str], seed: int) -> list[tuple[dict, GraphPrediction]]:
+    """Per inner fold over the training perturbations: the baseline chosen on that fold's
+    training perturbations alone, predicting its held-out ones (the baseline's calibration)."""
+    out = []
+    for fold in baselines.inner_folds(train, section.inner_folds, seed):
+        if len(fold["train"]) < 2:
+            continue
+        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
+        out.append((fold, baseline_prediction(screen, best, fold["train"], fold["test"])))
+    return out
+
+
+class PerturbationUncertainty:
+    """Per seed and held-out perturbation: interval coverage, width and the OOD score of one
+    predictor (the gene-graph head by default, `centred_on` says which); the intervals
+    themselves for predictions.h5ad."""
+
+    def __init__(self, section, screen, graph_of_seed=None, method: str | None = None, centred_on: str = GRAPH_CENTRE):
+        self.screen, self.graph_of_seed, self.centred_on = screen, graph_of_seed, centred_on
+        self.method = method or section.intervals
+        self.level, self.neighbours = section.interval_level, section.ood_neighbours
         self.metric = section.headline
         self.space_name, self.space = ood_space(screen)
         self.records: dict[int, dict[str, dict]] = {}
         self.bounds: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
         self.scales: dict[int, list[float]] = {}
+
+    @property
+    def scored_space(self) -> str | None:
+        """The space OOD scores are measured in, None without one (no reference, model or graph)."""
+        return self.space_name if self.space is not None or self.graph_of_seed is not None else None
 
     def add_fold(self, seed: int, fold: dict, outer, inner: list) -> None:
         """Calibrate on `inner` ([(inner fold, GraphPrediction)] over the training perturbations),
@@ -90,6 +139,8 @@ class GraphUncertainty:
 
     def _ood(self, seed: int, fold: dict, outer, inner: list) -> dict[str, dict]:
         vectors = self._vectors(seed, outer)
+        if not vectors:  # no space at all (a baseline without a reference or a model): no score, no flag
+            return {p: {"ood_distance": float("nan"), "ood_score": float("nan"), "ood_flagged": False} for p in fold["test"]}
         train = [vectors[p] for p in fold["train"] if vectors.get(p) is not None]
         out = {}
         scorer = None
@@ -123,7 +174,7 @@ class GraphUncertainty:
         """Each perturbation's embedding: the sum of its targets' vectors (None if one has none)."""
         if self.space is not None:
             rows = self.space
-        elif outer.node_states is not None:
+        elif outer.node_states is not None and self.graph_of_seed is not None:
             graph = self.graph_of_seed(seed)
             rows = {g: outer.node_states[i] for g, i in graph.index.items()}
         else:
@@ -146,8 +197,7 @@ class GraphUncertainty:
             "method": self.method,
             "level": self.level,
             "calibrated_on": "inner folds over each fold's training perturbations (split conformal over their genes)",
-            "centred_on": "the gene-graph head alone (predictions.h5ad layer graph_plain; graph under --head plain), "
-            "not the anchored blend",
+            "centred_on": self.centred_on,
             "scale_per_seed": {str(s): v for s, v in self.scales.items()},
             "n_units": len(units),
             "n_with_interval": len(with_interval),
@@ -156,7 +206,7 @@ class GraphUncertainty:
             "coverage_gaussian": _mean(with_interval, "coverage_gaussian"),
             "mean_width": _mean(with_interval, "mean_width"),
             "ood": {
-                "space": self.space_name,
+                "space": self.scored_space,
                 "neighbours": self.neighbours,
                 "flag": f"distance beyond {self.level:g} of the calibration distances (training perturbations' "
                 + ("leave-one-out ones" if self.space is not None else "held out of inner folds, in those folds' heads")
@@ -178,7 +228,7 @@ class GraphUncertainty:
                 [r["error"] for r in units],
                 [r["ood_distance"] for r in units],
                 [r["ood_flagged"] for r in units],
-                f"gene-graph head, held-out perturbations ({self.space_name} space)",
+                f"{self.centred_on.split(' (')[0]}, held-out perturbations ({self.space_name} space)",
                 f"error (1 - {self.metric})" if higher_is_better(self.metric) else self.metric,
                 "distance to the nearest training perturbations",
             )

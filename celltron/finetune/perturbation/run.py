@@ -34,7 +34,15 @@ from celltron.finetune.perturbation.evaluate import (
     pseudobulk,
     simulation_split,
 )
-from celltron.finetune.perturbation.intervals import GraphUncertainty
+from celltron.finetune.perturbation.intervals import (
+    BASELINE_CENTRE,
+    BASELINE_METHOD,
+    MODEL_CENTRE,
+    PerturbationUncertainty,
+    baseline_inner_predictions,
+    baseline_prediction,
+    with_gene_scale,
+)
 from celltron.finetune.perturbation.model import (
     PerturbationModel,
     PerturbationPairs,
@@ -448,10 +456,14 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
     responsive = [p for p in screen.responsive(section.responsive_min_de) if p in usable]
     _write_config(config, out)  # only now: a run refused for its inputs leaves no --out behind
 
-    uncertainty = None
-    if graph_inputs is not None and section.intervals != "none":
-        uncertainty = GraphUncertainty(section, screen, graph_inputs.for_seed)
-    runs = _Runs(graph_inputs, uncertainty)
+    uncertainty = baseline_uncertainty = model_uncertainty = None
+    if section.intervals != "none":
+        baseline_uncertainty = PerturbationUncertainty(section, screen, None, BASELINE_METHOD, BASELINE_CENTRE)
+        if graph_inputs is not None:
+            uncertainty = PerturbationUncertainty(section, screen, graph_inputs.for_seed)
+        if prepared is not None and section.head == "anchored":  # a plain head has no inner folds to calibrate on
+            model_uncertainty = PerturbationUncertainty(section, screen, None, BASELINE_METHOD, MODEL_CENTRE)
+    runs = _Runs(graph_inputs, uncertainty, baseline_uncertainty, model_uncertainty)
     # every process trains every seed and fold (they train together); only the first reports
     first = [runs.add_seed(config, prepared, screen, usable, seed, out, resume) for seed in section.seeds]
     if not all(first):
@@ -468,6 +480,8 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         "graph_head_plain": runs.aggregate(GRAPH_PLAIN),
         "graph": graph_inputs.describe() if graph_inputs else None,
         "graph_uncertainty": uncertainty.summary() if uncertainty else None,
+        "baseline_uncertainty": baseline_uncertainty.summary() if baseline_uncertainty else None,
+        "model_uncertainty": model_uncertainty.summary() if model_uncertainty and model_uncertainty.records else None,
         "baselines": {name: runs.aggregate(name) for name in baselines.baseline_names(screen)},
         "best_baseline": {
             "metric": section.headline,
@@ -506,7 +520,8 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         metrics["paired"] = _paired(runs, section.headline, responsive)
     if GRAPH in runs.evaluations:
         metrics["paired_graph"] = _paired(runs, section.headline, responsive, GRAPH)
-    return write_results(out, metrics, screen, runs.splits, runs.predictions, uncertainty)
+    intervals = {"graph": uncertainty, BEST: baseline_uncertainty, "model": model_uncertainty}
+    return write_results(out, metrics, screen, runs.splits, runs.predictions, intervals)
 
 
 BEST = "best_baseline"
@@ -521,8 +536,11 @@ SIMULATION_GROUPS = ("unseen_single", "combo_seen0", "combo_seen1", "combo_seen2
 class _Runs:
     """Every seed's folds, predictions and evaluations, gathered for metrics.json."""
 
-    def __init__(self, graph_inputs: GraphInputs | None = None, uncertainty=None):
+    def __init__(
+        self, graph_inputs: GraphInputs | None = None, uncertainty=None, baseline_uncertainty=None, model_uncertainty=None
+    ):
         self.graph_inputs, self.uncertainty = graph_inputs, uncertainty
+        self.baseline_uncertainty, self.model_uncertainty = baseline_uncertainty, model_uncertainty
         self.splits, self.folds, self.chosen, self.predictions, self.fell_back = {}, {}, {}, {}, {}
         self.evaluations: dict[str, dict] = {}
 
@@ -546,6 +564,10 @@ class _Runs:
                 if name.startswith("linear"):
                     self.fell_back.setdefault(name, {}).setdefault(str(seed), []).extend(fell)
             predicted[BEST].update({p: predicted[best][p] for p in fold["test"]})
+            if self.baseline_uncertainty is not None:  # calibrated on inner folds over the training perturbations
+                inner = baseline_inner_predictions(section, screen, fold["train"], seed)
+                outer = baseline_prediction(screen, best, fold["train"], fold["test"])
+                self.baseline_uncertainty.add_fold(seed, fold, outer, inner)
             if self.graph_inputs is not None:
                 outer = self.graph_inputs.predict(screen, fold, seed)
                 values = outer.mean
@@ -566,8 +588,9 @@ class _Runs:
                 continue
             where = out / f"seed{seed}" / (f"fold{k}" if len(folds) > 1 else "")
             choice = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}
+            inner = []
             if section.head == "anchored":
-                choice = choose_settings(config, prepared, screen, fold["train"], seed, where, resume)
+                choice = choose_settings(config, prepared, screen, fold["train"], seed, where, resume, inner)
                 chosen[-1].update(choice)
             by_length, first_process = _predictions(
                 config, prepared, screen, fold, seed, where, resume, choice["learning_rate"], (choice["steps"],)
@@ -580,6 +603,9 @@ class _Runs:
                 predicted.setdefault(PLAIN, {}).update(plain)
                 plain = {p: anchor(predicted[best][p], plain[p], choice["weight"]) for p in fold["test"]}
             predicted.setdefault("model", {}).update(plain)
+            if self.model_uncertainty is not None and inner:
+                calibration = [(f, with_gene_scale(screen, values, f["train"])) for f, values in inner]
+                self.model_uncertainty.add_fold(seed, fold, with_gene_scale(screen, plain, fold["train"]), calibration)
         self.splits[seed], self.folds[seed], self.chosen[seed] = split, folds, chosen
         self.predictions[seed] = predicted
         for name, values in predicted.items():
@@ -591,7 +617,7 @@ class _Runs:
         return aggregate(runs, METRICS, "per_perturbation") if runs else None
 
 
-def choose_settings(config, prepared, screen, train: list[str], seed: int, where: Path, resume) -> dict:
+def choose_settings(config, prepared, screen, train: list[str], seed: int, where: Path, resume, inner=None) -> dict:
     """The anchored head's learning rate, training length and residual weight, by inner cross-
     validation over the training perturbations `train`: in each inner fold a baseline is chosen
     and one model per learning rate trained on the inner training perturbations alone (its
@@ -604,7 +630,8 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     Returns:
         {"learning_rate", "steps", "setting_scores", "weight", "weight_scores", "gain_low"}; with too few
         training perturbations to cross-validate, optim.lr, the full length and the smallest
-        weight, and no scores.
+        weight, and no scores. `inner` (a list) receives each inner fold with the chosen blend's
+        predictions of its held-out perturbations (the model head's interval calibration).
     """
     section = config.perturbation
     folds = [f for f in baselines.inner_folds(train, section.inner_folds, seed) if len(f["train"]) >= 2]
@@ -624,6 +651,9 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
     alone = {key: evaluate_folds(predictions, screen, folds)[section.headline] for key, predictions in model.items()}
     lr, steps, setting_scores = choose_setting(alone, better)
     weight = _blend_weight(section, screen, folds, baseline, model[lr, steps], seed)
+    if inner is not None:
+        chosen = {p: anchor(baseline[p], model[lr, steps][p], weight["weight"]) for p in baseline}
+        inner.extend((fold, {p: chosen[p] for p in fold["test"]}) for fold in folds)
     return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | weight
 
 
@@ -703,15 +733,17 @@ def per_unit_means(per_seed, metric: str) -> dict[str, float]:
     return {p: float(np.mean(v)) for p, v in values.items()}
 
 
-def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: dict, uncertainty=None) -> dict:
+def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: dict, intervals: dict | None = None) -> dict:
     """metrics.json, predictions.h5ad (one row per seed and held-out perturbation: the model's
-    prediction in X, truth, control and each baseline as layers), the table, the line saying
-    whether the model beat the best baseline, and the plots."""
+    prediction in X, truth, control and each baseline as layers, with the intervals), the table,
+    the line saying whether the model beat the best baseline, and the plots. `intervals`:
+    {prediction name: its PerturbationUncertainty or None}."""
     out.mkdir(parents=True, exist_ok=True)
     write_metrics(out / "metrics.json", metrics)
-    _write_predictions(out / "predictions.h5ad", screen, splits, predictions, uncertainty)
-    if uncertainty is not None:
-        uncertainty.plot(out / "graph_ood_error.png")
+    intervals = {name: who for name, who in (intervals or {}).items() if who is not None and who.records}
+    _write_predictions(out / "predictions.h5ad", screen, splits, predictions, intervals)
+    for name, who in intervals.items():
+        who.plot(out / f"{name}_ood_error.png")
     headline = metrics["best_baseline"]["metric"]
     plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
     if metrics.get("graph_head"):
@@ -734,19 +766,29 @@ def write_results(out: Path, metrics: dict, screen, splits: dict, predictions: d
                     else f"responsive perturbations (>= {metrics['responsive']['min_de_genes']} DE genes)"
                 )
                 print(verdict_line(headline, "best baseline", difference, unit).replace("model", who, 1))
-    if metrics.get("graph_uncertainty"):
-        print(_uncertainty_line(metrics["graph_uncertainty"]))
+    for key, who in (
+        ("baseline_uncertainty", "best baseline"),
+        ("model_uncertainty", "model head"),
+        ("graph_uncertainty", "gene-graph head"),
+    ):
+        if metrics.get(key):
+            print(_uncertainty_line(metrics[key], who))
     return metrics
 
 
-def _uncertainty_line(summary: dict) -> str:
-    """Coverage of the gene-graph head's intervals, and whether error rises with the OOD score."""
+def _uncertainty_line(summary: dict, who: str) -> str:
+    """Coverage of a predictor's intervals, and whether error rises with the OOD score."""
     ood = summary["ood"]
-    return (
-        f"gene-graph head, {summary['level']:g} intervals ({summary['method']}, calibrated on training perturbations): "
+    line = (
+        f"{who}, {summary['level']:g} intervals ({summary['method']}, calibrated on training perturbations): "
         f"coverage {summary['coverage']:.3f} over all genes, {summary['coverage_de_notarget']:.3f} over DE genes, "
         f"{summary['coverage_gaussian']:.3f} uncalibrated, on {summary['n_with_interval']} of {summary['n_units']} held-out "
-        f"perturbations; OOD ({ood['space']} space): {ood['n_flagged']} flagged, AUROC of large error "
+        "perturbations"
+    )
+    if ood["space"] is None:
+        return line + "; no OOD score (no co-expression reference, model or graph to measure in)"
+    return (
+        f"{line}; OOD ({ood['space']} space): {ood['n_flagged']} flagged, AUROC of large error "
         f"{ood['auroc_large_error']:.2f}, Spearman {ood['spearman']:.2f} over {ood['n_units']}"
     )
 
@@ -770,7 +812,9 @@ def _counts(values: list) -> str:
     return ", ".join(f"{v} x{values.count(v)}" for v in sorted(set(values), key=values.index))
 
 
-def _write_predictions(path: Path, screen, splits: dict, predictions: dict, uncertainty=None) -> None:
+def _write_predictions(path: Path, screen, splits: dict, predictions: dict, intervals: dict) -> None:
+    """`intervals`: {prediction name: its PerturbationUncertainty or None}; each gives layers
+    NAME_interval_low / _high, and the first with an OOD space the obs ood_* columns."""
     import anndata as ad
     import pandas as pd
 
@@ -784,14 +828,17 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict, unce
     extra = tuple(name for name in (GRAPH, GRAPH_PLAIN) if all(name in predictions[s] for s in splits))
     for name in (*baselines.baseline_names(screen), BEST, *extra):
         layers[name] = np.stack([predictions[o["seed"]][name][o["perturbation"]] for o in obs])
-    if uncertainty is not None:
-        missing = (np.full(len(screen.genes), np.nan),) * 2
+    missing = (np.full(len(screen.genes), np.nan),) * 2
+    scored = False
+    for name, uncertainty in intervals.items():
         bounds = [uncertainty.bounds.get(o["seed"], {}).get(o["perturbation"], missing) for o in obs]
-        layers["graph_interval_low"] = np.stack([b[0] for b in bounds])
-        layers["graph_interval_high"] = np.stack([b[1] for b in bounds])
-        for o in obs:
-            record = uncertainty.records[o["seed"]][o["perturbation"]]
-            o.update({key: record[key] for key in ("ood_distance", "ood_score", "ood_flagged")})
+        layers[f"{name}_interval_low"] = np.stack([b[0] for b in bounds])
+        layers[f"{name}_interval_high"] = np.stack([b[1] for b in bounds])
+        if not scored and uncertainty.scored_space is not None:
+            scored = True
+            for o in obs:
+                record = uncertainty.records[o["seed"]][o["perturbation"]]
+                o.update({key: record[key] for key in ("ood_distance", "ood_score", "ood_flagged")})
     has_model = all("model" in predictions[s] for s in splits)
     X = np.stack([predictions[o["seed"]]["model"][o["perturbation"]] for o in obs]) if has_model else layers["truth"]
     adata = ad.AnnData(
