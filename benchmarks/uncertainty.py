@@ -1,13 +1,17 @@
 """Predictive intervals and OOD flags, measured on held-out units: the gene-graph perturbation
 head (Papalexi 2021 held-out perturbations, Norman 2019 GEARS simulation split; 5-member
-ensemble and MC dropout), the drug-response best baseline (GDSC, unseen compounds and random
-pairs) and the drug model's MC-dropout intervals (unseen compounds), the annotation baseline's prediction sets (PBMC 4k; and each cell type held out of
-training whole) and the cross-modal best baseline (TEA-seq RNA -> proteins). For each: the interval level, coverage on held-out outputs (calibrated on
-training units by split conformal, and the uncalibrated Gaussian interval where there is a
-spread), the mean width, how many units are flagged OOD, and whether error rises with the OOD
-distance (AUROC of "large error", above the median, and Spearman).
+ensemble and MC dropout) and the best baseline's intervals in the same runs (with
+--perturbation-model, also the frozen model head's and the model-feature graph head's), the
+drug-response best baseline (GDSC, unseen compounds and random pairs) and the drug model's
+MC-dropout intervals (unseen compounds), the annotation baseline's prediction sets (PBMC 4k; and
+each cell type held out of training whole) and a pretrained model's probe (the anchored head's
+and the model alone's sets), the cross-modal best baseline (TEA-seq RNA -> proteins) and the
+joint benchmark model's head and ridge alone. For each: the interval level, coverage on held-out
+outputs (calibrated on training units by split conformal, and the uncalibrated Gaussian interval
+where there is a spread), the mean width, how many units are flagged OOD, and whether error
+rises with the OOD distance (AUROC of "large error", above the median, and Spearman).
 
-    python -m benchmarks.uncertainty --out runs/bench/uncertainty
+    python -m benchmarks.uncertainty --out runs/bench/uncertainty [--only TASK] [--perturbation-model benchmark:geneformer]
 
 Runs what is missing under `--out` (the perturbation runs are those of
 benchmarks/perturbation_graph.py, read from `--graph-out` when already there).
@@ -27,6 +31,7 @@ from benchmarks._pretrained import resolve_model
 from celltron.cli import main as celltron
 
 GRAPH_VARIANTS = ("GRN + co-expression", "GRN + co-expression, MC dropout")
+MODEL_VARIANT = "GRN + co-expression, model features"  # with --perturbation-model: the frozen model head too
 PERTURBATION_RUNS = (("papalexi", "heldout"), ("norman", "simulation"))
 DRUG_SPLITS = ("drug", "random")
 
@@ -40,21 +45,31 @@ def _weights(choices: dict) -> str:
     return ", ".join(f"{choice['weight']:g}" for choice in choices.values())
 
 
-def perturbation_rows(shared_data: Path, graph_out: Path, seeds: list[int]) -> list[str]:
+def perturbation_rows(shared_data: Path, graph_out: Path, seeds: list[int], model: Path | None = None) -> list[str]:
+    """Per dataset: the gene-graph head's intervals (ensemble, MC dropout), the best baseline's
+    (the first variant's run; every run has the same), and with `model` the frozen model head's
+    (anchored) beside the model-feature graph head."""
     rows = []
+    variants = (*GRAPH_VARIANTS, MODEL_VARIANT) if model is not None else GRAPH_VARIANTS
     for dataset, split in PERTURBATION_RUNS:
-        results = perturbation_graph.run(shared_data, graph_out, dataset, split, seeds, None)
-        for variant in GRAPH_VARIANTS:
-            u = results[variant]["graph_uncertainty"]
-            ood = u["ood"]
-            rows.append(
-                f"| perturbation: {dataset} {split}, gene-graph head | {u['method']} | {u['level']:g} | "
-                f"{_cell(u['coverage'])} (DE genes {_cell(u['coverage_de_notarget'])}) | {_cell(u['coverage_gaussian'])} | "
-                f"{_cell(u['mean_width'])} | {ood['n_flagged']} of {ood['n_units']} ({ood['space']} space) | "
-                f"{_cell(ood['error_flagged'])} vs {_cell(ood['error_unflagged'])} | {_cell(ood['auroc_large_error'], 2)} | "
-                f"{_cell(ood['spearman'], 2)} |"
-            )
+        results = perturbation_graph.run(shared_data, graph_out, dataset, split, seeds, model, variants)
+        named = [(f"gene-graph head, {variant}", results[variant]["graph_uncertainty"]) for variant in results]
+        named.append(("best baseline", results[GRAPH_VARIANTS[0]].get("baseline_uncertainty")))
+        if MODEL_VARIANT in results:
+            named.append(("frozen model head, anchored", results[MODEL_VARIANT].get("model_uncertainty")))
+        rows += [_perturbation_row(f"{dataset} {split}, {who}", u) for who, u in named if u]
     return rows
+
+
+def _perturbation_row(who: str, u: dict) -> str:
+    ood = u["ood"]
+    flagged = f"{ood['n_flagged']} of {ood['n_units']} ({ood['space']} space)" if ood["space"] else "no space"
+    return (
+        f"| perturbation: {who} | {u['method']} | {u['level']:g} | "
+        f"{_cell(u['coverage'])} (DE genes {_cell(u['coverage_de_notarget'])}) | {_cell(u['coverage_gaussian'])} | "
+        f"{_cell(u['mean_width'])} | {flagged} | {_cell(ood['error_flagged'])} vs {_cell(ood['error_unflagged'])} | "
+        f"{_cell(ood['auroc_large_error'], 2)} | {_cell(ood['spearman'], 2)} |"
+    )
 
 
 def drug_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
@@ -254,6 +269,9 @@ def main() -> None:
         "--model", default="benchmark:geneformer", help="the annotation probe's pretrained model (annotate_model rows)"
     )
     parser.add_argument("--crossmodal-workdir", type=Path, default=Path("runs/bench/crossmodal"))
+    parser.add_argument(
+        "--perturbation-model", help="also the frozen model head and model-feature graph head (e.g. benchmark:geneformer)"
+    )
     add_shared_data_option(parser)
     args = parser.parse_args()
     header = (
@@ -262,7 +280,8 @@ def main() -> None:
     )
     rows = []
     if args.only in (None, "perturbation"):
-        rows += perturbation_rows(args.shared_data, args.graph_out, args.seeds)
+        model = resolve_model(args.perturbation_model, shared_data=args.shared_data) if args.perturbation_model else None
+        rows += perturbation_rows(args.shared_data, args.graph_out, args.seeds, model)
     if args.only in (None, "drug"):
         rows += drug_rows(args.shared_data, args.out, args.seeds)
     if args.only in (None, "drug_model"):
