@@ -63,7 +63,7 @@ def perturbation_rows(shared_data: Path, graph_out: Path, seeds: list[int], mode
 
 def _perturbation_row(who: str, u: dict) -> str:
     ood = u["ood"]
-    flagged = f"{ood['n_flagged']} of {ood['n_units']} ({ood['space']} space)" if ood["space"] else "no space"
+    flagged = f"{ood['n_flagged']} of {u['n_units']} ({ood['space']} space)" if ood["space"] else "no space"
     return (
         f"| perturbation: {who} | {u['method']} | {u['level']:g} | "
         f"{_cell(u['coverage'])} (DE genes {_cell(u['coverage_de_notarget'])}) | {_cell(u['coverage_gaussian'])} | "
