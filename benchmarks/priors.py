@@ -5,7 +5,10 @@ validation losses; as a control, the same architecture untrained (random weights
 without the co-expression prior.
 
     python -m benchmarks.priors [--config genecompass_debug.yaml] [--steps 400] [--seeds 0 1 2]
-        [--dims 32] [--out runs/bench/priors]
+        [--dims 32] [--out runs/bench/priors] [--variants none coexpression] [--pretrain-only]
+
+`--pretrain-only` stops after pretraining, so that variants can pretrain in parallel processes
+(one `--variants` each) before one process embeds and scores them all.
 
 The corpus is the benchmarks' PBMC corpus (benchmarks/_pretrained.py: every human raw-count PBMC
 set except PBMC 4k). Priors: `celltron priors build` on it, ortholog scheme, GRN from TRRUST
@@ -105,11 +108,11 @@ def per_fold_means(metrics: dict, keys: list[str], metric: str) -> np.ndarray:
     return np.mean([[fold[metric] for fold in metrics["variants"][k]["per_fold"]] for k in keys], axis=0)
 
 
-def tables(runs: dict, metrics: dict, seeds) -> str:
+def tables(runs: dict, metrics: dict, seeds, variants=tuple(VARIANTS)) -> str:
     lines = ["| priors | " + " | ".join(METRICS) + " | Δ vs none, " + " | Δ vs none, ".join(METRICS) + " | val loss | s a run |"]
     lines.append("|---" * (3 + 2 * len(METRICS)) + "|")
-    keys = {v: [f"X_{v.replace('+', '_')}_s{s}" for s in seeds] for v in VARIANTS}
-    keys.update({f"untrained, {v}": [f"X_untrained_{v}_s{s}" for s in seeds] for v in UNTRAINED})
+    keys = {v: [f"X_{v.replace('+', '_')}_s{s}" for s in seeds] for v in variants}
+    keys.update({f"untrained, {v}": [f"X_untrained_{v}_s{s}" for s in seeds] for v in UNTRAINED if v in variants})
     for variant, mine in keys.items():
         scores = [f"{per_fold_means(metrics, mine, m).mean():.3f}" for m in METRICS]
         deltas = []
@@ -144,6 +147,8 @@ def add_pretraining_options(parser: argparse.ArgumentParser) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pretraining_options(parser)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="must include none")
+    parser.add_argument("--pretrain-only", action="store_true", help="pretrain the variants, embed and score nothing")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = benchmark_corpus(shared_data=args.shared_data) / "corpus"
@@ -152,11 +157,19 @@ def main() -> None:
     runs = {}
     tag = f"{Path(args.config).stem}-{args.steps}steps-d{args.dims}"
     for variant, names in VARIANTS.items():
+        if variant not in args.variants:
+            continue
         for seed in args.seeds:
             key = f"X_{variant.replace('+', '_')}_s{seed}"
             runs[key] = pretrain_variant(args.config, corpus, priors, names, seed, args.steps, args.out / tag / key)
             print(f"{key}: val loss {runs[key]['val']['val_loss']:.3f}, {runs[key]['seconds']:.0f} s", flush=True)
+    if args.pretrain_only:
+        return
+    if "none" not in args.variants:
+        raise SystemExit("--variants: every prior is compared with none; include it")
     for variant, names in UNTRAINED.items():
+        if variant not in args.variants:
+            continue
         for seed in args.seeds:
             key = f"X_untrained_{variant}_s{seed}"
             trained = runs[f"X_{variant}_s{seed}"]["export"]  # its config has the prior's width
@@ -164,7 +177,7 @@ def main() -> None:
     metrics = embed_all(runs, labelled_copy(args.shared_data, args.out), args.out / tag)
     covered = {name: record["tokens_with_prior"] for name, record in manifest["priors"].items()}
     print(f"\n### {args.config}, {args.steps} steps, seeds {args.seeds}, priors {args.dims} wide (tokens covered: {covered})\n")
-    print(tables(runs, metrics, args.seeds))
+    print(tables(runs, metrics, args.seeds, args.variants))
 
 
 if __name__ == "__main__":
