@@ -123,7 +123,8 @@ FINETUNE_OPTIONS = [
         "{task}.intervals",
         sections=("perturbation", "drug"),
         help="the model's predictive intervals: ensemble (members from different seeds), mc_dropout or none "
-        "(perturbation: the gene-graph head's; drug-response ic50: the drug model's)",
+        "(perturbation: the gene-graph head's, and none also switches off the best baseline's and the model head's; "
+        "drug-response ic50: the drug model's)",
     ),
     Option("{task}.interval_level", sections=TASKS, metavar="LEVEL"),
     Option(

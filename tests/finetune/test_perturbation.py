@@ -411,6 +411,14 @@ def test_an_anchored_head_with_weight_zero_is_the_best_baseline_exactly(pretrain
         np.testing.assert_allclose(
             predictions.layers[f"model_interval_{side}"], predictions.layers[f"best_baseline_interval_{side}"]
         )
+    # at weight 1 the head is the model alone: its intervals centre on its prediction and are
+    # calibrated on the inner models' residuals, not the baselines'
+    assert _finetune(*args, "--out", str(tmp_path / "w1"), "--set", "perturbation.anchor_weights=[1]") == 0
+    whole = json.loads((tmp_path / "w1" / "metrics.json").read_text())
+    assert whole["model_uncertainty"]["scale_per_seed"] != whole["baseline_uncertainty"]["scale_per_seed"]
+    written = ad.read_h5ad(tmp_path / "w1" / "predictions.h5ad")
+    centre = (written.layers["model_interval_low"] + written.layers["model_interval_high"]) / 2
+    np.testing.assert_allclose(centre, written.X, atol=1e-4)
     # the plain head is the model alone, with no baseline mixed in
     assert _finetune(*args, "--out", str(tmp_path / "plain"), "--head", "plain") == 0
     plain = json.loads((tmp_path / "plain" / "metrics.json").read_text())

@@ -261,7 +261,45 @@ def test_intervals_are_calibrated_on_training_perturbations_alone(screen, kind):
     assert again.summary()["coverage"] < 0.1
 
 
+def test_the_best_baselines_intervals_are_calibrated_on_training_perturbations_alone(screen):
+    """The baseline's interval: its prediction ± q x each gene's spread over the training
+    perturbations, q from inner folds over them. Held-out truths moved far away change neither
+    the spread nor q, only the coverage."""
+    import dataclasses
+
+    from celltron.finetune.perturbation.intervals import (
+        BASELINE_METHOD,
+        PerturbationUncertainty,
+        baseline_inner_predictions,
+        baseline_prediction,
+        gene_scale,
+    )
+
+    data, _, train, unseen, _ = screen
+    fold = {"train": [p for p in train if "+" not in p], "test": unseen}
+    section = uncertainty_section()
+
+    def run(data):
+        uncertainty = PerturbationUncertainty(section, data, None, BASELINE_METHOD)
+        outer = baseline_prediction(data, "train_mean", fold["train"], fold["test"])
+        uncertainty.add_fold(0, fold, outer, baseline_inner_predictions(section, data, fold["train"], 0))
+        return uncertainty, outer
+
+    uncertainty, outer = run(data)
+    np.testing.assert_allclose(outer.spread[unseen[0]], np.std([data.means[p] for p in fold["train"]], axis=0))
+    summary = uncertainty.summary()
+    assert summary["n_with_interval"] == len(unseen) and 0.5 < summary["coverage"] <= 1.0
+    assert summary["ood"]["space"] is None and summary["ood"]["n_flagged"] == 0  # nothing to measure OOD in
+    moved = dataclasses.replace(data, means={p: v + (5.0 if p in unseen else 0.0) for p, v in data.means.items()})
+    again, _ = run(moved)
+    assert again.scales == uncertainty.scales
+    np.testing.assert_array_equal(gene_scale(moved, fold["train"]), gene_scale(data, fold["train"]))
+    assert again.summary()["coverage"] < 0.1
+
+
 def uncertainty_section():
     import types
 
-    return types.SimpleNamespace(intervals="ensemble", interval_level=0.9, ood_neighbours=3, headline="pearson_delta")
+    return types.SimpleNamespace(
+        intervals="ensemble", interval_level=0.9, ood_neighbours=3, headline="pearson_delta", inner_folds=3
+    )

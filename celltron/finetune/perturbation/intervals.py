@@ -45,7 +45,10 @@ def ood_space(screen) -> tuple[str, dict | None]:
 
 GRAPH_CENTRE = "the gene-graph head alone (predictions.h5ad layer graph_plain; graph under --head plain), not the anchored blend"
 BASELINE_CENTRE = "the best baseline (predictions.h5ad layer best_baseline)"
-MODEL_CENTRE = "the model head as reported (anchored blend), calibrated on the inner folds that chose its setting"
+MODEL_CENTRE = (
+    "the model head (the anchored blend as reported; calibrated on the inner folds that also chose its setting and "
+    "weight, so slightly optimistic)"
+)
 BASELINE_METHOD = "split conformal, spread = the gene's standard deviation over the training perturbations"
 
 
@@ -139,7 +142,7 @@ class PerturbationUncertainty:
 
     def _ood(self, seed: int, fold: dict, outer, inner: list) -> dict[str, dict]:
         vectors = self._vectors(seed, outer)
-        if not vectors:  # no space at all (a baseline without a reference or a model): no score, no flag
+        if self.scored_space is None:  # no space at all (a baseline without a reference or a model): no score, no flag
             return {p: {"ood_distance": float("nan"), "ood_score": float("nan"), "ood_flagged": False} for p in fold["test"]}
         train = [vectors[p] for p in fold["train"] if vectors.get(p) is not None]
         out = {}
@@ -208,9 +211,7 @@ class PerturbationUncertainty:
             "ood": {
                 "space": self.scored_space,
                 "neighbours": self.neighbours,
-                "flag": f"distance beyond {self.level:g} of the calibration distances (training perturbations' "
-                + ("leave-one-out ones" if self.space is not None else "held out of inner folds, in those folds' heads")
-                + ")",
+                "flag": self._flag_rule(),
                 "n_flagged": len(flagged),
                 "error": f"1 - {self.metric}" if higher_is_better(self.metric) else self.metric,
                 "error_flagged": _mean(flagged, "error"),
@@ -219,6 +220,12 @@ class PerturbationUncertainty:
             },
             "per_seed": {str(s): per for s, per in self.records.items()},
         }
+
+    def _flag_rule(self) -> str:
+        if self.scored_space is None:
+            return "none: no space to measure a distance in"
+        calibration = "leave-one-out ones" if self.space is not None else "held out of inner folds, in those folds' heads"
+        return f"distance beyond {self.level:g} of the calibration distances (training perturbations' {calibration})"
 
     def plot(self, png) -> None:
         units = [r for per_seed in self.records.values() for r in per_seed.values() if np.isfinite(r["ood_distance"])]

@@ -836,9 +836,10 @@ def _write_predictions(path: Path, screen, splits: dict, predictions: dict, inte
         layers[f"{name}_interval_high"] = np.stack([b[1] for b in bounds])
         if not scored and uncertainty.scored_space is not None:
             scored = True
+            unscored = {"ood_distance": np.nan, "ood_score": np.nan, "ood_flagged": False}
             for o in obs:
-                record = uncertainty.records[o["seed"]][o["perturbation"]]
-                o.update({key: record[key] for key in ("ood_distance", "ood_score", "ood_flagged")})
+                record = uncertainty.records.get(o["seed"], {}).get(o["perturbation"], unscored)
+                o.update({key: record[key] for key in unscored})
     has_model = all("model" in predictions[s] for s in splits)
     X = np.stack([predictions[o["seed"]]["model"][o["perturbation"]] for o in obs]) if has_model else layers["truth"]
     adata = ad.AnnData(
