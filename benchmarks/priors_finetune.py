@@ -24,6 +24,10 @@ and a GRN check on TF blocks the prior never saw:
   (ridge on the frozen embedding) and the anchored head's Pearson per protein (mean over seeds).
 
     python -m benchmarks.priors_finetune [--seeds 0 1 2] [--steps 400] [--tasks perturbation grn grn_heldout annotate crossmodal]
+        [--config genecompass_benchmark.yaml --steps 640 --variants none coexpression]
+
+Runs of any config or length other than the debug default go under finetune/<tag>/ and
+grn_heldout/<tag>/ (tag: config-STEPSsteps-dDIMS), beside the models.
 
 Prints markdown tables. Intervals: 95%, over perturbations / blocks (t below 20 units).
 """
@@ -52,14 +56,37 @@ PERTURBATION_METRIC = "pearson_delta_de20_notarget"
 
 def pretrained_runs(args, corpus: Path, priors: Path) -> dict:
     """{(variant, seed): pretrain_variant's record}, in benchmarks/priors.py's folders."""
-    tag = f"{Path(args.config).stem}-{args.steps}steps-d{args.dims}"
+    tag = model_tag(args)
     runs = {}
     for variant, names in VARIANTS.items():
+        if variant not in args.variants:
+            continue
         for seed in args.seeds:
             folder = args.out / tag / f"X_{variant}_s{seed}"
             runs[variant, seed] = pretrain_variant(args.config, corpus, priors, names, seed, args.steps, folder)
             print(f"pretrained {variant} seed {seed}: {runs[variant, seed]['seconds']:.0f} s", flush=True)
     return runs
+
+
+DEFAULT_TAG = "genecompass_debug-400steps-d32"  # its runs sit directly under finetune/ and grn_heldout/
+
+
+def model_tag(args) -> str:
+    """The pretrained models' folder name: config, steps and prior width."""
+    return f"{Path(args.config).stem}-{args.steps}steps-d{args.dims}"
+
+
+def tagged(args, name: str) -> Path:
+    """Where runs of these models go: out/NAME for the default debug models, out/NAME/<tag> for
+    any other config or length (so they never reuse each other's results)."""
+    tag = model_tag(args)
+    return args.out / name if tag == DEFAULT_TAG else args.out / name / tag
+
+
+def _present(means: dict) -> list[str]:
+    """The prior variants that ran (`--variants`), in VARIANTS order."""
+    ran = {key[0] if isinstance(key, tuple) else key for key in means}
+    return [variant for variant in VARIANTS if variant in ran]
 
 
 def difference_line(name: str, mine: dict, none: dict, unit: str) -> str:
@@ -75,7 +102,7 @@ def perturbation_task(args, runs: dict) -> str:
     means: dict = {}
     seconds: dict = {}
     for (variant, seed), run in runs.items():
-        folder = args.out / "finetune" / "perturbation" / f"{variant}_s{seed}"
+        folder = tagged(args, "finetune") / "perturbation" / f"{variant}_s{seed}"
         if not (folder / "metrics.json").exists():
             start = time.perf_counter()
             command = ["finetune", "perturbation", "--model", str(run["export"]), "--encoder", "frozen", *FROZEN_CHOICES]
@@ -101,7 +128,7 @@ def perturbation_task(args, runs: dict) -> str:
         "| priors | model alone | anchored head | best baseline | model alone − none | anchored − none | s a run |",
         "|---" * 7 + "|",
     ]
-    for variant in VARIANTS:
+    for variant in _present(means):
         cells = [f"{np.mean(means[variant, h]):.3f}" for h in ("model_plain", "model", "best_baseline")]
         if variant == "none":
             cells += ["", ""]
@@ -119,7 +146,7 @@ def grn_task(args, runs: dict) -> str:
     per_block: dict = {}
     means: dict = {}
     for (variant, seed), run in runs.items():
-        folder = args.out / "finetune" / "grn" / f"{variant}_s{seed}"
+        folder = tagged(args, "finetune") / "grn" / f"{variant}_s{seed}"
         if not (folder / "metrics.json").exists():
             command = ["grn", "--model", str(run["export"]), "--data", str(data), "--gene-column", "gene_symbol_original"]
             command += ["--truth", str(truth), "--method", "embedding", "--seed", str(seed), "--max-cells", "500"]
@@ -130,7 +157,7 @@ def grn_task(args, runs: dict) -> str:
         means.setdefault(variant, []).append(metrics["model_plain"]["auprc_ratio"])
         means.setdefault("degree prior", []).append(metrics["baselines"]["degree_prior"]["auprc_ratio"])
     lines = ["| priors | model alone, AUPRC ratio | − none, per (seed, block) |", "|---|---|---|"]
-    for variant in VARIANTS:
+    for variant in _present(means):
         delta = "" if variant == "none" else difference_line(variant, per_block[variant], per_block["none"], "(seed, block)")
         lines.append(f"| {variant} | {np.mean(means[variant]):.2f} | {delta} |")
     lines.append(f"| baseline: degree prior | {np.mean(means['degree prior']):.2f} | |")
@@ -142,7 +169,7 @@ def annotation_task(args, runs: dict) -> str:
     pretraining seed: the model alone's F1 per cell type (mean over seeds), with a prior − without."""
     from benchmarks.embedding import PROBE_FLAGS, annotation, labelled_copy
 
-    work = args.out / "finetune" / "annotate"
+    work = tagged(args, "finetune") / "annotate"
     work.mkdir(parents=True, exist_ok=True)
     data = labelled_copy(args.shared_data, work)
     per_unit: dict = {}
@@ -167,7 +194,7 @@ def crossmodal_task(args, runs: dict) -> str:
     per_unit: dict = {}
     means: dict = {}
     for (variant, seed), run in runs.items():
-        folder = args.out / "finetune" / "crossmodal" / f"{variant}_s{seed}"
+        folder = tagged(args, "finetune") / "crossmodal" / f"{variant}_s{seed}"
         if (folder / "metrics.json").exists():
             metrics = json.loads((folder / "metrics.json").read_text())
         else:
@@ -196,7 +223,7 @@ def _two_heads_table(per_unit: dict, means: dict, metric: str, unit: str) -> str
         f"| priors | model alone, {metric} | anchored head | model alone − none | anchored − none |",
         "|---" * 5 + "|",
     ]
-    for variant in VARIANTS:
+    for variant in _present(means):
         cells = [f"{np.mean(means[variant, h]):.3f}" for h in ("model_plain", "model")]
         for head in ("model_plain", "model"):
             mine, none = (_over_seeds(per_unit[v, head]) for v in (variant, "none"))
@@ -229,7 +256,7 @@ def grn_heldout_task(args, corpus: Path, priors: Path, runs: dict) -> str:
     none_table = fused_table(runs["none", args.seeds[0]]["export"])
     ratios: dict = {}
     for k, block in enumerate(np.array_split(names, BLOCKS)):
-        work = args.out / "grn_heldout" / f"block{k}"
+        work = tagged(args, "grn_heldout") / f"block{k}"
         work.mkdir(parents=True, exist_ok=True)
         train = table[~table.tf.isin(set(block))]
         train.to_csv(work / "trrust_train.tsv", sep="\t", header=False, index=False)
@@ -281,6 +308,7 @@ def pretrain_block(args, corpus: Path, prior_path: Path, folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_pretraining_options(parser)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="must include none")
     parser.add_argument("--perturbation-steps", type=int, default=600)
     parser.add_argument(
         "--tasks",
