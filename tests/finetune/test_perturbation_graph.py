@@ -267,6 +267,7 @@ def test_the_best_baselines_intervals_are_calibrated_on_training_perturbations_a
     the spread nor q, only the coverage."""
     import dataclasses
 
+    from celltron.finetune.perturbation.baselines import usable_inner_folds
     from celltron.finetune.perturbation.intervals import (
         BASELINE_METHOD,
         PerturbationUncertainty,
@@ -282,7 +283,8 @@ def test_the_best_baselines_intervals_are_calibrated_on_training_perturbations_a
     def run(data):
         uncertainty = PerturbationUncertainty(section, data, None, BASELINE_METHOD)
         outer = baseline_prediction(data, "train_mean", fold["train"], fold["test"])
-        uncertainty.add_fold(0, fold, outer, baseline_inner_predictions(section, data, fold["train"], 0))
+        inner = baseline_inner_predictions(section, data, usable_inner_folds(fold["train"], 3, 0), 0)
+        uncertainty.add_fold(0, fold, outer, inner)
         return uncertainty, outer
 
     uncertainty, outer = run(data)

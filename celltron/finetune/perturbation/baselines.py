@@ -134,13 +134,18 @@ def inner_folds(perturbations: list[str], n_folds: int, seed: int) -> list[dict[
     return folds
 
 
+def usable_inner_folds(perturbations: list[str], n_folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """`inner_folds` that keep at least 2 training perturbations (fewer cannot fit a baseline)."""
+    return [fold for fold in inner_folds(perturbations, n_folds, seed) if len(fold["train"]) >= 2]
+
+
 def choose_baseline(
     data: PerturbationData, train: list[str], metric: str, seed: int, n_folds: int = 3
 ) -> tuple[str, dict[str, float]]:
     """The baseline with the best `metric` under inner cross-validation over the training
     perturbations only (no held-out perturbation is read); returns its name and every
     baseline's inner score."""
-    folds = [f for f in inner_folds(train, n_folds, seed) if len(f["train"]) >= 2]
+    folds = usable_inner_folds(train, n_folds, seed)
     scores = {}
     for name in baseline_names(data):
         predictions = {}

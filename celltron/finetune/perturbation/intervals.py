@@ -70,13 +70,12 @@ def baseline_prediction(screen, name: str, train: list[str], test: list[str]) ->
     return with_gene_scale(screen, baselines.predict(name, screen, train, test)[0], train)
 
 
-def baseline_inner_predictions(section, screen, train: list[str], seed: int) -> list[tuple[dict, GraphPrediction]]:
-    """Per inner fold over the training perturbations: the baseline chosen on that fold's
-    training perturbations alone, predicting its held-out ones (the baseline's calibration)."""
+def baseline_inner_predictions(section, screen, folds: list[dict], seed: int) -> list[tuple[dict, GraphPrediction]]:
+    """Per inner fold (`baselines.usable_inner_folds` over the training perturbations): the
+    baseline chosen on that fold's training perturbations alone, predicting its held-out ones,
+    with their gene scale (the baseline's calibration; the anchored heads' inner baselines)."""
     out = []
-    for fold in baselines.inner_folds(train, section.inner_folds, seed):
-        if len(fold["train"]) < 2:
-            continue
+    for fold in folds:
         best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
         out.append((fold, baseline_prediction(screen, best, fold["train"], fold["test"])))
     return out

@@ -40,7 +40,6 @@ from celltron.finetune.perturbation.intervals import (
     MODEL_CENTRE,
     PerturbationUncertainty,
     baseline_inner_predictions,
-    baseline_prediction,
     with_gene_scale,
 )
 from celltron.finetune.perturbation.model import (
@@ -283,7 +282,7 @@ class GraphInputs:
     def inner_predictions(self, screen, train: list[str], seed: int, n_folds: int) -> list[tuple[dict, graph.GraphPrediction]]:
         """The head on inner folds over the training perturbations `train` alone (the anchored
         weight and the intervals' scale are chosen on these): [(inner fold, its prediction)]."""
-        folds = [f for f in baselines.inner_folds(train, n_folds, seed) if len(f["train"]) >= 2]
+        folds = baselines.usable_inner_folds(train, n_folds, seed)
         return [(fold, self.predict(screen, fold, seed)) for fold in folds]
 
     def describe(self) -> dict:
@@ -565,8 +564,9 @@ class _Runs:
                     self.fell_back.setdefault(name, {}).setdefault(str(seed), []).extend(fell)
             predicted[BEST].update({p: predicted[best][p] for p in fold["test"]})
             if self.baseline_uncertainty is not None:  # calibrated on inner folds over the training perturbations
-                inner = baseline_inner_predictions(section, screen, fold["train"], seed)
-                outer = baseline_prediction(screen, best, fold["train"], fold["test"])
+                calibration_folds = baselines.usable_inner_folds(fold["train"], section.inner_folds, seed)
+                inner = baseline_inner_predictions(section, screen, calibration_folds, seed)
+                outer = with_gene_scale(screen, {p: predicted[best][p] for p in fold["test"]}, fold["train"])
                 self.baseline_uncertainty.add_fold(seed, fold, outer, inner)
             if self.graph_inputs is not None:
                 outer = self.graph_inputs.predict(screen, fold, seed)
@@ -634,7 +634,7 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
         predictions of its held-out perturbations (the model head's interval calibration).
     """
     section = config.perturbation
-    folds = [f for f in baselines.inner_folds(train, section.inner_folds, seed) if len(f["train"]) >= 2]
+    folds = baselines.usable_inner_folds(train, section.inner_folds, seed)
     rates, lengths = learning_rates(section, config.optim), training_lengths(section, config.trainer.max_steps)
     if not folds:  # too few training perturbations to cross-validate: stay on the baseline's side
         weight = float(min(section.anchor_weights))
@@ -659,12 +659,10 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
 
 def _inner_baselines(section, screen, folds: list[dict], seed: int) -> dict[str, np.ndarray]:
     """Each inner fold's held-out perturbations predicted by the baseline chosen on that fold's
-    training perturbations alone."""
-    out = {}
-    for fold in folds:
-        best, _ = baselines.choose_baseline(screen, fold["train"], section.headline, seed, section.inner_folds)
-        out.update(baselines.predict(best, screen, fold["train"], fold["test"])[0])
-    return out
+    training perturbations alone (`baseline_inner_predictions`, merged)."""
+    return {
+        p: v for _, prediction in baseline_inner_predictions(section, screen, folds, seed) for p, v in prediction.mean.items()
+    }
 
 
 def _blend_weight(section, screen, folds: list[dict], baseline: dict, head: dict, seed: int) -> dict:
