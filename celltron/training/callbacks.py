@@ -37,6 +37,7 @@ METRICS_FIELDS = [
         for score in ("accuracy", "accuracy_constant", "mse", "mse_cellmean")
         for m in ("rna", "adt", "atac")
     ),
+    "val_masked_accuracy_constant",  # last: metrics.csv files written before it keep their columns
 ]
 
 
@@ -119,7 +120,7 @@ class ThroughputAndMetrics(pl.Callback):
             return
         metrics = trainer.callback_metrics
         row = {"step": trainer.global_step}
-        names = ("loss", "masked_accuracy", "contrastive_loss", "contrastive_accuracy")
+        names = ("loss", "masked_accuracy", "masked_accuracy_constant", "contrastive_loss", "contrastive_accuracy")
         names += tuple(
             f"masked_{score}_{m}"
             for score in ("accuracy", "accuracy_constant", "mse", "mse_cellmean")

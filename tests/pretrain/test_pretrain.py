@@ -44,6 +44,10 @@ def test_family_learns_on_the_bundled_corpus(name, demo_corpus, tmp_path):
     assert losses[60] < losses[10]
     model = FAMILIES[config.model.family].model_class.from_pretrained(result.export)
     assert model.config.vocab_size == len(model.get_input_embeddings().weight)
+    (validation,) = [r for r in csv.DictReader((tmp_path / "metrics.csv").open()) if r["val_loss"]]
+    if config.model.family == "genecompass":  # predicts masked ids: its accuracy beside any constant guess's
+        constant = float(validation["val_masked_accuracy_constant"])
+        assert 0 < constant < 1 and 0 <= float(validation["val_masked_accuracy"]) <= 1
 
 
 class _SendSigterm(pl.Callback):
