@@ -416,11 +416,15 @@ def _model_sets_summary(per_seed: dict, level: float, key: str = "model") -> dic
     sizes = np.concatenate([r["sizes"] for r in records.values()])
     who = "the anchored head" if key == "model" else "the model alone, at the anchored head's learning rate and length"
     blend = "chosen blend" if key == "model" else "model alone (weight 1)"
+    folds = "the folds that chose the setting; no extra fit"
+    extra = next((r["extra_fits"] for r in records.values() if "extra_fits" in r), None)
+    if extra:  # a plain head: no folds chose anything, so they were fitted for the sets
+        who, folds = "the plain head: the model alone", f"fitted for this calibration alone, {extra} extra fits per seed"
     return {
         "predictor": f"model ({who})",
         "level": level,
         "set": "labels with the probability >= 1 - q, q the split-conformal quantile of 1 - p(true label) of the "
-        f"{blend} on the inner folds' held-out training cells (the folds that chose the setting; no extra fit)",
+        f"{blend} on the inner folds' held-out training cells ({folds})",
         **_set_statistics(covered, sizes),
         "threshold_per_seed": {str(s): r["threshold"] for s, r in records.items()},
         "inner_cells_per_seed": {str(s): r["inner_cells"] for s, r in records.items()},
@@ -560,6 +564,23 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path, inner:
     return scores.choose()
 
 
+def calibration_folds(task: _Task, train: np.ndarray, seed: int, out: Path, choice: dict) -> list:
+    """A plain head's inner folds, fitted only to calibrate its prediction sets (CV+ style): the
+    folds `choose_settings` would use, one model per fold at the head's own learning rate and
+    length, its probabilities on the fold's held-out training cells. Entries as `choose_settings`
+    fills `inner`, with a zero baseline (the plain head is the model alone: weight 1)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    labels, rate, steps = task.labels, choice["learning_rate"], choice["steps"]
+    folds = StratifiedKFold(task.config.annotate.inner_folds, shuffle=True, random_state=seed)
+    inner = []
+    for j, (fit, held) in enumerate(folds.split(train, labels[train])):
+        fit, held = train[fit], train[held]
+        by_length, _ = _predictions(task, fit, seed, out / f"inner{j}", rate, (steps,), held)
+        inner.append((held, np.zeros((len(held), task.n_classes)), {rate: by_length}))
+    return inner
+
+
 def inner_conformal_threshold(inner: list, labels: np.ndarray, choice: dict, level: float) -> tuple[float, int]:
     """The anchored head's prediction-set threshold q: the split-conformal quantile (at `level`)
     of 1 − p(true label) of the chosen blend (learning rate, length, weight of `choice`) on the
@@ -637,6 +658,8 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         choice, inner = {"learning_rate": config.optim.lr, "steps": config.trainer.max_steps, "weight": 1.0}, []
         if anchored:
             choice = weights[seed] = choose_settings(task, train, seed, out / f"seed{seed}", inner)
+        elif section.interval_level > 0:  # the plain head's sets need held-out training cells of their own
+            inner = calibration_folds(task, train, seed, out / f"seed{seed}", choice)
         by_length, first_process = _predictions(
             task, train, seed, out / f"seed{seed}", choice["learning_rate"], (choice["steps"],), everyone
         )
@@ -652,8 +675,11 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
                 uncertain[seed]["model"], model_sets = _sets_record(inner, labels, choice, probabilities, test, section)
                 # the model alone (weight 1 at the same setting): its inner predictions are already there
                 uncertain[seed]["model_plain"], _ = _sets_record(inner, labels, {**choice, "weight": 1.0}, plain, test, section)
-                if first_probabilities is None:
-                    first_sets = model_sets
+            else:  # the plain head is the model alone, calibrated on folds fitted for that alone
+                uncertain[seed]["model_plain"], model_sets = _sets_record(inner, labels, choice, plain, test, section)
+                uncertain[seed]["model_plain"]["extra_fits"] = len(inner)
+            if first_probabilities is None:
+                first_sets = model_sets
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
             first_probabilities, first_test = probabilities, test

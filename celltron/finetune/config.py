@@ -134,9 +134,10 @@ class PerturbationSection:
         OOD score (distance to its ood_neighbours nearest training perturbations, flagged beyond
         interval_level of the training perturbations' own); see
         celltron.finetune.perturbation.intervals. Unless none, the best baseline (every run) and
-        an anchored model head also get intervals: the prediction ± a scale x each gene's
-        standard deviation over the training perturbations, the scale calibrated the same way
-        (the head on the inner folds that chose its setting and weight).
+        the model head also get intervals: the prediction ± a scale x each gene's standard
+        deviation over the training perturbations, the scale calibrated the same way (an anchored
+        head on the inner folds that chose its setting and weight; a plain head on inner_folds
+        models fitted for that alone, extra fits per outer fold).
     interval_level / ensemble_members / dropout_passes / ood_neighbours: as intervals says.
     graph_control: none, or permuted (the graph's gene labels shuffled, seeded: same size and
         degrees, wrong genes; the control for whether the graph's structure helps).
@@ -301,7 +302,8 @@ class AnnotateSection:
         cells' OOD flags (see celltron.finetune.annotate.baseline_uncertainty), and of the
         anchored head's own sets and the model alone's at the same setting (both calibrated on
         the inner folds that chose the setting and weight: `inner_conformal_threshold`, no extra
-        fit; a plain head has no inner folds, so no sets); 0: none of them.
+        fit); a plain head's sets are calibrated the same way on inner_folds models fitted for
+        that alone (`calibration_folds`: inner_folds extra fits per seed); 0: none of them.
     """
 
     label_key: str = "cell_type"

@@ -157,7 +157,29 @@ def test_an_anchored_head_with_weight_zero_is_the_baseline_and_the_plain_head_th
     assert _annotate(pretrained_geneformer, labelled_file, plain, "--max-steps", "4", "--head", "plain") == 0
     metrics = json.loads((plain / "metrics.json").read_text())
     assert metrics["head"] == "plain" and metrics["model_plain"] is None and metrics["anchor_weights"] is None
-    assert not (plain / "seed0" / "inner0").exists()
+    # no folds choose anything for a plain head; its prediction sets get inner folds of their own
+    sets = metrics["uncertainty"]["model_plain_sets"]
+    assert metrics["uncertainty"]["model_sets"] is None and "2 extra fits per seed" in sets["set"]
+    assert sets["inner_cells_per_seed"] == {"0": metrics["split"]["per_seed"]["0"]["train"]} and 0.7 <= sets["coverage"] <= 1
+    written = ad.read_h5ad(plain / "predictions.h5ad")
+    probabilities, member = written.obsm[f"{LABEL}_probabilities"], written.obsm[f"{LABEL}_prediction_set"]
+    np.testing.assert_array_equal(member, probabilities >= 1 - sets["threshold_per_seed"]["0"])
+    none = tmp_path / "plain-no-sets"
+    assert (
+        _annotate(
+            pretrained_geneformer,
+            labelled_file,
+            none,
+            "--max-steps",
+            "4",
+            "--head",
+            "plain",
+            "--set",
+            "annotate.interval_level=0",
+        )
+        == 0
+    )
+    assert not (none / "seed0" / "inner0").exists()  # nothing asked for sets: no extra fit
 
 
 def test_a_frozen_encoder_probe_chooses_its_learning_rate_on_training_cells_only(

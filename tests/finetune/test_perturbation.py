@@ -427,8 +427,15 @@ def test_an_anchored_head_with_weight_zero_is_the_best_baseline_exactly(pretrain
         and plain["model_plain"] is None
         and "weight" not in plain["best_baseline"]["chosen_per_seed"]["0"][0]
     )
-    assert not (tmp_path / "plain" / "seed0" / "inner0").exists()
-    assert plain["model_uncertainty"] is None and plain["baseline_uncertainty"] is not None  # no inner folds: no interval
+    # no folds chose its setting: its intervals are calibrated on inner models fitted for that alone
+    assert (tmp_path / "plain" / "seed0" / "inner1").is_dir() and "plain" in plain["model_uncertainty"]["centred_on"]
+    assert plain["model_uncertainty"]["scale_per_seed"] != plain["baseline_uncertainty"]["scale_per_seed"]
+    written = ad.read_h5ad(tmp_path / "plain" / "predictions.h5ad")
+    centre = (written.layers["model_interval_low"] + written.layers["model_interval_high"]) / 2
+    np.testing.assert_allclose(centre, written.X, atol=1e-4)
+    # --intervals none asks for none: no extra fit
+    assert _finetune(*args, "--out", str(tmp_path / "plain-none"), "--head", "plain", "--intervals", "none") == 0
+    assert not (tmp_path / "plain-none" / "seed0" / "inner0").exists()
 
 
 def test_norman_doubles_are_additive_and_coexpression_embeds_unmeasured_targets(tmp_path):

@@ -49,6 +49,10 @@ MODEL_CENTRE = (
     "the model head (the anchored blend as reported; calibrated on the inner folds that also chose its setting and "
     "weight, so slightly optimistic)"
 )
+PLAIN_MODEL_CENTRE = (
+    "the model head (plain: the model alone; calibrated on inner folds fitted for this calibration alone, "
+    "inner_folds extra fits per outer fold)"
+)
 BASELINE_METHOD = "split conformal, spread = the gene's standard deviation over the training perturbations"
 
 

@@ -38,6 +38,7 @@ from celltron.finetune.perturbation.intervals import (
     BASELINE_CENTRE,
     BASELINE_METHOD,
     MODEL_CENTRE,
+    PLAIN_MODEL_CENTRE,
     PerturbationUncertainty,
     baseline_inner_predictions,
     with_gene_scale,
@@ -460,8 +461,9 @@ def run_perturbation(config, model: str | None, out, baselines_only: bool = Fals
         baseline_uncertainty = PerturbationUncertainty(section, screen, None, BASELINE_METHOD, BASELINE_CENTRE)
         if graph_inputs is not None:
             uncertainty = PerturbationUncertainty(section, screen, graph_inputs.for_seed)
-        if prepared is not None and section.head == "anchored":  # a plain head has no inner folds to calibrate on
-            model_uncertainty = PerturbationUncertainty(section, screen, None, BASELINE_METHOD, MODEL_CENTRE)
+        if prepared is not None:
+            centre = MODEL_CENTRE if section.head == "anchored" else PLAIN_MODEL_CENTRE
+            model_uncertainty = PerturbationUncertainty(section, screen, None, BASELINE_METHOD, centre)
     runs = _Runs(graph_inputs, uncertainty, baseline_uncertainty, model_uncertainty)
     # every process trains every seed and fold (they train together); only the first reports
     first = [runs.add_seed(config, prepared, screen, usable, seed, out, resume) for seed in section.seeds]
@@ -592,6 +594,8 @@ class _Runs:
             if section.head == "anchored":
                 choice = choose_settings(config, prepared, screen, fold["train"], seed, where, resume, inner)
                 chosen[-1].update(choice)
+            elif self.model_uncertainty is not None:  # no folds chose anything: its intervals need their own
+                inner = plain_calibration_folds(config, prepared, screen, fold["train"], seed, where, resume, choice)
             by_length, first_process = _predictions(
                 config, prepared, screen, fold, seed, where, resume, choice["learning_rate"], (choice["steps"],)
             )
@@ -655,6 +659,21 @@ def choose_settings(config, prepared, screen, train: list[str], seed: int, where
         chosen = {p: anchor(baseline[p], model[lr, steps][p], weight["weight"]) for p in baseline}
         inner.extend((fold, {p: chosen[p] for p in fold["test"]}) for fold in folds)
     return {"learning_rate": lr, "steps": steps, "setting_scores": setting_scores} | weight
+
+
+def plain_calibration_folds(config, prepared, screen, train: list[str], seed: int, where: Path, resume, choice: dict) -> list:
+    """A plain head's inner folds, fitted only to calibrate its intervals (CV+ style): the folds
+    `choose_settings` would use over the training perturbations `train`, one model per fold at
+    the head's own learning rate and length, with its predictions of the fold's held-out
+    perturbations (entries as `choose_settings` fills `inner`). Too few training perturbations
+    to cross-validate: none, and no interval."""
+    folds = baselines.usable_inner_folds(train, config.perturbation.inner_folds, seed)
+    inner = []
+    for j, fold in enumerate(folds):
+        rate, steps = choice["learning_rate"], choice["steps"]
+        by_length, _ = _predictions(config, prepared, screen, fold, seed, where / f"inner{j}", resume, rate, (steps,))
+        inner.append((fold, by_length[steps]))
+    return inner
 
 
 def _inner_baselines(section, screen, folds: list[dict], seed: int) -> dict[str, np.ndarray]:
