@@ -1,11 +1,12 @@
 """Predictive intervals and OOD flags, measured on held-out units: the gene-graph perturbation
 head (Papalexi 2021 held-out perturbations, Norman 2019 GEARS simulation split; 5-member
 ensemble and MC dropout) and the best baseline's intervals in the same runs (with
---perturbation-model, also the frozen model head's and the model-feature graph head's), the
-drug-response best baseline (GDSC, unseen compounds and random pairs) and the drug model's
+--perturbation-model, also the frozen model head's and the model-feature graph head's; with
+--only perturbation_plain, the frozen model head plain, calibrated on inner models fitted for
+it), the drug-response best baseline (GDSC, unseen compounds and random pairs) and the drug model's
 MC-dropout intervals (unseen compounds), the annotation baseline's prediction sets (PBMC 4k; and
 each cell type held out of training whole) and a pretrained model's probe (the anchored head's
-and the model alone's sets), the cross-modal best baseline (TEA-seq RNA -> proteins) and the
+and the model alone's sets, and the plain head's), the cross-modal best baseline (TEA-seq RNA -> proteins) and the
 joint benchmark model's head and ridge alone. For each: the interval level, coverage on held-out
 outputs (calibrated on training units by split conformal, and the uncalibrated Gaussian interval
 where there is a spread), the mean width, how many units are flagged OOD, and whether error
@@ -59,6 +60,29 @@ def perturbation_rows(shared_data: Path, graph_out: Path, seeds: list[int], mode
             named.append(("best baseline of the model run", results[MODEL_VARIANT]["baseline_uncertainty"]))
             named.append(("frozen model head, anchored", results[MODEL_VARIANT]["model_uncertainty"]))
         rows += [_perturbation_row(f"{dataset} {split}, {who}", u) for who, u in named if u]
+    return rows
+
+
+def perturbation_plain_rows(shared_data: Path, out: Path, seeds: list[int], model: Path) -> list[str]:
+    """Per dataset: the frozen model head, plain (the model alone at optim.lr and the full length,
+    nothing chosen), whose intervals are calibrated on inner models fitted for them, beside the
+    best baseline of the same run."""
+    from benchmarks.perturbation import DATASETS, REFERENCE
+
+    rows = []
+    for dataset, split in PERTURBATION_RUNS:
+        data, reference = shared_paths(shared_data, DATASETS[dataset], REFERENCE)
+        folder = out / "perturbation_plain" / dataset / split
+        if not (folder / "metrics.json").exists():
+            args = ["--model", str(model), "--encoder", "frozen", "--head", "plain", "--data", str(data), "--split", split]
+            args += ["--seeds", *map(str, seeds), "--coexpression-reference", str(reference), "--out", str(folder)]
+            assert celltron(["finetune", "perturbation", *args]) == 0
+        metrics = json.loads((folder / "metrics.json").read_text())
+        named = (
+            ("best baseline of the plain-head run", metrics["baseline_uncertainty"]),
+            ("frozen model head, plain", metrics["model_uncertainty"]),
+        )
+        rows += [_perturbation_row(f"{dataset} {split}, {who}", u) for who, u in named]
     return rows
 
 
@@ -179,13 +203,20 @@ def annotation_model_rows(shared_data: Path, out: Path, seeds: list[int], model:
     from benchmarks.embedding import PROBE_FLAGS, annotation, labelled_copy
 
     out.mkdir(parents=True, exist_ok=True)
-    metrics = annotation(model, labelled_copy(shared_data, out), out, seeds, steps, PROBE_FLAGS, "annotate_probe")
+    data = labelled_copy(shared_data, out)
+    metrics = annotation(model, data, out, seeds, steps, PROBE_FLAGS, "annotate_probe")
     u = metrics["uncertainty"]
     weights = _weights(metrics["anchor_weights"])
+    # the plain head at optim.lr and the full length (nothing chosen): its sets from inner models fitted for them
+    plain = annotation(model, data, out, seeds, steps, ["--encoder", "frozen", "--head", "plain"], "annotate_probe_plain")
     named = (
         ("pca_logreg (same run)", u["sets"]),
         (f"model, anchored head (weights {weights})", u["model_sets"]),
-        ("model alone", u["model_plain_sets"]),
+        ("model alone, at the anchored head's setting", u["model_plain_sets"]),
+        (
+            "model, plain head (optim.lr, full length; sets from 2 inner models fitted for them)",
+            plain["uncertainty"]["model_plain_sets"],
+        ),
     )
     return [
         f"| annotation: PBMC 4k, {model.name if model.name != 'export' else model.parent.parent.name} probe, {who} | "
@@ -263,7 +294,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--only",
-        choices=["perturbation", "drug", "drug_model", "annotate", "annotate_model", "crossmodal", "crossmodal_model", "grn"],
+        choices=[
+            "perturbation",
+            "perturbation_plain",
+            "drug",
+            "drug_model",
+            "annotate",
+            "annotate_model",
+            "crossmodal",
+            "crossmodal_model",
+            "grn",
+        ],
         help="one task's rows alone",
     )
     parser.add_argument(
@@ -283,6 +324,9 @@ def main() -> None:
     if args.only in (None, "perturbation"):
         model = resolve_model(args.perturbation_model, shared_data=args.shared_data) if args.perturbation_model else None
         rows += perturbation_rows(args.shared_data, args.graph_out, args.seeds, model)
+    if args.only in (None, "perturbation_plain"):
+        model = resolve_model(args.perturbation_model or args.model, shared_data=args.shared_data)
+        rows += perturbation_plain_rows(args.shared_data, args.out, args.seeds, model)
     if args.only in (None, "drug"):
         rows += drug_rows(args.shared_data, args.out, args.seeds)
     if args.only in (None, "drug_model"):
