@@ -320,6 +320,23 @@ def base_of(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def gene_token_table(model: nn.Module, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """(largest token + 1, hidden): what `model` feeds its encoder for each gene token before
+    position and context, in the rows of `tokens` (None: every token), zero elsewhere;
+    differentiable. GeneCompass: the fused embedding (learned vector, value 0 and its priors
+    through the fusion MLP: `gene_token_embeddings`), so that heads reading genes see the
+    priors; every other family: its input embedding."""
+    model = base_of(model)
+    weight = model.get_input_embeddings().weight
+    fused = getattr(model, "gene_token_embeddings", None)
+    if tokens is None:
+        return fused(torch.arange(len(weight), device=weight.device)) if fused else weight
+    tokens = torch.unique(tokens[tokens >= 0])
+    rows = fused(tokens) if fused else weight[tokens]
+    size = int(tokens.max()) + 1 if len(tokens) else 1
+    return torch.zeros(size, rows.shape[-1], dtype=rows.dtype, device=rows.device).index_copy(0, tokens, rows)
+
+
 # The built-in families, registered once, here. Loading celltron's model code registers it, so
 # AutoConfig / AutoModel know the families however that code was reached (celltron/__init__.py
 # relies on this when transformers is first imported from inside this module).

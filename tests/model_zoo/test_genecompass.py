@@ -93,6 +93,22 @@ def test_fused_gene_embeddings_are_what_the_encoder_sees_of_each_gene_priors_inc
     assert not torch.allclose(moved[7], fused[7]) and torch.allclose(moved[8:], fused[8:])
 
 
+def test_heads_read_genes_with_their_priors_and_train_the_prior_projections():
+    """gene_token_table is what fine-tuning heads read of each gene (perturbation keys, linear_model
+    and graph features): for GeneCompass the fused embedding, so a prior reaches them."""
+    from celltron.model_zoo.registry import gene_token_table
+
+    model = _model()
+    with torch.no_grad():
+        assert torch.allclose(gene_token_table(model), model.fused_gene_embeddings(value=0.0), atol=1e-6)
+    tokens = torch.tensor([[9, -1], [7, 9]])  # -1: no token (a padded multi-target row)
+    table = gene_token_table(model, tokens)
+    assert table.shape == (10, model.config.hidden_size)
+    assert torch.allclose(table[[7, 9]], model.fused_gene_embeddings()[[7, 9]], atol=1e-6) and not table[:7].any()
+    table[9].sum().backward()  # differentiable: a tuned head trains the priors' projections too
+    assert model.embeddings.prior_projections["promoter"].weight.grad.abs().sum() > 0
+
+
 def test_dual_loss_uses_the_configured_weights():
     model = _model(id_loss_weight=0.3, value_loss_weight=0.7)
     batch = _collator(probability=0.3)(_cells(8))

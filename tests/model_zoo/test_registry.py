@@ -140,3 +140,14 @@ def test_flop_formula_matches_torch_flop_counter(family):
         model(**batch)
     counted = counter.get_total_flops() / (2 * tokens)
     assert flops_per_token(model.config, tokens) / 3 == pytest.approx(counted, rel=0.1)
+
+
+@pytest.mark.parametrize("family", ["geneformer", "scgpt"])
+def test_families_without_fused_genes_give_heads_their_input_embeddings(family):
+    from celltron.model_zoo.registry import gene_token_table
+
+    model = _debug(family)
+    weight = model.get_input_embeddings().weight
+    assert gene_token_table(model) is weight
+    table = gene_token_table(model, torch.tensor([5, -1, 3, 5]))
+    assert torch.equal(table[[3, 5]], weight[[3, 5]]) and not table[[0, 1, 2, 4]].any()

@@ -17,7 +17,7 @@ from celltron.corpus.genes import map_genes
 from celltron.errors import ConfigError
 from celltron.finetune.adapt import InputFlags
 from celltron.finetune.config import HEAD_TYPES
-from celltron.model_zoo.registry import base_of
+from celltron.model_zoo.registry import base_of, gene_token_table
 from celltron.tokenizers.ragged import RaggedTokens
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class PerturbationModel(PerturbationHead):
         finally:
             self.flags.flags = None
         targets = flagged_mean(out.last_hidden_state, flags)
-        table = base_of(self.encoder).get_input_embeddings().weight
+        # the rows the head reads, as the encoder sees those genes (GeneCompass: priors included)
+        table = gene_token_table(self.encoder, torch.cat([self.gene_tokens, self.train_targets.flatten()]))
         return self._predict(targets, out.cell_embedding, table, perturbation, target, de_mask)
 
 

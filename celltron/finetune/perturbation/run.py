@@ -79,7 +79,7 @@ from celltron.finetune.settings import (
 )
 from celltron.io import write_h5ad_atomically, write_text_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
-from celltron.model_zoo.registry import base_of, family_of, resolve_model_folder
+from celltron.model_zoo.registry import base_of, family_of, gene_token_table, resolve_model_folder
 from celltron.preprocessing import FrequentDirections
 from celltron.tokenizers.vocab import GeneVocab
 from celltron.training.examples import train_task_model
@@ -200,21 +200,25 @@ def corpus_coexpression_embedding(
 
 @functools.lru_cache(maxsize=1)
 def input_embedding_table(folder: Path) -> np.ndarray:
-    """The pretrained model's input-embedding table (tokens x hidden), read once per folder."""
+    """The pretrained model's gene-token table (tokens x hidden: `registry.gene_token_table`,
+    GeneCompass's priors included), read once per folder."""
+    import torch
+
     from celltron.finetune.config import AdaptSection
 
-    return base_of(load_encoder(folder, AdaptSection())).get_input_embeddings().weight.detach().float().numpy()
+    with torch.no_grad():
+        return gene_token_table(load_encoder(folder, AdaptSection())).detach().float().numpy()
 
 
 def model_gene_embedding(prepared, genes: list[str], lab) -> dict[str, np.ndarray]:
-    """{gene: the pretrained model's input embedding of its token} for the genes it has a token for."""
+    """{gene: the pretrained model's gene-token vector (`input_embedding_table`)} for the genes it has a token for."""
     table = input_embedding_table(prepared.folder)
     tokens = target_tokens(genes, prepared.tokenizer.vocab, lab.species, str(lab.path))
     return {gene: table[ids].sum(0) for gene, ids in tokens.items()}
 
 
 def model_node_vectors(prepared, genes: list[str], lab) -> dict[str, np.ndarray]:
-    """{gene: the pretrained model's input embedding of its token} for every gene of `genes`
+    """{gene: the pretrained model's gene-token vector (`input_embedding_table`)} for every gene of `genes`
     (symbols or Ensembl IDs) the vocabulary has a token for, mapped in one pass."""
     from celltron.corpus.genes import map_genes
 
@@ -321,7 +325,9 @@ class _Prepared:
     def _compute_views(self, config) -> None:
         """perturbation.encoder frozen: the pretrained encoder's view of every pair of a seeded
         pool of eval_cells control cells x usable perturbation, once (every seed, fold and inner
-        fold reads them), and the input-embedding table the head's keys read."""
+        fold reads them), and the gene-token table the head's keys read."""
+        import torch
+
         from celltron.lab.inference import pick_device
         from celltron.model_zoo.registry import load_pretrained
 
@@ -333,7 +339,8 @@ class _Prepared:
         max_tokens = max_tokens_of(base_of(encoder).config)
         batch = config.data.batch_size
         self.views = frozen_views(encoder, self.control_tokens, self.pool, targets, self.specials, max_tokens, self.pad_id, batch)
-        self.table = base_of(encoder).get_input_embeddings().weight.detach().float().cpu()
+        with torch.no_grad():
+            self.table = gene_token_table(encoder).detach().float().cpu()
         log.info("frozen encoder: %d control cells x %d perturbations embedded once", n, len(targets))
 
     def columns(self, perturbations: list[str]) -> list[int]:

@@ -134,14 +134,20 @@ class GeneCompassForPretraining(GeneCompassPreTrainedModel):
         """(vocab_size, hidden): every token's fused embedding (its learned vector, `value` and
         its prior rows through their projections and the fusion MLP), before position and
         context. `get_input_embeddings` is the learned vector alone, which leaves the priors out."""
+        ids = torch.arange(self.config.vocab_size, device=self.embeddings.word_embeddings.weight.device)
+        return self.gene_token_embeddings(ids, value)
+
+    def gene_token_embeddings(self, tokens: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+        """(*tokens.shape, hidden): the fused embedding of each token in `tokens`, as
+        `fused_gene_embeddings`, differentiable (fine-tuning heads read genes this way)."""
         embeddings = self.embeddings
-        ids = torch.arange(self.config.vocab_size, device=embeddings.word_embeddings.weight.device)
+        weight = embeddings.word_embeddings.weight
         parts = [
-            embeddings.word_embeddings(ids),
-            torch.full((len(ids), 1), value, dtype=embeddings.word_embeddings.weight.dtype, device=ids.device),
+            embeddings.word_embeddings(tokens),
+            torch.full((*tokens.shape, 1), value, dtype=weight.dtype, device=weight.device),
         ]
         for name in embeddings.prior_names:
-            parts.append(embeddings.prior_projections[name](getattr(embeddings, f"prior_{name}")))
+            parts.append(embeddings.prior_projections[name](getattr(embeddings, f"prior_{name}")[tokens]))
         return embeddings.fuse(torch.cat(parts, dim=-1))
 
     def set_prior_knowledge(self, name: str, matrix) -> None:
