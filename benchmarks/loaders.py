@@ -94,9 +94,18 @@ class Row:
 
 
 def find_python(version: str) -> str | None:
+    """A Python `version` that runs: on PATH, else one of pyenv's installed versions (a pyenv shim
+    on PATH fails unless that version is selected, so each candidate is tried)."""
     if version == "3.11":
         return sys.executable
-    return shutil.which(f"python{version}")
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates = [shutil.which(f"python{version}")] + sorted(
+        str(p) for p in root.glob(f"versions/{version}.*/bin/python{version}")
+    )
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "-c", "pass"], capture_output=True).returncode == 0:
+            return candidate
+    return None
 
 
 def ensure_env(peer: Peer, envs: Path) -> tuple[str | None, str]:
