@@ -544,15 +544,11 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path, inner:
         {steps: model probabilities}}), from which `inner_conformal_threshold` calibrates the
         chosen head's prediction sets without another fit.
     """
-    from sklearn.model_selection import StratifiedKFold
-
     config, labels, n = task.config, task.labels, task.n_classes
     section = config.annotate
     rates = learning_rates(section, config.optim)
     scores = InnerScores(rates, training_lengths(section, config.trainer.max_steps), section.anchor_weights, seed)
-    folds = StratifiedKFold(section.inner_folds, shuffle=True, random_state=seed)
-    for j, (fit, held) in enumerate(folds.split(train, labels[train])):
-        fit, held = train[fit], train[held]
+    for j, (fit, held) in enumerate(inner_splits(task, train, seed)):
         baseline = _baseline_probabilities(config, task.lab, labels, fit, held, n, seed)
         models = {}
         for lr in rates:
@@ -564,18 +560,22 @@ def choose_settings(task: _Task, train: np.ndarray, seed: int, out: Path, inner:
     return scores.choose()
 
 
+def inner_splits(task: _Task, train: np.ndarray, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit cells, held-out cells) of each stratified inner fold over the training cells `train`."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = StratifiedKFold(task.config.annotate.inner_folds, shuffle=True, random_state=seed)
+    return [(train[fit], train[held]) for fit, held in folds.split(train, task.labels[train])]
+
+
 def calibration_folds(task: _Task, train: np.ndarray, seed: int, out: Path, choice: dict) -> list:
     """A plain head's inner folds, fitted only to calibrate its prediction sets (CV+ style): the
     folds `choose_settings` would use, one model per fold at the head's own learning rate and
     length, its probabilities on the fold's held-out training cells. Entries as `choose_settings`
     fills `inner`, with a zero baseline (the plain head is the model alone: weight 1)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    labels, rate, steps = task.labels, choice["learning_rate"], choice["steps"]
-    folds = StratifiedKFold(task.config.annotate.inner_folds, shuffle=True, random_state=seed)
+    rate, steps = choice["learning_rate"], choice["steps"]
     inner = []
-    for j, (fit, held) in enumerate(folds.split(train, labels[train])):
-        fit, held = train[fit], train[held]
+    for j, (fit, held) in enumerate(inner_splits(task, train, seed)):
         by_length, _ = _predictions(task, fit, seed, out / f"inner{j}", rate, (steps,), held)
         inner.append((held, np.zeros((len(held), task.n_classes)), {rate: by_length}))
     return inner

@@ -52,6 +52,9 @@ class PerturbationHead(nn.Module):
             padded[row, : len(tokens)] = tokens
         self.register_buffer("gene_tokens", torch.as_tensor(np.asarray(gene_tokens), dtype=torch.long))
         self.register_buffer("train_targets", torch.as_tensor(padded))
+        # every token whose gene vector the head reads (derived, so not saved with the weights)
+        read = torch.unique(torch.cat([self.gene_tokens, self.train_targets.flatten()]))
+        self.register_buffer("read_tokens", read[read >= 0], persistent=False)
         self.register_buffer("train_shifts", torch.as_tensor(np.asarray(train_shifts), dtype=torch.float32))
         self.register_buffer("control_mean", torch.as_tensor(np.asarray(control_mean), dtype=torch.float32))
 
@@ -147,7 +150,7 @@ class PerturbationModel(PerturbationHead):
             self.flags.flags = None
         targets = flagged_mean(out.last_hidden_state, flags)
         # the rows the head reads, as the encoder sees those genes (GeneCompass: priors included)
-        table = gene_token_table(self.encoder, torch.cat([self.gene_tokens, self.train_targets.flatten()]))
+        table = gene_token_table(self.encoder, self.read_tokens)
         return self._predict(targets, out.cell_embedding, table, perturbation, target, de_mask)
 
 
@@ -172,8 +175,7 @@ class PerturbationProbe(PerturbationHead):
     def __init__(self, table, gene_tokens, control_mean, train_shifts, train_targets, head="retrieval", de_weight=1.0):
         super().__init__()
         self._init_head(table.shape[1], gene_tokens, control_mean, train_shifts, train_targets, head, de_weight)
-        used = torch.unique(torch.cat([self.gene_tokens, self.train_targets.flatten()]))
-        used = used[used >= 0]
+        used = self.read_tokens
         # only the rows the head reads, so checkpoints stay small (a vocabulary is ~60k rows)
         compact = torch.zeros(int(used.max()) + 1 if len(used) else 1, table.shape[1])
         compact[used] = torch.as_tensor(table, dtype=torch.float32)[used]

@@ -339,8 +339,7 @@ class _Prepared:
         max_tokens = max_tokens_of(base_of(encoder).config)
         batch = config.data.batch_size
         self.views = frozen_views(encoder, self.control_tokens, self.pool, targets, self.specials, max_tokens, self.pad_id, batch)
-        with torch.no_grad():
-            self.table = gene_token_table(encoder).detach().float().cpu()
+        self.table = torch.from_numpy(input_embedding_table(self.folder))  # cached: linear_model reads it too
         log.info("frozen encoder: %d control cells x %d perturbations embedded once", n, len(targets))
 
     def columns(self, perturbations: list[str]) -> list[int]:
@@ -675,9 +674,9 @@ def plain_calibration_folds(config, prepared, screen, train: list[str], seed: in
     perturbations (entries as `choose_settings` fills `inner`). Too few training perturbations
     to cross-validate: none, and no interval."""
     folds = baselines.usable_inner_folds(train, config.perturbation.inner_folds, seed)
+    rate, steps = choice["learning_rate"], choice["steps"]
     inner = []
     for j, fold in enumerate(folds):
-        rate, steps = choice["learning_rate"], choice["steps"]
         by_length, _ = _predictions(config, prepared, screen, fold, seed, where / f"inner{j}", resume, rate, (steps,))
         inner.append((fold, by_length[steps]))
     return inner
