@@ -7,7 +7,9 @@ it), the drug-response best baseline (GDSC, unseen compounds and random pairs) a
 MC-dropout intervals (unseen compounds), the annotation baseline's prediction sets (PBMC 4k; and
 each cell type held out of training whole) and a pretrained model's probe (the anchored head's
 and the model alone's sets, and the plain head's), the cross-modal best baseline (TEA-seq RNA -> proteins) and the
-joint benchmark model's head and ridge alone. For each: the interval level, coverage on held-out
+joint benchmark model's head and ridge alone (and, with --only annotate_spread / crossmodal_dropout,
+the probe predicting with MC dropout or as an ensemble, and the ridge's MC-dropout intervals
+through the joint encoder). For each: the interval level, coverage on held-out
 outputs (calibrated on training units by split conformal, and the uncalibrated Gaussian interval
 where there is a spread), the mean width, how many units are flagged OOD, and whether error
 rises with the OOD distance (AUROC of "large error", above the median, and Spearman).
@@ -219,14 +221,46 @@ def annotation_model_rows(shared_data: Path, out: Path, seeds: list[int], model:
         ),
     )
     return [
-        f"| annotation: PBMC 4k, {model.name if model.name != 'export' else model.parent.parent.name} probe, {who} | "
+        f"| annotation: PBMC 4k, {_model_name(model)} probe, {who} | "
         f"conformal sets | {sets['level']:g} | {_cell(sets['coverage'])} (mean set size {_cell(sets['mean_size'], 2)}, "
         f"one label {_cell(sets['singletons'], 2)}) | n/a | n/a | | | | |"
         for who, sets in named
     ]
 
 
-def crossmodal_model_rows(shared_data: Path, workdir: Path, seeds: list[int]) -> list[str]:
+SPREADS = (("mc_dropout", "MC dropout, 20 passes"), ("ensemble", "5-member ensemble"))
+
+
+def annotation_spread_rows(shared_data: Path, out: Path, seeds: list[int], model: Path, steps: int = 1000) -> list[str]:
+    """PBMC 4k, the plain frozen-encoder probe (optim.lr, the full length) predicting with MC
+    dropout or as an ensemble (annotate.intervals): its sets (calibrated on inner models fitted
+    for them, as the plain probe's) and whether the draws' disagreement marks its errors; the
+    single-model plain probe of `annotation_model_rows` is the reference."""
+    from benchmarks.embedding import annotation, labelled_copy
+
+    out.mkdir(parents=True, exist_ok=True)
+    data = labelled_copy(shared_data, out)
+    rows = []
+    for kind, who in SPREADS:
+        flags = ["--encoder", "frozen", "--head", "plain", "--intervals", kind]
+        metrics = annotation(model, data, out, seeds, steps, flags, f"annotate_probe_{kind}")
+        sets, spread = metrics["uncertainty"]["model_plain_sets"], metrics["model_spread"]
+        rows.append(
+            f"| annotation: PBMC 4k, {_model_name(model)} probe, plain head, {who} (macro-F1 "
+            f"{_cell(metrics['model']['macro_f1']['mean'])}) | conformal sets on the draws' mean | {sets['level']:g} | "
+            f"{_cell(sets['coverage'])} (mean set size {_cell(sets['mean_size'], 2)}, one label "
+            f"{_cell(sets['singletons'], 2)}) | n/a | n/a | disagreement (mutual information): misclassified "
+            f"{_cell(spread['mean_wrong'])} vs {_cell(spread['mean_right'])} | | {_cell(spread['auroc_large_error'], 2)} | "
+            f"{_cell(spread['spearman'], 2)} |"
+        )
+    return rows
+
+
+def _model_name(model: Path) -> str:
+    return model.name if model.name != "export" else model.parent.parent.name
+
+
+def crossmodal_model_rows(shared_data: Path, workdir: Path, seeds: list[int], intervals: str = "none") -> list[str]:
     """TEA-seq RNA -> proteins with the joint benchmark model (benchmarks/crossmodal.py
     --joint-predict-only: held-out cells are half of those it was not pretrained on): the
     baseline's, the anchored head's and the model alone's per-protein intervals, same cells."""
@@ -234,12 +268,14 @@ def crossmodal_model_rows(shared_data: Path, workdir: Path, seeds: list[int]) ->
 
     prepared = crossmodal.prepare(workdir, shared_data, families=("joint",))
     held_out = {"label_key": "cell_type", "train_only": str(prepared["cells"]), "test_fraction": 0.5}
+    suffix = "" if intervals == "none" else f"_{intervals}"
     metrics = crossmodal.run_task(
         "predict",
         crossmodal.teaseq_files(shared_data),
-        workdir / "results" / "tea_predict_joint",
+        workdir / "results" / f"tea_predict_joint{suffix}",
         seeds,
         prepared["joint"],
+        intervals=intervals,
         **held_out,
     )
     u = metrics["uncertainty"]
@@ -249,12 +285,25 @@ def crossmodal_model_rows(shared_data: Path, workdir: Path, seeds: list[int]) ->
         (f"joint model, anchored head (weights {weights})", u["model_intervals"]),
         ("joint model alone (ridge)", u["model_plain_intervals"]),
     )
-    return [
+    rows = [
         f"| cross-modal: TEA-seq RNA -> proteins, cells not pretrained on, {who} | split conformal per protein | "
         f"{u['level']:g} | {_cell(i['coverage'])} (proteins {_cell(i['coverage_per_protein']['min'])}-"
         f"{_cell(i['coverage_per_protein']['max'])}) | n/a | {_cell(i['mean_width'])} | | | | |"
         for who, i in named
     ]
+    dropout = u.get("model_dropout_intervals")
+    if dropout:
+        spread = dropout["spread_vs_error"]
+        rows.append(
+            f"| cross-modal: the same cells, joint model alone (ridge), MC dropout through the encoder "
+            f"({dropout['passes']} passes; per-protein scale {_cell(dropout['scale_per_protein']['min'], 1)}-"
+            f"{_cell(dropout['scale_per_protein']['max'], 1)} spreads) | conformal x spread per protein | {u['level']:g} | "
+            f"{_cell(dropout['coverage'])} (proteins {_cell(dropout['coverage_per_protein']['min'])}-"
+            f"{_cell(dropout['coverage_per_protein']['max'])}) | {_cell(dropout['gaussian_coverage'])} | "
+            f"{_cell(dropout['mean_width'])} | cell spread vs its error | | {_cell(spread['auroc_large_error'], 2)} | "
+            f"{_cell(spread['spearman'], 2)} |"
+        )
+    return rows
 
 
 def grn_lines(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
@@ -303,6 +352,8 @@ def main() -> None:
             "annotate_model",
             "crossmodal",
             "crossmodal_model",
+            "annotate_spread",
+            "crossmodal_dropout",
             "grn",
         ],
         help="one task's rows alone",
@@ -342,6 +393,11 @@ def main() -> None:
         rows += crossmodal_rows(args.shared_data, args.out, args.seeds)
     if args.only in (None, "crossmodal_model"):
         rows += crossmodal_model_rows(args.shared_data, args.crossmodal_workdir, args.seeds)
+    if args.only in (None, "annotate_spread"):
+        model = resolve_model(args.model, shared_data=args.shared_data)
+        rows += annotation_spread_rows(args.shared_data, args.out / "annotate_model", args.seeds, model)
+    if args.only in (None, "crossmodal_dropout"):
+        rows += crossmodal_model_rows(args.shared_data, args.crossmodal_workdir, args.seeds, "mc_dropout")
     print(header)
     print("\n".join(rows))
     if novel:

@@ -121,10 +121,11 @@ FINETUNE_OPTIONS = [
     Option("perturbation.graph_control"),
     Option(
         "{task}.intervals",
-        sections=("perturbation", "drug"),
+        sections=("perturbation", "drug", "annotate"),
         help="the model's predictive intervals: ensemble (members from different seeds), mc_dropout or none "
         "(perturbation: the gene-graph head's, and none also switches off the best baseline's and the model head's; "
-        "drug-response ic50: the drug model's)",
+        "drug-response ic50: the drug model's; annotate: the model's probabilities averaged over the passes or "
+        "members, with their disagreement per cell)",
     ),
     Option("{task}.interval_level", sections=TASKS, metavar="LEVEL"),
     Option(

@@ -11,6 +11,7 @@ and probabilities in obs / obsm), a confusion-matrix PNG, and prints the table.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from celltron.finetune.settings import (
     run_folder,
     training_lengths,
 )
+from celltron.finetune.uncertainty import ENSEMBLE_SEED_STRIDE, dropout_sampling, mutual_information
 from celltron.io import write_h5ad_atomically
 from celltron.lab.data import check_vocabulary_coverage, load_model_tokenizer, read_configured_lab_data, tokenize_cells
 from celltron.lab.inference import autocast, pad_cells, pick_device, to_device
@@ -129,19 +131,24 @@ class ProbeModel(nn.Module):
 
 
 @torch.no_grad()
-def frozen_cell_embeddings(folder: Path, tokens: RaggedTokens, pad_id: int, batch_size: int) -> np.ndarray:
+def frozen_cell_embeddings(
+    folder: Path, tokens: RaggedTokens, pad_id: int, batch_size: int, passes: int = 0, seed: int = 0
+) -> np.ndarray:
     """(cells, hidden) cell embeddings of the pretrained model in `folder`, in eval mode (no
-    dropout), pooled as the annotation head pools them; on the GPU when there is one."""
+    dropout), pooled as the annotation head pools them; on the GPU when there is one. With
+    `passes`: (passes, cells, hidden), each with the encoder's dropout on (MC dropout, seeded)."""
     device = pick_device("auto")
-    encoder = load_pretrained(folder).to(device).eval()
+    encoder = load_pretrained(folder).to(device)
     order = np.argsort(tokens.lengths, kind="stable")  # similar lengths share a batch
-    out = np.zeros((len(tokens), base_of(encoder).config.hidden_size), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        with autocast(device):
-            embedding = encoder(**_encoder_inputs(**to_device(pad_cells(tokens, rows, pad_id), device))).cell_embedding
-        out[rows] = embedding.float().cpu().numpy()
-    return out
+    out = np.zeros((max(passes, 1), len(tokens), base_of(encoder).config.hidden_size), dtype=np.float32)
+    with _prediction_mode(encoder, passes, seed):
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            inputs = _encoder_inputs(**to_device(pad_cells(tokens, rows, pad_id), device))
+            for draw in range(len(out)):
+                with autocast(device):
+                    out[draw, rows] = encoder(**inputs).cell_embedding.float().cpu().numpy()
+    return out if passes else out[0]
 
 
 class LabelledCells(Dataset):
@@ -189,37 +196,66 @@ class _EmbeddingCollate:
         }
 
 
-@torch.no_grad()
-def predict_probabilities(
-    model: AnnotationModel, tokens: RaggedTokens, pad_id: int, batch_size: int, rows: np.ndarray | None = None
-) -> np.ndarray:
-    """(len(rows), classes) softmax probabilities of the cells `rows` of `tokens` (all by
-    default), on the GPU when there is one."""
-    device = pick_device("auto")
-    was_training = model.training
-    model = model.to(device).eval()
-    rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
-    order = np.argsort(tokens.lengths[rows], kind="stable")  # similar lengths share a batch
-    out = np.zeros((len(rows), model.head[-1].out_features), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        with autocast(device):
-            logits = model(**to_device(pad_cells(tokens, rows[batch], pad_id), device)).logits
-        out[batch] = torch.softmax(logits.float(), -1).cpu().numpy()
-    model.train(was_training)
-    return out
-
-
-@torch.no_grad()
-def probe_probabilities(model: ProbeModel, embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), classes) softmax probabilities of the probe on cached embeddings."""
+@contextmanager
+def _prediction_mode(model: nn.Module, passes: int, seed: int):
+    """Eval mode (passes 0), or MC dropout: every dropout layer on, torch's random state forked
+    and seeded (`uncertainty.dropout_sampling`)."""
+    if passes:
+        with dropout_sampling(model, seed):
+            yield
+        return
     was_training = model.training
     model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict_probabilities(
+    model: AnnotationModel,
+    tokens: RaggedTokens,
+    pad_id: int,
+    batch_size: int,
+    rows: np.ndarray | None = None,
+    passes: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
+    """(len(rows), classes) softmax probabilities of the cells `rows` of `tokens` (all by
+    default), on the GPU when there is one; with `passes`, (passes, len(rows), classes): that
+    many predictions with dropout on (MC dropout, seeded by `seed`)."""
+    device = pick_device("auto")
+    model = model.to(device)
+    rows = np.arange(len(tokens)) if rows is None else np.asarray(rows)
+    order = np.argsort(tokens.lengths[rows], kind="stable")  # similar lengths share a batch
+    out = np.zeros((max(passes, 1), len(rows), model.head[-1].out_features), dtype=np.float32)
+    with _prediction_mode(model, passes, seed):
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = to_device(pad_cells(tokens, rows[batch], pad_id), device)
+            for draw in range(len(out)):
+                with autocast(device):
+                    logits = model(**inputs).logits
+                out[draw, batch] = torch.softmax(logits.float(), -1).cpu().numpy()
+    return out if passes else out[0]
+
+
+@torch.no_grad()
+def probe_probabilities(
+    model: ProbeModel, embeddings: np.ndarray, rows: np.ndarray, passes: int = 0, seed: int = 0
+) -> np.ndarray:
+    """(len(rows), classes) softmax probabilities of the probe on cached embeddings; with
+    `passes`, (passes, len(rows), classes) with the head's dropout on (MC dropout)."""
     device = next(model.parameters()).device
     parts = [rows[start : start + 4096] for start in range(0, len(rows), 4096)]
-    logits = torch.cat([model(torch.as_tensor(embeddings[part]).to(device)).logits for part in parts])
-    model.train(was_training)
-    return torch.softmax(logits.float(), -1).cpu().numpy()
+    with _prediction_mode(model, passes, seed):
+        draws = [
+            torch.cat([model(torch.as_tensor(embeddings[part]).to(device)).logits for part in parts])
+            for _ in range(max(passes, 1))
+        ]
+    out = torch.softmax(torch.stack(draws).float(), -1).cpu().numpy()
+    return out if passes else out[0]
 
 
 def stratified_split(
@@ -467,8 +503,22 @@ class _Task:
     def _weights(self, train: np.ndarray) -> np.ndarray | None:
         return balanced_weights(self.labels[train], self.n_classes) if self.config.annotate.balanced else None
 
-    def predict(self, model: nn.Module, rows: np.ndarray) -> np.ndarray:
-        return predict_probabilities(model, self.tokens, self.pad_id, self.config.data.batch_size, rows)
+    @property
+    def passes(self) -> int:
+        """MC dropout passes per prediction (0: one prediction, dropout off)."""
+        section = self.config.annotate
+        return section.dropout_passes if section.intervals == "mc_dropout" else 0
+
+    @property
+    def members(self) -> int:
+        """Models trained per fit: an ensemble's members, or one."""
+        section = self.config.annotate
+        return section.ensemble_members if section.intervals == "ensemble" else 1
+
+    def predict(self, model: nn.Module, rows: np.ndarray, seed: int = 0) -> np.ndarray:
+        """(draws, len(rows), classes): one prediction, or the MC dropout passes."""
+        predicted = predict_probabilities(model, self.tokens, self.pad_id, self.config.data.batch_size, rows, self.passes, seed)
+        return predicted if self.passes else predicted[None]
 
 
 class _ProbeTask(_Task):
@@ -484,8 +534,9 @@ class _ProbeTask(_Task):
         model = ProbeModel(self.embeddings.shape[1], self.n_classes, self._weights(train), self.config.annotate.dropout)
         return model, LabelledCells(train), _EmbeddingCollate(self.embeddings, self.labels)
 
-    def predict(self, model: nn.Module, rows: np.ndarray) -> np.ndarray:
-        return probe_probabilities(model, self.embeddings, np.asarray(rows))
+    def predict(self, model: nn.Module, rows: np.ndarray, seed: int = 0) -> np.ndarray:
+        predicted = probe_probabilities(model, self.embeddings, np.asarray(rows), self.passes, seed)
+        return predicted if self.passes else predicted[None]
 
 
 def _baseline_probabilities(config, lab, labels, train, cells, n_classes: int, seed: int) -> np.ndarray:
@@ -493,18 +544,34 @@ def _baseline_probabilities(config, lab, labels, train, cells, n_classes: int, s
     return pca_logreg_probabilities(lab.counts, labels, train, cells, n_classes, section.pca_components, seed, section.balanced)
 
 
-def _predictions(
+def _draws(
     task: _Task, train: np.ndarray, seed: int, out: Path, lr: float, lengths, rows: np.ndarray
 ) -> tuple[dict[int, np.ndarray], bool]:
     """Train on `train` at `lr` and predict the cells `rows` as training passes each of
-    `lengths` (one run): ({steps: probabilities}, whether this process is the first)."""
-    return predictions_by_length(
-        lambda callbacks: task.fine_tune(train, seed, out, lr, callbacks),
-        lambda model: task.predict(model, rows),
-        task.config.trainer.max_steps,
-        lengths,
-        out,
-    )
+    `lengths`: ({steps: (draws, len(rows), classes) probabilities}, whether this process is the
+    first). One run and one draw, or MC dropout's passes of that run, or one run per ensemble
+    member (member k trains with seed + k x ENSEMBLE_SEED_STRIDE, under out/member{k})."""
+    members, first = [], True
+    for k in range(task.members):
+        member_seed, where = seed + ENSEMBLE_SEED_STRIDE * k, out / f"member{k}" if k else out
+        by_length, first = predictions_by_length(
+            lambda callbacks, s=member_seed, w=where: task.fine_tune(train, s, w, lr, callbacks),
+            lambda model, s=member_seed: task.predict(model, rows, s),
+            task.config.trainer.max_steps,
+            lengths,
+            where,
+        )
+        members.append(by_length)
+    return {steps: np.concatenate([m[steps] for m in members]) for steps in members[0]}, first
+
+
+def _predictions(
+    task: _Task, train: np.ndarray, seed: int, out: Path, lr: float, lengths, rows: np.ndarray
+) -> tuple[dict[int, np.ndarray], bool]:
+    """As `_draws`, each length's probabilities the mean over the draws: ({steps: (len(rows),
+    classes)}, whether this process is the first)."""
+    draws, first = _draws(task, train, seed, out, lr, lengths, rows)
+    return {steps: d.mean(0) for steps, d in draws.items()}, first
 
 
 def macro_f1(truth: np.ndarray, predicted: np.ndarray, n_classes: int) -> float:
@@ -632,6 +699,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
     out.mkdir(parents=True, exist_ok=True)  # only once the data and the model are known to be usable
     runs, plain_runs, baseline_runs, splits, weights, first_probabilities, first = {}, {}, {}, {}, {}, None, True
     first_sets = None  # the first seed's model prediction sets (anchored head, interval_level > 0)
+    spreads, first_disagreement = {}, None  # annotate.intervals: the draws' disagreement on held-out cells
     uncertain = {}  # seed -> the baseline's sets and the held-out cells' OOD scores
     anchored = section.head == "anchored"
     task = None
@@ -660,13 +728,18 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
             choice = weights[seed] = choose_settings(task, train, seed, out / f"seed{seed}", inner)
         elif section.interval_level > 0:  # the plain head's sets need held-out training cells of their own
             inner = calibration_folds(task, train, seed, out / f"seed{seed}", choice)
-        by_length, first_process = _predictions(
+        draws, first_process = _draws(
             task, train, seed, out / f"seed{seed}", choice["learning_rate"], (choice["steps"],), everyone
         )
         if not first_process:
             first = False  # every process trains every seed together; only the first reports
             continue
-        plain = by_length[choice["steps"]]
+        draws = draws[choice["steps"]]
+        plain = draws.mean(0)
+        if len(draws) > 1:  # MC dropout passes or ensemble members: how much they disagree, per cell
+            disagreement = mutual_information(draws)
+            spreads[seed] = {"disagreement": disagreement[test], "wrong": plain[test].argmax(1) != labels[test]}
+            first_disagreement = disagreement if first_disagreement is None else first_disagreement
         probabilities = anchor(baseline, plain, choice["weight"]) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
         if seed in uncertain:
@@ -706,6 +779,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         "uncertainty": uncertainty_summary(uncertain, section.interval_level, "model" if runs else BASELINE)
         if uncertain
         else None,
+        "model_spread": spread_summary(spreads, section, task) if spreads else None,
         "notes": {
             "pca_logreg": f"logistic regression on {section.pca_components} principal components of log-normalised "
             "expression, 2,000 most variable genes (genes and PCA from the training cells)"
@@ -713,8 +787,40 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         },
     }
     return _write_results(
-        out, metrics, lab, section.label_key, classes, first_probabilities, first_test if runs else None, first_sets
+        out,
+        metrics,
+        lab,
+        section.label_key,
+        classes,
+        first_probabilities,
+        first_test if runs else None,
+        first_sets,
+        first_disagreement,
     )
+
+
+def spread_summary(spreads: dict, section, task: _Task) -> dict:
+    """Pooled over seeds' held-out cells: does the draws' disagreement (mutual information) say
+    when the model alone is wrong? AUROC of misclassified against it, Spearman, and the mean
+    disagreement of wrong and right cells."""
+    from celltron.finetune.uncertainty import error_vs_score
+
+    disagreement = np.concatenate([r["disagreement"] for r in spreads.values()])
+    wrong = np.concatenate([r["wrong"] for r in spreads.values()])
+    method = (
+        f"mc_dropout: {task.passes} passes of one model, every dropout layer on"
+        if section.intervals == "mc_dropout"
+        else f"ensemble: {task.members} models from seeds seed + k x {ENSEMBLE_SEED_STRIDE}"
+    )
+    return {
+        "method": method,
+        "score": "mutual information of the draws' class probabilities (nats): entropy of the mean minus mean entropy",
+        "predictor": "the model alone (the mean of the draws)",
+        "mean_wrong": float(disagreement[wrong].mean()) if wrong.any() else float("nan"),
+        "mean_right": float(disagreement[~wrong].mean()) if (~wrong).any() else float("nan"),
+        "misclassified": float(wrong.mean()),
+        **error_vs_score(wrong.astype(float), disagreement),
+    }
 
 
 def paired_per_seed(runs: dict, baseline_runs: dict) -> dict:
@@ -738,10 +844,12 @@ def _aggregate(per_seed: dict) -> dict:
     return summary
 
 
-def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[str], probabilities, test, sets=None) -> dict:
+def _write_results(
+    out: Path, metrics: dict, lab, label_key: str, classes: list[str], probabilities, test, sets=None, disagreement=None
+) -> dict:
     write_metrics(out / "metrics.json", metrics)
     if probabilities is not None:
-        _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test, sets)
+        _write_predictions(out / "predictions.h5ad", lab, label_key, classes, probabilities, test, sets, disagreement)
         _plot_confusion(out / "confusion_matrix.png", np.asarray(metrics["model"]["confusion_matrix"]), classes)
     plain = {"model, plain head": metrics["model_plain"]} if metrics.get("model_plain") else {}
     print(results_table({**metrics, "baselines": {**plain, **metrics["baselines"]}}, METRICS, metrics["notes"]))
@@ -756,6 +864,12 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
         )
     for metric, difference in (metrics["paired"] or {}).items():
         print(verdict_line(metric, BASELINE, difference, "seeds", chosen_on=None))
+    spread = metrics.get("model_spread")
+    if spread:
+        print(
+            f"model disagreement ({spread['method']}): {spread['mean_wrong']:.3f} on misclassified held-out cells vs "
+            f"{spread['mean_right']:.3f} on the rest, AUROC {spread['auroc_large_error']:.2f}"
+        )
     if not metrics.get("uncertainty"):
         return metrics
     sets, ood = metrics["uncertainty"]["sets"], metrics["uncertainty"]["ood"]
@@ -775,11 +889,19 @@ def _write_results(out: Path, metrics: dict, lab, label_key: str, classes: list[
 
 
 def _write_predictions(
-    path: Path, lab, label_key: str, classes: list[str], probabilities: np.ndarray, test: np.ndarray, sets=None
+    path: Path,
+    lab,
+    label_key: str,
+    classes: list[str],
+    probabilities: np.ndarray,
+    test: np.ndarray,
+    sets=None,
+    disagreement=None,
 ) -> None:
     """The lab's cells (raw counts, obs) with the first seed's model predictions: obs
-    `{label_key}_predicted`, `{label_key}_probability` (of the predicted label) and
-    `celltron_split`; obsm `{label_key}_probabilities` (cells x classes, uns lists the classes)
+    `{label_key}_predicted`, `{label_key}_probability` (of the predicted label),
+    `celltron_split` and, with annotate.intervals, `{label_key}_disagreement` (the model's
+    draws' mutual information: high where they disagree); obsm `{label_key}_probabilities` (cells x classes, uns lists the classes)
     and, given, `{label_key}_prediction_set` (cells x classes, bool: the head's conformal sets;
     calibrated for held-out cells, over-confident on the training cells it saw)."""
     import anndata as ad
@@ -793,6 +915,8 @@ def _write_predictions(
     split = np.full(len(best), "train", dtype=object)
     split[test] = "test"
     obs["celltron_split"] = pd.Categorical(split)
+    if disagreement is not None:
+        obs[f"{label_key}_disagreement"] = disagreement
     adata = ad.AnnData(X=lab.counts, obs=obs, var=pd.DataFrame(index=pd.Index(lab.gene_names.astype(str)).astype(object)))
     adata.var_names_make_unique()
     adata.obsm[f"{label_key}_probabilities"] = probabilities

@@ -304,6 +304,15 @@ class AnnotateSection:
         the inner folds that chose the setting and weight: `inner_conformal_threshold`, no extra
         fit); a plain head's sets are calibrated the same way on inner_folds models fitted for
         that alone (`calibration_folds`: inner_folds extra fits per seed); 0: none of them.
+    intervals: how the model predicts, and how unsure it says it is: none (one model, dropout
+        off), mc_dropout (one model, dropout_passes predictions with every dropout layer on:
+        the head's, and a tuned encoder's) or ensemble (ensemble_members models from different
+        seeds on the same cells; tuned encoders: that many fine-tunings per fit). The model's
+        probabilities are then the mean of those predictions everywhere (inner folds and the
+        held-out cells, so the setting, the weight and the sets are those of the averaged
+        model), and each cell gets their disagreement (`uncertainty.mutual_information`), in
+        predictions.h5ad and, against the model's errors on held-out cells, in metrics.json.
+    ensemble_members / dropout_passes: as intervals says.
     """
 
     label_key: str = "cell_type"
@@ -319,10 +328,14 @@ class AnnotateSection:
     encoder: str = one_of("tuned", ENCODERS)
     learning_rates: tuple[float, ...] = ranged((), "> 0")
     step_fractions: tuple[float, ...] = ranged((1.0,), "(0, 1]")
+    intervals: str = one_of("none", INTERVALS)
+    ensemble_members: int = ranged(5, ">= 2")
+    dropout_passes: int = ranged(20, ">= 2")
 
 
 CROSSMODAL_TASKS = ("predict", "align", "annotate")
 CROSSMODAL_SPLITS = ("random", "batch")
+CROSSMODAL_INTERVALS = ("none", "mc_dropout")  # a ridge on a frozen encoder is deterministic: no ensemble
 
 
 @dataclass
@@ -379,6 +392,12 @@ class CrossModalSection:
         conformal on training cells predicted out of fold) and of the held-out cells' OOD flags
         (RNA PCA distance, calibrated on held-out training cells); see
         celltron.finetune.crossmodal.run.prediction_uncertainty. 0: neither.
+    intervals: predict with --model: none, or mc_dropout: the model alone's (its ridge head's)
+        intervals from dropout_passes embeddings of each cell with the encoder's dropout on, the
+        ridge applied to each: prediction ± q x their spread, q per protein split conformal on
+        inner folds over the training cells (needs interval_level > 0). An ensemble is not
+        offered: the ridge on one frozen encoder is deterministic, so its members would agree.
+    dropout_passes: as intervals says.
     """
 
     task: str = one_of("predict", CROSSMODAL_TASKS)
@@ -396,6 +415,8 @@ class CrossModalSection:
     ridge_alphas: tuple[float, ...] = ranged((0.1, 1.0, 10.0, 100.0, 1000.0), "> 0")
     interval_level: float = ranged(0.9, "[0, 1)")
     inner_folds: int = ranged(3, ">= 2")
+    intervals: str = one_of("none", CROSSMODAL_INTERVALS)
+    dropout_passes: int = ranged(20, ">= 2")
     cca_components: int = ranged(20, ">= 1")
     recall_k: tuple[int, ...] = ranged((1, 5, 10), ">= 1")
     neighbors: int = ranged(15, ">= 1")
@@ -515,6 +536,11 @@ class FinetuneConfig:
             check_peer(peer, section.task, modalities, where)
         if section.query and section.task != "predict":
             raise ConfigError(f"{where}: crossmodal.query (--query) is for the predict task; drop it for {section.task}")
+        if section.intervals != "none" and (section.task != "predict" or section.interval_level == 0):
+            raise ConfigError(
+                f"{where}: crossmodal.intervals {section.intervals} gives the predict task's model intervals and needs "
+                f"crossmodal.interval_level above 0 (e.g. 0.9); set crossmodal.intervals to none"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

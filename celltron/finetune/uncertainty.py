@@ -25,10 +25,13 @@ percentile is 1, and the ties would hide the ordering.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 SPREAD_FLOOR = 1e-6  # relative to the mean spread: outputs every member agrees on still get a width
 QUERY_BLOCK = 2048  # rows whose distances to the training units are held at once
+ENSEMBLE_SEED_STRIDE = 1000  # ensemble member k trains with seed + k x this (never another seed's own)
 
 
 def ensemble_summary(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +40,43 @@ def ensemble_summary(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if members.shape[0] < 2:
         raise ValueError(f"an interval needs at least 2 members or passes, got {members.shape[0]}")
     return members.mean(0), members.std(0, ddof=1)
+
+
+def mutual_information(draws: np.ndarray) -> np.ndarray:
+    """Per row, how much several predictions of class probabilities (draws, rows, classes: MC
+    dropout passes or ensemble members) disagree: the entropy of their mean minus their mean
+    entropy (nats; 0 when every draw agrees, up to log(draws) or log(classes)). It is the
+    epistemic part of the predictive entropy (BALD), the classification counterpart of a
+    regression's spread."""
+    draws = np.asarray(draws, dtype=np.float64)
+    if draws.ndim != 3 or draws.shape[0] < 2:
+        raise ValueError(f"need (draws >= 2, rows, classes) probabilities, got shape {draws.shape}")
+
+    def entropy(p: np.ndarray) -> np.ndarray:
+        return -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=-1)
+
+    return np.maximum(entropy(draws.mean(0)) - entropy(draws).mean(0), 0.0)
+
+
+@contextmanager
+def dropout_sampling(model, seed: int):
+    """Within: every dropout layer of `model` samples (train mode) while the rest stays in eval
+    mode, and torch's random state is forked and seeded, so passes are reproducible and a
+    training run that predicts mid-way continues with the random state it had."""
+    import torch
+    from torch import nn
+
+    was_training = model.training
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def _floored(spread: np.ndarray, reference: float) -> np.ndarray:

@@ -232,6 +232,81 @@ def test_a_frozen_encoder_probe_chooses_its_learning_rate_on_training_cells_only
     assert (alone["threshold_per_seed"] == sets["threshold_per_seed"]) == (choice["weight"] == 1.0)
 
 
+@pytest.mark.parametrize("intervals", ["mc_dropout", "ensemble"])
+def test_mc_dropout_and_ensembles_average_their_draws_and_report_where_they_disagree(
+    pretrained_geneformer, labelled_file, tmp_path, monkeypatch, intervals
+):
+    """annotate.intervals: the model's probabilities are the mean of its draws (dropout passes of
+    one model, or members trained from different seeds on the same cells), and each cell's
+    disagreement is their mutual information, written and scored against the model's errors."""
+    import celltron.finetune.annotate as annotate
+    from celltron.finetune.uncertainty import ENSEMBLE_SEED_STRIDE, mutual_information
+
+    trained, predicted = [], []
+    fine_tune, predict = annotate._Task.fine_tune, annotate._ProbeTask.predict
+
+    def recording_fit(self, train, seed, *args, **kwargs):
+        trained.append((np.asarray(train), seed))
+        return fine_tune(self, train, seed, *args, **kwargs)
+
+    def recording_predict(self, model, rows, seed=0):
+        predicted.append(predict(self, model, rows, seed))
+        return predicted[-1]
+
+    monkeypatch.setattr(annotate._Task, "fine_tune", recording_fit)
+    monkeypatch.setattr(annotate._ProbeTask, "predict", recording_predict)
+    settings = [f"annotate.intervals={intervals}", "annotate.ensemble_members=2", "annotate.dropout_passes=6"]
+    flags = ["--encoder", "frozen", "--head", "plain", "--max-steps", "40", "--set", "annotate.interval_level=0"]
+    assert _annotate(pretrained_geneformer, labelled_file, tmp_path, *flags, *[a for s in settings for a in ("--set", s)]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    written = ad.read_h5ad(tmp_path / "predictions.h5ad")
+    if intervals == "mc_dropout":  # one model, 6 passes with its dropout on: they differ
+        assert [seed for _, seed in trained] == [0] and len(predicted) == 1 and predicted[0].shape[0] == 6
+        draws = predicted[0]
+        assert not np.allclose(draws[0], draws[1])
+    else:  # 2 models on the same training cells from different seeds, the second in its own folder
+        assert [seed for _, seed in trained] == [0, ENSEMBLE_SEED_STRIDE]
+        np.testing.assert_array_equal(trained[0][0], trained[1][0])
+        assert (tmp_path / "seed0" / "member1").is_dir()
+        draws = np.concatenate(predicted)
+        assert draws.shape[0] == 2 and not np.allclose(draws[0], draws[1])
+    np.testing.assert_allclose(written.obsm[f"{LABEL}_probabilities"], draws.mean(0), rtol=1e-6)
+    disagreement = written.obs[f"{LABEL}_disagreement"].to_numpy()
+    np.testing.assert_allclose(disagreement, mutual_information(draws), rtol=1e-5, atol=1e-9)
+    assert (disagreement >= 0).all() and disagreement.std() > 0
+    spread = metrics["model_spread"]
+    assert spread["method"].startswith(intervals) and spread["n_units"] == int((written.obs["celltron_split"] == "test").sum())
+    test = (written.obs["celltron_split"] == "test").to_numpy()
+    truth = np.unique(written.obs[LABEL].astype(str), return_inverse=True)[1]
+    wrong = draws.mean(0)[test].argmax(1) != truth[test]
+    assert spread["misclassified"] == pytest.approx(wrong.mean())
+    if wrong.any():
+        assert spread["mean_wrong"] == pytest.approx(disagreement[test][wrong].mean(), rel=1e-5)
+
+
+def test_a_tuned_models_dropout_passes_differ_and_eval_mode_is_one_fixed_prediction(pretrained_geneformer, labelled_file):
+    """MC dropout on a tuned model samples the encoder's dropout and the head's; without passes
+    the prediction is the model in eval mode, and the model's mode is left as it was."""
+    from celltron.finetune.adapt import load_encoder
+    from celltron.finetune.annotate import AnnotationModel, predict_probabilities
+    from celltron.finetune.config import AdaptSection
+    from celltron.lab.data import load_model_tokenizer, read_lab_data, tokenize_cells
+
+    lab = read_lab_data(labelled_file)
+    tokenizer = load_model_tokenizer(pretrained_geneformer, lab)
+    tokens = tokenize_cells(lab, tokenizer, cells=np.arange(12))
+    torch.manual_seed(0)
+    model = AnnotationModel(load_encoder(pretrained_geneformer, AdaptSection()), 5, dropout=0.3).train()
+    pad = tokenizer.vocab.special_id("pad")
+    fixed = predict_probabilities(model, tokens, pad, 5)
+    passes = predict_probabilities(model, tokens, pad, 5, passes=3, seed=7)
+    assert fixed.shape == (12, 5) and passes.shape == (3, 12, 5) and model.training
+    np.testing.assert_allclose(passes.sum(-1), 1.0, rtol=1e-5)
+    assert not np.allclose(passes[0], passes[1]) and not np.allclose(passes[0], fixed)
+    np.testing.assert_array_equal(passes, predict_probabilities(model, tokens, pad, 5, passes=3, seed=7))
+    np.testing.assert_allclose(predict_probabilities(model, tokens, pad, 5), fixed, rtol=1e-6)
+
+
 def test_a_frozen_encoder_refuses_frozen_layers_or_lora(pretrained_geneformer, labelled_file, tmp_path, capsys):
     assert _annotate(pretrained_geneformer, labelled_file, tmp_path, "--encoder", "frozen", "--freeze", "1") == 2
     assert "--encoder frozen" in capsys.readouterr().err and not (tmp_path / "metrics.json").exists()

@@ -350,6 +350,35 @@ def test_the_anchored_head_earns_a_weight_only_by_inner_cv_and_reports_the_plain
     assert "model head, 0.9 intervals per protein" in out and "model alone, 0.9 intervals per protein" in out
 
 
+def test_mc_dropout_intervals_of_the_model_alone_are_calibrated_on_training_cells(teaseq_model, tmp_path, capsys):
+    """crossmodal.intervals mc_dropout: the ridge, fitted on the dropout-off embedding, reads
+    each pass's embedding; its dropout-off prediction is the plain head's, and the passes'
+    spread, scaled per protein on inner folds, gives intervals that hold their level."""
+    from celltron.finetune.crossmodal.data import parse_modality_files, read_paired
+    from celltron.finetune.crossmodal.model import ModelViews, dropout_predictions, model_predictor
+
+    config = config_for("predict", TEASEQ, components=10, seeds=(0,), head="plain", intervals="mc_dropout", dropout_passes=5)
+    metrics = run_crossmodal(config, tmp_path / "out", model=str(teaseq_model))
+    dropout = metrics["uncertainty"]["model_dropout_intervals"]
+    assert dropout["passes"] == 5 and 0.75 <= dropout["coverage"] <= 1.0 and dropout["mean_width"] > 0
+    assert 0 <= dropout["gaussian_coverage"] < dropout["coverage"]  # the raw spread is narrower than its calibration
+    assert dropout["spread_vs_error"]["n_units"] == metrics["split"]["per_seed"]["0"]["test"]
+    assert "model alone, MC dropout, 0.9 intervals per protein" in capsys.readouterr().out
+    # the dropout-off centre is the plain head's ridge exactly; the passes differ from it and each other
+    paired = read_paired(None, parse_modality_files(TEASEQ), ("rna", "adt"))
+    views = ModelViews(teaseq_model, paired, "adt", 32, 0)
+    targets, train = clr(paired.counts["adt"]), np.arange(0, 300, 2)
+    embedding, passes = views.rna(), views.rna_dropout_passes(3)
+    assert passes.shape == (3, *embedding.shape) and not np.allclose(passes[0], passes[1])
+    np.testing.assert_array_equal(passes, views.rna_dropout_passes(3))  # seeded
+    centre, draws = dropout_predictions(embedding, passes, targets, train, config.crossmodal, 0)
+    plain, _ = model_predictor(embedding, targets, train, config.crossmodal, 0)
+    np.testing.assert_allclose(centre, plain(train), rtol=1e-6, atol=1e-8)
+    assert draws.shape == (3, 300, targets.shape[1]) and not np.allclose(draws[0], centre)
+    with pytest.raises(ConfigError, match="crossmodal.intervals mc_dropout"):
+        config_for("align", TEASEQ, intervals="mc_dropout")
+
+
 def test_align_refuses_a_model_that_reads_rna_only(teaseq_model, tmp_path):
     with pytest.raises(ConfigError, match="reads RNA only.*multimodal.joint"):
         run_crossmodal(config_for("align", TEASEQ), tmp_path / "x", model=str(teaseq_model))

@@ -8,11 +8,13 @@ import pytest
 from celltron.finetune.uncertainty import (
     NearestNeighbourOOD,
     conformal_scale,
+    dropout_sampling,
     ensemble_summary,
     error_vs_score,
     gaussian_scale,
     interval,
     interval_report,
+    mutual_information,
 )
 
 
@@ -81,3 +83,41 @@ def test_ood_score_rises_with_distance_and_error_rises_with_it():
     # a score unrelated to error: AUROC near one half
     unrelated = error_vs_score(rng.random(400), ood.score(near))
     assert abs(unrelated["auroc_large_error"] - 0.5) < 0.1
+
+
+def test_mutual_information_is_zero_when_draws_agree_and_log2_for_two_opposite_certain_draws():
+    agree = np.tile(np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]), (4, 1, 1))
+    np.testing.assert_allclose(mutual_information(agree), 0.0, atol=1e-12)
+    opposite = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+    np.testing.assert_allclose(mutual_information(opposite), np.log(2))
+    # the same mean, but one pair of draws disagrees and the other does not: only the first scores
+    mixed = np.array([[[0.9, 0.1], [0.5, 0.5]], [[0.1, 0.9], [0.5, 0.5]]])
+    score = mutual_information(mixed)
+    assert score[0] > 0.3 and score[1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="draws >= 2"):
+        mutual_information(agree[:1])
+
+
+def test_dropout_sampling_turns_on_dropout_alone_reproducibly_and_restores_the_model_and_random_state():
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.LayerNorm(8), nn.Dropout(0.5), nn.Linear(8, 3)).eval()
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        fixed = model(x)
+        torch.manual_seed(5)
+        state = torch.random.get_rng_state()
+        with dropout_sampling(model, seed=1):
+            assert model[1].training and not model[0].training and not model.training
+            first = [model(x) for _ in range(2)]
+        assert torch.equal(torch.random.get_rng_state(), state)  # training goes on from where it was
+        with dropout_sampling(model, seed=1):
+            again = [model(x) for _ in range(2)]
+    assert not model.training and not model[1].training
+    assert not torch.allclose(first[0], fixed) and not torch.allclose(first[0], first[1])  # passes differ
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # the same seed, the same passes
+    model.train()
+    with dropout_sampling(model, seed=0):
+        pass
+    assert model.training and model[0].training  # a model in training returns to training

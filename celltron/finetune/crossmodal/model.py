@@ -99,6 +99,14 @@ class ModelViews:
         """The RNA model's cell embedding (a paired export: its RNA tower's, before projection)."""
         return self._embed(self.tokenizer.encode_block(self.block, self._rng()))
 
+    def rna_dropout_passes(self, passes: int) -> np.ndarray:
+        """(passes, cells, hidden): `rna`'s embedding with the encoder's dropout on (MC dropout;
+        the same tokens, seeded)."""
+        from celltron.finetune.annotate import frozen_cell_embeddings
+
+        tokens = self.tokenizer.encode_block(self.block, self._rng())
+        return frozen_cell_embeddings(self.folder, tokens, self.pad_id, self.batch_size, passes, self.seed)
+
     def joint(self) -> np.ndarray:
         """Both modalities: one sequence of RNA and target tokens (a joint model), or both towers'
         projections side by side (a paired one)."""
@@ -365,6 +373,21 @@ def choose_anchor_weight(baseline, model, targets, train: np.ndarray, weights, f
         for w in by_weight:
             by_weight[w].append(protein_units(targets[held], anchor(base, plain, w)))
     return choose_weight(by_weight, seed=seed)
+
+
+def dropout_predictions(embedding: np.ndarray, passes: np.ndarray, targets: np.ndarray, fit: np.ndarray, section, seed: int):
+    """MC dropout of the model's ridge head: the ridge fitted as `model_predictor` fits it (on
+    the dropout-off embedding of the `fit` cells, alpha by inner CV there), then applied to each
+    pass's embedding (standardised as the dropout-off one). Returns (dropout-off predictions,
+    (passes, cells, proteins) predictions) for every cell."""
+    cells = len(embedding)
+    stacked = np.concatenate([embedding, *passes])  # one ridge fit predicts every pass's rows
+    features = standardise_on(stacked, fit)  # fit indexes the dropout-off rows: their statistics
+    _, choice = bl.tuned("ridge", section.ridge_alphas, features[:cells], targets, fit, section.inner_folds, seed)
+    padded = np.zeros((len(stacked), targets.shape[1]), dtype=targets.dtype)
+    padded[:cells] = targets  # rows beyond the first block are predicted, never fitted
+    predicted = bl.ridge_regression(choice["chosen"])(features, padded, fit).reshape(len(passes) + 1, cells, -1)
+    return predicted[0], predicted[1:]
 
 
 def model_predictor(embedding: np.ndarray, targets: np.ndarray, train: np.ndarray, section, seed: int):

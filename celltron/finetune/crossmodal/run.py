@@ -84,7 +84,10 @@ def run_crossmodal(config, out, model: str | None = None, baselines_only: bool =
     if section.task == "predict":
         from celltron.finetune.crossmodal.model import masked_value_predictions
 
-        embedding = None if views is None else (str(views.folder), views.rna(), masked_value_predictions(views))
+        embedding = None
+        if views is not None:
+            passes = views.rna_dropout_passes(section.dropout_passes) if section.intervals == "mc_dropout" else None
+            embedding = (str(views.folder), views.rna(), masked_value_predictions(views), passes)
         return _predict(paired, section, source, target, out, query, train_only, embedding)
     if section.task == "align":
         return _align(paired, section, source, target, out, train_only, views)
@@ -275,6 +278,10 @@ def _predict(
                         weight,
                     )
                 )
+                if embedding[3] is not None:
+                    uncertain[seed]["model_dropout"] = dropout_interval(
+                        embedding[1], embedding[3], targets, train, test, section, seed, batches, train_only
+                    )
         first = first or shown
     metrics = {
         **_header("predict", paired, source, target),
@@ -326,7 +333,11 @@ def _predict(
         f"{u['coverage']:.3f}, mean width {u['mean_width']:.2f}; OOD: {u['ood']['n_flagged']} of {u['ood']['n_cells']} "
         f"held-out cells flagged, AUROC of large error {u['ood']['auroc_large_error']:.2f}"
     )
-    for key, who in (("model_intervals", "model head"), ("model_plain_intervals", "model alone")):
+    for key, who in (
+        ("model_intervals", "model head"),
+        ("model_plain_intervals", "model alone"),
+        ("model_dropout_intervals", "model alone, MC dropout"),
+    ):
         if u.get(key):
             m = u[key]
             print(
@@ -405,6 +416,39 @@ def model_interval(targets, train, test, head, refit, section, seed: int, groups
     return {"inside": inside, "width": np.broadcast_to(2 * width, inside.shape)}
 
 
+def dropout_interval(embedding, passes, targets, train, test, section, seed: int, groups=None, seen=None) -> dict:
+    """The model alone's MC-dropout interval per held-out cell and protein: its dropout-off
+    prediction ± q x the passes' spread, q per protein the split-conformal quantile of
+    |error| / spread on the inner folds' held-out training cells (the ridge refitted on each
+    inner fold, `crossmodal.model.dropout_predictions`). Also the uncalibrated Gaussian
+    interval's coverage and each held-out cell's mean spread and error."""
+    from celltron.finetune.crossmodal.model import dropout_predictions
+    from celltron.finetune.uncertainty import conformal_scale, ensemble_summary, gaussian_scale
+
+    residuals, spreads = [], []
+    for fit, held in _inner_folds(train, groups, section.inner_folds, seed):
+        held = train[held] if seen is None else train[held][~seen[train[held]]]
+        centre, draws = dropout_predictions(embedding, passes, targets, train[fit], section, seed)
+        residuals.append(np.abs(targets[held] - centre[held]))
+        spreads.append(ensemble_summary(draws[:, held])[1])
+    residual, spread = np.concatenate(residuals), np.concatenate(spreads)
+    zero = np.zeros(len(residual))
+    scale = np.array(
+        [conformal_scale(residual[:, j], zero, spread[:, j], section.interval_level) for j in range(targets.shape[1])]
+    )
+    centre, draws = dropout_predictions(embedding, passes, targets, train, section, seed)
+    error, spread = np.abs(targets[test] - centre[test]), ensemble_summary(draws[:, test])[1]
+    return {
+        "inside": error <= scale * spread,
+        "width": 2 * scale * spread,
+        "gaussian_inside": error <= gaussian_scale(section.interval_level) * spread,
+        "cell_spread": spread.mean(1),
+        "cell_error": error.mean(1),
+        "scale": scale,
+        "passes": len(passes),
+    }
+
+
 def _model_intervals(embedding, targets, train, test, heads, section, seed: int, groups, seen, baseline, weight) -> dict:
     """{"model": the reported head's intervals, and anchored, "model_plain": the model alone's
     (its ridge refitted per inner fold)} for one seed; `heads` = (reported, plain) predictions."""
@@ -453,6 +497,7 @@ def uncertainty_summary(per_seed: dict, level: float, predictor: str) -> dict:
         }
         if models
         else None,
+        "model_dropout_intervals": _dropout_summary([r["model_dropout"] for r in per_seed.values() if "model_dropout" in r]),
         "model_plain_intervals": {
             "predictor": "the model alone (the anchored head's ridge, weight 1)",
             "interval": "prediction ± q per protein, q the split-conformal quantile of the ridge's absolute errors on "
@@ -503,6 +548,30 @@ def _print_peers(against: dict | None, metric: str, baseline: str) -> None:
             f"{name} (peer) − {baseline} ({d['baseline']}), {metric}: {d['mean']:+.3f} "
             f"[{d['low']:+.3f}, {d['high']:+.3f}] over {d['n_units']} {d['unit']}"
         )
+
+
+def _dropout_summary(records: list[dict]) -> dict | None:
+    """Pooled over seeds: the MC-dropout intervals' coverage and width, the uncalibrated
+    Gaussian interval's coverage, and whether a cell's spread rises with its error."""
+    from celltron.finetune.uncertainty import error_vs_score
+
+    if not records:
+        return None
+    return {
+        "predictor": "the model alone (its ridge head, dropout off), MC dropout through the frozen encoder",
+        "interval": "prediction ± q x the passes' standard deviation, q per protein the split-conformal quantile of "
+        "|error| / spread on training cells predicted out of fold (ridge refitted per inner fold)",
+        "passes": records[0]["passes"],
+        **_interval_statistics(records),
+        "gaussian_coverage": float(np.mean(np.concatenate([r["gaussian_inside"] for r in records]))),
+        "scale_per_protein": {
+            "min": float(min(r["scale"].min() for r in records)),
+            "max": float(max(r["scale"].max() for r in records)),
+        },
+        "spread_vs_error": error_vs_score(
+            np.concatenate([r["cell_error"] for r in records]), np.concatenate([r["cell_spread"] for r in records])
+        ),
+    }
 
 
 def _model_head(embedding, targets, train, section, seed: int, baseline, baseline_predicted, seen=None):

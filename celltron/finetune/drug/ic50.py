@@ -58,7 +58,7 @@ from celltron.finetune.settings import (
     run_folder,
     training_lengths,
 )
-from celltron.finetune.uncertainty import conformal_scale, interval
+from celltron.finetune.uncertainty import ENSEMBLE_SEED_STRIDE, conformal_scale, interval
 from celltron.inputs import MissingInputError, existing
 from celltron.io import write_file_atomically
 from celltron.lab.data import read_configured_lab_data
@@ -71,7 +71,6 @@ SPLITS = ("random", "cell_line", "drug")
 DRUG_METRICS = ("pearson", "spearman", "rmse", "pearson_per_drug")
 BASELINES = ("drug_mean", "cell_line_mean", "additive", "ridge", "nearest_drug", "similar_drugs")
 HEADLINE = "pearson_per_drug"  # the model is judged against the best baseline on this
-ENSEMBLE_SEED_STRIDE = 1000  # ensemble member k trains with seed + k x this (never another seed's own)
 INNER_FOLDS = 3  # inner cross-validation over the training units: the best baseline, the anchor weight
 PLAIN = "model_plain"  # the anchored head's model part alone
 MIN_PAIRS_PER_DRUG = 10
