@@ -88,6 +88,28 @@ def perturbation_plain_rows(shared_data: Path, out: Path, seeds: list[int], mode
     return rows
 
 
+def perturbation_strata_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
+    """Per dataset, the best baseline's intervals (a --baselines-only run, no graph head) with one
+    scale per fold and with a second scale for the genes each prediction moves most
+    (perturbation.interval_strata predicted_change), on the same splits."""
+    from benchmarks.perturbation import DATASETS, REFERENCE
+
+    rows = []
+    for dataset, split in PERTURBATION_RUNS:
+        data, reference = shared_paths(shared_data, DATASETS[dataset], REFERENCE)
+        for strata in ("none", "predicted_change"):
+            folder = out / "perturbation_strata" / dataset / split / strata
+            if not (folder / "metrics.json").exists():
+                args = ["--baselines-only", "--data", str(data), "--split", split, "--seeds", *map(str, seeds)]
+                args += ["--coexpression-reference", str(reference), "--out", str(folder)]
+                args += ["--set", f"perturbation.interval_strata={strata}"]
+                assert celltron(["finetune", "perturbation", *args]) == 0
+            u = json.loads((folder / "metrics.json").read_text())["baseline_uncertainty"]
+            who = "one scale" if strata == "none" else (f"two scales (moved genes {_cell(u['coverage_predicted_change'])})")
+            rows.append(_perturbation_row(f"{dataset} {split}, best baseline, {who}", u))
+    return rows
+
+
 def _perturbation_row(who: str, u: dict) -> str:
     ood = u["ood"]
     flagged = f"{ood['n_flagged']} of {u['n_units']} ({ood['space']} space)" if ood["space"] else "no space"
@@ -353,6 +375,7 @@ def main() -> None:
             "crossmodal",
             "crossmodal_model",
             "annotate_spread",
+            "perturbation_strata",
             "crossmodal_dropout",
             "grn",
         ],
@@ -396,6 +419,8 @@ def main() -> None:
     if args.only in (None, "annotate_spread"):
         model = resolve_model(args.model, shared_data=args.shared_data)
         rows += annotation_spread_rows(args.shared_data, args.out / "annotate_model", args.seeds, model)
+    if args.only in (None, "perturbation_strata"):
+        rows += perturbation_strata_rows(args.shared_data, args.out, args.seeds)
     if args.only in (None, "crossmodal_dropout"):
         rows += crossmodal_model_rows(args.shared_data, args.crossmodal_workdir, args.seeds, "mc_dropout")
     print(header)

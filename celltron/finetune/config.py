@@ -139,6 +139,10 @@ class PerturbationSection:
         head on the inner folds that chose its setting and weight; a plain head on inner_folds
         models fitted for that alone, extra fits per outer fold).
     interval_level / ensemble_members / dropout_passes / ood_neighbours: as intervals says.
+    interval_strata: none (one scale per fold over every gene) or predicted_change (Mondrian
+        conformal: one scale for the genes each prediction moves most from the control mean, its
+        top n_de, and one for the rest; known from the prediction alone, so DE genes can get wider
+        intervals without the truth choosing them); see celltron.finetune.perturbation.intervals.
     graph_control: none, or permuted (the graph's gene labels shuffled, seeded: same size and
         degrees, wrong genes; the control for whether the graph's structure helps).
     """
@@ -172,6 +176,7 @@ class PerturbationSection:
     graph_control: str = one_of("none", GRAPH_CONTROLS)
     intervals: str = one_of("ensemble", INTERVALS)
     interval_level: float = ranged(0.9, "(0, 1)")
+    interval_strata: str = one_of("none", ("none", "predicted_change"))
     ensemble_members: int = ranged(5, ">= 2")
     dropout_passes: int = ranged(20, ">= 2")
     ood_neighbours: int = ranged(3, ">= 1")

@@ -237,6 +237,14 @@ def test_the_best_baseline_has_intervals_calibrated_on_training_perturbations(tm
     assert inside.mean() == pytest.approx(u["coverage"])
     assert "best baseline, 0.9 intervals (split conformal" in capsys.readouterr().out
     assert all(len(scales) == 1 and scales[0] > 0 for scales in u["scale_per_seed"].values())  # one per fold
+    # a second scale for the genes each prediction moves most: the same splits, two scales per fold
+    strata = tmp_path / "s"
+    flags = ["--seeds", "0", "1", "2", "--set", "perturbation.interval_strata=predicted_change"]
+    assert _finetune("--baselines-only", "--data", str(path), "--out", str(strata), *flags) == 0
+    two = json.loads((strata / "metrics.json").read_text())["baseline_uncertainty"]
+    assert two["strata"] == "predicted_change" and 0.8 <= two["coverage"] <= 0.98
+    assert all(len(scales) == 1 and len(scales[0]) == 2 for scales in two["scale_per_seed"].values())
+    assert 0 <= two["coverage_predicted_change"] <= 1 and "a scale of their own" in capsys.readouterr().out
     # --intervals none: no intervals at all
     assert _finetune("--baselines-only", "--data", str(path), "--out", str(tmp_path / "n"), "--intervals", "none") == 0
     assert json.loads((tmp_path / "n" / "metrics.json").read_text())["baseline_uncertainty"] is None

@@ -121,3 +121,61 @@ def test_dropout_sampling_turns_on_dropout_alone_reproducibly_and_restores_the_m
     with dropout_sampling(model, seed=0):
         pass
     assert model.training and model[0].training  # a model in training returns to training
+
+
+def _under_predicting_screen(seed: int = 0):
+    """60 perturbations of 200 genes, each moving its own 20 genes a lot; the prediction moves
+    the same genes half as far, so its errors concentrate on the genes it moves most."""
+    from celltron.finetune.perturbation.evaluate import PerturbationData
+    from celltron.finetune.perturbation.graph import GraphPrediction
+
+    rng = np.random.default_rng(seed)
+    names = [f"G{i}" for i in range(200)]
+    control = rng.normal(2.0, 0.5, 200)
+    means, predicted, de = {}, {}, {}
+    for i in range(60):
+        p = f"P{i}"
+        genes = rng.choice(200, 20, replace=False)
+        change = np.zeros(200)
+        change[genes] = rng.normal(0, 2.0, 20)
+        means[p] = control + change + rng.normal(0, 0.1, 200)
+        predicted[p] = control + 0.5 * change + rng.normal(0, 0.1, 200)
+        de[p] = genes[np.argsort(-np.abs(change[genes]))]
+    screen = PerturbationData(np.asarray(names), list(means), control, means, de)
+    ones = {p: np.ones(200) for p in means}
+
+    def prediction(ps):
+        return GraphPrediction(mean={p: predicted[p] for p in ps}, fell_back=[], spread={p: ones[p] for p in ps})
+
+    return screen, prediction
+
+
+@pytest.mark.parametrize("strata", ["none", "predicted_change"])
+def test_a_second_scale_for_the_genes_a_prediction_moves_covers_the_de_genes(strata):
+    """Mondrian conformal by predicted change: one scale over every gene leaves the DE genes,
+    where the errors are, under-covered; a scale of their own, calibrated on inner folds of the
+    training perturbations, brings them to the level without widening the rest."""
+    from types import SimpleNamespace
+
+    from celltron.finetune.perturbation.intervals import BASELINE_CENTRE, PerturbationUncertainty
+
+    screen, prediction = _under_predicting_screen()
+    section = SimpleNamespace(
+        interval_level=0.9, ood_neighbours=3, headline="pearson_delta_de20", intervals="none", interval_strata=strata
+    )
+    record = PerturbationUncertainty(section, screen, None, "split conformal", BASELINE_CENTRE)
+    perturbations = screen.perturbations
+    train, test = perturbations[:45], perturbations[45:]
+    inner = []
+    for k in range(3):
+        held = train[k::3]
+        inner.append(({"train": [p for p in train if p not in held], "test": held}, prediction(held)))
+    record.add_fold(0, {"train": train, "test": test}, prediction(test), inner)
+    summary = record.summary()
+    assert summary["n_with_interval"] == 15 and 0.85 <= summary["coverage"] <= 0.98
+    if strata == "none":
+        assert summary["coverage_de_notarget"] < 0.6 and isinstance(summary["scale_per_seed"]["0"][0], float)
+    else:
+        rest, changed = summary["scale_per_seed"]["0"][0]
+        assert changed > 5 * rest
+        assert summary["coverage_de_notarget"] >= 0.8 and summary["coverage_predicted_change"] >= 0.8

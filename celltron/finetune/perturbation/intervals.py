@@ -14,6 +14,13 @@ by leave-one-out in a fixed space, and in the head's node states (trained on the
 folds' held-out perturbations; with none of these spaces (a baseline without a reference or a
 model) there is no OOD score. Perturbations the graph head predicts as the training mean (out of
 its reach) have no spread and get no interval; they are counted.
+
+With `interval_strata: predicted_change` (Mondrian conformal) the scale is calibrated twice:
+once over the genes each prediction moves most from the control mean (its top n_de by
+|prediction − control|, n_de the DE-set size), once over the rest. Which genes those are is
+known from the prediction alone, before any truth, so held-out perturbations' DE genes can get
+a wider scale without it being chosen on them; coverage on true DE genes rises only as far as
+the predicted and the true changes overlap.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from celltron.finetune.perturbation import baselines
 from celltron.finetune.perturbation.evaluate import evaluate_folds, higher_is_better
 from celltron.finetune.perturbation.graph import GraphPrediction
 from celltron.finetune.uncertainty import (
+    SPREAD_FLOOR,
     NearestNeighbourOOD,
     conformal_scale,
     error_vs_score,
@@ -98,7 +106,8 @@ class PerturbationUncertainty:
         self.space_name, self.space = ood_space(screen)
         self.records: dict[int, dict[str, dict]] = {}
         self.bounds: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-        self.scales: dict[int, list[float]] = {}
+        self.scales: dict[int, list] = {}
+        self.strata = getattr(section, "interval_strata", "none")
 
     @property
     def scored_space(self) -> str | None:
@@ -108,38 +117,58 @@ class PerturbationUncertainty:
     def add_fold(self, seed: int, fold: dict, outer, inner: list) -> None:
         """Calibrate on `inner` ([(inner fold, GraphPrediction)] over the training perturbations),
         then record the outer fold's held-out perturbations (`outer`: GraphPrediction)."""
-        scale, reference = self._calibrate(inner)
-        self.scales.setdefault(seed, []).append(scale)
+        (rest, changed), reference = self._calibrate(inner)
+        self.scales.setdefault(seed, []).append(rest if self.strata == "none" else [rest, changed])
         ood = self._ood(seed, fold, outer, inner)
         scores = evaluate_folds(outer.mean, self.screen, [fold])["per_perturbation"]
         for p in fold["test"]:
             value = scores[p][self.metric]
             record = {"error": 1.0 - value if higher_is_better(self.metric) else value, **ood[p]}
-            if outer.spread is not None and p in outer.spread and np.isfinite(scale):
+            if outer.spread is not None and p in outer.spread and np.isfinite(rest):
+                moved = self._moved(p, outer.mean[p])
+                scale = np.where(moved, changed, rest) if self.strata != "none" else rest
                 low, high = interval(outer.mean[p], outer.spread[p], scale, reference)
                 self.bounds.setdefault(seed, {})[p] = (low, high)
-                record.update(self._coverage(p, outer, low, high, reference))
+                record.update(self._coverage(p, outer, low, high, reference, moved))
             self.records.setdefault(seed, {})[p] = record
 
-    def _calibrate(self, inner: list) -> tuple[float, float]:
-        truth, centre, spread = [], [], []
+    def _moved(self, p: str, centre: np.ndarray) -> np.ndarray:
+        """Genes the prediction `centre` of `p` moves most from the control mean (its top n_de)."""
+        n = min(len(self.screen.de_genes[p]), len(centre))
+        moved = np.zeros(len(centre), dtype=bool)
+        moved[np.argsort(-np.abs(centre - self.screen.control_mean), kind="stable")[:n]] = True
+        return moved
+
+    def _calibrate(self, inner: list) -> tuple[tuple[float, float], float]:
+        """((scale of the genes a prediction moves least, of those it moves most), the mean
+        spread); with interval_strata none both are the one scale over every gene."""
+        truth, centre, spread, moved = [], [], [], []
         for _, prediction in inner:
             for p, s in (prediction.spread or {}).items():
                 truth.append(self.screen.means[p])
                 centre.append(prediction.mean[p])
                 spread.append(s)
+                moved.append(self._moved(p, prediction.mean[p]))
         if not truth:
-            return float("nan"), float("nan")
+            return (float("nan"), float("nan")), float("nan")
+        truth, centre, spread, moved = map(np.stack, (truth, centre, spread, moved))
         reference = float(np.mean(spread))
-        return conformal_scale(np.stack(truth), np.stack(centre), np.stack(spread), self.level), reference
+        if self.strata == "none":
+            scale = conformal_scale(truth, centre, spread, self.level)
+            return (scale, scale), reference
+        # each stratum floored as the whole is (the reference is every gene's mean spread)
+        floored = np.maximum(spread, SPREAD_FLOOR * max(reference, 1e-12))
+        rest = conformal_scale(truth[~moved], centre[~moved], floored[~moved], self.level)
+        return (rest, conformal_scale(truth[moved], centre[moved], floored[moved], self.level)), reference
 
-    def _coverage(self, p: str, outer, low, high, reference: float) -> dict:
+    def _coverage(self, p: str, outer, low, high, reference: float, moved: np.ndarray) -> dict:
         truth = self.screen.means[p]
         de = self.screen.de_genes_notarget[p]
         gaussian = interval(outer.mean[p], outer.spread[p], gaussian_scale(self.level), reference)
         return {
             **interval_report(truth, low, high),
             "coverage_de": interval_report(truth[de], low[de], high[de])["coverage"],
+            "coverage_moved": interval_report(truth[moved], low[moved], high[moved])["coverage"],
             "coverage_gaussian": interval_report(truth, *gaussian)["coverage"],
         }
 
@@ -209,6 +238,8 @@ class PerturbationUncertainty:
             "n_with_interval": len(with_interval),
             "coverage": _mean(with_interval, "coverage"),
             "coverage_de_notarget": _mean(with_interval, "coverage_de"),
+            "strata": self.strata,
+            "coverage_predicted_change": _mean(with_interval, "coverage_moved"),
             "coverage_gaussian": _mean(with_interval, "coverage_gaussian"),
             "mean_width": _mean(with_interval, "mean_width"),
             "ood": {

@@ -808,6 +808,8 @@ def _uncertainty_line(summary: dict, who: str) -> str:
         f"{summary['coverage_gaussian']:.3f} uncalibrated, on {summary['n_with_interval']} of {summary['n_units']} held-out "
         "perturbations"
     )
+    if summary.get("strata", "none") != "none":
+        line += f" ({summary['coverage_predicted_change']:.3f} over the genes each prediction moves most: a scale of their own)"
     if ood["space"] is None:
         return line + "; no OOD score (no co-expression reference, model or graph to measure in)"
     return (
