@@ -262,17 +262,24 @@ def annotation_spread_rows(shared_data: Path, out: Path, seeds: list[int], model
 
     out.mkdir(parents=True, exist_ok=True)
     data = labelled_copy(shared_data, out)
-    rows = []
+    single = annotation(model, data, out, seeds, steps, ["--encoder", "frozen", "--head", "plain"], "annotate_probe_plain")
+    sets = single["uncertainty"]["model_plain_sets"]
+    rows = [
+        f"| annotation: PBMC 4k, {_model_name(model)} probe, plain head, one model (macro-F1 "
+        f"{_cell(single['model']['macro_f1'])}) | conformal sets | {sets['level']:g} | {_cell(sets['coverage'])} "
+        f"(mean set size {_cell(sets['mean_size'], 2)}, one label {_cell(sets['singletons'], 2)}) | n/a | n/a | | | | |"
+    ]
     for kind, who in SPREADS:
         flags = ["--encoder", "frozen", "--head", "plain", "--intervals", kind]
         metrics = annotation(model, data, out, seeds, steps, flags, f"annotate_probe_{kind}")
         sets, spread = metrics["uncertainty"]["model_plain_sets"], metrics["model_spread"]
         rows.append(
             f"| annotation: PBMC 4k, {_model_name(model)} probe, plain head, {who} (macro-F1 "
-            f"{_cell(metrics['model']['macro_f1']['mean'])}) | conformal sets on the draws' mean | {sets['level']:g} | "
+            f"{_cell(metrics['model']['macro_f1'])}) | conformal sets on the draws' mean | {sets['level']:g} | "
             f"{_cell(sets['coverage'])} (mean set size {_cell(sets['mean_size'], 2)}, one label "
             f"{_cell(sets['singletons'], 2)}) | n/a | n/a | disagreement (mutual information): misclassified "
-            f"{_cell(spread['mean_wrong'])} vs {_cell(spread['mean_right'])} | | {_cell(spread['auroc_large_error'], 2)} | "
+            f"{_cell(spread['mean_wrong'])} vs {_cell(spread['mean_right'])} (AUROC of 1 − top probability "
+            f"{_cell(spread['top_probability']['auroc_large_error'], 2)}) | | {_cell(spread['auroc_large_error'], 2)} | "
             f"{_cell(spread['spearman'], 2)} |"
         )
     return rows

@@ -738,7 +738,11 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
         plain = draws.mean(0)
         if len(draws) > 1:  # MC dropout passes or ensemble members: how much they disagree, per cell
             disagreement = mutual_information(draws)
-            spreads[seed] = {"disagreement": disagreement[test], "wrong": plain[test].argmax(1) != labels[test]}
+            spreads[seed] = {
+                "disagreement": disagreement[test],
+                "doubt": 1.0 - plain[test].max(1),
+                "wrong": plain[test].argmax(1) != labels[test],
+            }
             first_disagreement = disagreement if first_disagreement is None else first_disagreement
         probabilities = anchor(baseline, plain, choice["weight"]) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
@@ -806,6 +810,7 @@ def spread_summary(spreads: dict, section, task: _Task) -> dict:
     from celltron.finetune.uncertainty import error_vs_score
 
     disagreement = np.concatenate([r["disagreement"] for r in spreads.values()])
+    doubt = np.concatenate([r["doubt"] for r in spreads.values()])
     wrong = np.concatenate([r["wrong"] for r in spreads.values()])
     method = (
         f"mc_dropout: {task.passes} passes of one model, every dropout layer on"
@@ -820,6 +825,8 @@ def spread_summary(spreads: dict, section, task: _Task) -> dict:
         "mean_right": float(disagreement[~wrong].mean()) if (~wrong).any() else float("nan"),
         "misclassified": float(wrong.mean()),
         **error_vs_score(wrong.astype(float), disagreement),
+        # the yardstick: does the averaged model's own doubt (1 − its top probability) mark errors better?
+        "top_probability": {"score": "1 − the mean's top class probability", **error_vs_score(wrong.astype(float), doubt)},
     }
 
 
@@ -868,7 +875,8 @@ def _write_results(
     if spread:
         print(
             f"model disagreement ({spread['method']}): {spread['mean_wrong']:.3f} on misclassified held-out cells vs "
-            f"{spread['mean_right']:.3f} on the rest, AUROC {spread['auroc_large_error']:.2f}"
+            f"{spread['mean_right']:.3f} on the rest, AUROC {spread['auroc_large_error']:.2f} (1 − top probability: "
+            f"{spread['top_probability']['auroc_large_error']:.2f})"
         )
     if not metrics.get("uncertainty"):
         return metrics

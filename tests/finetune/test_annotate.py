@@ -282,6 +282,8 @@ def test_mc_dropout_and_ensembles_average_their_draws_and_report_where_they_disa
     assert spread["misclassified"] == pytest.approx(wrong.mean())
     if wrong.any():
         assert spread["mean_wrong"] == pytest.approx(disagreement[test][wrong].mean(), rel=1e-5)
+    # beside it, the averaged model's own doubt scored the same way (the yardstick a lab compares with)
+    assert spread["top_probability"]["n_units"] == spread["n_units"]
 
 
 def test_a_tuned_models_dropout_passes_differ_and_eval_mode_is_one_fixed_prediction(pretrained_geneformer, labelled_file):
