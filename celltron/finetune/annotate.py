@@ -736,14 +736,13 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
             continue
         draws = draws[choice["steps"]]
         plain = draws.mean(0)
-        if len(draws) > 1:  # MC dropout passes or ensemble members: how much they disagree, per cell
-            disagreement = mutual_information(draws)
+        disagreement = mutual_information(draws) if len(draws) > 1 else None  # passes or members: per cell
+        if disagreement is not None:
             spreads[seed] = {
                 "disagreement": disagreement[test],
                 "doubt": 1.0 - plain[test].max(1),
                 "wrong": plain[test].argmax(1) != labels[test],
             }
-            first_disagreement = disagreement if first_disagreement is None else first_disagreement
         probabilities = anchor(baseline, plain, choice["weight"]) if anchored else plain
         runs[seed] = classification_metrics(labels[test], probabilities[test].argmax(1), classes)
         if seed in uncertain:
@@ -759,7 +758,7 @@ def run_annotate(config, model: str | None, out, baselines_only: bool = False, r
                 first_sets = model_sets
         plain_runs[seed] = classification_metrics(labels[test], plain[test].argmax(1), classes)
         if first_probabilities is None:
-            first_probabilities, first_test = probabilities, test
+            first_probabilities, first_test, first_disagreement = probabilities, test, disagreement
     if not first:
         return None
     metrics = {

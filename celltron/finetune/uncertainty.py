@@ -79,7 +79,8 @@ def dropout_sampling(model, seed: int):
         model.train(was_training)
 
 
-def _floored(spread: np.ndarray, reference: float) -> np.ndarray:
+def floored_spread(spread: np.ndarray, reference: float) -> np.ndarray:
+    """Spreads floored at SPREAD_FLOOR x `reference` (a mean spread), as calibration and intervals floor them."""
     return np.maximum(spread, SPREAD_FLOOR * max(reference, 1e-12))
 
 
@@ -90,7 +91,7 @@ def conformal_scale(truth, centre, spread, level: float) -> float:
     truth, centre, spread = (np.ravel(np.asarray(a, dtype=np.float64)) for a in (truth, centre, spread))
     finite = np.isfinite(spread)
     reference = float(np.mean(spread[finite])) if finite.any() else 0.0
-    scores = np.abs(truth - centre) / _floored(spread, reference)
+    scores = np.abs(truth - centre) / floored_spread(spread, reference)
     scores = np.sort(scores[np.isfinite(scores)])
     if not len(scores):
         raise ValueError("no finite inner residuals to calibrate an interval on")
@@ -108,7 +109,7 @@ def gaussian_scale(level: float) -> float:
 def interval(centre, spread, scale: float, reference_spread: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(low, high) = centre ∓ scale x spread (spread floored as in calibration)."""
     centre, spread = np.asarray(centre, dtype=np.float64), np.asarray(spread, dtype=np.float64)
-    width = scale * _floored(spread, reference_spread if reference_spread is not None else float(np.mean(spread)))
+    width = scale * floored_spread(spread, reference_spread if reference_spread is not None else float(np.mean(spread)))
     return centre - width, centre + width
 
 

@@ -390,6 +390,12 @@ def prediction_uncertainty(
     }
 
 
+def _scored_cells(held: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    """An inner fold's held-out cells whose residuals calibrate an interval: those the model was
+    not pretrained on (`seen`, per cell), which it scores too well."""
+    return held if seen is None else held[~seen[held]]
+
+
 def conformal_widths(targets, train, predict_fit, folds, level: float, seen=None) -> np.ndarray:
     """Per protein, the split-conformal quantile (at `level`) of the absolute errors of
     `predict_fit(fit cells)` (-> predictions for every cell) on the inner folds' held-out
@@ -399,7 +405,7 @@ def conformal_widths(targets, train, predict_fit, folds, level: float, seen=None
 
     residuals = []
     for fit, held in folds:
-        held = train[held] if seen is None else train[held][~seen[train[held]]]
+        held = _scored_cells(train[held], seen)
         residuals.append(np.abs(targets[held] - predict_fit(train[fit])[held]))
     residual = np.concatenate(residuals)
     unit = np.ones(len(residual))
@@ -427,7 +433,7 @@ def dropout_interval(embedding, passes, targets, train, test, section, seed: int
 
     residuals, spreads = [], []
     for fit, held in _inner_folds(train, groups, section.inner_folds, seed):
-        held = train[held] if seen is None else train[held][~seen[train[held]]]
+        held = _scored_cells(train[held], seen)
         centre, draws = dropout_predictions(embedding, passes, targets, train[fit], section, seed)
         residuals.append(np.abs(targets[held] - centre[held]))
         spreads.append(ensemble_summary(draws[:, held])[1])

@@ -31,10 +31,10 @@ from celltron.finetune.perturbation import baselines
 from celltron.finetune.perturbation.evaluate import evaluate_folds, higher_is_better
 from celltron.finetune.perturbation.graph import GraphPrediction
 from celltron.finetune.uncertainty import (
-    SPREAD_FLOOR,
     NearestNeighbourOOD,
     conformal_scale,
     error_vs_score,
+    floored_spread,
     gaussian_scale,
     interval,
     interval_report,
@@ -157,7 +157,7 @@ class PerturbationUncertainty:
             scale = conformal_scale(truth, centre, spread, self.level)
             return (scale, scale), reference
         # each stratum floored as the whole is (the reference is every gene's mean spread)
-        floored = np.maximum(spread, SPREAD_FLOOR * max(reference, 1e-12))
+        floored = floored_spread(spread, reference)
         rest = conformal_scale(truth[~moved], centre[~moved], floored[~moved], self.level)
         return (rest, conformal_scale(truth[moved], centre[moved], floored[moved], self.level)), reference
 
