@@ -39,6 +39,13 @@ from celltron.pretrain.run import pretrain
 REPO = Path(__file__).resolve().parents[1]
 TRRUST = "grn/trrust_rawdata.human.tsv"  # in the shared data
 VARIANTS = {"none": (), "grn": ("grn",), "coexpression": ("coexpression",), "grn+coexpression": ("grn", "coexpression")}
+
+
+def run_name(variant: str, seed: int) -> str:
+    """A pretrained variant's folder name: X_grn_coexpression_s0 for grn+coexpression, seed 0."""
+    return f"X_{variant.replace('+', '_')}_s{seed}"
+
+
 # the control: random weights with and without the co-expression prior (is its lift learned?)
 UNTRAINED = {"none": (), "coexpression": ("coexpression",)}
 METRICS = ("accuracy", "macro_f1")
@@ -111,7 +118,7 @@ def per_fold_means(metrics: dict, keys: list[str], metric: str) -> np.ndarray:
 def tables(runs: dict, metrics: dict, seeds, variants=tuple(VARIANTS)) -> str:
     lines = ["| priors | " + " | ".join(METRICS) + " | Δ vs none, " + " | Δ vs none, ".join(METRICS) + " | val loss | s a run |"]
     lines.append("|---" * (3 + 2 * len(METRICS)) + "|")
-    keys = {v: [f"X_{v.replace('+', '_')}_s{s}" for s in seeds] for v in variants}
+    keys = {v: [run_name(v, s) for s in seeds] for v in variants}
     keys.update({f"untrained, {v}": [f"X_untrained_{v}_s{s}" for s in seeds] for v in UNTRAINED if v in variants})
     for variant, mine in keys.items():
         scores = [f"{per_fold_means(metrics, mine, m).mean():.3f}" for m in METRICS]
@@ -160,7 +167,7 @@ def main() -> None:
         if variant not in args.variants:
             continue
         for seed in args.seeds:
-            key = f"X_{variant.replace('+', '_')}_s{seed}"
+            key = run_name(variant, seed)
             runs[key] = pretrain_variant(args.config, corpus, priors, names, seed, args.steps, args.out / tag / key)
             print(f"{key}: val loss {runs[key]['val']['val_loss']:.3f}, {runs[key]['seconds']:.0f} s", flush=True)
     if args.pretrain_only:

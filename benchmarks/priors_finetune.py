@@ -44,12 +44,11 @@ import numpy as np
 from benchmarks._data import shared_paths
 from benchmarks._pretrained import benchmark_corpus
 from benchmarks.perturbation import DATASETS, FROZEN_CHOICES, REFERENCE
-from benchmarks.priors import TRRUST, add_pretraining_options, pretrain_variant, priors_folder
+from benchmarks.priors import TRRUST, VARIANTS, add_pretraining_options, pretrain_variant, priors_folder, run_name
 from benchmarks.priors_grn_heldout import BLOCKS, cosine_scores, token_edges, truth_matrix
 from celltron.cli import main as celltron
 from celltron.finetune.report import mean_interval
 
-VARIANTS = {"none": (), "grn": ("grn",), "coexpression": ("coexpression",)}
 PBMC4K = "scrna/human/10x_pbmc4k_soupx_2170cells_raw.h5ad"
 PERTURBATION_METRIC = "pearson_delta_de20_notarget"
 
@@ -62,7 +61,7 @@ def pretrained_runs(args, corpus: Path, priors: Path) -> dict:
         if variant not in args.variants:
             continue
         for seed in args.seeds:
-            folder = args.out / tag / f"X_{variant}_s{seed}"
+            folder = args.out / tag / run_name(variant, seed)
             runs[variant, seed] = pretrain_variant(args.config, corpus, priors, names, seed, args.steps, folder)
             print(f"pretrained {variant} seed {seed}: {runs[variant, seed]['seconds']:.0f} s", flush=True)
     return runs

@@ -144,6 +144,8 @@ FINETUNE_OPTIONS = [
     Option("drug.drug_key"),
     Option("drug.dose_key"),
     Option("drug.cell_type_key"),
+    Option("drug.target_grn", metavar="TSV"),
+    Option("drug.target_table", metavar="FILE"),
     Option("crossmodal.source"),
     Option("crossmodal.target"),
     Option("crossmodal.batch_key"),

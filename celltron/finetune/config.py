@@ -241,6 +241,13 @@ class DrugSection:
         takes its interval. Extra fits per seed: mc_dropout INNER_FOLDS, ensemble (members - 1)
         + members x INNER_FOLDS.
     ensemble_members / dropout_passes: as intervals says.
+    target_grn: ic50: a TF-target table (TRRUST format). Its graph's spectral embedding gives
+        each gene a row (target_prior_dims wide), and the similar_drugs kernel may add the
+        cosine of two drugs' mean target rows (celltron.finetune.drug.target_priors), chosen or
+        not by the kernel's inner cross-validation.
+    target_table: ic50: any gene x d table (CSV, or TSV; first column gene symbols or Ensembl
+        IDs) used the same way (with target_grn: the mean of the two cosines).
+    target_prior_dims: width of target_grn's embedding.
     """
 
     mode: str = one_of("ic50", DRUG_MODES)
@@ -267,6 +274,9 @@ class DrugSection:
     intervals: str = one_of("none", INTERVALS)
     ensemble_members: int = ranged(5, ">= 2")
     dropout_passes: int = ranged(20, ">= 2")
+    target_grn: str = ""
+    target_table: str = ""
+    target_prior_dims: int = ranged(32, ">= 2")
 
     def split_kind(self) -> str:
         """The split to make: `split`, or the mode's default when it is ''."""
@@ -514,6 +524,11 @@ class FinetuneConfig:
             raise ConfigError(f"{where}: drug.anchor_weights is empty; give at least one weight in [0, 1]")
         if not drug.step_fractions:
             raise ConfigError(f"{where}: drug.step_fractions is empty; give at least one share of trainer.max_steps in (0, 1]")
+        if drug.mode == "expression" and (drug.target_grn or drug.target_table):
+            raise ConfigError(
+                f"{where}: drug.target_grn / drug.target_table weigh GDSC drugs by their targets in ic50 mode; "
+                "expression mode has no target list: unset them"
+            )
         if drug.mode == "expression" and drug.expression:
             raise ConfigError(
                 f"{where}: drug.expression (--expression) is for ic50 mode's cell lines; "

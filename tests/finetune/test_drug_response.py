@@ -20,10 +20,12 @@ import scipy.sparse as sp
 import torch
 
 from celltron.cli import main
-from celltron.finetune.config import load_finetune_config
-from celltron.finetune.drug.features import informative_pathway, parse_targets
+from celltron.errors import InputError, UserError
+from celltron.finetune.config import DrugSection, load_finetune_config
+from celltron.finetune.drug.features import informative_pathway, parse_targets, target_vectors
 from celltron.finetune.drug.ic50 import (
     KERNEL_GRID,
+    PRIOR_GRID,
     Borrowing,
     CellLineExpression,
     DrugResponseModel,
@@ -500,6 +502,7 @@ def test_unseen_drugs_borrow_from_drugs_of_their_pathway_when_the_pathway_says_s
         "pathway": kernel.pathway,
         "structure": kernel.structure,
         "sharpness": kernel.sharpness,
+        "prior": 0.0,  # no target priors given: the grid has no prior part
     }
     predictions = baseline_predictions(train, held, prints, similar=replace(similar, kernel=kernel))
     truth, drugs = held.ln_ic50.to_numpy(), held.drug.to_numpy()
@@ -511,6 +514,84 @@ def test_unseen_drugs_borrow_from_drugs_of_their_pathway_when_the_pathway_says_s
     pairs, prints, shuffled = _pathway_screen(seed, shuffle=True)
     kernel, _ = choose_kernel(pairs[~test], prints, replace(shuffled, seed=seed))
     assert (kernel.target, kernel.structure) != (0, 0), kernel
+
+
+def test_target_vectors_are_the_mean_target_row_and_their_dot_product_the_mean_cosine_over_priors():
+    first = {"A": np.array([3.0, 4.0]), "B": np.array([0.0, 2.0]), "C": np.array([1.0, 0.0])}
+    second = {"A": np.array([1.0, 0.0, 0.0]), "D": np.array([0.0, 1.0, 0.0])}
+    targets = {"x": frozenset({"a", "b"}), "y": frozenset({"c"}), "z": frozenset({"d"}), "none": frozenset({"e"})}
+    vectors = target_vectors(targets, [first, second])
+    assert set(vectors) == {"x", "y", "z"}  # "none": no target with a row in either prior
+    mean_ab = np.array([1.5, 3.0]) / np.linalg.norm([1.5, 3.0])
+    np.testing.assert_allclose(vectors["x"], np.concatenate([mean_ab, [1.0, 0.0, 0.0]]) / np.sqrt(2))
+    np.testing.assert_allclose(vectors["z"], np.array([0, 0, 0, 1.0, 0]) / np.sqrt(2))
+    # x and y: cosine mean_ab . (1, 0) in the first prior, 0 in the second (y has no row there)
+    assert vectors["x"] @ vectors["y"] == pytest.approx(mean_ab[0] / 2)
+    assert vectors["x"] @ vectors["x"] == pytest.approx(1.0) and target_vectors(targets, []) == {}
+
+
+def _prior_screen(seed: int, informative: bool, groups: int = 4, per_group: int = 6, lines: int = 60):
+    """_pathway_screen's responses (drugs in groups sharing a response pattern), but nothing the
+    drug list says tells the groups apart: each drug has a target of its own, pathway labels are
+    permuted and fingerprints random. Each target gene's prior row is its drug's group prototype
+    plus noise (`informative`), or random."""
+    pairs, _, similar = _pathway_screen(seed, shuffle=True, pathways=groups, per_pathway=per_group, lines=lines)
+    rng = np.random.default_rng(seed + 100)
+    drugs = [f"GDSC:{i}" for i in range(groups * per_group)]
+    prints = {d: (rng.random(256) < 0.15).astype(np.float32) for d in drugs}
+    prototypes = rng.normal(0, 1, (groups, 8))
+    rows = {
+        f"G{i}": prototypes[i // per_group] + 0.3 * rng.normal(0, 1, 8) if informative else rng.normal(0, 1, 8)
+        for i in range(len(drugs))
+    }
+    targets = {d: frozenset({f"g{i}"}) for i, d in enumerate(drugs)}
+    with_prior = replace(similar, targets=targets, target_vectors=target_vectors(targets, [rows]), grid=KERNEL_GRID + PRIOR_GRID)
+    return pairs, prints, with_prior
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_unseen_drugs_borrow_from_drugs_whose_targets_are_near_in_a_knowledge_prior(seed):
+    pairs, prints, similar = _prior_screen(seed, informative=True)
+    held = split_pairs(pairs, "drug", 0.25, seed)
+    train, test = pairs[~held], pairs[held]
+    kernel, choice = choose_kernel(train, prints, replace(similar, seed=seed))
+    assert kernel.prior == 1 and choice["kernel"]["prior"] == 1 and len(choice["scores"]) == len(KERNEL_GRID + PRIOR_GRID)
+    predictions = baseline_predictions(train, test, prints, similar=replace(similar, kernel=kernel))
+    truth, drugs = test.ln_ic50.to_numpy(), test.drug.to_numpy()
+    scores = {name: drug_response_metrics(value, truth, drugs)["pearson_per_drug"] for name, value in predictions.items()}
+    assert scores["similar_drugs"] > max(v for k, v in scores.items() if k != "similar_drugs") + 0.05, scores
+    # the prior's part is what carried it: without it the best kernel borrows from noise
+    plain, _ = choose_kernel(train, prints, replace(similar, seed=seed, grid=KERNEL_GRID))
+    without = baseline_predictions(train, test, prints, similar=replace(similar, kernel=plain))["similar_drugs"]
+    assert scores["similar_drugs"] > drug_response_metrics(without, truth, drugs)["pearson_per_drug"] + 0.05
+
+
+def test_read_target_priors_gives_gene_rows_and_names_the_option_on_bad_input(tmp_path):
+    from celltron.finetune.drug.target_priors import coverage, read_target_priors
+
+    assert read_target_priors(DrugSection()) == ([], [])
+    grn = shared_file("grn/trrust_rawdata.human.tsv")
+    table = tmp_path / "genes.tsv"
+    pd.DataFrame({"gene": ["EGFR", "ERBB2", "NOT_A_GENE"], "a": [1.0, 0.9, 0.0], "b": [0.0, 0.1, 1.0]}).to_csv(
+        table, sep="\t", index=False
+    )
+    tables, records = read_target_priors(DrugSection(target_grn=str(grn), target_table=str(table), target_prior_dims=8))
+    assert [r["name"] for r in records] == ["grn", "table"] and records[1]["genes_with_row"] == 2
+    assert len(tables[0]["TP53"]) == 8 and set(tables[1]) >= {"EGFR", "ERBB2"} and "NOT_A_GENE" not in tables[1]
+    targets = {"afatinib": frozenset({"egfr", "erbb2"}), "other": frozenset({"microtubule stabiliser"})}
+    vectors = target_vectors(targets, tables)
+    assert set(vectors) == {"afatinib"}
+    assert coverage(targets, vectors, tables) == {
+        "drugs_with_targets": 2,
+        "drugs_with_vector": 1,
+        "target_names": 3,
+        "target_names_with_row": 2,
+    }
+    with pytest.raises(InputError, match=r"drug.target_grn \(--target-grn\): .*missing.tsv: no such file"):
+        read_target_priors(DrugSection(target_grn=str(tmp_path / "missing.tsv")))
+    pd.DataFrame({"gene": ["NOT_A_GENE"], "a": [1.0]}).to_csv(table, sep="\t", index=False)
+    with pytest.raises(UserError, match=r"drug.target_table \(--target-table\): .*genes.tsv: none of the 1 gene names maps"):
+        read_target_priors(DrugSection(target_table=str(table)))
 
 
 def test_a_drug_never_borrows_from_itself_or_its_twin():
@@ -601,6 +682,7 @@ def test_gdsc_drug_split_reports_similar_drugs_and_its_kernel(tmp_path):
     drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
     arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(small), "--drug-list", str(drug_list)]
     arguments += ["--smiles", str(smiles), "--split", "drug", "--seeds", "0", "--baselines-only", "--out", str(tmp_path / "run")]
+    arguments += ["--target-grn", str(shared_file("grn/trrust_rawdata.human.tsv"))]
     assert main(arguments) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(metrics["baselines"]["similar_drugs"]["pearson_per_drug"])
@@ -610,6 +692,15 @@ def test_gdsc_drug_split_reports_similar_drugs_and_its_kernel(tmp_path):
         "pathway",
         "structure",
         "sharpness",
+        "prior",
     }
-    assert seed["similar_drugs"]["scores"].keys() == {k.label() for k in KERNEL_GRID}
+    assert seed["similar_drugs"]["scores"].keys() == {k.label() for k in KERNEL_GRID + PRIOR_GRID}
     assert "pred_similar_drugs" in pd.read_csv(tmp_path / "run" / "predictions.csv").columns
+    # TRRUST's graph reaches some GDSC targets (EGFR, TP53, ...), not families like "PI3K (class 1)"
+    reach = metrics["target_priors"]
+    assert reach["priors"][0]["name"] == "grn" and reach["priors"][0]["sources"][0]["sha256"]
+    assert (
+        0 < reach["target_names_with_row"] < reach["target_names"]
+        and 0 < reach["drugs_with_vector"] < reach["drugs_with_targets"]
+    )
+    assert reach["kernels"] == len(KERNEL_GRID) + len(PRIOR_GRID)

@@ -100,3 +100,31 @@ def informative_pathway(text) -> str:
         return ""
     pathway = " ".join(text.lower().split())
     return "" if pathway in UNINFORMATIVE_PATHWAYS else pathway
+
+
+def target_vectors(targets: dict[str, frozenset[str]], genes: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Drug id -> one vector from its targets' knowledge-prior rows, for the similar_drugs
+    kernel's `prior` part (the dot product of two drugs' vectors).
+
+    Per prior in `genes` (each: upper-case gene symbol -> its row), a drug's block is the mean
+    row of its targets that have one, scaled to unit length; the blocks are concatenated, each
+    times 1/sqrt(number of priors). Two drugs' dot product is therefore the mean over the priors
+    of the cosine of their mean target rows, counting 0 for a prior where either has no target
+    with a row. Drugs with no row in any prior get no vector.
+    """
+    if not genes:
+        return {}
+    widths = [len(next(iter(table.values()))) if table else 0 for table in genes]
+    scale = 1.0 / np.sqrt(len(genes))
+    out = {}
+    for drug, names in targets.items():
+        blocks, found = [], False
+        for table, width in zip(genes, widths):
+            rows = [table[name.upper()] for name in sorted(names) if name.upper() in table]
+            block = np.mean(rows, axis=0) if rows else np.zeros(width)
+            norm = float(np.linalg.norm(block))
+            found |= norm > 0
+            blocks.append(block / norm * scale if norm > 0 else block)
+        if found:
+            out[drug] = np.concatenate(blocks).astype(np.float64)
+    return out

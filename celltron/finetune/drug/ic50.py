@@ -38,7 +38,9 @@ from transformers.utils import ModelOutput
 from celltron.errors import ConfigError, InputError
 from celltron.finetune.drug import intervals as drug_intervals
 from celltron.finetune.drug.expression import run_drug_expression
-from celltron.finetune.drug.features import compounds, fingerprints, informative_pathway, parse_targets
+from celltron.finetune.drug.features import compounds, fingerprints, informative_pathway, parse_targets, target_vectors
+from celltron.finetune.drug.target_priors import coverage as target_prior_coverage
+from celltron.finetune.drug.target_priors import read_target_priors
 from celltron.finetune.report import (
     UnitScore,
     aggregate,
@@ -113,11 +115,13 @@ def read_drug_names(drug_list) -> dict[str, str]:
     return {f"GDSC:{drug_id}": name for drug_id, name in zip(drugs.drug_id, drugs.Name.fillna(""))}
 
 
-def read_similar_drugs(drug_list, compound_of: dict[str, str], kind: str) -> SimilarDrugs:
+def read_similar_drugs(drug_list, compound_of: dict[str, str], kind: str, target_priors: list | None = None) -> SimilarDrugs:
     """What the similar_drugs baseline knows of each drug: its targets and target pathway from
-    the GDSC drug list, its compound (features.compounds). A list without the Targets or "Target
-    pathway" column still runs, with a warning: kernels using the missing part leave the grid
-    (fingerprints alone when both are missing)."""
+    the GDSC drug list, its compound (features.compounds), and with `target_priors` (gene tables
+    from target_priors.read_target_priors) its targets' prior vector, which adds PRIOR_GRID to
+    the kernels. A list without the Targets or "Target pathway" column still runs, with a
+    warning: kernels using the missing part leave the grid (fingerprints alone when both are
+    missing)."""
     drugs = read_drug_list(drug_list, ("drug_id",))
     ids = [f"GDSC:{drug_id}" for drug_id in drugs.drug_id]
     missing = {part for part, column in MECHANISM_COLUMNS.items() if column not in drugs.columns}
@@ -130,8 +134,10 @@ def read_similar_drugs(drug_list, compound_of: dict[str, str], kind: str) -> Sim
         )
     targets = {} if "target" in missing else dict(zip(ids, map(parse_targets, drugs[MECHANISM_COLUMNS["target"]])))
     pathways = {} if "pathway" in missing else dict(zip(ids, map(informative_pathway, drugs[MECHANISM_COLUMNS["pathway"]])))
-    grid = tuple(kernel for kernel in KERNEL_GRID if not any(getattr(kernel, part) for part in missing))
-    return SimilarDrugs(targets, pathways, compound_of, kind=kind, grid=grid)
+    vectors = target_vectors(targets, target_priors or [])
+    candidates = KERNEL_GRID + (PRIOR_GRID if vectors else ())
+    grid = tuple(kernel for kernel in candidates if not any(getattr(kernel, part) for part in missing))
+    return SimilarDrugs(targets, pathways, compound_of, kind=kind, grid=grid, target_vectors=vectors)
 
 
 def read_smiles(drug_list, smiles_file) -> dict[str, str]:
@@ -417,7 +423,8 @@ def _nearest_drug(train: pd.DataFrame, test: pd.DataFrame, prints, fallback: np.
 @dataclass(frozen=True)
 class Kernel:
     """The similar_drugs kernel between two drugs: (target x Jaccard of their targets + pathway x
-    [same informative target pathway] + structure x Tanimoto of their fingerprints) ** sharpness.
+    [same informative target pathway] + structure x Tanimoto of their fingerprints + prior x the
+    cosine of their targets' knowledge-prior rows, floored at 0) ** sharpness.
     Only the weights' ratios matter (the kernel's scale cancels in the weighted mean); sharpness
     concentrates the weight on the most similar drugs (large: nearest-drug-like)."""
 
@@ -425,9 +432,11 @@ class Kernel:
     pathway: float
     structure: float
     sharpness: float
+    prior: float = 0.0
 
     def label(self) -> str:
-        return f"target={self.target:g} pathway={self.pathway:g} structure={self.structure:g} sharpness={self.sharpness:g}"
+        text = f"target={self.target:g} pathway={self.pathway:g} structure={self.structure:g} sharpness={self.sharpness:g}"
+        return f"{text} prior={self.prior:g}" if self.prior else text
 
 
 # (target, pathway, structure): each part alone, each pair, all three; structure alone first, so
@@ -435,6 +444,9 @@ class Kernel:
 KERNEL_MIXES = ((0, 0, 1), (1, 0, 0), (0, 1, 0), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1))
 KERNEL_SHARPNESS = (1, 4, 16)  # 16 on Tanimoto alone is close to the nearest drug
 KERNEL_GRID = tuple(Kernel(*mix, sharpness) for mix in KERNEL_MIXES for sharpness in KERNEL_SHARPNESS)
+# with target priors (drug.target_grn / drug.target_table): the prior alone and added to every mix,
+# after the grid without it, so that a tie keeps the kernel without the prior
+PRIOR_GRID = tuple(Kernel(*mix, sharpness, prior=1) for mix in ((0, 0, 0), *KERNEL_MIXES) for sharpness in KERNEL_SHARPNESS)
 
 
 @dataclass(frozen=True)
@@ -450,6 +462,8 @@ class SimilarDrugs:
         kind, seed: the inner folds that choose the kernel are grouped as a split of this kind.
         kernel: the kernel to predict with; None: chosen on the training pairs given.
         grid: the kernels choose_kernel chooses among.
+        target_vectors: drug id -> its targets' knowledge-prior vector (features.target_vectors;
+            no entry: none), read by kernels with a `prior` part.
     """
 
     targets: dict = field(default_factory=dict)
@@ -459,11 +473,13 @@ class SimilarDrugs:
     seed: int = 0
     kernel: Kernel | None = None
     grid: tuple = KERNEL_GRID
+    target_vectors: dict = field(default_factory=dict)
 
 
-def similarity_parts(drugs, others, prints, similar: SimilarDrugs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(target Jaccard, same informative pathway as 0/1, fingerprint Tanimoto) of each of `drugs`
-    (rows) to each of `others` (columns). Drugs without targets or pathway share none."""
+def similarity_parts(drugs, others, prints, similar: SimilarDrugs) -> tuple[np.ndarray, ...]:
+    """(target Jaccard, same informative pathway as 0/1, fingerprint Tanimoto, target-prior
+    cosine floored at 0) of each of `drugs` (rows) to each of `others` (columns). Drugs without
+    targets, pathway or a target-prior vector share none."""
     known = [similar.targets.get(d, frozenset()) for d in [*drugs, *others]]
     column_of = {target: i for i, target in enumerate(sorted(frozenset().union(*known)))}
 
@@ -478,7 +494,20 @@ def similarity_parts(drugs, others, prints, similar: SimilarDrugs) -> tuple[np.n
     theirs = np.array([similar.pathways.get(d, "") for d in others], dtype=object)[None, :]
     pathway = ((mine == theirs) & (mine != "")).astype(np.float64)
     structure = tanimoto(np.stack([prints[d] for d in drugs]), np.stack([prints[d] for d in others]))
-    return jaccard, pathway, structure
+    return jaccard, pathway, structure, _prior_cosine(drugs, others, similar.target_vectors)
+
+
+def _prior_cosine(drugs, others, vectors: dict) -> np.ndarray:
+    """The dot product of the drugs' target-prior vectors (unit blocks: a cosine), floored at 0;
+    0 where either drug has none."""
+    if not vectors:
+        return np.zeros((len(drugs), len(others)))
+    width = len(next(iter(vectors.values())))
+
+    def stacked(names) -> np.ndarray:
+        return np.stack([vectors.get(d, np.zeros(width)) for d in names]) if len(names) else np.zeros((0, width))
+
+    return np.clip(stacked(drugs) @ stacked(others).T, 0.0, None)
 
 
 class Borrowing:
@@ -510,8 +539,10 @@ class Borrowing:
 
     def weights(self, kernel: Kernel) -> np.ndarray:
         """(test drugs, training drugs) kernel weights; zero on the drug's own compound."""
-        jaccard, pathway, structure = self.parts
+        jaccard, pathway, structure, prior = self.parts
         mixed = kernel.target * jaccard + kernel.pathway * pathway + kernel.structure * structure
+        if kernel.prior:
+            mixed = mixed + kernel.prior * prior
         weights = mixed**kernel.sharpness
         weights[self.same_compound] = 0.0
         return weights
@@ -937,7 +968,8 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     if model and not section.expression:
         log.warning("--model %s is not used: in ic50 mode the model embeds cell-line profiles, given with --expression", model)
     pairs, prints, compound_of, expression, left_out = _read_inputs(config, None if baselines_only else model)
-    similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind())
+    prior_tables, prior_records = read_target_priors(section)
+    similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind(), prior_tables)
     model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
     widths = {}  # seed -> the best baseline's interval half-width (split conformal on inner folds)
     scales = {}  # seed -> the model's interval calibration (drug.intervals)
@@ -1058,6 +1090,9 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
         else None,
         **left_out,
     }
+    if prior_records:
+        reach = target_prior_coverage(similar.targets, similar.target_vectors, prior_tables)
+        metrics["target_priors"] = {"priors": prior_records, **reach, "kernels": len(similar.grid)}
     if expression is not None:
         metrics["notes"] = {
             "ridge": f"features: fingerprint, cell-line indicator and the top {section.pca_components} principal "

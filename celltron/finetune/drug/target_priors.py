@@ -1,0 +1,96 @@
+"""Knowledge priors over drug targets, for the similar_drugs baseline (ic50 mode).
+
+A drug held out of training borrows responses from training drugs that resemble it. Besides
+shared targets, a shared pathway and similar structure, two drugs can resemble each other
+because their targets sit close together in what is known about genes: a gene regulatory
+network, or any gene x d table a lab brings (co-expression loadings, protein language model
+embeddings). `drug.target_grn` and `drug.target_table` give each gene a row, the same way
+`celltron priors build` does for a model's vocabulary (celltron.tokenizers.gene_priors: the GRN's
+spectral embedding, a table mapped through gene symbols or Ensembl IDs); each drug then gets its
+targets' mean row (features.target_vectors), and the kernel's `prior` part is the cosine of two
+drugs' rows. Whether that part is used is chosen like the rest of the kernel, by inner
+cross-validation over the training drugs (ic50.PRIOR_GRID).
+
+GDSC lists targets by symbol, and some entries are families or mechanisms ("PI3K (class 1)",
+"Microtubule stabiliser"); only official human symbols find a row. What was found is recorded
+in metrics.json (`target_priors`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from celltron.errors import InputError, UserError
+
+
+@contextmanager
+def _named(option: str):
+    """Re-raise the prior builders' errors (worded for `celltron priors build`) under the drug option."""
+    try:
+        yield
+    except UserError as error:
+        raise type(error)(f"{option}: {error}") from None
+
+
+def _human_gene_vocab():
+    """Every human gene of the bundled tables as one token each (the prior builders align rows to a vocabulary)."""
+    from celltron.corpus.genes import symbol_to_ensembl
+    from celltron.tokenizers.vocab import GeneVocab
+
+    return GeneVocab.from_genes(sorted(set(symbol_to_ensembl("human").values())), name="human-genes")
+
+
+def _rows_by_symbol(prior, vocab) -> dict[str, np.ndarray]:
+    """Upper-case human symbol -> the prior's row, for the genes it covers."""
+    from celltron.corpus.genes import symbol_to_ensembl
+
+    rows = {}
+    for symbol, gene_id in symbol_to_ensembl("human").items():
+        token = vocab[gene_id]
+        if prior.has[token]:
+            rows[symbol.upper()] = prior.matrix[token].astype(np.float64)
+    return rows
+
+
+def read_target_priors(section) -> tuple[list[dict[str, np.ndarray]], list[dict]]:
+    """The gene tables of `drug.target_grn` (a TF-target table, TRRUST format: its spectral
+    embedding, `drug.target_prior_dims` wide) and `drug.target_table` (a gene x d CSV/TSV), each
+    as symbol -> row, with a record of each (source, sha256, genes covered). Neither set: ([], [])."""
+    from celltron.tokenizers.gene_priors import grn_prior, table_prior
+
+    if not (section.target_grn or section.target_table):
+        return [], []
+    vocab = _human_gene_vocab()
+    priors = []
+    if section.target_grn:
+        where = "drug.target_grn (--target-grn)"
+        path = Path(section.target_grn)
+        if not path.is_file():
+            raise InputError(f"{where}: {path}: no such file; give a TF-target table (TRRUST format)")
+        with _named(where):
+            priors.append(grn_prior(path, vocab, dims=section.target_prior_dims, species="human", name="grn"))
+    if section.target_table:
+        with _named("drug.target_table (--target-table)"):
+            priors.append(table_prior(section.target_table, vocab, name="table", species="human"))
+    tables = [_rows_by_symbol(prior, vocab) for prior in priors]
+    records = [
+        {"name": prior.name, "method": prior.method, "sources": prior.sources, "genes_with_row": int(prior.has.sum())}
+        for prior, table in zip(priors, tables)
+    ]
+    return tables, records
+
+
+def coverage(targets: dict, vectors: dict, tables: list[dict]) -> dict:
+    """How much of the drug list the priors reach: drugs with targets, drugs with a vector, and
+    the target names with a row in any prior."""
+    names = sorted(frozenset().union(*targets.values())) if targets else []
+    found = [name for name in names if any(name.upper() in table for table in tables)]
+    return {
+        "drugs_with_targets": sum(bool(t) for t in targets.values()),
+        "drugs_with_vector": len(vectors),
+        "target_names": len(names),
+        "target_names_with_row": len(found),
+    }
