@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from celltron.cli import main
-from celltron.errors import InputError, UserError
+from celltron.errors import ConfigError, InputError, UserError
 from celltron.finetune.config import DrugSection, load_finetune_config
 from celltron.finetune.drug.features import informative_pathway, parse_targets, target_vectors
 from celltron.finetune.drug.ic50 import (
@@ -704,3 +704,9 @@ def test_gdsc_drug_split_reports_similar_drugs_and_its_kernel(tmp_path):
         and 0 < reach["drugs_with_vector"] < reach["drugs_with_targets"]
     )
     assert reach["kernels"] == len(KERNEL_GRID) + len(PRIOR_GRID)
+
+
+def test_target_priors_are_refused_in_expression_mode():
+    with pytest.raises(ConfigError, match=r"drug.target_grn / drug.target_table .* ic50 mode.*unset them"):
+        load_finetune_config(CONFIG, ["drug.mode=expression", "drug.target_grn=trrust.tsv"])
+    assert load_finetune_config(CONFIG, ["drug.target_table=genes.tsv"]).drug.target_table == "genes.tsv"
