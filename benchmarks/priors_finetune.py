@@ -255,6 +255,8 @@ def grn_heldout_task(args, corpus: Path, priors: Path, runs: dict) -> str:
     none_table = fused_table(runs["none", args.seeds[0]]["export"])
     ratios: dict = {}
     for k, block in enumerate(np.array_split(names, BLOCKS)):
+        if args.heldout_blocks is not None and k not in args.heldout_blocks:
+            continue
         work = tagged(args, "grn_heldout") / f"block{k}"
         work.mkdir(parents=True, exist_ok=True)
         train = table[~table.tf.isin(set(block))]
@@ -309,6 +311,13 @@ def main() -> None:
     add_pretraining_options(parser)
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="must include none")
     parser.add_argument("--perturbation-steps", type=int, default=600)
+    parser.add_argument(
+        "--heldout-blocks",
+        type=int,
+        nargs="+",
+        choices=range(BLOCKS),
+        help="grn_heldout: only these TF blocks (e.g. pretrain blocks in parallel processes, then score all)",
+    )
     parser.add_argument(
         "--tasks",
         nargs="+",
