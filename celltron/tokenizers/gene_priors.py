@@ -54,13 +54,15 @@ def unit_std(matrix: np.ndarray, has: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- grn
 
 
-def grn_prior(path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None, name: str = "grn") -> Prior:
+def grn_prior(
+    path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None, name: str = "grn", option: str = "--grn"
+) -> Prior:
     """The spectral embedding of a TF-target table's graph over the vocabulary's tokens (module
     docstring). `species`: of the table's gene names (inferred when None)."""
     path = Path(path)
-    edges = read_truth(path, "--grn")
+    edges = read_truth(path, option)
     names = np.unique(np.concatenate([edges.tf.to_numpy(str), edges.target.to_numpy(str)]))
-    mapping = map_input_genes(names, species, f"--grn {path}", min_fraction=0.0)  # unmapped names are dropped
+    mapping = map_input_genes(names, species, f"{option} {path}", min_fraction=0.0)  # unmapped names are dropped
     ids, species = mapping.ensembl_ids, mapping.species
     token_of_name = dict(zip(names, vocab.lookup_genes(np.where(ids == "", "-", ids))))
     tf = edges.tf.map(token_of_name).to_numpy(np.int64)
@@ -68,7 +70,7 @@ def grn_prior(path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None,
     usable = (tf >= 0) & (target >= 0) & (tf != target)
     if not usable.any():
         raise InputError(
-            f"--grn {path}: none of its {len(edges)} pairs joins two genes with a token in the {vocab.name} vocabulary "
+            f"{option} {path}: none of its {len(edges)} pairs joins two genes with a token in the {vocab.name} vocabulary "
             f"({species} names); check the table's species and the corpus's genes"
         )
     nodes, local = np.unique(np.concatenate([tf[usable], target[usable]]), return_inverse=True)
@@ -84,7 +86,7 @@ def grn_prior(path, vocab, dims: int = DEFAULT_DIMS, species: str | None = None,
             "species (--grn-species) and gene names"
         )
         raise ConfigError(
-            f"--grn {path}: its largest connected component has {len(component)} genes with tokens, too few for "
+            f"{option} {path}: its largest connected component has {len(component)} genes with tokens, too few for "
             f"{dims} dimensions; {fix}"
         )
     embedding = _spectral_embedding(adjacency[component][:, component], dims)
@@ -123,11 +125,11 @@ def _spectral_embedding(adjacency: sp.csr_matrix, dims: int) -> np.ndarray:
 # ---------------------------------------------------------------- a lab's own table
 
 
-def table_prior(path, vocab, name: str, species: str | None = None) -> Prior:
+def table_prior(path, vocab, name: str, species: str | None = None, option: str | None = None) -> Prior:
     """A gene x d table (CSV, or TSV for other suffixes; a header row; first column gene symbols
     or Ensembl IDs, the rest numbers) aligned to the vocabulary (module docstring)."""
     path = Path(path)
-    flag = f"--table {name}={path}"
+    flag = f"{option} {path}" if option else f"--table {name}={path}"
     if not path.is_file():
         raise InputError(f"{flag}: no such file; give a CSV/TSV with gene names in the first column and numbers after")
     table = pd.read_csv(path, sep="," if path.suffix.lower() == ".csv" else "\t")

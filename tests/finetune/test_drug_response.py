@@ -20,7 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from celltron.cli import main
-from celltron.errors import ConfigError, InputError, UserError
+from celltron.errors import ConfigError, InputError
 from celltron.finetune.config import DrugSection, load_finetune_config
 from celltron.finetune.drug.features import informative_pathway, parse_targets, target_vectors
 from celltron.finetune.drug.ic50 import (
@@ -566,6 +566,18 @@ def test_unseen_drugs_borrow_from_drugs_whose_targets_are_near_in_a_knowledge_pr
     assert scores["similar_drugs"] > drug_response_metrics(without, truth, drugs)["pearson_per_drug"] + 0.05
 
 
+def test_a_prior_with_no_signal_or_no_rows_leaves_the_kernel_without_it():
+    pairs, prints, similar = _prior_screen(0, informative=False)
+    train = pairs[~split_pairs(pairs, "drug", 0.25, 0)]
+    assert choose_kernel(train, prints, similar)[0].prior == 0  # random target rows: not chosen
+    # no drug has a row: every prior kernel scores as its mix without the prior (the prior alone
+    # as the cell-line mean), and each tie goes to the kernel without it
+    kernel, choice = choose_kernel(train, prints, replace(similar, target_vectors={}))
+    assert kernel.prior == 0
+    for with_prior in (k for k in PRIOR_GRID if k.target or k.pathway or k.structure):
+        assert choice["scores"][with_prior.label()] == choice["scores"][replace(with_prior, prior=0.0).label()]
+
+
 def test_read_target_priors_gives_gene_rows_and_names_the_option_on_bad_input(tmp_path):
     from celltron.finetune.drug.target_priors import coverage, read_target_priors
 
@@ -587,11 +599,16 @@ def test_read_target_priors_gives_gene_rows_and_names_the_option_on_bad_input(tm
         "target_names": 3,
         "target_names_with_row": 2,
     }
-    with pytest.raises(InputError, match=r"drug.target_grn \(--target-grn\): .*missing.tsv: no such file"):
+    with pytest.raises(InputError, match=r"drug.target_grn \(--target-grn\) .*missing.tsv: no such file"):
         read_target_priors(DrugSection(target_grn=str(tmp_path / "missing.tsv")))
+    with pytest.raises(InputError, match=r"drug.target_table \(--target-table\) .*missing.csv: no such file"):
+        read_target_priors(DrugSection(target_table=str(tmp_path / "missing.csv")))
     pd.DataFrame({"gene": ["NOT_A_GENE"], "a": [1.0]}).to_csv(table, sep="\t", index=False)
-    with pytest.raises(UserError, match=r"drug.target_table \(--target-table\): .*genes.tsv: none of the 1 gene names maps"):
+    with pytest.raises(InputError, match=r"drug.target_table \(--target-table\) .*genes.tsv: none of its gene names is a human"):
         read_target_priors(DrugSection(target_table=str(table)))
+    (tmp_path / "tiny.tsv").write_text("TP53\tMDM2\nTP53\tCDKN1A\nMYC\tTERT\n")
+    with pytest.raises(ConfigError, match=r"tiny.tsv: its largest .* lower drug.target_prior_dims \(now 8"):
+        read_target_priors(DrugSection(target_grn=str(tmp_path / "tiny.tsv"), target_prior_dims=8))
 
 
 def test_a_drug_never_borrows_from_itself_or_its_twin():

@@ -967,8 +967,8 @@ def run_drug_response(config, out, baselines_only: bool = False, model: str | No
     section, out = config.drug, Path(out)
     if model and not section.expression:
         log.warning("--model %s is not used: in ic50 mode the model embeds cell-line profiles, given with --expression", model)
+    prior_tables, prior_records = read_target_priors(section)  # before the heavy inputs: a bad path fails first
     pairs, prints, compound_of, expression, left_out = _read_inputs(config, None if baselines_only else model)
-    prior_tables, prior_records = read_target_priors(section)
     similar = read_similar_drugs(section.drug_list, compound_of, section.split_kind(), prior_tables)
     model_runs, plain_runs, baseline_runs, splits, rows, first = {}, {}, {n: {} for n in BASELINES}, {}, [], True
     widths = {}  # seed -> the best baseline's interval half-width (split conformal on inner folds)

@@ -11,9 +11,10 @@ targets' mean row (features.target_vectors), and the kernel's `prior` part is th
 drugs' rows. Whether that part is used is chosen like the rest of the kernel, by inner
 cross-validation over the training drugs (ic50.PRIOR_GRID).
 
-GDSC lists targets by symbol, and some entries are families or mechanisms ("PI3K (class 1)",
-"Microtubule stabiliser"); only official human symbols find a row. What was found is recorded
-in metrics.json (`target_priors`).
+GDSC lists targets by symbol. A name finds a row through the bundled human symbol table, aliases
+included, so some family names resolve to one member gene (e.g. "HDAC"); mechanisms ("PI3K
+(class 1)", "Microtubule stabiliser") find none. What was found is recorded in metrics.json
+(`target_priors`).
 """
 
 from __future__ import annotations
@@ -23,16 +24,33 @@ from pathlib import Path
 
 import numpy as np
 
-from celltron.errors import InputError, UserError
+from celltron.errors import ConfigError, InputError
+
+GRN_OPTION = "drug.target_grn (--target-grn)"
+TABLE_OPTION = "drug.target_table (--target-table)"
 
 
 @contextmanager
-def _named(option: str):
-    """Re-raise the prior builders' errors (worded for `celltron priors build`) under the drug option."""
+def _drug_fixes(option: str, path, dims: int | None = None):
+    """The builders' two errors whose fix reads differently here: no gene maps (the drug task has
+    no --species or --gene-column: the names must be human), and a GRN too small for its width."""
+    from celltron.corpus.genes import GeneMappingError
+
     try:
         yield
-    except UserError as error:
-        raise type(error)(f"{option}: {error}") from None
+    except GeneMappingError:
+        raise InputError(
+            f"{option} {path}: none of its gene names is a human gene symbol or Ensembl ID; GDSC targets are human, "
+            "so give human symbols or Ensembl IDs (TRRUST: TF and target columns; a table: its first column)"
+        ) from None
+    except ConfigError as error:
+        if dims is None:
+            raise
+        reason = str(error).split(";")[0]
+        raise ConfigError(
+            f"{reason}; lower drug.target_prior_dims (now {dims}; at least 2: --set drug.target_prior_dims=N) "
+            "or give a table whose genes form a larger connected graph"
+        ) from None
 
 
 def _human_gene_vocab():
@@ -63,18 +81,19 @@ def read_target_priors(section) -> tuple[list[dict[str, np.ndarray]], list[dict]
 
     if not (section.target_grn or section.target_table):
         return [], []
+    for option, given in ((GRN_OPTION, section.target_grn), (TABLE_OPTION, section.target_table)):
+        if given and not Path(given).is_file():
+            kind = "a TF-target table (TRRUST format)" if option == GRN_OPTION else "a gene x d CSV/TSV"
+            raise InputError(f"{option} {given}: no such file; give {kind}")
     vocab = _human_gene_vocab()
     priors = []
     if section.target_grn:
-        where = "drug.target_grn (--target-grn)"
-        path = Path(section.target_grn)
-        if not path.is_file():
-            raise InputError(f"{where}: {path}: no such file; give a TF-target table (TRRUST format)")
-        with _named(where):
-            priors.append(grn_prior(path, vocab, dims=section.target_prior_dims, species="human", name="grn"))
+        dims = section.target_prior_dims
+        with _drug_fixes(GRN_OPTION, section.target_grn, dims):
+            priors.append(grn_prior(section.target_grn, vocab, dims, species="human", name="grn", option=GRN_OPTION))
     if section.target_table:
-        with _named("drug.target_table (--target-table)"):
-            priors.append(table_prior(section.target_table, vocab, name="table", species="human"))
+        with _drug_fixes(TABLE_OPTION, section.target_table):
+            priors.append(table_prior(section.target_table, vocab, name="table", species="human", option=TABLE_OPTION))
     tables = [_rows_by_symbol(prior, vocab) for prior in priors]
     records = [
         {"name": prior.name, "method": prior.method, "sources": prior.sources, "genes_with_row": int(prior.has.sum())}
