@@ -578,11 +578,25 @@ def test_a_prior_with_no_signal_or_no_rows_leaves_the_kernel_without_it():
         assert choice["scores"][with_prior.label()] == choice["scores"][replace(with_prior, prior=0.0).label()]
 
 
+# a TRRUST-format table of real human genes, one connected graph of 18 (GDSC targets among them),
+# so the target-prior tests need none of the project's shared data
+SMALL_GRN = (
+    "TP53 MDM2, TP53 CDKN1A, TP53 BAX, TP53 BCL2, MYC TERT, MYC CDK4, MYC TP53, STAT3 MYC, STAT3 BCL2, "
+    "STAT3 JAK2, STAT3 EGFR, EGFR ERBB2, BRAF MAP2K1, MAP2K1 MYC, AKT1 MTOR, MTOR PIK3CA, PIK3CA AKT1, "
+    "AKT1 MDM2, HDAC1 CDKN1A"
+)
+
+
+def _small_grn(path: Path) -> Path:
+    path.write_text("".join(f"{pair.replace(' ', chr(9))}\n" for pair in SMALL_GRN.split(", ")))
+    return path
+
+
 def test_read_target_priors_gives_gene_rows_and_names_the_option_on_bad_input(tmp_path):
     from celltron.finetune.drug.target_priors import coverage, read_target_priors
 
     assert read_target_priors(DrugSection()) == ([], [])
-    grn = shared_file("grn/trrust_rawdata.human.tsv")
+    grn = _small_grn(tmp_path / "grn.tsv")
     table = tmp_path / "genes.tsv"
     pd.DataFrame({"gene": ["EGFR", "ERBB2", "NOT_A_GENE"], "a": [1.0, 0.9, 0.0], "b": [0.0, 0.1, 1.0]}).to_csv(
         table, sep="\t", index=False
@@ -699,7 +713,7 @@ def test_gdsc_drug_split_reports_similar_drugs_and_its_kernel(tmp_path):
     drug_list, smiles = shared_file("drug/GDSC_drug_list_2019-06-24.csv"), shared_file("drug/DeepCDR_223drugs_pubchem_smiles.txt")
     arguments = ["finetune", "drug-response", "--mode", "ic50", "--data", str(small), "--drug-list", str(drug_list)]
     arguments += ["--smiles", str(smiles), "--split", "drug", "--seeds", "0", "--baselines-only", "--out", str(tmp_path / "run")]
-    arguments += ["--target-grn", str(shared_file("grn/trrust_rawdata.human.tsv"))]
+    arguments += ["--target-grn", str(_small_grn(tmp_path / "grn.tsv")), "--set", "drug.target_prior_dims=4"]
     assert main(arguments) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert np.isfinite(metrics["baselines"]["similar_drugs"]["pearson_per_drug"])
@@ -713,7 +727,7 @@ def test_gdsc_drug_split_reports_similar_drugs_and_its_kernel(tmp_path):
     }
     assert seed["similar_drugs"]["scores"].keys() == {k.label() for k in KERNEL_GRID + PRIOR_GRID}
     assert "pred_similar_drugs" in pd.read_csv(tmp_path / "run" / "predictions.csv").columns
-    # TRRUST's graph reaches some GDSC targets (EGFR, TP53, ...), not families like "PI3K (class 1)"
+    # the graph reaches some GDSC targets (EGFR, BRAF, MTOR, ...), not families like "PI3K (class 1)"
     reach = metrics["target_priors"]
     assert reach["priors"][0]["name"] == "grn" and reach["priors"][0]["sources"][0]["sha256"]
     assert (
