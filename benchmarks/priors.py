@@ -179,7 +179,7 @@ def main() -> None:
             continue
         for seed in args.seeds:
             key = f"X_untrained_{variant}_s{seed}"
-            trained = runs[f"X_{variant}_s{seed}"]["export"]  # its config has the prior's width
+            trained = runs[run_name(variant, seed)]["export"]  # its config has the prior's width
             runs[key] = untrained_copy(trained, priors, names, seed, args.out / tag / key)
     metrics = embed_all(runs, labelled_copy(args.shared_data, args.out), args.out / tag)
     covered = {name: record["tokens_with_prior"] for name, record in manifest["priors"].items()}

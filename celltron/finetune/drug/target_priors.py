@@ -97,7 +97,7 @@ def read_target_priors(section) -> tuple[list[dict[str, np.ndarray]], list[dict]
     tables = [_rows_by_symbol(prior, vocab) for prior in priors]
     records = [
         {"name": prior.name, "method": prior.method, "sources": prior.sources, "genes_with_row": int(prior.has.sum())}
-        for prior, table in zip(priors, tables)
+        for prior in priors
     ]
     return tables, records
 
