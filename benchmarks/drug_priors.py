@@ -20,7 +20,7 @@ Variants, each chosen per seed by similar_drugs' inner cross-validation over tra
 Per held-out drug: Pearson over its cell lines; each variant − none, paired per drug (its mean
 over the seeds that held it out), with a 95% interval over drugs. The "alone" rows are also
 scored over the held-out drugs with a target vector alone (the others get the cell-line mean).
-The co-expression table is cached under --out by width; delete it when the corpus changes. Prints markdown tables; writes results.json under --out.
+The co-expression table is cached under --out by the corpus's key and the width. Prints markdown tables; writes results.json under --out.
 """
 
 from __future__ import annotations
@@ -76,11 +76,12 @@ def coexpression_table(shared_data: Path, out: Path, dims: int) -> Path:
     from celltron.finetune.drug.target_priors import _human_gene_vocab
     from celltron.pretrain.priors import coexpression_prior
 
-    path = out / f"coexpression_d{dims}.tsv"
+    corpus = benchmark_corpus(shared_data=shared_data)  # corpus-<key>: its inputs' and options' digest
+    path = out / f"coexpression_{corpus.name}_d{dims}.tsv"
     if path.exists():
         return path
     vocab = _human_gene_vocab()
-    prior = coexpression_prior(Corpus(benchmark_corpus(shared_data=shared_data) / "corpus"), vocab, dims=dims)
+    prior = coexpression_prior(Corpus(corpus / "corpus"), vocab, dims=dims)
     genes = np.array(vocab.ensembl_ids)[prior.has]
     table = pd.DataFrame(prior.matrix[prior.has], columns=[f"c{k}" for k in range(dims)])
     table.insert(0, "gene", genes)

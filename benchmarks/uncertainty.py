@@ -23,6 +23,7 @@ benchmarks/perturbation_graph.py, read from `--graph-out` when already there).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -253,28 +254,33 @@ def annotation_model_rows(shared_data: Path, out: Path, seeds: list[int], model:
 SPREADS = (("mc_dropout", "MC dropout, 20 passes"), ("ensemble", "5-member ensemble"))
 
 
-def annotation_spread_rows(shared_data: Path, out: Path, seeds: list[int], model: Path, steps: int = 1000) -> list[str]:
-    """PBMC 4k, the plain frozen-encoder probe (optim.lr, the full length) predicting with MC
-    dropout or as an ensemble (annotate.intervals): its sets (calibrated on inner models fitted
-    for them, as the plain probe's) and whether the draws' disagreement marks its errors; the
-    single-model plain probe of `annotation_model_rows` is the reference."""
+def annotation_spread_rows(
+    shared_data: Path, out: Path, seeds: list[int], model: Path, encoder: str = "frozen", steps: int | None = None
+) -> list[str]:
+    """PBMC 4k, the plain head (optim.lr, the full length) on a frozen encoder (a probe, 1,000
+    steps) or a tuned one (the config's 300 steps), predicting with MC dropout or as an ensemble
+    (annotate.intervals): its sets (calibrated on inner models fitted for them) and whether the
+    draws' disagreement marks its errors; the single-model plain head is the reference. MC dropout
+    of a probe samples only the head's dropout; of a tuned encoder, the encoder's too."""
     from benchmarks.embedding import annotation, labelled_copy
 
     out.mkdir(parents=True, exist_ok=True)
     data = labelled_copy(shared_data, out)
-    single = annotation(model, data, out, seeds, steps, ["--encoder", "frozen", "--head", "plain"], "annotate_probe_plain")
+    steps = steps or (1000 if encoder == "frozen" else 300)
+    prefix, who_head = ("annotate_probe", "probe") if encoder == "frozen" else ("annotate_tuned", "tuned encoder")
+    plain_flags = ["--encoder", encoder, "--head", "plain"]
+    single = annotation(model, data, out, seeds, steps, plain_flags, f"{prefix}_plain")
     sets = single["uncertainty"]["model_plain_sets"]
     rows = [
-        f"| annotation: PBMC 4k, {_model_name(model)} probe, plain head, one model (macro-F1 "
+        f"| annotation: PBMC 4k, {_model_name(model)} {who_head}, plain head, one model (macro-F1 "
         f"{_cell(single['model']['macro_f1'])}) | conformal sets | {sets['level']:g} | {_cell(sets['coverage'])} "
         f"(mean set size {_cell(sets['mean_size'], 2)}, one label {_cell(sets['singletons'], 2)}) | n/a | n/a | | | | |"
     ]
     for kind, who in SPREADS:
-        flags = ["--encoder", "frozen", "--head", "plain", "--intervals", kind]
-        metrics = annotation(model, data, out, seeds, steps, flags, f"annotate_probe_{kind}")
+        metrics = annotation(model, data, out, seeds, steps, [*plain_flags, "--intervals", kind], f"{prefix}_{kind}")
         sets, spread = metrics["uncertainty"]["model_plain_sets"], metrics["model_spread"]
         rows.append(
-            f"| annotation: PBMC 4k, {_model_name(model)} probe, plain head, {who} (macro-F1 "
+            f"| annotation: PBMC 4k, {_model_name(model)} {who_head}, plain head, {who} (macro-F1 "
             f"{_cell(metrics['model']['macro_f1'])}) | conformal sets on the draws' mean | {sets['level']:g} | "
             f"{_cell(sets['coverage'])} (mean set size {_cell(sets['mean_size'], 2)}, one label "
             f"{_cell(sets['singletons'], 2)}) | n/a | n/a | disagreement (mutual information): misclassified "
@@ -382,6 +388,7 @@ def main() -> None:
             "crossmodal",
             "crossmodal_model",
             "annotate_spread",
+            "annotate_tuned_spread",
             "perturbation_strata",
             "crossmodal_dropout",
             "grn",
@@ -402,11 +409,12 @@ def main() -> None:
         "error flagged vs not | AUROC large error | Spearman |\n|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
+    resolved = functools.cache(lambda name: resolve_model(name, shared_data=args.shared_data))
     if args.only in (None, "perturbation"):
-        model = resolve_model(args.perturbation_model, shared_data=args.shared_data) if args.perturbation_model else None
+        model = resolved(args.perturbation_model) if args.perturbation_model else None
         rows += perturbation_rows(args.shared_data, args.graph_out, args.seeds, model)
     if args.only in (None, "perturbation_plain"):
-        model = resolve_model(args.perturbation_model or args.model, shared_data=args.shared_data)
+        model = resolved(args.perturbation_model or args.model)
         rows += perturbation_plain_rows(args.shared_data, args.out, args.seeds, model)
     if args.only in (None, "drug"):
         rows += drug_rows(args.shared_data, args.out, args.seeds)
@@ -417,15 +425,18 @@ def main() -> None:
         annotation, novel = annotation_rows(args.shared_data, args.out, args.seeds)
         rows += annotation
     if args.only in (None, "annotate_model"):
-        model = resolve_model(args.model, shared_data=args.shared_data)
+        model = resolved(args.model)
         rows += annotation_model_rows(args.shared_data, args.out / "annotate_model", args.seeds, model)
     if args.only in (None, "crossmodal"):
         rows += crossmodal_rows(args.shared_data, args.out, args.seeds)
     if args.only in (None, "crossmodal_model"):
         rows += crossmodal_model_rows(args.shared_data, args.crossmodal_workdir, args.seeds)
     if args.only in (None, "annotate_spread"):
-        model = resolve_model(args.model, shared_data=args.shared_data)
+        model = resolved(args.model)
         rows += annotation_spread_rows(args.shared_data, args.out / "annotate_model", args.seeds, model)
+    if args.only in (None, "annotate_tuned_spread"):
+        model = resolved(args.model)
+        rows += annotation_spread_rows(args.shared_data, args.out / "annotate_model", args.seeds, model, "tuned")
     if args.only in (None, "perturbation_strata"):
         rows += perturbation_strata_rows(args.shared_data, args.out, args.seeds)
     if args.only in (None, "crossmodal_dropout"):
