@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,8 @@ def _perturbation_row(who: str, u: dict) -> str:
 
 def drug_rows(shared_data: Path, out: Path, seeds: list[int]) -> list[str]:
     results = drug_response.run(shared_data, out / "drug", seeds, 1, ("--baselines-only",), DRUG_SPLITS)
+    # the plot of error against the OOD score, next to the results (unseen compounds)
+    shutil.copyfile(out / "drug" / "drug" / "ood_error.png", Path(__file__).parent / "uncertainty_drug_ood_error.png")
     rows = []
     for split, metrics in results.items():
         u = metrics["uncertainty"]
